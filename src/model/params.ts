@@ -1,0 +1,145 @@
+import type { GPT2Config } from './config.js';
+
+/**
+ * All GPT-2 parameters live in one contiguous Float32Array (and the gradients in a
+ * second one with the same layout), as in llm.c. Per-layer tensors of one kind are
+ * stacked: `qkvw` is `[L, C, 3C]`, layer `l` starts at `offset + l * C * 3C`.
+ *
+ * Weight matrices use the Hugging Face `Conv1D` layout, `in x out`, so a linear layer is
+ * `y = x W + b` with `x` row-major `[tokens, in]`.
+ */
+export const PARAM_KINDS = [
+  'wte', //     [V, C]      token embedding (tied with the LM head)
+  'wpe', //     [maxT, C]   position embedding
+  'ln1w', //    [L, C]
+  'ln1b', //    [L, C]
+  'qkvw', //    [L, C, 3C]
+  'qkvb', //    [L, 3C]
+  'attprojw', // [L, C, C]
+  'attprojb', // [L, C]
+  'ln2w', //    [L, C]
+  'ln2b', //    [L, C]
+  'fcw', //     [L, C, 4C]
+  'fcb', //     [L, 4C]
+  'fcprojw', // [L, 4C, C]
+  'fcprojb', // [L, C]
+  'lnfw', //    [C]
+  'lnfb', //    [C]
+] as const;
+export type ParamKind = (typeof PARAM_KINDS)[number];
+
+export interface ParamEntry {
+  kind: ParamKind;
+  /** Shape of the whole stacked tensor (per-layer kinds have a leading L). */
+  shape: number[];
+  /** Shape of one layer's slice (equal to `shape` for non-layer kinds). */
+  layerShape: number[];
+  perLayer: boolean;
+  offset: number;
+  size: number;
+  /** Elements in one layer's slice. */
+  layerSize: number;
+}
+
+export class ParamLayout {
+  readonly entries: Record<ParamKind, ParamEntry>;
+  readonly total: number;
+
+  constructor(readonly config: GPT2Config) {
+    const { n_layer: L, n_embd: C, n_ctx: T, vocab_size: V } = config;
+    const shapes: Record<ParamKind, { layer: number[]; per: boolean }> = {
+      wte: { layer: [V, C], per: false },
+      wpe: { layer: [T, C], per: false },
+      ln1w: { layer: [C], per: true },
+      ln1b: { layer: [C], per: true },
+      qkvw: { layer: [C, 3 * C], per: true },
+      qkvb: { layer: [3 * C], per: true },
+      attprojw: { layer: [C, C], per: true },
+      attprojb: { layer: [C], per: true },
+      ln2w: { layer: [C], per: true },
+      ln2b: { layer: [C], per: true },
+      fcw: { layer: [C, 4 * C], per: true },
+      fcb: { layer: [4 * C], per: true },
+      fcprojw: { layer: [4 * C, C], per: true },
+      fcprojb: { layer: [C], per: true },
+      lnfw: { layer: [C], per: false },
+      lnfb: { layer: [C], per: false },
+    };
+    let off = 0;
+    const entries = {} as Record<ParamKind, ParamEntry>;
+    for (const kind of PARAM_KINDS) {
+      const s = shapes[kind];
+      const layerSize = s.layer.reduce((a, b) => a * b, 1);
+      const size = s.per ? layerSize * L : layerSize;
+      entries[kind] = {
+        kind,
+        shape: s.per ? [L, ...s.layer] : s.layer,
+        layerShape: s.layer,
+        perLayer: s.per,
+        offset: off,
+        size,
+        layerSize,
+      };
+      off += size;
+    }
+    this.entries = entries;
+    this.total = off;
+  }
+
+  /** View of a whole (stacked) tensor inside `buf`. */
+  view(buf: Float32Array, kind: ParamKind): Float32Array {
+    const e = this.entries[kind];
+    return buf.subarray(e.offset, e.offset + e.size);
+  }
+
+  /** View of layer `l`'s slice of a per-layer tensor inside `buf`. */
+  layer(buf: Float32Array, kind: ParamKind, l: number): Float32Array {
+    const e = this.entries[kind];
+    if (!e.perLayer) throw new Error(`${kind} is not a per-layer parameter`);
+    if (l < 0 || l >= this.config.n_layer) throw new Error(`layer ${l} out of range [0, ${this.config.n_layer})`);
+    const o = e.offset + l * e.layerSize;
+    return buf.subarray(o, o + e.layerSize);
+  }
+}
+
+/** Hugging Face tensor name (without the `transformer.` prefix) for a kind and layer. */
+export function hfName(kind: ParamKind, layer = -1): string {
+  const h = (s: string) => `h.${layer}.${s}`;
+  switch (kind) {
+    case 'wte': return 'wte.weight';
+    case 'wpe': return 'wpe.weight';
+    case 'ln1w': return h('ln_1.weight');
+    case 'ln1b': return h('ln_1.bias');
+    case 'qkvw': return h('attn.c_attn.weight');
+    case 'qkvb': return h('attn.c_attn.bias');
+    case 'attprojw': return h('attn.c_proj.weight');
+    case 'attprojb': return h('attn.c_proj.bias');
+    case 'ln2w': return h('ln_2.weight');
+    case 'ln2b': return h('ln_2.bias');
+    case 'fcw': return h('mlp.c_fc.weight');
+    case 'fcb': return h('mlp.c_fc.bias');
+    case 'fcprojw': return h('mlp.c_proj.weight');
+    case 'fcprojb': return h('mlp.c_proj.bias');
+    case 'lnfw': return 'ln_f.weight';
+    case 'lnfb': return 'ln_f.bias';
+  }
+}
+
+/** Every (HF name, kind, layer) triple of a config, in a stable order. */
+export function hfTensorList(layout: ParamLayout): { name: string; kind: ParamKind; layer: number; shape: number[] }[] {
+  const out: { name: string; kind: ParamKind; layer: number; shape: number[] }[] = [];
+  for (const kind of PARAM_KINDS) {
+    const e = layout.entries[kind];
+    if (e.perLayer) {
+      for (let l = 0; l < layout.config.n_layer; l++) out.push({ name: hfName(kind, l), kind, layer: l, shape: e.layerShape });
+    } else {
+      out.push({ name: hfName(kind), kind, layer: -1, shape: e.shape });
+    }
+  }
+  return out;
+}
+
+/** Parameter count of a config (without any classification head). */
+export function paramCount(config: GPT2Config): number {
+  return new ParamLayout(config).total;
+}

@@ -1,0 +1,219 @@
+/** The `obfuscatune` command line. */
+import { Command, Option } from 'commander';
+import { readFileSync } from 'node:fs';
+import { getPreset, presetNames } from '../model/config.js';
+import { GPT2 } from '../model/gpt2.js';
+import { saveCheckpoint } from '../model/checkpoint.js';
+import { generate } from '../model/generate.js';
+import { tokenizerFor } from '../model/tokenizer.js';
+import { backendName, availableBackends, nativeInfo } from '../tensor/gemm.js';
+import { benchGemm, formatGemmBench } from '../bench/gemm.js';
+import { benchTrainStep, formatTrainStep } from '../bench/train_step.js';
+import { trainLM, evaluateLM } from '../train/lm.js';
+import { progressBar } from './progress.js';
+import { loadModel, parseIntArg, parseFloatArg } from './model_args.js';
+import { runStart } from './start.js';
+import { addSplitCommands, loadSplit } from './split_cmds.js';
+
+function readText(file: string): string {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new Error(`cannot read text file ${file}: ${(e as Error).message}`);
+  }
+}
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('obfuscatune')
+    .description('Confidential fine-tuning and inference of GPT-2-family models, split between a TEE and an untrusted accelerator.')
+    .showHelpAfterError()
+    .configureHelp({ sortSubcommands: false });
+
+  program
+    .command('info')
+    .description('show the compute backend (native GEMM or TypeScript), its instruction set and threads')
+    .option('--json', 'print JSON')
+    .action((o: { json?: boolean }) => {
+      const info = { backend: backendName(), available: availableBackends(), native: nativeInfo(), presets: presetNames() };
+      if (o.json) console.log(JSON.stringify(info));
+      else {
+        console.log(`backend: ${info.backend} (available: ${info.available.join(', ')})`);
+        if (info.native) console.log(`native: ${info.native.isa}, ${info.native.threads} threads`);
+        console.log(`presets: ${info.presets.join(', ')}`);
+      }
+    });
+
+  program
+    .command('init')
+    .description('write a randomly initialised GPT-2 of a preset size as a Hugging Face checkpoint directory')
+    .requiredOption('--preset <name>', `one of ${presetNames().join(', ')}`)
+    .requiredOption('--out <dir>', 'output directory')
+    .option('--seed <n>', 'random seed', parseIntArg('--seed'), 1)
+    .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32'))
+    .action((o: { preset: string; out: string; seed: number; dtype: 'F32' | 'F16' | 'BF16' }) => {
+      const model = GPT2.random(getPreset(o.preset), o.seed);
+      saveCheckpoint(o.out, model.weights(), { dtype: o.dtype });
+      console.log(`wrote ${o.preset} (${model.numParams().toLocaleString()} parameters, ${o.dtype}) to ${o.out}`);
+    });
+
+  program
+    .command('train')
+    .description('plain (local) causal-LM training of a model on a text file, with a progress bar')
+    .requiredOption('--model <dir|preset>', 'checkpoint directory, or a preset with --random-init')
+    .option('--random-init', 'start from a random initialisation of the preset')
+    .requiredOption('--text <file>', 'UTF-8 training text')
+    .option('--eval-text <file>', 'UTF-8 text for evaluation before and after')
+    .option('--steps <n>', 'optimisation steps', parseIntArg('--steps'), 100)
+    .option('--batch <n>', 'sequences per step', parseIntArg('--batch'), 8)
+    .option('--seq <n>', 'tokens per sequence', parseIntArg('--seq'), 64)
+    .option('--lr <x>', 'peak learning rate', parseFloatArg('--lr'), 1e-3)
+    .option('--warmup <n>', 'warm-up steps', parseIntArg('--warmup'), 10)
+    .addOption(new Option('--optimizer <name>', 'optimiser').choices(['adamw', 'sgd']).default('adamw'))
+    .option('--clip <x>', 'global gradient-norm clip (0 = off)', parseFloatArg('--clip'), 1.0)
+    .option('--seed <n>', 'random seed', parseIntArg('--seed'), 1)
+    .option('--out <dir>', 'write the trained checkpoint here')
+    .action((o) => {
+      const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
+      const tok = tokenizerFor(model.config.vocab_size);
+      const stream = Int32Array.from(tok.encode(readText(o.text)));
+      const evalStream = o.evalText ? Int32Array.from(tok.encode(readText(o.evalText))) : null;
+      if (evalStream) {
+        const e = evaluateLM(model, evalStream, o.seq, o.batch, 16);
+        console.log(`eval before: loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(1)}`);
+      }
+      const bar = progressBar(o.steps, 'train', 'loss {loss} | {tps} tok/s');
+      let tokens = 0;
+      let ms = 0;
+      trainLM(model, stream, {
+        ...o,
+        onStep: (s) => {
+          tokens += s.tokens;
+          ms += s.ms;
+          bar.update(s.step + 1, { loss: s.loss.toFixed(4), tps: Math.round((tokens / ms) * 1000) });
+        },
+      });
+      bar.stop();
+      if (evalStream) {
+        const e = evaluateLM(model, evalStream, o.seq, o.batch, 16);
+        console.log(`eval after: loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(1)}`);
+      }
+      if (o.out) {
+        saveCheckpoint(o.out, model.weights());
+        console.log(`saved to ${o.out}`);
+      }
+    });
+
+  program
+    .command('generate')
+    .description('generate text from a prompt (KV cache; greedy, temperature, top-k), from a plain model or through the split')
+    .option('--model <dir|preset>', 'plain checkpoint directory, or a preset with --random-init')
+    .option('--random-init', 'use a random initialisation of the preset')
+    .option('--enclave <dir>', 'enclave bundle (with --accelerator: generate through the split)')
+    .option('--accelerator <dir>', 'accelerator bundle')
+    .requiredOption('--prompt <text>', 'prompt text')
+    .option('--max-tokens <n>', 'tokens to generate', parseIntArg('--max-tokens'), 40)
+    .option('--temperature <x>', '0 = greedy', parseFloatArg('--temperature'), 0)
+    .option('--top-k <n>', 'sample among the k most likely tokens (0 = all)', parseIntArg('--top-k'), 0)
+    .option('--seed <n>', 'sampling seed', parseIntArg('--seed'), 1)
+    .option('--json', 'print JSON {prompt, completion, tokens}')
+    .action(async (o) => {
+      const opts = { maxNewTokens: o.maxTokens, temperature: o.temperature, topK: o.topK, seed: o.seed };
+      let ids: number[];
+      let tok;
+      if (o.enclave || o.accelerator) {
+        if (!o.enclave || !o.accelerator) throw new Error('split generation needs both --enclave and --accelerator');
+        if (o.model) throw new Error('give either --model or --enclave/--accelerator, not both');
+        const enclave = loadSplit(o.enclave, o.accelerator);
+        tok = tokenizerFor(enclave.config.vocab_size);
+        ids = await enclave.generate(tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
+      } else {
+        if (!o.model) throw new Error('give --model DIR, or --enclave DIR --accelerator DIR');
+        const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
+        tok = tokenizerFor(model.config.vocab_size);
+        ids = generate(model, tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
+      }
+      const completion = tok.decode(ids);
+      if (o.json) console.log(JSON.stringify({ prompt: o.prompt, completion, tokens: ids }));
+      else console.log(o.prompt + completion);
+    });
+
+  program
+    .command('eval')
+    .description('perplexity of a model on a text file')
+    .requiredOption('--model <dir>', 'checkpoint directory')
+    .requiredOption('--text <file>', 'UTF-8 text')
+    .option('--seq <n>', 'tokens per window', parseIntArg('--seq'), 64)
+    .option('--batch <n>', 'windows per forward pass', parseIntArg('--batch'), 8)
+    .option('--json', 'print JSON')
+    .action((o) => {
+      const model = loadModel(o.model);
+      const tok = tokenizerFor(model.config.vocab_size);
+      const e = evaluateLM(model, Int32Array.from(tok.encode(readText(o.text))), o.seq, o.batch);
+      if (o.json) console.log(JSON.stringify(e));
+      else console.log(`loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
+    });
+
+  addSplitCommands(program);
+
+  const bench = program.command('bench').description('benchmarks (human-readable by default, --json for tools)');
+  bench
+    .command('gemm')
+    .description('GEMM GFLOPS of the native and TypeScript backends beside numpy (OpenBLAS), on GPT-2 124M shapes')
+    .option('--json', 'print JSON')
+    .option('--quick', 'fewer shapes and repetitions')
+    .option('--tokens <list>', 'token counts m, comma-separated', '256,1024')
+    .option('--threads <n>', 'native threads', parseIntArg('--threads'))
+    .option('--no-js', 'skip the TypeScript backend')
+    .option('--no-reference', 'skip numpy')
+    .action(async (o) => {
+      const tokens = String(o.tokens).split(',').map((s: string) => parseIntArg('--tokens')(s.trim()));
+      const bar = progressBar(1, 'bench gemm', '{label}');
+      const r = await benchGemm({
+        tokens,
+        quick: o.quick,
+        threads: o.threads,
+        js: o.js,
+        reference: o.reference,
+        onProgress: (done, total, label) => {
+          (bar as unknown as { setTotal?: (n: number) => void }).setTotal?.(total);
+          bar.update(done, { label });
+        },
+      });
+      bar.stop();
+      console.log(o.json ? JSON.stringify(r) : formatGemmBench(r));
+    });
+  bench
+    .command('train-step')
+    .description('median time and peak memory of one training step (forward, backward, AdamW) on random data')
+    .option('--json', 'print JSON')
+    .option('--model <preset>', 'model preset', 'gpt2')
+    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
+    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
+    .option('--steps <n>', 'timed steps (after one warm-up step)', parseIntArg('--steps'), 5)
+    .addOption(new Option('--optimizer <name>', 'optimiser').choices(['adamw', 'sgd']).default('adamw'))
+    .action((o) => {
+      const bar = progressBar(o.steps + 1, 'bench train-step');
+      const r = benchTrainStep({ model: o.model, batch: o.batch, seq: o.seq, steps: o.steps, optimizer: o.optimizer, onProgress: (i) => bar.update(i) });
+      bar.stop();
+      console.log(o.json ? JSON.stringify(r) : formatTrainStep(r));
+    });
+
+  program
+    .command('start')
+    .description('the main job (what `npm start` runs): train the bundled small model on the bundled text and show a sample')
+    .option('--steps <n>', 'training steps', parseIntArg('--steps'))
+    .option('--out <dir>', 'run directory', 'runs/start')
+    .action(async (o) => {
+      await runStart({ steps: o.steps, out: o.out });
+    });
+
+  return program;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  await program.parseAsync(argv);
+}
+

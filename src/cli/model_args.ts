@@ -1,0 +1,33 @@
+/** Shared resolution of `--model` arguments: a checkpoint directory or a preset name. */
+import { existsSync } from 'node:fs';
+import { getPreset, presetNames } from '../model/config.js';
+import { GPT2 } from '../model/gpt2.js';
+import { loadCheckpoint } from '../model/checkpoint.js';
+import { InvalidArgumentError } from 'commander';
+
+export function loadModel(spec: string, opts: { randomInit?: boolean; seed?: number } = {}): GPT2 {
+  if (opts.randomInit) {
+    return GPT2.random(getPreset(spec), opts.seed ?? 1);
+  }
+  if (existsSync(spec)) return new GPT2(loadCheckpoint(spec));
+  if (presetNames().includes(spec)) {
+    throw new Error(`"${spec}" is a preset name, not a checkpoint directory; add --random-init to use a randomly initialised ${spec}`);
+  }
+  throw new Error(`model "${spec}" not found: give a Hugging Face GPT-2 checkpoint directory or a preset with --random-init`);
+}
+
+export function parseIntArg(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n)) throw new InvalidArgumentError(`${name} must be an integer, got "${v}"`);
+    return n;
+  };
+}
+
+export function parseFloatArg(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number, got "${v}"`);
+    return n;
+  };
+}

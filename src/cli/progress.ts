@@ -1,0 +1,27 @@
+/** Progress bars on stderr (stdout stays clean for --json output). */
+import cliProgress from 'cli-progress';
+
+export interface Progress {
+  update(value: number, payload?: Record<string, string | number>): void;
+  stop(): void;
+}
+
+export function progressBar(total: number, label: string, fields = ''): Progress {
+  if (process.env.OBFUSCATUNE_NO_PROGRESS === '1') return { update() {}, stop() {} };
+  const bar = new cliProgress.SingleBar(
+    {
+      format: `${label} [{bar}] {value}/{total} {percentage}% ${fields} ETA {eta_formatted}`,
+      stream: process.stderr,
+      hideCursor: true,
+      clearOnComplete: false,
+      etaBuffer: 20,
+      noTTYOutput: false,
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  bar.start(total, 0);
+  return {
+    update: (v, payload) => bar.update(v, payload),
+    stop: () => bar.stop(),
+  };
+}

@@ -1,0 +1,286 @@
+/**
+ * GPT-2 kernels, each forward beside its backward, llm.c style. Shapes are given in the
+ * one-line comment above each function; every buffer is a row-major Float32Array.
+ * B = batch, T = time, C = channels, V = vocabulary, NH = heads, hs = C / NH.
+ * Backward functions ACCUMULATE (+=) into parameter gradients; input gradients are
+ * accumulated too unless a function says it overwrites.
+ */
+import { sgemmBatched } from '../tensor/gemm.js';
+
+// ---------------------------------------------------------------------------------------
+// encoder: out[B,T,C] = wte[tokens[b,t]] + wpe[t]
+export function encoderForward(out: Float32Array, tokens: Int32Array, wte: Float32Array, wpe: Float32Array, B: number, T: number, C: number): void {
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < T; t++) {
+      const o = (b * T + t) * C;
+      const ix = tokens[b * T + t] * C;
+      const p = t * C;
+      for (let i = 0; i < C; i++) out[o + i] = wte[ix + i] + wpe[p + i];
+    }
+  }
+}
+
+// dwte[V,C] += scatter(dout[B,T,C]) ; dwpe[T,C] += sum_b dout
+export function encoderBackward(dwte: Float32Array | null, dwpe: Float32Array | null, dout: Float32Array, tokens: Int32Array, B: number, T: number, C: number): void {
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < T; t++) {
+      const o = (b * T + t) * C;
+      if (dwte) {
+        const ix = tokens[b * T + t] * C;
+        for (let i = 0; i < C; i++) dwte[ix + i] += dout[o + i];
+      }
+      if (dwpe) {
+        const p = t * C;
+        for (let i = 0; i < C; i++) dwpe[p + i] += dout[o + i];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// layernorm: out[N,C] = (inp - mean) * rstd * weight + bias ; mean[N], rstd[N] saved
+export function layernormForward(out: Float32Array, mean: Float32Array, rstd: Float32Array, inp: Float32Array, weight: Float32Array, bias: Float32Array, N: number, C: number, eps: number): void {
+  for (let n = 0; n < N; n++) {
+    const o = n * C;
+    let m = 0;
+    for (let i = 0; i < C; i++) m += inp[o + i];
+    m /= C;
+    let v = 0;
+    for (let i = 0; i < C; i++) {
+      const d = inp[o + i] - m;
+      v += d * d;
+    }
+    v /= C;
+    const s = 1 / Math.sqrt(v + eps);
+    for (let i = 0; i < C; i++) out[o + i] = (inp[o + i] - m) * s * weight[i] + bias[i];
+    mean[n] = m;
+    rstd[n] = s;
+  }
+}
+
+// dinp[N,C] += ; dweight[C] += ; dbias[C] += (from dout[N,C], inp, weight, mean, rstd)
+export function layernormBackward(dinp: Float32Array, dweight: Float32Array | null, dbias: Float32Array | null, dout: Float32Array, inp: Float32Array, weight: Float32Array, mean: Float32Array, rstd: Float32Array, N: number, C: number): void {
+  for (let n = 0; n < N; n++) {
+    const o = n * C;
+    const m = mean[n];
+    const s = rstd[n];
+    let dnormMean = 0;
+    let dnormNormMean = 0;
+    for (let i = 0; i < C; i++) {
+      const norm = (inp[o + i] - m) * s;
+      const dnorm = weight[i] * dout[o + i];
+      dnormMean += dnorm;
+      dnormNormMean += dnorm * norm;
+    }
+    dnormMean /= C;
+    dnormNormMean /= C;
+    for (let i = 0; i < C; i++) {
+      const norm = (inp[o + i] - m) * s;
+      const g = dout[o + i];
+      if (dbias) dbias[i] += g;
+      if (dweight) dweight[i] += norm * g;
+      const dnorm = weight[i] * g;
+      dinp[o + i] += (dnorm - dnormMean - norm * dnormNormMean) * s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// GELU (tanh approximation, HF "gelu_new"): out[N] = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+const GELU_S = Math.sqrt(2 / Math.PI);
+export function geluForward(out: Float32Array, inp: Float32Array, N: number): void {
+  for (let i = 0; i < N; i++) {
+    const x = inp[i];
+    const u = GELU_S * (x + 0.044715 * x * x * x);
+    out[i] = 0.5 * x * (1 + Math.tanh(u));
+  }
+}
+
+// dinp[N] += dout * GELU'(inp)
+export function geluBackward(dinp: Float32Array, inp: Float32Array, dout: Float32Array, N: number): void {
+  for (let i = 0; i < N; i++) {
+    const x = inp[i];
+    const x2 = x * x;
+    const u = GELU_S * (x + 0.044715 * x2 * x);
+    const th = Math.tanh(u);
+    const sech2 = 1 - th * th;
+    const local = 0.5 * (1 + th) + 0.5 * x * sech2 * GELU_S * (1 + 3 * 0.044715 * x2);
+    dinp[i] += local * dout[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// residual: out[N] = a + b
+export function residualForward(out: Float32Array, a: Float32Array, b: Float32Array, N: number): void {
+  for (let i = 0; i < N; i++) out[i] = a[i] + b[i];
+}
+
+// da[N] += dout ; db[N] += dout
+export function residualBackward(da: Float32Array, db: Float32Array, dout: Float32Array, N: number): void {
+  for (let i = 0; i < N; i++) {
+    da[i] += dout[i];
+    db[i] += dout[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// causal self-attention on one packed qkv tensor:
+// out[B,T,C] = concat_h softmax(q_h k_h^T / sqrt(hs) + causal) v_h ; att[B,NH,T,T] keeps P
+// qkv[B,T,3C] holds q | k | v along the last dim; head h uses columns h*hs..(h+1)*hs of each.
+export function attentionForward(out: Float32Array, att: Float32Array, qkv: Float32Array, B: number, T: number, C: number, NH: number): void {
+  const hs = C / NH;
+  const C3 = 3 * C;
+  const scale = 1 / Math.sqrt(hs);
+  for (let b = 0; b < B; b++) {
+    const base = b * T * C3;
+    const q = qkv.subarray(base);
+    const k = qkv.subarray(base + C);
+    const v = qkv.subarray(base + 2 * C);
+    const a = att.subarray(b * NH * T * T, (b + 1) * NH * T * T);
+    // S_h = scale * q_h k_h^T  (all heads at once)
+    sgemmBatched(false, true, T, T, hs, scale, q, C3, hs, k, C3, hs, 0, a, T, T * T, NH);
+    // causal softmax row by row
+    for (let h = 0; h < NH; h++) {
+      for (let t = 0; t < T; t++) {
+        const r = h * T * T + t * T;
+        let mx = -Infinity;
+        for (let s = 0; s <= t; s++) if (a[r + s] > mx) mx = a[r + s];
+        let sum = 0;
+        for (let s = 0; s <= t; s++) {
+          const e = Math.exp(a[r + s] - mx);
+          a[r + s] = e;
+          sum += e;
+        }
+        const inv = 1 / sum;
+        for (let s = 0; s <= t; s++) a[r + s] *= inv;
+        for (let s = t + 1; s < T; s++) a[r + s] = 0;
+      }
+    }
+    // o_h = P_h v_h, written into the head's columns of out
+    sgemmBatched(false, false, T, hs, T, 1, a, T, T * T, v, C3, hs, 0, out.subarray(b * T * C), C, hs, NH);
+  }
+}
+
+// dqkv[B,T,3C] (overwritten) from dout[B,T,C], att[B,NH,T,T], qkv ; datt[B,NH,T,T] is scratch
+export function attentionBackward(dqkv: Float32Array, datt: Float32Array, dout: Float32Array, att: Float32Array, qkv: Float32Array, B: number, T: number, C: number, NH: number): void {
+  const hs = C / NH;
+  const C3 = 3 * C;
+  const scale = 1 / Math.sqrt(hs);
+  for (let b = 0; b < B; b++) {
+    const base = b * T * C3;
+    const q = qkv.subarray(base);
+    const k = qkv.subarray(base + C);
+    const v = qkv.subarray(base + 2 * C);
+    const dq = dqkv.subarray(base);
+    const dk = dqkv.subarray(base + C);
+    const dv = dqkv.subarray(base + 2 * C);
+    const a = att.subarray(b * NH * T * T, (b + 1) * NH * T * T);
+    const da = datt.subarray(b * NH * T * T, (b + 1) * NH * T * T);
+    const dO = dout.subarray(b * T * C);
+    // dP_h = dO_h v_h^T ; dv_h = P_h^T dO_h
+    sgemmBatched(false, true, T, T, hs, 1, dO, C, hs, v, C3, hs, 0, da, T, T * T, NH);
+    sgemmBatched(true, false, T, hs, T, 1, a, T, T * T, dO, C, hs, 0, dv, C3, hs, NH);
+    // softmax backward: dS = P * (dP - sum_s dP P) * scale, causal entries only
+    for (let h = 0; h < NH; h++) {
+      for (let t = 0; t < T; t++) {
+        const r = h * T * T + t * T;
+        let dot = 0;
+        for (let s = 0; s <= t; s++) dot += a[r + s] * da[r + s];
+        for (let s = 0; s <= t; s++) da[r + s] = a[r + s] * (da[r + s] - dot) * scale;
+        for (let s = t + 1; s < T; s++) da[r + s] = 0;
+      }
+    }
+    // dq_h = dS_h k_h ; dk_h = dS_h^T q_h
+    sgemmBatched(false, false, T, hs, T, 1, da, T, T * T, k, C3, hs, 0, dq, C3, hs, NH);
+    sgemmBatched(true, false, T, hs, T, 1, da, T, T * T, q, C3, hs, 0, dk, C3, hs, NH);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// softmax + cross-entropy, fused: logits[N,V] are replaced by probabilities in place;
+// returns mean loss over rows whose target >= 0 (target -1 = ignored) and the count.
+// losses[N] receives each row's loss (0 for ignored rows).
+export function crossEntropyForward(logits: Float32Array, targets: Int32Array, losses: Float32Array, N: number, V: number): { loss: number; count: number } {
+  let total = 0;
+  let count = 0;
+  for (let n = 0; n < N; n++) {
+    const o = n * V;
+    let mx = -Infinity;
+    for (let i = 0; i < V; i++) if (logits[o + i] > mx) mx = logits[o + i];
+    const y = targets[n];
+    if (y >= V) throw new Error(`target ${y} at row ${n} is out of range [0, ${V})`);
+    const zy = y >= 0 ? logits[o + y] : 0;
+    let sum = 0;
+    for (let i = 0; i < V; i++) {
+      const e = Math.exp(logits[o + i] - mx);
+      logits[o + i] = e;
+      sum += e;
+    }
+    const inv = 1 / sum;
+    for (let i = 0; i < V; i++) logits[o + i] *= inv;
+    if (y >= 0) {
+      // -log p[y] in log-sum-exp form: exact even when p[y] underflows in float32
+      const l = Math.log(sum) - (zy - mx);
+      losses[n] = l;
+      total += l;
+      count++;
+    } else {
+      losses[n] = 0;
+    }
+  }
+  return { loss: count > 0 ? total / count : 0, count };
+}
+
+// dlogits[N,V] (overwritten; may alias probs) = (probs - onehot(target)) * dloss / count
+export function crossEntropyBackward(dlogits: Float32Array, probs: Float32Array, targets: Int32Array, N: number, V: number, count: number, dloss = 1): void {
+  const s = count > 0 ? dloss / count : 0;
+  for (let n = 0; n < N; n++) {
+    const o = n * V;
+    const y = targets[n];
+    if (y < 0) {
+      dlogits.fill(0, o, o + V);
+      continue;
+    }
+    for (let i = 0; i < V; i++) dlogits[o + i] = probs[o + i] * s;
+    dlogits[o + y] -= s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// layer-norm statistics in a rotated basis (sealed mode): inp = h Q, u = Q^T 1.
+// out[N,C] = (inp - mean u^T) * rstd = n Q, with mean = inp.u / C, var = |inp - mean u^T|^2 / C
+export function maskedNormForward(out: Float32Array, mean: Float32Array, rstd: Float32Array, inp: Float32Array, u: Float32Array, N: number, C: number, eps: number): void {
+  for (let n = 0; n < N; n++) {
+    const o = n * C;
+    let m = 0;
+    for (let i = 0; i < C; i++) m += inp[o + i] * u[i];
+    m /= C;
+    let v = 0;
+    for (let i = 0; i < C; i++) {
+      const d = inp[o + i] - m * u[i];
+      v += d * d;
+    }
+    v /= C;
+    const s = 1 / Math.sqrt(v + eps);
+    for (let i = 0; i < C; i++) out[o + i] = (inp[o + i] - m * u[i]) * s;
+    mean[n] = m;
+    rstd[n] = s;
+  }
+}
+
+// dinp[N,C] += (dout - (dout.u / C) u^T - out (dout.out / C)) * rstd   (out = normalised rows)
+export function maskedNormBackward(dinp: Float32Array, dout: Float32Array, out: Float32Array, u: Float32Array, rstd: Float32Array, N: number, C: number): void {
+  for (let n = 0; n < N; n++) {
+    const o = n * C;
+    let du = 0;
+    let dn = 0;
+    for (let i = 0; i < C; i++) {
+      du += dout[o + i] * u[i];
+      dn += dout[o + i] * out[o + i];
+    }
+    du /= C;
+    dn /= C;
+    const s = rstd[n];
+    for (let i = 0; i < C; i++) dinp[o + i] += (dout[o + i] - du * u[i] - out[o + i] * dn) * s;
+  }
+}

@@ -1,0 +1,27 @@
+import type { GPT2Config } from './config.js';
+import { ParamLayout } from './params.js';
+
+/** Sequence-classification head (HF `GPT2ForSequenceClassification.score`, no bias). */
+export interface ClassifierHead {
+  numLabels: number;
+  /** `[numLabels, C]` (nn.Linear layout: out x in). */
+  weight: Float32Array;
+  /** Label names by index (from `id2label`), when known. */
+  labels?: string[];
+}
+
+/** A GPT-2 model's weights: one contiguous parameter buffer plus an optional classifier. */
+export interface GPT2Weights {
+  config: GPT2Config;
+  layout: ParamLayout;
+  /** All transformer parameters, laid out by `layout`. */
+  params: Float32Array;
+  cls?: ClassifierHead;
+  /** Token id used for padding (classification), when the checkpoint defines one. */
+  padTokenId?: number;
+}
+
+export function emptyWeights(config: GPT2Config): GPT2Weights {
+  const layout = new ParamLayout(config);
+  return { config, layout, params: new Float32Array(layout.total) };
+}

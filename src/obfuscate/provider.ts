@@ -1,0 +1,112 @@
+/**
+ * The model provider's operations: obfuscate a plain model into the two bundles (in memory
+ * or on disk) and merge a fine-tuned pair back into a plain checkpoint.
+ */
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import type { GPT2Weights } from '../model/weights.js';
+import { KeyedRng } from '../tensor/rng.js';
+import { maskSpecLabel, type MaskSpec } from '../linalg/masks.js';
+import { deriveMasks, type Mode, type ObfuscationParams } from './masks.js';
+import { obfuscate, deobfuscate, type AcceleratorWeights } from './transform.js';
+import type { EnclaveBundle } from '../split/enclave.js';
+import { Enclave } from '../split/enclave.js';
+import { Accelerator } from '../split/accelerator.js';
+import { InProcessLink } from '../split/link.js';
+import {
+  writeAcceleratorBundle, writeEnclaveBundle, writeProviderKey, KEY_FORMAT, sha256, ACC_FORMAT,
+  loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, checkBundlePair,
+} from './bundle.js';
+
+export interface ObfuscateOptions {
+  mode: Mode;
+  spec?: MaskSpec;
+  twoSided?: boolean;
+  headPermutation?: boolean;
+  /** 32-byte secret; default: fresh from the OS CSPRNG */
+  key?: Buffer;
+  /** reproducible (NOT secret) key for tests and experiments */
+  seed?: number;
+  onLayer?: (phase: 'masks' | 'weights', l: number) => void;
+}
+
+export interface ObfuscationResult {
+  key: Buffer;
+  params: ObfuscationParams;
+  accelerator: AcceleratorWeights;
+  enclave: EnclaveBundle;
+}
+
+export function resolveParams(o: ObfuscateOptions): ObfuscationParams {
+  const spec = o.spec ?? { kind: 'kappa', kappa: 1 };
+  if (o.twoSided && o.mode !== 'paper') throw new Error('--two-sided applies to paper mode only');
+  return { mode: o.mode, spec, twoSided: o.twoSided ?? false, headPermutation: o.headPermutation ?? true };
+}
+
+export function resolveKey(o: ObfuscateOptions): Buffer {
+  if (o.key) {
+    if (o.key.length !== 32) throw new Error('the mask key must be 32 bytes');
+    return o.key;
+  }
+  return o.seed !== undefined ? KeyedRng.fromSeed(o.seed).key : randomBytes(32);
+}
+
+/** In-memory provider transform. The accelerator manifest hash is filled in when written. */
+export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): ObfuscationResult {
+  const params = resolveParams(o);
+  const key = resolveKey(o);
+  const masks = deriveMasks(w.config, key, params, (l) => o.onLayer?.('masks', l));
+  const { accelerator, enclave } = obfuscate(w, masks, (l) => o.onLayer?.('weights', l));
+  return {
+    key,
+    params,
+    accelerator,
+    enclave: {
+      mode: params.mode, config: w.config, tensors: enclave, spec: maskSpecLabel(params.spec), twoSided: params.twoSided,
+      acceleratorManifestSha256: '',
+      cls: w.cls ? { numLabels: w.cls.numLabels, labels: w.cls.labels } : undefined,
+      padTokenId: w.padTokenId,
+    },
+  };
+}
+
+/** The two sides wired together in one process (tests, fidelity, local experiments). */
+export function inProcessSplit(r: ObfuscationResult, opts: { serialize?: boolean } = {}) {
+  const accelerator = new Accelerator(r.accelerator);
+  const link = new InProcessLink(accelerator, opts);
+  const enclave = new Enclave(r.enclave, link);
+  return { accelerator, link, enclave };
+}
+
+/** Writes out/accelerator, out/enclave and out/provider (the secret key). */
+export function writeObfuscation(out: string, r: ObfuscationResult): { acceleratorSha256: string } {
+  const acceleratorSha256 = writeAcceleratorBundle(path.join(out, 'accelerator'), r.accelerator, r.params.mode, r.enclave.config.n_embd);
+  r.enclave.acceleratorManifestSha256 = acceleratorSha256;
+  writeEnclaveBundle(path.join(out, 'enclave'), r.enclave);
+  writeProviderKey(path.join(out, 'provider'), {
+    format: KEY_FORMAT, key_hex: r.key.toString('hex'), mode: r.params.mode, spec: maskSpecLabel(r.params.spec),
+    two_sided: r.params.twoSided, head_permutation: r.params.headPermutation, config: r.enclave.config,
+    accelerator_manifest_sha256: acceleratorSha256,
+  });
+  return { acceleratorSha256 };
+}
+
+/** Provider side: regenerate the masks from the key and recover a plain model. */
+export function deobfuscateDirs(base: GPT2Weights, accDir: string, encDir: string, keyDir: string): GPT2Weights {
+  const acc = loadAcceleratorBundle(accDir);
+  const enc = loadEnclaveBundle(encDir);
+  const { key, params, info } = loadProviderKey(keyDir);
+  if (info.mode !== enc.mode || info.mode !== acc.manifest.mode) throw new Error(`mode mismatch: key is ${info.mode}, enclave ${enc.mode}, accelerator ${acc.manifest.mode}`);
+  const c = base.config;
+  for (const k of ['n_layer', 'n_head', 'n_embd', 'n_ctx', 'vocab_size'] as const) {
+    if (c[k] !== enc.config[k]) throw new Error(`the base model's ${k} (${c[k]}) differs from the bundle's (${enc.config[k]})`);
+  }
+  if (acc.manifestSha256 !== info.accelerator_manifest_sha256) {
+    // a fine-tuned accelerator bundle has new weights: only its structure must match
+    if (acc.manifest.format !== ACC_FORMAT) throw new Error('not an accelerator bundle');
+  }
+  const masks = deriveMasks(c, key, params);
+  return deobfuscate(base, acc.weights, enc.tensors, masks);
+}
+
+export { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, sha256 };

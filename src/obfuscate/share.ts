@@ -1,0 +1,92 @@
+/**
+ * `obfuscatune share`: how the work and the secrets split between the enclave and the
+ * accelerator, computed from the architecture (forward pass, per token, sequence length T).
+ */
+import type { GPT2Config } from '../model/config.js';
+import { getPreset } from '../model/config.js';
+import { paramCount } from '../model/params.js';
+import type { Mode } from './masks.js';
+
+export interface ShareRow {
+  model: string;
+  mode: Mode;
+  two_sided: boolean;
+  params_total: number;
+  accelerator_params: number;
+  enclave_params: number;
+  /** enclave parameters (including folded matrices and run-time masks) / all model parameters */
+  enclave_param_share: number;
+  /** bytes of everything secret the enclave holds at run time (float32), masks included */
+  enclave_state_bytes: number;
+  /** of which per-layer masks */
+  enclave_mask_bytes: number;
+  accelerator_flops_per_token: number;
+  enclave_flops_per_token: number;
+  enclave_flop_share: number;
+  boundary_bytes_per_token: number;
+  round_trips_per_layer: number;
+}
+
+export function shareRow(name: string, c: GPT2Config, mode: Mode, T: number, twoSided = false): ShareRow {
+  const { n_layer: L, n_embd: d, vocab_size: V, n_ctx, n_head: H } = c;
+  const total = paramCount(c);
+  const acc = L * (12 * d * d + 9 * d);
+  const emb = V * d + n_ctx * d;
+  let enclaveParams: number;
+  let maskParams = 0;
+  if (mode === 'sealed') {
+    enclaveParams = emb + d * d /* G */ + d /* head bias */ + d /* u */;
+  } else {
+    maskParams = L * 2 * d * d * (twoSided ? 2 : 1);
+    enclaveParams = emb + L * 4 * d + 2 * d + maskParams;
+  }
+  // forward FLOPs per token (multiply-add = 2)
+  const accFlops = L * 2 * 12 * d * d;
+  const avgCtx = (T + 1) / 2; // causal attention: position t attends to t+1 keys
+  const attn = 2 * 2 * d * avgCtx + 5 * H * avgCtx; // q k^T and P v, plus softmax
+  const elementwise = 2 * 8 * d /* two norms */ + 4 * d * 10 /* GELU */ + 2 * d /* residuals */;
+  let enc = L * (attn + elementwise) + 2 * V * d /* head */ + d;
+  if (mode === 'sealed') enc += 2 * d * d; // G
+  else enc += L * 2 * 2 * d * d * (twoSided ? 2 : 1); // input (and output) masks
+  return {
+    model: name,
+    mode,
+    two_sided: twoSided,
+    params_total: total,
+    accelerator_params: acc,
+    enclave_params: enclaveParams,
+    enclave_param_share: enclaveParams / total,
+    enclave_state_bytes: 4 * enclaveParams,
+    enclave_mask_bytes: 4 * maskParams,
+    accelerator_flops_per_token: accFlops,
+    enclave_flops_per_token: enc,
+    enclave_flop_share: enc / (enc + accFlops),
+    // per layer: out d + d + d + 4d, back 3d + d + 4d + d (float32)
+    boundary_bytes_per_token: L * 16 * d * 4,
+    round_trips_per_layer: 4,
+  };
+}
+
+export function shareTable(T: number, models = ['gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl']): ShareRow[] {
+  const rows: ShareRow[] = [];
+  for (const m of models) {
+    const c = getPreset(m);
+    rows.push(shareRow(m, c, 'sealed', T));
+    rows.push(shareRow(m, c, 'paper', T));
+    rows.push(shareRow(m, c, 'paper', T, true));
+  }
+  return rows;
+}
+
+export function formatShare(T: number, rows: ShareRow[]): string {
+  const head = ['model', 'mode', 'enclave params', 'share', 'enclave state', 'of which masks', 'enclave FLOPs', 'boundary/token', 'trips/layer'];
+  const fmtB = (b: number) => (b >= 1e9 ? `${(b / 1e9).toFixed(2)} GB` : `${(b / 1e6).toFixed(1)} MB`);
+  const lines = rows.map((r) => [
+    r.model, r.mode + (r.two_sided ? ' 2-sided' : ''), `${(r.enclave_params / 1e6).toFixed(1)}M / ${(r.params_total / 1e6).toFixed(0)}M`,
+    `${(100 * r.enclave_param_share).toFixed(2)}%`, fmtB(r.enclave_state_bytes), fmtB(r.enclave_mask_bytes),
+    `${(100 * r.enclave_flop_share).toFixed(2)}%`, `${(r.boundary_bytes_per_token / 1024).toFixed(0)} KiB`, String(r.round_trips_per_layer),
+  ]);
+  const all = [head, ...lines];
+  const w = head.map((_, i) => Math.max(...all.map((l) => l[i].length)));
+  return [`sequence length ${T} (forward pass, per token)`, ...all.map((l) => l.map((s, i) => s.padEnd(w[i])).join('  '))].join('\n');
+}

@@ -1,0 +1,338 @@
+/**
+ * The provider transform: plain GPT-2 weights + masks -> the accelerator's obfuscated
+ * linear weights and the enclave's small remainder; and back (`deobfuscate`).
+ * Masks are generated and inverted in float64 and applied in float32 (native GEMM).
+ * Row-vector convention: y = x W + b, W is d_in x d_out.
+ */
+import type { GPT2Weights } from '../model/weights.js';
+import { ParamLayout } from '../model/params.js';
+import { sgemm } from '../tensor/gemm.js';
+import { transpose, type Mat64 } from '../linalg/mat64.js';
+import type { ModelMasks, LayerMasks } from './masks.js';
+
+export const LINEARS = ['qkv', 'attproj', 'fc', 'fcproj'] as const;
+export type LinearName = (typeof LINEARS)[number];
+
+export interface ObfLinear {
+  w: Float32Array; // [din, dout]
+  b: Float32Array; // [dout]
+  din: number;
+  dout: number;
+}
+
+/** What the accelerator holds: obfuscated linear weights only. */
+export interface AcceleratorWeights {
+  n_layer: number;
+  layers: Record<LinearName, ObfLinear>[];
+}
+
+/** What the enclave holds, by name (see docs/obfuscation.md for each mode's list). */
+export type EnclaveTensors = Map<string, Float32Array>;
+
+export function linearDims(name: LinearName, d: number): [number, number] {
+  switch (name) {
+    case 'qkv': return [d, 3 * d];
+    case 'attproj': return [d, d];
+    case 'fc': return [d, 4 * d];
+    case 'fcproj': return [4 * d, d];
+  }
+}
+
+const f32 = (m: Mat64): Float32Array => Float32Array.from(m.data);
+
+/** out[rows, n] = M[rows, k] X[k, n] (float32) */
+function mm(M: Float32Array, X: Float32Array, rows: number, k: number, n: number, transM = false): Float32Array {
+  const out = new Float32Array(rows * n);
+  sgemm(transM, false, rows, n, k, 1, M, transM ? rows : k, X, n, 0, out, n);
+  return out;
+}
+
+/** X[r, n] M[n, n] */
+function mmRight(X: Float32Array, M: Float32Array, r: number, n: number): Float32Array {
+  const out = new Float32Array(r * n);
+  sgemm(false, false, r, n, n, 1, X, n, M, n, 0, out, n);
+  return out;
+}
+
+/**
+ * Per-head right multiplication on a section of columns: for each masked head slot j,
+ * Y[:, off + j dh] = X[:, off + perm[j] dh] M[perm[j]]. With `inverse`, the opposite map
+ * X[:, off + perm[j] dh] = Y[:, off + j dh] M[perm[j]] (pass the inverse matrices).
+ */
+function headRight(src: Float32Array, dst: Float32Array, rows: number, ld: number, off: number, mats: Float32Array[], perm: Int32Array, dh: number, inverse: boolean): void {
+  for (let j = 0; j < perm.length; j++) {
+    const h = perm[j];
+    const from = off + (inverse ? j : h) * dh;
+    const to = off + (inverse ? h : j) * dh;
+    sgemm(false, false, rows, dh, dh, 1, src.subarray(from), ld, mats[h], dh, 0, dst.subarray(to), ld);
+  }
+}
+
+/**
+ * Per-head left multiplication on row blocks: W*[j block] = M[perm[j]] W[perm[j] block]
+ * (or, with inverse, W[perm[j] block] = M[perm[j]] W*[j block]). W is [H*dh, n].
+ */
+function headLeft(src: Float32Array, dst: Float32Array, n: number, mats: Float32Array[], perm: Int32Array, dh: number, inverse: boolean): void {
+  for (let j = 0; j < perm.length; j++) {
+    const h = perm[j];
+    const from = (inverse ? j : h) * dh * n;
+    const to = (inverse ? h : j) * dh * n;
+    sgemm(false, false, dh, n, dh, 1, mats[h], dh, src.subarray(from), n, 0, dst.subarray(to), n);
+  }
+}
+
+interface HeadMats {
+  A: Float32Array[]; Ainv: Float32Array[]; AinvT: Float32Array[]; AT: Float32Array[]; B: Float32Array[]; Binv: Float32Array[];
+}
+function headMats(lm: LayerMasks): HeadMats {
+  return {
+    A: lm.A.map((p) => f32(p.m)),
+    Ainv: lm.A.map((p) => f32(p.inv)),
+    AinvT: lm.A.map((p) => f32(transpose(p.inv))),
+    AT: lm.A.map((p) => f32(transpose(p.m))),
+    B: lm.B.map((p) => f32(p.m)),
+    Binv: lm.B.map((p) => f32(p.inv)),
+  };
+}
+
+/** X[rows, 3d] -> X Mqkv (forward) or X Mqkv^-1 (inverse). */
+export function applyMqkv(X: Float32Array, rows: number, d: number, dh: number, lm: LayerMasks, inverse: boolean, hm = headMats(lm)): Float32Array {
+  const Y = new Float32Array(rows * 3 * d);
+  const p = lm.headPerm;
+  // q: A, k: A^-T, v: B ; inverses: A^-1, A^T, B^-1
+  headRight(X, Y, rows, 3 * d, 0, inverse ? hm.Ainv : hm.A, p, dh, inverse);
+  headRight(X, Y, rows, 3 * d, d, inverse ? hm.AT : hm.AinvT, p, dh, inverse);
+  headRight(X, Y, rows, 3 * d, 2 * d, inverse ? hm.Binv : hm.B, p, dh, inverse);
+  return Y;
+}
+
+/** X[rows, 4d] -> X Pi (columns permuted: out[:, j] = X[:, pi[j]]) or the inverse. */
+export function permuteCols(X: Float32Array, rows: number, n: number, pi: Int32Array, inverse: boolean): Float32Array {
+  const Y = new Float32Array(rows * n);
+  for (let r = 0; r < rows; r++) {
+    const o = r * n;
+    if (inverse) for (let j = 0; j < n; j++) Y[o + pi[j]] = X[o + j];
+    else for (let j = 0; j < n; j++) Y[o + j] = X[o + pi[j]];
+  }
+  return Y;
+}
+
+/** Pi^T W for W [4d, n]: row j of the result is row pi[j] of W (or the inverse). */
+export function permuteRows(W: Float32Array, rows: number, n: number, pi: Int32Array, inverse: boolean): Float32Array {
+  const Y = new Float32Array(rows * n);
+  for (let j = 0; j < rows; j++) {
+    if (inverse) Y.set(W.subarray(j * n, (j + 1) * n), pi[j] * n);
+    else Y.set(W.subarray(pi[j] * n, (pi[j] + 1) * n), j * n);
+  }
+  return Y;
+}
+
+function scaleRows(W: Float32Array, rows: number, n: number, s: Float32Array, invert = false): Float32Array {
+  const Y = new Float32Array(rows * n);
+  for (let i = 0; i < rows; i++) {
+    const f = invert ? 1 / s[i] : s[i];
+    for (let j = 0; j < n; j++) Y[i * n + j] = W[i * n + j] * f;
+  }
+  return Y;
+}
+
+/** b + beta W (row vector times matrix), W [d, n] */
+function foldBias(b: Float32Array, beta: Float32Array, W: Float32Array, d: number, n: number, sign = 1): Float32Array {
+  const out = Float32Array.from(b);
+  sgemm(false, false, 1, n, d, sign, beta, d, W, n, 1, out, n);
+  return out;
+}
+
+export interface ObfuscatedModel {
+  accelerator: AcceleratorWeights;
+  enclave: EnclaveTensors;
+}
+
+/** Applies the provider transform (design note, both modes). */
+export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: number) => void): ObfuscatedModel {
+  const c = w.config;
+  const { n_layer: L, n_embd: d, n_head: H } = c;
+  const dh = d / H;
+  const lay = w.layout;
+  const p = w.params;
+  const mode = masks.params.mode;
+  const enclave: EnclaveTensors = new Map();
+  const layers: Record<LinearName, ObfLinear>[] = [];
+  const Q = masks.Q ? f32(masks.Q.m) : null;
+
+  for (let l = 0; l < L; l++) {
+    const lm = masks.layers[l];
+    const hm = headMats(lm);
+    const Wqkv = lay.layer(p, 'qkvw', l), bqkv = lay.layer(p, 'qkvb', l);
+    const Wo = lay.layer(p, 'attprojw', l), bo = lay.layer(p, 'attprojb', l);
+    const Wfc = lay.layer(p, 'fcw', l), bfc = lay.layer(p, 'fcb', l);
+    const Wp = lay.layer(p, 'fcprojw', l), bp = lay.layer(p, 'fcprojb', l);
+    let inQkv: Float32Array, inBqkv: Float32Array, inFc: Float32Array, inBfc: Float32Array;
+    let outO: Float32Array, outBo: Float32Array, outP: Float32Array, outBp: Float32Array;
+    // Wo rows live in the (masked) head space: MB^-1 Wo
+    const WoMasked = new Float32Array(d * d);
+    headLeft(Wo, WoMasked, d, hm.Binv, lm.headPerm, dh, false);
+    const WpPerm = permuteRows(Wp, 4 * d, d, lm.pi, false);
+    if (mode === 'sealed') {
+      const g1 = lay.layer(p, 'ln1w', l), be1 = lay.layer(p, 'ln1b', l);
+      const g2 = lay.layer(p, 'ln2w', l), be2 = lay.layer(p, 'ln2b', l);
+      // Q^T diag(gamma) W ; bias beta W + b
+      inQkv = mm(Q!, scaleRows(Wqkv, d, 3 * d, g1), d, d, 3 * d, true);
+      inBqkv = foldBias(bqkv, be1, Wqkv, d, 3 * d);
+      inFc = mm(Q!, scaleRows(Wfc, d, 4 * d, g2), d, d, 4 * d, true);
+      inBfc = foldBias(bfc, be2, Wfc, d, 4 * d);
+      outO = mmRight(WoMasked, Q!, d, d);
+      outBo = mmRight(bo, Q!, 1, d);
+      outP = mm(WpPerm, Q!, 4 * d, d, d);
+      outBp = mmRight(bp, Q!, 1, d);
+    } else {
+      inQkv = mm(f32(lm.R1!.inv), Wqkv, d, d, 3 * d);
+      inBqkv = bqkv;
+      inFc = mm(f32(lm.R2!.inv), Wfc, d, d, 4 * d);
+      inBfc = bfc;
+      if (lm.Ro) {
+        const Ro = f32(lm.Ro.m), Rp = f32(lm.Rp!.m);
+        outO = mmRight(WoMasked, Ro, d, d);
+        outBo = mmRight(bo, Ro, 1, d);
+        outP = mm(WpPerm, Rp, 4 * d, d, d);
+        outBp = mmRight(bp, Rp, 1, d);
+      } else {
+        outO = WoMasked;
+        outBo = Float32Array.from(bo);
+        outP = WpPerm;
+        outBp = Float32Array.from(bp);
+      }
+    }
+    layers.push({
+      qkv: { w: applyMqkv(inQkv, d, d, dh, lm, false, hm), b: applyMqkv(inBqkv, 1, d, dh, lm, false, hm), din: d, dout: 3 * d },
+      attproj: { w: outO, b: outBo, din: d, dout: d },
+      fc: { w: permuteCols(inFc, d, 4 * d, lm.pi, false), b: permuteCols(inBfc, 1, 4 * d, lm.pi, false), din: d, dout: 4 * d },
+      fcproj: { w: outP, b: outBp, din: 4 * d, dout: d },
+    });
+    onLayer?.(l);
+  }
+
+  const wte = lay.view(p, 'wte'), wpe = lay.view(p, 'wpe');
+  if (mode === 'sealed') {
+    const Qm = masks.Q!;
+    enclave.set('wte', mm(wte, Q!, c.vocab_size, d, d));
+    enclave.set('wpe', mm(wpe, Q!, c.n_ctx, d, d));
+    // u = Q^T 1 (centring vector)
+    const u = new Float32Array(d);
+    for (let i = 0; i < d; i++) { let s = 0; for (let k = 0; k < d; k++) s += Qm.m.data[k * d + i]; u[i] = s; }
+    enclave.set('u', u);
+    // G = Q^T diag(gamma_f) Q ; head bias beta_f Q
+    enclave.set('G', mm(Q!, scaleRows(Q!, d, d, lay.view(p, 'lnfw')), d, d, d, true));
+    enclave.set('headBias', mmRight(lay.view(p, 'lnfb'), Q!, 1, d));
+    if (w.cls) enclave.set('score', mm(w.cls.weight, Q!, w.cls.numLabels, d, d));
+  } else {
+    enclave.set('wte', Float32Array.from(wte));
+    enclave.set('wpe', Float32Array.from(wpe));
+    for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const) enclave.set(k, Float32Array.from(lay.view(p, k)));
+    const stack = (get: (lm: LayerMasks) => Mat64) => {
+      const out = new Float32Array(L * d * d);
+      masks.layers.forEach((lm, l) => out.set(f32(get(lm)), l * d * d));
+      return out;
+    };
+    enclave.set('R1', stack((lm) => lm.R1!.m));
+    enclave.set('R2', stack((lm) => lm.R2!.m));
+    if (masks.params.twoSided) {
+      enclave.set('RoInv', stack((lm) => lm.Ro!.inv));
+      enclave.set('RpInv', stack((lm) => lm.Rp!.inv));
+    }
+    if (w.cls) enclave.set('score', Float32Array.from(w.cls.weight));
+  }
+  return { accelerator: { n_layer: L, layers }, enclave };
+}
+
+/**
+ * Inverse of `obfuscate` (provider side): recovers plain GPT-2 weights from (possibly
+ * fine-tuned) accelerator weights and enclave tensors. `base` is the provider's original
+ * model: in sealed mode its layer-norm affine, folded into the weights, is unfolded again.
+ */
+export function deobfuscate(base: GPT2Weights, acc: AcceleratorWeights, enc: EnclaveTensors, masks: ModelMasks): GPT2Weights {
+  const c = base.config;
+  const { n_layer: L, n_embd: d, n_head: H } = c;
+  const dh = d / H;
+  const layout = new ParamLayout(c);
+  const p = new Float32Array(layout.total);
+  const mode = masks.params.mode;
+  const get = (k: string) => {
+    const t = enc.get(k);
+    if (!t) throw new Error(`enclave bundle lacks tensor "${k}"`);
+    return t;
+  };
+  const Q = masks.Q ? f32(masks.Q.m) : null;
+  const QT = masks.Q ? f32(masks.Q.inv) : null;
+  const bl = base.layout;
+  const bp0 = base.params;
+  for (let l = 0; l < L; l++) {
+    const lm = masks.layers[l];
+    const hm = headMats(lm);
+    const a = acc.layers[l];
+    // undo the output side of qkv / fc
+    const inQkv = applyMqkv(a.qkv.w, d, d, dh, lm, true, hm);
+    const inBqkv = applyMqkv(a.qkv.b, 1, d, dh, lm, true, hm);
+    const inFc = permuteCols(a.fc.w, d, 4 * d, lm.pi, true);
+    const inBfc = permuteCols(a.fc.b, 1, 4 * d, lm.pi, true);
+    let WoMasked: Float32Array, bo: Float32Array, WpPerm: Float32Array, bp: Float32Array;
+    if (mode === 'sealed') {
+      // the layer-norm affine folded into the weights is the base model's (it is not trained in sealed mode)
+      const g1 = bl.layer(bp0, 'ln1w', l), be1 = bl.layer(bp0, 'ln1b', l);
+      const g2 = bl.layer(bp0, 'ln2w', l), be2 = bl.layer(bp0, 'ln2b', l);
+      for (const g of [g1, g2]) for (let i = 0; i < d; i++) if (g[i] === 0) throw new Error(`layer ${l}: a layer-norm gain is exactly 0, the folded weights cannot be unfolded`);
+      // W = diag(1/gamma) Q W* ; b = b* - beta W
+      const Wqkv = scaleRows(mm(Q!, inQkv, d, d, 3 * d), d, 3 * d, g1, true);
+      const Wfc = scaleRows(mm(Q!, inFc, d, d, 4 * d), d, 4 * d, g2, true);
+      layout.layer(p, 'qkvw', l).set(Wqkv);
+      layout.layer(p, 'qkvb', l).set(foldBias(inBqkv, be1, Wqkv, d, 3 * d, -1));
+      layout.layer(p, 'fcw', l).set(Wfc);
+      layout.layer(p, 'fcb', l).set(foldBias(inBfc, be2, Wfc, d, 4 * d, -1));
+      WoMasked = mmRight(a.attproj.w, QT!, d, d);
+      bo = mmRight(a.attproj.b, QT!, 1, d);
+      WpPerm = mmRight(a.fcproj.w, QT!, 4 * d, d);
+      bp = mmRight(a.fcproj.b, QT!, 1, d);
+      layout.layer(p, 'ln1w', l).set(g1);
+      layout.layer(p, 'ln1b', l).set(be1);
+      layout.layer(p, 'ln2w', l).set(g2);
+      layout.layer(p, 'ln2b', l).set(be2);
+    } else {
+      layout.layer(p, 'qkvw', l).set(mm(f32(lm.R1!.m), inQkv, d, d, 3 * d));
+      layout.layer(p, 'qkvb', l).set(inBqkv);
+      layout.layer(p, 'fcw', l).set(mm(f32(lm.R2!.m), inFc, d, d, 4 * d));
+      layout.layer(p, 'fcb', l).set(inBfc);
+      if (lm.Ro) {
+        const RoI = f32(lm.Ro.inv), RpI = f32(lm.Rp!.inv);
+        WoMasked = mmRight(a.attproj.w, RoI, d, d);
+        bo = mmRight(a.attproj.b, RoI, 1, d);
+        WpPerm = mmRight(a.fcproj.w, RpI, 4 * d, d);
+        bp = mmRight(a.fcproj.b, RpI, 1, d);
+      } else {
+        WoMasked = a.attproj.w; bo = a.attproj.b; WpPerm = a.fcproj.w; bp = a.fcproj.b;
+      }
+      for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b'] as const) layout.layer(p, k, l).set(get(k).subarray(l * d, (l + 1) * d));
+    }
+    const Wo = new Float32Array(d * d);
+    headLeft(WoMasked, Wo, d, hm.B, lm.headPerm, dh, true);
+    layout.layer(p, 'attprojw', l).set(Wo);
+    layout.layer(p, 'attprojb', l).set(bo);
+    layout.layer(p, 'fcprojw', l).set(permuteRows(WpPerm, 4 * d, d, lm.pi, true));
+    layout.layer(p, 'fcprojb', l).set(bp);
+  }
+  let cls = base.cls ? { ...base.cls } : undefined;
+  if (mode === 'sealed') {
+    layout.view(p, 'wte').set(mm(get('wte'), QT!, c.vocab_size, d, d));
+    layout.view(p, 'wpe').set(mm(get('wpe'), QT!, c.n_ctx, d, d));
+    // gamma_f is folded into G (not trained); beta_f Q is the head bias
+    layout.view(p, 'lnfw').set(bl.view(bp0, 'lnfw'));
+    layout.view(p, 'lnfb').set(mmRight(get('headBias'), QT!, 1, d));
+    if (cls && enc.has('score')) cls = { ...cls, weight: mm(get('score'), QT!, cls.numLabels, d, d) };
+  } else {
+    layout.view(p, 'wte').set(get('wte'));
+    layout.view(p, 'wpe').set(get('wpe'));
+    layout.view(p, 'lnfw').set(get('lnfw'));
+    layout.view(p, 'lnfb').set(get('lnfb'));
+    if (cls && enc.has('score')) cls = { ...cls, weight: Float32Array.from(get('score')) };
+  }
+  return { config: c, layout, params: p, cls, padTokenId: base.padTokenId };
+}

@@ -1,0 +1,180 @@
+/**
+ * The one narrow API between the enclave and the accelerator. Every request names an
+ * obfuscated linear layer and carries an obfuscated tensor; there is no message that
+ * carries token ids, labels, logits, losses or a plaintext activation. Messages encode to
+ * a self-describing binary frame (JSON header + raw float32 payloads) for any transport.
+ */
+import type { LinearName } from '../obfuscate/transform.js';
+import { LINEARS } from '../obfuscate/transform.js';
+
+declare const obfuscatedBrand: unique symbol;
+/**
+ * A float32 tensor in an obfuscated basis. Only the enclave's masking code creates these
+ * (`asObfuscated`), so a plaintext Float32Array cannot be handed to the accelerator by mistake.
+ */
+export type Obfuscated = Float32Array & { readonly [obfuscatedBrand]: true };
+
+/** Marks a tensor as obfuscated. Call only on tensors produced in a masked basis. */
+export function asObfuscated(x: Float32Array): Obfuscated {
+  return x as Obfuscated;
+}
+
+export interface LayerRef {
+  layer: number;
+  name: LinearName;
+}
+
+/** y* = x* W* + b*  (x*: rows x din) */
+export interface LinearForwardRequest extends LayerRef {
+  op: 'linear_forward';
+  rows: number;
+  x: Obfuscated;
+}
+
+/** dx* = dy* W*^T  (dy*: rows x dout) */
+export interface LinearBackwardInputRequest extends LayerRef {
+  op: 'linear_backward_input';
+  rows: number;
+  dy: Obfuscated;
+}
+
+/** dW* += x*^T dy*, db* += colsum(dy*), kept on the accelerator until `apply_update` */
+export interface LinearBackwardWeightRequest extends LayerRef {
+  op: 'linear_backward_weight';
+  rows: number;
+  x: Obfuscated;
+  dy: Obfuscated;
+}
+
+/** SGD(-momentum) step on every accumulated weight gradient, then zero them. */
+export interface ApplyUpdateRequest {
+  op: 'apply_update';
+  lr: number;
+  momentum: number;
+  /** multiply gradients by this first (global-norm clipping done by the enclave) */
+  gradScale: number;
+  step: number;
+}
+
+/** Squared Frobenius norms of the accumulated weight gradients (for global clipping). */
+export interface GradNormRequest {
+  op: 'grad_sq_norm';
+}
+
+export type AcceleratorRequest =
+  | LinearForwardRequest
+  | LinearBackwardInputRequest
+  | LinearBackwardWeightRequest
+  | ApplyUpdateRequest
+  | GradNormRequest;
+
+export interface TensorReply {
+  op: 'tensor';
+  rows: number;
+  cols: number;
+  data: Obfuscated;
+}
+
+export interface AckReply {
+  op: 'ack';
+  /** e.g. the squared gradient norm */
+  value?: number;
+}
+
+export interface ErrorReply {
+  op: 'error';
+  message: string;
+}
+
+export type AcceleratorReply = TensorReply | AckReply | ErrorReply;
+
+/** Hard upper bound of one frame (guards every decoder). */
+export const MAX_FRAME_BYTES = 1 << 30;
+
+function assertLayerRef(o: Record<string, unknown>): void {
+  if (!Number.isInteger(o.layer) || (o.layer as number) < 0) throw new Error(`message: invalid layer ${JSON.stringify(o.layer)}`);
+  if (!LINEARS.includes(o.name as LinearName)) throw new Error(`message: unknown linear "${String(o.name)}" (expected one of ${LINEARS.join(', ')})`);
+}
+
+/** Binary frame: u32 header length | JSON header | float32 payloads (4-byte aligned). */
+export function encodeMessage(m: AcceleratorRequest | AcceleratorReply): Buffer {
+  const tensors: Float32Array[] = [];
+  const header: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(m)) {
+    if (v instanceof Float32Array) {
+      header[k] = { tensor: tensors.length, length: v.length };
+      tensors.push(v);
+    } else header[k] = v;
+  }
+  let json = Buffer.from(JSON.stringify(header), 'utf8');
+  const pad = (4 - ((4 + json.length) % 4)) % 4;
+  if (pad) json = Buffer.concat([json, Buffer.alloc(pad, 0x20)]);
+  const total = 4 + json.length + tensors.reduce((s, t) => s + t.byteLength, 0);
+  if (total > MAX_FRAME_BYTES) throw new Error(`message of ${total} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
+  const out = Buffer.allocUnsafe(total);
+  out.writeUInt32LE(json.length, 0);
+  json.copy(out, 4);
+  let off = 4 + json.length;
+  for (const t of tensors) {
+    Buffer.from(t.buffer, t.byteOffset, t.byteLength).copy(out, off);
+    off += t.byteLength;
+  }
+  return out;
+}
+
+export function decodeMessage(buf: Uint8Array, maxBytes = MAX_FRAME_BYTES): AcceleratorRequest | AcceleratorReply {
+  if (buf.length > maxBytes) throw new Error(`message of ${buf.length} bytes exceeds the ${maxBytes}-byte limit`);
+  if (buf.length < 4) throw new Error('message truncated: no header length');
+  const b = Buffer.from(buf.buffer, buf.byteOffset, buf.length);
+  const hlen = b.readUInt32LE(0);
+  if (4 + hlen > b.length) throw new Error(`message truncated: header of ${hlen} bytes, frame of ${b.length}`);
+  let header: Record<string, unknown>;
+  try {
+    header = JSON.parse(b.subarray(4, 4 + hlen).toString('utf8'));
+  } catch {
+    throw new Error('message header is not valid JSON');
+  }
+  if (typeof header !== 'object' || header === null || Array.isArray(header)) throw new Error('message header is not an object');
+  let off = 4 + hlen;
+  const out: Record<string, unknown> = {};
+  const entries = Object.entries(header);
+  const tensorEntries = entries
+    .filter(([, v]) => typeof v === 'object' && v !== null && 'tensor' in (v as object))
+    .sort((x, y) => (x[1] as { tensor: number }).tensor - (y[1] as { tensor: number }).tensor);
+  for (const [k, v] of entries) if (!tensorEntries.some(([tk]) => tk === k)) out[k] = v;
+  for (const [k, v] of tensorEntries) {
+    const len = (v as { length: unknown }).length;
+    if (!Number.isInteger(len) || (len as number) < 0) throw new Error(`message tensor "${k}" has an invalid length`);
+    const bytes = (len as number) * 4;
+    if (off + bytes > b.length) throw new Error(`message truncated: tensor "${k}" needs ${bytes} bytes, ${b.length - off} left`);
+    const t = new Float32Array(len as number);
+    new Uint8Array(t.buffer).set(b.subarray(off, off + bytes));
+    out[k] = t;
+    off += bytes;
+  }
+  if (off !== b.length) throw new Error(`message has ${b.length - off} trailing bytes`);
+  validateMessage(out);
+  return out as unknown as AcceleratorRequest | AcceleratorReply;
+}
+
+/** Structural validation of a decoded message (shapes are checked by the receiver). */
+export function validateMessage(o: Record<string, unknown>): void {
+  const need = (k: string, t: string) => {
+    if (t === 'f32' ? !(o[k] instanceof Float32Array) : typeof o[k] !== t) throw new Error(`message "${String(o.op)}": field "${k}" missing or not ${t}`);
+  };
+  const rows = () => {
+    need('rows', 'number');
+    if (!Number.isInteger(o.rows) || (o.rows as number) <= 0) throw new Error(`message "${String(o.op)}": rows must be a positive integer`);
+  };
+  switch (o.op) {
+    case 'linear_forward': assertLayerRef(o); rows(); need('x', 'f32'); break;
+    case 'linear_backward_input': assertLayerRef(o); rows(); need('dy', 'f32'); break;
+    case 'linear_backward_weight': assertLayerRef(o); rows(); need('x', 'f32'); need('dy', 'f32'); break;
+    case 'apply_update': need('lr', 'number'); need('momentum', 'number'); need('gradScale', 'number'); need('step', 'number'); break;
+    case 'grad_sq_norm': break;
+    case 'tensor': need('rows', 'number'); need('cols', 'number'); need('data', 'f32'); break;
+    case 'ack': break;
+    case 'error': need('message', 'string'); break;
+    default: throw new Error(`unknown message op ${JSON.stringify(o.op)}`);
+  }
+}

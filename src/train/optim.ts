@@ -1,0 +1,189 @@
+/**
+ * Optimisers over flat Float32Array parameter/gradient buffers (TypeScript kernels).
+ * Each optimiser owns its state buffers, which serialise for exact resume.
+ */
+
+export interface OptimizerState {
+  kind: 'adamw' | 'sgd';
+  step: number;
+  buffers: Record<string, Float32Array>;
+}
+
+export interface Optimizer {
+  readonly kind: 'adamw' | 'sgd';
+  /** One update of `params` from `grads` at learning rate `lr`. */
+  step(params: Float32Array, grads: Float32Array, lr: number): void;
+  state(): OptimizerState;
+  load(s: OptimizerState): void;
+}
+
+export interface AdamWOptions {
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  weightDecay?: number;
+  /** 1 where weight decay applies (e.g. matrices), 0 elsewhere; all 1 when absent. */
+  decayMask?: Uint8Array;
+}
+
+// AdamW (decoupled weight decay, bias-corrected moments): params[n] -= lr (m^/(sqrt(v^)+eps) + wd params)
+export class AdamW implements Optimizer {
+  readonly kind = 'adamw' as const;
+  readonly beta1: number;
+  readonly beta2: number;
+  readonly eps: number;
+  readonly weightDecay: number;
+  private m: Float32Array;
+  private v: Float32Array;
+  private t = 0;
+
+  constructor(readonly size: number, opts: AdamWOptions = {}, private decayMask?: Uint8Array) {
+    this.beta1 = opts.beta1 ?? 0.9;
+    this.beta2 = opts.beta2 ?? 0.999;
+    this.eps = opts.eps ?? 1e-8;
+    this.weightDecay = opts.weightDecay ?? 0;
+    this.decayMask = decayMask ?? opts.decayMask;
+    if (this.decayMask && this.decayMask.length !== size) throw new Error(`decay mask has ${this.decayMask.length} entries, expected ${size}`);
+    this.m = new Float32Array(size);
+    this.v = new Float32Array(size);
+  }
+
+  step(params: Float32Array, grads: Float32Array, lr: number): void {
+    const n = this.size;
+    if (params.length !== n || grads.length !== n) throw new Error(`AdamW expects ${n} parameters and gradients, got ${params.length} and ${grads.length}`);
+    this.t++;
+    const b1 = this.beta1;
+    const b2 = this.beta2;
+    const c1 = 1 / (1 - Math.pow(b1, this.t));
+    const c2 = 1 / (1 - Math.pow(b2, this.t));
+    const eps = this.eps;
+    const wd = this.weightDecay;
+    const m = this.m;
+    const v = this.v;
+    const mask = this.decayMask;
+    for (let i = 0; i < n; i++) {
+      const g = grads[i];
+      const mi = b1 * m[i] + (1 - b1) * g;
+      const vi = b2 * v[i] + (1 - b2) * g * g;
+      m[i] = mi;
+      v[i] = vi;
+      const decay = wd !== 0 && (!mask || mask[i] !== 0) ? wd * params[i] : 0;
+      params[i] -= lr * ((mi * c1) / (Math.sqrt(vi * c2) + eps) + decay);
+    }
+  }
+
+  state(): OptimizerState {
+    return { kind: 'adamw', step: this.t, buffers: { m: this.m, v: this.v } };
+  }
+
+  load(s: OptimizerState): void {
+    if (s.kind !== 'adamw') throw new Error(`cannot load ${s.kind} state into AdamW`);
+    for (const k of ['m', 'v'] as const) {
+      if (!s.buffers[k] || s.buffers[k].length !== this.size) throw new Error(`AdamW state "${k}" has the wrong size`);
+    }
+    this.m.set(s.buffers.m);
+    this.v.set(s.buffers.v);
+    this.t = s.step;
+  }
+}
+
+export interface SGDOptions {
+  momentum?: number;
+  weightDecay?: number;
+  nesterov?: boolean;
+}
+
+// SGD with (heavy-ball) momentum, PyTorch convention: b = mu b + g ; params -= lr b
+export class SGD implements Optimizer {
+  readonly kind = 'sgd' as const;
+  readonly momentum: number;
+  readonly weightDecay: number;
+  readonly nesterov: boolean;
+  private buf: Float32Array | null;
+  private t = 0;
+
+  constructor(readonly size: number, opts: SGDOptions = {}) {
+    this.momentum = opts.momentum ?? 0;
+    this.weightDecay = opts.weightDecay ?? 0;
+    this.nesterov = opts.nesterov ?? false;
+    this.buf = this.momentum !== 0 ? new Float32Array(size) : null;
+  }
+
+  step(params: Float32Array, grads: Float32Array, lr: number): void {
+    const n = this.size;
+    if (params.length !== n || grads.length !== n) throw new Error(`SGD expects ${n} parameters and gradients, got ${params.length} and ${grads.length}`);
+    const mu = this.momentum;
+    const wd = this.weightDecay;
+    const buf = this.buf;
+    const first = this.t === 0;
+    this.t++;
+    for (let i = 0; i < n; i++) {
+      let g = grads[i];
+      if (wd !== 0) g += wd * params[i];
+      if (buf) {
+        const b = first ? g : mu * buf[i] + g;
+        buf[i] = b;
+        g = this.nesterov ? g + mu * b : b;
+      }
+      params[i] -= lr * g;
+    }
+  }
+
+  state(): OptimizerState {
+    return { kind: 'sgd', step: this.t, buffers: this.buf ? { momentum: this.buf } : {} };
+  }
+
+  load(s: OptimizerState): void {
+    if (s.kind !== 'sgd') throw new Error(`cannot load ${s.kind} state into SGD`);
+    if (this.buf) {
+      const b = s.buffers.momentum;
+      if (!b || b.length !== this.size) throw new Error('SGD momentum state has the wrong size');
+      this.buf.set(b);
+    }
+    this.t = s.step;
+  }
+}
+
+/** Sum of squares of several gradient buffers (float64 accumulation). */
+export function sumSquares(...bufs: Float32Array[]): number {
+  let s = 0;
+  for (const b of bufs) {
+    let part = 0;
+    for (let i = 0; i < b.length; i++) part += b[i] * b[i];
+    s += part;
+  }
+  return s;
+}
+
+/**
+ * Global-norm clipping over several gradient buffers: if the joint L2 norm exceeds maxNorm,
+ * every buffer is scaled by maxNorm / norm. Returns the norm before clipping.
+ * A non-finite norm is returned as is and nothing is scaled (the caller must stop).
+ */
+export function clipGradNorm(bufs: Float32Array[], maxNorm: number): number {
+  const norm = Math.sqrt(sumSquares(...bufs));
+  if (!Number.isFinite(norm)) return norm;
+  if (maxNorm > 0 && norm > maxNorm) {
+    const s = maxNorm / (norm + 1e-6);
+    for (const b of bufs) for (let i = 0; i < b.length; i++) b[i] *= s;
+  }
+  return norm;
+}
+
+/** Linear warmup then cosine decay to minLr (a fraction of the peak). */
+export function cosineSchedule(step: number, total: number, peak: number, warmup: number, minFrac = 0.1): number {
+  if (warmup > 0 && step < warmup) return (peak * (step + 1)) / warmup;
+  if (total <= warmup) return peak;
+  const p = Math.min(1, (step - warmup) / Math.max(1, total - warmup));
+  const min = peak * minFrac;
+  return min + 0.5 * (peak - min) * (1 + Math.cos(Math.PI * p));
+}
+
+/** Weight-decay mask for a GPT-2 layout: 1 on matrices (qkvw, attprojw, fcw, fcprojw, wte, wpe), 0 on biases and layer norms. */
+export function gpt2DecayMask(layout: { total: number; entries: Record<string, { offset: number; size: number; layerShape: number[] }> }): Uint8Array {
+  const mask = new Uint8Array(layout.total);
+  for (const e of Object.values(layout.entries)) {
+    if (e.layerShape.length === 2) mask.fill(1, e.offset, e.offset + e.size);
+  }
+  return mask;
+}

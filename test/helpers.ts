@@ -1,0 +1,63 @@
+import assert from 'node:assert/strict';
+import { Rng } from '../src/tensor/rng.js';
+
+export function randn(n: number, rng: Rng, std = 1): Float32Array {
+  const a = new Float32Array(n);
+  rng.fillNormal(a, std);
+  return a;
+}
+
+/** ||a - b|| / max(||b||, tiny) over whole tensors. */
+export function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  assert.equal(a.length, b.length, 'length mismatch');
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < a.length; i++) {
+    const d = a[i] - b[i];
+    num += d * d;
+    den += b[i] * b[i];
+  }
+  return Math.sqrt(num) / Math.max(Math.sqrt(den), 1e-30);
+}
+
+export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
+  return m;
+}
+
+/**
+ * Central finite differences of a scalar function with respect to selected entries of x
+ * (evaluated in float64 where f allows it). Returns the numeric derivatives.
+ */
+export function numericGrad(f: () => number, x: Float32Array, indices: number[], eps = 1e-3): number[] {
+  return indices.map((i) => {
+    const orig = x[i];
+    x[i] = orig + eps;
+    const fp = f();
+    x[i] = orig - eps;
+    const fm = f();
+    x[i] = orig;
+    return (fp - fm) / (2 * eps);
+  });
+}
+
+/** A few random indices into an array of length n (always including 0 and n-1). */
+export function someIndices(n: number, k: number, rng: Rng): number[] {
+  const s = new Set<number>([0, n - 1]);
+  while (s.size < Math.min(k, n)) s.add(rng.int(n));
+  return [...s];
+}
+
+export function dot(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += a[i] * b[i];
+  return s;
+}
+
+/** Asserts that analytic and numeric gradients agree on the given entries. */
+export function assertGradClose(analytic: ArrayLike<number>, indices: number[], numeric: number[], tol: number, what: string): void {
+  const a = indices.map((i) => analytic[i]);
+  const err = relErr(a, numeric);
+  assert.ok(err < tol, `${what}: analytic vs finite-difference relative error ${err.toExponential(2)} >= ${tol} (analytic ${a.slice(0, 4).map((v) => v.toExponential(3))}, numeric ${numeric.slice(0, 4).map((v) => v.toExponential(3))})`);
+}

@@ -1,0 +1,166 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { getPreset } from '../src/model/config.js';
+import { GPT2 } from '../src/model/gpt2.js';
+import { KVCache, forwardCached, generate, sampleToken } from '../src/model/generate.js';
+import { AdamW, SGD, clipGradNorm, cosineSchedule, gpt2DecayMask } from '../src/train/optim.js';
+import { trainLM } from '../src/train/lm.js';
+import { Rng } from '../src/tensor/rng.js';
+import { gpt2Tokenizer, tokenizerFor } from '../src/model/tokenizer.js';
+import { relErr, numericGrad, assertGradClose } from './helpers.js';
+
+const micro = getPreset('gpt2-micro');
+
+function randomTokens(n: number, V: number, seed: number): Int32Array {
+  const r = new Rng(seed);
+  return Int32Array.from({ length: n }, () => r.int(V));
+}
+
+test('KV-cache incremental forward equals the full forward at every position', () => {
+  const model = GPT2.random(getPreset('gpt2-tiny'), 3);
+  const T = 12;
+  const V = model.config.vocab_size;
+  const tokens = randomTokens(T, V, 4);
+  const full = Float32Array.from(model.forward(tokens, 1, T).logits);
+  const cache = new KVCache(model.config.n_layer, model.config.n_ctx, model.config.n_embd);
+  // prefill 5 tokens, then one at a time
+  let logits = forwardCached(model, cache, Array.from(tokens.subarray(0, 5)));
+  assert.ok(relErr(logits, full.subarray(4 * V, 5 * V)) < 1e-5, 'prefill logits');
+  for (let t = 5; t < T; t++) {
+    logits = forwardCached(model, cache, [tokens[t]]);
+    assert.ok(relErr(logits, full.subarray(t * V, (t + 1) * V)) < 1e-5, `logits at position ${t}`);
+  }
+  assert.equal(cache.length, T);
+});
+
+test('generation: greedy is deterministic and stops at the context length', () => {
+  const model = GPT2.random(micro, 5);
+  const a = generate(model, [1, 2, 3], { maxNewTokens: 50 });
+  const b = generate(model, [1, 2, 3], { maxNewTokens: 50 });
+  assert.deepEqual(a, b);
+  // the last token is predicted from position n_ctx-1, so n_ctx - prompt + 1 new tokens fit
+  assert.equal(a.length, micro.n_ctx - 3 + 1);
+  const c = generate(model, [1, 2, 3], { maxNewTokens: 8, temperature: 1.0, topK: 5, seed: 9 });
+  const d = generate(model, [1, 2, 3], { maxNewTokens: 8, temperature: 1.0, topK: 5, seed: 9 });
+  assert.deepEqual(c, d, 'seeded sampling is reproducible');
+  assert.throws(() => generate(model, [], { maxNewTokens: 1 }), /non-empty prompt/);
+  assert.throws(() => generate(model, [micro.vocab_size], { maxNewTokens: 1 }), /out of range/);
+});
+
+test('sampling: greedy, top-k 1 and temperature', () => {
+  const logits = new Float32Array([0.1, 3, -1, 2.9]);
+  const rng = new Rng(1);
+  assert.equal(sampleToken(logits, rng), 1);
+  assert.equal(sampleToken(logits, rng, { temperature: 1, topK: 1 }), 1);
+  const counts = [0, 0, 0, 0];
+  for (let i = 0; i < 2000; i++) counts[sampleToken(logits, rng, { temperature: 1, topK: 2 })]++;
+  assert.equal(counts[0] + counts[2], 0, 'top-2 never picks others');
+  assert.ok(counts[1] > 900 && counts[3] > 800, `both top tokens sampled: ${counts}`);
+});
+
+test('bad inputs: token ids out of range, sequence too long, wrong label', () => {
+  const model = GPT2.random(micro, 1, 3);
+  assert.throws(() => model.forward(new Int32Array([0, 64]), 1, 2), /token id 64 at position 1 is out of range/);
+  assert.throws(() => model.forward(new Int32Array([0, -1]), 1, 2), /out of range/);
+  assert.throws(() => model.forward(new Int32Array(17), 1, 17), /exceeds the model's context of 16/);
+  assert.throws(() => model.forwardCls(new Int32Array(4), 2, 2, new Int32Array([0, 3])), /label 3 of example 1/);
+  assert.throws(() => model.backward(), /needs a preceding forward/);
+});
+
+test('whole-model gradient spot checks against finite differences (LM and classification)', () => {
+  const model = GPT2.random(micro, 7, 3);
+  const B = 2, T = 6;
+  const tokens = randomTokens(B * T, micro.vocab_size, 8);
+  const targets = randomTokens(B * T, micro.vocab_size, 9);
+  model.ensureGrads();
+  model.zeroGrad();
+  model.forward(tokens, B, T, targets);
+  model.backward();
+  const g = Float32Array.from(model.grads!);
+  const rng = new Rng(10);
+  const idx = Array.from({ length: 24 }, () => rng.int(model.layout.total));
+  const f = () => model.forward(tokens, B, T, targets).loss!;
+  assertGradClose(g, idx, numericGrad(f, model.params, idx, 1e-2), 5e-2, 'LM loss gradient');
+  // classification head: padded rows
+  const toks = Int32Array.from(tokens);
+  toks.fill(0, 3, 6);
+  const labels = new Int32Array([2, 0]);
+  model.padTokenId = 0;
+  model.zeroGrad();
+  model.forwardCls(toks, B, T, labels);
+  model.backward();
+  const gc = Float32Array.from(model.clsGrad!);
+  const fc = () => model.forwardCls(toks, B, T, labels).loss!;
+  const ic = [0, 5, 17, 33, 47];
+  assertGradClose(gc, ic, numericGrad(fc, model.cls!.weight, ic, 1e-2), 5e-2, 'classifier weight gradient');
+});
+
+test('gradients accumulate across backward calls', () => {
+  const model = GPT2.random(micro, 2);
+  const tokens = randomTokens(8, micro.vocab_size, 1);
+  const targets = randomTokens(8, micro.vocab_size, 2);
+  model.ensureGrads();
+  model.zeroGrad();
+  model.forward(tokens, 1, 8, targets);
+  model.backward();
+  const once = Float32Array.from(model.grads!);
+  model.forward(tokens, 1, 8, targets);
+  model.backward();
+  const twice = model.grads!;
+  const doubled = once.map((x) => 2 * x);
+  assert.ok(relErr(twice, doubled) < 1e-6);
+});
+
+test('AdamW and SGD-momentum steps match their formulas; clipping; schedule', () => {
+  const p = new Float32Array([1, -2]);
+  const g = new Float32Array([0.5, -0.1]);
+  const adam = new AdamW(2, { weightDecay: 0.1 });
+  adam.step(p, g, 0.01);
+  // first step: m^ = g, v^ = g^2 -> update = sign(g) (up to eps) + wd p
+  assert.ok(Math.abs(p[0] - (1 - 0.01 * (1 + 0.1 * 1))) < 1e-6);
+  assert.ok(Math.abs(p[1] - (-2 - 0.01 * (-1 + 0.1 * -2))) < 1e-6);
+  const q = new Float32Array([1]);
+  const sgd = new SGD(1, { momentum: 0.9 });
+  sgd.step(q, new Float32Array([1]), 0.1); // b = 1
+  sgd.step(q, new Float32Array([1]), 0.1); // b = 1.9
+  assert.ok(Math.abs(q[0] - (1 - 0.1 - 0.19)) < 1e-6);
+  const st = sgd.state();
+  const sgd2 = new SGD(1, { momentum: 0.9 });
+  sgd2.load(st);
+  const q2 = Float32Array.from(q);
+  sgd.step(q, new Float32Array([0.5]), 0.1);
+  sgd2.step(q2, new Float32Array([0.5]), 0.1);
+  assert.equal(q[0], q2[0], 'optimizer state round-trips');
+  const a = new Float32Array([3, 0]);
+  const b = new Float32Array([4]);
+  const norm = clipGradNorm([a, b], 1);
+  assert.ok(Math.abs(norm - 5) < 1e-6);
+  assert.ok(Math.abs(Math.hypot(a[0], a[1], b[0]) - 1) < 1e-5);
+  assert.ok(!Number.isFinite(clipGradNorm([new Float32Array([NaN])], 1)));
+  assert.equal(cosineSchedule(0, 100, 1, 10), 0.1);
+  assert.ok(Math.abs(cosineSchedule(10, 100, 1, 10) - 1) < 1e-12);
+  assert.ok(Math.abs(cosineSchedule(100, 100, 1, 10) - 0.1) < 1e-12);
+  const mask = gpt2DecayMask(GPT2.random(micro, 1).layout);
+  const lay = GPT2.random(micro, 1).layout;
+  assert.equal(mask[lay.entries.qkvw.offset], 1);
+  assert.equal(mask[lay.entries.qkvb.offset], 0);
+  assert.equal(mask[lay.entries.lnfw.offset], 0);
+});
+
+test('training drives the loss down on a repeated sequence', () => {
+  const model = GPT2.random(micro, 11);
+  const pattern = [5, 9, 2, 7, 1, 3, 8, 4];
+  const stream = Int32Array.from({ length: 400 }, (_, i) => pattern[i % pattern.length]);
+  const losses = trainLM(model, stream, { steps: 60, batch: 4, seq: 8, lr: 1e-2, warmup: 5, seed: 1 });
+  assert.ok(losses[0] > 3, `initial loss ${losses[0]}`);
+  assert.ok(losses[losses.length - 1] < 0.5, `final loss ${losses[losses.length - 1]}`);
+});
+
+test('GPT-2 tokenizer round-trips text and knows <|endoftext|>', () => {
+  const text = 'It is a truth universally acknowledged, that a single man...';
+  const ids = gpt2Tokenizer.encode(text);
+  assert.equal(gpt2Tokenizer.decode(ids), text);
+  assert.deepEqual(gpt2Tokenizer.encode('Hello world'), [15496, 995]);
+  assert.deepEqual(gpt2Tokenizer.encode('<|endoftext|>'), [50256]);
+  assert.throws(() => tokenizerFor(512), /needs a vocabulary of 50257/);
+});

@@ -34,7 +34,7 @@ export function linearBackward(dx: Float32Array | null, dw: Float32Array | null,
 }
 
 /** Per-(B,T) activation buffers, allocated once per shape. */
-class Activations {
+export class Activations {
   readonly encoded: Float32Array; //   [B,T,C]
   readonly ln1: Float32Array; //       [L,B,T,C]
   readonly ln1Mean: Float32Array; //   [L,B,T]
@@ -369,6 +369,14 @@ export class GPT2 {
     }
     encoderBackward(lay.view(g, 'wte'), lay.view(g, 'wpe'), dres, st.tokens, B, T, C);
     this.last = null;
+  }
+
+  /**
+   * The activations of the last forward pass (read-only views; valid until the next call).
+   * Used by the security tests to compare what the accelerator saw with the plaintext.
+   */
+  lastActivations(): Readonly<Activations> | null {
+    return this.acts;
   }
 
   /** Adds (or replaces) a freshly initialised classification head. */

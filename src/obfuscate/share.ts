@@ -37,7 +37,8 @@ export function shareRow(name: string, c: GPT2Config, mode: Mode, T: number, two
   if (mode === 'sealed') {
     enclaveParams = emb + d * d /* G */ + d /* head bias */ + d /* u */;
   } else {
-    maskParams = L * 2 * d * d * (twoSided ? 2 : 1);
+    // input masks R1, R2 (+ Ro^-1, Rp^-1), per-head A, A^-T, B, B^-1, head and hidden permutations
+    maskParams = L * 2 * d * d * (twoSided ? 2 : 1) + L * (4 * d * (d / c.n_head) + c.n_head + 4 * d);
     enclaveParams = emb + L * 4 * d + 2 * d + maskParams;
   }
   // forward FLOPs per token (multiply-add = 2)

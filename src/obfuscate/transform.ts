@@ -240,6 +240,19 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
       enclave.set('RoInv', stack((lm) => lm.Ro!.inv));
       enclave.set('RpInv', stack((lm) => lm.Rp!.inv));
     }
+    // per-head masks and the hidden permutation: paper-mode LoRA adds plain-space updates
+    // into the masked q*, k*, v*, f* (O(n d d_h) per layer, no d x d product)
+    const perHead = (get: (lm: LayerMasks) => Mat64[]) => {
+      const out = new Float32Array(L * H * dh * dh);
+      masks.layers.forEach((lm, l) => get(lm).forEach((m, h) => out.set(f32(m), (l * H + h) * dh * dh)));
+      return out;
+    };
+    enclave.set('hA', perHead((lm) => lm.A.map((x) => x.m)));
+    enclave.set('hAinvT', perHead((lm) => lm.A.map((x) => transpose(x.inv))));
+    enclave.set('hB', perHead((lm) => lm.B.map((x) => x.m)));
+    enclave.set('hBinv', perHead((lm) => lm.B.map((x) => x.inv)));
+    enclave.set('headPerm', Float32Array.from(masks.layers.flatMap((lm) => Array.from(lm.headPerm))));
+    enclave.set('pi', Float32Array.from(masks.layers.flatMap((lm) => Array.from(lm.pi))));
     if (w.cls) enclave.set('score', Float32Array.from(w.cls.weight));
   }
   return { accelerator: { n_layer: L, layers }, enclave };

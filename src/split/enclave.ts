@@ -44,7 +44,12 @@ export function requiredEnclaveTensors(b: Pick<EnclaveBundle, 'mode' | 'config' 
   if (b.mode === 'sealed') {
     Object.assign(req, { u: [d], G: [d, d], headBias: [d] });
   } else {
-    Object.assign(req, { ln1w: [L, d], ln1b: [L, d], ln2w: [L, d], ln2b: [L, d], lnfw: [d], lnfb: [d], R1: [L, d, d], R2: [L, d, d] });
+    const H = b.config.n_head;
+    const dh = d / H;
+    Object.assign(req, {
+      ln1w: [L, d], ln1b: [L, d], ln2w: [L, d], ln2b: [L, d], lnfw: [d], lnfb: [d], R1: [L, d, d], R2: [L, d, d],
+      hA: [L, H, dh, dh], hAinvT: [L, H, dh, dh], hB: [L, H, dh, dh], hBinv: [L, H, dh, dh], headPerm: [L, H], pi: [L, 4 * d],
+    });
     if (b.twoSided) Object.assign(req, { RoInv: [L, d, d], RpInv: [L, d, d] });
   }
   if (b.cls) req.score = [b.cls.numLabels, d];

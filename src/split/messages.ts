@@ -24,26 +24,24 @@ export interface LayerRef {
   name: LinearName;
 }
 
-/** y* = x* W* + b*  (x*: rows x din) */
+/** y* = x* W* + b*  (x*: rows x din). With `save`, the accelerator keeps x* for the backward pass. */
 export interface LinearForwardRequest extends LayerRef {
   op: 'linear_forward';
   rows: number;
   x: Obfuscated;
+  save?: boolean;
 }
 
-/** dx* = dy* W*^T  (dy*: rows x dout) */
-export interface LinearBackwardInputRequest extends LayerRef {
-  op: 'linear_backward_input';
+/**
+ * Backward of a linear whose input was saved by `linear_forward`: returns dx* = dy* W*^T when
+ * `input`, and with `weight` accumulates dW* += x*^T dy*, db* += colsum(dy*) on the accelerator.
+ */
+export interface LinearBackwardRequest extends LayerRef {
+  op: 'linear_backward';
   rows: number;
   dy: Obfuscated;
-}
-
-/** dW* += x*^T dy*, db* += colsum(dy*), kept on the accelerator until `apply_update` */
-export interface LinearBackwardWeightRequest extends LayerRef {
-  op: 'linear_backward_weight';
-  rows: number;
-  x: Obfuscated;
-  dy: Obfuscated;
+  input: boolean;
+  weight: boolean;
 }
 
 /** SGD(-momentum) step on every accumulated weight gradient, then zero them. */
@@ -51,22 +49,33 @@ export interface ApplyUpdateRequest {
   op: 'apply_update';
   lr: number;
   momentum: number;
-  /** multiply gradients by this first (global-norm clipping done by the enclave) */
+  /** multiply gradients by this first (global-norm clipping is decided by the enclave) */
   gradScale: number;
-  step: number;
 }
 
-/** Squared Frobenius norms of the accumulated weight gradients (for global clipping). */
+/** Squared Frobenius norm of all accumulated weight gradients (for global clipping). */
 export interface GradNormRequest {
   op: 'grad_sq_norm';
 }
 
+/** Drop saved inputs and accumulated gradients (an aborted step). */
+export interface ResetRequest {
+  op: 'reset';
+}
+
+/** Persist (or restore) the accelerator's weights and optimiser state under a tag. */
+export interface CheckpointRequest {
+  op: 'checkpoint_save' | 'checkpoint_load';
+  tag: string;
+}
+
 export type AcceleratorRequest =
   | LinearForwardRequest
-  | LinearBackwardInputRequest
-  | LinearBackwardWeightRequest
+  | LinearBackwardRequest
   | ApplyUpdateRequest
-  | GradNormRequest;
+  | GradNormRequest
+  | ResetRequest
+  | CheckpointRequest;
 
 export interface TensorReply {
   op: 'tensor';
@@ -79,6 +88,8 @@ export interface AckReply {
   op: 'ack';
   /** e.g. the squared gradient norm */
   value?: number;
+  /** e.g. a checkpoint digest */
+  text?: string;
 }
 
 export interface ErrorReply {
@@ -168,10 +179,13 @@ export function validateMessage(o: Record<string, unknown>): void {
   };
   switch (o.op) {
     case 'linear_forward': assertLayerRef(o); rows(); need('x', 'f32'); break;
-    case 'linear_backward_input': assertLayerRef(o); rows(); need('dy', 'f32'); break;
-    case 'linear_backward_weight': assertLayerRef(o); rows(); need('x', 'f32'); need('dy', 'f32'); break;
-    case 'apply_update': need('lr', 'number'); need('momentum', 'number'); need('gradScale', 'number'); need('step', 'number'); break;
-    case 'grad_sq_norm': break;
+    case 'linear_backward': assertLayerRef(o); rows(); need('dy', 'f32'); need('input', 'boolean'); need('weight', 'boolean'); break;
+    case 'apply_update': need('lr', 'number'); need('momentum', 'number'); need('gradScale', 'number'); break;
+    case 'grad_sq_norm': case 'reset': break;
+    case 'checkpoint_save': case 'checkpoint_load':
+      need('tag', 'string');
+      if (!/^[A-Za-z0-9_.-]{1,64}$/.test(o.tag as string)) throw new Error('message: checkpoint tag must be 1-64 characters of [A-Za-z0-9_.-]');
+      break;
     case 'tensor': need('rows', 'number'); need('cols', 'number'); need('data', 'f32'); break;
     case 'ack': break;
     case 'error': need('message', 'string'); break;

@@ -14,6 +14,7 @@ import { progressBar } from './progress.js';
 import { loadModel, parseIntArg, parseFloatArg } from './model_args.js';
 import { runStart } from './start.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
+import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 
 function readText(file: string): string {
   try {
@@ -110,6 +111,7 @@ export function buildProgram(): Command {
     .description('generate text from a prompt (KV cache; greedy, temperature, top-k), from a plain model or through the split')
     .option('--model <dir|preset>', 'plain checkpoint directory, or a preset with --random-init')
     .option('--random-init', 'use a random initialisation of the preset')
+    .option('--run <dir>', 'a fine-tuning run directory (its merged model)')
     .option('--enclave <dir>', 'enclave bundle (with --accelerator: generate through the split)')
     .option('--accelerator <dir>', 'accelerator bundle')
     .requiredOption('--prompt <text>', 'prompt text')
@@ -129,8 +131,8 @@ export function buildProgram(): Command {
         tok = tokenizerFor(enclave.config.vocab_size);
         ids = await enclave.generate(tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
       } else {
-        if (!o.model) throw new Error('give --model DIR, or --enclave DIR --accelerator DIR');
-        const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
+        if (!o.model && !o.run) throw new Error('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
+        const model = o.run ? new GPT2(loadRunModel(o.run)) : loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
         tok = tokenizerFor(model.config.vocab_size);
         ids = generate(model, tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
       }
@@ -139,23 +141,8 @@ export function buildProgram(): Command {
       else console.log(o.prompt + completion);
     });
 
-  program
-    .command('eval')
-    .description('perplexity of a model on a text file')
-    .requiredOption('--model <dir>', 'checkpoint directory')
-    .requiredOption('--text <file>', 'UTF-8 text')
-    .option('--seq <n>', 'tokens per window', parseIntArg('--seq'), 64)
-    .option('--batch <n>', 'windows per forward pass', parseIntArg('--batch'), 8)
-    .option('--json', 'print JSON')
-    .action((o) => {
-      const model = loadModel(o.model);
-      const tok = tokenizerFor(model.config.vocab_size);
-      const e = evaluateLM(model, Int32Array.from(tok.encode(readText(o.text))), o.seq, o.batch);
-      if (o.json) console.log(JSON.stringify(e));
-      else console.log(`loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
-    });
-
   addSplitCommands(program);
+  addFinetuneCommands(program);
 
   const bench = program.command('bench').description('benchmarks (human-readable by default, --json for tools)');
   bench

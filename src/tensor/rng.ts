@@ -146,9 +146,14 @@ export class Rng extends RandomSource {
     return [this.s0, this.s1, this.s2, this.s3, this.spare ?? NaN];
   }
 
+  setState(s: number[]): void {
+    [this.s0, this.s1, this.s2, this.s3] = [s[0] >>> 0, s[1] >>> 0, s[2] >>> 0, s[3] >>> 0];
+    this.spare = typeof s[4] === 'number' && Number.isFinite(s[4]) ? s[4] : null;
+  }
+
   static fromState(s: number[]): Rng {
     const r = new Rng(new Uint32Array(s.slice(0, 4)));
-    r.spare = Number.isNaN(s[4]) ? null : s[4];
+    r.spare = typeof s[4] === 'number' && Number.isFinite(s[4]) ? s[4] : null;
     return r;
   }
 }

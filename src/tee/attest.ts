@@ -1,0 +1,197 @@
+/**
+ * Attestation handshake between a client (data owner, model provider) and the enclave.
+ *
+ *  1. At start the enclave generates a fresh X25519 HPKE key pair (`EnclaveAttestor.create`).
+ *  2. The client draws a random 32-byte nonce (`newNonce`) and sends it.
+ *  3. The enclave asks its platform for evidence with
+ *     report_data = SHA-512(enclave HPKE public key || nonce) (64 bytes) and returns the
+ *     evidence together with the public key (`EnclaveAttestor.attest`).
+ *  4. The client verifies the evidence (signature, measurement allow-list, report data
+ *     recomputed from the returned key and its own nonce) and obtains the enclave public key
+ *     and the attestation transcript (`verifyAttestation`).
+ *  5. The client encrypts to the enclave with HPKE using the transcript as `info`
+ *     (`sealToEnclave`); the enclave computed the same transcript in step 3 and opens with it.
+ *
+ * A man in the middle cannot substitute its own key (the report data would not match), and
+ * cannot replay old evidence (it was bound to an old nonce).
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import {
+  AttestationError,
+  canonicalJson,
+  fromBase64,
+  lengthPrefixed,
+  toBase64,
+  verifyEvidence,
+  type Evidence,
+  type EvidenceVerifier,
+  type TeePlatform,
+  type VerifiedEvidence,
+} from './platform.js';
+import {
+  generateHpkeKeyPair,
+  openWith,
+  publicKeyFromBase64,
+  publicKeyToBase64,
+  sealTo,
+  X25519_KEY_BYTES,
+  type HpkeKeyPair,
+  type SealedMessage,
+} from './hpke.js';
+
+export const NONCE_BYTES = 32;
+const TRANSCRIPT_CONTEXT = new TextEncoder().encode('obfuscatune/attestation-transcript/v1');
+
+/** What the client sends: a fresh random nonce, base64. */
+export interface AttestationRequest {
+  nonce: string;
+}
+
+/** What the enclave returns. */
+export interface AttestationResponse {
+  evidence: Evidence;
+  /** raw X25519 public key, base64 */
+  enclave_public_key: string;
+}
+
+/** A fresh random nonce for one handshake. */
+export function newNonce(): Uint8Array {
+  return new Uint8Array(randomBytes(NONCE_BYTES));
+}
+
+/** report_data = SHA-512(enclave public key || nonce). */
+export function attestationReportData(enclavePublicKey: Uint8Array, nonce: Uint8Array): Uint8Array {
+  checkLen(enclavePublicKey, X25519_KEY_BYTES, 'enclave public key');
+  checkLen(nonce, NONCE_BYTES, 'nonce');
+  return new Uint8Array(createHash('sha512').update(enclavePublicKey).update(nonce).digest());
+}
+
+/**
+ * The attestation transcript: a canonical, length-framed encoding of the evidence (its wire
+ * fields, canonical JSON), the enclave public key and the nonce. Both sides compute it
+ * independently; it is the HPKE `info` of every message of the session.
+ */
+export function attestationTranscript(evidence: Evidence, enclavePublicKey: Uint8Array, nonce: Uint8Array): Uint8Array {
+  checkLen(enclavePublicKey, X25519_KEY_BYTES, 'enclave public key');
+  checkLen(nonce, NONCE_BYTES, 'nonce');
+  const normalized = {
+    platform: evidence.platform,
+    format_version: evidence.format_version,
+    measurement: evidence.measurement.toLowerCase(),
+    report_data: evidence.report_data.toLowerCase(),
+    body: evidence.body,
+    signature: evidence.signature,
+    cert_chain: evidence.cert_chain ?? [],
+  };
+  return lengthPrefixed(TRANSCRIPT_CONTEXT, new TextEncoder().encode(canonicalJson(normalized)), enclavePublicKey, nonce);
+}
+
+/** SHA-256 of a transcript, hex: a session identifier both sides can name the transcript by. */
+export function transcriptId(transcript: Uint8Array): string {
+  return createHash('sha256').update(transcript).digest('hex');
+}
+
+/** Enclave side of the handshake: owns the HPKE key pair and the platform. */
+export class EnclaveAttestor {
+  readonly publicKey: Uint8Array;
+  readonly #privateKey: Uint8Array;
+
+  private constructor(readonly platform: TeePlatform, keyPair: HpkeKeyPair) {
+    this.publicKey = keyPair.publicKey;
+    this.#privateKey = keyPair.privateKey;
+  }
+
+  /** Generates the enclave's HPKE key pair (or adopts `keyPair`, e.g. for tests). */
+  static async create(platform: TeePlatform, keyPair?: HpkeKeyPair): Promise<EnclaveAttestor> {
+    return new EnclaveAttestor(platform, keyPair ?? (await generateHpkeKeyPair()));
+  }
+
+  /** Answers one client nonce: evidence bound to (public key, nonce), plus the transcript to keep for the session. */
+  async attest(nonce: Uint8Array): Promise<{ response: AttestationResponse; transcript: Uint8Array; transcriptId: string }> {
+    const evidence = await this.platform.attest(attestationReportData(this.publicKey, nonce));
+    const transcript = attestationTranscript(evidence, this.publicKey, nonce);
+    return {
+      response: { evidence, enclave_public_key: publicKeyToBase64(this.publicKey) },
+      transcript,
+      transcriptId: transcriptId(transcript),
+    };
+  }
+
+  /** `attest` for a wire request. */
+  async handle(request: AttestationRequest): Promise<{ response: AttestationResponse; transcript: Uint8Array; transcriptId: string }> {
+    return this.attest(decodeNonce(request.nonce));
+  }
+
+  /** Opens a message a client sealed to this enclave under `transcript`. */
+  async open(sealed: SealedMessage, transcript: Uint8Array, aad?: Uint8Array): Promise<Uint8Array> {
+    return openWith(this.#privateKey, sealed, transcript, aad);
+  }
+}
+
+/** Client side: the result of a successful handshake. */
+export interface AttestedEnclave {
+  /** the enclave's X25519 public key, to encrypt to */
+  publicKey: Uint8Array;
+  /** HPKE `info` for every message of this session */
+  transcript: Uint8Array;
+  transcriptId: string;
+  /** what the verifier vouched for (measurement, simulated flag, platform claims) */
+  evidence: VerifiedEvidence;
+}
+
+export interface VerifyAttestationOptions {
+  /** accepted enclave measurements (see `VerifyEvidenceOptions.allowList`) */
+  allowList: readonly string[];
+  /** verifiers to use; defaults to the registered ones */
+  verifiers?: readonly EvidenceVerifier[];
+}
+
+/** Builds the wire request for a nonce. */
+export function attestationRequest(nonce: Uint8Array): AttestationRequest {
+  checkLen(nonce, NONCE_BYTES, 'nonce');
+  return { nonce: toBase64(nonce) };
+}
+
+/**
+ * Verifies the enclave's answer to `nonce`. Throws `AttestationError` ('unknown_platform',
+ * 'bad_signature', 'measurement_not_allowed', 'report_data_mismatch', 'malformed_evidence').
+ */
+export async function verifyAttestation(
+  response: AttestationResponse,
+  nonce: Uint8Array,
+  opts: VerifyAttestationOptions,
+): Promise<AttestedEnclave> {
+  checkLen(nonce, NONCE_BYTES, 'nonce');
+  if (typeof response !== 'object' || response === null || typeof response.enclave_public_key !== 'string') {
+    throw new AttestationError('malformed_evidence', 'malformed attestation response: enclave_public_key missing');
+  }
+  let publicKey: Uint8Array;
+  try {
+    publicKey = publicKeyFromBase64(response.enclave_public_key);
+  } catch (err) {
+    throw new AttestationError('malformed_evidence', `malformed attestation response: ${(err as Error).message}`, { cause: err });
+  }
+  const evidence = await verifyEvidence(response.evidence, {
+    allowList: opts.allowList,
+    expectedReportData: attestationReportData(publicKey, nonce),
+    verifiers: opts.verifiers,
+  });
+  const transcript = attestationTranscript(response.evidence, publicKey, nonce);
+  return { publicKey, transcript, transcriptId: transcriptId(transcript), evidence };
+}
+
+/** Encrypts a message to an attested enclave, bound to the session transcript and `aad`. */
+export async function sealToEnclave(enclave: AttestedEnclave, plaintext: Uint8Array, aad?: Uint8Array): Promise<SealedMessage> {
+  return sealTo(enclave.publicKey, plaintext, enclave.transcript, aad);
+}
+
+function decodeNonce(s: unknown): Uint8Array {
+  if (typeof s !== 'string') throw new RangeError('attestation request: nonce must be a base64 string');
+  const n = fromBase64(s, 'attestation request nonce');
+  checkLen(n, NONCE_BYTES, 'nonce');
+  return n;
+}
+
+function checkLen(b: Uint8Array, n: number, what: string): void {
+  if (!(b instanceof Uint8Array) || b.length !== n) throw new RangeError(`${what} must be ${n} bytes`);
+}

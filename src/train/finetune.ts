@@ -1,0 +1,279 @@
+/**
+ * The fine-tuning loop shared by every mode: seeded shuffling, padded batches, warmup +
+ * cosine schedule, global-norm clipping across both sides, periodic evaluation, metrics as
+ * JSONL, checkpoints of both sides and exact resume.
+ *
+ * Global norm: the enclave adds the squared norms of its own gradients (adapters, embeddings,
+ * head, norms) and the accelerator's report of its weight gradients (full method). For
+ * orthogonal masks (kappa 1, sealed) the accelerator's norm equals the plain one, so the
+ * clipping decision is exactly that of local training; for kappa > 1 it is not.
+ */
+import { appendFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync, renameSync } from 'node:fs';
+import path from 'node:path';
+import { Rng } from '../tensor/rng.js';
+import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
+import { AdamW, SGD, cosineSchedule, sumSquares, type Optimizer, type OptimizerState } from './optim.js';
+import { makeBatch, Sampler, type EncodedSet, type Task } from '../data/jsonl.js';
+import type { SplitModel, TrainMode, Method } from '../split/train_model.js';
+
+export interface FinetuneConfig {
+  task: Task;
+  method: Method;
+  mode: TrainMode;
+  /** mask spec label ("1", "naive", ...) or null for local */
+  kappa: string | null;
+  steps: number;
+  batch: number;
+  lr: number;
+  warmup: number;
+  minLrFrac: number;
+  clip: number;
+  weightDecay: number;
+  /** optimiser of the enclave-side parameters (adapters, embeddings, head, norms) */
+  enclaveOptimizer: 'adamw' | 'sgd';
+  /** SGD momentum (accelerator linears, and the enclave when enclaveOptimizer = sgd) */
+  momentum: number;
+  seed: number;
+  evalEvery: number;
+  /** cap on evaluation batches (0 = whole set) */
+  evalBatches: number;
+  checkpointEvery: number;
+  /** a fingerprint of the base model, to refuse resuming onto another model */
+  modelId: string;
+}
+
+export interface StepMetrics {
+  step: number;
+  loss: number;
+  lr: number;
+  grad_norm: number;
+  tokens: number;
+  ms: number;
+}
+
+export interface EvalMetrics {
+  loss: number;
+  perplexity?: number;
+  accuracy?: number;
+  examples: number;
+}
+
+export interface FinetuneSummary {
+  task: Task;
+  method: Method;
+  mode: TrainMode;
+  kappa: string | null;
+  steps: number;
+  eval: EvalMetrics | null;
+  eval_before: EvalMetrics | null;
+  train_loss_last: number;
+  losses: number[];
+  truncated: { train: number; eval: number };
+  seconds: number;
+  tokens_per_second: number;
+  resumed_from: number | null;
+}
+
+export interface RunHooks {
+  onStep?: (m: StepMetrics) => void;
+  onEval?: (step: number, m: EvalMetrics) => void;
+}
+
+function makeOpt(kind: 'adamw' | 'sgd', n: number, cfg: FinetuneConfig): Optimizer {
+  return kind === 'adamw' ? new AdamW(n, { weightDecay: cfg.weightDecay }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weightDecay });
+}
+
+export async function evaluate(model: SplitModel, set: EncodedSet, batch: number, padId: number, maxBatches = 0): Promise<EvalMetrics> {
+  let lossSum = 0;
+  let count = 0;
+  let correct = 0;
+  let examples = 0;
+  let batches = 0;
+  for (let i = 0; i < set.items.length; i += batch) {
+    if (maxBatches > 0 && batches >= maxBatches) break;
+    const b = makeBatch(set.items.slice(i, i + batch), model.task, padId);
+    const r = await model.forward(b.tokens, b.B, b.T, b.targets, false);
+    lossSum += r.loss * r.count;
+    count += r.count;
+    correct += r.correct ?? 0;
+    examples += b.B;
+    batches++;
+  }
+  const loss = count > 0 ? lossSum / count : NaN;
+  return model.task === 'lm' ? { loss, perplexity: Math.exp(loss), examples } : { loss, accuracy: correct / Math.max(1, examples), examples };
+}
+
+interface CheckpointState {
+  format: string;
+  step: number;
+  sampler: { epoch: number; pos: number };
+  rng: number[];
+  mode: TrainMode;
+  method: Method;
+  task: Task;
+  kappa: string | null;
+  model_id: string;
+  accelerator_digest: string | null;
+  optimizers: Record<string, { kind: string; step: number }>;
+  losses: number[];
+}
+
+const CKPT_FORMAT = 'obfuscatune-run-checkpoint/1';
+
+function ckptName(step: number): string {
+  return `step-${String(step).padStart(7, '0')}`;
+}
+
+/** Latest complete checkpoint of a run directory, or null. */
+export function latestCheckpoint(runDir: string): string | null {
+  const dir = path.join(runDir, 'checkpoints');
+  if (!existsSync(dir)) return null;
+  const names = readdirSync(dir).filter((n) => /^step-\d{7}$/.test(n) && existsSync(path.join(dir, n, 'state.json'))).sort();
+  return names.length ? path.join(dir, names[names.length - 1]) : null;
+}
+
+export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet: EncodedSet | null, cfg: FinetuneConfig, runDir: string, padId: number, opts: RunHooks & { resume?: boolean; rng: Rng }): Promise<FinetuneSummary> {
+  mkdirSync(path.join(runDir, 'checkpoints'), { recursive: true });
+  const metricsFile = path.join(runDir, 'metrics.jsonl');
+  const adapters = model.adapters;
+  const encOpt = makeOpt(cfg.enclaveOptimizer, model.params.length, cfg);
+  const adOpt = adapters ? makeOpt(cfg.enclaveOptimizer, adapters.params.length, cfg) : null;
+  const sampler = new Sampler(train.items.length, cfg.seed);
+  let startStep = 0;
+  let losses: number[] = [];
+  let resumedFrom: number | null = null;
+
+  if (opts.resume) {
+    const ck = latestCheckpoint(runDir);
+    if (!ck) throw new Error(`--resume: no checkpoint in ${path.join(runDir, 'checkpoints')}`);
+    const st = JSON.parse(readFileSync(path.join(ck, 'state.json'), 'utf8')) as CheckpointState;
+    if (st.format !== CKPT_FORMAT) throw new Error(`${ck}: not a run checkpoint`);
+    for (const [k, want] of [['mode', cfg.mode], ['method', cfg.method], ['task', cfg.task], ['kappa', cfg.kappa], ['model_id', cfg.modelId]] as const) {
+      if ((st as unknown as Record<string, unknown>)[k] !== want) throw new Error(`cannot resume: the checkpoint in ${ck} was made with ${k} ${JSON.stringify((st as unknown as Record<string, unknown>)[k])}, this run has ${JSON.stringify(want)}`);
+    }
+    const t = openSafetensors(path.join(ck, 'enclave.safetensors'));
+    t.getInto('enclave.params', model.params);
+    if (adapters) t.getInto('adapters.params', adapters.params);
+    const loadOpt = (o: Optimizer | null, key: string) => {
+      if (!o) return;
+      const meta = st.optimizers[key];
+      const bufs: Record<string, Float32Array> = {};
+      for (const b of o.kind === 'adamw' ? ['m', 'v'] : ['momentum']) if (t.has(`opt.${key}.${b}`)) bufs[b] = t.get(`opt.${key}.${b}`);
+      o.load({ kind: o.kind, step: meta.step, buffers: bufs } as OptimizerState);
+    };
+    loadOpt(encOpt, 'enclave');
+    loadOpt(adOpt, 'adapters');
+    if (cfg.method === 'full') {
+      const rep = await model.link.call({ op: 'checkpoint_load', tag: path.basename(ck) });
+      if (rep.op === 'error') throw new Error(`cannot resume: the accelerator could not restore ${path.basename(ck)}: ${rep.message}`);
+    }
+    const r = Rng.fromState(st.rng);
+    opts.rng.setState(r.state());
+    sampler.epoch = st.sampler.epoch;
+    sampler.pos = st.sampler.pos;
+    sampler.reorder();
+    startStep = st.step;
+    losses = st.losses.slice();
+    resumedFrom = st.step;
+    // drop metrics written after the checkpoint, so the file matches an uninterrupted run
+    if (existsSync(metricsFile)) {
+      const keep = readFileSync(metricsFile, 'utf8').split('\n').filter((line) => {
+        if (!line) return false;
+        const o = JSON.parse(line) as { step: number };
+        return o.step <= startStep;
+      });
+      writeFileSync(metricsFile, keep.map((l) => l + '\n').join(''));
+    }
+  } else if (existsSync(metricsFile)) {
+    rmSync(metricsFile);
+  }
+
+  const saveCheckpoint = async (step: number) => {
+    const name = ckptName(step);
+    const dir = path.join(runDir, 'checkpoints', name);
+    const tmp = `${dir}.tmp`;
+    rmSync(tmp, { recursive: true, force: true });
+    mkdirSync(tmp, { recursive: true });
+    const tensors: TensorToWrite[] = [{ name: 'enclave.params', dtype: 'F32', shape: [model.params.length], data: model.params }];
+    if (adapters) tensors.push({ name: 'adapters.params', dtype: 'F32', shape: [adapters.params.length], data: adapters.params });
+    const optimizers: CheckpointState['optimizers'] = {};
+    for (const [key, o] of [['enclave', encOpt], ['adapters', adOpt]] as const) {
+      if (!o) continue;
+      const s = o.state();
+      optimizers[key] = { kind: s.kind, step: s.step };
+      for (const [b, buf] of Object.entries(s.buffers)) tensors.push({ name: `opt.${key}.${b}`, dtype: 'F32', shape: [buf.length], data: buf });
+    }
+    writeSafetensors(path.join(tmp, 'enclave.safetensors'), tensors, { format: CKPT_FORMAT });
+    let digest: string | null = null;
+    if (cfg.method === 'full') {
+      const rep = await model.link.call({ op: 'checkpoint_save', tag: name });
+      if (rep.op !== 'ack') throw new Error(`the accelerator could not checkpoint: ${rep.op === 'error' ? rep.message : rep.op}`);
+      digest = rep.text ?? null;
+    }
+    const st: CheckpointState = {
+      format: CKPT_FORMAT, step, sampler: sampler.state(), rng: opts.rng.state(), mode: cfg.mode, method: cfg.method, task: cfg.task,
+      kappa: cfg.kappa, model_id: cfg.modelId, accelerator_digest: digest, optimizers, losses,
+    };
+    writeFileSync(path.join(tmp, 'state.json'), JSON.stringify(st, null, 2) + '\n');
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(tmp, dir);
+    // keep the two most recent checkpoints
+    const all = readdirSync(path.join(runDir, 'checkpoints')).filter((n) => /^step-\d{7}$/.test(n)).sort();
+    for (const old of all.slice(0, -2)) rmSync(path.join(runDir, 'checkpoints', old), { recursive: true, force: true });
+    return name;
+  };
+
+  const evalBefore = startStep === 0 && evalSet ? await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches) : null;
+  let lastGood: string | null = latestCheckpoint(runDir) ? path.basename(latestCheckpoint(runDir)!) : null;
+  let lastEval: EvalMetrics | null = null;
+  const t0 = performance.now();
+  let tokens = 0;
+  for (let step = startStep; step < cfg.steps; step++) {
+    const ts = performance.now();
+    const b = makeBatch(sampler.next(cfg.batch).map((i) => train.items[i]), cfg.task, padId);
+    model.grads.fill(0);
+    adapters?.grads.fill(0);
+    const r = await model.forward(b.tokens, b.B, b.T, b.targets, true);
+    if (!Number.isFinite(r.loss)) {
+      await model.reset();
+      throw new Error(`training stopped: the loss became ${r.loss} at step ${step + 1}; the last good checkpoint is ${lastGood ?? 'none (no checkpoint written yet)'}`);
+    }
+    await model.backward();
+    const sq = sumSquares(model.grads, ...(adapters ? [adapters.grads] : [])) + (await model.acceleratorGradSq());
+    const norm = Math.sqrt(sq);
+    if (!Number.isFinite(norm)) {
+      await model.reset();
+      throw new Error(`training stopped: the gradient norm became ${norm} at step ${step + 1}; the last good checkpoint is ${lastGood ?? 'none (no checkpoint written yet)'}`);
+    }
+    const scale = cfg.clip > 0 && norm > cfg.clip ? cfg.clip / (norm + 1e-6) : 1;
+    if (scale !== 1) {
+      for (let i = 0; i < model.grads.length; i++) model.grads[i] *= scale;
+      if (adapters) for (let i = 0; i < adapters.grads.length; i++) adapters.grads[i] *= scale;
+    }
+    const lr = cosineSchedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.minLrFrac);
+    if (model.params.length) encOpt.step(model.params, model.grads, lr);
+    if (adapters && adOpt) adOpt.step(adapters.params, adapters.grads, lr);
+    await model.acceleratorUpdate(lr, cfg.momentum, scale);
+    losses.push(r.loss);
+    const stepTokens = cfg.task === 'lm' ? r.count : b.B * b.T;
+    tokens += stepTokens;
+    const m: StepMetrics = { step: step + 1, loss: r.loss, lr, grad_norm: norm, tokens: stepTokens, ms: performance.now() - ts };
+    appendFileSync(metricsFile, JSON.stringify({ ...m, ms: undefined }) + '\n');
+    opts.onStep?.(m);
+    const last = step + 1 === cfg.steps;
+    if (evalSet && cfg.evalEvery > 0 && ((step + 1) % cfg.evalEvery === 0 || last)) {
+      lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
+      appendFileSync(metricsFile, JSON.stringify({ step: step + 1, eval: lastEval }) + '\n');
+      opts.onEval?.(step + 1, lastEval);
+    }
+    if ((cfg.checkpointEvery > 0 && (step + 1) % cfg.checkpointEvery === 0) || last) lastGood = await saveCheckpoint(step + 1);
+  }
+  if (evalSet && !lastEval) lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
+  const seconds = (performance.now() - t0) / 1000;
+  return {
+    task: cfg.task, method: cfg.method, mode: cfg.mode, kappa: cfg.kappa, steps: cfg.steps,
+    eval: lastEval, eval_before: evalBefore, train_loss_last: losses[losses.length - 1] ?? NaN, losses,
+    truncated: { train: train.truncated, eval: evalSet?.truncated ?? 0 }, seconds, tokens_per_second: tokens / Math.max(seconds, 1e-9),
+    resumed_from: resumedFrom,
+  };
+}

@@ -1,0 +1,213 @@
+/**
+ * Assembles a fine-tuning session: the provider transform (or bundles), the accelerator
+ * behind a link, the enclave's SplitModel, and the datasets tokenised in the enclave.
+ * Also exports what a run produces and merges it back into a plain checkpoint.
+ */
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import type { GPT2Weights } from '../model/weights.js';
+import { ParamLayout } from '../model/params.js';
+import { Rng } from '../tensor/rng.js';
+import { parseMaskSpec, maskSpecLabel } from '../linalg/masks.js';
+import { obfuscateWeights, type ObfuscationResult } from '../obfuscate/provider.js';
+import { deriveMasks } from '../obfuscate/masks.js';
+import { deobfuscate, type AcceleratorWeights, type EnclaveTensors } from '../obfuscate/transform.js';
+import { Accelerator } from '../split/accelerator.js';
+import { InProcessLink, type AcceleratorLink } from '../split/link.js';
+import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type TrainMode } from '../split/train_model.js';
+import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
+import { LoraAdapters, type LoraConfig, type LoraTarget } from './lora.js';
+import type { Task } from '../data/jsonl.js';
+import { sgemm } from '../tensor/gemm.js';
+
+export interface SessionOptions {
+  mode: TrainMode;
+  method: Method;
+  task: Task;
+  /** mask condition number ("1", "10", "naive"); ignored for local */
+  kappa?: string;
+  twoSided?: boolean;
+  lora?: LoraConfig;
+  numLabels?: number;
+  labels?: string[];
+  padTokenId: number;
+  seed: number;
+  /** mask key seed (reproducible masks); default: a fresh secret key */
+  maskSeed?: number;
+  /** local full fine-tuning of the layer-norm-folded model with frozen norms (sealed's plain twin) */
+  foldedBaseline?: boolean;
+  /** where the in-process accelerator keeps its checkpoints */
+  acceleratorStateDir?: string;
+  /** serialise every boundary message (proves the wire format; slower) */
+  serialize?: boolean;
+  /** custom link factory (a network transport); default: in-process */
+  link?: (acc: AcceleratorWeights) => AcceleratorLink;
+}
+
+export interface Session {
+  model: SplitModel;
+  rng: Rng;
+  link: AcceleratorLink;
+  accelerator: Accelerator | null;
+  obfuscation: ObfuscationResult | null;
+  /** the plain model the session started from (after folding for the folded baseline) */
+  base: GPT2Weights;
+  modelId: string;
+}
+
+export function modelFingerprint(w: GPT2Weights): string {
+  const h = createHash('sha256');
+  h.update(JSON.stringify(w.config));
+  const p = w.params;
+  // hash a strided sample: fast and still specific to the weights
+  const step = Math.max(1, Math.floor(p.length / 65536));
+  const sample = new Float32Array(Math.ceil(p.length / step));
+  for (let i = 0, j = 0; i < p.length; i += step, j++) sample[j] = p[i];
+  h.update(Buffer.from(sample.buffer));
+  return h.digest('hex').slice(0, 16);
+}
+
+export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
+  const rng = new Rng(o.seed);
+  let w = w0;
+  if (o.task === 'cls' && o.numLabels && (!w.cls || w.cls.numLabels !== o.numLabels)) {
+    // a fresh classification head, created before obfuscation so every mode starts from the same one
+    const weight = new Float32Array(o.numLabels * w.config.n_embd);
+    new Rng(o.seed + 7).fillNormal(weight, 0.02);
+    w = { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels } };
+  }
+  if (o.foldedBaseline) w = foldLayerNorms(w);
+  let acc: AcceleratorWeights;
+  let tensors: EnclaveTensors;
+  let obf: ObfuscationResult | null = null;
+  if (o.mode === 'local') {
+    ({ accelerator: acc, tensors } = plainSplitParts(w));
+  } else {
+    obf = obfuscateWeights(w, { mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided, seed: o.maskSeed });
+    acc = obf.accelerator;
+    tensors = obf.enclave.tensors;
+  }
+  let accelerator: Accelerator | null = null;
+  let link: AcceleratorLink;
+  if (o.link) link = o.link(acc);
+  else {
+    accelerator = new Accelerator(acc, { stateDir: o.acceleratorStateDir });
+    link = new InProcessLink(accelerator, { serialize: o.serialize });
+  }
+  const model = new SplitModel({
+    mode: o.mode, method: o.method, task: o.task, config: w.config, tensors, link, twoSided: o.twoSided,
+    lora: o.lora, numLabels: o.numLabels, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
+  });
+  return { model, rng, link, accelerator, obfuscation: obf, base: w, modelId: modelFingerprint(w0) };
+}
+
+/** Writes the run's trained parts: adapters (HF-PEFT-like names) and the enclave's trained tensors. */
+export function exportRun(dir: string, s: Session, extra: Record<string, unknown>): void {
+  mkdirSync(dir, { recursive: true });
+  const ad = s.model.adapters;
+  if (ad) {
+    const t: TensorToWrite[] = [];
+    for (const v of ad.views) {
+      t.push({ name: `h.${v.layer}.${v.target}.lora_A`, dtype: 'F32', shape: [v.din, ad.config.rank], data: v.A });
+      t.push({ name: `h.${v.layer}.${v.target}.lora_B`, dtype: 'F32', shape: [ad.config.rank, v.dout], data: v.B });
+    }
+    writeSafetensors(path.join(dir, 'adapters.safetensors'), t, {
+      format: 'obfuscatune-lora/1', mode: s.model.mode, rank: String(ad.config.rank), alpha: String(ad.config.alpha), targets: ad.config.targets.join(','),
+    });
+  }
+  const trained = s.model.trainedTensors();
+  if (trained.size) {
+    writeSafetensors(path.join(dir, 'enclave-trained.safetensors'), [...trained].map(([name, data]) => ({ name, dtype: 'F32' as const, shape: [data.length], data })), { format: 'obfuscatune-enclave-trained/1' });
+  }
+  writeFileSync(path.join(dir, 'export.json'), JSON.stringify({ mode: s.model.mode, method: s.model.method, task: s.model.task, ...extra }, null, 2) + '\n');
+}
+
+const SECTION: Partial<Record<LoraTarget, number>> = { q: 0, k: 1, v: 2 };
+
+/** W[din, dout] (+ column offset within a wider matrix) += scale * A B */
+function addLowRank(W: Float32Array, ldw: number, colOff: number, A: Float32Array, B: Float32Array, din: number, r: number, dout: number, scale: number): void {
+  sgemm(false, false, din, dout, r, scale, A, r, B, dout, 1, W.subarray(colOff), ldw);
+}
+
+/** Folds LoRA adapters into plain weights (local and paper modes: the adapters act on plain tensors). */
+export function mergeAdaptersPlain(w: GPT2Weights, ad: LoraAdapters): GPT2Weights {
+  const p = Float32Array.from(w.params);
+  const lay = new ParamLayout(w.config);
+  const d = w.config.n_embd;
+  for (const v of ad.views) {
+    const r = ad.config.rank;
+    const l = v.layer;
+    if (v.target in SECTION) addLowRank(lay.layer(p, 'qkvw', l), 3 * d, SECTION[v.target]! * d, v.A, v.B, v.din, r, v.dout, ad.scale);
+    else if (v.target === 'proj') addLowRank(lay.layer(p, 'attprojw', l), d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
+    else if (v.target === 'fc') addLowRank(lay.layer(p, 'fcw', l), 4 * d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
+    else addLowRank(lay.layer(p, 'fcprojw', l), d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
+  }
+  return { ...w, params: p };
+}
+
+/** Folds sealed-mode adapters (which act in the masked bases) into the obfuscated weights. */
+export function mergeAdaptersObfuscated(acc: AcceleratorWeights, ad: LoraAdapters): AcceleratorWeights {
+  const d = ad.d;
+  const layers = acc.layers.map((L) => Object.fromEntries(Object.entries(L).map(([k, x]) => [k, { ...x, w: Float32Array.from(x.w) }]))) as AcceleratorWeights['layers'];
+  for (const v of ad.views) {
+    const r = ad.config.rank;
+    const L = layers[v.layer];
+    if (v.target in SECTION) addLowRank(L.qkv.w, 3 * d, SECTION[v.target]! * d, v.A, v.B, v.din, r, v.dout, ad.scale);
+    else if (v.target === 'proj') addLowRank(L.attproj.w, d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
+    else if (v.target === 'fc') addLowRank(L.fc.w, 4 * d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
+    else addLowRank(L.fcproj.w, d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
+  }
+  return { n_layer: acc.n_layer, layers };
+}
+
+/**
+ * The plain model a session has trained so far (provider side: uses the masks). Adapters and
+ * full fine-tuning updates are merged; sealed mode's folded layer norms are unfolded.
+ */
+export function mergedPlainModel(s: Session): GPT2Weights {
+  const m = s.model;
+  if (!s.accelerator) throw new Error('merging needs the in-process accelerator (or its exported state)');
+  const enc: EnclaveTensors = new Map(m.allTensors());
+  let acc = s.accelerator.weights;
+  if (m.mode === 'local') {
+    const w = fromPlainParts(s.base, acc, enc);
+    return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w;
+  }
+  const obf = s.obfuscation!;
+  const masks = deriveMasks(s.base.config, obf.key, obf.params);
+  if (m.mode === 'sealed' && m.adapters) acc = mergeAdaptersObfuscated(acc, m.adapters);
+  const w = deobfuscate(s.base, acc, enc, masks);
+  return m.mode === 'paper' && m.adapters ? mergeAdaptersPlain(w, m.adapters) : w;
+}
+
+function fromPlainParts(base: GPT2Weights, acc: AcceleratorWeights, enc: EnclaveTensors): GPT2Weights {
+  const lay = new ParamLayout(base.config);
+  const p = new Float32Array(lay.total);
+  const names = { qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'] } as const;
+  acc.layers.forEach((L, l) => {
+    for (const [k, [wn, bn]] of Object.entries(names)) {
+      lay.layer(p, wn, l).set(L[k as keyof typeof names].w);
+      lay.layer(p, bn, l).set(L[k as keyof typeof names].b);
+    }
+  });
+  for (const k of ['wte', 'wpe', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const) lay.view(p, k).set(enc.get(k)!);
+  const score = enc.get('score');
+  return { config: base.config, layout: lay, params: p, cls: base.cls && score ? { ...base.cls, weight: Float32Array.from(score) } : base.cls, padTokenId: base.padTokenId };
+}
+
+/** Loads an adapters file written by exportRun. */
+export function loadAdapters(file: string, nLayer: number, d: number): LoraAdapters {
+  if (!existsSync(file)) throw new Error(`adapter file ${file} not found`);
+  const st = openSafetensors(file);
+  const meta = st.metadata;
+  const cfg: LoraConfig = { rank: Number(meta.rank), alpha: Number(meta.alpha), dropout: 0, targets: (meta.targets ?? '').split(',') as LoraTarget[] };
+  const ad = new LoraAdapters(cfg, nLayer, d);
+  for (const v of ad.views) {
+    st.getInto(`h.${v.layer}.${v.target}.lora_A`, v.A);
+    st.getInto(`h.${v.layer}.${v.target}.lora_B`, v.B);
+  }
+  return ad;
+}
+
+export { maskSpecLabel };

@@ -116,6 +116,11 @@ export interface ForwardResult {
 
 const SECTION: Record<'q' | 'k' | 'v', number> = { q: 0, k: 1, v: 2 };
 
+/** Refuses to send a diverged (NaN/Inf) tensor across the boundary. */
+function assertFinite(x: Float32Array, what: string): void {
+  for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) throw new Error(`${what} contains a non-finite value at index ${i}`);
+}
+
 export class SplitModel {
   readonly mode: TrainMode;
   readonly method: Method;
@@ -206,6 +211,7 @@ export class SplitModel {
   // ---------------------------------------------------------------- boundary
   private async fwd(l: number, name: LinearName, x: Float32Array, n: number, save: boolean): Promise<Float32Array> {
     const [, dout] = linearDims(name, this.config.n_embd);
+    assertFinite(x, `the enclave's input to h.${l}.${name}`);
     const rep = await this.link.call({ op: 'linear_forward', layer: l, name, rows: n, x: x as Obfuscated, save });
     return this.checkTensor(rep, l, name, n, dout);
   }
@@ -214,6 +220,7 @@ export class SplitModel {
     const weight = this.method === 'full';
     if (!input && !weight) return null;
     const [din] = linearDims(name, this.config.n_embd);
+    assertFinite(dy, `the enclave's output gradient for h.${l}.${name}`);
     const rep = await this.link.call({ op: 'linear_backward', layer: l, name, rows: n, dy: asObfuscated(dy), input, weight });
     if (!input) {
       if (rep.op === 'error') throw new Error(`accelerator refused backward of h.${l}.${name}: ${rep.message}`);

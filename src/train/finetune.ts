@@ -233,17 +233,25 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     const b = makeBatch(sampler.next(cfg.batch).map((i) => train.items[i]), cfg.task, padId);
     model.grads.fill(0);
     adapters?.grads.fill(0);
-    const r = await model.forward(b.tokens, b.B, b.T, b.targets, true);
-    if (!Number.isFinite(r.loss)) {
-      await model.reset();
-      throw new Error(`training stopped: the loss became ${r.loss} at step ${step + 1}; the last good checkpoint is ${lastGood ?? 'none (no checkpoint written yet)'}`);
-    }
-    await model.backward();
-    const sq = sumSquares(model.grads, ...(adapters ? [adapters.grads] : [])) + (await model.acceleratorGradSq());
-    const norm = Math.sqrt(sq);
-    if (!Number.isFinite(norm)) {
-      await model.reset();
-      throw new Error(`training stopped: the gradient norm became ${norm} at step ${step + 1}; the last good checkpoint is ${lastGood ?? 'none (no checkpoint written yet)'}`);
+    // a failed step is aborted on both sides; nothing of it is saved
+    const abort = async (why: string): Promise<never> => {
+      try {
+        await model.reset();
+      } catch {
+        // the accelerator may be the reason; the error below names the step either way
+      }
+      throw new Error(`training stopped at step ${step + 1}: ${why}; the last good checkpoint is ${lastGood ?? 'none (no checkpoint written yet)'}`);
+    };
+    let r: Awaited<ReturnType<SplitModel['forward']>>;
+    let norm: number;
+    try {
+      r = await model.forward(b.tokens, b.B, b.T, b.targets, true);
+      if (!Number.isFinite(r.loss)) throw new Error(`the loss became ${r.loss} (non-finite)`);
+      await model.backward();
+      norm = Math.sqrt(sumSquares(model.grads, ...(adapters ? [adapters.grads] : [])) + (await model.acceleratorGradSq()));
+      if (!Number.isFinite(norm)) throw new Error(`the gradient norm became ${norm} (non-finite)`);
+    } catch (e) {
+      return abort((e as Error).message);
     }
     const scale = cfg.clip > 0 && norm > cfg.clip ? cfg.clip / (norm + 1e-6) : 1;
     if (scale !== 1) {

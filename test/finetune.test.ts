@@ -1,0 +1,225 @@
+// Fine-tuning through the split: parity with local training, exact resume, failure handling,
+// the adversary's view during backward, merging the result into a plain model.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import os from 'node:os';
+import { mkdtempSync, rmSync, readFileSync, existsSync } from 'node:fs';
+import { GPT2 } from '../src/model/gpt2.js';
+import { getPreset } from '../src/model/config.js';
+import type { GPT2Weights } from '../src/model/weights.js';
+import { Rng } from '../src/tensor/rng.js';
+import { buildSession, mergedPlainModel, type SessionOptions } from '../src/train/session.js';
+import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
+import { makeBatch, type EncodedSet, type Encoded } from '../src/data/jsonl.js';
+import { Enclave } from '../src/split/enclave.js';
+import { InProcessLink, type CrossingEvent } from '../src/split/link.js';
+import { relErr } from './helpers.js';
+
+function perturbed(preset: string, seed: number): GPT2Weights {
+  const m = GPT2.random(getPreset(preset), seed);
+  const rng = new Rng(seed + 1);
+  for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb', 'qkvb', 'fcb'] as const) {
+    const v = m.layout.view(m.params, k);
+    for (let i = 0; i < v.length; i++) v[i] += 0.1 * rng.normal();
+  }
+  return m.weights();
+}
+
+/** Synthetic data with structure: repeated patterns (LM) or a token-determined label (cls). */
+function dataset(task: 'lm' | 'cls', n: number, V: number, T: number, seed: number): EncodedSet {
+  const rng = new Rng(seed);
+  const patterns = Array.from({ length: 4 }, () => Array.from({ length: 16 }, () => 1 + rng.int(Math.min(V, 64) - 1)));
+  const items: Encoded[] = [];
+  for (let i = 0; i < n; i++) {
+    const len = 4 + rng.int(T - 3);
+    if (task === 'lm') {
+      // four fixed sequences, read from a random offset: learnable in a few steps
+      const p = rng.int(4), off = rng.int(8);
+      items.push({ tokens: Int32Array.from({ length: len + 1 }, (_, t) => patterns[p][(off + t) % patterns[p].length]), lossFrom: 0, label: -1 });
+    } else {
+      const label = rng.int(3);
+      items.push({ tokens: Int32Array.from({ length: len }, (_, t) => (t === 0 ? 1 + label : 4 + rng.int(V - 4))), lossFrom: 0, label });
+    }
+  }
+  return { items, truncated: 0, dropped: 0, labels: task === 'cls' ? ['a', 'b', 'c'] : [] };
+}
+
+function cfgFor(o: Partial<FinetuneConfig> & Pick<FinetuneConfig, 'mode' | 'method' | 'task'>): FinetuneConfig {
+  return {
+    kappa: o.mode === 'local' ? null : '1', steps: 50, batch: 4, lr: 3e-3, warmup: 5, minLrFrac: 0.1, clip: 1.0, weightDecay: 0,
+    enclaveOptimizer: 'adamw', momentum: 0.9, seed: 3, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: 'test', ...o,
+  };
+}
+
+async function train(base: GPT2Weights, s: Partial<SessionOptions> & Pick<SessionOptions, 'mode' | 'method' | 'task'>, cfg: FinetuneConfig, data: EncodedSet, dir: string, extra: { resume?: boolean; stopAt?: number } = {}) {
+  const sess = buildSession(base, {
+    padTokenId: 0, seed: 11, maskSeed: 12, numLabels: s.task === 'cls' ? 3 : undefined,
+    lora: { rank: 4, alpha: 8, dropout: 0, targets: ['q', 'v', 'fc'] }, acceleratorStateDir: path.join(dir, 'acc'), ...s,
+  });
+  const summary = await runFinetune(sess.model, data, null, cfg, dir, 0, {
+    rng: sess.rng, resume: extra.resume,
+    onStep: (m) => { if (extra.stopAt && m.step === extra.stopAt) throw new Error('simulated crash'); },
+  });
+  return { sess, summary };
+}
+
+function assertLossesClose(a: number[], b: number[], tol: number, what: string) {
+  assert.equal(a.length, b.length);
+  for (let i = 0; i < a.length; i++) {
+    const e = Math.abs(a[i] - b[i]) / Math.abs(b[i]);
+    assert.ok(e <= tol, `${what}: step ${i + 1} loss ${a[i]} vs ${b[i]} (relative ${e.toExponential(2)})`);
+  }
+}
+
+const tmp = () => mkdtempSync(path.join(os.tmpdir(), 'obf-ft-'));
+
+test('parity: paper kappa-1 LoRA+AdamW equals local LoRA+AdamW for 50 steps (LM and classification)', async () => {
+  const dir = tmp();
+  try {
+    for (const task of ['lm', 'cls'] as const) {
+      const base = perturbed('gpt2-micro', 1);
+      const data = dataset(task, 64, 64, 12, 2);
+      const local = await train(base, { mode: 'local', method: 'lora', task }, cfgFor({ mode: 'local', method: 'lora', task, lr: 2e-2 }), data, path.join(dir, `l-${task}`));
+      const paper = await train(base, { mode: 'paper', method: 'lora', task, kappa: '1' }, cfgFor({ mode: 'paper', method: 'lora', task, lr: 2e-2 }), data, path.join(dir, `p-${task}`));
+      assertLossesClose(paper.summary.losses, local.summary.losses, 1e-4, `paper LoRA (${task})`);
+      assert.ok(local.summary.losses[49] < local.summary.losses[0] * 0.97, `${task}: training makes progress (${local.summary.losses[0]} -> ${local.summary.losses[49]})`);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('parity: full fine-tuning with SGD - paper kappa 1 equals local, sealed equals the local layer-norm-folded model', async () => {
+  const dir = tmp();
+  try {
+    const base = perturbed('gpt2-micro', 4);
+    const data = dataset('lm', 64, 64, 12, 5);
+    const sgd = { enclaveOptimizer: 'sgd' as const, lr: 0.05 };
+    const local = await train(base, { mode: 'local', method: 'full', task: 'lm' }, cfgFor({ mode: 'local', method: 'full', task: 'lm', ...sgd }), data, path.join(dir, 'l'));
+    const paper = await train(base, { mode: 'paper', method: 'full', task: 'lm', kappa: '1' }, cfgFor({ mode: 'paper', method: 'full', task: 'lm', ...sgd }), data, path.join(dir, 'p'));
+    assertLossesClose(paper.summary.losses, local.summary.losses, 1e-4, 'paper full SGD');
+    const folded = await train(base, { mode: 'local', method: 'full', task: 'lm', foldedBaseline: true }, cfgFor({ mode: 'local', method: 'full', task: 'lm', ...sgd }), data, path.join(dir, 'f'));
+    const sealed = await train(base, { mode: 'sealed', method: 'full', task: 'lm' }, cfgFor({ mode: 'sealed', method: 'full', task: 'lm', ...sgd }), data, path.join(dir, 's'));
+    assertLossesClose(sealed.summary.losses, folded.summary.losses, 1e-4, 'sealed full SGD');
+    assert.ok(local.summary.losses[49] < local.summary.losses[0] * 0.8);
+    // the provider's merge of the fine-tuned split equals the plainly trained model's function
+    const mergedSealed = new GPT2(mergedPlainModel(sealed.sess));
+    const mergedLocal = new GPT2(mergedPlainModel(folded.sess));
+    const toks = Int32Array.from({ length: 10 }, (_, i) => (i * 7) % 64);
+    assert.ok(relErr(mergedSealed.forward(toks, 1, 10).logits, Float32Array.from(mergedLocal.forward(toks, 1, 10).logits)) < 1e-3);
+    // naive masks: the divergence is measured (reported by the experiments), and it is larger
+    const naive = await train(base, { mode: 'paper', method: 'full', task: 'lm', kappa: 'naive' }, cfgFor({ mode: 'paper', method: 'full', task: 'lm', kappa: 'naive', ...sgd }), data, path.join(dir, 'n'));
+    const dev = (x: number[]) => Math.max(...x.map((v, i) => Math.abs(v - local.summary.losses[i]) / local.summary.losses[i]));
+    assert.ok(dev(naive.summary.losses) > dev(paper.summary.losses), `naive deviation ${dev(naive.summary.losses)} vs kappa-1 ${dev(paper.summary.losses)}`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+for (const method of ['lora', 'full'] as const) {
+  test(`exact resume (${method}, sealed): an interrupted run continues bit-identically`, async () => {
+    const dir = tmp();
+    try {
+      const base = perturbed('gpt2-micro', 6);
+      const data = dataset('cls', 40, 64, 10, 7);
+      const cfg = cfgFor({ mode: 'sealed', method, task: 'cls', steps: 12, checkpointEvery: 5, enclaveOptimizer: 'adamw' });
+      const s = { mode: 'sealed' as const, method, task: 'cls' as const, kappa: '1', lora: { rank: 4, alpha: 8, dropout: 0.1, targets: ['q', 'v'] as ('q' | 'v')[] } };
+      const whole = await train(base, s, cfg, data, path.join(dir, 'whole'));
+      await assert.rejects(train(base, s, cfg, data, path.join(dir, 'cut'), { stopAt: 8 }), /simulated crash/);
+      const resumed = await train(base, s, cfg, data, path.join(dir, 'cut'), { resume: true });
+      assert.equal(resumed.summary.resumed_from, 5);
+      assert.deepEqual(resumed.summary.losses, whole.summary.losses, 'identical losses');
+      assert.deepEqual(Array.from(resumed.sess.model.params), Array.from(whole.sess.model.params), 'identical enclave parameters');
+      if (method === 'lora') assert.deepEqual(Array.from(resumed.sess.model.adapters!.params), Array.from(whole.sess.model.adapters!.params));
+      else assert.deepEqual(Array.from(resumed.sess.accelerator!.weights.layers[1].fc.w), Array.from(whole.sess.accelerator!.weights.layers[1].fc.w), 'identical accelerator weights');
+      const m1 = readFileSync(path.join(dir, 'whole', 'metrics.jsonl'), 'utf8');
+      const m2 = readFileSync(path.join(dir, 'cut', 'metrics.jsonl'), 'utf8');
+      assert.equal(m2, m1, 'metrics.jsonl of the resumed run equals the uninterrupted one');
+      // resuming onto another mode is refused
+      await assert.rejects(train(base, { ...s, mode: 'paper' }, { ...cfg, mode: 'paper' }, data, path.join(dir, 'cut'), { resume: true }), /cannot resume: the checkpoint .* mode "sealed"/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
+
+test('a non-finite loss stops training with the step number and keeps the last good checkpoint', async () => {
+  const dir = tmp();
+  try {
+    const base = perturbed('gpt2-micro', 8);
+    const data = dataset('lm', 32, 64, 10, 9);
+    const sess = buildSession(base, { mode: 'sealed', method: 'lora', task: 'lm', padTokenId: 0, seed: 1, maskSeed: 1, lora: { rank: 2, alpha: 4, dropout: 0, targets: ['q', 'v'] } });
+    const cfg = cfgFor({ mode: 'sealed', method: 'lora', task: 'lm', steps: 10, checkpointEvery: 2 });
+    await assert.rejects(runFinetune(sess.model, data, null, cfg, dir, 0, {
+      rng: sess.rng,
+      onStep: (m) => { if (m.step === 3) sess.model.adapters!.params[0] = NaN; },
+    }), /training stopped at step 4: .*non-finite.*; the last good checkpoint is step-0000002/);
+    assert.ok(existsSync(path.join(dir, 'checkpoints', 'step-0000002', 'state.json')));
+    assert.ok(!existsSync(path.join(dir, 'checkpoints', 'step-0000004')));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('backward pass: every tensor the accelerator sees in sealed mode is far from its plaintext (vs the folded local run)', async () => {
+  const base = perturbed('gpt2-mini', 10);
+  const data = dataset('lm', 4, 50257, 24, 11);
+  const batch = makeBatch(data.items, 'lm', 0);
+  const views: CrossingEvent[][] = [];
+  for (const mode of ['local', 'sealed'] as const) {
+    const sess = buildSession(base, { mode, method: 'full', task: 'lm', padTokenId: 0, seed: 1, maskSeed: 2, foldedBaseline: mode === 'local' });
+    const seen: CrossingEvent[] = [];
+    (sess.link as InProcessLink).observers.push((e) => seen.push({ ...e, data: Float32Array.from(e.data) }));
+    await sess.model.forward(batch.tokens, batch.B, batch.T, batch.targets, true);
+    await sess.model.backward();
+    views.push(seen);
+  }
+  const [plain, sealed] = views;
+  assert.equal(sealed.length, plain.length);
+  const ops = new Set(sealed.map((e) => e.op));
+  assert.deepEqual([...ops].sort(), ['linear_backward', 'linear_forward'], 'only linear requests carry tensors');
+  const cos = (x: Float32Array, y: Float32Array) => {
+    let s = 0, a = 0, b = 0;
+    for (let i = 0; i < x.length; i++) { s += x[i] * y[i]; a += x[i] * x[i]; b += y[i] * y[i]; }
+    return Math.abs(s) / Math.sqrt(a * b + 1e-30);
+  };
+  let rows = 0, backwardRows = 0;
+  for (let k = 0; k < sealed.length; k++) {
+    const e = sealed[k], p = plain[k];
+    assert.equal(`${e.op}:${e.layer}:${e.name}:${e.direction}`, `${p.op}:${p.layer}:${p.name}:${p.direction}`);
+    const hidden = (e.name === 'fc' && ((e.op === 'linear_forward' && e.direction === 'to_enclave') || (e.op === 'linear_backward' && e.direction === 'to_accelerator')))
+      || (e.name === 'fcproj' && ((e.op === 'linear_forward' && e.direction === 'to_accelerator') || (e.op === 'linear_backward' && e.direction === 'to_enclave')));
+    if (hidden) continue; // the MLP hidden is only permuted (documented weak point)
+    for (let i = 0; i < e.rows; i++) {
+      const c = cos(e.data.subarray(i * e.cols, (i + 1) * e.cols), p.data.subarray(i * e.cols, (i + 1) * e.cols));
+      assert.ok(c <= 0.5, `${e.op} ${e.direction} h.${e.layer}.${e.name} row ${i}: |cosine| ${c.toFixed(3)}`);
+      rows++;
+      if (e.op === 'linear_backward') backwardRows++;
+    }
+  }
+  assert.ok(backwardRows > 0 && rows > backwardRows);
+});
+
+test('LoRA merge: the provider\'s merged plain model reproduces the split model after fine-tuning', async () => {
+  const dir = tmp();
+  try {
+    const base = perturbed('gpt2-micro', 12);
+    const data = dataset('cls', 32, 64, 10, 13);
+    for (const mode of ['sealed', 'paper', 'local'] as const) {
+      const { sess } = await train(base, { mode, method: 'lora', task: 'cls', kappa: '1', lora: { rank: 4, alpha: 8, dropout: 0, targets: ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj'] } }, cfgFor({ mode, method: 'lora', task: 'cls', steps: 8 }), data, path.join(dir, mode));
+      const b = makeBatch(data.items.slice(0, 6), 'cls', 0);
+      const split = await sess.model.forward(b.tokens, b.B, b.T, b.targets, false);
+      const merged = new GPT2(mergedPlainModel(sess));
+      merged.padTokenId = 0;
+      const plain = merged.forwardCls(b.tokens, b.B, b.T, b.targets);
+      assert.ok(Math.abs(plain.loss! - split.loss) < 1e-4, `${mode}: merged loss ${plain.loss} vs split ${split.loss}`);
+      // and the fine-tuned split still generates like its merge (enclave bundle round trip)
+      if (mode === 'sealed') assert.ok(sess.obfuscation && sess.obfuscation.enclave.mode === 'sealed');
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+export { Enclave };

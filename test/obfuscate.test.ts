@@ -342,10 +342,12 @@ test('share: sealed-mode enclave share of gpt2-xl is about 5% of parameters and 
   const m = GPT2.random(c, 1);
   const r = obfuscateWeights(m.weights(), { mode: 'sealed', seed: 1 });
   let encParams = 0;
-  for (const t of r.enclave.tensors.values()) encParams += t.length;
+  let chk = 0;
+  for (const [k, t] of r.enclave.tensors) if (k.startsWith('chk.')) chk += t.length; else encParams += t.length;
   let accParams = 0;
   for (const l of r.accelerator.layers) for (const x of Object.values(l)) accParams += x.w.length + x.b.length;
   const row = shareRow('gpt2-micro', c, 'sealed', 16);
   assert.equal(row.enclave_params, encParams);
+  assert.equal(row.enclave_integrity_bytes, 4 * chk);
   assert.equal(row.accelerator_params, accParams);
 });

@@ -41,8 +41,8 @@ const FLOAT_READ = new Set(['F32', 'F16', 'BF16', 'F64']);
 /** Dtypes `getInt()` converts to Int32 (with a range check where needed). */
 const INT_READ = new Set(['BOOL', 'U8', 'I8', 'I16', 'U16', 'I32', 'U32', 'I64', 'U64']);
 
-export type WriteDtype = 'F32' | 'F16' | 'BF16' | 'I32';
-const WRITE_DTYPES = new Set<string>(['F32', 'F16', 'BF16', 'I32']);
+export type WriteDtype = 'F32' | 'F64' | 'F16' | 'BF16' | 'I32';
+const WRITE_DTYPES = new Set<string>(['F32', 'F64', 'F16', 'BF16', 'I32']);
 
 /** Largest header accepted (the reference implementation's limit). */
 export const MAX_HEADER_BYTES = 100_000_000;
@@ -502,6 +502,11 @@ function encodeTensor(file: string, t: TensorToWrite): Uint8Array {
       const f = Float32Array.from(data);
       return new Uint8Array(f.buffer);
     }
+    case 'F64': {
+      if (data instanceof Float64Array) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+      const f = Float64Array.from(data);
+      return new Uint8Array(f.buffer);
+    }
     case 'F16': {
       const h = new Uint16Array(data.length);
       for (let i = 0; i < data.length; i++) h[i] = floatToHalf(data[i]!);
@@ -549,7 +554,7 @@ export function writeSafetensors(file: string, tensors: TensorToWrite[], metadat
     }
     if (seen.has(t.name)) fail(file, `${where} given twice`);
     seen.add(t.name);
-    if (!WRITE_DTYPES.has(t.dtype)) fail(file, `${where}: cannot write dtype "${t.dtype}" (supported: F32, F16, BF16, I32)`);
+    if (!WRITE_DTYPES.has(t.dtype)) fail(file, `${where}: cannot write dtype "${t.dtype}" (supported: F32, F64, F16, BF16, I32)`);
     if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
       fail(file, `${where}: shape ${JSON.stringify(t.shape)} must contain non-negative integers`);
     }

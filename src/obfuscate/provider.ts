@@ -12,6 +12,7 @@ import { obfuscate, deobfuscate, type AcceleratorWeights } from './transform.js'
 import type { EnclaveBundle } from '../split/enclave.js';
 import { Enclave } from '../split/enclave.js';
 import { Accelerator } from '../split/accelerator.js';
+import { makeCheckVectors } from '../split/integrity.js';
 import { InProcessLink } from '../split/link.js';
 import {
   writeAcceleratorBundle, writeEnclaveBundle, writeProviderKey, KEY_FORMAT, sha256, ACC_FORMAT,
@@ -57,6 +58,8 @@ export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): Obfuscati
   const key = resolveKey(o);
   const masks = deriveMasks(w.config, key, params, (l) => o.onLayer?.('masks', l));
   const { accelerator, enclave } = obfuscate(w, masks, (l) => o.onLayer?.('weights', l));
+  // secret Freivalds vectors: the enclave checks every accelerator reply with them
+  for (const [k, v] of makeCheckVectors(accelerator, new KeyedRng(key).derive('integrity'))) enclave.set(k, v);
   return {
     key,
     params,

@@ -20,6 +20,8 @@ export interface ShareRow {
   enclave_state_bytes: number;
   /** of which per-layer masks */
   enclave_mask_bytes: number;
+  /** of which the secret Freivalds vectors (integrity checks; not model parameters) */
+  enclave_integrity_bytes: number;
   accelerator_flops_per_token: number;
   enclave_flops_per_token: number;
   enclave_flop_share: number;
@@ -41,12 +43,16 @@ export function shareRow(name: string, c: GPT2Config, mode: Mode, T: number, two
     maskParams = L * 2 * d * d * (twoSided ? 2 : 1) + L * (4 * d * (d / c.n_head) + c.n_head + 4 * d);
     enclaveParams = emb + L * 4 * d + 2 * d + maskParams;
   }
+  // Freivalds vectors: per linear K x (r, s, w, v) plus K biases; sum of (din + dout) over the four linears = 16 d
+  const K = 2;
+  const integrity = L * K * (2 * 16 * d + 4);
   // forward FLOPs per token (multiply-add = 2)
   const accFlops = L * 2 * 12 * d * d;
   const avgCtx = (T + 1) / 2; // causal attention: position t attends to t+1 keys
   const attn = 2 * 2 * d * avgCtx + 5 * H * avgCtx; // q k^T and P v, plus softmax
   const elementwise = 2 * 8 * d /* two norms */ + 4 * d * 10 /* GELU */ + 2 * d /* residuals */;
   let enc = L * (attn + elementwise) + 2 * V * d /* head */ + d;
+  enc += L * K * 2 * 16 * d; // integrity checks of the forward replies
   if (mode === 'sealed') enc += 2 * d * d; // G
   else enc += L * 2 * 2 * d * d * (twoSided ? 2 : 1); // input (and output) masks
   return {
@@ -57,8 +63,9 @@ export function shareRow(name: string, c: GPT2Config, mode: Mode, T: number, two
     accelerator_params: acc,
     enclave_params: enclaveParams,
     enclave_param_share: enclaveParams / total,
-    enclave_state_bytes: 4 * enclaveParams,
+    enclave_state_bytes: 4 * (enclaveParams + integrity),
     enclave_mask_bytes: 4 * maskParams,
+    enclave_integrity_bytes: 4 * integrity,
     accelerator_flops_per_token: accFlops,
     enclave_flops_per_token: enc,
     enclave_flop_share: enc / (enc + accFlops),

@@ -12,11 +12,22 @@ import type { AcceleratorWeights, LinearName, ObfLinear } from '../obfuscate/tra
 import { LINEARS } from '../obfuscate/transform.js';
 import { sgemm } from '../tensor/gemm.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
+import { Rng } from '../tensor/rng.js';
 import { asObfuscated, type AcceleratorReply, type AcceleratorRequest } from './messages.js';
+
+export type EvilMode = 'tamper' | 'skip-bias' | 'stale';
+export const EVIL_MODES: EvilMode[] = ['tamper', 'skip-bias', 'stale'];
 
 export interface AcceleratorOptions {
   /** where checkpoint_save / checkpoint_load keep the accelerator's own state */
   stateDir?: string;
+  /**
+   * A lying accelerator, for tests and demonstrations: `tamper` changes one random entry of
+   * every tensor it returns, `skip-bias` leaves the bias out of forward products, `stale`
+   * acknowledges updates without applying them.
+   */
+  evil?: EvilMode;
+  evilSeed?: number;
 }
 
 export class Accelerator {
@@ -28,7 +39,20 @@ export class Accelerator {
   /** requests served (for reports) */
   served = 0;
 
-  constructor(readonly weights: AcceleratorWeights, readonly opts: AcceleratorOptions = {}) {}
+  private evilRng: Rng;
+
+  constructor(readonly weights: AcceleratorWeights, readonly opts: AcceleratorOptions = {}) {
+    if (opts.evil && !EVIL_MODES.includes(opts.evil)) throw new Error(`unknown evil mode "${opts.evil}" (use ${EVIL_MODES.join(', ')})`);
+    this.evilRng = new Rng(opts.evilSeed ?? 666);
+  }
+
+  private tamper(y: Float32Array): Float32Array {
+    if (this.opts.evil === 'tamper' && y.length > 0) {
+      const k = this.evilRng.int(y.length);
+      y[k] += 0.5 * (1 + Math.abs(y[k]));
+    }
+    return y;
+  }
 
   private linear(layer: number, name: LinearName): ObfLinear {
     if (!Number.isInteger(layer) || layer < 0 || layer >= this.weights.n_layer) throw new Error(`accelerator: no layer ${layer} (model has ${this.weights.n_layer})`);
@@ -59,8 +83,8 @@ export class Accelerator {
 
   protected forward(L: ObfLinear, x: Float32Array, rows: number): Float32Array {
     const y = new Float32Array(rows * L.dout);
-    sgemm(false, false, rows, L.dout, L.din, 1, x, L.din, L.w, L.dout, 0, y, L.dout, L.b);
-    return y;
+    sgemm(false, false, rows, L.dout, L.din, 1, x, L.din, L.w, L.dout, 0, y, L.dout, this.opts.evil === 'skip-bias' ? null : L.b);
+    return this.tamper(y);
   }
 
   private dispatch(req: AcceleratorRequest): AcceleratorReply {
@@ -101,7 +125,7 @@ export class Accelerator {
         if (!req.input) return { op: 'ack' };
         const dx = new Float32Array(req.rows * L.din);
         sgemm(false, true, req.rows, L.din, L.dout, 1, req.dy, L.dout, L.w, L.dout, 0, dx, L.din);
-        return { op: 'tensor', rows: req.rows, cols: L.din, data: asObfuscated(dx) };
+        return { op: 'tensor', rows: req.rows, cols: L.din, data: asObfuscated(this.tamper(dx)) };
       }
       case 'grad_sq_norm': {
         let s = 0;
@@ -110,6 +134,10 @@ export class Accelerator {
       }
       case 'apply_update': {
         if (![req.lr, req.gradScale, req.momentum].every(Number.isFinite)) throw new Error('accelerator: non-finite update parameters');
+        if (this.opts.evil === 'stale') {
+          for (const m of [this.gradW, this.gradB]) for (const g of m.values()) g.fill(0);
+          return { op: 'ack' };
+        }
         for (const [key, gw] of this.gradW) {
           const [layer, name] = key.split('.') as [string, LinearName];
           const L = this.linear(Number(layer), name);

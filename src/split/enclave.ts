@@ -23,6 +23,7 @@ import type { EnclaveTensors, LinearName } from '../obfuscate/transform.js';
 import { linearDims } from '../obfuscate/transform.js';
 import { asObfuscated, type Obfuscated } from './messages.js';
 import type { AcceleratorLink } from './link.js';
+import { IntegrityChecker } from './integrity.js';
 
 export interface EnclaveBundle {
   mode: Mode;
@@ -60,6 +61,8 @@ export class Enclave {
   readonly config: GPT2Config;
   readonly mode: Mode;
   private t: EnclaveTensors;
+  /** Freivalds checks of every reply (when the bundle carries check vectors) */
+  readonly integrity: IntegrityChecker | null;
 
   constructor(readonly bundle: EnclaveBundle, readonly link: AcceleratorLink) {
     this.config = bundle.config;
@@ -73,6 +76,7 @@ export class Enclave {
       if (x.length !== n) throw new Error(`enclave tensor "${name}" has ${x.length} values, expected [${shape.join(', ')}]`);
       for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) throw new Error(`enclave tensor "${name}" contains a non-finite value at ${i}: refusing to run`);
     }
+    this.integrity = this.t.has('chk.0.qkv.r') ? new IntegrityChecker(this.t, bundle.config.n_layer) : null;
   }
 
   private get(name: string): Float32Array {
@@ -91,6 +95,7 @@ export class Enclave {
     }
     const y = rep.data;
     for (let i = 0; i < y.length; i++) if (!Number.isFinite(y[i])) throw new Error(`accelerator reply for h.${layer}.${name} contains a non-finite value at ${i}`);
+    this.integrity?.checkForward(layer, name, x, y, rows);
     return y;
   }
 

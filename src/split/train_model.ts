@@ -20,6 +20,7 @@ import { LINEARS, linearDims, permuteCols, type AcceleratorWeights, type Enclave
 import { asObfuscated, type Obfuscated } from './messages.js';
 import type { AcceleratorLink } from './link.js';
 import { LoraAdapters, loraForward, loraBackward, type LoraConfig, type LoraSaved, type LoraTarget } from '../train/lora.js';
+import { IntegrityChecker } from './integrity.js';
 
 export type TrainMode = 'local' | 'sealed' | 'paper';
 export type Method = 'lora' | 'full';
@@ -41,6 +42,8 @@ export interface SplitModelOptions {
   freezeNorms?: boolean;
   /** randomness for LoRA/classifier init and dropout */
   rng: RandomSource;
+  /** Freivalds checks of every accelerator reply (on by default when the bundle has check vectors) */
+  integrity?: IntegrityChecker | null;
 }
 
 /** Plain weights arranged as the two sides of the `local` mode. */
@@ -93,6 +96,8 @@ interface LayerStore {
   h2: Float32Array; x2: Float32Array; mean2: Float32Array; rstd2: Float32Array;
   f: Float32Array; g: Float32Array;
   lora: Map<LoraTarget, LoraSaved>;
+  /** what was sent to each linear (the enclave mirrors the accelerator's weight updates from it) */
+  sent: Map<LinearName, Float32Array>;
   /** LoRA proj / mlp-proj inputs in plain space (paper mode), else aliases */
   oPlain?: Float32Array; gPlain?: Float32Array;
 }
@@ -139,6 +144,8 @@ export class SplitModel {
   private rng: RandomSource;
   private state: StepState | null = null;
   private twoSided: boolean;
+  readonly integrity: IntegrityChecker | null;
+  private sentNow: Map<LinearName, Float32Array> | null = null;
 
   constructor(o: SplitModelOptions) {
     this.mode = o.mode;
@@ -190,6 +197,7 @@ export class SplitModel {
       this.adapters = new LoraAdapters(o.lora, L, d);
       this.adapters.init(o.rng);
     } else this.adapters = null;
+    this.integrity = o.integrity !== undefined ? o.integrity : this.t.has('chk.0.qkv.r') ? new IntegrityChecker(this.t, L) : null;
     if (o.mode === 'paper' && !this.t.has('R1')) throw new Error('paper mode needs the input masks R1/R2 in the enclave bundle');
     if (o.mode === 'sealed' && !this.t.has('G')) throw new Error('sealed mode needs G and u in the enclave bundle');
   }
@@ -213,12 +221,20 @@ export class SplitModel {
     const [, dout] = linearDims(name, this.config.n_embd);
     assertFinite(x, `the enclave's input to h.${l}.${name}`);
     const rep = await this.link.call({ op: 'linear_forward', layer: l, name, rows: n, x: x as Obfuscated, save });
-    return this.checkTensor(rep, l, name, n, dout);
+    const y = this.checkTensor(rep, l, name, n, dout);
+    this.integrity?.checkForward(l, name, x, y, n);
+    if (save) this.sentNow?.set(name, x);
+    return y;
   }
 
-  private async bwd(l: number, name: LinearName, dy: Float32Array, n: number, input: boolean): Promise<Float32Array | null> {
+  private async bwd(l: number, name: LinearName, dy: Float32Array, n: number, input: boolean, sent?: Map<LinearName, Float32Array>): Promise<Float32Array | null> {
     const weight = this.method === 'full';
     if (!input && !weight) return null;
+    if (weight && this.integrity) {
+      const x = sent?.get(name);
+      if (!x) throw new Error(`internal: no record of the input sent to h.${l}.${name}`);
+      this.integrity.accumulate(l, name, x, dy, n);
+    }
     const [din] = linearDims(name, this.config.n_embd);
     assertFinite(dy, `the enclave's output gradient for h.${l}.${name}`);
     const rep = await this.link.call({ op: 'linear_backward', layer: l, name, rows: n, dy: asObfuscated(dy), input, weight });
@@ -226,7 +242,9 @@ export class SplitModel {
       if (rep.op === 'error') throw new Error(`accelerator refused backward of h.${l}.${name}: ${rep.message}`);
       return null;
     }
-    return this.checkTensor(rep, l, name, n, din);
+    const dx = this.checkTensor(rep, l, name, n, din);
+    this.integrity?.checkBackward(l, name, dy, dx, n);
+    return dx;
   }
 
   private checkTensor(rep: Awaited<ReturnType<AcceleratorLink['call']>>, l: number, name: string, rows: number, cols: number): Float32Array {
@@ -326,8 +344,9 @@ export class SplitModel {
         hIn: Float32Array.from(h), x1: new Float32Array(n * d), mean1: new Float32Array(n), rstd1: new Float32Array(n),
         qkv: new Float32Array(0), att: new Float32Array(B * H * T * T), o: new Float32Array(n * d),
         h2: new Float32Array(0), x2: new Float32Array(n * d), mean2: new Float32Array(n), rstd2: new Float32Array(n),
-        f: new Float32Array(0), g: new Float32Array(n * 4 * d), lora: new Map(),
+        f: new Float32Array(0), g: new Float32Array(n * 4 * d), lora: new Map(), sent: new Map(),
       };
+      this.sentNow = s.sent;
       // attention
       const send1 = this.norm(1, l, h, s.x1, s.mean1, s.rstd1, n);
       s.qkv = await this.fwd(l, 'qkv', send1, n, save);
@@ -369,6 +388,7 @@ export class SplitModel {
       for (let i = 0; i < n * d; i++) h[i] += z[i];
       layers.push(s);
     }
+    this.sentNow = null;
     // final norm and head
     const xf = new Float32Array(n * d), meanf = new Float32Array(n), rstdf = new Float32Array(n);
     const hf = new Float32Array(n * d);
@@ -495,7 +515,7 @@ export class SplitModel {
       const s = st.layers[l];
       // MLP: h3 = h2 + z(g(f(x2)))
       const dz = this.maskOutGrad('p', l, dh, n);
-      const dg = (await this.bwd(l, 'fcproj', dz, n, true))!;
+      const dg = (await this.bwd(l, 'fcproj', dz, n, true, s.sent))!;
       const vm = ad?.get(l, 'mlp-proj');
       if (vm) {
         const dgp = new Float32Array(n * 4 * d);
@@ -505,7 +525,7 @@ export class SplitModel {
       }
       const df = new Float32Array(n * 4 * d);
       geluBackward(df, s.f, dg, n * 4 * d);
-      const dsend2 = (await this.bwd(l, 'fc', df, n, true))!;
+      const dsend2 = (await this.bwd(l, 'fc', df, n, true, s.sent))!;
       const vf = ad?.get(l, 'fc');
       let loraDx2: Float32Array | null = null;
       if (vf) {
@@ -516,7 +536,7 @@ export class SplitModel {
       this.normBackwardWithLora(2, l, dh, dsend2, loraDx2, s.x2, s.h2, s.mean2, s.rstd2, n);
       // attention: h2 = h + y(o(qkv(x1)))
       const dy = this.maskOutGrad('o', l, dh, n);
-      const dO = (await this.bwd(l, 'attproj', dy, n, true))!;
+      const dO = (await this.bwd(l, 'attproj', dy, n, true, s.sent))!;
       const vp = ad?.get(l, 'proj');
       if (vp) {
         const doPlain = new Float32Array(n * d);
@@ -536,7 +556,7 @@ export class SplitModel {
         }
       }
       const needInput = l > 0 || embTrain || normTrain;
-      const dsend1 = await this.bwd(l, 'qkv', dqkv, n, needInput);
+      const dsend1 = await this.bwd(l, 'qkv', dqkv, n, needInput, s.sent);
       if (needInput) this.normBackwardWithLora(1, l, dh, dsend1!, loraDx1, s.x1, s.hIn, s.mean1, s.rstd1, n);
     }
     if (embTrain) encoderBackward(this.grad('wte'), this.grad('wpe'), dh, st.tokens, B, T, d);
@@ -565,6 +585,7 @@ export class SplitModel {
   /** Drops saved state on both sides (after an aborted step). */
   async reset(): Promise<void> {
     this.state = null;
+    this.integrity?.reset();
     const rep = await this.link.call({ op: 'reset' });
     if (rep.op === 'error') throw new Error(`accelerator reset failed: ${rep.message}`);
   }
@@ -581,6 +602,25 @@ export class SplitModel {
     if (this.method !== 'full') return;
     const rep = await this.link.call({ op: 'apply_update', lr, momentum, gradScale });
     if (rep.op === 'error') throw new Error(`accelerator update failed: ${rep.message}`);
+    this.integrity?.applyUpdate(lr, momentum, gradScale);
+  }
+
+  /**
+   * Probes every linear with one random row and checks the reply against the tracked
+   * secret vectors: catches an accelerator that skipped or falsified an update before the
+   * enclave commits a checkpoint. Random probes reveal nothing about the data.
+   */
+  async verifyAccelerator(rng: RandomSource): Promise<void> {
+    if (!this.integrity) return;
+    const d = this.config.n_embd;
+    for (let l = 0; l < this.config.n_layer; l++) {
+      for (const name of LINEARS) {
+        const [din] = linearDims(name, d);
+        const x = new Float32Array(din);
+        rng.fillNormal(x);
+        await this.fwd(l, name, x, 1, false);
+      }
+    }
   }
 
   /** The enclave's trainable tensors by name (views into `params`). */

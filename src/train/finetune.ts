@@ -163,6 +163,11 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     };
     loadOpt(encOpt, 'enclave');
     loadOpt(adOpt, 'adapters');
+    if (model.integrity) {
+      const m = new Map<string, Float64Array>();
+      for (const name of t.names()) if (name.startsWith('integrity.')) m.set(name.slice('integrity.'.length), t.getFloat64(name));
+      model.integrity.load(m);
+    }
     if (cfg.method === 'full') {
       const rep = await model.link.call({ op: 'checkpoint_load', tag: path.basename(ck) });
       if (rep.op === 'error') throw new Error(`cannot resume: the accelerator could not restore ${path.basename(ck)}: ${rep.message}`);
@@ -188,7 +193,10 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     rmSync(metricsFile);
   }
 
+  const probeRng = new Rng(cfg.seed ^ 0x5eed);
   const saveCheckpoint = async (step: number) => {
+    // never commit a checkpoint on top of an accelerator that did not apply the update
+    if (cfg.method === 'full') await model.verifyAccelerator(probeRng);
     const name = ckptName(step);
     const dir = path.join(runDir, 'checkpoints', name);
     const tmp = `${dir}.tmp`;
@@ -203,6 +211,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       optimizers[key] = { kind: s.kind, step: s.step };
       for (const [b, buf] of Object.entries(s.buffers)) tensors.push({ name: `opt.${key}.${b}`, dtype: 'F32', shape: [buf.length], data: buf });
     }
+    if (model.integrity) for (const [k, v] of model.integrity.state()) tensors.push({ name: `integrity.${k}`, dtype: 'F64', shape: [v.length], data: v });
     writeSafetensors(path.join(tmp, 'enclave.safetensors'), tensors, { format: CKPT_FORMAT });
     let digest: string | null = null;
     if (cfg.method === 'full') {
@@ -274,7 +283,13 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       appendFileSync(metricsFile, JSON.stringify({ step: step + 1, eval: lastEval }) + '\n');
       opts.onEval?.(step + 1, lastEval);
     }
-    if ((cfg.checkpointEvery > 0 && (step + 1) % cfg.checkpointEvery === 0) || last) lastGood = await saveCheckpoint(step + 1);
+    if ((cfg.checkpointEvery > 0 && (step + 1) % cfg.checkpointEvery === 0) || last) {
+      try {
+        lastGood = await saveCheckpoint(step + 1);
+      } catch (e) {
+        return abort((e as Error).message);
+      }
+    }
   }
   if (evalSet && !lastEval) lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
   const seconds = (performance.now() - t0) / 1000;

@@ -1,0 +1,241 @@
+/**
+ * The enclave's side of the gRPC transport: an `AcceleratorLink` that sends each request
+ * as one encoded frame to the accelerator's `obfuscatune.Accelerator/Call` with a per-call
+ * deadline, decodes the reply and shows both to the observers. A call that fails with
+ * UNAVAILABLE (accelerator down or restarting) is retried with exponential backoff when
+ * the caller asked for it; every other failure rejects with an `RpcError` naming the op,
+ * the linear and the gRPC status. See docs/rpc.md.
+ */
+import * as grpc from '@grpc/grpc-js';
+import { observe, type AcceleratorLink, type Observer } from '../split/link.js';
+import { decodeMessage, encodeMessage, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
+import {
+  ACCELERATOR_SERVICE,
+  AcceleratorServiceClient,
+  DEFAULT_DEADLINE_MS,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  clientChannelOptions,
+  formatAddress,
+  grpcCode,
+  parseAddress,
+  statusName,
+  type Address,
+  type KeepaliveOptions,
+  type ReconnectOptions,
+} from './grpc.js';
+
+export interface RetryOptions {
+  /** tries in all, the first included (1 = no retry) */
+  attempts: number;
+  /** delay before the first retry; doubles on each further one */
+  baseMs: number;
+  /** cap of the delay */
+  maxMs: number;
+  /**
+   * Retry only requests that are safe to repeat (default true, see `isRetrySafe`). An
+   * UNAVAILABLE call may have reached the accelerator before the connection dropped, so
+   * repeating `apply_update` or a weight-gradient `linear_backward` could apply it twice.
+   */
+  safeOnly?: boolean;
+}
+
+export interface GrpcLinkOptions {
+  /** deadline of each call (default 120 s) */
+  deadlineMs?: number;
+  /** bound of one message in either direction (default 256 MiB) */
+  maxMessageBytes?: number;
+  /** retries of calls that fail with UNAVAILABLE (default: none) */
+  retry?: RetryOptions;
+  keepalive?: KeepaliveOptions;
+  /** the channel's own reconnect backoff */
+  reconnect?: ReconnectOptions;
+  /** default: insecure (see docs/rpc.md for TLS) */
+  credentials?: grpc.ChannelCredentials;
+}
+
+export interface HealthStatus {
+  status: string;
+  served: number;
+}
+
+/** A failed call: `code` is the gRPC status (grpc.status), `op` the request's op. */
+export class RpcError extends Error {
+  constructor(message: string, readonly code: number, readonly op: string) {
+    super(message);
+    this.name = 'RpcError';
+  }
+}
+
+/** Whether repeating the request after an ambiguous failure leaves the accelerator as one call would. */
+export function isRetrySafe(req: AcceleratorRequest): boolean {
+  switch (req.op) {
+    case 'apply_update': return false;
+    case 'linear_backward': return !req.weight;
+    default: return true;
+  }
+}
+
+const REPLY_OPS: ReadonlySet<string> = new Set(['tensor', 'ack', 'error']);
+
+function describe(req: AcceleratorRequest): string {
+  return 'layer' in req ? `${req.op} h.${req.layer}.${req.name}` : req.op;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Exponential backoff with jitter: attempt 0 -> about base, doubling up to max. */
+function backoffMs(attempt: number, baseMs: number, maxMs: number): number {
+  const d = Math.min(maxMs, baseMs * 2 ** attempt);
+  return Math.round(d * (0.75 + 0.25 * Math.random()));
+}
+
+export class GrpcAcceleratorLink implements AcceleratorLink {
+  readonly observers: Observer[] = [];
+  /** messages and bytes that crossed (encoded frames, both directions) */
+  stats = { messages: 0, bytes: 0 };
+  /** calls retried after UNAVAILABLE */
+  retries = 0;
+  /** "host:port" dialled */
+  readonly address: string;
+  deadlineMs: number;
+  private readonly client: grpc.Client;
+  private readonly retry: Required<RetryOptions>;
+  private closed = false;
+
+  constructor(address: string | Address, opts: GrpcLinkOptions = {}) {
+    this.address = formatAddress(typeof address === 'string' ? parseAddress(address) : address);
+    this.deadlineMs = opts.deadlineMs ?? DEFAULT_DEADLINE_MS;
+    if (!(this.deadlineMs > 0)) throw new Error(`rpc: deadlineMs must be positive, got ${this.deadlineMs}`);
+    const r = opts.retry ?? { attempts: 1, baseMs: 100, maxMs: 5_000 };
+    if (!Number.isInteger(r.attempts) || r.attempts < 1) throw new Error(`rpc: retry.attempts must be an integer >= 1, got ${r.attempts}`);
+    if (!(r.baseMs >= 0) || !(r.maxMs >= r.baseMs)) throw new Error('rpc: retry needs 0 <= baseMs <= maxMs');
+    this.retry = { safeOnly: true, ...r };
+    this.client = new AcceleratorServiceClient(
+      this.address,
+      opts.credentials ?? grpc.credentials.createInsecure(),
+      clientChannelOptions({ maxMessageBytes: opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES, keepalive: opts.keepalive, reconnect: opts.reconnect }),
+    );
+  }
+
+  private unary(method: keyof typeof ACCELERATOR_SERVICE, frame: Buffer, deadlineMs: number): Promise<Buffer> {
+    const m = ACCELERATOR_SERVICE[method];
+    return new Promise<Buffer>((resolve, reject) => {
+      this.client.makeUnaryRequest(m.path, m.requestSerialize, m.responseDeserialize, frame, new grpc.Metadata(), { deadline: Date.now() + deadlineMs }, (err, value) => {
+        if (err) reject(err);
+        else if (!Buffer.isBuffer(value)) reject(Object.assign(new Error('empty response'), { code: grpc.status.INTERNAL }));
+        else resolve(value);
+      });
+    });
+  }
+
+  private checkOpen(what: string): void {
+    if (this.closed) throw new RpcError(`accelerator rpc ${what}: link to ${this.address} is closed`, grpc.status.CANCELLED, what.split(' ')[0]);
+  }
+
+  /**
+   * Sends one already-encoded frame to `Call` and returns the raw reply frame (no retry,
+   * no observers). `call` is the normal entry point; this one exists for diagnostics.
+   */
+  async callRaw(frame: Buffer, deadlineMs = this.deadlineMs): Promise<Buffer> {
+    this.checkOpen('raw');
+    try {
+      return await this.unary('Call', frame, deadlineMs);
+    } catch (e) {
+      throw this.wrap(e, 'raw frame');
+    }
+  }
+
+  async call(req: AcceleratorRequest): Promise<AcceleratorReply> {
+    const what = describe(req);
+    this.checkOpen(what);
+    const frame = encodeMessage(req);
+    const mayRetry = !this.retry.safeOnly || isRetrySafe(req);
+    let back: Buffer;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        back = await this.unary('Call', frame, this.deadlineMs);
+        break;
+      } catch (e) {
+        const retryable = grpcCode(e) === grpc.status.UNAVAILABLE && mayRetry && attempt + 1 < this.retry.attempts && !this.closed;
+        if (!retryable) throw this.wrap(e, what, attempt + 1);
+        this.retries++;
+        await sleep(backoffMs(attempt, this.retry.baseMs, this.retry.maxMs));
+      }
+    }
+    let rep: AcceleratorReply;
+    try {
+      const decoded = decodeMessage(back);
+      if (!REPLY_OPS.has(decoded.op)) throw new Error(`"${decoded.op}" is not a reply op`);
+      rep = decoded as AcceleratorReply;
+    } catch (e) {
+      throw new RpcError(`accelerator rpc ${what} to ${this.address}: malformed reply frame: ${(e as Error).message}`, grpc.status.DATA_LOSS, req.op);
+    }
+    this.stats.messages++;
+    this.stats.bytes += frame.length + back.length;
+    observe(req, rep, this.observers);
+    return rep;
+  }
+
+  /** The accelerator's `Health` answer (rejects when it does not answer within `deadlineMs`, default 5 s). */
+  async health(deadlineMs = 5_000): Promise<HealthStatus> {
+    this.checkOpen('health');
+    let back: Buffer;
+    try {
+      back = await this.unary('Health', Buffer.alloc(0), deadlineMs);
+    } catch (e) {
+      throw this.wrap(e, 'health');
+    }
+    let h: unknown;
+    try {
+      h = JSON.parse(back.toString('utf8'));
+    } catch {
+      throw new RpcError(`accelerator rpc health to ${this.address}: answer is not JSON`, grpc.status.DATA_LOSS, 'health');
+    }
+    const o = h as Partial<HealthStatus> | null;
+    if (typeof o !== 'object' || o === null || typeof o.status !== 'string' || typeof o.served !== 'number') {
+      throw new RpcError(`accelerator rpc health to ${this.address}: unexpected answer ${back.toString('utf8').slice(0, 200)}`, grpc.status.DATA_LOSS, 'health');
+    }
+    return { status: o.status, served: o.served };
+  }
+
+  /**
+   * Polls `Health` with exponential backoff (50 ms doubling up to 1 s) until the accelerator
+   * answers SERVING; rejects with a clear error after `timeoutMs`.
+   */
+  async waitForReady(timeoutMs: number): Promise<HealthStatus> {
+    const end = Date.now() + timeoutMs;
+    let last = 'no answer';
+    for (let attempt = 0; ; attempt++) {
+      this.checkOpen('health');
+      const left = end - Date.now();
+      if (left <= 0) break;
+      try {
+        const h = await this.health(Math.max(1, Math.min(left, 2_000)));
+        if (h.status === 'SERVING') return h;
+        last = `status ${h.status}`;
+      } catch (e) {
+        if (this.closed) throw e;
+        last = (e as Error).message;
+      }
+      const wait = Math.min(backoffMs(attempt, 50, 1_000), end - Date.now());
+      if (wait <= 0) break;
+      await sleep(wait);
+    }
+    throw new RpcError(`accelerator at ${this.address} not ready after ${timeoutMs} ms (last: ${last})`, grpc.status.DEADLINE_EXCEEDED, 'health');
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.client.close();
+  }
+
+  private wrap(e: unknown, what: string, attempts = 1): RpcError {
+    const code = grpcCode(e) ?? grpc.status.UNKNOWN;
+    const details = (e as { details?: unknown })?.details;
+    const msg = typeof details === 'string' && details !== '' ? details : (e as Error)?.message ?? String(e);
+    const tries = attempts > 1 ? ` after ${attempts} attempts` : '';
+    const hint = code === grpc.status.RESOURCE_EXHAUSTED ? ' (raise maxMessageBytes on both ends, or send fewer rows per call)' : '';
+    return new RpcError(`accelerator rpc ${what} to ${this.address} failed${tries}: ${statusName(code)}: ${msg}${hint}`, code, what.split(' ')[0]);
+  }
+}

@@ -1,0 +1,177 @@
+/**
+ * The accelerator's gRPC server: service `obfuscatune.Accelerator`, whose `Call` takes one
+ * encoded AcceleratorRequest frame and answers one encoded AcceleratorReply frame, and
+ * whose `Health` answers `{"status":"SERVING","served":n}`. A malformed frame is refused
+ * with INVALID_ARGUMENT, an oversized one with RESOURCE_EXHAUSTED; a failing handler
+ * becomes INTERNAL. None of these stops the server. Requests are handled one at a time,
+ * in arrival order (the accelerator's state, saved inputs and accumulated gradients,
+ * depends on that order).
+ */
+import * as grpc from '@grpc/grpc-js';
+import { decodeMessage, encodeMessage, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
+import {
+  ACCELERATOR_SERVICE,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  formatAddress,
+  serverOptions,
+  type KeepaliveOptions,
+} from './grpc.js';
+
+/** Anything that answers requests: an `Accelerator`, or a test double (may be async). */
+export interface RequestHandler {
+  handle(req: AcceleratorRequest): AcceleratorReply | Promise<AcceleratorReply>;
+}
+
+export interface AcceleratorServerOptions {
+  /** interface to bind (default 127.0.0.1; "0.0.0.0" or "::" for every interface) */
+  host?: string;
+  /** port to bind; 0 (the default) picks an ephemeral port */
+  port?: number;
+  /** bound of one message in either direction (default 256 MiB) */
+  maxMessageBytes?: number;
+  keepalive?: KeepaliveOptions;
+  /** default: insecure (the payloads are obfuscated; see docs/rpc.md for TLS) */
+  credentials?: grpc.ServerCredentials;
+  /** one line per refused or failed call */
+  log?: (line: string) => void;
+}
+
+export interface AcceleratorServer {
+  /** the bound port (the ephemeral one when asked for port 0) */
+  port: number;
+  host: string;
+  /** "host:port" a client can dial */
+  address: string;
+  server: grpc.Server;
+  /** calls answered with a reply frame */
+  readonly served: number;
+  /** calls refused (malformed, oversized, handler failure, cancelled while queued) */
+  readonly rejected: number;
+  /** Stops accepting calls, lets in-flight ones finish for up to `graceMs` (default 5 s), then forces. */
+  close(graceMs?: number): Promise<void>;
+}
+
+const REQUEST_OPS: ReadonlySet<string> = new Set([
+  'linear_forward',
+  'linear_backward',
+  'apply_update',
+  'grad_sq_norm',
+  'reset',
+  'checkpoint_save',
+  'checkpoint_load',
+]);
+
+function describe(req: AcceleratorRequest): string {
+  return 'layer' in req ? `${req.op} h.${req.layer}.${req.name}` : req.op;
+}
+
+export async function startAcceleratorServer(acc: RequestHandler, opts: AcceleratorServerOptions = {}): Promise<AcceleratorServer> {
+  const host = opts.host ?? '127.0.0.1';
+  const wantPort = opts.port ?? 0;
+  if (!Number.isInteger(wantPort) || wantPort < 0 || wantPort > 65535) throw new Error(`accelerator server: invalid port ${wantPort}`);
+  const maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+  const server = new grpc.Server(serverOptions({ maxMessageBytes: maxBytes, keepalive: opts.keepalive }));
+  const log = opts.log ?? (() => {});
+  let served = 0;
+  let rejected = 0;
+  // one request at a time, in arrival order
+  let tail: Promise<void> = Promise.resolve();
+
+  const refuse = (cb: grpc.sendUnaryData<Buffer>, code: grpc.status, details: string): void => {
+    rejected++;
+    log(`accelerator server: ${grpc.status[code]}: ${details}`);
+    cb({ code, details });
+  };
+
+  const onCall = (call: grpc.ServerUnaryCall<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>): void => {
+    try {
+      const frame = call.request;
+      if (!Buffer.isBuffer(frame)) return refuse(cb, grpc.status.INVALID_ARGUMENT, 'request is not a byte frame');
+      if (frame.length > maxBytes) {
+        return refuse(cb, grpc.status.RESOURCE_EXHAUSTED, `request frame of ${frame.length} bytes exceeds the ${maxBytes}-byte limit`);
+      }
+      let decoded: AcceleratorRequest | AcceleratorReply;
+      try {
+        decoded = decodeMessage(frame, maxBytes);
+      } catch (e) {
+        return refuse(cb, grpc.status.INVALID_ARGUMENT, `malformed request frame: ${(e as Error).message}`);
+      }
+      if (!REQUEST_OPS.has(decoded.op)) {
+        return refuse(cb, grpc.status.INVALID_ARGUMENT, `malformed request frame: "${decoded.op}" is not a request op`);
+      }
+      const req = decoded as AcceleratorRequest;
+      const run = async (): Promise<void> => {
+        if (call.cancelled) return refuse(cb, grpc.status.CANCELLED, `${describe(req)} cancelled before it ran`);
+        let rep: AcceleratorReply;
+        try {
+          rep = await acc.handle(req);
+        } catch (e) {
+          return refuse(cb, grpc.status.INTERNAL, `${describe(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`);
+        }
+        let out: Buffer;
+        try {
+          out = encodeMessage(rep);
+        } catch (e) {
+          return refuse(cb, grpc.status.INTERNAL, `${describe(req)}: reply could not be encoded: ${(e as Error).message}`);
+        }
+        if (out.length > maxBytes) {
+          return refuse(cb, grpc.status.RESOURCE_EXHAUSTED, `${describe(req)}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
+        }
+        served++;
+        cb(null, out);
+      };
+      tail = tail.then(run).catch((e) => log(`accelerator server: unexpected failure: ${(e as Error)?.message ?? String(e)}`));
+    } catch (e) {
+      try {
+        refuse(cb, grpc.status.INTERNAL, `unexpected failure: ${(e as Error)?.message ?? String(e)}`);
+      } catch {
+        // the call is already closed
+      }
+    }
+  };
+
+  const onHealth = (_call: grpc.ServerUnaryCall<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>): void => {
+    cb(null, Buffer.from(JSON.stringify({ status: 'SERVING', served }), 'utf8'));
+  };
+
+  server.addService(ACCELERATOR_SERVICE, { Call: onCall, Health: onHealth });
+
+  const bindTo = formatAddress({ host, port: wantPort });
+  const port = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(bindTo, opts.credentials ?? grpc.ServerCredentials.createInsecure(), (err, p) => {
+      if (err) {
+        server.forceShutdown();
+        reject(new Error(`accelerator server: cannot listen on ${bindTo}: ${err.message}`));
+      }
+      else resolve(p);
+    });
+  });
+
+  let closing: Promise<void> | null = null;
+  return {
+    port,
+    host,
+    address: formatAddress({ host, port }),
+    server,
+    get served() {
+      return served;
+    },
+    get rejected() {
+      return rejected;
+    },
+    close(graceMs = 5_000): Promise<void> {
+      closing ??= new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, graceMs);
+        timer.unref();
+        server.tryShutdown(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,172 @@
+/**
+ * Shared pieces of the gRPC transport between the enclave and the accelerator: the
+ * hand-written service definition (no .proto, no code generation: every message is the
+ * raw binary frame of `encodeMessage`, passed through as bytes), channel and server
+ * options (message-size limits, keepalive, reconnect backoff) and address parsing.
+ * See docs/rpc.md.
+ */
+import * as grpc from '@grpc/grpc-js';
+
+/** Fully qualified gRPC service name. */
+export const SERVICE_NAME = 'obfuscatune.Accelerator';
+
+/** Default bound of one gRPC message, in either direction (256 MiB). */
+export const DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
+
+/** Default per-call deadline of the client (one linear of a big batch can take a while). */
+export const DEFAULT_DEADLINE_MS = 120_000;
+
+/** Default port of the accelerator service. */
+export const DEFAULT_PORT = 50551;
+
+const identity = (b: Buffer): Buffer => b;
+
+function bytesMethod(name: string): grpc.MethodDefinition<Buffer, Buffer> {
+  return {
+    path: `/${SERVICE_NAME}/${name}`,
+    requestStream: false,
+    responseStream: false,
+    requestSerialize: identity,
+    requestDeserialize: identity,
+    responseSerialize: identity,
+    responseDeserialize: identity,
+    originalName: name,
+  };
+}
+
+/**
+ * `service obfuscatune.Accelerator { rpc Call(bytes) returns (bytes); rpc Health(bytes) returns (bytes); }`
+ * Call: an encoded AcceleratorRequest frame in, an encoded AcceleratorReply frame out.
+ * Health: empty in, UTF-8 JSON `{"status":"SERVING","served":n}` out.
+ */
+export const ACCELERATOR_SERVICE = {
+  Call: bytesMethod('Call'),
+  Health: bytesMethod('Health'),
+} satisfies grpc.ServiceDefinition;
+
+export type AcceleratorServiceMethod = keyof typeof ACCELERATOR_SERVICE;
+
+/** Generic client class for the service (methods are called through `makeUnaryRequest`). */
+export const AcceleratorServiceClient = grpc.makeGenericClientConstructor(ACCELERATOR_SERVICE, 'Accelerator');
+
+export interface KeepaliveOptions {
+  /** ping the peer after this much idle time on a connection */
+  timeMs: number;
+  /** drop the connection when a ping is not answered within this */
+  timeoutMs: number;
+}
+
+export const DEFAULT_KEEPALIVE: KeepaliveOptions = { timeMs: 30_000, timeoutMs: 10_000 };
+
+export interface ReconnectOptions {
+  /** first delay before the channel reconnects after a failed connection attempt */
+  initialMs: number;
+  /** cap of the channel's exponential reconnect backoff */
+  maxMs: number;
+}
+
+export const DEFAULT_RECONNECT: ReconnectOptions = { initialMs: 100, maxMs: 5_000 };
+
+function checkLimit(maxMessageBytes: number): number {
+  if (!Number.isInteger(maxMessageBytes) || maxMessageBytes <= 0 || maxMessageBytes > 2 ** 31 - 1) {
+    throw new Error(`rpc: maxMessageBytes must be an integer in [1, 2^31-1], got ${maxMessageBytes}`);
+  }
+  return maxMessageBytes;
+}
+
+/** Options of the enclave's channel to the accelerator. */
+export function clientChannelOptions(opts: { maxMessageBytes?: number; keepalive?: KeepaliveOptions; reconnect?: ReconnectOptions } = {}): grpc.ChannelOptions {
+  const max = checkLimit(opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES);
+  const ka = opts.keepalive ?? DEFAULT_KEEPALIVE;
+  const rc = opts.reconnect ?? DEFAULT_RECONNECT;
+  return {
+    'grpc.max_send_message_length': max,
+    'grpc.max_receive_message_length': max,
+    'grpc.keepalive_time_ms': ka.timeMs,
+    'grpc.keepalive_timeout_ms': ka.timeoutMs,
+    'grpc.keepalive_permit_without_calls': 1,
+    'grpc.initial_reconnect_backoff_ms': rc.initialMs,
+    'grpc.max_reconnect_backoff_ms': rc.maxMs,
+    // large tensors: a bigger HTTP/2 receive window than the 64 KiB default
+    'grpc-node.flow_control_window': 16 * 1024 * 1024,
+    // no HTTP(S) proxy between the enclave and its accelerator
+    'grpc.enable_http_proxy': 0,
+  };
+}
+
+/** Options of the accelerator's server. */
+export function serverOptions(opts: { maxMessageBytes?: number; keepalive?: KeepaliveOptions } = {}): grpc.ServerOptions {
+  const max = checkLimit(opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES);
+  const ka = opts.keepalive ?? DEFAULT_KEEPALIVE;
+  return {
+    'grpc.max_send_message_length': max,
+    'grpc.max_receive_message_length': max,
+    'grpc.keepalive_time_ms': ka.timeMs,
+    'grpc.keepalive_timeout_ms': ka.timeoutMs,
+  };
+}
+
+export interface Address {
+  host: string;
+  port: number;
+}
+
+/**
+ * Parses "host:port", "[v6]:port", "grpc://host:port", ":port" or a bare "port"
+ * (host defaults to `defaultHost`); a bare host takes `defaultPort`.
+ */
+export function parseAddress(s: string, defaultHost = '127.0.0.1', defaultPort = DEFAULT_PORT): Address {
+  let t = s.trim();
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(t);
+  if (scheme) {
+    if (!['grpc', 'dns', 'ipv4', 'ipv6', 'http'].includes(scheme[1].toLowerCase())) throw new Error(`rpc: unsupported address scheme "${scheme[1]}" in "${s}"`);
+    t = t.slice(scheme[0].length).replace(/\/+$/, '');
+  }
+  if (t === '') throw new Error('rpc: empty address');
+  let host: string;
+  let portStr: string | undefined;
+  if (/^\d+$/.test(t)) {
+    host = defaultHost;
+    portStr = t;
+  } else if (t.startsWith('[')) {
+    const m = /^\[([0-9a-fA-F:.%a-zA-Z]+)\](?::(\d+))?$/.exec(t);
+    if (!m) throw new Error(`rpc: invalid address "${s}"`);
+    host = m[1];
+    portStr = m[2];
+  } else if ((t.match(/:/g) ?? []).length > 1) {
+    // a bare IPv6 address without a port
+    if (!/^[0-9a-fA-F:.]+$/.test(t)) throw new Error(`rpc: invalid address "${s}"`);
+    host = t;
+  } else {
+    const i = t.indexOf(':');
+    host = i < 0 ? t : t.slice(0, i);
+    portStr = i < 0 ? undefined : t.slice(i + 1);
+    if (host === '') host = defaultHost;
+    if (!/^[A-Za-z0-9.-]+$/.test(host)) throw new Error(`rpc: invalid host "${host}" in "${s}"`);
+  }
+  let port = defaultPort;
+  if (portStr !== undefined) {
+    if (!/^\d+$/.test(portStr)) throw new Error(`rpc: invalid port in "${s}"`);
+    port = Number(portStr);
+  }
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new Error(`rpc: port out of range in "${s}"`);
+  return { host, port };
+}
+
+/** "host:port" as gRPC targets and binds it (IPv6 hosts in brackets). */
+export function formatAddress(a: Address): string {
+  return a.host.includes(':') ? `[${a.host}]:${a.port}` : `${a.host}:${a.port}`;
+}
+
+/** Name of a gRPC status code, e.g. "UNAVAILABLE" (or the number when unknown). */
+export function statusName(code: number | undefined): string {
+  if (code === undefined) return 'UNKNOWN';
+  const name = (grpc.status as unknown as Record<number, string>)[code];
+  return typeof name === 'string' ? name : String(code);
+}
+
+/** A gRPC status carried by an Error (as grpc-js reports failed calls). */
+export function grpcCode(e: unknown): number | undefined {
+  const c = (e as { code?: unknown } | null)?.code;
+  return typeof c === 'number' ? c : undefined;
+}

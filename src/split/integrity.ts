@@ -1,0 +1,243 @@
+/**
+ * Integrity against a lying accelerator: Freivalds checks with secret vectors.
+ *
+ * For each obfuscated linear y = x W + b the enclave keeps K secret vectors r_k (d_out),
+ * w_k = W r_k (d_in), c_k = b . r_k, and for the backward product dx = dy W^T secret s_k
+ * (d_in) with v_k = W^T s_k (d_out). A reply is accepted only if, row by row,
+ *   y r_k = x w_k + c_k   and   dx s_k = dy v_k
+ * hold within float tolerance: O(n (d_in + d_out) K) work instead of recomputing the product.
+ * A wrong entry, a skipped bias or stale weights fail the check unless the error happens to
+ * be orthogonal to every secret vector (probability ~0 for Gaussian vectors).
+ *
+ * Under full fine-tuning the accelerator updates W with SGD-momentum; the enclave, which
+ * knows every x it sent and every dy it computed, updates w, c, v the same way:
+ *   G r = x^T (dy r),  G^T s = dy^T (x s),  buf <- mu buf + scale G,  W <- W - lr buf.
+ * Tracking is in float64.
+ */
+import type { AcceleratorWeights, LinearName } from '../obfuscate/transform.js';
+import { LINEARS } from '../obfuscate/transform.js';
+import type { RandomSource } from '../tensor/rng.js';
+import type { EnclaveTensors } from '../obfuscate/transform.js';
+
+export const CHECK_VECTORS = 2;
+
+export class IntegrityError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'IntegrityError';
+  }
+}
+
+interface Track {
+  din: number;
+  dout: number;
+  r: Float64Array; // [dout, K]
+  w: Float64Array; // [din, K]
+  c: Float64Array; // [K]
+  s: Float64Array; // [din, K]
+  v: Float64Array; // [dout, K]
+  // this step's gradient projections and the momentum buffers' projections
+  gr: Float64Array; gc: Float64Array; gs: Float64Array;
+  mr: Float64Array; mc: Float64Array; ms: Float64Array;
+  touched: boolean;
+  fresh: boolean;
+}
+
+/** Provider side: secret check vectors for every linear, computed from the obfuscated weights. */
+export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K = CHECK_VECTORS): EnclaveTensors {
+  const out: EnclaveTensors = new Map();
+  acc.layers.forEach((layer, l) => {
+    for (const name of LINEARS) {
+      const { w: W, b, din, dout } = layer[name];
+      const r = new Float64Array(dout * K);
+      const s = new Float64Array(din * K);
+      rng.fillNormal(r);
+      rng.fillNormal(s);
+      const w = new Float64Array(din * K);
+      const v = new Float64Array(dout * K);
+      const c = new Float64Array(K);
+      for (let i = 0; i < din; i++) {
+        const row = i * dout;
+        for (let j = 0; j < dout; j++) {
+          const x = W[row + j];
+          for (let k = 0; k < K; k++) {
+            w[i * K + k] += x * r[j * K + k];
+            v[j * K + k] += x * s[i * K + k];
+          }
+        }
+      }
+      for (let j = 0; j < dout; j++) for (let k = 0; k < K; k++) c[k] += b[j] * r[j * K + k];
+      const key = `chk.${l}.${name}`;
+      out.set(`${key}.r`, Float32Array.from(r));
+      out.set(`${key}.s`, Float32Array.from(s));
+      // w, v, c are stored rounded; the check tolerance absorbs it
+      out.set(`${key}.w`, Float32Array.from(w));
+      out.set(`${key}.v`, Float32Array.from(v));
+      out.set(`${key}.c`, Float32Array.from(c));
+    }
+  });
+  return out;
+}
+
+export class IntegrityChecker {
+  private tracks = new Map<string, Track>();
+  /** relative tolerance of a row check, against the sum of absolute terms */
+  tol = 2e-5;
+  checks = 0;
+  ms = 0;
+
+  constructor(tensors: EnclaveTensors, nLayer: number, readonly K = CHECK_VECTORS) {
+    for (let l = 0; l < nLayer; l++) {
+      for (const name of LINEARS) {
+        const key = `chk.${l}.${name}`;
+        const get = (p: string) => {
+          const t = tensors.get(`${key}.${p}`);
+          if (!t) throw new Error(`enclave bundle lacks integrity vectors "${key}.${p}"`);
+          return Float64Array.from(t);
+        };
+        const r = get('r'), w = get('w'), s = get('s'), v = get('v'), c = get('c');
+        const dout = r.length / K, din = w.length / K;
+        if (s.length !== din * K || v.length !== dout * K || c.length !== K) throw new Error(`integrity vectors of h.${l}.${name} have inconsistent sizes`);
+        this.tracks.set(`${l}.${name}`, {
+          din, dout, r, w, c, s, v,
+          gr: new Float64Array(din * K), gc: new Float64Array(K), gs: new Float64Array(dout * K),
+          mr: new Float64Array(din * K), mc: new Float64Array(K), ms: new Float64Array(dout * K), touched: false, fresh: true,
+        });
+      }
+    }
+  }
+
+  private track(l: number, name: LinearName): Track {
+    const t = this.tracks.get(`${l}.${name}`);
+    if (!t) throw new Error(`no integrity vectors for h.${l}.${name}`);
+    return t;
+  }
+
+  /** y[rows, dout] = x[rows, din] W + b ? */
+  checkForward(l: number, name: LinearName, x: Float32Array, y: Float32Array, rows: number): void {
+    const t0 = performance.now();
+    const t = this.track(l, name);
+    this.rowCheck(`forward of h.${l}.${name}`, y, t.r, t.dout, x, t.w, t.din, t.c, rows);
+    this.ms += performance.now() - t0;
+  }
+
+  /** dx[rows, din] = dy[rows, dout] W^T ? */
+  checkBackward(l: number, name: LinearName, dy: Float32Array, dx: Float32Array, rows: number): void {
+    const t0 = performance.now();
+    const t = this.track(l, name);
+    this.rowCheck(`backward of h.${l}.${name}`, dx, t.s, t.din, dy, t.v, t.dout, null, rows);
+    this.ms += performance.now() - t0;
+  }
+
+  // lhs[rows, a] . p[a, K]  ==  rhs[rows, b] . q[b, K] + c
+  private rowCheck(what: string, lhs: Float32Array, p: Float64Array, a: number, rhs: Float32Array, q: Float64Array, b: number, c: Float64Array | null, rows: number): void {
+    const K = this.K;
+    const acc = new Float64Array(K);
+    const mag = new Float64Array(K);
+    for (let i = 0; i < rows; i++) {
+      acc.fill(0);
+      mag.fill(0);
+      const lo = i * a;
+      for (let j = 0; j < a; j++) {
+        const y = lhs[lo + j];
+        for (let k = 0; k < K; k++) {
+          const z = y * p[j * K + k];
+          acc[k] += z;
+          mag[k] += Math.abs(z);
+        }
+      }
+      const ro = i * b;
+      for (let j = 0; j < b; j++) {
+        const x = rhs[ro + j];
+        for (let k = 0; k < K; k++) {
+          const z = x * q[j * K + k];
+          acc[k] -= z;
+          mag[k] += Math.abs(z);
+        }
+      }
+      for (let k = 0; k < K; k++) {
+        if (c) {
+          acc[k] -= c[k];
+          mag[k] += Math.abs(c[k]);
+        }
+        const err = Math.abs(acc[k]);
+        if (!(err <= this.tol * mag[k] + 1e-6)) {
+          throw new IntegrityError(`integrity check failed: the accelerator's ${what} is wrong at row ${i} (secret-vector residual ${err.toExponential(2)}, tolerance ${(this.tol * mag[k]).toExponential(2)})`);
+        }
+      }
+    }
+    this.checks += rows * K;
+  }
+
+  /** Records x^T dy of one backward call (full fine-tuning), projected on the secret vectors. */
+  accumulate(l: number, name: LinearName, x: Float32Array, dy: Float32Array, rows: number): void {
+    const t0 = performance.now();
+    const t = this.track(l, name);
+    const K = this.K;
+    const { din, dout } = t;
+    const dyr = new Float64Array(K);
+    const xs = new Float64Array(K);
+    for (let i = 0; i < rows; i++) {
+      dyr.fill(0);
+      xs.fill(0);
+      for (let j = 0; j < dout; j++) { const g = dy[i * dout + j]; for (let k = 0; k < K; k++) dyr[k] += g * t.r[j * K + k]; }
+      for (let j = 0; j < din; j++) { const g = x[i * din + j]; for (let k = 0; k < K; k++) xs[k] += g * t.s[j * K + k]; }
+      for (let j = 0; j < din; j++) { const g = x[i * din + j]; for (let k = 0; k < K; k++) t.gr[j * K + k] += g * dyr[k]; }
+      for (let j = 0; j < dout; j++) { const g = dy[i * dout + j]; for (let k = 0; k < K; k++) t.gs[j * K + k] += g * xs[k]; }
+      for (let k = 0; k < K; k++) t.gc[k] += dyr[k];
+    }
+    t.touched = true;
+    this.ms += performance.now() - t0;
+  }
+
+  /** Mirrors the accelerator's SGD-momentum step on the tracked vectors. */
+  applyUpdate(lr: number, momentum: number, scale: number): void {
+    for (const t of this.tracks.values()) {
+      if (!t.touched) continue;
+      const upd = (val: Float64Array, buf: Float64Array, g: Float64Array) => {
+        for (let i = 0; i < val.length; i++) {
+          const gi = g[i] * scale;
+          const b = momentum === 0 ? gi : t.fresh ? gi : momentum * buf[i] + gi;
+          buf[i] = b;
+          val[i] -= lr * b;
+          g[i] = 0;
+        }
+      };
+      upd(t.w, t.mr, t.gr);
+      upd(t.c, t.mc, t.gc);
+      upd(t.v, t.ms, t.gs);
+      t.fresh = momentum === 0 ? t.fresh : false;
+      t.touched = false;
+    }
+  }
+
+  /** Drops this step's accumulated projections (aborted step). */
+  reset(): void {
+    for (const t of this.tracks.values()) {
+      t.gr.fill(0); t.gc.fill(0); t.gs.fill(0);
+      t.touched = false;
+    }
+  }
+
+  /** Serialisable tracked state (for checkpoints), float64. */
+  state(): Map<string, Float64Array> {
+    const m = new Map<string, Float64Array>();
+    for (const [k, t] of this.tracks) {
+      for (const [n, v] of [['w', t.w], ['c', t.c], ['v', t.v], ['mr', t.mr], ['mc', t.mc], ['ms', t.ms]] as const) m.set(`${k}.${n}`, v);
+      m.set(`${k}.fresh`, Float64Array.of(t.fresh ? 1 : 0));
+    }
+    return m;
+  }
+
+  load(m: Map<string, Float64Array>): void {
+    for (const [k, t] of this.tracks) {
+      for (const n of ['w', 'c', 'v', 'mr', 'mc', 'ms'] as const) {
+        const v = m.get(`${k}.${n}`);
+        if (!v || v.length !== t[n].length) throw new Error(`integrity state "${k}.${n}" missing or of the wrong size`);
+        t[n].set(v);
+      }
+      t.fresh = (m.get(`${k}.fresh`)?.[0] ?? 1) === 1;
+      t.touched = false;
+    }
+  }
+}

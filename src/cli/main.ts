@@ -13,6 +13,8 @@ import { trainLM, evaluateLM } from '../train/lm.js';
 import { progressBar } from './progress.js';
 import { loadModel, parseIntArg, parseFloatArg } from './model_args.js';
 import { runStart } from './start.js';
+import { addServiceCommands } from './service_cmds.js';
+import { benchFinetune, benchFinetuneOne, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 
@@ -142,6 +144,7 @@ export function buildProgram(): Command {
     });
 
   addSplitCommands(program);
+  addServiceCommands(program);
   addFinetuneCommands(program);
 
   const bench = program.command('bench').description('benchmarks (human-readable by default, --json for tools)');
@@ -187,6 +190,40 @@ export function buildProgram(): Command {
       console.log(o.json ? JSON.stringify(r) : formatTrainStep(r));
     });
 
+  bench
+    .command('finetune')
+    .description('fine-tuning step time of local, sealed and paper (kappa 1) modes side by side, each in its own process')
+    .option('--json', 'print JSON')
+    .option('--model <preset>', 'model preset', 'gpt2')
+    .addOption(new Option('--method <method>', 'fine-tuning method').choices(['lora', 'full']).default('lora'))
+    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
+    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
+    .option('--steps <n>', 'timed steps per mode (after one warm-up step)', parseIntArg('--steps'), 5)
+    .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
+    .addOption(new Option('--transport <t>', 'enclave-accelerator transport of the split modes').choices(['in-process', 'grpc']).default('in-process'))
+    .action((o) => {
+      const bar = progressBar(3, 'bench finetune', '{label}');
+      const r = benchFinetune({ ...o, onProgress: (i, _n, label) => bar.update(i, { label }) });
+      bar.stop();
+      console.log(o.json ? JSON.stringify(r) : formatFinetuneBench(r));
+    });
+  bench
+    .command('finetune-one', { hidden: true })
+    .description('one mode of `bench finetune` (used internally)')
+    .option('--json', 'print JSON')
+    .requiredOption('--model <preset>', 'model preset')
+    .requiredOption('--method <method>', 'lora|full')
+    .requiredOption('--mode <mode>', 'local|sealed|paper')
+    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
+    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
+    .option('--steps <n>', 'timed steps', parseIntArg('--steps'), 5)
+    .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
+    .option('--transport <t>', 'in-process|grpc', 'in-process')
+    .action(async (o) => {
+      const r = await benchFinetuneOne({ ...o, link: o.transport === 'grpc' ? await grpcBenchLink() : undefined });
+      console.log(JSON.stringify(r));
+    });
+
   program
     .command('start')
     .description('the main job (what `npm start` runs): train the bundled small model on the bundled text and show a sample')
@@ -197,6 +234,12 @@ export function buildProgram(): Command {
     });
 
   return program;
+}
+
+/** A gRPC link to an accelerator served in a child process (set up by the benchmark). */
+async function grpcBenchLink() {
+  const { spawnedAcceleratorLink } = await import('../roles/spawn.js');
+  return spawnedAcceleratorLink;
 }
 
 export async function main(argv: string[]): Promise<void> {

@@ -2,7 +2,17 @@
 import { Command, Option } from 'commander';
 import { serveAccelerator } from '../roles/accelerator_service.js';
 import { EVIL_MODES } from '../split/accelerator.js';
-import { parseIntArg } from './model_args.js';
+import { parseIntArg, parseFloatArg } from './model_args.js';
+import nodePath from 'node:path';
+import { createSimRoot, loadSimRoot, SimSoftwarePlatform, SIM_ROOT_FILES } from '../tee/sim.js';
+import { serveEnclave } from '../roles/enclave_service.js';
+import {
+  EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob,
+} from '../roles/parties.js';
+import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
+import { parseMaskSpec } from '../linalg/masks.js';
+import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
+import { readJsonl } from '../data/jsonl.js';
 
 /** Stops a service cleanly on SIGINT/SIGTERM. */
 export function onShutdown(close: () => Promise<void>): void {
@@ -22,16 +32,145 @@ export function addServiceCommands(program: Command): void {
   acc
     .command('serve')
     .description('serve an accelerator bundle over gRPC (prints {"event":"listening","port":P} when ready)')
-    .requiredOption('--bundle <dir>', 'accelerator bundle directory')
+    .option('--bundle <dir>', 'accelerator bundle directory (default: the uploaded one in the state dir)')
+    .requiredOption('--state-dir <dir>', 'the accelerator\'s own storage (uploaded bundle, checkpoints)')
     .option('--host <host>', 'listen address', '127.0.0.1')
     .option('--port <n>', 'port (0 = ephemeral)', parseIntArg('--port'), 50551)
-    .option('--state-dir <dir>', 'where the accelerator keeps its checkpoints')
     .addOption(new Option('--evil <mode>', 'simulate a lying accelerator (tests and demos)').choices(EVIL_MODES))
     .option('--max-message-mb <n>', 'largest accepted message', parseIntArg('--max-message-mb'), 256)
     .action(async (o) => {
-      const { server } = await serveAccelerator(o);
+      const { server, host } = await serveAccelerator(o);
       console.log(JSON.stringify({ event: 'listening', role: 'accelerator', port: server.port, evil: o.evil ?? null }));
-      console.error(`accelerator serving ${o.bundle} on ${server.address}${o.evil ? ` (EVIL: ${o.evil})` : ''}`);
+      console.error(`accelerator on ${server.address}: ${host.loaded ? `serving bundle ${host.loaded.manifestSha256.slice(0, 12)}` : 'waiting for the provider\'s bundle'}${o.evil ? ` (EVIL: ${o.evil})` : ''}`);
       onShutdown(() => server.close());
+    });
+  addPartyCommands(program);
+}
+
+function trustOptions(cmd: Command): Command {
+  return cmd
+    .requiredOption('--enclave <addr>', 'enclave address host:port')
+    .requiredOption('--trust <pem>', 'the platform root public key to trust (simulated platform: sim-root.pub.pem)')
+    .option('--measurement <hex...>', 'accepted enclave measurements (default: this build\'s, see `enclave measure`)');
+}
+
+async function connect(o: { enclave: string; trust: string; measurement?: string[] }, keyFile: string): Promise<EnclaveClient> {
+  const key = await loadOrCreatePartyKey(keyFile);
+  const c = new EnclaveClient(o.enclave, key, { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()] });
+  const a = await c.attest();
+  console.error(`attested enclave ${a.evidence.platform} measurement ${a.evidence.measurement.slice(0, 16)}...${a.evidence.simulated ? ' (SIMULATED platform)' : ''}`);
+  return c;
+}
+
+export function addPartyCommands(program: Command): void {
+  const enc = program.commands.find((c) => c.name() === 'enclave') ?? program.command('enclave').description('the TEE program (simulated platform)');
+  enc
+    .command('init-platform')
+    .description('create the simulated platform root (signing key standing in for the hardware root, platform secret)')
+    .requiredOption('--dir <dir>', 'where to write sim-root.key.pem, sim-root.pub.pem, sim-platform.secret')
+    .option('--force', 'overwrite an existing root')
+    .action((o) => {
+      createSimRoot(o.dir, { overwrite: o.force });
+      console.log(`simulated platform root written to ${o.dir}; clients trust ${nodePath.join(o.dir, SIM_ROOT_FILES.publicKey)}`);
+    });
+  enc
+    .command('measure')
+    .description('the measurement of this build of the enclave program (what clients put on their allow-list)')
+    .action(() => console.log(enclaveMeasurement()));
+  enc
+    .command('serve')
+    .description('run the enclave service (prints {"event":"listening","port":P} when ready)')
+    .requiredOption('--platform <dir>', 'simulated platform root directory (from `enclave init-platform`)')
+    .requiredOption('--state-dir <dir>', 'persistent storage: only sealed blobs are written there')
+    .requiredOption('--accelerator <addr>', 'accelerator address host:port')
+    .option('--host <host>', 'listen address', '127.0.0.1')
+    .option('--port <n>', 'port (0 = ephemeral)', parseIntArg('--port'), 50552)
+    .action(async (o) => {
+      const root = loadSimRoot(o.platform);
+      const platform = new SimSoftwarePlatform(root, enclaveMeasurement());
+      const s = await serveEnclave({ platform, stateDir: o.stateDir, accelerator: o.accelerator, host: o.host, port: o.port });
+      console.log(JSON.stringify({ event: 'listening', role: 'enclave', port: s.port, measurement: platform.measurement() }));
+      console.error(`enclave on ${o.host}:${s.port} (SIMULATED TEE platform), accelerator ${o.accelerator}`);
+      onShutdown(() => s.close());
+    });
+
+  const prov = program.command('provider').description('the model provider\'s client');
+  trustOptions(prov
+    .command('deploy')
+    .description('verify the enclave, obfuscate the model, upload the accelerator bundle to the accelerator and the encrypted enclave bundle to the enclave')
+    .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint')
+    .requiredOption('--accelerator <addr>', 'accelerator address')
+    .requiredOption('--out <dir>', 'where the provider keeps the bundles and its secret key')
+    .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('sealed'))
+    .option('--kappa <k>', 'mask condition number', '1'))
+    .action(async (o) => {
+      const c = await connect(o, nodePath.join(o.out, 'provider', 'party-key.json'));
+      const r = obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec: parseMaskSpec(String(o.kappa)) });
+      writeObfuscation(o.out, r);
+      const a = await uploadAcceleratorBundle(o.accelerator, nodePath.join(o.out, 'accelerator'));
+      console.log(`accelerator loaded bundle ${a.manifest_sha256.slice(0, 16)}...`);
+      console.log(JSON.stringify(await uploadEnclaveBundle(c, nodePath.join(o.out, 'enclave'))));
+      c.close();
+    });
+  trustOptions(prov
+    .command('fetch')
+    .description('receive the fine-tuned update (encrypted to the provider) and merge it into a plain checkpoint')
+    .requiredOption('--bundles <dir>', 'the directory `provider deploy` wrote')
+    .requiredOption('--base <dir>', 'the original plain checkpoint')
+    .requiredOption('--accelerator <addr>', 'accelerator address (trained weights of full fine-tuning)')
+    .requiredOption('--out <dir>', 'output checkpoint directory'))
+    .action(async (o) => {
+      const c = await connect(o, nodePath.join(o.bundles, 'provider', 'party-key.json'));
+      const { merged, update } = await fetchAndMerge(c, o.accelerator, loadCheckpoint(o.base), o.bundles, nodePath.join(o.bundles, 'scratch'));
+      saveCheckpoint(o.out, merged);
+      console.log(JSON.stringify({ out: o.out, ...update }));
+      c.close();
+    });
+
+  const own = program.command('owner').description('the data owner\'s client');
+  const ownerKey = (o: { key: string }) => o.key;
+  const withKey = (cmd: Command) => trustOptions(cmd).requiredOption('--key <file>', 'the owner\'s key file (created on first use)');
+  withKey(own.command('upload').description('encrypt each record to the attested enclave and upload')
+    .requiredOption('--train <file>', 'training JSONL').option('--eval <file>', 'evaluation JSONL'))
+    .action(async (o) => {
+      const c = await connect(o, ownerKey(o));
+      console.log(JSON.stringify(await uploadRecords(c, 'train', readJsonl(o.train))));
+      if (o.eval) console.log(JSON.stringify(await uploadRecords(c, 'eval', readJsonl(o.eval))));
+      c.close();
+    });
+  withKey(own.command('finetune').description('start fine-tuning in the enclave and follow its metrics')
+    .addOption(new Option('--task <task>').choices(['lm', 'cls']).default('cls'))
+    .addOption(new Option('--method <method>').choices(['lora', 'full']).default('lora'))
+    .option('--steps <n>', 'steps', parseIntArg('--steps'), 100)
+    .option('--batch <n>', 'batch', parseIntArg('--batch'), 8)
+    .option('--max-len <n>', 'max tokens per example', parseIntArg('--max-len'), 128)
+    .option('--lr <x>', 'learning rate', parseFloatArg('--lr'), 1e-3)
+    .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
+    .option('--checkpoint-every <n>', 'checkpoint interval', parseIntArg('--checkpoint-every'), 50))
+    .action(async (o) => {
+      const c = await connect(o, ownerKey(o));
+      await c.command('start_finetune', { spec: {
+        task: o.task, method: o.method, steps: o.steps, batch: o.batch, max_len: o.maxLen, lr: o.lr, warmup: Math.min(10, o.steps), clip: 1, seed: 1,
+        eval_every: 0, checkpoint_every: o.checkpointEvery, enclave_optimizer: 'adamw', momentum: 0.9, lora: { rank: o.rank, alpha: 2 * o.rank, dropout: 0, targets: 'q,v' },
+      } });
+      const s = await waitForJob(c, (st) => {
+        const j = st.job as { step: number; steps: number; loss: number | null } | null;
+        if (j) process.stderr.write(`\rstep ${j.step}/${j.steps} loss ${j.loss?.toFixed(4) ?? '-'}   `);
+      });
+      process.stderr.write('\n');
+      console.log(JSON.stringify(s.job));
+      c.close();
+    });
+  withKey(own.command('status').description('job status and metrics')).action(async (o) => {
+    const c = await connect(o, ownerKey(o));
+    console.log(JSON.stringify(await c.command('status')));
+    c.close();
+  });
+  withKey(own.command('infer').description('inference with the fine-tuned model in the enclave')
+    .requiredOption('--text <texts...>', 'input texts'))
+    .action(async (o) => {
+      const c = await connect(o, ownerKey(o));
+      console.log(JSON.stringify(await c.command('infer', { texts: o.text })));
+      c.close();
     });
 }

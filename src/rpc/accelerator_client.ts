@@ -56,6 +56,8 @@ export interface GrpcLinkOptions {
 export interface HealthStatus {
   status: string;
   served: number;
+  /** SHA-256 of the accelerator manifest it serves (null before the provider's upload) */
+  manifest_sha256?: string | null;
 }
 
 /** A failed call: `code` is the gRPC status (grpc.status), `op` the request's op. */
@@ -195,7 +197,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     if (typeof o !== 'object' || o === null || typeof o.status !== 'string' || typeof o.served !== 'number') {
       throw new RpcError(`accelerator rpc health to ${this.address}: unexpected answer ${back.toString('utf8').slice(0, 200)}`, grpc.status.DATA_LOSS, 'health');
     }
-    return { status: o.status, served: o.served };
+    return { status: o.status, served: o.served, manifest_sha256: typeof o.manifest_sha256 === 'string' ? o.manifest_sha256 : null };
   }
 
   /**

@@ -20,6 +20,8 @@ import {
 /** Anything that answers requests: an `Accelerator`, or a test double (may be async). */
 export interface RequestHandler {
   handle(req: AcceleratorRequest): AcceleratorReply | Promise<AcceleratorReply>;
+  /** extra fields of the Health answer (e.g. which bundle is loaded) */
+  info?(): Record<string, unknown>;
 }
 
 export interface AcceleratorServerOptions {
@@ -34,6 +36,8 @@ export interface AcceleratorServerOptions {
   credentials?: grpc.ServerCredentials;
   /** one line per refused or failed call */
   log?: (line: string) => void;
+  /** registers further services on the same server (e.g. the provider's bundle upload) */
+  addServices?: (server: grpc.Server) => void;
 }
 
 export interface AcceleratorServer {
@@ -131,10 +135,11 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   };
 
   const onHealth = (_call: grpc.ServerUnaryCall<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>): void => {
-    cb(null, Buffer.from(JSON.stringify({ status: 'SERVING', served }), 'utf8'));
+    cb(null, Buffer.from(JSON.stringify({ status: 'SERVING', served, ...(acc.info?.() ?? {}) }), 'utf8'));
   };
 
   server.addService(ACCELERATOR_SERVICE, { Call: onCall, Health: onHealth });
+  opts.addServices?.(server);
 
   const bindTo = formatAddress({ host, port: wantPort });
   const port = await new Promise<number>((resolve, reject) => {

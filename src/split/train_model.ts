@@ -117,6 +117,8 @@ export interface ForwardResult {
   correct?: number;
   /** cls: predicted label per example */
   predictions?: Int32Array;
+  /** evaluation forward only: the probabilities (lm [B*T, V], cls [B, K]) */
+  probs?: Float32Array;
 }
 
 const SECTION: Record<'q' | 'k' | 'v', number> = { q: 0, k: 1, v: 2 };
@@ -433,6 +435,7 @@ export class SplitModel {
       const r = crossEntropyForward(probs, targets, new Float32Array(B), B, K);
       result = { loss: r.loss, count: r.count, correct, predictions };
     }
+    if (!train) result.probs = probs;
     this.state = train ? { B, T, tokens, targets, count: result.count, layers, hL: Float32Array.from(h), xf, meanf, rstdf, hf, probs, pooled, pooledH } : null;
     return result;
   }

@@ -77,6 +77,8 @@ export interface FinetuneSummary {
 export interface RunHooks {
   onStep?: (m: StepMetrics) => void;
   onEval?: (step: number, m: EvalMetrics) => void;
+  /** after a checkpoint directory is complete (e.g. to seal it to persistent storage) */
+  onCheckpoint?: (name: string, dir: string, step: number) => Promise<void>;
 }
 
 function makeOpt(kind: 'adamw' | 'sgd', n: number, cfg: FinetuneConfig): Optimizer {
@@ -229,6 +231,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     // keep the two most recent checkpoints
     const all = readdirSync(path.join(runDir, 'checkpoints')).filter((n) => /^step-\d{7}$/.test(n)).sort();
     for (const old of all.slice(0, -2)) rmSync(path.join(runDir, 'checkpoints', old), { recursive: true, force: true });
+    await opts.onCheckpoint?.(name, dir, step);
     return name;
   };
 

@@ -1,0 +1,224 @@
+// The parties as separate processes on loopback: attestation, end-to-end encryption, policy,
+// integrity against a lying accelerator, and recovery from killed services.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import os from 'node:os';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { spawnService, type Spawned } from '../src/roles/spawn.js';
+import { EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob } from '../src/roles/parties.js';
+import { obfuscateWeights, writeObfuscation } from '../src/obfuscate/provider.js';
+import { loadEnclaveBundle, loadAcceleratorBundle } from '../src/obfuscate/bundle.js';
+import { loadCheckpoint } from '../src/model/checkpoint.js';
+import { createSimRoot } from '../src/tee/sim.js';
+import type { Record_ } from '../src/data/jsonl.js';
+import { encodeRecords, labelSet } from '../src/data/jsonl.js';
+import { gpt2Tokenizer } from '../src/model/tokenizer.js';
+import { SplitModel } from '../src/split/train_model.js';
+import { Accelerator } from '../src/split/accelerator.js';
+import { InProcessLink } from '../src/split/link.js';
+import { Rng } from '../src/tensor/rng.js';
+import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
+import { GPT2 } from '../src/model/gpt2.js';
+import type { JobSpec } from '../src/roles/enclave_service.js';
+
+const FIX = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../test/fixtures');
+
+function records(n: number, seed: number): Record_[] {
+  const rng = new Rng(seed);
+  const good = ['good', 'great', 'fine'], bad = ['bad', 'awful', 'poor'];
+  return Array.from({ length: n }, () => {
+    const pos = rng.uniform() < 0.5;
+    const w = (pos ? good : bad)[rng.int(3)];
+    return { text: `this was ${w} really ${w}`, label: pos ? 'pos' : 'neg' };
+  });
+}
+
+const spec = (o: Partial<JobSpec> = {}): JobSpec => ({
+  task: 'cls', method: 'full', steps: 24, batch: 8, max_len: 16, lr: 0.05, warmup: 2, clip: 1, seed: 3, eval_every: 0,
+  checkpoint_every: 4, enclave_optimizer: 'sgd', momentum: 0.9, lora: { rank: 4, alpha: 8, dropout: 0, targets: 'q,v' }, ...o,
+});
+
+interface World {
+  dir: string;
+  acc: Spawned;
+  enc: Spawned;
+  accAddr: string;
+  encAddr: string;
+  trust: { rootPublicKey: string; allowList: string[] };
+  provider: EnclaveClient;
+  owner: EnclaveClient;
+  stop(): Promise<void>;
+}
+
+async function world(accArgs: string[] = []): Promise<World> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-deploy-'));
+  createSimRoot(path.join(dir, 'platform'));
+  const acc = await spawnService(['accelerator', 'serve', '--state-dir', path.join(dir, 'acc'), '--port', '0', ...accArgs]);
+  const accAddr = `127.0.0.1:${acc.port}`;
+  const enc = await spawnService(['enclave', 'serve', '--platform', path.join(dir, 'platform'), '--state-dir', path.join(dir, 'enc'), '--accelerator', accAddr, '--port', '0']);
+  const encAddr = `127.0.0.1:${enc.port}`;
+  const trust = { rootPublicKey: path.join(dir, 'platform', 'sim-root.pub.pem'), allowList: [enclaveMeasurement()] };
+  const provider = new EnclaveClient(encAddr, await loadOrCreatePartyKey(path.join(dir, 'provider.json')), trust);
+  const owner = new EnclaveClient(encAddr, await loadOrCreatePartyKey(path.join(dir, 'owner.json')), trust);
+  await provider.attest();
+  await owner.attest();
+  const base = loadCheckpoint(path.join(FIX, 'vocab50257'));
+  writeObfuscation(path.join(dir, 'bundles'), obfuscateWeights(base, { mode: 'sealed', seed: 5 }));
+  await uploadAcceleratorBundle(accAddr, path.join(dir, 'bundles', 'accelerator'));
+  await uploadEnclaveBundle(provider, path.join(dir, 'bundles', 'enclave'));
+  await uploadRecords(owner, 'train', records(48, 1));
+  await uploadRecords(owner, 'eval', records(16, 2));
+  const w: World = {
+    dir, acc, enc, accAddr, encAddr, trust, provider, owner,
+    stop: async () => {
+      w.provider.close();
+      w.owner.close();
+      await w.enc.kill('SIGKILL');
+      await w.acc.kill('SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  return w;
+}
+
+/** The same job in one process, from the same bundles: the reference for recovery tests. */
+async function reference(dir: string, s: JobSpec): Promise<{ last: number; eval: number }> {
+  const enc = loadEnclaveBundle(path.join(dir, 'bundles', 'enclave'));
+  const acc = loadAcceleratorBundle(path.join(dir, 'bundles', 'accelerator'));
+  const train = records(48, 1), ev = records(16, 2);
+  const labels = labelSet(train, 'train');
+  const rng = new Rng(s.seed);
+  const model = new SplitModel({ mode: enc.mode, method: s.method, task: s.task, config: enc.config, tensors: enc.tensors, link: new InProcessLink(new Accelerator(acc.weights, { stateDir: path.join(dir, 'ref-acc') })), numLabels: labels.length, padTokenId: gpt2Tokenizer.eotId, rng });
+  const enc_ = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task: s.task, maxLen: s.max_len, labels, source: 'x' });
+  const cfg: FinetuneConfig = { task: s.task, method: s.method, mode: enc.mode, kappa: enc.spec, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup, minLrFrac: 0.1, clip: s.clip, weightDecay: 0, enclaveOptimizer: s.enclave_optimizer, momentum: s.momentum, seed: s.seed, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: 'ref' };
+  const sum = await runFinetune(model, enc_(train), enc_(ev), cfg, path.join(dir, 'ref-run'), gpt2Tokenizer.eotId, { rng });
+  return { last: sum.train_loss_last, eval: sum.eval!.loss };
+}
+
+async function waitForStep(c: EnclaveClient, step: number): Promise<void> {
+  for (let i = 0; i < 600; i++) {
+    const s = await c.command<{ job: { step: number; state: string } | null }>('status');
+    if (s.job && (s.job.step >= step || s.job.state !== 'running')) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error('job did not reach the step');
+}
+
+test('multi-process flow: attested uploads, LoRA fine-tuning, inference, policy, provider merge', async () => {
+  const w = await world();
+  try {
+    await w.owner.command('start_finetune', { spec: spec({ method: 'lora', lr: 1e-2, steps: 16, enclave_optimizer: 'adamw' }) });
+    const st = await waitForJob(w.owner) as { job: { state: string; summary: { eval: { accuracy: number } } } };
+    assert.equal(st.job.state, 'done');
+    assert.ok(st.job.summary.eval.accuracy >= 0);
+    const inf = await w.owner.command<{ predictions: string[] }>('infer', { texts: ['this was good really good', 'this was awful really awful'] });
+    assert.equal(inf.predictions.length, 2);
+    await assert.rejects(w.owner.command('fetch_update'), /policy: "fetch_update" is not allowed for owner/);
+    await assert.rejects(w.provider.command('infer', { texts: ['x'] }), /policy: "infer" is not allowed for provider/);
+    const base = loadCheckpoint(path.join(FIX, 'vocab50257'));
+    const { merged } = await fetchAndMerge(w.provider, w.accAddr, base, path.join(w.dir, 'bundles'), path.join(w.dir, 'scratch'));
+    // the provider's merged plain model classifies like the enclave
+    const m = new GPT2(merged);
+    m.padTokenId = gpt2Tokenizer.eotId;
+    const ids = gpt2Tokenizer.encode('this was good really good');
+    const r = m.forwardCls(Int32Array.from(ids), 1, ids.length);
+    const lab = merged.cls!.labels!;
+    assert.equal(lab[r.logits[0] > r.logits[1] ? 0 : 1], inf.predictions[0]);
+  } finally {
+    await w.stop();
+  }
+});
+
+test('attestation and transport attacks are refused; the enclave keeps serving', async () => {
+  const w = await world();
+  try {
+    // evidence for a measurement not on the allow-list
+    const other = new EnclaveClient(w.encAddr, await loadOrCreatePartyKey(path.join(w.dir, 'x.json')), { ...w.trust, allowList: ['00'.repeat(32)] });
+    await assert.rejects(other.attest(), /not in allow-list/);
+    other.close();
+    // a tampered ciphertext
+    const sealed = { sender: 'AAAA', session: w.owner.attested!.transcriptId, sealed: { enc: Buffer.alloc(32).toString('base64'), ciphertext: Buffer.alloc(40).toString('base64') } };
+    await assert.rejects(w.owner.rawCommand(sealed), /decryption failed|tampered/);
+    // an unknown session
+    await assert.rejects(w.owner.rawCommand({ ...sealed, session: 'nope' }), /unknown attestation session/);
+    // a replayed request: capture one sealed command and send it twice
+    const captured: unknown[] = [];
+    const orig = w.owner.rawCommand.bind(w.owner);
+    const c = w.owner as unknown as { command: EnclaveClient['command'] };
+    // build a sealed status command by hand through the client's own path
+    const { sealToEnclave } = await import('../src/tee/attest.js');
+    const { sealedToJson, publicKeyToBase64 } = await import('../src/tee/hpke.js');
+    const { COMMAND_AAD } = await import('../src/roles/protocol.js');
+    const msg = { id: 'replay-1', ts: Date.now(), op: 'status' };
+    const s2 = await sealToEnclave(w.owner.attested!, new TextEncoder().encode(JSON.stringify(msg)), COMMAND_AAD);
+    const wire = { sender: publicKeyToBase64(w.owner.key.publicKey), session: w.owner.attested!.transcriptId, sealed: sealedToJson(s2) };
+    captured.push(wire);
+    await orig(wire);
+    await assert.rejects(orig(wire), /replay/);
+    // an oversized message, from a client that is willing to send it: the server refuses
+    const grpc = await import('@grpc/grpc-js');
+    const { EnclaveServiceClient, ENCLAVE_SERVICE, unary } = await import('../src/roles/protocol.js');
+    const big = new EnclaveServiceClient(w.encAddr, grpc.credentials.createInsecure(), { 'grpc.max_send_message_length': 256 * 1024 * 1024 });
+    await assert.rejects(unary(big, ENCLAVE_SERVICE.Command, { ...wire, pad: 'x'.repeat(65 * 1024 * 1024) }), /larger than max|RESOURCE_EXHAUSTED|exceeds/i);
+    big.close();
+    // still serving
+    const st = await c.command<{ records: { train: number } }>('status');
+    assert.equal(st.records.train, 48);
+  } finally {
+    await w.stop();
+  }
+});
+
+test('a lying accelerator process is caught: the job fails with an integrity error', async () => {
+  const w = await world(['--evil', 'tamper']);
+  try {
+    await w.owner.command('start_finetune', { spec: spec({ steps: 4 }) });
+    const st = await waitForJob(w.owner) as { job: { state: string; error: string } };
+    assert.equal(st.job.state, 'failed');
+    assert.match(st.job.error, /integrity check failed/);
+  } finally {
+    await w.stop();
+  }
+});
+
+test('accelerator killed mid-training: the enclave waits, restores it from its checkpoint, and the run equals an uninterrupted one', async () => {
+  const w = await world();
+  try {
+    const s = spec();
+    await w.owner.command('start_finetune', { spec: s });
+    await waitForStep(w.owner, 10);
+    await w.acc.kill('SIGKILL');
+    w.acc = await spawnService(['accelerator', 'serve', '--state-dir', path.join(w.dir, 'acc'), '--port', String(Number(w.accAddr.split(':')[1]))]);
+    const st = await waitForJob(w.owner) as { job: { state: string; recoveries: number; summary: { train_loss_last: number; eval: { loss: number } } } };
+    assert.equal(st.job.state, 'done', JSON.stringify(st.job));
+    assert.ok(st.job.recoveries >= 1, 'a recovery happened');
+    const ref = await reference(w.dir, s);
+    assert.equal(st.job.summary.train_loss_last, ref.last);
+    assert.equal(st.job.summary.eval.loss, ref.eval);
+  } finally {
+    await w.stop();
+  }
+});
+
+test('enclave killed mid-run: it restarts, unseals its checkpoint, resumes, and the run equals an uninterrupted one', async () => {
+  const w = await world();
+  try {
+    const s = spec();
+    await w.owner.command('start_finetune', { spec: s });
+    await waitForStep(w.owner, 10);
+    await w.enc.kill('SIGKILL');
+    w.enc = await spawnService(['enclave', 'serve', '--platform', path.join(w.dir, 'platform'), '--state-dir', path.join(w.dir, 'enc'), '--accelerator', w.accAddr, '--port', String(Number(w.encAddr.split(':')[1]))]);
+    // a new enclave key: the owner attests again (its own key identifies it)
+    await w.owner.attest();
+    const st = await waitForJob(w.owner) as { job: { state: string; recoveries: number; summary: { train_loss_last: number; eval: { loss: number }; resumed_from: number } } };
+    assert.equal(st.job.state, 'done', JSON.stringify(st.job));
+    assert.ok(st.job.summary.resumed_from >= 4);
+    const ref = await reference(w.dir, s);
+    assert.equal(st.job.summary.train_loss_last, ref.last);
+    assert.equal(st.job.summary.eval.loss, ref.eval);
+  } finally {
+    await w.stop();
+  }
+});

@@ -109,6 +109,64 @@ export function buildProgram(): Command {
     });
 
   program
+    .command('pretrain')
+    .description('pretrain a base model from scratch on the training splits of JSONL datasets (with a progress bar)')
+    .requiredOption('--preset <name>', `architecture: ${presetNames().join(', ')}`)
+    .requiredOption('--corpus <files...>', 'training JSONL files (validation/test splits are refused)')
+    .option('--valid <files...>', 'validation JSONL files (loss reported, never trained on)')
+    .option('--steps <n>', 'optimisation steps', parseIntArg('--steps'), 1000)
+    .option('--batch <n>', 'sequences per step', parseIntArg('--batch'), 16)
+    .option('--seq <n>', 'tokens per sequence', parseIntArg('--seq'), 128)
+    .option('--lr <x>', 'peak learning rate', parseFloatArg('--lr'), 3e-3)
+    .option('--warmup <n>', 'warm-up steps', parseIntArg('--warmup'), 100)
+    .option('--weight-decay <x>', 'AdamW weight decay on matrices', parseFloatArg('--weight-decay'), 0.1)
+    .option('--eval-every <n>', 'validate every n steps', parseIntArg('--eval-every'), 200)
+    .option('--seed <n>', 'seed', parseIntArg('--seed'), 1)
+    .addOption(new Option('--dtype <dtype>', 'checkpoint dtype').choices(['F32', 'F16', 'BF16']).default('F16'))
+    .requiredOption('--out <dir>', 'output checkpoint directory')
+    .action(async (o) => {
+      const { corpusFromJsonl, unigramLoss } = await import('../train/pretrain.js');
+      const { writeFileSync } = await import('node:fs');
+      const pathMod = await import('node:path');
+      const config = getPreset(o.preset);
+      const tok = tokenizerFor(config.vocab_size);
+      const corpus = corpusFromJsonl(o.corpus, tok);
+      const valid = o.valid ? corpusFromJsonl(o.valid.map(String), tok, true).stream : null;
+      const model = GPT2.random(config, o.seed);
+      console.error(`pretraining ${o.preset} (${(model.numParams() / 1e6).toFixed(2)}M parameters) on ${corpus.stream.length.toLocaleString()} tokens from ${corpus.documents} documents`);
+      const log: Record<string, unknown>[] = [];
+      const bar = progressBar(o.steps, 'pretrain', 'loss {loss} | val {val} | {tps} tok/s');
+      let tokens = 0, ms = 0, lastVal = '-';
+      const t0 = performance.now();
+      trainLM(model, corpus.stream, {
+        steps: o.steps, batch: o.batch, seq: o.seq, lr: o.lr, warmup: o.warmup, optimizer: 'adamw', weightDecay: o.weightDecay, clip: 1.0, seed: o.seed,
+        onStep: (s) => {
+          tokens += s.tokens;
+          ms += s.ms;
+          if (valid && ((s.step + 1) % o.evalEvery === 0 || s.step + 1 === o.steps)) {
+            const e = evaluateLM(model, valid, o.seq, o.batch);
+            lastVal = e.loss.toFixed(3);
+            log.push({ step: s.step + 1, train_loss: s.loss, valid_loss: e.loss, valid_perplexity: e.perplexity });
+          }
+          bar.update(s.step + 1, { loss: s.loss.toFixed(3), val: lastVal, tps: Math.round((tokens / ms) * 1000) });
+        },
+      });
+      bar.stop();
+      const seconds = (performance.now() - t0) / 1000;
+      saveCheckpoint(o.out, model.weights(), { dtype: o.dtype });
+      const final = valid ? evaluateLM(model, valid, o.seq, o.batch) : null;
+      const info = {
+        preset: o.preset, config, params: model.numParams(), corpus: o.corpus, corpus_tokens: corpus.stream.length, valid: o.valid ?? null,
+        steps: o.steps, batch: o.batch, seq: o.seq, lr: o.lr, warmup: o.warmup, weight_decay: o.weightDecay, seed: o.seed, seconds,
+        valid_loss: final?.loss ?? null, valid_perplexity: final?.perplexity ?? null,
+        unigram_valid_loss: valid ? unigramLoss(corpus.stream, valid, config.vocab_size) : null,
+        command: 'obfuscatune ' + process.argv.slice(2).join(' '), log,
+      };
+      writeFileSync(pathMod.join(o.out, 'pretraining.json'), JSON.stringify(info, null, 2) + '\n');
+      console.log(`saved ${o.out}: validation loss ${final?.loss.toFixed(4) ?? '-'} (perplexity ${final?.perplexity.toFixed(1) ?? '-'}), unigram baseline ${info.unigram_valid_loss?.toFixed(4) ?? '-'}, ${seconds.toFixed(0)} s`);
+    });
+
+  program
     .command('generate')
     .description('generate text from a prompt (KV cache; greedy, temperature, top-k), from a plain model or through the split')
     .option('--model <dir|preset>', 'plain checkpoint directory, or a preset with --random-init')
@@ -226,11 +284,13 @@ export function buildProgram(): Command {
 
   program
     .command('start')
-    .description('the main job (what `npm start` runs): train the bundled small model on the bundled text and show a sample')
-    .option('--steps <n>', 'training steps', parseIntArg('--steps'))
+    .description('the main job (what `npm start` runs): provider, data owner, enclave and accelerator as separate processes, confidential fine-tuning vs local, HTML report')
+    .option('--steps <n>', 'fine-tuning steps', parseIntArg('--steps'))
+    .option('--model <dir>', 'base model (default: the bundled models/base-small)')
+    .option('--dataset <name>', 'bundled dataset under data/', 'food-reviews')
     .option('--out <dir>', 'run directory', 'runs/start')
     .action(async (o) => {
-      await runStart({ steps: o.steps, out: o.out });
+      await runStart({ steps: o.steps, out: o.out, model: o.model, dataset: o.dataset });
     });
 
   return program;

@@ -22,6 +22,9 @@ export const PRESETS: Record<string, GPT2Config> = {
   'gpt2-medium': { n_layer: 24, n_head: 16, n_embd: 1024, n_ctx: 1024, vocab_size: 50257, ...base },
   'gpt2-large': { n_layer: 36, n_head: 20, n_embd: 1280, n_ctx: 1024, vocab_size: 50257, ...base },
   'gpt2-xl': { n_layer: 48, n_head: 25, n_embd: 1600, n_ctx: 1024, vocab_size: 50257, ...base },
+  /** The project's pretrained base sizes (GPT-2 tokenizer, 256-token context). */
+  'base-small': { n_layer: 4, n_head: 4, n_embd: 128, n_ctx: 256, vocab_size: 50257, ...base },
+  'base-large': { n_layer: 6, n_head: 8, n_embd: 256, n_ctx: 256, vocab_size: 50257, ...base },
   /** About 6.7M parameters (most of them the 50257-row embedding). */
   'gpt2-mini': { n_layer: 4, n_head: 4, n_embd: 128, n_ctx: 256, vocab_size: 50257, ...base },
   /** A few hundred thousand parameters with a 512-token vocabulary; for tests. */

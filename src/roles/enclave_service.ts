@@ -72,6 +72,8 @@ interface JobState {
   summary: Omit<FinetuneSummary, 'losses'> | null;
   labels: string[];
   recoveries: number;
+  /** training loss of every step so far (aggregate metrics: the owner's to see) */
+  losses: number[];
 }
 
 type Role = 'provider' | 'owner';
@@ -233,8 +235,9 @@ export class EnclaveService {
         return {
           bundle: this.bundle ? { mode: this.bundle.mode, n_layer: this.bundle.config.n_layer, n_embd: this.bundle.config.n_embd } : null,
           records: { train: this.data.train.length, eval: this.data.eval.length },
-          job: j ? { state: j.state, step: j.step, steps: j.spec.steps, loss: j.loss, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: j.summary } : null,
+          job: j ? { state: j.state, step: j.step, steps: j.spec.steps, loss: j.loss, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: j.summary, losses: j.losses } : null,
           integrity_checks: this.model?.integrity?.checks ?? 0,
+          accelerator_traffic: { messages: this.link.stats.messages, bytes: this.link.stats.bytes },
           role,
         };
       }
@@ -243,7 +246,7 @@ export class EnclaveService {
         if (this.data.train.length === 0) throw new Error('no training data uploaded yet');
         if (this.job?.state === 'running') throw new Error('a job is already running');
         const spec = cmd.spec as JobSpec;
-        this.job = { spec, state: 'running', step: 0, loss: null, eval: null, error: null, summary: null, labels: [], recoveries: 0 };
+        this.job = { spec, state: 'running', step: 0, loss: null, eval: null, error: null, summary: null, labels: [], recoveries: 0, losses: [] };
         rmSync(path.join(this.privateDir, 'run'), { recursive: true, force: true });
         for (const f of readdirSync(path.join(this.o.stateDir, 'checkpoints'))) rmSync(path.join(this.o.stateDir, 'checkpoints', f), { force: true });
         await this.persist();
@@ -363,7 +366,12 @@ export class EnclaveService {
       try {
         const summary = await runFinetune(this.model, train, evalSet, cfg, runDir, tok.eotId, {
           resume: doResume, rng,
-          onStep: (m) => { job.step = m.step; job.loss = m.loss; },
+          onStep: (m) => {
+            job.step = m.step;
+            job.loss = m.loss;
+            job.losses.length = m.step - 1;
+            job.losses.push(m.loss);
+          },
           onEval: (_s, e) => { job.eval = e; },
           onCheckpoint: (name, dir) => this.sealCheckpoint(name, dir),
         });

@@ -1,0 +1,94 @@
+/**
+ * Loads the native GEMM addon (native/build/Release/obfuscatune_native.node).
+ *
+ * Environment:
+ *  - OBFUSCATUNE_BACKEND=js      never load the addon (pure-TypeScript kernels only)
+ *  - OBFUSCATUNE_BACKEND=native  the addon must load; otherwise importing this module throws
+ *  - unset                       use the addon when it loads, else warn once on stderr and fall back
+ *  - OBFUSCATUNE_THREADS=N       native thread count (default: os.availableParallelism())
+ *
+ * The addon trusts nothing it is given, but the argument checks with readable messages live in
+ * gemm.ts; call the addon through that module rather than directly.
+ */
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface NativeAddon {
+  sgemm(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
+    A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number,
+    bias?: Float32Array | null): void;
+  sgemmBatched(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
+    A: Float32Array, lda: number, strideA: number, B: Float32Array, ldb: number, strideB: number,
+    beta: number, C: Float32Array, ldc: number, strideC: number, batch: number): void;
+  /** Active instruction set ('avx512', 'avx2' or 'generic') and thread count. */
+  info(): { isa: string; threads: number };
+  setThreads(n: number): void;
+  /** Forces a kernel ('avx512' | 'avx2' | 'generic'); false when this CPU or build lacks it. */
+  setIsa(isa: string): boolean;
+}
+
+const ADDON_FILE = path.join('native', 'build', 'Release', 'obfuscatune_native.node');
+
+/** Finds the addon by walking up from this file (src/tensor or dist/src/tensor) to the package root. */
+function findAddon(): string | null {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 6; i++) {
+    const candidate = path.join(dir, ADDON_FILE);
+    if (existsSync(candidate)) return candidate;
+    const parent = path.dirname(dir);
+    if (parent === dir) break;
+    dir = parent;
+  }
+  return null;
+}
+
+function parseThreads(raw: string | undefined): number {
+  if (raw === undefined || raw.trim() === '') return Math.max(1, os.availableParallelism());
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 1 || n > 256) {
+    throw new Error(`OBFUSCATUNE_THREADS must be an integer between 1 and 256, got '${raw}'`);
+  }
+  return n;
+}
+
+function load(): { addon: NativeAddon | null; error: string | null; requested: 'native' | 'js' | null } {
+  const raw = process.env.OBFUSCATUNE_BACKEND?.trim().toLowerCase() ?? '';
+  if (raw !== '' && raw !== 'native' && raw !== 'js') {
+    throw new Error(`OBFUSCATUNE_BACKEND must be 'native' or 'js', got '${process.env.OBFUSCATUNE_BACKEND}'`);
+  }
+  const requested = raw === '' ? null : raw;
+  if (requested === 'js') return { addon: null, error: 'disabled by OBFUSCATUNE_BACKEND=js', requested };
+  let addon: NativeAddon | null = null;
+  let error: string | null = null;
+  const file = findAddon();
+  if (!file) {
+    error = `${ADDON_FILE} not found (build it with \`npm run install\` or \`node scripts/build-native.mjs\`)`;
+  } else {
+    try {
+      addon = createRequire(import.meta.url)(file) as NativeAddon;
+    } catch (e) {
+      error = `failed to load ${file}: ${(e as Error).message}`;
+    }
+  }
+  if (!addon) {
+    if (requested === 'native') throw new Error(`OBFUSCATUNE_BACKEND=native but the native GEMM addon is unavailable: ${error}`);
+    process.emitWarning(`native GEMM addon unavailable (${error}); using the much slower TypeScript kernels`, {
+      code: 'OBFUSCATUNE_NO_NATIVE',
+    });
+    return { addon: null, error, requested };
+  }
+  addon.setThreads(parseThreads(process.env.OBFUSCATUNE_THREADS));
+  return { addon, error: null, requested };
+}
+
+const loaded = load();
+
+/** The addon, or null when it is disabled or failed to load. */
+export const native: NativeAddon | null = loaded.addon;
+/** Why the addon is not available (null when it is). */
+export const nativeLoadError: string | null = loaded.error;
+/** The backend named by OBFUSCATUNE_BACKEND, or null when unset. */
+export const requestedBackend: 'native' | 'js' | null = loaded.requested;

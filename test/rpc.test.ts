@@ -191,9 +191,9 @@ test('a handler that throws becomes INTERNAL; the server keeps serving', T, asyn
 
 test('health answers SERVING with the count of served calls', T, async () => {
   await withServer(new Accelerator(tinyWeights(3)), async (link) => {
-    assert.deepEqual(await link.health(), { status: 'SERVING', served: 0 });
+    assert.deepEqual(await link.health(), { status: 'SERVING', served: 0, manifest_sha256: null });
     await link.call({ op: 'reset' });
-    assert.deepEqual(await link.health(), { status: 'SERVING', served: 1 });
+    assert.deepEqual(await link.health(), { status: 'SERVING', served: 1, manifest_sha256: null });
   });
 });
 

@@ -13,6 +13,7 @@ import { validateConfig, type GPT2Config } from './config.js';
 import { ParamLayout, hfTensorList, type ParamKind } from './params.js';
 import type { ClassifierHead, GPT2Weights } from './weights.js';
 import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from './safetensors.js';
+import { sharedFloat32 } from '../tensor/shared.js';
 
 export type SaveDtype = 'F32' | 'F16' | 'BF16';
 
@@ -304,7 +305,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
   }
 
   const layout = new ParamLayout(config);
-  const params = new Float32Array(layout.total);
+  const params = sharedFloat32(layout.total);
   const list = hfTensorList(layout);
 
   const missing = list.filter((t) => !byName.has(t.name)).map((t) => t.name);

@@ -11,6 +11,7 @@ import { ParamLayout } from './params.js';
 import type { GPT2Weights, ClassifierHead } from './weights.js';
 import { sgemm } from '../tensor/gemm.js';
 import { Rng } from '../tensor/rng.js';
+import { sharedFloat32 } from '../tensor/shared.js';
 import {
   encoderForward, encoderBackward, layernormForward, layernormBackward, geluForward, geluBackward,
   attentionForward, attentionBackward, crossEntropyForward, crossEntropyBackward,
@@ -142,7 +143,7 @@ export class GPT2 {
   /** GPT-2 initialisation (normal 0.02, residual projections scaled by 1/sqrt(2L)), seeded. */
   static random(config: GPT2Config, seed: number, numLabels?: number): GPT2 {
     const layout = new ParamLayout(validateConfig(config));
-    const params = new Float32Array(layout.total);
+    const params = sharedFloat32(layout.total);
     const rng = new Rng(seed);
     const std = 0.02;
     const projStd = 0.02 / Math.sqrt(2 * config.n_layer);
@@ -167,7 +168,7 @@ export class GPT2 {
   }
 
   ensureGrads(): Float32Array {
-    if (!this.grads) this.grads = new Float32Array(this.layout.total);
+    if (!this.grads) this.grads = sharedFloat32(this.layout.total);
     if (this.cls && (!this.clsGrad || this.clsGrad.length !== this.cls.weight.length)) {
       this.clsGrad = new Float32Array(this.cls.weight.length);
     }

@@ -1,5 +1,6 @@
 import type { GPT2Config } from './config.js';
 import { ParamLayout } from './params.js';
+import { sharedFloat32 } from '../tensor/shared.js';
 
 /** Sequence-classification head (HF `GPT2ForSequenceClassification.score`, no bias). */
 export interface ClassifierHead {
@@ -23,5 +24,5 @@ export interface GPT2Weights {
 
 export function emptyWeights(config: GPT2Config): GPT2Weights {
   const layout = new ParamLayout(config);
-  return { config, layout, params: new Float32Array(layout.total) };
+  return { config, layout, params: sharedFloat32(layout.total) };
 }

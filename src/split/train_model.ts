@@ -21,6 +21,7 @@ import { asObfuscated, type Obfuscated } from './messages.js';
 import type { AcceleratorLink } from './link.js';
 import { LoraAdapters, loraForward, loraBackward, type LoraConfig, type LoraSaved, type LoraTarget } from '../train/lora.js';
 import { IntegrityChecker } from './integrity.js';
+import { sharedFloat32 } from '../tensor/shared.js';
 
 export type TrainMode = 'local' | 'sealed' | 'paper';
 export type Method = 'lora' | 'full';
@@ -183,8 +184,8 @@ export class SplitModel {
     if (o.task === 'cls') names.push('score');
     this.trainNames = names;
     const total = names.reduce((s, n) => s + this.tensor(n).length, 0);
-    this.params = new Float32Array(total);
-    this.grads = new Float32Array(total);
+    this.params = sharedFloat32(total);
+    this.grads = sharedFloat32(total);
     let off = 0;
     for (const n of names) {
       const x = this.tensor(n);

@@ -12,7 +12,7 @@ import { appendFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSyn
 import path from 'node:path';
 import { Rng } from '../tensor/rng.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
-import { AdamW, SGD, cosineSchedule, sumSquares, type Optimizer, type OptimizerState } from './optim.js';
+import { AdamW, SGD, cosineSchedule, sumSquares, clipScale, type Optimizer, type OptimizerState } from './optim.js';
 import { makeBatch, Sampler, type EncodedSet, type Task } from '../data/jsonl.js';
 import type { SplitModel, TrainMode, Method } from '../split/train_model.js';
 
@@ -265,14 +265,10 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     } catch (e) {
       return abort((e as Error).message);
     }
-    const scale = cfg.clip > 0 && norm > cfg.clip ? cfg.clip / (norm + 1e-6) : 1;
-    if (scale !== 1) {
-      for (let i = 0; i < model.grads.length; i++) model.grads[i] *= scale;
-      if (adapters) for (let i = 0; i < adapters.grads.length; i++) adapters.grads[i] *= scale;
-    }
+    const scale = clipScale(norm!, cfg.clip);
     const lr = cosineSchedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.minLrFrac);
-    if (model.params.length) encOpt.step(model.params, model.grads, lr);
-    if (adapters && adOpt) adOpt.step(adapters.params, adapters.grads, lr);
+    if (model.params.length) encOpt.step(model.params, model.grads, lr, scale);
+    if (adapters && adOpt) adOpt.step(adapters.params, adapters.grads, lr, scale);
     await model.acceleratorUpdate(lr, cfg.momentum, scale);
     losses.push(r.loss);
     const stepTokens = cfg.task === 'lm' ? r.count : b.B * b.T;

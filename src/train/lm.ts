@@ -5,7 +5,7 @@
  */
 import type { GPT2 } from '../model/gpt2.js';
 import { Rng } from '../tensor/rng.js';
-import { AdamW, SGD, clipGradNorm, cosineSchedule, gpt2DecayMask, type Optimizer } from './optim.js';
+import { AdamW, SGD, sumSquares, clipScale, cosineSchedule, gpt2DecayMask, type Optimizer } from './optim.js';
 
 export interface LMTrainOptions {
   steps: number;
@@ -61,10 +61,10 @@ export function trainLM(model: GPT2, stream: Int32Array, o: LMTrainOptions): num
     const { loss } = model.forward(inputs, o.batch, o.seq, targets);
     if (loss === null || !Number.isFinite(loss)) throw new Error(`loss became ${loss} at step ${step}`);
     model.backward();
-    const gradNorm = clipGradNorm([model.grads!], o.clip ?? 1.0);
+    const gradNorm = Math.sqrt(sumSquares(model.grads!));
     if (!Number.isFinite(gradNorm)) throw new Error(`gradient norm became ${gradNorm} at step ${step}`);
     const lr = cosineSchedule(step, o.steps, o.lr, o.warmup ?? 0);
-    opt.step(model.params, model.grads!, lr);
+    opt.step(model.params, model.grads!, lr, clipScale(gradNorm, o.clip ?? 1.0));
     losses.push(loss);
     o.onStep?.({ step, loss, lr, gradNorm, ms: performance.now() - t0, tokens: o.batch * o.seq });
   }

@@ -2,6 +2,8 @@
  * Optimisers over flat Float32Array parameter/gradient buffers (TypeScript kernels).
  * Each optimiser owns its state buffers, which serialise for exact resume.
  */
+import { adamwStep, sumSquaresParallel } from './parallel.js';
+import { sharedFloat32, isShared } from '../tensor/shared.js';
 
 export interface OptimizerState {
   kind: 'adamw' | 'sgd';
@@ -11,8 +13,8 @@ export interface OptimizerState {
 
 export interface Optimizer {
   readonly kind: 'adamw' | 'sgd';
-  /** One update of `params` from `grads` at learning rate `lr`. */
-  step(params: Float32Array, grads: Float32Array, lr: number): void;
+  /** One update of `params` from `grads * gradScale` at learning rate `lr`. */
+  step(params: Float32Array, grads: Float32Array, lr: number, gradScale?: number): void;
   state(): OptimizerState;
   load(s: OptimizerState): void;
 }
@@ -44,32 +46,24 @@ export class AdamW implements Optimizer {
     this.weightDecay = opts.weightDecay ?? 0;
     this.decayMask = decayMask ?? opts.decayMask;
     if (this.decayMask && this.decayMask.length !== size) throw new Error(`decay mask has ${this.decayMask.length} entries, expected ${size}`);
-    this.m = new Float32Array(size);
-    this.v = new Float32Array(size);
+    // shared memory: large steps are split across worker threads (./parallel.ts)
+    this.m = sharedFloat32(size);
+    this.v = sharedFloat32(size);
+    if (this.decayMask && !isShared(this.decayMask)) {
+      const sm = new Uint8Array(new SharedArrayBuffer(size));
+      sm.set(this.decayMask);
+      this.decayMask = sm;
+    }
   }
 
-  step(params: Float32Array, grads: Float32Array, lr: number): void {
+  step(params: Float32Array, grads: Float32Array, lr: number, gradScale = 1): void {
     const n = this.size;
     if (params.length !== n || grads.length !== n) throw new Error(`AdamW expects ${n} parameters and gradients, got ${params.length} and ${grads.length}`);
     this.t++;
-    const b1 = this.beta1;
-    const b2 = this.beta2;
-    const c1 = 1 / (1 - Math.pow(b1, this.t));
-    const c2 = 1 / (1 - Math.pow(b2, this.t));
-    const eps = this.eps;
-    const wd = this.weightDecay;
-    const m = this.m;
-    const v = this.v;
-    const mask = this.decayMask;
-    for (let i = 0; i < n; i++) {
-      const g = grads[i];
-      const mi = b1 * m[i] + (1 - b1) * g;
-      const vi = b2 * v[i] + (1 - b2) * g * g;
-      m[i] = mi;
-      v[i] = vi;
-      const decay = wd !== 0 && (!mask || mask[i] !== 0) ? wd * params[i] : 0;
-      params[i] -= lr * ((mi * c1) / (Math.sqrt(vi * c2) + eps) + decay);
-    }
+    adamwStep({
+      params, grads, m: this.m, v: this.v, mask: this.decayMask ?? null, lr, beta1: this.beta1, beta2: this.beta2, eps: this.eps,
+      weightDecay: this.weightDecay, c1: 1 / (1 - Math.pow(this.beta1, this.t)), c2: 1 / (1 - Math.pow(this.beta2, this.t)), gradScale,
+    });
   }
 
   state(): OptimizerState {
@@ -109,7 +103,7 @@ export class SGD implements Optimizer {
     this.buf = this.momentum !== 0 ? new Float32Array(size) : null;
   }
 
-  step(params: Float32Array, grads: Float32Array, lr: number): void {
+  step(params: Float32Array, grads: Float32Array, lr: number, gradScale = 1): void {
     const n = this.size;
     if (params.length !== n || grads.length !== n) throw new Error(`SGD expects ${n} parameters and gradients, got ${params.length} and ${grads.length}`);
     const mu = this.momentum;
@@ -118,7 +112,7 @@ export class SGD implements Optimizer {
     const first = this.t === 0;
     this.t++;
     for (let i = 0; i < n; i++) {
-      let g = grads[i];
+      let g = grads[i] * gradScale;
       if (wd !== 0) g += wd * params[i];
       if (buf) {
         const b = first ? g : mu * buf[i] + g;
@@ -147,12 +141,13 @@ export class SGD implements Optimizer {
 /** Sum of squares of several gradient buffers (float64 accumulation). */
 export function sumSquares(...bufs: Float32Array[]): number {
   let s = 0;
-  for (const b of bufs) {
-    let part = 0;
-    for (let i = 0; i < b.length; i++) part += b[i] * b[i];
-    s += part;
-  }
+  for (const b of bufs) s += sumSquaresParallel(b);
   return s;
+}
+
+/** The factor that clips a gradient of norm `norm` to `maxNorm` (1 when under it or off). */
+export function clipScale(norm: number, maxNorm: number): number {
+  return maxNorm > 0 && norm > maxNorm ? maxNorm / (norm + 1e-6) : 1;
 }
 
 /**

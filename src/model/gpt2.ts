@@ -49,6 +49,7 @@ export class Activations {
   readonly ln2Rstd: Float32Array; //   [L,B,T]
   readonly fch: Float32Array; //       [L,B,T,4C]
   readonly fchGelu: Float32Array; //   [L,B,T,4C]
+  readonly fchTanh: Float32Array; //   [L,B,T,4C] tanh inside GELU, reused by the backward pass
   readonly residual3: Float32Array; // [L,B,T,C]
   readonly lnf: Float32Array; //       [B,T,C]
   readonly lnfMean: Float32Array; //   [B,T]
@@ -72,6 +73,7 @@ export class Activations {
     this.ln2Rstd = new Float32Array(L * BT);
     this.fch = new Float32Array(L * BT * 4 * C);
     this.fchGelu = new Float32Array(L * BT * 4 * C);
+    this.fchTanh = new Float32Array(L * BT * 4 * C);
     this.residual3 = new Float32Array(L * BT * C);
     this.lnf = new Float32Array(BT * C);
     this.lnfMean = new Float32Array(BT);
@@ -232,7 +234,7 @@ export class GPT2 {
       linear(res2, atty, lay.layer(p, 'attprojw', l), lay.layer(p, 'attprojb', l), BT, C, C, true);
       layernormForward(ln2, m2, r2, res2, lay.layer(p, 'ln2w', l), lay.layer(p, 'ln2b', l), BT, C, c.layer_norm_epsilon);
       linear(fch, ln2, lay.layer(p, 'fcw', l), lay.layer(p, 'fcb', l), BT, C, 4 * C);
-      geluForward(fchGelu, fch, BT * 4 * C);
+      geluForward(fchGelu, fch, BT * 4 * C, a.fchTanh.subarray(l * BT * 4 * C, (l + 1) * BT * 4 * C));
       res3.set(res2);
       linear(res3, fchGelu, lay.layer(p, 'fcprojw', l), lay.layer(p, 'fcprojb', l), BT, 4 * C, C, true);
     }
@@ -359,7 +361,7 @@ export class GPT2 {
       // MLP: res3 = res2 + gelu(ln2 fcw + fcb) fcprojw + fcprojb
       linearBackward(s.dfchGelu, lay.layer(g, 'fcprojw', l), lay.layer(g, 'fcprojb', l), dres, fchGelu, lay.layer(p, 'fcprojw', l), BT, 4 * C, C);
       s.dfch.fill(0);
-      geluBackward(s.dfch, fch, s.dfchGelu, BT * 4 * C);
+      geluBackward(s.dfch, fch, s.dfchGelu, BT * 4 * C, a.fchTanh.subarray(l * BT * 4 * C, (l + 1) * BT * 4 * C));
       linearBackward(s.dln, lay.layer(g, 'fcw', l), lay.layer(g, 'fcb', l), s.dfch, ln2, lay.layer(p, 'fcw', l), BT, C, 4 * C);
       layernormBackward(dres, lay.layer(g, 'ln2w', l), lay.layer(g, 'ln2b', l), s.dln, res2, lay.layer(p, 'ln2w', l), a.ln2Mean.subarray(l * BT, (l + 1) * BT), a.ln2Rstd.subarray(l * BT, (l + 1) * BT), BT, C);
       // attention: res2 = residual + attn(ln1) attprojw + attprojb

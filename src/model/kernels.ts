@@ -87,22 +87,24 @@ export function layernormBackward(dinp: Float32Array, dweight: Float32Array | nu
 
 // ---------------------------------------------------------------------------------------
 // GELU (tanh approximation, HF "gelu_new"): out[N] = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+// (optionally keeps tanh(u) in `th` so the backward pass need not recompute it)
 const GELU_S = Math.sqrt(2 / Math.PI);
-export function geluForward(out: Float32Array, inp: Float32Array, N: number): void {
+export function geluForward(out: Float32Array, inp: Float32Array, N: number, th: Float32Array | null = null): void {
   for (let i = 0; i < N; i++) {
     const x = inp[i];
     const u = GELU_S * (x + 0.044715 * x * x * x);
-    out[i] = 0.5 * x * (1 + Math.tanh(u));
+    const t = Math.tanh(u);
+    if (th) th[i] = t;
+    out[i] = 0.5 * x * (1 + t);
   }
 }
 
-// dinp[N] += dout * GELU'(inp)
-export function geluBackward(dinp: Float32Array, inp: Float32Array, dout: Float32Array, N: number): void {
+// dinp[N] += dout * GELU'(inp)   (th: the tanh values saved by the forward pass, if any)
+export function geluBackward(dinp: Float32Array, inp: Float32Array, dout: Float32Array, N: number, thSaved: Float32Array | null = null): void {
   for (let i = 0; i < N; i++) {
     const x = inp[i];
     const x2 = x * x;
-    const u = GELU_S * (x + 0.044715 * x2 * x);
-    const th = Math.tanh(u);
+    const th = thSaved ? thSaved[i] : Math.tanh(GELU_S * (x + 0.044715 * x2 * x));
     const sech2 = 1 - th * th;
     const local = 0.5 * (1 + th) + 0.5 * x * sech2 * GELU_S * (1 + 3 * 0.044715 * x2);
     dinp[i] += local * dout[i];

@@ -95,7 +95,7 @@ interface LayerStore {
   hIn: Float32Array; x1: Float32Array; mean1: Float32Array; rstd1: Float32Array;
   qkv: Float32Array; att: Float32Array; o: Float32Array;
   h2: Float32Array; x2: Float32Array; mean2: Float32Array; rstd2: Float32Array;
-  f: Float32Array; g: Float32Array;
+  f: Float32Array; g: Float32Array; th: Float32Array;
   lora: Map<LoraTarget, LoraSaved>;
   /** what was sent to each linear (the enclave mirrors the accelerator's weight updates from it) */
   sent: Map<LinearName, Float32Array>;
@@ -347,7 +347,7 @@ export class SplitModel {
         hIn: Float32Array.from(h), x1: new Float32Array(n * d), mean1: new Float32Array(n), rstd1: new Float32Array(n),
         qkv: new Float32Array(0), att: new Float32Array(B * H * T * T), o: new Float32Array(n * d),
         h2: new Float32Array(0), x2: new Float32Array(n * d), mean2: new Float32Array(n), rstd2: new Float32Array(n),
-        f: new Float32Array(0), g: new Float32Array(n * 4 * d), lora: new Map(), sent: new Map(),
+        f: new Float32Array(0), g: new Float32Array(n * 4 * d), th: train ? new Float32Array(n * 4 * d) : new Float32Array(0), lora: new Map(), sent: new Map(),
       };
       this.sentNow = s.sent;
       // attention
@@ -381,7 +381,7 @@ export class SplitModel {
         const dm = this.mode === 'paper' ? permuteCols(delta, n, 4 * d, this.pi(l), false) : delta;
         for (let i = 0; i < dm.length; i++) s.f[i] += dm[i];
       }
-      geluForward(s.g, s.f, n * 4 * d);
+      geluForward(s.g, s.f, n * 4 * d, train ? s.th : null);
       const z = this.unmaskOut('p', l, await this.fwd(l, 'fcproj', s.g, n, save), n);
       const vm = ad?.get(l, 'mlp-proj');
       if (vm) {
@@ -528,7 +528,7 @@ export class SplitModel {
         for (let i = 0; i < back.length; i++) dg[i] += back[i];
       }
       const df = new Float32Array(n * 4 * d);
-      geluBackward(df, s.f, dg, n * 4 * d);
+      geluBackward(df, s.f, dg, n * 4 * d, s.th);
       const dsend2 = (await this.bwd(l, 'fc', df, n, true, s.sent))!;
       const vf = ad?.get(l, 'fc');
       let loraDx2: Float32Array | null = null;

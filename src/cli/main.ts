@@ -225,7 +225,7 @@ export function buildProgram(): Command {
         js: o.js,
         reference: o.reference,
         onProgress: (done, total, label) => {
-          (bar as unknown as { setTotal?: (n: number) => void }).setTotal?.(total);
+          bar.setTotal(total);
           bar.update(done, { label });
         },
       });
@@ -280,6 +280,39 @@ export function buildProgram(): Command {
     .action(async (o) => {
       const r = await benchFinetuneOne({ ...o, link: o.transport === 'grpc' ? await grpcBenchLink() : undefined });
       console.log(JSON.stringify(r));
+    });
+
+  const exp = program.command('experiment').description('reproducible experiments');
+  exp
+    .command('paper')
+    .description('the paper\'s experiments: local vs sealed vs paper (kappa 1, naive) fine-tuning on the bundled datasets and models, fidelity, share and overhead tables; writes report/results.json and report/index.html')
+    .option('--quick', 'a minutes-long version (small subsets, few steps)')
+    .option('--models <dirs...>', 'base model checkpoints', ['models/base-small', 'models/base-large'])
+    .option('--datasets <names...>', 'datasets under --data', ['food-reviews', 'wordnet-supersense', 'fortunes', 'austen'])
+    .option('--data <dir>', 'data directory', 'data')
+    .option('--steps <n>', 'fine-tuning steps per run', parseIntArg('--steps'))
+    .addOption(new Option('--methods <list...>', 'methods').choices(['lora', 'full']))
+    .option('--out <dir>', 'report directory (existing results are kept: the run resumes)', 'report')
+    .option('--json', 'print results.json')
+    .action(async (o) => {
+      const { runPaperExperiments, mainTable } = await import('../experiments/paper.js');
+      const bar = progressBar(1, 'experiments', '{label}');
+      const res = await runPaperExperiments({
+        models: o.models, datasets: o.datasets, dataDir: o.data, out: o.out, quick: o.quick, steps: o.steps, methods: o.methods,
+        onProgress: (d, n, label) => {
+          bar.setTotal(n);
+          bar.update(d, { label });
+        },
+        log: (s) => console.error(s),
+      });
+      bar.stop();
+      if (o.json) console.log(JSON.stringify(res));
+      else {
+        const t = mainTable(res);
+        const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
+        console.log([t.head, ...t.rows].map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n'));
+        console.log(`\nwrote ${o.out}/results.json and ${o.out}/index.html`);
+      }
     });
 
   program

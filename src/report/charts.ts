@@ -16,7 +16,7 @@ export function lineChart(rows: { x: number; y: number; series: string }[], o: {
     title: o.title, width: o.width ?? 520, height: o.height ?? 260, data: { values: rows }, mark: { type: 'line', interpolate: 'monotone' },
     encoding: {
       x: { field: 'x', type: 'quantitative', title: o.x },
-      y: { field: 'y', type: 'quantitative', title: o.y, scale: { type: o.logY ? 'log' : 'linear', zero: false } },
+      y: { field: 'y', type: 'quantitative', title: o.y, scale: o.logY ? { type: 'log' } : { type: 'linear', zero: false } },
       color: { field: 'series', type: 'nominal', title: null },
     },
   });

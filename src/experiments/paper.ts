@@ -1,0 +1,241 @@
+/**
+ * `obfuscatune experiment paper`: the paper's experiments in one command. For every dataset
+ * and base model: fine-tuning with identical seeds and hyper-parameters under local,
+ * sealed, paper kappa 1 and paper naive (LoRA and full), evaluated on the test split;
+ * plus the fidelity-vs-kappa table, the enclave-share table and the overhead table.
+ * Results accumulate in report/results.json (resumable: finished rows are skipped) and
+ * report/index.html is rebuilt at the end.
+ */
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { loadCheckpoint } from '../model/checkpoint.js';
+import { GPT2 } from '../model/gpt2.js';
+import { gpt2Tokenizer } from '../model/tokenizer.js';
+import { readJsonl, labelSet, encodeRecords, type Record_, type Task } from '../data/jsonl.js';
+import { buildSession } from '../train/session.js';
+import { runFinetune, type FinetuneConfig } from '../train/finetune.js';
+import { runFidelity, type FidelityRow } from '../obfuscate/fidelity.js';
+import { parseMaskSpec } from '../linalg/masks.js';
+import { shareTable, type ShareRow } from '../obfuscate/share.js';
+import { benchFinetuneOne } from '../bench/finetune.js';
+import { corpusFromJsonl, unigramLoss } from '../train/pretrain.js';
+import type { TrainMode, Method } from '../split/train_model.js';
+import { lineChart, barChart } from '../report/charts.js';
+import { page, table } from '../report/html.js';
+
+export interface ResultRow {
+  dataset: string;
+  model: string;
+  method: Method;
+  mode: TrainMode;
+  kappa: string | null;
+  metric: 'accuracy' | 'perplexity';
+  value: number;
+  loss: number;
+  steps: number;
+  seconds: number;
+  losses: number[];
+  /** why a run produced no metric (divergence) */
+  error?: string;
+}
+
+export interface Results {
+  rows: ResultRow[];
+  fidelity: (FidelityRow & { model: string; mode: string })[];
+  share: ShareRow[];
+  overhead: Record<string, unknown>[];
+  baselines: { dataset: string; metric: string; value: number; kind: string }[];
+  meta: Record<string, unknown>;
+}
+
+export interface ExperimentOptions {
+  models: string[];
+  datasets: string[];
+  dataDir: string;
+  out: string;
+  quick: boolean;
+  steps?: number;
+  methods?: Method[];
+  onProgress?: (done: number, total: number, label: string) => void;
+  log?: (s: string) => void;
+}
+
+const CONFIGS: { mode: TrainMode; kappa: string | null }[] = [
+  { mode: 'local', kappa: null },
+  { mode: 'sealed', kappa: '1' },
+  { mode: 'paper', kappa: '1' },
+  { mode: 'paper', kappa: 'naive' },
+];
+
+interface DatasetMeta {
+  name: string;
+  task: Task;
+  labels?: string[];
+}
+
+function loadDataset(dir: string, name: string, quick: boolean): { meta: DatasetMeta; train: Record_[]; test: Record_[] } {
+  const d = path.join(dir, name);
+  const mf = path.join(d, 'meta.json');
+  if (!existsSync(mf)) throw new Error(`dataset ${name}: ${mf} not found`);
+  let meta: DatasetMeta;
+  try {
+    meta = JSON.parse(readFileSync(mf, 'utf8')) as DatasetMeta;
+  } catch (e) {
+    throw new Error(`dataset ${name}: ${mf} is not valid JSON (${(e as Error).message})`);
+  }
+  if (meta.task !== 'cls' && meta.task !== 'lm') throw new Error(`dataset ${name}: unknown task "${meta.task}"`);
+  let train = readJsonl(path.join(d, 'train.jsonl'));
+  let test = readJsonl(path.join(d, 'test.jsonl'));
+  if (meta.task === 'cls') {
+    const a = labelSet(train, `${name}/train.jsonl`), b = labelSet(test, `${name}/test.jsonl`);
+    if (a.join('\u0000') !== b.join('\u0000')) throw new Error(`dataset ${name}: the label sets of train and test differ`);
+  }
+  if (quick) {
+    train = train.slice(0, 96);
+    test = test.slice(0, 48);
+  }
+  return { meta, train, test };
+}
+
+export function loadResults(file: string): Results {
+  if (!existsSync(file)) return { rows: [], fidelity: [], share: [], overhead: [], baselines: [], meta: {} };
+  return JSON.parse(readFileSync(file, 'utf8')) as Results;
+}
+
+function save(file: string, r: Results): void {
+  writeFileSync(file, JSON.stringify(r, null, 1) + '\n');
+}
+
+export async function runPaperExperiments(o: ExperimentOptions): Promise<Results> {
+  mkdirSync(o.out, { recursive: true });
+  const file = path.join(o.out, 'results.json');
+  const res = loadResults(file);
+  const log = o.log ?? (() => {});
+  const methods = o.methods ?? ['lora', 'full'];
+  const steps = o.steps ?? (o.quick ? 6 : 300);
+  const models = o.models.map((m) => {
+    const w = loadCheckpoint(m);
+    if (w.config.vocab_size < gpt2Tokenizer.vocabSize) throw new Error(`model ${m}: its vocabulary (${w.config.vocab_size}) does not match the GPT-2 tokenizer (${gpt2Tokenizer.vocabSize})`);
+    return { name: path.basename(path.resolve(m)), w };
+  });
+  const datasets = o.datasets.map((d) => loadDataset(o.dataDir, d, o.quick)); // all checked before any training
+  const total = datasets.length * models.length * methods.length * CONFIGS.length + 3;
+  let done = 0;
+  const tick = (label: string) => o.onProgress?.(++done, total, label);
+  // baselines
+  res.baselines = [];
+  for (const ds of datasets) {
+    if (ds.meta.task === 'cls') {
+      const counts = new Map<string, number>();
+      for (const r of ds.train) counts.set(r.label!, (counts.get(r.label!) ?? 0) + 1);
+      const major = [...counts].sort((a, b) => b[1] - a[1])[0][0];
+      res.baselines.push({ dataset: ds.meta.name, metric: 'accuracy', value: ds.test.filter((r) => r.label === major).length / ds.test.length, kind: 'majority class' });
+    } else {
+      const tr = corpusFromJsonl([path.join(o.dataDir, ds.meta.name, 'train.jsonl')], gpt2Tokenizer).stream;
+      const te = Int32Array.from(ds.test.flatMap((r) => [...gpt2Tokenizer.encode(r.text ?? ''), gpt2Tokenizer.eotId]));
+      res.baselines.push({ dataset: ds.meta.name, metric: 'perplexity', value: Math.exp(unigramLoss(tr, te, gpt2Tokenizer.vocabSize)), kind: 'unigram' });
+    }
+  }
+  for (const ds of datasets) {
+    const task = ds.meta.task;
+    const labels = task === 'cls' ? labelSet(ds.train, ds.meta.name) : [];
+    const maxLen = o.quick ? 16 : task === 'cls' ? 64 : 128;
+    for (const m of models) {
+      const enc = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task, maxLen: Math.min(maxLen, m.w.config.n_ctx), labels, source: ds.meta.name });
+      const trainSet = enc(ds.train), testSet = enc(ds.test);
+      for (const method of methods) {
+        for (const c of CONFIGS) {
+          const key = `${ds.meta.name}/${m.name}/${method}/${c.mode}/${c.kappa}`;
+          if (res.rows.some((r) => `${r.dataset}/${r.model}/${r.method}/${r.mode}/${r.kappa}` === key)) {
+            tick(`${key} (done)`);
+            continue;
+          }
+          const t0 = performance.now();
+          const sess = buildSession(m.w, {
+            mode: c.mode, method, task, kappa: c.kappa ?? '1', numLabels: task === 'cls' ? labels.length : undefined, labels,
+            lora: { rank: 8, alpha: 16, dropout: 0, targets: ['q', 'v'] }, padTokenId: gpt2Tokenizer.eotId, seed: 1, maskSeed: 1,
+            acceleratorStateDir: path.join(o.out, 'runs', key.replace(/\//g, '_'), 'accelerator-state'),
+          });
+          const cfg: FinetuneConfig = {
+            task, method, mode: c.mode, kappa: c.kappa, steps, batch: o.quick ? 8 : 16, lr: method === 'lora' ? 2e-3 : 0.05, warmup: Math.max(1, Math.floor(steps / 20)), minLrFrac: 0.1,
+            clip: 1, weightDecay: 0, enclaveOptimizer: method === 'lora' ? 'adamw' : 'sgd', momentum: 0.9, seed: 1, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: sess.modelId,
+          };
+          let row: ResultRow;
+          try {
+            const s = await runFinetune(sess.model, trainSet, testSet, cfg, path.join(o.out, 'runs', key.replace(/\//g, '_')), gpt2Tokenizer.eotId, { rng: sess.rng });
+            row = {
+              dataset: ds.meta.name, model: m.name, method, mode: c.mode, kappa: c.kappa, metric: task === 'cls' ? 'accuracy' : 'perplexity',
+              value: task === 'cls' ? s.eval!.accuracy! : s.eval!.perplexity!, loss: s.eval!.loss, steps, seconds: (performance.now() - t0) / 1000, losses: s.losses,
+            };
+          } catch (e) {
+            // naive masks can make training diverge (non-finite values, or replies that no
+            // longer pass the integrity tolerance): that is a result, reported as such
+            const msg = (e as Error).message;
+            if (!/non-finite|NaN|Infinity|integrity check failed/.test(msg)) throw e;
+            row = { dataset: ds.meta.name, model: m.name, method, mode: c.mode, kappa: c.kappa, metric: task === 'cls' ? 'accuracy' : 'perplexity', value: NaN, loss: NaN, steps, seconds: (performance.now() - t0) / 1000, losses: [], error: msg };
+            log(`${key}: ${msg}`);
+          }
+          res.rows.push(row);
+          save(file, res);
+          tick(key);
+        }
+      }
+    }
+  }
+  // fidelity vs kappa (paper mode) and the sealed row, on the first model
+  const fm = models[0];
+  res.fidelity = [];
+  for (const mode of ['paper', 'sealed'] as const) {
+    const f = await runFidelity(new GPT2(fm.w), fm.name, { mode, specs: ['1', '10', '100', '1000', 'naive'].map(parseMaskSpec), tokens: o.quick ? 16 : 128, seed: 1 });
+    for (const r of f.rows) res.fidelity.push({ ...r, model: fm.name, mode });
+  }
+  tick('fidelity');
+  res.share = shareTable(512);
+  tick('share');
+  res.overhead = [];
+  for (const mode of ['local', 'sealed', 'paper'] as const) {
+    const r = await benchFinetuneOne({ model: o.quick ? 'gpt2-micro' : 'gpt2', method: 'lora', mode, batch: 4, seq: o.quick ? 8 : 64, steps: o.quick ? 1 : 3, rank: 8, transport: 'in-process' });
+    res.overhead.push({ model: o.quick ? 'gpt2-micro' : 'gpt2', ...r });
+  }
+  tick('overhead');
+  res.meta = { date: new Date().toISOString(), quick: o.quick, steps, models: o.models, datasets: o.datasets, command: 'obfuscatune ' + process.argv.slice(2).join(' ') };
+  save(file, res);
+  writeFileSync(path.join(o.out, 'index.html'), await renderReport(res));
+  return res;
+}
+
+export function mainTable(res: Results): { head: string[]; rows: string[][] } {
+  const head = ['dataset', 'model', 'method', 'metric', 'local', 'sealed', 'paper k=1', 'paper naive', 'baseline'];
+  const groups = new Map<string, ResultRow[]>();
+  for (const r of res.rows) {
+    const k = `${r.dataset}|${r.model}|${r.method}`;
+    groups.set(k, [...(groups.get(k) ?? []), r]);
+  }
+  const fmt = (r: ResultRow | undefined) => (!r || !Number.isFinite(r.value) ? (r ? 'diverged' : '-') : r.metric === 'accuracy' ? `${(100 * r.value).toFixed(2)}%` : r.value.toFixed(2));
+  const rows: string[][] = [];
+  for (const [k, rs] of groups) {
+    const [dataset, model, method] = k.split('|');
+    const pick = (mode: string, kappa: string | null) => rs.find((r) => r.mode === mode && r.kappa === kappa);
+    const b = res.baselines.find((x) => x.dataset === dataset);
+    rows.push([dataset, model, method, rs[0].metric, fmt(pick('local', null)), fmt(pick('sealed', '1')), fmt(pick('paper', '1')), fmt(pick('paper', 'naive')),
+      b ? (b.metric === 'accuracy' ? `${(100 * b.value).toFixed(2)}% (${b.kind})` : `${b.value.toFixed(1)} (${b.kind})`) : '-']);
+  }
+  return { head, rows };
+}
+
+export async function renderReport(res: Results): Promise<string> {
+  const t = mainTable(res);
+  const curves = res.rows.filter((r) => r.method === 'lora' && r.losses.length).map((r) => r.losses.map((y, i) => ({ x: i + 1, y, series: `${r.dataset} ${r.model} ${r.mode}${r.kappa && r.mode === 'paper' ? ` k=${r.kappa}` : ''}` }))).flat();
+  const acc = res.rows.filter((r) => r.metric === 'accuracy' && Number.isFinite(r.value)).map((r) => ({ group: `${r.dataset} (${r.method})`, bar: `${r.mode}${r.mode === 'paper' ? ` k=${r.kappa}` : ''}`, value: 100 * r.value }));
+  const fid = res.fidelity.filter((f) => f.mode === 'paper').map((f, i) => ({ x: i + 1, y: Math.max(f.max_abs_logit_err, 1e-9), series: 'max |logit error|' }));
+  const sections = [
+    { title: 'Test metric: local vs confidential fine-tuning', html: table(t.head, t.rows) },
+    ...(curves.length ? [{ title: 'Training loss (LoRA), local vs confidential', html: await lineChart(curves, { title: 'training loss', x: 'step', y: 'cross-entropy', width: 700 }) }] : []),
+    ...(acc.length ? [{ title: 'Accuracy per dataset and method', html: await barChart(acc, { title: 'test accuracy (%)', y: 'accuracy %' }) }] : []),
+    { title: 'Fidelity vs mask condition number (paper mode)', html: (fid.length ? await lineChart(fid, { title: 'logit error; x = kappa 1, 10, 100, 1000, naive', x: 'mask (1=k1, 2=k10, 3=k100, 4=k1000, 5=naive)', y: 'max |logit error|', logY: true }) : '') +
+      table(['model', 'mode', 'kappa', 'max |err|', 'mean |err|', 'top-1 agreement'], res.fidelity.map((f) => [f.model, f.mode, f.kappa, f.max_abs_logit_err.toExponential(2), f.mean_abs_logit_err.toExponential(2), `${(100 * f.top1_agreement).toFixed(1)}%`])) },
+    { title: 'Enclave share (T = 512)', html: table(['model', 'mode', 'enclave params', 'enclave FLOPs', 'enclave state', 'boundary / token'], res.share.map((s) => [s.model, s.mode + (s.two_sided ? ' 2-sided' : ''), `${(100 * s.enclave_param_share).toFixed(2)}%`, `${(100 * s.enclave_flop_share).toFixed(2)}%`, `${(s.enclave_state_bytes / 1e6).toFixed(1)} MB`, `${(s.boundary_bytes_per_token / 1024).toFixed(0)} KiB`])) },
+    { title: 'Overhead (LoRA step time)', html: table(['model', 'mode', 'step ms', 'integrity share', 'peak RSS MB'], res.overhead.map((r) => [String(r.model), String(r.mode), Number(r.step_ms_median).toFixed(0), `${(100 * Number(r.integrity_share)).toFixed(1)}%`, String(r.peak_rss_mb)])) },
+  ];
+  return page('obfuscatune: the paper\'s experiments', sections, `Generated ${String(res.meta.date ?? '')} by: ${String(res.meta.command ?? '')}`);
+}

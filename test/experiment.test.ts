@@ -1,0 +1,60 @@
+// `experiment paper --quick`: the contract of report/results.json, the HTML report, and the
+// checks that run before any training.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import os from 'node:os';
+import { mkdtempSync, rmSync, readFileSync, mkdirSync, writeFileSync, cpSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { runPaperExperiments } from '../src/experiments/paper.js';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const MODEL = path.join(ROOT, 'test/fixtures/vocab50257');
+
+test('experiment paper --quick writes results.json (contract) and index.html with SVG charts; a rerun resumes', async () => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'obf-exp-'));
+  try {
+    const res = await runPaperExperiments({ models: [MODEL], datasets: ['food-reviews', 'austen'], dataDir: path.join(ROOT, 'data'), out, quick: true, steps: 3, methods: ['lora'] });
+    const j = JSON.parse(readFileSync(path.join(out, 'results.json'), 'utf8'));
+    for (const k of ['rows', 'fidelity', 'share', 'overhead']) assert.ok(Array.isArray(j[k]), k);
+    assert.equal(j.rows.length, 2 * 4);
+    for (const r of j.rows) {
+      for (const k of ['dataset', 'model', 'method', 'mode', 'kappa', 'metric', 'value', 'steps', 'seconds']) assert.ok(k in r, `row field ${k}`);
+      assert.ok(['local', 'sealed', 'paper'].includes(r.mode));
+      assert.ok(r.kappa === null || r.kappa === '1' || r.kappa === 'naive');
+      assert.equal(r.metric, r.dataset === 'austen' ? 'perplexity' : 'accuracy');
+    }
+    const paper1 = j.rows.find((r: { mode: string; kappa: string; dataset: string }) => r.mode === 'paper' && r.kappa === '1' && r.dataset === 'food-reviews');
+    const local = j.rows.find((r: { mode: string; dataset: string }) => r.mode === 'local' && r.dataset === 'food-reviews');
+    assert.equal(paper1.value, local.value, 'paper kappa 1 LoRA reproduces local');
+    assert.ok(j.fidelity.some((f: { kappa: string }) => f.kappa === 'naive'));
+    assert.ok(res.baselines.length === 2);
+    const html = readFileSync(path.join(out, 'index.html'), 'utf8');
+    assert.match(html, /<svg/);
+    assert.match(html, /food-reviews/);
+    const again = await runPaperExperiments({ models: [MODEL], datasets: ['food-reviews', 'austen'], dataDir: path.join(ROOT, 'data'), out, quick: true, steps: 3, methods: ['lora'] });
+    assert.equal(again.rows.length, 8, 'finished rows are not run again');
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});
+
+test('bad inputs are refused before any training', async () => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'obf-exp-'));
+  try {
+    const base = { models: [MODEL], dataDir: path.join(ROOT, 'data'), out, quick: true, steps: 1, methods: ['lora' as const] };
+    await assert.rejects(runPaperExperiments({ ...base, datasets: ['no-such-dataset'] }), /no-such-dataset.*not found/);
+    await assert.rejects(runPaperExperiments({ ...base, models: [path.join(ROOT, 'test/fixtures/tiny')], datasets: ['food-reviews'] }), /does not match the GPT-2 tokenizer/);
+    // labels differ between splits
+    const dd = path.join(out, 'data', 'bad');
+    mkdirSync(dd, { recursive: true });
+    cpSync(path.join(ROOT, 'data/food-reviews/meta.json'), path.join(dd, 'meta.json'));
+    writeFileSync(path.join(dd, 'train.jsonl'), '{"text":"a","label":"x"}\n{"text":"b","label":"y"}\n');
+    writeFileSync(path.join(dd, 'test.jsonl'), '{"text":"a","label":"x"}\n{"text":"b","label":"z"}\n');
+    await assert.rejects(runPaperExperiments({ ...base, dataDir: path.join(out, 'data'), datasets: ['bad'] }), /label sets of train and test differ/);
+    writeFileSync(path.join(dd, 'train.jsonl'), '{"text": broken\n');
+    await assert.rejects(runPaperExperiments({ ...base, dataDir: path.join(out, 'data'), datasets: ['bad'] }), /train.jsonl:1: not valid JSON/);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});

@@ -80,6 +80,22 @@ export class Activations {
     this.lnfRstd = new Float32Array(BT);
     this.losses = new Float32Array(BT);
   }
+
+  /** Views of layer l's slices. */
+  layer(l: number, c: GPT2Config) {
+    const { n_embd: C, n_head: NH } = c;
+    const { B, T } = this;
+    const BT = B * T;
+    const v = (a: Float32Array, w: number) => a.subarray(l * BT * w, (l + 1) * BT * w);
+    return {
+      residual: l === 0 ? this.encoded : this.residual3.subarray((l - 1) * BT * C, l * BT * C),
+      ln1: v(this.ln1, C), qkv: v(this.qkv, 3 * C), atty: v(this.atty, C),
+      att: this.att.subarray(l * B * NH * T * T, (l + 1) * B * NH * T * T),
+      res2: v(this.residual2, C), ln2: v(this.ln2, C), fch: v(this.fch, 4 * C), fchGelu: v(this.fchGelu, 4 * C), fchTanh: v(this.fchTanh, 4 * C),
+      res3: v(this.residual3, C),
+      m1: v(this.ln1Mean, 1), r1: v(this.ln1Rstd, 1), m2: v(this.ln2Mean, 1), r2: v(this.ln2Rstd, 1),
+    };
+  }
 }
 
 /** Scratch buffers for the backward pass (one layer at a time). */
@@ -212,20 +228,7 @@ export class GPT2 {
     const lay = this.layout;
     encoderForward(a.encoded, tokens, lay.view(p, 'wte'), lay.view(p, 'wpe'), B, T, C);
     for (let l = 0; l < L; l++) {
-      const residual = l === 0 ? a.encoded : a.residual3.subarray((l - 1) * BT * C, l * BT * C);
-      const ln1 = a.ln1.subarray(l * BT * C, (l + 1) * BT * C);
-      const qkv = a.qkv.subarray(l * BT * 3 * C, (l + 1) * BT * 3 * C);
-      const atty = a.atty.subarray(l * BT * C, (l + 1) * BT * C);
-      const att = a.att.subarray(l * B * NH * T * T, (l + 1) * B * NH * T * T);
-      const res2 = a.residual2.subarray(l * BT * C, (l + 1) * BT * C);
-      const ln2 = a.ln2.subarray(l * BT * C, (l + 1) * BT * C);
-      const fch = a.fch.subarray(l * BT * 4 * C, (l + 1) * BT * 4 * C);
-      const fchGelu = a.fchGelu.subarray(l * BT * 4 * C, (l + 1) * BT * 4 * C);
-      const res3 = a.residual3.subarray(l * BT * C, (l + 1) * BT * C);
-      const m1 = a.ln1Mean.subarray(l * BT, (l + 1) * BT);
-      const r1 = a.ln1Rstd.subarray(l * BT, (l + 1) * BT);
-      const m2 = a.ln2Mean.subarray(l * BT, (l + 1) * BT);
-      const r2 = a.ln2Rstd.subarray(l * BT, (l + 1) * BT);
+      const { residual, ln1, qkv, atty, att, res2, ln2, fch, fchGelu, fchTanh, res3, m1, r1, m2, r2 } = a.layer(l, c);
 
       layernormForward(ln1, m1, r1, residual, lay.layer(p, 'ln1w', l), lay.layer(p, 'ln1b', l), BT, C, c.layer_norm_epsilon);
       linear(qkv, ln1, lay.layer(p, 'qkvw', l), lay.layer(p, 'qkvb', l), BT, C, 3 * C);
@@ -234,7 +237,7 @@ export class GPT2 {
       linear(res2, atty, lay.layer(p, 'attprojw', l), lay.layer(p, 'attprojb', l), BT, C, C, true);
       layernormForward(ln2, m2, r2, res2, lay.layer(p, 'ln2w', l), lay.layer(p, 'ln2b', l), BT, C, c.layer_norm_epsilon);
       linear(fch, ln2, lay.layer(p, 'fcw', l), lay.layer(p, 'fcb', l), BT, C, 4 * C);
-      geluForward(fchGelu, fch, BT * 4 * C, a.fchTanh.subarray(l * BT * 4 * C, (l + 1) * BT * 4 * C));
+      geluForward(fchGelu, fch, BT * 4 * C, fchTanh);
       res3.set(res2);
       linear(res3, fchGelu, lay.layer(p, 'fcprojw', l), lay.layer(p, 'fcprojb', l), BT, 4 * C, C, true);
     }
@@ -348,27 +351,19 @@ export class GPT2 {
     layernormBackward(dres, lay.view(g, 'lnfw'), lay.view(g, 'lnfb'), dlnf, lastRes, lay.view(p, 'lnfw'), a.lnfMean, a.lnfRstd, BT, C);
 
     for (let l = L - 1; l >= 0; l--) {
-      const residual = l === 0 ? a.encoded : a.residual3.subarray((l - 1) * BT * C, l * BT * C);
-      const ln1 = a.ln1.subarray(l * BT * C, (l + 1) * BT * C);
-      const qkv = a.qkv.subarray(l * BT * 3 * C, (l + 1) * BT * 3 * C);
-      const atty = a.atty.subarray(l * BT * C, (l + 1) * BT * C);
-      const att = a.att.subarray(l * B * NH * T * T, (l + 1) * B * NH * T * T);
-      const res2 = a.residual2.subarray(l * BT * C, (l + 1) * BT * C);
-      const ln2 = a.ln2.subarray(l * BT * C, (l + 1) * BT * C);
-      const fch = a.fch.subarray(l * BT * 4 * C, (l + 1) * BT * 4 * C);
-      const fchGelu = a.fchGelu.subarray(l * BT * 4 * C, (l + 1) * BT * 4 * C);
+      const { residual, ln1, qkv, atty, att, res2, ln2, fch, fchGelu, fchTanh, m1, r1, m2, r2 } = a.layer(l, c);
 
       // MLP: res3 = res2 + gelu(ln2 fcw + fcb) fcprojw + fcprojb
       linearBackward(s.dfchGelu, lay.layer(g, 'fcprojw', l), lay.layer(g, 'fcprojb', l), dres, fchGelu, lay.layer(p, 'fcprojw', l), BT, 4 * C, C);
       s.dfch.fill(0);
-      geluBackward(s.dfch, fch, s.dfchGelu, BT * 4 * C, a.fchTanh.subarray(l * BT * 4 * C, (l + 1) * BT * 4 * C));
+      geluBackward(s.dfch, fch, s.dfchGelu, BT * 4 * C, fchTanh);
       linearBackward(s.dln, lay.layer(g, 'fcw', l), lay.layer(g, 'fcb', l), s.dfch, ln2, lay.layer(p, 'fcw', l), BT, C, 4 * C);
-      layernormBackward(dres, lay.layer(g, 'ln2w', l), lay.layer(g, 'ln2b', l), s.dln, res2, lay.layer(p, 'ln2w', l), a.ln2Mean.subarray(l * BT, (l + 1) * BT), a.ln2Rstd.subarray(l * BT, (l + 1) * BT), BT, C);
+      layernormBackward(dres, lay.layer(g, 'ln2w', l), lay.layer(g, 'ln2b', l), s.dln, res2, lay.layer(p, 'ln2w', l), m2, r2, BT, C);
       // attention: res2 = residual + attn(ln1) attprojw + attprojb
       linearBackward(s.datty, lay.layer(g, 'attprojw', l), lay.layer(g, 'attprojb', l), dres, atty, lay.layer(p, 'attprojw', l), BT, C, C);
       attentionBackward(s.dqkv, s.datt, s.datty, att, qkv, B, T, C, NH);
       linearBackward(s.dln, lay.layer(g, 'qkvw', l), lay.layer(g, 'qkvb', l), s.dqkv, ln1, lay.layer(p, 'qkvw', l), BT, C, 3 * C);
-      layernormBackward(dres, lay.layer(g, 'ln1w', l), lay.layer(g, 'ln1b', l), s.dln, residual, lay.layer(p, 'ln1w', l), a.ln1Mean.subarray(l * BT, (l + 1) * BT), a.ln1Rstd.subarray(l * BT, (l + 1) * BT), BT, C);
+      layernormBackward(dres, lay.layer(g, 'ln1w', l), lay.layer(g, 'ln1b', l), s.dln, residual, lay.layer(p, 'ln1w', l), m1, r1, BT, C);
     }
     encoderBackward(lay.view(g, 'wte'), lay.view(g, 'wpe'), dres, st.tokens, B, T, C);
     this.last = null;

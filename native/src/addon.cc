@@ -1,0 +1,245 @@
+// N-API bindings for the GEMM core.
+//
+//   sgemm(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, bias?)
+//   sgemmBatched(transA, transB, m, n, k, alpha, A, lda, strideA, B, ldb, strideB,
+//                beta, C, ldc, strideC, batch)
+//   info() -> { isa, threads }
+//   setThreads(n)
+//
+// The TypeScript wrapper validates every argument first; the checks here are a
+// second line of defence so that a bad call throws instead of touching memory
+// outside the given arrays.
+#include <node_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "gemm.h"
+
+namespace {
+
+struct ArgError {
+  std::string msg;
+};
+
+#define NAPI_OK(call)                                                        \
+  do {                                                                       \
+    if ((call) != napi_ok) return throw_error(env, "internal N-API failure"); \
+  } while (0)
+
+napi_value throw_error(napi_env env, const std::string& msg) {
+  bool pending = false;
+  napi_is_exception_pending(env, &pending);
+  if (!pending) napi_throw_range_error(env, nullptr, msg.c_str());
+  return nullptr;
+}
+
+// Largest integer argument accepted (keeps all extent arithmetic exact in int64).
+constexpr double kMaxInt = 4503599627370496.0;  // 2^52
+
+bool get_bool(napi_env env, napi_value v, const char* name, bool* out, std::string* err) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_boolean) {
+    *err = std::string(name) + " must be a boolean";
+    return false;
+  }
+  return napi_get_value_bool(env, v, out) == napi_ok;
+}
+
+bool get_int(napi_env env, napi_value v, const char* name, int64_t* out, std::string* err) {
+  napi_valuetype t;
+  double d = 0;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_number || napi_get_value_double(env, v, &d) != napi_ok ||
+      !std::isfinite(d) || d != std::floor(d) || d < 0 || d > kMaxInt) {
+    *err = std::string(name) + " must be a non-negative integer";
+    return false;
+  }
+  *out = (int64_t)d;
+  return true;
+}
+
+bool get_float(napi_env env, napi_value v, const char* name, float* out, std::string* err) {
+  napi_valuetype t;
+  double d = 0;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_number || napi_get_value_double(env, v, &d) != napi_ok ||
+      std::isnan(d)) {
+    *err = std::string(name) + " must be a number";
+    return false;
+  }
+  *out = (float)d;
+  return true;
+}
+
+bool get_f32(napi_env env, napi_value v, const char* name, float** data, int64_t* len, std::string* err) {
+  bool is_ta = false;
+  if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta) {
+    *err = std::string(name) + " must be a Float32Array";
+    return false;
+  }
+  napi_typedarray_type type;
+  size_t length = 0, byte_offset = 0;
+  void* ptr = nullptr;
+  napi_value ab;
+  // `ptr` already includes byte_offset (it points at element 0 of the view).
+  if (napi_get_typedarray_info(env, v, &type, &length, &ptr, &ab, &byte_offset) != napi_ok ||
+      type != napi_float32_array) {
+    *err = std::string(name) + " must be a Float32Array";
+    return false;
+  }
+  *data = static_cast<float*>(ptr);
+  *len = (int64_t)length;
+  return true;
+}
+
+// Elements spanned by a rows x cols row-major matrix with leading dimension ld.
+double extent(int64_t rows, int64_t cols, int64_t ld) {
+  if (rows == 0 || cols == 0) return 0;
+  return double(rows - 1) * double(ld) + double(cols);
+}
+
+bool check_matrix(const char* name, int64_t rows, int64_t cols, int64_t ld, int64_t len, double stride,
+                  int64_t batch, std::string* err) {
+  if (rows > 0 && cols > 0 && ld < cols) {
+    *err = std::string("leading dimension of ") + name + " is smaller than its row length";
+    return false;
+  }
+  const double e = extent(rows, cols, ld);
+  if (e == 0 || batch == 0) return true;
+  const double need = double(batch - 1) * stride + e;
+  if (need > double(len)) {
+    *err = std::string(name) + " is too short for the given dimensions";
+    return false;
+  }
+  return true;
+}
+
+struct Parsed {
+  obf::GemmArgs g;
+  int64_t sa = 0, sb = 0, sc = 0, batch = 1;
+};
+
+// Parses the shared argument list; `batched` selects the strided layout.
+bool parse(napi_env env, napi_value* a, size_t argc, bool batched, Parsed* p, std::string* err) {
+  const size_t need = batched ? 17 : 13;
+  if (argc < need) {
+    *err = "expected " + std::to_string(need) + " arguments";
+    return false;
+  }
+  obf::GemmArgs& g = p->g;
+  float *A = nullptr, *B = nullptr, *C = nullptr;
+  int64_t la = 0, lb = 0, lc = 0;
+  size_t i = 0;
+  if (!get_bool(env, a[i++], "transA", &g.ta, err) || !get_bool(env, a[i++], "transB", &g.tb, err) ||
+      !get_int(env, a[i++], "m", &g.m, err) || !get_int(env, a[i++], "n", &g.n, err) ||
+      !get_int(env, a[i++], "k", &g.k, err) || !get_float(env, a[i++], "alpha", &g.alpha, err) ||
+      !get_f32(env, a[i++], "A", &A, &la, err) || !get_int(env, a[i++], "lda", &g.lda, err))
+    return false;
+  if (batched && !get_int(env, a[i++], "strideA", &p->sa, err)) return false;
+  if (!get_f32(env, a[i++], "B", &B, &lb, err) || !get_int(env, a[i++], "ldb", &g.ldb, err)) return false;
+  if (batched && !get_int(env, a[i++], "strideB", &p->sb, err)) return false;
+  if (!get_float(env, a[i++], "beta", &g.beta, err) || !get_f32(env, a[i++], "C", &C, &lc, err) ||
+      !get_int(env, a[i++], "ldc", &g.ldc, err))
+    return false;
+  if (batched) {
+    if (!get_int(env, a[i++], "strideC", &p->sc, err) || !get_int(env, a[i++], "batch", &p->batch, err)) return false;
+  } else if (argc > i) {
+    napi_valuetype t;
+    napi_typeof(env, a[i], &t);
+    if (t != napi_undefined && t != napi_null) {
+      float* bias = nullptr;
+      int64_t lbias = 0;
+      if (!get_f32(env, a[i], "bias", &bias, &lbias, err)) return false;
+      if (lbias != g.n) {
+        *err = "bias length must equal n";
+        return false;
+      }
+      g.bias = bias;
+    }
+  }
+  g.A = A;
+  g.B = B;
+  g.C = C;
+  if (g.m == 0 || g.n == 0 || p->batch == 0) return true;
+  const int64_t ar = g.ta ? g.k : g.m, ac = g.ta ? g.m : g.k;
+  const int64_t br = g.tb ? g.n : g.k, bc = g.tb ? g.k : g.n;
+  const bool use_ab = g.k > 0 && g.alpha != 0.0f;
+  if (use_ab && (!check_matrix("A", ar, ac, g.lda, la, double(p->sa), p->batch, err) ||
+                 !check_matrix("B", br, bc, g.ldb, lb, double(p->sb), p->batch, err)))
+    return false;
+  return check_matrix("C", g.m, g.n, g.ldc, lc, double(p->sc), p->batch, err);
+}
+
+napi_value Sgemm(napi_env env, napi_callback_info info) {
+  size_t argc = 14;
+  napi_value argv[14];
+  NAPI_OK(napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  Parsed p;
+  std::string err;
+  if (!parse(env, argv, argc, false, &p, &err)) return throw_error(env, "sgemm: " + err);
+  obf::sgemm(p.g);
+  return nullptr;
+}
+
+napi_value SgemmBatched(napi_env env, napi_callback_info info) {
+  size_t argc = 17;
+  napi_value argv[17];
+  NAPI_OK(napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  Parsed p;
+  std::string err;
+  if (!parse(env, argv, argc, true, &p, &err)) return throw_error(env, "sgemmBatched: " + err);
+  obf::sgemm_batched(p.g, p.sa, p.sb, p.sc, p.batch);
+  return nullptr;
+}
+
+napi_value Info(napi_env env, napi_callback_info /*info*/) {
+  napi_value obj, isa, threads;
+  NAPI_OK(napi_create_object(env, &obj));
+  NAPI_OK(napi_create_string_utf8(env, obf::active_isa(), NAPI_AUTO_LENGTH, &isa));
+  NAPI_OK(napi_create_int32(env, obf::threads(), &threads));
+  NAPI_OK(napi_set_named_property(env, obj, "isa", isa));
+  NAPI_OK(napi_set_named_property(env, obj, "threads", threads));
+  return obj;
+}
+
+napi_value SetThreads(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_OK(napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  int64_t n = 0;
+  std::string err;
+  if (argc < 1 || !get_int(env, argv[0], "threads", &n, &err) || n < 1 || n > 256)
+    return throw_error(env, "setThreads: threads must be an integer in [1, 256]");
+  obf::set_threads((int)n);
+  return nullptr;
+}
+
+napi_value SetIsa(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_OK(napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr));
+  char buf[32] = {0};
+  size_t len = 0;
+  if (argc < 1 || napi_get_value_string_utf8(env, argv[0], buf, sizeof buf, &len) != napi_ok)
+    return throw_error(env, "setIsa: expected a string");
+  napi_value ok;
+  NAPI_OK(napi_get_boolean(env, obf::force_isa(buf), &ok));
+  return ok;
+}
+
+}  // namespace
+
+NAPI_MODULE_INIT() {
+  (void)obf::active_isa();  // select the kernel before any call can race on it
+  napi_property_descriptor props[] = {
+      {"sgemm", nullptr, Sgemm, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"sgemmBatched", nullptr, SgemmBatched, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"setThreads", nullptr, SetThreads, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"setIsa", nullptr, SetIsa, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+  };
+  if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return nullptr;
+  return exports;
+}

@@ -1,0 +1,198 @@
+/**
+ * Single-precision matrix multiply: the one entry point every other module uses.
+ *
+ *   C[m,n] = alpha * op(A) op(B) + beta * C   (+ bias[n] added to every row)
+ *
+ * Row-major storage with BLAS semantics: op(A) is m x k; A is m x k (lda >= k) or, with
+ * transA, k x m (lda >= m). Likewise op(B) is k x n: B is k x n (ldb >= n) or, with transB,
+ * n x k (ldb >= k). beta == 0 never reads C (it may hold NaN). k == 0 or alpha == 0 gives
+ * C = beta * C (+ bias). m == 0 or n == 0 does nothing.
+ *
+ * Two backends: the native addon (packed, cache-blocked SIMD kernels on a thread pool, see
+ * native/) and a pure-TypeScript fallback (gemm_js.ts). Every argument is checked here,
+ * before either backend runs, and a bad one throws an Error naming it.
+ */
+import { native, nativeLoadError } from './native.js';
+import { sgemmBatchedJs, sgemmJs } from './gemm_js.js';
+
+export type BackendName = 'native' | 'js';
+
+let active: BackendName = native ? 'native' : 'js';
+
+/** The backend currently in use. */
+export function backendName(): BackendName {
+  return active;
+}
+
+/** Backends that can be selected in this process. */
+export function availableBackends(): BackendName[] {
+  return native ? ['native', 'js'] : ['js'];
+}
+
+/** Selects a backend (for tests and benchmarks); throws when it is unavailable. */
+export function setBackend(b: BackendName): void {
+  if (b !== 'native' && b !== 'js') throw new Error(`setBackend: unknown backend '${String(b)}' (expected 'native' or 'js')`);
+  if (b === 'native' && !native) throw new Error(`setBackend: the native backend is unavailable: ${nativeLoadError}`);
+  active = b;
+}
+
+/** The native kernel's instruction set and thread count, or null without the addon. */
+export function nativeInfo(): { isa: string; threads: number } | null {
+  return native ? native.info() : null;
+}
+
+/** Sets the native thread count (1..256). No effect without the addon. */
+export function setThreads(n: number): void {
+  if (!Number.isInteger(n) || n < 1 || n > 256) throw new Error(`setThreads: n must be an integer between 1 and 256, got ${String(n)}`);
+  native?.setThreads(n);
+}
+
+/**
+ * Forces the native kernel ('avx512', 'avx2' or 'generic'); returns false when this CPU
+ * or build does not have it (the current one stays). For tests and benchmarks.
+ */
+export function setNativeIsa(isa: 'avx512' | 'avx2' | 'generic'): boolean {
+  return native ? native.setIsa(isa) : false;
+}
+
+// ------------------------------------------------------------------ checks
+
+function fail(fn: string, msg: string): never {
+  throw new Error(`${fn}: ${msg}`);
+}
+
+function checkBool(fn: string, name: string, v: unknown): void {
+  if (typeof v !== 'boolean') fail(fn, `${name} must be a boolean, got ${describe(v)}`);
+}
+
+function checkDim(fn: string, name: string, v: unknown): asserts v is number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) fail(fn, `${name} must be a non-negative integer, got ${describe(v)}`);
+}
+
+function checkScalar(fn: string, name: string, v: unknown): asserts v is number {
+  if (typeof v !== 'number' || !Number.isFinite(v)) fail(fn, `${name} must be a finite number, got ${describe(v)}`);
+}
+
+function checkF32(fn: string, name: string, v: unknown): asserts v is Float32Array {
+  if (!(v instanceof Float32Array)) fail(fn, `${name} must be a Float32Array, got ${describe(v)}`);
+}
+
+function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (typeof v === 'object') return (v as object).constructor?.name ?? 'object';
+  if (typeof v === 'string') return `'${v}'`;
+  return String(v);
+}
+
+/**
+ * Checks one (possibly batched) row-major operand: `rows` x `cols` with leading dimension
+ * `ld`, `batch` copies `stride` elements apart, all inside `buf`.
+ */
+function checkMatrix(fn: string, name: string, buf: Float32Array, rows: number, cols: number, ldName: string, ld: number,
+  what: string, batch = 1, stride = 0, strideName = ''): void {
+  if (ld < cols) fail(fn, `${ldName} (${ld}) must be >= ${cols}, the row length of ${name} (${what})`);
+  if (rows === 0 || cols === 0 || batch === 0) return;
+  const one = (rows - 1) * ld + cols;
+  const need = (batch - 1) * stride + one;
+  if (buf.length < need) {
+    const shape = `a ${rows}x${cols} matrix with ${ldName}=${ld}` + (batch > 1 ? `, batch ${batch} with ${strideName}=${stride}` : '');
+    fail(fn, `${name} is too short: ${shape} needs ${need} elements, ${name} has ${buf.length}`);
+  }
+}
+
+function checkCommon(fn: string, transA: unknown, transB: unknown, m: unknown, n: unknown, k: unknown, alpha: unknown,
+  A: unknown, lda: unknown, B: unknown, ldb: unknown, beta: unknown, C: unknown, ldc: unknown): void {
+  checkBool(fn, 'transA', transA);
+  checkBool(fn, 'transB', transB);
+  checkDim(fn, 'm', m);
+  checkDim(fn, 'n', n);
+  checkDim(fn, 'k', k);
+  checkScalar(fn, 'alpha', alpha);
+  checkF32(fn, 'A', A);
+  checkDim(fn, 'lda', lda);
+  checkF32(fn, 'B', B);
+  checkDim(fn, 'ldb', ldb);
+  checkScalar(fn, 'beta', beta);
+  checkF32(fn, 'C', C);
+  checkDim(fn, 'ldc', ldc);
+}
+
+// ------------------------------------------------------------------ GEMM
+
+/** C[m,n] = alpha * op(A) op(B) + beta * C (+ bias[n] on every row). */
+export function sgemm(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
+  A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number,
+  bias?: Float32Array | null): void {
+  const fn = 'sgemm';
+  checkCommon(fn, transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  if (bias !== undefined && bias !== null) {
+    checkF32(fn, 'bias', bias);
+    if (bias.length !== n) fail(fn, `bias must have n = ${n} elements, has ${bias.length}`);
+  }
+  const ab = m > 0 && n > 0 && k > 0;
+  checkMatrix(fn, 'A', A, ab ? (transA ? k : m) : 0, transA ? m : k, 'lda', lda, transA ? 'transA: A is k x m' : 'A is m x k');
+  checkMatrix(fn, 'B', B, ab ? (transB ? n : k) : 0, transB ? k : n, 'ldb', ldb, transB ? 'transB: B is n x k' : 'B is k x n');
+  checkMatrix(fn, 'C', C, m, n, 'ldc', ldc, 'C is m x n');
+  if (m === 0 || n === 0) return;
+  const b = bias ?? null;
+  if (active === 'native' && native) native.sgemm(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, b);
+  else sgemmJs(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, b);
+}
+
+/** `batch` independent products; matrix i of A, B and C starts at i*strideA, i*strideB, i*strideC. */
+export function sgemmBatched(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
+  A: Float32Array, lda: number, strideA: number, B: Float32Array, ldb: number, strideB: number,
+  beta: number, C: Float32Array, ldc: number, strideC: number, batch: number): void {
+  const fn = 'sgemmBatched';
+  checkCommon(fn, transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  checkDim(fn, 'strideA', strideA);
+  checkDim(fn, 'strideB', strideB);
+  checkDim(fn, 'strideC', strideC);
+  checkDim(fn, 'batch', batch);
+  const ab = m > 0 && n > 0 && k > 0;
+  checkMatrix(fn, 'A', A, ab ? (transA ? k : m) : 0, transA ? m : k, 'lda', lda, transA ? 'transA: A is k x m' : 'A is m x k', batch, strideA, 'strideA');
+  checkMatrix(fn, 'B', B, ab ? (transB ? n : k) : 0, transB ? k : n, 'ldb', ldb, transB ? 'transB: B is n x k' : 'B is k x n', batch, strideB, 'strideB');
+  checkMatrix(fn, 'C', C, m, n, 'ldc', ldc, 'C is m x n', batch, strideC, 'strideC');
+  if (m === 0 || n === 0 || batch === 0) return;
+  if (active === 'native' && native) native.sgemmBatched(transA, transB, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batch);
+  else sgemmBatchedJs(transA, transB, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batch);
+}
+
+// ------------------------------------------------------------------ linear layers
+
+/** out[m,n] = x[m,k] w[k,n] + bias (all row-major, contiguous). */
+export function linearForward(out: Float32Array, x: Float32Array, w: Float32Array, bias: Float32Array | null, m: number, k: number, n: number): void {
+  sgemm(false, false, m, n, k, 1, x, k, w, n, 0, out, n, bias);
+}
+
+/** dx[m,k] (+)= dy[m,n] w^T, with w stored [k,n]. */
+export function linearBackwardInput(dx: Float32Array, dy: Float32Array, w: Float32Array, m: number, k: number, n: number, accumulate: boolean): void {
+  sgemm(false, true, m, k, n, 1, dy, n, w, n, accumulate ? 1 : 0, dx, k);
+}
+
+/** dw[k,n] (+)= x^T dy, with x stored [m,k] and dy stored [m,n]. */
+export function linearBackwardWeight(dw: Float32Array, x: Float32Array, dy: Float32Array, m: number, k: number, n: number, accumulate: boolean): void {
+  sgemm(true, false, k, n, m, 1, x, k, dy, n, accumulate ? 1 : 0, dw, n);
+}
+
+let colSums = new Float64Array(0);
+
+/** db[n] (+)= the sum over the m rows of dy[m,n]. */
+export function biasBackward(db: Float32Array, dy: Float32Array, m: number, n: number, accumulate: boolean): void {
+  const fn = 'biasBackward';
+  checkF32(fn, 'db', db);
+  checkF32(fn, 'dy', dy);
+  checkDim(fn, 'm', m);
+  checkDim(fn, 'n', n);
+  if (db.length < n) fail(fn, `db is too short: needs n = ${n} elements, has ${db.length}`);
+  if (dy.length < m * n) fail(fn, `dy is too short: an ${m}x${n} matrix needs ${m * n} elements, dy has ${dy.length}`);
+  if (colSums.length < n) colSums = new Float64Array(n);
+  const s = colSums;
+  s.fill(0, 0, n);
+  for (let r = 0; r < m; r++) {
+    const o = r * n;
+    for (let j = 0; j < n; j++) s[j] += dy[o + j];
+  }
+  if (accumulate) for (let j = 0; j < n; j++) db[j] += s[j];
+  else for (let j = 0; j < n; j++) db[j] = s[j];
+}

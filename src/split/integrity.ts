@@ -129,44 +129,41 @@ export class IntegrityChecker {
     this.ms += performance.now() - t0;
   }
 
-  // lhs[rows, a] . p[a, K]  ==  rhs[rows, b] . q[b, K] + c
+  // lhs[rows, a] . p[a, K]  ==  rhs[rows, b] . q[b, K] + c   (K = 2, unrolled: this runs on every reply)
   private rowCheck(what: string, lhs: Float32Array, p: Float64Array, a: number, rhs: Float32Array, q: Float64Array, b: number, c: Float64Array | null, rows: number): void {
-    const K = this.K;
-    const acc = new Float64Array(K);
-    const mag = new Float64Array(K);
+    if (this.K !== 2) throw new Error('integrity checks use two secret vectors');
+    const c0 = c ? c[0] : 0, c1 = c ? c[1] : 0;
     for (let i = 0; i < rows; i++) {
-      acc.fill(0);
-      mag.fill(0);
+      let s0 = 0, s1 = 0, m0 = 0, m1 = 0;
       const lo = i * a;
-      for (let j = 0; j < a; j++) {
+      for (let j = 0, jj = 0; j < a; j++, jj += 2) {
         const y = lhs[lo + j];
-        for (let k = 0; k < K; k++) {
-          const z = y * p[j * K + k];
-          acc[k] += z;
-          mag[k] += Math.abs(z);
-        }
+        const z0 = y * p[jj], z1 = y * p[jj + 1];
+        s0 += z0;
+        s1 += z1;
+        m0 += z0 < 0 ? -z0 : z0;
+        m1 += z1 < 0 ? -z1 : z1;
       }
       const ro = i * b;
-      for (let j = 0; j < b; j++) {
+      for (let j = 0, jj = 0; j < b; j++, jj += 2) {
         const x = rhs[ro + j];
-        for (let k = 0; k < K; k++) {
-          const z = x * q[j * K + k];
-          acc[k] -= z;
-          mag[k] += Math.abs(z);
-        }
+        const z0 = x * q[jj], z1 = x * q[jj + 1];
+        s0 -= z0;
+        s1 -= z1;
+        m0 += z0 < 0 ? -z0 : z0;
+        m1 += z1 < 0 ? -z1 : z1;
       }
-      for (let k = 0; k < K; k++) {
-        if (c) {
-          acc[k] -= c[k];
-          mag[k] += Math.abs(c[k]);
-        }
-        const err = Math.abs(acc[k]);
-        if (!(err <= this.tol * mag[k] + 1e-6)) {
-          throw new IntegrityError(`integrity check failed: the accelerator's ${what} is wrong at row ${i} (secret-vector residual ${err.toExponential(2)}, tolerance ${(this.tol * mag[k]).toExponential(2)})`);
-        }
+      s0 -= c0;
+      s1 -= c1;
+      m0 += Math.abs(c0);
+      m1 += Math.abs(c1);
+      const e0 = Math.abs(s0), e1 = Math.abs(s1);
+      if (!(e0 <= this.tol * m0 + 1e-6) || !(e1 <= this.tol * m1 + 1e-6)) {
+        const [err, m] = e0 / (m0 + 1e-30) > e1 / (m1 + 1e-30) ? [e0, m0] : [e1, m1];
+        throw new IntegrityError(`integrity check failed: the accelerator's ${what} is wrong at row ${i} (secret-vector residual ${err.toExponential(2)}, tolerance ${(this.tol * m).toExponential(2)})`);
       }
     }
-    this.checks += rows * K;
+    this.checks += rows * 2;
   }
 
   /** Records x^T dy of one backward call (full fine-tuning), projected on the secret vectors. */

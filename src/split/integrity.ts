@@ -141,8 +141,8 @@ export class IntegrityChecker {
         const z0 = y * p[jj], z1 = y * p[jj + 1];
         s0 += z0;
         s1 += z1;
-        m0 += z0 < 0 ? -z0 : z0;
-        m1 += z1 < 0 ? -z1 : z1;
+        m0 += Math.abs(z0);
+        m1 += Math.abs(z1);
       }
       const ro = i * b;
       for (let j = 0, jj = 0; j < b; j++, jj += 2) {
@@ -150,8 +150,8 @@ export class IntegrityChecker {
         const z0 = x * q[jj], z1 = x * q[jj + 1];
         s0 -= z0;
         s1 -= z1;
-        m0 += z0 < 0 ? -z0 : z0;
-        m1 += z1 < 0 ? -z1 : z1;
+        m0 += Math.abs(z0);
+        m1 += Math.abs(z1);
       }
       s0 -= c0;
       s1 -= c1;

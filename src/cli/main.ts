@@ -320,7 +320,7 @@ export function buildProgram(): Command {
     .description('the main job (what `npm start` runs): provider, data owner, enclave and accelerator as separate processes, confidential fine-tuning vs local, HTML report')
     .option('--steps <n>', 'fine-tuning steps', parseIntArg('--steps'))
     .option('--model <dir>', 'base model (default: the bundled models/base-small)')
-    .option('--dataset <name>', 'bundled dataset under data/', 'food-reviews')
+    .option('--dataset <name>', 'bundled classification dataset under data/', 'wordnet-supersense')
     .option('--out <dir>', 'run directory', 'runs/start')
     .action(async (o) => {
       await runStart({ steps: o.steps, out: o.out, model: o.model, dataset: o.dataset });

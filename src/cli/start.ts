@@ -34,10 +34,18 @@ export interface StartOptions {
   testExamples?: number;
 }
 
+/** Test accuracy of always answering the most common training label. */
+function majority(train: Record_[], test: Record_[]): number {
+  const counts = new Map<string, number>();
+  for (const r of train) counts.set(r.label!, (counts.get(r.label!) ?? 0) + 1);
+  const top = [...counts].sort((a, b) => b[1] - a[1])[0][0];
+  return test.filter((r) => r.label === top).length / test.length;
+}
+
 export async function runStart(o: StartOptions): Promise<void> {
-  const steps = o.steps ?? 60;
+  const steps = o.steps ?? 100;
   const modelDir = o.model ?? path.join(ROOT, 'models', 'base-small');
-  const dataDir = path.join(ROOT, 'data', o.dataset ?? 'food-reviews');
+  const dataDir = path.join(ROOT, 'data', o.dataset ?? 'wordnet-supersense');
   if (!existsSync(path.join(modelDir, 'config.json'))) throw new Error(`bundled model ${modelDir} not found`);
   const out = path.resolve(o.out);
   rmSync(out, { recursive: true, force: true });
@@ -46,7 +54,7 @@ export async function runStart(o: StartOptions): Promise<void> {
   const train = readJsonl(path.join(dataDir, 'train.jsonl')).slice(0, o.trainExamples ?? 640);
   const test = readJsonl(path.join(dataDir, 'test.jsonl')).slice(0, o.testExamples ?? 256);
   const labels = labelSet(train, 'train');
-  const spec = { task: 'cls' as const, method: 'lora' as const, steps, batch: 16, max_len: 64, lr: 2e-3, warmup: 6, clip: 1, seed: 1, eval_every: 0, checkpoint_every: 20, enclave_optimizer: 'adamw' as const, momentum: 0.9, lora: { rank: 8, alpha: 16, dropout: 0, targets: 'q,v' } };
+  const spec = { task: 'cls' as const, method: 'lora' as const, steps, batch: 16, max_len: 64, lr: 1e-2, warmup: 6, clip: 1, seed: 1, eval_every: 0, checkpoint_every: 20, enclave_optimizer: 'adamw' as const, momentum: 0.9, lora: { rank: 8, alpha: 16, dropout: 0, targets: 'q,v' } };
   const say = (s: string) => console.log(s);
   say(`obfuscatune: confidential fine-tuning of ${path.basename(modelDir)} (${(new GPT2(base).numParams() / 1e6).toFixed(1)}M parameters) on ${path.basename(dataDir)} (${train.length} training / ${test.length} test records), compute backend ${backendName()}`);
 
@@ -131,6 +139,7 @@ export async function runStart(o: StartOptions): Promise<void> {
       ['local (plain, baseline)', le.loss.toFixed(4), `${(100 * le.accuracy!).toFixed(1)}%`, localSeconds.toFixed(1), '-'],
       ['confidential (sealed split, 2 processes)', ce.loss.toFixed(4), `${(100 * ce.accuracy).toFixed(1)}%`, confSeconds.toFixed(1), `${traffic.messages} messages, ${(traffic.bytes / 1e6).toFixed(1)} MB`],
       ['provider\'s merged plain model', mergedEval.loss.toFixed(4), `${(100 * mergedEval.accuracy!).toFixed(1)}%`, '-', '-'],
+      ['majority class (reference)', '-', `${(100 * majority(train, test)).toFixed(1)}%`, '-', '-'],
     ];
     const head = ['run', 'test loss', 'test accuracy', 'seconds', 'accelerator traffic'];
     const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));

@@ -58,3 +58,26 @@ test('bench train-step --json follows its contract', () => {
   assert.equal(j.batch, 2);
   assert.ok(j.step_ms_median > 0 && j.peak_rss_mb > 0);
 });
+
+test('JSON contracts: share, fidelity and bench finetune', () => {
+  const share = JSON.parse(run(['share', '--json', '--seq', '512']).stdout);
+  assert.equal(share.seq, 512);
+  for (const m of ['gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl']) for (const mode of ['sealed', 'paper']) {
+    const r = share.rows.find((x: { model: string; mode: string }) => x.model === m && x.mode === mode);
+    for (const k of ['enclave_param_share', 'enclave_state_bytes', 'enclave_flop_share', 'boundary_bytes_per_token', 'round_trips_per_layer']) assert.equal(typeof r[k], 'number', `${m} ${mode} ${k}`);
+  }
+  const f = run(['fidelity', '--model', 'gpt2-micro', '--random-init', '--seed', '1', '--tokens', '16', '--mode', 'paper', '--kappas', '1,10,naive', '--json']);
+  assert.equal(f.status, 0, f.stderr);
+  const fj = JSON.parse(f.stdout);
+  assert.equal(fj.model, 'gpt2-micro');
+  assert.deepEqual(fj.rows.map((r: { kappa: string }) => r.kappa), ['1', '10', 'naive']);
+  for (const r of fj.rows) for (const k of ['max_abs_logit_err', 'mean_abs_logit_err', 'top1_agreement']) assert.equal(typeof r[k], 'number');
+  const b = run(['bench', 'finetune', '--json', '--model', 'gpt2-micro', '--batch', '2', '--seq', '8', '--method', 'lora', '--steps', '1']);
+  assert.equal(b.status, 0, b.stderr);
+  const bj = JSON.parse(b.stdout);
+  assert.equal(bj.model, 'gpt2-micro');
+  assert.equal(bj.method, 'lora');
+  assert.deepEqual(bj.rows.map((r: { mode: string }) => r.mode), ['local', 'sealed', 'paper']);
+  assert.equal(bj.rows[2].kappa, '1');
+  for (const r of bj.rows) assert.ok(r.step_ms_median > 0 && r.peak_rss_mb > 0);
+});

@@ -20,7 +20,17 @@ try {
   const npmDir = path.resolve(path.dirname(process.execPath), '../lib/node_modules/npm');
   gyp = path.join(npmDir, 'node_modules/node-gyp/bin/node-gyp.js');
 }
-const res = spawnSync(process.execPath, [gyp, 'rebuild', '--directory', path.join(root, 'native')], {
+// npm passes its nodedir (the local Node headers) to install scripts; pass it on when run by
+// hand too, so node-gyp never tries to download headers
+let nodedir = process.env.npm_config_nodedir;
+if (!nodedir) {
+  const r = spawnSync('npm', ['config', 'get', 'nodedir'], { encoding: 'utf8' });
+  const v = (r.stdout || '').trim();
+  if (r.status === 0 && v && v !== 'undefined' && v !== 'null') nodedir = v;
+}
+const args = [gyp, 'rebuild', '--directory', path.join(root, 'native')];
+if (nodedir) args.push(`--nodedir=${nodedir}`);
+const res = spawnSync(process.execPath, args, {
   stdio: 'inherit',
   env: process.env,
 });

@@ -9,6 +9,10 @@
 #include <new>
 #include <thread>
 
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
+
 #include "threadpool.h"
 
 namespace obf {
@@ -16,10 +20,24 @@ namespace obf {
 // ---------------------------------------------------------------- scratch
 
 namespace {
+void* alloc_aligned(size_t align, size_t bytes) {
+#if defined(_WIN32)
+  return _aligned_malloc(bytes, align);
+#else
+  return std::aligned_alloc(align, bytes);
+#endif
+}
+void free_aligned(void* p) {
+#if defined(_WIN32)
+  _aligned_free(p);
+#else
+  std::free(p);
+#endif
+}
 struct ScratchBuf {
   float* p = nullptr;
   size_t cap = 0;  // in floats
-  ~ScratchBuf() { std::free(p); }
+  ~ScratchBuf() { free_aligned(p); }
 };
 thread_local ScratchBuf t_scratch[2];
 }  // namespace
@@ -27,14 +45,14 @@ thread_local ScratchBuf t_scratch[2];
 float* scratch(int slot, size_t nfloats) {
   ScratchBuf& b = t_scratch[slot];
   if (b.cap < nfloats) {
-    std::free(b.p);
+    free_aligned(b.p);
     b.p = nullptr;
     b.cap = 0;
     // Page-aligned. (Deliberately no MADV_HUGEPAGE: on some virtualised hosts
     // huge-page-backed scratch that is rewritten constantly made packing ~10x slower.)
     const size_t page = 4096;
     const size_t bytes = (nfloats * sizeof(float) + 64 + page - 1) / page * page;
-    void* p = std::aligned_alloc(page, bytes);
+    void* p = alloc_aligned(page, bytes);
     if (!p) {
       std::fprintf(stderr, "obfuscatune_native: out of memory allocating %zu bytes of GEMM scratch\n", bytes);
       std::abort();

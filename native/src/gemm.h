@@ -25,9 +25,13 @@ struct GemmArgs {
 typedef void (*BlockFn)(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
 
 // Cache blocking: C is computed in nc-column slabs; the reduction is split into
-// kc-deep steps; A is packed mc rows at a time.
+// kc-deep steps; A is packed mc rows at a time. A reduction of at most kc_single is done
+// in one step (C is then read and written once), with mc lowered so that the packed A
+// block stays within a_bytes.
 struct Blocking {
   int64_t mc, kc, nc;
+  int64_t kc_single;
+  int64_t a_bytes;
 };
 
 struct IsaImpl {

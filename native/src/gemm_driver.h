@@ -1,6 +1,6 @@
 // Blocked, packed GEMM driver (GotoBLAS/BLIS structure), parameterised by a
 // micro-kernel description K. This header is included by each ISA-specific
-// translation unit *after* its `#pragma GCC target`, and everything in it has
+// translation unit *after* its target pragma, and everything in it has
 // internal linkage, so every ISA gets its own copy compiled for its own target
 // and no AVX code can leak into a generic code path through the linker.
 //
@@ -230,8 +230,14 @@ struct Driver {
       run_small_m(g, i0, i1, j0, j1);
       return;
     }
-    const int64_t KC = even_block(Kd, bl.kc, 8);
-    const int64_t MC = std::min(even_block(M, bl.mc, MR), round_up(M, MR));
+    int64_t KC, mc_max = bl.mc;
+    if (Kd <= bl.kc_single) {
+      KC = Kd;
+      mc_max = std::max<int64_t>(MR, std::min<int64_t>(bl.mc, bl.a_bytes / (int64_t)sizeof(float) / KC / MR * MR));
+    } else {
+      KC = even_block(Kd, bl.kc, 8);
+    }
+    const int64_t MC = std::min(even_block(M, mc_max, MR), round_up(M, MR));
     const int64_t NC = std::min(even_block(N, bl.nc, NR), round_up(N, NR));
     float* Ap = obf::scratch(0, (size_t)(MC * KC));
     float* Bp = obf::scratch(1, (size_t)(NC * KC));

@@ -79,7 +79,7 @@ struct K256 {
   }
 };
 
-obf::Blocking g_blocking = {144, 256, 2048};
+obf::Blocking g_blocking = {144, 256, 2048, 0, 1 << 19};
 
 void run_avx2(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   Driver<K256>::run(g, i0, i1, j0, j1, g_blocking);

@@ -53,11 +53,10 @@ inline void transpose16(__m512 r[16]) {
   }
 }
 
-
-// Main loop of the 14 x 32 micro-kernel, written in assembly so that all 28
-// accumulators stay in registers (zmm0-27; B rows in zmm28/29, broadcasts of A
-// in zmm30/31). Leaves acc[14][32] = sum_p A[p][i] * B[p][j]. Every 4 steps it also
-// prefetches (into L2) one 128-byte row of `pf`, the source of the next B panel.
+// The 14 x 32 micro-kernel, in assembly so that all 28 accumulators stay in registers
+// (zmm0-27; the two B vectors of a step in zmm28/29, broadcasts of A in zmm30/31): per
+// reduction step 2 loads of B, 14 broadcasts and 28 FMAs, unrolled 4 times. Every 4 steps
+// it also prefetches (into L2) one 128-byte row of `pf`, the source of the next B panel.
 #define OBF_ROW(i, r0, r1, bc, off)                                   \
   "vbroadcastss (" #off "*56+" #i "*4)(%[a]), %%zmm" #bc "\n\t"      \
   "vfmadd231ps %%zmm28, %%zmm" #bc ", %%zmm" #r0 "\n\t"              \
@@ -341,15 +340,12 @@ struct K512 {
   }
 };
 
-#ifndef OBF_AVX512_MR
-#define OBF_AVX512_MR 14
-#endif
-#ifndef OBF_AVX512_NV
-#define OBF_AVX512_NV 2
-#endif
-using Kern = K512<OBF_AVX512_MR, OBF_AVX512_NV>;
+using Kern = K512<14, 2>;
 
-Blocking g_blocking = {280, 256, 2048};
+// mc = 280 rows (20 panels of 14; a 280 x 384 block of A is 420 KiB, L2 is 1 MiB on Zen 4/5),
+// kc = 384 (a 384 x 32 panel of B is 48 KiB, about L1), nc = 2048; a reduction of up to 1024
+// is done in one step with the block of A kept within 512 KiB.
+Blocking g_blocking = {280, 384, 2048, 1024, 1 << 19};
 
 void run_avx512(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   Driver<Kern>::run(g, i0, i1, j0, j1, g_blocking);

@@ -39,7 +39,7 @@ struct KGeneric {
   }
 };
 
-obf::Blocking g_blocking = {120, 256, 1024};
+obf::Blocking g_blocking = {120, 256, 1024, 0, 1 << 19};
 
 void run_generic(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   Driver<KGeneric>::run(g, i0, i1, j0, j1, g_blocking);

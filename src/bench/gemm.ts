@@ -13,8 +13,8 @@
  * call time. numpy runs in a child process (scripts/numpy_gemm.py --serve) with the same
  * thread count and without the OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE overrides this project's
  * environment may set (they pin OpenBLAS to slower kernels); the parent's environment is
- * left alone. The TypeScript backend is timed with one call, after a warm-up call on the
- * first rows of the same product (it is slow: about 2 minutes for all shapes at t=1024).
+ * left alone. The TypeScript backend is timed with one call, after a warm-up call on a small
+ * product of the same kind (it is slow: about 2 minutes for all shapes at t=1024).
  */
 import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createInterface, type Interface } from 'node:readline';
@@ -245,7 +245,7 @@ export async function benchGemm(opts: GemmBenchOptions = {}): Promise<GemmBenchR
           if (ref) {
             const g = await ref.time(s, 3);
             if (g !== null) theirs.push(g);
-            await sleep(100); // let OpenBLAS's spinning threads go idle
+            await sleep(300); // OpenBLAS's threads spin ~0.15 s after a call: let them go idle
           }
           mine.push(flops / timeCalls(ops.run, perRound, 3, r === 0) / 1e9);
         }
@@ -256,9 +256,8 @@ export async function benchGemm(opts: GemmBenchOptions = {}): Promise<GemmBenchR
       let js: number | null = null;
       if ((wantJs || backend === 'js') && flops <= jsMaxFlops) {
         setBackend('js');
-        // Warm the JIT on a few rows of the same product, then time one full call.
-        const w = { ...s, m: Math.min(s.m, 16) };
-        operands(w).run();
+        // Warm the JIT on a small product of the same kind, then time one full call.
+        operands({ ...s, m: Math.min(s.m, 16), k: Math.min(s.k, 256), n: Math.min(s.n, 256) }).run();
         js = flops / timeCalls(ops.run, 0, 1, false) / 1e9;
       }
       const gflops = backend === 'native' ? median(mine) : js;

@@ -75,9 +75,8 @@ function load(): { addon: NativeAddon | null; error: string | null; requested: '
   }
   if (!addon) {
     if (requested === 'native') throw new Error(`OBFUSCATUNE_BACKEND=native but the native GEMM addon is unavailable: ${error}`);
-    process.emitWarning(`native GEMM addon unavailable (${error}); using the much slower TypeScript kernels`, {
-      code: 'OBFUSCATUNE_NO_NATIVE',
-    });
+    // Written directly (not process.emitWarning) so that --no-warnings cannot hide it.
+    process.stderr.write(`obfuscatune: warning: native GEMM addon unavailable (${error}); using the much slower TypeScript kernels\n`);
     return { addon: null, error, requested };
   }
   addon.setThreads(parseThreads(process.env.OBFUSCATUNE_THREADS));

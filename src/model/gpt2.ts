@@ -13,9 +13,10 @@ import { sgemm } from '../tensor/gemm.js';
 import { Rng } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import {
-  encoderForward, encoderBackward, layernormForward, layernormBackward, geluForward, geluBackward,
+  encoderForward, encoderBackward, layernormForward, layernormBackward,
   attentionForward, attentionBackward, crossEntropyForward, crossEntropyBackward,
 } from './kernels.js';
+import { geluForwardPar as geluForward, geluBackwardPar as geluBackward, crossEntropyForwardPar } from '../train/parallel.js';
 
 /** out[m,n] = x[m,k] w[k,n] + bias (+ out when accumulate) */
 export function linear(out: Float32Array, x: Float32Array, w: Float32Array, bias: Float32Array | null, m: number, k: number, n: number, accumulate = false): void {
@@ -71,14 +72,14 @@ export class Activations {
     this.ln2 = new Float32Array(L * BT * C);
     this.ln2Mean = new Float32Array(L * BT);
     this.ln2Rstd = new Float32Array(L * BT);
-    this.fch = new Float32Array(L * BT * 4 * C);
-    this.fchGelu = new Float32Array(L * BT * 4 * C);
-    this.fchTanh = new Float32Array(L * BT * 4 * C);
+    this.fch = sharedFloat32(L * BT * 4 * C);
+    this.fchGelu = sharedFloat32(L * BT * 4 * C);
+    this.fchTanh = sharedFloat32(L * BT * 4 * C);
     this.residual3 = new Float32Array(L * BT * C);
     this.lnf = new Float32Array(BT * C);
     this.lnfMean = new Float32Array(BT);
     this.lnfRstd = new Float32Array(BT);
-    this.losses = new Float32Array(BT);
+    this.losses = sharedFloat32(BT);
   }
 
   /** Views of layer l's slices. */
@@ -115,8 +116,8 @@ class Scratch {
     this.datty = new Float32Array(BT * C);
     this.dqkv = new Float32Array(BT * 3 * C);
     this.datt = new Float32Array(B * c.n_head * T * T);
-    this.dfch = new Float32Array(BT * 4 * C);
-    this.dfchGelu = new Float32Array(BT * 4 * C);
+    this.dfch = sharedFloat32(BT * 4 * C);
+    this.dfchGelu = sharedFloat32(BT * 4 * C);
   }
 }
 
@@ -255,14 +256,14 @@ export class GPT2 {
     const a = this.trunk(tokens, B, T);
     const { n_embd: C, vocab_size: V } = this.config;
     const BT = B * T;
-    if (!a.logits || a.logits.length !== BT * V) a.logits = new Float32Array(BT * V);
+    if (!a.logits || a.logits.length !== BT * V) a.logits = sharedFloat32(BT * V);
     // logits = lnf wte^T
     sgemm(false, true, BT, V, C, 1, a.lnf, C, this.layout.view(this.params, 'wte'), C, 0, a.logits, V);
     let loss: number | null = null;
     let count = 0;
     if (targets) {
       if (targets.length < BT) throw new Error(`targets has ${targets.length} entries, expected ${BT}`);
-      const r = crossEntropyForward(a.logits, targets, a.losses, BT, V);
+      const r = crossEntropyForwardPar(a.logits, targets, a.losses, BT, V);
       loss = r.loss;
       count = r.count;
     }

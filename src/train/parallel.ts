@@ -9,6 +9,7 @@
 import { Worker } from 'node:worker_threads';
 import os from 'node:os';
 import { adamwRange, sumSquaresRange, type AdamWArgs } from './kernels_ew.js';
+import { geluForward, geluBackward, crossEntropyForward } from '../model/kernels.js';
 
 import { isShared } from '../tensor/shared.js';
 
@@ -45,11 +46,11 @@ function getPool(): Pool | null {
 }
 
 /** Splits [0, n) into parts; part 0 runs here, the others on workers; waits for all. */
-function run(n: number, job: (lo: number, hi: number) => number, message: (lo: number, hi: number) => Record<string, unknown>): number {
-  const p = n >= MIN_PARALLEL ? getPool() : null;
+function run(n: number, job: (lo: number, hi: number) => number, message: (lo: number, hi: number) => Record<string, unknown>, minSize = MIN_PARALLEL, align = 16): number {
+  const p = n >= minSize ? getPool() : null;
   if (!p) return job(0, n);
   const parts = p.workers.length + 1;
-  const chunk = Math.ceil(n / parts / 16) * 16;
+  const chunk = Math.ceil(n / parts / align) * align;
   Atomics.store(p.ctrl, 0, p.workers.length);
   p.workers.forEach((w, i) => {
     const lo = Math.min(n, (i + 1) * chunk);
@@ -84,4 +85,39 @@ export function adamwStep(a: AdamWArgs): void {
 export function sumSquaresParallel(g: Float32Array): number {
   if (!isShared(g)) return sumSquaresRange(g, 0, g.length);
   return run(g.length, (lo, hi) => sumSquaresRange(g, lo, hi), (lo, hi) => ({ op: 'sumsq', g, lo, hi }));
+}
+
+const allShared = (...xs: (ArrayBufferView | null)[]) => xs.every((x) => x === null || isShared(x));
+
+/** GELU forward split across threads (see kernels.ts geluForward). */
+export function geluForwardPar(out: Float32Array, inp: Float32Array, N: number, th: Float32Array | null = null): void {
+  if (!allShared(out, inp, th)) return geluForward(out, inp, N, th);
+  run(N, (lo, hi) => {
+    geluForward(out.subarray(lo, hi), inp.subarray(lo, hi), hi - lo, th ? th.subarray(lo, hi) : null);
+    return 0;
+  }, (lo, hi) => ({ op: 'gelu_fwd', a: out, b: inp, d: th, lo, hi }), 1 << 16);
+}
+
+/** GELU backward split across threads. */
+export function geluBackwardPar(dinp: Float32Array, inp: Float32Array, dout: Float32Array, N: number, th: Float32Array | null = null): void {
+  if (!allShared(dinp, inp, dout, th)) return geluBackward(dinp, inp, dout, N, th);
+  run(N, (lo, hi) => {
+    geluBackward(dinp.subarray(lo, hi), inp.subarray(lo, hi), dout.subarray(lo, hi), hi - lo, th ? th.subarray(lo, hi) : null);
+    return 0;
+  }, (lo, hi) => ({ op: 'gelu_bwd', a: dinp, b: inp, c: dout, d: th, lo, hi }), 1 << 16);
+}
+
+/** Softmax cross-entropy over rows, split across threads (see kernels.ts crossEntropyForward). */
+export function crossEntropyForwardPar(logits: Float32Array, targets: Int32Array, losses: Float32Array, N: number, V: number): { loss: number; count: number } {
+  let count = 0;
+  for (let i = 0; i < N; i++) {
+    if (targets[i] >= V) throw new Error(`target ${targets[i]} at row ${i} is out of range [0, ${V})`);
+    if (targets[i] >= 0) count++;
+  }
+  if (!allShared(logits, losses) || N * V < (1 << 20)) return crossEntropyForward(logits, targets, losses, N, V);
+  const total = run(N, (lo, hi) => {
+    const r = crossEntropyForward(logits.subarray(lo * V, hi * V), targets.subarray(lo, hi), losses.subarray(lo, hi), hi - lo, V);
+    return r.loss * r.count;
+  }, (lo, hi) => ({ op: 'ce_fwd', a: logits, b: losses, t: targets, V, lo, hi }), 2, 1);
+  return { loss: count > 0 ? total / count : 0, count };
 }

@@ -103,6 +103,8 @@ export function serverOptions(opts: { maxMessageBytes?: number; keepalive?: Keep
     'grpc.max_receive_message_length': max,
     'grpc.keepalive_time_ms': ka.timeMs,
     'grpc.keepalive_timeout_ms': ka.timeoutMs,
+    // large tensors: a big HTTP/2 receive window on the server side too
+    'grpc-node.flow_control_window': 16 * 1024 * 1024,
   };
 }
 

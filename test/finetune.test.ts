@@ -12,7 +12,6 @@ import { Rng } from '../src/tensor/rng.js';
 import { buildSession, mergedPlainModel, type SessionOptions } from '../src/train/session.js';
 import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
 import { makeBatch, type EncodedSet, type Encoded } from '../src/data/jsonl.js';
-import { Enclave } from '../src/split/enclave.js';
 import { InProcessLink, type CrossingEvent } from '../src/split/link.js';
 import { relErr } from './helpers.js';
 
@@ -222,4 +221,3 @@ test('LoRA merge: the provider\'s merged plain model reproduces the split model 
   }
 });
 
-export { Enclave };

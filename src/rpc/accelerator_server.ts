@@ -14,6 +14,8 @@ import {
   DEFAULT_MAX_MESSAGE_BYTES,
   formatAddress,
   serverOptions,
+  widenServerWindow,
+  widenSessionWindows,
   type KeepaliveOptions,
 } from './grpc.js';
 
@@ -75,6 +77,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   if (!Number.isInteger(wantPort) || wantPort < 0 || wantPort > 65535) throw new Error(`accelerator server: invalid port ${wantPort}`);
   const maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
   const server = new grpc.Server(serverOptions({ maxMessageBytes: maxBytes, keepalive: opts.keepalive }));
+  widenServerWindow(server);
   const log = opts.log ?? (() => {});
   let served = 0;
   let rejected = 0;
@@ -151,6 +154,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
       else resolve(p);
     });
   });
+  widenSessionWindows(server);
 
   let closing: Promise<void> | null = null;
   return {

@@ -172,3 +172,38 @@ export function grpcCode(e: unknown): number | undefined {
   const c = (e as { code?: unknown } | null)?.code;
   return typeof c === 'number' ? c : undefined;
 }
+
+/**
+ * grpc-js servers advertise Node's default 64 KiB HTTP/2 receive window whatever
+ * `grpc-node.flow_control_window` says (the option is read by clients only), which throttles
+ * large uploads to the server. This widens the per-stream window (SETTINGS) before binding
+ * and the connection window of every new session. It reaches into grpc-js internals, so it
+ * is best effort: if they change, the server simply keeps the default window.
+ */
+export function widenServerWindow(server: grpc.Server, bytes = 16 * 1024 * 1024): void {
+  try {
+    const s = server as unknown as { commonServerOptions?: { settings?: Record<string, unknown> } };
+    if (s.commonServerOptions) s.commonServerOptions.settings = { ...(s.commonServerOptions.settings ?? {}), initialWindowSize: bytes };
+  } catch {
+    // keep the default window
+  }
+}
+
+/** After binding: widen the connection-level window of each new HTTP/2 session. */
+export function widenSessionWindows(server: grpc.Server, bytes = 16 * 1024 * 1024): void {
+  try {
+    const m = (server as unknown as { http2Servers?: Map<{ on(ev: string, f: (s: { setLocalWindowSize?(n: number): void }) => void): void }, unknown> }).http2Servers;
+    if (!m) return;
+    for (const h of m.keys()) {
+      h.on('session', (session) => {
+        try {
+          session.setLocalWindowSize?.(bytes);
+        } catch {
+          // keep the default window
+        }
+      });
+    }
+  } catch {
+    // keep the default window
+  }
+}

@@ -21,6 +21,7 @@ import { sealBlob, unsealBlob } from '../tee/seal.js';
 import { loadEnclaveBundle } from '../obfuscate/bundle.js';
 import type { EnclaveBundle } from '../split/enclave.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
+import { widenServerWindow, widenSessionWindows } from '../rpc/grpc.js';
 import { gpt2Tokenizer, tokenizerFor } from '../model/tokenizer.js';
 import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_, type Task } from '../data/jsonl.js';
 import { SplitModel, type Method } from '../split/train_model.js';
@@ -434,6 +435,7 @@ export class EnclaveService {
 export async function serveEnclave(o: EnclaveServeOptions): Promise<{ service: EnclaveService; port: number; close(): Promise<void> }> {
   const service = await EnclaveService.create(o);
   const server = new grpc.Server(enclaveServerOptions());
+  widenServerWindow(server);
   const wrap = (fn: (req: unknown) => Promise<unknown>) => (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => {
     fn(call.request).then((v) => cb(null, v), (e: Error) => cb({ code: grpc.status.INVALID_ARGUMENT, details: e.message }));
   };
@@ -463,6 +465,7 @@ export async function serveEnclave(o: EnclaveServeOptions): Promise<{ service: E
   const port = await new Promise<number>((resolve, reject) => {
     server.bindAsync(`${o.host ?? '127.0.0.1'}:${o.port ?? 0}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)));
   });
+  widenSessionWindows(server);
   return {
     service, port,
     close: async () => {

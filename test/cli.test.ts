@@ -81,3 +81,24 @@ test('JSON contracts: share, fidelity and bench finetune', () => {
   assert.equal(bj.rows[2].kappa, '1');
   for (const r of bj.rows) assert.ok(r.step_ms_median > 0 && r.peak_rss_mb > 0);
 });
+
+test('obfuscate, then generate through the split: the same tokens as the plain model; deobfuscate round trip', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-cli-'));
+  try {
+    const model = path.join(ROOT, 'test/fixtures/vocab50257');
+    const o = run(['obfuscate', '--model', model, '--mode', 'sealed', '--seed', '4', '--out', path.join(dir, 'b')]);
+    assert.equal(o.status, 0, o.stderr);
+    const split = run(['generate', '--enclave', path.join(dir, 'b', 'enclave'), '--accelerator', path.join(dir, 'b', 'accelerator'), '--prompt', 'Hello there', '--max-tokens', '6', '--json']);
+    assert.equal(split.status, 0, split.stderr);
+    const plain = run(['generate', '--model', model, '--prompt', 'Hello there', '--max-tokens', '6', '--json']);
+    assert.deepEqual(JSON.parse(split.stdout).tokens, JSON.parse(plain.stdout).tokens);
+    const d = run(['deobfuscate', '--base', model, '--bundles', path.join(dir, 'b'), '--out', path.join(dir, 'plain')]);
+    assert.equal(d.status, 0, d.stderr);
+    const again = run(['generate', '--model', path.join(dir, 'plain'), '--prompt', 'Hello there', '--max-tokens', '6', '--json']);
+    assert.deepEqual(JSON.parse(again.stdout).tokens, JSON.parse(plain.stdout).tokens);
+    const mixed = run(['generate', '--enclave', path.join(dir, 'b', 'enclave'), '--prompt', 'x']);
+    assert.match(mixed.stderr, /needs both --enclave and --accelerator/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -26,7 +26,7 @@ import { gpt2Tokenizer, tokenizerFor } from '../model/tokenizer.js';
 import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_, type Task } from '../data/jsonl.js';
 import { SplitModel, type Method } from '../split/train_model.js';
 import { Rng } from '../tensor/rng.js';
-import { runFinetune, latestCheckpoint, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
+import { runFinetune, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
 import { validateLora, parseLoraTargets } from '../train/lora.js';
 import { writeSafetensors } from '../model/safetensors.js';
 import {
@@ -419,7 +419,6 @@ export class EnclaveService {
     rmSync(path.join(runDir, 'checkpoints'), { recursive: true, force: true });
     mkdirSync(dir, { recursive: true });
     for (const f of files) writeFileSync(path.join(dir, f.name), f.data);
-    void latestCheckpoint;
   }
 
   async idle(): Promise<void> {

@@ -5,7 +5,6 @@
  */
 import { readFileSync, existsSync } from 'node:fs';
 import path from 'node:path';
-import type { GPT2 } from '../model/gpt2.js';
 import type { Tokenizer } from '../model/tokenizer.js';
 import { parseJsonl } from '../data/jsonl.js';
 
@@ -38,4 +37,3 @@ export function unigramLoss(train: Int32Array, test: Int32Array, V: number): num
   return nll / test.length;
 }
 
-export type { GPT2 };

@@ -9,7 +9,7 @@ import path from 'node:path';
 import type { GPT2Weights } from '../model/weights.js';
 import { ParamLayout } from '../model/params.js';
 import { Rng } from '../tensor/rng.js';
-import { parseMaskSpec, maskSpecLabel } from '../linalg/masks.js';
+import { parseMaskSpec } from '../linalg/masks.js';
 import { obfuscateWeights, type ObfuscationResult } from '../obfuscate/provider.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate, type AcceleratorWeights, type EnclaveTensors } from '../obfuscate/transform.js';
@@ -210,4 +210,3 @@ export function loadAdapters(file: string, nLayer: number, d: number): LoraAdapt
   return ad;
 }
 
-export { maskSpecLabel };

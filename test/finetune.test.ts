@@ -14,6 +14,7 @@ import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
 import { makeBatch, type EncodedSet, type Encoded } from '../src/data/jsonl.js';
 import { InProcessLink, type CrossingEvent } from '../src/split/link.js';
 import { relErr } from './helpers.js';
+import type { LoraTarget } from '../src/train/lora.js';
 
 function perturbed(preset: string, seed: number): GPT2Weights {
   const m = GPT2.random(getPreset(preset), seed);
@@ -73,16 +74,23 @@ function assertLossesClose(a: number[], b: number[], tol: number, what: string) 
 
 const tmp = () => mkdtempSync(path.join(os.tmpdir(), 'obf-ft-'));
 
-test('parity: paper kappa-1 LoRA+AdamW equals local LoRA+AdamW for 50 steps (LM and classification)', async () => {
+test('parity: paper kappa-1 and sealed LoRA+AdamW equal local LoRA+AdamW for 50 steps (LM and classification, every target)', async () => {
   const dir = tmp();
   try {
     for (const task of ['lm', 'cls'] as const) {
       const base = perturbed('gpt2-micro', 1);
       const data = dataset(task, 64, 64, 12, 2);
-      const local = await train(base, { mode: 'local', method: 'lora', task }, cfgFor({ mode: 'local', method: 'lora', task, lr: 2e-2 }), data, path.join(dir, `l-${task}`));
-      const paper = await train(base, { mode: 'paper', method: 'lora', task, kappa: '1' }, cfgFor({ mode: 'paper', method: 'lora', task, lr: 2e-2 }), data, path.join(dir, `p-${task}`));
-      assertLossesClose(paper.summary.losses, local.summary.losses, 1e-4, `paper LoRA (${task})`);
-      assert.ok(local.summary.losses[49] < local.summary.losses[0] * 0.97, `${task}: training makes progress (${local.summary.losses[0]} -> ${local.summary.losses[49]})`);
+      const lora = { rank: 4, alpha: 8, dropout: 0.1, targets: ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj'] as LoraTarget[] };
+      const local = await train(base, { mode: 'local', method: 'lora', task, lora }, cfgFor({ mode: 'local', method: 'lora', task, lr: 1e-2 }), data, path.join(dir, `l-${task}`));
+      for (const mode of ['paper', 'sealed'] as const) {
+        const split = await train(base, { mode, method: 'lora', task, kappa: '1', lora }, cfgFor({ mode, method: 'lora', task, lr: 1e-2 }), data, path.join(dir, `${mode}-${task}`));
+        // float32 rounding differences grow slowly under AdamW (it rescales tiny gradients):
+        // tight over the first steps, looser over the whole run
+        assertLossesClose(split.summary.losses.slice(0, 10), local.summary.losses.slice(0, 10), 1e-4, `${mode} LoRA (${task})`);
+        assertLossesClose(split.summary.losses, local.summary.losses, 3e-3, `${mode} LoRA (${task})`);
+        assert.ok(relErr(split.sess.model.adapters!.params, local.sess.model.adapters!.params) < 2e-2, `${mode} LoRA (${task}): adapters equal local ones`);
+      }
+      assert.ok(local.summary.losses[49] < local.summary.losses[0] * 0.99, `${task}: training makes progress (${local.summary.losses[0]} -> ${local.summary.losses[49]})`);
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -11,6 +11,9 @@ import { startAcceleratorServer, type AcceleratorServer, type RequestHandler } f
 import { GrpcAcceleratorLink, RpcError, isRetrySafe } from '../src/rpc/accelerator_client.js';
 import { formatAddress, parseAddress } from '../src/rpc/grpc.js';
 import { randn } from './helpers.js';
+import net from 'node:net';
+import { once } from 'node:events';
+import { frameHeader } from '../src/rpc/tensor_channel.js';
 
 const D = 8;
 const T = { timeout: 10_000 };
@@ -83,7 +86,7 @@ test('parseAddress / formatAddress', () => {
   assert.throws(() => parseAddress(''), /empty/);
 });
 
-test('requests through gRPC give exactly what Accelerator.handle gives', T, async () => {
+for (const tensorChannel of [true, false]) test(`requests over ${tensorChannel ? 'the tensor channel' : 'gRPC only'} give exactly what Accelerator.handle gives`, T, async () => {
   const direct = new Accelerator(tinyWeights(7));
   const remote = new Accelerator(tinyWeights(7));
   const rows = 3;
@@ -103,6 +106,7 @@ test('requests through gRPC give exactly what Accelerator.handle gives', T, asyn
   const wants: AcceleratorReply[] = [];
   await withServer(remote, async (link) => {
     link.observers.push((e) => events.push(e));
+    assert.equal(link.dataPath, tensorChannel ? 'undecided' : 'grpc');
     for (const req of reqs) {
       const want = direct.handle(req);
       wants.push(want);
@@ -112,7 +116,8 @@ test('requests through gRPC give exactly what Accelerator.handle gives', T, asyn
     assert.equal(link.stats.messages, reqs.length);
     assert.ok(link.stats.bytes > 0);
     assert.equal((await link.health()).served, reqs.length);
-  });
+    assert.equal(link.dataPath, tensorChannel ? 'tensor-channel' : 'grpc');
+  }, {}, { tensorChannel });
   assert.equal(remote.served, reqs.length);
   // the observers saw every tensor that crossed, in both directions
   const sent = reqs.filter((r) => r.op === 'linear_forward' || r.op === 'linear_backward').length;
@@ -191,10 +196,64 @@ test('a handler that throws becomes INTERNAL; the server keeps serving', T, asyn
 
 test('health answers SERVING with the count of served calls', T, async () => {
   await withServer(new Accelerator(tinyWeights(3)), async (link) => {
-    assert.deepEqual(await link.health(), { status: 'SERVING', served: 0, manifest_sha256: null });
+    const h = await link.health();
+    assert.ok(typeof h.tensor_port === 'number' && h.tensor_port > 0);
+    assert.deepEqual(h, { status: 'SERVING', served: 0, manifest_sha256: null, tensor_port: h.tensor_port });
     await link.call({ op: 'reset' });
-    assert.deepEqual(await link.health(), { status: 'SERVING', served: 1, manifest_sha256: null });
+    assert.deepEqual(await link.health(), { status: 'SERVING', served: 1, manifest_sha256: null, tensor_port: h.tensor_port });
   });
+  // a server without the channel: the link keeps to gRPC
+  await withServer(new Accelerator(tinyWeights(3)), async (link) => {
+    assert.equal((await link.health()).tensor_port, null);
+    assert.equal((await link.call(fwd('fc', 2, 3))).op, 'tensor');
+    assert.equal(link.dataPath, 'grpc');
+  }, { tensorChannel: false });
+});
+
+test('tensor channel: a peer that breaks the framing is dropped, other connections keep being served', T, async () => {
+  const acc = new Accelerator(tinyWeights(5));
+  const logs: string[] = [];
+  await withServer(acc, async (link, srv) => {
+    assert.equal((await link.call(fwd('qkv', 2, 1))).op, 'tensor');
+    const bad = net.connect({ host: '127.0.0.1', port: srv.tensorPort! });
+    await once(bad, 'connect');
+    bad.write(randomBytes(64)); // no magic
+    await once(bad, 'close');
+    assert.ok(logs.some((l) => /bad frame magic/.test(l)), logs.join('\n'));
+    // a well-framed header announcing a huge payload is refused without reading it
+    const big = net.connect({ host: '127.0.0.1', port: srv.tensorPort! });
+    await once(big, 'connect');
+    big.write(frameHeader(7, 0, 2 ** 31));
+    const [reply] = (await once(big, 'data')) as [Buffer];
+    assert.equal(reply.readUInt32LE(4), 7);
+    assert.equal(reply.readUInt32LE(8), grpc.status.RESOURCE_EXHAUSTED);
+    assert.match(reply.subarray(16).toString('utf8'), /exceeds the \d+-byte limit/);
+    big.destroy();
+    assert.deepEqual(await link.call(fwd('fc', 2, 4)), acc.handle(fwd('fc', 2, 4)));
+    assert.equal(link.dataPath, 'tensor-channel');
+  }, { log: (l) => logs.push(l) });
+});
+
+test('tensor channel: the accelerator going away mid-run is UNAVAILABLE, and the link reconnects to its successor', T, async () => {
+  const srv1 = await startAcceleratorServer(new Accelerator(tinyWeights(6)), { port: 0 });
+  const port = srv1.port;
+  const link = new GrpcAcceleratorLink(`127.0.0.1:${port}`, { deadlineMs: 2_000, reconnect: { initialMs: 20, maxMs: 100 } });
+  try {
+    assert.equal((await link.call(fwd('qkv', 2, 1))).op, 'tensor');
+    await srv1.close(100);
+    await rejectsWith(link.call(fwd('qkv', 2, 1)), grpc.status.UNAVAILABLE);
+    const srv2 = await startAcceleratorServer(new Accelerator(tinyWeights(6)), { port });
+    try {
+      assert.notEqual(srv2.tensorPort, null);
+      await link.waitForReady(5_000);
+      assert.deepEqual(await link.call(fwd('fc', 3, 2)), new Accelerator(tinyWeights(6)).handle(fwd('fc', 3, 2)));
+      assert.equal(link.dataPath, 'tensor-channel');
+    } finally {
+      await srv2.close(100);
+    }
+  } finally {
+    await link.close();
+  }
 });
 
 test('waitForReady succeeds when the server starts late', T, async () => {

@@ -54,6 +54,7 @@ export interface ExperimentOptions {
   dataDir: string;
   out: string;
   quick: boolean;
+  /** fine-tuning steps per run (default: 300 for classification, 60 for the language model) */
   steps?: number;
   methods?: Method[];
   onProgress?: (done: number, total: number, label: string) => void;
@@ -112,7 +113,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   const res = loadResults(file);
   const log = o.log ?? (() => {});
   const methods = o.methods ?? ['lora', 'full'];
-  const steps = o.steps ?? (o.quick ? 6 : 300);
+  const stepsFor = (task: Task) => o.steps ?? (o.quick ? 6 : task === 'cls' ? 300 : 60);
   const models = o.models.map((m) => {
     const w = loadCheckpoint(m);
     if (w.config.vocab_size < gpt2Tokenizer.vocabSize) throw new Error(`model ${m}: its vocabulary (${w.config.vocab_size}) does not match the GPT-2 tokenizer (${gpt2Tokenizer.vocabSize})`);
@@ -140,6 +141,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
     const task = ds.meta.task;
     const labels = task === 'cls' ? labelSet(ds.train, ds.meta.name) : [];
     const maxLen = o.quick ? 16 : task === 'cls' ? 64 : 128;
+    const steps = stepsFor(task);
     for (const m of models) {
       const enc = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task, maxLen: Math.min(maxLen, m.w.config.n_ctx), labels, source: ds.meta.name });
       const trainSet = enc(ds.train), testSet = enc(ds.test);
@@ -155,6 +157,9 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
             mode: c.mode, method, task, kappa: c.kappa ?? '1', numLabels: task === 'cls' ? labels.length : undefined, labels,
             lora: { rank: 8, alpha: 16, dropout: 0, targets: ['q', 'v'] }, padTokenId: gpt2Tokenizer.eotId, seed: 1, maskSeed: 1,
             acceleratorStateDir: path.join(o.out, 'runs', key.replace(/\//g, '_'), 'accelerator-state'),
+            // full fine-tuning: every mode starts from the layer-norm-folded (same-function) model
+            // with frozen norms, which sealed mode implies; with SGD all modes then take the same steps
+            foldedBaseline: method === 'full',
           });
           const cfg: FinetuneConfig = {
             task, method, mode: c.mode, kappa: c.kappa, steps, batch: o.quick ? 8 : 16, lr: method === 'lora' ? 2e-3 : 0.05, warmup: Math.max(1, Math.floor(steps / 20)), minLrFrac: 0.1,
@@ -198,7 +203,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
     res.overhead.push({ model: o.quick ? 'gpt2-micro' : 'gpt2', ...r });
   }
   tick('overhead');
-  res.meta = { date: new Date().toISOString(), quick: o.quick, steps, models: o.models, datasets: o.datasets, command: 'obfuscatune ' + process.argv.slice(2).join(' ') };
+  res.meta = { date: new Date().toISOString(), quick: o.quick, steps: { cls: stepsFor('cls'), lm: stepsFor('lm') }, models: o.models, datasets: o.datasets, command: 'obfuscatune ' + process.argv.slice(2).join(' ') };
   save(file, res);
   writeFileSync(path.join(o.out, 'index.html'), await renderReport(res));
   return res;

@@ -225,6 +225,10 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
     enclave.set('G', mm(Q!, scaleRows(Q!, d, d, lay.view(p, 'lnfw')), d, d, d, true));
     enclave.set('headBias', mmRight(lay.view(p, 'lnfb'), Q!, 1, d));
     if (w.cls) enclave.set('score', mm(w.cls.weight, Q!, w.cls.numLabels, d, d));
+    // LoRA and the classifier train in the plain basis (exactly local training): the enclave
+    // maps between it and the rotated stream with Q and the layer norms' affine part
+    enclave.set('Q', Float32Array.from(Q!));
+    for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b'] as const) enclave.set(k, Float32Array.from(lay.view(p, k)));
   } else {
     enclave.set('wte', Float32Array.from(wte));
     enclave.set('wpe', Float32Array.from(wpe));
@@ -240,21 +244,21 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
       enclave.set('RoInv', stack((lm) => lm.Ro!.inv));
       enclave.set('RpInv', stack((lm) => lm.Rp!.inv));
     }
-    // per-head masks and the hidden permutation: paper-mode LoRA adds plain-space updates
-    // into the masked q*, k*, v*, f* (O(n d d_h) per layer, no d x d product)
-    const perHead = (get: (lm: LayerMasks) => Mat64[]) => {
-      const out = new Float32Array(L * H * dh * dh);
-      masks.layers.forEach((lm, l) => get(lm).forEach((m, h) => out.set(f32(m), (l * H + h) * dh * dh)));
-      return out;
-    };
-    enclave.set('hA', perHead((lm) => lm.A.map((x) => x.m)));
-    enclave.set('hAinvT', perHead((lm) => lm.A.map((x) => transpose(x.inv))));
-    enclave.set('hB', perHead((lm) => lm.B.map((x) => x.m)));
-    enclave.set('hBinv', perHead((lm) => lm.B.map((x) => x.inv)));
-    enclave.set('headPerm', Float32Array.from(masks.layers.flatMap((lm) => Array.from(lm.headPerm))));
-    enclave.set('pi', Float32Array.from(masks.layers.flatMap((lm) => Array.from(lm.pi))));
     if (w.cls) enclave.set('score', Float32Array.from(w.cls.weight));
   }
+  // per-head masks and the hidden permutation: LoRA (both modes) adds plain-space updates
+  // into the masked q*, k*, v*, f* (O(n d d_h) per layer, no d x d product)
+  const perHead = (get: (lm: LayerMasks) => Mat64[]) => {
+    const out = new Float32Array(L * H * dh * dh);
+    masks.layers.forEach((lm, l) => get(lm).forEach((m, h) => out.set(f32(m), (l * H + h) * dh * dh)));
+    return out;
+  };
+  enclave.set('hA', perHead((lm) => lm.A.map((x) => x.m)));
+  enclave.set('hAinvT', perHead((lm) => lm.A.map((x) => transpose(x.inv))));
+  enclave.set('hB', perHead((lm) => lm.B.map((x) => x.m)));
+  enclave.set('hBinv', perHead((lm) => lm.B.map((x) => x.inv)));
+  enclave.set('headPerm', Float32Array.from(masks.layers.flatMap((lm) => Array.from(lm.headPerm))));
+  enclave.set('pi', Float32Array.from(masks.layers.flatMap((lm) => Array.from(lm.pi))));
   return { accelerator: { n_layer: L, layers }, enclave };
 }
 

@@ -25,7 +25,7 @@ import { openSafetensors } from '../model/safetensors.js';
 import { loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey } from '../obfuscate/bundle.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate, LINEARS, type AcceleratorWeights } from '../obfuscate/transform.js';
-import { loadAdapters, mergeAdaptersObfuscated, mergeAdaptersPlain } from '../train/session.js';
+import { loadAdapters, mergeAdaptersPlain } from '../train/session.js';
 import type { JobSpec } from './enclave_service.js';
 
 export const DIST_SRC = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -170,8 +170,7 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   let merged: GPT2Weights;
   if (up.method === 'lora') {
     const ad = loadAdapters(file, base.config.n_layer, base.config.n_embd);
-    if (up.mode === 'sealed') merged = deobfuscate(w, mergeAdaptersObfuscated(acc, ad), enc.tensors, masks);
-    else merged = mergeAdaptersPlain(deobfuscate(w, acc, enc.tensors, masks), ad);
+    merged = mergeAdaptersPlain(deobfuscate(w, acc, enc.tensors, masks), ad);
   } else {
     merged = deobfuscate(w, acc, enc.tensors, masks);
   }

@@ -1,7 +1,7 @@
 /**
- * The enclave's side of the gRPC transport: an `AcceleratorLink` that sends each request
- * as one encoded frame to the accelerator's `obfuscatune.Accelerator/Call` with a per-call
- * deadline, decodes the reply and shows both to the observers. A call that fails with
+ * The enclave's side of the transport: an `AcceleratorLink` that sends each request as one
+ * encoded frame, over the accelerator's tensor channel when it announces one in Health
+ * (tensor_channel.ts), else to `obfuscatune.Accelerator/Call`, with a per-call deadline, decodes the reply and shows both to the observers. A call that fails with
  * UNAVAILABLE (accelerator down or restarting) is retried with exponential backoff when
  * the caller asked for it; every other failure rejects with an `RpcError` naming the op,
  * the linear and the gRPC status. See docs/rpc.md.
@@ -9,6 +9,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { observe, type AcceleratorLink, type Observer } from '../split/link.js';
 import { decodeMessage, encodeMessage, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
+import { ChannelClient } from './tensor_channel.js';
 import {
   ACCELERATOR_SERVICE,
   AcceleratorServiceClient,
@@ -51,6 +52,11 @@ export interface GrpcLinkOptions {
   reconnect?: ReconnectOptions;
   /** default: insecure (see docs/rpc.md for TLS) */
   credentials?: grpc.ChannelCredentials;
+  /**
+   * Send Call frames over the accelerator's tensor channel when it serves one (default true);
+   * false keeps every frame on gRPC. Health and the admin services always use gRPC.
+   */
+  tensorChannel?: boolean;
 }
 
 export interface HealthStatus {
@@ -58,6 +64,8 @@ export interface HealthStatus {
   served: number;
   /** SHA-256 of the accelerator manifest it serves (null before the provider's upload) */
   manifest_sha256?: string | null;
+  /** port of its tensor channel (null: none) */
+  tensor_port?: number | null;
 }
 
 /** A failed call: `code` is the gRPC status (grpc.status), `op` the request's op. */
@@ -103,6 +111,10 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   private readonly client: grpc.Client;
   private readonly retry: Required<RetryOptions>;
   private closed = false;
+  /** null until the first call has asked Health whether the accelerator serves a channel */
+  private channel: ChannelClient | null = null;
+  private channelWanted: boolean;
+  private readonly maxBytes: number;
 
   constructor(address: string | Address, opts: GrpcLinkOptions = {}) {
     this.address = formatAddress(typeof address === 'string' ? parseAddress(address) : address);
@@ -112,6 +124,8 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     if (!Number.isInteger(r.attempts) || r.attempts < 1) throw new Error(`rpc: retry.attempts must be an integer >= 1, got ${r.attempts}`);
     if (!(r.baseMs >= 0) || !(r.maxMs >= r.baseMs)) throw new Error('rpc: retry needs 0 <= baseMs <= maxMs');
     this.retry = { safeOnly: true, ...r };
+    this.channelWanted = opts.tensorChannel ?? true;
+    this.maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     this.client = new AcceleratorServiceClient(
       this.address,
       opts.credentials ?? grpc.credentials.createInsecure(),
@@ -128,6 +142,27 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
         else resolve(value);
       });
     });
+  }
+
+  /** Which data path Call frames take: "tensor-channel" or "grpc" (known after the first call). */
+  get dataPath(): string {
+    return this.channel ? 'tensor-channel' : this.channelWanted ? 'undecided' : 'grpc';
+  }
+
+  /** One Call frame over the tensor channel when there is one, else over gRPC. */
+  private async send(frame: Buffer, deadlineMs: number): Promise<Buffer> {
+    if (this.channelWanted && !this.channel) {
+      const h = await this.health(Math.min(deadlineMs, 5_000));
+      if (typeof h.tensor_port === 'number') {
+        const host = parseAddress(this.address).host;
+        this.channel = new ChannelClient(async () => {
+          const again = await this.health(5_000); // a restarted accelerator may use another port
+          if (typeof again.tensor_port !== 'number') throw new Error('the accelerator no longer serves a tensor channel');
+          return { host, port: again.tensor_port };
+        }, this.maxBytes);
+      } else this.channelWanted = false;
+    }
+    return this.channel ? this.channel.call(frame, deadlineMs) : this.unary('Call', frame, deadlineMs);
   }
 
   private checkOpen(what: string): void {
@@ -155,7 +190,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     let back: Buffer;
     for (let attempt = 0; ; attempt++) {
       try {
-        back = await this.unary('Call', frame, this.deadlineMs);
+        back = await this.send(frame, this.deadlineMs);
         break;
       } catch (e) {
         const retryable = grpcCode(e) === grpc.status.UNAVAILABLE && mayRetry && attempt + 1 < this.retry.attempts && !this.closed;
@@ -197,7 +232,10 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     if (typeof o !== 'object' || o === null || typeof o.status !== 'string' || typeof o.served !== 'number') {
       throw new RpcError(`accelerator rpc health to ${this.address}: unexpected answer ${back.toString('utf8').slice(0, 200)}`, grpc.status.DATA_LOSS, 'health');
     }
-    return { status: o.status, served: o.served, manifest_sha256: typeof o.manifest_sha256 === 'string' ? o.manifest_sha256 : null };
+    return {
+      status: o.status, served: o.served, manifest_sha256: typeof o.manifest_sha256 === 'string' ? o.manifest_sha256 : null,
+      tensor_port: Number.isInteger(o.tensor_port) && o.tensor_port! > 0 && o.tensor_port! < 65536 ? o.tensor_port : null,
+    };
   }
 
   /**
@@ -229,6 +267,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.channel?.close();
     this.client.close();
   }
 

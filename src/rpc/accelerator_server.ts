@@ -1,7 +1,8 @@
 /**
  * The accelerator's gRPC server: service `obfuscatune.Accelerator`, whose `Call` takes one
  * encoded AcceleratorRequest frame and answers one encoded AcceleratorReply frame, and
- * whose `Health` answers `{"status":"SERVING","served":n}`. A malformed frame is refused
+ * whose `Health` answers `{"status":"SERVING","served":n,"tensor_port":p}`. The same frames
+ * are also served on the tensor channel (tensor_channel.ts), through the same queue. A malformed frame is refused
  * with INVALID_ARGUMENT, an oversized one with RESOURCE_EXHAUSTED; a failing handler
  * becomes INTERNAL. None of these stops the server. Requests are handled one at a time,
  * in arrival order (the accelerator's state, saved inputs and accumulated gradients,
@@ -18,6 +19,7 @@ import {
   widenSessionWindows,
   type KeepaliveOptions,
 } from './grpc.js';
+import { ChannelRefusal, startChannelServer } from './tensor_channel.js';
 
 /** Anything that answers requests: an `Accelerator`, or a test double (may be async). */
 export interface RequestHandler {
@@ -40,6 +42,10 @@ export interface AcceleratorServerOptions {
   log?: (line: string) => void;
   /** registers further services on the same server (e.g. the provider's bundle upload) */
   addServices?: (server: grpc.Server) => void;
+  /** serve the tensor channel beside gRPC (default true; see tensor_channel.ts) */
+  tensorChannel?: boolean;
+  /** its port (default 0: ephemeral; announced in the Health answer as tensor_port) */
+  tensorPort?: number;
 }
 
 export interface AcceleratorServer {
@@ -49,6 +55,8 @@ export interface AcceleratorServer {
   /** "host:port" a client can dial */
   address: string;
   server: grpc.Server;
+  /** the tensor channel's port (null when it is off) */
+  tensorPort: number | null;
   /** calls answered with a reply frame */
   readonly served: number;
   /** calls refused (malformed, oversized, handler failure, cancelled while queued) */
@@ -84,61 +92,75 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   // one request at a time, in arrival order
   let tail: Promise<void> = Promise.resolve();
 
-  const refuse = (cb: grpc.sendUnaryData<Buffer>, code: grpc.status, details: string): void => {
-    rejected++;
-    log(`accelerator server: ${grpc.status[code]}: ${details}`);
-    cb({ code, details });
+  /**
+   * One request frame -> one reply frame, queued behind every earlier request (both data
+   * paths share the queue). Refusals throw a ChannelRefusal carrying the gRPC status.
+   */
+  const answer = (frame: Buffer, cancelled: () => boolean = () => false): Promise<Buffer> => {
+    const refusal = (code: grpc.status, details: string): ChannelRefusal => {
+      rejected++;
+      log(`accelerator server: ${grpc.status[code]}: ${details}`);
+      return new ChannelRefusal(code, details);
+    };
+    if (frame.length > maxBytes) return Promise.reject(refusal(grpc.status.RESOURCE_EXHAUSTED, `request frame of ${frame.length} bytes exceeds the ${maxBytes}-byte limit`));
+    let decoded: AcceleratorRequest | AcceleratorReply;
+    try {
+      decoded = decodeMessage(frame, maxBytes);
+    } catch (e) {
+      return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: ${(e as Error).message}`));
+    }
+    if (!REQUEST_OPS.has(decoded.op)) return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: "${decoded.op}" is not a request op`));
+    const req = decoded as AcceleratorRequest;
+    const run = async (): Promise<Buffer> => {
+      if (cancelled()) throw refusal(grpc.status.CANCELLED, `${describe(req)} cancelled before it ran`);
+      let rep: AcceleratorReply;
+      try {
+        rep = await acc.handle(req);
+      } catch (e) {
+        throw refusal(grpc.status.INTERNAL, `${describe(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`);
+      }
+      let out: Buffer;
+      try {
+        out = encodeMessage(rep);
+      } catch (e) {
+        throw refusal(grpc.status.INTERNAL, `${describe(req)}: reply could not be encoded: ${(e as Error).message}`);
+      }
+      if (out.length > maxBytes) throw refusal(grpc.status.RESOURCE_EXHAUSTED, `${describe(req)}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
+      served++;
+      return out;
+    };
+    const result = tail.then(run);
+    tail = result.then(() => undefined, () => undefined);
+    return result;
   };
 
   const onCall = (call: grpc.ServerUnaryCall<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>): void => {
-    try {
-      const frame = call.request;
-      if (!Buffer.isBuffer(frame)) return refuse(cb, grpc.status.INVALID_ARGUMENT, 'request is not a byte frame');
-      if (frame.length > maxBytes) {
-        return refuse(cb, grpc.status.RESOURCE_EXHAUSTED, `request frame of ${frame.length} bytes exceeds the ${maxBytes}-byte limit`);
-      }
-      let decoded: AcceleratorRequest | AcceleratorReply;
+    const frame = call.request;
+    const fail = (e: unknown) => {
+      const r = e instanceof ChannelRefusal ? e : new ChannelRefusal(grpc.status.INTERNAL, `unexpected failure: ${(e as Error)?.message ?? String(e)}`);
       try {
-        decoded = decodeMessage(frame, maxBytes);
-      } catch (e) {
-        return refuse(cb, grpc.status.INVALID_ARGUMENT, `malformed request frame: ${(e as Error).message}`);
-      }
-      if (!REQUEST_OPS.has(decoded.op)) {
-        return refuse(cb, grpc.status.INVALID_ARGUMENT, `malformed request frame: "${decoded.op}" is not a request op`);
-      }
-      const req = decoded as AcceleratorRequest;
-      const run = async (): Promise<void> => {
-        if (call.cancelled) return refuse(cb, grpc.status.CANCELLED, `${describe(req)} cancelled before it ran`);
-        let rep: AcceleratorReply;
-        try {
-          rep = await acc.handle(req);
-        } catch (e) {
-          return refuse(cb, grpc.status.INTERNAL, `${describe(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`);
-        }
-        let out: Buffer;
-        try {
-          out = encodeMessage(rep);
-        } catch (e) {
-          return refuse(cb, grpc.status.INTERNAL, `${describe(req)}: reply could not be encoded: ${(e as Error).message}`);
-        }
-        if (out.length > maxBytes) {
-          return refuse(cb, grpc.status.RESOURCE_EXHAUSTED, `${describe(req)}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
-        }
-        served++;
-        cb(null, out);
-      };
-      tail = tail.then(run).catch((e) => log(`accelerator server: unexpected failure: ${(e as Error)?.message ?? String(e)}`));
-    } catch (e) {
-      try {
-        refuse(cb, grpc.status.INTERNAL, `unexpected failure: ${(e as Error)?.message ?? String(e)}`);
+        cb({ code: r.code, details: r.message });
       } catch {
         // the call is already closed
       }
+    };
+    if (!Buffer.isBuffer(frame)) {
+      rejected++;
+      return fail(new ChannelRefusal(grpc.status.INVALID_ARGUMENT, 'request is not a byte frame'));
     }
+    answer(frame, () => call.cancelled).then((out) => cb(null, out), fail);
   };
 
+  const channel = opts.tensorChannel === false ? null : await startChannelServer({
+    host, port: opts.tensorPort ?? 0, maxBytes, log, answer: (f) => answer(f),
+    refused: (m) => {
+      rejected++;
+      return `request ${m}`;
+    },
+  });
+
   const onHealth = (_call: grpc.ServerUnaryCall<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>): void => {
-    cb(null, Buffer.from(JSON.stringify({ status: 'SERVING', served, ...(acc.info?.() ?? {}) }), 'utf8'));
+    cb(null, Buffer.from(JSON.stringify({ status: 'SERVING', served, tensor_port: channel?.port ?? null, ...(acc.info?.() ?? {}) }), 'utf8'));
   };
 
   server.addService(ACCELERATOR_SERVICE, { Call: onCall, Health: onHealth });
@@ -149,6 +171,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
     server.bindAsync(bindTo, opts.credentials ?? grpc.ServerCredentials.createInsecure(), (err, p) => {
       if (err) {
         server.forceShutdown();
+        void channel?.close();
         reject(new Error(`accelerator server: cannot listen on ${bindTo}: ${err.message}`));
       }
       else resolve(p);
@@ -162,6 +185,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
     host,
     address: formatAddress({ host, port }),
     server,
+    tensorPort: channel?.port ?? null,
     get served() {
       return served;
     },
@@ -170,6 +194,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
     },
     close(graceMs = 5_000): Promise<void> {
       closing ??= new Promise<void>((resolve) => {
+        void channel?.close();
         const timer = setTimeout(() => {
           server.forceShutdown();
           resolve();

@@ -41,16 +41,16 @@ export interface EnclaveBundle {
 /** Which tensors each mode's enclave needs at run time, with their shapes. */
 export function requiredEnclaveTensors(b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls'>): Record<string, number[]> {
   const { n_layer: L, n_embd: d, n_ctx: T, vocab_size: V } = b.config;
-  const req: Record<string, number[]> = { wte: [V, d], wpe: [T, d] };
+  const H = b.config.n_head;
+  const dh = d / H;
+  const req: Record<string, number[]> = {
+    wte: [V, d], wpe: [T, d], ln1w: [L, d], ln1b: [L, d], ln2w: [L, d], ln2b: [L, d],
+    hA: [L, H, dh, dh], hAinvT: [L, H, dh, dh], hB: [L, H, dh, dh], hBinv: [L, H, dh, dh], headPerm: [L, H], pi: [L, 4 * d],
+  };
   if (b.mode === 'sealed') {
-    Object.assign(req, { u: [d], G: [d, d], headBias: [d] });
+    Object.assign(req, { u: [d], G: [d, d], headBias: [d], Q: [d, d] });
   } else {
-    const H = b.config.n_head;
-    const dh = d / H;
-    Object.assign(req, {
-      ln1w: [L, d], ln1b: [L, d], ln2w: [L, d], ln2b: [L, d], lnfw: [d], lnfb: [d], R1: [L, d, d], R2: [L, d, d],
-      hA: [L, H, dh, dh], hAinvT: [L, H, dh, dh], hB: [L, H, dh, dh], hBinv: [L, H, dh, dh], headPerm: [L, H], pi: [L, 4 * d],
-    });
+    Object.assign(req, { lnfw: [d], lnfb: [d], R1: [L, d, d], R2: [L, d, d] });
     if (b.twoSided) Object.assign(req, { RoInv: [L, d, d], RpInv: [L, d, d] });
   }
   if (b.cls) req.score = [b.cls.numLabels, d];

@@ -168,8 +168,11 @@ export class SplitModel {
       if (!s || s.length !== K * d) {
         if (s) throw new Error(`the bundle's classifier has ${s.length / d} labels, the data has ${K}`);
         const w = new Float32Array(K * d);
-        o.rng.fillNormal(w, 0.02); // Gaussian: the same distribution in any orthogonal basis
+        o.rng.fillNormal(w, 0.02);
         this.t.set('score', w);
+      } else if (o.mode === 'sealed') {
+        // the bundle's classifier is in the rotated basis (score Q): train it in the plain one
+        this.t.set('score', this.rotate(s, K, false));
       }
       this.numLabels = K;
     } else this.numLabels = 0;
@@ -203,6 +206,7 @@ export class SplitModel {
     this.integrity = o.integrity !== undefined ? o.integrity : this.t.has('chk.0.qkv.r') ? new IntegrityChecker(this.t, L) : null;
     if (o.mode === 'paper' && !this.t.has('R1')) throw new Error('paper mode needs the input masks R1/R2 in the enclave bundle');
     if (o.mode === 'sealed' && !this.t.has('G')) throw new Error('sealed mode needs G and u in the enclave bundle');
+    if (o.mode !== 'local' && (o.method === 'lora' || o.task === 'cls') && !this.t.has('hA')) throw new Error('LoRA and classification need the per-head masks (hA, hB, headPerm, pi) in the enclave bundle');
   }
 
   private tensor(n: string): Float32Array {
@@ -280,6 +284,34 @@ export class SplitModel {
     return Int32Array.from(this.tensor('pi').subarray(l * 4 * d, (l + 1) * 4 * d));
   }
 
+  // ---------------------------------------------------------------- sealed: plain-basis adapters
+  /** rows x d: x Q (toRotated) or x Q^T (to plain); Q is orthogonal. Before the constructor
+   *  has finished (the classifier) Q comes straight from the bundle. */
+  private rotate(x: Float32Array, rows: number, toRotated: boolean, accumulateInto?: Float32Array): Float32Array {
+    const d = this.config.n_embd;
+    const out = accumulateInto ?? new Float32Array(rows * d);
+    sgemm(false, !toRotated, rows, d, d, 1, x, d, this.tensor('Q'), d, accumulateInto ? 1 : 0, out, d);
+    return out;
+  }
+
+  /** sealed: the plain layer-norm output a = (n* Q^T) diag(gamma) + beta from the enclave's n* */
+  private plainNormOut(which: 1 | 2, l: number, x: Float32Array, n: number): Float32Array {
+    const d = this.config.n_embd;
+    const a = this.rotate(x, n, false);
+    const g = this.layerSlice(which === 1 ? 'ln1w' : 'ln2w', l, d), b = this.layerSlice(which === 1 ? 'ln1b' : 'ln2b', l, d);
+    for (let r = 0; r < n; r++) for (let j = 0, o = r * d; j < d; j++) a[o + j] = a[o + j] * g[j] + b[j];
+    return a;
+  }
+
+  /** sealed: gradient w.r.t. a mapped to n*: (da diag(gamma)) Q */
+  private plainNormGrad(which: 1 | 2, l: number, da: Float32Array, n: number): Float32Array {
+    const d = this.config.n_embd;
+    const g = this.layerSlice(which === 1 ? 'ln1w' : 'ln2w', l, d);
+    const t = new Float32Array(n * d);
+    for (let r = 0; r < n; r++) for (let j = 0, o = r * d; j < d; j++) t[o + j] = da[o + j] * g[j];
+    return this.rotate(t, n, true);
+  }
+
   // ---------------------------------------------------------------- norms
   /** norm input of layer l (which = 1 | 2): returns the enclave-side x (a or n*) and what is sent */
   private norm(which: 1 | 2, l: number, h: Float32Array, x: Float32Array, mean: Float32Array, rstd: Float32Array, n: number): Float32Array {
@@ -354,11 +386,13 @@ export class SplitModel {
       const send1 = this.norm(1, l, h, s.x1, s.mean1, s.rstd1, n);
       s.qkv = await this.fwd(l, 'qkv', send1, n, save);
       if (ad) {
+        let a1: Float32Array | null = null;
         for (const t of ['q', 'k', 'v'] as const) {
           const v = ad.get(l, t);
           if (!v) continue;
+          a1 ??= this.mode === 'sealed' ? this.plainNormOut(1, l, s.x1, n) : s.x1;
           const delta = new Float32Array(n * d);
-          s.lora.set(t, loraForward(delta, s.x1, v, n, ad.scale, dropout, this.rng, false));
+          s.lora.set(t, loraForward(delta, a1, v, n, ad.scale, dropout, this.rng, false));
           this.addSection(l, t, delta, s.qkv, n);
         }
       }
@@ -366,8 +400,12 @@ export class SplitModel {
       const y = this.unmaskOut('o', l, await this.fwd(l, 'attproj', s.o, n, save), n);
       const vp = ad?.get(l, 'proj');
       if (vp) {
-        s.oPlain = this.mode === 'paper' ? this.oToPlain(l, s.o, n) : s.o;
-        s.lora.set('proj', loraForward(y, s.oPlain, vp, n, ad!.scale, dropout, this.rng, true));
+        s.oPlain = this.mode !== 'local' ? this.oToPlain(l, s.o, n) : s.o;
+        if (this.mode === 'sealed') {
+          const delta = new Float32Array(n * d);
+          s.lora.set('proj', loraForward(delta, s.oPlain, vp, n, ad!.scale, dropout, this.rng, false));
+          this.rotate(delta, n, true, y);
+        } else s.lora.set('proj', loraForward(y, s.oPlain, vp, n, ad!.scale, dropout, this.rng, true));
       }
       for (let i = 0; i < n * d; i++) h[i] += y[i];
       s.h2 = Float32Array.from(h);
@@ -377,16 +415,21 @@ export class SplitModel {
       const vf = ad?.get(l, 'fc');
       if (vf) {
         const delta = new Float32Array(n * 4 * d);
-        s.lora.set('fc', loraForward(delta, s.x2, vf, n, ad!.scale, dropout, this.rng, false));
-        const dm = this.mode === 'paper' ? permuteCols(delta, n, 4 * d, this.pi(l), false) : delta;
+        const a2 = this.mode === 'sealed' ? this.plainNormOut(2, l, s.x2, n) : s.x2;
+        s.lora.set('fc', loraForward(delta, a2, vf, n, ad!.scale, dropout, this.rng, false));
+        const dm = this.mode !== 'local' ? permuteCols(delta, n, 4 * d, this.pi(l), false) : delta;
         for (let i = 0; i < dm.length; i++) s.f[i] += dm[i];
       }
       geluForward(s.g, s.f, n * 4 * d, train ? s.th : null);
       const z = this.unmaskOut('p', l, await this.fwd(l, 'fcproj', s.g, n, save), n);
       const vm = ad?.get(l, 'mlp-proj');
       if (vm) {
-        s.gPlain = this.mode === 'paper' ? permuteCols(s.g, n, 4 * d, this.pi(l), true) : s.g;
-        s.lora.set('mlp-proj', loraForward(z, s.gPlain, vm, n, ad!.scale, dropout, this.rng, true));
+        s.gPlain = this.mode !== 'local' ? permuteCols(s.g, n, 4 * d, this.pi(l), true) : s.g;
+        if (this.mode === 'sealed') {
+          const delta = new Float32Array(n * d);
+          s.lora.set('mlp-proj', loraForward(delta, s.gPlain, vm, n, ad!.scale, dropout, this.rng, false));
+          this.rotate(delta, n, true, z);
+        } else s.lora.set('mlp-proj', loraForward(z, s.gPlain, vm, n, ad!.scale, dropout, this.rng, true));
       }
       for (let i = 0; i < n * d; i++) h[i] += z[i];
       layers.push(s);
@@ -423,6 +466,7 @@ export class SplitModel {
         pooled[b] = idx;
         pooledH.set(hf.subarray((b * T + idx) * d, (b * T + idx + 1) * d), b * d);
       }
+      if (this.mode === 'sealed') pooledH = this.rotate(pooledH, B, false); // the classifier is plain
       probs = new Float32Array(B * K);
       sgemm(false, true, B, K, d, 1, pooledH, d, this.tensor('score'), d, 0, probs, K);
       const predictions = new Int32Array(B);
@@ -444,7 +488,7 @@ export class SplitModel {
   private addSection(l: number, t: 'q' | 'k' | 'v', delta: Float32Array, qkv: Float32Array, n: number): void {
     const d = this.config.n_embd;
     const off = SECTION[t] * d;
-    if (this.mode === 'paper') {
+    if (this.mode !== 'local') {
       // scatter the plain update into the masked section: q A, k A^-T, v B (per head, permuted)
       const wide = new Float32Array(n * 3 * d);
       for (let r = 0; r < n; r++) wide.set(delta.subarray(r * d, (r + 1) * d), r * 3 * d + off);
@@ -462,7 +506,7 @@ export class SplitModel {
     const d = this.config.n_embd;
     const off = SECTION[t] * d;
     const out = new Float32Array(n * d);
-    if (this.mode === 'paper') {
+    if (this.mode !== 'local') {
       const wide = new Float32Array(n * 3 * d);
       this.headMap(l, t === 'q' ? 'hA' : t === 'k' ? 'hAinvT' : 'hB', dqkv, wide, n, 3 * d, off, false, true, false);
       for (let r = 0; r < n; r++) out.set(wide.subarray(r * 3 * d + off, r * 3 * d + off + d), r * d);
@@ -501,7 +545,8 @@ export class SplitModel {
       const dpooled = new Float32Array(B * d);
       sgemm(false, false, B, d, K, 1, st.probs, K, this.tensor('score'), d, 0, dpooled, d);
       sgemm(true, false, K, d, B, 1, st.probs, K, st.pooledH!, d, 1, this.grad('score')!, d);
-      for (let b = 0; b < B; b++) dhf.set(dpooled.subarray(b * d, (b + 1) * d), (b * T + st.pooled![b]) * d);
+      const dp = this.mode === 'sealed' ? this.rotate(dpooled, B, true) : dpooled;
+      for (let b = 0; b < B; b++) dhf.set(dp.subarray(b * d, (b + 1) * d), (b * T + st.pooled![b]) * d);
     }
     const dh = new Float32Array(n * d);
     if (this.mode === 'sealed') {
@@ -523,8 +568,8 @@ export class SplitModel {
       const vm = ad?.get(l, 'mlp-proj');
       if (vm) {
         const dgp = new Float32Array(n * 4 * d);
-        loraBackward(dgp, dh, vm, s.lora.get('mlp-proj')!, n, ad!.scale);
-        const back = this.mode === 'paper' ? permuteCols(dgp, n, 4 * d, this.pi(l), false) : dgp;
+        loraBackward(dgp, this.mode === 'sealed' ? this.rotate(dh, n, false) : dh, vm, s.lora.get('mlp-proj')!, n, ad!.scale);
+        const back = this.mode !== 'local' ? permuteCols(dgp, n, 4 * d, this.pi(l), false) : dgp;
         for (let i = 0; i < back.length; i++) dg[i] += back[i];
       }
       const df = new Float32Array(n * 4 * d);
@@ -533,9 +578,10 @@ export class SplitModel {
       const vf = ad?.get(l, 'fc');
       let loraDx2: Float32Array | null = null;
       if (vf) {
-        const dDelta = this.mode === 'paper' ? permuteCols(df, n, 4 * d, this.pi(l), true) : df;
+        const dDelta = this.mode !== 'local' ? permuteCols(df, n, 4 * d, this.pi(l), true) : df;
         loraDx2 = new Float32Array(n * d);
         loraBackward(loraDx2, dDelta, vf, s.lora.get('fc')!, n, ad!.scale);
+        if (this.mode === 'sealed') loraDx2 = this.plainNormGrad(2, l, loraDx2, n);
       }
       this.normBackwardWithLora(2, l, dh, dsend2, loraDx2, s.x2, s.h2, s.mean2, s.rstd2, n);
       // attention: h2 = h + y(o(qkv(x1)))
@@ -544,8 +590,8 @@ export class SplitModel {
       const vp = ad?.get(l, 'proj');
       if (vp) {
         const doPlain = new Float32Array(n * d);
-        loraBackward(doPlain, dh, vp, s.lora.get('proj')!, n, ad!.scale);
-        if (this.mode === 'paper') this.headMap(l, 'hBinv', doPlain, dO, n, d, 0, true, true, true);
+        loraBackward(doPlain, this.mode === 'sealed' ? this.rotate(dh, n, false) : dh, vp, s.lora.get('proj')!, n, ad!.scale);
+        if (this.mode !== 'local') this.headMap(l, 'hBinv', doPlain, dO, n, d, 0, true, true, true);
         else for (let i = 0; i < n * d; i++) dO[i] += doPlain[i];
       }
       const dqkv = new Float32Array(n * 3 * d);
@@ -558,6 +604,7 @@ export class SplitModel {
           loraDx1 ??= new Float32Array(n * d);
           loraBackward(loraDx1, this.sectionGrad(l, t, dqkv, n), v, s.lora.get(t)!, n, ad.scale);
         }
+        if (loraDx1 && this.mode === 'sealed') loraDx1 = this.plainNormGrad(1, l, loraDx1, n);
       }
       const needInput = l > 0 || embTrain || normTrain;
       const dsend1 = await this.bwd(l, 'qkv', dqkv, n, needInput, s.sent);
@@ -630,12 +677,20 @@ export class SplitModel {
   /** The enclave's trainable tensors by name (views into `params`). */
   trainedTensors(): EnclaveTensors {
     const m: EnclaveTensors = new Map();
-    for (const n of this.trainNames) m.set(n, this.tensor(n));
+    for (const n of this.trainNames) m.set(n, this.external(n));
     return m;
   }
 
-  /** All enclave tensors (frozen and trained). */
+  /** All enclave tensors (frozen and trained), in the bundle's bases. */
   allTensors(): EnclaveTensors {
-    return this.t;
+    const m: EnclaveTensors = new Map(this.t);
+    if (m.has('score')) m.set('score', this.external('score'));
+    return m;
+  }
+
+  /** a tensor as the bundle holds it: sealed mode trains the classifier in the plain basis */
+  private external(n: string): Float32Array {
+    const x = this.tensor(n);
+    return n === 'score' && this.mode === 'sealed' ? this.rotate(x, this.numLabels, true) : x;
   }
 }

@@ -146,21 +146,6 @@ export function mergeAdaptersPlain(w: GPT2Weights, ad: LoraAdapters): GPT2Weight
   return { ...w, params: p };
 }
 
-/** Folds sealed-mode adapters (which act in the masked bases) into the obfuscated weights. */
-export function mergeAdaptersObfuscated(acc: AcceleratorWeights, ad: LoraAdapters): AcceleratorWeights {
-  const d = ad.d;
-  const layers = acc.layers.map((L) => Object.fromEntries(Object.entries(L).map(([k, x]) => [k, { ...x, w: Float32Array.from(x.w) }]))) as AcceleratorWeights['layers'];
-  for (const v of ad.views) {
-    const r = ad.config.rank;
-    const L = layers[v.layer];
-    if (v.target in SECTION) addLowRank(L.qkv.w, 3 * d, SECTION[v.target]! * d, v.A, v.B, v.din, r, v.dout, ad.scale);
-    else if (v.target === 'proj') addLowRank(L.attproj.w, d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
-    else if (v.target === 'fc') addLowRank(L.fc.w, 4 * d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
-    else addLowRank(L.fcproj.w, d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
-  }
-  return { n_layer: acc.n_layer, layers };
-}
-
 /**
  * The plain model a session has trained so far (provider side: uses the masks). Adapters and
  * full fine-tuning updates are merged; sealed mode's folded layer norms are unfolded.
@@ -169,16 +154,15 @@ export function mergedPlainModel(s: Session): GPT2Weights {
   const m = s.model;
   if (!s.accelerator) throw new Error('merging needs the in-process accelerator (or its exported state)');
   const enc: EnclaveTensors = new Map(m.allTensors());
-  let acc = s.accelerator.weights;
+  const acc = s.accelerator.weights;
   if (m.mode === 'local') {
     const w = fromPlainParts(s.base, acc, enc);
     return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w;
   }
   const obf = s.obfuscation!;
   const masks = deriveMasks(s.base.config, obf.key, obf.params);
-  if (m.mode === 'sealed' && m.adapters) acc = mergeAdaptersObfuscated(acc, m.adapters);
   const w = deobfuscate(s.base, acc, enc, masks);
-  return m.mode === 'paper' && m.adapters ? mergeAdaptersPlain(w, m.adapters) : w;
+  return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w; // adapters are plain in every mode
 }
 
 function fromPlainParts(base: GPT2Weights, acc: AcceleratorWeights, enc: EnclaveTensors): GPT2Weights {

@@ -1,0 +1,327 @@
+/**
+ * The tensor channel: the enclave<->accelerator data plane beside gRPC. The same encoded
+ * AcceleratorRequest/AcceleratorReply frames as `obfuscatune.Accelerator/Call`, carried
+ * length-prefixed over one long-lived TCP connection instead of one HTTP/2 stream per call.
+ * gRPC keeps the control plane (health, bundle upload, export) and remains a complete
+ * data path on its own; docs/rpc.md gives the measurements that justify the second one.
+ *
+ * Frame (both directions): a 16-byte header, then `length` payload bytes.
+ *   magic   u32 LE  0x4354424f ("OBTC")
+ *   id      u32 LE  call id, echoed by the reply
+ *   status  u32 LE  request: 0; reply: 0 = ok (payload is a reply frame), otherwise a gRPC
+ *                   status code and the payload is the UTF-8 error text
+ *   length  u32 LE  payload bytes, at most the configured limit
+ * A frame longer than the limit is answered with RESOURCE_EXHAUSTED and its payload skipped
+ * unread (the connection stays usable); a wrong magic means the stream lost sync, so the
+ * peer closes the connection.
+ * Calls are answered in order, one at a time (the accelerator's state depends on order).
+ */
+import net from 'node:net';
+import * as grpc from '@grpc/grpc-js';
+
+export const CHANNEL_MAGIC = 0x4354424f;
+export const HEADER_BYTES = 16;
+
+export interface Frame {
+  id: number;
+  status: number;
+  payload: Buffer;
+}
+
+export function frameHeader(id: number, status: number, length: number): Buffer {
+  const h = Buffer.allocUnsafe(HEADER_BYTES);
+  h.writeUInt32LE(CHANNEL_MAGIC, 0);
+  h.writeUInt32LE(id >>> 0, 4);
+  h.writeUInt32LE(status >>> 0, 8);
+  h.writeUInt32LE(length >>> 0, 12);
+  return h;
+}
+
+/** Writes a frame without copying the payload (header and payload as one corked write). */
+export function writeFrame(sock: net.Socket, id: number, status: number, payload: Buffer): void {
+  sock.cork();
+  sock.write(frameHeader(id, status, payload.length));
+  if (payload.length) sock.write(payload);
+  process.nextTick(() => sock.uncork());
+}
+
+/** Why a byte stream stopped being a frame stream. */
+export class FramingError extends Error {
+  constructor(message: string, readonly code: number, readonly id: number | null) {
+    super(message);
+    this.name = 'FramingError';
+  }
+}
+
+/**
+ * Incremental frame parser: feed it socket chunks, it calls `onFrame` for each complete frame.
+ * Chunks are kept as a list and joined once per frame (no quadratic re-copying).
+ */
+export class FrameReader {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private header: { id: number; status: number; length: number } | null = null;
+  private dead = false;
+  /** payload bytes of an oversized frame still to discard */
+  private skip = 0;
+
+  constructor(private readonly maxBytes: number, private readonly onFrame: (f: Frame) => void, private readonly onOversized: (e: FramingError) => void) {}
+
+  /** Returns a FramingError when the stream is unusable from here on (the caller closes it). */
+  push(chunk: Buffer): FramingError | null {
+    if (this.dead) return null;
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    for (;;) {
+      if (this.skip > 0) {
+        const k = Math.min(this.skip, this.buffered);
+        this.take(k);
+        this.skip -= k;
+        if (this.skip > 0) return null;
+      }
+      if (!this.header) {
+        if (this.buffered < HEADER_BYTES) return null;
+        const h = this.take(HEADER_BYTES);
+        const magic = h.readUInt32LE(0);
+        const id = h.readUInt32LE(4);
+        if (magic !== CHANNEL_MAGIC) {
+          this.dead = true;
+          return new FramingError(`bad frame magic 0x${magic.toString(16).padStart(8, '0')} (not a tensor-channel peer, or the stream lost sync)`, grpc.status.INVALID_ARGUMENT, null);
+        }
+        const length = h.readUInt32LE(12);
+        if (length > this.maxBytes) {
+          this.skip = length;
+          this.onOversized(new FramingError(`frame of ${length} bytes exceeds the ${this.maxBytes}-byte limit`, grpc.status.RESOURCE_EXHAUSTED, id));
+          continue;
+        }
+        this.header = { id, status: h.readUInt32LE(8), length };
+      }
+      if (this.buffered < this.header.length) return null;
+      const payload = this.take(this.header.length);
+      const { id, status } = this.header;
+      this.header = null;
+      this.onFrame({ id, status, payload });
+      if (this.dead) return null;
+    }
+  }
+
+  /** the first n buffered bytes, as one Buffer (a view when they lie in one chunk) */
+  private take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
+    if (this.skip > 0) {
+      // discard without copying
+      this.buffered -= n;
+      let left = n;
+      while (left > 0) {
+        const c = this.chunks[0];
+        if (c.length <= left) { left -= c.length; this.chunks.shift(); } else { this.chunks[0] = c.subarray(left); left = 0; }
+      }
+      return Buffer.alloc(0);
+    }
+    this.buffered -= n;
+    const first = this.chunks[0];
+    if (first.length >= n) {
+      const out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let off = 0;
+    while (off < n) {
+      const c = this.chunks[0];
+      const k = Math.min(c.length, n - off);
+      c.copy(out, off, 0, k);
+      off += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    return out;
+  }
+
+  /** stops parsing (after a close) */
+  stop(): void {
+    this.dead = true;
+    this.chunks = [];
+    this.buffered = 0;
+  }
+}
+
+export interface ChannelServerOptions {
+  host: string;
+  /** 0 picks an ephemeral port */
+  port: number;
+  maxBytes: number;
+  log: (line: string) => void;
+  /** answers one request payload with a reply payload, or throws a `{code, message}` refusal */
+  answer: (payload: Buffer) => Promise<Buffer>;
+  /** counts a refusal made by the channel itself (an oversized frame); returns the message */
+  refused: (message: string) => string;
+}
+
+export interface ChannelServer {
+  port: number;
+  close(): Promise<void>;
+}
+
+/** A refusal the server sends back as an error frame. */
+export class ChannelRefusal extends Error {
+  constructor(readonly code: number, message: string) {
+    super(message);
+    this.name = 'ChannelRefusal';
+  }
+}
+
+export async function startChannelServer(o: ChannelServerOptions): Promise<ChannelServer> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((sock) => {
+    sockets.add(sock);
+    sock.setNoDelay(true);
+    const peer = `${sock.remoteAddress}:${sock.remotePort}`;
+    // replies leave in request order even when a refusal is immediate and an answer is queued
+    let order: Promise<void> = Promise.resolve();
+    const reply = (id: number, result: Promise<Buffer>) => {
+      order = order.then(() => result.then(
+        (out) => { if (!sock.destroyed) writeFrame(sock, id, 0, out); },
+        (e) => {
+          const code = e instanceof ChannelRefusal ? e.code : grpc.status.INTERNAL;
+          if (!sock.destroyed) writeFrame(sock, id, code, Buffer.from((e as Error)?.message ?? String(e), 'utf8'));
+        },
+      ));
+    };
+    const reader = new FrameReader(o.maxBytes, (f) => reply(f.id, o.answer(f.payload)), (e) => {
+      o.log(`tensor channel: ${peer}: ${e.message}`);
+      reply(e.id!, Promise.reject(new ChannelRefusal(e.code, o.refused(e.message))));
+    });
+    sock.on('data', (chunk: Buffer) => {
+      const err = reader.push(chunk);
+      if (!err) return;
+      o.log(`tensor channel: closing ${peer}: ${err.message}`);
+      sock.destroy();
+    });
+    sock.on('error', (e) => o.log(`tensor channel: ${peer}: ${e.message}`));
+    sock.on('close', () => {
+      reader.stop();
+      sockets.delete(sock);
+    });
+  });
+  const port = await new Promise<number>((resolve, reject) => {
+    server.once('error', (e) => reject(new Error(`tensor channel: cannot listen on ${o.host}:${o.port}: ${e.message}`)));
+    server.listen(o.port, o.host, () => resolve((server.address() as net.AddressInfo).port));
+  });
+  return {
+    port,
+    close: () => new Promise<void>((resolve) => {
+      for (const s of sockets) s.destroy();
+      server.close(() => resolve());
+    }),
+  };
+}
+
+/** A failed channel call, with the gRPC status code that the same failure would have had. */
+export class ChannelError extends Error {
+  constructor(message: string, readonly code: number) {
+    super(message);
+    this.name = 'ChannelError';
+  }
+}
+
+interface Pending {
+  resolve: (b: Buffer) => void;
+  reject: (e: ChannelError) => void;
+  timer: NodeJS.Timeout;
+}
+
+/**
+ * The client end: one connection, opened on first use and again after any failure.
+ * `connectTo` says where to dial (asked again on every reconnect, since a restarted
+ * accelerator may listen on another port). Connection failures surface as UNAVAILABLE,
+ * a missed deadline as DEADLINE_EXCEEDED, server refusals with their own codes.
+ */
+export class ChannelClient {
+  private sock: net.Socket | null = null;
+  private connecting: Promise<net.Socket> | null = null;
+  private pending = new Map<number, Pending>();
+  private nextId = 1;
+  private closed = false;
+
+  constructor(private readonly connectTo: () => Promise<{ host: string; port: number }>, private readonly maxBytes: number) {}
+
+  private async socket(): Promise<net.Socket> {
+    if (this.sock && !this.sock.destroyed && this.sock.writable) return this.sock;
+    this.connecting ??= this.open().finally(() => { this.connecting = null; });
+    return this.connecting;
+  }
+
+  private async open(): Promise<net.Socket> {
+    let where: { host: string; port: number };
+    try {
+      where = await this.connectTo();
+    } catch (e) {
+      throw new ChannelError(`tensor channel: cannot locate the accelerator's channel: ${(e as Error).message}`, grpc.status.UNAVAILABLE);
+    }
+    const sock = await new Promise<net.Socket>((resolve, reject) => {
+      const s = net.connect({ host: where.host, port: where.port });
+      s.once('connect', () => { s.removeAllListeners('error'); resolve(s); });
+      s.once('error', (e) => reject(new ChannelError(`tensor channel: cannot connect to ${where.host}:${where.port}: ${e.message}`, grpc.status.UNAVAILABLE)));
+    });
+    sock.setNoDelay(true);
+    const settle = (id: number, f: (p: Pending) => void) => {
+      const p = this.pending.get(id);
+      if (!p) return; // a reply to a call that already timed out
+      this.pending.delete(id);
+      clearTimeout(p.timer);
+      f(p);
+    };
+    const reader = new FrameReader(this.maxBytes, (f) => settle(f.id, (p) => {
+      if (f.status === 0) p.resolve(f.payload);
+      else p.reject(new ChannelError(f.payload.toString('utf8'), f.status));
+    }), (e) => settle(e.id!, (p) => p.reject(new ChannelError(`reply ${e.message}`, e.code))));
+    const fail = (why: string, code: number) => {
+      if (this.sock === sock) this.sock = null;
+      reader.stop();
+      sock.destroy();
+      for (const [id, p] of this.pending) {
+        clearTimeout(p.timer);
+        p.reject(new ChannelError(why, code));
+        this.pending.delete(id);
+      }
+    };
+    sock.on('data', (chunk: Buffer) => {
+      const err = reader.push(chunk);
+      if (err) fail(`tensor channel: malformed reply stream: ${err.message}`, grpc.status.DATA_LOSS);
+    });
+    sock.on('error', (e) => fail(`tensor channel: connection lost: ${e.message}`, grpc.status.UNAVAILABLE));
+    sock.on('end', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
+    sock.on('close', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
+    this.sock = sock;
+    return sock;
+  }
+
+  /** One request payload -> its reply payload. */
+  async call(payload: Buffer, deadlineMs: number): Promise<Buffer> {
+    if (this.closed) throw new ChannelError('tensor channel is closed', grpc.status.CANCELLED);
+    if (payload.length > this.maxBytes) throw new ChannelError(`request frame of ${payload.length} bytes exceeds the ${this.maxBytes}-byte limit`, grpc.status.RESOURCE_EXHAUSTED);
+    const sock = await this.socket();
+    const id = this.nextId;
+    this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
+    return new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        // the reply may still come and would desynchronise nothing (ids), but the call's
+        // effect on the accelerator is unknown: drop the connection like gRPC drops the stream
+        if (this.sock === sock) this.sock = null;
+        sock.destroy();
+        reject(new ChannelError(`deadline of ${deadlineMs} ms exceeded`, grpc.status.DEADLINE_EXCEEDED));
+      }, deadlineMs);
+      this.pending.set(id, { resolve, reject, timer });
+      writeFrame(sock, id, 0, payload);
+    });
+  }
+
+  close(): void {
+    this.closed = true;
+    this.sock?.destroy();
+    this.sock = null;
+  }
+}

@@ -343,11 +343,14 @@ test('share: sealed-mode enclave share of gpt2-xl is about 5% of parameters and 
   const r = obfuscateWeights(m.weights(), { mode: 'sealed', seed: 1 });
   let encParams = 0;
   let chk = 0;
-  for (const [k, t] of r.enclave.tensors) if (k.startsWith('chk.')) chk += t.length; else encParams += t.length;
+  let extra = 0;
+  const loraExtras = new Set(['Q', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'hA', 'hAinvT', 'hB', 'hBinv', 'headPerm', 'pi']);
+  for (const [k, t] of r.enclave.tensors) if (k.startsWith('chk.')) chk += t.length; else if (loraExtras.has(k)) extra += t.length; else encParams += t.length;
   let accParams = 0;
   for (const l of r.accelerator.layers) for (const x of Object.values(l)) accParams += x.w.length + x.b.length;
   const row = shareRow('gpt2-micro', c, 'sealed', 16);
   assert.equal(row.enclave_params, encParams);
   assert.equal(row.enclave_integrity_bytes, 4 * chk);
+  assert.equal(row.enclave_lora_extra_bytes, 4 * extra);
   assert.equal(row.accelerator_params, accParams);
 });

@@ -25,6 +25,10 @@ export interface FinetuneBenchRow {
   integrity_share: number;
   boundary_messages_per_step: number;
   transport: string;
+  /** where Call frames went: in-process, tensor-channel or grpc */
+  data_path: string;
+  /** networked rows: step time over the same mode's in-process step, measured in the same run */
+  vs_in_process?: number;
 }
 
 export interface FinetuneBenchResult {
@@ -34,6 +38,8 @@ export interface FinetuneBenchResult {
   seq: number;
   steps: number;
   transport: string;
+  /** networked runs: whether Call frames used the tensor channel */
+  tensor_channel?: boolean;
   rows: FinetuneBenchRow[];
 }
 
@@ -44,11 +50,11 @@ function median(a: number[]): number {
 }
 
 /** One mode, in this process. */
-export async function benchFinetuneOne(o: { model: string; method: Method; mode: TrainMode; batch: number; seq: number; steps: number; rank: number; transport: string; link?: (acc: AcceleratorWeights) => Promise<AcceleratorLink> }): Promise<FinetuneBenchRow> {
+export async function benchFinetuneOne(o: { model: string; method: Method; mode: TrainMode; batch: number; seq: number; steps: number; rank: number; transport: string; link?: (acc: AcceleratorWeights) => Promise<AcceleratorLink & { dataPath?: string }> }): Promise<FinetuneBenchRow> {
   const config = getPreset(o.model);
   if (o.seq > config.n_ctx) throw new Error(`--seq ${o.seq} exceeds ${o.model}'s context of ${config.n_ctx}`);
   const base = GPT2.random(config, 1).weights();
-  let link: AcceleratorLink | undefined;
+  let link: (AcceleratorLink & { dataPath?: string }) | undefined;
   let linkFactory: ((acc: AcceleratorWeights) => AcceleratorLink) | undefined;
   if (o.link) {
     // the network link needs the (obfuscated) weights on the remote accelerator first
@@ -100,37 +106,49 @@ export async function benchFinetuneOne(o: { model: string; method: Method; mode:
       messages = sent() - msgs;
     }
   }
+  const dataPath = o.link ? link?.dataPath ?? 'grpc' : 'in-process';
   await s.link.close?.();
   const med = median(times);
   return {
     mode: o.mode, ...(o.mode === 'paper' ? { kappa: '1' } : {}), step_ms_median: med, step_ms_min: Math.min(...times),
     peak_rss_mb: Math.round(peakRssMb() * 10) / 10, integrity_share: integrityMs / times.reduce((a, b) => a + b, 0),
-    boundary_messages_per_step: messages, transport: o.transport,
+    boundary_messages_per_step: messages, transport: o.transport, data_path: dataPath,
   };
 }
 
-/** All three modes, each in a child process, in one run. */
-export function benchFinetune(o: { model: string; method: Method; batch: number; seq: number; steps: number; rank: number; transport: string; onProgress?: (i: number, n: number, label: string) => void }): FinetuneBenchResult {
+/**
+ * Local, sealed and paper, each in a child process, in one run. With a network transport the
+ * split modes run both in-process and over the network, so each networked row carries its
+ * ratio to the in-process step measured beside it.
+ */
+export function benchFinetune(o: { model: string; method: Method; batch: number; seq: number; steps: number; rank: number; transport: string; tensorChannel?: boolean; onProgress?: (i: number, n: number, label: string) => void }): FinetuneBenchResult {
   const bin = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../bin/obfuscatune.js');
-  const modes: TrainMode[] = ['local', 'sealed', 'paper'];
+  const runs: { mode: TrainMode; transport: string }[] = [{ mode: 'local', transport: 'in-process' }, { mode: 'sealed', transport: 'in-process' }, { mode: 'paper', transport: 'in-process' }];
+  if (o.transport !== 'in-process') runs.push({ mode: 'sealed', transport: o.transport }, { mode: 'paper', transport: o.transport });
   const rows: FinetuneBenchRow[] = [];
-  modes.forEach((mode, i) => {
-    o.onProgress?.(i, modes.length, mode);
-    const transport = mode === 'local' ? 'in-process' : o.transport;
+  runs.forEach(({ mode, transport }, i) => {
+    o.onProgress?.(i, runs.length, `${mode} ${transport}`);
     const r = spawnSync(process.execPath, [bin, 'bench', 'finetune-one', '--json', '--model', o.model, '--method', o.method, '--mode', mode,
-      '--batch', String(o.batch), '--seq', String(o.seq), '--steps', String(o.steps), '--rank', String(o.rank), '--transport', transport], { encoding: 'utf8', env: { ...process.env, OBFUSCATUNE_NO_PROGRESS: '1' } });
-    if (r.status !== 0) throw new Error(`bench of mode ${mode} failed: ${r.stderr.trim().split('\n').slice(-3).join(' | ')}`);
-    rows.push(JSON.parse(r.stdout.trim().split('\n').pop()!) as FinetuneBenchRow);
+      '--batch', String(o.batch), '--seq', String(o.seq), '--steps', String(o.steps), '--rank', String(o.rank), '--transport', transport,
+      ...(o.tensorChannel === false ? ['--no-tensor-channel'] : [])], { encoding: 'utf8', env: { ...process.env, OBFUSCATUNE_NO_PROGRESS: '1' } });
+    if (r.status !== 0) throw new Error(`bench of mode ${mode} (${transport}) failed: ${r.stderr.trim().split('\n').slice(-3).join(' | ')}`);
+    const row = JSON.parse(r.stdout.trim().split('\n').pop()!) as FinetuneBenchRow;
+    if (transport !== 'in-process') {
+      const ref = rows.find((x) => x.mode === mode && x.transport === 'in-process');
+      if (ref) row.vs_in_process = row.step_ms_median / ref.step_ms_median;
+    }
+    rows.push(row);
   });
-  o.onProgress?.(modes.length, modes.length, 'done');
-  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: o.transport, rows };
+  o.onProgress?.(runs.length, runs.length, 'done');
+  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: o.transport, ...(o.transport !== 'in-process' ? { tensor_channel: o.tensorChannel !== false } : {}), rows };
 }
 
 export function formatFinetuneBench(r: FinetuneBenchResult): string {
   const local = r.rows.find((x) => x.mode === 'local')!;
-  const lines = [`${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, median of ${r.steps} steps`, 'mode      transport    step ms   vs local  integrity  msgs/step  peak RSS'];
+  const lines = [`${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, median of ${r.steps} steps`, 'mode      data path       step ms   vs local  vs in-process  integrity  msgs/step  peak RSS'];
   for (const x of r.rows) {
-    lines.push(`${(x.mode + (x.kappa ? ` k${x.kappa}` : '')).padEnd(9)} ${x.transport.padEnd(11)} ${x.step_ms_median.toFixed(0).padStart(8)}  ${(x.step_ms_median / local.step_ms_median).toFixed(2).padStart(7)}x  ${(100 * x.integrity_share).toFixed(1).padStart(8)}%  ${String(x.boundary_messages_per_step).padStart(9)}  ${x.peak_rss_mb.toFixed(0).padStart(6)} MB`);
+    const vs = x.vs_in_process !== undefined ? `${x.vs_in_process.toFixed(2)}x` : '-';
+    lines.push(`${(x.mode + (x.kappa ? ` k${x.kappa}` : '')).padEnd(9)} ${(x.data_path ?? x.transport).padEnd(14)} ${x.step_ms_median.toFixed(0).padStart(8)}  ${(x.step_ms_median / local.step_ms_median).toFixed(2).padStart(7)}x  ${vs.padStart(13)}  ${(100 * x.integrity_share).toFixed(1).padStart(8)}%  ${String(x.boundary_messages_per_step).padStart(9)}  ${x.peak_rss_mb.toFixed(0).padStart(6)} MB`);
   }
   return lines.join('\n');
 }

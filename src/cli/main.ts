@@ -258,9 +258,10 @@ export function buildProgram(): Command {
     .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
     .option('--steps <n>', 'timed steps per mode (after one warm-up step)', parseIntArg('--steps'), 5)
     .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
-    .addOption(new Option('--transport <t>', 'enclave-accelerator transport of the split modes').choices(['in-process', 'grpc']).default('in-process'))
+    .addOption(new Option('--transport <t>', 'enclave-accelerator transport of the split modes (grpc: a spawned accelerator service; the in-process split is measured beside it)').choices(['in-process', 'grpc']).default('in-process'))
+    .option('--no-tensor-channel', 'grpc: keep Call frames on gRPC instead of the tensor channel')
     .action((o) => {
-      const bar = progressBar(3, 'bench finetune', '{label}');
+      const bar = progressBar(o.transport === 'in-process' ? 3 : 5, 'bench finetune', '{label}');
       const r = benchFinetune({ ...o, onProgress: (i, _n, label) => bar.update(i, { label }) });
       bar.stop();
       console.log(o.json ? JSON.stringify(r) : formatFinetuneBench(r));
@@ -277,8 +278,10 @@ export function buildProgram(): Command {
     .option('--steps <n>', 'timed steps', parseIntArg('--steps'), 5)
     .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
     .option('--transport <t>', 'in-process|grpc', 'in-process')
+    .option('--no-tensor-channel', 'grpc: Call frames over gRPC')
     .action(async (o) => {
-      const r = await benchFinetuneOne({ ...o, link: o.transport === 'grpc' ? await grpcBenchLink() : undefined });
+      const spawnLink = o.transport === 'grpc' ? await grpcBenchLink() : undefined;
+      const r = await benchFinetuneOne({ ...o, link: spawnLink ? (acc) => spawnLink(acc, { tensorChannel: o.tensorChannel }) : undefined });
       console.log(JSON.stringify(r));
     });
 

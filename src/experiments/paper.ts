@@ -6,7 +6,7 @@
  * Results accumulate in report/results.json (resumable: finished rows are skipped) and
  * report/index.html is rebuilt at the end.
  */
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { loadCheckpoint } from '../model/checkpoint.js';
 import { GPT2 } from '../model/gpt2.js';
@@ -54,7 +54,7 @@ export interface ExperimentOptions {
   dataDir: string;
   out: string;
   quick: boolean;
-  /** fine-tuning steps per run (default: 300 for classification, 60 for the language model) */
+  /** fine-tuning steps per run (default: 300 of 16 examples for classification, 50 of 8 x 128 tokens for the language model) */
   steps?: number;
   methods?: Method[];
   onProgress?: (done: number, total: number, label: string) => void;
@@ -103,8 +103,18 @@ export function loadResults(file: string): Results {
   return JSON.parse(readFileSync(file, 'utf8')) as Results;
 }
 
+const rowKey = (r: Pick<ResultRow, 'dataset' | 'model' | 'method' | 'mode' | 'kappa'>) => `${r.dataset}/${r.model}/${r.method}/${r.mode}/${r.kappa}`;
+
+/**
+ * Writes results atomically, keeping rows that another run (e.g. one per model, started
+ * side by side on the same --out) added to the file since this one read it.
+ */
 function save(file: string, r: Results): void {
-  writeFileSync(file, JSON.stringify(r, null, 1) + '\n');
+  const mine = new Set(r.rows.map(rowKey));
+  for (const row of loadResults(file).rows) if (!mine.has(rowKey(row))) r.rows.push(row);
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, JSON.stringify(r, null, 1) + '\n');
+  renameSync(tmp, file);
 }
 
 export async function runPaperExperiments(o: ExperimentOptions): Promise<Results> {
@@ -113,7 +123,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   const res = loadResults(file);
   const log = o.log ?? (() => {});
   const methods = o.methods ?? ['lora', 'full'];
-  const stepsFor = (task: Task) => o.steps ?? (o.quick ? 6 : task === 'cls' ? 300 : 60);
+  const stepsFor = (task: Task) => o.steps ?? (o.quick ? 6 : task === 'cls' ? 300 : 50);
   const models = o.models.map((m) => {
     const w = loadCheckpoint(m);
     if (w.config.vocab_size < gpt2Tokenizer.vocabSize) throw new Error(`model ${m}: its vocabulary (${w.config.vocab_size}) does not match the GPT-2 tokenizer (${gpt2Tokenizer.vocabSize})`);
@@ -148,7 +158,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
       for (const method of methods) {
         for (const c of CONFIGS) {
           const key = `${ds.meta.name}/${m.name}/${method}/${c.mode}/${c.kappa}`;
-          if (res.rows.some((r) => `${r.dataset}/${r.model}/${r.method}/${r.mode}/${r.kappa}` === key)) {
+          if (res.rows.some((r) => rowKey(r) === key)) {
             tick(`${key} (done)`);
             continue;
           }
@@ -162,7 +172,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
             foldedBaseline: method === 'full',
           });
           const cfg: FinetuneConfig = {
-            task, method, mode: c.mode, kappa: c.kappa, steps, batch: o.quick ? 8 : 16, lr: method === 'lora' ? 2e-3 : 0.05, warmup: Math.max(1, Math.floor(steps / 20)), minLrFrac: 0.1,
+            task, method, mode: c.mode, kappa: c.kappa, steps, batch: o.quick || task === 'lm' ? 8 : 16, lr: method === 'lora' ? 5e-3 : 0.05, warmup: Math.max(1, Math.floor(steps / 20)), minLrFrac: 0.1,
             clip: 1, weightDecay: 0, enclaveOptimizer: method === 'lora' ? 'adamw' : 'sgd', momentum: 0.9, seed: 1, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: sess.modelId,
           };
           let row: ResultRow;

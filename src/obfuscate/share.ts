@@ -20,6 +20,12 @@ export interface ShareRow {
   enclave_state_bytes: number;
   /** of which per-layer masks */
   enclave_mask_bytes: number;
+  /**
+   * sealed: what the bundle also carries for LoRA and the classifier in the plain basis (Q,
+   * the layer norms' affine part, per-head masks, permutations), unused by inference and full
+   * fine-tuning and not in enclave_params (paper mode has these in its masks already)
+   */
+  enclave_lora_extra_bytes: number;
   /** of which the secret Freivalds vectors (integrity checks; not model parameters) */
   enclave_integrity_bytes: number;
   accelerator_flops_per_token: number;
@@ -65,6 +71,7 @@ export function shareRow(name: string, c: GPT2Config, mode: Mode, T: number, two
     enclave_param_share: enclaveParams / total,
     enclave_state_bytes: 4 * (enclaveParams + integrity),
     enclave_mask_bytes: 4 * maskParams,
+    enclave_lora_extra_bytes: mode === 'sealed' ? 4 * (d * d + 4 * L * d + L * (4 * d * (d / H) + H + 4 * d)) : 0,
     enclave_integrity_bytes: 4 * integrity,
     accelerator_flops_per_token: accFlops,
     enclave_flops_per_token: enc,

@@ -8,7 +8,6 @@ import { createInterface } from 'node:readline';
 import type { AcceleratorWeights } from '../obfuscate/transform.js';
 import { writeAcceleratorBundle } from '../obfuscate/bundle.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
-import type { AcceleratorLink } from '../split/link.js';
 
 export const BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../bin/obfuscatune.js');
 
@@ -63,12 +62,15 @@ export function spawnService(args: string[], opts: { timeoutMs?: number; env?: N
   });
 }
 
-/** Writes the bundle to a temp dir, serves it from a child process, returns a gRPC link to it. */
-export async function spawnedAcceleratorLink(acc: AcceleratorWeights): Promise<AcceleratorLink> {
+/**
+ * Writes the bundle to a temp dir, serves it from a child process, returns a link to it
+ * (Call frames over the tensor channel unless `tensorChannel` is false).
+ */
+export async function spawnedAcceleratorLink(acc: AcceleratorWeights, o: { tensorChannel?: boolean } = {}): Promise<GrpcAcceleratorLink> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-acc-'));
   writeAcceleratorBundle(path.join(dir, 'accelerator'), acc, 'sealed', acc.layers[0].attproj.din);
   const svc = await spawnService(['accelerator', 'serve', '--bundle', path.join(dir, 'accelerator'), '--port', '0', '--state-dir', path.join(dir, 'state')]);
-  const link = new GrpcAcceleratorLink(`127.0.0.1:${svc.port}`);
+  const link = new GrpcAcceleratorLink(`127.0.0.1:${svc.port}`, { tensorChannel: o.tensorChannel });
   await link.waitForReady(30000);
   const closeLink = link.close.bind(link);
   link.close = async () => {

@@ -32,6 +32,11 @@ test('experiment paper --quick writes results.json (contract) and index.html wit
     const html = readFileSync(path.join(out, 'index.html'), 'utf8');
     assert.match(html, /<svg/);
     assert.match(html, /food-reviews/);
+    const md = readFileSync(path.join(out, 'results.md'), 'utf8');
+    assert.match(md, /## Gap to local fine-tuning/);
+    assert.match(md, /\| food-reviews \| [^|]+ \| lora \| accuracy points \| [+-]\d/);
+    // sealed and paper kappa 1 LoRA are local LoRA up to float error
+    assert.match(md, /\| food-reviews \| [^|]+ \| lora \| accuracy points \| [+-]0\.00 \| [+-]0\.00 \|/);
     const again = await runPaperExperiments({ models: [MODEL], datasets: ['food-reviews', 'austen'], dataDir: path.join(ROOT, 'data'), out, quick: true, steps: 3, methods: ['lora'] });
     assert.equal(again.rows.length, 8, 'finished rows are not run again');
   } finally {

@@ -216,6 +216,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   res.meta = { date: new Date().toISOString(), quick: o.quick, steps: { cls: stepsFor('cls'), lm: stepsFor('lm') }, models: o.models, datasets: o.datasets, command: 'obfuscatune ' + process.argv.slice(2).join(' ') };
   save(file, res);
   writeFileSync(path.join(o.out, 'index.html'), await renderReport(res));
+  writeFileSync(path.join(o.out, 'results.md'), markdownReport(res));
   return res;
 }
 
@@ -238,19 +239,79 @@ export function mainTable(res: Results): { head: string[]; rows: string[][] } {
   return { head, rows };
 }
 
+/** Difference to local per group: accuracy in points, perplexity in percent (the targets' units). */
+export function gapTable(res: Results): { head: string[]; rows: string[][] } {
+  const head = ['dataset', 'model', 'method', 'unit', 'sealed - local', 'paper k=1 - local', 'paper naive - local'];
+  const rows: string[][] = [];
+  const keys = [...new Set(res.rows.map((r) => `${r.dataset}|${r.model}|${r.method}`))];
+  for (const k of keys) {
+    const [dataset, model, method] = k.split('|');
+    const rs = res.rows.filter((r) => `${r.dataset}|${r.model}|${r.method}` === k);
+    const local = rs.find((r) => r.mode === 'local');
+    if (!local || !Number.isFinite(local.value)) continue;
+    const acc = local.metric === 'accuracy';
+    const gap = (mode: string, kappa: string) => {
+      const r = rs.find((x) => x.mode === mode && x.kappa === kappa);
+      if (!r) return '-';
+      if (!Number.isFinite(r.value)) return 'diverged';
+      const v = acc ? 100 * (r.value - local.value) : (100 * (r.value - local.value)) / local.value;
+      return `${v >= 0 ? '+' : ''}${v.toFixed(2)}`;
+    };
+    rows.push([dataset, model, method, acc ? 'accuracy points' : 'perplexity %', gap('sealed', '1'), gap('paper', '1'), gap('paper', 'naive')]);
+  }
+  return { head, rows };
+}
+
+/** The report's tables (HTML and Markdown render the same ones). */
+export function reportTables(res: Results): Record<'main' | 'gap' | 'fidelity' | 'share' | 'overhead', { head: string[]; rows: string[][] }> {
+  return {
+    main: mainTable(res),
+    gap: gapTable(res),
+    fidelity: {
+      head: ['model', 'mode', 'kappa', 'max |err|', 'mean |err|', 'top-1 agreement'],
+      rows: res.fidelity.map((f) => [f.model, f.mode, f.kappa, f.max_abs_logit_err.toExponential(2), f.mean_abs_logit_err.toExponential(2), `${(100 * f.top1_agreement).toFixed(1)}%`]),
+    },
+    share: {
+      head: ['model', 'mode', 'enclave params', 'enclave FLOPs', 'enclave state', 'boundary / token'],
+      rows: res.share.map((s) => [s.model, s.mode + (s.two_sided ? ' 2-sided' : ''), `${(100 * s.enclave_param_share).toFixed(2)}%`, `${(100 * s.enclave_flop_share).toFixed(2)}%`, `${(s.enclave_state_bytes / 1e6).toFixed(1)} MB`, `${(s.boundary_bytes_per_token / 1024).toFixed(0)} KiB`]),
+    },
+    overhead: {
+      head: ['model', 'mode', 'step ms', 'integrity share', 'peak RSS MB'],
+      rows: res.overhead.map((r) => [String(r.model), String(r.mode), Number(r.step_ms_median).toFixed(0), `${(100 * Number(r.integrity_share)).toFixed(1)}%`, String(r.peak_rss_mb)]),
+    },
+  };
+}
+
+const TITLES = {
+  main: 'Test metric: local vs confidential fine-tuning',
+  gap: 'Gap to local fine-tuning',
+  fidelity: 'Fidelity vs mask condition number',
+  share: 'Enclave share (T = 512)',
+  overhead: 'Overhead (LoRA step time)',
+} as const;
+
+/** The same tables as Markdown (report/results.md). */
+export function markdownReport(res: Results): string {
+  const t = reportTables(res);
+  const md = (x: { head: string[]; rows: string[][] }) => [x.head, x.head.map(() => '---'), ...x.rows].map((r) => `| ${r.join(' | ')} |`).join('\n');
+  const parts = [`# ${String(res.meta.command ?? 'obfuscatune experiment paper')}`, '', `Generated ${String(res.meta.date ?? '')}.`];
+  for (const k of Object.keys(TITLES) as (keyof typeof TITLES)[]) parts.push('', `## ${TITLES[k]}`, '', md(t[k]));
+  return parts.join('\n') + '\n';
+}
+
 export async function renderReport(res: Results): Promise<string> {
-  const t = mainTable(res);
+  const t = reportTables(res);
   const curves = res.rows.filter((r) => r.method === 'lora' && r.losses.length).map((r) => r.losses.map((y, i) => ({ x: i + 1, y, series: `${r.dataset} ${r.model} ${r.mode}${r.kappa && r.mode === 'paper' ? ` k=${r.kappa}` : ''}` }))).flat();
   const acc = res.rows.filter((r) => r.metric === 'accuracy' && Number.isFinite(r.value)).map((r) => ({ group: `${r.dataset} (${r.method})`, bar: `${r.mode}${r.mode === 'paper' ? ` k=${r.kappa}` : ''}`, value: 100 * r.value }));
   const fid = res.fidelity.filter((f) => f.mode === 'paper').map((f, i) => ({ x: i + 1, y: Math.max(f.max_abs_logit_err, 1e-9), series: 'max |logit error|' }));
   const sections = [
-    { title: 'Test metric: local vs confidential fine-tuning', html: table(t.head, t.rows) },
+    { title: TITLES.main, html: table(t.main.head, t.main.rows) },
+    { title: TITLES.gap, html: table(t.gap.head, t.gap.rows) },
     ...(curves.length ? [{ title: 'Training loss (LoRA), local vs confidential', html: await lineChart(curves, { title: 'training loss', x: 'step', y: 'cross-entropy', width: 700 }) }] : []),
     ...(acc.length ? [{ title: 'Accuracy per dataset and method', html: await barChart(acc, { title: 'test accuracy (%)', y: 'accuracy %' }) }] : []),
-    { title: 'Fidelity vs mask condition number (paper mode)', html: (fid.length ? await lineChart(fid, { title: 'logit error; x = kappa 1, 10, 100, 1000, naive', x: 'mask (1=k1, 2=k10, 3=k100, 4=k1000, 5=naive)', y: 'max |logit error|', logY: true }) : '') +
-      table(['model', 'mode', 'kappa', 'max |err|', 'mean |err|', 'top-1 agreement'], res.fidelity.map((f) => [f.model, f.mode, f.kappa, f.max_abs_logit_err.toExponential(2), f.mean_abs_logit_err.toExponential(2), `${(100 * f.top1_agreement).toFixed(1)}%`])) },
-    { title: 'Enclave share (T = 512)', html: table(['model', 'mode', 'enclave params', 'enclave FLOPs', 'enclave state', 'boundary / token'], res.share.map((s) => [s.model, s.mode + (s.two_sided ? ' 2-sided' : ''), `${(100 * s.enclave_param_share).toFixed(2)}%`, `${(100 * s.enclave_flop_share).toFixed(2)}%`, `${(s.enclave_state_bytes / 1e6).toFixed(1)} MB`, `${(s.boundary_bytes_per_token / 1024).toFixed(0)} KiB`])) },
-    { title: 'Overhead (LoRA step time)', html: table(['model', 'mode', 'step ms', 'integrity share', 'peak RSS MB'], res.overhead.map((r) => [String(r.model), String(r.mode), Number(r.step_ms_median).toFixed(0), `${(100 * Number(r.integrity_share)).toFixed(1)}%`, String(r.peak_rss_mb)])) },
+    { title: TITLES.fidelity, html: (fid.length ? await lineChart(fid, { title: 'paper mode: logit error; x = kappa 1, 10, 100, 1000, naive', x: 'mask (1=k1, 2=k10, 3=k100, 4=k1000, 5=naive)', y: 'max |logit error|', logY: true }) : '') + table(t.fidelity.head, t.fidelity.rows) },
+    { title: TITLES.share, html: table(t.share.head, t.share.rows) },
+    { title: TITLES.overhead, html: table(t.overhead.head, t.overhead.rows) },
   ];
   return page('obfuscatune: the paper\'s experiments', sections, `Generated ${String(res.meta.date ?? '')} by: ${String(res.meta.command ?? '')}`);
 }

@@ -53,8 +53,9 @@ export interface GrpcLinkOptions {
   /** default: insecure (see docs/rpc.md for TLS) */
   credentials?: grpc.ChannelCredentials;
   /**
-   * Send Call frames over the accelerator's tensor channel when it serves one (default true);
-   * false keeps every frame on gRPC. Health and the admin services always use gRPC.
+   * Send Call frames over the accelerator's tensor channel when it serves one (default: true
+   * with the default insecure credentials, false with TLS ones, since the channel is plain
+   * TCP); false keeps every frame on gRPC. Health and the admin services always use gRPC.
    */
   tensorChannel?: boolean;
 }
@@ -124,7 +125,8 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     if (!Number.isInteger(r.attempts) || r.attempts < 1) throw new Error(`rpc: retry.attempts must be an integer >= 1, got ${r.attempts}`);
     if (!(r.baseMs >= 0) || !(r.maxMs >= r.baseMs)) throw new Error('rpc: retry needs 0 <= baseMs <= maxMs');
     this.retry = { safeOnly: true, ...r };
-    this.channelWanted = opts.tensorChannel ?? true;
+    // the channel is plain TCP: with TLS credentials, frames stay on the TLS channel unless asked
+    this.channelWanted = opts.tensorChannel ?? opts.credentials === undefined;
     this.maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     this.client = new AcceleratorServiceClient(
       this.address,

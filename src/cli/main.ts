@@ -296,12 +296,13 @@ export function buildProgram(): Command {
     .option('--steps <n>', 'fine-tuning steps per run', parseIntArg('--steps'))
     .addOption(new Option('--methods <list...>', 'methods').choices(['lora', 'full']))
     .option('--out <dir>', 'report directory (existing results are kept: the run resumes)', 'report')
+    .option('--rows-only', 'only the fine-tuning rows (to split a run across processes on one --out; a later run without it adds the tables and the report)')
     .option('--json', 'print results.json')
     .action(async (o) => {
       const { runPaperExperiments, mainTable } = await import('../experiments/paper.js');
       const bar = progressBar(1, 'experiments', '{label}');
       const res = await runPaperExperiments({
-        models: o.models, datasets: o.datasets, dataDir: o.data, out: o.out, quick: o.quick, steps: o.steps, methods: o.methods,
+        models: o.models, datasets: o.datasets, dataDir: o.data, out: o.out, quick: o.quick, steps: o.steps, methods: o.methods, rowsOnly: o.rowsOnly,
         onProgress: (d, n, label) => {
           bar.setTotal(n);
           bar.update(d, { label });

@@ -54,9 +54,11 @@ export interface ExperimentOptions {
   dataDir: string;
   out: string;
   quick: boolean;
-  /** fine-tuning steps per run (default: 300 of 16 examples for classification, 50 of 8 x 128 tokens for the language model) */
+  /** fine-tuning steps per run (default: 100 of 16 examples for classification, 25 of 8 x 128 tokens for the language model) */
   steps?: number;
   methods?: Method[];
+  /** fine-tuning rows only (for runs split across processes); a later full run adds the tables and the report */
+  rowsOnly?: boolean;
   onProgress?: (done: number, total: number, label: string) => void;
   log?: (s: string) => void;
 }
@@ -123,7 +125,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   const res = loadResults(file);
   const log = o.log ?? (() => {});
   const methods = o.methods ?? ['lora', 'full'];
-  const stepsFor = (task: Task) => o.steps ?? (o.quick ? 6 : task === 'cls' ? 300 : 50);
+  const stepsFor = (task: Task) => o.steps ?? (o.quick ? 6 : task === 'cls' ? 100 : 25);
   const models = o.models.map((m) => {
     const w = loadCheckpoint(m);
     if (w.config.vocab_size < gpt2Tokenizer.vocabSize) throw new Error(`model ${m}: its vocabulary (${w.config.vocab_size}) does not match the GPT-2 tokenizer (${gpt2Tokenizer.vocabSize})`);
@@ -172,7 +174,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
             foldedBaseline: method === 'full',
           });
           const cfg: FinetuneConfig = {
-            task, method, mode: c.mode, kappa: c.kappa, steps, batch: o.quick || task === 'lm' ? 8 : 16, lr: method === 'lora' ? 5e-3 : 0.05, warmup: Math.max(1, Math.floor(steps / 20)), minLrFrac: 0.1,
+            task, method, mode: c.mode, kappa: c.kappa, steps, batch: o.quick || task === 'lm' ? 8 : 16, lr: method === 'lora' ? 1.5e-3 : 0.01, adamEps: 1e-6, warmup: Math.max(1, Math.floor(steps / 20)), minLrFrac: 0.1,
             clip: 1, weightDecay: 0, enclaveOptimizer: method === 'lora' ? 'adamw' : 'sgd', momentum: 0.9, seed: 1, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: sess.modelId,
           };
           let row: ResultRow;
@@ -197,6 +199,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
       }
     }
   }
+  if (o.rowsOnly) return res;
   // fidelity vs kappa (paper mode) and the sealed row, on the first model
   const fm = models[0];
   res.fidelity = [];

@@ -33,6 +33,8 @@ export interface FinetuneConfig {
   enclaveOptimizer: 'adamw' | 'sgd';
   /** SGD momentum (accelerator linears, and the enclave when enclaveOptimizer = sgd) */
   momentum: number;
+  /** AdamW epsilon (default 1e-8) */
+  adamEps?: number;
   seed: number;
   evalEvery: number;
   /** cap on evaluation batches (0 = whole set) */
@@ -82,7 +84,7 @@ export interface RunHooks {
 }
 
 function makeOpt(kind: 'adamw' | 'sgd', n: number, cfg: FinetuneConfig): Optimizer {
-  return kind === 'adamw' ? new AdamW(n, { weightDecay: cfg.weightDecay }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weightDecay });
+  return kind === 'adamw' ? new AdamW(n, { weightDecay: cfg.weightDecay, eps: cfg.adamEps }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weightDecay });
 }
 
 export async function evaluate(model: SplitModel, set: EncodedSet, batch: number, padId: number, maxBatches = 0): Promise<EvalMetrics> {

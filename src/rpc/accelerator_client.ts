@@ -8,7 +8,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { observe, type AcceleratorLink, type Observer } from '../split/link.js';
-import { decodeMessage, encodeMessage, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
+import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
 import { ChannelClient } from './tensor_channel.js';
 import {
   ACCELERATOR_SERVICE,
@@ -152,7 +152,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   }
 
   /** One Call frame over the tensor channel when there is one, else over gRPC. */
-  private async send(frame: Buffer, deadlineMs: number): Promise<Buffer> {
+  private async send(frame: { parts: Buffer[]; length: number }, deadlineMs: number): Promise<Buffer> {
     if (this.channelWanted && !this.channel) {
       const h = await this.health(Math.min(deadlineMs, 5_000));
       if (typeof h.tensor_port === 'number') {
@@ -164,7 +164,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
         }, this.maxBytes);
       } else this.channelWanted = false;
     }
-    return this.channel ? this.channel.call(frame, deadlineMs) : this.unary('Call', frame, deadlineMs);
+    return this.channel ? this.channel.call(frame.parts, deadlineMs) : this.unary('Call', Buffer.concat(frame.parts, frame.length), deadlineMs);
   }
 
   private checkOpen(what: string): void {
@@ -187,7 +187,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   async call(req: AcceleratorRequest): Promise<AcceleratorReply> {
     const what = describe(req);
     this.checkOpen(what);
-    const frame = encodeMessage(req);
+    const frame = encodeMessageParts(req);
     const mayRetry = !this.retry.safeOnly || isRetrySafe(req);
     let back: Buffer;
     for (let attempt = 0; ; attempt++) {

@@ -9,7 +9,7 @@
  * depends on that order).
  */
 import * as grpc from '@grpc/grpc-js';
-import { decodeMessage, encodeMessage, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
+import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
 import {
   ACCELERATOR_SERVICE,
   DEFAULT_MAX_MESSAGE_BYTES,
@@ -96,7 +96,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
    * One request frame -> one reply frame, queued behind every earlier request (both data
    * paths share the queue). Refusals throw a ChannelRefusal carrying the gRPC status.
    */
-  const answer = (frame: Buffer, cancelled: () => boolean = () => false): Promise<Buffer> => {
+  const answer = (frame: Buffer, cancelled: () => boolean = () => false): Promise<Buffer[]> => {
     const refusal = (code: grpc.status, details: string): ChannelRefusal => {
       rejected++;
       log(`accelerator server: ${grpc.status[code]}: ${details}`);
@@ -111,7 +111,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
     }
     if (!REQUEST_OPS.has(decoded.op)) return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: "${decoded.op}" is not a request op`));
     const req = decoded as AcceleratorRequest;
-    const run = async (): Promise<Buffer> => {
+    const run = async (): Promise<Buffer[]> => {
       if (cancelled()) throw refusal(grpc.status.CANCELLED, `${describe(req)} cancelled before it ran`);
       let rep: AcceleratorReply;
       try {
@@ -119,15 +119,15 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
       } catch (e) {
         throw refusal(grpc.status.INTERNAL, `${describe(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`);
       }
-      let out: Buffer;
+      let out: { parts: Buffer[]; length: number };
       try {
-        out = encodeMessage(rep);
+        out = encodeMessageParts(rep);
       } catch (e) {
         throw refusal(grpc.status.INTERNAL, `${describe(req)}: reply could not be encoded: ${(e as Error).message}`);
       }
       if (out.length > maxBytes) throw refusal(grpc.status.RESOURCE_EXHAUSTED, `${describe(req)}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
       served++;
-      return out;
+      return out.parts;
     };
     const result = tail.then(run);
     tail = result.then(() => undefined, () => undefined);
@@ -148,7 +148,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
       rejected++;
       return fail(new ChannelRefusal(grpc.status.INVALID_ARGUMENT, 'request is not a byte frame'));
     }
-    answer(frame, () => call.cancelled).then((out) => cb(null, out), fail);
+    answer(frame, () => call.cancelled).then((parts) => cb(null, Buffer.concat(parts)), fail);
   };
 
   const channel = opts.tensorChannel === false ? null : await startChannelServer({

@@ -109,6 +109,21 @@ function assertLayerRef(o: Record<string, unknown>): void {
 
 /** Binary frame: u32 header length | JSON header | float32 payloads (4-byte aligned). */
 export function encodeMessage(m: AcceleratorRequest | AcceleratorReply): Buffer {
+  const { parts, length } = encodeMessageParts(m);
+  const out = Buffer.allocUnsafe(length);
+  let off = 0;
+  for (const p of parts) {
+    p.copy(out, off);
+    off += p.length;
+  }
+  return out;
+}
+
+/**
+ * The frame of `encodeMessage` as parts whose concatenation is the frame: the header, then
+ * views of the tensors' own memory (no copy), for transports that can write a vector.
+ */
+export function encodeMessageParts(m: AcceleratorRequest | AcceleratorReply): { parts: Buffer[]; length: number } {
   const tensors: Float32Array[] = [];
   const header: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(m)) {
@@ -122,15 +137,10 @@ export function encodeMessage(m: AcceleratorRequest | AcceleratorReply): Buffer 
   if (pad) json = Buffer.concat([json, Buffer.alloc(pad, 0x20)]);
   const total = 4 + json.length + tensors.reduce((s, t) => s + t.byteLength, 0);
   if (total > MAX_FRAME_BYTES) throw new Error(`message of ${total} bytes exceeds the ${MAX_FRAME_BYTES}-byte limit`);
-  const out = Buffer.allocUnsafe(total);
-  out.writeUInt32LE(json.length, 0);
-  json.copy(out, 4);
-  let off = 4 + json.length;
-  for (const t of tensors) {
-    Buffer.from(t.buffer, t.byteOffset, t.byteLength).copy(out, off);
-    off += t.byteLength;
-  }
-  return out;
+  const head = Buffer.allocUnsafe(4 + json.length);
+  head.writeUInt32LE(json.length, 0);
+  json.copy(head, 4);
+  return { parts: [head, ...tensors.map((t) => Buffer.from(t.buffer, t.byteOffset, t.byteLength))], length: total };
 }
 
 export function decodeMessage(buf: Uint8Array, maxBytes = MAX_FRAME_BYTES): AcceleratorRequest | AcceleratorReply {
@@ -158,8 +168,14 @@ export function decodeMessage(buf: Uint8Array, maxBytes = MAX_FRAME_BYTES): Acce
     if (!Number.isInteger(len) || (len as number) < 0) throw new Error(`message tensor "${k}" has an invalid length`);
     const bytes = (len as number) * 4;
     if (off + bytes > b.length) throw new Error(`message truncated: tensor "${k}" needs ${bytes} bytes, ${b.length - off} left`);
-    const t = new Float32Array(len as number);
-    new Uint8Array(t.buffer).set(b.subarray(off, off + bytes));
+    let t: Float32Array;
+    if ((b.byteOffset + off) % 4 === 0) {
+      // a view of the received frame (no copy): the frame's memory is the message's from here on
+      t = new Float32Array(b.buffer, b.byteOffset + off, len as number);
+    } else {
+      t = new Float32Array(len as number);
+      new Uint8Array(t.buffer).set(b.subarray(off, off + bytes));
+    }
     out[k] = t;
     off += bytes;
   }

@@ -267,6 +267,34 @@ export function buildProgram(): Command {
       console.log(o.json ? JSON.stringify(r) : formatFinetuneBench(r));
     });
   bench
+    .command('transport')
+    .description('tensor transport alone: one LoRA step of frames against an echo accelerator process (tensor channel and gRPC), and against a real accelerator in-process and in a child process')
+    .option('--json', 'print JSON')
+    .option('--model <preset>', 'model preset (shapes)', 'gpt2')
+    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
+    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
+    .option('--steps <n>', 'timed steps per path (after one warm-up step)', parseIntArg('--steps'), 5)
+    .action(async (o) => {
+      const { benchTransport } = await import('../bench/transport.js');
+      const bar = progressBar(4, 'bench transport', '{label}');
+      const r = await benchTransport({ ...o, onProgress: (i, _n, label) => bar.update(i, { label }) });
+      bar.stop();
+      if (o.json) console.log(JSON.stringify(r));
+      else {
+        console.log(`${r.model}, batch ${r.batch} x seq ${r.seq}: ${r.rows[0].mb_per_step.toFixed(0)} MB of frames per step, median of ${r.steps} steps`);
+        for (const x of r.rows) console.log(`${x.path.padEnd(50)} ${x.step_ms_median.toFixed(0).padStart(6)} ms/step (min ${x.step_ms_min.toFixed(0)})`);
+      }
+    });
+  bench
+    .command('echo-accelerator', { hidden: true })
+    .description('an accelerator service that answers zeros (used by bench transport)')
+    .option('--preset <preset>', 'model preset (shapes)', 'gpt2')
+    .option('--no-tensor-channel', 'gRPC only')
+    .action(async (o) => {
+      const { serveEchoAccelerator } = await import('../bench/transport.js');
+      await serveEchoAccelerator(o.preset, o.tensorChannel);
+    });
+  bench
     .command('finetune-one', { hidden: true })
     .description('one mode of `bench finetune` (used internally)')
     .option('--json', 'print JSON')

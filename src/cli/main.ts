@@ -343,7 +343,7 @@ export function buildProgram(): Command {
         const t = mainTable(res);
         const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
         console.log([t.head, ...t.rows].map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n'));
-        console.log(`\nwrote ${o.out}/results.json, ${o.out}/index.html and ${o.out}/results.md`);
+        console.log(o.rowsOnly ? `\nwrote the rows to ${o.out}/results.json (run without --rows-only for the tables and the report)` : `\nwrote ${o.out}/results.json, ${o.out}/index.html and ${o.out}/results.md`);
       }
     });
 

@@ -232,14 +232,9 @@ export function buildProgram(): Command {
       bar.stop();
       console.log(o.json ? JSON.stringify(r) : formatGemmBench(r));
     });
-  bench
+  stepBenchOptions(bench
     .command('train-step')
-    .description('median time and peak memory of one training step (forward, backward, AdamW) on random data')
-    .option('--json', 'print JSON')
-    .option('--model <preset>', 'model preset', 'gpt2')
-    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
-    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
-    .option('--steps <n>', 'timed steps (after one warm-up step)', parseIntArg('--steps'), 5)
+    .description('median time and peak memory of one training step (forward, backward, AdamW) on random data'), 'timed steps (after one warm-up step)')
     .addOption(new Option('--optimizer <name>', 'optimiser').choices(['adamw', 'sgd']).default('adamw'))
     .action((o) => {
       const bar = progressBar(o.steps + 1, 'bench train-step');
@@ -266,14 +261,9 @@ export function buildProgram(): Command {
       bar.stop();
       console.log(o.json ? JSON.stringify(r) : formatFinetuneBench(r));
     });
-  bench
+  stepBenchOptions(bench
     .command('transport')
-    .description('tensor transport alone: one LoRA step of frames against an echo accelerator process (tensor channel and gRPC), and against a real accelerator in-process and in a child process')
-    .option('--json', 'print JSON')
-    .option('--model <preset>', 'model preset (shapes)', 'gpt2')
-    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
-    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
-    .option('--steps <n>', 'timed steps per path (after one warm-up step)', parseIntArg('--steps'), 5)
+    .description('tensor transport alone: one LoRA step of frames against an echo accelerator process (tensor channel and gRPC), and against a real accelerator in-process and in a child process'), 'timed steps per path (after one warm-up step)')
     .action(async (o) => {
       const { benchTransport } = await import('../bench/transport.js');
       const bar = progressBar(4, 'bench transport', '{label}');
@@ -362,6 +352,16 @@ export function buildProgram(): Command {
 }
 
 /** A gRPC link to an accelerator served in a child process (set up by the benchmark). */
+/** --json, --model, --batch, --seq and --steps of the step benchmarks */
+function stepBenchOptions(c: Command, stepsHelp: string): Command {
+  return c
+    .option('--json', 'print JSON')
+    .option('--model <preset>', 'model preset', 'gpt2')
+    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
+    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
+    .option('--steps <n>', stepsHelp, parseIntArg('--steps'), 5);
+}
+
 async function grpcBenchLink() {
   const { spawnedAcceleratorLink } = await import('../roles/spawn.js');
   return spawnedAcceleratorLink;

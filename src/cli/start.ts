@@ -54,7 +54,7 @@ export async function runStart(o: StartOptions): Promise<void> {
   const train = readJsonl(path.join(dataDir, 'train.jsonl')).slice(0, o.trainExamples ?? 640);
   const test = readJsonl(path.join(dataDir, 'test.jsonl')).slice(0, o.testExamples ?? 256);
   const labels = labelSet(train, 'train');
-  const spec = { task: 'cls' as const, method: 'lora' as const, steps, batch: 16, max_len: 64, lr: 1e-2, warmup: 6, clip: 1, seed: 1, eval_every: 0, checkpoint_every: 20, enclave_optimizer: 'adamw' as const, momentum: 0.9, lora: { rank: 8, alpha: 16, dropout: 0, targets: 'q,v' } };
+  const spec = { task: 'cls' as const, method: 'lora' as const, steps, batch: 16, max_len: 64, lr: 2e-3, warmup: 6, clip: 1, seed: 1, eval_every: 0, checkpoint_every: 20, enclave_optimizer: 'adamw' as const, momentum: 0.9, adam_eps: 1e-6, lora: { rank: 8, alpha: 16, dropout: 0, targets: 'q,v' } };
   const say = (s: string) => console.log(s);
   say(`obfuscatune: confidential fine-tuning of ${path.basename(modelDir)} (${(new GPT2(base).numParams() / 1e6).toFixed(1)}M parameters) on ${path.basename(dataDir)} (${train.length} training / ${test.length} test records), compute backend ${backendName()}`);
 
@@ -67,7 +67,7 @@ export async function runStart(o: StartOptions): Promise<void> {
   const local = buildSession(base, { mode: 'local', method: 'lora', task: 'cls', lora: { ...spec.lora, targets: ['q', 'v'] }, numLabels: labels.length, labels, padTokenId: tok.eotId, seed: spec.seed });
   const cfg: FinetuneConfig = {
     task: 'cls', method: 'lora', mode: 'local', kappa: null, steps, batch: spec.batch, lr: spec.lr, warmup: spec.warmup, minLrFrac: 0.1, clip: 1, weightDecay: 0,
-    enclaveOptimizer: 'adamw', momentum: 0.9, seed: spec.seed, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: local.modelId,
+    enclaveOptimizer: 'adamw', momentum: 0.9, adamEps: spec.adam_eps, seed: spec.seed, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: local.modelId,
   };
   let bar = progressBar(steps, 'local', 'loss {loss}');
   const localSum = await runFinetune(local.model, trainSet, testSet, cfg, path.join(out, 'local-run'), tok.eotId, { rng: local.rng, onStep: (m) => bar.update(m.step, { loss: m.loss.toFixed(3) }) });

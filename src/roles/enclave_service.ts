@@ -28,6 +28,7 @@ import { SplitModel, type Method } from '../split/train_model.js';
 import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
 import { validateLora, parseLoraTargets } from '../train/lora.js';
+import { freshClassifier } from '../train/session.js';
 import { writeSafetensors } from '../model/safetensors.js';
 import {
   ENCLAVE_SERVICE, COMMAND_AAD, chunkAad, replyAad, enclaveServerOptions, packFiles, unpackFiles,
@@ -60,6 +61,8 @@ export interface JobSpec {
   checkpoint_every: number;
   enclave_optimizer: 'adamw' | 'sgd';
   momentum: number;
+  /** AdamW epsilon (default 1e-8) */
+  adam_eps?: number;
   lora?: { rank: number; alpha: number; dropout: number; targets: string };
 }
 
@@ -247,6 +250,7 @@ export class EnclaveService {
         if (this.data.train.length === 0) throw new Error('no training data uploaded yet');
         if (this.job?.state === 'running') throw new Error('a job is already running');
         const spec = cmd.spec as JobSpec;
+        if (spec.adam_eps !== undefined && !(typeof spec.adam_eps === 'number' && spec.adam_eps > 0 && spec.adam_eps < 1)) throw new Error(`adam_eps must be a number in (0, 1), got ${JSON.stringify(spec.adam_eps)}`);
         this.job = { spec, state: 'running', step: 0, loss: null, eval: null, error: null, summary: null, labels: [], recoveries: 0, losses: [] };
         rmSync(path.join(this.privateDir, 'run'), { recursive: true, force: true });
         for (const f of readdirSync(path.join(this.o.stateDir, 'checkpoints'))) rmSync(path.join(this.o.stateDir, 'checkpoints', f), { force: true });
@@ -314,6 +318,7 @@ export class EnclaveService {
     return new SplitModel({
       mode: b.mode, method: spec.method, task: spec.task, config: b.config, tensors: b.tensors, link: this.link, twoSided: b.twoSided,
       lora, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
+      classifierInit: spec.task === 'cls' ? freshClassifier(labels.length, b.config.n_embd, spec.seed) : undefined,
     });
   }
 
@@ -352,7 +357,7 @@ export class EnclaveService {
     const runDir = path.join(this.privateDir, 'run');
     const cfg: FinetuneConfig = {
       task: spec.task, method: spec.method, mode: this.bundle!.mode, kappa: this.bundle!.spec, steps: spec.steps, batch: spec.batch, lr: spec.lr,
-      warmup: spec.warmup, minLrFrac: 0.1, clip: spec.clip, weightDecay: 0, enclaveOptimizer: spec.enclave_optimizer, momentum: spec.momentum,
+      warmup: spec.warmup, minLrFrac: 0.1, clip: spec.clip, weightDecay: 0, enclaveOptimizer: spec.enclave_optimizer, momentum: spec.momentum, adamEps: spec.adam_eps,
       seed: spec.seed, evalEvery: spec.eval_every, evalBatches: 0, checkpointEvery: spec.checkpoint_every, modelId: this.bundle!.acceleratorManifestSha256.slice(0, 16),
     };
     let attempt = 0;

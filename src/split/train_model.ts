@@ -43,6 +43,12 @@ export interface SplitModelOptions {
   freezeNorms?: boolean;
   /** randomness for LoRA/classifier init and dropout */
   rng: RandomSource;
+  /**
+   * classification: the fresh head (plain basis) when the bundle has none; without it the
+   * head is drawn from `rng`. `buildSession` draws it from Rng(seed + 7) before obfuscation;
+   * passing the same draw here makes a service-side job start where a local run starts.
+   */
+  classifierInit?: Float32Array;
   /** Freivalds checks of every accelerator reply (on by default when the bundle has check vectors) */
   integrity?: IntegrityChecker | null;
 }
@@ -167,8 +173,9 @@ export class SplitModel {
       const s = this.t.get('score');
       if (!s || s.length !== K * d) {
         if (s) throw new Error(`the bundle's classifier has ${s.length / d} labels, the data has ${K}`);
-        const w = new Float32Array(K * d);
-        o.rng.fillNormal(w, 0.02);
+        if (o.classifierInit && o.classifierInit.length !== K * d) throw new Error(`classifierInit has ${o.classifierInit.length} values, expected ${K} x ${d}`);
+        const w = o.classifierInit ? Float32Array.from(o.classifierInit) : new Float32Array(K * d);
+        if (!o.classifierInit) o.rng.fillNormal(w, 0.02);
         this.t.set('score', w);
       } else if (o.mode === 'sealed') {
         // the bundle's classifier is in the rotated basis (score Q): train it in the plain one

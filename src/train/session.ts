@@ -68,13 +68,19 @@ export function modelFingerprint(w: GPT2Weights): string {
   return h.digest('hex').slice(0, 16);
 }
 
+/** The fresh classification head of a session seeded `seed` (every mode, and the enclave service, draw the same). */
+export function freshClassifier(numLabels: number, d: number, seed: number): Float32Array {
+  const weight = new Float32Array(numLabels * d);
+  new Rng(seed + 7).fillNormal(weight, 0.02);
+  return weight;
+}
+
 export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
   const rng = new Rng(o.seed);
   let w = w0;
   if (o.task === 'cls' && o.numLabels && (!w.cls || w.cls.numLabels !== o.numLabels)) {
     // a fresh classification head, created before obfuscation so every mode starts from the same one
-    const weight = new Float32Array(o.numLabels * w.config.n_embd);
-    new Rng(o.seed + 7).fillNormal(weight, 0.02);
+    const weight = freshClassifier(o.numLabels, w.config.n_embd, o.seed);
     w = { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels } };
   }
   if (o.foldedBaseline) w = foldLayerNorms(w);

@@ -1,6 +1,7 @@
 // The parties as separate processes on loopback: attestation, end-to-end encryption, policy,
 // integrity against a lying accelerator, and recovery from killed services.
 import { test } from 'node:test';
+import { freshClassifier } from '../src/train/session.js';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import os from 'node:os';
@@ -90,7 +91,7 @@ async function reference(dir: string, s: JobSpec): Promise<{ last: number; eval:
   const train = records(48, 1), ev = records(16, 2);
   const labels = labelSet(train, 'train');
   const rng = new Rng(s.seed);
-  const model = new SplitModel({ mode: enc.mode, method: s.method, task: s.task, config: enc.config, tensors: enc.tensors, link: new InProcessLink(new Accelerator(acc.weights, { stateDir: path.join(dir, 'ref-acc') })), numLabels: labels.length, padTokenId: gpt2Tokenizer.eotId, rng });
+  const model = new SplitModel({ mode: enc.mode, method: s.method, task: s.task, config: enc.config, tensors: enc.tensors, link: new InProcessLink(new Accelerator(acc.weights, { stateDir: path.join(dir, 'ref-acc') })), numLabels: labels.length, padTokenId: gpt2Tokenizer.eotId, rng, classifierInit: freshClassifier(labels.length, enc.config.n_embd, s.seed) });
   const enc_ = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task: s.task, maxLen: s.max_len, labels, source: 'x' });
   const cfg: FinetuneConfig = { task: s.task, method: s.method, mode: enc.mode, kappa: enc.spec, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup, minLrFrac: 0.1, clip: s.clip, weightDecay: 0, enclaveOptimizer: s.enclave_optimizer, momentum: s.momentum, seed: s.seed, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: 'ref' };
   const sum = await runFinetune(model, enc_(train), enc_(ev), cfg, path.join(dir, 'ref-run'), gpt2Tokenizer.eotId, { rng });

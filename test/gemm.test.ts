@@ -10,21 +10,12 @@ import {
   setBackend, setNativeIsa, setThreads, sgemm, sgemmBatched, type BackendName,
 } from '../src/tensor/gemm.js';
 import { native } from '../src/tensor/native.js';
+import { rng } from './helpers.js';
 
 // ------------------------------------------------------------------ helpers
 
 const gemmModule = new URL('../src/tensor/gemm.js', import.meta.url).href;
 
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function rand(n: number, r: () => number): Float32Array {
   const a = new Float32Array(n);

@@ -61,3 +61,15 @@ export function assertGradClose(analytic: ArrayLike<number>, indices: number[], 
   const err = relErr(a, numeric);
   assert.ok(err < tol, `${what}: analytic vs finite-difference relative error ${err.toExponential(2)} >= ${tol} (analytic ${a.slice(0, 4).map((v) => v.toExponential(3))}, numeric ${numeric.slice(0, 4).map((v) => v.toExponential(3))})`);
 }
+
+/** A tiny seeded uniform [0, 1) generator (mulberry32), for tests that need no Rng state. */
+export function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

@@ -76,6 +76,18 @@ inline void generic_pack_trans(const float* s, int64_t ld, int64_t kc, int w, fl
   }
 }
 
+// The packing of a kernel that uses the portable loops above (inherit it).
+struct GenericPacking {
+  template <int W>
+  static void pack_copy_panels(const float* s, int64_t ld, int64_t kc, int64_t cols, float* d) {
+    generic_pack_copy_panels<W>(s, ld, kc, cols, d);
+  }
+  template <int W>
+  static void pack_trans(const float* s, int64_t ld, int64_t kc, int w, float* d) {
+    generic_pack_trans<W>(s, ld, kc, w, d);
+  }
+};
+
 // Scalar epilogue for edge tiles computed into a dense MR x NR buffer.
 inline void update_c_scalar(const float* t, int tld, float* C, int64_t ldc, int mr, int nr, float alpha,
                             float beta, const float* bias) {

@@ -9,18 +9,9 @@
 
 namespace {
 
-struct KGeneric {
+struct KGeneric : GenericPacking {
   static constexpr int MR = 6;
   static constexpr int NR = 8;
-
-  template <int W>
-  static void pack_copy_panels(const float* s, int64_t ld, int64_t kc, int64_t cols, float* d) {
-    generic_pack_copy_panels<W>(s, ld, kc, cols, d);
-  }
-  template <int W>
-  static void pack_trans(const float* s, int64_t ld, int64_t kc, int w, float* d) {
-    generic_pack_trans<W>(s, ld, kc, w, d);
-  }
 
   static void kernel(int64_t kc, const float* __restrict A, const float* __restrict B, float* C, int64_t ldc,
                      float alpha, float beta, const float* bias, int mr, int nr, RowPrefetch /*pf*/) {

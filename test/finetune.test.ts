@@ -97,6 +97,29 @@ test('parity: paper kappa-1 and sealed LoRA+AdamW equal local LoRA+AdamW for 50 
   }
 });
 
+test('parity: a mean-pooled classifier trains the same through the split (LoRA: paper and sealed; full SGD: sealed vs folded local)', async () => {
+  const dir = tmp();
+  try {
+    const base = perturbed('gpt2-micro', 6);
+    const data = dataset('cls', 48, 64, 12, 7);
+    const cfg = (mode: 'local' | 'paper' | 'sealed', method: 'lora' | 'full') => cfgFor({ mode, method, task: 'cls', steps: 15, ...(method === 'full' ? { enclaveOptimizer: 'sgd' as const, lr: 0.05 } : { lr: 1e-2 }) });
+    const local = await train(base, { mode: 'local', method: 'lora', task: 'cls', pooling: 'mean' }, cfg('local', 'lora'), data, path.join(dir, 'l'));
+    const last = await train(base, { mode: 'local', method: 'lora', task: 'cls' }, cfg('local', 'lora'), data, path.join(dir, 'last'));
+    assert.notEqual(local.summary.losses[0], last.summary.losses[0], 'the pooling changes the model');
+    assert.equal(local.sess.model.pooling, 'mean');
+    for (const mode of ['paper', 'sealed'] as const) {
+      const split = await train(base, { mode, method: 'lora', task: 'cls', pooling: 'mean' }, cfg(mode, 'lora'), data, path.join(dir, mode));
+      assertLossesClose(split.summary.losses, local.summary.losses, 1e-4, `${mode} mean-pooled LoRA`);
+    }
+    const folded = await train(base, { mode: 'local', method: 'full', task: 'cls', pooling: 'mean', foldedBaseline: true }, cfg('local', 'full'), data, path.join(dir, 'f'));
+    const sealed = await train(base, { mode: 'sealed', method: 'full', task: 'cls', pooling: 'mean' }, cfg('sealed', 'full'), data, path.join(dir, 'sf'));
+    assertLossesClose(sealed.summary.losses, folded.summary.losses, 1e-4, 'sealed mean-pooled full SGD');
+    assert.equal(mergedPlainModel(sealed.sess).cls?.pooling, 'mean', 'the merged model keeps the pooling');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('parity: full fine-tuning with SGD - paper kappa 1 equals local, sealed equals the local layer-norm-folded model', async () => {
   const dir = tmp();
   try {

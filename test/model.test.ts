@@ -95,6 +95,36 @@ test('whole-model gradient spot checks against finite differences (LM and classi
   assertGradClose(gc, ic, numericGrad(fc, model.cls!.weight, ic, 1e-2), 5e-2, 'classifier weight gradient');
 });
 
+test('mean-pooled classification: every gradient against finite differences, and padding is ignored', () => {
+  const model = GPT2.random(micro, 17, 3);
+  const B = 2, T = 6;
+  const toks = randomTokens(B * T, micro.vocab_size, 18);
+  for (let i = 0; i < toks.length; i++) if (toks[i] === 0) toks[i] = 1;
+  toks.fill(0, 4, 6); // row 0: 4 tokens, then padding
+  const labels = new Int32Array([1, 2]);
+  model.padTokenId = 0;
+  model.cls!.pooling = 'mean';
+  model.ensureGrads();
+  model.zeroGrad();
+  model.forwardCls(toks, B, T, labels);
+  model.backward();
+  const g = Float32Array.from(model.grads!);
+  const gc = Float32Array.from(model.clsGrad!);
+  const rng = new Rng(19);
+  const idx = Array.from({ length: 24 }, () => rng.int(model.layout.total));
+  const f = () => model.forwardCls(toks, B, T, labels).loss!;
+  assertGradClose(g, idx, numericGrad(f, model.params, idx, 1e-2), 5e-2, 'mean-pooled transformer gradient');
+  const ic = [0, 5, 17, 33, 47];
+  assertGradClose(gc, ic, numericGrad(f, model.cls!.weight, ic, 1e-2), 5e-2, 'mean-pooled classifier gradient');
+  // padding does not count: row 0 equals itself without its padding
+  const alone = model.forwardCls(toks.slice(0, 4), 1, 4).logits.slice();
+  const both = model.forwardCls(toks, B, T).logits;
+  assert.ok(relErr(both.subarray(0, 3), alone) < 1e-5, 'row 0 pooled over its 4 tokens only');
+  model.cls!.pooling = 'last';
+  const last = model.forwardCls(toks, B, T).logits;
+  assert.ok(relErr(last.subarray(0, 3), alone) > 1e-3, 'last and mean pooling differ');
+});
+
 test('gradients accumulate across backward calls', () => {
   const model = GPT2.random(micro, 2);
   const tokens = randomTokens(8, micro.vocab_size, 1);

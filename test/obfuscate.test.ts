@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync, readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { GPT2 } from '../src/model/gpt2.js';
 import { getPreset } from '../src/model/config.js';
-import { loadCheckpoint } from '../src/model/checkpoint.js';
+import { loadCheckpoint, saveCheckpoint } from '../src/model/checkpoint.js';
 import { generate } from '../src/model/generate.js';
 import { Rng, KeyedRng } from '../src/tensor/rng.js';
 import { matmul, transpose, inverseResidual, conditionNumber, inverseLU, haarOrthogonal, identity, type Mat64 } from '../src/linalg/mat64.js';
@@ -188,6 +188,28 @@ test('classification head and generation through the split match the plain model
     const want = generate(model, prompt, { maxNewTokens: 12 });
     const got = await inProcessSplit(r).enclave.generate(prompt, { maxNewTokens: 12 });
     assert.deepEqual(got, want, `${mode}: greedy generation with the enclave's KV cache`);
+  }
+  // a mean-pooled head: the enclave bundle on disk and a saved checkpoint keep the pooling
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-pool-'));
+  try {
+    const wm = { ...w, cls: { ...w.cls!, pooling: 'mean' as const } };
+    const meanPlain = Float32Array.from(new GPT2(wm).forwardCls(tokens, 3, 10).logits);
+    assert.ok(maxAbsDiff(meanPlain, plain) > 1e-3, 'mean and last pooling differ');
+    const r = obfuscateWeights(wm, { mode: 'sealed', seed: 11 });
+    writeObfuscation(path.join(dir, 'b'), r);
+    const enc = loadEnclaveBundle(path.join(dir, 'b', 'enclave'));
+    assert.equal(enc.cls?.pooling, 'mean');
+    const split = await new Enclave(enc, new InProcessLink(new Accelerator(r.accelerator))).forwardCls(tokens, 3, 10);
+    assert.ok(maxAbsDiff(split, meanPlain) < 1e-4, 'mean-pooled classification through the split');
+    saveCheckpoint(path.join(dir, 'ckpt'), wm);
+    const back = loadCheckpoint(path.join(dir, 'ckpt'));
+    assert.equal(back.cls?.pooling, 'mean');
+    assert.ok(maxAbsDiff(new GPT2(back).forwardCls(tokens, 3, 10).logits, meanPlain) < 1e-6);
+    const cfgFile = path.join(dir, 'ckpt', 'config.json');
+    writeFileSync(cfgFile, readFileSync(cfgFile, 'utf8').replace('"obfuscatune_pooling": "mean"', '"obfuscatune_pooling": "max"'));
+    assert.throws(() => loadCheckpoint(path.join(dir, 'ckpt')), /obfuscatune_pooling="max" is not one of last, mean/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 });
 

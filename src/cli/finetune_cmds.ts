@@ -61,6 +61,7 @@ export function addFinetuneCommands(program: Command): void {
     .option('--alpha <a>', 'LoRA alpha', parseFloatArg('--alpha'), DEFAULT_LORA.alpha)
     .option('--dropout <p>', 'LoRA dropout', parseFloatArg('--dropout'), 0)
     .option('--targets <list>', 'LoRA targets: q,k,v,proj,fc,mlp-proj (or qkv, mlp)', 'q,v')
+    .addOption(new Option('--pooling <how>', 'classification: pool the last token (as HF GPT2ForSequenceClassification) or the mean of the tokens (a fresh head only)').choices(['last', 'mean']).default('last'))
     .option('--seed <n>', 'seed (data order, initialisation, dropout)', parseIntArg('--seed'), 1)
     .option('--mask-seed <n>', 'derive the masks from a seed (reproducible, NOT secret)', parseIntArg('--mask-seed'))
     .option('--eval-every <n>', 'evaluate every n steps (0 = only at the end)', parseIntArg('--eval-every'), 0)
@@ -98,7 +99,7 @@ export function addFinetuneCommands(program: Command): void {
       const lora = method === 'lora' ? validateLora({ rank: o.rank, alpha: o.alpha, dropout: o.dropout, targets: parseLoraTargets(o.targets) }) : undefined;
       const padId = tok.eotId;
       const sessOpts: SessionOptions = {
-        mode, method, task, kappa: spec, twoSided: o.twoSided, lora, numLabels: task === 'cls' ? labels.length : undefined, labels,
+        mode, method, task, kappa: spec, twoSided: o.twoSided, lora, numLabels: task === 'cls' ? labels.length : undefined, labels, pooling: o.pooling,
         padTokenId: padId, seed: o.seed, maskSeed: o.maskSeed ?? o.seed, acceleratorStateDir: path.join(runDir, 'accelerator-state'), serialize: o.serialize,
       };
       const session = buildSession(base, sessOpts);

@@ -146,12 +146,13 @@ export function addPartyCommands(program: Command): void {
     .option('--max-len <n>', 'max tokens per example', parseIntArg('--max-len'), 128)
     .option('--lr <x>', 'learning rate', parseFloatArg('--lr'), 1e-3)
     .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
+    .addOption(new Option('--pooling <how>', 'classification: last token or mean of the tokens (a fresh head only)').choices(['last', 'mean']))
     .option('--checkpoint-every <n>', 'checkpoint interval', parseIntArg('--checkpoint-every'), 50))
     .action(async (o) => {
       const c = await connect(o, ownerKey(o));
       await c.command('start_finetune', { spec: {
         task: o.task, method: o.method, steps: o.steps, batch: o.batch, max_len: o.maxLen, lr: o.lr, warmup: Math.min(10, o.steps), clip: 1, seed: 1,
-        eval_every: 0, checkpoint_every: o.checkpointEvery, enclave_optimizer: 'adamw', momentum: 0.9, lora: { rank: o.rank, alpha: 2 * o.rank, dropout: 0, targets: 'q,v' },
+        eval_every: 0, checkpoint_every: o.checkpointEvery, enclave_optimizer: 'adamw', momentum: 0.9, lora: { rank: o.rank, alpha: 2 * o.rank, dropout: 0, targets: 'q,v' }, pooling: o.pooling,
       } });
       const s = await waitForJob(c, (st) => {
         const j = st.job as { step: number; steps: number; loss: number | null } | null;

@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import { validateConfig, type GPT2Config } from './config.js';
 import { ParamLayout, hfTensorList, type ParamKind } from './params.js';
 import type { ClassifierHead, GPT2Weights } from './weights.js';
+import { POOLINGS, type Pooling } from './kernels.js';
 import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from './safetensors.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 
@@ -146,6 +147,9 @@ export function hfConfigJson(w: GPT2Weights, extra?: Record<string, unknown>, dt
     arch['num_labels'] = n;
     arch['id2label'] = Object.fromEntries(names.map((s, i) => [String(i), s]));
     arch['label2id'] = Object.fromEntries(names.map((s, i) => [s, i]));
+    // HF's GPT2ForSequenceClassification pools the last token and ignores this key; a
+    // mean-pooled head is recorded so that this project loads it back as it was trained
+    if (w.cls.pooling && w.cls.pooling !== 'last') arch['obfuscatune_pooling'] = w.cls.pooling;
   }
   if (w.padTokenId !== undefined) arch['pad_token_id'] = w.padTokenId;
   const out: Record<string, unknown> = {};
@@ -405,6 +409,11 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
         );
       }
       cls.labels = entries.map((e) => e[1]);
+    }
+    const pooling = raw['obfuscatune_pooling'];
+    if (pooling !== undefined && pooling !== null) {
+      if (!POOLINGS.includes(pooling as Pooling)) throw new Error(`${cfgFile}: obfuscatune_pooling=${JSON.stringify(pooling)} is not one of ${POOLINGS.join(', ')}`);
+      cls.pooling = pooling as Pooling;
     }
     w.cls = cls;
   }

@@ -15,6 +15,8 @@ import { sharedFloat32 } from '../tensor/shared.js';
 import {
   encoderForward, encoderBackward, layernormForward, layernormBackward,
   attentionForward, attentionBackward, crossEntropyForward, crossEntropyBackward,
+  poolForward,
+  poolBackward,
 } from './kernels.js';
 import { geluForwardPar as geluForward, geluBackwardPar as geluBackward, crossEntropyForwardPar } from '../train/parallel.js';
 
@@ -131,8 +133,8 @@ interface ForwardState {
   /** LM: targets [B,T]; cls: labels [B] */
   targets: Int32Array | null;
   count: number;
-  /** cls: index t of the pooled (last non-pad) token of each row */
-  pooled?: Int32Array;
+  /** cls: each row's length (one past its last non-pad token), for the pooling backward */
+  lens?: Int32Array;
   clsLogits?: Float32Array; // [B, numLabels] (probabilities after the loss)
 }
 
@@ -272,9 +274,10 @@ export class GPT2 {
   }
 
   /**
-   * Classification forward: pools the final-layer-norm state of each row's last token that
-   * is not `padId` and applies the classifier. Returns logits [B, numLabels] and, with labels,
-   * the mean cross-entropy (probabilities then replace the logits).
+   * Classification forward: pools the final-layer-norm states of each row (its last token
+   * that is not `padId`, or the mean up to it: the head's `pooling`) and applies the
+   * classifier. Returns logits [B, numLabels] and, with labels, the mean cross-entropy
+   * (probabilities then replace the logits).
    */
   forwardCls(tokens: Int32Array, B: number, T: number, labels: Int32Array | null = null, padId = this.padTokenId ?? -1): { logits: Float32Array; loss: number | null } {
     const head = this.cls;
@@ -288,14 +291,8 @@ export class GPT2 {
     const a = this.trunk(tokens, B, T);
     const C = this.config.n_embd;
     const K = head.numLabels;
-    const pooled = new Int32Array(B);
     const hidden = new Float32Array(B * C);
-    for (let b = 0; b < B; b++) {
-      let idx = 0;
-      for (let t = 0; t < T; t++) if (tokens[b * T + t] !== padId) idx = t;
-      pooled[b] = idx;
-      hidden.set(a.lnf.subarray((b * T + idx) * C, (b * T + idx + 1) * C), b * C);
-    }
+    const lens = poolForward(hidden, a.lnf, tokens, B, T, C, padId, head.pooling ?? 'last');
     const logits = new Float32Array(B * K);
     sgemm(false, true, B, K, C, 1, hidden, C, head.weight, C, 0, logits, K);
     let loss: number | null = null;
@@ -306,7 +303,7 @@ export class GPT2 {
       loss = r.loss;
       count = r.count;
     }
-    this.last = { head: 'cls', B, T, tokens, targets: labels, count, pooled, clsLogits: logits };
+    this.last = { head: 'cls', B, T, tokens, targets: labels, count, lens, clsLogits: logits };
     this.clsHidden = hidden;
     return { logits, loss };
   }
@@ -344,7 +341,7 @@ export class GPT2 {
       sgemm(false, false, B, C, K, 1, probs, K, head.weight, C, 0, dhidden, C);
       sgemm(true, false, K, C, B, 1, probs, K, this.clsHidden!, C, 1, this.clsGrad!, C);
       dlnf.fill(0);
-      for (let b = 0; b < B; b++) dlnf.set(dhidden.subarray(b * C, (b + 1) * C), (b * T + st.pooled![b]) * C);
+      poolBackward(dlnf, dhidden, st.lens!, B, T, C, head.pooling ?? 'last');
     }
     const dres = s.dresidual;
     dres.fill(0);

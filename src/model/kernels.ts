@@ -199,6 +199,53 @@ export function attentionBackward(dqkv: Float32Array, datt: Float32Array, dout: 
 }
 
 // ---------------------------------------------------------------------------------------
+// classification pooling: out[B,C] <- h[B,T,C]. Row b's length n_b is one past its last
+// token that is not padId (right padding). 'last' takes h[b, n_b-1]; 'mean' averages
+// h[b, 0..n_b-1]. Returns n_b per row (the backward pass needs it).
+export type Pooling = 'last' | 'mean';
+export const POOLINGS: readonly Pooling[] = ['last', 'mean'];
+
+export function poolForward(out: Float32Array, h: Float32Array, tokens: Int32Array, B: number, T: number, C: number, padId: number, pooling: Pooling): Int32Array {
+  const lens = new Int32Array(B);
+  out.fill(0, 0, B * C);
+  for (let b = 0; b < B; b++) {
+    let n = 1;
+    for (let t = 0; t < T; t++) if (tokens[b * T + t] !== padId) n = t + 1;
+    lens[b] = n;
+    const o = b * C;
+    if (pooling === 'last') {
+      out.set(h.subarray((b * T + n - 1) * C, (b * T + n) * C), o);
+    } else {
+      for (let t = 0; t < n; t++) {
+        const r = (b * T + t) * C;
+        for (let i = 0; i < C; i++) out[o + i] += h[r + i];
+      }
+      const s = 1 / n;
+      for (let i = 0; i < C; i++) out[o + i] *= s;
+    }
+  }
+  return lens;
+}
+
+// dh[B,T,C] += d(pooled)[B,C] spread back over the pooled positions
+export function poolBackward(dh: Float32Array, dout: Float32Array, lens: Int32Array, B: number, T: number, C: number, pooling: Pooling): void {
+  for (let b = 0; b < B; b++) {
+    const n = lens[b];
+    const o = b * C;
+    if (pooling === 'last') {
+      const r = (b * T + n - 1) * C;
+      for (let i = 0; i < C; i++) dh[r + i] += dout[o + i];
+    } else {
+      const s = 1 / n;
+      for (let t = 0; t < n; t++) {
+        const r = (b * T + t) * C;
+        for (let i = 0; i < C; i++) dh[r + i] += dout[o + i] * s;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // softmax + cross-entropy, fused: logits[N,V] are replaced by probabilities in place;
 // returns mean loss over rows whose target >= 0 (target -1 = ignored) and the count.
 // losses[N] receives each row's loss (0 for ignored rows).

@@ -16,6 +16,7 @@ import type { EnclaveBundle } from '../split/enclave.js';
 import { requiredEnclaveTensors } from '../split/enclave.js';
 import type { Mode, ObfuscationParams } from './masks.js';
 import { parseMaskSpec } from '../linalg/masks.js';
+import { POOLINGS, type Pooling } from '../model/kernels.js';
 
 export const ACC_FORMAT = 'obfuscatune-accelerator/1';
 export const ENC_FORMAT = 'obfuscatune-enclave/1';
@@ -128,7 +129,7 @@ export interface EnclaveManifest {
   two_sided: boolean;
   config: GPT2Config;
   accelerator_manifest_sha256: string;
-  cls: { num_labels: number; labels?: string[] } | null;
+  cls: { num_labels: number; labels?: string[]; pooling?: Pooling } | null;
   pad_token_id: number | null;
   tensors: { file: string; sha256: string };
 }
@@ -141,11 +142,17 @@ export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
   const manifest: EnclaveManifest = {
     format: ENC_FORMAT, mode: b.mode, spec: b.spec, two_sided: b.twoSided, config: b.config,
     accelerator_manifest_sha256: b.acceleratorManifestSha256,
-    cls: b.cls ? { num_labels: b.cls.numLabels, labels: b.cls.labels } : null,
+    cls: b.cls ? { num_labels: b.cls.numLabels, labels: b.cls.labels, pooling: b.cls.pooling ?? 'last' } : null,
     pad_token_id: b.padTokenId ?? null,
     tensors: { file: 'tensors.safetensors', sha256: sha256(readFileSync(tfile)) },
   };
   writeJson(path.join(dir, 'manifest.json'), manifest);
+}
+
+function bundlePooling(p: unknown, file: string): Pooling {
+  if (p === undefined || p === null) return 'last';
+  if (!POOLINGS.includes(p as Pooling)) throw new Error(`enclave bundle: ${file} has cls.pooling ${JSON.stringify(p)}, expected one of ${POOLINGS.join(', ')}`);
+  return p as Pooling;
 }
 
 export function loadEnclaveBundle(dir: string): EnclaveBundle {
@@ -164,7 +171,7 @@ export function loadEnclaveBundle(dir: string): EnclaveBundle {
   const b: EnclaveBundle = {
     mode: m.mode, config, tensors, spec: m.spec, twoSided: m.two_sided,
     acceleratorManifestSha256: m.accelerator_manifest_sha256,
-    cls: m.cls ? { numLabels: m.cls.num_labels, labels: m.cls.labels } : undefined,
+    cls: m.cls ? { numLabels: m.cls.num_labels, labels: m.cls.labels, pooling: bundlePooling(m.cls.pooling, mfile) } : undefined,
     padTokenId: m.pad_token_id ?? undefined,
   };
   requiredEnclaveTensors(b); // shapes are checked by the Enclave constructor

@@ -67,7 +67,7 @@ export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): Obfuscati
     enclave: {
       mode: params.mode, config: w.config, tensors: enclave, spec: maskSpecLabel(params.spec), twoSided: params.twoSided,
       acceleratorManifestSha256: '',
-      cls: w.cls ? { numLabels: w.cls.numLabels, labels: w.cls.labels } : undefined,
+      cls: w.cls ? { numLabels: w.cls.numLabels, labels: w.cls.labels, pooling: w.cls.pooling } : undefined,
       padTokenId: w.padTokenId,
     },
   };

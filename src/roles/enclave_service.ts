@@ -29,6 +29,7 @@ import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
 import { validateLora, parseLoraTargets } from '../train/lora.js';
 import { freshClassifier } from '../train/session.js';
+import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { writeSafetensors } from '../model/safetensors.js';
 import {
   ENCLAVE_SERVICE, COMMAND_AAD, chunkAad, replyAad, enclaveServerOptions, packFiles, unpackFiles,
@@ -63,6 +64,8 @@ export interface JobSpec {
   momentum: number;
   /** AdamW epsilon (default 1e-8) */
   adam_eps?: number;
+  /** classification: pooling of a fresh head (a head in the bundle keeps its own; default last) */
+  pooling?: Pooling;
   lora?: { rank: number; alpha: number; dropout: number; targets: string };
 }
 
@@ -251,6 +254,8 @@ export class EnclaveService {
         if (this.job?.state === 'running') throw new Error('a job is already running');
         const spec = cmd.spec as JobSpec;
         if (spec.adam_eps !== undefined && !(typeof spec.adam_eps === 'number' && spec.adam_eps > 0 && spec.adam_eps < 1)) throw new Error(`adam_eps must be a number in (0, 1), got ${JSON.stringify(spec.adam_eps)}`);
+        if (spec.pooling !== undefined && !POOLINGS.includes(spec.pooling)) throw new Error(`pooling must be one of ${POOLINGS.join(', ')}, got ${JSON.stringify(spec.pooling)}`);
+        if (spec.pooling !== undefined && this.bundle.cls && (this.bundle.cls.pooling ?? 'last') !== spec.pooling) throw new Error(`pooling ${spec.pooling} asked for, but the model's classifier pools ${this.bundle.cls.pooling ?? 'last'}`);
         this.job = { spec, state: 'running', step: 0, loss: null, eval: null, error: null, summary: null, labels: [], recoveries: 0, losses: [] };
         rmSync(path.join(this.privateDir, 'run'), { recursive: true, force: true });
         for (const f of readdirSync(path.join(this.o.stateDir, 'checkpoints'))) rmSync(path.join(this.o.stateDir, 'checkpoints', f), { force: true });
@@ -271,7 +276,7 @@ export class EnclaveService {
         writeSafetensors(file, t, { mode: m.mode, method: m.method, task: m.task, ...(m.adapters ? { rank: String(m.adapters.config.rank), alpha: String(m.adapters.config.alpha), targets: m.adapters.config.targets.join(',') } : {}) });
         const data = readFileSync(file).toString('base64');
         rmSync(file, { force: true });
-        return { update: data, method: m.method, mode: m.mode, task: m.task, labels: this.job.labels, summary: this.job.summary };
+        return { update: data, method: m.method, mode: m.mode, task: m.task, labels: this.job.labels, pooling: m.task === 'cls' ? m.pooling : undefined, summary: this.job.summary };
       }
     }
     throw new Error(`unknown command "${op}"`);
@@ -318,6 +323,7 @@ export class EnclaveService {
     return new SplitModel({
       mode: b.mode, method: spec.method, task: spec.task, config: b.config, tensors: b.tensors, link: this.link, twoSided: b.twoSided,
       lora, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
+      pooling: b.cls?.pooling ?? spec.pooling,
       classifierInit: spec.task === 'cls' ? freshClassifier(labels.length, b.config.n_embd, spec.seed) : undefined,
     });
   }

@@ -5,6 +5,7 @@
  * with its secret mask key. The data owner encrypts each record to the enclave, starts the
  * job, reads metrics and runs inference. Both verify the enclave's attestation first.
  */
+import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
@@ -143,7 +144,7 @@ export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string): 
  * model with the secret key. `bundles` holds accelerator/, enclave/ and provider/.
  */
 export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: GPT2Weights, bundles: string, scratch: string): Promise<{ merged: GPT2Weights; update: Record<string, unknown> }> {
-  const up = await c.command<{ update: string; method: string; mode: string; task: string; labels: string[]; summary: unknown }>('fetch_update');
+  const up = await c.command<{ update: string; method: string; mode: string; task: string; labels: string[]; pooling?: Pooling; summary: unknown }>('fetch_update');
   mkdirSync(scratch, { recursive: true });
   const file = path.join(scratch, 'update.safetensors');
   writeFileSync(file, Buffer.from(up.update, 'base64'));
@@ -154,7 +155,8 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   let w = base;
   if (up.task === 'cls' && enc.tensors.has('score')) {
     const K = up.labels.length;
-    w = { ...base, cls: { numLabels: K, weight: new Float32Array(K * base.config.n_embd), labels: up.labels } };
+    if (up.pooling !== undefined && !POOLINGS.includes(up.pooling)) throw new Error(`the enclave's update has an unknown pooling ${JSON.stringify(up.pooling)}`);
+    w = { ...base, cls: { numLabels: K, weight: new Float32Array(K * base.config.n_embd), labels: up.labels, pooling: up.pooling ?? 'last' } };
   }
   let acc: AcceleratorWeights;
   if (up.method === 'full') {
@@ -175,7 +177,7 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
     merged = deobfuscate(w, acc, enc.tensors, masks);
   }
   rmSync(file, { force: true });
-  return { merged, update: { method: up.method, mode: up.mode, task: up.task, labels: up.labels, summary: up.summary } };
+  return { merged, update: { method: up.method, mode: up.mode, task: up.task, labels: up.labels, pooling: up.pooling, summary: up.summary } };
 }
 
 // ------------------------------------------------------------------ data owner

@@ -12,7 +12,7 @@
  */
 import type { GPT2Config } from '../model/config.js';
 import {
-  encoderForward, layernormForward, geluForward, attentionForward, maskedNormForward,
+  encoderForward, layernormForward, geluForward, attentionForward, maskedNormForward, poolForward, type Pooling,
 } from '../model/kernels.js';
 import { cachedAttention } from '../model/generate.js';
 import { sampleToken, type SampleOptions } from '../model/generate.js';
@@ -34,7 +34,7 @@ export interface EnclaveBundle {
   twoSided: boolean;
   /** SHA-256 of the accelerator manifest this enclave bundle was made with */
   acceleratorManifestSha256: string;
-  cls?: { numLabels: number; labels?: string[] };
+  cls?: { numLabels: number; labels?: string[]; pooling?: Pooling };
   padTokenId?: number;
 }
 
@@ -183,18 +183,14 @@ export class Enclave {
     return logits;
   }
 
-  /** Classification logits [B, numLabels] (last non-pad token of each row). */
+  /** Classification logits [B, numLabels] (each row pooled as the head says: last non-pad token or mean). */
   async forwardCls(tokens: Int32Array, B: number, T: number, padId = this.bundle.padTokenId ?? -1): Promise<Float32Array> {
     const cls = this.bundle.cls;
     if (!cls) throw new Error('this enclave bundle has no classification head');
     const d = this.config.n_embd;
     const hf = this.finalNorm(await this.trunk(tokens, B, T), B * T);
     const pooled = new Float32Array(B * d);
-    for (let b = 0; b < B; b++) {
-      let idx = 0;
-      for (let t = 0; t < T; t++) if (tokens[b * T + t] !== padId) idx = t;
-      pooled.set(hf.subarray((b * T + idx) * d, (b * T + idx + 1) * d), b * d);
-    }
+    poolForward(pooled, hf, tokens, B, T, d, padId, cls.pooling ?? 'last');
     const logits = new Float32Array(B * cls.numLabels);
     sgemm(false, true, B, cls.numLabels, d, 1, pooled, d, this.get('score'), d, 0, logits, cls.numLabels);
     return logits;

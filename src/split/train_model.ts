@@ -13,6 +13,7 @@ import type { GPT2Weights } from '../model/weights.js';
 import {
   encoderForward, encoderBackward, layernormForward, layernormBackward, geluForward, geluBackward,
   attentionForward, attentionBackward, crossEntropyForward, crossEntropyBackward, maskedNormForward, maskedNormBackward,
+  poolForward, poolBackward, type Pooling,
 } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
 import type { RandomSource } from '../tensor/rng.js';
@@ -38,6 +39,8 @@ export interface SplitModelOptions {
   lora?: LoraConfig;
   /** classification: number of labels (a head is created if the bundle has none) */
   numLabels?: number;
+  /** classification: how each row's final states are pooled (default: last non-pad token) */
+  pooling?: Pooling;
   padTokenId?: number;
   /** full method, local/paper: keep the layer norms frozen (the equivalent of sealed mode) */
   freezeNorms?: boolean;
@@ -113,7 +116,7 @@ interface StepState {
   B: number; T: number; tokens: Int32Array; targets: Int32Array; count: number;
   layers: LayerStore[];
   hL: Float32Array; xf: Float32Array; meanf: Float32Array; rstdf: Float32Array; hf: Float32Array;
-  probs: Float32Array; pooled?: Int32Array; pooledH?: Float32Array;
+  probs: Float32Array; lens?: Int32Array; pooledH?: Float32Array;
 }
 
 export interface ForwardResult {
@@ -149,6 +152,7 @@ export class SplitModel {
   readonly grads: Float32Array;
   private gradViews = new Map<string, Float32Array>();
   readonly numLabels: number;
+  readonly pooling: Pooling;
   private padId: number;
   private rng: RandomSource;
   private state: StepState | null = null;
@@ -165,6 +169,7 @@ export class SplitModel {
     this.rng = o.rng;
     this.twoSided = o.twoSided ?? false;
     this.padId = o.padTokenId ?? -1;
+    this.pooling = o.pooling ?? 'last';
     this.t = new Map(o.tensors);
     const { n_layer: L, n_embd: d } = o.config;
     if (o.task === 'cls') {
@@ -453,7 +458,7 @@ export class SplitModel {
     }
     let result: ForwardResult;
     let probs: Float32Array;
-    let pooled: Int32Array | undefined;
+    let lens: Int32Array | undefined;
     let pooledH: Float32Array | undefined;
     if (this.task === 'lm') {
       if (targets.length !== n) throw new Error(`targets has ${targets.length} entries, expected ${n}`);
@@ -465,14 +470,8 @@ export class SplitModel {
       const K = this.numLabels;
       if (targets.length !== B) throw new Error(`labels has ${targets.length} entries, expected ${B}`);
       for (let b = 0; b < B; b++) if (targets[b] < 0 || targets[b] >= K) throw new Error(`label ${targets[b]} of example ${b} is outside [0, ${K})`);
-      pooled = new Int32Array(B);
       pooledH = new Float32Array(B * d);
-      for (let b = 0; b < B; b++) {
-        let idx = 0;
-        for (let t = 0; t < T; t++) if (tokens[b * T + t] !== this.padId) idx = t;
-        pooled[b] = idx;
-        pooledH.set(hf.subarray((b * T + idx) * d, (b * T + idx + 1) * d), b * d);
-      }
+      lens = poolForward(pooledH, hf, tokens, B, T, d, this.padId, this.pooling);
       if (this.mode === 'sealed') pooledH = this.rotate(pooledH, B, false); // the classifier is plain
       probs = new Float32Array(B * K);
       sgemm(false, true, B, K, d, 1, pooledH, d, this.tensor('score'), d, 0, probs, K);
@@ -488,7 +487,7 @@ export class SplitModel {
       result = { loss: r.loss, count: r.count, correct, predictions };
     }
     if (!train) result.probs = probs;
-    this.state = train ? { B, T, tokens, targets, count: result.count, layers, hL: Float32Array.from(h), xf, meanf, rstdf, hf, probs, pooled, pooledH } : null;
+    this.state = train ? { B, T, tokens, targets, count: result.count, layers, hL: Float32Array.from(h), xf, meanf, rstdf, hf, probs, lens, pooledH } : null;
     return result;
   }
 
@@ -553,7 +552,7 @@ export class SplitModel {
       sgemm(false, false, B, d, K, 1, st.probs, K, this.tensor('score'), d, 0, dpooled, d);
       sgemm(true, false, K, d, B, 1, st.probs, K, st.pooledH!, d, 1, this.grad('score')!, d);
       const dp = this.mode === 'sealed' ? this.rotate(dpooled, B, true) : dpooled;
-      for (let b = 0; b < B; b++) dhf.set(dp.subarray(b * d, (b + 1) * d), (b * T + st.pooled![b]) * d);
+      poolBackward(dhf, dp, st.lens!, B, T, d, this.pooling);
     }
     const dh = new Float32Array(n * d);
     if (this.mode === 'sealed') {

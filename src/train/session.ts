@@ -19,6 +19,7 @@ import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type TrainMod
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
 import { LoraAdapters, type LoraConfig, type LoraTarget } from './lora.js';
 import type { Task } from '../data/jsonl.js';
+import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
 
 export interface SessionOptions {
@@ -31,6 +32,8 @@ export interface SessionOptions {
   lora?: LoraConfig;
   numLabels?: number;
   labels?: string[];
+  /** classification: pooling of a fresh head (a head already in the model keeps its own) */
+  pooling?: Pooling;
   padTokenId: number;
   seed: number;
   /** mask key seed (reproducible masks); default: a fresh secret key */
@@ -81,7 +84,7 @@ export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
   if (o.task === 'cls' && o.numLabels && (!w.cls || w.cls.numLabels !== o.numLabels)) {
     // a fresh classification head, created before obfuscation so every mode starts from the same one
     const weight = freshClassifier(o.numLabels, w.config.n_embd, o.seed);
-    w = { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels } };
+    w = { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels, pooling: o.pooling ?? 'last' } };
   }
   if (o.foldedBaseline) w = foldLayerNorms(w);
   let acc: AcceleratorWeights;
@@ -103,7 +106,7 @@ export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
   }
   const model = new SplitModel({
     mode: o.mode, method: o.method, task: o.task, config: w.config, tensors, link, twoSided: o.twoSided,
-    lora: o.lora, numLabels: o.numLabels, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
+    lora: o.lora, numLabels: o.numLabels, pooling: w.cls?.pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
   });
   return { model, rng, link, accelerator, obfuscation: obf, base: w, modelId: modelFingerprint(w0) };
 }

@@ -37,9 +37,17 @@ export class AcceleratorHost {
     if (existsSync(path.join(dir, 'manifest.json'))) this.load(dir);
   }
 
+  private outAlloc: ((n: number) => Float32Array) | null = null;
+
   load(dir: string): void {
     this.loaded = loadAcceleratorBundle(dir);
     this.acc = new Accelerator(this.loaded.weights, { stateDir: path.join(this.o.stateDir, 'checkpoints'), evil: this.o.evil });
+    this.acc.useOutputAllocator(this.outAlloc);
+  }
+
+  useOutputAllocator(alloc: ((n: number) => Float32Array) | null): void {
+    this.outAlloc = alloc;
+    this.acc?.useOutputAllocator(alloc);
   }
 
   handle(req: AcceleratorRequest): AcceleratorReply {

@@ -19,13 +19,15 @@ import {
   widenSessionWindows,
   type KeepaliveOptions,
 } from './grpc.js';
-import { ChannelRefusal, startChannelServer } from './tensor_channel.js';
+import { BufferPool, ChannelRefusal, startChannelServer } from './tensor_channel.js';
 
 /** Anything that answers requests: an `Accelerator`, or a test double (may be async). */
 export interface RequestHandler {
   handle(req: AcceleratorRequest): AcceleratorReply | Promise<AcceleratorReply>;
   /** extra fields of the Health answer (e.g. which bundle is loaded) */
   info?(): Record<string, unknown>;
+  /** lets the server lend reply buffers (it takes them back once each reply is sent) */
+  useOutputAllocator?(alloc: ((n: number) => Float32Array) | null): void;
 }
 
 export interface AcceleratorServerOptions {
@@ -88,6 +90,10 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   widenServerWindow(server);
   const log = opts.log ?? (() => {});
   let served = 0;
+  // request payloads (tensor channel) and reply tensors live in reused buffers: each goes
+  // back to the pool once its reply is on the wire
+  const pool = new BufferPool();
+  acc.useOutputAllocator?.((n) => pool.floats(n));
   let rejected = 0;
   // one request at a time, in arrival order
   let tail: Promise<void> = Promise.resolve();
@@ -148,11 +154,15 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
       rejected++;
       return fail(new ChannelRefusal(grpc.status.INVALID_ARGUMENT, 'request is not a byte frame'));
     }
-    answer(frame, () => call.cancelled).then((parts) => cb(null, Buffer.concat(parts)), fail);
+    answer(frame, () => call.cancelled).then((parts) => {
+      const whole = Buffer.concat(parts);
+      for (const p of parts) pool.release(p);
+      cb(null, whole);
+    }, fail);
   };
 
   const channel = opts.tensorChannel === false ? null : await startChannelServer({
-    host, port: opts.tensorPort ?? 0, maxBytes, log, answer: (f) => answer(f),
+    host, port: opts.tensorPort ?? 0, maxBytes, log, answer: (f) => answer(f), pool,
     refused: (m) => {
       rejected++;
       return `request ${m}`;

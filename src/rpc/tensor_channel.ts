@@ -37,12 +37,16 @@ export function frameHeader(id: number, status: number, length: number): Buffer 
   return h;
 }
 
-/** Writes a frame without copying the payload parts (header and parts as one corked write). */
-export function writeFrame(sock: net.Socket, id: number, status: number, parts: Buffer[]): void {
+/**
+ * Writes a frame without copying the payload parts (header and parts as one corked write).
+ * `flushed` runs once the socket is done with the parts (written, or failed).
+ */
+export function writeFrame(sock: net.Socket, id: number, status: number, parts: Buffer[], flushed?: () => void): void {
   const length = parts.reduce((n, p) => n + p.length, 0);
+  const chunks = [frameHeader(id, status, length), ...parts.filter((p) => p.length > 0)];
   sock.cork();
-  sock.write(frameHeader(id, status, length));
-  for (const p of parts) if (p.length) sock.write(p);
+  // a socket calls write callbacks in order: the last one means every part is done with
+  chunks.forEach((c, i) => sock.write(c, i === chunks.length - 1 && flushed ? () => flushed() : undefined));
   process.nextTick(() => sock.uncork());
 }
 
@@ -54,10 +58,20 @@ export class FramingError extends Error {
   }
 }
 
+/** Where a frame's payload is received: a fresh buffer, or one lent by a pool (released by the consumer). */
+export type PayloadAlloc = (length: number) => Buffer;
+
+/** Reads below this many payload bytes go through the staging buffer rather than straight into the payload. */
+const DIRECT_MIN = 64 << 10;
+
 /**
- * Incremental frame parser: feed it socket chunks, it calls `onFrame` for each complete frame.
- * Each payload is copied once, straight from the chunks into its own buffer (so chunks may be
- * a reused read buffer, and the payload starts 4-byte aligned for zero-copy tensor views).
+ * Incremental frame parser. Two ways to feed it:
+ * - `push(chunk)`: socket chunks (each payload is copied once out of them);
+ * - `readTarget()` / `didRead(n, buf)`, for a socket's `onread`: while a large payload is
+ *   incomplete the next read lands straight in it (no copy at all); otherwise in the
+ *   staging buffer, whose bytes are then parsed like a pushed chunk.
+ * Payloads come from `alloc` (default: a fresh buffer), 8-byte aligned, so tensors decode as
+ * zero-copy views.
  */
 export class FrameReader {
   private readonly head = Buffer.alloc(HEADER_BYTES);
@@ -68,8 +82,39 @@ export class FrameReader {
   private dead = false;
   /** payload bytes of an oversized frame still to discard */
   private skip = 0;
+  private staging: Buffer | null = null;
 
-  constructor(private readonly maxBytes: number, private readonly onFrame: (f: Frame) => void, private readonly onOversized: (e: FramingError) => void) {}
+  constructor(
+    private readonly maxBytes: number,
+    private readonly onFrame: (f: Frame) => void,
+    private readonly onOversized: (e: FramingError) => void,
+    private readonly alloc: PayloadAlloc = (n) => Buffer.allocUnsafeSlow(n),
+    private readonly stagingBytes = 4 << 20,
+  ) {}
+
+  /** The buffer the next socket read should fill. */
+  readTarget(): Buffer {
+    if (!this.dead && this.header && this.header.length - this.filled >= DIRECT_MIN) return this.payload!.subarray(this.filled);
+    return (this.staging ??= Buffer.allocUnsafeSlow(this.stagingBytes));
+  }
+
+  /** A socket read put `n` bytes at the start of `buf` (what `readTarget` returned). */
+  didRead(n: number, buf: Uint8Array): FramingError | null {
+    if (this.dead) return null;
+    if (this.payload && buf.buffer === this.payload.buffer && buf.byteOffset === this.payload.byteOffset + this.filled) {
+      this.filled += n;
+      if (this.filled === this.header!.length) this.emit();
+      return null;
+    }
+    return this.push(Buffer.from(buf.buffer, buf.byteOffset, n));
+  }
+
+  private emit(): void {
+    const f = { id: this.header!.id, status: this.header!.status, payload: this.payload! };
+    this.header = null;
+    this.payload = null;
+    this.onFrame(f);
+  }
 
   /** Returns a FramingError when the stream is unusable from here on (the caller closes it). */
   push(chunk: Buffer): FramingError | null {
@@ -101,19 +146,14 @@ export class FrameReader {
           continue;
         }
         this.header = { id, status: this.head.readUInt32LE(8), length };
-        this.payload = Buffer.allocUnsafeSlow(length);
+        this.payload = this.alloc(length);
         this.filled = 0;
       }
       const k = Math.min(this.header.length - this.filled, chunk.length - off);
       chunk.copy(this.payload!, this.filled, off, off + k);
       this.filled += k;
       off += k;
-      if (this.filled === this.header.length) {
-        const f = { id: this.header.id, status: this.header.status, payload: this.payload! };
-        this.header = null;
-        this.payload = null;
-        this.onFrame(f);
-      }
+      if (this.filled === this.header.length) this.emit();
     }
     return null;
   }
@@ -122,6 +162,90 @@ export class FrameReader {
   stop(): void {
     this.dead = true;
     this.payload = null;
+    this.staging = null;
+  }
+}
+
+/**
+ * Reusable buffers for the accelerator's side of the data plane: request payloads and reply
+ * tensors are dead once the reply is written (the accelerator copies what it keeps), so a
+ * few buffers serve every call instead of fresh ones whose pages the kernel must zero and
+ * the garbage collector must trace. Only buffers lent by `take` are taken back by `release`.
+ */
+export class BufferPool {
+  private free: ArrayBuffer[] = [];
+  // weak: a buffer whose write never completed (a dropped peer) is simply collected
+  private lent = new WeakSet<ArrayBuffer>();
+  private freeBytes = 0;
+
+  constructor(private readonly maxFreeBytes = 256 << 20) {}
+
+  /** A buffer of `length` bytes (8-byte aligned, contents undefined). */
+  take(length: number): Buffer {
+    let best = -1;
+    for (let i = 0; i < this.free.length; i++) {
+      const b = this.free[i];
+      if (b.byteLength >= length && (best < 0 || b.byteLength < this.free[best].byteLength)) best = i;
+    }
+    let ab: ArrayBuffer;
+    if (best >= 0) {
+      ab = this.free.splice(best, 1)[0];
+      this.freeBytes -= ab.byteLength;
+    } else {
+      // rounded up to a power of two so that nearby sizes share buffers
+      ab = Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(Math.max(length, 4096)))).buffer as ArrayBuffer;
+    }
+    this.lent.add(ab);
+    return Buffer.from(ab, 0, length);
+  }
+
+  /** `n` float32 values in a lent buffer. */
+  floats(n: number): Float32Array {
+    const b = this.take(4 * n);
+    return new Float32Array(b.buffer, b.byteOffset, n);
+  }
+
+  /** Gives back the buffer under a view from `take`/`floats`; any other view is ignored. */
+  release(view: ArrayBufferView): void {
+    const ab = view.buffer as ArrayBuffer;
+    if (!this.lent.delete(ab)) return;
+    if (this.freeBytes + ab.byteLength > this.maxFreeBytes) return; // let it go
+    this.free.push(ab);
+    this.freeBytes += ab.byteLength;
+  }
+}
+
+/**
+ * Reads a socket with `onread` into `reader` (no per-read allocation; large payloads land in
+ * place). Returns the socket to use: for a dialled socket, options for `net.connect`.
+ */
+export function onreadOptions(reader: () => FrameReader | null, onError: (e: FramingError) => void): net.OnReadOpts {
+  return {
+    buffer: () => reader()?.readTarget() ?? Buffer.allocUnsafe(64 << 10),
+    callback: (n: number, buf: Uint8Array) => {
+      const r = reader();
+      const err = r ? r.didRead(n, buf) : null;
+      if (err) onError(err);
+      return true;
+    },
+  };
+}
+
+/**
+ * An accepted socket re-wrapped so that it reads with `onread` as well (Node offers
+ * `onread` only when dialling). Needs the server's `pauseOnConnect` so that no byte was read
+ * by the original wrapper; falls back to that wrapper's 'data' events if the handle is not
+ * accessible.
+ */
+function adoptWithOnread(sock: net.Socket, onread: net.OnReadOpts): net.Socket | null {
+  const handle = (sock as unknown as { _handle?: unknown })._handle;
+  if (!handle) return null;
+  try {
+    const s = new net.Socket({ handle, onread } as net.SocketConstructorOpts & { handle: unknown; onread: net.OnReadOpts });
+    s.resume();
+    return s;
+  } catch {
+    return null;
   }
 }
 
@@ -135,6 +259,8 @@ export interface ChannelServerOptions {
   answer: (payload: Buffer) => Promise<Buffer[]>;
   /** counts a refusal made by the channel itself (an oversized frame); returns the message */
   refused: (message: string) => string;
+  /** request payloads are read into buffers lent by this pool; after a reply is written, its request and reply buffers go back */
+  pool?: BufferPool;
 }
 
 export interface ChannelServer {
@@ -152,31 +278,45 @@ export class ChannelRefusal extends Error {
 
 export async function startChannelServer(o: ChannelServerOptions): Promise<ChannelServer> {
   const sockets = new Set<net.Socket>();
-  const server = net.createServer((sock) => {
-    sockets.add(sock);
-    sock.setNoDelay(true);
-    const peer = `${sock.remoteAddress}:${sock.remotePort}`;
+  const server = net.createServer({ pauseOnConnect: true }, (accepted) => {
+    const peer = `${accepted.remoteAddress}:${accepted.remotePort}`;
+    const pool = o.pool ?? new BufferPool();
+    let sock: net.Socket = accepted;
     // replies leave in request order even when a refusal is immediate and an answer is queued
     let order: Promise<void> = Promise.resolve();
-    const reply = (id: number, result: Promise<Buffer[]>) => {
+    const reply = (id: number, result: Promise<Buffer[]>, request?: Buffer) => {
+      const done = (out?: Buffer[]) => {
+        if (request) pool.release(request);
+        for (const p of out ?? []) pool.release(p);
+      };
       order = order.then(() => result.then(
-        (out) => { if (!sock.destroyed) writeFrame(sock, id, 0, out); },
+        (out) => { if (!sock.destroyed) writeFrame(sock, id, 0, out, () => done(out)); else done(out); },
         (e) => {
           const code = e instanceof ChannelRefusal ? e.code : grpc.status.INTERNAL;
-          if (!sock.destroyed) writeFrame(sock, id, code, [Buffer.from((e as Error)?.message ?? String(e), 'utf8')]);
+          if (!sock.destroyed) writeFrame(sock, id, code, [Buffer.from((e as Error)?.message ?? String(e), 'utf8')], done);
+          else done();
         },
       ));
     };
-    const reader = new FrameReader(o.maxBytes, (f) => reply(f.id, o.answer(f.payload)), (e) => {
+    const reader = new FrameReader(o.maxBytes, (f) => reply(f.id, o.answer(f.payload), f.payload), (e) => {
       o.log(`tensor channel: ${peer}: ${e.message}`);
       reply(e.id!, Promise.reject(new ChannelRefusal(e.code, o.refused(e.message))));
-    });
-    sock.on('data', (chunk: Buffer) => {
-      const err = reader.push(chunk);
-      if (!err) return;
+    }, (n) => pool.take(n));
+    const lost = (err: FramingError) => {
       o.log(`tensor channel: closing ${peer}: ${err.message}`);
       sock.destroy();
-    });
+    };
+    // requests are read with onread: large payloads straight into pooled buffers
+    sock = adoptWithOnread(accepted, onreadOptions(() => reader, lost)) ?? accepted;
+    if (sock === accepted) {
+      sock.on('data', (chunk: Buffer) => {
+        const err = reader.push(chunk);
+        if (err) lost(err);
+      });
+      sock.resume();
+    }
+    sockets.add(sock);
+    sock.setNoDelay(true);
     sock.on('error', (e) => o.log(`tensor channel: ${peer}: ${e.message}`));
     sock.on('close', () => {
       reader.stop();
@@ -238,15 +378,12 @@ export class ChannelClient {
     } catch (e) {
       throw new ChannelError(`tensor channel: cannot locate the accelerator's channel: ${(e as Error).message}`, grpc.status.UNAVAILABLE);
     }
-    // replies are read straight into one reused 4 MiB buffer (fewer, larger reads than the
-    // default 64 KiB chunks); the reader copies each payload out once
-    const readBuf = Buffer.allocUnsafe(4 << 20);
-    let onChunk: (b: Buffer) => void = () => {};
+    // replies are read with onread: large payloads straight into their own (fresh) buffers,
+    // the rest through one reused staging buffer; never the default 64 KiB chunks
+    let reader: FrameReader | null = null;
+    let onError: (e: FramingError) => void = () => {};
     const sock = await new Promise<net.Socket>((resolve, reject) => {
-      const s = net.connect({
-        host: where.host, port: where.port,
-        onread: { buffer: readBuf, callback: (n: number, buf: Uint8Array) => { onChunk(Buffer.from(buf.buffer, buf.byteOffset, n)); return true; } },
-      });
+      const s = net.connect({ host: where.host, port: where.port, onread: onreadOptions(() => reader, (e) => onError(e)) });
       s.once('connect', () => { s.removeAllListeners('error'); resolve(s); });
       s.once('error', (e) => reject(new ChannelError(`tensor channel: cannot connect to ${where.host}:${where.port}: ${e.message}`, grpc.status.UNAVAILABLE)));
     });
@@ -258,13 +395,13 @@ export class ChannelClient {
       clearTimeout(p.timer);
       f(p);
     };
-    const reader = new FrameReader(this.maxBytes, (f) => settle(f.id, (p) => {
+    reader = new FrameReader(this.maxBytes, (f) => settle(f.id, (p) => {
       if (f.status === 0) p.resolve(f.payload);
       else p.reject(new ChannelError(f.payload.toString('utf8'), f.status));
     }), (e) => settle(e.id!, (p) => p.reject(new ChannelError(`reply ${e.message}`, e.code))));
     const fail = (why: string, code: number) => {
       if (this.sock === sock) this.sock = null;
-      reader.stop();
+      reader?.stop();
       sock.destroy();
       for (const [id, p] of this.pending) {
         clearTimeout(p.timer);
@@ -272,10 +409,7 @@ export class ChannelClient {
         this.pending.delete(id);
       }
     };
-    onChunk = (chunk: Buffer) => {
-      const err = reader.push(chunk);
-      if (err) fail(`tensor channel: malformed reply stream: ${err.message}`, grpc.status.DATA_LOSS);
-    };
+    onError = (err: FramingError) => fail(`tensor channel: malformed reply stream: ${err.message}`, grpc.status.DATA_LOSS);
     sock.on('error', (e) => fail(`tensor channel: connection lost: ${e.message}`, grpc.status.UNAVAILABLE));
     sock.on('end', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
     sock.on('close', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));

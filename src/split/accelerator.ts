@@ -40,10 +40,24 @@ export class Accelerator {
   served = 0;
 
   private evilRng: Rng;
+  private outAlloc: ((n: number) => Float32Array) | null = null;
 
   constructor(readonly weights: AcceleratorWeights, readonly opts: AcceleratorOptions = {}) {
     if (opts.evil && !EVIL_MODES.includes(opts.evil)) throw new Error(`unknown evil mode "${opts.evil}" (use ${EVIL_MODES.join(', ')})`);
     this.evilRng = new Rng(opts.evilSeed ?? 666);
+  }
+
+  /**
+   * Where reply tensors are allocated. A server that is done with each reply once it is
+   * written lends pooled buffers here; by default every reply is a fresh array (the caller
+   * keeps it, as an in-process enclave does).
+   */
+  useOutputAllocator(alloc: ((n: number) => Float32Array) | null): void {
+    this.outAlloc = alloc;
+  }
+
+  private out(n: number): Float32Array {
+    return this.outAlloc ? this.outAlloc(n) : new Float32Array(n);
   }
 
   private tamper(y: Float32Array): Float32Array {
@@ -82,7 +96,7 @@ export class Accelerator {
   }
 
   protected forward(L: ObfLinear, x: Float32Array, rows: number): Float32Array {
-    const y = new Float32Array(rows * L.dout);
+    const y = this.out(rows * L.dout);
     sgemm(false, false, rows, L.dout, L.din, 1, x, L.din, L.w, L.dout, 0, y, L.dout, this.opts.evil === 'skip-bias' ? null : L.b);
     return this.tamper(y);
   }
@@ -123,7 +137,7 @@ export class Accelerator {
         }
         this.saved.delete(key);
         if (!req.input) return { op: 'ack' };
-        const dx = new Float32Array(req.rows * L.din);
+        const dx = this.out(req.rows * L.din);
         sgemm(false, true, req.rows, L.din, L.dout, 1, req.dy, L.dout, L.w, L.dout, 0, dx, L.din);
         return { op: 'tensor', rows: req.rows, cols: L.din, data: asObfuscated(this.tamper(dx)) };
       }

@@ -80,6 +80,18 @@ test('JSON contracts: share, fidelity and bench finetune', () => {
   assert.deepEqual(bj.rows.map((r: { mode: string }) => r.mode), ['local', 'sealed', 'paper']);
   assert.equal(bj.rows[2].kappa, '1');
   for (const r of bj.rows) assert.ok(r.step_ms_median > 0 && r.peak_rss_mb > 0);
+  // over the network: each split mode beside its in-process twin, steps interleaved
+  const g = run(['bench', 'finetune', '--json', '--transport', 'grpc', '--model', 'gpt2-micro', '--batch', '2', '--seq', '8', '--method', 'lora', '--steps', '2']);
+  assert.equal(g.status, 0, g.stderr);
+  const gj = JSON.parse(g.stdout);
+  assert.equal(gj.transport, 'grpc');
+  assert.equal(gj.tensor_channel, true);
+  assert.deepEqual(gj.rows.map((r: { mode: string; transport: string }) => `${r.mode}/${r.transport}`), ['local/in-process', 'sealed/in-process', 'sealed/grpc', 'paper/in-process', 'paper/grpc']);
+  for (const r of gj.rows.filter((x: { transport: string }) => x.transport === 'grpc')) {
+    assert.equal(r.data_path, 'tensor-channel');
+    assert.equal(r.paired, true);
+    assert.ok(r.vs_in_process > 0 && r.boundary_messages_per_step > 0 && r.integrity_share > 0);
+  }
 });
 
 test('obfuscate, then generate through the split: the same tokens as the plain model; deobfuscate round trip', () => {

@@ -27,8 +27,10 @@ export interface FinetuneBenchRow {
   transport: string;
   /** where Call frames went: in-process, tensor-channel or grpc */
   data_path: string;
-  /** networked rows: step time over the same mode's in-process step, measured in the same run */
+  /** networked rows: step time over the same mode's in-process step (median of interleaved pairs) */
   vs_in_process?: number;
+  /** measured in one process with the in-process twin, steps interleaved (see benchFinetunePaired) */
+  paired?: boolean;
 }
 
 export interface FinetuneBenchResult {
@@ -49,19 +51,29 @@ function median(a: number[]): number {
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
-/** One mode, in this process. */
-export async function benchFinetuneOne(o: { model: string; method: Method; mode: TrainMode; batch: number; seq: number; steps: number; rank: number; transport: string; link?: (acc: AcceleratorWeights) => Promise<AcceleratorLink & { dataPath?: string }> }): Promise<FinetuneBenchRow> {
+type BenchLinkFactory = (acc: AcceleratorWeights) => Promise<AcceleratorLink & { dataPath?: string }>;
+
+interface BenchOneOptions { model: string; method: Method; mode: TrainMode; batch: number; seq: number; steps: number; rank: number; transport: string; link?: BenchLinkFactory }
+
+interface StepRunner {
+  step(): Promise<{ ms: number; integrityMs: number; messages: number }>;
+  dataPath(): string;
+  close(): Promise<void>;
+}
+
+/** A fine-tuning session of one mode on a random-init preset, stepped on demand. */
+function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepRunner {
   const config = getPreset(o.model);
   if (o.seq > config.n_ctx) throw new Error(`--seq ${o.seq} exceeds ${o.model}'s context of ${config.n_ctx}`);
   const base = GPT2.random(config, 1).weights();
   let link: (AcceleratorLink & { dataPath?: string }) | undefined;
   let linkFactory: ((acc: AcceleratorWeights) => AcceleratorLink) | undefined;
-  if (o.link) {
+  if (linkFactoryIn) {
     // the network link needs the (obfuscated) weights on the remote accelerator first
     linkFactory = (acc) => {
       const lazy = {
         call: async (req: Parameters<AcceleratorLink['call']>[0]) => {
-          link ??= await o.link!(acc);
+          link ??= await linkFactoryIn(acc);
           return link.call(req);
         },
         close: async () => link?.close?.(),
@@ -82,65 +94,98 @@ export async function benchFinetuneOne(o: { model: string; method: Method; mode:
   const tokens = Int32Array.from({ length: n }, () => rng.int(config.vocab_size));
   const targets = Int32Array.from({ length: n }, () => rng.int(config.vocab_size));
   const encOpt = o.method === 'lora' ? new AdamW(m.adapters!.params.length) : new SGD(m.params.length, { momentum: 0.9 });
-  const times: number[] = [];
-  let integrityMs = 0;
-  let messages = 0;
   const sent = () => (s.link as { stats?: { messages: number } }).stats?.messages ?? 0;
-  for (let step = 0; step <= o.steps; step++) {
-    const before = m.integrity?.ms ?? 0;
-    const msgs = sent();
-    const t0 = performance.now();
-    m.grads.fill(0);
-    m.adapters?.grads.fill(0);
-    await m.forward(tokens, o.batch, o.seq, targets, true);
-    await m.backward();
-    sumSquares(m.grads, ...(m.adapters ? [m.adapters.grads] : []));
-    await m.acceleratorGradSq();
-    if (m.adapters) encOpt.step(m.adapters.params, m.adapters.grads, 1e-4);
-    else encOpt.step(m.params, m.grads, 1e-4);
-    await m.acceleratorUpdate(1e-4, 0.9, 1);
-    const dt = performance.now() - t0;
-    if (step > 0) {
-      times.push(dt);
-      integrityMs += (m.integrity?.ms ?? 0) - before;
-      messages = sent() - msgs;
-    }
-  }
-  const dataPath = o.link ? link?.dataPath ?? 'grpc' : 'in-process';
-  await s.link.close?.();
-  const med = median(times);
   return {
-    mode: o.mode, ...(o.mode === 'paper' ? { kappa: '1' } : {}), step_ms_median: med, step_ms_min: Math.min(...times),
-    peak_rss_mb: Math.round(peakRssMb() * 10) / 10, integrity_share: integrityMs / times.reduce((a, b) => a + b, 0),
-    boundary_messages_per_step: messages, transport: o.transport, data_path: dataPath,
+    async step() {
+      const before = m.integrity?.ms ?? 0;
+      const msgs = sent();
+      const t0 = performance.now();
+      m.grads.fill(0);
+      m.adapters?.grads.fill(0);
+      await m.forward(tokens, o.batch, o.seq, targets, true);
+      await m.backward();
+      sumSquares(m.grads, ...(m.adapters ? [m.adapters.grads] : []));
+      await m.acceleratorGradSq();
+      if (m.adapters) encOpt.step(m.adapters.params, m.adapters.grads, 1e-4);
+      else encOpt.step(m.params, m.grads, 1e-4);
+      await m.acceleratorUpdate(1e-4, 0.9, 1);
+      return { ms: performance.now() - t0, integrityMs: (m.integrity?.ms ?? 0) - before, messages: sent() - msgs };
+    },
+    dataPath: () => (linkFactoryIn ? link?.dataPath ?? 'grpc' : 'in-process'),
+    close: async () => { await s.link.close?.(); },
   };
 }
 
+function rowOf(o: BenchOneOptions, transport: string, dataPath: string, steps: { ms: number; integrityMs: number; messages: number }[]): FinetuneBenchRow {
+  const times = steps.map((x) => x.ms);
+  return {
+    mode: o.mode, ...(o.mode === 'paper' ? { kappa: '1' } : {}), step_ms_median: median(times), step_ms_min: Math.min(...times),
+    peak_rss_mb: Math.round(peakRssMb() * 10) / 10, integrity_share: steps.reduce((a, x) => a + x.integrityMs, 0) / times.reduce((a, b) => a + b, 0),
+    boundary_messages_per_step: steps[steps.length - 1]?.messages ?? 0, transport, data_path: dataPath,
+  };
+}
+
+/** One mode, in this process (one warm-up step, then `steps` timed ones). */
+export async function benchFinetuneOne(o: BenchOneOptions): Promise<FinetuneBenchRow> {
+  const r = stepRunner(o, o.link);
+  const steps = [];
+  for (let i = 0; i <= o.steps; i++) {
+    const x = await r.step();
+    if (i > 0) steps.push(x);
+  }
+  const row = rowOf(o, o.transport, r.dataPath(), steps);
+  await r.close();
+  return row;
+}
+
 /**
- * Local, sealed and paper, each in a child process, in one run. With a network transport the
- * split modes run both in-process and over the network, so each networked row carries its
- * ratio to the in-process step measured beside it.
+ * One split mode both in-process and over the network, in this process, with their steps
+ * interleaved (in-process, networked, in-process, ...): a slow spell of a shared machine
+ * then hits both sides of each pair, and `vs_in_process` is the median of the per-pair
+ * ratios. Two warm-up steps each. Both rows report this process's peak RSS (both sessions).
+ */
+export async function benchFinetunePaired(o: BenchOneOptions & { link: BenchLinkFactory }): Promise<FinetuneBenchRow[]> {
+  const local = stepRunner({ ...o, transport: 'in-process' });
+  const net = stepRunner(o, o.link);
+  for (let i = 0; i < 2; i++) {
+    await local.step();
+    await net.step();
+  }
+  const a: { ms: number; integrityMs: number; messages: number }[] = [];
+  const b: typeof a = [];
+  for (let i = 0; i < o.steps; i++) {
+    a.push(await local.step());
+    b.push(await net.step());
+  }
+  const rows = [rowOf({ ...o }, 'in-process', 'in-process', a), rowOf(o, o.transport, net.dataPath(), b)];
+  rows[1].vs_in_process = median(b.map((x, i) => x.ms / a[i].ms));
+  rows[0].paired = rows[1].paired = true;
+  await local.close();
+  await net.close();
+  return rows;
+}
+
+/**
+ * Local, sealed and paper, each in a child process, in one run. With a network transport
+ * each split mode runs in one child both in-process and over the network, steps interleaved,
+ * so each networked row carries its ratio to the in-process twin measured beside it.
  */
 export function benchFinetune(o: { model: string; method: Method; batch: number; seq: number; steps: number; rank: number; transport: string; tensorChannel?: boolean; onProgress?: (i: number, n: number, label: string) => void }): FinetuneBenchResult {
   const bin = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../bin/obfuscatune.js');
-  const runs: { mode: TrainMode; transport: string }[] = [{ mode: 'local', transport: 'in-process' }, { mode: 'sealed', transport: 'in-process' }, { mode: 'paper', transport: 'in-process' }];
-  if (o.transport !== 'in-process') runs.push({ mode: 'sealed', transport: o.transport }, { mode: 'paper', transport: o.transport });
+  const networked = o.transport !== 'in-process';
+  const runs: { mode: TrainMode; transport: string }[] = [{ mode: 'local', transport: 'in-process' }, { mode: 'sealed', transport: o.transport }, { mode: 'paper', transport: o.transport }];
   const rows: FinetuneBenchRow[] = [];
   runs.forEach(({ mode, transport }, i) => {
-    o.onProgress?.(i, runs.length, `${mode} ${transport}`);
+    o.onProgress?.(i, runs.length, `${mode} ${transport}${transport !== 'in-process' ? ' + in-process' : ''}`);
     const r = spawnSync(process.execPath, [bin, 'bench', 'finetune-one', '--json', '--model', o.model, '--method', o.method, '--mode', mode,
       '--batch', String(o.batch), '--seq', String(o.seq), '--steps', String(o.steps), '--rank', String(o.rank), '--transport', transport,
       ...(o.tensorChannel === false ? ['--no-tensor-channel'] : [])], { encoding: 'utf8', env: { ...process.env, OBFUSCATUNE_NO_PROGRESS: '1' } });
     if (r.status !== 0) throw new Error(`bench of mode ${mode} (${transport}) failed: ${r.stderr.trim().split('\n').slice(-3).join(' | ')}`);
-    const row = JSON.parse(r.stdout.trim().split('\n').pop()!) as FinetuneBenchRow;
-    if (transport !== 'in-process') {
-      const ref = rows.find((x) => x.mode === mode && x.transport === 'in-process');
-      if (ref) row.vs_in_process = row.step_ms_median / ref.step_ms_median;
-    }
-    rows.push(row);
+    const out = JSON.parse(r.stdout.trim().split('\n').pop()!) as FinetuneBenchRow | FinetuneBenchRow[];
+    rows.push(...(Array.isArray(out) ? out : [out]));
   });
   o.onProgress?.(runs.length, runs.length, 'done');
-  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: o.transport, ...(o.transport !== 'in-process' ? { tensor_channel: o.tensorChannel !== false } : {}), rows };
+  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: o.transport, ...(networked ? { tensor_channel: o.tensorChannel !== false } : {}), rows };
 }
 
 export function formatFinetuneBench(r: FinetuneBenchResult): string {

@@ -14,7 +14,7 @@ import { progressBar } from './progress.js';
 import { loadModel, parseIntArg, parseFloatArg } from './model_args.js';
 import { runStart } from './start.js';
 import { addServiceCommands } from './service_cmds.js';
-import { benchFinetune, benchFinetuneOne, formatFinetuneBench } from '../bench/finetune.js';
+import { benchFinetune, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 
@@ -299,7 +299,10 @@ export function buildProgram(): Command {
     .option('--no-tensor-channel', 'grpc: Call frames over gRPC')
     .action(async (o) => {
       const spawnLink = o.transport === 'grpc' ? await grpcBenchLink() : undefined;
-      const r = await benchFinetuneOne({ ...o, link: spawnLink ? (acc) => spawnLink(acc, { tensorChannel: o.tensorChannel }) : undefined });
+      // a split mode over the network is measured together with its in-process twin
+      const r = spawnLink && o.mode !== 'local'
+        ? await benchFinetunePaired({ ...o, link: (acc) => spawnLink(acc, { tensorChannel: o.tensorChannel }) })
+        : await benchFinetuneOne({ ...o, link: spawnLink ? (acc) => spawnLink(acc, { tensorChannel: o.tensorChannel }) : undefined });
       console.log(JSON.stringify(r));
     });
 

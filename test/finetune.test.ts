@@ -12,7 +12,11 @@ import { Rng } from '../src/tensor/rng.js';
 import { buildSession, mergedPlainModel, type SessionOptions } from '../src/train/session.js';
 import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
 import { makeBatch, type EncodedSet, type Encoded } from '../src/data/jsonl.js';
-import { InProcessLink, type CrossingEvent } from '../src/split/link.js';
+import { InProcessLink, type AcceleratorLink, type CrossingEvent } from '../src/split/link.js';
+import { Accelerator } from '../src/split/accelerator.js';
+import type { AcceleratorWeights } from '../src/obfuscate/transform.js';
+import { startAcceleratorServer, type AcceleratorServer } from '../src/rpc/accelerator_server.js';
+import { GrpcAcceleratorLink } from '../src/rpc/accelerator_client.js';
 import { relErr } from './helpers.js';
 import type { LoraTarget } from '../src/train/lora.js';
 
@@ -115,6 +119,42 @@ test('parity: a mean-pooled classifier trains the same through the split (LoRA: 
     const sealed = await train(base, { mode: 'sealed', method: 'full', task: 'cls', pooling: 'mean' }, cfg('sealed', 'full'), data, path.join(dir, 'sf'));
     assertLossesClose(sealed.summary.losses, folded.summary.losses, 1e-4, 'sealed mean-pooled full SGD');
     assert.equal(mergedPlainModel(sealed.sess).cls?.pooling, 'mean', 'the merged model keeps the pooling');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('over the tensor channel (scratch replies in reused buffers) training equals the in-process run exactly', async () => {
+  const dir = tmp();
+  try {
+    for (const method of ['lora', 'full'] as const) {
+      const base = perturbed('gpt2-micro', 8);
+      const data = dataset('lm', 32, 64, 12, 9);
+      const cfg = cfgFor({ mode: 'sealed', method, task: 'lm', steps: 8, ...(method === 'full' ? { enclaveOptimizer: 'sgd' as const, lr: 0.05 } : {}) });
+      const inproc = await train(base, { mode: 'sealed', method, task: 'lm' }, cfg, data, path.join(dir, `i-${method}`));
+      let srv: AcceleratorServer | null = null;
+      let link: GrpcAcceleratorLink | null = null;
+      let released = 0;
+      const lazy = (acc: AcceleratorWeights): AcceleratorLink => {
+        const open = async () => {
+          srv ??= await startAcceleratorServer(new Accelerator(acc, { stateDir: path.join(dir, `acc-${method}`) }), { host: '127.0.0.1', port: 0 });
+          return (link ??= new GrpcAcceleratorLink(`127.0.0.1:${srv.port}`, { deadlineMs: 30_000 }));
+        };
+        return {
+          call: async (req, opts) => (await open()).call(req, opts),
+          releaseScratch: () => { released++; link?.releaseScratch(); },
+        };
+      };
+      try {
+        const net = await train(base, { mode: 'sealed', method, task: 'lm', link: lazy }, cfg, data, path.join(dir, `n-${method}`));
+        assert.equal(link!.dataPath, 'tensor-channel');
+        assert.deepEqual(net.summary.losses, inproc.summary.losses, `${method}: networked losses equal in-process ones`);
+        assert.ok(released >= 8, 'every training step gave its scratch replies back');
+      } finally {
+        await (link as GrpcAcceleratorLink | null)?.close();
+        await (srv as AcceleratorServer | null)?.close(1_000);
+      }
+    }
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

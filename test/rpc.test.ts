@@ -129,6 +129,26 @@ for (const tensorChannel of [true, false]) test(`requests over ${tensorChannel ?
   assert.ok(wants.at(-1)?.op === 'error');
 });
 
+test('scratch replies: received into reused buffers once released, intact until then; observed calls stay fresh', T, async () => {
+  const direct = new Accelerator(tinyWeights(9));
+  await withServer(new Accelerator(tinyWeights(9)), async (link) => {
+    const a = await link.call(fwd('fc', 3, 1), { scratch: true });
+    assert.equal(a.op, 'tensor');
+    const bufA = (a as Extract<AcceleratorReply, { op: 'tensor' }>).data.buffer;
+    const b = await link.call(fwd('fc', 3, 2), { scratch: true });
+    const bufB = (b as Extract<AcceleratorReply, { op: 'tensor' }>).data.buffer;
+    assert.notEqual(bufB, bufA, 'not released yet: a second buffer');
+    assert.deepEqual(a, direct.handle(fwd('fc', 3, 1)), 'the first reply is intact after the second');
+    link.releaseScratch();
+    const c = await link.call(fwd('fc', 3, 3), { scratch: true });
+    const bufC = (c as Extract<AcceleratorReply, { op: 'tensor' }>).data.buffer;
+    assert.ok(bufC === bufA || bufC === bufB, 'after releaseScratch a buffer is reused');
+    assert.deepEqual(c, direct.handle(fwd('fc', 3, 3)));
+    const d = await link.call(fwd('fc', 3, 4));
+    assert.ok(![bufA, bufB].includes((d as Extract<AcceleratorReply, { op: 'tensor' }>).data.buffer as ArrayBuffer), 'a call without scratch gets a fresh buffer');
+  });
+});
+
 test('a malformed frame gets INVALID_ARGUMENT and the server keeps serving', T, async () => {
   const acc = new Accelerator(tinyWeights(1));
   await withServer(acc, async (link, srv) => {

@@ -7,9 +7,9 @@
  * the linear and the gRPC status. See docs/rpc.md.
  */
 import * as grpc from '@grpc/grpc-js';
-import { observe, type AcceleratorLink, type Observer } from '../split/link.js';
+import { observe, type AcceleratorLink, type CallOptions, type Observer } from '../split/link.js';
 import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
-import { ChannelClient } from './tensor_channel.js';
+import { BufferPool, ChannelClient } from './tensor_channel.js';
 import {
   ACCELERATOR_SERVICE,
   AcceleratorServiceClient,
@@ -114,6 +114,9 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   private closed = false;
   /** null until the first call has asked Health whether the accelerator serves a channel */
   private channel: ChannelClient | null = null;
+  /** scratch replies (see CallOptions): received into reused buffers, all given back by releaseScratch */
+  private scratchPool = new BufferPool(4 * 2 ** 30, true);
+  private scratchLent: Buffer[] = [];
   private channelWanted: boolean;
   private readonly maxBytes: number;
 
@@ -152,7 +155,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   }
 
   /** One Call frame over the tensor channel when there is one, else over gRPC. */
-  private async send(frame: { parts: Buffer[]; length: number }, deadlineMs: number): Promise<Buffer> {
+  private async send(frame: { parts: Buffer[]; length: number }, deadlineMs: number, scratch = false): Promise<Buffer> {
     if (this.channelWanted && !this.channel) {
       const h = await this.health(Math.min(deadlineMs, 5_000));
       if (typeof h.tensor_port === 'number') {
@@ -164,7 +167,18 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
         }, this.maxBytes);
       } else this.channelWanted = false;
     }
-    return this.channel ? this.channel.call(frame.parts, deadlineMs) : this.unary('Call', Buffer.concat(frame.parts, frame.length), deadlineMs);
+    if (!this.channel) return this.unary('Call', Buffer.concat(frame.parts, frame.length), deadlineMs);
+    const alloc = scratch ? (n: number) => {
+      const b = this.scratchPool.take(n);
+      this.scratchLent.push(b);
+      return b;
+    } : undefined;
+    return this.channel.call(frame.parts, deadlineMs, alloc);
+  }
+
+  releaseScratch(): void {
+    for (const b of this.scratchLent) this.scratchPool.release(b);
+    this.scratchLent = [];
   }
 
   private checkOpen(what: string): void {
@@ -184,7 +198,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     }
   }
 
-  async call(req: AcceleratorRequest): Promise<AcceleratorReply> {
+  async call(req: AcceleratorRequest, opts: CallOptions = {}): Promise<AcceleratorReply> {
     const what = describe(req);
     this.checkOpen(what);
     const frame = encodeMessageParts(req);
@@ -192,7 +206,8 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     let back: Buffer;
     for (let attempt = 0; ; attempt++) {
       try {
-        back = await this.send(frame, this.deadlineMs);
+        // observers may keep what they see: their replies stay in fresh buffers
+        back = await this.send(frame, this.deadlineMs, opts.scratch === true && this.observers.length === 0);
         break;
       } catch (e) {
         const retryable = grpcCode(e) === grpc.status.UNAVAILABLE && mayRetry && attempt + 1 < this.retry.attempts && !this.closed;

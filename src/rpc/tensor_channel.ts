@@ -59,7 +59,7 @@ export class FramingError extends Error {
 }
 
 /** Where a frame's payload is received: a fresh buffer, or one lent by a pool (released by the consumer). */
-export type PayloadAlloc = (length: number) => Buffer;
+export type PayloadAlloc = (length: number, id: number) => Buffer;
 
 /** Reads below this many payload bytes go through the staging buffer rather than straight into the payload. */
 const DIRECT_MIN = 64 << 10;
@@ -146,7 +146,7 @@ export class FrameReader {
           continue;
         }
         this.header = { id, status: this.head.readUInt32LE(8), length };
-        this.payload = this.alloc(length);
+        this.payload = this.alloc(length, id);
         this.filled = 0;
       }
       const k = Math.min(this.header.length - this.filled, chunk.length - off);
@@ -178,7 +178,8 @@ export class BufferPool {
   private lent = new WeakSet<ArrayBuffer>();
   private freeBytes = 0;
 
-  constructor(private readonly maxFreeBytes = 256 << 20) {}
+  /** `exact`: buffers of exactly the asked size (for sizes that recur), else rounded up to a power of two */
+  constructor(private readonly maxFreeBytes = 256 << 20, private readonly exact = false) {}
 
   /** A buffer of `length` bytes (8-byte aligned, contents undefined). */
   take(length: number): Buffer {
@@ -193,7 +194,7 @@ export class BufferPool {
       this.freeBytes -= ab.byteLength;
     } else {
       // rounded up to a power of two so that nearby sizes share buffers
-      ab = Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(Math.max(length, 4096)))).buffer as ArrayBuffer;
+      ab = Buffer.allocUnsafeSlow(this.exact ? Math.max(length, 8) : 2 ** Math.ceil(Math.log2(Math.max(length, 4096)))).buffer as ArrayBuffer;
     }
     this.lent.add(ab);
     return Buffer.from(ab, 0, length);
@@ -348,6 +349,8 @@ interface Pending {
   resolve: (b: Buffer) => void;
   reject: (e: ChannelError) => void;
   timer: NodeJS.Timeout;
+  /** where this call's reply payload goes (default: a fresh buffer the caller keeps) */
+  alloc?: (length: number) => Buffer;
 }
 
 /**
@@ -398,7 +401,8 @@ export class ChannelClient {
     reader = new FrameReader(this.maxBytes, (f) => settle(f.id, (p) => {
       if (f.status === 0) p.resolve(f.payload);
       else p.reject(new ChannelError(f.payload.toString('utf8'), f.status));
-    }), (e) => settle(e.id!, (p) => p.reject(new ChannelError(`reply ${e.message}`, e.code))));
+    }), (e) => settle(e.id!, (p) => p.reject(new ChannelError(`reply ${e.message}`, e.code))),
+    (length, id) => this.pending.get(id)?.alloc?.(length) ?? Buffer.allocUnsafeSlow(length));
     const fail = (why: string, code: number) => {
       if (this.sock === sock) this.sock = null;
       reader?.stop();
@@ -417,8 +421,8 @@ export class ChannelClient {
     return sock;
   }
 
-  /** One request payload (as parts) -> its reply payload. */
-  async call(payload: Buffer[], deadlineMs: number): Promise<Buffer> {
+  /** One request payload (as parts) -> its reply payload (received into `alloc`'s buffer when given). */
+  async call(payload: Buffer[], deadlineMs: number, alloc?: (length: number) => Buffer): Promise<Buffer> {
     if (this.closed) throw new ChannelError('tensor channel is closed', grpc.status.CANCELLED);
     const length = payload.reduce((n, p) => n + p.length, 0);
     if (length > this.maxBytes) throw new ChannelError(`request frame of ${length} bytes exceeds the ${this.maxBytes}-byte limit`, grpc.status.RESOURCE_EXHAUSTED);
@@ -434,7 +438,7 @@ export class ChannelClient {
         sock.destroy();
         reject(new ChannelError(`deadline of ${deadlineMs} ms exceeded`, grpc.status.DEADLINE_EXCEEDED));
       }, deadlineMs);
-      this.pending.set(id, { resolve, reject, timer });
+      this.pending.set(id, { resolve, reject, timer, alloc });
       writeFrame(sock, id, 0, payload);
     });
   }

@@ -22,8 +22,18 @@ export interface CrossingEvent {
 
 export type Observer = (e: CrossingEvent) => void;
 
+export interface CallOptions {
+  /**
+   * The caller drops the reply's tensors by its next `releaseScratch()`: a link may then
+   * receive them into reused buffers (the split trainer's per-step activations).
+   */
+  scratch?: boolean;
+}
+
 export interface AcceleratorLink {
-  call(req: AcceleratorRequest): Promise<AcceleratorReply>;
+  call(req: AcceleratorRequest, opts?: CallOptions): Promise<AcceleratorReply>;
+  /** every scratch reply handed out so far is dead: its buffer may be reused */
+  releaseScratch?(): void;
   close?(): Promise<void>;
 }
 

@@ -159,6 +159,8 @@ export class SplitModel {
   private twoSided: boolean;
   readonly integrity: IntegrityChecker | null;
   private sentNow: Map<LinearName, Float32Array> | null = null;
+  /** the forward pass in progress is a training one (its replies are scratch) */
+  private training = false;
 
   constructor(o: SplitModelOptions) {
     this.mode = o.mode;
@@ -239,7 +241,8 @@ export class SplitModel {
   private async fwd(l: number, name: LinearName, x: Float32Array, n: number, save: boolean): Promise<Float32Array> {
     const [, dout] = linearDims(name, this.config.n_embd);
     assertFinite(x, `the enclave's input to h.${l}.${name}`);
-    const rep = await this.link.call({ op: 'linear_forward', layer: l, name, rows: n, x: x as Obfuscated, save });
+    // training replies live until the next training step (see releaseScratch in forward)
+    const rep = await this.link.call({ op: 'linear_forward', layer: l, name, rows: n, x: x as Obfuscated, save }, { scratch: this.training });
     const y = this.checkTensor(rep, l, name, n, dout);
     this.integrity?.checkForward(l, name, x, y, n);
     if (save) this.sentNow?.set(name, x);
@@ -256,7 +259,7 @@ export class SplitModel {
     }
     const [din] = linearDims(name, this.config.n_embd);
     assertFinite(dy, `the enclave's output gradient for h.${l}.${name}`);
-    const rep = await this.link.call({ op: 'linear_backward', layer: l, name, rows: n, dy: asObfuscated(dy), input, weight });
+    const rep = await this.link.call({ op: 'linear_backward', layer: l, name, rows: n, dy: asObfuscated(dy), input, weight }, { scratch: true });
     if (!input) {
       if (rep.op === 'error') throw new Error(`accelerator refused backward of h.${l}.${name}: ${rep.message}`);
       return null;
@@ -381,6 +384,13 @@ export class SplitModel {
     if (tokens.length !== n) throw new Error(`tokens has ${tokens.length} entries, expected ${n}`);
     for (let i = 0; i < n; i++) if (tokens[i] < 0 || tokens[i] >= V) throw new Error(`token id ${tokens[i]} at position ${i} is out of range [0, ${V})`);
     const save = train && this.method === 'full';
+    if (train) {
+      // a new training step: nothing of the previous one is referenced any more (its state is
+      // replaced below), so the link may reuse the buffers of its replies
+      this.state = null;
+      this.link.releaseScratch?.();
+    }
+    this.training = train;
     const ad = this.adapters;
     const dropout = train && ad ? ad.config.dropout : 0;
     const h = new Float32Array(n * d);

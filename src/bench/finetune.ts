@@ -72,10 +72,11 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
     // the network link needs the (obfuscated) weights on the remote accelerator first
     linkFactory = (acc) => {
       const lazy = {
-        call: async (req: Parameters<AcceleratorLink['call']>[0]) => {
+        call: async (...args: Parameters<AcceleratorLink['call']>) => {
           link ??= await linkFactoryIn(acc);
-          return link.call(req);
+          return link.call(...args);
         },
+        releaseScratch: () => link?.releaseScratch?.(),
         close: async () => link?.close?.(),
         get stats() {
           return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
@@ -157,7 +158,7 @@ export async function benchFinetunePaired(o: BenchOneOptions & { link: BenchLink
     a.push(await local.step());
     b.push(await net.step());
   }
-  const rows = [rowOf({ ...o }, 'in-process', 'in-process', a), rowOf(o, o.transport, net.dataPath(), b)];
+  const rows = [rowOf(o, 'in-process', 'in-process', a), rowOf(o, o.transport, net.dataPath(), b)];
   rows[1].vs_in_process = median(b.map((x, i) => x.ms / a[i].ms));
   rows[0].paired = rows[1].paired = true;
   await local.close();

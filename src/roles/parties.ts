@@ -5,12 +5,12 @@
  * with its secret mask key. The data owner encrypts each record to the enclave, starts the
  * job, reads metrics and runs inference. Both verify the enclave's attestation first.
  */
-import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
+import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { newNonce, attestationRequest, verifyAttestation, sealToEnclave, type AttestedEnclave, type AttestationResponse } from '../tee/attest.js';
 import { generateHpkeKeyPair, openWith, publicKeyToBase64, sealedFromJson, sealedToJson, type HpkeKeyPair } from '../tee/hpke.js';
 import { SimSoftwareVerifier, measureDirectory } from '../tee/sim.js';

@@ -193,7 +193,7 @@ export class BufferPool {
       ab = this.free.splice(best, 1)[0];
       this.freeBytes -= ab.byteLength;
     } else {
-      // rounded up to a power of two so that nearby sizes share buffers
+      // exact, or rounded up to a power of two so that nearby sizes share buffers
       ab = Buffer.allocUnsafeSlow(this.exact ? Math.max(length, 8) : 2 ** Math.ceil(Math.log2(Math.max(length, 4096)))).buffer as ArrayBuffer;
     }
     this.lent.add(ab);

@@ -161,6 +161,14 @@ export class SplitModel {
   private sentNow: Map<LinearName, Float32Array> | null = null;
   /** the forward pass in progress is a training one (its replies are scratch) */
   private training = false;
+  /**
+   * sealed full fine-tuning: the embeddings and the final bias are held and trained in the
+   * plain basis (the enclave rotates the embedded stream with Q), so that an optimiser that is
+   * not rotation-invariant (AdamW) takes the same steps as in local training
+   */
+  private readonly plainEmbed: boolean;
+  /** sealed, plainEmbed: G Q^T (the final norm's output straight into the plain basis) */
+  private gPlain: Float32Array | null = null;
 
   constructor(o: SplitModelOptions) {
     this.mode = o.mode;
@@ -190,6 +198,11 @@ export class SplitModel {
       }
       this.numLabels = K;
     } else this.numLabels = 0;
+    this.plainEmbed = o.mode === 'sealed' && o.method === 'full';
+    if (this.plainEmbed) {
+      for (const [n, rows] of this.basisRows()) if (n !== 'score') this.t.set(n, this.rotate(this.tensor(n), rows, false));
+      this.gPlain = this.rotate(this.tensor('G'), d, false);
+    }
     // trainable enclave tensors
     const names: string[] = [];
     if (o.method === 'full') {
@@ -395,6 +408,7 @@ export class SplitModel {
     const dropout = train && ad ? ad.config.dropout : 0;
     const h = new Float32Array(n * d);
     encoderForward(h, tokens, this.tensor('wte'), this.tensor('wpe'), B, T, d);
+    if (this.plainEmbed) h.set(this.rotate(h, n, true));
     const layers: LayerStore[] = [];
     for (let l = 0; l < L; l++) {
       const s: LayerStore = {
@@ -462,7 +476,8 @@ export class SplitModel {
     const hf = new Float32Array(n * d);
     if (this.mode === 'sealed') {
       maskedNormForward(xf, meanf, rstdf, h, this.tensor('u'), n, d, c.layer_norm_epsilon);
-      sgemm(false, false, n, d, d, 1, xf, d, this.tensor('G'), d, 0, hf, d, this.tensor('headBias'));
+      // hf = xf G + beta_f Q (rotated), or with plainEmbed xf G Q^T + beta_f (plain)
+      sgemm(false, false, n, d, d, 1, xf, d, this.gPlain ?? this.tensor('G'), d, 0, hf, d, this.tensor('headBias'));
     } else {
       layernormForward(hf, meanf, rstdf, h, this.tensor('lnfw'), this.tensor('lnfb'), n, d, c.layer_norm_epsilon);
     }
@@ -482,7 +497,7 @@ export class SplitModel {
       for (let b = 0; b < B; b++) if (targets[b] < 0 || targets[b] >= K) throw new Error(`label ${targets[b]} of example ${b} is outside [0, ${K})`);
       pooledH = new Float32Array(B * d);
       lens = poolForward(pooledH, hf, tokens, B, T, d, this.padId, this.pooling);
-      if (this.mode === 'sealed') pooledH = this.rotate(pooledH, B, false); // the classifier is plain
+      if (this.mode === 'sealed' && !this.plainEmbed) pooledH = this.rotate(pooledH, B, false); // the classifier is plain
       probs = new Float32Array(B * K);
       sgemm(false, true, B, K, d, 1, pooledH, d, this.tensor('score'), d, 0, probs, K);
       const predictions = new Int32Array(B);
@@ -561,7 +576,7 @@ export class SplitModel {
       const dpooled = new Float32Array(B * d);
       sgemm(false, false, B, d, K, 1, st.probs, K, this.tensor('score'), d, 0, dpooled, d);
       sgemm(true, false, K, d, B, 1, st.probs, K, st.pooledH!, d, 1, this.grad('score')!, d);
-      const dp = this.mode === 'sealed' ? this.rotate(dpooled, B, true) : dpooled;
+      const dp = this.mode === 'sealed' && !this.plainEmbed ? this.rotate(dpooled, B, true) : dpooled;
       poolBackward(dhf, dp, st.lens!, B, T, d, this.pooling);
     }
     const dh = new Float32Array(n * d);
@@ -569,7 +584,7 @@ export class SplitModel {
       const gb = this.grad('headBias');
       if (gb) for (let r = 0; r < n; r++) for (let j = 0; j < d; j++) gb[j] += dhf[r * d + j];
       const dxf = new Float32Array(n * d);
-      sgemm(false, true, n, d, d, 1, dhf, d, this.tensor('G'), d, 0, dxf, d);
+      sgemm(false, true, n, d, d, 1, dhf, d, this.gPlain ?? this.tensor('G'), d, 0, dxf, d);
       maskedNormBackward(dh, dxf, st.xf, this.tensor('u'), st.rstdf, n, d);
     } else {
       layernormBackward(dh, this.grad('lnfw'), this.grad('lnfb'), dhf, st.hL, this.tensor('lnfw'), st.meanf, st.rstdf, n, d);
@@ -626,7 +641,7 @@ export class SplitModel {
       const dsend1 = await this.bwd(l, 'qkv', dqkv, n, needInput, s.sent);
       if (needInput) this.normBackwardWithLora(1, l, dh, dsend1!, loraDx1, s.x1, s.hIn, s.mean1, s.rstd1, n);
     }
-    if (embTrain) encoderBackward(this.grad('wte'), this.grad('wpe'), dh, st.tokens, B, T, d);
+    if (embTrain) encoderBackward(this.grad('wte'), this.grad('wpe'), this.plainEmbed ? this.rotate(dh, n, false) : dh, st.tokens, B, T, d);
   }
 
   private normBackwardWithLora(which: 1 | 2, l: number, dh: Float32Array, dsent: Float32Array, loraDx: Float32Array | null, x: Float32Array, h: Float32Array, mean: Float32Array, rstd: Float32Array, n: number): void {
@@ -700,13 +715,22 @@ export class SplitModel {
   /** All enclave tensors (frozen and trained), in the bundle's bases. */
   allTensors(): EnclaveTensors {
     const m: EnclaveTensors = new Map(this.t);
-    if (m.has('score')) m.set('score', this.external('score'));
+    for (const [n] of this.basisRows()) if (m.has(n)) m.set(n, this.external(n));
     return m;
   }
 
-  /** a tensor as the bundle holds it: sealed mode trains the classifier in the plain basis */
+  /** sealed mode: the tensors the bundle holds rotated (x Q) and their row counts */
+  private basisRows(): [string, number][] {
+    const c = this.config;
+    return [['wte', c.vocab_size], ['wpe', c.n_ctx], ['headBias', 1], ['score', this.numLabels]];
+  }
+
+  /** a tensor as the bundle holds it: sealed mode trains the classifier (and, full
+   *  fine-tuning, the embeddings and final bias) in the plain basis */
   private external(n: string): Float32Array {
     const x = this.tensor(n);
-    return n === 'score' && this.mode === 'sealed' ? this.rotate(x, this.numLabels, true) : x;
+    const rows = this.mode === 'sealed' ? this.basisRows().find(([k]) => k === n) : undefined;
+    const plain = rows && (n === 'score' || this.plainEmbed);
+    return plain ? this.rotate(x, rows[1], true) : x;
   }
 }

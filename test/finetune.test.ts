@@ -300,7 +300,7 @@ test('LoRA merge: the provider\'s merged plain model reproduces the split model 
     const base = perturbed('gpt2-micro', 12);
     const data = dataset('cls', 32, 64, 10, 13);
     for (const mode of ['sealed', 'paper', 'local'] as const) {
-      const { sess } = await train(base, { mode, method: 'lora', task: 'cls', kappa: '1', lora: { rank: 4, alpha: 8, dropout: 0, targets: ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj'] } }, cfgFor({ mode, method: 'lora', task: 'cls', steps: 8 }), data, path.join(dir, mode));
+      const { sess } = await train(base, { mode, method: 'lora', task: 'cls', kappa: '1', lora: { rank: 4, alpha: 8, dropout: 0, targets: ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj', 'wte'] } }, cfgFor({ mode, method: 'lora', task: 'cls', steps: 8 }), data, path.join(dir, mode));
       const b = makeBatch(data.items.slice(0, 6), 'cls', 0);
       const split = await sess.model.forward(b.tokens, b.B, b.T, b.targets, false);
       const merged = new GPT2(mergedPlainModel(sess));
@@ -315,3 +315,49 @@ test('LoRA merge: the provider\'s merged plain model reproduces the split model 
   }
 });
 
+
+test('LoRA on the token embedding (wte): gradients match finite differences; local, paper and sealed train alike; refused for LM', async () => {
+  const dir = tmp();
+  try {
+    const base = perturbed('gpt2-micro', 14);
+    const data = dataset('cls', 48, 64, 12, 15);
+    const lora = { rank: 4, alpha: 8, dropout: 0, targets: ['wte', 'v'] as LoraTarget[] };
+    // finite differences on the local split model
+    const sess = buildSession(base, { mode: 'local', method: 'lora', task: 'cls', numLabels: 3, lora, padTokenId: 0, seed: 3, acceleratorStateDir: path.join(dir, 'fd') });
+    const m = sess.model;
+    const ad = m.adapters!;
+    const emb = ad.embedding()!;
+    assert.equal(emb.din, base.config.vocab_size);
+    assert.ok(emb.A.every((x) => x === 0), 'A starts at zero (the adapted model starts equal to the base)');
+    const r = new Rng(5);
+    for (let i = 0; i < emb.A.length; i++) emb.A[i] = 0.05 * r.normal();
+    const b = makeBatch(data.items.slice(0, 4), 'cls', 0);
+    ad.grads.fill(0);
+    await m.forward(b.tokens, b.B, b.T, b.targets, true);
+    await m.backward();
+    const loss = async () => (await m.forward(b.tokens, b.B, b.T, b.targets, false)).loss;
+    const tok = b.tokens[1];
+    for (const [buf, g, i] of [[emb.A, emb.gA, tok * 4 + 2], [emb.B, emb.gB, 5], [emb.B, emb.gB, 3 * emb.dout + 7]] as const) {
+      const h = 1e-2, x0 = buf[i];
+      buf[i] = x0 + h; const lp = await loss();
+      buf[i] = x0 - h; const lm = await loss();
+      buf[i] = x0;
+      const fd = (lp - lm) / (2 * h);
+      assert.ok(Math.abs(fd - g[i]) <= 2e-3 + 2e-2 * Math.abs(fd), `gradient ${g[i]} vs finite difference ${fd}`);
+    }
+    const unseen = [...Array(64).keys()].find((t) => !b.tokens.includes(t))!;
+    assert.ok(emb.gA.subarray(unseen * 4, (unseen + 1) * 4).every((x) => x === 0), 'rows of unseen tokens get no gradient');
+    assert.ok(emb.gA.subarray(tok * 4, (tok + 1) * 4).some((x) => x !== 0), 'rows of seen tokens do');
+    // parity across modes
+    const cfg = (mode: 'local' | 'paper' | 'sealed') => cfgFor({ mode, method: 'lora', task: 'cls', steps: 20, lr: 1e-2 });
+    const local = await train(base, { mode: 'local', method: 'lora', task: 'cls', lora }, cfg('local'), data, path.join(dir, 'l'));
+    for (const mode of ['paper', 'sealed'] as const) {
+      const split = await train(base, { mode, method: 'lora', task: 'cls', kappa: '1', lora }, cfg(mode), data, path.join(dir, mode));
+      assertLossesClose(split.summary.losses, local.summary.losses, 1e-3, `${mode} LoRA with wte`);
+    }
+    assert.ok(local.summary.losses[19] < local.summary.losses[0], 'training makes progress');
+    assert.throws(() => buildSession(base, { mode: 'local', method: 'lora', task: 'lm', lora, padTokenId: 0, seed: 3 }), /wte LoRA target .* classification/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

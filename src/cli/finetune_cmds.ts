@@ -60,7 +60,7 @@ export function addFinetuneCommands(program: Command): void {
     .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), DEFAULT_LORA.rank)
     .option('--alpha <a>', 'LoRA alpha', parseFloatArg('--alpha'), DEFAULT_LORA.alpha)
     .option('--dropout <p>', 'LoRA dropout', parseFloatArg('--dropout'), 0)
-    .option('--targets <list>', 'LoRA targets: q,k,v,proj,fc,mlp-proj (or qkv, mlp)', 'q,v')
+    .option('--targets <list>', 'LoRA targets: q,k,v,proj,fc,mlp-proj (or qkv, mlp), and wte (the token embedding; classification)', 'q,v')
     .addOption(new Option('--pooling <how>', 'classification: pool the last token (as HF GPT2ForSequenceClassification) or the mean of the tokens (a fresh head only)').choices(['last', 'mean']).default('last'))
     .option('--seed <n>', 'seed (data order, initialisation, dropout)', parseIntArg('--seed'), 1)
     .option('--mask-seed <n>', 'derive the masks from a seed (reproducible, NOT secret)', parseIntArg('--mask-seed'))

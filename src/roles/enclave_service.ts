@@ -27,7 +27,7 @@ import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_, type Task
 import { SplitModel, type Method } from '../split/train_model.js';
 import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
-import { validateLora, parseLoraTargets } from '../train/lora.js';
+import { validateLora, parseLoraTargets, adapterName } from '../train/lora.js';
 import { freshClassifier } from '../train/session.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { writeSafetensors } from '../model/safetensors.js';
@@ -270,8 +270,8 @@ export class EnclaveService {
         const file = path.join(this.privateDir, 'export.safetensors');
         const t = [...m.trainedTensors()].map(([name, data]) => ({ name: `enclave.${name}`, dtype: 'F32' as const, shape: [data.length], data }));
         if (m.adapters) for (const v of m.adapters.views) {
-          t.push({ name: `h.${v.layer}.${v.target}.lora_A`, dtype: 'F32', shape: [v.din, m.adapters.config.rank], data: v.A });
-          t.push({ name: `h.${v.layer}.${v.target}.lora_B`, dtype: 'F32', shape: [m.adapters.config.rank, v.dout], data: v.B });
+          t.push({ name: `${adapterName(v)}.lora_A`, dtype: 'F32', shape: [v.din, m.adapters.config.rank], data: v.A });
+          t.push({ name: `${adapterName(v)}.lora_B`, dtype: 'F32', shape: [m.adapters.config.rank, v.dout], data: v.B });
         }
         writeSafetensors(file, t, { mode: m.mode, method: m.method, task: m.task, ...(m.adapters ? { rank: String(m.adapters.config.rank), alpha: String(m.adapters.config.alpha), targets: m.adapters.config.targets.join(',') } : {}) });
         const data = readFileSync(file).toString('base64');

@@ -171,7 +171,7 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   const masks = deriveMasks(base.config, key, params);
   let merged: GPT2Weights;
   if (up.method === 'lora') {
-    const ad = loadAdapters(file, base.config.n_layer, base.config.n_embd);
+    const ad = loadAdapters(file, base.config.n_layer, base.config.n_embd, base.config.vocab_size);
     merged = mergeAdaptersPlain(deobfuscate(w, acc, enc.tensors, masks), ad);
   } else {
     merged = deobfuscate(w, acc, enc.tensors, masks);

@@ -20,7 +20,7 @@ import type { RandomSource } from '../tensor/rng.js';
 import { LINEARS, linearDims, permuteCols, type AcceleratorWeights, type EnclaveTensors, type LinearName } from '../obfuscate/transform.js';
 import { asObfuscated, type Obfuscated } from './messages.js';
 import type { AcceleratorLink } from './link.js';
-import { LoraAdapters, loraForward, loraBackward, type LoraConfig, type LoraSaved, type LoraTarget } from '../train/lora.js';
+import { LoraAdapters, loraForward, loraBackward, loraEmbedForward, loraEmbedBackward, type LoraConfig, type LoraSaved, type LoraTarget } from '../train/lora.js';
 import { IntegrityChecker } from './integrity.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 
@@ -117,6 +117,8 @@ interface StepState {
   layers: LayerStore[];
   hL: Float32Array; xf: Float32Array; meanf: Float32Array; rstdf: Float32Array; hf: Float32Array;
   probs: Float32Array; lens?: Int32Array; pooledH?: Float32Array;
+  /** the embedding adapter's A[tokens] */
+  embU?: Float32Array;
 }
 
 export interface ForwardResult {
@@ -227,7 +229,8 @@ export class SplitModel {
     }
     if (o.method === 'lora') {
       if (!o.lora) throw new Error('method lora needs a LoRA config');
-      this.adapters = new LoraAdapters(o.lora, L, d);
+      if (o.lora.targets.includes('wte') && o.task !== 'cls') throw new Error('the wte LoRA target adapts the input embedding only, which GPT-2 ties to its output layer: use it for classification');
+      this.adapters = new LoraAdapters(o.lora, L, d, o.config.vocab_size);
       this.adapters.init(o.rng);
     } else this.adapters = null;
     this.integrity = o.integrity !== undefined ? o.integrity : this.t.has('chk.0.qkv.r') ? new IntegrityChecker(this.t, L) : null;
@@ -409,6 +412,15 @@ export class SplitModel {
     const h = new Float32Array(n * d);
     encoderForward(h, tokens, this.tensor('wte'), this.tensor('wpe'), B, T, d);
     if (this.plainEmbed) h.set(this.rotate(h, n, true));
+    const embAd = ad?.embedding();
+    let embU: Float32Array | undefined;
+    if (embAd) {
+      // the adapter's update is plain; the sealed stream is rotated
+      const delta = new Float32Array(n * d);
+      embU = loraEmbedForward(delta, tokens, embAd, n, ad!.scale, false);
+      const add = this.mode === 'sealed' ? this.rotate(delta, n, true) : delta;
+      for (let i = 0; i < n * d; i++) h[i] += add[i];
+    }
     const layers: LayerStore[] = [];
     for (let l = 0; l < L; l++) {
       const s: LayerStore = {
@@ -512,7 +524,7 @@ export class SplitModel {
       result = { loss: r.loss, count: r.count, correct, predictions };
     }
     if (!train) result.probs = probs;
-    this.state = train ? { B, T, tokens, targets, count: result.count, layers, hL: Float32Array.from(h), xf, meanf, rstdf, hf, probs, lens, pooledH } : null;
+    this.state = train ? { B, T, tokens, targets, count: result.count, layers, hL: Float32Array.from(h), xf, meanf, rstdf, hf, probs, lens, pooledH, embU } : null;
     return result;
   }
 
@@ -637,11 +649,12 @@ export class SplitModel {
         }
         if (loraDx1 && this.mode === 'sealed') loraDx1 = this.plainNormGrad(1, l, loraDx1, n);
       }
-      const needInput = l > 0 || embTrain || normTrain;
+      const needInput = l > 0 || embTrain || normTrain || st.embU !== undefined;
       const dsend1 = await this.bwd(l, 'qkv', dqkv, n, needInput, s.sent);
       if (needInput) this.normBackwardWithLora(1, l, dh, dsend1!, loraDx1, s.x1, s.hIn, s.mean1, s.rstd1, n);
     }
     if (embTrain) encoderBackward(this.grad('wte'), this.grad('wpe'), this.plainEmbed ? this.rotate(dh, n, false) : dh, st.tokens, B, T, d);
+    if (st.embU) loraEmbedBackward(this.mode === 'sealed' ? this.rotate(dh, n, false) : dh, st.tokens, ad!.embedding()!, st.embU, n, ad!.scale);
   }
 
   private normBackwardWithLora(which: 1 | 2, l: number, dh: Float32Array, dsent: Float32Array, loraDx: Float32Array | null, x: Float32Array, h: Float32Array, mean: Float32Array, rstd: Float32Array, n: number): void {

@@ -1,14 +1,19 @@
 /**
  * LoRA adapters (Hu et al.): for a target linear y = x W, y += (alpha / r) * dropout(x) A B,
- * A: d_in x r (Gaussian init), B: r x d_out (zero init). All adapters of a model live in one
- * contiguous buffer (and their gradients in a second one).
+ * A: d_in x r (Gaussian init), B: r x d_out (zero init). The `wte` target adapts the token
+ * embedding the way PEFT adapts an nn.Embedding: e(t) += (alpha / r) * A[t] B, A: V x r (zero
+ * init), B: r x d (standard normal init), no dropout; it acts on the input embedding only
+ * (classification, where GPT-2's tied output embedding is unused). All adapters of a model live
+ * in one contiguous buffer (and their gradients in a second one).
  */
 import { sgemm } from '../tensor/gemm.js';
 import type { RandomSource } from '../tensor/rng.js';
 
-/** Adapter targets: parts of the fused qkv projection, the attention output projection, the MLP up and down projections. */
-export const LORA_TARGETS = ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj'] as const;
+/** Adapter targets: parts of the fused qkv projection, the attention output projection, the MLP up and down projections, the token embedding. */
+export const LORA_TARGETS = ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj', 'wte'] as const;
 export type LoraTarget = (typeof LORA_TARGETS)[number];
+/** the targets that exist once per layer (all but the embedding) */
+export const LAYER_TARGETS: readonly LoraTarget[] = LORA_TARGETS.filter((t) => t !== 'wte');
 
 export interface LoraConfig {
   rank: number;
@@ -38,16 +43,23 @@ export function validateLora(c: LoraConfig): LoraConfig {
   return c;
 }
 
-/** Input and output widths of a target for residual width d. */
-export function targetDims(t: LoraTarget, d: number): [number, number] {
+/** Input and output widths of a target for residual width d (the embedding's input is the vocabulary). */
+export function targetDims(t: LoraTarget, d: number, vocab = 0): [number, number] {
   switch (t) {
     case 'q': case 'k': case 'v': case 'proj': return [d, d];
     case 'fc': return [d, 4 * d];
     case 'mlp-proj': return [4 * d, d];
+    case 'wte': return [vocab, d];
   }
 }
 
+/** Tensor name of an adapter in exported files (`h.<layer>.<target>` or `wte`). */
+export function adapterName(v: Pick<AdapterView, 'layer' | 'target'>): string {
+  return v.layer < 0 ? v.target : `h.${v.layer}.${v.target}`;
+}
+
 export interface AdapterView {
+  /** -1 for the embedding adapter */
   layer: number;
   target: LoraTarget;
   din: number;
@@ -65,19 +77,25 @@ export class LoraAdapters {
   private index = new Map<string, AdapterView>();
   readonly scale: number;
 
-  constructor(readonly config: LoraConfig, readonly nLayer: number, readonly d: number) {
+  constructor(readonly config: LoraConfig, readonly nLayer: number, readonly d: number, readonly vocab = 0) {
     validateLora(config);
     const r = config.rank;
+    const slots: [number, LoraTarget][] = [];
+    if (config.targets.includes('wte')) {
+      if (!(vocab > 0)) throw new Error('the wte LoRA target needs the vocabulary size');
+      slots.push([-1, 'wte']);
+    }
+    for (let l = 0; l < nLayer; l++) for (const t of config.targets) if (t !== 'wte') slots.push([l, t]);
     let total = 0;
-    for (let l = 0; l < nLayer; l++) for (const t of config.targets) {
-      const [din, dout] = targetDims(t, d);
+    for (const [, t] of slots) {
+      const [din, dout] = targetDims(t, d, vocab);
       total += din * r + r * dout;
     }
     this.params = new Float32Array(total);
     this.grads = new Float32Array(total);
     let off = 0;
-    for (let l = 0; l < nLayer; l++) for (const t of config.targets) {
-      const [din, dout] = targetDims(t, d);
+    for (const [l, t] of slots) {
+      const [din, dout] = targetDims(t, d, vocab);
       const v: AdapterView = {
         layer: l, target: t, din, dout,
         A: this.params.subarray(off, off + din * r), gA: this.grads.subarray(off, off + din * r),
@@ -94,11 +112,24 @@ export class LoraAdapters {
     return this.index.get(`${layer}/${t}`);
   }
 
-  /** A ~ N(0, 1/din) (Kaiming-like), B = 0, so the adapted model starts equal to the base model. */
+  /** the token-embedding adapter, if `wte` is a target */
+  embedding(): AdapterView | undefined {
+    return this.index.get('-1/wte');
+  }
+
+  /**
+   * Linears: A ~ N(0, 1/din) (Kaiming-like), B = 0. Embedding (as PEFT): A = 0, B ~ N(0, 1).
+   * Either way the adapted model starts equal to the base model.
+   */
   init(rng: RandomSource): void {
     for (const v of this.views) {
-      rng.fillNormal(v.A, 1 / Math.sqrt(v.din));
-      v.B.fill(0);
+      if (v.target === 'wte') {
+        v.A.fill(0);
+        rng.fillNormal(v.B, 1);
+      } else {
+        rng.fillNormal(v.A, 1 / Math.sqrt(v.din));
+        v.B.fill(0);
+      }
     }
   }
 }
@@ -148,5 +179,26 @@ export function loraBackward(dx: Float32Array | null, dy: Float32Array, v: Adapt
     } else {
       sgemm(false, true, n, v.din, r, 1, du, r, v.A, r, 1, dx, v.din);
     }
+  }
+}
+
+// embedding forward: out[n, d] (+)= scale * A[tokens] B ; returns u = A[tokens] [n, r] for backward
+export function loraEmbedForward(out: Float32Array, tokens: Int32Array, v: AdapterView, n: number, scale: number, accumulate: boolean): Float32Array {
+  const r = v.A.length / v.din;
+  const u = new Float32Array(n * r);
+  for (let i = 0; i < n; i++) u.set(v.A.subarray(tokens[i] * r, (tokens[i] + 1) * r), i * r);
+  sgemm(false, false, n, v.dout, r, scale, u, r, v.B, v.dout, accumulate ? 1 : 0, out, v.dout);
+  return u;
+}
+
+// embedding backward: gB += scale u^T dy ; gA[tokens[i]] += scale (dy B^T)[i]
+export function loraEmbedBackward(dy: Float32Array, tokens: Int32Array, v: AdapterView, u: Float32Array, n: number, scale: number): void {
+  const r = v.A.length / v.din;
+  sgemm(true, false, r, v.dout, n, scale, u, r, dy, v.dout, 1, v.gB, v.dout);
+  const du = new Float32Array(n * r);
+  sgemm(false, true, n, r, v.dout, scale, dy, v.dout, v.B, v.dout, 0, du, r);
+  for (let i = 0; i < n; i++) {
+    const o = tokens[i] * r;
+    for (let j = 0; j < r; j++) v.gA[o + j] += du[i * r + j];
   }
 }

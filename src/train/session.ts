@@ -17,7 +17,7 @@ import { Accelerator } from '../split/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../split/link.js';
 import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type TrainMode } from '../split/train_model.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
-import { LoraAdapters, type LoraConfig, type LoraTarget } from './lora.js';
+import { LoraAdapters, adapterName, parseLoraTargets, type LoraConfig, type LoraTarget } from './lora.js';
 import type { Task } from '../data/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
@@ -118,8 +118,8 @@ export function exportRun(dir: string, s: Session, extra: Record<string, unknown
   if (ad) {
     const t: TensorToWrite[] = [];
     for (const v of ad.views) {
-      t.push({ name: `h.${v.layer}.${v.target}.lora_A`, dtype: 'F32', shape: [v.din, ad.config.rank], data: v.A });
-      t.push({ name: `h.${v.layer}.${v.target}.lora_B`, dtype: 'F32', shape: [ad.config.rank, v.dout], data: v.B });
+      t.push({ name: `${adapterName(v)}.lora_A`, dtype: 'F32', shape: [v.din, ad.config.rank], data: v.A });
+      t.push({ name: `${adapterName(v)}.lora_B`, dtype: 'F32', shape: [ad.config.rank, v.dout], data: v.B });
     }
     writeSafetensors(path.join(dir, 'adapters.safetensors'), t, {
       format: 'obfuscatune-lora/1', mode: s.model.mode, rank: String(ad.config.rank), alpha: String(ad.config.alpha), targets: ad.config.targets.join(','),
@@ -150,6 +150,8 @@ export function mergeAdaptersPlain(w: GPT2Weights, ad: LoraAdapters): GPT2Weight
     if (v.target in SECTION) addLowRank(lay.layer(p, 'qkvw', l), 3 * d, SECTION[v.target]! * d, v.A, v.B, v.din, r, v.dout, ad.scale);
     else if (v.target === 'proj') addLowRank(lay.layer(p, 'attprojw', l), d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
     else if (v.target === 'fc') addLowRank(lay.layer(p, 'fcw', l), 4 * d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
+    // the embedding update: GPT-2 ties wte to the output layer, which a classifier does not use
+    else if (v.target === 'wte') addLowRank(lay.view(p, 'wte'), d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
     else addLowRank(lay.layer(p, 'fcprojw', l), d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
   }
   return { ...w, params: p };
@@ -190,15 +192,21 @@ function fromPlainParts(base: GPT2Weights, acc: AcceleratorWeights, enc: Enclave
 }
 
 /** Loads an adapters file written by exportRun. */
-export function loadAdapters(file: string, nLayer: number, d: number): LoraAdapters {
+export function loadAdapters(file: string, nLayer: number, d: number, vocab: number): LoraAdapters {
   if (!existsSync(file)) throw new Error(`adapter file ${file} not found`);
   const st = openSafetensors(file);
   const meta = st.metadata;
-  const cfg: LoraConfig = { rank: Number(meta.rank), alpha: Number(meta.alpha), dropout: 0, targets: (meta.targets ?? '').split(',') as LoraTarget[] };
-  const ad = new LoraAdapters(cfg, nLayer, d);
+  let targets: LoraTarget[];
+  try {
+    targets = parseLoraTargets(meta.targets ?? '');
+  } catch (e) {
+    throw new Error(`adapter file ${file}: ${(e as Error).message}`);
+  }
+  const cfg: LoraConfig = { rank: Number(meta.rank), alpha: Number(meta.alpha), dropout: 0, targets };
+  const ad = new LoraAdapters(cfg, nLayer, d, vocab);
   for (const v of ad.views) {
-    st.getInto(`h.${v.layer}.${v.target}.lora_A`, v.A);
-    st.getInto(`h.${v.layer}.${v.target}.lora_B`, v.B);
+    st.getInto(`${adapterName(v)}.lora_A`, v.A);
+    st.getInto(`${adapterName(v)}.lora_B`, v.B);
   }
   return ad;
 }

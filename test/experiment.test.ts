@@ -34,6 +34,10 @@ test('experiment paper --quick writes results.json (contract) and index.html wit
     assert.match(html, /food-reviews/);
     const md = readFileSync(path.join(out, 'results.md'), 'utf8');
     assert.match(md, /## Gap to local fine-tuning/);
+    // food-reviews runs its own recipe (the token-embedding adapter), recorded in its rows and the report
+    assert.deepEqual(local.recipe.loraTargets, ['wte', 'q', 'v']);
+    assert.match(md, /\| food-reviews \(own recipe\) \| mean \| wte,q,v \|/);
+    assert.match(md, /\| austen \| last \| q,v \|/);
     assert.match(md, /\| food-reviews \| [^|]+ \| lora \| accuracy points \| [+-]\d/);
     // sealed and paper kappa 1 LoRA are local LoRA up to float error
     assert.match(md, /\| food-reviews \| [^|]+ \| lora \| accuracy points \| [+-]0\.00 \| [+-]0\.00 \|/);

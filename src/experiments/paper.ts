@@ -296,10 +296,21 @@ export function gapTable(res: Results): { head: string[]; rows: string[][] } {
 }
 
 /** The report's tables (HTML and Markdown render the same ones). */
-export function reportTables(res: Results): Record<'main' | 'gap' | 'fidelity' | 'share' | 'overhead', { head: string[]; rows: string[][] }> {
+/** The recipe each dataset's rows ran with (the common one unless a row records departures). */
+export function recipeTable(res: Results): { head: string[]; rows: string[][] } {
+  const seen = new Map<string, Recipe>();
+  for (const r of res.rows) if (!seen.has(r.dataset)) seen.set(r.dataset, { ...COMMON_RECIPE, ...r.recipe });
+  return {
+    head: ['dataset', 'pooling', 'LoRA targets', 'LoRA lr', 'full: lr', 'full: enclave optimiser'],
+    rows: [...seen].map(([d, c]) => [d + (res.rows.find((r) => r.dataset === d)?.recipe ? ' (own recipe)' : ''), c.pooling, c.loraTargets.join(','), String(c.lr.lora), String(c.lr.full), c.fullEnclaveOptimizer]),
+  };
+}
+
+export function reportTables(res: Results): Record<keyof typeof TITLES, { head: string[]; rows: string[][] }> {
   return {
     main: mainTable(res),
     gap: gapTable(res),
+    recipes: recipeTable(res),
     fidelity: {
       head: ['model', 'mode', 'kappa', 'max |err|', 'mean |err|', 'top-1 agreement'],
       rows: res.fidelity.map((f) => [f.model, f.mode, f.kappa, f.max_abs_logit_err.toExponential(2), f.mean_abs_logit_err.toExponential(2), `${(100 * f.top1_agreement).toFixed(1)}%`]),
@@ -318,6 +329,7 @@ export function reportTables(res: Results): Record<'main' | 'gap' | 'fidelity' |
 const TITLES = {
   main: 'Test metric: local vs confidential fine-tuning',
   gap: 'Gap to local fine-tuning',
+  recipes: 'Recipe per dataset (identical across modes; full fine-tuning: SGD-momentum 0.9 on the linears)',
   fidelity: 'Fidelity vs mask condition number',
   share: 'Enclave share (T = 512)',
   overhead: 'Overhead (LoRA step time)',
@@ -340,6 +352,7 @@ export async function renderReport(res: Results): Promise<string> {
   const sections = [
     { title: TITLES.main, html: table(t.main.head, t.main.rows) },
     { title: TITLES.gap, html: table(t.gap.head, t.gap.rows) },
+    { title: TITLES.recipes, html: table(t.recipes.head, t.recipes.rows) },
     ...(curves.length ? [{ title: 'Training loss (LoRA), local vs confidential', html: await lineChart(curves, { title: 'training loss', x: 'step', y: 'cross-entropy', width: 700 }) }] : []),
     ...(acc.length ? [{ title: 'Accuracy per dataset and method', html: await barChart(acc, { title: 'test accuracy (%)', y: 'accuracy %' }) }] : []),
     { title: TITLES.fidelity, html: (fid.length ? await lineChart(fid, { title: 'paper mode: logit error; x = kappa 1, 10, 100, 1000, naive', x: 'mask (1=k1, 2=k10, 3=k100, 4=k1000, 5=naive)', y: 'max |logit error|', logY: true }) : '') + table(t.fidelity.head, t.fidelity.rows) },

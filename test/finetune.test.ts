@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import os from 'node:os';
-import { mkdtempSync, rmSync, readFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, readFileSync, existsSync, readdirSync, writeFileSync } from 'node:fs';
 import { GPT2 } from '../src/model/gpt2.js';
 import { getPreset } from '../src/model/config.js';
 import type { GPT2Weights } from '../src/model/weights.js';
@@ -231,6 +231,15 @@ for (const method of ['lora', 'full'] as const) {
       assert.equal(m2, m1, 'metrics.jsonl of the resumed run equals the uninterrupted one');
       // resuming onto another mode is refused
       await assert.rejects(train(base, { ...s, mode: 'paper' }, { ...cfg, mode: 'paper' }, data, path.join(dir, 'cut'), { resume: true }), /cannot resume: the checkpoint .* mode "sealed"/);
+      // a checkpoint of the earlier format: accepted for LoRA, refused for sealed full (rotated embeddings)
+      const ckDir = path.join(dir, 'cut', 'checkpoints');
+      const last = readdirSync(ckDir).filter((n) => n.startsWith('step-')).sort().pop()!;
+      const stFile = path.join(ckDir, last, 'state.json');
+      const st = JSON.parse(readFileSync(stFile, 'utf8'));
+      writeFileSync(stFile, JSON.stringify({ ...st, format: 'obfuscatune-run-checkpoint/1' }));
+      const old = train(base, s, { ...cfg, steps: 13 }, data, path.join(dir, 'cut'), { resume: true });
+      if (method === 'full') await assert.rejects(old, /rotated basis of an earlier version/);
+      else assert.equal((await old).summary.resumed_from, 12);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

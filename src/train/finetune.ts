@@ -122,7 +122,10 @@ interface CheckpointState {
   losses: number[];
 }
 
-const CKPT_FORMAT = 'obfuscatune-run-checkpoint/1';
+// /2: sealed full fine-tuning keeps its embeddings and final bias in the plain basis (/1:
+// rotated); other runs' checkpoints are the same in both
+const CKPT_FORMAT = 'obfuscatune-run-checkpoint/2';
+const CKPT_FORMAT_V1 = 'obfuscatune-run-checkpoint/1';
 
 function ckptName(step: number): string {
   return `step-${String(step).padStart(7, '0')}`;
@@ -151,7 +154,10 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     const ck = latestCheckpoint(runDir);
     if (!ck) throw new Error(`--resume: no checkpoint in ${path.join(runDir, 'checkpoints')}`);
     const st = JSON.parse(readFileSync(path.join(ck, 'state.json'), 'utf8')) as CheckpointState;
-    if (st.format !== CKPT_FORMAT) throw new Error(`${ck}: not a run checkpoint`);
+    if (st.format === CKPT_FORMAT_V1 && st.mode === 'sealed' && st.method === 'full') {
+      throw new Error(`cannot resume: the checkpoint in ${ck} holds sealed full fine-tuning's embeddings in the rotated basis of an earlier version (this one trains them in the plain basis); start the run again`);
+    }
+    if (st.format !== CKPT_FORMAT && st.format !== CKPT_FORMAT_V1) throw new Error(`${ck}: not a run checkpoint`);
     for (const [k, want] of [['mode', cfg.mode], ['method', cfg.method], ['task', cfg.task], ['kappa', cfg.kappa], ['model_id', cfg.modelId]] as const) {
       if ((st as unknown as Record<string, unknown>)[k] !== want) throw new Error(`cannot resume: the checkpoint in ${ck} was made with ${k} ${JSON.stringify((st as unknown as Record<string, unknown>)[k])}, this run has ${JSON.stringify(want)}`);
     }

@@ -44,6 +44,11 @@ test('init, generate and a clear error for a bad model path', () => {
     const badInt = run(['bench', 'train-step', '--batch', 'four']);
     assert.notEqual(badInt.status, 0);
     assert.match(badInt.stderr, /--batch must be an integer/);
+    // the embedding adapter is for classification: refused before any work
+    const wte = run(['finetune', '--model', path.join(ROOT, 'test/fixtures/vocab50257'), '--train', path.join(ROOT, 'data/austen/train.jsonl'), '--task', 'lm', '--targets', 'wte,q', '--max-len', '8', '--out', path.join(dir, 'run')]);
+    assert.notEqual(wte.status, 0);
+    assert.match(wte.stderr, /wte LoRA target .* classification/);
+    assert.ok(!existsSync(path.join(dir, 'run')), 'nothing was written');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

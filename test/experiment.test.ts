@@ -41,8 +41,18 @@ test('experiment paper --quick writes results.json (contract) and index.html wit
     assert.match(md, /\| food-reviews \| [^|]+ \| lora \| accuracy points \| [+-]\d/);
     // sealed and paper kappa 1 LoRA are local LoRA up to float error
     assert.match(md, /\| food-reviews \| [^|]+ \| lora \| accuracy points \| [+-]0\.00 \| [+-]0\.00 \|/);
+    // a stored row made with another recipe is run again (here: a food row without its own)
+    const stored = JSON.parse(readFileSync(path.join(out, 'results.json'), 'utf8'));
+    const victim = stored.rows.find((r: { dataset: string; mode: string }) => r.dataset === 'food-reviews' && r.mode === 'sealed');
+    delete victim.recipe;
+    victim.seconds = -1;
+    writeFileSync(path.join(out, 'results.json'), JSON.stringify(stored));
     const again = await runPaperExperiments({ models: [MODEL], datasets: ['food-reviews', 'austen'], dataDir: path.join(ROOT, 'data'), out, quick: true, steps: 3, methods: ['lora'] });
     assert.equal(again.rows.length, 8, 'finished rows are not run again');
+    const rerun = again.rows.filter((r) => r.dataset === 'food-reviews' && r.mode === 'sealed');
+    assert.equal(rerun.length, 1);
+    assert.ok(rerun[0].seconds >= 0 && rerun[0].recipe, 'the row with the other recipe was replaced');
+    assert.equal(again.rows.filter((r) => r.seconds >= 0).length, 8);
   } finally {
     rmSync(out, { recursive: true, force: true });
   }

@@ -239,7 +239,12 @@ for (const method of ['lora', 'full'] as const) {
       writeFileSync(stFile, JSON.stringify({ ...st, format: 'obfuscatune-run-checkpoint/1' }));
       const old = train(base, s, { ...cfg, steps: 13 }, data, path.join(dir, 'cut'), { resume: true });
       if (method === 'full') await assert.rejects(old, /rotated basis of an earlier version/);
-      else assert.equal((await old).summary.resumed_from, 12);
+      else {
+        assert.equal((await old).summary.resumed_from, 12);
+        // adapters of another shape or place are refused, not loaded into the wrong slots
+        const other = { ...s, lora: { ...s.lora, targets: ['k', 'v'] as ('k' | 'v')[] } };
+        await assert.rejects(train(base, other, { ...cfg, steps: 14 }, data, path.join(dir, 'cut'), { resume: true }), /made with LoRA rank 4, alpha 8, targets q,v, this run has rank 4, alpha 8, targets k,v/);
+      }
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -324,6 +329,23 @@ test('LoRA merge: the provider\'s merged plain model reproduces the split model 
   }
 });
 
+
+test('sealed LM fine-tuning of a model that carries a classifier leaves the classifier as it was (merge)', async () => {
+  const dir = tmp();
+  try {
+    const g = new GPT2(perturbed('gpt2-micro', 16));
+    g.addClassifier(3, 4);
+    const base = g.weights();
+    const data = dataset('lm', 16, 64, 10, 17);
+    for (const method of ['lora', 'full'] as const) {
+      const { sess } = await train(base, { mode: 'sealed', method, task: 'lm', numLabels: undefined }, cfgFor({ mode: 'sealed', method, task: 'lm', steps: 2 }), data, path.join(dir, method));
+      const merged = mergedPlainModel(sess);
+      assert.ok(relErr(merged.cls!.weight, base.cls!.weight) < 1e-5, `${method}: the classifier is unchanged`);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
 
 test('LoRA on the token embedding (wte): gradients match finite differences; local, paper and sealed train alike; refused for LM', async () => {
   const dir = tmp();

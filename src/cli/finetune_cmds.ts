@@ -8,7 +8,7 @@ import { tokenizerFor } from '../model/tokenizer.js';
 import { readJsonl, labelSet, encodeRecords, type Task } from '../data/jsonl.js';
 import { buildSession, exportRun, mergedPlainModel, type SessionOptions } from '../train/session.js';
 import { runFinetune, evaluate, type FinetuneConfig } from '../train/finetune.js';
-import { DEFAULT_LORA, parseLoraTargets, validateLora } from '../train/lora.js';
+import { DEFAULT_LORA, checkLoraTask, parseLoraTargets, validateLora } from '../train/lora.js';
 import { parseMaskSpec, maskSpecLabel } from '../linalg/masks.js';
 import { progressBar } from './progress.js';
 import { parseIntArg, parseFloatArg } from './model_args.js';
@@ -80,6 +80,8 @@ export function addFinetuneCommands(program: Command): void {
       if (mode !== 'paper' && (o.naive || (spec !== '1' && mode === 'local'))) throw new Error('--kappa/--naive apply to paper (and sealed per-head) masks, not to local runs');
       const tok = tokenizerFor(base.config.vocab_size);
       const task: Task = o.task;
+      const lora = method === 'lora' ? validateLora({ rank: o.rank, alpha: o.alpha, dropout: o.dropout, targets: parseLoraTargets(o.targets) }) : undefined;
+      if (lora) checkLoraTask(lora, task);
       const trainRecs = readJsonl(o.train);
       const evalRecs = o.eval ? readJsonl(o.eval) : null;
       let labels: string[] = [];
@@ -96,7 +98,6 @@ export function addFinetuneCommands(program: Command): void {
       const evalSet = evalRecs ? encodeRecords(evalRecs, tok, { task, maxLen: o.maxLen, labels, source: o.eval }) : null;
       const runDir = o.out;
       mkdirSync(runDir, { recursive: true });
-      const lora = method === 'lora' ? validateLora({ rank: o.rank, alpha: o.alpha, dropout: o.dropout, targets: parseLoraTargets(o.targets) }) : undefined;
       const padId = tok.eotId;
       const sessOpts: SessionOptions = {
         mode, method, task, kappa: spec, twoSided: o.twoSided, lora, numLabels: task === 'cls' ? labels.length : undefined, labels, pooling: o.pooling,

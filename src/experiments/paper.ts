@@ -190,9 +190,15 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
       for (const method of methods) {
         for (const c of CONFIGS) {
           const key = `${ds.meta.name}/${m.name}/${method}/${c.mode}/${c.kappa}`;
-          if (res.rows.some((r) => rowKey(r) === key)) {
-            tick(`${key} (done)`);
-            continue;
+          const prev = res.rows.findIndex((r) => rowKey(r) === key);
+          if (prev >= 0) {
+            if (JSON.stringify(res.rows[prev].recipe ?? null) === JSON.stringify(special ?? null)) {
+              tick(`${key} (done)`);
+              continue;
+            }
+            // a row made with another recipe is run again (and replaced)
+            log(`${key}: the stored row used another recipe; running it again`);
+            res.rows.splice(prev, 1);
           }
           const t0 = performance.now();
           const sess = buildSession(m.w, {
@@ -296,17 +302,20 @@ export function gapTable(res: Results): { head: string[]; rows: string[][] } {
   return { head, rows };
 }
 
-/** The report's tables (HTML and Markdown render the same ones). */
-/** The recipe each dataset's rows ran with (the common one unless a row records departures). */
+/** The recipes each dataset's rows ran with (the common one unless a row records departures). */
 export function recipeTable(res: Results): { head: string[]; rows: string[][] } {
-  const seen = new Map<string, Recipe>();
-  for (const r of res.rows) if (!seen.has(r.dataset)) seen.set(r.dataset, { ...COMMON_RECIPE, ...r.recipe });
+  const seen = new Map<string, Partial<Recipe> | undefined>();
+  for (const r of res.rows) seen.set(`${r.dataset}\u0000${JSON.stringify(r.recipe ?? null)}`, r.recipe);
   return {
     head: ['dataset', 'pooling', 'LoRA targets', 'LoRA lr', 'full: lr', 'full: enclave optimiser'],
-    rows: [...seen].map(([d, c]) => [d + (res.rows.find((r) => r.dataset === d)?.recipe ? ' (own recipe)' : ''), c.pooling, c.loraTargets.join(','), String(c.lr.lora), String(c.lr.full), c.fullEnclaveOptimizer]),
+    rows: [...seen].map(([k, own]) => {
+      const c: Recipe = { ...COMMON_RECIPE, ...own };
+      return [k.split('\u0000')[0] + (own ? ' (own recipe)' : ''), c.pooling, c.loraTargets.join(','), String(c.lr.lora), String(c.lr.full), c.fullEnclaveOptimizer];
+    }),
   };
 }
 
+/** The report's tables (HTML and Markdown render the same ones). */
 export function reportTables(res: Results): Record<keyof typeof TITLES, { head: string[]; rows: string[][] }> {
   return {
     main: mainTable(res),

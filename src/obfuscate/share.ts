@@ -21,9 +21,9 @@ export interface ShareRow {
   /** of which per-layer masks */
   enclave_mask_bytes: number;
   /**
-   * sealed: what the bundle also carries for LoRA and the classifier in the plain basis (Q,
-   * the layer norms' affine part, per-head masks, permutations), unused by inference and full
-   * fine-tuning and not in enclave_params (paper mode has these in its masks already)
+   * sealed: what the bundle also carries for training in the plain basis (Q, the layer
+   * norms' affine part, per-head masks, permutations), unused by inference and not in
+   * enclave_params (paper mode has these in its masks already)
    */
   enclave_lora_extra_bytes: number;
   /** of which the secret Freivalds vectors (integrity checks; not model parameters) */

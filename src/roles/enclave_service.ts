@@ -27,7 +27,7 @@ import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_, type Task
 import { SplitModel, type Method } from '../split/train_model.js';
 import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
-import { validateLora, parseLoraTargets, adapterName } from '../train/lora.js';
+import { validateLora, parseLoraTargets, adapterName, checkLoraTask } from '../train/lora.js';
 import { freshClassifier } from '../train/session.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { writeSafetensors } from '../model/safetensors.js';
@@ -255,6 +255,11 @@ export class EnclaveService {
         const spec = cmd.spec as JobSpec;
         if (spec.adam_eps !== undefined && !(typeof spec.adam_eps === 'number' && spec.adam_eps > 0 && spec.adam_eps < 1)) throw new Error(`adam_eps must be a number in (0, 1), got ${JSON.stringify(spec.adam_eps)}`);
         if (spec.pooling !== undefined && !POOLINGS.includes(spec.pooling)) throw new Error(`pooling must be one of ${POOLINGS.join(', ')}, got ${JSON.stringify(spec.pooling)}`);
+        if (spec.method === 'lora' && spec.lora) {
+          // refused here, before the job starts, rather than when the model is built
+          const lora = validateLora({ rank: spec.lora.rank, alpha: spec.lora.alpha, dropout: spec.lora.dropout, targets: parseLoraTargets(String(spec.lora.targets)) });
+          checkLoraTask(lora, spec.task);
+        }
         if (spec.pooling !== undefined && this.bundle.cls && (this.bundle.cls.pooling ?? 'last') !== spec.pooling) throw new Error(`pooling ${spec.pooling} asked for, but the model's classifier pools ${this.bundle.cls.pooling ?? 'last'}`);
         this.job = { spec, state: 'running', step: 0, loss: null, eval: null, error: null, summary: null, labels: [], recoveries: 0, losses: [] };
         rmSync(path.join(this.privateDir, 'run'), { recursive: true, force: true });

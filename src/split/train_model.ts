@@ -20,7 +20,7 @@ import type { RandomSource } from '../tensor/rng.js';
 import { LINEARS, linearDims, permuteCols, type AcceleratorWeights, type EnclaveTensors, type LinearName } from '../obfuscate/transform.js';
 import { asObfuscated, type Obfuscated } from './messages.js';
 import type { AcceleratorLink } from './link.js';
-import { LoraAdapters, loraForward, loraBackward, loraEmbedForward, loraEmbedBackward, type LoraConfig, type LoraSaved, type LoraTarget } from '../train/lora.js';
+import { LoraAdapters, checkLoraTask, loraForward, loraBackward, loraEmbedForward, loraEmbedBackward, type LoraConfig, type LoraSaved, type LoraTarget } from '../train/lora.js';
 import { IntegrityChecker } from './integrity.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 
@@ -229,7 +229,7 @@ export class SplitModel {
     }
     if (o.method === 'lora') {
       if (!o.lora) throw new Error('method lora needs a LoRA config');
-      if (o.lora.targets.includes('wte') && o.task !== 'cls') throw new Error('the wte LoRA target adapts the input embedding only, which GPT-2 ties to its output layer: use it for classification');
+      checkLoraTask(o.lora, o.task);
       this.adapters = new LoraAdapters(o.lora, L, d, o.config.vocab_size);
       this.adapters.init(o.rng);
     } else this.adapters = null;
@@ -735,7 +735,11 @@ export class SplitModel {
   /** sealed mode: the tensors the bundle holds rotated (x Q) and their row counts */
   private basisRows(): [string, number][] {
     const c = this.config;
-    return [['wte', c.vocab_size], ['wpe', c.n_ctx], ['headBias', 1], ['score', this.numLabels]];
+    const rows: [string, number][] = [['wte', c.vocab_size], ['wpe', c.n_ctx], ['headBias', 1]];
+    // a classifier is trained (in the plain basis) only by a classification run; otherwise it
+    // stays as the bundle holds it
+    if (this.task === 'cls') rows.push(['score', this.numLabels]);
+    return rows;
   }
 
   /** a tensor as the bundle holds it: sealed mode trains the classifier (and, full

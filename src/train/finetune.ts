@@ -120,12 +120,20 @@ interface CheckpointState {
   accelerator_digest: string | null;
   optimizers: Record<string, { kind: string; step: number }>;
   losses: number[];
+  /** LoRA rank, alpha and targets (checked on resume; absent in older checkpoints) */
+  lora?: string;
 }
 
 // /2: sealed full fine-tuning keeps its embeddings and final bias in the plain basis (/1:
 // rotated); other runs' checkpoints are the same in both
 const CKPT_FORMAT = 'obfuscatune-run-checkpoint/2';
 const CKPT_FORMAT_V1 = 'obfuscatune-run-checkpoint/1';
+
+/** what the adapters' layout depends on, as written in a checkpoint */
+function loraKey(model: SplitModel): string | undefined {
+  const c = model.adapters?.config;
+  return c ? `rank ${c.rank}, alpha ${c.alpha}, targets ${c.targets.join(',')}` : undefined;
+}
 
 function ckptName(step: number): string {
   return `step-${String(step).padStart(7, '0')}`;
@@ -158,6 +166,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       throw new Error(`cannot resume: the checkpoint in ${ck} holds sealed full fine-tuning's embeddings in the rotated basis of an earlier version (this one trains them in the plain basis); start the run again`);
     }
     if (st.format !== CKPT_FORMAT && st.format !== CKPT_FORMAT_V1) throw new Error(`${ck}: not a run checkpoint`);
+    if (st.lora !== undefined && st.lora !== loraKey(model)) throw new Error(`cannot resume: the checkpoint in ${ck} was made with LoRA ${st.lora}, this run has ${loraKey(model) ?? 'no LoRA'}`);
     for (const [k, want] of [['mode', cfg.mode], ['method', cfg.method], ['task', cfg.task], ['kappa', cfg.kappa], ['model_id', cfg.modelId]] as const) {
       if ((st as unknown as Record<string, unknown>)[k] !== want) throw new Error(`cannot resume: the checkpoint in ${ck} was made with ${k} ${JSON.stringify((st as unknown as Record<string, unknown>)[k])}, this run has ${JSON.stringify(want)}`);
     }
@@ -231,7 +240,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     }
     const st: CheckpointState = {
       format: CKPT_FORMAT, step, sampler: sampler.state(), rng: opts.rng.state(), mode: cfg.mode, method: cfg.method, task: cfg.task,
-      kappa: cfg.kappa, model_id: cfg.modelId, accelerator_digest: digest, optimizers, losses,
+      kappa: cfg.kappa, model_id: cfg.modelId, accelerator_digest: digest, optimizers, losses, lora: loraKey(model),
     };
     writeFileSync(path.join(tmp, 'state.json'), JSON.stringify(st, null, 2) + '\n');
     rmSync(dir, { recursive: true, force: true });

@@ -12,8 +12,6 @@ import type { RandomSource } from '../tensor/rng.js';
 /** Adapter targets: parts of the fused qkv projection, the attention output projection, the MLP up and down projections, the token embedding. */
 export const LORA_TARGETS = ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj', 'wte'] as const;
 export type LoraTarget = (typeof LORA_TARGETS)[number];
-/** the targets that exist once per layer (all but the embedding) */
-export const LAYER_TARGETS: readonly LoraTarget[] = LORA_TARGETS.filter((t) => t !== 'wte');
 
 export interface LoraConfig {
   rank: number;
@@ -41,6 +39,11 @@ export function validateLora(c: LoraConfig): LoraConfig {
   if (!(c.alpha > 0)) throw new Error(`LoRA alpha must be positive, got ${c.alpha}`);
   if (!(c.dropout >= 0 && c.dropout < 1)) throw new Error(`LoRA dropout must be in [0, 1), got ${c.dropout}`);
   return c;
+}
+
+/** The wte target is for classification: GPT-2 ties the input embedding to its output layer. */
+export function checkLoraTask(c: Pick<LoraConfig, 'targets'>, task: 'lm' | 'cls'): void {
+  if (c.targets.includes('wte') && task !== 'cls') throw new Error('the wte LoRA target adapts the input embedding only, which GPT-2 ties to its output layer: use it for classification');
 }
 
 /** Input and output widths of a target for residual width d (the embedding's input is the vocabulary). */

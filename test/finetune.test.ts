@@ -76,11 +76,18 @@ function assertLossesClose(a: number[], b: number[], tol: number, what: string) 
   }
 }
 
-const tmp = () => mkdtempSync(path.join(os.tmpdir(), 'obf-ft-'));
+/** Runs fn in a fresh temporary directory, removed afterwards. */
+async function inTmp(fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-ft-'));
+  try {
+    await fn(dir);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
 
 test('parity: paper kappa-1 and sealed LoRA+AdamW equal local LoRA+AdamW for 50 steps (LM and classification, every target)', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     for (const task of ['lm', 'cls'] as const) {
       const base = perturbed('gpt2-micro', 1);
       const data = dataset(task, 64, 64, 12, 2);
@@ -96,14 +103,11 @@ test('parity: paper kappa-1 and sealed LoRA+AdamW equal local LoRA+AdamW for 50 
       }
       assert.ok(local.summary.losses[49] < local.summary.losses[0] * 0.99, `${task}: training makes progress (${local.summary.losses[0]} -> ${local.summary.losses[49]})`);
     }
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('parity: a mean-pooled classifier trains the same through the split (LoRA: paper and sealed; full SGD: sealed vs folded local)', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     const base = perturbed('gpt2-micro', 6);
     const data = dataset('cls', 48, 64, 12, 7);
     const cfg = (mode: 'local' | 'paper' | 'sealed', method: 'lora' | 'full') => cfgFor({ mode, method, task: 'cls', steps: 15, ...(method === 'full' ? { enclaveOptimizer: 'sgd' as const, lr: 0.05 } : { lr: 1e-2 }) });
@@ -119,14 +123,11 @@ test('parity: a mean-pooled classifier trains the same through the split (LoRA: 
     const sealed = await train(base, { mode: 'sealed', method: 'full', task: 'cls', pooling: 'mean' }, cfg('sealed', 'full'), data, path.join(dir, 'sf'));
     assertLossesClose(sealed.summary.losses, folded.summary.losses, 1e-4, 'sealed mean-pooled full SGD');
     assert.equal(mergedPlainModel(sealed.sess).cls?.pooling, 'mean', 'the merged model keeps the pooling');
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('over the tensor channel (scratch replies in reused buffers) training equals the in-process run exactly', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     for (const method of ['lora', 'full'] as const) {
       const base = perturbed('gpt2-micro', 8);
       const data = dataset('lm', 32, 64, 12, 9);
@@ -155,14 +156,11 @@ test('over the tensor channel (scratch replies in reused buffers) training equal
         await (srv as AcceleratorServer | null)?.close(1_000);
       }
     }
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('parity: full fine-tuning with SGD - paper kappa 1 equals local, sealed equals the local layer-norm-folded model', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     const base = perturbed('gpt2-micro', 4);
     const data = dataset('lm', 64, 64, 12, 5);
     const sgd = { enclaveOptimizer: 'sgd' as const, lr: 0.05 };
@@ -182,14 +180,11 @@ test('parity: full fine-tuning with SGD - paper kappa 1 equals local, sealed equ
     const naive = await train(base, { mode: 'paper', method: 'full', task: 'lm', kappa: 'naive' }, cfgFor({ mode: 'paper', method: 'full', task: 'lm', kappa: 'naive', ...sgd }), data, path.join(dir, 'n'));
     const dev = (x: number[]) => Math.max(...x.map((v, i) => Math.abs(v - local.summary.losses[i]) / local.summary.losses[i]));
     assert.ok(dev(naive.summary.losses) > dev(paper.summary.losses), `naive deviation ${dev(naive.summary.losses)} vs kappa-1 ${dev(paper.summary.losses)}`);
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('parity: sealed full fine-tuning with an AdamW enclave (embeddings, final bias, classifier trained in the plain basis) equals the folded local model', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     for (const task of ['lm', 'cls'] as const) {
       const base = perturbed('gpt2-micro', 8);
       const data = dataset(task, 48, 64, 12, 9);
@@ -205,15 +200,12 @@ test('parity: sealed full fine-tuning with an AdamW enclave (embeddings, final b
       const out = (m: GPT2) => Float32Array.from(task === 'lm' ? m.forward(toks, 1, 10).logits : m.forwardCls(toks, 1, 10).logits);
       assert.ok(relErr(out(ms), out(ml)) < 2e-3, `${task}: merged sealed model equals the merged local one (${relErr(out(ms), out(ml))})`);
     }
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 for (const method of ['lora', 'full'] as const) {
   test(`exact resume (${method}, sealed): an interrupted run continues bit-identically`, async () => {
-    const dir = tmp();
-    try {
+    await inTmp(async (dir) => {
       const base = perturbed('gpt2-micro', 6);
       const data = dataset('cls', 40, 64, 10, 7);
       const cfg = cfgFor({ mode: 'sealed', method, task: 'cls', steps: 12, checkpointEvery: 5, enclaveOptimizer: 'adamw' });
@@ -245,15 +237,12 @@ for (const method of ['lora', 'full'] as const) {
         const other = { ...s, lora: { ...s.lora, targets: ['k', 'v'] as ('k' | 'v')[] } };
         await assert.rejects(train(base, other, { ...cfg, steps: 14 }, data, path.join(dir, 'cut'), { resume: true }), /made with LoRA rank 4, alpha 8, targets q,v, this run has rank 4, alpha 8, targets k,v/);
       }
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 }
 
 test('a non-finite loss stops training with the step number and keeps the last good checkpoint', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     const base = perturbed('gpt2-micro', 8);
     const data = dataset('lm', 32, 64, 10, 9);
     const sess = buildSession(base, { mode: 'sealed', method: 'lora', task: 'lm', padTokenId: 0, seed: 1, maskSeed: 1, lora: { rank: 2, alpha: 4, dropout: 0, targets: ['q', 'v'] } });
@@ -264,9 +253,7 @@ test('a non-finite loss stops training with the step number and keeps the last g
     }), /training stopped at step 4: .*non-finite.*; the last good checkpoint is step-0000002/);
     assert.ok(existsSync(path.join(dir, 'checkpoints', 'step-0000002', 'state.json')));
     assert.ok(!existsSync(path.join(dir, 'checkpoints', 'step-0000004')));
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('backward pass: every tensor the accelerator sees in sealed mode is far from its plaintext (vs the folded local run)', async () => {
@@ -309,8 +296,7 @@ test('backward pass: every tensor the accelerator sees in sealed mode is far fro
 });
 
 test('LoRA merge: the provider\'s merged plain model reproduces the split model after fine-tuning', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     const base = perturbed('gpt2-micro', 12);
     const data = dataset('cls', 32, 64, 10, 13);
     for (const mode of ['sealed', 'paper', 'local'] as const) {
@@ -324,15 +310,12 @@ test('LoRA merge: the provider\'s merged plain model reproduces the split model 
       // and the fine-tuned split still generates like its merge (enclave bundle round trip)
       if (mode === 'sealed') assert.ok(sess.obfuscation && sess.obfuscation.enclave.mode === 'sealed');
     }
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 
 test('sealed LM fine-tuning of a model that carries a classifier leaves the classifier as it was (merge)', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     const g = new GPT2(perturbed('gpt2-micro', 16));
     g.addClassifier(3, 4);
     const base = g.weights();
@@ -342,14 +325,11 @@ test('sealed LM fine-tuning of a model that carries a classifier leaves the clas
       const merged = mergedPlainModel(sess);
       assert.ok(relErr(merged.cls!.weight, base.cls!.weight) < 1e-5, `${method}: the classifier is unchanged`);
     }
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('LoRA on the token embedding (wte): gradients match finite differences; local, paper and sealed train alike; refused for LM', async () => {
-  const dir = tmp();
-  try {
+  await inTmp(async (dir) => {
     const base = perturbed('gpt2-micro', 14);
     const data = dataset('cls', 48, 64, 12, 15);
     const lora = { rank: 4, alpha: 8, dropout: 0, targets: ['wte', 'v'] as LoraTarget[] };
@@ -388,7 +368,5 @@ test('LoRA on the token embedding (wte): gradients match finite differences; loc
     }
     assert.ok(local.summary.losses[19] < local.summary.losses[0], 'training makes progress');
     assert.throws(() => buildSession(base, { mode: 'local', method: 'lora', task: 'lm', lora, padTokenId: 0, seed: 3 }), /wte LoRA target .* classification/);
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });

@@ -354,7 +354,6 @@ export function buildProgram(): Command {
   return program;
 }
 
-/** A gRPC link to an accelerator served in a child process (set up by the benchmark). */
 /** --json, --model, --batch, --seq and --steps of the step benchmarks */
 function stepBenchOptions(c: Command, stepsHelp: string): Command {
   return c
@@ -365,6 +364,7 @@ function stepBenchOptions(c: Command, stepsHelp: string): Command {
     .option('--steps <n>', stepsHelp, parseIntArg('--steps'), 5);
 }
 
+/** A gRPC link to an accelerator served in a child process (set up by the benchmark). */
 async function grpcBenchLink() {
   const { spawnedAcceleratorLink } = await import('../roles/spawn.js');
   return spawnedAcceleratorLink;

@@ -82,10 +82,9 @@ export const COMMON_RECIPE: Recipe = { pooling: 'last', loraTargets: ['q', 'v'],
  * Per-dataset departures from the common recipe, with the reason. food-reviews: the frozen
  * base models' features hardly separate its classes (a logistic-regression probe of the
  * mean-pooled final states, scripts/feature_probe.mjs, reaches 63-68% against a 65.8%
- * majority class), so both methods
- * must train the token embedding: LoRA adds an adapter on wte, full fine-tuning trains the
- * enclave's tensors with AdamW (SGD barely moves the embedding rows); a mean-pooled head and a
- * rate of 3e-3 for both (docs/results.md).
+ * majority class), so both methods must train the token embedding: LoRA adds an adapter on
+ * wte, full fine-tuning trains the enclave's tensors with AdamW (SGD barely moves the
+ * embedding rows); a mean-pooled head and a rate of 3e-3 for both (docs/results.md).
  */
 export const DATASET_RECIPES: Record<string, Partial<Recipe>> = {
   'food-reviews': { pooling: 'mean', loraTargets: ['wte', 'q', 'v'], lr: { lora: 3e-3, full: 3e-3 }, fullEnclaveOptimizer: 'adamw' },

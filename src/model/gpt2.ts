@@ -14,9 +14,7 @@ import { Rng } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import {
   encoderForward, encoderBackward, layernormForward, layernormBackward,
-  attentionForward, attentionBackward, crossEntropyForward, crossEntropyBackward,
-  poolForward,
-  poolBackward,
+  attentionForward, attentionBackward, crossEntropyForward, crossEntropyBackward, poolForward, poolBackward,
 } from './kernels.js';
 import { geluForwardPar as geluForward, geluBackwardPar as geluBackward, crossEntropyForwardPar } from '../train/parallel.js';
 

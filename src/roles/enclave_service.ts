@@ -27,10 +27,10 @@ import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_, type Task
 import { SplitModel, type Method } from '../split/train_model.js';
 import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
-import { validateLora, parseLoraTargets, adapterName, checkLoraTask } from '../train/lora.js';
+import { validateLora, parseLoraTargets, adapterTensors, checkLoraTask } from '../train/lora.js';
 import { freshClassifier } from '../train/session.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
-import { writeSafetensors } from '../model/safetensors.js';
+import { writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
 import {
   ENCLAVE_SERVICE, COMMAND_AAD, chunkAad, replyAad, enclaveServerOptions, packFiles, unpackFiles,
   type UploadChunk, type SealedCommand,
@@ -273,11 +273,8 @@ export class EnclaveService {
         if (this.job?.state !== 'done' || !this.model) throw new Error('no finished job to export');
         const m = this.model;
         const file = path.join(this.privateDir, 'export.safetensors');
-        const t = [...m.trainedTensors()].map(([name, data]) => ({ name: `enclave.${name}`, dtype: 'F32' as const, shape: [data.length], data }));
-        if (m.adapters) for (const v of m.adapters.views) {
-          t.push({ name: `${adapterName(v)}.lora_A`, dtype: 'F32', shape: [v.din, m.adapters.config.rank], data: v.A });
-          t.push({ name: `${adapterName(v)}.lora_B`, dtype: 'F32', shape: [m.adapters.config.rank, v.dout], data: v.B });
-        }
+        const t: TensorToWrite[] = [...m.trainedTensors()].map(([name, data]) => ({ name: `enclave.${name}`, dtype: 'F32', shape: [data.length], data }));
+        if (m.adapters) t.push(...adapterTensors(m.adapters));
         writeSafetensors(file, t, { mode: m.mode, method: m.method, task: m.task, ...(m.adapters ? { rank: String(m.adapters.config.rank), alpha: String(m.adapters.config.alpha), targets: m.adapters.config.targets.join(',') } : {}) });
         const data = readFileSync(file).toString('base64');
         rmSync(file, { force: true });

@@ -414,13 +414,12 @@ export class SplitModel {
     if (this.plainEmbed) h.set(this.rotate(h, n, true));
     const embAd = ad?.embedding();
     let embU: Float32Array | undefined;
-    if (embAd) {
+    if (embAd && this.mode === 'sealed') {
       // the adapter's update is plain; the sealed stream is rotated
       const delta = new Float32Array(n * d);
       embU = loraEmbedForward(delta, tokens, embAd, n, ad!.scale, false);
-      const add = this.mode === 'sealed' ? this.rotate(delta, n, true) : delta;
-      for (let i = 0; i < n * d; i++) h[i] += add[i];
-    }
+      this.rotate(delta, n, true, h);
+    } else if (embAd) embU = loraEmbedForward(h, tokens, embAd, n, ad!.scale, true);
     const layers: LayerStore[] = [];
     for (let l = 0; l < L; l++) {
       const s: LayerStore = {

@@ -8,6 +8,7 @@
  */
 import { sgemm } from '../tensor/gemm.js';
 import type { RandomSource } from '../tensor/rng.js';
+import type { TensorToWrite } from '../model/safetensors.js';
 
 /** Adapter targets: parts of the fused qkv projection, the attention output projection, the MLP up and down projections, the token embedding. */
 export const LORA_TARGETS = ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj', 'wte'] as const;
@@ -59,6 +60,15 @@ export function targetDims(t: LoraTarget, d: number, vocab = 0): [number, number
 /** Tensor name of an adapter in exported files (`h.<layer>.<target>` or `wte`). */
 export function adapterName(v: Pick<AdapterView, 'layer' | 'target'>): string {
   return v.layer < 0 ? v.target : `h.${v.layer}.${v.target}`;
+}
+
+/** Every adapter's A [din, r] and B [r, dout] as tensors to write (`<name>.lora_A`, `<name>.lora_B`). */
+export function adapterTensors(ad: LoraAdapters): TensorToWrite[] {
+  const r = ad.config.rank;
+  return ad.views.flatMap((v) => [
+    { name: `${adapterName(v)}.lora_A`, dtype: 'F32' as const, shape: [v.din, r], data: v.A },
+    { name: `${adapterName(v)}.lora_B`, dtype: 'F32' as const, shape: [r, v.dout], data: v.B },
+  ]);
 }
 
 export interface AdapterView {

@@ -16,8 +16,8 @@ import { deobfuscate, type AcceleratorWeights, type EnclaveTensors } from '../ob
 import { Accelerator } from '../split/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../split/link.js';
 import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type TrainMode } from '../split/train_model.js';
-import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
-import { LoraAdapters, adapterName, parseLoraTargets, type LoraConfig, type LoraTarget } from './lora.js';
+import { openSafetensors, writeSafetensors } from '../model/safetensors.js';
+import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraConfig, type LoraTarget } from './lora.js';
 import type { Task } from '../data/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
@@ -116,12 +116,7 @@ export function exportRun(dir: string, s: Session, extra: Record<string, unknown
   mkdirSync(dir, { recursive: true });
   const ad = s.model.adapters;
   if (ad) {
-    const t: TensorToWrite[] = [];
-    for (const v of ad.views) {
-      t.push({ name: `${adapterName(v)}.lora_A`, dtype: 'F32', shape: [v.din, ad.config.rank], data: v.A });
-      t.push({ name: `${adapterName(v)}.lora_B`, dtype: 'F32', shape: [ad.config.rank, v.dout], data: v.B });
-    }
-    writeSafetensors(path.join(dir, 'adapters.safetensors'), t, {
+    writeSafetensors(path.join(dir, 'adapters.safetensors'), adapterTensors(ad), {
       format: 'obfuscatune-lora/1', mode: s.model.mode, rank: String(ad.config.rank), alpha: String(ad.config.alpha), targets: ad.config.targets.join(','),
     });
   }

@@ -33,12 +33,12 @@ try {
     const recs = readFileSync(path.join(root, 'data', dataset, `${split}.jsonl`), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
     const feats = new Float32Array(recs.length * 3 * C); // [mean final, last final, mean embedding]
     const y = new Int32Array(recs.length);
-    recs.forEach((r, i) => {
+    for (const [i, r] of recs.entries()) {
       const ids = gpt2Tokenizer.encode(r.text).slice(0, maxLen);
       const T = ids.length;
       const toks = Int32Array.from(ids);
-      g.forward(toks, 1, T, null);
-      const h = g.lastActivations().lnf;
+      await g.forward(toks, 1, T, null);
+      const h = g.lastActivations().hf;
       const o = feats.subarray(i * 3 * C, (i + 1) * 3 * C);
       for (let t = 0; t < T; t++) {
         for (let c = 0; c < C; c++) {
@@ -48,7 +48,7 @@ try {
       }
       o.set(h.subarray((T - 1) * C, T * C), C);
       y[i] = labels.indexOf(r.label);
-    });
+    }
     writeFileSync(path.join(dir, `${split}.f32`), Buffer.from(feats.buffer));
     writeFileSync(path.join(dir, `${split}.y`), Buffer.from(y.buffer));
   }

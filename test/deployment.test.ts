@@ -124,7 +124,7 @@ test('multi-process flow: attested uploads, LoRA fine-tuning, inference, policy,
     const m = new GPT2(merged);
     m.padTokenId = gpt2Tokenizer.eotId;
     const ids = gpt2Tokenizer.encode('this was good really good');
-    const r = m.forwardCls(Int32Array.from(ids), 1, ids.length);
+    const r = await m.forwardCls(Int32Array.from(ids), 1, ids.length);
     const lab = merged.cls!.labels!;
     assert.equal(lab[r.logits[0] > r.logits[1] ? 0 : 1], inf.predictions[0]);
   } finally {

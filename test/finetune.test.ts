@@ -18,7 +18,7 @@ import type { AcceleratorWeights } from '../src/obfuscate/transform.js';
 import { startAcceleratorServer, type AcceleratorServer } from '../src/rpc/accelerator_server.js';
 import { GrpcAcceleratorLink } from '../src/rpc/accelerator_client.js';
 import { relErr } from './helpers.js';
-import type { LoraTarget } from '../src/train/lora.js';
+import type { LoraTarget } from '../src/model/lora.js';
 
 function perturbed(preset: string, seed: number): GPT2Weights {
   const m = GPT2.random(getPreset(preset), seed);
@@ -175,7 +175,7 @@ test('parity: full fine-tuning with SGD - paper kappa 1 equals local, sealed equ
     const mergedSealed = new GPT2(mergedPlainModel(sealed.sess));
     const mergedLocal = new GPT2(mergedPlainModel(folded.sess));
     const toks = Int32Array.from({ length: 10 }, (_, i) => (i * 7) % 64);
-    assert.ok(relErr(mergedSealed.forward(toks, 1, 10).logits, Float32Array.from(mergedLocal.forward(toks, 1, 10).logits)) < 1e-3);
+    assert.ok(relErr((await mergedSealed.forward(toks, 1, 10)).logits, Float32Array.from((await mergedLocal.forward(toks, 1, 10)).logits)) < 1e-3);
     // naive masks: the divergence is measured (reported by the experiments), and it is larger
     const naive = await train(base, { mode: 'paper', method: 'full', task: 'lm', kappa: 'naive' }, cfgFor({ mode: 'paper', method: 'full', task: 'lm', kappa: 'naive', ...sgd }), data, path.join(dir, 'n'));
     const dev = (x: number[]) => Math.max(...x.map((v, i) => Math.abs(v - local.summary.losses[i]) / local.summary.losses[i]));
@@ -197,8 +197,9 @@ test('parity: sealed full fine-tuning with an AdamW enclave (embeddings, final b
       // the trained tensors leave the enclave in the bundle's (rotated) basis: the merge is the local model
       const toks = Int32Array.from({ length: 10 }, (_, i) => (i * 7) % 64);
       const ms = new GPT2(mergedPlainModel(sealed.sess)), ml = new GPT2(mergedPlainModel(folded.sess));
-      const out = (m: GPT2) => Float32Array.from(task === 'lm' ? m.forward(toks, 1, 10).logits : m.forwardCls(toks, 1, 10).logits);
-      assert.ok(relErr(out(ms), out(ml)) < 2e-3, `${task}: merged sealed model equals the merged local one (${relErr(out(ms), out(ml))})`);
+      const out = async (m: GPT2) => Float32Array.from(task === 'lm' ? (await m.forward(toks, 1, 10)).logits : (await m.forwardCls(toks, 1, 10)).logits);
+      const [os, ol] = [await out(ms), await out(ml)];
+      assert.ok(relErr(os, ol) < 2e-3, `${task}: merged sealed model equals the merged local one (${relErr(os, ol)})`);
     }
   });
 });
@@ -305,7 +306,7 @@ test('LoRA merge: the provider\'s merged plain model reproduces the split model 
       const split = await sess.model.forward(b.tokens, b.B, b.T, b.targets, false);
       const merged = new GPT2(mergedPlainModel(sess));
       merged.padTokenId = 0;
-      const plain = merged.forwardCls(b.tokens, b.B, b.T, b.targets);
+      const plain = await merged.forwardCls(b.tokens, b.B, b.T, b.targets);
       assert.ok(Math.abs(plain.loss! - split.loss) < 1e-4, `${mode}: merged loss ${plain.loss} vs split ${split.loss}`);
       // and the fine-tuned split still generates like its merge (enclave bundle round trip)
       if (mode === 'sealed') assert.ok(sess.obfuscation && sess.obfuscation.enclave.mode === 'sealed');

@@ -42,6 +42,21 @@ export function numericGrad(f: () => number, x: Float32Array, indices: number[],
   });
 }
 
+/** numericGrad of an async loss (a model whose forward goes through the block's linears). */
+export async function numericGradAsync(f: () => Promise<number>, x: Float32Array, indices: number[], eps = 1e-3): Promise<number[]> {
+  const out: number[] = [];
+  for (const i of indices) {
+    const orig = x[i];
+    x[i] = orig + eps;
+    const fp = await f();
+    x[i] = orig - eps;
+    const fm = await f();
+    x[i] = orig;
+    out.push((fp - fm) / (2 * eps));
+  }
+  return out;
+}
+
 /** A few random indices into an array of length n (always including 0 and n-1). */
 export function someIndices(n: number, k: number, rng: Rng): number[] {
   const s = new Set<number>([0, n - 1]);

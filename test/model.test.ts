@@ -2,12 +2,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { getPreset } from '../src/model/config.js';
 import { GPT2 } from '../src/model/gpt2.js';
-import { KVCache, forwardCached, generate, sampleToken } from '../src/model/generate.js';
+import { KVCache, generate, sampleToken } from '../src/model/transformer.js';
 import { AdamW, SGD, clipGradNorm, cosineSchedule, gpt2DecayMask } from '../src/train/optim.js';
 import { trainLM } from '../src/train/lm.js';
 import { Rng } from '../src/tensor/rng.js';
 import { gpt2Tokenizer, tokenizerFor } from '../src/model/tokenizer.js';
-import { relErr, numericGrad, assertGradClose } from './helpers.js';
+import { relErr, numericGradAsync, assertGradClose } from './helpers.js';
 
 const micro = getPreset('gpt2-micro');
 
@@ -16,38 +16,38 @@ function randomTokens(n: number, V: number, seed: number): Int32Array {
   return Int32Array.from({ length: n }, () => r.int(V));
 }
 
-test('KV-cache incremental forward equals the full forward at every position', () => {
+test('KV-cache incremental forward equals the full forward at every position', async () => {
   const model = GPT2.random(getPreset('gpt2-tiny'), 3);
   const T = 12;
   const V = model.config.vocab_size;
   const tokens = randomTokens(T, V, 4);
-  const full = Float32Array.from(model.forward(tokens, 1, T).logits);
+  const full = Float32Array.from((await model.forward(tokens, 1, T)).logits);
   const cache = new KVCache(model.config.n_layer, model.config.n_ctx, model.config.n_embd);
   // prefill 5 tokens, then one at a time
-  let logits = forwardCached(model, cache, Array.from(tokens.subarray(0, 5)));
+  let logits = await model.forwardCached(cache, Array.from(tokens.subarray(0, 5)));
   assert.ok(relErr(logits, full.subarray(4 * V, 5 * V)) < 1e-5, 'prefill logits');
   for (let t = 5; t < T; t++) {
-    logits = forwardCached(model, cache, [tokens[t]]);
+    logits = await model.forwardCached(cache, [tokens[t]]);
     assert.ok(relErr(logits, full.subarray(t * V, (t + 1) * V)) < 1e-5, `logits at position ${t}`);
   }
   assert.equal(cache.length, T);
 });
 
-test('generation: greedy is deterministic and stops at the context length', () => {
+test('generation: greedy is deterministic and stops at the context length', async () => {
   const model = GPT2.random(micro, 5);
-  const a = generate(model, [1, 2, 3], { maxNewTokens: 50 });
-  const b = generate(model, [1, 2, 3], { maxNewTokens: 50 });
+  const a = await generate(model, [1, 2, 3], { maxNewTokens: 50 });
+  const b = await generate(model, [1, 2, 3], { maxNewTokens: 50 });
   assert.deepEqual(a, b);
   // the last token is predicted from position n_ctx-1, so n_ctx - prompt + 1 new tokens fit
   assert.equal(a.length, micro.n_ctx - 3 + 1);
-  const c = generate(model, [1, 2, 3], { maxNewTokens: 8, temperature: 1.0, topK: 5, seed: 9 });
-  const d = generate(model, [1, 2, 3], { maxNewTokens: 8, temperature: 1.0, topK: 5, seed: 9 });
+  const c = await generate(model, [1, 2, 3], { maxNewTokens: 8, temperature: 1.0, topK: 5, seed: 9 });
+  const d = await generate(model, [1, 2, 3], { maxNewTokens: 8, temperature: 1.0, topK: 5, seed: 9 });
   assert.deepEqual(c, d, 'seeded sampling is reproducible');
-  assert.throws(() => generate(model, [], { maxNewTokens: 1 }), /non-empty prompt/);
-  assert.throws(() => generate(model, [micro.vocab_size], { maxNewTokens: 1 }), /out of range/);
+  await assert.rejects(generate(model, [], { maxNewTokens: 1 }), /non-empty prompt/);
+  await assert.rejects(generate(model, [micro.vocab_size], { maxNewTokens: 1 }), /out of range/);
 });
 
-test('sampling: greedy, top-k 1 and temperature', () => {
+test('sampling: greedy, top-k 1 and temperature', async () => {
   const logits = new Float32Array([0.1, 3, -1, 2.9]);
   const rng = new Rng(1);
   assert.equal(sampleToken(logits, rng), 1);
@@ -58,44 +58,44 @@ test('sampling: greedy, top-k 1 and temperature', () => {
   assert.ok(counts[1] > 900 && counts[3] > 800, `both top tokens sampled: ${counts}`);
 });
 
-test('bad inputs: token ids out of range, sequence too long, wrong label', () => {
+test('bad inputs: token ids out of range, sequence too long, wrong label', async () => {
   const model = GPT2.random(micro, 1, 3);
-  assert.throws(() => model.forward(new Int32Array([0, 64]), 1, 2), /token id 64 at position 1 is out of range/);
-  assert.throws(() => model.forward(new Int32Array([0, -1]), 1, 2), /out of range/);
-  assert.throws(() => model.forward(new Int32Array(17), 1, 17), /exceeds the model's context of 16/);
-  assert.throws(() => model.forwardCls(new Int32Array(4), 2, 2, new Int32Array([0, 3])), /label 3 of example 1/);
-  assert.throws(() => model.backward(), /needs a preceding forward/);
+  await assert.rejects(model.forward(new Int32Array([0, 64]), 1, 2), /token id 64 at position 1 is out of range/);
+  await assert.rejects(model.forward(new Int32Array([0, -1]), 1, 2), /out of range/);
+  await assert.rejects(model.forward(new Int32Array(17), 1, 17), /exceeds the model's context of 16/);
+  await assert.rejects(model.forwardCls(new Int32Array(4), 2, 2, new Int32Array([0, 3])), /label 3 of example 1/);
+  await assert.rejects(model.backward(), /needs a preceding forward/);
 });
 
-test('whole-model gradient spot checks against finite differences (LM and classification)', () => {
+test('whole-model gradient spot checks against finite differences (LM and classification)', async () => {
   const model = GPT2.random(micro, 7, 3);
   const B = 2, T = 6;
   const tokens = randomTokens(B * T, micro.vocab_size, 8);
   const targets = randomTokens(B * T, micro.vocab_size, 9);
   model.ensureGrads();
   model.zeroGrad();
-  model.forward(tokens, B, T, targets);
-  model.backward();
+  await model.forward(tokens, B, T, targets);
+  await model.backward();
   const g = Float32Array.from(model.grads!);
   const rng = new Rng(10);
   const idx = Array.from({ length: 24 }, () => rng.int(model.layout.total));
-  const f = () => model.forward(tokens, B, T, targets).loss!;
-  assertGradClose(g, idx, numericGrad(f, model.params, idx, 1e-2), 5e-2, 'LM loss gradient');
+  const f = async () => (await model.forward(tokens, B, T, targets)).loss!;
+  assertGradClose(g, idx, await numericGradAsync(f, model.params, idx, 1e-2), 5e-2, 'LM loss gradient');
   // classification head: padded rows
   const toks = Int32Array.from(tokens);
   toks.fill(0, 3, 6);
   const labels = new Int32Array([2, 0]);
   model.padTokenId = 0;
   model.zeroGrad();
-  model.forwardCls(toks, B, T, labels);
-  model.backward();
+  await model.forwardCls(toks, B, T, labels);
+  await model.backward();
   const gc = Float32Array.from(model.clsGrad!);
-  const fc = () => model.forwardCls(toks, B, T, labels).loss!;
+  const fc = async () => (await model.forwardCls(toks, B, T, labels)).loss!;
   const ic = [0, 5, 17, 33, 47];
-  assertGradClose(gc, ic, numericGrad(fc, model.cls!.weight, ic, 1e-2), 5e-2, 'classifier weight gradient');
+  assertGradClose(gc, ic, await numericGradAsync(fc, model.cls!.weight, ic, 1e-2), 5e-2, 'classifier weight gradient');
 });
 
-test('mean-pooled classification: every gradient against finite differences, and padding is ignored', () => {
+test('mean-pooled classification: every gradient against finite differences, and padding is ignored', async () => {
   const model = GPT2.random(micro, 17, 3);
   const B = 2, T = 6;
   const toks = randomTokens(B * T, micro.vocab_size, 18);
@@ -106,42 +106,42 @@ test('mean-pooled classification: every gradient against finite differences, and
   model.cls!.pooling = 'mean';
   model.ensureGrads();
   model.zeroGrad();
-  model.forwardCls(toks, B, T, labels);
-  model.backward();
+  await model.forwardCls(toks, B, T, labels);
+  await model.backward();
   const g = Float32Array.from(model.grads!);
   const gc = Float32Array.from(model.clsGrad!);
   const rng = new Rng(19);
   const idx = Array.from({ length: 24 }, () => rng.int(model.layout.total));
-  const f = () => model.forwardCls(toks, B, T, labels).loss!;
-  assertGradClose(g, idx, numericGrad(f, model.params, idx, 1e-2), 5e-2, 'mean-pooled transformer gradient');
+  const f = async () => (await model.forwardCls(toks, B, T, labels)).loss!;
+  assertGradClose(g, idx, await numericGradAsync(f, model.params, idx, 1e-2), 5e-2, 'mean-pooled transformer gradient');
   const ic = [0, 5, 17, 33, 47];
-  assertGradClose(gc, ic, numericGrad(f, model.cls!.weight, ic, 1e-2), 5e-2, 'mean-pooled classifier gradient');
+  assertGradClose(gc, ic, await numericGradAsync(f, model.cls!.weight, ic, 1e-2), 5e-2, 'mean-pooled classifier gradient');
   // padding does not count: row 0 equals itself without its padding
-  const alone = model.forwardCls(toks.slice(0, 4), 1, 4).logits.slice();
-  const both = model.forwardCls(toks, B, T).logits;
+  const alone = (await model.forwardCls(toks.slice(0, 4), 1, 4)).logits.slice();
+  const both = (await model.forwardCls(toks, B, T)).logits;
   assert.ok(relErr(both.subarray(0, 3), alone) < 1e-5, 'row 0 pooled over its 4 tokens only');
   model.cls!.pooling = 'last';
-  const last = model.forwardCls(toks, B, T).logits;
+  const last = (await model.forwardCls(toks, B, T)).logits;
   assert.ok(relErr(last.subarray(0, 3), alone) > 1e-3, 'last and mean pooling differ');
 });
 
-test('gradients accumulate across backward calls', () => {
+test('gradients accumulate across backward calls', async () => {
   const model = GPT2.random(micro, 2);
   const tokens = randomTokens(8, micro.vocab_size, 1);
   const targets = randomTokens(8, micro.vocab_size, 2);
   model.ensureGrads();
   model.zeroGrad();
-  model.forward(tokens, 1, 8, targets);
-  model.backward();
+  await model.forward(tokens, 1, 8, targets);
+  await model.backward();
   const once = Float32Array.from(model.grads!);
-  model.forward(tokens, 1, 8, targets);
-  model.backward();
+  await model.forward(tokens, 1, 8, targets);
+  await model.backward();
   const twice = model.grads!;
   const doubled = once.map((x) => 2 * x);
   assert.ok(relErr(twice, doubled) < 1e-6);
 });
 
-test('AdamW and SGD-momentum steps match their formulas; clipping; schedule', () => {
+test('AdamW and SGD-momentum steps match their formulas; clipping; schedule', async () => {
   const p = new Float32Array([1, -2]);
   const g = new Float32Array([0.5, -0.1]);
   const adam = new AdamW(2, { weightDecay: 0.1 });
@@ -177,16 +177,16 @@ test('AdamW and SGD-momentum steps match their formulas; clipping; schedule', ()
   assert.equal(mask[lay.entries.lnfw.offset], 0);
 });
 
-test('training drives the loss down on a repeated sequence', () => {
+test('training drives the loss down on a repeated sequence', async () => {
   const model = GPT2.random(micro, 11);
   const pattern = [5, 9, 2, 7, 1, 3, 8, 4];
   const stream = Int32Array.from({ length: 400 }, (_, i) => pattern[i % pattern.length]);
-  const losses = trainLM(model, stream, { steps: 60, batch: 4, seq: 8, lr: 1e-2, warmup: 5, seed: 1 });
+  const losses = await trainLM(model, stream, { steps: 60, batch: 4, seq: 8, lr: 1e-2, warmup: 5, seed: 1 });
   assert.ok(losses[0] > 3, `initial loss ${losses[0]}`);
   assert.ok(losses[losses.length - 1] < 0.5, `final loss ${losses[losses.length - 1]}`);
 });
 
-test('GPT-2 tokenizer round-trips text and knows <|endoftext|>', () => {
+test('GPT-2 tokenizer round-trips text and knows <|endoftext|>', async () => {
   const text = 'It is a truth universally acknowledged, that a single man...';
   const ids = gpt2Tokenizer.encode(text);
   assert.equal(gpt2Tokenizer.decode(ids), text);

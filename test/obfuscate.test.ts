@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { GPT2 } from '../src/model/gpt2.js';
 import { getPreset } from '../src/model/config.js';
 import { loadCheckpoint, saveCheckpoint } from '../src/model/checkpoint.js';
-import { generate } from '../src/model/generate.js';
+import { generate } from '../src/model/transformer.js';
 import { Rng, KeyedRng } from '../src/tensor/rng.js';
 import { matmul, transpose, inverseResidual, conditionNumber, inverseLU, haarOrthogonal, identity, type Mat64 } from '../src/linalg/mat64.js';
 import { kappaMask, naiveMask, oneStream, parseMaskSpec, randomPermutation, invertPermutation } from '../src/linalg/masks.js';
@@ -144,7 +144,7 @@ for (const [mode, spec, twoSided] of [['sealed', '1', false], ['paper', '1', fal
     for (const model of [new GPT2(loadCheckpoint(path.join(FIX, 'tiny'))), perturbedModel('gpt2-tiny', 4)]) {
       const T = 24;
       const tokens = randomTokens(2 * T, model.config.vocab_size, 5);
-      const plain = Float32Array.from(model.forward(tokens, 2, T).logits);
+      const plain = Float32Array.from((await model.forward(tokens, 2, T)).logits);
       const r = obfuscateWeights(model.weights(), { mode, spec: parseMaskSpec(spec), twoSided, seed: 7 });
       const { enclave } = inProcessSplit(r, { serialize: true });
       const split = await enclave.forward(tokens, 2, T);
@@ -163,7 +163,7 @@ test('paper mode: logit error grows with the condition number; naive masks are w
   const model = perturbedModel('gpt2-mini', 2);
   const T = 32;
   const tokens = randomTokens(T, model.config.vocab_size, 6);
-  const plain = Float32Array.from(model.forward(tokens, 1, T).logits);
+  const plain = Float32Array.from((await model.forward(tokens, 1, T)).logits);
   const errs: number[] = [];
   for (const spec of ['1', '100', '10000', 'naive']) {
     const r = obfuscateWeights(model.weights(), { mode: 'paper', spec: parseMaskSpec(spec), seed: 8 });
@@ -179,13 +179,13 @@ test('classification head and generation through the split match the plain model
   const model = new GPT2(w);
   const tokens = randomTokens(3 * 10, 512, 9);
   tokens.fill(0, 25, 30);
-  const plain = Float32Array.from(model.forwardCls(tokens, 3, 10).logits);
+  const plain = Float32Array.from((await model.forwardCls(tokens, 3, 10)).logits);
   for (const mode of ['sealed', 'paper'] as const) {
     const r = obfuscateWeights(w, { mode, seed: 10 });
     const split = await inProcessSplit(r).enclave.forwardCls(tokens, 3, 10);
     assert.ok(maxAbsDiff(split, plain) < 1e-4, `${mode} classification logits`);
     const prompt = [5, 17, 300, 2];
-    const want = generate(model, prompt, { maxNewTokens: 12 });
+    const want = await generate(model, prompt, { maxNewTokens: 12 });
     const got = await inProcessSplit(r).enclave.generate(prompt, { maxNewTokens: 12 });
     assert.deepEqual(got, want, `${mode}: greedy generation with the enclave's KV cache`);
   }
@@ -193,7 +193,7 @@ test('classification head and generation through the split match the plain model
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-pool-'));
   try {
     const wm = { ...w, cls: { ...w.cls!, pooling: 'mean' as const } };
-    const meanPlain = Float32Array.from(new GPT2(wm).forwardCls(tokens, 3, 10).logits);
+    const meanPlain = Float32Array.from((await new GPT2(wm).forwardCls(tokens, 3, 10)).logits);
     assert.ok(maxAbsDiff(meanPlain, plain) > 1e-3, 'mean and last pooling differ');
     const r = obfuscateWeights(wm, { mode: 'sealed', seed: 11 });
     writeObfuscation(path.join(dir, 'b'), r);
@@ -204,7 +204,7 @@ test('classification head and generation through the split match the plain model
     saveCheckpoint(path.join(dir, 'ckpt'), wm);
     const back = loadCheckpoint(path.join(dir, 'ckpt'));
     assert.equal(back.cls?.pooling, 'mean');
-    assert.ok(maxAbsDiff(new GPT2(back).forwardCls(tokens, 3, 10).logits, meanPlain) < 1e-6);
+    assert.ok(maxAbsDiff((await new GPT2(back).forwardCls(tokens, 3, 10)).logits, meanPlain) < 1e-6);
     const cfgFile = path.join(dir, 'ckpt', 'config.json');
     writeFileSync(cfgFile, readFileSync(cfgFile, 'utf8').replace('"obfuscatune_pooling": "mean"', '"obfuscatune_pooling": "max"'));
     assert.throws(() => loadCheckpoint(path.join(dir, 'ckpt')), /obfuscatune_pooling="max" is not one of last, mean/);
@@ -218,7 +218,8 @@ test('sealed mode: the accelerator sees no row close to its plaintext (|cosine| 
   const { n_embd: d, n_layer: L } = model.config;
   const B = 2, T = 32, n = B * T;
   const tokens = randomTokens(n, model.config.vocab_size, 13);
-  model.forward(tokens, B, T);
+  // a training forward keeps every layer's activations
+  await model.forward(tokens, B, T, new Int32Array(n));
   const a = model.lastActivations()!;
   const r = obfuscateWeights(model.weights(), { mode: 'sealed', seed: 14 });
   const { enclave, link } = inProcessSplit(r);
@@ -237,19 +238,20 @@ test('sealed mode: the accelerator sees no row close to its plaintext (|cosine| 
   let worst = 0;
   for (const e of seen) {
     const l = e.layer!;
-    const prevRes = l === 0 ? a.encoded : slice(a.residual3, l - 1, d);
+    const la = a.layers[l];
+    const next = l + 1 < L ? a.layers[l + 1].hIn : a.hL;
     let plain: Float32Array | null = null;
     const key = `${e.name}:${e.direction}`;
     switch (key) {
-      case 'qkv:to_accelerator': plain = slice(a.ln1, l, d); break;
-      case 'qkv:to_enclave': plain = slice(a.qkv, l, 3 * d); break;
-      case 'attproj:to_accelerator': plain = slice(a.atty, l, d); break;
-      case 'attproj:to_enclave': plain = diff(slice(a.residual2, l, d), prevRes); break;
-      case 'fc:to_accelerator': plain = slice(a.ln2, l, d); break;
-      case 'fcproj:to_enclave': plain = diff(slice(a.residual3, l, d), slice(a.residual2, l, d)); break;
+      case 'qkv:to_accelerator': plain = la.n1.out; break;
+      case 'qkv:to_enclave': plain = la.qkv; break;
+      case 'attproj:to_accelerator': plain = la.o; break;
+      case 'attproj:to_enclave': plain = diff(la.h2, la.hIn); break;
+      case 'fc:to_accelerator': plain = la.n2.out; break;
+      case 'fcproj:to_enclave': plain = diff(next, la.h2); break;
       case 'fc:to_enclave': case 'fcproj:to_accelerator': {
         // the MLP hidden is only permuted: each row is a permutation of the plaintext row
-        const p = slice(key === 'fc:to_enclave' ? a.fch : a.fchGelu, l, 4 * d);
+        const p = key === 'fc:to_enclave' ? la.f : la.g;
         const row = (x: Float32Array, i: number) => Array.from(x.subarray(i * 4 * d, (i + 1) * 4 * d)).sort((u, v) => u - v);
         assert.ok(maxAbsDiff(row(e.data, 3), row(p, 3)) < 1e-4, 'MLP hidden rows are permutations of the plaintext (a documented weak point)');
         continue;

@@ -21,7 +21,7 @@ function gradOf(model: GPT2, kind: Parameters<GPT2['layout']['layer']>[1], layer
 }
 
 for (const backend of availableBackends()) {
-  test(`tiny GPT-2 LM: logits, loss and all gradients match PyTorch (${backend})`, () => {
+  test(`tiny GPT-2 LM: logits, loss and all gradients match PyTorch (${backend})`, async () => {
     setBackend(backend);
     const model = new GPT2(loadCheckpoint(path.join(FIX, 'tiny')));
     const ref = openSafetensors(path.join(FIX, 'tiny', 'reference.safetensors'));
@@ -29,15 +29,15 @@ for (const backend of availableBackends()) {
     const tokens = ref.getInt('tokens');
     const targets = ref.getInt('targets');
     // logits without targets (forward only), then loss with targets
-    const { logits } = model.forward(tokens, B, T);
+    const { logits } = await model.forward(tokens, B, T);
     const e = relErr(logits, ref.get('logits'));
     assert.ok(e < TOL, `logits relative error ${e}`);
     model.ensureGrads();
     model.zeroGrad();
-    const { loss } = model.forward(tokens, B, T, targets);
+    const { loss } = await model.forward(tokens, B, T, targets);
     const refLoss = ref.get('loss')[0];
     assert.ok(Math.abs(loss! - refLoss) / Math.abs(refLoss) < TOL, `loss ${loss} vs ${refLoss}`);
-    model.backward();
+    await model.backward();
     let checked = 0;
     for (const t of hfTensorList(model.layout)) {
       const g = gradOf(model, t.kind, t.layer);
@@ -49,7 +49,7 @@ for (const backend of availableBackends()) {
     assert.equal(checked, 2 + 12 * 2 + 2);
   });
 
-  test(`tiny GPT-2 sequence classification matches PyTorch (${backend})`, () => {
+  test(`tiny GPT-2 sequence classification matches PyTorch (${backend})`, async () => {
     setBackend(backend);
     const w = loadCheckpoint(path.join(FIX, 'tiny-cls'));
     assert.ok(w.cls, 'classification head loaded');
@@ -60,14 +60,14 @@ for (const backend of availableBackends()) {
     assert.equal(model.padTokenId, pad);
     const tokens = ref.getInt('cls.tokens');
     const labels = ref.getInt('cls.labels');
-    const { logits } = model.forwardCls(tokens, B, T);
+    const { logits } = await model.forwardCls(tokens, B, T);
     assert.ok(relErr(logits, ref.get('cls.logits')) < TOL, 'cls logits');
     model.ensureGrads();
     model.zeroGrad();
-    const { loss } = model.forwardCls(tokens, B, T, labels);
+    const { loss } = await model.forwardCls(tokens, B, T, labels);
     const refLoss = ref.get('cls.loss')[0];
     assert.ok(Math.abs(loss! - refLoss) / refLoss < TOL, `cls loss ${loss} vs ${refLoss}`);
-    model.backward();
+    await model.backward();
     for (const t of hfTensorList(model.layout)) {
       const err = relErr(gradOf(model, t.kind, t.layer), ref.get(`cls.grad.${t.name}`));
       assert.ok(err < TOL, `cls gradient of ${t.name}: relative error ${err.toExponential(2)}`);
@@ -77,7 +77,7 @@ for (const backend of availableBackends()) {
   });
 }
 
-test('real GPT-2 vocabulary (50257), fp16 checkpoint without prefix: logits, loss, gradients', () => {
+test('real GPT-2 vocabulary (50257), fp16 checkpoint without prefix: logits, loss, gradients', async () => {
   const model = new GPT2(loadCheckpoint(path.join(FIX, 'vocab50257')));
   assert.equal(model.config.vocab_size, 50257);
   const ref = openSafetensors(path.join(FIX, 'vocab50257', 'reference.safetensors'));
@@ -85,7 +85,7 @@ test('real GPT-2 vocabulary (50257), fp16 checkpoint without prefix: logits, los
   const tokens = ref.getInt('tokens');
   const targets = ref.getInt('targets');
   const V = 50257;
-  const { logits } = model.forward(tokens, B, T);
+  const { logits } = await model.forward(tokens, B, T);
   assert.ok(relErr(logits.subarray((T - 1) * V, T * V), ref.get('logits_last')) < TOL, 'last-position logits');
   const rowsum = ref.get('logits_rowsum');
   for (let t = 0; t < T; t++) {
@@ -95,10 +95,10 @@ test('real GPT-2 vocabulary (50257), fp16 checkpoint without prefix: logits, los
   }
   model.ensureGrads();
   model.zeroGrad();
-  const { loss } = model.forward(tokens, B, T, targets);
+  const { loss } = await model.forward(tokens, B, T, targets);
   const refLoss = ref.get('loss')[0];
   assert.ok(Math.abs(loss! - refLoss) / refLoss < TOL, `loss ${loss} vs ${refLoss}`);
-  model.backward();
+  await model.backward();
   for (const t of hfTensorList(model.layout)) {
     if (t.name === 'wte.weight') continue;
     const err = relErr(gradOf(model, t.kind, t.layer), ref.get(`grad.${t.name}`));

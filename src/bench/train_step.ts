@@ -32,7 +32,7 @@ function median(a: number[]): number {
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
-export function benchTrainStep(opts: { model: string; batch: number; seq: number; steps: number; optimizer?: 'adamw' | 'sgd'; onProgress?: (i: number, n: number) => void }): TrainStepBenchResult {
+export async function benchTrainStep(opts: { model: string; batch: number; seq: number; steps: number; optimizer?: 'adamw' | 'sgd'; onProgress?: (i: number, n: number) => void }): Promise<TrainStepBenchResult> {
   const config = getPreset(opts.model);
   const { batch: B, seq: T } = opts;
   if (T > config.n_ctx) throw new Error(`--seq ${T} exceeds ${opts.model}'s context of ${config.n_ctx}`);
@@ -55,9 +55,9 @@ export function benchTrainStep(opts: { model: string; batch: number; seq: number
   for (let s = 0; s < total; s++) {
     const t0 = performance.now();
     model.zeroGrad();
-    model.forward(inputs, B, T, targets);
+    await model.forward(inputs, B, T, targets);
     const t1 = performance.now();
-    model.backward();
+    await model.backward();
     const t2 = performance.now();
     const norm = Math.sqrt(sumSquares(model.grads!));
     opt.step(model.params, model.grads!, 1e-4, clipScale(norm, 1.0));

@@ -8,7 +8,7 @@ import { tokenizerFor } from '../model/tokenizer.js';
 import { readJsonl, labelSet, encodeRecords, type Task } from '../data/jsonl.js';
 import { buildSession, exportRun, mergedPlainModel, type SessionOptions } from '../train/session.js';
 import { runFinetune, evaluate, type FinetuneConfig } from '../train/finetune.js';
-import { DEFAULT_LORA, checkLoraTask, parseLoraTargets, validateLora } from '../train/lora.js';
+import { DEFAULT_LORA, checkLoraTask, parseLoraTargets, validateLora } from '../model/lora.js';
 import { parseMaskSpec, maskSpecLabel } from '../linalg/masks.js';
 import { progressBar } from './progress.js';
 import { parseIntArg, parseFloatArg } from './model_args.js';
@@ -169,7 +169,7 @@ export function addFinetuneCommands(program: Command): void {
       const { evaluateLM } = await import('../train/lm.js');
       const model = new GPT2(loadCheckpoint(o.model));
       const tok = tokenizerFor(model.config.vocab_size);
-      const e = evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch);
+      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch);
       if (o.json) console.log(JSON.stringify(e));
       else console.log(`loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
     });

@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs';
 import { getPreset, presetNames } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
 import { saveCheckpoint } from '../model/checkpoint.js';
-import { generate } from '../model/generate.js';
+import { generate } from '../model/transformer.js';
 import { tokenizerFor } from '../model/tokenizer.js';
 import { backendName, availableBackends, nativeInfo } from '../tensor/gemm.js';
 import { benchGemm, formatGemmBench } from '../bench/gemm.js';
@@ -77,19 +77,19 @@ export function buildProgram(): Command {
     .option('--clip <x>', 'global gradient-norm clip (0 = off)', parseFloatArg('--clip'), 1.0)
     .option('--seed <n>', 'random seed', parseIntArg('--seed'), 1)
     .option('--out <dir>', 'write the trained checkpoint here')
-    .action((o) => {
+    .action(async (o) => {
       const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
       const tok = tokenizerFor(model.config.vocab_size);
       const stream = Int32Array.from(tok.encode(readText(o.text)));
       const evalStream = o.evalText ? Int32Array.from(tok.encode(readText(o.evalText))) : null;
       if (evalStream) {
-        const e = evaluateLM(model, evalStream, o.seq, o.batch, 16);
+        const e = await evaluateLM(model, evalStream, o.seq, o.batch, 16);
         console.log(`eval before: loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(1)}`);
       }
       const bar = progressBar(o.steps, 'train', 'loss {loss} | {tps} tok/s');
       let tokens = 0;
       let ms = 0;
-      trainLM(model, stream, {
+      await trainLM(model, stream, {
         ...o,
         onStep: (s) => {
           tokens += s.tokens;
@@ -99,7 +99,7 @@ export function buildProgram(): Command {
       });
       bar.stop();
       if (evalStream) {
-        const e = evaluateLM(model, evalStream, o.seq, o.batch, 16);
+        const e = await evaluateLM(model, evalStream, o.seq, o.batch, 16);
         console.log(`eval after: loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(1)}`);
       }
       if (o.out) {
@@ -138,13 +138,13 @@ export function buildProgram(): Command {
       const bar = progressBar(o.steps, 'pretrain', 'loss {loss} | val {val} | {tps} tok/s');
       let tokens = 0, ms = 0, lastVal = '-';
       const t0 = performance.now();
-      trainLM(model, corpus.stream, {
+      await trainLM(model, corpus.stream, {
         steps: o.steps, batch: o.batch, seq: o.seq, lr: o.lr, warmup: o.warmup, optimizer: 'adamw', weightDecay: o.weightDecay, clip: 1.0, seed: o.seed,
-        onStep: (s) => {
+        onStep: async (s) => {
           tokens += s.tokens;
           ms += s.ms;
           if (valid && ((s.step + 1) % o.evalEvery === 0 || s.step + 1 === o.steps)) {
-            const e = evaluateLM(model, valid, o.seq, o.batch);
+            const e = await evaluateLM(model, valid, o.seq, o.batch);
             lastVal = e.loss.toFixed(3);
             log.push({ step: s.step + 1, train_loss: s.loss, valid_loss: e.loss, valid_perplexity: e.perplexity });
           }
@@ -154,7 +154,7 @@ export function buildProgram(): Command {
       bar.stop();
       const seconds = (performance.now() - t0) / 1000;
       saveCheckpoint(o.out, model.weights(), { dtype: o.dtype });
-      const final = valid ? evaluateLM(model, valid, o.seq, o.batch) : null;
+      const final = valid ? await evaluateLM(model, valid, o.seq, o.batch) : null;
       const info = {
         preset: o.preset, config, params: model.numParams(), corpus: o.corpus, corpus_tokens: corpus.stream.length, valid: o.valid ?? null,
         steps: o.steps, batch: o.batch, seq: o.seq, lr: o.lr, warmup: o.warmup, weight_decay: o.weightDecay, seed: o.seed, seconds,
@@ -194,7 +194,7 @@ export function buildProgram(): Command {
         if (!o.model && !o.run) throw new Error('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
         const model = o.run ? new GPT2(loadRunModel(o.run)) : loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
         tok = tokenizerFor(model.config.vocab_size);
-        ids = generate(model, tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
+        ids = await generate(model, tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
       }
       const completion = tok.decode(ids);
       if (o.json) console.log(JSON.stringify({ prompt: o.prompt, completion, tokens: ids }));
@@ -236,9 +236,9 @@ export function buildProgram(): Command {
     .command('train-step')
     .description('median time and peak memory of one training step (forward, backward, AdamW) on random data'), 'timed steps (after one warm-up step)')
     .addOption(new Option('--optimizer <name>', 'optimiser').choices(['adamw', 'sgd']).default('adamw'))
-    .action((o) => {
+    .action(async (o) => {
       const bar = progressBar(o.steps + 1, 'bench train-step');
-      const r = benchTrainStep({ model: o.model, batch: o.batch, seq: o.seq, steps: o.steps, optimizer: o.optimizer, onProgress: (i) => bar.update(i) });
+      const r = await benchTrainStep({ model: o.model, batch: o.batch, seq: o.seq, steps: o.steps, optimizer: o.optimizer, onProgress: (i) => bar.update(i) });
       bar.stop();
       console.log(o.json ? JSON.stringify(r) : formatTrainStep(r));
     });

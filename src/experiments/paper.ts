@@ -21,7 +21,7 @@ import { benchFinetuneOne } from '../bench/finetune.js';
 import { corpusFromJsonl, unigramLoss } from '../train/pretrain.js';
 import type { TrainMode, Method } from '../split/train_model.js';
 import type { Pooling } from '../model/kernels.js';
-import type { LoraTarget } from '../train/lora.js';
+import type { LoraTarget } from '../model/lora.js';
 import { lineChart, barChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 

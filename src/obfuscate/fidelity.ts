@@ -56,7 +56,7 @@ export async function runFidelity(model: GPT2, name: string, o: {
   const B = Math.ceil(o.tokens / T);
   const rng = new Rng(o.seed);
   const tokens = Int32Array.from({ length: B * T }, () => rng.int(c.vocab_size));
-  const plain = Float32Array.from(model.forward(tokens, B, T).logits);
+  const plain = Float32Array.from((await model.forward(tokens, B, T)).logits);
   const key = KeyedRng.fromSeed(`fidelity-${o.seed}`).key;
   const cache: HaarCache = new Map();
   const rows: FidelityRow[] = [];

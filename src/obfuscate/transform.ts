@@ -10,33 +10,17 @@ import { sgemm } from '../tensor/gemm.js';
 import { transpose, type Mat64 } from '../linalg/mat64.js';
 import type { ModelMasks, LayerMasks } from './masks.js';
 
-export const LINEARS = ['qkv', 'attproj', 'fc', 'fcproj'] as const;
-export type LinearName = (typeof LINEARS)[number];
+import { LINEARS, linearDims, type LinearName } from '../model/block.js';
+import type { BlockLinears, LinearWeights } from '../model/local_linears.js';
 
-export interface ObfLinear {
-  w: Float32Array; // [din, dout]
-  b: Float32Array; // [dout]
-  din: number;
-  dout: number;
-}
+export { LINEARS, linearDims, type LinearName };
+export type ObfLinear = LinearWeights;
 
 /** What the accelerator holds: obfuscated linear weights only. */
-export interface AcceleratorWeights {
-  n_layer: number;
-  layers: Record<LinearName, ObfLinear>[];
-}
+export type AcceleratorWeights = BlockLinears;
 
 /** What the enclave holds, by name (see docs/obfuscation.md for each mode's list). */
 export type EnclaveTensors = Map<string, Float32Array>;
-
-export function linearDims(name: LinearName, d: number): [number, number] {
-  switch (name) {
-    case 'qkv': return [d, 3 * d];
-    case 'attproj': return [d, d];
-    case 'fc': return [d, 4 * d];
-    case 'fcproj': return [4 * d, d];
-  }
-}
 
 const f32 = (m: Mat64): Float32Array => Float32Array.from(m.data);
 

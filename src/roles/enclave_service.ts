@@ -27,7 +27,7 @@ import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_, type Task
 import { SplitModel, type Method } from '../split/train_model.js';
 import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
-import { validateLora, parseLoraTargets, adapterTensors, checkLoraTask } from '../train/lora.js';
+import { validateLora, parseLoraTargets, adapterTensors, checkLoraTask } from '../model/lora.js';
 import { freshClassifier } from '../train/session.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { writeSafetensors, type TensorToWrite } from '../model/safetensors.js';

@@ -17,6 +17,7 @@
 import type { AcceleratorWeights, LinearName } from '../obfuscate/transform.js';
 import { LINEARS } from '../obfuscate/transform.js';
 import type { RandomSource } from '../tensor/rng.js';
+import { sgdMomentumStep } from '../tensor/sgd.js';
 import type { EnclaveTensors } from '../obfuscate/transform.js';
 
 export const CHECK_VECTORS = 2;
@@ -191,18 +192,12 @@ export class IntegrityChecker {
   applyUpdate(lr: number, momentum: number, scale: number): void {
     for (const t of this.tracks.values()) {
       if (!t.touched) continue;
-      const upd = (val: Float64Array, buf: Float64Array, g: Float64Array) => {
-        for (let i = 0; i < val.length; i++) {
-          const gi = g[i] * scale;
-          const b = momentum === 0 ? gi : t.fresh ? gi : momentum * buf[i] + gi;
-          buf[i] = b;
-          val[i] -= lr * b;
-          g[i] = 0;
-        }
-      };
-      upd(t.w, t.mr, t.gr);
-      upd(t.c, t.mc, t.gc);
-      upd(t.v, t.ms, t.gs);
+      // the accelerator's own step (tensor/sgd.ts) on the projections w = W r, c = b r, v = W^T s
+      const first = momentum === 0 || t.fresh;
+      for (const [val, buf, g] of [[t.w, t.mr, t.gr], [t.c, t.mc, t.gc], [t.v, t.ms, t.gs]] as const) {
+        sgdMomentumStep(val, g, buf, first, lr, momentum, scale);
+        g.fill(0);
+      }
       t.fresh = momentum === 0 ? t.fresh : false;
       t.touched = false;
     }

@@ -18,7 +18,7 @@ export interface LMTrainOptions {
   momentum?: number;
   clip?: number;
   seed?: number;
-  onStep?: (info: StepInfo) => void;
+  onStep?: (info: StepInfo) => void | Promise<void>;
 }
 
 export interface StepInfo {
@@ -49,7 +49,7 @@ export function makeOptimizer(model: GPT2, kind: 'adamw' | 'sgd', opts: { weight
 }
 
 /** Trains in place; returns the per-step losses. Stops with an error on a non-finite loss. */
-export function trainLM(model: GPT2, stream: Int32Array, o: LMTrainOptions): number[] {
+export async function trainLM(model: GPT2, stream: Int32Array, o: LMTrainOptions): Promise<number[]> {
   const rng = new Rng(o.seed ?? 0);
   const opt = makeOptimizer(model, o.optimizer ?? 'adamw', o);
   model.ensureGrads();
@@ -58,21 +58,21 @@ export function trainLM(model: GPT2, stream: Int32Array, o: LMTrainOptions): num
     const t0 = performance.now();
     const { inputs, targets } = sampleWindows(stream, o.batch, o.seq, rng);
     model.zeroGrad();
-    const { loss } = model.forward(inputs, o.batch, o.seq, targets);
+    const { loss } = await model.forward(inputs, o.batch, o.seq, targets);
     if (loss === null || !Number.isFinite(loss)) throw new Error(`loss became ${loss} at step ${step}`);
-    model.backward();
+    await model.backward();
     const gradNorm = Math.sqrt(sumSquares(model.grads!));
     if (!Number.isFinite(gradNorm)) throw new Error(`gradient norm became ${gradNorm} at step ${step}`);
     const lr = cosineSchedule(step, o.steps, o.lr, o.warmup ?? 0);
     opt.step(model.params, model.grads!, lr, clipScale(gradNorm, o.clip ?? 1.0));
     losses.push(loss);
-    o.onStep?.({ step, loss, lr, gradNorm, ms: performance.now() - t0, tokens: o.batch * o.seq });
+    await o.onStep?.({ step, loss, lr, gradNorm, ms: performance.now() - t0, tokens: o.batch * o.seq });
   }
   return losses;
 }
 
 /** Mean next-token loss over consecutive windows of a stream (no gradients). */
-export function evaluateLM(model: GPT2, stream: Int32Array, seq: number, batch: number, maxBatches = Infinity): { loss: number; perplexity: number; tokens: number } {
+export async function evaluateLM(model: GPT2, stream: Int32Array, seq: number, batch: number, maxBatches = Infinity): Promise<{ loss: number; perplexity: number; tokens: number }> {
   let total = 0;
   let count = 0;
   const T = seq;
@@ -87,7 +87,7 @@ export function evaluateLM(model: GPT2, stream: Int32Array, seq: number, batch: 
       inputs.set(stream.subarray(w * T, w * T + T), b * T);
       targets.set(stream.subarray(w * T + 1, w * T + T + 1), b * T);
     }
-    const { loss } = model.forward(inputs, B, T, targets);
+    const { loss } = await model.forward(inputs, B, T, targets, false);
     total += (loss ?? 0) * B * T;
     count += B * T;
     batches++;

@@ -17,7 +17,7 @@ import { Accelerator } from '../split/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../split/link.js';
 import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type TrainMode } from '../split/train_model.js';
 import { openSafetensors, writeSafetensors } from '../model/safetensors.js';
-import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraConfig, type LoraTarget } from './lora.js';
+import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraConfig, type LoraTarget } from '../model/lora.js';
 import type { Task } from '../data/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';

@@ -1,0 +1,309 @@
+/**
+ * The two obfuscated bases of the enclave (the plain one is src/model/plain_basis.ts). Each
+ * is the one place where its mode's masks are applied, and the only code that makes an
+ * `Obfuscated` tensor.
+ *
+ * paper:  the stream is plain; each linear input is masked explicitly (a* = LN(h) R1,
+ *         a2* = LN2(h) R2); outputs come back plain, or masked by Ro / Rp with two-sided
+ *         masks and unmasked here.
+ * sealed: the stream lives in a secret orthogonal basis h* = h Q; layer-norm statistics
+ *         are taken there (u = Q^T 1) and the affine part is folded into the accelerator's
+ *         weights, so the enclave does no d x d product per layer.
+ * Both:   q, k, v are masked per head (q A, k A^-T, v B, heads permuted) and the MLP hidden
+ *         is permuted (Pi); adapters act in the plain basis and are carried across here.
+ */
+import type { GPT2Config } from '../model/config.js';
+import { maskedNormForward, maskedNormBackward } from '../model/kernels.js';
+import type { NormActs, QkvPart } from '../model/block.js';
+import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_basis.js';
+import { sgemm } from '../tensor/gemm.js';
+import { sharedFloat32 } from '../tensor/shared.js';
+import { asObfuscated, type Obfuscated } from '../split/messages.js';
+
+/** The per-head attention masks and the MLP permutation of every layer. */
+export interface HeadMasks {
+  hA: Float32Array; //     [L, H, dh, dh]  q mask A
+  hAinvT: Float32Array; // [L, H, dh, dh]  k mask A^-T
+  hB: Float32Array; //     [L, H, dh, dh]  v mask B
+  hBinv: Float32Array; //  [L, H, dh, dh]  B^-1 (the attention output back to plain)
+  headPerm: Int32Array; // [L, H]          masked slot j holds head headPerm[j]
+  pi: Int32Array; //       [L, 4C]         f*[:, j] = f[:, pi[j]]
+}
+
+/** Paper mode's input (and, two-sided, output) masks. */
+export interface PaperMasks {
+  R1: Float32Array; //    [L, C, C]
+  R2: Float32Array; //    [L, C, C]
+  RoInv: Float32Array | null; // [L, C, C] two-sided only
+  RpInv: Float32Array | null; // [L, C, C]
+}
+
+/** Sealed mode's rotation and its folded final norm. */
+export interface SealedParams {
+  Q: Float32Array; //        [C, C] the stream's secret orthogonal basis
+  u: Float32Array; //        [C]    Q^T 1 (centring in the rotated basis)
+  G: Float32Array; //        [C, C] Q^T diag(gamma_f) Q
+  headBias: Float32Array; // [C]    beta_f Q (beta_f when the tables are plain)
+  /** the plain layer norms of the blocks (adapters read the plain LN output) [L, C] */
+  ln1w: Float32Array; ln1b: Float32Array; ln2w: Float32Array; ln2b: Float32Array;
+}
+
+const SECTION: Record<QkvPart, number> = { q: 0, k: 1, v: 2 };
+const QKV_MASK: Record<QkvPart, 'hA' | 'hAinvT' | 'hB'> = { q: 'hA', k: 'hAinvT', v: 'hB' };
+
+/** Per-head masks and the hidden permutation, shared by both obfuscated bases. */
+class Heads {
+  private readonly H: number;
+  private readonly dh: number;
+  private readonly pis: Int32Array[] = [];
+
+  private readonly m: HeadMasks;
+
+  constructor(config: GPT2Config, masks: HeadMasks | null, private readonly C: number) {
+    this.H = config.n_head;
+    this.dh = C / this.H;
+    // a bundle without per-head masks serves full fine-tuning of a language model only
+    this.m = masks ?? new Proxy({} as HeadMasks, { get: () => { throw new Error('LoRA and classification need the per-head masks (hA, hB, headPerm, pi) in the enclave bundle'); } });
+    if (masks) for (let l = 0; l < config.n_layer; l++) this.pis.push(masks.pi.subarray(l * 4 * C, (l + 1) * 4 * C));
+  }
+
+  /** toMasked: dst[slot j] (+)= src[head perm[j]] M ; else dst[head perm[j]] (+)= src[slot j] M  (M^T with trans) */
+  map(l: number, M: Float32Array, src: Float32Array, dst: Float32Array, rows: number, ld: number, off: number, toMasked: boolean, trans: boolean, accumulate: boolean): void {
+    const { H, dh } = this;
+    for (let j = 0; j < H; j++) {
+      const h = this.m.headPerm[l * H + j];
+      const from = off + (toMasked ? h : j) * dh;
+      const to = off + (toMasked ? j : h) * dh;
+      sgemm(false, trans, rows, dh, dh, 1, src.subarray(from), ld, M.subarray((l * H + h) * dh * dh, (l * H + h + 1) * dh * dh), dh, accumulate ? 1 : 0, dst.subarray(to), ld);
+    }
+  }
+
+  addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
+    const C = this.C;
+    const off = SECTION[part] * C;
+    const wide = new Float32Array(n * 3 * C);
+    for (let r = 0; r < n; r++) wide.set(delta.subarray(r * C, (r + 1) * C), r * 3 * C + off);
+    this.map(l, this.m[QKV_MASK[part]], wide, qkv, n, 3 * C, off, true, false, true);
+  }
+
+  qkvGradToPlain(l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array {
+    const C = this.C;
+    const off = SECTION[part] * C;
+    const wide = new Float32Array(n * 3 * C);
+    this.map(l, this.m[QKV_MASK[part]], dqkv, wide, n, 3 * C, off, false, true, false);
+    const out = new Float32Array(n * C);
+    for (let r = 0; r < n; r++) out.set(wide.subarray(r * 3 * C + off, r * 3 * C + off + C), r * C);
+    return out;
+  }
+
+  headsToPlain(l: number, o: Float32Array, n: number): Float32Array {
+    const out = new Float32Array(n * this.C);
+    this.map(l, this.m.hBinv, o, out, n, this.C, 0, false, false, false);
+    return out;
+  }
+
+  addHeadsGrad(l: number, dplain: Float32Array, dO: Float32Array, n: number): void {
+    this.map(l, this.m.hBinv, dplain, dO, n, this.C, 0, true, true, true);
+  }
+
+  /** f*[:, j] += delta[:, pi[j]] */
+  addHidden(l: number, delta: Float32Array, f: Float32Array, n: number): void {
+    const pi = this.pis[l];
+    const w = 4 * this.C;
+    for (let r = 0; r < n; r++) {
+      const o = r * w;
+      for (let j = 0; j < w; j++) f[o + j] += delta[o + pi[j]];
+    }
+  }
+
+  /** plain[:, pi[j]] = g*[:, j] */
+  hiddenToPlain(l: number, g: Float32Array, n: number): Float32Array {
+    const pi = this.pis[l];
+    const w = 4 * this.C;
+    const out = new Float32Array(n * w);
+    for (let r = 0; r < n; r++) {
+      const o = r * w;
+      for (let j = 0; j < w; j++) out[o + pi[j]] = g[o + j];
+    }
+    return out;
+  }
+}
+
+/** Paper mode: plain stream and norms, masked linear inputs (and outputs, two-sided). */
+export class PaperBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
+  private readonly heads: Heads;
+
+  constructor(config: GPT2Config, norms: NormParams, grads: Partial<NormParams> | null, private readonly masks: PaperMasks, heads: HeadMasks | null) {
+    super(config, norms, grads);
+    this.heads = new Heads(config, heads, config.n_embd);
+  }
+
+  override buffer(size: number): Obfuscated {
+    return asObfuscated(sharedFloat32(size));
+  }
+
+  private mat(R: Float32Array, l: number): Float32Array {
+    const C = this.C;
+    return R.subarray(l * C * C, (l + 1) * C * C);
+  }
+
+  // a* = LN(h) R
+  override norm(which: 1 | 2, l: number, h: Float32Array, s: NormActs, n: number): Obfuscated {
+    const C = this.C;
+    this.ln(which, l, h, s, n);
+    const out = sharedFloat32(n * C);
+    sgemm(false, false, n, C, C, 1, s.out, C, this.mat(which === 1 ? this.masks.R1 : this.masks.R2, l), C, 0, out, C);
+    return asObfuscated(out);
+  }
+
+  // the accelerator's gradient is w.r.t. a R, the adapter's w.r.t. a: unmask first, then add
+  override normBackward(which: 1 | 2, l: number, dh: Float32Array, dsent: Float32Array, dplain: Float32Array | null, s: NormActs, h: Float32Array, n: number): void {
+    const C = this.C;
+    const da = new Float32Array(n * C);
+    sgemm(false, true, n, C, C, 1, dsent, C, this.mat(which === 1 ? this.masks.R1 : this.masks.R2, l), C, 0, da, C);
+    if (dplain) for (let i = 0; i < da.length; i++) da[i] += dplain[i];
+    this.lnBackward(which, l, dh, da, s, h, n);
+  }
+
+  override fromOutput(which: 'o' | 'p', l: number, y: Float32Array, n: number): Float32Array {
+    const Rinv = which === 'o' ? this.masks.RoInv : this.masks.RpInv;
+    if (!Rinv) return y;
+    const C = this.C;
+    const out = new Float32Array(n * C);
+    sgemm(false, false, n, C, C, 1, y, C, this.mat(Rinv, l), C, 0, out, C);
+    return out;
+  }
+
+  override outputGrad(which: 'o' | 'p', l: number, dh: Float32Array, n: number): Obfuscated {
+    const Rinv = which === 'o' ? this.masks.RoInv : this.masks.RpInv;
+    if (!Rinv) return asObfuscated(dh);
+    const C = this.C;
+    const out = new Float32Array(n * C);
+    sgemm(false, true, n, C, C, 1, dh, C, this.mat(Rinv, l), C, 0, out, C);
+    return asObfuscated(out);
+  }
+
+  override addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void { this.heads.addQkv(l, part, delta, qkv, n); }
+  override qkvGradToPlain(l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array { return this.heads.qkvGradToPlain(l, part, dqkv, n); }
+  override headsToPlain(l: number, o: Float32Array, n: number): Float32Array { return this.heads.headsToPlain(l, o, n); }
+  override addHeadsGrad(l: number, dplain: Float32Array, dO: Float32Array, n: number): void { this.heads.addHeadsGrad(l, dplain, dO, n); }
+  override addHidden(l: number, delta: Float32Array, f: Float32Array, n: number): void { this.heads.addHidden(l, delta, f, n); }
+  override hiddenToPlain(l: number, g: Float32Array, n: number): Float32Array { return this.heads.hiddenToPlain(l, g, n); }
+}
+
+/**
+ * Sealed mode. `plainTables`: the embeddings (and the final bias) are held in the plain basis
+ * and the embedded stream is rotated here (full fine-tuning trains them exactly as local
+ * training does); otherwise the tables are the bundle's rotated ones.
+ */
+export class SealedBasis implements TrunkBasis<Obfuscated> {
+  readonly trainsNorms = false;
+  private readonly heads: Heads;
+  private readonly C: number;
+  private readonly eps: number;
+  /** the final norm's output map: G, or G Q^T straight into the plain basis (plain tables) */
+  private readonly Gout: Float32Array;
+
+  constructor(config: GPT2Config, private readonly p: SealedParams, heads: HeadMasks | null, private readonly plainTables: boolean, private readonly gHeadBias: Float32Array | null) {
+    this.C = config.n_embd;
+    this.eps = config.layer_norm_epsilon;
+    this.heads = new Heads(config, heads, this.C);
+    this.Gout = plainTables ? this.rotate(p.G, this.C, false) : p.G;
+  }
+
+  /** rows x C: x Q (toRotated) or x Q^T (to plain), accumulated into `into` when given */
+  private rotate(x: Float32Array, rows: number, toRotated: boolean, into?: Float32Array): Float32Array {
+    const C = this.C;
+    const out = into ?? new Float32Array(rows * C);
+    sgemm(false, !toRotated, rows, C, C, 1, x, C, this.p.Q, C, into ? 1 : 0, out, C);
+    return out;
+  }
+
+  buffer(size: number): Obfuscated {
+    return asObfuscated(sharedFloat32(size));
+  }
+
+  // n* = (h* - mean u^T) rstd: the normalised row in the rotated basis (the affine part is folded downstream)
+  norm(_which: 1 | 2, _l: number, h: Float32Array, s: NormActs, n: number): Obfuscated {
+    maskedNormForward(s.out, s.mean, s.rstd, h, this.p.u, n, this.C, this.eps);
+    return asObfuscated(s.out);
+  }
+
+  // the plain layer-norm output a = (n* Q^T) diag(gamma) + beta
+  normPlain(which: 1 | 2, l: number, s: NormActs, n: number): Float32Array {
+    const C = this.C;
+    const a = this.rotate(s.out, n, false);
+    const g = (which === 1 ? this.p.ln1w : this.p.ln2w).subarray(l * C, (l + 1) * C);
+    const b = (which === 1 ? this.p.ln1b : this.p.ln2b).subarray(l * C, (l + 1) * C);
+    for (let r = 0; r < n; r++) for (let j = 0, o = r * C; j < C; j++) a[o + j] = a[o + j] * g[j] + b[j];
+    return a;
+  }
+
+  // an adapter's gradient w.r.t. a reaches n* as (da diag(gamma)) Q
+  normBackward(which: 1 | 2, l: number, dh: Float32Array, dsent: Float32Array, dplain: Float32Array | null, s: NormActs, _h: Float32Array, n: number): void {
+    const C = this.C;
+    if (dplain) {
+      const g = (which === 1 ? this.p.ln1w : this.p.ln2w).subarray(l * C, (l + 1) * C);
+      const t = new Float32Array(n * C);
+      for (let r = 0; r < n; r++) for (let j = 0, o = r * C; j < C; j++) t[o + j] = dplain[o + j] * g[j];
+      this.rotate(t, n, true, dsent);
+    }
+    maskedNormBackward(dh, dsent, s.out, this.p.u, s.rstd, n, C);
+  }
+
+  fromOutput(_w: 'o' | 'p', _l: number, y: Float32Array, _n: number): Float32Array {
+    return y;
+  }
+
+  outputGrad(_w: 'o' | 'p', _l: number, dh: Float32Array, _n: number): Obfuscated {
+    return asObfuscated(dh);
+  }
+
+  addPlain(delta: Float32Array, into: Float32Array, n: number): void {
+    this.rotate(delta, n, true, into);
+  }
+
+  toPlain(x: Float32Array, n: number): Float32Array {
+    return this.rotate(x, n, false);
+  }
+
+  addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void { this.heads.addQkv(l, part, delta, qkv, n); }
+  qkvGradToPlain(l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array { return this.heads.qkvGradToPlain(l, part, dqkv, n); }
+  headsToPlain(l: number, o: Float32Array, n: number): Float32Array { return this.heads.headsToPlain(l, o, n); }
+  addHeadsGrad(l: number, dplain: Float32Array, dO: Float32Array, n: number): void { this.heads.addHeadsGrad(l, dplain, dO, n); }
+  addHidden(l: number, delta: Float32Array, f: Float32Array, n: number): void { this.heads.addHidden(l, delta, f, n); }
+  hiddenToPlain(l: number, g: Float32Array, n: number): Float32Array { return this.heads.hiddenToPlain(l, g, n); }
+
+  embedded(h: Float32Array, n: number): void {
+    if (this.plainTables) h.set(this.rotate(h, n, true));
+  }
+
+  embeddedGrad(dh: Float32Array, n: number): Float32Array {
+    return this.plainTables ? this.rotate(dh, n, false) : dh;
+  }
+
+  // hf = n_f* G + beta_f Q (rotated tables), or n_f* G Q^T + beta_f (plain tables)
+  finalNorm(h: Float32Array, s: NormActs, hf: Float32Array, n: number): void {
+    const C = this.C;
+    const out = s.out.length >= n * C ? s.out : new Float32Array(n * C);
+    maskedNormForward(out, s.mean, s.rstd, h, this.p.u, n, C, this.eps);
+    sgemm(false, false, n, C, C, 1, out, C, this.Gout, C, 0, hf, C, this.p.headBias);
+  }
+
+  finalNormBackward(dhf: Float32Array, dh: Float32Array, s: NormActs, _h: Float32Array, n: number): void {
+    const C = this.C;
+    const gb = this.gHeadBias;
+    if (gb) for (let r = 0; r < n; r++) for (let j = 0; j < C; j++) gb[j] += dhf[r * C + j];
+    const dxf = new Float32Array(n * C);
+    sgemm(false, true, n, C, C, 1, dhf, C, this.Gout, C, 0, dxf, C);
+    maskedNormBackward(dh, dxf, s.out, this.p.u, s.rstd, n, C);
+  }
+
+  headToPlain(x: Float32Array, rows: number): Float32Array {
+    return this.plainTables ? x : this.rotate(x, rows, false);
+  }
+
+  headGradFromPlain(dx: Float32Array, rows: number): Float32Array {
+    return this.plainTables ? dx : this.rotate(dx, rows, true);
+  }
+}

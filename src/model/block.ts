@@ -1,0 +1,280 @@
+/**
+ * THE transformer block: one forward and one backward of a GPT-2 layer, written once against
+ * two small interfaces, and used by the plain model, the enclave's inference, generation and
+ * split training alike.
+ *
+ *   Linears<X>  the four linear products of a block (qkv, attproj, fc, fcproj): forward,
+ *               backward-input and (inside) backward-weight. Local: plain weights and the
+ *               native GEMM. Remote: the accelerator, with every reply checked in one place.
+ *   Basis<X>    what a mode does around the linears: the layer norms (plain or rotated
+ *               basis), masking of the linears' inputs and unmasking of their outputs, and
+ *               the maps between the masked spaces and the plain basis for adapters.
+ *
+ * X is the type of a tensor in the linears' space: Float32Array for the plain basis,
+ * `Obfuscated` for paper and sealed mode. The block cannot make an X from a plaintext
+ * array: every X comes from the basis (`norm`, `buffer`) or from the linears.
+ */
+import type { GPT2Config } from './config.js';
+import { attentionForward, attentionBackward } from './kernels.js';
+import { geluForwardPar as geluForward, geluBackwardPar as geluBackward } from '../train/parallel.js';
+import { loraForward, loraBackward, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
+import type { RandomSource } from '../tensor/rng.js';
+
+export const LINEARS = ['qkv', 'attproj', 'fc', 'fcproj'] as const;
+export type LinearName = (typeof LINEARS)[number];
+
+/** [d_in, d_out] of a block linear for residual width d. */
+export function linearDims(name: LinearName, d: number): [number, number] {
+  switch (name) {
+    case 'qkv': return [d, 3 * d];
+    case 'attproj': return [d, d];
+    case 'fc': return [d, 4 * d];
+    case 'fcproj': return [4 * d, d];
+  }
+}
+
+export interface Linears<X extends Float32Array> {
+  /** y[rows, dout] = x[rows, din] W + b ; a training call keeps x when the weights train */
+  forward(l: number, name: LinearName, x: X, rows: number, train: boolean): Promise<X>;
+  /** dx[rows, din] = dy[rows, dout] W^T (when `input`); dW += x^T dy, db += colsum(dy) when the weights train */
+  backward(l: number, name: LinearName, dy: X, rows: number, input: boolean): Promise<X | null>;
+}
+
+/** What a layer norm keeps for its backward pass. */
+export interface NormActs {
+  out: Float32Array; //  [n, C] normalised rows (plain LN output, or n* in the rotated basis)
+  mean: Float32Array; // [n]
+  rstd: Float32Array; // [n]
+}
+
+export type QkvPart = 'q' | 'k' | 'v';
+
+export interface Basis<X extends Float32Array> {
+  /** a zeroed tensor of `size` values in the linears' space (shared memory, for the threaded kernels) */
+  buffer(size: number): X;
+  /** LN1 / LN2 of the stream h[n, C]: fills s, returns the linear's input [n, C] */
+  norm(which: 1 | 2, l: number, h: Float32Array, s: NormActs, n: number): X;
+  /** the plain layer-norm output (what an adapter on qkv / fc reads) [n, C] */
+  normPlain(which: 1 | 2, l: number, s: NormActs, n: number): Float32Array;
+  /** dh[n, C] += norm backward, from the gradient of the linear's input (and of the plain output, for adapters) */
+  normBackward(which: 1 | 2, l: number, dh: Float32Array, dsent: X, dplain: Float32Array | null, s: NormActs, h: Float32Array, n: number): void;
+  /** a projection's output (o: attention, p: MLP) in the stream's basis [n, C] */
+  fromOutput(which: 'o' | 'p', l: number, y: X, n: number): Float32Array;
+  /** the stream gradient dh[n, C] as the projection's output gradient */
+  outputGrad(which: 'o' | 'p', l: number, dh: Float32Array, n: number): X;
+  /** into[n, C] += a plain-basis tensor carried into the stream's basis */
+  addPlain(delta: Float32Array, into: Float32Array, n: number): void;
+  /** a stream tensor (or gradient) [n, C] in the plain basis */
+  toPlain(x: Float32Array, n: number): Float32Array;
+  /** qkv*[n, 3C] += a plain update of one section (q, k or v) [n, C] */
+  addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: X, n: number): void;
+  /** the plain gradient of one section [n, C] from dqkv*[n, 3C] */
+  qkvGradToPlain(l: number, part: QkvPart, dqkv: X, n: number): Float32Array;
+  /** the attention output o*[n, C] in the plain basis */
+  headsToPlain(l: number, o: X, n: number): Float32Array;
+  /** dO*[n, C] += the gradient of the plain attention output */
+  addHeadsGrad(l: number, dplain: Float32Array, dO: X, n: number): void;
+  /** f*[n, 4C] += a plain MLP-hidden update (also: the gradient of the plain hidden into df*) */
+  addHidden(l: number, delta: Float32Array, f: X, n: number): void;
+  /** an MLP hidden tensor (or its gradient) [n, 4C] in the plain basis */
+  hiddenToPlain(l: number, g: X, n: number): Float32Array;
+}
+
+/** Per-layer keys and values for generation, in the linears' space: k, v [n_ctx, C]. */
+export interface LayerCache {
+  k: Float32Array;
+  v: Float32Array;
+  /** positions already cached (the new rows start here) */
+  pos: number;
+}
+
+/** Everything one layer's forward keeps for its backward. */
+export interface LayerActs<X extends Float32Array> {
+  hIn: Float32Array; //  [n, C]  the stream entering the block
+  n1: NormActs; //       LN1
+  x1: X; //              [n, C]  the qkv input sent
+  qkv: X; //             [n, 3C] masked heads
+  att: Float32Array; //  [B, NH, T, T] attention probabilities
+  o: X; //               [n, C]  attention output (masked heads)
+  h2: Float32Array; //   [n, C]  the stream after attention
+  n2: NormActs; //       LN2
+  x2: X; //              [n, C]  the fc input sent
+  f: X; //               [n, 4C] MLP hidden before GELU
+  g: X; //               [n, 4C] GELU output
+  th: Float32Array; //   [n, 4C] tanh inside GELU (training)
+  lora: Map<LoraTarget, LoraSaved>;
+  oPlain?: Float32Array; // [n, C]  the proj adapter's input
+  gPlain?: Float32Array; // [n, 4C] the mlp-proj adapter's input
+}
+
+/** Scratch of the backward pass, one layer at a time. */
+export interface BlockScratch<X extends Float32Array> {
+  datt: Float32Array; // [B, NH, T, T]
+  dqkv: X; //            [n, 3C]
+  df: X; //              [n, 4C]
+}
+
+export interface BlockEnv<X extends Float32Array> {
+  config: GPT2Config;
+  basis: Basis<X>;
+  linears: Linears<X>;
+  adapters: LoraAdapters | null;
+  /** adapter dropout randomness (training) */
+  rng: RandomSource | null;
+}
+
+const QKV: readonly QkvPart[] = ['q', 'k', 'v'];
+
+function addInto(h: Float32Array, y: Float32Array, N: number): void {
+  for (let i = 0; i < N; i++) h[i] += y[i];
+}
+
+/** The straight-line layer body: h[n, C] += attn(LN1 h) ; h += mlp(LN2 h), in place. */
+export async function blockForward<X extends Float32Array>(m: BlockEnv<X>, l: number, h: Float32Array, a: LayerActs<X>, B: number, T: number, train: boolean, cache: LayerCache | null = null): Promise<void> {
+  const { basis, linears, adapters: ad } = m;
+  const { n_embd: C, n_head: NH } = m.config;
+  const n = B * T;
+  const drop = train && ad ? ad.config.dropout : 0;
+  const rng = train ? m.rng : null;
+  if (train) a.hIn.set(h);
+  // attention: h += attn(LN1(h) Wqkv + bqkv) Wo + bo
+  a.x1 = basis.norm(1, l, h, a.n1, n);
+  a.qkv = await linears.forward(l, 'qkv', a.x1, n, train);
+  if (ad) {
+    let a1: Float32Array | null = null;
+    for (const t of QKV) {
+      const v = ad.get(l, t);
+      if (!v) continue;
+      a1 ??= basis.normPlain(1, l, a.n1, n);
+      const delta = new Float32Array(n * C);
+      a.lora.set(t, loraForward(delta, a1, v, n, ad.scale, drop, rng, false));
+      basis.addQkv(l, t, delta, a.qkv, n);
+    }
+  }
+  if (cache) cachedAttention(a.o, a.qkv, cache, n, C, NH);
+  else attentionForward(a.o, a.att, a.qkv, B, T, C, NH);
+  const y = basis.fromOutput('o', l, await linears.forward(l, 'attproj', a.o, n, train), n);
+  const vp = ad?.get(l, 'proj');
+  if (vp) {
+    a.oPlain = basis.headsToPlain(l, a.o, n);
+    const delta = new Float32Array(n * C);
+    a.lora.set('proj', loraForward(delta, a.oPlain, vp, n, ad!.scale, drop, rng, false));
+    basis.addPlain(delta, y, n);
+  }
+  addInto(h, y, n * C);
+  if (train) a.h2.set(h);
+  // MLP: h += gelu(LN2(h) Wfc + bfc) Wp + bp
+  a.x2 = basis.norm(2, l, h, a.n2, n);
+  a.f = await linears.forward(l, 'fc', a.x2, n, train);
+  const vf = ad?.get(l, 'fc');
+  if (vf) {
+    const delta = new Float32Array(n * 4 * C);
+    a.lora.set('fc', loraForward(delta, basis.normPlain(2, l, a.n2, n), vf, n, ad!.scale, drop, rng, false));
+    basis.addHidden(l, delta, a.f, n);
+  }
+  geluForward(a.g, a.f, n * 4 * C, train ? a.th : null); // element-wise: commutes with the hidden permutation
+  const z = basis.fromOutput('p', l, await linears.forward(l, 'fcproj', a.g, n, train), n);
+  const vm = ad?.get(l, 'mlp-proj');
+  if (vm) {
+    a.gPlain = basis.hiddenToPlain(l, a.g, n);
+    const delta = new Float32Array(n * C);
+    a.lora.set('mlp-proj', loraForward(delta, a.gPlain, vm, n, ad!.scale, drop, rng, false));
+    basis.addPlain(delta, z, n);
+  }
+  addInto(h, z, n * C);
+}
+
+/**
+ * Backward of `blockForward`: dh[n, C] holds the gradient of the block's output and is
+ * replaced by the gradient of its input (the residual passes straight through, the norms
+ * add to it). `needInput` = false skips the first linear's input gradient (nothing below
+ * layer 0 trains).
+ */
+export async function blockBackward<X extends Float32Array>(m: BlockEnv<X>, l: number, dh: Float32Array, a: LayerActs<X>, s: BlockScratch<X>, B: number, T: number, needInput: boolean): Promise<void> {
+  const { basis, linears, adapters: ad } = m;
+  const { n_embd: C, n_head: NH } = m.config;
+  const n = B * T;
+  // MLP
+  const dg = (await linears.backward(l, 'fcproj', basis.outputGrad('p', l, dh, n), n, true))!;
+  const vm = ad?.get(l, 'mlp-proj');
+  if (vm) {
+    const dgp = new Float32Array(n * 4 * C);
+    loraBackward(dgp, basis.toPlain(dh, n), vm, a.lora.get('mlp-proj')!, n, ad!.scale);
+    basis.addHidden(l, dgp, dg, n);
+  }
+  s.df.fill(0);
+  geluBackward(s.df, a.f, dg, n * 4 * C, a.th);
+  const dx2 = (await linears.backward(l, 'fc', s.df, n, true))!;
+  const vf = ad?.get(l, 'fc');
+  let dplain2: Float32Array | null = null;
+  if (vf) {
+    dplain2 = new Float32Array(n * C);
+    loraBackward(dplain2, basis.hiddenToPlain(l, s.df, n), vf, a.lora.get('fc')!, n, ad!.scale);
+  }
+  basis.normBackward(2, l, dh, dx2, dplain2, a.n2, a.h2, n);
+  // attention
+  const dO = (await linears.backward(l, 'attproj', basis.outputGrad('o', l, dh, n), n, true))!;
+  const vp = ad?.get(l, 'proj');
+  if (vp) {
+    const dop = new Float32Array(n * C);
+    loraBackward(dop, basis.toPlain(dh, n), vp, a.lora.get('proj')!, n, ad!.scale);
+    basis.addHeadsGrad(l, dop, dO, n);
+  }
+  attentionBackward(s.dqkv, s.datt, dO, a.att, a.qkv, B, T, C, NH);
+  let dplain1: Float32Array | null = null;
+  if (ad) {
+    for (const t of QKV) {
+      const v = ad.get(l, t);
+      if (!v) continue;
+      dplain1 ??= new Float32Array(n * C);
+      loraBackward(dplain1, basis.qkvGradToPlain(l, t, s.dqkv, n), v, a.lora.get(t)!, n, ad.scale);
+    }
+  }
+  const dx1 = await linears.backward(l, 'qkv', s.dqkv, n, needInput);
+  if (needInput) basis.normBackward(1, l, dh, dx1!, dplain1, a.n1, a.hIn, n);
+}
+
+/**
+ * Causal attention of n new rows (positions cache.pos..) against the cache, which first
+ * receives their keys and values. qkv[n, 3C] ; out[n, C] ; cache.k, cache.v [n_ctx, C].
+ */
+export function cachedAttention(out: Float32Array, qkv: Float32Array, cache: LayerCache, n: number, C: number, NH: number): void {
+  const hs = C / NH;
+  const scale = 1 / Math.sqrt(hs);
+  const pos0 = cache.pos;
+  const { k: kc, v: vc } = cache;
+  for (let i = 0; i < n; i++) {
+    kc.set(qkv.subarray(i * 3 * C + C, i * 3 * C + 2 * C), (pos0 + i) * C);
+    vc.set(qkv.subarray(i * 3 * C + 2 * C, i * 3 * C + 3 * C), (pos0 + i) * C);
+  }
+  const scores = new Float32Array(pos0 + n);
+  out.fill(0, 0, n * C);
+  for (let i = 0; i < n; i++) {
+    const p = pos0 + i;
+    for (let h = 0; h < NH; h++) {
+      const qo = i * 3 * C + h * hs;
+      let mx = -Infinity;
+      for (let s = 0; s <= p; s++) {
+        const ko = s * C + h * hs;
+        let d = 0;
+        for (let j = 0; j < hs; j++) d += qkv[qo + j] * kc[ko + j];
+        d *= scale;
+        scores[s] = d;
+        if (d > mx) mx = d;
+      }
+      let sum = 0;
+      for (let s = 0; s <= p; s++) {
+        const e = Math.exp(scores[s] - mx);
+        scores[s] = e;
+        sum += e;
+      }
+      const inv = 1 / sum;
+      const oo = i * C + h * hs;
+      for (let s = 0; s <= p; s++) {
+        const w = scores[s] * inv;
+        const vo = s * C + h * hs;
+        for (let j = 0; j < hs; j++) out[oo + j] += w * vc[vo + j];
+      }
+    }
+  }
+}

@@ -18,15 +18,11 @@ import type { AcceleratorWeights, LinearName } from '../obfuscate/transform.js';
 import { LINEARS } from '../obfuscate/transform.js';
 import type { RandomSource } from '../tensor/rng.js';
 import type { EnclaveTensors } from '../obfuscate/transform.js';
+import { IntegrityError } from '../errors.js';
 
 export const CHECK_VECTORS = 2;
 
-export class IntegrityError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'IntegrityError';
-  }
-}
+export { IntegrityError } from '../errors.js';
 
 interface Track {
   din: number;

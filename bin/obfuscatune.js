@@ -9,8 +9,15 @@ if (!existsSync(entry)) {
 }
 import(entry.href)
   .then((m) => m.main(process.argv))
-  .catch((err) => {
+  .catch(async (err) => {
     console.error(`obfuscatune: ${err && err.message ? err.message : err}`);
     if (process.env.OBFUSCATUNE_DEBUG) console.error(err);
-    process.exit(1);
+    // the exit status follows the error's class (src/cli/main.ts exitCodeOf)
+    let code = 1;
+    try {
+      code = (await import(entry.href)).exitCodeOf(err);
+    } catch {
+      // the module itself failed to load
+    }
+    process.exit(code);
   });

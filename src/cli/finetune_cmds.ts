@@ -13,6 +13,7 @@ import { parseMaskSpec, maskSpecLabel } from '../linalg/masks.js';
 import { progressBar } from './progress.js';
 import { parseIntArg, parseFloatArg } from './model_args.js';
 import type { TrainMode, Method } from '../split/train_model.js';
+import { BundleError, InputError } from '../errors.js';
 
 export interface RunConfig {
   format: 'obfuscatune-run/1';
@@ -28,9 +29,9 @@ export interface RunConfig {
 
 export function readRunConfig(runDir: string): RunConfig {
   const f = path.join(runDir, 'config.json');
-  if (!existsSync(f)) throw new Error(`${runDir} is not a fine-tuning run directory (no config.json)`);
+  if (!existsSync(f)) throw new BundleError(`${runDir} is not a fine-tuning run directory (no config.json)`);
   const c = JSON.parse(readFileSync(f, 'utf8')) as RunConfig;
-  if (c.format !== 'obfuscatune-run/1') throw new Error(`${f}: not a run configuration`);
+  if (c.format !== 'obfuscatune-run/1') throw new BundleError(`${f}: not a run configuration`);
   return c;
 }
 
@@ -77,7 +78,7 @@ export function addFinetuneCommands(program: Command): void {
       let mode: TrainMode = o.mode;
       let method: Method;
       if (o.method === 'local') { mode = 'local'; method = 'full'; } else method = o.method;
-      if (mode !== 'paper' && (o.naive || (spec !== '1' && mode === 'local'))) throw new Error('--kappa/--naive apply to paper (and sealed per-head) masks, not to local runs');
+      if (mode !== 'paper' && (o.naive || (spec !== '1' && mode === 'local'))) throw new InputError('--kappa/--naive apply to paper (and sealed per-head) masks, not to local runs');
       const tok = tokenizerFor(base.config.vocab_size);
       const task: Task = o.task;
       const lora = method === 'lora' ? validateLora({ rank: o.rank, alpha: o.alpha, dropout: o.dropout, targets: parseLoraTargets(o.targets) }) : undefined;
@@ -90,10 +91,10 @@ export function addFinetuneCommands(program: Command): void {
         if (evalRecs) {
           const ev = labelSet(evalRecs, o.eval);
           const extra = ev.filter((l) => !labels.includes(l));
-          if (extra.length) throw new Error(`${o.eval} has labels not seen in ${o.train}: ${extra.join(', ')}`);
+          if (extra.length) throw new InputError(`${o.eval} has labels not seen in ${o.train}: ${extra.join(', ')}`);
         }
       }
-      if (o.maxLen > base.config.n_ctx - (task === 'lm' ? 0 : 0)) throw new Error(`--max-len ${o.maxLen} exceeds the model's context of ${base.config.n_ctx}`);
+      if (o.maxLen > base.config.n_ctx - (task === 'lm' ? 0 : 0)) throw new InputError(`--max-len ${o.maxLen} exceeds the model's context of ${base.config.n_ctx}`);
       const train = encodeRecords(trainRecs, tok, { task, maxLen: o.maxLen, labels, source: o.train });
       const evalSet = evalRecs ? encodeRecords(evalRecs, tok, { task, maxLen: o.maxLen, labels, source: o.eval }) : null;
       const runDir = o.out;
@@ -152,7 +153,7 @@ export function addFinetuneCommands(program: Command): void {
     .option('--json', 'print JSON')
     .action(async (o) => {
       if (o.run) {
-        if (!o.data) throw new Error('eval --run needs --data FILE');
+        if (!o.data) throw new InputError('eval --run needs --data FILE');
         const rc = readRunConfig(o.run);
         const w = loadRunModel(o.run);
         const tok = tokenizerFor(w.config.vocab_size);
@@ -164,7 +165,7 @@ export function addFinetuneCommands(program: Command): void {
         else console.log(`loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''} on ${e.examples} examples`);
         return;
       }
-      if (!o.model || !o.text) throw new Error('give --model DIR --text FILE, or --run DIR --data FILE');
+      if (!o.model || !o.text) throw new InputError('give --model DIR --text FILE, or --run DIR --data FILE');
       const { GPT2 } = await import('../model/gpt2.js');
       const { evaluateLM } = await import('../train/lm.js');
       const model = new GPT2(loadCheckpoint(o.model));
@@ -179,6 +180,6 @@ export function addFinetuneCommands(program: Command): void {
 export function loadRunModel(runDir: string): GPT2Weights {
   readRunConfig(runDir);
   const dir = path.join(runDir, 'merged');
-  if (!existsSync(dir)) throw new Error(`${runDir} has no merged model (was the run finished?)`);
+  if (!existsSync(dir)) throw new BundleError(`${runDir} has no merged model (was the run finished?)`);
   return loadCheckpoint(dir);
 }

@@ -17,12 +17,19 @@ import { addServiceCommands } from './service_cmds.js';
 import { benchFinetune, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
+import {
+  AcceleratorError, BundleError, InputError, IntegrityError, PolicyError, StateError, TransportError, WorkerError,
+} from '../errors.js';
+import { AttestationError } from '../tee/platform.js';
+import { SealError } from '../tee/seal.js';
+import { HpkeError } from '../tee/hpke.js';
+import { ReplayError } from '../tee/replay.js';
 
 function readText(file: string): string {
   try {
     return readFileSync(file, 'utf8');
   } catch (e) {
-    throw new Error(`cannot read text file ${file}: ${(e as Error).message}`);
+    throw new InputError(`cannot read text file ${file}: ${(e as Error).message}`);
   }
 }
 
@@ -185,13 +192,13 @@ export function buildProgram(): Command {
       let ids: number[];
       let tok;
       if (o.enclave || o.accelerator) {
-        if (!o.enclave || !o.accelerator) throw new Error('split generation needs both --enclave and --accelerator');
-        if (o.model) throw new Error('give either --model or --enclave/--accelerator, not both');
+        if (!o.enclave || !o.accelerator) throw new InputError('split generation needs both --enclave and --accelerator');
+        if (o.model) throw new InputError('give either --model or --enclave/--accelerator, not both');
         const enclave = loadSplit(o.enclave, o.accelerator);
         tok = tokenizerFor(enclave.config.vocab_size);
         ids = await enclave.generate(tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
       } else {
-        if (!o.model && !o.run) throw new Error('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
+        if (!o.model && !o.run) throw new InputError('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
         const model = o.run ? new GPT2(loadRunModel(o.run)) : loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
         tok = tokenizerFor(model.config.vocab_size);
         ids = await generate(model, tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
@@ -368,6 +375,21 @@ function stepBenchOptions(c: Command, stepsHelp: string): Command {
 async function grpcBenchLink() {
   const { spawnedAcceleratorLink } = await import('../roles/spawn.js');
   return spawnedAcceleratorLink;
+}
+
+/**
+ * The exit status of a command that failed with `e` (docs/architecture.md, "Errors"):
+ * 2 bad input, 3 a bundle or checkpoint, 4 refused (policy or state), 5 a security check
+ * (integrity, attestation, sealing, HPKE, replay), 6 the other side (transport, accelerator,
+ * worker thread), 1 anything else.
+ */
+export function exitCodeOf(e: unknown): number {
+  if (e instanceof InputError) return 2;
+  if (e instanceof BundleError) return 3;
+  if (e instanceof PolicyError || e instanceof StateError) return 4;
+  if (e instanceof IntegrityError || e instanceof AttestationError || e instanceof SealError || e instanceof HpkeError || e instanceof ReplayError) return 5;
+  if (e instanceof TransportError || e instanceof AcceleratorError || e instanceof WorkerError) return 6;
+  return 1;
 }
 
 export async function main(argv: string[]): Promise<void> {

@@ -4,6 +4,7 @@ import { getPreset, presetNames } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
 import { loadCheckpoint } from '../model/checkpoint.js';
 import { InvalidArgumentError } from 'commander';
+import { InputError } from '../errors.js';
 
 export function loadModel(spec: string, opts: { randomInit?: boolean; seed?: number } = {}): GPT2 {
   if (opts.randomInit) {
@@ -11,9 +12,9 @@ export function loadModel(spec: string, opts: { randomInit?: boolean; seed?: num
   }
   if (existsSync(spec)) return new GPT2(loadCheckpoint(spec));
   if (presetNames().includes(spec)) {
-    throw new Error(`"${spec}" is a preset name, not a checkpoint directory; add --random-init to use a randomly initialised ${spec}`);
+    throw new InputError(`"${spec}" is a preset name, not a checkpoint directory; add --random-init to use a randomly initialised ${spec}`);
   }
-  throw new Error(`model "${spec}" not found: give a Hugging Face GPT-2 checkpoint directory or a preset with --random-init`);
+  throw new InputError(`model "${spec}" not found: give a Hugging Face GPT-2 checkpoint directory or a preset with --random-init`);
 }
 
 export function parseIntArg(name: string) {

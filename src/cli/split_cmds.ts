@@ -13,6 +13,7 @@ import { InProcessLink } from '../split/link.js';
 import { Enclave } from '../split/enclave.js';
 import { progressBar } from './progress.js';
 import { loadModel, parseIntArg } from './model_args.js';
+import { BundleError } from '../errors.js';
 
 export function addSplitCommands(program: Command): void {
   program
@@ -92,8 +93,8 @@ export function addSplitCommands(program: Command): void {
 
 /** Loads an enclave + accelerator bundle pair and wires them in one process. */
 export function loadSplit(encDir: string, accDir: string): Enclave {
-  if (!existsSync(encDir)) throw new Error(`enclave bundle ${encDir} not found`);
-  if (!existsSync(accDir)) throw new Error(`accelerator bundle ${accDir} not found`);
+  if (!existsSync(encDir)) throw new BundleError(`enclave bundle ${encDir} not found`);
+  if (!existsSync(accDir)) throw new BundleError(`accelerator bundle ${accDir} not found`);
   const enc = loadEnclaveBundle(encDir);
   const acc = loadAcceleratorBundle(accDir);
   checkBundlePair(enc, acc);

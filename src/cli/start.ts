@@ -22,6 +22,7 @@ import { backendName } from '../tensor/gemm.js';
 import { progressBar } from './progress.js';
 import { lineChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
+import { BundleError, ObfuscatuneError } from '../errors.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
@@ -46,7 +47,7 @@ export async function runStart(o: StartOptions): Promise<void> {
   const steps = o.steps ?? 100;
   const modelDir = o.model ?? path.join(ROOT, 'models', 'base-small');
   const dataDir = path.join(ROOT, 'data', o.dataset ?? 'wordnet-supersense');
-  if (!existsSync(path.join(modelDir, 'config.json'))) throw new Error(`bundled model ${modelDir} not found`);
+  if (!existsSync(path.join(modelDir, 'config.json'))) throw new BundleError(`bundled model ${modelDir} not found`);
   const out = path.resolve(o.out);
   rmSync(out, { recursive: true, force: true });
   mkdirSync(out, { recursive: true });
@@ -119,7 +120,7 @@ export async function runStart(o: StartOptions): Promise<void> {
     }) as Record<string, unknown>;
     bar.stop();
     const job = st.job as { state: string; error: string | null; losses: number[]; summary: { eval: { loss: number; accuracy: number }; seconds: number } };
-    if (job.state !== 'done') throw new Error(`the confidential job ${job.state}: ${job.error}`);
+    if (job.state !== 'done') throw new ObfuscatuneError(`the confidential job ${job.state}: ${job.error}`);
     const confSeconds = (performance.now() - t1) / 1000;
     const examples: Record_[] = test.slice(0, 4);
     const inf = await owner.command<{ predictions: string[] }>('infer', { texts: examples.map((r) => r.text!) });

@@ -9,6 +9,7 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import type { Tokenizer } from '../model/tokenizer.js';
 import { Rng } from '../tensor/rng.js';
+import { InputError } from '../errors.js';
 
 export type Task = 'lm' | 'cls';
 
@@ -31,18 +32,18 @@ export function parseJsonl(text: string, source: string): Record_[] {
     try {
       o = JSON.parse(line);
     } catch (e) {
-      throw new Error(`${source}:${i + 1}: not valid JSON (${(e as Error).message})`);
+      throw new InputError(`${source}:${i + 1}: not valid JSON (${(e as Error).message})`);
     }
-    if (typeof o !== 'object' || o === null || Array.isArray(o)) throw new Error(`${source}:${i + 1}: each line must be a JSON object`);
+    if (typeof o !== 'object' || o === null || Array.isArray(o)) throw new InputError(`${source}:${i + 1}: each line must be a JSON object`);
     const r = o as Record<string, unknown>;
     for (const k of ['text', 'prompt', 'completion']) {
-      if (k in r && typeof r[k] !== 'string') throw new Error(`${source}:${i + 1}: "${k}" must be a string`);
+      if (k in r && typeof r[k] !== 'string') throw new InputError(`${source}:${i + 1}: "${k}" must be a string`);
     }
-    if ('label' in r && typeof r.label !== 'string' && typeof r.label !== 'number') throw new Error(`${source}:${i + 1}: "label" must be a string or a number`);
+    if ('label' in r && typeof r.label !== 'string' && typeof r.label !== 'number') throw new InputError(`${source}:${i + 1}: "label" must be a string or a number`);
     const rec: Record_ = { text: r.text as string | undefined, prompt: r.prompt as string | undefined, completion: r.completion as string | undefined };
     if ('label' in r) rec.label = String(r.label);
     if (rec.text === undefined && (rec.prompt === undefined || rec.completion === undefined)) {
-      throw new Error(`${source}:${i + 1}: needs "text", or "prompt" and "completion"`);
+      throw new InputError(`${source}:${i + 1}: needs "text", or "prompt" and "completion"`);
     }
     out.push(rec);
   }
@@ -50,11 +51,11 @@ export function parseJsonl(text: string, source: string): Record_[] {
 }
 
 export function readJsonl(file: string): Record_[] {
-  if (!existsSync(file)) throw new Error(`dataset file ${file} not found`);
+  if (!existsSync(file)) throw new InputError(`dataset file ${file} not found`);
   const size = statSync(file).size;
-  if (size > MAX_DATASET_BYTES) throw new Error(`dataset file ${file} is ${size} bytes, over the ${MAX_DATASET_BYTES}-byte limit`);
+  if (size > MAX_DATASET_BYTES) throw new InputError(`dataset file ${file} is ${size} bytes, over the ${MAX_DATASET_BYTES}-byte limit`);
   const recs = parseJsonl(readFileSync(file, 'utf8'), file);
-  if (recs.length === 0) throw new Error(`dataset file ${file} has no records`);
+  if (recs.length === 0) throw new InputError(`dataset file ${file} has no records`);
   return recs;
 }
 
@@ -62,10 +63,10 @@ export function readJsonl(file: string): Record_[] {
 export function labelSet(recs: Record_[], source: string): string[] {
   const s = new Set<string>();
   recs.forEach((r, i) => {
-    if (r.label === undefined) throw new Error(`${source}: record ${i + 1} has no "label" (task cls)`);
+    if (r.label === undefined) throw new InputError(`${source}: record ${i + 1} has no "label" (task cls)`);
     s.add(r.label);
   });
-  if (s.size < 2) throw new Error(`${source}: a classification dataset needs at least 2 labels, found ${s.size}`);
+  if (s.size < 2) throw new InputError(`${source}: a classification dataset needs at least 2 labels, found ${s.size}`);
   return [...s].sort();
 }
 
@@ -93,9 +94,9 @@ export function encodeRecords(recs: Record_[], tok: Tokenizer, o: { task: Task; 
   const index = new Map(labels.map((l, i) => [l, i]));
   recs.forEach((r, i) => {
     if (o.task === 'cls') {
-      if (r.label === undefined) throw new Error(`${o.source}: record ${i + 1} has no "label"`);
+      if (r.label === undefined) throw new InputError(`${o.source}: record ${i + 1} has no "label"`);
       const li = index.get(r.label);
-      if (li === undefined) throw new Error(`${o.source}: record ${i + 1} has label "${r.label}", which is not in the label set [${labels.join(', ')}]`);
+      if (li === undefined) throw new InputError(`${o.source}: record ${i + 1} has label "${r.label}", which is not in the label set [${labels.join(', ')}]`);
       let ids = tok.encode(r.text ?? `${r.prompt ?? ''}${r.completion ?? ''}`);
       if (ids.length === 0) { dropped++; return; }
       if (ids.length > o.maxLen) { ids = ids.slice(0, o.maxLen); truncated++; }
@@ -116,7 +117,7 @@ export function encodeRecords(recs: Record_[], tok: Tokenizer, o: { task: Task; 
       items.push({ tokens: Int32Array.from(ids), lossFrom, label: -1 });
     }
   });
-  if (items.length === 0) throw new Error(`${o.source}: no usable records (all ${recs.length} were empty)`);
+  if (items.length === 0) throw new InputError(`${o.source}: no usable records (all ${recs.length} were empty)`);
   return { items, truncated, dropped, labels };
 }
 

@@ -24,6 +24,7 @@ import type { Pooling } from '../model/kernels.js';
 import type { LoraTarget } from '../model/lora.js';
 import { lineChart, barChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
+import { IntegrityError, ObfuscatuneError, findCause } from '../errors.js';
 
 export interface ResultRow {
   dataset: string;
@@ -146,6 +147,19 @@ function save(file: string, r: Results): void {
   renameSync(tmp, file);
 }
 
+/**
+ * Whether a run failed because training diverged: an integrity failure (an IntegrityError
+ * in the cause chain) or non-finite values; any other typed error is a real failure. The
+ * training loop (src/train/finetune.ts) still reports a failed step as an untyped Error
+ * without its cause, so for an untyped error its text is read as a stopgap, until that
+ * loop passes the cause on.
+ */
+function diverged(e: unknown): boolean {
+  if (findCause(e, IntegrityError)) return true;
+  if (e instanceof ObfuscatuneError) return false;
+  return /non-finite|NaN|Infinity|integrity check failed/.test((e as Error)?.message ?? '');
+}
+
 export async function runPaperExperiments(o: ExperimentOptions): Promise<Results> {
   mkdirSync(o.out, { recursive: true });
   const file = path.join(o.out, 'results.json');
@@ -224,7 +238,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
             // naive masks can make training diverge (non-finite values, or replies that no
             // longer pass the integrity tolerance): that is a result, reported as such
             const msg = (e as Error).message;
-            if (!/non-finite|NaN|Infinity|integrity check failed/.test(msg)) throw e;
+            if (!diverged(e)) throw e;
             row = { dataset: ds.meta.name, model: m.name, method, mode: c.mode, kappa: c.kappa, metric: task === 'cls' ? 'accuracy' : 'perplexity', value: NaN, loss: NaN, steps, seconds: (performance.now() - t0) / 1000, losses: [], error: msg, ...(special ? { recipe: special } : {}) };
             log(`${key}: ${msg}`);
           }

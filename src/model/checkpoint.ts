@@ -15,6 +15,7 @@ import type { ClassifierHead, GPT2Weights } from './weights.js';
 import { POOLINGS, type Pooling } from './kernels.js';
 import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from './safetensors.js';
 import { sharedFloat32 } from '../tensor/shared.js';
+import { BundleError, InputError } from '../errors.js';
 
 export type SaveDtype = 'F32' | 'F16' | 'BF16';
 
@@ -55,7 +56,7 @@ function checkpointDir(p: string): string {
   try {
     if (fs.statSync(p).isDirectory()) return p;
   } catch {
-    throw new Error(`${p}: checkpoint directory or file does not exist`);
+    throw new BundleError(`${p}: checkpoint directory or file does not exist`);
   }
   return path.dirname(p);
 }
@@ -66,12 +67,12 @@ function readJson(file: string): unknown {
     text = fs.readFileSync(file, 'utf8');
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    throw new Error(code === 'ENOENT' ? `${file}: file not found` : `${file}: cannot read (${code ?? (e as Error).message})`);
+    throw new BundleError(code === 'ENOENT' ? `${file}: file not found` : `${file}: cannot read (${code ?? (e as Error).message})`);
   }
   try {
     return JSON.parse(text);
   } catch (e) {
-    throw new Error(`${file}: invalid JSON (${(e as Error).message})`);
+    throw new BundleError(`${file}: invalid JSON (${(e as Error).message})`);
   }
 }
 
@@ -80,25 +81,25 @@ export function readHFConfig(dirOrFile: string): { config: GPT2Config; raw: Reco
   const dir = checkpointDir(dirOrFile);
   const file = path.join(dir, CONFIG_FILE);
   if (!fs.existsSync(file)) {
-    throw new Error(`${file}: missing config.json; a Hugging Face GPT-2 checkpoint directory needs one`);
+    throw new BundleError(`${file}: missing config.json; a Hugging Face GPT-2 checkpoint directory needs one`);
   }
   const json = readJson(file);
-  if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new Error(`${file}: must contain a JSON object`);
+  if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new BundleError(`${file}: must contain a JSON object`);
   const raw = json as Record<string, unknown>;
 
   if (raw['model_type'] !== undefined && raw['model_type'] !== 'gpt2') {
-    throw new Error(`${file}: model_type is ${JSON.stringify(raw['model_type'])}, only "gpt2" is supported`);
+    throw new BundleError(`${file}: model_type is ${JSON.stringify(raw['model_type'])}, only "gpt2" is supported`);
   }
   const act = raw['activation_function'];
   if (act !== undefined && !(typeof act === 'string' && ACTIVATIONS.has(act))) {
-    throw new Error(
+    throw new BundleError(
       `${file}: activation_function ${JSON.stringify(act)} is not supported (only the tanh GELU: gelu_new, gelu_pytorch_tanh)`,
     );
   }
   // Options that change the forward pass and are not implemented.
-  if (raw['scale_attn_weights'] === false) throw new Error(`${file}: scale_attn_weights=false is not supported`);
+  if (raw['scale_attn_weights'] === false) throw new BundleError(`${file}: scale_attn_weights=false is not supported`);
   if (raw['scale_attn_by_inverse_layer_idx'] === true) {
-    throw new Error(`${file}: scale_attn_by_inverse_layer_idx=true is not supported`);
+    throw new BundleError(`${file}: scale_attn_by_inverse_layer_idx=true is not supported`);
   }
 
   const nPos = raw['n_positions'] ?? raw['n_ctx'];
@@ -112,15 +113,15 @@ export function readHFConfig(dirOrFile: string): { config: GPT2Config; raw: Reco
     layer_norm_epsilon: eps,
   } as GPT2Config;
   if (raw['n_positions'] === undefined && raw['n_ctx'] === undefined) {
-    throw new Error(`${file}: missing "n_positions" (or "n_ctx")`);
+    throw new BundleError(`${file}: missing "n_positions" (or "n_ctx")`);
   }
   for (const k of ['n_layer', 'n_head', 'n_embd', 'vocab_size'] as const) {
-    if (raw[k] === undefined) throw new Error(`${file}: missing "${k}"`);
+    if (raw[k] === undefined) throw new BundleError(`${file}: missing "${k}"`);
   }
   validateConfig(config, file);
   const nInner = raw['n_inner'];
   if (nInner !== undefined && nInner !== null && nInner !== 4 * config.n_embd) {
-    throw new Error(`${file}: n_inner=${JSON.stringify(nInner)} is not supported (must be null or 4*n_embd=${4 * config.n_embd})`);
+    throw new BundleError(`${file}: n_inner=${JSON.stringify(nInner)} is not supported (must be null or 4*n_embd=${4 * config.n_embd})`);
   }
   return { config, raw };
 }
@@ -159,7 +160,7 @@ export function hfConfigJson(w: GPT2Weights, extra?: Record<string, unknown>, dt
   }
   for (const [k, v] of Object.entries(extra ?? {})) {
     if (k in arch && JSON.stringify(arch[k]) !== JSON.stringify(v)) {
-      throw new Error(`extra config key "${k}"=${JSON.stringify(v)} contradicts the model (${JSON.stringify(arch[k])})`);
+      throw new InputError(`extra config key "${k}"=${JSON.stringify(v)} contradicts the model (${JSON.stringify(arch[k])})`);
     }
     out[k] = v;
   }
@@ -187,7 +188,7 @@ function openWeights(p: string, dir: string): Map<string, Source> {
   if (isFile && p.endsWith('.safetensors')) {
     files = [openSafetensors(p)];
   } else if (isFile && !p.endsWith('.json')) {
-    throw new Error(`${p}: not a .safetensors file; only safetensors checkpoints are supported`);
+    throw new BundleError(`${p}: not a .safetensors file; only safetensors checkpoints are supported`);
   } else if (isFile && path.basename(p) !== CONFIG_FILE) {
     return openIndexed(p, dir);
   } else if (fs.existsSync(single)) {
@@ -198,13 +199,13 @@ function openWeights(p: string, dir: string): Map<string, Source> {
     const entries = fs.readdirSync(dir);
     const legacy = entries.filter((f) => /^pytorch_model.*\.bin$/.test(f) || /\.(bin|pt|pth|ckpt)$/.test(f));
     if (legacy.length > 0) {
-      throw new Error(
+      throw new BundleError(
         `${path.join(dir, legacy[0]!)}: PyTorch pickle checkpoints are not supported, only safetensors. Convert it with ` +
           `python -c "from transformers import AutoModel; AutoModel.from_pretrained('${dir}').save_pretrained('${dir}', safe_serialization=True)" ` +
           `(or load it with torch and save the state dict with safetensors.torch.save_file)`,
       );
     }
-    throw new Error(`${single}: not found (and no ${INDEX_FILE}); expected a Hugging Face safetensors checkpoint in ${dir}`);
+    throw new BundleError(`${single}: not found (and no ${INDEX_FILE}); expected a Hugging Face safetensors checkpoint in ${dir}`);
   }
   const out = new Map<string, Source>();
   for (const f of files) for (const n of f.names()) out.set(n, { file: f, stored: n });
@@ -215,38 +216,38 @@ function openIndexed(indexFile: string, dir: string): Map<string, Source> {
   const json = readJson(indexFile);
   const wm = (json as Record<string, unknown> | null)?.['weight_map'];
   if (wm === null || typeof wm !== 'object' || Array.isArray(wm)) {
-    throw new Error(`${indexFile}: missing "weight_map" object`);
+    throw new BundleError(`${indexFile}: missing "weight_map" object`);
   }
   const weightMap = wm as Record<string, unknown>;
   const shards = new Map<string, string>(); // shard file name -> first tensor listed for it
   for (const [name, f] of Object.entries(weightMap)) {
     if (typeof f !== 'string' || f.length === 0) {
-      throw new Error(`${indexFile}: tensor "${name}" maps to ${JSON.stringify(f)}, expected a file name`);
+      throw new BundleError(`${indexFile}: tensor "${name}" maps to ${JSON.stringify(f)}, expected a file name`);
     }
     if (path.isAbsolute(f) || f.split(/[\\/]/).includes('..')) {
-      throw new Error(`${indexFile}: tensor "${name}" maps to "${f}", which is outside the checkpoint directory`);
+      throw new BundleError(`${indexFile}: tensor "${name}" maps to "${f}", which is outside the checkpoint directory`);
     }
     if (!shards.has(f)) shards.set(f, name);
   }
-  if (shards.size === 0) throw new Error(`${indexFile}: "weight_map" is empty`);
+  if (shards.size === 0) throw new BundleError(`${indexFile}: "weight_map" is empty`);
   const out = new Map<string, Source>();
   for (const [shard, firstName] of shards) {
     const sp = path.join(dir, shard);
     if (!fs.existsSync(sp)) {
-      throw new Error(`${indexFile}: shard "${shard}" (holding tensor "${firstName}") is missing: ${sp} not found`);
+      throw new BundleError(`${indexFile}: shard "${shard}" (holding tensor "${firstName}") is missing: ${sp} not found`);
     }
     const f = openSafetensors(sp);
     for (const n of f.names()) {
       const prev = out.get(n);
-      if (prev) throw new Error(`${sp}: tensor "${n}" is also in ${prev.file.path} (duplicate tensor across shards)`);
+      if (prev) throw new BundleError(`${sp}: tensor "${n}" is also in ${prev.file.path} (duplicate tensor across shards)`);
       out.set(n, { file: f, stored: n });
     }
   }
   for (const [name, f] of Object.entries(weightMap)) {
     const src = out.get(name);
-    if (!src) throw new Error(`${path.join(dir, f as string)}: tensor "${name}" listed in ${indexFile} is not in the shard`);
+    if (!src) throw new BundleError(`${path.join(dir, f as string)}: tensor "${name}" listed in ${indexFile} is not in the shard`);
     if (path.resolve(src.file.path) !== path.resolve(path.join(dir, f as string))) {
-      throw new Error(`${indexFile}: tensor "${name}" is listed in "${f}" but stored in ${src.file.path}`);
+      throw new BundleError(`${indexFile}: tensor "${name}" is listed in "${f}" but stored in ${src.file.path}`);
     }
   }
   return out;
@@ -258,7 +259,7 @@ function expectShape(src: Source, name: string, expected: number[]): void {
   const got = src.file.info(src.stored).shape;
   if (got.length === expected.length && got.every((d, i) => d === expected[i])) return;
   const transposed = got.length === 2 && expected.length === 2 && got[0] === expected[1] && got[1] === expected[0];
-  throw new Error(
+  throw new BundleError(
     `${src.file.path}: tensor "${src.stored}" has shape ${fmtShape(got)}, expected ${fmtShape(expected)} for ${name}` +
       (transposed ? ' (transposed: nn.Linear layout instead of GPT-2 Conv1D?)' : ''),
   );
@@ -267,13 +268,13 @@ function expectShape(src: Source, name: string, expected: number[]): void {
 function readFloat(src: Source, out: Float32Array): Float32Array {
   const { dtype } = src.file.info(src.stored);
   if (dtype !== 'F32' && dtype !== 'F16' && dtype !== 'BF16' && dtype !== 'F64') {
-    throw new Error(`${src.file.path}: tensor "${src.stored}" has unsupported dtype ${dtype} (supported: F32, F16, BF16)`);
+    throw new BundleError(`${src.file.path}: tensor "${src.stored}" has unsupported dtype ${dtype} (supported: F32, F16, BF16)`);
   }
   src.file.getInto(src.stored, out);
   for (let i = 0; i < out.length; i++) {
     const v = out[i]!;
     if (v - v !== 0) {
-      throw new Error(`${src.file.path}: tensor "${src.stored}" contains ${v} at element ${i} (non-finite weights)`);
+      throw new BundleError(`${src.file.path}: tensor "${src.stored}" contains ${v} at element ${i} (non-finite weights)`);
     }
   }
   return out;
@@ -303,7 +304,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
     const bare = n.startsWith(PREFIX) ? n.slice(PREFIX.length) : n;
     const prev = byName.get(bare);
     if (prev) {
-      throw new Error(`${src.file.path}: tensor "${n}" duplicates "${prev.stored}" in ${prev.file.path}`);
+      throw new BundleError(`${src.file.path}: tensor "${n}" duplicates "${prev.stored}" in ${prev.file.path}`);
     }
     byName.set(bare, { ...src });
   }
@@ -315,7 +316,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
   const missing = list.filter((t) => !byName.has(t.name)).map((t) => t.name);
   if (missing.length > 0) {
     const files = [...new Set([...stored.values()].map((s) => s.file.path))].join(', ');
-    throw new Error(
+    throw new BundleError(
       `${files}: missing ${missing.length} tensor(s) for a ${config.n_layer}-layer GPT-2: ${listNames(missing)}`,
     );
   }
@@ -339,7 +340,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
     const hint = extraLayer
       ? ` ("${extraLayer.stored}" belongs to a layer beyond n_layer=${config.n_layer} in ${cfgFile})`
       : '';
-    throw new Error(
+    throw new BundleError(
       `${(extraLayer ?? first).file.path}: unexpected tensor(s) ${listNames(unexpected.map((s) => s.stored))}${hint}`,
     );
   }
@@ -365,7 +366,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
       const a = head[i]!;
       const b = wte[i]!;
       if (!(Math.abs(a - b) <= 1e-6 + rel * Math.abs(b))) {
-        throw new Error(
+        throw new BundleError(
           `${lm.file.path}: tensor "${lm.stored}" differs from wte.weight (element ${i}: ${a} vs ${b}); ` +
             `untied lm_head is not supported (GPT-2 ties the LM head to the token embedding)`,
         );
@@ -378,12 +379,12 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
   // Classification head.
   const score = byName.get('score.weight');
   if (opts.expectLabels === true && !score) {
-    throw new Error(`${[...new Set([...stored.values()].map((s) => s.file.path))].join(', ')}: no classification head (tensor "score.weight") found`);
+    throw new BundleError(`${[...new Set([...stored.values()].map((s) => s.file.path))].join(', ')}: no classification head (tensor "score.weight") found`);
   }
   if (score && opts.expectLabels !== false) {
     const shape = score.file.info(score.stored).shape;
     if (shape.length !== 2 || shape[1] !== config.n_embd || shape[0]! < 1) {
-      throw new Error(
+      throw new BundleError(
         `${score.file.path}: tensor "${score.stored}" has shape ${fmtShape(shape)}, expected [num_labels, ${config.n_embd}]`,
       );
     }
@@ -391,19 +392,19 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
     const cls: ClassifierHead = { numLabels, weight: readFloat(score, new Float32Array(numLabels * config.n_embd)) };
     const nl = raw['num_labels'];
     if (nl !== undefined && nl !== numLabels) {
-      throw new Error(`${cfgFile}: num_labels=${JSON.stringify(nl)} but tensor "${score.stored}" in ${score.file.path} has ${numLabels} rows`);
+      throw new BundleError(`${cfgFile}: num_labels=${JSON.stringify(nl)} but tensor "${score.stored}" in ${score.file.path} has ${numLabels} rows`);
     }
     const id2label = raw['id2label'];
     if (id2label !== undefined && id2label !== null) {
-      if (typeof id2label !== 'object' || Array.isArray(id2label)) throw new Error(`${cfgFile}: id2label must be an object`);
+      if (typeof id2label !== 'object' || Array.isArray(id2label)) throw new BundleError(`${cfgFile}: id2label must be an object`);
       const entries = Object.entries(id2label as Record<string, unknown>).map(([k, v]) => {
         const i = Number(k);
-        if (!Number.isInteger(i) || i < 0) throw new Error(`${cfgFile}: id2label key ${JSON.stringify(k)} is not a label index`);
+        if (!Number.isInteger(i) || i < 0) throw new BundleError(`${cfgFile}: id2label key ${JSON.stringify(k)} is not a label index`);
         return [i, String(v)] as const;
       });
       entries.sort((a, b) => a[0] - b[0]);
       if (entries.length !== numLabels || entries.some(([i], j) => i !== j)) {
-        throw new Error(
+        throw new BundleError(
           `${cfgFile}: id2label has indices [${entries.map((e) => e[0]).join(', ')}] but tensor "${score.stored}" in ` +
             `${score.file.path} has ${numLabels} labels`,
         );
@@ -412,7 +413,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
     }
     const pooling = raw['obfuscatune_pooling'];
     if (pooling !== undefined && pooling !== null) {
-      if (!POOLINGS.includes(pooling as Pooling)) throw new Error(`${cfgFile}: obfuscatune_pooling=${JSON.stringify(pooling)} is not one of ${POOLINGS.join(', ')}`);
+      if (!POOLINGS.includes(pooling as Pooling)) throw new BundleError(`${cfgFile}: obfuscatune_pooling=${JSON.stringify(pooling)} is not one of ${POOLINGS.join(', ')}`);
       cls.pooling = pooling as Pooling;
     }
     w.cls = cls;
@@ -421,7 +422,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
   const pad = raw['pad_token_id'];
   if (pad !== undefined && pad !== null) {
     if (typeof pad !== 'number' || !Number.isInteger(pad) || pad < 0 || pad >= config.vocab_size) {
-      throw new Error(`${cfgFile}: pad_token_id ${JSON.stringify(pad)} is not a token id in [0, ${config.vocab_size})`);
+      throw new BundleError(`${cfgFile}: pad_token_id ${JSON.stringify(pad)} is not a token id in [0, ${config.vocab_size})`);
     }
     w.padTokenId = pad;
   }
@@ -451,7 +452,7 @@ function checkFinite(dir: string, name: string, data: Float32Array, dtype: SaveD
   for (let i = 0; i < data.length; i++) {
     const v = data[i]!;
     if (!(Math.abs(v) < limit)) {
-      throw new Error(
+      throw new InputError(
         `${dir}: tensor "${name}" element ${i} = ${v} ` +
           (Number.isFinite(v) ? `overflows ${dtype}; save as F32 or BF16` : 'is not finite; refusing to save'),
       );
@@ -466,15 +467,15 @@ function checkFinite(dir: string, name: string, data: Float32Array, dtype: SaveD
  */
 export function saveCheckpoint(dir: string, w: GPT2Weights, opts: SaveOptions = {}): void {
   const dtype = opts.dtype ?? 'F32';
-  if (!(dtype in DTYPE_BYTES)) throw new Error(`saveCheckpoint: unsupported dtype "${dtype}" (F32, F16, BF16)`);
+  if (!(dtype in DTYPE_BYTES)) throw new InputError(`saveCheckpoint: unsupported dtype "${dtype}" (F32, F16, BF16)`);
   const prefix = (opts.prefix ?? true) ? PREFIX : '';
   const { config, layout, params } = w;
   validateConfig(config, `saveCheckpoint(${dir})`);
   if (params.length !== layout.total) {
-    throw new Error(`saveCheckpoint(${dir}): params has ${params.length} elements, layout needs ${layout.total}`);
+    throw new InputError(`saveCheckpoint(${dir}): params has ${params.length} elements, layout needs ${layout.total}`);
   }
   if (opts.shardBytes !== undefined && !(Number.isSafeInteger(opts.shardBytes) && opts.shardBytes > 0)) {
-    throw new Error(`saveCheckpoint(${dir}): shardBytes must be a positive integer, got ${opts.shardBytes}`);
+    throw new InputError(`saveCheckpoint(${dir}): shardBytes must be a positive integer, got ${opts.shardBytes}`);
   }
   const config_ = hfConfigJson(w, opts.extraConfig, dtype);
 
@@ -501,7 +502,7 @@ export function saveCheckpoint(dir: string, w: GPT2Weights, opts: SaveOptions = 
   if (w.cls) {
     const { numLabels, weight } = w.cls;
     if (!(Number.isInteger(numLabels) && numLabels > 0) || weight.length !== numLabels * config.n_embd) {
-      throw new Error(`saveCheckpoint(${dir}): classifier weight has ${weight.length} elements, expected ${numLabels} x ${config.n_embd}`);
+      throw new InputError(`saveCheckpoint(${dir}): classifier weight has ${weight.length} elements, expected ${numLabels} x ${config.n_embd}`);
     }
     checkFinite(dir, 'score.weight', weight, dtype);
     tensors.push({ name: 'score.weight', dtype, shape: [numLabels, config.n_embd], data: weight });

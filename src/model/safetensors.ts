@@ -14,6 +14,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { BundleError, InputError, ObfuscatuneError } from '../errors.js';
 
 /** Byte sizes of every dtype the safetensors format defines (sub-byte dtypes excluded). */
 const DTYPE_SIZES: Record<string, number> = {
@@ -98,7 +99,7 @@ export interface TensorToWrite {
 
 if (os.endianness() !== 'LE') {
   // Typed-array views below reinterpret file bytes in host order.
-  throw new Error('safetensors: only little-endian hosts are supported');
+  throw new ObfuscatuneError('safetensors: only little-endian hosts are supported');
 }
 
 // ---------------------------------------------------------------------------
@@ -184,8 +185,14 @@ function getHalfTable(): Float32Array {
 // Reading
 // ---------------------------------------------------------------------------
 
+/** A file that cannot be read as asked: missing, corrupt, or not holding what was asked for. */
 function fail(file: string, msg: string): never {
-  throw new Error(`${file}: ${msg}`);
+  throw new BundleError(`${file}: ${msg}`);
+}
+
+/** Tensors that cannot be written as given (names, shapes, dtypes, values). */
+function failWrite(file: string, msg: string): never {
+  throw new InputError(`${file}: ${msg}`);
 }
 
 function readFully(fd: number, dst: Uint8Array, position: number, file: string, what: string): void {
@@ -523,7 +530,7 @@ function encodeTensor(file: string, t: TensorToWrite): Uint8Array {
       for (let i = 0; i < data.length; i++) {
         const v = data[i]!;
         if (!Number.isInteger(v) || v < -2147483648 || v > 2147483647) {
-          fail(file, `${where}: element ${i} = ${v} is not an int32 value`);
+          failWrite(file, `${where}: element ${i} = ${v} is not an int32 value`);
         }
         o[i] = v;
       }
@@ -541,7 +548,7 @@ export function writeSafetensors(file: string, tensors: TensorToWrite[], metadat
   const header: Record<string, unknown> = {};
   if (metadata && Object.keys(metadata).length > 0) {
     for (const [k, v] of Object.entries(metadata)) {
-      if (typeof v !== 'string') fail(file, `metadata value for "${k}" must be a string, got ${JSON.stringify(v)}`);
+      if (typeof v !== 'string') failWrite(file, `metadata value for "${k}" must be a string, got ${JSON.stringify(v)}`);
     }
     header['__metadata__'] = { ...metadata };
   }
@@ -550,17 +557,17 @@ export function writeSafetensors(file: string, tensors: TensorToWrite[], metadat
   for (const t of tensors) {
     const where = `tensor "${t.name}"`;
     if (typeof t.name !== 'string' || t.name.length === 0 || t.name === '__metadata__') {
-      fail(file, `invalid tensor name ${JSON.stringify(t.name)}`);
+      failWrite(file, `invalid tensor name ${JSON.stringify(t.name)}`);
     }
-    if (seen.has(t.name)) fail(file, `${where} given twice`);
+    if (seen.has(t.name)) failWrite(file, `${where} given twice`);
     seen.add(t.name);
-    if (!WRITE_DTYPES.has(t.dtype)) fail(file, `${where}: cannot write dtype "${t.dtype}" (supported: F32, F64, F16, BF16, I32)`);
+    if (!WRITE_DTYPES.has(t.dtype)) failWrite(file, `${where}: cannot write dtype "${t.dtype}" (supported: F32, F64, F16, BF16, I32)`);
     if (!Array.isArray(t.shape) || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-      fail(file, `${where}: shape ${JSON.stringify(t.shape)} must contain non-negative integers`);
+      failWrite(file, `${where}: shape ${JSON.stringify(t.shape)} must contain non-negative integers`);
     }
     const numel = t.shape.reduce((a, b) => a * b, 1);
     if (t.data.length !== numel) {
-      fail(file, `${where}: shape ${JSON.stringify(t.shape)} has ${numel} elements but data has ${t.data.length}`);
+      failWrite(file, `${where}: shape ${JSON.stringify(t.shape)} has ${numel} elements but data has ${t.data.length}`);
     }
     const nbytes = numel * DTYPE_SIZES[t.dtype]!;
     header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + nbytes] };

@@ -17,6 +17,7 @@ import { requiredEnclaveTensors } from '../split/enclave.js';
 import type { Mode, ObfuscationParams } from './masks.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
+import { BundleError } from '../errors.js';
 
 export const ACC_FORMAT = 'obfuscatune-accelerator/1';
 export const ENC_FORMAT = 'obfuscatune-enclave/1';
@@ -54,11 +55,11 @@ function writeJson(file: string, obj: unknown, mode?: number): string {
 }
 
 function readJson<T>(file: string, what: string): T {
-  if (!existsSync(file)) throw new Error(`${what}: ${file} not found`);
+  if (!existsSync(file)) throw new BundleError(`${what}: ${file} not found`);
   try {
     return JSON.parse(readFileSync(file, 'utf8')) as T;
   } catch (e) {
-    throw new Error(`${what}: ${file} is not valid JSON (${(e as Error).message})`);
+    throw new BundleError(`${what}: ${file} is not valid JSON (${(e as Error).message})`);
   }
 }
 
@@ -93,15 +94,15 @@ export interface LoadedAccelerator {
 
 export function loadAcceleratorBundle(dir: string): LoadedAccelerator {
   const mfile = path.join(dir, 'manifest.json');
-  if (!existsSync(mfile)) throw new Error(`accelerator bundle: ${mfile} not found (is ${dir} an accelerator bundle?)`);
+  if (!existsSync(mfile)) throw new BundleError(`accelerator bundle: ${mfile} not found (is ${dir} an accelerator bundle?)`);
   const text = readFileSync(mfile);
   const manifest = readJson<AcceleratorManifest>(mfile, 'accelerator bundle');
-  if (manifest.format !== ACC_FORMAT) throw new Error(`accelerator bundle: ${mfile} has format "${manifest.format}", expected "${ACC_FORMAT}"`);
+  if (manifest.format !== ACC_FORMAT) throw new BundleError(`accelerator bundle: ${mfile} has format "${manifest.format}", expected "${ACC_FORMAT}"`);
   const wfile = path.join(dir, manifest.weights.file);
-  if (path.dirname(path.resolve(wfile)) !== path.resolve(dir)) throw new Error('accelerator bundle: weights file must be inside the bundle directory');
-  if (!existsSync(wfile)) throw new Error(`accelerator bundle: ${wfile} not found`);
+  if (path.dirname(path.resolve(wfile)) !== path.resolve(dir)) throw new BundleError('accelerator bundle: weights file must be inside the bundle directory');
+  if (!existsSync(wfile)) throw new BundleError(`accelerator bundle: ${wfile} not found`);
   const bytes = readFileSync(wfile);
-  if (sha256(bytes) !== manifest.weights.sha256) throw new Error(`accelerator bundle: ${wfile} does not match the SHA-256 in ${mfile} (corrupt or replaced)`);
+  if (sha256(bytes) !== manifest.weights.sha256) throw new BundleError(`accelerator bundle: ${wfile} does not match the SHA-256 in ${mfile} (corrupt or replaced)`);
   const st = openSafetensors(wfile);
   const d = manifest.n_embd;
   const layers: Record<LinearName, ObfLinear>[] = [];
@@ -111,9 +112,9 @@ export function loadAcceleratorBundle(dir: string): LoadedAccelerator {
       const [din, dout] = linearDims(name, d);
       const wn = `h.${l}.${name}.weight`, bn = `h.${l}.${name}.bias`;
       for (const [n, shape] of [[wn, [din, dout]], [bn, [dout]]] as const) {
-        if (!st.has(n)) throw new Error(`accelerator bundle: ${wfile} lacks tensor "${n}"`);
+        if (!st.has(n)) throw new BundleError(`accelerator bundle: ${wfile} lacks tensor "${n}"`);
         const got = st.info(n).shape;
-        if (got.join(',') !== shape.join(',')) throw new Error(`accelerator bundle: tensor "${n}" has shape [${got}], expected [${shape}]`);
+        if (got.join(',') !== shape.join(',')) throw new BundleError(`accelerator bundle: tensor "${n}" has shape [${got}], expected [${shape}]`);
       }
       rec[name] = { w: st.get(wn), b: st.get(bn), din, dout };
     }
@@ -151,20 +152,20 @@ export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
 
 function bundlePooling(p: unknown, file: string): Pooling {
   if (p === undefined || p === null) return 'last';
-  if (!POOLINGS.includes(p as Pooling)) throw new Error(`enclave bundle: ${file} has cls.pooling ${JSON.stringify(p)}, expected one of ${POOLINGS.join(', ')}`);
+  if (!POOLINGS.includes(p as Pooling)) throw new BundleError(`enclave bundle: ${file} has cls.pooling ${JSON.stringify(p)}, expected one of ${POOLINGS.join(', ')}`);
   return p as Pooling;
 }
 
 export function loadEnclaveBundle(dir: string): EnclaveBundle {
   const mfile = path.join(dir, 'manifest.json');
   const m = readJson<EnclaveManifest>(mfile, 'enclave bundle');
-  if (m.format !== ENC_FORMAT) throw new Error(`enclave bundle: ${mfile} has format "${m.format}", expected "${ENC_FORMAT}"`);
-  if (m.mode !== 'sealed' && m.mode !== 'paper') throw new Error(`enclave bundle: unknown mode "${m.mode}"`);
+  if (m.format !== ENC_FORMAT) throw new BundleError(`enclave bundle: ${mfile} has format "${m.format}", expected "${ENC_FORMAT}"`);
+  if (m.mode !== 'sealed' && m.mode !== 'paper') throw new BundleError(`enclave bundle: unknown mode "${m.mode}"`);
   const config = validateConfig(m.config, `enclave bundle ${mfile}`);
   const tfile = path.join(dir, m.tensors.file);
-  if (path.dirname(path.resolve(tfile)) !== path.resolve(dir)) throw new Error('enclave bundle: tensor file must be inside the bundle directory');
-  if (!existsSync(tfile)) throw new Error(`enclave bundle: ${tfile} not found`);
-  if (sha256(readFileSync(tfile)) !== m.tensors.sha256) throw new Error(`enclave bundle: ${tfile} does not match the SHA-256 in ${mfile}`);
+  if (path.dirname(path.resolve(tfile)) !== path.resolve(dir)) throw new BundleError('enclave bundle: tensor file must be inside the bundle directory');
+  if (!existsSync(tfile)) throw new BundleError(`enclave bundle: ${tfile} not found`);
+  if (sha256(readFileSync(tfile)) !== m.tensors.sha256) throw new BundleError(`enclave bundle: ${tfile} does not match the SHA-256 in ${mfile}`);
   const st = openSafetensors(tfile);
   const tensors: EnclaveTensors = new Map();
   for (const name of st.names()) tensors.set(name, st.get(name));
@@ -181,10 +182,10 @@ export function loadEnclaveBundle(dir: string): EnclaveBundle {
 /** Refuses a pair of bundles that were not made together. */
 export function checkBundlePair(enc: EnclaveBundle, acc: LoadedAccelerator): void {
   if (enc.acceleratorManifestSha256 !== acc.manifestSha256) {
-    throw new Error(`bundle mismatch: the enclave bundle expects accelerator manifest ${enc.acceleratorManifestSha256.slice(0, 16)}..., got ${acc.manifestSha256.slice(0, 16)}... (bundles from different obfuscation runs)`);
+    throw new BundleError(`bundle mismatch: the enclave bundle expects accelerator manifest ${enc.acceleratorManifestSha256.slice(0, 16)}..., got ${acc.manifestSha256.slice(0, 16)}... (bundles from different obfuscation runs)`);
   }
-  if (enc.mode !== acc.manifest.mode) throw new Error(`bundle mismatch: enclave bundle is ${enc.mode} mode, accelerator bundle is ${acc.manifest.mode} mode`);
-  if (enc.config.n_layer !== acc.manifest.n_layer || enc.config.n_embd !== acc.manifest.n_embd) throw new Error('bundle mismatch: model dimensions differ');
+  if (enc.mode !== acc.manifest.mode) throw new BundleError(`bundle mismatch: enclave bundle is ${enc.mode} mode, accelerator bundle is ${acc.manifest.mode} mode`);
+  if (enc.config.n_layer !== acc.manifest.n_layer || enc.config.n_embd !== acc.manifest.n_embd) throw new BundleError('bundle mismatch: model dimensions differ');
 }
 
 export function writeProviderKey(dir: string, k: ProviderKey): void {
@@ -195,8 +196,8 @@ export function writeProviderKey(dir: string, k: ProviderKey): void {
 export function loadProviderKey(dir: string): { key: Buffer; params: ObfuscationParams; info: ProviderKey } {
   const file = dir.endsWith('.json') ? dir : path.join(dir, 'secret.json');
   const k = readJson<ProviderKey>(file, 'provider key');
-  if (k.format !== KEY_FORMAT) throw new Error(`provider key: ${file} has format "${k.format}", expected "${KEY_FORMAT}"`);
-  if (!/^[0-9a-f]{64}$/.test(k.key_hex)) throw new Error(`provider key: ${file} does not hold a 256-bit hex key`);
+  if (k.format !== KEY_FORMAT) throw new BundleError(`provider key: ${file} has format "${k.format}", expected "${KEY_FORMAT}"`);
+  if (!/^[0-9a-f]{64}$/.test(k.key_hex)) throw new BundleError(`provider key: ${file} does not hold a 256-bit hex key`);
   return {
     key: Buffer.from(k.key_hex, 'hex'),
     params: { mode: k.mode, spec: parseMaskSpec(k.spec), twoSided: k.two_sided, headPermutation: k.head_permutation },

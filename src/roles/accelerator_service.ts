@@ -15,6 +15,8 @@ import { Accelerator, type EvilMode } from '../split/accelerator.js';
 import { startAcceleratorServer, type AcceleratorServer } from '../rpc/accelerator_server.js';
 import { ACC_ADMIN_SERVICE, unpackFiles } from './protocol.js';
 import { writeSafetensors } from '../model/safetensors.js';
+import { serviceError } from '../rpc/status.js';
+import { BundleError, InputError, ObfuscatuneError, TransportError } from '../errors.js';
 import type { AcceleratorReply, AcceleratorRequest } from '../split/messages.js';
 
 export interface AcceleratorServeOptions {
@@ -73,14 +75,14 @@ export async function serveAccelerator(o: AcceleratorServeOptions): Promise<{ se
           if (failed) return;
           if (typeof m?.data !== 'string' || m.index !== parts.length) {
             failed = true;
-            cb({ code: grpc.status.INVALID_ARGUMENT, details: 'bundle upload: chunks must arrive in order with base64 data' });
+            cb(serviceError(new InputError('bundle upload: chunks must arrive in order with base64 data')));
             return;
           }
           const b = Buffer.from(m.data, 'base64');
           bytes += b.length;
           if (bytes > 8 * 1024 * 1024 * 1024) {
             failed = true;
-            cb({ code: grpc.status.RESOURCE_EXHAUSTED, details: 'bundle upload: over 8 GiB' });
+            cb(serviceError(new TransportError('bundle upload: over 8 GiB', grpc.status.RESOURCE_EXHAUSTED)));
             return;
           }
           parts.push(b);
@@ -99,22 +101,30 @@ export async function serveAccelerator(o: AcceleratorServeOptions): Promise<{ se
             host.load(dest);
             cb(null, { ok: true, manifest_sha256: host.loaded!.manifestSha256 });
           } catch (e) {
-            cb({ code: grpc.status.INVALID_ARGUMENT, details: `bundle upload refused: ${(e as Error).message}` });
+            // a bad bundle is the uploader's input; anything else (the disk) is this service's failure
+            const msg = `bundle upload refused: ${(e as Error).message}`;
+            cb(serviceError(e instanceof BundleError || e instanceof InputError ? new InputError(msg, { cause: e }) : new ObfuscatuneError(msg, { cause: e })));
           }
         });
         call.on('error', () => { failed = true; });
       },
       Export: (_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => {
-        if (!host.acc) return cb({ code: grpc.status.FAILED_PRECONDITION, details: 'no bundle loaded' });
-        const file = path.join(o.stateDir, `export-${process.pid}.safetensors`);
-        const t = host.acc.weights.layers.flatMap((L, l) => LINEARS.flatMap((name) => [
-          { name: `h.${l}.${name}.weight`, dtype: 'F32' as const, shape: [L[name].din, L[name].dout], data: L[name].w },
-          { name: `h.${l}.${name}.bias`, dtype: 'F32' as const, shape: [L[name].dout], data: L[name].b },
-        ]));
-        writeSafetensors(file, t);
-        const data = readFileSync(file).toString('base64');
-        rmSync(file, { force: true });
-        cb(null, { weights: data, n_layer: host.acc.weights.n_layer });
+        const acc = host.acc;
+        if (!acc) return cb(serviceError(new BundleError('no bundle loaded')));
+        let data: string;
+        try {
+          const file = path.join(o.stateDir, `export-${process.pid}.safetensors`);
+          const t = acc.weights.layers.flatMap((L, l) => LINEARS.flatMap((name) => [
+            { name: `h.${l}.${name}.weight`, dtype: 'F32' as const, shape: [L[name].din, L[name].dout], data: L[name].w },
+            { name: `h.${l}.${name}.bias`, dtype: 'F32' as const, shape: [L[name].dout], data: L[name].b },
+          ]));
+          writeSafetensors(file, t);
+          data = readFileSync(file).toString('base64');
+          rmSync(file, { force: true });
+        } catch (e) {
+          return cb(serviceError(e));
+        }
+        cb(null, { weights: data, n_layer: acc.weights.n_layer });
       },
     }),
   });

@@ -31,6 +31,8 @@ import { validateLora, parseLoraTargets, adapterTensors, checkLoraTask } from '.
 import { freshClassifier } from '../train/session.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
+import { BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, StateError, TransportError, findCause } from '../errors.js';
+import { serviceError } from '../rpc/status.js';
 import {
   ENCLAVE_SERVICE, COMMAND_AAD, chunkAad, replyAad, enclaveServerOptions, packFiles, unpackFiles,
   type UploadChunk, type SealedCommand,
@@ -95,6 +97,8 @@ export const POLICY: Record<string, Role[]> = {
 
 const MAX_RECORDS = 1_000_000;
 const MAX_UPLOAD_BYTES = 4 * 1024 * 1024 * 1024;
+/** gRPC statuses of accelerator calls after which a job waits for the accelerator and resumes from its last checkpoint. */
+const RECOVERABLE_CODES: ReadonlySet<number> = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED]);
 
 export class EnclaveService {
   private attestor!: EnclaveAttestor;
@@ -176,42 +180,42 @@ export class EnclaveService {
 
   private session(id: unknown): Uint8Array {
     const t = typeof id === 'string' ? this.sessions.get(id) : undefined;
-    if (!t) throw new Error('unknown attestation session (attest first)');
+    if (!t) throw new PolicyError('unknown attestation session (attest first)');
     return t;
   }
 
   async upload(chunks: UploadChunk[]): Promise<unknown> {
-    if (chunks.length === 0) throw new Error('empty upload');
+    if (chunks.length === 0) throw new InputError('empty upload');
     const first = chunks[0];
     const transcript = this.session(first.session);
     const total = first.total;
-    if (!Number.isInteger(total) || total !== chunks.length) throw new Error(`upload incomplete: ${chunks.length} of ${total} chunks`);
+    if (!Number.isInteger(total) || total !== chunks.length) throw new InputError(`upload incomplete: ${chunks.length} of ${total} chunks`);
     const plain: Uint8Array[] = [];
     let bytes = 0;
     for (let i = 0; i < chunks.length; i++) {
       const c = chunks[i];
       if (c.index !== i || c.total !== total || c.kind !== first.kind || c.name !== first.name || c.upload_id !== first.upload_id || c.sender !== first.sender || c.session !== first.session) {
-        throw new Error(`upload chunk ${i} does not belong to this upload`);
+        throw new InputError(`upload chunk ${i} does not belong to this upload`);
       }
       const p = await this.attestor.open(sealedFromJson(c.sealed), transcript, chunkAad(c));
       bytes += p.length;
-      if (bytes > MAX_UPLOAD_BYTES) throw new Error('upload too large');
+      if (bytes > MAX_UPLOAD_BYTES) throw new TransportError('upload too large', grpc.status.RESOURCE_EXHAUSTED);
       plain.push(p);
     }
     this.replay.check(`upload:${first.upload_id}`);
     if (first.kind === 'bundle') {
-      if (this.providerKey && this.providerKey !== first.sender) throw new Error('a bundle from another provider is already installed');
-      if (this.job?.state === 'running') throw new Error('a job is running');
+      if (this.providerKey && this.providerKey !== first.sender) throw new PolicyError('a bundle from another provider is already installed');
+      if (this.job?.state === 'running') throw new StateError('a job is running');
       this.installBundle(unpackFiles(Buffer.concat(plain)));
       this.providerKey = first.sender;
       await this.persist();
       this.log(`installed the provider's ${this.bundle!.mode}-mode bundle`);
       return { ok: true, kind: 'bundle', mode: this.bundle!.mode };
     }
-    if (first.name !== 'train' && first.name !== 'eval') throw new Error(`unknown dataset split "${first.name}"`);
-    if (this.ownerKey && this.ownerKey !== first.sender) throw new Error('another data owner has already uploaded data');
-    if (first.sender === this.providerKey) throw new Error('the provider cannot act as the data owner');
-    if (plain.length > MAX_RECORDS) throw new Error('too many records');
+    if (first.name !== 'train' && first.name !== 'eval') throw new InputError(`unknown dataset split "${first.name}"`);
+    if (this.ownerKey && this.ownerKey !== first.sender) throw new PolicyError('another data owner has already uploaded data');
+    if (first.sender === this.providerKey) throw new PolicyError('the provider cannot act as the data owner');
+    if (plain.length > MAX_RECORDS) throw new InputError('too many records');
     const recs = parseJsonl(plain.map((p) => new TextDecoder().decode(p).replace(/\n/g, ' ')).join('\n'), `encrypted ${first.name} upload`);
     this.data[first.name] = recs;
     this.ownerKey = first.sender;
@@ -223,13 +227,18 @@ export class EnclaveService {
   async command(req: SealedCommand): Promise<unknown> {
     const transcript = this.session(req.session);
     const text = new TextDecoder().decode(await this.attestor.open(sealedFromJson(req.sealed), transcript, COMMAND_AAD));
-    const cmd = JSON.parse(text) as { id: string; ts: number; op: string; [k: string]: unknown };
-    if (typeof cmd.id !== 'string' || typeof cmd.ts !== 'number' || typeof cmd.op !== 'string') throw new Error('malformed command');
+    let cmd: { id: string; ts: number; op: string; [k: string]: unknown };
+    try {
+      cmd = JSON.parse(text);
+    } catch (e) {
+      throw new InputError('malformed command', { cause: e });
+    }
+    if (typeof cmd.id !== 'string' || typeof cmd.ts !== 'number' || typeof cmd.op !== 'string') throw new InputError('malformed command');
     this.replay.check(cmd.id, cmd.ts);
     const role: Role | null = req.sender === this.providerKey ? 'provider' : req.sender === this.ownerKey ? 'owner' : null;
     const allowed = POLICY[cmd.op];
-    if (!allowed) throw new Error(`unknown command "${cmd.op}"`);
-    if (!role || !allowed.includes(role)) throw new Error(`policy: "${cmd.op}" is not allowed for ${role ?? 'an unknown party'}`);
+    if (!allowed) throw new InputError(`unknown command "${cmd.op}"`);
+    if (!role || !allowed.includes(role)) throw new PolicyError(`policy: "${cmd.op}" is not allowed for ${role ?? 'an unknown party'}`);
     const result = await this.execute(cmd.op, cmd, role);
     const sealed = await sealTo(publicKeyFromBase64(req.sender), new TextEncoder().encode(JSON.stringify(result)), transcript, replyAad(cmd.id));
     return { sealed: sealedToJson(sealed) };
@@ -249,18 +258,23 @@ export class EnclaveService {
         };
       }
       case 'start_finetune': {
-        if (!this.bundle) throw new Error('no model bundle installed yet');
-        if (this.data.train.length === 0) throw new Error('no training data uploaded yet');
-        if (this.job?.state === 'running') throw new Error('a job is already running');
+        if (!this.bundle) throw new BundleError('no model bundle installed yet');
+        if (this.data.train.length === 0) throw new StateError('no training data uploaded yet');
+        if (this.job?.state === 'running') throw new StateError('a job is already running');
         const spec = cmd.spec as JobSpec;
-        if (spec.adam_eps !== undefined && !(typeof spec.adam_eps === 'number' && spec.adam_eps > 0 && spec.adam_eps < 1)) throw new Error(`adam_eps must be a number in (0, 1), got ${JSON.stringify(spec.adam_eps)}`);
-        if (spec.pooling !== undefined && !POOLINGS.includes(spec.pooling)) throw new Error(`pooling must be one of ${POOLINGS.join(', ')}, got ${JSON.stringify(spec.pooling)}`);
+        if (spec.adam_eps !== undefined && !(typeof spec.adam_eps === 'number' && spec.adam_eps > 0 && spec.adam_eps < 1)) throw new InputError(`adam_eps must be a number in (0, 1), got ${JSON.stringify(spec.adam_eps)}`);
+        if (spec.pooling !== undefined && !POOLINGS.includes(spec.pooling)) throw new InputError(`pooling must be one of ${POOLINGS.join(', ')}, got ${JSON.stringify(spec.pooling)}`);
         if (spec.method === 'lora' && spec.lora) {
           // refused here, before the job starts, rather than when the model is built
-          const lora = validateLora({ rank: spec.lora.rank, alpha: spec.lora.alpha, dropout: spec.lora.dropout, targets: parseLoraTargets(String(spec.lora.targets)) });
-          checkLoraTask(lora, spec.task);
+          try {
+            const lora = validateLora({ rank: spec.lora.rank, alpha: spec.lora.alpha, dropout: spec.lora.dropout, targets: parseLoraTargets(String(spec.lora.targets)) });
+            checkLoraTask(lora, spec.task);
+          } catch (e) {
+            // the LoRA checks throw plain errors: the spec is the owner's input either way
+            throw e instanceof InputError ? e : new InputError((e as Error).message, { cause: e });
+          }
         }
-        if (spec.pooling !== undefined && this.bundle.cls && (this.bundle.cls.pooling ?? 'last') !== spec.pooling) throw new Error(`pooling ${spec.pooling} asked for, but the model's classifier pools ${this.bundle.cls.pooling ?? 'last'}`);
+        if (spec.pooling !== undefined && this.bundle.cls && (this.bundle.cls.pooling ?? 'last') !== spec.pooling) throw new InputError(`pooling ${spec.pooling} asked for, but the model's classifier pools ${this.bundle.cls.pooling ?? 'last'}`);
         this.job = { spec, state: 'running', step: 0, loss: null, eval: null, error: null, summary: null, labels: [], recoveries: 0, losses: [] };
         rmSync(path.join(this.privateDir, 'run'), { recursive: true, force: true });
         for (const f of readdirSync(path.join(this.o.stateDir, 'checkpoints'))) rmSync(path.join(this.o.stateDir, 'checkpoints', f), { force: true });
@@ -270,7 +284,7 @@ export class EnclaveService {
       }
       case 'infer': return this.infer(cmd);
       case 'fetch_update': {
-        if (this.job?.state !== 'done' || !this.model) throw new Error('no finished job to export');
+        if (this.job?.state !== 'done' || !this.model) throw new StateError('no finished job to export');
         const m = this.model;
         const file = path.join(this.privateDir, 'export.safetensors');
         const t: TensorToWrite[] = [...m.trainedTensors()].map(([name, data]) => ({ name: `enclave.${name}`, dtype: 'F32', shape: [data.length], data }));
@@ -281,14 +295,14 @@ export class EnclaveService {
         return { update: data, method: m.method, mode: m.mode, task: m.task, labels: this.job.labels, pooling: m.task === 'cls' ? m.pooling : undefined, summary: this.job.summary };
       }
     }
-    throw new Error(`unknown command "${op}"`);
+    throw new InputError(`unknown command "${op}"`);
   }
 
   private async infer(cmd: Record<string, unknown>): Promise<unknown> {
-    if (!this.model || this.job?.state !== 'done') throw new Error('no fine-tuned model yet (run a job first)');
+    if (!this.model || this.job?.state !== 'done') throw new StateError('no fine-tuned model yet (run a job first)');
     const m = this.model;
     const texts = cmd.texts;
-    if (!Array.isArray(texts) || texts.length === 0 || texts.length > 256 || !texts.every((t) => typeof t === 'string')) throw new Error('infer needs 1-256 texts');
+    if (!Array.isArray(texts) || texts.length === 0 || texts.length > 256 || !texts.every((t) => typeof t === 'string')) throw new InputError('infer needs 1-256 texts');
     const tok = tokenizerFor(m.config.vocab_size);
     const maxLen = this.job.spec.max_len;
     if (m.task === 'cls') {
@@ -345,9 +359,9 @@ export class EnclaveService {
   private async acceleratorReady(timeoutMs: number): Promise<void> {
     const got = (await this.link.waitForReady(timeoutMs)).manifest_sha256;
     if (got && this.bundle && got !== this.bundle.acceleratorManifestSha256) {
-      throw new Error(`the accelerator serves bundle ${got.slice(0, 12)}..., the provider's enclave bundle expects ${this.bundle.acceleratorManifestSha256.slice(0, 12)}...`);
+      throw new BundleError(`the accelerator serves bundle ${got.slice(0, 12)}..., the provider's enclave bundle expects ${this.bundle.acceleratorManifestSha256.slice(0, 12)}...`);
     }
-    if (!got) throw new Error('the accelerator has no bundle loaded (the provider must upload it)');
+    if (!got) throw new BundleError('the accelerator has no bundle loaded (the provider must upload it)');
   }
 
   private async runJob(resume: boolean): Promise<void> {
@@ -357,7 +371,7 @@ export class EnclaveService {
     const labels = spec.task === 'cls' ? labelSet(this.data.train, 'training data') : [];
     if (spec.task === 'cls' && this.data.eval.length) {
       const extra = labelSet(this.data.eval, 'evaluation data').filter((l) => !labels.includes(l));
-      if (extra.length) throw new Error(`evaluation data has labels not in the training data: ${extra.join(', ')}`);
+      if (extra.length) throw new InputError(`evaluation data has labels not in the training data: ${extra.join(', ')}`);
     }
     job.labels = labels;
     const train = encodeRecords(this.data.train, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'training data' });
@@ -377,6 +391,7 @@ export class EnclaveService {
       await this.acceleratorReady(120_000);
       const rng = new Rng(spec.seed);
       this.model = this.buildModel(spec, labels, rng);
+      const failuresBefore = this.link.failures;
       try {
         const summary = await runFinetune(this.model, train, evalSet, cfg, runDir, tok.eotId, {
           resume: doResume, rng,
@@ -397,14 +412,27 @@ export class EnclaveService {
         this.log(`job done: ${spec.steps} steps, eval ${JSON.stringify(summary.eval)}`);
         return;
       } catch (e) {
-        const msg = (e as Error).message;
-        const transport = /UNAVAILABLE|DEADLINE_EXCEEDED|ECONNREFUSED|CANCELLED|no bundle loaded|not ready/.test(msg);
-        if (!transport || attempt >= 5) throw e;
+        const failure = this.recoverableFailure(e, failuresBefore);
+        if (!failure || attempt >= 5) throw e;
         attempt++;
         job.recoveries++;
-        this.log(`the accelerator failed (${msg.split('\n')[0]}); waiting for it and resuming from the last checkpoint (attempt ${attempt})`);
+        this.log(`the accelerator failed (${failure.message.split('\n')[0]}); waiting for it and resuming from the last checkpoint (attempt ${attempt})`);
       }
     }
+  }
+
+  /**
+   * The transport failure behind a failed attempt, when it is one to wait out (the accelerator
+   * down, restarting or too slow: UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED), else null.
+   * Found by type in the error's cause chain; the training loop reports a failed step as an
+   * untyped error without its cause, so for such an error the link's own record of a transport
+   * failure during this attempt stands in. An integrity failure is never waited out.
+   */
+  private recoverableFailure(e: unknown, failuresBefore: number): TransportError | null {
+    if (findCause(e, IntegrityError)) return null;
+    const failure = findCause(e, TransportError)
+      ?? (!(e instanceof ObfuscatuneError) && this.link.failures > failuresBefore ? this.link.lastFailure : null);
+    return failure && RECOVERABLE_CODES.has(failure.code) ? failure : null;
   }
 
   private latestSealed(): string | null {
@@ -449,7 +477,7 @@ export async function serveEnclave(o: EnclaveServeOptions): Promise<{ service: E
   const server = new grpc.Server(enclaveServerOptions());
   widenServerWindow(server);
   const wrap = (fn: (req: unknown) => Promise<unknown>) => (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => {
-    fn(call.request).then((v) => cb(null, v), (e: Error) => cb({ code: grpc.status.INVALID_ARGUMENT, details: e.message }));
+    fn(call.request).then((v) => cb(null, v), (e: unknown) => cb(serviceError(e)));
   };
   server.addService(ENCLAVE_SERVICE, {
     Attest: wrap((r) => service.attest(r as { nonce?: unknown })),
@@ -463,13 +491,13 @@ export async function serveEnclave(o: EnclaveServeOptions): Promise<{ service: E
         bytes += JSON.stringify(c).length;
         if (bytes > MAX_UPLOAD_BYTES * 1.5 && !failed) {
           failed = true;
-          cb({ code: grpc.status.RESOURCE_EXHAUSTED, details: 'upload too large' });
+          cb(serviceError(new TransportError('upload too large', grpc.status.RESOURCE_EXHAUSTED)));
         }
         if (!failed) chunks.push(c);
       });
       call.on('end', () => {
         if (failed) return;
-        service.upload(chunks).then((v) => cb(null, v), (e: Error) => cb({ code: grpc.status.INVALID_ARGUMENT, details: e.message }));
+        service.upload(chunks).then((v) => cb(null, v), (e: unknown) => cb(serviceError(e)));
       });
       call.on('error', () => { failed = true; });
     },

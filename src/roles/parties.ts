@@ -28,6 +28,7 @@ import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate, LINEARS, type AcceleratorWeights } from '../obfuscate/transform.js';
 import { loadAdapters, mergeAdaptersPlain } from '../train/session.js';
 import type { JobSpec } from './enclave_service.js';
+import { BundleError, StateError, TransportError } from '../errors.js';
 
 export const DIST_SRC = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -73,7 +74,7 @@ export class EnclaveClient {
   }
 
   private session(): AttestedEnclave {
-    if (!this.attested) throw new Error('attest the enclave first');
+    if (!this.attested) throw new StateError('attest the enclave first');
     return this.attested;
   }
 
@@ -155,7 +156,7 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   let w = base;
   if (up.task === 'cls' && enc.tensors.has('score')) {
     const K = up.labels.length;
-    if (up.pooling !== undefined && !POOLINGS.includes(up.pooling)) throw new Error(`the enclave's update has an unknown pooling ${JSON.stringify(up.pooling)}`);
+    if (up.pooling !== undefined && !POOLINGS.includes(up.pooling)) throw new BundleError(`the enclave's update has an unknown pooling ${JSON.stringify(up.pooling)}`);
     w = { ...base, cls: { numLabels: K, weight: new Float32Array(K * base.config.n_embd), labels: up.labels, pooling: up.pooling ?? 'last' } };
   }
   let acc: AcceleratorWeights;
@@ -191,7 +192,7 @@ export async function waitForJob(c: EnclaveClient, onStatus?: (s: Record<string,
     const s = await c.command<{ job: { state: string } | null }>('status');
     onStatus?.(s as unknown as Record<string, unknown>);
     if (s.job && s.job.state !== 'running') return s as unknown as Record<string, unknown>;
-    if (Date.now() > end) throw new Error('timed out waiting for the fine-tuning job');
+    if (Date.now() > end) throw new TransportError('timed out waiting for the fine-tuning job', grpc.status.DEADLINE_EXCEEDED);
     await new Promise((r) => setTimeout(r, 300));
   }
 }

@@ -17,6 +17,8 @@
 import * as grpc from '@grpc/grpc-js';
 import type { SealedMessageJson } from '../tee/hpke.js';
 import { clientChannelOptions, serverOptions } from '../rpc/grpc.js';
+import { errorFromStatus } from '../rpc/status.js';
+import { InputError } from '../errors.js';
 
 const json = {
   ser: (v: unknown): Buffer => Buffer.from(JSON.stringify(v), 'utf8'),
@@ -24,7 +26,7 @@ const json = {
     try {
       return JSON.parse(b.toString('utf8'));
     } catch {
-      throw new Error('malformed JSON message');
+      throw new InputError('malformed JSON message');
     }
   },
 };
@@ -98,11 +100,11 @@ export function enclaveServerOptions(): grpc.ServerOptions {
   return serverOptions({ maxMessageBytes: MAX_CLIENT_MESSAGE_BYTES });
 }
 
-/** Promise wrapper of a unary call. */
+/** Promise wrapper of a unary call; a failure rejects with the typed error of errorFromStatus. */
 export function unary<T>(client: grpc.Client, def: grpc.MethodDefinition<unknown, unknown>, req: unknown, deadlineMs = 60_000): Promise<T> {
   return new Promise((resolve, reject) => {
     client.makeUnaryRequest(def.path, def.requestSerialize, def.responseDeserialize, req, new grpc.Metadata(), { deadline: Date.now() + deadlineMs }, (err, v) => {
-      if (err) reject(new Error(`${def.originalName ?? def.path}: ${err.details || err.message}`));
+      if (err) reject(errorFromStatus(err, String(def.originalName ?? def.path)));
       else resolve(v as T);
     });
   });
@@ -112,7 +114,7 @@ export function unary<T>(client: grpc.Client, def: grpc.MethodDefinition<unknown
 export function clientStream<T>(client: grpc.Client, def: grpc.MethodDefinition<unknown, unknown>, items: unknown[], deadlineMs = 600_000): Promise<T> {
   return new Promise((resolve, reject) => {
     const call = client.makeClientStreamRequest(def.path, def.requestSerialize, def.responseDeserialize, new grpc.Metadata(), { deadline: Date.now() + deadlineMs }, (err, v) => {
-      if (err) reject(new Error(`${def.originalName ?? def.path}: ${err.details || err.message}`));
+      if (err) reject(errorFromStatus(err, String(def.originalName ?? def.path)));
       else resolve(v as T);
     });
     (async () => {
@@ -120,7 +122,7 @@ export function clientStream<T>(client: grpc.Client, def: grpc.MethodDefinition<
         if (!call.write(it)) await new Promise((r) => call.once('drain', r));
       }
       call.end();
-    })().catch(reject);
+    })().catch((e) => reject(errorFromStatus(e, String(def.originalName ?? def.path))));
   });
 }
 
@@ -150,17 +152,17 @@ export function unpackFiles(b: Uint8Array, maxFiles = 64): { name: string; data:
   const out: { name: string; data: Uint8Array }[] = [];
   let off = 0;
   while (off < buf.length) {
-    if (out.length >= maxFiles) throw new Error('archive: too many files');
-    if (off + 4 > buf.length) throw new Error('archive: truncated');
+    if (out.length >= maxFiles) throw new InputError('archive: too many files');
+    if (off + 4 > buf.length) throw new InputError('archive: truncated');
     const nl = buf.readUInt32LE(off);
     off += 4;
-    if (nl === 0 || nl > 255 || off + nl + 8 > buf.length) throw new Error('archive: bad file name');
+    if (nl === 0 || nl > 255 || off + nl + 8 > buf.length) throw new InputError('archive: bad file name');
     const name = buf.subarray(off, off + nl).toString('utf8');
-    if (!/^[A-Za-z0-9_.-]+$/.test(name)) throw new Error(`archive: refusing file name "${name}"`);
+    if (!/^[A-Za-z0-9_.-]+$/.test(name)) throw new InputError(`archive: refusing file name "${name}"`);
     off += nl;
     const size = Number(buf.readBigUInt64LE(off));
     off += 8;
-    if (off + size > buf.length) throw new Error(`archive: file ${name} truncated`);
+    if (off + size > buf.length) throw new InputError(`archive: file ${name} truncated`);
     out.push({ name, data: buf.subarray(off, off + size) });
     off += size;
   }

@@ -8,6 +8,8 @@ import { createInterface } from 'node:readline';
 import type { AcceleratorWeights } from '../obfuscate/transform.js';
 import { writeAcceleratorBundle } from '../obfuscate/bundle.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
+import * as grpc from '@grpc/grpc-js';
+import { TransportError } from '../errors.js';
 
 export const BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../bin/obfuscatune.js');
 
@@ -34,11 +36,11 @@ export function spawnService(args: string[], opts: { timeoutMs?: number; env?: N
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
-      reject(new Error(`${label} did not start within ${opts.timeoutMs ?? 60000} ms: ${log.slice(-5).join(' | ')}`));
+      reject(new TransportError(`${label} did not start within ${opts.timeoutMs ?? 60000} ms: ${log.slice(-5).join(' | ')}`, grpc.status.DEADLINE_EXCEEDED));
     }, opts.timeoutMs ?? 60000);
     child.once('exit', (code, sig) => {
       clearTimeout(timer);
-      reject(new Error(`${label} exited (${code ?? sig}) before listening: ${log.slice(-5).join(' | ')}`));
+      reject(new TransportError(`${label} exited (${code ?? sig}) before listening: ${log.slice(-5).join(' | ')}`, grpc.status.UNAVAILABLE));
     });
     createInterface({ input: child.stdout! }).on('line', (line) => {
       try {

@@ -3,10 +3,11 @@
  * encoded frame, over the accelerator's tensor channel when it announces one in Health
  * (tensor_channel.ts), else to `obfuscatune.Accelerator/Call`, with a per-call deadline, decodes the reply and shows both to the observers. A call that fails with
  * UNAVAILABLE (accelerator down or restarting) is retried with exponential backoff when
- * the caller asked for it; every other failure rejects with an `RpcError` naming the op,
- * the linear and the gRPC status. See docs/rpc.md.
+ * the caller asked for it; every other failure rejects with an `RpcError` (a TransportError)
+ * naming the op, the linear and the gRPC status. See docs/rpc.md.
  */
 import * as grpc from '@grpc/grpc-js';
+import { InputError, TransportError } from '../errors.js';
 import { observe, type AcceleratorLink, type CallOptions, type Observer } from '../split/link.js';
 import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
 import { BufferPool, ChannelClient } from './tensor_channel.js';
@@ -17,7 +18,6 @@ import {
   DEFAULT_MAX_MESSAGE_BYTES,
   clientChannelOptions,
   formatAddress,
-  grpcCode,
   parseAddress,
   statusName,
   type Address,
@@ -70,11 +70,15 @@ export interface HealthStatus {
 }
 
 /** A failed call: `code` is the gRPC status (grpc.status), `op` the request's op. */
-export class RpcError extends Error {
-  constructor(message: string, readonly code: number, readonly op: string) {
-    super(message);
-    this.name = 'RpcError';
+export class RpcError extends TransportError {
+  constructor(message: string, code: number, readonly op: string, options?: { cause?: unknown }) {
+    super(message, code, options);
   }
+}
+
+/** Whether a failed call may be tried again: a TransportError with status UNAVAILABLE, nothing else. */
+export function isUnavailable(e: unknown): e is TransportError {
+  return e instanceof TransportError && e.code === grpc.status.UNAVAILABLE;
 }
 
 /** Whether repeating the request after an ambiguous failure leaves the accelerator as one call would. */
@@ -106,6 +110,9 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   stats = { messages: 0, bytes: 0 };
   /** calls retried after UNAVAILABLE */
   retries = 0;
+  /** calls that failed on the transport, and the latest of those failures (see EnclaveService's recovery) */
+  failures = 0;
+  lastFailure: RpcError | null = null;
   /** "host:port" dialled */
   readonly address: string;
   deadlineMs: number;
@@ -123,10 +130,10 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   constructor(address: string | Address, opts: GrpcLinkOptions = {}) {
     this.address = formatAddress(typeof address === 'string' ? parseAddress(address) : address);
     this.deadlineMs = opts.deadlineMs ?? DEFAULT_DEADLINE_MS;
-    if (!(this.deadlineMs > 0)) throw new Error(`rpc: deadlineMs must be positive, got ${this.deadlineMs}`);
+    if (!(this.deadlineMs > 0)) throw new InputError(`rpc: deadlineMs must be positive, got ${this.deadlineMs}`);
     const r = opts.retry ?? { attempts: 1, baseMs: 100, maxMs: 5_000 };
-    if (!Number.isInteger(r.attempts) || r.attempts < 1) throw new Error(`rpc: retry.attempts must be an integer >= 1, got ${r.attempts}`);
-    if (!(r.baseMs >= 0) || !(r.maxMs >= r.baseMs)) throw new Error('rpc: retry needs 0 <= baseMs <= maxMs');
+    if (!Number.isInteger(r.attempts) || r.attempts < 1) throw new InputError(`rpc: retry.attempts must be an integer >= 1, got ${r.attempts}`);
+    if (!(r.baseMs >= 0) || !(r.maxMs >= r.baseMs)) throw new InputError('rpc: retry needs 0 <= baseMs <= maxMs');
     this.retry = { safeOnly: true, ...r };
     // the channel is plain TCP: with TLS credentials, frames stay on the TLS channel unless asked
     this.channelWanted = opts.tensorChannel ?? opts.credentials === undefined;
@@ -142,8 +149,9 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     const m = ACCELERATOR_SERVICE[method];
     return new Promise<Buffer>((resolve, reject) => {
       this.client.makeUnaryRequest(m.path, m.requestSerialize, m.responseDeserialize, frame, new grpc.Metadata(), { deadline: Date.now() + deadlineMs }, (err, value) => {
-        if (err) reject(err);
-        else if (!Buffer.isBuffer(value)) reject(Object.assign(new Error('empty response'), { code: grpc.status.INTERNAL }));
+        // grpc-js reports the status as `code` and the server's text as `details`
+        if (err) reject(new TransportError(err.details || err.message, typeof err.code === 'number' ? err.code : grpc.status.UNKNOWN, { cause: err }));
+        else if (!Buffer.isBuffer(value)) reject(new TransportError('empty response', grpc.status.INTERNAL));
         else resolve(value);
       });
     });
@@ -162,7 +170,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
         const host = parseAddress(this.address).host;
         this.channel = new ChannelClient(async () => {
           const again = await this.health(5_000); // a restarted accelerator may use another port
-          if (typeof again.tensor_port !== 'number') throw new Error('the accelerator no longer serves a tensor channel');
+          if (typeof again.tensor_port !== 'number') throw new TransportError('the accelerator no longer serves a tensor channel', grpc.status.UNAVAILABLE);
           return { host, port: again.tensor_port };
         }, this.maxBytes);
       } else this.channelWanted = false;
@@ -210,8 +218,13 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
         back = await this.send(frame, this.deadlineMs, opts.scratch === true && this.observers.length === 0);
         break;
       } catch (e) {
-        const retryable = grpcCode(e) === grpc.status.UNAVAILABLE && mayRetry && attempt + 1 < this.retry.attempts && !this.closed;
-        if (!retryable) throw this.wrap(e, what, attempt + 1);
+        const retryable = isUnavailable(e) && mayRetry && attempt + 1 < this.retry.attempts && !this.closed;
+        if (!retryable) {
+          const failed = this.wrap(e, what, attempt + 1);
+          this.failures++;
+          this.lastFailure = failed;
+          throw failed;
+        }
         this.retries++;
         await sleep(backoffMs(attempt, this.retry.baseMs, this.retry.maxMs));
       }
@@ -219,10 +232,10 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     let rep: AcceleratorReply;
     try {
       const decoded = decodeMessage(back);
-      if (!REPLY_OPS.has(decoded.op)) throw new Error(`"${decoded.op}" is not a reply op`);
+      if (!REPLY_OPS.has(decoded.op)) throw new TransportError(`"${decoded.op}" is not a reply op`, grpc.status.DATA_LOSS);
       rep = decoded as AcceleratorReply;
     } catch (e) {
-      throw new RpcError(`accelerator rpc ${what} to ${this.address}: malformed reply frame: ${(e as Error).message}`, grpc.status.DATA_LOSS, req.op);
+      throw new RpcError(`accelerator rpc ${what} to ${this.address}: malformed reply frame: ${(e as Error).message}`, grpc.status.DATA_LOSS, req.op, { cause: e });
     }
     this.stats.messages++;
     this.stats.bytes += frame.length + back.length;
@@ -289,11 +302,11 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   }
 
   private wrap(e: unknown, what: string, attempts = 1): RpcError {
-    const code = grpcCode(e) ?? grpc.status.UNKNOWN;
-    const details = (e as { details?: unknown })?.details;
-    const msg = typeof details === 'string' && details !== '' ? details : (e as Error)?.message ?? String(e);
+    // every failure of unary() and the tensor channel is a TransportError; anything else is a bug here
+    const code = e instanceof TransportError ? e.code : grpc.status.UNKNOWN;
+    const msg = e instanceof Error ? e.message : String(e);
     const tries = attempts > 1 ? ` after ${attempts} attempts` : '';
     const hint = code === grpc.status.RESOURCE_EXHAUSTED ? ' (raise maxMessageBytes on both ends, or send fewer rows per call)' : '';
-    return new RpcError(`accelerator rpc ${what} to ${this.address} failed${tries}: ${statusName(code)}: ${msg}${hint}`, code, what.split(' ')[0]);
+    return new RpcError(`accelerator rpc ${what} to ${this.address} failed${tries}: ${statusName(code)}: ${msg}${hint}`, code, what.split(' ')[0], { cause: e });
   }
 }

@@ -4,7 +4,7 @@
  * whose `Health` answers `{"status":"SERVING","served":n,"tensor_port":p}`. The same frames
  * are also served on the tensor channel (tensor_channel.ts), through the same queue. A malformed frame is refused
  * with INVALID_ARGUMENT, an oversized one with RESOURCE_EXHAUSTED; a failing handler
- * becomes INTERNAL. None of these stops the server. Requests are handled one at a time,
+ * answers with the status its error's class maps to (status.ts; INTERNAL for an untyped one). None of these stops the server. Requests are handled one at a time,
  * in arrival order (the accelerator's state, saved inputs and accumulated gradients,
  * depends on that order).
  */
@@ -20,6 +20,8 @@ import {
   type KeepaliveOptions,
 } from './grpc.js';
 import { BufferPool, ChannelRefusal, startChannelServer } from './tensor_channel.js';
+import { statusOf } from './status.js';
+import { InputError, TransportError } from '../errors.js';
 
 /** Anything that answers requests: an `Accelerator`, or a test double (may be async). */
 export interface RequestHandler {
@@ -84,7 +86,7 @@ function describe(req: AcceleratorRequest): string {
 export async function startAcceleratorServer(acc: RequestHandler, opts: AcceleratorServerOptions = {}): Promise<AcceleratorServer> {
   const host = opts.host ?? '127.0.0.1';
   const wantPort = opts.port ?? 0;
-  if (!Number.isInteger(wantPort) || wantPort < 0 || wantPort > 65535) throw new Error(`accelerator server: invalid port ${wantPort}`);
+  if (!Number.isInteger(wantPort) || wantPort < 0 || wantPort > 65535) throw new InputError(`accelerator server: invalid port ${wantPort}`);
   const maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
   const server = new grpc.Server(serverOptions({ maxMessageBytes: maxBytes, keepalive: opts.keepalive }));
   widenServerWindow(server);
@@ -103,17 +105,17 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
    * paths share the queue). Refusals throw a ChannelRefusal carrying the gRPC status.
    */
   const answer = (frame: Buffer, cancelled: () => boolean = () => false): Promise<Buffer[]> => {
-    const refusal = (code: grpc.status, details: string): ChannelRefusal => {
+    const refusal = (code: grpc.status, details: string, cause?: unknown): ChannelRefusal => {
       rejected++;
       log(`accelerator server: ${grpc.status[code]}: ${details}`);
-      return new ChannelRefusal(code, details);
+      return new ChannelRefusal(code, details, { cause });
     };
     if (frame.length > maxBytes) return Promise.reject(refusal(grpc.status.RESOURCE_EXHAUSTED, `request frame of ${frame.length} bytes exceeds the ${maxBytes}-byte limit`));
     let decoded: AcceleratorRequest | AcceleratorReply;
     try {
       decoded = decodeMessage(frame, maxBytes);
     } catch (e) {
-      return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: ${(e as Error).message}`));
+      return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: ${(e as Error).message}`, e));
     }
     if (!REQUEST_OPS.has(decoded.op)) return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: "${decoded.op}" is not a request op`));
     const req = decoded as AcceleratorRequest;
@@ -123,13 +125,13 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
       try {
         rep = await acc.handle(req);
       } catch (e) {
-        throw refusal(grpc.status.INTERNAL, `${describe(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`);
+        throw refusal(statusOf(e), `${describe(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`, e);
       }
       let out: { parts: Buffer[]; length: number };
       try {
         out = encodeMessageParts(rep);
       } catch (e) {
-        throw refusal(grpc.status.INTERNAL, `${describe(req)}: reply could not be encoded: ${(e as Error).message}`);
+        throw refusal(grpc.status.INTERNAL, `${describe(req)}: reply could not be encoded: ${(e as Error).message}`, e);
       }
       if (out.length > maxBytes) throw refusal(grpc.status.RESOURCE_EXHAUSTED, `${describe(req)}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
       served++;
@@ -143,7 +145,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   const onCall = (call: grpc.ServerUnaryCall<Buffer, Buffer>, cb: grpc.sendUnaryData<Buffer>): void => {
     const frame = call.request;
     const fail = (e: unknown) => {
-      const r = e instanceof ChannelRefusal ? e : new ChannelRefusal(grpc.status.INTERNAL, `unexpected failure: ${(e as Error)?.message ?? String(e)}`);
+      const r = e instanceof ChannelRefusal ? e : new ChannelRefusal(statusOf(e), `unexpected failure: ${(e as Error)?.message ?? String(e)}`, { cause: e });
       try {
         cb({ code: r.code, details: r.message });
       } catch {
@@ -182,7 +184,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
       if (err) {
         server.forceShutdown();
         void channel?.close();
-        reject(new Error(`accelerator server: cannot listen on ${bindTo}: ${err.message}`));
+        reject(new TransportError(`accelerator server: cannot listen on ${bindTo}: ${err.message}`, grpc.status.UNAVAILABLE, { cause: err }));
       }
       else resolve(p);
     });

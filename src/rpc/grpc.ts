@@ -6,6 +6,7 @@
  * See docs/rpc.md.
  */
 import * as grpc from '@grpc/grpc-js';
+import { InputError } from '../errors.js';
 
 /** Fully qualified gRPC service name. */
 export const SERVICE_NAME = 'obfuscatune.Accelerator';
@@ -69,7 +70,7 @@ export const DEFAULT_RECONNECT: ReconnectOptions = { initialMs: 100, maxMs: 5_00
 
 function checkLimit(maxMessageBytes: number): number {
   if (!Number.isInteger(maxMessageBytes) || maxMessageBytes <= 0 || maxMessageBytes > 2 ** 31 - 1) {
-    throw new Error(`rpc: maxMessageBytes must be an integer in [1, 2^31-1], got ${maxMessageBytes}`);
+    throw new InputError(`rpc: maxMessageBytes must be an integer in [1, 2^31-1], got ${maxMessageBytes}`);
   }
   return maxMessageBytes;
 }
@@ -121,10 +122,10 @@ export function parseAddress(s: string, defaultHost = '127.0.0.1', defaultPort =
   let t = s.trim();
   const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(t);
   if (scheme) {
-    if (!['grpc', 'dns', 'ipv4', 'ipv6', 'http'].includes(scheme[1].toLowerCase())) throw new Error(`rpc: unsupported address scheme "${scheme[1]}" in "${s}"`);
+    if (!['grpc', 'dns', 'ipv4', 'ipv6', 'http'].includes(scheme[1].toLowerCase())) throw new InputError(`rpc: unsupported address scheme "${scheme[1]}" in "${s}"`);
     t = t.slice(scheme[0].length).replace(/\/+$/, '');
   }
-  if (t === '') throw new Error('rpc: empty address');
+  if (t === '') throw new InputError('rpc: empty address');
   let host: string;
   let portStr: string | undefined;
   if (/^\d+$/.test(t)) {
@@ -132,26 +133,26 @@ export function parseAddress(s: string, defaultHost = '127.0.0.1', defaultPort =
     portStr = t;
   } else if (t.startsWith('[')) {
     const m = /^\[([0-9a-fA-F:.%a-zA-Z]+)\](?::(\d+))?$/.exec(t);
-    if (!m) throw new Error(`rpc: invalid address "${s}"`);
+    if (!m) throw new InputError(`rpc: invalid address "${s}"`);
     host = m[1];
     portStr = m[2];
   } else if ((t.match(/:/g) ?? []).length > 1) {
     // a bare IPv6 address without a port
-    if (!/^[0-9a-fA-F:.]+$/.test(t)) throw new Error(`rpc: invalid address "${s}"`);
+    if (!/^[0-9a-fA-F:.]+$/.test(t)) throw new InputError(`rpc: invalid address "${s}"`);
     host = t;
   } else {
     const i = t.indexOf(':');
     host = i < 0 ? t : t.slice(0, i);
     portStr = i < 0 ? undefined : t.slice(i + 1);
     if (host === '') host = defaultHost;
-    if (!/^[A-Za-z0-9.-]+$/.test(host)) throw new Error(`rpc: invalid host "${host}" in "${s}"`);
+    if (!/^[A-Za-z0-9.-]+$/.test(host)) throw new InputError(`rpc: invalid host "${host}" in "${s}"`);
   }
   let port = defaultPort;
   if (portStr !== undefined) {
-    if (!/^\d+$/.test(portStr)) throw new Error(`rpc: invalid port in "${s}"`);
+    if (!/^\d+$/.test(portStr)) throw new InputError(`rpc: invalid port in "${s}"`);
     port = Number(portStr);
   }
-  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new Error(`rpc: port out of range in "${s}"`);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new InputError(`rpc: port out of range in "${s}"`);
   return { host, port };
 }
 
@@ -165,12 +166,6 @@ export function statusName(code: number | undefined): string {
   if (code === undefined) return 'UNKNOWN';
   const name = (grpc.status as unknown as Record<number, string>)[code];
   return typeof name === 'string' ? name : String(code);
-}
-
-/** A gRPC status carried by an Error (as grpc-js reports failed calls). */
-export function grpcCode(e: unknown): number | undefined {
-  const c = (e as { code?: unknown } | null)?.code;
-  return typeof c === 'number' ? c : undefined;
 }
 
 /**

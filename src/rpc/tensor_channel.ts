@@ -18,6 +18,8 @@
  */
 import net from 'node:net';
 import * as grpc from '@grpc/grpc-js';
+import { TransportError } from '../errors.js';
+import { statusOf } from './status.js';
 
 export const CHANNEL_MAGIC = 0x4354424f;
 export const HEADER_BYTES = 16;
@@ -51,10 +53,9 @@ export function writeFrame(sock: net.Socket, id: number, status: number, parts: 
 }
 
 /** Why a byte stream stopped being a frame stream. */
-export class FramingError extends Error {
-  constructor(message: string, readonly code: number, readonly id: number | null) {
-    super(message);
-    this.name = 'FramingError';
+export class FramingError extends TransportError {
+  constructor(message: string, code: number, readonly id: number | null) {
+    super(message, code);
   }
 }
 
@@ -270,10 +271,9 @@ export interface ChannelServer {
 }
 
 /** A refusal the server sends back as an error frame. */
-export class ChannelRefusal extends Error {
-  constructor(readonly code: number, message: string) {
-    super(message);
-    this.name = 'ChannelRefusal';
+export class ChannelRefusal extends TransportError {
+  constructor(code: number, message: string, options?: { cause?: unknown }) {
+    super(message, code, options);
   }
 }
 
@@ -293,7 +293,7 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
       order = order.then(() => result.then(
         (out) => { if (!sock.destroyed) writeFrame(sock, id, 0, out, () => done(out)); else done(out); },
         (e) => {
-          const code = e instanceof ChannelRefusal ? e.code : grpc.status.INTERNAL;
+          const code = statusOf(e);
           if (!sock.destroyed) writeFrame(sock, id, code, [Buffer.from((e as Error)?.message ?? String(e), 'utf8')], done);
           else done();
         },
@@ -325,7 +325,7 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
     });
   });
   const port = await new Promise<number>((resolve, reject) => {
-    server.once('error', (e) => reject(new Error(`tensor channel: cannot listen on ${o.host}:${o.port}: ${e.message}`)));
+    server.once('error', (e) => reject(new TransportError(`tensor channel: cannot listen on ${o.host}:${o.port}: ${e.message}`, grpc.status.UNAVAILABLE, { cause: e })));
     server.listen(o.port, o.host, () => resolve((server.address() as net.AddressInfo).port));
   });
   return {
@@ -338,10 +338,9 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
 }
 
 /** A failed channel call, with the gRPC status code that the same failure would have had. */
-export class ChannelError extends Error {
-  constructor(message: string, readonly code: number) {
-    super(message);
-    this.name = 'ChannelError';
+export class ChannelError extends TransportError {
+  constructor(message: string, code: number, options?: { cause?: unknown }) {
+    super(message, code, options);
   }
 }
 
@@ -379,7 +378,7 @@ export class ChannelClient {
     try {
       where = await this.connectTo();
     } catch (e) {
-      throw new ChannelError(`tensor channel: cannot locate the accelerator's channel: ${(e as Error).message}`, grpc.status.UNAVAILABLE);
+      throw new ChannelError(`tensor channel: cannot locate the accelerator's channel: ${(e as Error).message}`, grpc.status.UNAVAILABLE, { cause: e });
     }
     // replies are read with onread: large payloads straight into their own (fresh) buffers,
     // the rest through one reused staging buffer; never the default 64 KiB chunks
@@ -388,7 +387,7 @@ export class ChannelClient {
     const sock = await new Promise<net.Socket>((resolve, reject) => {
       const s = net.connect({ host: where.host, port: where.port, onread: onreadOptions(() => reader, (e) => onError(e)) });
       s.once('connect', () => { s.removeAllListeners('error'); resolve(s); });
-      s.once('error', (e) => reject(new ChannelError(`tensor channel: cannot connect to ${where.host}:${where.port}: ${e.message}`, grpc.status.UNAVAILABLE)));
+      s.once('error', (e) => reject(new ChannelError(`tensor channel: cannot connect to ${where.host}:${where.port}: ${e.message}`, grpc.status.UNAVAILABLE, { cause: e })));
     });
     sock.setNoDelay(true);
     const settle = (id: number, f: (p: Pending) => void) => {

@@ -19,15 +19,11 @@ import { LINEARS } from '../obfuscate/transform.js';
 import type { RandomSource } from '../tensor/rng.js';
 import { sgdMomentumStep } from '../tensor/sgd.js';
 import type { EnclaveTensors } from '../obfuscate/transform.js';
+import { IntegrityError } from '../errors.js';
 
 export const CHECK_VECTORS = 2;
 
-export class IntegrityError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = 'IntegrityError';
-  }
-}
+export { IntegrityError } from '../errors.js';
 
 interface Track {
   din: number;

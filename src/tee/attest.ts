@@ -38,6 +38,7 @@ import {
   type HpkeKeyPair,
   type SealedMessage,
 } from './hpke.js';
+import { InputError } from '../errors.js';
 
 export const NONCE_BYTES = 32;
 const TRANSCRIPT_CONTEXT = new TextEncoder().encode('obfuscatune/attestation-transcript/v1');
@@ -186,12 +187,17 @@ export async function sealToEnclave(enclave: AttestedEnclave, plaintext: Uint8Ar
 }
 
 function decodeNonce(s: unknown): Uint8Array {
-  if (typeof s !== 'string') throw new RangeError('attestation request: nonce must be a base64 string');
-  const n = fromBase64(s, 'attestation request nonce');
+  if (typeof s !== 'string') throw new InputError('attestation request: nonce must be a base64 string');
+  let n: Uint8Array;
+  try {
+    n = fromBase64(s, 'attestation request nonce');
+  } catch (err) {
+    throw new InputError((err as Error).message, { cause: err });
+  }
   checkLen(n, NONCE_BYTES, 'nonce');
   return n;
 }
 
 function checkLen(b: Uint8Array, n: number, what: string): void {
-  if (!(b instanceof Uint8Array) || b.length !== n) throw new RangeError(`${what} must be ${n} bytes`);
+  if (!(b instanceof Uint8Array) || b.length !== n) throw new InputError(`${what} must be ${n} bytes`);
 }

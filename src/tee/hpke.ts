@@ -12,6 +12,7 @@
 import { Aes256Gcm, CipherSuite, HkdfSha256 } from '@hpke/core';
 import { DhkemX25519HkdfSha256 } from '@hpke/dhkem-x25519';
 import { fromBase64, toBase64 } from './platform.js';
+import { ObfuscatuneError } from '../errors.js';
 
 export const HPKE_SUITE_NAME = 'DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM';
 /** Length of X25519 public keys, private keys and the HPKE encapsulated key `enc`. */
@@ -23,7 +24,7 @@ function getSuite(): CipherSuite {
   return suite;
 }
 
-export class HpkeError extends Error {
+export class HpkeError extends ObfuscatuneError {
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = 'HpkeError';

@@ -17,6 +17,7 @@
  * See docs/tee.md for the threat model and how real platforms map onto these types.
  */
 import { timingSafeEqual } from 'node:crypto';
+import { ObfuscatuneError } from '../errors.js';
 
 /** Length of the report data every platform binds into its evidence (SNP, TDX and SGX all use 64). */
 export const REPORT_DATA_BYTES = 64;
@@ -105,7 +106,7 @@ export type AttestationErrorCode =
   | 'report_data_mismatch'
   | 'policy_violation';
 
-export class AttestationError extends Error {
+export class AttestationError extends ObfuscatuneError {
   constructor(readonly code: AttestationErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = 'AttestationError';

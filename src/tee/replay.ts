@@ -11,12 +11,13 @@
  * The cache fails closed: when it is full of unexpired ids it rejects new ones rather than
  * forgetting ids that are still inside their window.
  */
+import { InputError, ObfuscatuneError } from '../errors.js';
 
 export type ReplayErrorCode = 'replayed' | 'expired' | 'future' | 'cache_full';
 
-export class ReplayError extends Error {
-  constructor(readonly code: ReplayErrorCode, message: string) {
-    super(message);
+export class ReplayError extends ObfuscatuneError {
+  constructor(readonly code: ReplayErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
     this.name = 'ReplayError';
   }
 }
@@ -46,7 +47,7 @@ export class ReplayCache {
     this.maxSkewMs = opts.maxSkewMs ?? 30_000;
     this.now = opts.now ?? Date.now;
     if (!(this.ttlMs > 0) || !Number.isInteger(this.maxEntries) || this.maxEntries < 1 || !(this.maxSkewMs >= 0)) {
-      throw new RangeError('ReplayCache: ttlMs must be > 0, maxEntries an integer >= 1, maxSkewMs >= 0');
+      throw new InputError('ReplayCache: ttlMs must be > 0, maxEntries an integer >= 1, maxSkewMs >= 0');
     }
   }
 
@@ -62,7 +63,7 @@ export class ReplayCache {
    */
   check(id: string | Uint8Array, issuedAtMs?: number): void {
     const key = typeof id === 'string' ? id : Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('hex');
-    if (key.length === 0) throw new RangeError('ReplayCache: empty request id');
+    if (key.length === 0) throw new InputError('ReplayCache: empty request id');
     const now = this.now();
     let expiry = now + this.ttlMs;
     if (issuedAtMs !== undefined) {

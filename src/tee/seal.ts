@@ -11,6 +11,7 @@
  */
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import { canonicalJson, fromBase64, toBase64, type TeePlatform } from './platform.js';
+import { ObfuscatuneError } from '../errors.js';
 
 const MAGIC = Buffer.from('OBFTSEAL', 'latin1');
 const VERSION = 1;
@@ -35,7 +36,7 @@ export interface SealedBlobHeader {
 
 export type SealErrorCode = 'malformed' | 'label_mismatch' | 'platform_mismatch' | 'measurement_mismatch' | 'auth_failed';
 
-export class SealError extends Error {
+export class SealError extends ObfuscatuneError {
   constructor(readonly code: SealErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = 'SealError';

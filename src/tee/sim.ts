@@ -42,6 +42,7 @@ import {
   type TeePlatform,
   type VerifiedEvidence,
 } from './platform.js';
+import { InputError } from '../errors.js';
 
 export const SIM_PLATFORM = 'sim-software';
 export const SIM_FORMAT_VERSION = 1;
@@ -105,12 +106,12 @@ export function createSimRoot(dir: string, opts: { overwrite?: boolean } = {}): 
 export function loadSimRoot(dir: string): SimRoot {
   const signingKey = createPrivateKey(fs.readFileSync(path.join(dir, SIM_ROOT_FILES.privateKey)));
   if (signingKey.asymmetricKeyType !== 'ed25519') {
-    throw new Error(`simulated platform root key in ${dir} is ${signingKey.asymmetricKeyType}, expected ed25519`);
+    throw new InputError(`simulated platform root key in ${dir} is ${signingKey.asymmetricKeyType}, expected ed25519`);
   }
   const secretHex = fs.readFileSync(path.join(dir, SIM_ROOT_FILES.platformSecret), 'utf8').trim();
   const platformSecret = fromHex(secretHex, 'simulated platform secret');
   if (platformSecret.length !== PLATFORM_SECRET_BYTES) {
-    throw new Error(`simulated platform secret in ${dir} must be ${PLATFORM_SECRET_BYTES} bytes`);
+    throw new InputError(`simulated platform secret in ${dir} must be ${PLATFORM_SECRET_BYTES} bytes`);
   }
   return { signingKey, publicKey: createPublicKey(signingKey), platformSecret };
 }
@@ -123,13 +124,13 @@ export function loadSimRootPublicKey(file: string): KeyObject {
 /** SHA-256 of the raw 32-byte Ed25519 public key, hex: a short name for a root in logs and reports. */
 export function simRootFingerprint(publicKey: KeyObject): string {
   const jwk = publicKey.export({ format: 'jwk' });
-  if (jwk.kty !== 'OKP' || jwk.crv !== 'Ed25519' || typeof jwk.x !== 'string') throw new Error('not an Ed25519 public key');
+  if (jwk.kty !== 'OKP' || jwk.crv !== 'Ed25519' || typeof jwk.x !== 'string') throw new InputError('not an Ed25519 public key');
   return createHash('sha256').update(Buffer.from(jwk.x, 'base64url')).digest('hex');
 }
 
 function parseEd25519PublicKey(k: KeyObject | string): KeyObject {
   const key = typeof k === 'string' ? createPublicKey(k) : k.type === 'private' ? createPublicKey(k) : k;
-  if (key.asymmetricKeyType !== 'ed25519') throw new Error(`simulated platform root must be ed25519, got ${key.asymmetricKeyType}`);
+  if (key.asymmetricKeyType !== 'ed25519') throw new InputError(`simulated platform root must be ed25519, got ${key.asymmetricKeyType}`);
   return key;
 }
 
@@ -169,7 +170,7 @@ export function measureDirectory(dir: string, config: unknown, opts: MeasureDire
   const walk = (abs: string, prefix: string) => {
     for (const ent of fs.readdirSync(abs, { withFileTypes: true })) {
       const relPath = prefix ? `${prefix}/${ent.name}` : ent.name;
-      if (ent.isSymbolicLink()) throw new Error(`measureDirectory: symbolic link ${relPath} is not supported`);
+      if (ent.isSymbolicLink()) throw new InputError(`measureDirectory: symbolic link ${relPath} is not supported`);
       if (ent.isDirectory()) walk(path.join(abs, ent.name), relPath);
       else if (ent.isFile() && include(relPath)) rel.push(relPath);
     }
@@ -181,7 +182,7 @@ export function measureDirectory(dir: string, config: unknown, opts: MeasureDire
 /** Measures the listed files (paths relative to `root`, any order) and configuration; see `measureDirectory`. */
 export function measureFiles(root: string, relPaths: readonly string[], config: unknown): ProgramMeasurement {
   const normalized = relPaths.map((p) => p.split(path.sep).join('/'));
-  if (new Set(normalized).size !== normalized.length) throw new Error('measureFiles: duplicate path');
+  if (new Set(normalized).size !== normalized.length) throw new InputError('measureFiles: duplicate path');
   const files = normalized
     .slice()
     .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0))
@@ -217,9 +218,9 @@ export class SimSoftwarePlatform implements TeePlatform {
 
   constructor(private readonly root: Pick<SimRoot, 'signingKey' | 'platformSecret'>, measurement: string | { hex: string }) {
     const hex = (typeof measurement === 'string' ? measurement : measurement.hex).toLowerCase();
-    if (hex.length === 0 || fromHex(hex, 'measurement').length === 0) throw new Error('measurement must be non-empty hex');
+    if (hex.length === 0 || fromHex(hex, 'measurement').length === 0) throw new InputError('measurement must be non-empty hex');
     if (root.signingKey.asymmetricKeyType !== 'ed25519' || root.signingKey.type !== 'private') {
-      throw new Error('simulated platform signing key must be an Ed25519 private key');
+      throw new InputError('simulated platform signing key must be an Ed25519 private key');
     }
     this.measurementHex = hex;
     this.signer = simRootFingerprint(createPublicKey(root.signingKey));
@@ -281,7 +282,7 @@ export class SimSoftwareVerifier implements EvidenceVerifier {
 
   constructor(trustedRoots: KeyObject | string | ReadonlyArray<KeyObject | string>) {
     const list = Array.isArray(trustedRoots) ? trustedRoots : [trustedRoots as KeyObject | string];
-    if (list.length === 0) throw new Error('SimSoftwareVerifier needs at least one trusted root public key');
+    if (list.length === 0) throw new InputError('SimSoftwareVerifier needs at least one trusted root public key');
     this.roots = list.map(parseEd25519PublicKey);
   }
 

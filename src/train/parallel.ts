@@ -5,21 +5,42 @@
  * lives in a SharedArrayBuffer, the range is split between this thread and worker threads
  * running the same kernels (./kernels_ew.ts), and the call stays synchronous
  * (Atomics.wait). Otherwise, or for small buffers, the kernels run on this thread.
+ *
+ * A worker that fails never leaves a call waiting. A kernel that throws in a worker fails
+ * that call with a WorkerError (the worker stays in service). A worker thread that ends
+ * (killed, out of memory, a crash) is seen by the supervisor thread that started it
+ * (./parallel_supervisor.ts), which marks it dead in shared memory and wakes this thread:
+ * the call fails with a WorkerError naming the worker, once the other workers are done with
+ * the call's buffers, and so does every later call, at once, until `resetParallelPool()`
+ * (the pool does not silently carry on with fewer threads). The waits are bounded: a call
+ * whose workers make no progress for OBFUSCATUNE_WORKER_TIMEOUT_MS (default 60 s) fails too.
  */
-import { Worker } from 'node:worker_threads';
+import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import os from 'node:os';
 import { adamwRange, sumSquaresRange, type AdamWArgs } from './kernels_ew.js';
 import { geluForward, geluBackward, crossEntropyForward } from '../model/kernels.js';
+import { InputError, WorkerError } from '../errors.js';
+import { STATUS_BUSY, STATUS_DEAD, STATUS_FAILED, STATUS_IDLE, type ExitReport } from './parallel_shared.js';
 
 import { isShared } from '../tensor/shared.js';
 
 const MIN_PARALLEL = 1 << 20;
+/** how often a waiting call looks at the status words when nothing wakes it */
+const POLL_MS = 20;
 
 interface Pool {
-  workers: Worker[];
-  /** [0] = jobs outstanding; per-worker result slots follow (float64 view) */
+  supervisor: Worker;
+  /** job port of each worker */
+  ports: MessagePort[];
+  /** exit reports from the supervisor */
+  reports: MessagePort;
+  /** [0] = jobs outstanding; [1 + i] = status of worker i */
   ctrl: Int32Array;
   results: Float64Array;
+  /** exit reports read so far, by worker */
+  exits: Map<number, ExitReport>;
+  /** set once a worker is gone: every later call fails with it */
+  broken: WorkerError | null;
 }
 
 let pool: Pool | null | undefined;
@@ -29,43 +50,188 @@ function threads(): number {
   return Number.isInteger(env) && env > 0 ? env : os.availableParallelism();
 }
 
+function timeoutMs(): number {
+  const env = Number(process.env.OBFUSCATUNE_WORKER_TIMEOUT_MS);
+  return Number.isFinite(env) && env > 0 ? env : 60_000;
+}
+
 function getPool(): Pool | null {
   if (pool !== undefined) return pool;
   const n = threads() - 1;
   if (n < 1 || process.env.OBFUSCATUNE_PARALLEL === '0') return (pool = null);
-  const ctrlBuf = new SharedArrayBuffer(4 * 4);
+  const ctrlBuf = new SharedArrayBuffer(4 * (1 + n));
   const resBuf = new SharedArrayBuffer(8 * (n + 1));
-  const workers: Worker[] = [];
-  for (let i = 0; i < n; i++) {
-    const w = new Worker(new URL('./parallel_worker.js', import.meta.url), { workerData: { ctrl: ctrlBuf, results: resBuf, index: i } });
-    w.unref();
-    workers.push(w);
+  const jobs = Array.from({ length: n }, () => new MessageChannel());
+  const reports = new MessageChannel();
+  const far = [...jobs.map((c) => c.port1), reports.port1];
+  const supervisor = new Worker(new URL('./parallel_supervisor.js', import.meta.url), {
+    workerData: { ctrl: ctrlBuf, results: resBuf, ports: jobs.map((c) => c.port1), reports: reports.port1 },
+    transferList: far,
+  });
+  supervisor.unref();
+  // this thread reads its ports with receiveMessageOnPort only: no listener, nothing keeps the process alive
+  for (const c of jobs) c.port2.unref();
+  reports.port2.unref();
+  const p: Pool = {
+    supervisor, ports: jobs.map((c) => c.port2), reports: reports.port2, ctrl: new Int32Array(ctrlBuf), results: new Float64Array(resBuf),
+    exits: new Map(), broken: null,
+  };
+  // seen between calls (this thread's event loop); during a call the status words tell
+  supervisor.on('error', (e) => {
+    p.broken ??= new WorkerError(`parallel kernels: the supervisor thread failed: ${e instanceof Error ? e.message : String(e)}`, -1, { cause: e });
+  });
+  supervisor.on('exit', (code) => {
+    p.broken ??= new WorkerError(`parallel kernels: the supervisor thread exited (code ${code})`, -1);
+  });
+  pool = p;
+  return p;
+}
+
+/**
+ * Stops the kernel workers (if any) and forgets them: the next parallel call starts new
+ * ones. The way back to threaded kernels after a WorkerError.
+ */
+export async function resetParallelPool(): Promise<void> {
+  const p = pool;
+  pool = undefined;
+  if (p) await p.supervisor.terminate();
+}
+
+function readExits(p: Pool): void {
+  for (let m = receiveMessageOnPort(p.reports); m; m = receiveMessageOnPort(p.reports)) {
+    const r = m.message as ExitReport;
+    p.exits.set(r.index, r);
   }
-  pool = { workers, ctrl: new Int32Array(ctrlBuf), results: new Float64Array(resBuf) };
-  return pool;
+}
+
+function deadWorker(p: Pool, i: number, during: string): WorkerError {
+  readExits(p);
+  const r = p.exits.get(i);
+  const how = r ? `thread ${r.threadId} exited with code ${r.code}${r.error ? ` (${r.error})` : ''}` : 'its thread exited';
+  return new WorkerError(`parallel kernels: worker ${i} died ${during}: ${how}`, i);
+}
+
+/** Fails at once when the pool is broken or one of its workers is gone. */
+function checkPool(p: Pool): void {
+  if (!p.broken) {
+    const n = p.ports.length;
+    for (let i = 0; i < n; i++) {
+      if (Atomics.load(p.ctrl, 1 + i) === STATUS_DEAD) {
+        p.broken = deadWorker(p, i, 'between calls');
+        break;
+      }
+    }
+  }
+  if (p.broken) {
+    void p.supervisor.terminate();
+    throw new WorkerError(`${p.broken.message}; the kernel workers are stopped (resetParallelPool() starts new ones)`, p.broken.worker, { cause: p.broken });
+  }
+}
+
+/**
+ * Waits, in bounded steps, until no worker is busy with this call. Returns the first worker
+ * that died meanwhile (-1: none) and whether the wait gave up for lack of progress.
+ */
+function waitForWorkers(p: Pool): { dead: number; stalled: number[] } {
+  const n = p.ports.length;
+  const limit = timeoutMs();
+  let last = Atomics.load(p.ctrl, 0);
+  let lastChange = Date.now();
+  for (;;) {
+    let dead = -1;
+    const busy: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const st = Atomics.load(p.ctrl, 1 + i);
+      if (st === STATUS_DEAD && dead < 0) dead = i;
+      else if (st === STATUS_BUSY) busy.push(i);
+    }
+    if (busy.length === 0) return { dead, stalled: [] };
+    const left = Atomics.load(p.ctrl, 0);
+    if (left !== last) {
+      last = left;
+      lastChange = Date.now();
+    } else if (Date.now() - lastChange > limit) {
+      return { dead, stalled: busy };
+    }
+    Atomics.wait(p.ctrl, 0, left, POLL_MS);
+  }
 }
 
 /** Splits [0, n) into parts; part 0 runs here, the others on workers; waits for all. */
 function run(n: number, job: (lo: number, hi: number) => number, message: (lo: number, hi: number) => Record<string, unknown>, minSize = MIN_PARALLEL, align = 16): number {
   const p = n >= minSize ? getPool() : null;
   if (!p) return job(0, n);
-  const parts = p.workers.length + 1;
+  checkPool(p);
+  const workers = p.ports.length;
+  const parts = workers + 1;
   const chunk = Math.ceil(n / parts / align) * align;
-  Atomics.store(p.ctrl, 0, p.workers.length);
-  p.workers.forEach((w, i) => {
-    const lo = Math.min(n, (i + 1) * chunk);
-    const hi = Math.min(n, (i + 2) * chunk);
-    w.postMessage(message(lo, hi));
-  });
-  let total = job(0, Math.min(n, chunk));
-  for (;;) {
-    const left = Atomics.load(p.ctrl, 0);
-    if (left === 0) break;
-    Atomics.wait(p.ctrl, 0, left, 1000);
+  const msgs = Array.from({ length: workers }, (_, i) => message(Math.min(n, (i + 1) * chunk), Math.min(n, (i + 2) * chunk)));
+  const op = String(msgs[0].op);
+  Atomics.store(p.ctrl, 0, workers);
+  for (let i = 0; i < workers; i++) {
+    // a worker marked dead since checkPool stays marked: the wait below reports it
+    for (let cur = Atomics.load(p.ctrl, 1 + i); cur !== STATUS_DEAD; cur = Atomics.load(p.ctrl, 1 + i)) {
+      if (Atomics.compareExchange(p.ctrl, 1 + i, cur, STATUS_BUSY) === cur) break;
+    }
+    p.ports[i].postMessage(msgs[i]);
   }
-  for (let i = 0; i < p.workers.length; i++) total += p.results[i];
+  let total = 0;
+  let failed = false;
+  let own: unknown;
+  try {
+    total = job(0, Math.min(n, chunk));
+  } catch (e) {
+    failed = true;
+    own = e;
+  }
+  // even when this thread's part failed: no worker may still write into the buffers on return
+  const { dead, stalled } = waitForWorkers(p);
+  if (stalled.length > 0) {
+    p.broken = new WorkerError(`parallel kernels: worker${stalled.length > 1 ? 's' : ''} ${stalled.join(', ')} made no progress on ${op} for ${timeoutMs()} ms`, stalled[0]);
+    void p.supervisor.terminate();
+  } else if (dead >= 0) {
+    p.broken = deadWorker(p, dead, `during ${op}`);
+    void p.supervisor.terminate();
+  }
+  if (failed) throw own;
+  if (p.broken) throw p.broken;
+  // a kernel that threw in a worker: the call fails, the workers stay in service
+  let error: WorkerError | null = null;
+  for (let i = 0; i < workers; i++) {
+    if (Atomics.load(p.ctrl, 1 + i) !== STATUS_FAILED) continue;
+    Atomics.store(p.ctrl, 1 + i, STATUS_IDLE);
+    const m = receiveMessageOnPort(p.ports[i]);
+    const text = (m?.message as { error?: string } | undefined)?.error ?? 'no details';
+    error ??= new WorkerError(`parallel kernels: worker ${i} failed in ${op}: ${text}`, i);
+  }
+  if (error) throw error;
+  for (let i = 0; i < workers; i++) total += p.results[i];
   return total;
 }
+
+/**
+ * Test hooks (tests only): make a worker busy for `ms` (as if stuck in a kernel), have the
+ * supervisor terminate it after `afterMs`, make its next kernel throw; the pool's size.
+ */
+export const parallelTestHooks = {
+  workers(): number {
+    return getPool()?.ports.length ?? 0;
+  },
+  busy(index: number, ms: number): void {
+    getPool()?.ports[index].postMessage({ op: 'test_busy', ms, lo: 0, hi: 0 });
+  },
+  terminate(index: number, afterMs = 0): void {
+    getPool()?.supervisor.postMessage({ op: 'terminate', index, afterMs });
+  },
+  failNext(index: number): void {
+    getPool()?.ports[index].postMessage({ op: 'test_fail_next', lo: 0, hi: 0 });
+  },
+  /** whether worker `index` is marked dead in shared memory */
+  dead(index: number): boolean {
+    const p = getPool();
+    return !!p && Atomics.load(p.ctrl, 1 + index) === STATUS_DEAD;
+  },
+};
 
 /** AdamW step over whole buffers (params -= lr * (m^/(sqrt(v^)+eps) + wd * params), decay where mask = 1). */
 export function adamwStep(a: AdamWArgs): void {
@@ -111,7 +277,7 @@ export function geluBackwardPar(dinp: Float32Array, inp: Float32Array, dout: Flo
 export function crossEntropyForwardPar(logits: Float32Array, targets: Int32Array, losses: Float32Array, N: number, V: number): { loss: number; count: number } {
   let count = 0;
   for (let i = 0; i < N; i++) {
-    if (targets[i] >= V) throw new Error(`target ${targets[i]} at row ${i} is out of range [0, ${V})`);
+    if (targets[i] >= V) throw new InputError(`target ${targets[i]} at row ${i} is out of range [0, ${V})`);
     if (targets[i] >= 0) count++;
   }
   if (!allShared(logits, losses) || N * V < (1 << 20)) return crossEntropyForward(logits, targets, losses, N, V);

@@ -1,0 +1,69 @@
+/**
+ * Errors <-> gRPC status, in one place. Servers (the accelerator's, the enclave's, the
+ * accelerator's admin service) answer a failed call with `serviceError(e)`: the status code
+ * chosen by the error's class, its message as details, and the class name in the trailing
+ * metadata. Clients turn a failed call back into a typed error with `errorFromStatus`.
+ * docs/architecture.md ("Errors") has the table.
+ */
+import * as grpc from '@grpc/grpc-js';
+import {
+  BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, StateError, TransportError, findCause,
+  type ObfuscatuneErrorOptions,
+} from '../errors.js';
+import { AttestationError } from '../tee/platform.js';
+import { HpkeError } from '../tee/hpke.js';
+import { ReplayError } from '../tee/replay.js';
+
+/** Trailing-metadata key that names the class of the error a server failed with. */
+export const ERROR_CLASS_KEY = 'obfuscatune-error';
+
+/** The gRPC status a server answers with when a handler throws `e`. */
+export function statusOf(e: unknown): grpc.status {
+  if (e instanceof TransportError) return e.code;
+  if (e instanceof PolicyError || e instanceof ReplayError) return grpc.status.PERMISSION_DENIED;
+  if (e instanceof HpkeError || e instanceof AttestationError) return grpc.status.UNAUTHENTICATED;
+  if (e instanceof InputError) return grpc.status.INVALID_ARGUMENT;
+  if (e instanceof BundleError || e instanceof StateError) return grpc.status.FAILED_PRECONDITION;
+  return grpc.status.INTERNAL;
+}
+
+/** What a server passes to a failed call's callback: code, details and the error's class. */
+export function serviceError(e: unknown): grpc.ServerErrorResponse {
+  const metadata = new grpc.Metadata();
+  if (e instanceof ObfuscatuneError) metadata.set(ERROR_CLASS_KEY, e.name);
+  const details = e instanceof Error ? e.message : String(e);
+  return Object.assign(new Error(details), { code: statusOf(e), details, metadata });
+}
+
+type Rebuild = new (message: string, options?: ObfuscatuneErrorOptions) => ObfuscatuneError;
+
+/** Classes a client rebuilds from the server's metadata (those whose constructor takes only a message). */
+const BY_CLASS: Record<string, Rebuild> = { PolicyError, InputError, BundleError, StateError, IntegrityError };
+
+/** Without metadata (another server), the classes a status code stands for unambiguously. */
+const BY_CODE: Partial<Record<number, Rebuild>> = {
+  [grpc.status.PERMISSION_DENIED]: PolicyError,
+  [grpc.status.INVALID_ARGUMENT]: InputError,
+};
+
+/**
+ * A failed call as a typed error, its message `${what}: ${details}`: the server's error
+ * class when it is one of PolicyError, InputError, BundleError, StateError, IntegrityError
+ * (or, without metadata, the class the code stands for), whose `cause` is a TransportError
+ * with the status; otherwise that TransportError itself.
+ */
+export function errorFromStatus(err: unknown, what: string): ObfuscatuneError {
+  const e = err as Partial<grpc.ServiceError> | null;
+  const code = typeof e?.code === 'number' ? e.code : grpc.status.UNKNOWN;
+  const details = typeof e?.details === 'string' && e.details !== '' ? e.details : err instanceof Error ? err.message : String(err);
+  const message = `${what}: ${details}`;
+  const transport = new TransportError(message, code, { cause: err });
+  const named = e?.metadata instanceof grpc.Metadata ? e.metadata.get(ERROR_CLASS_KEY)[0] : undefined;
+  const cls = (typeof named === 'string' ? BY_CLASS[named] : undefined) ?? BY_CODE[code];
+  return cls ? new cls(message, { cause: transport }) : transport;
+}
+
+/** The gRPC status an error stands for on the client side: its own code, or the first one in its cause chain. */
+export function codeOf(e: unknown): number | undefined {
+  return findCause(e, TransportError)?.code;
+}

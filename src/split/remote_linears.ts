@@ -9,19 +9,20 @@ import { isShared, sharedFloat32 } from '../tensor/shared.js';
 import type { Obfuscated, AcceleratorReply } from './messages.js';
 import type { AcceleratorLink } from './link.js';
 import type { IntegrityChecker } from './integrity.js';
+import { AcceleratorError, InputError } from '../errors.js';
 
 /** Refuses to send a diverged (NaN/Inf) tensor across the boundary. */
 function assertFinite(x: Float32Array, what: string): void {
-  for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) throw new Error(`${what} contains a non-finite value at index ${i}`);
+  for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) throw new InputError(`${what} contains a non-finite value at index ${i}`);
 }
 
 /** The reply must be a finite tensor of rows x cols. */
 export function checkTensorReply(rep: AcceleratorReply, l: number, name: string, rows: number, cols: number): Obfuscated {
-  if (rep.op === 'error') throw new Error(`accelerator refused h.${l}.${name}: ${rep.message}`);
-  if (rep.op !== 'tensor') throw new Error(`accelerator sent "${rep.op}" instead of a tensor for h.${l}.${name}`);
-  if (rep.rows !== rows || rep.cols !== cols || rep.data.length !== rows * cols) throw new Error(`accelerator reply for h.${l}.${name} has shape ${rep.rows} x ${rep.cols} (${rep.data.length} values), expected ${rows} x ${cols}`);
+  if (rep.op === 'error') throw new AcceleratorError(`accelerator refused h.${l}.${name}: ${rep.message}`, 'linear');
+  if (rep.op !== 'tensor') throw new AcceleratorError(`accelerator sent "${rep.op}" instead of a tensor for h.${l}.${name}`);
+  if (rep.rows !== rows || rep.cols !== cols || rep.data.length !== rows * cols) throw new AcceleratorError(`accelerator reply for h.${l}.${name} has shape ${rep.rows} x ${rep.cols} (${rep.data.length} values), expected ${rows} x ${cols}`);
   const y = rep.data;
-  for (let i = 0; i < y.length; i++) if (!Number.isFinite(y[i])) throw new Error(`accelerator reply for h.${l}.${name} contains a non-finite value at ${i}`);
+  for (let i = 0; i < y.length; i++) if (!Number.isFinite(y[i])) throw new AcceleratorError(`accelerator reply for h.${l}.${name} contains a non-finite value at ${i}`);
   return y;
 }
 
@@ -80,7 +81,7 @@ export class RemoteLinears implements Linears<Obfuscated> {
     assertFinite(dy, `the enclave's output gradient for h.${l}.${name}`);
     const rep = await this.link.call({ op: 'linear_backward', layer: l, name, rows, dy, input, weight }, { scratch: true });
     if (!input) {
-      if (rep.op === 'error') throw new Error(`accelerator refused backward of h.${l}.${name}: ${rep.message}`);
+      if (rep.op === 'error') throw new AcceleratorError(`accelerator refused backward of h.${l}.${name}: ${rep.message}`);
       return null;
     }
     let dx = checkTensorReply(rep, l, name, rows, din);

@@ -263,13 +263,13 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     model.grads.fill(0);
     adapters?.grads.fill(0);
     // a failed step is aborted on both sides; nothing of it is saved
-    const abort = async (why: string): Promise<never> => {
+    const abort = async (why: string, cause?: unknown): Promise<never> => {
       try {
         await model.reset();
       } catch {
         // the accelerator may be the reason; the error below names the step either way
       }
-      throw new Error(`training stopped at step ${step + 1}: ${why}; the last good checkpoint is ${lastGood ?? 'none (no checkpoint written yet)'}`);
+      throw new Error(`training stopped at step ${step + 1}: ${why}; the last good checkpoint is ${lastGood ?? 'none (no checkpoint written yet)'}`, cause === undefined ? undefined : { cause });
     };
     let r: Awaited<ReturnType<SplitModel['forward']>>;
     let norm: number;
@@ -280,7 +280,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       norm = Math.sqrt(sumSquares(model.grads, ...(adapters ? [adapters.grads] : [])) + (await model.acceleratorGradSq()));
       if (!Number.isFinite(norm)) throw new Error(`the gradient norm became ${norm} (non-finite)`);
     } catch (e) {
-      return abort((e as Error).message);
+      return abort((e as Error).message, e);
     }
     const scale = clipScale(norm!, cfg.clip);
     const lr = cosineSchedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.minLrFrac);
@@ -303,7 +303,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       try {
         lastGood = await saveCheckpoint(step + 1);
       } catch (e) {
-        return abort((e as Error).message);
+        return abort((e as Error).message, e);
       }
     }
   }

@@ -20,9 +20,9 @@ import { SplitModel } from '../src/split/train_model.js';
 import { Accelerator } from '../src/split/accelerator.js';
 import { InProcessLink } from '../src/split/link.js';
 import { Rng } from '../src/tensor/rng.js';
-import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
+import { runFinetune } from '../src/train/finetune.js';
+import { parseJobSpec, toFinetuneConfig, type JobSpecInput } from '../src/train/run_spec.js';
 import { GPT2 } from '../src/model/gpt2.js';
-import type { JobSpec } from '../src/roles/enclave_service.js';
 
 const FIX = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../test/fixtures');
 
@@ -36,9 +36,9 @@ function records(n: number, seed: number): Record_[] {
   });
 }
 
-const spec = (o: Partial<JobSpec> = {}): JobSpec => ({
-  task: 'cls', method: 'full', steps: 24, batch: 8, max_len: 16, lr: 0.05, warmup: 2, clip: 1, seed: 3, eval_every: 0,
-  checkpoint_every: 4, enclave_optimizer: 'sgd', momentum: 0.9, lora: { rank: 4, alpha: 8, dropout: 0, targets: 'q,v' }, ...o,
+/** The owner's job: a run spec's settings (the rest are the defaults; mode and masks are the bundle's). */
+const spec = (o: JobSpecInput = {}): JobSpecInput => ({
+  task: 'cls', method: 'full', steps: 24, batch: 8, max_len: 16, lr: 0.05, warmup: 2, seed: 3, checkpoint_every: 4, enclave_optimizer: 'sgd', ...o,
 });
 
 interface World {
@@ -85,15 +85,16 @@ async function world(accArgs: string[] = []): Promise<World> {
 }
 
 /** The same job in one process, from the same bundles: the reference for recovery tests. */
-async function reference(dir: string, s: JobSpec): Promise<{ last: number; eval: number }> {
+async function reference(dir: string, input: JobSpecInput): Promise<{ last: number; eval: number }> {
   const enc = loadEnclaveBundle(path.join(dir, 'bundles', 'enclave'));
+  const s = parseJobSpec(input, { mode: enc.mode, kappa: enc.spec, two_sided: enc.twoSided }, 'test');
   const acc = loadAcceleratorBundle(path.join(dir, 'bundles', 'accelerator'));
   const train = records(48, 1), ev = records(16, 2);
   const labels = labelSet(train, 'train');
   const rng = new Rng(s.seed);
   const model = new SplitModel({ mode: enc.mode, method: s.method, task: s.task, config: enc.config, tensors: enc.tensors, link: new InProcessLink(new Accelerator(acc.weights, { stateDir: path.join(dir, 'ref-acc') })), numLabels: labels.length, padTokenId: gpt2Tokenizer.eotId, rng, classifierInit: freshClassifier(labels.length, enc.config.n_embd, s.seed) });
   const enc_ = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task: s.task, maxLen: s.max_len, labels, source: 'x' });
-  const cfg: FinetuneConfig = { task: s.task, method: s.method, mode: enc.mode, kappa: enc.spec, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup, minLrFrac: 0.1, clip: s.clip, weightDecay: 0, enclaveOptimizer: s.enclave_optimizer, momentum: s.momentum, seed: s.seed, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: 'ref' };
+  const cfg = { ...toFinetuneConfig(s, 'ref'), checkpointEvery: 0 };
   const sum = await runFinetune(model, enc_(train), enc_(ev), cfg, path.join(dir, 'ref-run'), gpt2Tokenizer.eotId, { rng });
   return { last: sum.train_loss_last, eval: sum.eval!.loss };
 }
@@ -110,7 +111,7 @@ async function waitForStep(c: EnclaveClient, step: number): Promise<void> {
 test('multi-process flow: attested uploads, LoRA fine-tuning, inference, policy, provider merge', async () => {
   const w = await world();
   try {
-    await w.owner.command('start_finetune', { spec: spec({ method: 'lora', lr: 1e-2, steps: 16, enclave_optimizer: 'adamw' }) });
+    await w.owner.command('start_finetune', { spec: spec({ method: 'lora', lr: 1e-2, steps: 16, enclave_optimizer: 'adamw', lora: { rank: 4, alpha: 8 } }) });
     const st = await waitForJob(w.owner) as { job: { state: string; summary: { eval: { accuracy: number } } } };
     assert.equal(st.job.state, 'done');
     assert.ok(st.job.summary.eval.accuracy >= 0);

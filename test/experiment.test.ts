@@ -6,7 +6,7 @@ import path from 'node:path';
 import os from 'node:os';
 import { mkdtempSync, rmSync, readFileSync, mkdirSync, writeFileSync, cpSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { runPaperExperiments } from '../src/experiments/paper.js';
+import { runPaperExperiments, recipeTable } from '../src/experiments/paper.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const MODEL = path.join(ROOT, 'test/fixtures/vocab50257');
@@ -35,7 +35,9 @@ test('experiment paper --quick writes results.json (contract) and index.html wit
     const md = readFileSync(path.join(out, 'results.md'), 'utf8');
     assert.match(md, /## Gap to local fine-tuning/);
     // food-reviews runs its own recipe (the token-embedding adapter), recorded in its rows and the report
-    assert.deepEqual(local.recipe.loraTargets, ['wte', 'q', 'v']);
+    assert.deepEqual(local.recipe.lora.lora.targets, ['wte', 'q', 'v']);
+    assert.deepEqual(local.spec.lora.targets, ['q', 'v', 'wte'], 'each row records its whole run spec');
+    assert.equal(local.spec.pooling, 'mean');
     assert.match(md, /\| food-reviews \(own recipe\) \| mean \| wte,q,v \|/);
     assert.match(md, /\| austen \| last \| q,v \|/);
     assert.match(md, /\| food-reviews \| [^|]+ \| lora \| accuracy points \| [+-]\d/);
@@ -73,6 +75,23 @@ test('bad inputs are refused before any training', async () => {
     await assert.rejects(runPaperExperiments({ ...base, dataDir: path.join(out, 'data'), datasets: ['bad'] }), /label sets of train and test differ/);
     writeFileSync(path.join(dd, 'train.jsonl'), '{"text": broken\n');
     await assert.rejects(runPaperExperiments({ ...base, dataDir: path.join(out, 'data'), datasets: ['bad'] }), /train.jsonl:1: not valid JSON/);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});
+
+test('rows stored by an earlier version (recipe as {pooling, loraTargets, lr, fullEnclaveOptimizer}) count as made with today\'s recipe', async () => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'obf-exp-'));
+  try {
+    const legacy = { pooling: 'mean', loraTargets: ['wte', 'q', 'v'], lr: { lora: 3e-3, full: 3e-3 }, fullEnclaveOptimizer: 'adamw' };
+    const rows = [['local', null], ['sealed', '1'], ['paper', '1'], ['paper', 'naive']].map(([mode, kappa]) => ({
+      dataset: 'food-reviews', model: 'vocab50257', method: 'lora', mode, kappa, metric: 'accuracy', value: 0.5, loss: 1, steps: 1, seconds: -1, losses: [], recipe: legacy,
+    }));
+    writeFileSync(path.join(out, 'results.json'), JSON.stringify({ rows, fidelity: [], share: [], overhead: [], baselines: [], meta: {} }));
+    const res = await runPaperExperiments({ models: [MODEL], datasets: ['food-reviews'], dataDir: path.join(ROOT, 'data'), out, quick: true, steps: 1, methods: ['lora'], rowsOnly: true });
+    assert.deepEqual(res.rows.map((r) => r.seconds), [-1, -1, -1, -1], 'no row was run again');
+    const t = recipeTable(res);
+    assert.deepEqual(t.rows, [['food-reviews (own recipe)', 'mean', 'wte,q,v', '0.003', '0.003', 'adamw']]);
   } finally {
     rmSync(out, { recursive: true, force: true });
   }

@@ -11,6 +11,7 @@ import type { GPT2Weights } from '../src/model/weights.js';
 import { Rng } from '../src/tensor/rng.js';
 import { buildSession, mergedPlainModel, type SessionOptions } from '../src/train/session.js';
 import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
+import { parseRunSpec, toFinetuneConfig, type RunSpecInput } from '../src/train/run_spec.js';
 import { makeBatch, type EncodedSet, type Encoded } from '../src/data/jsonl.js';
 import { InProcessLink, type AcceleratorLink, type CrossingEvent } from '../src/split/link.js';
 import { Accelerator } from '../src/split/accelerator.js';
@@ -49,11 +50,9 @@ function dataset(task: 'lm' | 'cls', n: number, V: number, T: number, seed: numb
   return { items, truncated: 0, dropped: 0, labels: task === 'cls' ? ['a', 'b', 'c'] : [] };
 }
 
-function cfgFor(o: Partial<FinetuneConfig> & Pick<FinetuneConfig, 'mode' | 'method' | 'task'>): FinetuneConfig {
-  return {
-    kappa: o.mode === 'local' ? null : '1', steps: 50, batch: 4, lr: 3e-3, warmup: 5, minLrFrac: 0.1, clip: 1.0, weightDecay: 0,
-    enclaveOptimizer: 'adamw', momentum: 0.9, seed: 3, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: 'test', ...o,
-  };
+/** The loop's settings of a test run: a run spec (these tests' settings over the defaults), projected. */
+function cfgFor(o: RunSpecInput & Required<Pick<RunSpecInput, 'mode' | 'method' | 'task'>>): FinetuneConfig {
+  return toFinetuneConfig(parseRunSpec({ steps: 50, batch: 4, lr: 3e-3, warmup: 5, seed: 3, checkpoint_every: 0, ...o }, 'test'), 'test');
 }
 
 async function train(base: GPT2Weights, s: Partial<SessionOptions> & Pick<SessionOptions, 'mode' | 'method' | 'task'>, cfg: FinetuneConfig, data: EncodedSet, dir: string, extra: { resume?: boolean; stopAt?: number } = {}) {
@@ -110,7 +109,7 @@ test('parity: a mean-pooled classifier trains the same through the split (LoRA: 
   await inTmp(async (dir) => {
     const base = perturbed('gpt2-micro', 6);
     const data = dataset('cls', 48, 64, 12, 7);
-    const cfg = (mode: 'local' | 'paper' | 'sealed', method: 'lora' | 'full') => cfgFor({ mode, method, task: 'cls', steps: 15, ...(method === 'full' ? { enclaveOptimizer: 'sgd' as const, lr: 0.05 } : { lr: 1e-2 }) });
+    const cfg = (mode: 'local' | 'paper' | 'sealed', method: 'lora' | 'full') => cfgFor({ mode, method, task: 'cls', steps: 15, ...(method === 'full' ? { enclave_optimizer: 'sgd' as const, lr: 0.05 } : { lr: 1e-2 }) });
     const local = await train(base, { mode: 'local', method: 'lora', task: 'cls', pooling: 'mean' }, cfg('local', 'lora'), data, path.join(dir, 'l'));
     const last = await train(base, { mode: 'local', method: 'lora', task: 'cls' }, cfg('local', 'lora'), data, path.join(dir, 'last'));
     assert.notEqual(local.summary.losses[0], last.summary.losses[0], 'the pooling changes the model');
@@ -131,7 +130,7 @@ test('over the tensor channel (scratch replies in reused buffers) training equal
     for (const method of ['lora', 'full'] as const) {
       const base = perturbed('gpt2-micro', 8);
       const data = dataset('lm', 32, 64, 12, 9);
-      const cfg = cfgFor({ mode: 'sealed', method, task: 'lm', steps: 8, ...(method === 'full' ? { enclaveOptimizer: 'sgd' as const, lr: 0.05 } : {}) });
+      const cfg = cfgFor({ mode: 'sealed', method, task: 'lm', steps: 8, ...(method === 'full' ? { enclave_optimizer: 'sgd' as const, lr: 0.05 } : {}) });
       const inproc = await train(base, { mode: 'sealed', method, task: 'lm' }, cfg, data, path.join(dir, `i-${method}`));
       let srv: AcceleratorServer | null = null;
       let link: GrpcAcceleratorLink | null = null;
@@ -163,7 +162,7 @@ test('parity: full fine-tuning with SGD - paper kappa 1 equals local, sealed equ
   await inTmp(async (dir) => {
     const base = perturbed('gpt2-micro', 4);
     const data = dataset('lm', 64, 64, 12, 5);
-    const sgd = { enclaveOptimizer: 'sgd' as const, lr: 0.05 };
+    const sgd = { enclave_optimizer: 'sgd' as const, lr: 0.05 };
     const local = await train(base, { mode: 'local', method: 'full', task: 'lm' }, cfgFor({ mode: 'local', method: 'full', task: 'lm', ...sgd }), data, path.join(dir, 'l'));
     const paper = await train(base, { mode: 'paper', method: 'full', task: 'lm', kappa: '1' }, cfgFor({ mode: 'paper', method: 'full', task: 'lm', ...sgd }), data, path.join(dir, 'p'));
     assertLossesClose(paper.summary.losses, local.summary.losses, 1e-4, 'paper full SGD');
@@ -188,7 +187,7 @@ test('parity: sealed full fine-tuning with an AdamW enclave (embeddings, final b
     for (const task of ['lm', 'cls'] as const) {
       const base = perturbed('gpt2-micro', 8);
       const data = dataset(task, 48, 64, 12, 9);
-      const cfg = (mode: 'local' | 'sealed') => cfgFor({ mode, method: 'full', task, steps: 20, enclaveOptimizer: 'adamw', lr: 3e-3 });
+      const cfg = (mode: 'local' | 'sealed') => cfgFor({ mode, method: 'full', task, steps: 20, enclave_optimizer: 'adamw', lr: 3e-3 });
       const folded = await train(base, { mode: 'local', method: 'full', task, pooling: 'mean', foldedBaseline: true }, cfg('local'), data, path.join(dir, `f-${task}`));
       const sealed = await train(base, { mode: 'sealed', method: 'full', task, pooling: 'mean' }, cfg('sealed'), data, path.join(dir, `s-${task}`));
       assertLossesClose(sealed.summary.losses.slice(0, 10), folded.summary.losses.slice(0, 10), 1e-4, `sealed full AdamW (${task})`);
@@ -209,7 +208,7 @@ for (const method of ['lora', 'full'] as const) {
     await inTmp(async (dir) => {
       const base = perturbed('gpt2-micro', 6);
       const data = dataset('cls', 40, 64, 10, 7);
-      const cfg = cfgFor({ mode: 'sealed', method, task: 'cls', steps: 12, checkpointEvery: 5, enclaveOptimizer: 'adamw' });
+      const cfg = cfgFor({ mode: 'sealed', method, task: 'cls', steps: 12, checkpoint_every: 5, enclave_optimizer: 'adamw' });
       const s = { mode: 'sealed' as const, method, task: 'cls' as const, kappa: '1', lora: { rank: 4, alpha: 8, dropout: 0.1, targets: ['q', 'v'] as ('q' | 'v')[] } };
       const whole = await train(base, s, cfg, data, path.join(dir, 'whole'));
       await assert.rejects(train(base, s, cfg, data, path.join(dir, 'cut'), { stopAt: 8 }), /simulated crash/);
@@ -247,7 +246,7 @@ test('a non-finite loss stops training with the step number and keeps the last g
     const base = perturbed('gpt2-micro', 8);
     const data = dataset('lm', 32, 64, 10, 9);
     const sess = buildSession(base, { mode: 'sealed', method: 'lora', task: 'lm', padTokenId: 0, seed: 1, maskSeed: 1, lora: { rank: 2, alpha: 4, dropout: 0, targets: ['q', 'v'] } });
-    const cfg = cfgFor({ mode: 'sealed', method: 'lora', task: 'lm', steps: 10, checkpointEvery: 2 });
+    const cfg = cfgFor({ mode: 'sealed', method: 'lora', task: 'lm', steps: 10, checkpoint_every: 2 });
     await assert.rejects(runFinetune(sess.model, data, null, cfg, dir, 0, {
       rng: sess.rng,
       onStep: (m) => { if (m.step === 3) sess.model.adapters!.params[0] = NaN; },

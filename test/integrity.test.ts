@@ -9,6 +9,7 @@ import { getPreset } from '../src/model/config.js';
 import { Rng } from '../src/tensor/rng.js';
 import { buildSession } from '../src/train/session.js';
 import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
+import { parseRunSpec, toFinetuneConfig, type RunSpecInput } from '../src/train/run_spec.js';
 import type { EncodedSet } from '../src/data/jsonl.js';
 import { obfuscateWeights } from '../src/obfuscate/provider.js';
 import { Accelerator, EVIL_MODES } from '../src/split/accelerator.js';
@@ -28,10 +29,9 @@ function data(): EncodedSet {
   const rng = new Rng(4);
   return { items: Array.from({ length: 16 }, () => ({ tokens: Int32Array.from({ length: 9 }, () => rng.int(64)), lossFrom: 0, label: -1 })), truncated: 0, dropped: 0, labels: [] };
 }
-const cfg = (o: Partial<FinetuneConfig>): FinetuneConfig => ({
-  task: 'lm', method: 'full', mode: 'sealed', kappa: '1', steps: 6, batch: 4, lr: 0.05, warmup: 0, minLrFrac: 1, clip: 0, weightDecay: 0,
-  enclaveOptimizer: 'sgd', momentum: 0.9, seed: 1, evalEvery: 0, evalBatches: 0, checkpointEvery: 1, modelId: 'x', ...o,
-});
+const cfg = (o: RunSpecInput): FinetuneConfig => toFinetuneConfig(parseRunSpec({
+  task: 'lm', method: 'full', mode: 'sealed', steps: 6, batch: 4, lr: 0.05, warmup: 0, min_lr_frac: 1, clip: 0, enclave_optimizer: 'sgd', checkpoint_every: 1, ...o,
+}, 'test'), 'x');
 
 for (const evil of EVIL_MODES) {
   test(`training: an accelerator in "${evil}" mode is caught, the step aborted, no checkpoint of the bad state`, async () => {
@@ -100,7 +100,7 @@ test('checks track full fine-tuning: 30 honest SGD-momentum steps, no false alar
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-evil-'));
   try {
     const sess = buildSession(w, { mode: 'sealed', method: 'full', task: 'lm', padTokenId: 0, seed: 1, maskSeed: 2, acceleratorStateDir: path.join(dir, 'acc') });
-    await runFinetune(sess.model, data(), null, cfg({ steps: 30, checkpointEvery: 10 }), dir, 0, { rng: sess.rng });
+    await runFinetune(sess.model, data(), null, cfg({ steps: 30, checkpoint_every: 10 }), dir, 0, { rng: sess.rng });
     // recompute the vectors from the trained weights: they match the tracked ones
     const fresh = new IntegrityChecker(new Map([...sess.model.allTensors()].filter(([k]) => k.startsWith('chk.'))), 2);
     const st = sess.model.integrity!.state();

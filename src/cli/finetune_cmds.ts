@@ -1,17 +1,20 @@
 /** CLI: fine-tuning through the split, evaluation and generation of fine-tuned runs. */
-import { Command, Option } from 'commander';
+import { Command } from 'commander';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { tokenizerFor } from '../model/tokenizer.js';
 import { readJsonl, labelSet, encodeRecords, type Task } from '../data/jsonl.js';
-import { buildSession, exportRun, mergedPlainModel, type SessionOptions } from '../train/session.js';
-import { runFinetune, evaluate, type FinetuneConfig } from '../train/finetune.js';
-import { DEFAULT_LORA, checkLoraTask, parseLoraTargets, validateLora } from '../model/lora.js';
-import { parseMaskSpec, maskSpecLabel } from '../linalg/masks.js';
+import { buildSession, exportRun, mergedPlainModel } from '../train/session.js';
+import { runFinetune, evaluate, latestCheckpoint } from '../train/finetune.js';
+import {
+  RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions,
+  type RunSpec, type RunSpecInput,
+} from '../train/run_spec.js';
 import { progressBar } from './progress.js';
-import { parseIntArg, parseFloatArg } from './model_args.js';
+import { parseIntArg } from './model_args.js';
+import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
 import type { TrainMode, Method } from '../split/train_model.js';
 import { BundleError, InputError } from '../errors.js';
 
@@ -25,6 +28,9 @@ export interface RunConfig {
   labels: string[];
   max_len: number;
   pad_token_id: number;
+  /** the run's data (absolute paths; absent in runs of earlier versions) */
+  train?: string;
+  eval?: string | null;
 }
 
 export function readRunConfig(runDir: string): RunConfig {
@@ -35,85 +41,101 @@ export function readRunConfig(runDir: string): RunConfig {
   return c;
 }
 
+/** The spec input of `finetune`'s flags: the run-spec flags, `--method local` and `--naive`. */
+function finetuneSpecInput(o: Record<string, unknown>): RunSpecInput {
+  const input = runSpecInputOf(o) as Record<string, unknown>;
+  if (o.method === 'local') {
+    if (o.mode !== undefined && o.mode !== 'local') throw new RunSpecError('mode', 'command line', `--method local is local full fine-tuning (mode local); it conflicts with mode ${JSON.stringify(o.mode)}`);
+    input.method = 'full';
+    input.mode = 'local';
+  }
+  if (o.naive) {
+    if (o.kappa !== undefined) throw new RunSpecError('kappa', 'command line', 'give --kappa or --naive, not both');
+    input.kappa = 'naive';
+  }
+  return input as RunSpecInput;
+}
+
+/** The model and data files of a run: the flags, or on --resume the run's own (a different one given is refused). */
+function runFiles(o: { model?: string; train?: string; eval?: string; resume?: boolean }, runDir: string): { model: string; train: string; eval: string | null } {
+  if (!o.resume) {
+    if (!o.model || !o.train) throw new Error('finetune needs --model DIR and --train FILE (or --resume with the --out of a run)');
+    return { model: o.model, train: o.train, eval: o.eval ?? null };
+  }
+  const rc = readRunConfig(runDir);
+  const stored = { model: rc.model, train: rc.train ?? null, eval: rc.eval ?? null };
+  const pick = (flag: string, given: string | undefined, was: string | null, what: string): string | null => {
+    if (given === undefined) return was;
+    if (was !== null && path.resolve(given) !== was) throw new Error(`--resume: ${flag} ${given} is not the run's ${what} ${was} (${path.join(runDir, 'config.json')})`);
+    if (was === null && flag === '--eval') throw new Error(`--resume: the run has no evaluation set; ${flag} cannot add one`);
+    return given;
+  };
+  const model = pick('--model', o.model, stored.model, 'model');
+  const train = pick('--train', o.train, stored.train, 'training data');
+  if (!model || !train) throw new Error(`--resume: ${path.join(runDir, 'config.json')} does not name the run's model and training data; give --model and --train`);
+  return { model, train, eval: pick('--eval', o.eval, stored.eval, 'evaluation set') };
+}
+
 export function addFinetuneCommands(program: Command): void {
-  program
+  addRunSpecOptions(program
     .command('finetune')
-    .description('fine-tune through the enclave/accelerator split (or locally), with checkpoints and exact resume')
-    .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint (the provider\'s model)')
-    .requiredOption('--train <file>', 'training JSONL ({"text"}, {"prompt","completion"} or {"text","label"})')
-    .option('--eval <file>', 'evaluation JSONL')
-    .addOption(new Option('--task <task>', 'causal LM or sequence classification').choices(['lm', 'cls']).default('lm'))
-    .addOption(new Option('--method <method>', 'LoRA adapters in the enclave, full fine-tuning, or local (plain full fine-tuning)').choices(['lora', 'full', 'local']).default('lora'))
-    .addOption(new Option('--mode <mode>', 'split mode (local = no split)').choices(['sealed', 'paper', 'local']).default('sealed'))
-    .option('--kappa <k>', 'mask condition number (paper mode; 1 = orthogonal)', '1')
-    .option('--naive', 'naive Gaussian masks (paper mode)')
-    .option('--two-sided', 'paper mode: mask the projection outputs too')
-    .option('--steps <n>', 'optimisation steps', parseIntArg('--steps'), 100)
-    .option('--batch <n>', 'examples per step', parseIntArg('--batch'), 8)
-    .option('--max-len <n>', 'truncate examples to this many tokens (counted in the summary)', parseIntArg('--max-len'), 128)
-    .option('--lr <x>', 'peak learning rate', parseFloatArg('--lr'), 1e-3)
-    .option('--warmup <n>', 'warm-up steps', parseIntArg('--warmup'), 10)
-    .option('--min-lr-frac <x>', 'cosine floor as a fraction of the peak', parseFloatArg('--min-lr-frac'), 0.1)
-    .option('--clip <x>', 'global gradient-norm clip (0 = off)', parseFloatArg('--clip'), 1.0)
-    .option('--weight-decay <x>', 'weight decay', parseFloatArg('--weight-decay'), 0)
-    .addOption(new Option('--enclave-optimizer <name>', 'optimiser of enclave-side parameters').choices(['adamw', 'sgd']).default('adamw'))
-    .option('--momentum <x>', 'SGD momentum (accelerator-side full fine-tuning)', parseFloatArg('--momentum'), 0.9)
-    .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), DEFAULT_LORA.rank)
-    .option('--alpha <a>', 'LoRA alpha', parseFloatArg('--alpha'), DEFAULT_LORA.alpha)
-    .option('--dropout <p>', 'LoRA dropout', parseFloatArg('--dropout'), 0)
-    .option('--targets <list>', 'LoRA targets: q,k,v,proj,fc,mlp-proj (or qkv, mlp), and wte (the token embedding; classification)', 'q,v')
-    .addOption(new Option('--pooling <how>', 'classification: pool the last token (as HF GPT2ForSequenceClassification) or the mean of the tokens (a fresh head only)').choices(['last', 'mean']).default('last'))
-    .option('--seed <n>', 'seed (data order, initialisation, dropout)', parseIntArg('--seed'), 1)
-    .option('--mask-seed <n>', 'derive the masks from a seed (reproducible, NOT secret)', parseIntArg('--mask-seed'))
-    .option('--eval-every <n>', 'evaluate every n steps (0 = only at the end)', parseIntArg('--eval-every'), 0)
-    .option('--eval-batches <n>', 'cap on evaluation batches (0 = all)', parseIntArg('--eval-batches'), 0)
-    .option('--checkpoint-every <n>', 'checkpoint every n steps', parseIntArg('--checkpoint-every'), 50)
-    .option('--resume', 'continue the run in --out from its latest checkpoint')
+    .description('fine-tune through the enclave/accelerator split (or locally), with checkpoints and exact resume; the settings form a run spec (docs/fine-tuning.md)')
+    .option('--model <dir>', 'plain Hugging Face GPT-2 checkpoint (the provider\'s model; with --resume: the run\'s)')
+    .option('--train <file>', 'training JSONL ({"text"}, {"prompt","completion"} or {"text","label"}; with --resume: the run\'s)')
+    .option('--eval <file>', 'evaluation JSONL (with --resume: the run\'s)'), { bundle: true, help: { method: 'lora (adapters in the enclave), full, or local (= --mode local --method full)' } })
+    .option('--naive', 'naive Gaussian masks (= --kappa naive)')
+    .option('--resume', `continue the run in --out from its latest checkpoint with the settings in its ${RUN_SPEC_FILE} (no flags to repeat; only ${RESUMABLE_CHANGES.map((k) => `--${k.replace(/_/g, '-')}`).join(', ')} may change)`)
     .option('--serialize', 'send every boundary message through the binary codec')
     .requiredOption('--out <dir>', 'run directory')
     .option('--json', 'print the summary as JSON')
     .action(async (o) => {
-      const base = loadCheckpoint(o.model);
-      const spec = o.naive ? 'naive' : maskSpecLabel(parseMaskSpec(String(o.kappa)));
-      let mode: TrainMode = o.mode;
-      let method: Method;
-      if (o.method === 'local') { mode = 'local'; method = 'full'; } else method = o.method;
-      if (mode !== 'paper' && (o.naive || (spec !== '1' && mode === 'local'))) throw new InputError('--kappa/--naive apply to paper (and sealed per-head) masks, not to local runs');
-      const tok = tokenizerFor(base.config.vocab_size);
-      const task: Task = o.task;
-      const lora = method === 'lora' ? validateLora({ rank: o.rank, alpha: o.alpha, dropout: o.dropout, targets: parseLoraTargets(o.targets) }) : undefined;
-      if (lora) checkLoraTask(lora, task);
-      const trainRecs = readJsonl(o.train);
-      const evalRecs = o.eval ? readJsonl(o.eval) : null;
+      const runDir: string = o.out;
+      // the whole spec is validated before any work: nothing is loaded or written before this
+      const given = finetuneSpecInput(o);
+      let spec: RunSpec;
+      if (o.resume) {
+        if (!latestCheckpoint(runDir)) throw new Error(`--resume: no checkpoint in ${path.join(runDir, 'checkpoints')}`);
+        const stored = readRunSpec(runDir);
+        if (stored) spec = resumeRunSpec(stored, given, 'command line', path.join(runDir, RUN_SPEC_FILE));
+        else {
+          console.error(`note: ${runDir} has no ${RUN_SPEC_FILE} (a run of an earlier version): its settings are taken from the flags`);
+          spec = parseRunSpec(given, 'command line');
+        }
+      } else spec = parseRunSpec(given, 'command line');
+      const files = runFiles(o, runDir);
+      const { task, method, mode } = spec;
+      const trainRecs = readJsonl(files.train);
+      const evalRecs = files.eval ? readJsonl(files.eval) : null;
       let labels: string[] = [];
       if (task === 'cls') {
-        labels = labelSet(trainRecs, o.train);
+        labels = labelSet(trainRecs, files.train);
         if (evalRecs) {
-          const ev = labelSet(evalRecs, o.eval);
+          const ev = labelSet(evalRecs, files.eval!);
           const extra = ev.filter((l) => !labels.includes(l));
-          if (extra.length) throw new InputError(`${o.eval} has labels not seen in ${o.train}: ${extra.join(', ')}`);
+          if (extra.length) throw new InputError(`${files.eval} has labels not seen in ${files.train}: ${extra.join(', ')}`);
         }
       }
-      if (o.maxLen > base.config.n_ctx - (task === 'lm' ? 0 : 0)) throw new InputError(`--max-len ${o.maxLen} exceeds the model's context of ${base.config.n_ctx}`);
-      const train = encodeRecords(trainRecs, tok, { task, maxLen: o.maxLen, labels, source: o.train });
-      const evalSet = evalRecs ? encodeRecords(evalRecs, tok, { task, maxLen: o.maxLen, labels, source: o.eval }) : null;
-      const runDir = o.out;
+      const base = loadCheckpoint(files.model);
+      // a head the model brings is kept when it has as many labels (buildSession)
+      const head = task === 'cls' && base.cls && base.cls.numLabels === labels.length ? base.cls.pooling ?? 'last' : null;
+      checkRunSpecForModel(spec, { n_ctx: base.config.n_ctx, headPooling: head }, 'command line');
+      const tok = tokenizerFor(base.config.vocab_size);
+      const train = encodeRecords(trainRecs, tok, { task, maxLen: spec.max_len, labels, source: files.train });
+      const evalSet = evalRecs ? encodeRecords(evalRecs, tok, { task, maxLen: spec.max_len, labels, source: files.eval! }) : null;
       mkdirSync(runDir, { recursive: true });
       const padId = tok.eotId;
-      const sessOpts: SessionOptions = {
-        mode, method, task, kappa: spec, twoSided: o.twoSided, lora, numLabels: task === 'cls' ? labels.length : undefined, labels, pooling: o.pooling,
-        padTokenId: padId, seed: o.seed, maskSeed: o.maskSeed ?? o.seed, acceleratorStateDir: path.join(runDir, 'accelerator-state'), serialize: o.serialize,
+      const session = buildSession(base, toSessionOptions(spec, {
+        padTokenId: padId, numLabels: task === 'cls' ? labels.length : undefined, labels, acceleratorStateDir: path.join(runDir, 'accelerator-state'), serialize: o.serialize,
+      }));
+      const cfg = toFinetuneConfig(spec, session.modelId);
+      const runCfg: RunConfig = {
+        format: 'obfuscatune-run/1', model: path.resolve(files.model), task, method, mode, kappa: spec.kappa, labels, max_len: spec.max_len, pad_token_id: padId,
+        train: path.resolve(files.train), eval: files.eval ? path.resolve(files.eval) : null,
       };
-      const session = buildSession(base, sessOpts);
-      const cfg: FinetuneConfig = {
-        task, method, mode, kappa: mode === 'local' ? null : spec, steps: o.steps, batch: o.batch, lr: o.lr, warmup: o.warmup,
-        minLrFrac: o.minLrFrac, clip: o.clip, weightDecay: o.weightDecay, enclaveOptimizer: o.enclaveOptimizer, momentum: o.momentum,
-        seed: o.seed, evalEvery: o.evalEvery, evalBatches: o.evalBatches, checkpointEvery: o.checkpointEvery, modelId: session.modelId,
-      };
-      const runCfg: RunConfig = { format: 'obfuscatune-run/1', model: path.resolve(o.model), task, method, mode, kappa: cfg.kappa, labels, max_len: o.maxLen, pad_token_id: padId };
-      writeFileSync(path.join(runDir, 'config.json'), JSON.stringify({ ...runCfg, train: path.resolve(o.train), eval: o.eval ? path.resolve(o.eval) : null, options: { ...cfg, lora } }, null, 2) + '\n');
-      if (train.truncated || (evalSet?.truncated ?? 0)) console.error(`note: truncated ${train.truncated} training and ${evalSet?.truncated ?? 0} evaluation records to ${o.maxLen} tokens`);
-      const bar = progressBar(o.steps, `finetune ${mode}/${method}`, 'loss {loss} | {tps} tok/s');
+      writeFileSync(path.join(runDir, 'config.json'), JSON.stringify(runCfg, null, 2) + '\n');
+      writeRunSpec(runDir, spec);
+      if (train.truncated || (evalSet?.truncated ?? 0)) console.error(`note: truncated ${train.truncated} training and ${evalSet?.truncated ?? 0} evaluation records to ${spec.max_len} tokens`);
+      const bar = progressBar(spec.steps, `finetune ${mode}/${method}`, 'loss {loss} | {tps} tok/s');
       let toks = 0;
       let ms = 0;
       const summary = await runFinetune(session.model, train, evalSet, cfg, runDir, padId, {
@@ -125,19 +147,19 @@ export function addFinetuneCommands(program: Command): void {
         },
       });
       bar.stop();
-      exportRun(path.join(runDir, 'final'), session, { kappa: cfg.kappa, labels });
+      exportRun(path.join(runDir, 'final'), session, { kappa: spec.kappa, labels });
       // this process plays every party: it can also act as the provider and merge the update
       const merged = mergedPlainModel(session);
       saveCheckpoint(path.join(runDir, 'merged'), { ...merged, cls: merged.cls ? { ...merged.cls, labels } : undefined, padTokenId: task === 'cls' ? padId : merged.padTokenId });
       const { losses, ...rest } = summary;
-      const out = { ...rest, first_loss: losses[0] ?? null, model: path.resolve(o.model), labels: task === 'cls' ? labels : undefined };
+      const out = { ...rest, first_loss: losses[0] ?? null, model: path.resolve(files.model), labels: task === 'cls' ? labels : undefined };
       writeFileSync(path.join(runDir, 'summary.json'), JSON.stringify(out, null, 2) + '\n');
       if (o.json) console.log(JSON.stringify(out));
       else {
         const e = summary.eval;
-        console.log(`${mode}/${method}${cfg.kappa ? ` (kappa ${cfg.kappa})` : ''}: ${o.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`);
+        console.log(`${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`);
         if (e) console.log(`eval: loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''} on ${e.examples} examples`);
-        console.log(`run directory ${runDir} (metrics.jsonl, summary.json, checkpoints/, final/, merged/)`);
+        console.log(`run directory ${runDir} (${RUN_SPEC_FILE}, metrics.jsonl, summary.json, checkpoints/, final/, merged/)`);
       }
     });
 

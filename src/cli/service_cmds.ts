@@ -2,7 +2,9 @@
 import { Command, Option } from 'commander';
 import { serveAccelerator } from '../roles/accelerator_service.js';
 import { EVIL_MODES } from '../split/accelerator.js';
-import { parseIntArg, parseFloatArg } from './model_args.js';
+import { parseIntArg } from './model_args.js';
+import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
+import { jobSpecOf, parseRunSpec } from '../train/run_spec.js';
 import nodePath from 'node:path';
 import { createSimRoot, loadSimRoot, SimSoftwarePlatform, SIM_ROOT_FILES } from '../tee/sim.js';
 import { serveEnclave } from '../roles/enclave_service.js';
@@ -138,22 +140,12 @@ export function addPartyCommands(program: Command): void {
       if (o.eval) console.log(JSON.stringify(await uploadRecords(c, 'eval', readJsonl(o.eval))));
       c.close();
     });
-  withKey(own.command('finetune').description('start fine-tuning in the enclave and follow its metrics')
-    .addOption(new Option('--task <task>').choices(['lm', 'cls']).default('cls'))
-    .addOption(new Option('--method <method>').choices(['lora', 'full']).default('lora'))
-    .option('--steps <n>', 'steps', parseIntArg('--steps'), 100)
-    .option('--batch <n>', 'batch', parseIntArg('--batch'), 8)
-    .option('--max-len <n>', 'max tokens per example', parseIntArg('--max-len'), 128)
-    .option('--lr <x>', 'learning rate', parseFloatArg('--lr'), 1e-3)
-    .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
-    .addOption(new Option('--pooling <how>', 'classification: last token or mean of the tokens (a fresh head only)').choices(['last', 'mean']))
-    .option('--checkpoint-every <n>', 'checkpoint interval', parseIntArg('--checkpoint-every'), 50))
+  withKey(addRunSpecOptions(own.command('finetune').description('start fine-tuning in the enclave and follow its metrics (the settings: a run spec, validated here and again in the enclave; mode and masks are the provider\'s bundle\'s)'), { bundle: false }))
     .action(async (o) => {
+      // refused here, before connecting, exactly as the enclave would refuse it
+      const spec = jobSpecOf(parseRunSpec(runSpecInputOf(o), 'command line'));
       const c = await connect(o, ownerKey(o));
-      await c.command('start_finetune', { spec: {
-        task: o.task, method: o.method, steps: o.steps, batch: o.batch, max_len: o.maxLen, lr: o.lr, warmup: Math.min(10, o.steps), clip: 1, seed: 1,
-        eval_every: 0, checkpoint_every: o.checkpointEvery, enclave_optimizer: 'adamw', momentum: 0.9, lora: { rank: o.rank, alpha: 2 * o.rank, dropout: 0, targets: 'q,v' }, pooling: o.pooling,
-      } });
+      await c.command('start_finetune', { spec });
       const s = await waitForJob(c, (st) => {
         const j = st.job as { step: number; steps: number; loss: number | null } | null;
         if (j) process.stderr.write(`\rstep ${j.step}/${j.steps} loss ${j.loss?.toFixed(4) ?? '-'}   `);

@@ -12,7 +12,8 @@ import { loadCheckpoint } from '../model/checkpoint.js';
 import { readJsonl, labelSet, encodeRecords, type Record_ } from '../data/jsonl.js';
 import { gpt2Tokenizer } from '../model/tokenizer.js';
 import { buildSession } from '../train/session.js';
-import { runFinetune, evaluate, type FinetuneConfig } from '../train/finetune.js';
+import { runFinetune, evaluate } from '../train/finetune.js';
+import { parseRunSpec, jobSpecOf, toFinetuneConfig, toSessionOptions } from '../train/run_spec.js';
 import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
 import { createSimRoot } from '../tee/sim.js';
 import { spawnService, type Spawned } from '../roles/spawn.js';
@@ -44,7 +45,10 @@ function majority(train: Record_[], test: Record_[]): number {
 }
 
 export async function runStart(o: StartOptions): Promise<void> {
-  const steps = o.steps ?? 100;
+  // the demo's run spec; the local baseline differs in mode only (and keeps no checkpoints)
+  const spec = parseRunSpec({ task: 'cls', method: 'lora', steps: o.steps, batch: 16, max_len: 64, lr: 2e-3, warmup: 6, checkpoint_every: 20, adam_eps: 1e-6 }, 'npm start');
+  const localSpec = parseRunSpec({ ...spec, mode: 'local', kappa: null, checkpoint_every: 0 }, 'npm start (local baseline)');
+  const steps = spec.steps;
   const modelDir = o.model ?? path.join(ROOT, 'models', 'base-small');
   const dataDir = path.join(ROOT, 'data', o.dataset ?? 'wordnet-supersense');
   if (!existsSync(path.join(modelDir, 'config.json'))) throw new BundleError(`bundled model ${modelDir} not found`);
@@ -55,7 +59,6 @@ export async function runStart(o: StartOptions): Promise<void> {
   const train = readJsonl(path.join(dataDir, 'train.jsonl')).slice(0, o.trainExamples ?? 640);
   const test = readJsonl(path.join(dataDir, 'test.jsonl')).slice(0, o.testExamples ?? 256);
   const labels = labelSet(train, 'train');
-  const spec = { task: 'cls' as const, method: 'lora' as const, steps, batch: 16, max_len: 64, lr: 2e-3, warmup: 6, clip: 1, seed: 1, eval_every: 0, checkpoint_every: 20, enclave_optimizer: 'adamw' as const, momentum: 0.9, adam_eps: 1e-6, lora: { rank: 8, alpha: 16, dropout: 0, targets: 'q,v' } };
   const say = (s: string) => console.log(s);
   say(`obfuscatune: confidential fine-tuning of ${path.basename(modelDir)} (${(new GPT2(base).numParams() / 1e6).toFixed(1)}M parameters) on ${path.basename(dataDir)} (${train.length} training / ${test.length} test records), compute backend ${backendName()}`);
 
@@ -65,11 +68,8 @@ export async function runStart(o: StartOptions): Promise<void> {
   const tok = gpt2Tokenizer;
   const trainSet = encodeRecords(train, tok, { task: 'cls', maxLen: spec.max_len, labels, source: 'train' });
   const testSet = encodeRecords(test, tok, { task: 'cls', maxLen: spec.max_len, labels, source: 'test' });
-  const local = buildSession(base, { mode: 'local', method: 'lora', task: 'cls', lora: { ...spec.lora, targets: ['q', 'v'] }, numLabels: labels.length, labels, padTokenId: tok.eotId, seed: spec.seed });
-  const cfg: FinetuneConfig = {
-    task: 'cls', method: 'lora', mode: 'local', kappa: null, steps, batch: spec.batch, lr: spec.lr, warmup: spec.warmup, minLrFrac: 0.1, clip: 1, weightDecay: 0,
-    enclaveOptimizer: 'adamw', momentum: 0.9, adamEps: spec.adam_eps, seed: spec.seed, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: local.modelId,
-  };
+  const local = buildSession(base, toSessionOptions(localSpec, { numLabels: labels.length, labels, padTokenId: tok.eotId }));
+  const cfg = toFinetuneConfig(localSpec, local.modelId);
   let bar = progressBar(steps, 'local', 'loss {loss}');
   const localSum = await runFinetune(local.model, trainSet, testSet, cfg, path.join(out, 'local-run'), tok.eotId, { rng: local.rng, onStep: (m) => bar.update(m.step, { loss: m.loss.toFixed(3) }) });
   bar.stop();
@@ -112,7 +112,7 @@ export async function runStart(o: StartOptions): Promise<void> {
     await owner.attest();
     await uploadRecords(owner, 'train', train);
     await uploadRecords(owner, 'eval', test);
-    await owner.command('start_finetune', { spec });
+    await owner.command('start_finetune', { spec: jobSpecOf(spec) });
     bar = progressBar(steps, 'confidential', 'loss {loss}');
     const st = await waitForJob(owner, (s) => {
       const j = s.job as { step: number; loss: number | null } | null;
@@ -169,7 +169,7 @@ export async function runStart(o: StartOptions): Promise<void> {
       { title: 'Inference examples', html: table(['text', 'prediction', 'label'], examples.map((r, i) => [r.text!.slice(0, 120), inf.predictions[i], r.label!])) },
       { title: 'Setup', html: table(['item', 'value'], [
         ['model', `${path.basename(modelDir)} (${base.config.n_layer} layers, d=${base.config.n_embd})`], ['dataset', path.basename(dataDir)],
-        ['method', `LoRA r=${spec.lora.rank}, targets q,v, ${steps} steps, batch ${spec.batch}`], ['mode', 'sealed (orthogonal residual basis)'],
+        ['method', `LoRA r=${spec.lora!.rank}, targets ${spec.lora!.targets.join(',')}, ${steps} steps, batch ${spec.batch}`], ['mode', 'sealed (orthogonal residual basis)'],
         ['platform', 'sim-software: a SIMULATED TEE (no hardware isolation)'], ['backend', backendName()],
       ]) },
     ], `Generated by npm start on ${new Date().toISOString()}.`);

@@ -13,15 +13,16 @@ import { GPT2 } from '../model/gpt2.js';
 import { gpt2Tokenizer } from '../model/tokenizer.js';
 import { readJsonl, labelSet, encodeRecords, type Record_, type Task } from '../data/jsonl.js';
 import { buildSession } from '../train/session.js';
-import { runFinetune, type FinetuneConfig } from '../train/finetune.js';
+import { runFinetune } from '../train/finetune.js';
+import {
+  RUN_SPEC_DEFAULTS, mergeRunSpecInputs, parseRunSpec, toFinetuneConfig, toSessionOptions, writeRunSpec, type RunSpec, type RunSpecInput,
+} from '../train/run_spec.js';
 import { runFidelity, type FidelityRow } from '../obfuscate/fidelity.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { shareTable, type ShareRow } from '../obfuscate/share.js';
 import { benchFinetuneOne } from '../bench/finetune.js';
 import { corpusFromJsonl, unigramLoss } from '../train/pretrain.js';
 import type { TrainMode, Method } from '../split/train_model.js';
-import type { Pooling } from '../model/kernels.js';
-import type { LoraTarget } from '../model/lora.js';
 import { lineChart, barChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { IntegrityError, ObfuscatuneError, findCause } from '../errors.js';
@@ -42,6 +43,8 @@ export interface ResultRow {
   error?: string;
   /** the dataset's departures from the common recipe, if any */
   recipe?: Partial<Recipe>;
+  /** the run's settings (absent in rows of earlier versions) */
+  spec?: RunSpec;
 }
 
 export interface Results {
@@ -64,20 +67,29 @@ export interface ExperimentOptions {
   methods?: Method[];
   /** fine-tuning rows only (for runs split across processes); a later full run adds the tables and the report */
   rowsOnly?: boolean;
+  /** per-dataset departures from the common recipe (default DATASET_RECIPES) */
+  recipes?: Record<string, Partial<Recipe>>;
   onProgress?: (done: number, total: number, label: string) => void;
   log?: (s: string) => void;
 }
 
-/** What a fine-tuning run does beyond mode and method (identical across modes). */
-export interface Recipe {
-  pooling: Pooling;
-  loraTargets: LoraTarget[];
-  lr: Record<Method, number>;
-  /** optimiser of the enclave's trained tensors in full fine-tuning (the accelerator's linears always use SGD-momentum) */
-  fullEnclaveOptimizer: 'adamw' | 'sgd';
-}
+/**
+ * What a dataset's runs do beyond mode and method (identical across modes): a partial RunSpec
+ * per method, merged over the runner's settings (steps, batch, max_len, warm-up: runSettings)
+ * and the RunSpec defaults.
+ */
+export type Recipe = Record<Method, RunSpecInput>;
 
-export const COMMON_RECIPE: Recipe = { pooling: 'last', loraTargets: ['q', 'v'], lr: { lora: 1.5e-3, full: 0.01 }, fullEnclaveOptimizer: 'sgd' };
+/**
+ * LoRA: AdamW (eps 1e-6). Full fine-tuning: SGD for the enclave's tensors too (the
+ * accelerator's linears always use SGD-momentum), and every mode starts from the
+ * layer-norm-folded (same-function) model with frozen norms, which sealed mode implies;
+ * with SGD all modes then take the same steps.
+ */
+export const COMMON_RECIPE: Recipe = {
+  lora: { lr: 1.5e-3, adam_eps: 1e-6 },
+  full: { lr: 0.01, adam_eps: 1e-6, enclave_optimizer: 'sgd', freeze_norms: true },
+};
 
 /**
  * Per-dataset departures from the common recipe, with the reason. food-reviews: the frozen
@@ -88,8 +100,30 @@ export const COMMON_RECIPE: Recipe = { pooling: 'last', loraTargets: ['q', 'v'],
  * embedding rows); a mean-pooled head and a rate of 3e-3 for both (docs/results.md).
  */
 export const DATASET_RECIPES: Record<string, Partial<Recipe>> = {
-  'food-reviews': { pooling: 'mean', loraTargets: ['wte', 'q', 'v'], lr: { lora: 3e-3, full: 3e-3 }, fullEnclaveOptimizer: 'adamw' },
+  'food-reviews': {
+    lora: { pooling: 'mean', lora: { targets: ['wte', 'q', 'v'] }, lr: 3e-3 },
+    full: { pooling: 'mean', lr: 3e-3, enclave_optimizer: 'adamw' },
+  },
 };
+
+/** A row's recipe as stored by an earlier version ({pooling, loraTargets, lr: {lora, full}, fullEnclaveOptimizer}), in today's shape. */
+function rowRecipe(r: ResultRow): Partial<Recipe> | undefined {
+  const x = r.recipe as Record<string, unknown> | undefined;
+  if (!x || !('loraTargets' in x || 'fullEnclaveOptimizer' in x || ('lr' in x && typeof x.lr === 'object'))) return r.recipe;
+  const lr = (x.lr ?? {}) as Partial<Record<Method, number>>;
+  const lora: Record<string, unknown> = {}, full: Record<string, unknown> = {};
+  if (x.pooling !== undefined) lora.pooling = full.pooling = x.pooling;
+  if (x.loraTargets !== undefined) lora.lora = { targets: x.loraTargets };
+  if (lr.lora !== undefined) lora.lr = lr.lora;
+  if (lr.full !== undefined) full.lr = lr.full;
+  if (x.fullEnclaveOptimizer !== undefined) full.enclave_optimizer = x.fullEnclaveOptimizer;
+  return { lora, full } as Partial<Recipe>;
+}
+
+/** JSON with sorted keys (recipes compared by content). */
+function canonical(v: unknown): string {
+  return JSON.stringify(v ?? null, (_k, x) => (x && typeof x === 'object' && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).sort(([a], [b]) => (a < b ? -1 : 1))) : x));
+}
 
 const CONFIGS: { mode: TrainMode; kappa: string | null }[] = [
   { mode: 'local', kappa: null },
@@ -160,19 +194,36 @@ function diverged(e: unknown): boolean {
   return /non-finite|NaN|Infinity|integrity check failed/.test((e as Error)?.message ?? '');
 }
 
+/** The runner's settings of a dataset's runs (before the recipe): steps, batch, tokens per example, warm-up. */
+function runSettings(task: Task, o: Pick<ExperimentOptions, 'quick' | 'steps'>, nCtx = Infinity): RunSpecInput {
+  const steps = o.steps ?? (o.quick ? 6 : task === 'cls' ? 100 : 25);
+  const maxLen = o.quick ? 16 : task === 'cls' ? 64 : 128;
+  return { task, steps, batch: o.quick || task === 'lm' ? 8 : 16, max_len: Math.min(maxLen, nCtx), warmup: Math.max(1, Math.floor(steps / 20)), checkpoint_every: 0 };
+}
+
+/** The run spec of one row: the runner's settings, the common recipe, the dataset's own, then method, mode and masks. */
+export function experimentSpec(task: Task, dataset: string, method: Method, c: { mode: TrainMode; kappa: string | null }, o: Pick<ExperimentOptions, 'quick' | 'steps' | 'recipes'>, model?: { name: string; nCtx: number }): RunSpec {
+  const own = (o.recipes ?? DATASET_RECIPES)[dataset];
+  const input = mergeRunSpecInputs(runSettings(task, o, model?.nCtx), COMMON_RECIPE[method], own?.[method], { method, mode: c.mode, kappa: c.kappa });
+  return parseRunSpec(input, `experiment recipe of ${[dataset, model?.name, method, c.mode, c.kappa].filter((x) => x != null).join('/')}`);
+}
+
 export async function runPaperExperiments(o: ExperimentOptions): Promise<Results> {
-  mkdirSync(o.out, { recursive: true });
-  const file = path.join(o.out, 'results.json');
-  const res = loadResults(file);
   const log = o.log ?? (() => {});
   const methods = o.methods ?? ['lora', 'full'];
-  const stepsFor = (task: Task) => o.steps ?? (o.quick ? 6 : task === 'cls' ? 100 : 25);
+  const recipes = o.recipes ?? DATASET_RECIPES;
+  const datasets = o.datasets.map((d) => loadDataset(o.dataDir, d, o.quick)); // all checked before any training
+  // every row's run spec is validated before any work (no model loaded, nothing written)
+  for (const ds of datasets) for (const method of methods) for (const c of CONFIGS) experimentSpec(ds.meta.task, ds.meta.name, method, c, o);
+  const stepsFor = (task: Task) => runSettings(task, o).steps as number;
   const models = o.models.map((m) => {
     const w = loadCheckpoint(m);
     if (w.config.vocab_size < gpt2Tokenizer.vocabSize) throw new Error(`model ${m}: its vocabulary (${w.config.vocab_size}) does not match the GPT-2 tokenizer (${gpt2Tokenizer.vocabSize})`);
     return { name: path.basename(path.resolve(m)), w };
   });
-  const datasets = o.datasets.map((d) => loadDataset(o.dataDir, d, o.quick)); // all checked before any training
+  mkdirSync(o.out, { recursive: true });
+  const file = path.join(o.out, 'results.json');
+  const res = loadResults(file);
   const total = datasets.length * models.length * methods.length * CONFIGS.length + 3;
   let done = 0;
   const tick = (label: string) => o.onProgress?.(++done, total, label);
@@ -193,19 +244,17 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   for (const ds of datasets) {
     const task = ds.meta.task;
     const labels = task === 'cls' ? labelSet(ds.train, ds.meta.name) : [];
-    const maxLen = o.quick ? 16 : task === 'cls' ? 64 : 128;
-    const steps = stepsFor(task);
-    const special = DATASET_RECIPES[ds.meta.name];
-    const recipe: Recipe = { ...COMMON_RECIPE, ...special };
+    const special = recipes[ds.meta.name];
     for (const m of models) {
-      const enc = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task, maxLen: Math.min(maxLen, m.w.config.n_ctx), labels, source: ds.meta.name });
+      const maxLen = runSettings(task, o, m.w.config.n_ctx).max_len as number;
+      const enc = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task, maxLen, labels, source: ds.meta.name });
       const trainSet = enc(ds.train), testSet = enc(ds.test);
       for (const method of methods) {
         for (const c of CONFIGS) {
           const key = `${ds.meta.name}/${m.name}/${method}/${c.mode}/${c.kappa}`;
           const prev = res.rows.findIndex((r) => rowKey(r) === key);
           if (prev >= 0) {
-            if (JSON.stringify(res.rows[prev].recipe ?? null) === JSON.stringify(special ?? null)) {
+            if (canonical(rowRecipe(res.rows[prev])) === canonical(special)) {
               tick(`${key} (done)`);
               continue;
             }
@@ -213,33 +262,29 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
             log(`${key}: the stored row used another recipe; running it again`);
             res.rows.splice(prev, 1);
           }
+          const spec = experimentSpec(task, ds.meta.name, method, c, o, { name: m.name, nCtx: m.w.config.n_ctx });
+          const runDir = path.join(o.out, 'runs', key.replace(/\//g, '_'));
           const t0 = performance.now();
-          const sess = buildSession(m.w, {
-            mode: c.mode, method, task, kappa: c.kappa ?? '1', numLabels: task === 'cls' ? labels.length : undefined, labels, pooling: task === 'cls' ? recipe.pooling : undefined,
-            lora: { rank: 8, alpha: 16, dropout: 0, targets: recipe.loraTargets }, padTokenId: gpt2Tokenizer.eotId, seed: 1, maskSeed: 1,
-            acceleratorStateDir: path.join(o.out, 'runs', key.replace(/\//g, '_'), 'accelerator-state'),
-            // full fine-tuning: every mode starts from the layer-norm-folded (same-function) model
-            // with frozen norms, which sealed mode implies; with SGD all modes then take the same steps
-            foldedBaseline: method === 'full',
-          });
-          const cfg: FinetuneConfig = {
-            task, method, mode: c.mode, kappa: c.kappa, steps, batch: o.quick || task === 'lm' ? 8 : 16, lr: recipe.lr[method], adamEps: 1e-6, warmup: Math.max(1, Math.floor(steps / 20)), minLrFrac: 0.1,
-            clip: 1, weightDecay: 0, enclaveOptimizer: method === 'lora' ? 'adamw' : recipe.fullEnclaveOptimizer, momentum: 0.9, seed: 1, evalEvery: 0, evalBatches: 0, checkpointEvery: 0, modelId: sess.modelId,
-          };
+          const sess = buildSession(m.w, toSessionOptions(spec, {
+            numLabels: task === 'cls' ? labels.length : undefined, labels, padTokenId: gpt2Tokenizer.eotId, acceleratorStateDir: path.join(runDir, 'accelerator-state'),
+          }));
+          const cfg = toFinetuneConfig(spec, sess.modelId);
+          const common = { dataset: ds.meta.name, model: m.name, method, mode: c.mode, kappa: c.kappa, metric: task === 'cls' ? 'accuracy' as const : 'perplexity' as const, steps: spec.steps };
           let row: ResultRow;
           try {
-            const s = await runFinetune(sess.model, trainSet, testSet, cfg, path.join(o.out, 'runs', key.replace(/\//g, '_')), gpt2Tokenizer.eotId, { rng: sess.rng });
+            mkdirSync(runDir, { recursive: true });
+            writeRunSpec(runDir, spec);
+            const s = await runFinetune(sess.model, trainSet, testSet, cfg, runDir, gpt2Tokenizer.eotId, { rng: sess.rng });
             row = {
-              dataset: ds.meta.name, model: m.name, method, mode: c.mode, kappa: c.kappa, metric: task === 'cls' ? 'accuracy' : 'perplexity',
-              value: task === 'cls' ? s.eval!.accuracy! : s.eval!.perplexity!, loss: s.eval!.loss, steps, seconds: (performance.now() - t0) / 1000, losses: s.losses,
-              ...(special ? { recipe: special } : {}),
+              ...common, value: task === 'cls' ? s.eval!.accuracy! : s.eval!.perplexity!, loss: s.eval!.loss, seconds: (performance.now() - t0) / 1000, losses: s.losses,
+              ...(special ? { recipe: special } : {}), spec,
             };
           } catch (e) {
             // naive masks can make training diverge (non-finite values, or replies that no
             // longer pass the integrity tolerance): that is a result, reported as such
             const msg = (e as Error).message;
             if (!diverged(e)) throw e;
-            row = { dataset: ds.meta.name, model: m.name, method, mode: c.mode, kappa: c.kappa, metric: task === 'cls' ? 'accuracy' : 'perplexity', value: NaN, loss: NaN, steps, seconds: (performance.now() - t0) / 1000, losses: [], error: msg, ...(special ? { recipe: special } : {}) };
+            row = { ...common, value: NaN, loss: NaN, seconds: (performance.now() - t0) / 1000, losses: [], error: msg, ...(special ? { recipe: special } : {}), spec };
             log(`${key}: ${msg}`);
           }
           res.rows.push(row);
@@ -318,12 +363,20 @@ export function gapTable(res: Results): { head: string[]; rows: string[][] } {
 /** The recipes each dataset's rows ran with (the common one unless a row records departures). */
 export function recipeTable(res: Results): { head: string[]; rows: string[][] } {
   const seen = new Map<string, Partial<Recipe> | undefined>();
-  for (const r of res.rows) seen.set(`${r.dataset}\u0000${JSON.stringify(r.recipe ?? null)}`, r.recipe);
+  for (const r of res.rows) {
+    const own = rowRecipe(r);
+    seen.set(`${r.dataset}\u0000${canonical(own)}`, own);
+  }
+  const D = RUN_SPEC_DEFAULTS;
   return {
     head: ['dataset', 'pooling', 'LoRA targets', 'LoRA lr', 'full: lr', 'full: enclave optimiser'],
     rows: [...seen].map(([k, own]) => {
-      const c: Recipe = { ...COMMON_RECIPE, ...own };
-      return [k.split('\u0000')[0] + (own ? ' (own recipe)' : ''), c.pooling, c.loraTargets.join(','), String(c.lr.lora), String(c.lr.full), c.fullEnclaveOptimizer];
+      const lora = mergeRunSpecInputs(COMMON_RECIPE.lora, own?.lora), full = mergeRunSpecInputs(COMMON_RECIPE.full, own?.full);
+      const targets = lora.lora?.targets ?? D.lora.targets;
+      return [
+        k.split('\u0000')[0] + (own ? ' (own recipe)' : ''), String(lora.pooling ?? 'last'), Array.isArray(targets) ? targets.join(',') : String(targets),
+        String(lora.lr ?? D.lr), String(full.lr ?? D.lr), String(full.enclave_optimizer ?? D.enclave_optimizer),
+      ];
     }),
   };
 }

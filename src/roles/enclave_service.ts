@@ -23,13 +23,13 @@ import type { EnclaveBundle } from '../split/enclave.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
 import { widenServerWindow, widenSessionWindows } from '../rpc/grpc.js';
 import { gpt2Tokenizer, tokenizerFor } from '../model/tokenizer.js';
-import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_, type Task } from '../data/jsonl.js';
-import { SplitModel, type Method } from '../split/train_model.js';
+import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_ } from '../data/jsonl.js';
+import { SplitModel } from '../split/train_model.js';
 import { Rng } from '../tensor/rng.js';
-import { runFinetune, type FinetuneConfig, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
-import { validateLora, parseLoraTargets, adapterTensors, checkLoraTask } from '../model/lora.js';
+import { runFinetune, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
+import { adapterTensors } from '../model/lora.js';
 import { freshClassifier } from '../train/session.js';
-import { POOLINGS, type Pooling } from '../model/kernels.js';
+import { parseJobSpec, parseRunSpec, checkRunSpecForModel, toFinetuneConfig, type RunSpec } from '../train/run_spec.js';
 import { writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
 import { BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, StateError, TransportError, findCause } from '../errors.js';
 import { serviceError } from '../rpc/status.js';
@@ -50,29 +50,12 @@ export interface EnclaveServeOptions {
   log?: (line: string) => void;
 }
 
-export interface JobSpec {
-  task: Task;
-  method: Method;
-  steps: number;
-  batch: number;
-  max_len: number;
-  lr: number;
-  warmup: number;
-  clip: number;
-  seed: number;
-  eval_every: number;
-  checkpoint_every: number;
-  enclave_optimizer: 'adamw' | 'sgd';
-  momentum: number;
-  /** AdamW epsilon (default 1e-8) */
-  adam_eps?: number;
-  /** classification: pooling of a fresh head (a head in the bundle keeps its own; default last) */
-  pooling?: Pooling;
-  lora?: { rank: number; alpha: number; dropout: number; targets: string };
-}
+/** What the owner's `start_finetune` carries: a run spec without the settings of the provider's bundle. */
+export type { JobSpec } from '../train/run_spec.js';
 
 interface JobState {
-  spec: JobSpec;
+  /** the job's run spec (parseJobSpec: the owner's settings, the bundle's mode and masks) */
+  spec: RunSpec;
   state: 'running' | 'done' | 'failed';
   step: number;
   loss: number | null;
@@ -155,6 +138,15 @@ export class EnclaveService {
     const b = files.find((x) => x.name === 'bundle.bin');
     if (b) this.installBundle(unpackFiles(b.data));
     this.job = meta.job;
+    if (this.job) {
+      try {
+        this.job.spec = parseRunSpec(this.job.spec, 'the sealed job state');
+      } catch (e) {
+        // a job stored by an earlier version, in a shape this one does not read
+        if (this.job.state === 'running') this.job.state = 'failed';
+        this.job.error ??= (e as Error).message;
+      }
+    }
     this.log(`recovered sealed state: bundle ${this.bundle ? 'yes' : 'no'}, ${this.data.train.length} training records, job ${this.job?.state ?? 'none'}`);
     if (this.job && this.job.state === 'running') {
       this.job.recoveries++;
@@ -261,20 +253,10 @@ export class EnclaveService {
         if (!this.bundle) throw new BundleError('no model bundle installed yet');
         if (this.data.train.length === 0) throw new StateError('no training data uploaded yet');
         if (this.job?.state === 'running') throw new StateError('a job is already running');
-        const spec = cmd.spec as JobSpec;
-        if (spec.adam_eps !== undefined && !(typeof spec.adam_eps === 'number' && spec.adam_eps > 0 && spec.adam_eps < 1)) throw new InputError(`adam_eps must be a number in (0, 1), got ${JSON.stringify(spec.adam_eps)}`);
-        if (spec.pooling !== undefined && !POOLINGS.includes(spec.pooling)) throw new InputError(`pooling must be one of ${POOLINGS.join(', ')}, got ${JSON.stringify(spec.pooling)}`);
-        if (spec.method === 'lora' && spec.lora) {
-          // refused here, before the job starts, rather than when the model is built
-          try {
-            const lora = validateLora({ rank: spec.lora.rank, alpha: spec.lora.alpha, dropout: spec.lora.dropout, targets: parseLoraTargets(String(spec.lora.targets)) });
-            checkLoraTask(lora, spec.task);
-          } catch (e) {
-            // the LoRA checks throw plain errors: the spec is the owner's input either way
-            throw e instanceof InputError ? e : new InputError((e as Error).message, { cause: e });
-          }
-        }
-        if (spec.pooling !== undefined && this.bundle.cls && (this.bundle.cls.pooling ?? 'last') !== spec.pooling) throw new InputError(`pooling ${spec.pooling} asked for, but the model's classifier pools ${this.bundle.cls.pooling ?? 'last'}`);
+        // the same validation as every entry point, before any work
+        const b = this.bundle;
+        const spec = parseJobSpec(cmd.spec, { mode: b.mode, kappa: b.spec, two_sided: b.twoSided }, 'start_finetune');
+        checkRunSpecForModel(spec, { n_ctx: b.config.n_ctx, headPooling: b.cls ? b.cls.pooling ?? 'last' : null }, 'start_finetune');
         this.job = { spec, state: 'running', step: 0, loss: null, eval: null, error: null, summary: null, labels: [], recoveries: 0, losses: [] };
         rmSync(path.join(this.privateDir, 'run'), { recursive: true, force: true });
         for (const f of readdirSync(path.join(this.o.stateDir, 'checkpoints'))) rmSync(path.join(this.o.stateDir, 'checkpoints', f), { force: true });
@@ -333,13 +315,12 @@ export class EnclaveService {
   }
 
   // ------------------------------------------------------------------ the job
-  private buildModel(spec: JobSpec, labels: string[], rng: Rng): SplitModel {
+  private buildModel(spec: RunSpec, labels: string[], rng: Rng): SplitModel {
     const b = this.bundle!;
-    const lora = spec.method === 'lora' && spec.lora ? validateLora({ rank: spec.lora.rank, alpha: spec.lora.alpha, dropout: spec.lora.dropout, targets: parseLoraTargets(spec.lora.targets) }) : undefined;
     return new SplitModel({
       mode: b.mode, method: spec.method, task: spec.task, config: b.config, tensors: b.tensors, link: this.link, twoSided: b.twoSided,
-      lora, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
-      pooling: b.cls?.pooling ?? spec.pooling,
+      lora: spec.lora ?? undefined, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
+      pooling: b.cls?.pooling ?? spec.pooling ?? undefined,
       classifierInit: spec.task === 'cls' ? freshClassifier(labels.length, b.config.n_embd, spec.seed) : undefined,
     });
   }
@@ -377,11 +358,7 @@ export class EnclaveService {
     const train = encodeRecords(this.data.train, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'training data' });
     const evalSet = this.data.eval.length ? encodeRecords(this.data.eval, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'evaluation data' }) : null;
     const runDir = path.join(this.privateDir, 'run');
-    const cfg: FinetuneConfig = {
-      task: spec.task, method: spec.method, mode: this.bundle!.mode, kappa: this.bundle!.spec, steps: spec.steps, batch: spec.batch, lr: spec.lr,
-      warmup: spec.warmup, minLrFrac: 0.1, clip: spec.clip, weightDecay: 0, enclaveOptimizer: spec.enclave_optimizer, momentum: spec.momentum, adamEps: spec.adam_eps,
-      seed: spec.seed, evalEvery: spec.eval_every, evalBatches: 0, checkpointEvery: spec.checkpoint_every, modelId: this.bundle!.acceleratorManifestSha256.slice(0, 16),
-    };
+    const cfg = toFinetuneConfig(spec, this.bundle!.acceleratorManifestSha256.slice(0, 16));
     let attempt = 0;
     for (;;) {
       const sealedLatest = this.latestSealed();

@@ -16,6 +16,7 @@ import { AdamW, SGD, cosineSchedule, sumSquares, clipScale, type Optimizer, type
 import { makeBatch, Sampler, type EncodedSet, type Task } from '../data/jsonl.js';
 import type { SplitModel, TrainMode, Method } from '../split/train_model.js';
 
+/** The loop's settings: a projection of the run's RunSpec (`toFinetuneConfig` in run_spec.ts, which has the defaults). */
 export interface FinetuneConfig {
   task: Task;
   method: Method;
@@ -33,8 +34,8 @@ export interface FinetuneConfig {
   enclaveOptimizer: 'adamw' | 'sgd';
   /** SGD momentum (accelerator linears, and the enclave when enclaveOptimizer = sgd) */
   momentum: number;
-  /** AdamW epsilon (default 1e-8) */
-  adamEps?: number;
+  /** AdamW epsilon */
+  adamEps: number;
   seed: number;
   evalEvery: number;
   /** cap on evaluation batches (0 = whole set) */

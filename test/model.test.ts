@@ -30,7 +30,7 @@ test('KV-cache incremental forward equals the full forward at every position', a
     logits = await model.forwardCached(cache, [tokens[t]]);
     assert.ok(relErr(logits, full.subarray(t * V, (t + 1) * V)) < 1e-5, `logits at position ${t}`);
   }
-  assert.equal(cache.length, T);
+  assert.equal(cache.pos, T);
 });
 
 test('generation: greedy is deterministic and stops at the context length', async () => {

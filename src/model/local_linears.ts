@@ -6,7 +6,7 @@
 import { sgemm } from '../tensor/gemm.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { sgdMomentumStep } from '../tensor/sgd.js';
-import { LINEARS, type LinearName, type Linears } from './block.js';
+import type { LinearName, Linears } from './block.js';
 
 /** One linear y = x W + b (HF Conv1D layout). */
 export interface LinearWeights {
@@ -77,11 +77,12 @@ export class LocalLinears implements Linears<Float32Array> {
     return { gw, gb };
   }
 
-  /** y[rows, dout] = x W + b ; `bias` false leaves the bias out (a lying accelerator, for tests) */
+  /** y[rows, dout] = x W + b */
   async forward(l: number, name: LinearName, x: Float32Array, rows: number, train: boolean): Promise<Float32Array> {
     return this.forwardSync(l, name, x, rows, train);
   }
 
+  /** `bias` false leaves the bias out (a lying accelerator, for tests) */
   forwardSync(l: number, name: LinearName, x: Float32Array, rows: number, train: boolean, bias = true): Float32Array {
     const L = this.linear(l, name);
     const key = `${l}.${name}`;
@@ -162,9 +163,5 @@ export class LocalLinears implements Linears<Float32Array> {
     this.mom.clear();
     for (const [k, buf] of m) this.mom.set(k, { buf, fresh: false });
     this.reset();
-  }
-
-  static names(): readonly LinearName[] {
-    return LINEARS;
   }
 }

@@ -21,7 +21,6 @@ export interface LoraConfig {
   targets: LoraTarget[];
 }
 
-export const DEFAULT_LORA: LoraConfig = { rank: 8, alpha: 16, dropout: 0, targets: ['q', 'v'] };
 
 export function parseLoraTargets(s: string): LoraTarget[] {
   const out = new Set<LoraTarget>();

@@ -311,11 +311,6 @@ export class KVCache {
     this.k = new Float32Array(L * maxT * C);
     this.v = new Float32Array(L * maxT * C);
   }
-
-  /** @deprecated alias of `pos` */
-  get length(): number {
-    return this.pos;
-  }
 }
 
 export interface SampleOptions {

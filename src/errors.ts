@@ -10,7 +10,7 @@
  *   ├── StateError         the service is not in a state to do that now (a job is running, none has finished)
  *   ├── InputError         bad user or data input: shapes, token ids, labels, NaN, configuration values
  *   ├── AcceleratorError   the accelerator answered a request with an error reply
- *   ├── WorkerError        a kernel worker thread died or failed (src/train/parallel.ts)
+ *   ├── WorkerError        a kernel worker thread died or failed (src/tensor/parallel.ts)
  *   ├── TransportError     a call failed on the wire; `code` is its gRPC status
  *   │     (RpcError, ChannelError, FramingError, ChannelRefusal in src/rpc)
  *   └── AttestationError, SealError, ReplayError, HpkeError (src/tee)
@@ -32,7 +32,7 @@ export class ObfuscatuneError extends Error {
   }
 }
 
-/** An accelerator reply failed an integrity check (src/split/integrity.ts). */
+/** An accelerator reply failed an integrity check (src/protocol/integrity.ts). */
 export class IntegrityError extends ObfuscatuneError {}
 
 /** A party asked for something it may not do (the enclave's policy, another provider's bundle, an unknown session). */

@@ -17,7 +17,7 @@ import {
   readSafetensorsHeader,
   writeSafetensors,
   type TensorToWrite,
-} from '../src/model/safetensors.js';
+} from '../src/io/safetensors.js';
 
 const CFG: GPT2Config = { n_layer: 2, n_head: 2, n_embd: 16, n_ctx: 16, vocab_size: 64, layer_norm_epsilon: 1e-5 };
 

@@ -13,12 +13,12 @@ import { obfuscateWeights, writeObfuscation } from '../src/obfuscate/provider.js
 import { loadEnclaveBundle, loadAcceleratorBundle } from '../src/obfuscate/bundle.js';
 import { loadCheckpoint } from '../src/model/checkpoint.js';
 import { createSimRoot } from '../src/tee/sim.js';
-import type { Record_ } from '../src/data/jsonl.js';
-import { encodeRecords, labelSet } from '../src/data/jsonl.js';
+import type { Record_ } from '../src/io/jsonl.js';
+import { encodeRecords, labelSet } from '../src/io/jsonl.js';
 import { gpt2Tokenizer } from '../src/model/tokenizer.js';
-import { SplitModel } from '../src/split/train_model.js';
-import { Accelerator } from '../src/split/accelerator.js';
-import { InProcessLink } from '../src/split/link.js';
+import { SplitModel } from '../src/enclave/split_model.js';
+import { Accelerator } from '../src/accelerator/accelerator.js';
+import { InProcessLink } from '../src/protocol/link.js';
 import { Rng } from '../src/tensor/rng.js';
 import { runFinetune } from '../src/train/finetune.js';
 import { parseJobSpec, toFinetuneConfig, type JobSpecInput } from '../src/train/run_spec.js';

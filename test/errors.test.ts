@@ -14,7 +14,7 @@ import {
   AcceleratorError, BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, StateError, TransportError, WorkerError,
   causeChain, findCause,
 } from '../src/errors.js';
-import { IntegrityError as IntegrityErrorFromSplit } from '../src/split/integrity.js';
+import { IntegrityError as IntegrityErrorFromSplit } from '../src/protocol/integrity.js';
 import { GrpcAcceleratorLink, RpcError, isUnavailable } from '../src/rpc/accelerator_client.js';
 import { ChannelError, ChannelRefusal, FramingError } from '../src/rpc/tensor_channel.js';
 import { startAcceleratorServer, type RequestHandler } from '../src/rpc/accelerator_server.js';
@@ -27,7 +27,7 @@ import { generateSimRoot, SimSoftwarePlatform, SimSoftwareVerifier } from '../sr
 import { serveEnclave } from '../src/roles/enclave_service.js';
 import { EnclaveClient, loadOrCreatePartyKey } from '../src/roles/parties.js';
 import { exitCodeOf } from '../src/cli/main.js';
-import { parallelTestHooks, resetParallelPool, sumSquaresParallel } from '../src/train/parallel.js';
+import { parallelTestHooks, resetParallelPool, sumSquaresParallel } from '../src/tensor/parallel.js';
 import { sharedFloat32 } from '../src/tensor/shared.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');

@@ -10,13 +10,13 @@ import { Rng } from '../src/tensor/rng.js';
 import { buildSession } from '../src/train/session.js';
 import { runFinetune, type FinetuneConfig } from '../src/train/finetune.js';
 import { parseRunSpec, toFinetuneConfig, type RunSpecInput } from '../src/train/run_spec.js';
-import type { EncodedSet } from '../src/data/jsonl.js';
+import type { EncodedSet } from '../src/io/jsonl.js';
 import { obfuscateWeights } from '../src/obfuscate/provider.js';
-import { Accelerator, EVIL_MODES } from '../src/split/accelerator.js';
-import { InProcessLink } from '../src/split/link.js';
-import { Enclave } from '../src/split/enclave.js';
-import { asObfuscated } from '../src/split/messages.js';
-import { IntegrityChecker, makeCheckVectors } from '../src/split/integrity.js';
+import { Accelerator, EVIL_MODES } from '../src/accelerator/accelerator.js';
+import { InProcessLink } from '../src/protocol/link.js';
+import { Enclave } from '../src/enclave/enclave.js';
+import { asObfuscated } from '../src/protocol/messages.js';
+import { IntegrityChecker, makeCheckVectors } from '../src/protocol/integrity.js';
 
 /** A model with non-zero biases (a skipped bias must make a difference). */
 const base = () => {

@@ -4,9 +4,10 @@ import assert from 'node:assert/strict';
 import { Rng } from '../src/tensor/rng.js';
 import { availableBackends, setBackend, backendName } from '../src/tensor/gemm.js';
 import {
-  encoderForward, encoderBackward, layernormForward, layernormBackward, geluForward, geluBackward,
-  residualForward, residualBackward, attentionForward, attentionBackward, crossEntropyForward, crossEntropyBackward,
+  encoderForward, encoderBackward, layernormForward, layernormBackward,
+  residualForward, residualBackward, attentionForward, attentionBackward,
 } from '../src/model/kernels.js';
+import { geluForward, geluBackward, crossEntropyForward, crossEntropyBackward } from '../src/tensor/kernels_ew.js';
 import { randn, numericGrad, someIndices, dot, assertGradClose, relErr } from './helpers.js';
 
 const TOL = 2e-2; // float32 central differences

@@ -14,14 +14,14 @@ import { matmul, transpose, inverseResidual, conditionNumber, inverseLU, haarOrt
 import { kappaMask, naiveMask, oneStream, parseMaskSpec, randomPermutation, invertPermutation } from '../src/linalg/masks.js';
 import { deriveMasks } from '../src/obfuscate/masks.js';
 import { deobfuscate } from '../src/obfuscate/transform.js';
-import { obfuscateWeights, inProcessSplit, writeObfuscation, deobfuscateDirs } from '../src/obfuscate/provider.js';
+import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../src/obfuscate/provider.js';
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair } from '../src/obfuscate/bundle.js';
-import { compareLogits } from '../src/obfuscate/fidelity.js';
+import { compareLogits } from '../src/experiments/fidelity.js';
 import { shareTable, shareRow } from '../src/obfuscate/share.js';
-import { Enclave } from '../src/split/enclave.js';
-import { Accelerator } from '../src/split/accelerator.js';
-import { InProcessLink, type CrossingEvent } from '../src/split/link.js';
-import { encodeMessage, decodeMessage, asObfuscated } from '../src/split/messages.js';
+import { Enclave, inProcessSplit } from '../src/enclave/enclave.js';
+import { Accelerator } from '../src/accelerator/accelerator.js';
+import { InProcessLink, type CrossingEvent } from '../src/protocol/link.js';
+import { encodeMessage, decodeMessage, asObfuscated } from '../src/protocol/messages.js';
 import { maxAbsDiff } from './helpers.js';
 
 const FIX = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../test/fixtures');

@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { openSafetensors } from '../src/model/safetensors.js';
+import { openSafetensors } from '../src/io/safetensors.js';
 import { loadCheckpoint } from '../src/model/checkpoint.js';
 import { GPT2 } from '../src/model/gpt2.js';
 import { hfTensorList } from '../src/model/params.js';

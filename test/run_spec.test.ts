@@ -19,7 +19,7 @@ import { EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadEnclaveB
 import { createSimRoot, loadSimRoot, SimSoftwarePlatform } from '../src/tee/sim.js';
 import { obfuscateWeights, writeObfuscation } from '../src/obfuscate/provider.js';
 import { loadCheckpoint } from '../src/model/checkpoint.js';
-import { readJsonl } from '../src/data/jsonl.js';
+import { readJsonl } from '../src/io/jsonl.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const BIN = path.join(ROOT, 'bin', 'obfuscatune.js');

@@ -12,7 +12,7 @@ import {
   openSafetensors,
   readSafetensorsHeader,
   writeSafetensors,
-} from '../src/model/safetensors.js';
+} from '../src/io/safetensors.js';
 
 let tmp: string;
 before(() => {

@@ -10,9 +10,9 @@ import { GPT2 } from '../model/gpt2.js';
 import { Rng } from '../tensor/rng.js';
 import { buildSession } from '../train/session.js';
 import { AdamW, SGD, sumSquares } from '../train/optim.js';
-import type { TrainMode, Method } from '../split/train_model.js';
-import type { AcceleratorLink } from '../split/link.js';
-import type { AcceleratorWeights } from '../obfuscate/transform.js';
+import type { TrainMode, Method } from '../enclave/split_model.js';
+import type { AcceleratorLink } from '../protocol/link.js';
+import type { AcceleratorWeights } from '../protocol/linears.js';
 import { peakRssMb } from './train_step.js';
 
 export interface FinetuneBenchRow {

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { tokenizerFor } from '../model/tokenizer.js';
-import { readJsonl, labelSet, encodeRecords, type Task } from '../data/jsonl.js';
+import { readJsonl, labelSet, encodeRecords, type Task } from '../io/jsonl.js';
 import { buildSession, exportRun, mergedPlainModel } from '../train/session.js';
 import { runFinetune, evaluate, latestCheckpoint } from '../train/finetune.js';
 import {
@@ -15,7 +15,7 @@ import {
 import { progressBar } from './progress.js';
 import { parseIntArg } from './model_args.js';
 import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
-import type { TrainMode, Method } from '../split/train_model.js';
+import type { TrainMode, Method } from '../enclave/split_model.js';
 import { BundleError, InputError } from '../errors.js';
 
 export interface RunConfig {

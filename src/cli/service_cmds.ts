@@ -1,7 +1,7 @@
 /** CLI: the services (accelerator, enclave) and the parties' clients (provider, owner). */
 import { Command, Option } from 'commander';
 import { serveAccelerator } from '../roles/accelerator_service.js';
-import { EVIL_MODES } from '../split/accelerator.js';
+import { EVIL_MODES } from '../accelerator/accelerator.js';
 import { parseIntArg } from './model_args.js';
 import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
 import { jobSpecOf, parseRunSpec } from '../train/run_spec.js';
@@ -14,7 +14,7 @@ import {
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
-import { readJsonl } from '../data/jsonl.js';
+import { readJsonl } from '../io/jsonl.js';
 
 /** Stops a service cleanly on SIGINT/SIGTERM. */
 export function onShutdown(close: () => Promise<void>): void {

@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadCheckpoint } from '../model/checkpoint.js';
-import { readJsonl, labelSet, encodeRecords, type Record_ } from '../data/jsonl.js';
+import { readJsonl, labelSet, encodeRecords, type Record_ } from '../io/jsonl.js';
 import { gpt2Tokenizer } from '../model/tokenizer.js';
 import { buildSession } from '../train/session.js';
 import { runFinetune, evaluate } from '../train/finetune.js';

@@ -18,7 +18,7 @@ import type { NormActs, QkvPart } from '../model/block.js';
 import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_basis.js';
 import { sgemm } from '../tensor/gemm.js';
 import { sharedFloat32 } from '../tensor/shared.js';
-import { asObfuscated, type Obfuscated } from '../split/messages.js';
+import { asObfuscated, type Obfuscated } from '../protocol/messages.js';
 
 /** The per-head attention masks and the MLP permutation of every layer. */
 export interface HeadMasks {

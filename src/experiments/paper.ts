@@ -11,18 +11,18 @@ import path from 'node:path';
 import { loadCheckpoint } from '../model/checkpoint.js';
 import { GPT2 } from '../model/gpt2.js';
 import { gpt2Tokenizer } from '../model/tokenizer.js';
-import { readJsonl, labelSet, encodeRecords, type Record_, type Task } from '../data/jsonl.js';
+import { readJsonl, labelSet, encodeRecords, type Record_, type Task } from '../io/jsonl.js';
 import { buildSession } from '../train/session.js';
 import { runFinetune } from '../train/finetune.js';
 import {
   RUN_SPEC_DEFAULTS, mergeRunSpecInputs, parseRunSpec, toFinetuneConfig, toSessionOptions, writeRunSpec, type RunSpec, type RunSpecInput,
 } from '../train/run_spec.js';
-import { runFidelity, type FidelityRow } from '../obfuscate/fidelity.js';
+import { runFidelity, type FidelityRow } from './fidelity.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { shareTable, type ShareRow } from '../obfuscate/share.js';
 import { benchFinetuneOne } from '../bench/finetune.js';
 import { corpusFromJsonl, unigramLoss } from '../train/pretrain.js';
-import type { TrainMode, Method } from '../split/train_model.js';
+import type { TrainMode, Method } from '../enclave/split_model.js';
 import { lineChart, barChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { IntegrityError, ObfuscatuneError, findCause } from '../errors.js';

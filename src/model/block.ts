@@ -16,7 +16,7 @@
  */
 import type { GPT2Config } from './config.js';
 import { attentionForward, attentionBackward } from './kernels.js';
-import { geluForwardPar as geluForward, geluBackwardPar as geluBackward } from '../train/parallel.js';
+import { geluForwardPar as geluForward, geluBackwardPar as geluBackward } from '../tensor/parallel.js';
 import { loraForward, loraBackward, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
 import type { RandomSource } from '../tensor/rng.js';
 

@@ -13,7 +13,7 @@ import { validateConfig, type GPT2Config } from './config.js';
 import { ParamLayout, hfTensorList, type ParamKind } from './params.js';
 import type { ClassifierHead, GPT2Weights } from './weights.js';
 import { POOLINGS, type Pooling } from './kernels.js';
-import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from './safetensors.js';
+import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { BundleError, InputError } from '../errors.js';
 

@@ -86,32 +86,6 @@ export function layernormBackward(dinp: Float32Array, dweight: Float32Array | nu
 }
 
 // ---------------------------------------------------------------------------------------
-// GELU (tanh approximation, HF "gelu_new"): out[N] = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-// (optionally keeps tanh(u) in `th` so the backward pass need not recompute it)
-const GELU_S = Math.sqrt(2 / Math.PI);
-export function geluForward(out: Float32Array, inp: Float32Array, N: number, th: Float32Array | null = null): void {
-  for (let i = 0; i < N; i++) {
-    const x = inp[i];
-    const u = GELU_S * (x + 0.044715 * x * x * x);
-    const t = Math.tanh(u);
-    if (th) th[i] = t;
-    out[i] = 0.5 * x * (1 + t);
-  }
-}
-
-// dinp[N] += dout * GELU'(inp)   (th: the tanh values saved by the forward pass, if any)
-export function geluBackward(dinp: Float32Array, inp: Float32Array, dout: Float32Array, N: number, thSaved: Float32Array | null = null): void {
-  for (let i = 0; i < N; i++) {
-    const x = inp[i];
-    const x2 = x * x;
-    const th = thSaved ? thSaved[i] : Math.tanh(GELU_S * (x + 0.044715 * x2 * x));
-    const sech2 = 1 - th * th;
-    const local = 0.5 * (1 + th) + 0.5 * x * sech2 * GELU_S * (1 + 3 * 0.044715 * x2);
-    dinp[i] += local * dout[i];
-  }
-}
-
-// ---------------------------------------------------------------------------------------
 // residual: out[N] = a + b
 export function residualForward(out: Float32Array, a: Float32Array, b: Float32Array, N: number): void {
   for (let i = 0; i < N; i++) out[i] = a[i] + b[i];
@@ -242,56 +216,6 @@ export function poolBackward(dh: Float32Array, dout: Float32Array, lens: Int32Ar
         for (let i = 0; i < C; i++) dh[r + i] += dout[o + i] * s;
       }
     }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// softmax + cross-entropy, fused: logits[N,V] are replaced by probabilities in place;
-// returns mean loss over rows whose target >= 0 (target -1 = ignored) and the count.
-// losses[N] receives each row's loss (0 for ignored rows).
-export function crossEntropyForward(logits: Float32Array, targets: Int32Array, losses: Float32Array, N: number, V: number): { loss: number; count: number } {
-  let total = 0;
-  let count = 0;
-  for (let n = 0; n < N; n++) {
-    const o = n * V;
-    let mx = -Infinity;
-    for (let i = 0; i < V; i++) if (logits[o + i] > mx) mx = logits[o + i];
-    const y = targets[n];
-    if (y >= V) throw new Error(`target ${y} at row ${n} is out of range [0, ${V})`);
-    const zy = y >= 0 ? logits[o + y] : 0;
-    let sum = 0;
-    for (let i = 0; i < V; i++) {
-      const e = Math.exp(logits[o + i] - mx);
-      logits[o + i] = e;
-      sum += e;
-    }
-    const inv = 1 / sum;
-    for (let i = 0; i < V; i++) logits[o + i] *= inv;
-    if (y >= 0) {
-      // -log p[y] in log-sum-exp form: exact even when p[y] underflows in float32
-      const l = Math.log(sum) - (zy - mx);
-      losses[n] = l;
-      total += l;
-      count++;
-    } else {
-      losses[n] = 0;
-    }
-  }
-  return { loss: count > 0 ? total / count : 0, count };
-}
-
-// dlogits[N,V] (overwritten; may alias probs) = (probs - onehot(target)) * dloss / count
-export function crossEntropyBackward(dlogits: Float32Array, probs: Float32Array, targets: Int32Array, N: number, V: number, count: number, dloss = 1): void {
-  const s = count > 0 ? dloss / count : 0;
-  for (let n = 0; n < N; n++) {
-    const o = n * V;
-    const y = targets[n];
-    if (y < 0) {
-      dlogits.fill(0, o, o + V);
-      continue;
-    }
-    for (let i = 0; i < V; i++) dlogits[o + i] = probs[o + i] * s;
-    dlogits[o + y] -= s;
   }
 }
 

@@ -8,7 +8,7 @@
  */
 import { sgemm } from '../tensor/gemm.js';
 import type { RandomSource } from '../tensor/rng.js';
-import type { TensorToWrite } from './safetensors.js';
+import type { TensorToWrite } from '../io/safetensors.js';
 
 /** Adapter targets: parts of the fused qkv projection, the attention output projection, the MLP up and down projections, the token embedding. */
 export const LORA_TARGETS = ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj', 'wte'] as const;

@@ -7,9 +7,10 @@
  */
 import type { GPT2Config } from './config.js';
 import {
-  encoderForward, encoderBackward, crossEntropyBackward, poolForward, poolBackward, type Pooling,
+  encoderForward, encoderBackward, poolForward, poolBackward, type Pooling,
 } from './kernels.js';
-import { crossEntropyForwardPar as crossEntropyForward } from '../train/parallel.js';
+import { crossEntropyForwardPar as crossEntropyForward } from '../tensor/parallel.js';
+import { crossEntropyBackward } from '../tensor/kernels_ew.js';
 import { blockForward, blockBackward, type BlockEnv, type BlockScratch, type LayerActs, type LayerCache, type Linears, type NormActs } from './block.js';
 import type { TrunkBasis } from './plain_basis.js';
 import { loraEmbedForward, loraEmbedBackward, type LoraAdapters } from './lora.js';

@@ -10,10 +10,10 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync, chmodSync, renameSy
 import path from 'node:path';
 import type { GPT2Config } from '../model/config.js';
 import { validateConfig } from '../model/config.js';
-import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
-import { LINEARS, linearDims, type AcceleratorWeights, type EnclaveTensors, type LinearName, type ObfLinear } from './transform.js';
-import type { EnclaveBundle } from '../split/enclave.js';
-import { requiredEnclaveTensors } from '../split/enclave.js';
+import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
+import type { EnclaveTensors } from './transform.js';
+import { LINEARS, linearDims, type LinearName } from '../model/block.js';
+import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
 import type { Mode, ObfuscationParams } from './masks.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
@@ -121,6 +121,38 @@ export function loadAcceleratorBundle(dir: string): LoadedAccelerator {
     layers.push(rec);
   }
   return { manifest, manifestSha256: sha256(text), weights: { n_layer: manifest.n_layer, layers } };
+}
+
+export interface EnclaveBundle {
+  mode: Mode;
+  config: GPT2Config;
+  tensors: EnclaveTensors;
+  /** mask spec label ("1", "10", "naive", ...) and two-sidedness, for reports */
+  spec: string;
+  twoSided: boolean;
+  /** SHA-256 of the accelerator manifest this enclave bundle was made with */
+  acceleratorManifestSha256: string;
+  cls?: { numLabels: number; labels?: string[]; pooling?: Pooling };
+  padTokenId?: number;
+}
+
+/** Which tensors each mode's enclave needs at run time, with their shapes. */
+export function requiredEnclaveTensors(b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls'>): Record<string, number[]> {
+  const { n_layer: L, n_embd: d, n_ctx: T, vocab_size: V } = b.config;
+  const H = b.config.n_head;
+  const dh = d / H;
+  const req: Record<string, number[]> = {
+    wte: [V, d], wpe: [T, d], ln1w: [L, d], ln1b: [L, d], ln2w: [L, d], ln2b: [L, d],
+    hA: [L, H, dh, dh], hAinvT: [L, H, dh, dh], hB: [L, H, dh, dh], hBinv: [L, H, dh, dh], headPerm: [L, H], pi: [L, 4 * d],
+  };
+  if (b.mode === 'sealed') {
+    Object.assign(req, { u: [d], G: [d, d], headBias: [d], Q: [d, d] });
+  } else {
+    Object.assign(req, { lnfw: [d], lnfb: [d], R1: [L, d, d], R2: [L, d, d] });
+    if (b.twoSided) Object.assign(req, { RoInv: [L, d, d], RpInv: [L, d, d] });
+  }
+  if (b.cls) req.score = [b.cls.numLabels, d];
+  return req;
 }
 
 export interface EnclaveManifest {

@@ -8,15 +8,12 @@ import type { GPT2Weights } from '../model/weights.js';
 import { KeyedRng } from '../tensor/rng.js';
 import { maskSpecLabel, type MaskSpec } from '../linalg/masks.js';
 import { deriveMasks, type Mode, type ObfuscationParams } from './masks.js';
-import { obfuscate, deobfuscate, type AcceleratorWeights } from './transform.js';
-import type { EnclaveBundle } from '../split/enclave.js';
-import { Enclave } from '../split/enclave.js';
-import { Accelerator } from '../split/accelerator.js';
-import { makeCheckVectors } from '../split/integrity.js';
-import { InProcessLink } from '../split/link.js';
+import { obfuscate, deobfuscate } from './transform.js';
+import type { AcceleratorWeights } from '../protocol/linears.js';
+import { makeCheckVectors } from '../protocol/integrity.js';
 import {
   writeAcceleratorBundle, writeEnclaveBundle, writeProviderKey, KEY_FORMAT, sha256, ACC_FORMAT,
-  loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, checkBundlePair,
+  loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, checkBundlePair, type EnclaveBundle,
 } from './bundle.js';
 
 export interface ObfuscateOptions {
@@ -71,14 +68,6 @@ export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): Obfuscati
       padTokenId: w.padTokenId,
     },
   };
-}
-
-/** The two sides wired together in one process (tests, fidelity, local experiments). */
-export function inProcessSplit(r: ObfuscationResult, opts: { serialize?: boolean } = {}) {
-  const accelerator = new Accelerator(r.accelerator);
-  const link = new InProcessLink(accelerator, opts);
-  const enclave = new Enclave(r.enclave, link);
-  return { accelerator, link, enclave };
 }
 
 /** Writes out/accelerator, out/enclave and out/provider (the secret key). */

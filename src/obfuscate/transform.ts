@@ -11,13 +11,7 @@ import { transpose, type Mat64 } from '../linalg/mat64.js';
 import type { ModelMasks, LayerMasks } from './masks.js';
 
 import { LINEARS, linearDims, type LinearName } from '../model/block.js';
-import type { BlockLinears, LinearWeights } from '../model/local_linears.js';
-
-export { LINEARS, linearDims, type LinearName };
-export type ObfLinear = LinearWeights;
-
-/** What the accelerator holds: obfuscated linear weights only. */
-export type AcceleratorWeights = BlockLinears;
+import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
 
 /** What the enclave holds, by name (see docs/obfuscation.md for each mode's list). */
 export type EnclaveTensors = Map<string, Float32Array>;

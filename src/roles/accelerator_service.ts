@@ -10,14 +10,14 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync, renameSync 
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { loadAcceleratorBundle, type LoadedAccelerator } from '../obfuscate/bundle.js';
-import { LINEARS } from '../obfuscate/transform.js';
-import { Accelerator, type EvilMode } from '../split/accelerator.js';
+import { LINEARS } from '../model/block.js';
+import { Accelerator, type EvilMode } from '../accelerator/accelerator.js';
 import { startAcceleratorServer, type AcceleratorServer } from '../rpc/accelerator_server.js';
 import { ACC_ADMIN_SERVICE, unpackFiles } from './protocol.js';
-import { writeSafetensors } from '../model/safetensors.js';
+import { writeSafetensors } from '../io/safetensors.js';
 import { serviceError } from '../rpc/status.js';
 import { BundleError, InputError, ObfuscatuneError, TransportError } from '../errors.js';
-import type { AcceleratorReply, AcceleratorRequest } from '../split/messages.js';
+import type { AcceleratorReply, AcceleratorRequest } from '../protocol/messages.js';
 
 export interface AcceleratorServeOptions {
   /** a bundle directory to serve (else the one in the state dir, else wait for an upload) */

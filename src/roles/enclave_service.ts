@@ -19,18 +19,18 @@ import { sealTo, sealedFromJson, sealedToJson, publicKeyFromBase64 } from '../te
 import { ReplayCache } from '../tee/replay.js';
 import { sealBlob, unsealBlob } from '../tee/seal.js';
 import { loadEnclaveBundle } from '../obfuscate/bundle.js';
-import type { EnclaveBundle } from '../split/enclave.js';
+import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
 import { widenServerWindow, widenSessionWindows } from '../rpc/grpc.js';
 import { gpt2Tokenizer, tokenizerFor } from '../model/tokenizer.js';
-import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_ } from '../data/jsonl.js';
-import { SplitModel } from '../split/train_model.js';
+import { parseJsonl, labelSet, encodeRecords, makeBatch, type Record_ } from '../io/jsonl.js';
+import { SplitModel } from '../enclave/split_model.js';
 import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
 import { adapterTensors } from '../model/lora.js';
 import { freshClassifier } from '../train/session.js';
 import { parseJobSpec, parseRunSpec, checkRunSpecForModel, toFinetuneConfig, type RunSpec } from '../train/run_spec.js';
-import { writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
+import { writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, StateError, TransportError, findCause } from '../errors.js';
 import { serviceError } from '../rpc/status.js';
 import {

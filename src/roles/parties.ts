@@ -20,12 +20,14 @@ import {
   ENCLAVE_SERVICE, ACC_ADMIN_SERVICE, EnclaveServiceClient, AccAdminClient, COMMAND_AAD, chunkAad, replyAad, clientOptions, unary, clientStream,
   chunks, packFiles, type UploadChunk, type UploadKind,
 } from './protocol.js';
-import type { Record_ } from '../data/jsonl.js';
+import type { Record_ } from '../io/jsonl.js';
 import type { GPT2Weights } from '../model/weights.js';
-import { openSafetensors } from '../model/safetensors.js';
+import { openSafetensors } from '../io/safetensors.js';
 import { loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey } from '../obfuscate/bundle.js';
 import { deriveMasks } from '../obfuscate/masks.js';
-import { deobfuscate, LINEARS, type AcceleratorWeights } from '../obfuscate/transform.js';
+import { deobfuscate } from '../obfuscate/transform.js';
+import { LINEARS } from '../model/block.js';
+import type { AcceleratorWeights } from '../protocol/linears.js';
 import { loadAdapters, mergeAdaptersPlain } from '../train/session.js';
 import type { JobSpec } from './enclave_service.js';
 import { BundleError, StateError, TransportError } from '../errors.js';

@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
-import type { AcceleratorWeights } from '../obfuscate/transform.js';
+import type { AcceleratorWeights } from '../protocol/linears.js';
 import { writeAcceleratorBundle } from '../obfuscate/bundle.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
 import * as grpc from '@grpc/grpc-js';

@@ -8,8 +8,8 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { InputError, TransportError } from '../errors.js';
-import { observe, type AcceleratorLink, type CallOptions, type Observer } from '../split/link.js';
-import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
+import { observe, type AcceleratorLink, type CallOptions, type Observer } from '../protocol/link.js';
+import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../protocol/messages.js';
 import { BufferPool, ChannelClient } from './tensor_channel.js';
 import {
   ACCELERATOR_SERVICE,

@@ -9,7 +9,7 @@
  * depends on that order).
  */
 import * as grpc from '@grpc/grpc-js';
-import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../split/messages.js';
+import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../protocol/messages.js';
 import {
   ACCELERATOR_SERVICE,
   DEFAULT_MAX_MESSAGE_BYTES,

@@ -11,10 +11,10 @@
 import { appendFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import { Rng } from '../tensor/rng.js';
-import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
+import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { AdamW, SGD, cosineSchedule, sumSquares, clipScale, type Optimizer, type OptimizerState } from './optim.js';
-import { makeBatch, Sampler, type EncodedSet, type Task } from '../data/jsonl.js';
-import type { SplitModel, TrainMode, Method } from '../split/train_model.js';
+import { makeBatch, Sampler, type EncodedSet, type Task } from '../io/jsonl.js';
+import type { SplitModel, TrainMode, Method } from '../enclave/split_model.js';
 
 /** The loop's settings: a projection of the run's RunSpec (`toFinetuneConfig` in run_spec.ts, which has the defaults). */
 export interface FinetuneConfig {

@@ -2,7 +2,7 @@
  * Optimisers over flat Float32Array parameter/gradient buffers (TypeScript kernels).
  * Each optimiser owns its state buffers, which serialise for exact resume.
  */
-import { adamwStep, sumSquaresParallel } from './parallel.js';
+import { adamwStep, sumSquaresParallel } from '../tensor/parallel.js';
 import { sharedFloat32, isShared } from '../tensor/shared.js';
 
 export interface OptimizerState {

@@ -6,7 +6,7 @@
 import { readFileSync, existsSync } from 'node:fs';
 import path from 'node:path';
 import type { Tokenizer } from '../model/tokenizer.js';
-import { parseJsonl } from '../data/jsonl.js';
+import { parseJsonl } from '../io/jsonl.js';
 
 /** Token stream of the "text" (or prompt + completion) of every record, separated by <|endoftext|>. */
 export function corpusFromJsonl(files: string[], tok: Tokenizer, heldOut = false): { stream: Int32Array; documents: number } {

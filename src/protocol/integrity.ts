@@ -14,11 +14,10 @@
  *   G r = x^T (dy r),  G^T s = dy^T (x s),  buf <- mu buf + scale G,  W <- W - lr buf.
  * Tracking is in float64.
  */
-import type { AcceleratorWeights, LinearName } from '../obfuscate/transform.js';
-import { LINEARS } from '../obfuscate/transform.js';
+import { LINEARS, type LinearName } from '../model/block.js';
+import type { AcceleratorWeights } from './linears.js';
 import type { RandomSource } from '../tensor/rng.js';
 import { sgdMomentumStep } from '../tensor/sgd.js';
-import type { EnclaveTensors } from '../obfuscate/transform.js';
 import { IntegrityError } from '../errors.js';
 
 export const CHECK_VECTORS = 2;
@@ -41,8 +40,8 @@ interface Track {
 }
 
 /** Provider side: secret check vectors for every linear, computed from the obfuscated weights. */
-export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K = CHECK_VECTORS): EnclaveTensors {
-  const out: EnclaveTensors = new Map();
+export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K = CHECK_VECTORS): Map<string, Float32Array> {
+  const out = new Map<string, Float32Array>();
   acc.layers.forEach((layer, l) => {
     for (const name of LINEARS) {
       const { w: W, b, din, dout } = layer[name];
@@ -76,6 +75,9 @@ export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K =
   return out;
 }
 
+/** Named tensors (an enclave bundle's `chk.*` entries). */
+type Named = ReadonlyMap<string, Float32Array>;
+
 export class IntegrityChecker {
   private tracks = new Map<string, Track>();
   /** relative tolerance of a row check, against the sum of absolute terms */
@@ -83,7 +85,7 @@ export class IntegrityChecker {
   checks = 0;
   ms = 0;
 
-  constructor(tensors: EnclaveTensors, nLayer: number, readonly K = CHECK_VECTORS) {
+  constructor(tensors: Named, nLayer: number, readonly K = CHECK_VECTORS) {
     for (let l = 0; l < nLayer; l++) {
       for (const name of LINEARS) {
         const key = `chk.${l}.${name}`;

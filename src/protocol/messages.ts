@@ -4,8 +4,7 @@
  * carries token ids, labels, logits, losses or a plaintext activation. Messages encode to
  * a self-describing binary frame (JSON header + raw float32 payloads) for any transport.
  */
-import type { LinearName } from '../obfuscate/transform.js';
-import { LINEARS } from '../obfuscate/transform.js';
+import { LINEARS, type LinearName } from '../model/block.js';
 
 declare const obfuscatedBrand: unique symbol;
 /**

@@ -17,12 +17,12 @@
  */
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import os from 'node:os';
-import { adamwRange, sumSquaresRange, type AdamWArgs } from './kernels_ew.js';
-import { geluForward, geluBackward, crossEntropyForward } from '../model/kernels.js';
+import { adamwRange, sumSquaresRange, geluForward, geluBackward, crossEntropyForward, type AdamWArgs } from './kernels_ew.js';
+
 import { InputError, WorkerError } from '../errors.js';
 import { STATUS_BUSY, STATUS_DEAD, STATUS_FAILED, STATUS_IDLE, type ExitReport } from './parallel_shared.js';
 
-import { isShared } from '../tensor/shared.js';
+import { isShared } from './shared.js';
 
 const MIN_PARALLEL = 1 << 20;
 /** how often a waiting call looks at the status words when nothing wakes it */

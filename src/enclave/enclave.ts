@@ -12,44 +12,16 @@ import { Transformer, generate, type GenerateOptions, type KVCache } from '../mo
 import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_basis.js';
 import type { Mode } from '../obfuscate/masks.js';
 import type { EnclaveTensors } from '../obfuscate/transform.js';
-import type { Obfuscated } from './messages.js';
-import type { AcceleratorLink } from './link.js';
-import { IntegrityChecker } from './integrity.js';
-import { RemoteLinears } from './remote_linears.js';
-import { PaperBasis, SealedBasis } from '../enclave/bases.js';
-import { headMasksOf, paperMasksOf, sealedParamsOf } from '../enclave/tensors.js';
-export interface EnclaveBundle {
-  mode: Mode;
-  config: GPT2Config;
-  tensors: EnclaveTensors;
-  /** mask spec label ("1", "10", "naive", ...) and two-sidedness, for reports */
-  spec: string;
-  twoSided: boolean;
-  /** SHA-256 of the accelerator manifest this enclave bundle was made with */
-  acceleratorManifestSha256: string;
-  cls?: { numLabels: number; labels?: string[]; pooling?: Pooling };
-  padTokenId?: number;
-}
-
-/** Which tensors each mode's enclave needs at run time, with their shapes. */
-export function requiredEnclaveTensors(b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls'>): Record<string, number[]> {
-  const { n_layer: L, n_embd: d, n_ctx: T, vocab_size: V } = b.config;
-  const H = b.config.n_head;
-  const dh = d / H;
-  const req: Record<string, number[]> = {
-    wte: [V, d], wpe: [T, d], ln1w: [L, d], ln1b: [L, d], ln2w: [L, d], ln2b: [L, d],
-    hA: [L, H, dh, dh], hAinvT: [L, H, dh, dh], hB: [L, H, dh, dh], hBinv: [L, H, dh, dh], headPerm: [L, H], pi: [L, 4 * d],
-  };
-  if (b.mode === 'sealed') {
-    Object.assign(req, { u: [d], G: [d, d], headBias: [d], Q: [d, d] });
-  } else {
-    Object.assign(req, { lnfw: [d], lnfb: [d], R1: [L, d, d], R2: [L, d, d] });
-    if (b.twoSided) Object.assign(req, { RoInv: [L, d, d], RpInv: [L, d, d] });
-  }
-  if (b.cls) req.score = [b.cls.numLabels, d];
-  return req;
-}
-
+import { requiredEnclaveTensors, type EnclaveBundle } from '../obfuscate/bundle.js';
+import { Accelerator } from '../accelerator/accelerator.js';
+import { InProcessLink } from '../protocol/link.js';
+import type { ObfuscationResult } from '../obfuscate/provider.js';
+import type { Obfuscated } from '../protocol/messages.js';
+import type { AcceleratorLink } from '../protocol/link.js';
+import { IntegrityChecker } from '../protocol/integrity.js';
+import { RemoteLinears } from '../protocol/client.js';
+import { PaperBasis, SealedBasis } from './bases.js';
+import { headMasksOf, paperMasksOf, sealedParamsOf } from './tensors.js';
 export class Enclave {
   readonly config: GPT2Config;
   readonly mode: Mode;
@@ -119,4 +91,12 @@ export class Enclave {
   generate(prompt: number[], opts: GenerateOptions): Promise<number[]> {
     return generate(this, prompt, opts);
   }
+}
+
+/** The two sides wired together in one process (tests, fidelity, local experiments). */
+export function inProcessSplit(r: ObfuscationResult, opts: { serialize?: boolean } = {}) {
+  const accelerator = new Accelerator(r.accelerator);
+  const link = new InProcessLink(accelerator, opts);
+  const enclave = new Enclave(r.enclave, link);
+  return { accelerator, link, enclave };
 }

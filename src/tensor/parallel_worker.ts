@@ -6,8 +6,8 @@
  * supervisor thread that started it (./parallel_supervisor.ts).
  */
 import { workerData, type MessagePort } from 'node:worker_threads';
-import { adamwRange, sumSquaresRange, type AdamWArgs } from './kernels_ew.js';
-import { geluForward, geluBackward, crossEntropyForward } from '../model/kernels.js';
+import { adamwRange, sumSquaresRange, geluForward, geluBackward, crossEntropyForward, type AdamWArgs } from './kernels_ew.js';
+
 import { STATUS_FAILED, STATUS_IDLE } from './parallel_shared.js';
 
 const ctrl = new Int32Array(workerData.ctrl as SharedArrayBuffer);

@@ -7,7 +7,6 @@
  * truncated and counted, never silently.
  */
 import { existsSync, readFileSync, statSync } from 'node:fs';
-import type { Tokenizer } from '../model/tokenizer.js';
 import { Rng } from '../tensor/rng.js';
 import { InputError } from '../errors.js';
 
@@ -86,7 +85,13 @@ export interface EncodedSet {
   labels: string[];
 }
 
-export function encodeRecords(recs: Record_[], tok: Tokenizer, o: { task: Task; maxLen: number; labels?: string[]; source: string }): EncodedSet {
+/** What encoding records needs of a tokenizer (src/model/tokenizer.ts's `Tokenizer` is one). */
+export interface TextEncoder {
+  readonly eotId: number;
+  encode(text: string): number[];
+}
+
+export function encodeRecords(recs: Record_[], tok: TextEncoder, o: { task: Task; maxLen: number; labels?: string[]; source: string }): EncodedSet {
   const items: Encoded[] = [];
   let truncated = 0;
   let dropped = 0;

@@ -8,12 +8,12 @@
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
-import type { AcceleratorWeights } from '../obfuscate/transform.js';
+import type { AcceleratorWeights } from '../protocol/linears.js';
 import { LocalLinears } from '../model/local_linears.js';
-import { LINEARS } from '../obfuscate/transform.js';
-import { openSafetensors, writeSafetensors, type TensorToWrite } from '../model/safetensors.js';
+import { LINEARS } from '../model/block.js';
+import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../tensor/rng.js';
-import { asObfuscated, type AcceleratorReply, type AcceleratorRequest } from './messages.js';
+import { asObfuscated, type AcceleratorReply, type AcceleratorRequest } from '../protocol/messages.js';
 
 export type EvilMode = 'tamper' | 'skip-bias' | 'stale';
 export const EVIL_MODES: EvilMode[] = ['tamper', 'skip-bias', 'stale'];

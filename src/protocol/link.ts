@@ -4,7 +4,6 @@
  * through the binary codec, to prove every message serialises), and an observer sees
  * every tensor that crosses, in both directions: the adversary's view.
  */
-import type { Accelerator } from './accelerator.js';
 import { decodeMessage, encodeMessage, type AcceleratorReply, type AcceleratorRequest } from './messages.js';
 
 export interface CrossingEvent {
@@ -52,12 +51,17 @@ export function observe(req: AcceleratorRequest, rep: AcceleratorReply, observer
   }
 }
 
+/** Whatever answers requests in this process (the accelerator, src/accelerator). */
+export interface RequestHandler {
+  handle(req: AcceleratorRequest): AcceleratorReply;
+}
+
 export class InProcessLink implements AcceleratorLink {
   readonly observers: Observer[] = [];
   /** messages and bytes that crossed (encoded size) */
   stats = { messages: 0, bytes: 0 };
 
-  constructor(private readonly acc: Accelerator, private readonly opts: { serialize?: boolean } = {}) {}
+  constructor(private readonly acc: RequestHandler, private readonly opts: { serialize?: boolean } = {}) {}
 
   async call(req: AcceleratorRequest): Promise<AcceleratorReply> {
     return this.callSync(req);

@@ -6,11 +6,11 @@ import type { GPT2 } from '../model/gpt2.js';
 import { Rng } from '../tensor/rng.js';
 import { KeyedRng } from '../tensor/rng.js';
 import { maskSpecLabel, type MaskSpec, type HaarCache } from '../linalg/masks.js';
-import { deriveMasks, type Mode } from './masks.js';
-import { obfuscate } from './transform.js';
-import { Enclave } from '../split/enclave.js';
-import { Accelerator } from '../split/accelerator.js';
-import { InProcessLink } from '../split/link.js';
+import { deriveMasks, type Mode } from '../obfuscate/masks.js';
+import { obfuscate } from '../obfuscate/transform.js';
+import { Enclave } from '../enclave/enclave.js';
+import { Accelerator } from '../accelerator/accelerator.js';
+import { InProcessLink } from '../protocol/link.js';
 
 export interface FidelityRow {
   kappa: string;

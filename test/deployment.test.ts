@@ -224,3 +224,58 @@ test('enclave killed mid-run: it restarts, unseals its checkpoint, resumes, and 
     await w.stop();
   }
 });
+
+test('the enclave service\'s LM inference generates with the KV cache, equal to recomputing the whole forward per token', async () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-lm-infer-'));
+  createSimRoot(path.join(dir, 'platform'));
+  const { serveAccelerator } = await import('../src/roles/accelerator_service.js');
+  const { serveEnclave } = await import('../src/roles/enclave_server.js');
+  const { SimSoftwarePlatform, loadSimRoot } = await import('../src/tee/sim.js');
+  const acc = await serveAccelerator({ stateDir: path.join(dir, 'acc'), port: 0 });
+  const accAddr = `127.0.0.1:${acc.server.port}`;
+  const platform = new SimSoftwarePlatform(loadSimRoot(path.join(dir, 'platform')), enclaveMeasurement());
+  const srv = await serveEnclave({ platform, stateDir: path.join(dir, 'enc'), accelerator: accAddr, port: 0, privateDir: path.join(dir, 'private'), log: () => {} });
+  const trust = { rootPublicKey: path.join(dir, 'platform', 'sim-root.pub.pem'), allowList: [enclaveMeasurement()] };
+  const provider = new EnclaveClient(`127.0.0.1:${srv.port}`, await loadOrCreatePartyKey(path.join(dir, 'provider.json')), trust);
+  const owner = new EnclaveClient(`127.0.0.1:${srv.port}`, await loadOrCreatePartyKey(path.join(dir, 'owner.json')), trust);
+  try {
+    await provider.attest();
+    await owner.attest();
+    writeObfuscation(path.join(dir, 'bundles'), obfuscateWeights(loadCheckpoint(path.join(FIX, 'vocab50257')), { mode: 'sealed', seed: 5 }));
+    await uploadAcceleratorBundle(accAddr, path.join(dir, 'bundles', 'accelerator'));
+    await uploadEnclaveBundle(provider, path.join(dir, 'bundles', 'enclave'));
+    await uploadRecords(owner, 'train', records(16, 1).map((r) => ({ text: r.text })));
+    await owner.command('start_finetune', { spec: { task: 'lm', method: 'lora', steps: 3, batch: 4, max_len: 12, lr: 0.01, warmup: 1, seed: 3, checkpoint_every: 0 } });
+    const st = await waitForJob(owner);
+    assert.equal((st.job as { state: string }).state, 'done', JSON.stringify(st.job));
+    const texts = ['this was good', 'awful really'];
+    const maxTokens = 6;
+    const got = await owner.command<{ completions: string[] }>('infer', { texts, max_tokens: maxTokens });
+    // reference: the fine-tuned split model, the whole sequence re-run for every new token
+    const m = (srv.service as unknown as { runner: { model: SplitModel } }).runner.model;
+    const V = m.config.vocab_size;
+    const want: string[] = [];
+    for (const t of texts) {
+      const seq = gpt2Tokenizer.encode(t);
+      const gen: number[] = [];
+      for (let k = 0; k < maxTokens; k++) {
+        const ids = [...seq, ...gen];
+        const r = await m.forward(Int32Array.from(ids), 1, ids.length, new Int32Array(ids.length).fill(-1), false);
+        const p = r.probs!.subarray((ids.length - 1) * V, ids.length * V);
+        let best = 0;
+        for (let i = 1; i < V; i++) if (p[i] > p[best]) best = i;
+        if (best === gpt2Tokenizer.eotId) break;
+        gen.push(best);
+      }
+      want.push(gpt2Tokenizer.decode(gen));
+    }
+    assert.deepEqual(got.completions, want);
+    assert.ok(got.completions.some((c) => c.length > 0), 'something was generated');
+  } finally {
+    provider.close();
+    owner.close();
+    await srv.close();
+    await acc.server.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -24,7 +24,7 @@ import { SealError } from '../src/tee/seal.js';
 import { ReplayError } from '../src/tee/replay.js';
 import { HpkeError } from '../src/tee/hpke.js';
 import { generateSimRoot, SimSoftwarePlatform, SimSoftwareVerifier } from '../src/tee/sim.js';
-import { serveEnclave } from '../src/roles/enclave_service.js';
+import { serveEnclave } from '../src/roles/enclave_server.js';
 import { EnclaveClient, loadOrCreatePartyKey } from '../src/roles/parties.js';
 import { exitCodeOf } from '../src/cli/main.js';
 import { parallelTestHooks, resetParallelPool, sumSquaresParallel } from '../src/tensor/parallel.js';

@@ -14,7 +14,7 @@ import {
   type RunSpec, type RunSpecInput,
 } from '../src/train/run_spec.js';
 import { runPaperExperiments, experimentSpec, DATASET_RECIPES } from '../src/experiments/paper.js';
-import { serveEnclave } from '../src/roles/enclave_service.js';
+import { serveEnclave } from '../src/roles/enclave_server.js';
 import { EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadEnclaveBundle, uploadRecords } from '../src/roles/parties.js';
 import { createSimRoot, loadSimRoot, SimSoftwarePlatform } from '../src/tee/sim.js';
 import { obfuscateWeights, writeObfuscation } from '../src/obfuscate/provider.js';

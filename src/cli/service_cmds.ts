@@ -7,7 +7,7 @@ import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
 import { jobSpecOf, parseRunSpec } from '../train/run_spec.js';
 import nodePath from 'node:path';
 import { createSimRoot, loadSimRoot, SimSoftwarePlatform, SIM_ROOT_FILES } from '../tee/sim.js';
-import { serveEnclave } from '../roles/enclave_service.js';
+import { serveEnclave } from '../roles/enclave_server.js';
 import {
   EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob,
 } from '../roles/parties.js';

@@ -22,7 +22,7 @@ import type { AcceleratorLink } from '../protocol/link.js';
 import { LoraAdapters, checkLoraTask, type LoraConfig } from '../model/lora.js';
 import { IntegrityChecker } from '../protocol/integrity.js';
 import { sharedFloat32 } from '../tensor/shared.js';
-import { Transformer } from '../model/transformer.js';
+import { Transformer, type KVCache } from '../model/transformer.js';
 import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_basis.js';
 import { PaperBasis, SealedBasis } from './bases.js';
 import { headMasksOf, paperMasksOf, sealedParamsOf } from './tensors.js';
@@ -269,6 +269,11 @@ export class SplitModel {
 
   async backward(): Promise<void> {
     await this.net.backward();
+  }
+
+  /** LM logits of the last new position through the KV cache (generation with the fine-tuned model). */
+  forwardCached(cache: KVCache, tokens: ArrayLike<number>): Promise<Float32Array> {
+    return this.net.forwardCached(cache, tokens);
   }
 
   /** Drops saved state on both sides (after an aborted step). */

@@ -25,10 +25,6 @@ export function maskSpecLabel(s: MaskSpec): string {
   return s.kind === 'naive' ? 'naive' : String(s.kappa);
 }
 
-export function isOrthogonalSpec(s: MaskSpec): boolean {
-  return s.kind === 'kappa' && s.kappa === 1;
-}
-
 /** Singular values log-uniform in [1/kappa, 1] with both ends present. */
 export function spreadSingularValues(n: number, kappa: number, rng: RandomSource): Float64Array {
   const s = new Float64Array(n);

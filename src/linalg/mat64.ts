@@ -223,6 +223,3 @@ export function inverseResidual(a: Mat64, b: Mat64): number {
   return m;
 }
 
-export function toFloat32(a: Mat64): Float32Array {
-  return Float32Array.from(a.data);
-}

@@ -28,7 +28,3 @@ export interface GPT2Weights {
   padTokenId?: number;
 }
 
-export function emptyWeights(config: GPT2Config): GPT2Weights {
-  const layout = new ParamLayout(config);
-  return { config, layout, params: sharedFloat32(layout.total) };
-}

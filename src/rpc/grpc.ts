@@ -45,7 +45,6 @@ export const ACCELERATOR_SERVICE = {
   Health: bytesMethod('Health'),
 } satisfies grpc.ServiceDefinition;
 
-export type AcceleratorServiceMethod = keyof typeof ACCELERATOR_SERVICE;
 
 /** Generic client class for the service (methods are called through `makeUnaryRequest`). */
 export const AcceleratorServiceClient = grpc.makeGenericClientConstructor(ACCELERATOR_SERVICE, 'Accelerator');

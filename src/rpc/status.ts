@@ -63,7 +63,3 @@ export function errorFromStatus(err: unknown, what: string): ObfuscatuneError {
   return cls ? new cls(message, { cause: transport }) : transport;
 }
 
-/** The gRPC status an error stands for on the client side: its own code, or the first one in its cause chain. */
-export function codeOf(e: unknown): number | undefined {
-  return findCause(e, TransportError)?.code;
-}

@@ -14,7 +14,6 @@ import { DhkemX25519HkdfSha256 } from '@hpke/dhkem-x25519';
 import { fromBase64, toBase64 } from './platform.js';
 import { ObfuscatuneError } from '../errors.js';
 
-export const HPKE_SUITE_NAME = 'DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM';
 /** Length of X25519 public keys, private keys and the HPKE encapsulated key `enc`. */
 export const X25519_KEY_BYTES = 32;
 

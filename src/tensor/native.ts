@@ -90,4 +90,3 @@ export const native: NativeAddon | null = loaded.addon;
 /** Why the addon is not available (null when it is). */
 export const nativeLoadError: string | null = loaded.error;
 /** The backend named by OBFUSCATUNE_BACKEND, or null when unset. */
-export const requestedBackend: 'native' | 'js' | null = loaded.requested;

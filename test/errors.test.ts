@@ -28,6 +28,7 @@ import { serveEnclave } from '../src/roles/enclave_server.js';
 import { EnclaveClient, loadOrCreatePartyKey } from '../src/roles/parties.js';
 import { exitCodeOf } from '../src/cli/main.js';
 import { parallelTestHooks, resetParallelPool, sumSquaresParallel } from '../src/tensor/parallel.js';
+import { backendName, setBackend } from '../src/tensor/gemm.js';
 import { sharedFloat32 } from '../src/tensor/shared.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -256,40 +257,47 @@ for (const tensorChannel of [true, false]) test(`retry (${tensorChannel ? 'tenso
 });
 
 test('a dead kernel worker fails the call with a WorkerError instead of leaving it waiting; later calls fail fast until reset', T, async () => {
-  const n = 1 << 21;
-  const g = sharedFloat32(n).fill(1);
-  assert.equal(sumSquaresParallel(g), n);
-  assert.equal(parallelTestHooks.workers(), 2);
+  // the TypeScript kernels' worker pool (the native backend runs these kernels in the addon)
+  const prevBackend = backendName();
+  setBackend('js');
+  try {
+    const n = 1 << 21;
+    const g = sharedFloat32(n).fill(1);
+    assert.equal(sumSquaresParallel(g), n);
+    assert.equal(parallelTestHooks.workers(), 2);
 
-  // a kernel that throws in a worker: that call fails, the worker stays in service
-  parallelTestHooks.failNext(1);
-  assert.throws(() => sumSquaresParallel(g), (e: unknown) => e instanceof WorkerError && e.worker === 1 && /worker 1 failed in sumsq: kernel failure injected/.test(e.message));
-  assert.equal(sumSquaresParallel(g), n);
+    // a kernel that throws in a worker: that call fails, the worker stays in service
+    parallelTestHooks.failNext(1);
+    assert.throws(() => sumSquaresParallel(g), (e: unknown) => e instanceof WorkerError && e.worker === 1 && /worker 1 failed in sumsq: kernel failure injected/.test(e.message));
+    assert.equal(sumSquaresParallel(g), n);
 
-  // worker 0 stuck in a kernel, then killed while this thread waits for it
-  parallelTestHooks.busy(0, 20_000);
-  parallelTestHooks.terminate(0, 200);
-  let t0 = Date.now();
-  assert.throws(() => sumSquaresParallel(g), (e: unknown) => e instanceof WorkerError && e.worker === 0 && /worker 0 died during sumsq: thread \d+ exited/.test(e.message));
-  const took = Date.now() - t0;
-  assert.ok(took >= 150 && took < 5_000, `the call failed after ${took} ms`);
-  // every later call fails at once, naming the same worker
-  t0 = Date.now();
-  assert.throws(() => sumSquaresParallel(g), (e: unknown) => e instanceof WorkerError && e.worker === 0 && /resetParallelPool/.test(e.message));
-  assert.ok(Date.now() - t0 < 1_000);
-  // small buffers never used the pool, and still work
-  assert.equal(sumSquaresParallel(sharedFloat32(64).fill(2)), 256);
+    // worker 0 stuck in a kernel, then killed while this thread waits for it
+    parallelTestHooks.busy(0, 20_000);
+    parallelTestHooks.terminate(0, 200);
+    let t0 = Date.now();
+    assert.throws(() => sumSquaresParallel(g), (e: unknown) => e instanceof WorkerError && e.worker === 0 && /worker 0 died during sumsq: thread \d+ exited/.test(e.message));
+    const took = Date.now() - t0;
+    assert.ok(took >= 150 && took < 5_000, `the call failed after ${took} ms`);
+    // every later call fails at once, naming the same worker
+    t0 = Date.now();
+    assert.throws(() => sumSquaresParallel(g), (e: unknown) => e instanceof WorkerError && e.worker === 0 && /resetParallelPool/.test(e.message));
+    assert.ok(Date.now() - t0 < 1_000);
+    // small buffers never used the pool, and still work
+    assert.equal(sumSquaresParallel(sharedFloat32(64).fill(2)), 256);
 
-  // a fresh pool; a worker that dies between calls is noticed by the next one
-  await resetParallelPool();
-  assert.equal(sumSquaresParallel(g), n);
-  parallelTestHooks.terminate(1, 0);
-  for (let i = 0; i < 250 && !parallelTestHooks.dead(1); i++) await new Promise((r) => setTimeout(r, 20));
-  assert.ok(parallelTestHooks.dead(1), 'the supervisor marked worker 1 dead');
-  assert.throws(() => sumSquaresParallel(g), (e: unknown) => e instanceof WorkerError && e.worker === 1 && /worker 1 died between calls/.test(e.message));
-  await resetParallelPool();
-  assert.equal(sumSquaresParallel(g), n);
-  await resetParallelPool();
+    // a fresh pool; a worker that dies between calls is noticed by the next one
+    await resetParallelPool();
+    assert.equal(sumSquaresParallel(g), n);
+    parallelTestHooks.terminate(1, 0);
+    for (let i = 0; i < 250 && !parallelTestHooks.dead(1); i++) await new Promise((r) => setTimeout(r, 20));
+    assert.ok(parallelTestHooks.dead(1), 'the supervisor marked worker 1 dead');
+    assert.throws(() => sumSquaresParallel(g), (e: unknown) => e instanceof WorkerError && e.worker === 1 && /worker 1 died between calls/.test(e.message));
+    await resetParallelPool();
+    assert.equal(sumSquaresParallel(g), n);
+    await resetParallelPool();
+  } finally {
+    setBackend(prevBackend);
+  }
 });
 
 test('the CLI\'s exit status follows the error class', () => {

@@ -2,12 +2,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Rng } from '../src/tensor/rng.js';
-import { availableBackends, setBackend, backendName } from '../src/tensor/gemm.js';
+import { availableBackends, setBackend, backendName, nativeInfo, setNativeIsa, setThreads } from '../src/tensor/gemm.js';
+import { native } from '../src/tensor/native.js';
 import {
   encoderForward, encoderBackward, layernormForward, layernormBackward,
   residualForward, residualBackward, attentionForward, attentionBackward,
 } from '../src/model/kernels.js';
-import { geluForward, geluBackward, crossEntropyForward, crossEntropyBackward } from '../src/tensor/kernels_ew.js';
+import { geluForward, geluBackward, crossEntropyForward, crossEntropyBackward, adamwRange, sumSquaresRange } from '../src/tensor/kernels_ew.js';
 import { randn, numericGrad, someIndices, dot, assertGradClose, relErr } from './helpers.js';
 
 const TOL = 2e-2; // float32 central differences
@@ -136,3 +137,74 @@ for (const backend of availableBackends()) {
     assertGradClose(dqkv, ix, numericGrad(loss, qkv, ix), TOL, `attention dqkv (${backend})`);
   });
 }
+
+test('native element-wise kernels (every ISA this CPU has) agree with the TypeScript ones; the gradient norm is the same on 1 and 2 threads; bad arguments throw', { skip: !native }, () => {
+  const nat = native!;
+  const rng = new Rng(11);
+  const original = nativeInfo()!.isa as 'avx512' | 'avx2' | 'generic';
+  const prevThreads = nativeInfo()!.threads;
+  const n = 100_003; // not a multiple of any vector width or chunk
+  const x = randn(n, rng, 3);
+  x[5] = 40; x[6] = -40; x[7] = 0; // tails of tanh and exp
+  const dout = randn(n, rng, 1);
+  const maxAbs = (a: Float32Array, b: Float32Array) => a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i])), 0);
+  try {
+    for (const isa of ['avx512', 'avx2', 'generic'] as const) {
+      if (!setNativeIsa(isa)) continue;
+      // GELU forward (with and without the saved tanh) and backward
+      const o1 = new Float32Array(n), o2 = new Float32Array(n), th1 = new Float32Array(n), th2 = new Float32Array(n), o3 = new Float32Array(n);
+      nat.geluForward(o1, x, th1, n);
+      geluForward(o2, x, n, th2);
+      nat.geluForward(o3, x, null, n);
+      assert.ok(maxAbs(o1, o2) < 1e-5, `${isa} gelu forward: ${maxAbs(o1, o2)}`);
+      assert.ok(maxAbs(th1, th2) < 1e-6, `${isa} gelu tanh: ${maxAbs(th1, th2)}`);
+      assert.deepEqual(o3, o1);
+      const d1 = new Float32Array(n).fill(0.5), d2 = new Float32Array(n).fill(0.5), d3 = new Float32Array(n).fill(0.5);
+      nat.geluBackward(d1, x, dout, th1, n);
+      geluBackward(d2, x, dout, n, th2);
+      nat.geluBackward(d3, x, dout, null, n);
+      assert.ok(maxAbs(d1, d2) < 1e-5, `${isa} gelu backward: ${maxAbs(d1, d2)}`);
+      assert.ok(maxAbs(d3, d2) < 1e-5, `${isa} gelu backward (tanh recomputed): ${maxAbs(d3, d2)}`);
+      // softmax + cross-entropy over rows wider than a vector, an ignored row
+      const R = 7, V = 1037;
+      const l1 = randn(R * V, rng, 6), l2 = Float32Array.from(l1);
+      const t = Int32Array.from({ length: R }, (_, i) => (i * 131) % V);
+      t[2] = -1;
+      const ls1 = new Float32Array(R), ls2 = new Float32Array(R);
+      nat.softmaxXent(l1, t, ls1, R, V);
+      crossEntropyForward(l2, t, ls2, R, V);
+      assert.ok(maxAbs(l1, l2) < 1e-6, `${isa} softmax: ${maxAbs(l1, l2)}`);
+      assert.ok(maxAbs(ls1, ls2) < 1e-5, `${isa} cross-entropy: ${maxAbs(ls1, ls2)}`);
+      assert.equal(ls1[2], 0);
+      // AdamW with a decay mask and clipping scale, against the float64 TypeScript step
+      const p1 = randn(n, rng, 1), g = randn(n, rng, 0.1), m1 = randn(n, rng, 0.01), v1 = Float32Array.from(randn(n, rng, 0.01), (a) => a * a);
+      const p0 = Float32Array.from(p1), p2 = Float32Array.from(p1), m2 = Float32Array.from(m1), v2 = Float32Array.from(v1);
+      const mask = Uint8Array.from({ length: n }, (_, i) => i % 3 === 0 ? 0 : 1);
+      const hp = { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.1, c1: 1 / (1 - 0.9 ** 3), c2: 1 / (1 - 0.999 ** 3), gradScale: 0.5 };
+      nat.adamw(p1, g, m1, v1, mask, hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weightDecay, hp.c1, hp.c2, hp.gradScale);
+      adamwRange({ params: p2, grads: g, m: m2, v: v2, mask, ...hp }, 0, n);
+      // float32 arithmetic (as PyTorch's) against float64: each update to within 1e-4 of itself
+      const worst = p1.reduce((w, v, i) => Math.max(w, Math.abs(v - p2[i]) - 1e-4 * Math.abs(p2[i] - p0[i]) - 2.4e-7 * Math.max(1, Math.abs(p2[i]))), 0);
+      assert.ok(worst <= 0, `${isa} adamw params: ${worst}`);
+      assert.ok(maxAbs(m1, m2) < 1e-7 && maxAbs(v1, v2) < 1e-8, `${isa} adamw moments`);
+      // sum of squares: float64, independent of the thread count
+      const big = randn((1 << 20) + 5, rng, 1);
+      setThreads(1);
+      const s1 = nat.sumSquares(big);
+      setThreads(2);
+      const s2 = nat.sumSquares(big);
+      assert.equal(s1, s2, `${isa} sum of squares on 1 and 2 threads`);
+      assert.ok(Math.abs(s1 - sumSquaresRange(big, 0, big.length)) / s1 < 1e-12);
+      const z = randn(n, rng, 1);
+      nat.zero(z);
+      assert.ok(z.every((v) => v === 0));
+    }
+  } finally {
+    setNativeIsa(original);
+    setThreads(prevThreads);
+  }
+  assert.throws(() => nat.geluForward(new Float32Array(4), new Float32Array(3), null, 4), /geluForward: inp has 3 elements, needs 4/);
+  assert.throws(() => nat.softmaxXent(new Float32Array(6), Int32Array.of(0, 3), new Float32Array(2), 2, 3), /target 3 at row 1 is out of range/);
+  assert.throws(() => nat.adamw(new Float32Array(4), new Float32Array(4), new Float32Array(4), new Float32Array(4), new Uint8Array(2), 1, 0.9, 0.999, 1e-8, 0, 1, 1, 1), /mask has 2 elements, needs 4/);
+  assert.throws(() => nat.sumSquares(new Float64Array(4) as unknown as Float32Array), /x must be a Float32Array/);
+});

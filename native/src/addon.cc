@@ -3,6 +3,10 @@
 //   sgemm(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, bias?)
 //   sgemmBatched(transA, transB, m, n, k, alpha, A, lda, strideA, B, ldb, strideB,
 //                beta, C, ldc, strideC, batch)
+//   adamw(params, grads, m, v, mask?, lr, beta1, beta2, eps, weightDecay, c1, c2, gradScale)
+//   sumSquares(x) -> number            zero(x)
+//   geluForward(out, inp, th?, n)          geluBackward(dinp, inp, dout, th?, n)
+//   softmaxXent(logits, targets, losses, rows, V)
 //   info() -> { isa, threads }
 //   setThreads(n)
 //
@@ -17,6 +21,7 @@
 #include <cstring>
 #include <string>
 
+#include "elementwise.h"
 #include "gemm.h"
 
 namespace {
@@ -92,6 +97,39 @@ bool get_f32(napi_env env, napi_value v, const char* name, float** data, int64_t
   *data = static_cast<float*>(ptr);
   *len = (int64_t)length;
   return true;
+}
+
+
+bool is_nullish(napi_env env, napi_value v) {
+  napi_valuetype t;
+  return napi_typeof(env, v, &t) == napi_ok && (t == napi_undefined || t == napi_null);
+}
+
+// A typed array of the given type; `need` elements at least.
+bool get_typed(napi_env env, napi_value v, const char* name, napi_typedarray_type want, const char* type_name,
+               void** data, int64_t need, std::string* err) {
+  bool is_ta = false;
+  napi_typedarray_type type;
+  size_t length = 0, byte_offset = 0;
+  napi_value ab;
+  if (napi_is_typedarray(env, v, &is_ta) != napi_ok || !is_ta ||
+      napi_get_typedarray_info(env, v, &type, &length, data, &ab, &byte_offset) != napi_ok || type != want) {
+    *err = std::string(name) + " must be a " + type_name;
+    return false;
+  }
+  if ((int64_t)length < need) {
+    *err = std::string(name) + " has " + std::to_string(length) + " elements, needs " + std::to_string(need);
+    return false;
+  }
+  return true;
+}
+
+bool get_f32n(napi_env env, napi_value v, const char* name, float** data, int64_t need, std::string* err, bool optional = false) {
+  if (optional && is_nullish(env, v)) {
+    *data = nullptr;
+    return true;
+  }
+  return get_typed(env, v, name, napi_float32_array, "Float32Array", reinterpret_cast<void**>(data), need, err);
 }
 
 // Elements spanned by a rows x cols row-major matrix with leading dimension ld.
@@ -194,6 +232,97 @@ napi_value SgemmBatched(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+#define ARGS(N)                                                        \
+  size_t argc = N;                                                     \
+  napi_value argv[N];                                                  \
+  NAPI_OK(napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr)); \
+  std::string err;                                                     \
+  if (argc < N) return throw_error(env, std::string(fname) + ": expected " #N " arguments")
+
+napi_value Adamw(napi_env env, napi_callback_info info) {
+  const char* fname = "adamw";
+  ARGS(13);
+  float *p = nullptr, *g = nullptr, *m = nullptr, *v = nullptr;
+  int64_t n = 0;
+  if (!get_f32(env, argv[0], "params", &p, &n, &err) || !get_f32n(env, argv[1], "grads", &g, n, &err) ||
+      !get_f32n(env, argv[2], "m", &m, n, &err) || !get_f32n(env, argv[3], "v", &v, n, &err))
+    return throw_error(env, std::string(fname) + ": " + err);
+  void* mask = nullptr;
+  if (!is_nullish(env, argv[4]) && !get_typed(env, argv[4], "mask", napi_uint8_array, "Uint8Array", &mask, n, &err))
+    return throw_error(env, std::string(fname) + ": " + err);
+  obf::AdamWParams a{};
+  float* fields[] = {&a.lr, &a.beta1, &a.beta2, &a.eps, &a.weight_decay, &a.c1, &a.c2, &a.grad_scale};
+  const char* names[] = {"lr", "beta1", "beta2", "eps", "weightDecay", "c1", "c2", "gradScale"};
+  for (int i = 0; i < 8; i++)
+    if (!get_float(env, argv[5 + i], names[i], fields[i], &err)) return throw_error(env, std::string(fname) + ": " + err);
+  obf::adamw(p, g, m, v, static_cast<const uint8_t*>(mask), n, a);
+  return nullptr;
+}
+
+napi_value SumSquares(napi_env env, napi_callback_info info) {
+  const char* fname = "sumSquares";
+  ARGS(1);
+  float* x = nullptr;
+  int64_t n = 0;
+  if (!get_f32(env, argv[0], "x", &x, &n, &err)) return throw_error(env, std::string(fname) + ": " + err);
+  napi_value out;
+  NAPI_OK(napi_create_double(env, obf::sum_squares(x, n), &out));
+  return out;
+}
+
+napi_value Zero(napi_env env, napi_callback_info info) {
+  const char* fname = "zero";
+  ARGS(1);
+  float* x = nullptr;
+  int64_t n = 0;
+  if (!get_f32(env, argv[0], "x", &x, &n, &err)) return throw_error(env, std::string(fname) + ": " + err);
+  obf::zero(x, n);
+  return nullptr;
+}
+
+napi_value GeluForward(napi_env env, napi_callback_info info) {
+  const char* fname = "geluForward";
+  ARGS(4);
+  int64_t n = 0;
+  float *out = nullptr, *inp = nullptr, *th = nullptr;
+  if (!get_int(env, argv[3], "n", &n, &err) || !get_f32n(env, argv[0], "out", &out, n, &err) ||
+      !get_f32n(env, argv[1], "inp", &inp, n, &err) || !get_f32n(env, argv[2], "th", &th, n, &err, true))
+    return throw_error(env, std::string(fname) + ": " + err);
+  obf::gelu_forward(out, inp, th, n);
+  return nullptr;
+}
+
+napi_value GeluBackward(napi_env env, napi_callback_info info) {
+  const char* fname = "geluBackward";
+  ARGS(5);
+  int64_t n = 0;
+  float *dinp = nullptr, *inp = nullptr, *dout = nullptr, *th = nullptr;
+  if (!get_int(env, argv[4], "n", &n, &err) || !get_f32n(env, argv[0], "dinp", &dinp, n, &err) ||
+      !get_f32n(env, argv[1], "inp", &inp, n, &err) || !get_f32n(env, argv[2], "dout", &dout, n, &err) ||
+      !get_f32n(env, argv[3], "th", &th, n, &err, true))
+    return throw_error(env, std::string(fname) + ": " + err);
+  obf::gelu_backward(dinp, inp, dout, th, n);
+  return nullptr;
+}
+
+napi_value SoftmaxXent(napi_env env, napi_callback_info info) {
+  const char* fname = "softmaxXent";
+  ARGS(5);
+  int64_t rows = 0, V = 0;
+  float *logits = nullptr, *losses = nullptr;
+  void* targets = nullptr;
+  if (!get_int(env, argv[3], "rows", &rows, &err) || !get_int(env, argv[4], "V", &V, &err) || V < 1 ||
+      !get_f32n(env, argv[0], "logits", &logits, rows * V, &err) ||
+      !get_typed(env, argv[1], "targets", napi_int32_array, "Int32Array", &targets, rows, &err) ||
+      !get_f32n(env, argv[2], "losses", &losses, rows, &err))
+    return throw_error(env, std::string(fname) + ": " + (err.empty() ? "V must be at least 1" : err));
+  const int32_t* t = static_cast<const int32_t*>(targets);
+  for (int64_t r = 0; r < rows; r++)
+    if (t[r] >= V) return throw_error(env, std::string(fname) + ": target " + std::to_string(t[r]) + " at row " + std::to_string(r) + " is out of range");
+  obf::softmax_xent(logits, t, losses, rows, V);
+  return nullptr;
+}
+
 napi_value Info(napi_env env, napi_callback_info /*info*/) {
   napi_value obj, isa, threads;
   NAPI_OK(napi_create_object(env, &obj));
@@ -236,6 +365,12 @@ NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
       {"sgemm", nullptr, Sgemm, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"sgemmBatched", nullptr, SgemmBatched, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"adamw", nullptr, Adamw, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"zero", nullptr, Zero, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"sumSquares", nullptr, SumSquares, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"geluForward", nullptr, GeluForward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"geluBackward", nullptr, GeluBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"softmaxXent", nullptr, SoftmaxXent, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"setThreads", nullptr, SetThreads, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"setIsa", nullptr, SetIsa, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

@@ -147,6 +147,8 @@ void split_task(void* ctx, int64_t t) {
 
 const char* active_isa() { return isa()->name; }
 
+ThreadPool& shared_pool() { return pool(); }
+
 int threads() { return pool().size(); }
 
 void set_threads(int n) { pool().resize(std::max(1, std::min(n, 256))); }

@@ -12,6 +12,7 @@ import type { GPT2Weights, ClassifierHead } from './weights.js';
 import { sgemm } from '../tensor/gemm.js';
 import { Rng } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
+import { zeroFill } from '../tensor/parallel.js';
 import { LINEARS, linearDims, type LinearName } from './block.js';
 import { LocalLinears, type BlockLinears } from './local_linears.js';
 import { PlainBasis } from './plain_basis.js';
@@ -102,7 +103,7 @@ export class GPT2 {
   }
 
   zeroGrad(): void {
-    this.grads?.fill(0);
+    if (this.grads) zeroFill(this.grads);
     this.clsGrad?.fill(0);
   }
 

@@ -104,12 +104,9 @@ export class LocalLinears implements Linears<Float32Array> {
       if (!s) throw new Error(`accelerator: no saved input for h.${key} (forward was not called with save)`);
       if (s.rows !== rows) throw new Error(`accelerator: h.${key} saved ${s.rows} rows, backward has ${rows}`);
       const { gw, gb } = this.grads(l, name, key);
-      // dW[din, dout] += x^T dy ; db[dout] += colsum(dy)
+      // dW[din, dout] += x^T dy ; db[1, dout] += ones[1, rows] dy (colsum)
       sgemm(true, false, L.din, L.dout, rows, 1, s.x, L.din, dy, L.dout, 1, gw, L.dout);
-      for (let r = 0; r < rows; r++) {
-        const o = r * L.dout;
-        for (let j = 0; j < L.dout; j++) gb[j] += dy[o + j];
-      }
+      sgemm(false, false, 1, L.dout, rows, 1, this.ones(rows), rows, dy, L.dout, 1, gb, L.dout);
       this.touched.add(key);
       this.saved.delete(key);
     }
@@ -118,6 +115,13 @@ export class LocalLinears implements Linears<Float32Array> {
     const dx = this.out(`${key}.dx`, rows * L.din);
     sgemm(false, true, rows, L.din, L.dout, 1, dy, L.dout, L.w, L.dout, 0, dx, L.din);
     return dx;
+  }
+
+  private onesBuf = new Float32Array(0);
+  /** a row of `n` ones (the bias gradient is ones[1, rows] dy) */
+  private ones(n: number): Float32Array {
+    if (this.onesBuf.length < n) this.onesBuf = new Float32Array(n).fill(1);
+    return this.onesBuf;
   }
 
   /** Squared Frobenius norm of every accumulated weight gradient. */

@@ -23,6 +23,17 @@ export interface NativeAddon {
   sgemmBatched(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
     A: Float32Array, lda: number, strideA: number, B: Float32Array, ldb: number, strideB: number,
     beta: number, C: Float32Array, ldc: number, strideC: number, batch: number): void;
+  /** AdamW over whole buffers on the addon's threads (see kernels_ew.ts adamwRange). */
+  adamw(params: Float32Array, grads: Float32Array, m: Float32Array, v: Float32Array, mask: Uint8Array | null,
+    lr: number, beta1: number, beta2: number, eps: number, weightDecay: number, c1: number, c2: number, gradScale: number): void;
+  /** x = 0, on the addon's threads. */
+  zero(x: Float32Array): void;
+  /** Sum of squares (float64; the same for any thread count). */
+  sumSquares(x: Float32Array): number;
+  geluForward(out: Float32Array, inp: Float32Array, th: Float32Array | null, n: number): void;
+  geluBackward(dinp: Float32Array, inp: Float32Array, dout: Float32Array, th: Float32Array | null, n: number): void;
+  /** logits[rows, V] -> probabilities; losses[r] = -log p[target] (0 where target < 0). */
+  softmaxXent(logits: Float32Array, targets: Int32Array, losses: Float32Array, rows: number, V: number): void;
   /** Active instruction set ('avx512', 'avx2' or 'generic') and thread count. */
   info(): { isa: string; threads: number };
   setThreads(n: number): void;

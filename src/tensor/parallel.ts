@@ -1,10 +1,13 @@
 /**
- * Multi-threaded element-wise optimiser kernels in TypeScript. A training step of GPT-2
- * 124M touches 124M parameters in AdamW and in the gradient norm: memory-bound loops that
- * one JavaScript thread runs at a fraction of the machine's bandwidth. When every buffer
- * lives in a SharedArrayBuffer, the range is split between this thread and worker threads
- * running the same kernels (./kernels_ew.ts), and the call stays synchronous
- * (Atomics.wait). Otherwise, or for small buffers, the kernels run on this thread.
+ * The element-wise kernels of a training step on every core: AdamW and the gradient norm
+ * (124M parameters for GPT-2 124M: memory-bound loops), GELU and softmax + cross-entropy.
+ *
+ * With the native backend they run in the addon (native/src/elementwise.cc: vectorised for
+ * AVX-512, AVX2 or the baseline, on the GEMM's threads). Otherwise (the TypeScript backend,
+ * or an addon built without them), when every buffer lives in a SharedArrayBuffer, the range
+ * is split between this thread and worker threads running the same TypeScript kernels
+ * (./kernels_ew.ts), and the call stays synchronous (Atomics.wait); for other buffers, or
+ * small ones, the kernels run on this thread.
  *
  * A worker that fails never leaves a call waiting. A kernel that throws in a worker fails
  * that call with a WorkerError (the worker stays in service). A worker thread that ends
@@ -23,6 +26,13 @@ import { InputError, WorkerError } from '../errors.js';
 import { STATUS_BUSY, STATUS_DEAD, STATUS_FAILED, STATUS_IDLE, type ExitReport } from './parallel_shared.js';
 
 import { isShared } from './shared.js';
+import { native, type NativeAddon } from './native.js';
+import { backendName } from './gemm.js';
+
+/** The addon's element-wise kernels, when the native backend is active and has them. */
+function ew(): NativeAddon | null {
+  return native && typeof native.adamw === 'function' && backendName() === 'native' ? native : null;
+}
 
 const MIN_PARALLEL = 1 << 20;
 /** how often a waiting call looks at the status words when nothing wakes it */
@@ -236,6 +246,11 @@ export const parallelTestHooks = {
 /** AdamW step over whole buffers (params -= lr * (m^/(sqrt(v^)+eps) + wd * params), decay where mask = 1). */
 export function adamwStep(a: AdamWArgs): void {
   const n = a.params.length;
+  const nat = ew();
+  if (nat) {
+    nat.adamw(a.params, a.grads, a.m, a.v, a.mask, a.lr, a.beta1, a.beta2, a.eps, a.weightDecay, a.c1, a.c2, a.gradScale);
+    return;
+  }
   const shared = isShared(a.params) && isShared(a.grads) && isShared(a.m) && isShared(a.v) && (!a.mask || isShared(a.mask));
   if (!shared) {
     adamwRange(a, 0, n);
@@ -247,8 +262,17 @@ export function adamwStep(a: AdamWArgs): void {
   }, (lo, hi) => ({ op: 'adamw', args: a, lo, hi }));
 }
 
+/** x = 0 (on every thread when the native backend has the kernel). */
+export function zeroFill(x: Float32Array): void {
+  const nat = ew();
+  if (nat && x.length >= MIN_PARALLEL) nat.zero(x);
+  else x.fill(0);
+}
+
 /** Sum of squares of a buffer (float64 accumulation). */
 export function sumSquaresParallel(g: Float32Array): number {
+  const nat = ew();
+  if (nat) return nat.sumSquares(g);
   if (!isShared(g)) return sumSquaresRange(g, 0, g.length);
   return run(g.length, (lo, hi) => sumSquaresRange(g, lo, hi), (lo, hi) => ({ op: 'sumsq', g, lo, hi }));
 }
@@ -257,6 +281,8 @@ const allShared = (...xs: (ArrayBufferView | null)[]) => xs.every((x) => x === n
 
 /** GELU forward split across threads (see kernels.ts geluForward). */
 export function geluForwardPar(out: Float32Array, inp: Float32Array, N: number, th: Float32Array | null = null): void {
+  const nat = ew();
+  if (nat) return nat.geluForward(out, inp, th, N);
   if (!allShared(out, inp, th)) return geluForward(out, inp, N, th);
   run(N, (lo, hi) => {
     geluForward(out.subarray(lo, hi), inp.subarray(lo, hi), hi - lo, th ? th.subarray(lo, hi) : null);
@@ -266,6 +292,8 @@ export function geluForwardPar(out: Float32Array, inp: Float32Array, N: number, 
 
 /** GELU backward split across threads. */
 export function geluBackwardPar(dinp: Float32Array, inp: Float32Array, dout: Float32Array, N: number, th: Float32Array | null = null): void {
+  const nat = ew();
+  if (nat) return nat.geluBackward(dinp, inp, dout, th, N);
   if (!allShared(dinp, inp, dout, th)) return geluBackward(dinp, inp, dout, N, th);
   run(N, (lo, hi) => {
     geluBackward(dinp.subarray(lo, hi), inp.subarray(lo, hi), dout.subarray(lo, hi), hi - lo, th ? th.subarray(lo, hi) : null);
@@ -279,6 +307,13 @@ export function crossEntropyForwardPar(logits: Float32Array, targets: Int32Array
   for (let i = 0; i < N; i++) {
     if (targets[i] >= V) throw new InputError(`target ${targets[i]} at row ${i} is out of range [0, ${V})`);
     if (targets[i] >= 0) count++;
+  }
+  const nat = ew();
+  if (nat) {
+    nat.softmaxXent(logits, targets, losses, N, V);
+    let total = 0;
+    for (let i = 0; i < N; i++) if (targets[i] >= 0) total += losses[i];
+    return { loss: count > 0 ? total / count : 0, count };
   }
   if (!allShared(logits, losses) || N * V < (1 << 20)) return crossEntropyForward(logits, targets, losses, N, V);
   const total = run(N, (lo, hi) => {

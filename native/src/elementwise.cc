@@ -1,0 +1,151 @@
+// Element-wise and row-wise kernels on the GEMM's thread pool: AdamW, sums of squares,
+// GELU forward/backward, softmax + cross-entropy. The loops (elementwise_impl.h) are compiled
+// once per instruction set; the one of the GEMM's active ISA runs (so `setIsa` selects both).
+//
+// Work is cut into fixed chunks whatever the number of threads, and partial sums are added
+// in chunk order, so every result is the same with 1 or N threads.
+#include "elementwise.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+#include "threadpool.h"
+
+namespace obf {
+
+ThreadPool& shared_pool();
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // elements per task
+
+const EwKernels& kern() {
+  const char* isa = active_isa();
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (std::strcmp(isa, "avx512") == 0) return ew_avx512;
+  if (std::strcmp(isa, "avx2") == 0) return ew_avx2;
+#endif
+  (void)isa;
+  return ew_generic;
+}
+
+struct Range {
+  int64_t lo, hi;
+};
+inline Range chunk(int64_t task, int64_t n) { return {task * kChunk, std::min(n, (task + 1) * kChunk)}; }
+inline int64_t chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+struct AdamCtx {
+  const EwKernels* k;
+  float *p, *m, *v;
+  const float* g;
+  const uint8_t* mask;
+  int64_t n;
+  AdamWParams a;
+};
+void adamw_task(void* ctx, int64_t t) {
+  auto* c = static_cast<AdamCtx*>(ctx);
+  const Range r = chunk(t, c->n);
+  c->k->adamw(c->p, c->g, c->m, c->v, c->mask, r.lo, r.hi, c->a);
+}
+
+struct SumCtx {
+  const EwKernels* k;
+  const float* x;
+  int64_t n;
+  double* partial;
+};
+void sum_task(void* ctx, int64_t t) {
+  auto* c = static_cast<SumCtx*>(ctx);
+  const Range r = chunk(t, c->n);
+  c->partial[t] = c->k->sum_squares(c->x, r.lo, r.hi);
+}
+
+struct GeluCtx {
+  const EwKernels* k;
+  float* out;  // forward: out; backward: dinp (accumulated)
+  const float* inp;
+  const float* dout;
+  float* th;  // forward: tanh values kept (or null); backward: the forward's (or null)
+  int64_t n;
+};
+void gelu_fwd_task(void* ctx, int64_t t) {
+  auto* c = static_cast<GeluCtx*>(ctx);
+  const Range r = chunk(t, c->n);
+  c->k->gelu_fwd(c->out, c->inp, c->th, r.lo, r.hi);
+}
+void gelu_bwd_task(void* ctx, int64_t t) {
+  auto* c = static_cast<GeluCtx*>(ctx);
+  const Range r = chunk(t, c->n);
+  c->k->gelu_bwd(c->out, c->inp, c->dout, c->th, r.lo, r.hi);
+}
+
+struct XentCtx {
+  const EwKernels* k;
+  float* logits;
+  const int32_t* targets;
+  float* losses;
+  int64_t rows, V;
+};
+void xent_task(void* ctx, int64_t row) {
+  auto* c = static_cast<XentCtx*>(ctx);
+  float* x = c->logits + row * c->V;
+  const int32_t y = c->targets[row];
+  const float mx = c->k->row_max(x, c->V);
+  const float zy = y >= 0 ? x[y] : 0.0f;
+  const double sum = c->k->row_exp(x, c->V, mx);
+  c->k->row_scale(x, c->V, float(1.0 / sum));
+  // -log p[y] in log-sum-exp form: exact even when p[y] underflows in float32
+  c->losses[row] = y >= 0 ? float(std::log(sum) - (double(zy) - double(mx))) : 0.0f;
+}
+
+struct ZeroCtx {
+  float* x;
+  int64_t n;
+};
+void zero_task(void* ctx, int64_t t) {
+  auto* c = static_cast<ZeroCtx*>(ctx);
+  const Range r = chunk(t, c->n);
+  std::memset(c->x + r.lo, 0, size_t(r.hi - r.lo) * sizeof(float));
+}
+
+}  // namespace
+
+void zero(float* x, int64_t n) {
+  ZeroCtx c{x, n};
+  shared_pool().run(chunks(n), zero_task, &c);
+}
+
+void adamw(float* p, const float* g, float* m, float* v, const uint8_t* mask, int64_t n, const AdamWParams& a) {
+  AdamCtx c{&kern(), p, m, v, g, mask, n, a};
+  shared_pool().run(chunks(n), adamw_task, &c);
+}
+
+double sum_squares(const float* x, int64_t n) {
+  std::vector<double> partial(chunks(n));
+  SumCtx c{&kern(), x, n, partial.data()};
+  shared_pool().run(chunks(n), sum_task, &c);
+  double s = 0;
+  for (double p : partial) s += p;
+  return s;
+}
+
+void gelu_forward(float* out, const float* inp, float* th, int64_t n) {
+  GeluCtx c{&kern(), out, inp, nullptr, th, n};
+  shared_pool().run(chunks(n), gelu_fwd_task, &c);
+}
+
+void gelu_backward(float* dinp, const float* inp, const float* dout, const float* th, int64_t n) {
+  GeluCtx c{&kern(), dinp, inp, dout, const_cast<float*>(th), n};
+  shared_pool().run(chunks(n), gelu_bwd_task, &c);
+}
+
+void softmax_xent(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V) {
+  XentCtx c{&kern(), logits, targets, losses, rows, V};
+  shared_pool().run(rows, xent_task, &c);
+}
+
+}  // namespace obf

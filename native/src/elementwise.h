@@ -1,0 +1,42 @@
+// Element-wise and row-wise kernels on the GEMM's thread pool (elementwise.cc).
+#pragma once
+
+#include <cstdint>
+
+namespace obf {
+
+struct AdamWParams {
+  float lr, beta1, beta2, eps, weight_decay;
+  float c1, c2;        // bias corrections 1/(1-beta1^t), 1/(1-beta2^t)
+  float grad_scale;    // gradients are multiplied by this first (clipping)
+};
+
+// The loops of one instruction set (elementwise_impl.h); ranges [lo, hi) of whole buffers.
+struct EwKernels {
+  void (*adamw)(float* p, const float* g, float* m, float* v, const uint8_t* mask, int64_t lo, int64_t hi, AdamWParams a);
+  double (*sum_squares)(const float* x, int64_t lo, int64_t hi);
+  void (*gelu_fwd)(float* out, const float* inp, float* th, int64_t lo, int64_t hi);
+  void (*gelu_bwd)(float* dinp, const float* inp, const float* dout, const float* th, int64_t lo, int64_t hi);
+  float (*row_max)(const float* x, int64_t V);
+  double (*row_exp)(float* x, int64_t V, float mx);  // x = e^{x - mx}, returns the sum
+  void (*row_scale)(float* x, int64_t V, float s);
+};
+extern const EwKernels ew_generic;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+extern const EwKernels ew_avx2, ew_avx512;
+#endif
+
+// p[n] -= lr (m^/(sqrt(v^)+eps) + wd p), moments updated in place; decay where mask != 0 (mask may be null: everywhere)
+void adamw(float* p, const float* g, float* m, float* v, const uint8_t* mask, int64_t n, const AdamWParams& a);
+// x[n] = 0 on every thread
+void zero(float* x, int64_t n);
+// sum of x[n]^2 in float64, the same for any number of threads
+double sum_squares(const float* x, int64_t n);
+// out[n] = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); th[n] keeps the tanh values (may be null)
+void gelu_forward(float* out, const float* inp, float* th, int64_t n);
+// dinp[n] += dout * GELU'(inp); th: the forward's tanh values (may be null)
+void gelu_backward(float* dinp, const float* inp, const float* dout, const float* th, int64_t n);
+// logits[rows, V] replaced by softmax probabilities; losses[row] = -log p[target] (0 where target < 0)
+void softmax_xent(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V);
+
+}  // namespace obf

@@ -1,0 +1,151 @@
+// The element-wise kernels' loops, included once per instruction set (elementwise_avx512.cc,
+// elementwise_avx2.cc, elementwise_generic.cc), each built with its own instruction set's flags, so the
+// compiler vectorises each for its ISA. Everything here has internal linkage and calls no
+// library template (a template instantiated under a target pragma could be picked for the
+// other units by the linker). exp and tanh are polynomials, to float32 accuracy.
+// Requires EW_TABLE (the name of the table this unit defines).
+#include <cstdint>
+
+#include "elementwise.h"
+
+namespace {
+
+inline float min_(float a, float b) { return a < b ? a : b; }
+inline float max_(float a, float b) { return a > b ? a : b; }
+
+inline float bits_to_float(int32_t i) {
+  float f;
+  __builtin_memcpy(&f, &i, 4);
+  return f;
+}
+
+// e^x to float32 accuracy for x in [-87, 88] (clamped outside): 2^n * p(r), r = x - n ln 2.
+inline float fast_exp(float x) {
+  x = min_(88.0f, max_(-87.0f, x));  // keeps 2^n a normal float
+  const float shift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504088896341f + shift;
+  const float n = t - shift;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (int32_t)n + 127;
+  return p * bits_to_float(e << 23);
+}
+
+// tanh(u) = sign(u) (1 - 2 / (e^{2|u|} + 1)): accurate on both sides; |u| clamped to 10,
+// where tanh rounds to exactly 1 in float32
+inline float fast_tanh(float u) {
+  const float a = min_(10.0f, __builtin_fabsf(u));
+  return __builtin_copysignf(1.0f - 2.0f / (fast_exp(2.0f * a) + 1.0f), u);
+}
+
+constexpr float kGeluS = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr int kLanes = 16;  // independent accumulators (one AVX-512 register)
+
+
+void adamw_range(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+                            const uint8_t* __restrict mask, int64_t lo, int64_t hi, obf::AdamWParams a) {
+  const float b1 = a.beta1, b2 = a.beta2, ob1 = 1 - a.beta1, ob2 = 1 - a.beta2, s = a.grad_scale;
+  for (int64_t i = lo; i < hi; i++) {
+    const float gi = g[i] * s;
+    const float mi = b1 * m[i] + ob1 * gi;
+    const float vi = b2 * v[i] + ob2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    const float wd = mask ? (mask[i] ? a.weight_decay : 0.0f) : a.weight_decay;
+    const float pi = p[i];
+    p[i] = pi - a.lr * ((mi * a.c1) / (__builtin_sqrtf(vi * a.c2) + a.eps) + wd * pi);
+  }
+}
+
+
+double sum_squares_range(const float* __restrict x, int64_t lo, int64_t hi) {
+  double acc[kLanes] = {0};
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes)
+    for (int j = 0; j < kLanes; j++) acc[j] += double(x[i + j]) * double(x[i + j]);
+  double s = 0;
+  for (; i < hi; i++) s += double(x[i]) * double(x[i]);
+  for (int j = 0; j < kLanes; j++) s += acc[j];
+  return s;
+}
+
+
+void gelu_fwd_range(float* __restrict out, const float* __restrict inp, float* __restrict th, int64_t lo,
+                               int64_t hi) {
+  // two loops, so that neither has a conditional store (both vectorise)
+  if (th) {
+    for (int64_t i = lo; i < hi; i++) {
+      const float x = inp[i];
+      const float t = fast_tanh(kGeluS * (x + 0.044715f * x * x * x));
+      th[i] = t;
+      out[i] = 0.5f * x * (1.0f + t);
+    }
+  } else {
+    for (int64_t i = lo; i < hi; i++) {
+      const float x = inp[i];
+      out[i] = 0.5f * x * (1.0f + fast_tanh(kGeluS * (x + 0.044715f * x * x * x)));
+    }
+  }
+}
+
+
+void gelu_bwd_range(float* __restrict dinp, const float* __restrict inp, const float* __restrict dout,
+                               const float* __restrict th, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; i++) {
+    const float x = inp[i];
+    const float x2 = x * x;
+    const float t = th ? th[i] : fast_tanh(kGeluS * (x + 0.044715f * x2 * x));
+    const float sech2 = 1.0f - t * t;
+    const float local = 0.5f * (1.0f + t) + 0.5f * x * sech2 * kGeluS * (1.0f + 3.0f * 0.044715f * x2);
+    dinp[i] += local * dout[i];
+  }
+}
+
+
+float row_max(const float* __restrict x, int64_t V) {
+  float acc[kLanes];
+  for (int j = 0; j < kLanes; j++) acc[j] = -__builtin_inff();
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes)
+    for (int j = 0; j < kLanes; j++) acc[j] = acc[j] > x[i + j] ? acc[j] : x[i + j];
+  float mx = -__builtin_inff();
+  for (; i < V; i++) mx = mx > x[i] ? mx : x[i];
+  for (int j = 0; j < kLanes; j++) mx = mx > acc[j] ? mx : acc[j];
+  return mx;
+}
+
+// x[i] = e^{x[i] - mx}; returns the sum (float64)
+double row_exp(float* __restrict x, int64_t V, float mx) {
+  double acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes)
+    for (int j = 0; j < kLanes; j++) {
+      const float e = fast_exp(x[i + j] - mx);
+      x[i + j] = e;
+      acc[j] += e;
+    }
+  double s = 0;
+  for (; i < V; i++) {
+    x[i] = fast_exp(x[i] - mx);
+    s += x[i];
+  }
+  for (int j = 0; j < kLanes; j++) s += acc[j];
+  return s;
+}
+
+void row_scale(float* __restrict x, int64_t V, float s) {
+  for (int64_t i = 0; i < V; i++) x[i] *= s;
+}
+
+}  // namespace
+
+namespace obf {
+extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale};
+}  // namespace obf

@@ -31,6 +31,8 @@ export interface FinetuneBenchRow {
   vs_in_process?: number;
   /** measured in one process with the in-process twin, steps interleaved (see benchFinetunePaired) */
   paired?: boolean;
+  /** --interleaved: step time over local's in the same round (median over rounds) */
+  vs_local?: number;
 }
 
 export interface FinetuneBenchResult {
@@ -42,6 +44,8 @@ export interface FinetuneBenchResult {
   transport: string;
   /** networked runs: whether Call frames used the tensor channel */
   tensor_channel?: boolean;
+  /** the modes ran in one process, steps in rounds (benchFinetuneInterleaved) */
+  interleaved?: boolean;
   rows: FinetuneBenchRow[];
 }
 
@@ -167,6 +171,30 @@ export async function benchFinetunePaired(o: BenchOneOptions & { link: BenchLink
 }
 
 /**
+ * Local, sealed and paper in this process, stepped in rounds (the order rotating each
+ * round) after one warm-up step each: a slow spell of a shared machine hits every mode of a
+ * round, and each split row's `vs_local` is the median over rounds of its step over local's.
+ * Peak RSS is this process's (all three sessions).
+ */
+export async function benchFinetuneInterleaved(o: Omit<BenchOneOptions, 'mode' | 'link'> & { onProgress?: (i: number, n: number, label: string) => void }): Promise<FinetuneBenchResult> {
+  const modes: TrainMode[] = ['local', 'sealed', 'paper'];
+  const runners = modes.map((mode) => stepRunner({ ...o, mode, transport: 'in-process' }));
+  for (const r of runners) await r.step();
+  const steps = modes.map(() => [] as { ms: number; integrityMs: number; messages: number }[]);
+  for (let i = 0; i < o.steps; i++) {
+    for (let j = 0; j < modes.length; j++) {
+      const k = (i + j) % modes.length;
+      steps[k].push(await runners[k].step());
+    }
+    o.onProgress?.(i + 1, o.steps, `round ${i + 1}`);
+  }
+  const rows = modes.map((mode, k) => rowOf({ ...o, mode, transport: 'in-process' }, 'in-process', 'in-process', steps[k]));
+  for (let k = 1; k < modes.length; k++) rows[k].vs_local = median(steps[k].map((x, i) => x.ms / steps[0][i].ms));
+  for (const r of runners) await r.close();
+  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: 'in-process', interleaved: true, rows };
+}
+
+/**
  * Local, sealed and paper, each in a child process, in one run. With a network transport
  * each split mode runs in one child both in-process and over the network, steps interleaved,
  * so each networked row carries its ratio to the in-process twin measured beside it.
@@ -191,10 +219,11 @@ export function benchFinetune(o: { model: string; method: Method; batch: number;
 
 export function formatFinetuneBench(r: FinetuneBenchResult): string {
   const local = r.rows.find((x) => x.mode === 'local')!;
-  const lines = [`${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, median of ${r.steps} steps`, 'mode      data path       step ms   vs local  vs in-process  integrity  msgs/step  peak RSS'];
+  const lines = [`${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, median of ${r.steps} steps${r.interleaved ? ' (modes interleaved in one process; vs local: median of per-round ratios)' : ''}`, 'mode      data path       step ms   vs local  vs in-process  integrity  msgs/step  peak RSS'];
   for (const x of r.rows) {
     const vs = x.vs_in_process !== undefined ? `${x.vs_in_process.toFixed(2)}x` : '-';
-    lines.push(`${(x.mode + (x.kappa ? ` k${x.kappa}` : '')).padEnd(9)} ${(x.data_path ?? x.transport).padEnd(14)} ${x.step_ms_median.toFixed(0).padStart(8)}  ${(x.step_ms_median / local.step_ms_median).toFixed(2).padStart(7)}x  ${vs.padStart(13)}  ${(100 * x.integrity_share).toFixed(1).padStart(8)}%  ${String(x.boundary_messages_per_step).padStart(9)}  ${x.peak_rss_mb.toFixed(0).padStart(6)} MB`);
+    const vsLocal = x.vs_local ?? x.step_ms_median / local.step_ms_median;
+    lines.push(`${(x.mode + (x.kappa ? ` k${x.kappa}` : '')).padEnd(9)} ${(x.data_path ?? x.transport).padEnd(14)} ${x.step_ms_median.toFixed(0).padStart(8)}  ${vsLocal.toFixed(2).padStart(7)}x  ${vs.padStart(13)}  ${(100 * x.integrity_share).toFixed(1).padStart(8)}%  ${String(x.boundary_messages_per_step).padStart(9)}  ${x.peak_rss_mb.toFixed(0).padStart(6)} MB`);
   }
   return lines.join('\n');
 }

@@ -14,7 +14,7 @@ import { progressBar } from './progress.js';
 import { loadModel, parseIntArg, parseFloatArg } from './model_args.js';
 import { runStart } from './start.js';
 import { addServiceCommands } from './service_cmds.js';
-import { benchFinetune, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
+import { benchFinetune, benchFinetuneInterleaved, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 import {
@@ -262,9 +262,12 @@ export function buildProgram(): Command {
     .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
     .addOption(new Option('--transport <t>', 'enclave-accelerator transport of the split modes (grpc: a spawned accelerator service; the in-process split is measured beside it)').choices(['in-process', 'grpc']).default('in-process'))
     .option('--no-tensor-channel', 'grpc: keep Call frames on gRPC instead of the tensor channel')
-    .action((o) => {
-      const bar = progressBar(o.transport === 'in-process' ? 3 : 5, 'bench finetune', '{label}');
-      const r = benchFinetune({ ...o, onProgress: (i, _n, label) => bar.update(i, { label }) });
+    .option('--interleaved', 'in-process: the three modes in one process, steps in rounds, each split mode against local in the same round (robust on a busy machine; one peak RSS for all)')
+    .action(async (o) => {
+      if (o.interleaved && o.transport !== 'in-process') throw new InputError('--interleaved measures the in-process modes; use it without --transport grpc');
+      const bar = progressBar(o.interleaved ? o.steps : o.transport === 'in-process' ? 3 : 5, 'bench finetune', '{label}');
+      const progress = (i: number, _n: number, label: string) => bar.update(i, { label });
+      const r = o.interleaved ? await benchFinetuneInterleaved({ ...o, transport: 'in-process', onProgress: progress }) : benchFinetune({ ...o, onProgress: progress });
       bar.stop();
       console.log(o.json ? JSON.stringify(r) : formatFinetuneBench(r));
     });

@@ -46,7 +46,7 @@ function rewriteEnclave(dir: string, edit: (ts: TensorToWrite[]) => TensorToWrit
   const st = openSafetensors(file);
   const ts = st.names().map((name): TensorToWrite => {
     const { dtype, shape } = st.info(name);
-    return dtype === 'I32' ? { name, dtype, shape, data: st.getInt(name) } : { name, dtype: 'F32', shape, data: st.get(name) };
+    return dtype === 'I32' ? { name, dtype: 'I32', shape, data: st.getInt(name) } : { name, dtype: 'F32', shape, data: st.get(name) };
   });
   writeSafetensors(file, edit(ts), st.metadata);
   const mfile = path.join(dir, 'manifest.json');
@@ -438,7 +438,10 @@ test('share: sealed-mode enclave share of gpt2-xl is about 5% of parameters and 
   const loraExtras = new Set(['Q', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'hA', 'hAinvT', 'hB', 'hBinv', 'headPerm', 'pi']);
   const { chk: vectors, ...fields } = r.enclave.tensors;
   for (const layer of vectors!) for (const v of Object.values(layer)) for (const t of Object.values(v)) chk += t.length;
-  for (const [k, t] of Object.entries(fields)) if (t instanceof Float32Array || t instanceof Int32Array) if (loraExtras.has(k)) extra += t.length; else encParams += t.length;
+  for (const [k, t] of Object.entries(fields)) {
+    if (!(t instanceof Float32Array || t instanceof Int32Array)) continue;
+    if (loraExtras.has(k)) extra += t.length; else encParams += t.length;
+  }
   let accParams = 0;
   for (const l of r.accelerator.layers) for (const x of Object.values(l)) accParams += x.w.length + x.b.length;
   const row = shareRow('gpt2-micro', c, 'sealed', 16);

@@ -15,7 +15,7 @@ import type { GPT2Weights } from '../model/weights.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
 import type { RandomSource } from '../tensor/rng.js';
-import type { EnclaveTensors, FloatName, FloatFieldsOf, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
+import type { EnclaveTensors, FloatName, FloatFields, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
 import { LINEARS, linearDims, type LinearName } from '../model/block.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { AcceleratorLink } from '../protocol/link.js';
@@ -160,7 +160,7 @@ export class SplitModel {
     this.padId = o.padTokenId ?? -1;
     this.pooling = o.pooling ?? 'last';
     const t = this.t = { ...o.tensors };
-    const f: FloatFieldsOf = t;
+    const f: FloatFields = t;
     const { n_layer: L, n_embd: d } = o.config;
     if (t.mode !== o.mode) throw new BundleError(`${o.mode} mode needs ${o.mode}-mode enclave tensors, got ${t.mode} mode`);
     if (o.task === 'cls') {
@@ -306,13 +306,13 @@ export class SplitModel {
 
   /** The enclave's trainable tensors by name (views into `params`), as the bundle holds them. */
   trainedTensors(): Map<TrainableName, Float32Array> {
-    return new Map(this.trainNames.map((n) => [n, this.external(n)]));
+    return new Map(this.trainNames.map((n): [TrainableName, Float32Array] => [n, this.external(n)]));
   }
 
   /** All enclave tensors (frozen and trained), in the bundle's bases. */
   allTensors(): EnclaveTensors {
     const m = { ...this.t };
-    const f: FloatFieldsOf = m;
+    const f: FloatFields = m;
     for (const [n] of this.plainRows()) f[n] = this.external(n);
     return m;
   }
@@ -332,7 +332,7 @@ export class SplitModel {
 
   /** a tensor as the bundle holds it */
   private external(n: TrainableName): Float32Array {
-    const x = (this.t as FloatFieldsOf)[n]!;
+    const x = (this.t as FloatFields)[n]!;
     const rows = this.plainRows().find(([k]) => k === n);
     return rows ? this.rotate(x, rows[1], true) : x;
   }

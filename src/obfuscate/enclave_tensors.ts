@@ -50,7 +50,7 @@ export interface SealedEnclaveTensors extends CommonTensors, HeadMasks {
 export type ObfuscatedTensors = PaperEnclaveTensors | SealedEnclaveTensors;
 export type EnclaveTensors = PlainEnclaveTensors | ObfuscatedTensors;
 
-type FloatFields<T> = { [K in keyof T]-?: NonNullable<T[K]> extends Float32Array ? K : never }[keyof T];
+type FloatKeys<T> = { [K in keyof T]-?: NonNullable<T[K]> extends Float32Array ? K : never }[keyof T];
 /** The float32 tensors' names of every mode, and any mode's tensors by them (for code that picks by name). */
-export type FloatName = FloatFields<PlainEnclaveTensors> | FloatFields<PaperEnclaveTensors> | FloatFields<SealedEnclaveTensors>;
-export type FloatFieldsOf = { [K in FloatName]?: Float32Array | null };
+export type FloatName = FloatKeys<PlainEnclaveTensors> | FloatKeys<PaperEnclaveTensors> | FloatKeys<SealedEnclaveTensors>;
+export type FloatFields = { [K in FloatName]?: Float32Array | null };

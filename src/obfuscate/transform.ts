@@ -9,8 +9,7 @@ import { ParamLayout } from '../model/params.js';
 import { sgemm } from '../tensor/gemm.js';
 import { transpose, type Mat64 } from '../linalg/mat64.js';
 import type { ModelMasks, LayerMasks } from './masks.js';
-
-import { LINEARS, linearDims, type LinearName } from '../model/block.js';
+import type { LinearName } from '../model/block.js';
 import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
 import type { HeadMasks, ObfuscatedTensors } from './enclave_tensors.js';
 import { BundleError } from '../errors.js';
@@ -197,12 +196,9 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
     return out;
   };
   const heads: HeadMasks = {
-    hA: perHead((lm) => lm.A.map((x) => x.m)),
-    hAinvT: perHead((lm) => lm.A.map((x) => transpose(x.inv))),
-    hB: perHead((lm) => lm.B.map((x) => x.m)),
-    hBinv: perHead((lm) => lm.B.map((x) => x.inv)),
-    headPerm: Int32Array.from(masks.layers.flatMap((lm) => Array.from(lm.headPerm))),
-    pi: Int32Array.from(masks.layers.flatMap((lm) => Array.from(lm.pi))),
+    hA: perHead((lm) => lm.A.map((x) => x.m)), hAinvT: perHead((lm) => lm.A.map((x) => transpose(x.inv))),
+    hB: perHead((lm) => lm.B.map((x) => x.m)), hBinv: perHead((lm) => lm.B.map((x) => x.inv)),
+    headPerm: Int32Array.from(masks.layers.flatMap((lm) => [...lm.headPerm])), pi: Int32Array.from(masks.layers.flatMap((lm) => [...lm.pi])),
   };
   const copy = (k: 'wte' | 'wpe' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb') => Float32Array.from(lay.view(p, k));
   const common = { ln1w: copy('ln1w'), ln1b: copy('ln1b'), ln2w: copy('ln2w'), ln2b: copy('ln2b'), chk: null, ...heads };

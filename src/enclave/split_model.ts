@@ -209,7 +209,7 @@ export class SplitModel {
     } else this.adapters = null;
     this.integrity = o.integrity !== undefined ? o.integrity : t.chk ? new IntegrityChecker(t.chk) : null;
     this.linears = new RemoteLinears(o.link, o.config, { trainWeights: o.method === 'full', integrity: this.integrity });
-    // the norms' gradients, where they train (views into `grads`)
+    // paper and local: the norms train where `gradViews` has their gradients
     this.basis = t.mode === 'sealed' ? new SealedBasis(o.config, t, this.plainEmbed, this.grad('headBias'))
       : t.mode === 'paper' ? new PaperBasis(o.config, t, this.gradViews) : new LocalBasis(o.config, t, this.gradViews);
     this.net = new Transformer({

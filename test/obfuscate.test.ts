@@ -16,7 +16,7 @@ import { kappaMask, naiveMask, oneStream, parseMaskSpec, randomPermutation, inve
 import { deriveMasks } from '../src/obfuscate/masks.js';
 import { deobfuscate } from '../src/obfuscate/transform.js';
 import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../src/obfuscate/provider.js';
-import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair } from '../src/obfuscate/bundle.js';
+import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, withUpdate } from '../src/obfuscate/bundle.js';
 import { compareLogits } from '../src/experiments/fidelity.js';
 import { shareTable, shareRow } from '../src/obfuscate/share.js';
 import { Enclave, inProcessSplit } from '../src/enclave/enclave.js';
@@ -372,6 +372,16 @@ test('loading an enclave bundle checks each tensor and names it; int32 permutati
     const want = await inProcessSplit(r).enclave.forward(tokens, 1, 8);
     assert.deepEqual(await new Enclave(old, new InProcessLink(new Accelerator(r.accelerator))).forward(tokens, 1, 8), want);
     refused((t) => t.name === 'pi' ? { ...flat(t), data: Float32Array.from(t.data, (v, i) => i === 5 ? v + 0.5 : v) } : flat(t), /tensor "pi" row 0 is not a permutation/);
+    // a trained update merged in place of the bundle's tensors (the provider's merge) is checked the same way
+    writeObfuscation(dir, r);
+    const b = loadEnclaveBundle(encDir), file = path.join(dir, 'update.safetensors');
+    const update = (ts: TensorToWrite[]) => { writeSafetensors(file, ts); return withUpdate(b, openSafetensors(file), 'enclave.'); };
+    const wte = Float32Array.from(b.tensors.wte, (v) => v + 1), score = new Float32Array(3 * d).fill(0.5);
+    const merged = update([{ name: 'enclave.wte', dtype: 'F32', shape: [wte.length], data: wte }, { name: 'enclave.score', dtype: 'F32', shape: [score.length], data: score }, { name: 'other', dtype: 'F32', shape: [1], data: new Float32Array(1) }]);
+    assert.deepEqual([merged.wte, merged.score, merged.wpe], [wte, score, b.tensors.wpe]);
+    assert.throws(() => update([{ name: 'enclave.wte', dtype: 'F32', shape: [3], data: new Float32Array(3) }]), /tensor "enclave\.wte" has shape \[3\], expected \[64, 16\]/);
+    assert.throws(() => update([{ name: 'enclave.pi', dtype: 'I32', shape: [2], data: new Int32Array(2) }]), /unexpected tensor "enclave\.pi"/);
+    assert.throws(() => update([{ name: 'enclave.lnfb', dtype: 'F32', shape: [d], data: new Float32Array(d).fill(NaN) }]), /tensor "enclave\.lnfb" contains a non-finite value at 0/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

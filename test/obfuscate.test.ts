@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import os from 'node:os';
 import { mkdtempSync, rmSync, readFileSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { GPT2 } from '../src/model/gpt2.js';
 import { getPreset } from '../src/model/config.js';
@@ -15,13 +16,15 @@ import { kappaMask, naiveMask, oneStream, parseMaskSpec, randomPermutation, inve
 import { deriveMasks } from '../src/obfuscate/masks.js';
 import { deobfuscate } from '../src/obfuscate/transform.js';
 import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../src/obfuscate/provider.js';
-import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair } from '../src/obfuscate/bundle.js';
+import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, withUpdate } from '../src/obfuscate/bundle.js';
 import { compareLogits } from '../src/experiments/fidelity.js';
 import { shareTable, shareRow } from '../src/obfuscate/share.js';
 import { Enclave, inProcessSplit } from '../src/enclave/enclave.js';
 import { Accelerator } from '../src/accelerator/accelerator.js';
 import { InProcessLink, type CrossingEvent } from '../src/protocol/link.js';
 import { encodeMessage, decodeMessage, asObfuscated } from '../src/protocol/messages.js';
+import { openSafetensors, writeSafetensors, type TensorToWrite } from '../src/io/safetensors.js';
+import { BundleError } from '../src/errors.js';
 import { maxAbsDiff } from './helpers.js';
 
 const FIX = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../test/fixtures');
@@ -35,6 +38,21 @@ function perturbedModel(preset: string, seed: number): GPT2 {
     for (let i = 0; i < v.length; i++) v[i] += 0.1 * rng.normal();
   }
   return m;
+}
+
+/** Rewrites an enclave bundle's tensor file through `edit`, pinning the new file's SHA-256 in the manifest. */
+function rewriteEnclave(dir: string, edit: (ts: TensorToWrite[]) => TensorToWrite[]): void {
+  const file = path.join(dir, 'tensors.safetensors');
+  const st = openSafetensors(file);
+  const ts = st.names().map((name): TensorToWrite => {
+    const { dtype, shape } = st.info(name);
+    return dtype === 'I32' ? { name, dtype: 'I32', shape, data: st.getInt(name) } : { name, dtype: 'F32', shape, data: st.get(name) };
+  });
+  writeSafetensors(file, edit(ts), st.metadata);
+  const mfile = path.join(dir, 'manifest.json');
+  const m = JSON.parse(readFileSync(mfile, 'utf8'));
+  m.tensors.sha256 = createHash('sha256').update(readFileSync(file)).digest('hex');
+  writeFileSync(mfile, JSON.stringify(m));
 }
 
 function randomTokens(n: number, V: number, seed: number): Int32Array {
@@ -294,17 +312,76 @@ test('bundles on disk: round trip, hash pinning, mode and shape errors, deobfusc
     bytes[bytes.length - 3] ^= 0xff;
     writeFileSync(wfile, bytes);
     assert.throws(() => loadAcceleratorBundle(path.join(dir, 'a', 'accelerator')), /does not match the SHA-256/);
-    // an enclave bundle with a non-finite tensor refuses to run
-    const bad = new Map(r.enclave.tensors);
-    const u = Float32Array.from(bad.get('u')!);
-    u[2] = NaN;
-    bad.set('u', u);
-    assert.throws(() => new Enclave({ ...r.enclave, tensors: bad }, new InProcessLink(new Accelerator(r.accelerator))), /non-finite/);
-    const missing = new Map(r.enclave.tensors);
-    missing.delete('G');
-    assert.throws(() => new Enclave({ ...r.enclave, tensors: missing }, new InProcessLink(new Accelerator(r.accelerator))), /lacks tensor "G"/);
-    // a paper-mode enclave bundle presented as sealed
-    assert.throws(() => new Enclave({ ...r2.enclave, mode: 'sealed' }, new InProcessLink(new Accelerator(r2.accelerator))), /lacks tensor/);
+    // an enclave bundle with a non-finite or a missing tensor does not load
+    const encDir = path.join(dir, 'a', 'enclave');
+    rewriteEnclave(encDir, (ts) => ts.map((t) => t.name === 'u' ? { ...t, data: Float32Array.from(t.data, (v, i) => i === 2 ? NaN : v) } : t));
+    assert.throws(() => loadEnclaveBundle(encDir), (e: Error) => e instanceof BundleError && /tensor "u" contains a non-finite value at 2/.test(e.message));
+    writeObfuscation(path.join(dir, 'a'), r);
+    rewriteEnclave(encDir, (ts) => ts.filter((t) => t.name !== 'G'));
+    assert.throws(() => loadEnclaveBundle(encDir), (e: Error) => e instanceof BundleError && /lacks tensor "G"/.test(e.message));
+    // a paper-mode enclave bundle presented as sealed, on disk and in memory
+    const paperDir = path.join(dir, 'b', 'enclave');
+    const mfile = path.join(paperDir, 'manifest.json');
+    writeFileSync(mfile, readFileSync(mfile, 'utf8').replace('"mode": "paper"', '"mode": "sealed"'));
+    assert.throws(() => loadEnclaveBundle(paperDir), /lacks tensor/);
+    assert.throws(() => new Enclave({ ...r2.enclave, mode: 'sealed' }, new InProcessLink(new Accelerator(r2.accelerator))), /tensors are paper mode/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('loading an enclave bundle checks each tensor and names it; int32 permutations on disk, float32 ones of older bundles load', async () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-load-'));
+  try {
+    const model = perturbedModel('gpt2-micro', 23);
+    const { n_embd: d, n_ctx: T, vocab_size: V } = model.config;
+    const r = obfuscateWeights(model.weights(), { mode: 'paper', twoSided: true, seed: 24 });
+    const encDir = path.join(dir, 'enclave');
+    const sameTensors = (got: object) => {
+      for (const [k, v] of Object.entries(r.enclave.tensors)) assert.deepEqual((got as Record<string, unknown>)[k], v, k);
+    };
+    writeObfuscation(dir, r);
+    const st = openSafetensors(path.join(encDir, 'tensors.safetensors'));
+    assert.equal(st.info('pi').dtype, 'I32');
+    assert.deepEqual(st.info('wte').shape, [V, d]);
+    sameTensors(loadEnclaveBundle(encDir).tensors);
+    const refused = (edit: (t: TensorToWrite) => TensorToWrite | null, re: RegExp) => {
+      writeObfuscation(dir, r);
+      rewriteEnclave(encDir, (ts) => ts.map(edit).filter((t): t is TensorToWrite => t !== null));
+      assert.throws(() => loadEnclaveBundle(encDir), (e: Error) => e instanceof BundleError && re.test(e.message));
+    };
+    const change = (name: string, f: (t: TensorToWrite) => Partial<TensorToWrite>) => (t: TensorToWrite) => t.name === name ? { ...t, ...f(t) } : t;
+    // a permutation row that is not a permutation: a repeated entry, one out of range
+    refused(change('pi', (t) => ({ data: Int32Array.from(t.data, (v, i) => i === 4 * d + 1 ? t.data[4 * d] : v) })), /tensor "pi" row 1 is not a permutation of 0\.\.63/);
+    refused(change('headPerm', (t) => ({ data: Int32Array.from(t.data, (v, i) => i === 0 ? 2 : v) })), /tensor "headPerm" row 0 is not a permutation of 0\.\.1/);
+    // wrong shapes: a row short, and as many values in another shape
+    refused(change('wpe', (t) => ({ shape: [T - 1, d], data: t.data.subarray(0, (T - 1) * d) })), /tensor "wpe" has shape \[15, 16\], expected \[16, 16\]/);
+    refused(change('R1', (t) => ({ shape: [t.shape[0], d * d] })), /tensor "R1" has shape \[2, 256\], expected \[2, 16, 16\]/);
+    // missing tensors, and integrity vectors that are missing, short or not finite
+    refused((t) => t.name === 'RpInv' ? null : t, /lacks tensor "RpInv"/);
+    refused((t) => t.name === 'chk.1.fc.v' ? null : t, /lacks tensor "chk\.1\.fc\.v"/);
+    refused(change('chk.0.qkv.r', (t) => ({ shape: [t.data.length - 1], data: t.data.subarray(1) })), /tensor "chk\.0\.qkv\.r" has shape \[95\], expected \[48, 2\]/);
+    refused(change('chk.0.qkv.w', (t) => ({ data: Float32Array.from(t.data, (v, i) => i === 3 ? Infinity : v) })), /tensor "chk\.0\.qkv\.w" contains a non-finite value at 3/);
+    // an older bundle: every tensor flat float32, the permutations too; it loads as the same tensors and runs
+    const flat = (t: TensorToWrite): TensorToWrite => ({ name: t.name, dtype: 'F32', shape: [t.data.length], data: Float32Array.from(t.data) });
+    writeObfuscation(dir, r);
+    rewriteEnclave(encDir, (ts) => ts.map(flat));
+    const old = loadEnclaveBundle(encDir);
+    sameTensors(old.tensors);
+    const tokens = randomTokens(8, V, 25);
+    const want = await inProcessSplit(r).enclave.forward(tokens, 1, 8);
+    assert.deepEqual(await new Enclave(old, new InProcessLink(new Accelerator(r.accelerator))).forward(tokens, 1, 8), want);
+    refused((t) => t.name === 'pi' ? { ...flat(t), data: Float32Array.from(t.data, (v, i) => i === 5 ? v + 0.5 : v) } : flat(t), /tensor "pi" row 0 is not a permutation/);
+    // a trained update merged in place of the bundle's tensors (the provider's merge) is checked the same way
+    writeObfuscation(dir, r);
+    const b = loadEnclaveBundle(encDir), file = path.join(dir, 'update.safetensors');
+    const update = (ts: TensorToWrite[]) => { writeSafetensors(file, ts); return withUpdate(b, openSafetensors(file), 'enclave.'); };
+    const wte = Float32Array.from(b.tensors.wte, (v) => v + 1), score = new Float32Array(3 * d).fill(0.5);
+    const merged = update([{ name: 'enclave.wte', dtype: 'F32', shape: [wte.length], data: wte }, { name: 'enclave.score', dtype: 'F32', shape: [score.length], data: score }, { name: 'other', dtype: 'F32', shape: [1], data: new Float32Array(1) }]);
+    assert.deepEqual([merged.wte, merged.score, merged.wpe], [wte, score, b.tensors.wpe]);
+    assert.throws(() => update([{ name: 'enclave.wte', dtype: 'F32', shape: [3], data: new Float32Array(3) }]), /tensor "enclave\.wte" has shape \[3\], expected \[64, 16\]/);
+    assert.throws(() => update([{ name: 'enclave.pi', dtype: 'I32', shape: [2], data: new Int32Array(2) }]), /unexpected tensor "enclave\.pi"/);
+    assert.throws(() => update([{ name: 'enclave.lnfb', dtype: 'F32', shape: [d], data: new Float32Array(d).fill(NaN) }]), /tensor "enclave\.lnfb" contains a non-finite value at 0/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -342,9 +419,9 @@ test('the boundary: wrong shapes, non-finite values, unknown layers and malforme
       async call(q: Parameters<InProcessLink['call']>[0]) {
         const rep = acc.handle(q);
         if (rep.op !== 'tensor') return rep;
-        if (lie === 'shape') return { ...rep, cols: rep.cols - 1, data: asObfuscated(rep.data.subarray(0, rep.rows * (rep.cols - 1))) };
+        if (lie === 'shape') return { ...rep, cols: rep.cols - 1, data: rep.data.subarray(0, rep.rows * (rep.cols - 1)) };
         const data = Float32Array.from(rep.data); data[0] = NaN;
-        return { ...rep, data: asObfuscated(data) };
+        return { ...rep, data };
       },
     };
     const enclave = new Enclave(r.enclave, link);
@@ -369,7 +446,12 @@ test('share: sealed-mode enclave share of gpt2-xl is about 5% of parameters and 
   let chk = 0;
   let extra = 0;
   const loraExtras = new Set(['Q', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'hA', 'hAinvT', 'hB', 'hBinv', 'headPerm', 'pi']);
-  for (const [k, t] of r.enclave.tensors) if (k.startsWith('chk.')) chk += t.length; else if (loraExtras.has(k)) extra += t.length; else encParams += t.length;
+  const { chk: vectors, ...fields } = r.enclave.tensors;
+  for (const layer of vectors!) for (const v of Object.values(layer)) for (const t of Object.values(v)) chk += t.length;
+  for (const [k, t] of Object.entries(fields)) {
+    if (!(t instanceof Float32Array || t instanceof Int32Array)) continue;
+    if (loraExtras.has(k)) extra += t.length; else encParams += t.length;
+  }
   let accParams = 0;
   for (const l of r.accelerator.layers) for (const x of Object.values(l)) accParams += x.w.length + x.b.length;
   const row = shareRow('gpt2-micro', c, 'sealed', 16);

@@ -13,7 +13,7 @@ import { LocalLinears } from '../model/local_linears.js';
 import { LINEARS } from '../model/block.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../tensor/rng.js';
-import { asObfuscated, type AcceleratorReply, type AcceleratorRequest } from '../protocol/messages.js';
+import type { AcceleratorReply, AcceleratorRequest } from '../protocol/messages.js';
 
 export type EvilMode = 'tamper' | 'skip-bias' | 'stale';
 export const EVIL_MODES: EvilMode[] = ['tamper', 'skip-bias', 'stale'];
@@ -91,7 +91,7 @@ export class Accelerator {
         this.checkLen(what, req.x.length, req.rows, L.din);
         this.checkFinite(what, req.x);
         const y = this.lin.forwardSync(req.layer, req.name, req.x, req.rows, req.save === true, this.opts.evil !== 'skip-bias');
-        return { op: 'tensor', rows: req.rows, cols: L.dout, data: asObfuscated(this.tamper(y)) };
+        return { op: 'tensor', rows: req.rows, cols: L.dout, data: this.tamper(y) };
       }
       case 'linear_backward': {
         const L = this.lin.linear(req.layer, req.name);
@@ -99,7 +99,7 @@ export class Accelerator {
         this.checkFinite(`output gradient of h.${req.layer}.${req.name}`, req.dy);
         const dx = this.lin.backwardSync(req.layer, req.name, req.dy, req.rows, req.input, req.weight);
         if (!dx) return { op: 'ack' };
-        return { op: 'tensor', rows: req.rows, cols: L.din, data: asObfuscated(this.tamper(dx)) };
+        return { op: 'tensor', rows: req.rows, cols: L.din, data: this.tamper(dx) };
       }
       case 'grad_sq_norm':
         return { op: 'ack', value: this.lin.gradSqNorm() };

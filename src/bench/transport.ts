@@ -40,7 +40,7 @@ export async function serveEchoAccelerator(preset: string, tensorChannel: boolea
       if (r.op === 'linear_forward' || r.op === 'linear_backward') {
         const [din, dout] = linearDims(r.name, d);
         const cols = r.op === 'linear_forward' ? dout : din;
-        return { op: 'tensor', rows: r.rows, cols, data: asObfuscated(new Float32Array(r.rows * cols)) };
+        return { op: 'tensor', rows: r.rows, cols, data: new Float32Array(r.rows * cols) };
       }
       return { op: 'ack' };
     },
@@ -76,7 +76,7 @@ export async function benchTransport(o: { model: string; batch: number; seq: num
     const [din, dout] = linearDims(name, d);
     inputs.set(name, [Float32Array.from({ length: n * din }, () => rng.normal() * 0.5), Float32Array.from({ length: n * dout }, () => rng.normal() * 0.01)]);
   }
-  // fresh tensors per call, as the enclave produces them
+  // fresh tensors per call, as the enclave produces them (random: marked obfuscated by hand)
   const frames = (): AcceleratorRequest[] => {
     const out: AcceleratorRequest[] = [];
     for (let l = 0; l < L; l++) for (const name of LINEARS) out.push({ op: 'linear_forward', layer: l, name, rows: n, x: asObfuscated(Float32Array.from(inputs.get(name)![0])), save: true });

@@ -1,7 +1,8 @@
 /**
- * The two obfuscated bases of the enclave (the plain one is src/model/plain_basis.ts). Each
- * is the one place where its mode's masks are applied, and the only code that makes an
- * `Obfuscated` tensor.
+ * The enclave's bases around the remote linears: paper and sealed, and local (the plain
+ * basis, unmasked: the baseline). Each is the one place where its mode's masks are applied,
+ * and this file is the only code that makes an `Obfuscated` tensor. Each takes its mode's
+ * enclave tensors (src/obfuscate/enclave_tensors.ts) as they are.
  *
  * paper:  the stream is plain; each linear input is masked explicitly (a* = LN(h) R1,
  *         a2* = LN2(h) R2); outputs come back plain, or masked by Ro / Rp with two-sided
@@ -19,34 +20,7 @@ import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_bas
 import { sgemm } from '../tensor/gemm.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { asObfuscated, type Obfuscated } from '../protocol/messages.js';
-
-/** The per-head attention masks and the MLP permutation of every layer. */
-export interface HeadMasks {
-  hA: Float32Array; //     [L, H, dh, dh]  q mask A
-  hAinvT: Float32Array; // [L, H, dh, dh]  k mask A^-T
-  hB: Float32Array; //     [L, H, dh, dh]  v mask B
-  hBinv: Float32Array; //  [L, H, dh, dh]  B^-1 (the attention output back to plain)
-  headPerm: Int32Array; // [L, H]          masked slot j holds head headPerm[j]
-  pi: Int32Array; //       [L, 4C]         f*[:, j] = f[:, pi[j]]
-}
-
-/** Paper mode's input (and, two-sided, output) masks. */
-export interface PaperMasks {
-  R1: Float32Array; //    [L, C, C]
-  R2: Float32Array; //    [L, C, C]
-  RoInv: Float32Array | null; // [L, C, C] two-sided only
-  RpInv: Float32Array | null; // [L, C, C]
-}
-
-/** Sealed mode's rotation and its folded final norm. */
-export interface SealedParams {
-  Q: Float32Array; //        [C, C] the stream's secret orthogonal basis
-  u: Float32Array; //        [C]    Q^T 1 (centring in the rotated basis)
-  G: Float32Array; //        [C, C] Q^T diag(gamma_f) Q
-  headBias: Float32Array; // [C]    beta_f Q (beta_f when the tables are plain)
-  /** the plain layer norms of the blocks (adapters read the plain LN output) [L, C] */
-  ln1w: Float32Array; ln1b: Float32Array; ln2w: Float32Array; ln2b: Float32Array;
-}
+import type { HeadMasks, PaperEnclaveTensors, SealedEnclaveTensors } from '../obfuscate/enclave_tensors.js';
 
 const SECTION: Record<QkvPart, number> = { q: 0, k: 1, v: 2 };
 const QKV_MASK: Record<QkvPart, 'hA' | 'hAinvT' | 'hB'> = { q: 'hA', k: 'hAinvT', v: 'hB' };
@@ -57,14 +31,10 @@ class Heads {
   private readonly dh: number;
   private readonly pis: Int32Array[] = [];
 
-  private readonly m: HeadMasks;
-
-  constructor(config: GPT2Config, masks: HeadMasks | null, private readonly C: number) {
+  constructor(config: GPT2Config, private readonly m: HeadMasks, private readonly C: number) {
     this.H = config.n_head;
     this.dh = C / this.H;
-    // a bundle without per-head masks serves full fine-tuning of a language model only
-    this.m = masks ?? new Proxy({} as HeadMasks, { get: () => { throw new Error('LoRA and classification need the per-head masks (hA, hB, headPerm, pi) in the enclave bundle'); } });
-    if (masks) for (let l = 0; l < config.n_layer; l++) this.pis.push(masks.pi.subarray(l * 4 * C, (l + 1) * 4 * C));
+    for (let l = 0; l < config.n_layer; l++) this.pis.push(m.pi.subarray(l * 4 * C, (l + 1) * 4 * C));
   }
 
   /** toMasked: dst[slot j] (+)= src[head perm[j]] M ; else dst[head perm[j]] (+)= src[slot j] M  (M^T with trans) */
@@ -129,13 +99,21 @@ class Heads {
   }
 }
 
+/** Local mode: the plain basis, whose tensors cross as they are (nothing is masked). */
+export class LocalBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
+  override buffer(size: number): Obfuscated { return asObfuscated(super.buffer(size)); }
+  override norm(which: 1 | 2, l: number, h: Float32Array, s: NormActs, n: number): Obfuscated { return asObfuscated(super.norm(which, l, h, s, n)); }
+  override outputGrad(_w: 'o' | 'p', _l: number, dh: Float32Array, _n: number): Obfuscated { return asObfuscated(dh); }
+}
+
 /** Paper mode: plain stream and norms, masked linear inputs (and outputs, two-sided). */
 export class PaperBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
   private readonly heads: Heads;
 
-  constructor(config: GPT2Config, norms: NormParams, grads: Partial<NormParams> | null, private readonly masks: PaperMasks, heads: HeadMasks | null) {
-    super(config, norms, grads);
-    this.heads = new Heads(config, heads, config.n_embd);
+  /** the tensors' layer norms are the ones used (and, with `grads`, trained) */
+  constructor(config: GPT2Config, private readonly masks: PaperEnclaveTensors, grads: Partial<NormParams> | null) {
+    super(config, masks, grads);
+    this.heads = new Heads(config, masks, config.n_embd);
   }
 
   override buffer(size: number): Obfuscated {
@@ -204,10 +182,10 @@ export class SealedBasis implements TrunkBasis<Obfuscated> {
   /** the final norm's output map: G, or G Q^T straight into the plain basis (plain tables) */
   private readonly Gout: Float32Array;
 
-  constructor(config: GPT2Config, private readonly p: SealedParams, heads: HeadMasks | null, private readonly plainTables: boolean, private readonly gHeadBias: Float32Array | null) {
+  constructor(config: GPT2Config, private readonly p: SealedEnclaveTensors, private readonly plainTables: boolean, private readonly gHeadBias: Float32Array | null) {
     this.C = config.n_embd;
     this.eps = config.layer_norm_epsilon;
-    this.heads = new Heads(config, heads, this.C);
+    this.heads = new Heads(config, p, this.C);
     this.Gout = plainTables ? this.rotate(p.G, this.C, false) : p.G;
   }
 

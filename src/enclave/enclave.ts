@@ -6,13 +6,9 @@
  * each mode does around the linears).
  */
 import type { GPT2Config } from '../model/config.js';
-import type { Pooling } from '../model/kernels.js';
-import { sgemm } from '../tensor/gemm.js';
 import { Transformer, generate, type GenerateOptions, type KVCache } from '../model/transformer.js';
-import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_basis.js';
 import type { Mode } from '../obfuscate/masks.js';
-import type { EnclaveTensors } from '../obfuscate/transform.js';
-import { requiredEnclaveTensors, type EnclaveBundle } from '../obfuscate/bundle.js';
+import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import type { ObfuscationResult } from '../obfuscate/provider.js';
@@ -21,53 +17,33 @@ import type { AcceleratorLink } from '../protocol/link.js';
 import { IntegrityChecker } from '../protocol/integrity.js';
 import { RemoteLinears } from '../protocol/client.js';
 import { PaperBasis, SealedBasis } from './bases.js';
-import { headMasksOf, paperMasksOf, sealedParamsOf } from './tensors.js';
+import { BundleError } from '../errors.js';
+
 export class Enclave {
   readonly config: GPT2Config;
   readonly mode: Mode;
-  private t: EnclaveTensors;
   /** Freivalds checks of every reply (when the bundle carries check vectors) */
   readonly integrity: IntegrityChecker | null;
   private readonly net: Transformer<Obfuscated>;
 
+  /** `bundle` as loaded (and checked) by loadEnclaveBundle, or as an obfuscation made it */
   constructor(readonly bundle: EnclaveBundle, readonly link: AcceleratorLink) {
-    this.config = bundle.config;
+    const c = this.config = bundle.config;
+    const t = bundle.tensors;
     this.mode = bundle.mode;
-    this.t = bundle.tensors;
-    const req = requiredEnclaveTensors(bundle);
-    for (const [name, shape] of Object.entries(req)) {
-      const x = this.t.get(name);
-      const n = shape.reduce((a, b) => a * b, 1);
-      if (!x) throw new Error(`enclave bundle (${bundle.mode} mode) lacks tensor "${name}"`);
-      if (x.length !== n) throw new Error(`enclave tensor "${name}" has ${x.length} values, expected [${shape.join(', ')}]`);
-      for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) throw new Error(`enclave tensor "${name}" contains a non-finite value at ${i}: refusing to run`);
-    }
-    this.integrity = this.t.has('chk.0.qkv.r') ? new IntegrityChecker(this.t, bundle.config.n_layer) : null;
-    const c = this.config;
-    const get = (k: string) => this.t.get(k)!;
-    let basis: TrunkBasis<Obfuscated>;
-    if (bundle.mode === 'sealed') basis = new SealedBasis(c, sealedParamsOf(this.t), headMasksOf(this.t, c), false, null);
-    else {
-      const norms = Object.fromEntries((['ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const).map((k) => [k, get(k)])) as unknown as NormParams;
-      basis = bundle.mode === 'paper' ? new PaperBasis(c, norms, null, paperMasksOf(this.t), headMasksOf(this.t, c)) : new PlainBasis(c, norms, null) as unknown as TrunkBasis<Obfuscated>;
-    }
+    if (t.mode !== bundle.mode) throw new BundleError(`enclave bundle: the manifest says ${bundle.mode} mode, its tensors are ${t.mode} mode`);
+    if (bundle.cls && !t.score) throw new BundleError(`enclave bundle (${t.mode} mode) lacks tensor "score"`);
+    this.integrity = t.chk ? new IntegrityChecker(t.chk) : null;
+    const basis = t.mode === 'sealed' ? new SealedBasis(c, t, false, null) : new PaperBasis(c, t, null);
+    const cls = bundle.cls;
     this.net = new Transformer<Obfuscated>({
       config: c,
       basis,
       linears: new RemoteLinears(link, c, { trainWeights: false, integrity: this.integrity }),
-      tables: { wte: get('wte'), wpe: get('wpe'), gwte: null, gwpe: null },
-      cls: bundle.cls ? { numLabels: bundle.cls.numLabels, weight: this.plainScore(bundle.cls.numLabels), grad: null, pooling: bundle.cls.pooling ?? 'last' } : null,
+      tables: { wte: t.wte, wpe: t.wpe, gwte: null, gwpe: null },
+      // the classifier in the plain basis (sealed bundles hold it rotated: score Q)
+      cls: cls ? { numLabels: cls.numLabels, weight: basis.headToPlain(t.score!, cls.numLabels), grad: null, pooling: cls.pooling ?? 'last' } : null,
     });
-  }
-
-  /** the classifier in the plain basis (sealed bundles hold it rotated: score Q) */
-  private plainScore(K: number): Float32Array {
-    const s = this.t.get('score')!;
-    if (this.mode !== 'sealed') return s;
-    const d = this.config.n_embd;
-    const out = new Float32Array(K * d);
-    sgemm(false, true, K, d, d, 1, s, d, this.t.get('Q')!, d, 0, out, d);
-    return out;
   }
 
   /** LM logits [B,T,V] for a batch, computed through the split. */

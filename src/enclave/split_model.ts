@@ -15,7 +15,7 @@ import type { GPT2Weights } from '../model/weights.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
 import type { RandomSource } from '../tensor/rng.js';
-import type { EnclaveTensors } from '../obfuscate/transform.js';
+import type { EnclaveTensors, FloatName, FloatFields, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
 import { LINEARS, linearDims, type LinearName } from '../model/block.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { AcceleratorLink } from '../protocol/link.js';
@@ -23,11 +23,11 @@ import { LoraAdapters, checkLoraTask, type LoraConfig } from '../model/lora.js';
 import { IntegrityChecker } from '../protocol/integrity.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { Transformer, type KVCache } from '../model/transformer.js';
-import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_basis.js';
-import { PaperBasis, SealedBasis } from './bases.js';
-import { headMasksOf, paperMasksOf, sealedParamsOf } from './tensors.js';
+import type { TrunkBasis } from '../model/plain_basis.js';
+import { LocalBasis, PaperBasis, SealedBasis } from './bases.js';
 import { RemoteLinears } from '../protocol/client.js';
 import type { Obfuscated } from '../protocol/messages.js';
+import { BundleError } from '../errors.js';
 
 export type TrainMode = 'local' | 'sealed' | 'paper';
 export type Method = 'lora' | 'full';
@@ -62,7 +62,7 @@ export interface SplitModelOptions {
 }
 
 /** Plain weights arranged as the two sides of the `local` mode. */
-export function plainSplitParts(w: GPT2Weights): { accelerator: AcceleratorWeights; tensors: EnclaveTensors } {
+export function plainSplitParts(w: GPT2Weights): { accelerator: AcceleratorWeights; tensors: PlainEnclaveTensors } {
   const { n_layer: L, n_embd: d } = w.config;
   const lay = w.layout;
   const p = w.params;
@@ -78,9 +78,11 @@ export function plainSplitParts(w: GPT2Weights): { accelerator: AcceleratorWeigh
     }
     layers.push(rec);
   }
-  const tensors: EnclaveTensors = new Map();
-  for (const k of ['wte', 'wpe', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const) tensors.set(k, Float32Array.from(lay.view(p, k)));
-  if (w.cls) tensors.set('score', Float32Array.from(w.cls.weight));
+  const copy = (k: 'wte' | 'wpe' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb') => Float32Array.from(lay.view(p, k));
+  const tensors: PlainEnclaveTensors = {
+    mode: 'local', wte: copy('wte'), wpe: copy('wpe'), ln1w: copy('ln1w'), ln1b: copy('ln1b'), ln2w: copy('ln2w'), ln2b: copy('ln2b'),
+    lnfw: copy('lnfw'), lnfb: copy('lnfb'), score: w.cls ? Float32Array.from(w.cls.weight) : undefined, chk: null,
+  };
   return { accelerator: { n_layer: L, layers }, tensors };
 }
 
@@ -117,25 +119,31 @@ export interface ForwardResult {
   probs?: Float32Array;
 }
 
+/** The enclave's trainable tensors, in the order of their shared parameter buffer. */
+export type TrainableName = Extract<FloatName, 'wte' | 'wpe' | 'headBias' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb' | 'score'>;
+
 export class SplitModel {
   readonly mode: TrainMode;
   readonly method: Method;
   readonly task: Task;
   readonly config: GPT2Config;
   readonly link: AcceleratorLink;
+  /** the tensors as the model uses them: trainable ones are views into `params`; in sealed
+   *  mode the classifier (and, full fine-tuning, the tables and final bias) in the plain basis */
   readonly t: EnclaveTensors;
   readonly adapters: LoraAdapters | null;
   /** enclave-side trainable tensors: one contiguous buffer and its gradient */
-  readonly trainNames: string[];
+  readonly trainNames: TrainableName[];
   readonly params: Float32Array;
   readonly grads: Float32Array;
-  private gradViews = new Map<string, Float32Array>();
+  private gradViews: Partial<Record<TrainableName, Float32Array>> = {};
   readonly numLabels: number;
   readonly pooling: Pooling;
   private padId: number;
   readonly integrity: IntegrityChecker | null;
   private readonly linears: RemoteLinears;
-  private readonly net: Transformer<Float32Array> | Transformer<Obfuscated>;
+  private readonly basis: TrunkBasis<Obfuscated>;
+  private readonly net: Transformer<Obfuscated>;
   /**
    * sealed full fine-tuning: the embeddings and the final bias are held and trained in the
    * plain basis (the enclave rotates the embedded stream with Q), so that an optimiser that is
@@ -151,33 +159,30 @@ export class SplitModel {
     this.link = o.link;
     this.padId = o.padTokenId ?? -1;
     this.pooling = o.pooling ?? 'last';
-    this.t = new Map(o.tensors);
+    const t = this.t = { ...o.tensors };
+    const f: FloatFields = t;
     const { n_layer: L, n_embd: d } = o.config;
-    if (o.mode === 'paper' && !this.t.has('R1')) throw new Error('paper mode needs the input masks R1/R2 in the enclave bundle');
-    if (o.mode === 'sealed' && !this.t.has('G')) throw new Error('sealed mode needs G and u in the enclave bundle');
-    if (o.mode !== 'local' && (o.method === 'lora' || o.task === 'cls') && !this.t.has('hA')) throw new Error('LoRA and classification need the per-head masks (hA, hB, headPerm, pi) in the enclave bundle');
+    if (t.mode !== o.mode) throw new BundleError(`${o.mode} mode needs ${o.mode}-mode enclave tensors, got ${t.mode} mode`);
     if (o.task === 'cls') {
       const K = o.numLabels;
       if (!K || K < 2) throw new Error('classification needs numLabels >= 2');
-      const s = this.t.get('score');
+      const s = t.score;
       if (!s || s.length !== K * d) {
         if (s) throw new Error(`the bundle's classifier has ${s.length / d} labels, the data has ${K}`);
         if (o.classifierInit && o.classifierInit.length !== K * d) throw new Error(`classifierInit has ${o.classifierInit.length} values, expected ${K} x ${d}`);
         const w = o.classifierInit ? Float32Array.from(o.classifierInit) : new Float32Array(K * d);
         if (!o.classifierInit) o.rng.fillNormal(w, 0.02);
-        this.t.set('score', w);
-      } else if (o.mode === 'sealed') {
+        t.score = w;
+      } else if (t.mode === 'sealed') {
         // the bundle's classifier is in the rotated basis (score Q): train it in the plain one
-        this.t.set('score', this.rotate(s, K, false));
+        t.score = this.rotate(s, K, false);
       }
       this.numLabels = K;
     } else this.numLabels = 0;
-    this.plainEmbed = o.mode === 'sealed' && o.method === 'full';
-    if (this.plainEmbed) {
-      for (const [n, rows] of this.basisRows()) if (n !== 'score') this.t.set(n, this.rotate(this.tensor(n), rows, false));
-    }
+    this.plainEmbed = t.mode === 'sealed' && o.method === 'full';
+    for (const [n, rows] of this.plainRows()) if (n !== 'score') f[n] = this.rotate(f[n]!, rows, false);
     // trainable enclave tensors
-    const names: string[] = [];
+    const names: TrainableName[] = [];
     if (o.method === 'full') {
       names.push('wte', 'wpe');
       if (o.mode === 'sealed') names.push('headBias');
@@ -186,16 +191,14 @@ export class SplitModel {
     }
     if (o.task === 'cls') names.push('score');
     this.trainNames = names;
-    const total = names.reduce((s, n) => s + this.tensor(n).length, 0);
+    const total = names.reduce((s, n) => s + f[n]!.length, 0);
     this.params = sharedFloat32(total);
     this.grads = sharedFloat32(total);
     let off = 0;
     for (const n of names) {
-      const x = this.tensor(n);
-      const view = this.params.subarray(off, off + x.length);
-      view.set(x);
-      this.t.set(n, view);
-      this.gradViews.set(n, this.grads.subarray(off, off + x.length));
+      const x = f[n]!;
+      (f[n] = this.params.subarray(off, off + x.length)).set(x);
+      this.gradViews[n] = this.grads.subarray(off, off + x.length);
       off += x.length;
     }
     if (o.method === 'lora') {
@@ -204,46 +207,32 @@ export class SplitModel {
       this.adapters = new LoraAdapters(o.lora, L, d, o.config.vocab_size);
       this.adapters.init(o.rng);
     } else this.adapters = null;
-    this.integrity = o.integrity !== undefined ? o.integrity : this.t.has('chk.0.qkv.r') ? new IntegrityChecker(this.t, L) : null;
+    this.integrity = o.integrity !== undefined ? o.integrity : t.chk ? new IntegrityChecker(t.chk) : null;
     this.linears = new RemoteLinears(o.link, o.config, { trainWeights: o.method === 'full', integrity: this.integrity });
-    const parts = {
+    // paper and local: the norms train where `gradViews` has their gradients
+    this.basis = t.mode === 'sealed' ? new SealedBasis(o.config, t, this.plainEmbed, this.grad('headBias'))
+      : t.mode === 'paper' ? new PaperBasis(o.config, t, this.gradViews) : new LocalBasis(o.config, t, this.gradViews);
+    this.net = new Transformer({
       config: o.config,
+      basis: this.basis,
       linears: this.linears,
-      tables: { wte: this.tensor('wte'), wpe: this.tensor('wpe'), gwte: this.grad('wte'), gwpe: this.grad('wpe') },
-      cls: o.task === 'cls' ? { numLabels: this.numLabels, weight: this.tensor('score'), grad: this.grad('score'), pooling: this.pooling } : null,
+      tables: { wte: t.wte, wpe: t.wpe, gwte: this.grad('wte'), gwpe: this.grad('wpe') },
+      cls: o.task === 'cls' ? { numLabels: this.numLabels, weight: t.score!, grad: this.grad('score'), pooling: this.pooling } : null,
       adapters: this.adapters,
       rng: o.rng,
-    };
-    this.net = new Transformer({ ...parts, basis: this.makeBasis() as TrunkBasis<Obfuscated> });
+    });
   }
 
-  private makeBasis(): TrunkBasis<Float32Array> | TrunkBasis<Obfuscated> {
-    const c = this.config;
-    const names = ['ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const;
-    if (this.mode === 'sealed') return new SealedBasis(c, sealedParamsOf(this.t), headMasksOf(this.t, c), this.plainEmbed, this.grad('headBias'));
-    const norms = Object.fromEntries(names.map((k) => [k, this.tensor(k)])) as unknown as NormParams;
-    const g: Partial<NormParams> = {};
-    for (const k of names) { const x = this.grad(k); if (x) g[k] = x; }
-    const grads = Object.keys(g).length ? g : null;
-    if (this.mode === 'paper') return new PaperBasis(c, norms, grads, paperMasksOf(this.t), headMasksOf(this.t, c));
-    return new PlainBasis(c, norms, grads);
+  private grad(n: TrainableName): Float32Array | null {
+    return this.gradViews[n] ?? null;
   }
 
-  private tensor(n: string): Float32Array {
-    const x = this.t.get(n);
-    if (!x) throw new Error(`enclave bundle lacks tensor "${n}"`);
-    return x;
-  }
-
-  private grad(n: string): Float32Array | null {
-    return this.gradViews.get(n) ?? null;
-  }
-
-  /** rows x d: x Q (toRotated) or x Q^T (to plain); Q is orthogonal */
+  /** rows x d: x Q (toRotated) or x Q^T (to plain); Q is orthogonal (sealed mode) */
   private rotate(x: Float32Array, rows: number, toRotated: boolean): Float32Array {
+    if (this.t.mode !== 'sealed') throw new Error('internal: only sealed mode rotates');
     const d = this.config.n_embd;
     const out = new Float32Array(rows * d);
-    sgemm(false, !toRotated, rows, d, d, 1, x, d, this.tensor('Q'), d, 0, out, d);
+    sgemm(false, !toRotated, rows, d, d, 1, x, d, this.t.Q, d, 0, out, d);
     return out;
   }
 
@@ -257,10 +246,9 @@ export class SplitModel {
       // may reuse the buffers of its replies
       this.link.releaseScratch?.();
     }
-    const net = this.net as Transformer<Float32Array>;
     const r = this.task === 'lm'
-      ? await net.forwardLM(tokens, B, T, targets, train)
-      : await net.forwardCls(tokens, B, T, targets, train, this.padId);
+      ? await this.net.forwardLM(tokens, B, T, targets, train)
+      : await this.net.forwardCls(tokens, B, T, targets, train, this.padId);
     const result: ForwardResult = { loss: r.loss!, count: r.count };
     if (this.task === 'cls') Object.assign(result, { correct: r.correct, predictions: r.predictions });
     if (!train) result.probs = Float32Array.from(r.logits);
@@ -309,44 +297,43 @@ export class SplitModel {
     const d = this.config.n_embd;
     for (let l = 0; l < this.config.n_layer; l++) {
       for (const name of LINEARS) {
-        const [din] = linearDims(name, d);
-        const x = new Float32Array(din);
+        const x = this.basis.buffer(linearDims(name, d)[0]);
         rng.fillNormal(x);
-        await this.linears.forward(l, name as LinearName, x as Obfuscated, 1, false);
+        await this.linears.forward(l, name, x, 1, false);
       }
     }
   }
 
-  /** The enclave's trainable tensors by name (views into `params`). */
-  trainedTensors(): EnclaveTensors {
-    const m: EnclaveTensors = new Map();
-    for (const n of this.trainNames) m.set(n, this.external(n));
-    return m;
+  /** The enclave's trainable tensors by name (views into `params`), as the bundle holds them. */
+  trainedTensors(): Map<TrainableName, Float32Array> {
+    return new Map(this.trainNames.map((n): [TrainableName, Float32Array] => [n, this.external(n)]));
   }
 
   /** All enclave tensors (frozen and trained), in the bundle's bases. */
   allTensors(): EnclaveTensors {
-    const m: EnclaveTensors = new Map(this.t);
-    for (const [n] of this.basisRows()) if (m.has(n)) m.set(n, this.external(n));
+    const m = { ...this.t };
+    const f: FloatFields = m;
+    for (const [n] of this.plainRows()) f[n] = this.external(n);
     return m;
   }
 
-  /** sealed mode: the tensors the bundle holds rotated (x Q) and their row counts */
-  private basisRows(): [string, number][] {
+  /**
+   * sealed mode: what the bundle holds rotated (x Q) and this model in the plain basis, with
+   * row counts: the classifier of a classification run, the tables and final bias of full
+   * fine-tuning (a classifier that does not train stays as the bundle holds it)
+   */
+  private plainRows(): [TrainableName, number][] {
     const c = this.config;
-    const rows: [string, number][] = [['wte', c.vocab_size], ['wpe', c.n_ctx], ['headBias', 1]];
-    // a classifier is trained (in the plain basis) only by a classification run; otherwise it
-    // stays as the bundle holds it
+    if (this.mode !== 'sealed') return [];
+    const rows: [TrainableName, number][] = this.plainEmbed ? [['wte', c.vocab_size], ['wpe', c.n_ctx], ['headBias', 1]] : [];
     if (this.task === 'cls') rows.push(['score', this.numLabels]);
     return rows;
   }
 
-  /** a tensor as the bundle holds it: sealed mode trains the classifier (and, full
-   *  fine-tuning, the embeddings and final bias) in the plain basis */
-  private external(n: string): Float32Array {
-    const x = this.tensor(n);
-    const rows = this.mode === 'sealed' ? this.basisRows().find(([k]) => k === n) : undefined;
-    const plain = rows && (n === 'score' || this.plainEmbed);
-    return plain ? this.rotate(x, rows[1], true) : x;
+  /** a tensor as the bundle holds it */
+  private external(n: TrainableName): Float32Array {
+    const x = (this.t as FloatFields)[n]!;
+    const rows = this.plainRows().find(([k]) => k === n);
+    return rows ? this.rotate(x, rows[1], true) : x;
   }
 }

@@ -10,8 +10,9 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync, chmodSync, renameSy
 import path from 'node:path';
 import type { GPT2Config } from '../model/config.js';
 import { validateConfig } from '../model/config.js';
-import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
-import type { EnclaveTensors } from './transform.js';
+import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
+import type { ObfuscatedTensors } from './enclave_tensors.js';
+import { CHECK_VECTORS, type CheckVectors, type LinearCheck } from '../protocol/integrity.js';
 import { LINEARS, linearDims, type LinearName } from '../model/block.js';
 import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
 import type { Mode, ObfuscationParams } from './masks.js';
@@ -126,7 +127,7 @@ export function loadAcceleratorBundle(dir: string): LoadedAccelerator {
 export interface EnclaveBundle {
   mode: Mode;
   config: GPT2Config;
-  tensors: EnclaveTensors;
+  tensors: ObfuscatedTensors;
   /** mask spec label ("1", "10", "naive", ...) and two-sidedness, for reports */
   spec: string;
   twoSided: boolean;
@@ -136,23 +137,33 @@ export interface EnclaveBundle {
   padTokenId?: number;
 }
 
-/** Which tensors each mode's enclave needs at run time, with their shapes. */
-export function requiredEnclaveTensors(b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls'>): Record<string, number[]> {
-  const { n_layer: L, n_embd: d, n_ctx: T, vocab_size: V } = b.config;
-  const H = b.config.n_head;
-  const dh = d / H;
-  const req: Record<string, number[]> = {
-    wte: [V, d], wpe: [T, d], ln1w: [L, d], ln1b: [L, d], ln2w: [L, d], ln2b: [L, d],
-    hA: [L, H, dh, dh], hAinvT: [L, H, dh, dh], hB: [L, H, dh, dh], hBinv: [L, H, dh, dh], headPerm: [L, H], pi: [L, 4 * d],
-  };
-  if (b.mode === 'sealed') {
-    Object.assign(req, { u: [d], G: [d, d], headBias: [d], Q: [d, d] });
-  } else {
-    Object.assign(req, { lnfw: [d], lnfb: [d], R1: [L, d, d], R2: [L, d, d] });
-    if (b.twoSided) Object.assign(req, { RoInv: [L, d, d], RpInv: [L, d, d] });
+/**
+ * Every tensor of a mode's bundle by its name on disk, with its shape: the typed fields
+ * (permutations are int32), and with `chk` the secret vectors chk.{layer}.{linear}.{r,s,w,v,c}.
+ */
+function enclaveShapes(b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls'>, chk: boolean): Map<string, number[]> {
+  const { n_layer: L, n_embd: d, n_ctx: T, vocab_size: V, n_head: H } = b.config;
+  const Ld = [L, d], Ldd = [L, d, d], heads = [L, H, d / H, d / H], K = CHECK_VECTORS;
+  const shapes = new Map(Object.entries({
+    wte: [V, d], wpe: [T, d], ln1w: Ld, ln1b: Ld, ln2w: Ld, ln2b: Ld,
+    hA: heads, hAinvT: heads, hB: heads, hBinv: heads, headPerm: [L, H], pi: [L, 4 * d],
+    ...(b.mode === 'sealed' ? { u: [d], G: [d, d], headBias: [d], Q: [d, d] } : { lnfw: [d], lnfb: [d], R1: Ldd, R2: Ldd }),
+    ...(b.mode === 'paper' && b.twoSided ? { RoInv: Ldd, RpInv: Ldd } : {}),
+    ...(b.cls ? { score: [b.cls.numLabels, d] } : {}),
+  }));
+  for (let l = 0; chk && l < L; l++) {
+    for (const name of LINEARS) {
+      const [din, dout] = linearDims(name, d);
+      for (const [k, shape] of Object.entries({ r: [dout, K], s: [din, K], w: [din, K], v: [dout, K], c: [K] })) shapes.set(`chk.${l}.${name}.${k}`, shape);
+    }
   }
-  if (b.cls) req.score = [b.cls.numLabels, d];
-  return req;
+  return shapes;
+}
+
+/** A chk.{layer}.{linear}.{part} name's place in the check vectors. */
+function checkPart(name: string): [number, LinearName, keyof LinearCheck] {
+  const [, l, linear, part] = name.split('.');
+  return [Number(l), linear as LinearName, part as keyof LinearCheck];
 }
 
 export interface EnclaveManifest {
@@ -169,7 +180,12 @@ export interface EnclaveManifest {
 
 export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
   mkdirSync(dir, { recursive: true });
-  const tensors: TensorToWrite[] = [...b.tensors.entries()].map(([name, data]) => ({ name, dtype: 'F32', shape: [data.length], data }));
+  const { chk, ...fields } = b.tensors;
+  const tensors: TensorToWrite[] = [...enclaveShapes(b, chk !== null)].map(([name, shape]) => {
+    const [l, linear, part] = checkPart(name);
+    const data = name.startsWith('chk.') ? chk![l][linear][part] : (fields as unknown as Record<string, Float32Array | Int32Array>)[name];
+    return { name, dtype: data instanceof Int32Array ? 'I32' : 'F32', shape, data };
+  });
   const tfile = path.join(dir, 'tensors.safetensors');
   writeSafetensors(tfile, tensors, { format: ENC_FORMAT });
   const manifest: EnclaveManifest = {
@@ -180,6 +196,66 @@ export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
     tensors: { file: 'tensors.safetensors', sha256: sha256(readFileSync(tfile)) },
   };
   writeJson(path.join(dir, 'manifest.json'), manifest);
+}
+
+/**
+ * A bundle file's tensor, checked: present, of `shape` (or flat with as many values, as older
+ * bundles store them) and finite; the rows of headPerm and pi permutations (int32 on disk,
+ * float32 in older bundles).
+ */
+function readTensor(st: SafetensorsFile, what: string, name: string, shape: number[]): Float32Array | Int32Array {
+  if (!st.has(name)) throw new BundleError(`${what} lacks tensor "${name}"`);
+  const { shape: got, numel, dtype } = st.info(name);
+  if (numel !== shape.reduce((a, x) => a * x, 1) || (got.length !== 1 && got.join(',') !== shape.join(','))) {
+    throw new BundleError(`${what}: tensor "${name}" has shape [${got.join(', ')}], expected [${shape.join(', ')}]`);
+  }
+  if (name !== 'headPerm' && name !== 'pi') {
+    const x = st.get(name);
+    for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) throw new BundleError(`${what}: tensor "${name}" contains a non-finite value at ${i}: refusing to run`);
+    return x;
+  }
+  const x = dtype === 'F32' ? st.get(name) : st.getInt(name);
+  const [rows, width] = shape, seen = new Uint8Array(width);
+  for (let r = 0; r < rows; r++, seen.fill(0)) {
+    for (let j = 0; j < width; j++) {
+      const v = x[r * width + j];
+      if (!Number.isInteger(v) || v < 0 || v >= width || seen[v]) throw new BundleError(`${what}: tensor "${name}" row ${r} is not a permutation of 0..${width - 1}`);
+      seen[v] = 1;
+    }
+  }
+  return Int32Array.from(x);
+}
+
+/** The typed tensors of a bundle file, each checked once (see enclaveShapes). */
+function readEnclaveTensors(st: SafetensorsFile, b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls'>): ObfuscatedTensors {
+  const what = `enclave bundle (${b.mode} mode)`;
+  const chk: CheckVectors | null = st.has('chk.0.qkv.r') ? Array.from({ length: b.config.n_layer }, () => ({}) as CheckVectors[number]) : null;
+  const t: Record<string, unknown> = { mode: b.mode, RoInv: null, RpInv: null, chk };
+  for (const [name, shape] of enclaveShapes(b, chk !== null)) {
+    const x = readTensor(st, what, name, shape);
+    if (!name.startsWith('chk.')) t[name] = x;
+    else {
+      const [l, linear, part] = checkPart(name);
+      (chk![l][linear] ??= {} as LinearCheck)[part] = x as Float32Array;
+    }
+  }
+  return t as unknown as ObfuscatedTensors;
+}
+
+/**
+ * The tensors of a trained update (`prefix` + a float tensor's name, as an enclave exports
+ * them) in place of the bundle's, each checked like the bundle's own; a classifier may be new.
+ */
+export function withUpdate(b: EnclaveBundle, st: SafetensorsFile, prefix: string): ObfuscatedTensors {
+  const shapes = enclaveShapes(b, false);
+  const t: Record<string, unknown> = { ...b.tensors };
+  for (const n of st.names().filter((x) => x.startsWith(prefix))) {
+    const name = n.slice(prefix.length), d = b.config.n_embd;
+    const shape = name === 'score' ? [st.info(n).numel / d, d] : name !== 'headPerm' && name !== 'pi' ? shapes.get(name) : undefined;
+    if (!shape || !Number.isInteger(shape[0])) throw new BundleError(`the enclave's update has an unexpected tensor "${n}"`);
+    t[name] = readTensor(st, "the enclave's update", n, shape);
+  }
+  return t as unknown as ObfuscatedTensors;
 }
 
 function bundlePooling(p: unknown, file: string): Pooling {
@@ -198,17 +274,12 @@ export function loadEnclaveBundle(dir: string): EnclaveBundle {
   if (path.dirname(path.resolve(tfile)) !== path.resolve(dir)) throw new BundleError('enclave bundle: tensor file must be inside the bundle directory');
   if (!existsSync(tfile)) throw new BundleError(`enclave bundle: ${tfile} not found`);
   if (sha256(readFileSync(tfile)) !== m.tensors.sha256) throw new BundleError(`enclave bundle: ${tfile} does not match the SHA-256 in ${mfile}`);
-  const st = openSafetensors(tfile);
-  const tensors: EnclaveTensors = new Map();
-  for (const name of st.names()) tensors.set(name, st.get(name));
-  const b: EnclaveBundle = {
-    mode: m.mode, config, tensors, spec: m.spec, twoSided: m.two_sided,
-    acceleratorManifestSha256: m.accelerator_manifest_sha256,
-    cls: m.cls ? { numLabels: m.cls.num_labels, labels: m.cls.labels, pooling: bundlePooling(m.cls.pooling, mfile) } : undefined,
-    padTokenId: m.pad_token_id ?? undefined,
+  const cls = m.cls ? { numLabels: m.cls.num_labels, labels: m.cls.labels, pooling: bundlePooling(m.cls.pooling, mfile) } : undefined;
+  const head = { mode: m.mode, config, twoSided: m.two_sided, cls };
+  return {
+    ...head, tensors: readEnclaveTensors(openSafetensors(tfile), head), spec: m.spec,
+    acceleratorManifestSha256: m.accelerator_manifest_sha256, padTokenId: m.pad_token_id ?? undefined,
   };
-  requiredEnclaveTensors(b); // shapes are checked by the Enclave constructor
-  return b;
 }
 
 /** Refuses a pair of bundles that were not made together. */

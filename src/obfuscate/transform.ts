@@ -9,12 +9,10 @@ import { ParamLayout } from '../model/params.js';
 import { sgemm } from '../tensor/gemm.js';
 import { transpose, type Mat64 } from '../linalg/mat64.js';
 import type { ModelMasks, LayerMasks } from './masks.js';
-
-import { LINEARS, linearDims, type LinearName } from '../model/block.js';
+import type { LinearName } from '../model/block.js';
 import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
-
-/** What the enclave holds, by name (see docs/obfuscation.md for each mode's list). */
-export type EnclaveTensors = Map<string, Float32Array>;
+import type { HeadMasks, ObfuscatedTensors } from './enclave_tensors.js';
+import { BundleError } from '../errors.js';
 
 const f32 = (m: Mat64): Float32Array => Float32Array.from(m.data);
 
@@ -123,7 +121,8 @@ function foldBias(b: Float32Array, beta: Float32Array, W: Float32Array, d: numbe
 
 export interface ObfuscatedModel {
   accelerator: AcceleratorWeights;
-  enclave: EnclaveTensors;
+  /** without integrity vectors (the provider adds them) */
+  enclave: ObfuscatedTensors;
 }
 
 /** Applies the provider transform (design note, both modes). */
@@ -134,7 +133,6 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
   const lay = w.layout;
   const p = w.params;
   const mode = masks.params.mode;
-  const enclave: EnclaveTensors = new Map();
   const layers: Record<LinearName, ObfLinear>[] = [];
   const Q = masks.Q ? f32(masks.Q.m) : null;
 
@@ -190,40 +188,6 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
     onLayer?.(l);
   }
 
-  const wte = lay.view(p, 'wte'), wpe = lay.view(p, 'wpe');
-  if (mode === 'sealed') {
-    const Qm = masks.Q!;
-    enclave.set('wte', mm(wte, Q!, c.vocab_size, d, d));
-    enclave.set('wpe', mm(wpe, Q!, c.n_ctx, d, d));
-    // u = Q^T 1 (centring vector)
-    const u = new Float32Array(d);
-    for (let i = 0; i < d; i++) { let s = 0; for (let k = 0; k < d; k++) s += Qm.m.data[k * d + i]; u[i] = s; }
-    enclave.set('u', u);
-    // G = Q^T diag(gamma_f) Q ; head bias beta_f Q
-    enclave.set('G', mm(Q!, scaleRows(Q!, d, d, lay.view(p, 'lnfw')), d, d, d, true));
-    enclave.set('headBias', mmRight(lay.view(p, 'lnfb'), Q!, 1, d));
-    if (w.cls) enclave.set('score', mm(w.cls.weight, Q!, w.cls.numLabels, d, d));
-    // LoRA and the classifier train in the plain basis (exactly local training): the enclave
-    // maps between it and the rotated stream with Q and the layer norms' affine part
-    enclave.set('Q', Float32Array.from(Q!));
-    for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b'] as const) enclave.set(k, Float32Array.from(lay.view(p, k)));
-  } else {
-    enclave.set('wte', Float32Array.from(wte));
-    enclave.set('wpe', Float32Array.from(wpe));
-    for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const) enclave.set(k, Float32Array.from(lay.view(p, k)));
-    const stack = (get: (lm: LayerMasks) => Mat64) => {
-      const out = new Float32Array(L * d * d);
-      masks.layers.forEach((lm, l) => out.set(f32(get(lm)), l * d * d));
-      return out;
-    };
-    enclave.set('R1', stack((lm) => lm.R1!.m));
-    enclave.set('R2', stack((lm) => lm.R2!.m));
-    if (masks.params.twoSided) {
-      enclave.set('RoInv', stack((lm) => lm.Ro!.inv));
-      enclave.set('RpInv', stack((lm) => lm.Rp!.inv));
-    }
-    if (w.cls) enclave.set('score', Float32Array.from(w.cls.weight));
-  }
   // per-head masks and the hidden permutation: LoRA (both modes) adds plain-space updates
   // into the masked q*, k*, v*, f* (O(n d d_h) per layer, no d x d product)
   const perHead = (get: (lm: LayerMasks) => Mat64[]) => {
@@ -231,12 +195,43 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
     masks.layers.forEach((lm, l) => get(lm).forEach((m, h) => out.set(f32(m), (l * H + h) * dh * dh)));
     return out;
   };
-  enclave.set('hA', perHead((lm) => lm.A.map((x) => x.m)));
-  enclave.set('hAinvT', perHead((lm) => lm.A.map((x) => transpose(x.inv))));
-  enclave.set('hB', perHead((lm) => lm.B.map((x) => x.m)));
-  enclave.set('hBinv', perHead((lm) => lm.B.map((x) => x.inv)));
-  enclave.set('headPerm', Float32Array.from(masks.layers.flatMap((lm) => Array.from(lm.headPerm))));
-  enclave.set('pi', Float32Array.from(masks.layers.flatMap((lm) => Array.from(lm.pi))));
+  const heads: HeadMasks = {
+    hA: perHead((lm) => lm.A.map((x) => x.m)), hAinvT: perHead((lm) => lm.A.map((x) => transpose(x.inv))),
+    hB: perHead((lm) => lm.B.map((x) => x.m)), hBinv: perHead((lm) => lm.B.map((x) => x.inv)),
+    headPerm: Int32Array.from(masks.layers.flatMap((lm) => [...lm.headPerm])), pi: Int32Array.from(masks.layers.flatMap((lm) => [...lm.pi])),
+  };
+  const copy = (k: 'wte' | 'wpe' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb') => Float32Array.from(lay.view(p, k));
+  const common = { ln1w: copy('ln1w'), ln1b: copy('ln1b'), ln2w: copy('ln2w'), ln2b: copy('ln2b'), chk: null, ...heads };
+  let enclave: ObfuscatedTensors;
+  if (mode === 'sealed') {
+    // u = Q^T 1 (centring vector)
+    const u = new Float32Array(d), Qd = masks.Q!.m.data;
+    for (let i = 0; i < d; i++) { let s = 0; for (let k = 0; k < d; k++) s += Qd[k * d + i]; u[i] = s; }
+    // LoRA and the classifier train in the plain basis (exactly local training): the enclave
+    // maps between it and the rotated stream with Q and the layer norms' affine part
+    enclave = {
+      mode: 'sealed', ...common, u, Q: Float32Array.from(Q!),
+      wte: mm(lay.view(p, 'wte'), Q!, c.vocab_size, d, d),
+      wpe: mm(lay.view(p, 'wpe'), Q!, c.n_ctx, d, d),
+      // G = Q^T diag(gamma_f) Q ; head bias beta_f Q
+      G: mm(Q!, scaleRows(Q!, d, d, lay.view(p, 'lnfw')), d, d, d, true),
+      headBias: mmRight(lay.view(p, 'lnfb'), Q!, 1, d),
+      score: w.cls ? mm(w.cls.weight, Q!, w.cls.numLabels, d, d) : undefined,
+    };
+  } else {
+    const stack = (get: (lm: LayerMasks) => Mat64) => {
+      const out = new Float32Array(L * d * d);
+      masks.layers.forEach((lm, l) => out.set(f32(get(lm)), l * d * d));
+      return out;
+    };
+    const two = masks.params.twoSided;
+    enclave = {
+      mode: 'paper', ...common, wte: copy('wte'), wpe: copy('wpe'), lnfw: copy('lnfw'), lnfb: copy('lnfb'),
+      R1: stack((lm) => lm.R1!.m), R2: stack((lm) => lm.R2!.m),
+      RoInv: two ? stack((lm) => lm.Ro!.inv) : null, RpInv: two ? stack((lm) => lm.Rp!.inv) : null,
+      score: w.cls ? Float32Array.from(w.cls.weight) : undefined,
+    };
+  }
   return { accelerator: { n_layer: L, layers }, enclave };
 }
 
@@ -245,18 +240,14 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
  * fine-tuned) accelerator weights and enclave tensors. `base` is the provider's original
  * model: in sealed mode its layer-norm affine, folded into the weights, is unfolded again.
  */
-export function deobfuscate(base: GPT2Weights, acc: AcceleratorWeights, enc: EnclaveTensors, masks: ModelMasks): GPT2Weights {
+export function deobfuscate(base: GPT2Weights, acc: AcceleratorWeights, enc: ObfuscatedTensors, masks: ModelMasks): GPT2Weights {
   const c = base.config;
   const { n_layer: L, n_embd: d, n_head: H } = c;
   const dh = d / H;
   const layout = new ParamLayout(c);
   const p = new Float32Array(layout.total);
   const mode = masks.params.mode;
-  const get = (k: string) => {
-    const t = enc.get(k);
-    if (!t) throw new Error(`enclave bundle lacks tensor "${k}"`);
-    return t;
-  };
+  if (enc.mode !== mode) throw new BundleError(`the enclave tensors are ${enc.mode} mode, the masks ${mode} mode`);
   const Q = masks.Q ? f32(masks.Q.m) : null;
   const QT = masks.Q ? f32(masks.Q.inv) : null;
   const bl = base.layout;
@@ -305,7 +296,7 @@ export function deobfuscate(base: GPT2Weights, acc: AcceleratorWeights, enc: Enc
       } else {
         WoMasked = a.attproj.w; bo = a.attproj.b; WpPerm = a.fcproj.w; bp = a.fcproj.b;
       }
-      for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b'] as const) layout.layer(p, k, l).set(get(k).subarray(l * d, (l + 1) * d));
+      for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b'] as const) layout.layer(p, k, l).set(enc[k].subarray(l * d, (l + 1) * d));
     }
     const Wo = new Float32Array(d * d);
     headLeft(WoMasked, Wo, d, hm.B, lm.headPerm, dh, true);
@@ -315,19 +306,16 @@ export function deobfuscate(base: GPT2Weights, acc: AcceleratorWeights, enc: Enc
     layout.layer(p, 'fcprojb', l).set(bp);
   }
   let cls = base.cls ? { ...base.cls } : undefined;
-  if (mode === 'sealed') {
-    layout.view(p, 'wte').set(mm(get('wte'), QT!, c.vocab_size, d, d));
-    layout.view(p, 'wpe').set(mm(get('wpe'), QT!, c.n_ctx, d, d));
+  if (enc.mode === 'sealed') {
+    layout.view(p, 'wte').set(mm(enc.wte, QT!, c.vocab_size, d, d));
+    layout.view(p, 'wpe').set(mm(enc.wpe, QT!, c.n_ctx, d, d));
     // gamma_f is folded into G (not trained); beta_f Q is the head bias
     layout.view(p, 'lnfw').set(bl.view(bp0, 'lnfw'));
-    layout.view(p, 'lnfb').set(mmRight(get('headBias'), QT!, 1, d));
-    if (cls && enc.has('score')) cls = { ...cls, weight: mm(get('score'), QT!, cls.numLabels, d, d) };
+    layout.view(p, 'lnfb').set(mmRight(enc.headBias, QT!, 1, d));
+    if (cls && enc.score) cls = { ...cls, weight: mm(enc.score, QT!, cls.numLabels, d, d) };
   } else {
-    layout.view(p, 'wte').set(get('wte'));
-    layout.view(p, 'wpe').set(get('wpe'));
-    layout.view(p, 'lnfw').set(get('lnfw'));
-    layout.view(p, 'lnfb').set(get('lnfb'));
-    if (cls && enc.has('score')) cls = { ...cls, weight: Float32Array.from(get('score')) };
+    for (const k of ['wte', 'wpe', 'lnfw', 'lnfb'] as const) layout.view(p, k).set(enc[k]);
+    if (cls && enc.score) cls = { ...cls, weight: Float32Array.from(enc.score) };
   }
   return { config: c, layout, params: p, cls, padTokenId: base.padTokenId };
 }

@@ -6,7 +6,7 @@
 import type { GPT2Config } from '../model/config.js';
 import { linearDims, type LinearName, type Linears } from '../model/block.js';
 import { isShared, sharedFloat32 } from '../tensor/shared.js';
-import type { Obfuscated, AcceleratorReply } from './messages.js';
+import { asObfuscated, type Obfuscated, type AcceleratorReply } from './messages.js';
 import type { AcceleratorLink } from './link.js';
 import type { IntegrityChecker } from './integrity.js';
 import { AcceleratorError, InputError } from '../errors.js';
@@ -23,7 +23,7 @@ export function checkTensorReply(rep: AcceleratorReply, l: number, name: string,
   if (rep.rows !== rows || rep.cols !== cols || rep.data.length !== rows * cols) throw new AcceleratorError(`accelerator reply for h.${l}.${name} has shape ${rep.rows} x ${rep.cols} (${rep.data.length} values), expected ${rows} x ${cols}`);
   const y = rep.data;
   for (let i = 0; i < y.length; i++) if (!Number.isFinite(y[i])) throw new AcceleratorError(`accelerator reply for h.${l}.${name} contains a non-finite value at ${i}`);
-  return y;
+  return asObfuscated(y); // the reply to an obfuscated request is in the request's masked basis
 }
 
 export interface RemoteLinearsOptions {
@@ -51,7 +51,7 @@ export class RemoteLinears implements Linears<Obfuscated> {
       this.shared.set(key, b);
     }
     b.set(y);
-    return b as Obfuscated;
+    return asObfuscated(b);
   }
 
   async forward(l: number, name: LinearName, x: Obfuscated, rows: number, train: boolean): Promise<Obfuscated> {

@@ -39,10 +39,15 @@ interface Track {
   fresh: boolean;
 }
 
+/** One linear's secret vectors (K per side): r [dout, K], s [din, K], w = W r [din, K], v = W^T s [dout, K], c = b . r [K]. */
+export interface LinearCheck { r: Float32Array; s: Float32Array; w: Float32Array; v: Float32Array; c: Float32Array }
+/** The secret vectors of every linear, per layer (an enclave bundle's `chk.{l}.{name}.{r,s,w,v,c}`). */
+export type CheckVectors = Record<LinearName, LinearCheck>[];
+
 /** Provider side: secret check vectors for every linear, computed from the obfuscated weights. */
-export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K = CHECK_VECTORS): Map<string, Float32Array> {
-  const out = new Map<string, Float32Array>();
-  acc.layers.forEach((layer, l) => {
+export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K = CHECK_VECTORS): CheckVectors {
+  return acc.layers.map((layer) => {
+    const rec = {} as Record<LinearName, LinearCheck>;
     for (const name of LINEARS) {
       const { w: W, b, din, dout } = layer[name];
       const r = new Float64Array(dout * K);
@@ -63,20 +68,12 @@ export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K =
         }
       }
       for (let j = 0; j < dout; j++) for (let k = 0; k < K; k++) c[k] += b[j] * r[j * K + k];
-      const key = `chk.${l}.${name}`;
-      out.set(`${key}.r`, Float32Array.from(r));
-      out.set(`${key}.s`, Float32Array.from(s));
       // w, v, c are stored rounded; the check tolerance absorbs it
-      out.set(`${key}.w`, Float32Array.from(w));
-      out.set(`${key}.v`, Float32Array.from(v));
-      out.set(`${key}.c`, Float32Array.from(c));
+      rec[name] = { r: Float32Array.from(r), s: Float32Array.from(s), w: Float32Array.from(w), v: Float32Array.from(v), c: Float32Array.from(c) };
     }
+    return rec;
   });
-  return out;
 }
-
-/** Named tensors (an enclave bundle's `chk.*` entries). */
-type Named = ReadonlyMap<string, Float32Array>;
 
 export class IntegrityChecker {
   private tracks = new Map<string, Track>();
@@ -85,25 +82,19 @@ export class IntegrityChecker {
   checks = 0;
   ms = 0;
 
-  constructor(tensors: Named, nLayer: number, readonly K = CHECK_VECTORS) {
-    for (let l = 0; l < nLayer; l++) {
+  /** `chk` as the bundle loader checked it (every vector's size matches its linear) */
+  constructor(chk: CheckVectors, readonly K = CHECK_VECTORS) {
+    chk.forEach((layer, l) => {
       for (const name of LINEARS) {
-        const key = `chk.${l}.${name}`;
-        const get = (p: string) => {
-          const t = tensors.get(`${key}.${p}`);
-          if (!t) throw new Error(`enclave bundle lacks integrity vectors "${key}.${p}"`);
-          return Float64Array.from(t);
-        };
-        const r = get('r'), w = get('w'), s = get('s'), v = get('v'), c = get('c');
-        const dout = r.length / K, din = w.length / K;
-        if (s.length !== din * K || v.length !== dout * K || c.length !== K) throw new Error(`integrity vectors of h.${l}.${name} have inconsistent sizes`);
+        const [r, w, s, v, c] = (['r', 'w', 's', 'v', 'c'] as const).map((k) => Float64Array.from(layer[name][k]));
+        const din = w.length / K, dout = r.length / K;
         this.tracks.set(`${l}.${name}`, {
           din, dout, r, w, c, s, v,
           gr: new Float64Array(din * K), gc: new Float64Array(K), gs: new Float64Array(dout * K),
           mr: new Float64Array(din * K), mc: new Float64Array(K), ms: new Float64Array(dout * K), touched: false, fresh: true,
         });
       }
-    }
+    });
   }
 
   private track(l: number, name: LinearName): Track {

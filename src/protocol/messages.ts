@@ -8,8 +8,9 @@ import { LINEARS, type LinearName } from '../model/block.js';
 
 declare const obfuscatedBrand: unique symbol;
 /**
- * A float32 tensor in an obfuscated basis. Only the enclave's masking code creates these
- * (`asObfuscated`), so a plaintext Float32Array cannot be handed to the accelerator by mistake.
+ * A float32 tensor in an obfuscated basis. Only the enclave's bases (src/enclave/bases.ts)
+ * create these, and the client from a reply it has checked (`checkTensorReply`), so a
+ * plaintext Float32Array cannot be handed to the accelerator by mistake.
  */
 export type Obfuscated = Float32Array & { readonly [obfuscatedBrand]: true };
 
@@ -80,7 +81,8 @@ export interface TensorReply {
   op: 'tensor';
   rows: number;
   cols: number;
-  data: Obfuscated;
+  /** in the basis of the request's tensor; `Obfuscated` once the client has checked it */
+  data: Float32Array;
 }
 
 export interface AckReply {

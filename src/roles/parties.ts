@@ -23,7 +23,7 @@ import {
 import type { Record_ } from '../io/jsonl.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { openSafetensors } from '../io/safetensors.js';
-import { loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey } from '../obfuscate/bundle.js';
+import { loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate } from '../obfuscate/bundle.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import { LINEARS } from '../model/block.js';
@@ -152,11 +152,10 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   const file = path.join(scratch, 'update.safetensors');
   writeFileSync(file, Buffer.from(up.update, 'base64'));
   const st = openSafetensors(file);
-  const enc = loadEnclaveBundle(path.join(bundles, 'enclave'));
+  const tensors = withUpdate(loadEnclaveBundle(path.join(bundles, 'enclave')), st, 'enclave.');
   const { key, params } = loadProviderKey(path.join(bundles, 'provider'));
-  for (const name of st.names()) if (name.startsWith('enclave.')) enc.tensors.set(name.slice('enclave.'.length), st.get(name));
   let w = base;
-  if (up.task === 'cls' && enc.tensors.has('score')) {
+  if (up.task === 'cls' && tensors.score) {
     const K = up.labels.length;
     if (up.pooling !== undefined && !POOLINGS.includes(up.pooling)) throw new BundleError(`the enclave's update has an unknown pooling ${JSON.stringify(up.pooling)}`);
     w = { ...base, cls: { numLabels: K, weight: new Float32Array(K * base.config.n_embd), labels: up.labels, pooling: up.pooling ?? 'last' } };
@@ -175,9 +174,9 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   let merged: GPT2Weights;
   if (up.method === 'lora') {
     const ad = loadAdapters(file, base.config.n_layer, base.config.n_embd, base.config.vocab_size);
-    merged = mergeAdaptersPlain(deobfuscate(w, acc, enc.tensors, masks), ad);
+    merged = mergeAdaptersPlain(deobfuscate(w, acc, tensors, masks), ad);
   } else {
-    merged = deobfuscate(w, acc, enc.tensors, masks);
+    merged = deobfuscate(w, acc, tensors, masks);
   }
   rmSync(file, { force: true });
   return { merged, update: { method: up.method, mode: up.mode, task: up.task, labels: up.labels, pooling: up.pooling, summary: up.summary } };

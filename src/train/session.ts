@@ -12,7 +12,8 @@ import { Rng } from '../tensor/rng.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { obfuscateWeights, type ObfuscationResult } from '../obfuscate/provider.js';
 import { deriveMasks } from '../obfuscate/masks.js';
-import { deobfuscate, type EnclaveTensors } from '../obfuscate/transform.js';
+import { deobfuscate } from '../obfuscate/transform.js';
+import type { EnclaveTensors, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../protocol/link.js';
@@ -160,9 +161,9 @@ export function mergeAdaptersPlain(w: GPT2Weights, ad: LoraAdapters): GPT2Weight
 export function mergedPlainModel(s: Session): GPT2Weights {
   const m = s.model;
   if (!s.accelerator) throw new Error('merging needs the in-process accelerator (or its exported state)');
-  const enc: EnclaveTensors = new Map(m.allTensors());
+  const enc = m.allTensors();
   const acc = s.accelerator.weights;
-  if (m.mode === 'local') {
+  if (enc.mode === 'local') {
     const w = fromPlainParts(s.base, acc, enc);
     return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w;
   }
@@ -172,7 +173,7 @@ export function mergedPlainModel(s: Session): GPT2Weights {
   return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w; // adapters are plain in every mode
 }
 
-function fromPlainParts(base: GPT2Weights, acc: AcceleratorWeights, enc: EnclaveTensors): GPT2Weights {
+function fromPlainParts(base: GPT2Weights, acc: AcceleratorWeights, enc: PlainEnclaveTensors): GPT2Weights {
   const lay = new ParamLayout(base.config);
   const p = new Float32Array(lay.total);
   const names = { qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'] } as const;
@@ -182,9 +183,8 @@ function fromPlainParts(base: GPT2Weights, acc: AcceleratorWeights, enc: Enclave
       lay.layer(p, bn, l).set(L[k as keyof typeof names].b);
     }
   });
-  for (const k of ['wte', 'wpe', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const) lay.view(p, k).set(enc.get(k)!);
-  const score = enc.get('score');
-  return { config: base.config, layout: lay, params: p, cls: base.cls && score ? { ...base.cls, weight: Float32Array.from(score) } : base.cls, padTokenId: base.padTokenId };
+  for (const k of ['wte', 'wpe', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const) lay.view(p, k).set(enc[k]);
+  return { config: base.config, layout: lay, params: p, cls: base.cls && enc.score ? { ...base.cls, weight: Float32Array.from(enc.score) } : base.cls, padTokenId: base.padTokenId };
 }
 
 /** Loads an adapters file written by exportRun. */

@@ -1,0 +1,56 @@
+/**
+ * What the enclave holds, one structure per mode, fields named as the bundle's tensors
+ * (docs/obfuscation.md). V vocabulary, T context, L layers, d width, H heads, dh = d / H,
+ * K labels. Only the bundle's loader and writer (bundle.ts) go by names.
+ */
+import type { CheckVectors } from '../protocol/integrity.js';
+
+interface CommonTensors {
+  wte: Float32Array; //   [V, d] token embeddings (sealed: wte Q)
+  wpe: Float32Array; //   [T, d] position embeddings (sealed: wpe Q)
+  ln1w: Float32Array; ln1b: Float32Array; ln2w: Float32Array; ln2b: Float32Array; // [L, d] (sealed: for adapters only)
+  score?: Float32Array; // [K, d] classifier (sealed: score Q)
+  chk: CheckVectors | null; // secret vectors checking every accelerator reply (null: unchecked)
+}
+
+/** The per-head attention masks and the MLP permutation of every layer (paper and sealed). */
+export interface HeadMasks {
+  hA: Float32Array; //     [L, H, dh, dh] q mask A
+  hAinvT: Float32Array; // [L, H, dh, dh] k mask A^-T
+  hB: Float32Array; //     [L, H, dh, dh] v mask B
+  hBinv: Float32Array; //  [L, H, dh, dh] B^-1 (the attention output back to plain)
+  headPerm: Int32Array; // [L, H]         masked slot j holds head headPerm[j]
+  pi: Int32Array; //       [L, 4d]        f*[:, j] = f[:, pi[j]]
+}
+
+/** local: the plain model's part (the baseline: nothing is masked). */
+export interface PlainEnclaveTensors extends CommonTensors {
+  mode: 'local';
+  lnfw: Float32Array; lnfb: Float32Array; // [d] final norm
+}
+
+/** paper: plain stream and norms, masked linear inputs (and outputs, two-sided). */
+export interface PaperEnclaveTensors extends CommonTensors, HeadMasks {
+  mode: 'paper';
+  lnfw: Float32Array; lnfb: Float32Array; // [d] final norm
+  R1: Float32Array; R2: Float32Array; //     [L, d, d] input masks of qkv and fc
+  RoInv: Float32Array | null; RpInv: Float32Array | null; // [L, d, d] two-sided: output masks of attproj, fcproj, inverted
+}
+
+/** sealed: the stream in a secret orthogonal basis h* = h Q, the final norm folded. */
+export interface SealedEnclaveTensors extends CommonTensors, HeadMasks {
+  mode: 'sealed';
+  Q: Float32Array; //        [d, d] the stream's basis (training carries adapters and tables across with it)
+  G: Float32Array; //        [d, d] Q^T diag(gamma_f) Q
+  u: Float32Array; //        [d]    Q^T 1 (centring in the rotated basis)
+  headBias: Float32Array; // [d]    beta_f Q
+}
+
+/** What an obfuscation makes and an enclave bundle holds. */
+export type ObfuscatedTensors = PaperEnclaveTensors | SealedEnclaveTensors;
+export type EnclaveTensors = PlainEnclaveTensors | ObfuscatedTensors;
+
+type FloatKeys<T> = { [K in keyof T]-?: NonNullable<T[K]> extends Float32Array ? K : never }[keyof T];
+/** The float32 tensors' names of every mode, and any mode's tensors by them (for code that picks by name). */
+export type FloatName = FloatKeys<PlainEnclaveTensors> | FloatKeys<PaperEnclaveTensors> | FloatKeys<SealedEnclaveTensors>;
+export type FloatFields = { [K in FloatName]?: Float32Array | null };

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { Rng } from '../src/tensor/rng.js';
 import { availableBackends, setBackend, backendName, nativeInfo, setNativeIsa, setThreads } from '../src/tensor/gemm.js';
 import { native } from '../src/tensor/native.js';
+import { firstNonFinite, freivaldsRows } from '../src/tensor/parallel.js';
 import {
   encoderForward, encoderBackward, layernormForward, layernormBackward,
   residualForward, residualBackward, attentionForward, attentionBackward,
@@ -207,4 +208,40 @@ test('native element-wise kernels (every ISA this CPU has) agree with the TypeSc
   assert.throws(() => nat.softmaxXent(new Float32Array(6), Int32Array.of(0, 3), new Float32Array(2), 2, 3), /target 3 at row 1 is out of range/);
   assert.throws(() => nat.adamw(new Float32Array(4), new Float32Array(4), new Float32Array(4), new Float32Array(4), new Uint8Array(2), 1, 0.9, 0.999, 1e-8, 0, 1, 1, 1), /mask has 2 elements, needs 4/);
   assert.throws(() => nat.sumSquares(new Float64Array(4) as unknown as Float32Array), /x must be a Float32Array/);
+});
+
+test('boundary checks: the first non-finite value is found wherever it is; Freivalds row residuals agree between the native and TypeScript backends', () => {
+  const rng = new Rng(5);
+  const prev = backendName();
+  try {
+    for (const b of availableBackends()) {
+      setBackend(b);
+      const x = randn(70_001, rng, 1);
+      assert.equal(firstNonFinite(x), -1, b);
+      for (const [i, v] of [[0, NaN], [33_333, Infinity], [70_000, -Infinity]] as const) {
+        const y = Float32Array.from(x);
+        y[i] = v;
+        y[Math.min(i + 5, 70_000)] = NaN; // a later one does not hide the first
+        assert.equal(firstNonFinite(y), i, `${b}: ${v} at ${i}`);
+      }
+    }
+    const rows = 5, a = 37, bb = 19;
+    const lhs = randn(rows * a, rng, 1), rhs = randn(rows * bb, rng, 1);
+    const p = Float64Array.from(randn(2 * a, rng, 1)), q = Float64Array.from(randn(2 * bb, rng, 1)), c = Float64Array.of(0.25, -0.5);
+    const got: Float64Array[] = [];
+    for (const b of availableBackends()) {
+      setBackend(b);
+      got.push(freivaldsRows(lhs, a, p, rhs, bb, q, c, rows));
+    }
+    // direct: row 3, vector 1
+    let s = -c[1], m = Math.abs(c[1]);
+    for (let j = 0; j < a; j++) { s += lhs[3 * a + j] * p[2 * j + 1]; m += Math.abs(lhs[3 * a + j] * p[2 * j + 1]); }
+    for (let j = 0; j < bb; j++) { s -= rhs[3 * bb + j] * q[2 * j + 1]; m += Math.abs(rhs[3 * bb + j] * q[2 * j + 1]); }
+    for (const g of got) {
+      assert.ok(Math.abs(g[4 * 3 + 1] - s) < 1e-12 && Math.abs(g[4 * 3 + 3] - m) < 1e-12);
+      for (let i = 0; i < g.length; i++) assert.ok(Math.abs(g[i] - got[0][i]) < 1e-12);
+    }
+  } finally {
+    setBackend(prev);
+  }
 });

@@ -7,6 +7,7 @@
 //   sumSquares(x) -> number            zero(x)
 //   geluForward(out, inp, th?, n)          geluBackward(dinp, inp, dout, th?, n)
 //   softmaxXent(logits, targets, losses, rows, V)
+//   firstNonFinite(x) -> index or -1       freivaldsRows(lhs, a, p, rhs, b, q, c?, rows, out)
 //   info() -> { isa, threads }
 //   setThreads(n)
 //
@@ -280,6 +281,40 @@ napi_value Zero(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+napi_value FirstNonFinite(napi_env env, napi_callback_info info) {
+  const char* fname = "firstNonFinite";
+  ARGS(1);
+  float* x = nullptr;
+  int64_t n = 0;
+  if (!get_f32(env, argv[0], "x", &x, &n, &err)) return throw_error(env, std::string(fname) + ": " + err);
+  napi_value out;
+  NAPI_OK(napi_create_double(env, double(obf::first_non_finite(x, n)), &out));
+  return out;
+}
+
+bool get_f64n(napi_env env, napi_value v, const char* name, double** data, int64_t need, std::string* err, bool optional = false) {
+  if (optional && is_nullish(env, v)) {
+    *data = nullptr;
+    return true;
+  }
+  return get_typed(env, v, name, napi_float64_array, "Float64Array", reinterpret_cast<void**>(data), need, err);
+}
+
+napi_value FreivaldsRows(napi_env env, napi_callback_info info) {
+  const char* fname = "freivaldsRows";
+  ARGS(9);
+  int64_t a = 0, b = 0, rows = 0;
+  float *lhs = nullptr, *rhs = nullptr;
+  double *p = nullptr, *q = nullptr, *c = nullptr, *out = nullptr;
+  if (!get_int(env, argv[1], "a", &a, &err) || !get_int(env, argv[4], "b", &b, &err) || !get_int(env, argv[7], "rows", &rows, &err) ||
+      !get_f32n(env, argv[0], "lhs", &lhs, rows * a, &err) || !get_f64n(env, argv[2], "p", &p, 2 * a, &err) ||
+      !get_f32n(env, argv[3], "rhs", &rhs, rows * b, &err) || !get_f64n(env, argv[5], "q", &q, 2 * b, &err) ||
+      !get_f64n(env, argv[6], "c", &c, 2, &err, true) || !get_f64n(env, argv[8], "out", &out, 4 * rows, &err))
+    return throw_error(env, std::string(fname) + ": " + err);
+  obf::freivalds_rows(lhs, a, p, rhs, b, q, c, rows, out);
+  return nullptr;
+}
+
 napi_value GeluForward(napi_env env, napi_callback_info info) {
   const char* fname = "geluForward";
   ARGS(4);
@@ -366,6 +401,8 @@ NAPI_MODULE_INIT() {
       {"sgemm", nullptr, Sgemm, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"sgemmBatched", nullptr, SgemmBatched, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"adamw", nullptr, Adamw, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"firstNonFinite", nullptr, FirstNonFinite, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"freivaldsRows", nullptr, FreivaldsRows, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"zero", nullptr, Zero, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"sumSquares", nullptr, SumSquares, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"geluForward", nullptr, GeluForward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

@@ -112,7 +112,59 @@ void zero_task(void* ctx, int64_t t) {
   std::memset(c->x + r.lo, 0, size_t(r.hi - r.lo) * sizeof(float));
 }
 
+struct FiniteCtx {
+  const EwKernels* k;
+  const float* x;
+  int64_t n;
+  uint8_t* bad;
+};
+void finite_task(void* ctx, int64_t t) {
+  auto* c = static_cast<FiniteCtx*>(ctx);
+  const Range r = chunk(t, c->n);
+  c->bad[t] = c->k->any_non_finite(c->x, r.lo, r.hi);
+}
+
+struct FreivaldsCtx {
+  const EwKernels* k;
+  const float *lhs, *rhs;
+  const double *p, *q, *c;
+  int64_t a, b;
+  double* out;
+};
+void freivalds_task(void* ctx, int64_t i) {
+  auto* c = static_cast<FreivaldsCtx*>(ctx);
+  double* o = c->out + 4 * i;
+  o[0] = o[1] = o[2] = o[3] = 0;
+  c->k->dot2_abs(c->lhs + i * c->a, c->p, c->a, o, 1.0);
+  c->k->dot2_abs(c->rhs + i * c->b, c->q, c->b, o, -1.0);
+  if (c->c) {
+    o[0] -= c->c[0];
+    o[1] -= c->c[1];
+    o[2] += std::fabs(c->c[0]);
+    o[3] += std::fabs(c->c[1]);
+  }
+}
+
 }  // namespace
+
+int64_t first_non_finite(const float* x, int64_t n) {
+  std::vector<uint8_t> bad(chunks(n));
+  FiniteCtx c{&kern(), x, n, bad.data()};
+  shared_pool().run(chunks(n), finite_task, &c);
+  for (int64_t t = 0; t < chunks(n); t++) {
+    if (!bad[t]) continue;
+    const Range r = chunk(t, n);
+    for (int64_t i = r.lo; i < r.hi; i++)
+      if (!std::isfinite(x[i])) return i;
+  }
+  return -1;
+}
+
+void freivalds_rows(const float* lhs, int64_t a, const double* p, const float* rhs, int64_t b, const double* q,
+                    const double* c, int64_t rows, double* out) {
+  FreivaldsCtx ctx{&kern(), lhs, rhs, p, q, c, a, b, out};
+  shared_pool().run(rows, freivalds_task, &ctx);
+}
 
 void zero(float* x, int64_t n) {
   ZeroCtx c{x, n};

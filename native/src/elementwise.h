@@ -20,6 +20,8 @@ struct EwKernels {
   float (*row_max)(const float* x, int64_t V);
   double (*row_exp)(float* x, int64_t V, float mx);  // x = e^{x - mx}, returns the sum
   void (*row_scale)(float* x, int64_t V, float s);
+  bool (*any_non_finite)(const float* x, int64_t lo, int64_t hi);
+  void (*dot2_abs)(const float* y, const double* p, int64_t n, double* out, double sign);
 };
 extern const EwKernels ew_generic;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -38,5 +40,13 @@ void gelu_forward(float* out, const float* inp, float* th, int64_t n);
 void gelu_backward(float* dinp, const float* inp, const float* dout, const float* th, int64_t n);
 // logits[rows, V] replaced by softmax probabilities; losses[row] = -log p[target] (0 where target < 0)
 void softmax_xent(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V);
+
+// index of the first NaN or infinity in x[n], or -1
+int64_t first_non_finite(const float* x, int64_t n);
+// Freivalds residuals of `rows` rows, two secret vectors: for each row i,
+//   out[4i + k] = lhs[i, :a] . p[:, k] - rhs[i, :b] . q[:, k] - c[k]   (k = 0, 1)
+//   out[4i + 2 + k] = the sum of the absolute values of those terms
+void freivalds_rows(const float* lhs, int64_t a, const double* p, const float* rhs, int64_t b, const double* q,
+                    const double* c, int64_t rows, double* out);
 
 }  // namespace obf

@@ -144,8 +144,35 @@ void row_scale(float* __restrict x, int64_t V, float s) {
   for (int64_t i = 0; i < V; i++) x[i] *= s;
 }
 
+// whether x[lo, hi) has a NaN or an infinity (exponent bits all ones)
+bool any_non_finite(const float* __restrict x, int64_t lo, int64_t hi) {
+  int32_t acc = 0;
+  for (int64_t i = lo; i < hi; i++) {
+    int32_t b;
+    __builtin_memcpy(&b, x + i, 4);
+    acc |= (b & 0x7f800000) == 0x7f800000;
+  }
+  return acc != 0;
+}
+
+// out[0..1] += y[n] . p[n, 2] (both secret vectors), out[2..3] += |terms| (the tolerance's scale)
+void dot2_abs(const float* __restrict y, const double* __restrict p, int64_t n, double* __restrict out, double sign) {
+  double s0 = 0, s1 = 0, m0 = 0, m1 = 0;
+  for (int64_t j = 0; j < n; j++) {
+    const double z0 = double(y[j]) * p[2 * j], z1 = double(y[j]) * p[2 * j + 1];
+    s0 += z0;
+    s1 += z1;
+    m0 += __builtin_fabs(z0);
+    m1 += __builtin_fabs(z1);
+  }
+  out[0] += sign * s0;
+  out[1] += sign * s1;
+  out[2] += m0;
+  out[3] += m1;
+}
+
 }  // namespace
 
 namespace obf {
-extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale};
+extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale, any_non_finite, dot2_abs};
 }  // namespace obf

@@ -10,6 +10,7 @@ import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { LocalLinears } from '../model/local_linears.js';
+import { firstNonFinite } from '../tensor/parallel.js';
 import { LINEARS } from '../model/block.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../tensor/rng.js';
@@ -68,9 +69,8 @@ export class Accelerator {
   }
 
   private checkFinite(what: string, x: Float32Array): void {
-    for (let i = 0; i < x.length; i++) {
-      if (!Number.isFinite(x[i])) throw new Error(`accelerator: ${what} contains a non-finite value at index ${i}`);
-    }
+    const i = firstNonFinite(x);
+    if (i >= 0) throw new Error(`accelerator: ${what} contains a non-finite value at index ${i}`);
   }
 
   /** Answers one request; failures become an error reply, the accelerator keeps serving. */

@@ -6,6 +6,7 @@
 import type { GPT2Config } from '../model/config.js';
 import { linearDims, type LinearName, type Linears } from '../model/block.js';
 import { isShared, sharedFloat32 } from '../tensor/shared.js';
+import { firstNonFinite } from '../tensor/parallel.js';
 import { asObfuscated, type Obfuscated, type AcceleratorReply } from './messages.js';
 import type { AcceleratorLink } from './link.js';
 import type { IntegrityChecker } from './integrity.js';
@@ -13,7 +14,8 @@ import { AcceleratorError, InputError } from '../errors.js';
 
 /** Refuses to send a diverged (NaN/Inf) tensor across the boundary. */
 function assertFinite(x: Float32Array, what: string): void {
-  for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) throw new InputError(`${what} contains a non-finite value at index ${i}`);
+  const i = firstNonFinite(x);
+  if (i >= 0) throw new InputError(`${what} contains a non-finite value at index ${i}`);
 }
 
 /** The reply must be a finite tensor of rows x cols. */
@@ -22,7 +24,8 @@ export function checkTensorReply(rep: AcceleratorReply, l: number, name: string,
   if (rep.op !== 'tensor') throw new AcceleratorError(`accelerator sent "${rep.op}" instead of a tensor for h.${l}.${name}`);
   if (rep.rows !== rows || rep.cols !== cols || rep.data.length !== rows * cols) throw new AcceleratorError(`accelerator reply for h.${l}.${name} has shape ${rep.rows} x ${rep.cols} (${rep.data.length} values), expected ${rows} x ${cols}`);
   const y = rep.data;
-  for (let i = 0; i < y.length; i++) if (!Number.isFinite(y[i])) throw new AcceleratorError(`accelerator reply for h.${l}.${name} contains a non-finite value at ${i}`);
+  const bad = firstNonFinite(y);
+  if (bad >= 0) throw new AcceleratorError(`accelerator reply for h.${l}.${name} contains a non-finite value at ${bad}`);
   return asObfuscated(y); // the reply to an obfuscated request is in the request's masked basis
 }
 

@@ -18,6 +18,7 @@ import { LINEARS, type LinearName } from '../model/block.js';
 import type { AcceleratorWeights } from './linears.js';
 import type { RandomSource } from '../tensor/rng.js';
 import { sgdMomentumStep } from '../tensor/sgd.js';
+import { freivaldsRows } from '../tensor/parallel.js';
 import { IntegrityError } from '../errors.js';
 
 export const CHECK_VECTORS = 2;
@@ -122,32 +123,9 @@ export class IntegrityChecker {
   // lhs[rows, a] . p[a, K]  ==  rhs[rows, b] . q[b, K] + c   (K = 2, unrolled: this runs on every reply)
   private rowCheck(what: string, lhs: Float32Array, p: Float64Array, a: number, rhs: Float32Array, q: Float64Array, b: number, c: Float64Array | null, rows: number): void {
     if (this.K !== 2) throw new Error('integrity checks use two secret vectors');
-    const c0 = c ? c[0] : 0, c1 = c ? c[1] : 0;
+    const r = freivaldsRows(lhs, a, p, rhs, b, q, c, rows);
     for (let i = 0; i < rows; i++) {
-      let s0 = 0, s1 = 0, m0 = 0, m1 = 0;
-      const lo = i * a;
-      for (let j = 0, jj = 0; j < a; j++, jj += 2) {
-        const y = lhs[lo + j];
-        const z0 = y * p[jj], z1 = y * p[jj + 1];
-        s0 += z0;
-        s1 += z1;
-        m0 += Math.abs(z0);
-        m1 += Math.abs(z1);
-      }
-      const ro = i * b;
-      for (let j = 0, jj = 0; j < b; j++, jj += 2) {
-        const x = rhs[ro + j];
-        const z0 = x * q[jj], z1 = x * q[jj + 1];
-        s0 -= z0;
-        s1 -= z1;
-        m0 += Math.abs(z0);
-        m1 += Math.abs(z1);
-      }
-      s0 -= c0;
-      s1 -= c1;
-      m0 += Math.abs(c0);
-      m1 += Math.abs(c1);
-      const e0 = Math.abs(s0), e1 = Math.abs(s1);
+      const e0 = Math.abs(r[4 * i]), e1 = Math.abs(r[4 * i + 1]), m0 = r[4 * i + 2], m1 = r[4 * i + 3];
       if (!(e0 <= this.tol * m0 + 1e-6) || !(e1 <= this.tol * m1 + 1e-6)) {
         const [err, m] = e0 / (m0 + 1e-30) > e1 / (m1 + 1e-30) ? [e0, m0] : [e1, m1];
         throw new IntegrityError(`integrity check failed: the accelerator's ${what} is wrong at row ${i} (secret-vector residual ${err.toExponential(2)}, tolerance ${(this.tol * m).toExponential(2)})`);

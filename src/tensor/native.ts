@@ -26,6 +26,10 @@ export interface NativeAddon {
   /** AdamW over whole buffers on the addon's threads (see kernels_ew.ts adamwRange). */
   adamw(params: Float32Array, grads: Float32Array, m: Float32Array, v: Float32Array, mask: Uint8Array | null,
     lr: number, beta1: number, beta2: number, eps: number, weightDecay: number, c1: number, c2: number, gradScale: number): void;
+  /** Index of the first NaN or infinity in x, or -1. */
+  firstNonFinite(x: Float32Array): number;
+  /** Freivalds residuals and their scales per row, two secret vectors (see tensor/parallel.ts freivaldsRows). */
+  freivaldsRows(lhs: Float32Array, a: number, p: Float64Array, rhs: Float32Array, b: number, q: Float64Array, c: Float64Array | null, rows: number, out: Float64Array): void;
   /** x = 0, on the addon's threads. */
   zero(x: Float32Array): void;
   /** Sum of squares (float64; the same for any thread count). */

@@ -322,3 +322,40 @@ export function crossEntropyForwardPar(logits: Float32Array, targets: Int32Array
   }, (lo, hi) => ({ op: 'ce_fwd', a: logits, b: losses, t: targets, V, lo, hi }), 2, 1);
   return { loss: count > 0 ? total / count : 0, count };
 }
+
+/** Index of the first NaN or infinity in x, or -1 (every tensor that crosses the boundary is checked). */
+export function firstNonFinite(x: Float32Array): number {
+  const nat = ew();
+  if (nat && x.length >= 4096) return nat.firstNonFinite(x);
+  for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) return i;
+  return -1;
+}
+
+/**
+ * Freivalds residuals of `rows` rows with two secret vectors, in float64: for row i and k = 0, 1,
+ *   out[4i + k]     = lhs[i, :a] . p[:, k] - rhs[i, :b] . q[:, k] - c[k]
+ *   out[4i + 2 + k] = the sum of the absolute values of those terms (the tolerance's scale)
+ * p [a, 2], q [b, 2], c [2] or null.
+ */
+export function freivaldsRows(lhs: Float32Array, a: number, p: Float64Array, rhs: Float32Array, b: number, q: Float64Array, c: Float64Array | null, rows: number): Float64Array {
+  const out = new Float64Array(4 * rows);
+  const nat = ew();
+  if (nat) {
+    nat.freivaldsRows(lhs, a, p, rhs, b, q, c, rows, out);
+    return out;
+  }
+  for (let i = 0; i < rows; i++) {
+    let s0 = 0, s1 = 0, m0 = 0, m1 = 0;
+    for (let j = 0; j < a; j++) {
+      const y = lhs[i * a + j], z0 = y * p[2 * j], z1 = y * p[2 * j + 1];
+      s0 += z0; s1 += z1; m0 += Math.abs(z0); m1 += Math.abs(z1);
+    }
+    for (let j = 0; j < b; j++) {
+      const x = rhs[i * b + j], z0 = x * q[2 * j], z1 = x * q[2 * j + 1];
+      s0 -= z0; s1 -= z1; m0 += Math.abs(z0); m1 += Math.abs(z1);
+    }
+    const c0 = c ? c[0] : 0, c1 = c ? c[1] : 0;
+    out.set([s0 - c0, s1 - c1, m0 + Math.abs(c0), m1 + Math.abs(c1)], 4 * i);
+  }
+  return out;
+}

@@ -119,3 +119,13 @@ test('obfuscate, then generate through the split: the same tokens as the plain m
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('progress off a terminal: piped stderr gets timed progress lines and a last one at 100%; stdout stays JSON', () => {
+  const r = run(['bench', 'train-step', '--json', '--model', 'gpt2-tiny', '--steps', '30'], { OBFUSCATUNE_NO_PROGRESS: '0', OBFUSCATUNE_PROGRESS_INTERVAL_MS: '1' });
+  assert.equal(r.status, 0, r.stderr);
+  const lines = r.stderr.split('\n').filter((l) => l.startsWith('bench train-step: '));
+  assert.ok(lines.length >= 2, r.stderr);
+  for (const l of lines) assert.match(l, /^bench train-step: \d+\/31 \(\d+%\) +elapsed \d+s, ETA /);
+  assert.match(lines[lines.length - 1], /31\/31 \(100%\)/);
+  assert.equal(JSON.parse(r.stdout).model, 'gpt2-tiny');
+});

@@ -129,3 +129,18 @@ test('progress off a terminal: piped stderr gets timed progress lines and a last
   assert.match(lines[lines.length - 1], /31\/31 \(100%\)/);
   assert.equal(JSON.parse(r.stdout).model, 'gpt2-tiny');
 });
+
+test('datasets: numeric labels sort by value (2 before 10); a labelled file trained as lm is warned about', async () => {
+  const { labelSet } = await import('../src/io/jsonl.js');
+  assert.deepEqual(labelSet([{ label: '10' }, { label: '2' }, { label: '1' }, { label: '-3' }], 't'), ['-3', '1', '2', '10']);
+  assert.deepEqual(labelSet([{ label: 'b' }, { label: 'a10' }, { label: 'a2' }], 't'), ['a10', 'a2', 'b']);
+  assert.deepEqual(labelSet([{ label: '2' }, { label: 'x' }, { label: '10' }], 't'), ['10', '2', 'x']);
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-cli-lm-'));
+  try {
+    const r = run(['finetune', '--model', path.join(ROOT, 'test/fixtures/vocab50257'), '--train', path.join(ROOT, 'data/food-reviews/train.jsonl'), '--task', 'lm', '--max-len', '8', '--steps', '1', '--batch', '2', '--out', path.join(dir, 'run')]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stderr, /warning: .*train\.jsonl has labelled records, and the task is lm: the labels are ignored/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

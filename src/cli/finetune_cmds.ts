@@ -114,6 +114,8 @@ export function addFinetuneCommands(program: Command): void {
           const extra = ev.filter((l) => !labels.includes(l));
           if (extra.length) throw new InputError(`${files.eval} has labels not seen in ${files.train}: ${extra.join(', ')}`);
         }
+      } else if (trainRecs.some((r) => r.label !== undefined)) {
+        console.error(`warning: ${files.train} has labelled records, and the task is lm: the labels are ignored (classification is --task cls)`);
       }
       const base = loadCheckpoint(files.model);
       // a head the model brings is kept when it has as many labels (buildSession)

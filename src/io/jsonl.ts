@@ -58,7 +58,10 @@ export function readJsonl(file: string): Record_[] {
   return recs;
 }
 
-/** The sorted label set of a classification dataset; every record must have a label. */
+/**
+ * The sorted label set of a classification dataset; every record must have a label. Labels
+ * that are all numbers sort by value (2 before 10), others as strings.
+ */
 export function labelSet(recs: Record_[], source: string): string[] {
   const s = new Set<string>();
   recs.forEach((r, i) => {
@@ -66,7 +69,9 @@ export function labelSet(recs: Record_[], source: string): string[] {
     s.add(r.label);
   });
   if (s.size < 2) throw new InputError(`${source}: a classification dataset needs at least 2 labels, found ${s.size}`);
-  return [...s].sort();
+  const all = [...s];
+  const numeric = all.every((l) => /^-?\d+(\.\d+)?$/.test(l));
+  return numeric ? all.sort((a, b) => Number(a) - Number(b)) : all.sort();
 }
 
 export interface Encoded {

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -140,6 +140,42 @@ test('datasets: numeric labels sort by value (2 before 10); a labelled file trai
     const r = run(['finetune', '--model', path.join(ROOT, 'test/fixtures/vocab50257'), '--train', path.join(ROOT, 'data/food-reviews/train.jsonl'), '--task', 'lm', '--max-len', '8', '--steps', '1', '--batch', '2', '--out', path.join(dir, 'run')]);
     assert.equal(r.status, 0, r.stderr);
     assert.match(r.stderr, /warning: .*train\.jsonl has labelled records, and the task is lm: the labels are ignored/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('key material and runs are protected: a non-empty --out is refused without --force; a key from another obfuscation is refused by deobfuscate, nothing written', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-cli-keys-'));
+  const model = path.join(ROOT, 'test/fixtures/vocab50257');
+  try {
+    const a = path.join(dir, 'a'), b = path.join(dir, 'b');
+    assert.equal(run(['obfuscate', '--model', model, '--out', a]).status, 0);
+    const secret = readFileSync(path.join(a, 'provider', 'secret.json'), 'utf8');
+    const again = run(['obfuscate', '--model', model, '--out', a]);
+    assert.notEqual(again.status, 0);
+    assert.match(again.stderr, /obfuscate: --out .* is not empty .*--force/);
+    assert.equal(readFileSync(path.join(a, 'provider', 'secret.json'), 'utf8'), secret, 'the secret key is untouched');
+    assert.equal(run(['obfuscate', '--model', model, '--out', b]).status, 0);
+    // b's key with a's bundles: refused before anything is written
+    const out = path.join(dir, 'plain');
+    const wrong = run(['deobfuscate', '--base', model, '--bundles', a, '--key', path.join(b, 'provider'), '--out', out]);
+    assert.notEqual(wrong.status, 0);
+    assert.match(wrong.stderr, /the mask key in .*secret\.json did not make the accelerator bundle .*key fingerprint/);
+    assert.ok(!existsSync(out), 'nothing written');
+    assert.equal(run(['deobfuscate', '--base', model, '--bundles', a, '--out', out]).status, 0);
+    assert.match(run(['deobfuscate', '--base', model, '--bundles', a, '--out', out]).stderr, /deobfuscate: --out .* is not empty/);
+    // a fresh run into an old run's directory
+    const runDir = path.join(dir, 'run');
+    const args = ['finetune', '--model', model, '--train', path.join(ROOT, 'data/austen/train.jsonl'), '--task', 'lm', '--max-len', '8', '--steps', '2', '--batch', '2', '--checkpoint-every', '1', '--out', runDir];
+    assert.equal(run(args).status, 0);
+    const fresh = run(args);
+    assert.notEqual(fresh.status, 0);
+    assert.match(fresh.stderr, /finetune \(a fresh run; --resume continues the run there\): --out .* is not empty/);
+    writeFileSync(path.join(runDir, 'checkpoints', 'step-0000099'), 'stale');
+    const forced = run([...args.slice(0, -2), '--steps', '1', '--out', runDir, '--force']);
+    assert.equal(forced.status, 0, forced.stderr);
+    assert.ok(!existsSync(path.join(runDir, 'checkpoints', 'step-0000099')), 'the old run\'s checkpoints are gone');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -1,6 +1,6 @@
 /** CLI: fine-tuning through the split, evaluation and generation of fine-tuned runs. */
 import { Command } from 'commander';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import type { GPT2Weights } from '../model/weights.js';
@@ -13,7 +13,7 @@ import {
   type RunSpec, type RunSpecInput,
 } from '../train/run_spec.js';
 import { progressBar } from './progress.js';
-import { parseIntArg } from './model_args.js';
+import { parseIntArg, refuseNonEmpty } from './model_args.js';
 import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
 import { BundleError, InputError } from '../errors.js';
@@ -56,6 +56,9 @@ function finetuneSpecInput(o: Record<string, unknown>): RunSpecInput {
   return input as RunSpecInput;
 }
 
+/** What a run writes into its directory (removed by a fresh run with --force). */
+const RUN_OUTPUTS = ['checkpoints', 'final', 'merged', 'accelerator-state', 'metrics.jsonl', 'summary.json', 'config.json', RUN_SPEC_FILE];
+
 /** The model and data files of a run: the flags, or on --resume the run's own (a different one given is refused). */
 function runFiles(o: { model?: string; train?: string; eval?: string; resume?: boolean }, runDir: string): { model: string; train: string; eval: string | null } {
   if (!o.resume) {
@@ -87,9 +90,15 @@ export function addFinetuneCommands(program: Command): void {
     .option('--resume', `continue the run in --out from its latest checkpoint with the settings in its ${RUN_SPEC_FILE} (no flags to repeat; only ${RESUMABLE_CHANGES.map((k) => `--${k.replace(/_/g, '-')}`).join(', ')} may change)`)
     .option('--serialize', 'send every boundary message through the binary codec')
     .requiredOption('--out <dir>', 'run directory')
+    .option('--force', 'start a fresh run in a non-empty --out: the previous run\'s checkpoints and outputs there are deleted')
     .option('--json', 'print the summary as JSON')
     .action(async (o) => {
       const runDir: string = o.out;
+      if (!o.resume) {
+        refuseNonEmpty(runDir, o.force, 'finetune (a fresh run; --resume continues the run there)');
+        // --force: what a previous run wrote goes, so nothing of it mixes with this one
+        if (o.force) for (const f of RUN_OUTPUTS) rmSync(path.join(runDir, f), { recursive: true, force: true });
+      }
       // the whole spec is validated before any work: nothing is loaded or written before this
       const given = finetuneSpecInput(o);
       let spec: RunSpec;

@@ -1,5 +1,5 @@
 /** Shared resolution of `--model` arguments: a checkpoint directory or a preset name. */
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { getPreset, presetNames } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
 import { loadCheckpoint } from '../model/checkpoint.js';
@@ -31,4 +31,17 @@ export function parseFloatArg(name: string) {
     if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number, got "${v}"`);
     return n;
   };
+}
+
+/**
+ * Refuses to write into an existing non-empty directory unless `force` (key material and
+ * runs are never overwritten by accident).
+ */
+export function refuseNonEmpty(dir: string, force: boolean | undefined, command: string): void {
+  if (force || !existsSync(dir)) return;
+  if (!statSync(dir).isDirectory()) throw new InputError(`${command}: --out ${dir} exists and is not a directory`);
+  const entries = readdirSync(dir);
+  if (entries.length > 0) {
+    throw new InputError(`${command}: --out ${dir} is not empty (${entries.slice(0, 4).join(', ')}${entries.length > 4 ? ', ...' : ''}); give an empty or new directory, or --force to write over it`);
+  }
 }

@@ -12,7 +12,7 @@ import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import { Enclave } from '../enclave/enclave.js';
 import { progressBar } from './progress.js';
-import { loadModel, parseIntArg } from './model_args.js';
+import { loadModel, parseIntArg, refuseNonEmpty } from './model_args.js';
 import { BundleError } from '../errors.js';
 
 export function addSplitCommands(program: Command): void {
@@ -27,7 +27,9 @@ export function addSplitCommands(program: Command): void {
     .option('--no-head-permutation', 'do not permute the heads')
     .option('--seed <n>', 'derive the mask key from a seed (reproducible, NOT secret; for tests)', parseIntArg('--seed'))
     .requiredOption('--out <dir>', 'output directory (accelerator/, enclave/, provider/)')
+    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)')
     .action((o) => {
+      refuseNonEmpty(o.out, o.force, 'obfuscate');
       const w = loadCheckpoint(o.model);
       const spec = o.naive ? parseMaskSpec('naive') : parseMaskSpec(String(o.kappa));
       const bar = progressBar(2 * w.config.n_layer, 'obfuscate', '{phase}');
@@ -51,8 +53,10 @@ export function addSplitCommands(program: Command): void {
     .option('--enclave <dir>', 'enclave bundle (default: BUNDLES/enclave)')
     .option('--key <dir>', 'provider key (default: BUNDLES/provider)')
     .requiredOption('--out <dir>', 'output checkpoint directory')
+    .option('--force', 'write into a non-empty --out')
     .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32'))
     .action((o) => {
+      refuseNonEmpty(o.out, o.force, 'deobfuscate');
       const base = loadCheckpoint(o.base);
       const w = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'));
       saveCheckpoint(o.out, w, { dtype: o.dtype });

@@ -31,6 +31,8 @@ export interface AcceleratorManifest {
   n_embd: number;
   linears: { layer: number; name: LinearName; din: number; dout: number }[];
   weights: { file: string; sha256: string; bytes: number };
+  /** fingerprint of the mask key the bundle was made with (keyFingerprint); absent in older bundles */
+  key_fingerprint?: string;
 }
 
 export interface ProviderKey {
@@ -45,6 +47,15 @@ export interface ProviderKey {
 }
 
 export const sha256 = (b: Uint8Array | string): string => createHash('sha256').update(b).digest('hex');
+
+/**
+ * A public fingerprint of a mask key (SHA-256 of a domain label and the key: it tells keys
+ * apart and reveals nothing of the key). Both bundle manifests carry it, so a key can be
+ * matched with its bundles before anything is written.
+ */
+export function keyFingerprint(key: Uint8Array): string {
+  return createHash('sha256').update('obfuscatune mask key fingerprint\0').update(key).digest('hex').slice(0, 32);
+}
 
 function writeJson(file: string, obj: unknown, mode?: number): string {
   const text = JSON.stringify(obj, null, 2) + '\n';
@@ -65,7 +76,7 @@ function readJson<T>(file: string, what: string): T {
 }
 
 /** Writes the accelerator bundle; returns the SHA-256 of its manifest. */
-export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mode: Mode, d: number): string {
+export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mode: Mode, d: number, keyFp?: string): string {
   mkdirSync(dir, { recursive: true });
   const tensors: TensorToWrite[] = [];
   const linears: AcceleratorManifest['linears'] = [];
@@ -83,6 +94,7 @@ export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mod
   const manifest: AcceleratorManifest = {
     format: ACC_FORMAT, mode, n_layer: acc.n_layer, n_embd: d, linears,
     weights: { file: 'weights.safetensors', sha256: sha256(bytes), bytes: bytes.length },
+    ...(keyFp ? { key_fingerprint: keyFp } : {}),
   };
   return sha256(writeJson(path.join(dir, 'manifest.json'), manifest));
 }
@@ -135,6 +147,8 @@ export interface EnclaveBundle {
   acceleratorManifestSha256: string;
   cls?: { numLabels: number; labels?: string[]; pooling?: Pooling };
   padTokenId?: number;
+  /** fingerprint of the mask key (keyFingerprint); absent in older bundles */
+  keyFingerprint?: string;
 }
 
 /**
@@ -176,6 +190,7 @@ export interface EnclaveManifest {
   cls: { num_labels: number; labels?: string[]; pooling?: Pooling } | null;
   pad_token_id: number | null;
   tensors: { file: string; sha256: string };
+  key_fingerprint?: string;
 }
 
 export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
@@ -194,6 +209,7 @@ export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
     cls: b.cls ? { num_labels: b.cls.numLabels, labels: b.cls.labels, pooling: b.cls.pooling ?? 'last' } : null,
     pad_token_id: b.padTokenId ?? null,
     tensors: { file: 'tensors.safetensors', sha256: sha256(readFileSync(tfile)) },
+    ...(b.keyFingerprint ? { key_fingerprint: b.keyFingerprint } : {}),
   };
   writeJson(path.join(dir, 'manifest.json'), manifest);
 }
@@ -279,6 +295,7 @@ export function loadEnclaveBundle(dir: string): EnclaveBundle {
   return {
     ...head, tensors: readEnclaveTensors(openSafetensors(tfile), head), spec: m.spec,
     acceleratorManifestSha256: m.accelerator_manifest_sha256, padTokenId: m.pad_token_id ?? undefined,
+    keyFingerprint: typeof m.key_fingerprint === 'string' ? m.key_fingerprint : undefined,
   };
 }
 
@@ -296,7 +313,7 @@ export function writeProviderKey(dir: string, k: ProviderKey): void {
   writeJson(path.join(dir, 'secret.json'), k, 0o600);
 }
 
-export function loadProviderKey(dir: string): { key: Buffer; params: ObfuscationParams; info: ProviderKey } {
+export function loadProviderKey(dir: string): { key: Buffer; params: ObfuscationParams; info: ProviderKey; file: string } {
   const file = dir.endsWith('.json') ? dir : path.join(dir, 'secret.json');
   const k = readJson<ProviderKey>(file, 'provider key');
   if (k.format !== KEY_FORMAT) throw new BundleError(`provider key: ${file} has format "${k.format}", expected "${KEY_FORMAT}"`);
@@ -305,5 +322,19 @@ export function loadProviderKey(dir: string): { key: Buffer; params: Obfuscation
     key: Buffer.from(k.key_hex, 'hex'),
     params: { mode: k.mode, spec: parseMaskSpec(k.spec), twoSided: k.two_sided, headPermutation: k.head_permutation },
     info: k,
+    file,
   };
+}
+
+/**
+ * Refuses a mask key that did not make these bundles (the manifests' key fingerprints; older
+ * bundles without one pass). Called before anything is derived or written with the key.
+ */
+export function checkKeyMatches(key: Uint8Array, keyFile: string, bundles: { what: string; fingerprint: string | undefined }[]): void {
+  const fp = keyFingerprint(key);
+  for (const b of bundles) {
+    if (b.fingerprint !== undefined && b.fingerprint !== fp) {
+      throw new BundleError(`the mask key in ${keyFile} did not make the ${b.what} (key fingerprint ${fp.slice(0, 12)}..., the bundle's ${b.fingerprint.slice(0, 12)}...): nothing was written`);
+    }
+  }
 }

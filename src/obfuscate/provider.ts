@@ -13,7 +13,7 @@ import type { AcceleratorWeights } from '../protocol/linears.js';
 import { makeCheckVectors } from '../protocol/integrity.js';
 import {
   writeAcceleratorBundle, writeEnclaveBundle, writeProviderKey, KEY_FORMAT, sha256, ACC_FORMAT,
-  loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, checkBundlePair, type EnclaveBundle,
+  loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, checkBundlePair, keyFingerprint, checkKeyMatches, type EnclaveBundle,
 } from './bundle.js';
 
 export interface ObfuscateOptions {
@@ -72,8 +72,10 @@ export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): Obfuscati
 
 /** Writes out/accelerator, out/enclave and out/provider (the secret key). */
 export function writeObfuscation(out: string, r: ObfuscationResult): { acceleratorSha256: string } {
-  const acceleratorSha256 = writeAcceleratorBundle(path.join(out, 'accelerator'), r.accelerator, r.params.mode, r.enclave.config.n_embd);
+  const fp = keyFingerprint(r.key);
+  const acceleratorSha256 = writeAcceleratorBundle(path.join(out, 'accelerator'), r.accelerator, r.params.mode, r.enclave.config.n_embd, fp);
   r.enclave.acceleratorManifestSha256 = acceleratorSha256;
+  r.enclave.keyFingerprint = fp;
   writeEnclaveBundle(path.join(out, 'enclave'), r.enclave);
   writeProviderKey(path.join(out, 'provider'), {
     format: KEY_FORMAT, key_hex: r.key.toString('hex'), mode: r.params.mode, spec: maskSpecLabel(r.params.spec),
@@ -87,7 +89,8 @@ export function writeObfuscation(out: string, r: ObfuscationResult): { accelerat
 export function deobfuscateDirs(base: GPT2Weights, accDir: string, encDir: string, keyDir: string): GPT2Weights {
   const acc = loadAcceleratorBundle(accDir);
   const enc = loadEnclaveBundle(encDir);
-  const { key, params, info } = loadProviderKey(keyDir);
+  const { key, params, info, file } = loadProviderKey(keyDir);
+  checkKeyMatches(key, file, [{ what: `accelerator bundle ${accDir}`, fingerprint: acc.manifest.key_fingerprint }, { what: `enclave bundle ${encDir}`, fingerprint: enc.keyFingerprint }]);
   if (info.mode !== enc.mode || info.mode !== acc.manifest.mode) throw new Error(`mode mismatch: key is ${info.mode}, enclave ${enc.mode}, accelerator ${acc.manifest.mode}`);
   const c = base.config;
   for (const k of ['n_layer', 'n_head', 'n_embd', 'n_ctx', 'vocab_size'] as const) {

@@ -23,7 +23,7 @@ import {
 import type { Record_ } from '../io/jsonl.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { openSafetensors } from '../io/safetensors.js';
-import { loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate } from '../obfuscate/bundle.js';
+import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate } from '../obfuscate/bundle.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import { LINEARS } from '../model/block.js';
@@ -152,8 +152,10 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   const file = path.join(scratch, 'update.safetensors');
   writeFileSync(file, Buffer.from(up.update, 'base64'));
   const st = openSafetensors(file);
-  const tensors = withUpdate(loadEnclaveBundle(path.join(bundles, 'enclave')), st, 'enclave.');
-  const { key, params } = loadProviderKey(path.join(bundles, 'provider'));
+  const encBundle = loadEnclaveBundle(path.join(bundles, 'enclave'));
+  const tensors = withUpdate(encBundle, st, 'enclave.');
+  const { key, params, file: keyFile } = loadProviderKey(path.join(bundles, 'provider'));
+  checkKeyMatches(key, keyFile, [{ what: `enclave bundle ${path.join(bundles, 'enclave')}`, fingerprint: encBundle.keyFingerprint }]);
   let w = base;
   if (up.task === 'cls' && tensors.score) {
     const K = up.labels.length;

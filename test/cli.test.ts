@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -140,6 +140,25 @@ test('datasets: numeric labels sort by value (2 before 10); a labelled file trai
     const r = run(['finetune', '--model', path.join(ROOT, 'test/fixtures/vocab50257'), '--train', path.join(ROOT, 'data/food-reviews/train.jsonl'), '--task', 'lm', '--max-len', '8', '--steps', '1', '--batch', '2', '--out', path.join(dir, 'run')]);
     assert.equal(r.status, 0, r.stderr);
     assert.match(r.stderr, /warning: .*train\.jsonl has labelled records, and the task is lm: the labels are ignored/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('the four-terminal walkthrough of docs/deployment.md runs end to end (scripts/walkthrough.sh)', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-walk-'));
+  try {
+    const lines = Array.from({ length: 32 }, (_, i) => JSON.stringify({ text: i % 2 ? `this was good really good ${i}` : `this was awful really awful ${i}`, label: i % 2 ? 'pos' : 'neg' }));
+    writeFileSync(path.join(dir, 'train.jsonl'), lines.join('\n') + '\n');
+    const base = 20000 + (process.pid % 20000);
+    const r = spawnSync('bash', [path.join(ROOT, 'scripts', 'walkthrough.sh'), path.join(dir, 'w')], {
+      encoding: 'utf8', cwd: ROOT, timeout: 240_000,
+      env: { ...process.env, MODEL: path.join(ROOT, 'test/fixtures/vocab50257'), TRAIN: path.join(dir, 'train.jsonl'), STEPS: '4', ACC_PORT: String(base), ENC_PORT: String(base + 1) },
+    });
+    assert.equal(r.status, 0, `${r.stdout}\n${r.stderr}`);
+    assert.match(r.stdout, /provider [A-Za-z0-9+/]{43}=: signed/);
+    assert.match(r.stdout, /the endless job: .*"state":"cancelled"/);
+    assert.ok(existsSync(path.join(dir, 'w', 'merged', 'model.safetensors')));
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -117,7 +117,7 @@ test('the contract: unsigned or signed by one party is refused, a second one too
     assert.equal(att.contractSha256, verifyContract(w.contract).sha256);
     assert.deepEqual(describeSignatures(w.contract).map((l) => l.split(': ')[1]), ['signed', 'signed']);
     // a client holding another contract (another deployment's) refuses this enclave, and the enclave refuses its contract
-    const other = new EnclaveClient(w.encAddr, s.ownerKey, s.trust);
+    const other = new EnclaveClient(w.encAddr, s.ownerKey, { ...s.trust, rootPublicKey: w.rootPublicKey });
     await assert.rejects(other.attest(), /the enclave is bound to contract/);
     other.close();
     const c2 = new EnclaveClient(w.encAddr, w.ownerKey, w.trust);
@@ -227,13 +227,15 @@ test('third parties to the accelerator: every compute and admin call refused, re
     await w.provider.attest();
     await uploadAcceleratorBundle(w.accAddr, path.join(w.dir, 'bundles', 'accelerator'), w.providerKey);
     const reqs = [
-      { op: 'reset' }, { op: 'checkpoint_save', tag: 'step-0000001' }, { op: 'checkpoint_load', tag: '@bundle' }, { op: 'grad_sq_norm' },
+      { op: 'reset' }, { op: 'checkpoint_save', tag: 'step-0000001' }, { op: 'checkpoint_load', tag: 'bundle-weights' }, { op: 'grad_sq_norm' },
       { op: 'apply_update', lr: 1, momentum: 0, gradScale: 1 }, { op: 'linear_forward', layer: 0, name: 'qkv', rows: 1, x: new Float32Array(64) as never, save: false },
     ] as const;
     // over the tensor channel, without proof
-    const plain = new GrpcAcceleratorLink(w.accAddr, { deadlineMs: 5000 });
-    for (const r of reqs) await assert.rejects(plain.call(r as never), /UNAUTHENTICATED|authenticat/);
-    await plain.close();
+    for (const r of reqs) {
+      const plain = new GrpcAcceleratorLink(w.accAddr, { deadlineMs: 5000 });
+      await assert.rejects(plain.call(r as never), /UNAUTHENTICATED: tensor channel: this accelerator serves only its authenticated enclave/);
+      await plain.close();
+    }
     // over gRPC Call
     const viaGrpc = new GrpcAcceleratorLink(w.accAddr, { deadlineMs: 5000, tensorChannel: false });
     for (const r of reqs) await assert.rejects(viaGrpc.call(r as never), /UNAUTHENTICATED/);
@@ -257,8 +259,8 @@ test('third parties to the accelerator: every compute and admin call refused, re
     const sha = verifyContract(w.contract).sha256;
     const own = new GrpcAcceleratorLink(w.accAddr, { deadlineMs: 5000, prove: (c) => provePeer(platform, c, sha) });
     assert.equal((await own.call({ op: 'reset' })).op, 'ack');
-    // a checkpoint tag that is a path is refused even so
-    const bad = await own.call({ op: 'checkpoint_save', tag: '../../evil' });
+    // a checkpoint tag not of the training loop's form is refused even so
+    const bad = await own.call({ op: 'checkpoint_save', tag: 'evil.tag' });
     assert.equal(bad.op, 'error');
     await own.close();
     // a raw socket that skips the handshake is answered UNAUTHENTICATED and closed
@@ -403,10 +405,11 @@ test('an enclave stopped before its first checkpoint, or between a checkpoint an
     await w.provider.command('fetch_update');
     // a stop at step 1-3 (no checkpoint yet) after the accelerator trained: no state written after the start
     const freeze = () => { (w.enclave as unknown as { persist: () => Promise<void> }).persist = async () => {}; };
-    for (const stopAt of [2, 6]) {
+    for (const stopAt of [0, 5]) {
       await w.owner.command('start_finetune', { spec: spec({ steps: 10 }) });
       freeze(); // the sealed state stays as it was written at the job's start (a kill after every later write)
-      for (let i = 0; i < 1000; i++) {
+      // 0: stopped after its first step, before the first checkpoint (step 4); 5: after it
+      for (let i = 0; i < 2000 && stopAt > 0; i++) {
         const s = await w.owner.command<{ job: { step: number } }>('status');
         if (s.job.step >= stopAt) break;
         await new Promise((r) => setTimeout(r, 5));
@@ -421,7 +424,15 @@ test('an enclave stopped before its first checkpoint, or between a checkpoint an
       assert.deepEqual(st.job.losses, ref.job.losses);
       assert.equal(st.job.summary.train_loss_last, ref.job.summary.train_loss_last);
       assert.equal(st.job.summary.eval.loss, ref.job.summary.eval.loss);
-      if (stopAt === 6) assert.equal(st.job.summary.resumed_from, 4);
+      if (stopAt === 0) assert.equal(st.job.summary.resumed_from, null, 'a fresh start: the accelerator reloaded the bundle');
+      else assert.ok((st.job.summary.resumed_from ?? 0) >= 4, 'resumed from a checkpoint');
+      if (stopAt === 5) {
+        // a restart after the job finished: its model comes back from the final checkpoint
+        const texts = ['this was good really good', 'this was awful really awful'];
+        const before = await w.owner.command<{ predictions: string[] }>('infer', { texts });
+        await w.restartEnclave();
+        assert.deepEqual(await w.owner.command<{ predictions: string[] }>('infer', { texts }), before);
+      }
       await w.provider.command('fetch_update');
     }
   } finally {

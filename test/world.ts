@@ -123,3 +123,9 @@ export async function inProcessWorld(o: {
   }
   return w;
 }
+
+/** A contract between two keys for the given bundle directories, signed by both. */
+export function signedContract(provider: PartyKey, owner: PartyKey, bundles: string, o: Partial<DraftOptions> = {}): Contract {
+  const c = draftContract({ provider: partyId(provider), owner: partyId(owner), acceleratorDir: path.join(bundles, 'accelerator'), enclaveDir: path.join(bundles, 'enclave'), ...o });
+  return signContract(signContract(c, 'provider', provider.signing), 'owner', owner.signing);
+}

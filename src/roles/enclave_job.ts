@@ -133,7 +133,8 @@ export class JobRunner {
     if (got !== expected) throw new BundleError(`the accelerator serves bundle ${got.slice(0, 12)}..., the provider's enclave bundle expects ${expected.slice(0, 12)}...`);
   }
 
-  private async run(resume: boolean): Promise<void> {
+  /** The job's labels, encoded datasets and loop configuration. */
+  private prepare() {
     const { job, ctx } = this;
     const spec = job.spec;
     const tok = tokenizerFor(ctx.bundle.config.vocab_size);
@@ -142,10 +143,35 @@ export class JobRunner {
       const extra = labelSet(ctx.data.eval, 'evaluation data').filter((l) => !labels.includes(l));
       if (extra.length) throw new InputError(`evaluation data has labels not in the training data: ${extra.join(', ')}`);
     }
-    job.labels = labels;
     const train = encodeRecords(ctx.data.train, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'training data' });
     const evalSet = ctx.data.eval.length ? encodeRecords(ctx.data.eval, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'evaluation data' }) : null;
     const cfg = toFinetuneConfig(spec, ctx.bundle.acceleratorManifestSha256.slice(0, 16));
+    return { tok, labels, train, evalSet, cfg };
+  }
+
+  /**
+   * A finished job read back after a restart has no model in memory: it is rebuilt from the
+   * job's final checkpoint (kept until the provider fetched the update), the accelerator's
+   * weights with it, so inference and the provider's update work as before the restart.
+   */
+  private async restoreModel(): Promise<SplitModel> {
+    const latest = this.ctx.store.latestCheckpoint();
+    if (!latest) throw new StateError('the finished job\'s checkpoint is gone: its model cannot be restored');
+    await this.ctx.store.unsealCheckpoint(latest, this.runDir);
+    await this.acceleratorReady(120_000);
+    const { tok, labels, train, evalSet, cfg } = this.prepare();
+    const rng = new Rng(this.job.spec.seed);
+    const model = this.buildModel(labels, rng);
+    await runFinetune(model, train, evalSet, cfg, this.runDir, tok.eotId, { resume: true, rng });
+    this.ctx.log('restored the finished job\'s model from its final checkpoint');
+    return (this.model = model);
+  }
+
+  private async run(resume: boolean): Promise<void> {
+    const { job, ctx } = this;
+    const spec = job.spec;
+    const { tok, labels, train, evalSet, cfg } = this.prepare();
+    job.labels = labels;
     for (let attempt = 0; ; attempt++) {
       const sealedLatest = ctx.store.latestCheckpoint();
       const doResume = (resume || attempt > 0) && sealedLatest !== null;
@@ -220,14 +246,18 @@ export class JobRunner {
     return failure && RECOVERABLE_CODES.has(failure.code) ? failure : null;
   }
 
-  private finished(what: string): SplitModel {
-    if (this.job.state !== 'done' || !this.model) throw new StateError(`no finished job ${what}`);
-    return this.model;
+  private async finished(what: string): Promise<SplitModel> {
+    if (this.job.state !== 'done') throw new StateError(`no finished job ${what}`);
+    if (this.model) return this.model;
+    this.restoring ??= this.restoreModel().finally(() => { this.restoring = null; });
+    return this.restoring;
   }
+
+  private restoring: Promise<SplitModel> | null = null;
 
   /** The owner's inference on the fine-tuned model: labels (cls) or greedy completions with the KV cache (lm). */
   async infer(texts: unknown, maxTokens: unknown): Promise<unknown> {
-    const m = this.finished('(run a job first)');
+    const m = await this.finished('(run a job first)');
     if (!Array.isArray(texts) || texts.length === 0 || texts.length > 256 || !texts.every((t) => typeof t === 'string')) throw new InputError('infer needs 1-256 texts');
     const tok = tokenizerFor(m.config.vocab_size);
     const maxLen = Math.min(this.job.spec.max_len, m.config.n_ctx);
@@ -251,8 +281,8 @@ export class JobRunner {
   }
 
   /** The provider's update: the enclave's trained tensors and the adapters (safetensors, base64). */
-  exportUpdate(): unknown {
-    const m = this.finished('to export');
+  async exportUpdate(): Promise<unknown> {
+    const m = await this.finished('to export');
     const file = path.join(this.ctx.store.privateDir, 'export.safetensors');
     const t: TensorToWrite[] = [...m.trainedTensors()].map(([name, data]) => ({ name: `enclave.${name}`, dtype: 'F32', shape: [data.length], data }));
     if (m.adapters) t.push(...adapterTensors(m.adapters));

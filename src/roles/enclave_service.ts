@@ -291,10 +291,12 @@ export class EnclaveService {
       case 'cancel': return this.cancel(role);
       case 'infer': return this.finishedRunner().infer(cmd.texts, cmd.max_tokens);
       case 'fetch_update': {
-        const up = this.finishedRunner().exportUpdate() as Record<string, unknown>;
+        const up = await this.finishedRunner().exportUpdate() as Record<string, unknown>;
         this.updateFetched = true;
         await this.persist();
-        return { ...up, bundle_sha256: this.bundleSha256, contract_sha256: this.contractSha256 };
+        // the provider's view of the job: aggregates only (no first or last step's loss)
+        const sum = up.summary as { eval?: unknown; seconds?: unknown; steps?: unknown } | null;
+        return { ...up, summary: sum ? { eval: sum.eval, seconds: sum.seconds, steps: sum.steps } : null, bundle_sha256: this.bundleSha256, contract_sha256: this.contractSha256 };
       }
     }
     throw new InputError(`unknown command "${op}"`);

@@ -148,7 +148,7 @@ export function padReply(op: string, json: string): Uint8Array {
  * `checkpoint_load` of this tag makes the accelerator service reload its bundle's weights
  * from disk (the enclave does so at the fresh start of every job).
  */
-export const BUNDLE_WEIGHTS_TAG = '@bundle';
+export const BUNDLE_WEIGHTS_TAG = 'bundle-weights';
 
 /** The checkpoint tags an accelerator service accepts (the training loop's names, and BUNDLE_WEIGHTS_TAG for loads). */
 export const CHECKPOINT_TAG = /^step-\d{7}$/;

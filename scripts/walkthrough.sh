@@ -6,7 +6,8 @@
 #   scripts/walkthrough.sh [WORKDIR]
 #
 # Environment: MODEL (plain GPT-2 checkpoint, default models/base-small), TRAIN (JSONL,
-# default the first 160 records of data/wordnet-supersense), STEPS (default 30), ACC_PORT and
+# default the first 160 records of data/wordnet-supersense), STEPS (default 30), MAX_LEN
+# (tokens per example, default 32), ACC_PORT and
 # ENC_PORT (default 50551, 50552).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -14,6 +15,7 @@ OBF="node $ROOT/bin/obfuscatune.js"
 W="${1:-$(mktemp -d /tmp/obf-walk-XXXXXX)}"
 MODEL="${MODEL:-$ROOT/models/base-small}"
 STEPS="${STEPS:-30}"
+MAX_LEN="${MAX_LEN:-32}"
 ACC_PORT="${ACC_PORT:-50551}"
 ENC_PORT="${ENC_PORT:-50552}"
 export OBFUSCATUNE_NO_PROGRESS=1
@@ -52,13 +54,14 @@ listening "$W/enc.out"
 C=(--enclave "127.0.0.1:$ENC_PORT" --trust "$TRUST" --contract "$W/contract.json")
 
 say "provider (terminal 3): attest, submit the contract, upload both bundles"
-$OBF provider deploy "${C[@]}" --bundles "$W/provider" --accelerator "127.0.0.1:$ACC_PORT"
+$OBF provider deploy "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/provider" --accelerator "127.0.0.1:$ACC_PORT"
 
 say "owner (terminal 4): attest, upload encrypted records, start an endless job and cancel it"
 $OBF owner upload "${C[@]}" --key "$W/owner/key.json" --train "$TRAIN"
-$OBF owner finetune "${C[@]}" --key "$W/owner/key.json" --task cls --method lora --steps 100000 --batch 8 --max-len 32 --lr 0.002 --checkpoint-every 0 > "$W/endless.json" &
+$OBF owner finetune "${C[@]}" --key "$W/owner/key.json" --task cls --method lora --steps 100000 --batch 8 --max-len "$MAX_LEN" --lr 0.002 --checkpoint-every 0 > "$W/endless.json" &
 FT=$!
-for _ in $(seq 1 300); do
+for _ in $(seq 1 100); do
+  kill -0 "$FT" 2>/dev/null || break
   S=$($OBF owner status "${C[@]}" --key "$W/owner/key.json" 2>/dev/null || true)
   echo "$S" | grep -q '"step":[1-9]' && break
   sleep 0.2
@@ -69,11 +72,11 @@ grep -q '"state":"cancelled"' "$W/endless.json"
 echo "the endless job: $(cut -c1-80 "$W/endless.json")..."
 
 say "owner: the real job, $STEPS steps"
-$OBF owner finetune "${C[@]}" --key "$W/owner/key.json" --task cls --method lora --steps "$STEPS" --batch 8 --max-len 32 --lr 0.002 --checkpoint-every 10 > "$W/job.json"
+$OBF owner finetune "${C[@]}" --key "$W/owner/key.json" --task cls --method lora --steps "$STEPS" --batch 8 --max-len "$MAX_LEN" --lr 0.002 --checkpoint-every 10 > "$W/job.json"
 grep -q '"state":"done"' "$W/job.json"
 
 say "provider: aggregate metrics, then fetch the update and merge it"
-$OBF provider status "${C[@]}" --bundles "$W/provider" | cut -c1-200
-$OBF provider fetch "${C[@]}" --bundles "$W/provider" --base "$MODEL" --accelerator "127.0.0.1:$ACC_PORT" --out "$W/merged"
+$OBF provider status "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/provider" | cut -c1-200
+$OBF provider fetch "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/provider" --base "$MODEL" --accelerator "127.0.0.1:$ACC_PORT" --out "$W/merged"
 test -f "$W/merged/model.safetensors"
 say "done: $W"

@@ -153,7 +153,7 @@ test('the four-terminal walkthrough of docs/deployment.md runs end to end (scrip
     const base = 20000 + (process.pid % 20000);
     const r = spawnSync('bash', [path.join(ROOT, 'scripts', 'walkthrough.sh'), path.join(dir, 'w')], {
       encoding: 'utf8', cwd: ROOT, timeout: 240_000,
-      env: { ...process.env, MODEL: path.join(ROOT, 'test/fixtures/vocab50257'), TRAIN: path.join(dir, 'train.jsonl'), STEPS: '4', ACC_PORT: String(base), ENC_PORT: String(base + 1) },
+      env: { ...process.env, MODEL: path.join(ROOT, 'test/fixtures/vocab50257'), TRAIN: path.join(dir, 'train.jsonl'), STEPS: '4', MAX_LEN: '16', ACC_PORT: String(base), ENC_PORT: String(base + 1) },
     });
     assert.equal(r.status, 0, `${r.stdout}\n${r.stderr}`);
     assert.match(r.stdout, /provider [A-Za-z0-9+/]{43}=: signed/);

@@ -11,6 +11,7 @@ import { serveEnclave } from '../roles/enclave_server.js';
 import {
   EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob,
 } from '../roles/parties.js';
+import { PolicyError } from '../errors.js';
 import { contractSha256, describeSignatures, draftContract, readContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
@@ -72,6 +73,10 @@ async function connect(o: { enclave: string; trust: string; measurement?: string
   const key = await loadOrCreatePartyKey(keyFile);
   // refused here before anything is sent: a contract both parties have not signed
   const { contract, sha256 } = verifyContract(readContract(o.contract), `contract ${o.contract}`);
+  const id = partyId(key);
+  if (id !== contract.body.provider && id !== contract.body.owner) {
+    throw new PolicyError(`the key in ${keyFile} (${id}) is neither the provider's nor the owner's key in contract ${o.contract}`);
+  }
   const c = new EnclaveClient(o.enclave, key, { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()], contract });
   const a = await c.attest();
   console.error(`attested enclave ${a.evidence.platform} measurement ${a.evidence.measurement.slice(0, 16)}...${a.evidence.simulated ? ' (SIMULATED platform)' : ''}, bound to contract ${sha256.slice(0, 16)}...`);

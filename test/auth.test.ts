@@ -352,6 +352,35 @@ test('policy as written: the provider sees aggregates only; replies have one len
   }
 });
 
+test('the release policy: what the contract does not release is refused', async () => {
+  const w = await inProcessWorld({ contract: { releaseProvider: ['aggregate_metrics'], releaseOwner: ['metrics'] } });
+  try {
+    await w.owner.command('start_finetune', { spec: spec({ method: 'lora', steps: 2, checkpoint_every: 0, enclave_optimizer: 'adamw', lr: 0.01 }) });
+    await waitForJob(w.owner);
+    await assert.rejects(w.owner.command('infer', { texts: ['x'] }), /the contract does not release "inference" to the owner/);
+    await assert.rejects(w.provider.command('fetch_update'), /the contract does not release "update" to the provider/);
+    const prov = await w.provider.command<{ job: Record<string, unknown> }>('status');
+    assert.ok(prov.job.eval, 'aggregate metrics are released to the provider');
+  } finally {
+    await w.stop();
+  }
+  const w2 = await inProcessWorld({ deploy: false, contract: { releaseProvider: ['update'], releaseOwner: ['inference'] } });
+  try {
+    await w2.provider.attest();
+    await uploadEnclaveBundle(w2.provider, path.join(w2.dir, 'bundles', 'enclave'));
+    await w2.owner.attest();
+    await uploadRecords(w2.owner, 'train', records(16, 1));
+    await w2.owner.command('start_finetune', { spec: spec({ method: 'lora', steps: 1, checkpoint_every: 0, enclave_optimizer: 'adamw', lr: 0.01 }) });
+    await w2.owner.command('cancel').catch(() => {});
+    for (const c of [w2.owner, w2.provider]) {
+      const st = await c.command<{ job: Record<string, unknown> }>('status');
+      assert.deepEqual(Object.keys(st.job).sort(), ['error', 'state', 'step', 'steps'], 'no metrics without their release');
+    }
+  } finally {
+    await w2.stop();
+  }
+});
+
 test('jobs: contract limits, an endless job cancelled, a second full job after a full one, checkpoints kept until the provider fetched', async () => {
   const w = await inProcessWorld({ contract: { methods: ['full', 'lora'], tasks: ['cls'], maxSteps: 1_000_000, maxJobs: 3, cancel: ['owner'] } });
   try {

@@ -138,11 +138,14 @@ export function addPartyCommands(program: Command): void {
     .option('--max-steps <n>', 'most steps of one job', parseIntArg('--max-steps'), 10000)
     .option('--max-jobs <n>', 'most jobs in all', parseIntArg('--max-jobs'), 10)
     .option('--cancel <list>', 'who may cancel a job', 'owner')
+    .option('--release-provider <list>', 'what the provider receives: update, aggregate_metrics', 'update,aggregate_metrics')
+    .option('--release-owner <list>', 'what the owner receives: metrics, inference', 'metrics,inference')
     .action((o) => {
       const list = (s: string) => s.split(',').map((x) => x.trim()).filter(Boolean);
       const c = draftContract({
         name: o.name, provider: o.provider, owner: o.owner, acceleratorDir: nodePath.join(o.bundles, 'accelerator'), enclaveDir: nodePath.join(o.bundles, 'enclave'),
         methods: list(o.methods) as ('lora' | 'full')[], tasks: list(o.tasks) as ('cls' | 'lm')[], maxSteps: o.maxSteps, maxJobs: o.maxJobs, cancel: list(o.cancel) as ('owner' | 'provider')[],
+        releaseProvider: list(o.releaseProvider) as ('update' | 'aggregate_metrics')[], releaseOwner: list(o.releaseOwner) as ('metrics' | 'inference')[],
       });
       writeContract(o.out, c);
       console.log(`contract ${contractSha256(c.body)} written to ${o.out} (unsigned)`);

@@ -6,7 +6,7 @@
  * serves again at once; its training state comes back through checkpoint_load.
  * It writes one JSON line {"event":"listening","port":P} to stdout when ready.
  */
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync, renameSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { loadAcceleratorBundle, type LoadedAccelerator } from '../obfuscate/bundle.js';
@@ -88,9 +88,12 @@ export class AcceleratorHost {
     if (!this.acc) return { op: 'error', message: 'accelerator: no bundle loaded yet (the provider uploads it)' };
     if (req.op === 'checkpoint_save' || req.op === 'checkpoint_load') {
       if (req.op === 'checkpoint_load' && req.tag === BUNDLE_WEIGHTS_TAG) {
-        // the bundle's own weights, read again from disk: a fresh job starts from them
+        // the bundle's own weights, read again from disk: a fresh job starts from them, and
+        // the checkpoints of an earlier job go (the enclave starts a job only once the
+        // previous one's update was fetched)
         try {
           this.load(this.dir!);
+          for (const n of this.checkpointNames()) rmSync(path.join(this.checkpointDir, n), { force: true });
         } catch (e) {
           return { op: 'error', message: `accelerator: reloading the bundle failed: ${(e as Error).message}` };
         }
@@ -103,10 +106,15 @@ export class AcceleratorHost {
     return rep;
   }
 
-  /** Keeps the latest two checkpoints. */
+  private checkpointNames(): string[] {
+    if (!existsSync(this.checkpointDir)) return [];
+    return readdirSync(this.checkpointDir).filter((n) => /^step-\d{7}\.safetensors$/.test(n));
+  }
+
+  /** Keeps the two checkpoints written last (by time, not by step: a resumed job writes lower steps again). */
   private prune(): void {
-    const names = readdirSync(this.checkpointDir).filter((n) => /^step-\d{7}\.safetensors$/.test(n)).sort();
-    for (const old of names.slice(0, -KEEP_CHECKPOINTS)) rmSync(path.join(this.checkpointDir, old), { force: true });
+    const byTime = this.checkpointNames().map((n) => ({ n, t: statSync(path.join(this.checkpointDir, n)).mtimeMs })).sort((a, b) => a.t - b.t || (a.n < b.n ? -1 : 1));
+    for (const old of byTime.slice(0, -KEEP_CHECKPOINTS)) rmSync(path.join(this.checkpointDir, old.n), { force: true });
   }
 
   info(): Record<string, unknown> {

@@ -38,8 +38,12 @@ export const ContractBodySchema = z.object({
     /** fine-tuning jobs the enclave starts under this contract, in all */
     max_jobs: z.number().int().min(1).max(10_000),
   }).strict(),
+  /** the release policy: who receives what, and who may cancel a running job */
   release: z.object({
-    /** who may cancel a running job */
+    /** the provider: the fine-tuned update, the job's aggregate metrics (state, steps, evaluation) */
+    provider: z.array(z.enum(['update', 'aggregate_metrics'])),
+    /** the owner: the job's metrics (losses per step, evaluation), inference with the fine-tuned model */
+    owner: z.array(z.enum(['metrics', 'inference'])),
     cancel: z.array(z.enum(['owner', 'provider'])).min(1),
   }).strict(),
 }).strict();
@@ -147,6 +151,8 @@ export interface DraftOptions {
   maxSteps?: number;
   maxJobs?: number;
   cancel?: Role[];
+  releaseProvider?: ('update' | 'aggregate_metrics')[];
+  releaseOwner?: ('metrics' | 'inference')[];
 }
 
 /** A contract for the provider's bundles, not yet signed. */
@@ -163,7 +169,7 @@ export function draftContract(o: DraftOptions): Contract {
     provider: o.provider, owner: o.owner,
     accelerator_manifest_sha256: accSha, enclave_bundle_sha256: bundleDirDigest(o.enclaveDir),
     jobs: { methods: o.methods ?? ['lora', 'full'], tasks: o.tasks ?? ['cls', 'lm'], max_steps: o.maxSteps ?? 10_000, max_jobs: o.maxJobs ?? 10 },
-    release: { cancel: o.cancel ?? ['owner'] },
+    release: { provider: o.releaseProvider ?? ['update', 'aggregate_metrics'], owner: o.releaseOwner ?? ['metrics', 'inference'], cancel: o.cancel ?? ['owner'] },
   };
   return parseContract({ body, signatures: {} }, 'contract draft');
 }

@@ -29,7 +29,17 @@ export function authorize(op: string, sender: string, contract: ContractBody | n
   const role = roleIn(contract, sender);
   const ok = role !== null && allowed.includes(role) && (op !== 'cancel' || contract.release.cancel.includes(role));
   if (!ok) throw new PolicyError(`policy: "${op}" is not allowed for ${role ?? 'a key the contract does not name'}`);
+  const needs = RELEASE[op];
+  if (needs && !(contract.release[role!] as string[]).includes(needs)) throw new PolicyError(`policy: the contract does not release "${needs}" to the ${role}`);
   return role!;
+}
+
+/** What of the contract's release policy a command hands out. */
+const RELEASE: Record<string, string> = { fetch_update: 'update', infer: 'inference' };
+
+/** Whether the contract releases the job's metrics to `role` (the owner's in full, the provider's as aggregates). */
+export function releasesMetrics(contract: ContractBody, role: Role): boolean {
+  return role === 'owner' ? contract.release.owner.includes('metrics') : contract.release.provider.includes('aggregate_metrics');
 }
 
 /** Uploads: the contract's provider installs the bundle, its owner uploads the data. */

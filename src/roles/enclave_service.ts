@@ -25,7 +25,7 @@ import {
 } from './protocol.js';
 import { SealedStore, type PackedFile } from './enclave_store.js';
 import { JobRunner, newJob, recoveredJob, type Datasets, type JobState } from './enclave_job.js';
-import { authorize, checkUploader, type Role } from './enclave_policy.js';
+import { authorize, checkUploader, releasesMetrics, type Role } from './enclave_policy.js';
 import { bundleDigest, checkJobAllowed, verifyContract, type Contract } from './contract.js';
 
 export interface EnclaveServeOptions {
@@ -306,7 +306,9 @@ export class EnclaveService {
   private status(role: Role): unknown {
     const j = this.job;
     let job: unknown = null;
-    if (j && role === 'owner') {
+    if (j && !releasesMetrics(this.contract!.body, role)) {
+      job = { state: j.state, step: j.step, steps: j.spec.steps, error: j.error };
+    } else if (j && role === 'owner') {
       job = { state: j.state, step: j.step, steps: j.spec.steps, loss: j.loss, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: j.summary, losses: j.losses };
     } else if (j) {
       const s = j.summary as { eval?: unknown; seconds?: unknown; steps?: unknown } | null;

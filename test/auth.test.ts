@@ -406,6 +406,7 @@ test('jobs: contract limits, an endless job cancelled, a second full job after a
     assert.equal(a.job.state, 'done', a.job.error ?? '');
     // the provider has not fetched it: a new job would lose the update
     await assert.rejects(w.owner.command('start_finetune', { spec: spec({ steps: 6 }) }), /has not fetched the update/);
+    await assert.rejects(uploadRecords(w.owner, 'train', records(8, 3)), /new data waits until then/);
     const base = loadCheckpoint(path.join(FIX, 'vocab50257'));
     await fetchAndMerge(w.provider, w.accAddr, base, path.join(w.dir, 'bundles'), path.join(w.dir, 'scratch'));
     // the third full job, after a full one: the same start, the same run

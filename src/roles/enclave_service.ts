@@ -239,6 +239,8 @@ export class EnclaveService {
     if (first.name !== 'train' && first.name !== 'eval') throw new InputError(`unknown dataset split "${first.name}"`);
     if (plain.length > MAX_RECORDS) throw new InputError('too many records');
     if (this.job?.state === 'running') throw new StateError('a job is running');
+    // the finished job's model is rebuilt from its checkpoint and this data after a restart
+    if (this.job?.state === 'done' && !this.updateFetched) throw new StateError('the provider has not fetched the finished job\'s update yet: new data waits until then');
     const recs = parseJsonl(plain.map((p) => new TextDecoder().decode(p).replace(/\n/g, ' ')).join('\n'), `encrypted ${first.name} upload`);
     this.data[first.name] = recs;
     await this.persist();

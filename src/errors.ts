@@ -6,6 +6,7 @@
  *   ObfuscatuneError
  *   ├── IntegrityError     an accelerator reply failed a secret-vector check
  *   ├── PolicyError        a party asked for something it may not do
+ *   │     └── SessionError   the request names an unknown or expired attestation session
  *   ├── BundleError        a bundle or checkpoint is missing, corrupt or mismatched
  *   ├── StateError         the service is not in a state to do that now (a job is running, none has finished)
  *   ├── InputError         bad user or data input: shapes, token ids, labels, NaN, configuration values
@@ -13,7 +14,7 @@
  *   ├── WorkerError        a kernel worker thread died or failed (src/tensor/parallel.ts)
  *   ├── TransportError     a call failed on the wire; `code` is its gRPC status
  *   │     (RpcError, ChannelError, FramingError, ChannelRefusal in src/rpc)
- *   └── AttestationError, SealError, ReplayError, HpkeError (src/tee)
+ *   └── AttestationError, SealError, ReplayError, HpkeError, SignatureError (src/tee)
  *
  * The mapping to gRPC status codes lives in one place, src/rpc/status.ts; docs/architecture.md
  * has the table.
@@ -37,6 +38,9 @@ export class IntegrityError extends ObfuscatuneError {}
 
 /** A party asked for something it may not do (the enclave's policy, another provider's bundle, an unknown session). */
 export class PolicyError extends ObfuscatuneError {}
+
+/** A request names an attestation session the enclave does not hold (never made, expired or evicted): attest again. */
+export class SessionError extends PolicyError {}
 
 /** A bundle or checkpoint is missing, corrupt, or does not match its counterpart. */
 export class BundleError extends ObfuscatuneError {}

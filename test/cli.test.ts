@@ -180,3 +180,22 @@ test('key material and runs are protected: a non-empty --out is refused without 
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('the four-terminal walkthrough of docs/deployment.md runs end to end (scripts/walkthrough.sh)', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-walk-'));
+  try {
+    const lines = Array.from({ length: 32 }, (_, i) => JSON.stringify({ text: i % 2 ? `this was good really good ${i}` : `this was awful really awful ${i}`, label: i % 2 ? 'pos' : 'neg' }));
+    writeFileSync(path.join(dir, 'train.jsonl'), lines.join('\n') + '\n');
+    const base = 20000 + (process.pid % 20000);
+    const r = spawnSync('bash', [path.join(ROOT, 'scripts', 'walkthrough.sh'), path.join(dir, 'w')], {
+      encoding: 'utf8', cwd: ROOT, timeout: 240_000,
+      env: { ...process.env, MODEL: path.join(ROOT, 'test/fixtures/vocab50257'), TRAIN: path.join(dir, 'train.jsonl'), STEPS: '4', MAX_LEN: '16', ACC_PORT: String(base), ENC_PORT: String(base + 1) },
+    });
+    assert.equal(r.status, 0, `${r.stdout}\n${r.stderr}`);
+    assert.match(r.stdout, /provider [A-Za-z0-9+/]{43}=: signed/);
+    assert.match(r.stdout, /the endless job: .*"state":"cancelled"/);
+    assert.ok(existsSync(path.join(dir, 'w', 'merged', 'model.safetensors')));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

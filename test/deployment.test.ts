@@ -9,6 +9,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { spawnService, type Spawned } from '../src/roles/spawn.js';
 import { EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob } from '../src/roles/parties.js';
+import { setup, records, spec, FIX, inProcessWorld, type Setup } from './world.js';
+import { signBytes } from '../src/tee/signing.js';
+import { commandSignedBytes } from '../src/roles/protocol.js';
 import { obfuscateWeights, writeObfuscation } from '../src/obfuscate/provider.js';
 import { loadEnclaveBundle, loadAcceleratorBundle } from '../src/obfuscate/bundle.js';
 import { loadCheckpoint } from '../src/model/checkpoint.js';
@@ -24,55 +27,38 @@ import { runFinetune } from '../src/train/finetune.js';
 import { parseJobSpec, toFinetuneConfig, type JobSpecInput } from '../src/train/run_spec.js';
 import { GPT2 } from '../src/model/gpt2.js';
 
-const FIX = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../test/fixtures');
-
-function records(n: number, seed: number): Record_[] {
-  const rng = new Rng(seed);
-  const good = ['good', 'great', 'fine'], bad = ['bad', 'awful', 'poor'];
-  return Array.from({ length: n }, () => {
-    const pos = rng.uniform() < 0.5;
-    const w = (pos ? good : bad)[rng.int(3)];
-    return { text: `this was ${w} really ${w}`, label: pos ? 'pos' : 'neg' };
-  });
-}
-
-/** The owner's job: a run spec's settings (the rest are the defaults; mode and masks are the bundle's). */
-const spec = (o: JobSpecInput = {}): JobSpecInput => ({
-  task: 'cls', method: 'full', steps: 24, batch: 8, max_len: 16, lr: 0.05, warmup: 2, seed: 3, checkpoint_every: 4, enclave_optimizer: 'sgd', ...o,
-});
-
 interface World {
   dir: string;
   acc: Spawned;
   enc: Spawned;
   accAddr: string;
   encAddr: string;
-  trust: { rootPublicKey: string; allowList: string[] };
+  trust: Setup['trust'];
+  setup: Setup;
   provider: EnclaveClient;
   owner: EnclaveClient;
   stop(): Promise<void>;
 }
 
+const accArgsOf = (s: Setup) => ['--contract', s.contractFile, '--trust', s.rootPublicKey];
+
 async function world(accArgs: string[] = []): Promise<World> {
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-deploy-'));
-  createSimRoot(path.join(dir, 'platform'));
-  const acc = await spawnService(['accelerator', 'serve', '--state-dir', path.join(dir, 'acc'), '--port', '0', ...accArgs]);
+  const st = await setup();
+  const dir = st.dir;
+  const acc = await spawnService(['accelerator', 'serve', '--state-dir', path.join(dir, 'acc'), '--port', '0', ...accArgsOf(st), ...accArgs]);
   const accAddr = `127.0.0.1:${acc.port}`;
   const enc = await spawnService(['enclave', 'serve', '--platform', path.join(dir, 'platform'), '--state-dir', path.join(dir, 'enc'), '--accelerator', accAddr, '--port', '0']);
   const encAddr = `127.0.0.1:${enc.port}`;
-  const trust = { rootPublicKey: path.join(dir, 'platform', 'sim-root.pub.pem'), allowList: [enclaveMeasurement()] };
-  const provider = new EnclaveClient(encAddr, await loadOrCreatePartyKey(path.join(dir, 'provider.json')), trust);
-  const owner = new EnclaveClient(encAddr, await loadOrCreatePartyKey(path.join(dir, 'owner.json')), trust);
+  const provider = new EnclaveClient(encAddr, st.providerKey, st.trust);
+  const owner = new EnclaveClient(encAddr, st.ownerKey, st.trust);
   await provider.attest();
   await owner.attest();
-  const base = loadCheckpoint(path.join(FIX, 'vocab50257'));
-  writeObfuscation(path.join(dir, 'bundles'), obfuscateWeights(base, { mode: 'sealed', seed: 5 }));
-  await uploadAcceleratorBundle(accAddr, path.join(dir, 'bundles', 'accelerator'));
+  await uploadAcceleratorBundle(accAddr, path.join(dir, 'bundles', 'accelerator'), st.providerKey);
   await uploadEnclaveBundle(provider, path.join(dir, 'bundles', 'enclave'));
   await uploadRecords(owner, 'train', records(48, 1));
   await uploadRecords(owner, 'eval', records(16, 2));
   const w: World = {
-    dir, acc, enc, accAddr, encAddr, trust, provider, owner,
+    dir, acc, enc, accAddr, encAddr, trust: st.trust, setup: st, provider, owner,
     stop: async () => {
       w.provider.close();
       w.owner.close();
@@ -140,25 +126,19 @@ test('attestation and transport attacks are refused; the enclave keeps serving',
     const other = new EnclaveClient(w.encAddr, await loadOrCreatePartyKey(path.join(w.dir, 'x.json')), { ...w.trust, allowList: ['00'.repeat(32)] });
     await assert.rejects(other.attest(), /not in allow-list/);
     other.close();
-    // a tampered ciphertext
-    const sealed = { sender: 'AAAA', session: w.owner.attested!.transcriptId, sealed: { enc: Buffer.alloc(32).toString('base64'), ciphertext: Buffer.alloc(40).toString('base64') } };
-    await assert.rejects(w.owner.rawCommand(sealed), /decryption failed|tampered/);
+    // a tampered ciphertext, honestly signed
+    const s0 = w.owner.attested!;
+    const good = await w.owner.sealedCommand(s0, 'status');
+    const bad = { ...good, sealed: { enc: Buffer.alloc(32).toString('base64'), ciphertext: Buffer.alloc(40).toString('base64') } };
+    const { signature: _drop, ...unsigned } = bad;
+    await assert.rejects(w.owner.rawCommand({ ...unsigned, signature: signBytes(w.owner.key.signing, commandSignedBytes(unsigned, s0.transcript)) }), /decryption failed|tampered/);
     // an unknown session
-    await assert.rejects(w.owner.rawCommand({ ...sealed, session: 'nope' }), /unknown attestation session/);
-    // a replayed request: capture one sealed command and send it twice
-    const captured: unknown[] = [];
-    const orig = w.owner.rawCommand.bind(w.owner);
-    const c = w.owner as unknown as { command: EnclaveClient['command'] };
-    // build a sealed status command by hand through the client's own path
-    const { sealToEnclave } = await import('../src/tee/attest.js');
-    const { sealedToJson, publicKeyToBase64 } = await import('../src/tee/hpke.js');
-    const { COMMAND_AAD } = await import('../src/roles/protocol.js');
-    const msg = { id: 'replay-1', ts: Date.now(), op: 'status' };
-    const s2 = await sealToEnclave(w.owner.attested!, new TextEncoder().encode(JSON.stringify(msg)), COMMAND_AAD);
-    const wire = { sender: publicKeyToBase64(w.owner.key.publicKey), session: w.owner.attested!.transcriptId, sealed: sealedToJson(s2) };
-    captured.push(wire);
-    await orig(wire);
-    await assert.rejects(orig(wire), /replay/);
+    await assert.rejects(w.owner.rawCommand({ ...good, session: 'nope' }), /unknown attestation session/);
+    // a replayed request: the same signed command twice
+    const wire = await w.owner.sealedCommand(s0, 'status');
+    await w.owner.rawCommand(wire);
+    await assert.rejects(w.owner.rawCommand(wire), /replay/);
+    const c = w.owner;
     // an oversized message, from a client that is willing to send it: the server refuses
     const grpc = await import('@grpc/grpc-js');
     const { EnclaveServiceClient, ENCLAVE_SERVICE, unary } = await import('../src/roles/protocol.js');
@@ -192,7 +172,7 @@ test('accelerator killed mid-training: the enclave waits, restores it from its c
     await w.owner.command('start_finetune', { spec: s });
     await waitForStep(w.owner, 10);
     await w.acc.kill('SIGKILL');
-    w.acc = await spawnService(['accelerator', 'serve', '--state-dir', path.join(w.dir, 'acc'), '--port', String(Number(w.accAddr.split(':')[1]))]);
+    w.acc = await spawnService(['accelerator', 'serve', '--state-dir', path.join(w.dir, 'acc'), '--port', String(Number(w.accAddr.split(':')[1])), ...accArgsOf(w.setup)]);
     const st = await waitForJob(w.owner) as { job: { state: string; recoveries: number; summary: { train_loss_last: number; eval: { loss: number } } } };
     assert.equal(st.job.state, 'done', JSON.stringify(st.job));
     assert.ok(st.job.recoveries >= 1, 'a recovery happened');
@@ -226,24 +206,14 @@ test('enclave killed mid-run: it restarts, unseals its checkpoint, resumes, and 
 });
 
 test('the enclave service\'s LM inference generates with the KV cache, equal to recomputing the whole forward per token', async () => {
-  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-lm-infer-'));
-  createSimRoot(path.join(dir, 'platform'));
-  const { serveAccelerator } = await import('../src/roles/accelerator_service.js');
-  const { serveEnclave } = await import('../src/roles/enclave_server.js');
-  const { SimSoftwarePlatform, loadSimRoot } = await import('../src/tee/sim.js');
-  const acc = await serveAccelerator({ stateDir: path.join(dir, 'acc'), port: 0 });
-  const accAddr = `127.0.0.1:${acc.server.port}`;
-  const platform = new SimSoftwarePlatform(loadSimRoot(path.join(dir, 'platform')), enclaveMeasurement());
-  const srv = await serveEnclave({ platform, stateDir: path.join(dir, 'enc'), accelerator: accAddr, port: 0, privateDir: path.join(dir, 'private'), log: () => {} });
-  const trust = { rootPublicKey: path.join(dir, 'platform', 'sim-root.pub.pem'), allowList: [enclaveMeasurement()] };
-  const provider = new EnclaveClient(`127.0.0.1:${srv.port}`, await loadOrCreatePartyKey(path.join(dir, 'provider.json')), trust);
-  const owner = new EnclaveClient(`127.0.0.1:${srv.port}`, await loadOrCreatePartyKey(path.join(dir, 'owner.json')), trust);
+  const w = await inProcessWorld({ deploy: false });
+  const { provider, owner } = w;
+  const srv = { service: w.enclave };
   try {
     await provider.attest();
     await owner.attest();
-    writeObfuscation(path.join(dir, 'bundles'), obfuscateWeights(loadCheckpoint(path.join(FIX, 'vocab50257')), { mode: 'sealed', seed: 5 }));
-    await uploadAcceleratorBundle(accAddr, path.join(dir, 'bundles', 'accelerator'));
-    await uploadEnclaveBundle(provider, path.join(dir, 'bundles', 'enclave'));
+    await uploadAcceleratorBundle(w.accAddr, path.join(w.dir, 'bundles', 'accelerator'), w.providerKey);
+    await uploadEnclaveBundle(provider, path.join(w.dir, 'bundles', 'enclave'));
     await uploadRecords(owner, 'train', records(16, 1).map((r) => ({ text: r.text })));
     await owner.command('start_finetune', { spec: { task: 'lm', method: 'lora', steps: 3, batch: 4, max_len: 12, lr: 0.01, warmup: 1, seed: 3, checkpoint_every: 0 } });
     const st = await waitForJob(owner);
@@ -272,10 +242,6 @@ test('the enclave service\'s LM inference generates with the KV cache, equal to 
     assert.deepEqual(got.completions, want);
     assert.ok(got.completions.some((c) => c.length > 0), 'something was generated');
   } finally {
-    provider.close();
-    owner.close();
-    await srv.close();
-    await acc.server.close();
-    rmSync(dir, { recursive: true, force: true });
+    await w.stop();
   }
 });

@@ -3,6 +3,7 @@
 // call instead of leaving it waiting; the CLI's exit status by class.
 process.env.OBFUSCATUNE_THREADS = '3'; // two kernel workers beside this thread, whatever the machine
 import { test } from 'node:test';
+import { SignatureError } from '../src/tee/signing.js';
 import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
@@ -11,7 +12,7 @@ import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import {
-  AcceleratorError, BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, StateError, TransportError, WorkerError,
+  AcceleratorError, BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, SessionError, StateError, TransportError, WorkerError,
   causeChain, findCause,
 } from '../src/errors.js';
 import { IntegrityError as IntegrityErrorFromSplit } from '../src/protocol/integrity.js';
@@ -38,7 +39,7 @@ test('each class: its name, its place in the hierarchy, its cause', () => {
   const cause = new Error('the root of it');
   const plain: [new (m: string, o?: { cause?: unknown }) => ObfuscatuneError, string][] = [
     [ObfuscatuneError, 'ObfuscatuneError'], [IntegrityError, 'IntegrityError'], [PolicyError, 'PolicyError'], [BundleError, 'BundleError'],
-    [StateError, 'StateError'], [InputError, 'InputError'],
+    [StateError, 'StateError'], [InputError, 'InputError'], [SessionError, 'SessionError'], [SignatureError, 'SignatureError'],
   ];
   for (const [Cls, name] of plain) {
     const e = new Cls('m', { cause });
@@ -52,6 +53,7 @@ test('each class: its name, its place in the hierarchy, its cause', () => {
   // the subclasses are siblings, not each other
   assert.ok(!(new PolicyError('x') instanceof InputError));
   assert.ok(!(new BundleError('x') instanceof StateError));
+  assert.ok(new SessionError('x') instanceof PolicyError, 'an unknown session is a policy refusal, to attest again');
 
   const acc = new AcceleratorError('refused', 'linear_forward', { cause });
   assert.equal(acc.name, 'AcceleratorError');
@@ -119,6 +121,8 @@ test('statusOf: one table from class to gRPC status; errorFromStatus rebuilds th
     [new BundleError('b'), grpc.status.FAILED_PRECONDITION],
     [new StateError('s'), grpc.status.FAILED_PRECONDITION],
     [new HpkeError('h'), grpc.status.UNAUTHENTICATED],
+    [new SessionError('s'), grpc.status.UNAUTHENTICATED],
+    [new SignatureError('g'), grpc.status.UNAUTHENTICATED],
     [new AttestationError('bad_signature', 'a'), grpc.status.UNAUTHENTICATED],
     [new TransportError('t', grpc.status.RESOURCE_EXHAUSTED), grpc.status.RESOURCE_EXHAUSTED],
     [new RpcError('r', grpc.status.DEADLINE_EXCEEDED, 'reset'), grpc.status.DEADLINE_EXCEEDED],
@@ -128,7 +132,7 @@ test('statusOf: one table from class to gRPC status; errorFromStatus rebuilds th
   ];
   for (const [e, code] of cases) assert.equal(statusOf(e), code, `${String(e)} -> ${grpc.status[code]}`);
 
-  for (const Cls of [PolicyError, InputError, BundleError, StateError, IntegrityError]) {
+  for (const Cls of [PolicyError, SessionError, SignatureError, InputError, BundleError, StateError, IntegrityError]) {
     const sent = serviceError(new Cls('why'));
     const back = errorFromStatus(sent, 'Command');
     assert.ok(back instanceof Cls, `${Cls.name} comes back as itself`);
@@ -155,7 +159,14 @@ test('round trip through the enclave service: a PolicyError raised there arrives
   const measurement = 'ab'.repeat(32);
   // the accelerator is never dialled by these commands
   const svc = await serveEnclave({ platform: new SimSoftwarePlatform(root, measurement), stateDir: path.join(dir, 'state'), accelerator: '127.0.0.1:1', port: 0, log: () => {} });
-  const client = new EnclaveClient(`127.0.0.1:${svc.port}`, await loadOrCreatePartyKey(path.join(dir, 'party.json')), { verifiers: [new SimSoftwareVerifier(root.publicKey)], allowList: [measurement] });
+  // a contract between two keys; the client is its owner
+  const { signedContract, FIX } = await import('./world.js');
+  const { obfuscateWeights, writeObfuscation } = await import('../src/obfuscate/provider.js');
+  const { loadCheckpoint } = await import('../src/model/checkpoint.js');
+  writeObfuscation(path.join(dir, 'bundles'), obfuscateWeights(loadCheckpoint(path.join(FIX, 'vocab50257')), { mode: 'sealed', seed: 5 }));
+  const ownerKey = await loadOrCreatePartyKey(path.join(dir, 'party.json'));
+  const contract = signedContract(await loadOrCreatePartyKey(path.join(dir, 'provider.json')), ownerKey, path.join(dir, 'bundles'));
+  const client = new EnclaveClient(`127.0.0.1:${svc.port}`, ownerKey, { verifiers: [new SimSoftwareVerifier(root.publicKey)], allowList: [measurement], contract });
   const rejection = async (p: Promise<unknown>): Promise<unknown> => {
     try {
       await p;
@@ -166,10 +177,10 @@ test('round trip through the enclave service: a PolicyError raised there arrives
   };
   try {
     await client.attest();
-    // neither the provider nor the owner yet: the policy refuses
+    // the provider's command from the owner: the policy refuses
     const denied = await rejection(client.command('fetch_update'));
     assert.ok(denied instanceof PolicyError, `expected a PolicyError, got ${String(denied)}`);
-    assert.match(denied.message, /^Command: policy: "fetch_update" is not allowed for an unknown party$/);
+    assert.match(denied.message, /^Command: policy: "fetch_update" is not allowed for owner$/);
     assert.ok(denied.cause instanceof TransportError);
     assert.equal((denied.cause as TransportError).code, grpc.status.PERMISSION_DENIED);
     assert.equal(exitCodeOf(denied), 4);
@@ -179,12 +190,19 @@ test('round trip through the enclave service: a PolicyError raised there arrives
     assert.equal((unknown.cause as TransportError).code, grpc.status.INVALID_ARGUMENT);
     // a sealed message under an unknown session: refused by policy, before any decryption
     const stranger = await rejection(client.rawCommand({ sender: 'AAAA', session: 'nope', sealed: { enc: '', ciphertext: '' } }));
-    assert.ok(stranger instanceof PolicyError, `expected a PolicyError, got ${String(stranger)}`);
+    assert.ok(stranger instanceof SessionError && stranger instanceof PolicyError, `expected a SessionError, got ${String(stranger)}`);
     assert.match(stranger.message, /unknown attestation session/);
-    // a tampered ciphertext under a real session: HPKE fails, UNAUTHENTICATED
-    const tampered = await rejection(client.rawCommand({
-      sender: 'AAAA', session: client.attested!.transcriptId, sealed: { enc: Buffer.alloc(32).toString('base64'), ciphertext: Buffer.alloc(40).toString('base64') },
-    }));
+    // a request not signed by the key it names: UNAUTHENTICATED, a SignatureError
+    const good = await client.sealedCommand(client.attested!, 'status');
+    const unsigned = await rejection(client.rawCommand({ ...good, sender: 'AAAA' }));
+    assert.ok(unsigned instanceof SignatureError, `expected a SignatureError, got ${String(unsigned)}`);
+    assert.equal((unsigned.cause as TransportError).code, grpc.status.UNAUTHENTICATED);
+    assert.equal(exitCodeOf(unsigned), 5);
+    // a tampered ciphertext under a real session, signed: HPKE fails, UNAUTHENTICATED
+    const { signBytes } = await import('../src/tee/signing.js');
+    const { commandSignedBytes } = await import('../src/roles/protocol.js');
+    const { signature: _s, ...body } = { ...good, id: 'tampered-1', sealed: { enc: Buffer.alloc(32).toString('base64'), ciphertext: Buffer.alloc(40).toString('base64') } };
+    const tampered = await rejection(client.rawCommand({ ...body, signature: signBytes(ownerKey.signing, commandSignedBytes(body, client.attested!.transcript)) }));
     assert.ok(tampered instanceof TransportError, `expected a TransportError, got ${String(tampered)}`);
     assert.equal(tampered.code, grpc.status.UNAUTHENTICATED);
     assert.match(tampered.message, /decryption failed/);

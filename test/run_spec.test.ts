@@ -241,13 +241,16 @@ test('the enclave service\'s start_finetune refuses each invalid spec as parseRu
     const platform = new SimSoftwarePlatform(loadSimRoot(path.join(dir, 'platform')), enclaveMeasurement());
     // no accelerator is needed: a refused job never reaches it
     const srv = await serveEnclave({ platform, stateDir: path.join(dir, 'state'), accelerator: '127.0.0.1:9', port: 0, privateDir: path.join(dir, 'private'), log: () => {} });
-    const trust = { rootPublicKey: path.join(dir, 'platform', 'sim-root.pub.pem'), allowList: [enclaveMeasurement()] };
-    const provider = new EnclaveClient(`127.0.0.1:${srv.port}`, await loadOrCreatePartyKey(path.join(dir, 'provider.json')), trust);
-    const owner = new EnclaveClient(`127.0.0.1:${srv.port}`, await loadOrCreatePartyKey(path.join(dir, 'owner.json')), trust);
+    writeObfuscation(path.join(dir, 'bundles'), obfuscateWeights(loadCheckpoint(MODEL), { mode: 'sealed', seed: 5 }));
+    const { signedContract } = await import('./world.js');
+    const providerKey = await loadOrCreatePartyKey(path.join(dir, 'provider.json'));
+    const ownerKey = await loadOrCreatePartyKey(path.join(dir, 'owner.json'));
+    const trust = { rootPublicKey: path.join(dir, 'platform', 'sim-root.pub.pem'), allowList: [enclaveMeasurement()], contract: signedContract(providerKey, ownerKey, path.join(dir, 'bundles')) };
+    const provider = new EnclaveClient(`127.0.0.1:${srv.port}`, providerKey, trust);
+    const owner = new EnclaveClient(`127.0.0.1:${srv.port}`, ownerKey, trust);
     try {
       await provider.attest();
       await owner.attest();
-      writeObfuscation(path.join(dir, 'bundles'), obfuscateWeights(loadCheckpoint(MODEL), { mode: 'sealed', seed: 5 }));
       await uploadEnclaveBundle(provider, path.join(dir, 'bundles', 'enclave'));
       await uploadRecords(owner, 'train', readJsonl(path.join(ROOT, 'data/food-reviews/train.jsonl')).slice(0, 16));
       for (const c of CASES.filter((x) => x.service)) {

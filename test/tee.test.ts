@@ -167,6 +167,45 @@ describe('attestation handshake', () => {
     await assert.rejects(enclave.open(sealed, other.transcript, aad), /decryption failed: ciphertext or context tampered/);
   });
 
+  test('a contract hash bound into the report data: verified, and a forged or stripped one fails', async () => {
+    const bound = await EnclaveAttestor.create(new SimSoftwarePlatform(root, MEAS_A));
+    const h = 'c0'.repeat(32);
+    bound.contractSha256 = h;
+    const nonce = newNonce();
+    const served = await bound.handle(attestationRequest(nonce));
+    assert.equal(served.response.contract_sha256, h);
+    const opts = { allowList: [MEAS_A], verifiers: [verifier] };
+    assert.equal((await verifyAttestation(served.response, nonce, opts)).contractSha256, h);
+    await assert.rejects(verifyAttestation({ ...served.response, contract_sha256: 'c1'.repeat(32) }, nonce, opts), attestErr('report_data_mismatch', /report/));
+    await assert.rejects(verifyAttestation({ ...served.response, contract_sha256: undefined }, nonce, opts), attestErr('report_data_mismatch', /report/));
+    await assert.rejects(verifyAttestation({ ...served.response, contract_sha256: 'xyz' }, nonce, opts), /64 hex digits/);
+    // no contract: no field, and the plain report data
+    const plain = await enclave.handle(attestationRequest(nonce));
+    assert.equal(plain.response.contract_sha256, undefined);
+    assert.equal((await verifyAttestation(plain.response, nonce, opts)).contractSha256, null);
+  });
+
+  test('the enclave\'s proof towards its accelerator: evidence over the challenge and the contract; client evidence never passes', async () => {
+    const { provePeer, verifyPeerProof } = await import('../src/tee/attest.js');
+    const platform = new SimSoftwarePlatform(root, MEAS_A);
+    const h = 'c0'.repeat(32);
+    const challenge = newNonce();
+    const opts = { allowList: [MEAS_A], verifiers: [verifier], contractSha256: h };
+    const proof = await provePeer(platform, challenge, h);
+    assert.equal((await verifyPeerProof(challenge, proof, opts)).measurement, MEAS_A);
+    await assert.rejects(verifyPeerProof(newNonce(), proof, opts), attestErr('report_data_mismatch', /report/));
+    await assert.rejects(verifyPeerProof(challenge, proof, { ...opts, contractSha256: 'c1'.repeat(32) }), attestErr('report_data_mismatch', /report/));
+    await assert.rejects(verifyPeerProof(challenge, proof, { ...opts, allowList: [MEAS_B] }), attestErr('measurement_not_allowed', /allow-list/));
+    // a client handshake over the same challenge, with or without the contract, is not a proof
+    const bound = await EnclaveAttestor.create(platform);
+    bound.contractSha256 = h;
+    for (const a of [enclave, bound]) {
+      const r = await a.handle(attestationRequest(challenge));
+      await assert.rejects(verifyPeerProof(challenge, Buffer.from(JSON.stringify(r.response.evidence)), opts), attestErr('report_data_mismatch', /report/));
+    }
+    await assert.rejects(verifyPeerProof(challenge, Buffer.from('not json'), opts), attestErr('malformed_evidence', /JSON/));
+  });
+
   test('platform-qualified allow-list entries', async () => {
     const nonce = newNonce();
     const { response } = await enclave.attest(nonce);

@@ -24,6 +24,7 @@ import { AttestationError } from '../tee/platform.js';
 import { SealError } from '../tee/seal.js';
 import { HpkeError } from '../tee/hpke.js';
 import { ReplayError } from '../tee/replay.js';
+import { SignatureError } from '../tee/signing.js';
 
 function readText(file: string): string {
   try {
@@ -390,7 +391,7 @@ export function exitCodeOf(e: unknown): number {
   if (e instanceof InputError) return 2;
   if (e instanceof BundleError) return 3;
   if (e instanceof PolicyError || e instanceof StateError) return 4;
-  if (e instanceof IntegrityError || e instanceof AttestationError || e instanceof SealError || e instanceof HpkeError || e instanceof ReplayError) return 5;
+  if (e instanceof IntegrityError || e instanceof AttestationError || e instanceof SealError || e instanceof HpkeError || e instanceof ReplayError || e instanceof SignatureError) return 5;
   if (e instanceof TransportError || e instanceof AcceleratorError || e instanceof WorkerError) return 6;
   return 1;
 }

@@ -9,8 +9,10 @@ import nodePath from 'node:path';
 import { createSimRoot, loadSimRoot, SimSoftwarePlatform, SIM_ROOT_FILES } from '../tee/sim.js';
 import { serveEnclave } from '../roles/enclave_server.js';
 import {
-  EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob,
+  EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob,
 } from '../roles/parties.js';
+import { PolicyError } from '../errors.js';
+import { contractSha256, describeSignatures, draftContract, readContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
@@ -40,8 +42,18 @@ export function addServiceCommands(program: Command): void {
     .option('--port <n>', 'port (0 = ephemeral)', parseIntArg('--port'), 50551)
     .addOption(new Option('--evil <mode>', 'simulate a lying accelerator (tests and demos)').choices(EVIL_MODES))
     .option('--max-message-mb <n>', 'largest accepted message', parseIntArg('--max-message-mb'), 256)
+    .option('--contract <file>', 'the deployment contract signed by both parties: serve only the attested enclave bound to it, admin calls only from its provider')
+    .option('--trust <pem>', 'the platform root public key the enclave\'s evidence must chain to (with --contract)')
+    .option('--measurement <hex...>', 'accepted enclave measurements (default: this build\'s)')
+    .option('--insecure-no-auth', 'serve anyone, without a contract (benchmarks and transport tests only)')
     .action(async (o) => {
-      const { server, host } = await serveAccelerator(o);
+      const contract = o.contract ? verifyContract(readContract(o.contract), `contract ${o.contract}`).contract : undefined;
+      const { server, host } = await serveAccelerator({
+        ...o, contract, noAuth: o.insecureNoAuth === true,
+        trust: contract ? { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()] } : undefined,
+      });
+      if (!contract) console.error('accelerator: --insecure-no-auth: serving ANY client (no contract, no authentication)');
+      else console.error(`accelerator: serving only the attested enclave bound to contract ${contractSha256(contract.body).slice(0, 16)}...`);
       console.log(JSON.stringify({ event: 'listening', role: 'accelerator', port: server.port, evil: o.evil ?? null }));
       console.error(`accelerator on ${server.address}: ${host.loaded ? `serving bundle ${host.loaded.manifestSha256.slice(0, 12)}` : 'waiting for the provider\'s bundle'}${o.evil ? ` (EVIL: ${o.evil})` : ''}`);
       onShutdown(() => server.close());
@@ -53,14 +65,21 @@ function trustOptions(cmd: Command): Command {
   return cmd
     .requiredOption('--enclave <addr>', 'enclave address host:port')
     .requiredOption('--trust <pem>', 'the platform root public key to trust (simulated platform: sim-root.pub.pem)')
+    .requiredOption('--contract <file>', 'the deployment contract, signed by both parties')
     .option('--measurement <hex...>', 'accepted enclave measurements (default: this build\'s, see `enclave measure`)');
 }
 
-async function connect(o: { enclave: string; trust: string; measurement?: string[] }, keyFile: string): Promise<EnclaveClient> {
+async function connect(o: { enclave: string; trust: string; measurement?: string[]; contract: string }, keyFile: string): Promise<EnclaveClient> {
   const key = await loadOrCreatePartyKey(keyFile);
-  const c = new EnclaveClient(o.enclave, key, { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()] });
+  // refused here before anything is sent: a contract both parties have not signed
+  const { contract, sha256 } = verifyContract(readContract(o.contract), `contract ${o.contract}`);
+  const id = partyId(key);
+  if (id !== contract.body.provider && id !== contract.body.owner) {
+    throw new PolicyError(`the key in ${keyFile} (${id}) is neither the provider's nor the owner's key in contract ${o.contract}`);
+  }
+  const c = new EnclaveClient(o.enclave, key, { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()], contract });
   const a = await c.attest();
-  console.error(`attested enclave ${a.evidence.platform} measurement ${a.evidence.measurement.slice(0, 16)}...${a.evidence.simulated ? ' (SIMULATED platform)' : ''}`);
+  console.error(`attested enclave ${a.evidence.platform} measurement ${a.evidence.measurement.slice(0, 16)}...${a.evidence.simulated ? ' (SIMULATED platform)' : ''}, bound to contract ${sha256.slice(0, 16)}...`);
   return c;
 }
 
@@ -96,33 +115,110 @@ export function addPartyCommands(program: Command): void {
       onShutdown(() => s.close());
     });
 
+  program
+    .command('party-key')
+    .description('a party\'s key file (created when missing): prints the signing public key the contract names')
+    .requiredOption('--key <file>', 'key file')
+    .action(async (o) => {
+      const k = await loadOrCreatePartyKey(o.key);
+      console.log(partyId(k));
+    });
+
+  const con = program.command('contract').description('the deployment contract both parties sign before any data moves');
+  con
+    .command('draft')
+    .description('write an unsigned contract for the provider\'s bundles')
+    .requiredOption('--provider <key>', 'the provider\'s signing public key (`party-key`)')
+    .requiredOption('--owner <key>', 'the data owner\'s signing public key')
+    .requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
+    .requiredOption('--out <file>', 'contract file to write')
+    .option('--name <text>', 'what the deployment is', 'obfuscatune deployment')
+    .option('--methods <list>', 'allowed methods', 'lora,full')
+    .option('--tasks <list>', 'allowed tasks', 'cls,lm')
+    .option('--max-steps <n>', 'most steps of one job', parseIntArg('--max-steps'), 10000)
+    .option('--max-jobs <n>', 'most jobs in all', parseIntArg('--max-jobs'), 10)
+    .option('--cancel <list>', 'who may cancel a job', 'owner')
+    .option('--release-provider <list>', 'what the provider receives: update, aggregate_metrics', 'update,aggregate_metrics')
+    .option('--release-owner <list>', 'what the owner receives: metrics, inference', 'metrics,inference')
+    .action((o) => {
+      const list = (s: string) => s.split(',').map((x) => x.trim()).filter(Boolean);
+      const c = draftContract({
+        name: o.name, provider: o.provider, owner: o.owner, acceleratorDir: nodePath.join(o.bundles, 'accelerator'), enclaveDir: nodePath.join(o.bundles, 'enclave'),
+        methods: list(o.methods) as ('lora' | 'full')[], tasks: list(o.tasks) as ('cls' | 'lm')[], maxSteps: o.maxSteps, maxJobs: o.maxJobs, cancel: list(o.cancel) as ('owner' | 'provider')[],
+        releaseProvider: list(o.releaseProvider) as ('update' | 'aggregate_metrics')[], releaseOwner: list(o.releaseOwner) as ('metrics' | 'inference')[],
+      });
+      writeContract(o.out, c);
+      console.log(`contract ${contractSha256(c.body)} written to ${o.out} (unsigned)`);
+    });
+  con
+    .command('sign')
+    .description('add this party\'s signature to the contract (in place)')
+    .requiredOption('--contract <file>', 'contract file')
+    .requiredOption('--key <file>', 'this party\'s key file')
+    .addOption(new Option('--as <role>', 'the role this key has in the contract').choices(['provider', 'owner']).makeOptionMandatory())
+    .action(async (o) => {
+      const c = signContract(readContract(o.contract), o.as, (await loadOrCreatePartyKey(o.key)).signing);
+      writeContract(o.contract, c);
+      console.log(describeSignatures(c).join('\n'));
+    });
+  con
+    .command('show')
+    .description('the contract, its hash and who signed it')
+    .requiredOption('--contract <file>', 'contract file')
+    .action((o) => {
+      const c = readContract(o.contract);
+      console.log(JSON.stringify({ sha256: contractSha256(c.body), ...c.body }, null, 2));
+      console.log(describeSignatures(c).join('\n'));
+    });
+
   const prov = program.command('provider').description('the model provider\'s client');
-  trustOptions(prov
-    .command('deploy')
-    .description('verify the enclave, obfuscate the model, upload the accelerator bundle to the accelerator and the encrypted enclave bundle to the enclave')
+  prov
+    .command('obfuscate')
+    .description('obfuscate the model into the two bundles and the secret key (nothing is sent)')
     .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint')
-    .requiredOption('--accelerator <addr>', 'accelerator address')
     .requiredOption('--out <dir>', 'where the provider keeps the bundles and its secret key')
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('sealed'))
-    .option('--kappa <k>', 'mask condition number', '1'))
+    .option('--kappa <k>', 'mask condition number', '1')
+    .action((o) => {
+      writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec: parseMaskSpec(String(o.kappa)) }));
+      console.log(`bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
+    });
+  const provKey = (o: { key?: string; bundles: string }) => o.key ?? nodePath.join(o.bundles, 'provider', 'party-key.json');
+  trustOptions(prov
+    .command('deploy')
+    .description('verify the enclave, upload the accelerator bundle (signed) to the accelerator and the encrypted enclave bundle to the enclave')
+    .requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
+    .requiredOption('--accelerator <addr>', 'accelerator address')
+    .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)'))
     .action(async (o) => {
-      const c = await connect(o, nodePath.join(o.out, 'provider', 'party-key.json'));
-      const r = obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec: parseMaskSpec(String(o.kappa)) });
-      writeObfuscation(o.out, r);
-      const a = await uploadAcceleratorBundle(o.accelerator, nodePath.join(o.out, 'accelerator'));
+      const c = await connect(o, provKey(o));
+      const a = await uploadAcceleratorBundle(o.accelerator, nodePath.join(o.bundles, 'accelerator'), c.key);
       console.log(`accelerator loaded bundle ${a.manifest_sha256.slice(0, 16)}...`);
-      console.log(JSON.stringify(await uploadEnclaveBundle(c, nodePath.join(o.out, 'enclave'))));
+      console.log(JSON.stringify(await uploadEnclaveBundle(c, nodePath.join(o.bundles, 'enclave'))));
       c.close();
     });
+  trustOptions(prov.command('status').description('job status (aggregate metrics)').requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
+    .option('--key <file>', 'the provider\'s key file')).action(async (o) => {
+    const c = await connect(o, provKey(o));
+    console.log(JSON.stringify(await c.command('status')));
+    c.close();
+  });
+  trustOptions(prov.command('cancel').description('cancel the running job (when the contract lets the provider)').requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
+    .option('--key <file>', 'the provider\'s key file')).action(async (o) => {
+    const c = await connect(o, provKey(o));
+    console.log(JSON.stringify(await c.command('cancel')));
+    c.close();
+  });
   trustOptions(prov
     .command('fetch')
     .description('receive the fine-tuned update (encrypted to the provider) and merge it into a plain checkpoint')
     .requiredOption('--bundles <dir>', 'the directory `provider deploy` wrote')
     .requiredOption('--base <dir>', 'the original plain checkpoint')
     .requiredOption('--accelerator <addr>', 'accelerator address (trained weights of full fine-tuning)')
-    .requiredOption('--out <dir>', 'output checkpoint directory'))
+    .requiredOption('--out <dir>', 'output checkpoint directory')
+    .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)'))
     .action(async (o) => {
-      const c = await connect(o, nodePath.join(o.bundles, 'provider', 'party-key.json'));
+      const c = await connect(o, provKey(o));
       const { merged, update } = await fetchAndMerge(c, o.accelerator, loadCheckpoint(o.base), o.bundles, nodePath.join(o.bundles, 'scratch'));
       saveCheckpoint(o.out, merged);
       console.log(JSON.stringify({ out: o.out, ...update }));
@@ -157,6 +253,11 @@ export function addPartyCommands(program: Command): void {
   withKey(own.command('status').description('job status and metrics')).action(async (o) => {
     const c = await connect(o, ownerKey(o));
     console.log(JSON.stringify(await c.command('status')));
+    c.close();
+  });
+  withKey(own.command('cancel').description('cancel the running job')).action(async (o) => {
+    const c = await connect(o, ownerKey(o));
+    console.log(JSON.stringify(await c.command('cancel')));
     c.close();
   });
   withKey(own.command('infer').description('inference with the fine-tuned model in the enclave')

@@ -17,7 +17,8 @@ import { parseRunSpec, jobSpecOf, toFinetuneConfig, toSessionOptions } from '../
 import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
 import { createSimRoot } from '../tee/sim.js';
 import { spawnService, type Spawned } from '../roles/spawn.js';
-import { EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadAcceleratorBundle, uploadEnclaveBundle, uploadRecords, waitForJob, fetchAndMerge } from '../roles/parties.js';
+import { EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle, uploadRecords, waitForJob, fetchAndMerge } from '../roles/parties.js';
+import { describeSignatures, draftContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { GPT2 } from '../model/gpt2.js';
 import { backendName } from '../tensor/gemm.js';
 import { progressBar } from './progress.js';
@@ -75,8 +76,24 @@ export async function runStart(o: StartOptions): Promise<void> {
   bar.stop();
   const localSeconds = (performance.now() - t0) / 1000;
 
-  // ---- 2. the cloud: accelerator and enclave as separate processes
-  say('\n[2/4] starting the untrusted accelerator and the enclave (simulated TEE) on loopback');
+  // ---- 2. the parties' keys, the provider's bundles and the contract both sign; then the cloud
+  say('\n[2/4] keys, obfuscation (sealed mode), the deployment contract signed by both parties; accelerator and enclave (simulated TEE) on loopback');
+  const providerKey = await loadOrCreatePartyKey(path.join(out, 'provider', 'party-key.json'));
+  const ownerKey = await loadOrCreatePartyKey(path.join(out, 'owner', 'party-key.json'));
+  const obf = obfuscateWeights(base, { mode: 'sealed' });
+  writeObfuscation(path.join(out, 'provider'), obf);
+  let draft = draftContract({
+    name: 'npm start', provider: partyId(providerKey), owner: partyId(ownerKey),
+    acceleratorDir: path.join(out, 'provider', 'accelerator'), enclaveDir: path.join(out, 'provider', 'enclave'),
+    methods: ['lora'], tasks: ['cls'], maxSteps: Math.max(steps, 1), maxJobs: 1, cancel: ['owner'],
+  });
+  draft = signContract(draft, 'provider', providerKey.signing);
+  draft = signContract(draft, 'owner', ownerKey.signing);
+  const { contract, sha256: contractHash } = verifyContract(draft);
+  const contractFile = path.join(out, 'contract.json');
+  writeContract(contractFile, contract);
+  const signedBy = describeSignatures(contract);
+  say(`      contract ${contractHash.slice(0, 16)}... (${contractFile}): ${signedBy.map((l) => l.replace(/ [A-Za-z0-9+/]{43}=/, (k) => ` ${k.trim().slice(0, 12)}...`)).join('; ')}`);
   createSimRoot(path.join(out, 'platform'));
   const children: Spawned[] = [];
   const stopAll = async () => {
@@ -89,26 +106,24 @@ export async function runStart(o: StartOptions): Promise<void> {
   process.once('SIGINT', onSig);
   process.once('SIGTERM', onSig);
   try {
-    const acc = await spawnService(['accelerator', 'serve', '--state-dir', path.join(out, 'cloud', 'accelerator'), '--port', '0']);
+    const acc = await spawnService(['accelerator', 'serve', '--state-dir', path.join(out, 'cloud', 'accelerator'), '--port', '0', '--contract', contractFile, '--trust', path.join(out, 'platform', 'sim-root.pub.pem')]);
     children.push(acc);
     const accAddr = `127.0.0.1:${acc.port}`;
     const enc = await spawnService(['enclave', 'serve', '--platform', path.join(out, 'platform'), '--state-dir', path.join(out, 'cloud', 'enclave'), '--accelerator', accAddr, '--port', '0']);
     children.push(enc);
     const encAddr = `127.0.0.1:${enc.port}`;
-    const trust = { rootPublicKey: path.join(out, 'platform', 'sim-root.pub.pem'), allowList: [enclaveMeasurement()] };
+    const trust = { rootPublicKey: path.join(out, 'platform', 'sim-root.pub.pem'), allowList: [enclaveMeasurement()], contract };
     say(`      accelerator ${accAddr}, enclave ${encAddr}`);
 
     // ---- 3. the provider and the owner
-    say('\n[3/4] provider: attest, obfuscate (sealed mode), upload; owner: attest, encrypt and upload records, fine-tune');
+    say('\n[3/4] provider: attest (submits the contract), upload the bundles; owner: attest, check the bundle, encrypt and upload records, fine-tune');
     const t1 = performance.now();
-    const provider = new EnclaveClient(encAddr, await loadOrCreatePartyKey(path.join(out, 'provider', 'party-key.json')), trust);
+    const provider = new EnclaveClient(encAddr, providerKey, trust);
     const att = await provider.attest();
-    say(`      provider verified the enclave: ${att.evidence.platform} measurement ${att.evidence.measurement.slice(0, 16)}... (simulated platform: ${att.evidence.simulated})`);
-    const obf = obfuscateWeights(base, { mode: 'sealed' });
-    writeObfuscation(path.join(out, 'provider'), obf);
-    await uploadAcceleratorBundle(accAddr, path.join(out, 'provider', 'accelerator'));
+    say(`      provider verified the enclave: ${att.evidence.platform} measurement ${att.evidence.measurement.slice(0, 16)}... (simulated platform: ${att.evidence.simulated}), bound to contract ${att.contractSha256!.slice(0, 16)}...`);
+    await uploadAcceleratorBundle(accAddr, path.join(out, 'provider', 'accelerator'), providerKey);
     await uploadEnclaveBundle(provider, path.join(out, 'provider', 'enclave'));
-    const owner = new EnclaveClient(encAddr, await loadOrCreatePartyKey(path.join(out, 'owner', 'party-key.json')), trust);
+    const owner = new EnclaveClient(encAddr, ownerKey, trust);
     await owner.attest();
     await uploadRecords(owner, 'train', train);
     await uploadRecords(owner, 'eval', test);
@@ -150,6 +165,7 @@ export async function runStart(o: StartOptions): Promise<void> {
     const integrity = st.integrity_checks as number;
     say(`\nThe accelerator saw only obfuscated tensors (rotated or per-head-masked activations and gradients; MLP hidden values permuted) and ran ${traffic.messages} requests; every reply passed ${integrity.toLocaleString()} secret-vector integrity checks.`);
     say(`Neither token ids, labels, logits nor losses crossed to it. The provider never saw the records; the owner never saw the weights.`);
+    say(`Who signed what: the contract ${contractHash.slice(0, 16)}... (${signedBy.join('; ')}); the enclave bound it into every attestation report and the accelerator served only that attested enclave; every upload chunk and command was signed by its party's key, the accelerator bundle by the provider's.`);
     say(`Inference in the enclave: ${examples.map((r, i) => `"${r.text!.slice(0, 40)}..." -> ${inf.predictions[i]} (true: ${r.label})`).join('; ')}`);
 
     const curve = [
@@ -166,6 +182,12 @@ export async function runStart(o: StartOptions): Promise<void> {
         ['model provider', 'attestation evidence, the fine-tuned update (encrypted to it), aggregate metrics'],
         ['data owner', 'attestation evidence, metrics, inference results (encrypted to it)'],
       ]) },
+      { title: 'Who signed what', html: table(['what', 'signed by'], [
+        [`deployment contract ${contractHash.slice(0, 16)}...`, signedBy.join('; ')],
+        ['every upload chunk and command to the enclave', 'the sending party\'s Ed25519 key (the contract names it)'],
+        ['accelerator bundle upload and weight export', 'the provider\'s key'],
+        ['each enclave connection to the accelerator', 'the enclave: attestation evidence over the connection\'s challenge and the contract'],
+      ]) },
       { title: 'Inference examples', html: table(['text', 'prediction', 'label'], examples.map((r, i) => [r.text!.slice(0, 120), inf.predictions[i], r.label!])) },
       { title: 'Setup', html: table(['item', 'value'], [
         ['model', `${path.basename(modelDir)} (${base.config.n_layer} layers, d=${base.config.n_embd})`], ['dataset', path.basename(dataDir)],
@@ -174,7 +196,7 @@ export async function runStart(o: StartOptions): Promise<void> {
       ]) },
     ], `Generated by npm start on ${new Date().toISOString()}.`);
     writeFileSync(path.join(out, 'report.html'), html);
-    writeFileSync(path.join(out, 'summary.json'), JSON.stringify({ local: le, confidential: ce, merged: mergedEval, traffic, integrity_checks: integrity, local_seconds: localSeconds, confidential_seconds: confSeconds }, null, 2) + '\n');
+    writeFileSync(path.join(out, 'summary.json'), JSON.stringify({ local: le, confidential: ce, merged: mergedEval, traffic, integrity_checks: integrity, contract: { sha256: contractHash, signatures: signedBy }, local_seconds: localSeconds, confidential_seconds: confSeconds }, null, 2) + '\n');
     say(`\nreport: ${path.join(out, 'report.html')}`);
   } finally {
     await stopAll();

@@ -20,7 +20,7 @@ import { LINEARS, linearDims, type LinearName } from '../model/block.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { AcceleratorLink } from '../protocol/link.js';
 import { LoraAdapters, checkLoraTask, type LoraConfig } from '../model/lora.js';
-import { IntegrityChecker } from '../protocol/integrity.js';
+import { IntegrityChecker, IntegrityError } from '../protocol/integrity.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { Transformer, type KVCache } from '../model/transformer.js';
 import type { TrunkBasis } from '../model/plain_basis.js';
@@ -117,6 +117,20 @@ export interface ForwardResult {
   predictions?: Int32Array;
   /** evaluation forward only: the probabilities (lm [B*T, V], cls [B, K]) */
   probs?: Float32Array;
+}
+
+/**
+ * The accelerator's reported squared gradient norm against the enclave's own estimate from
+ * the secret projections: a report off by more than GRAD_SQ_FACTOR either way is a lie (the
+ * estimate's spread stays far inside it, even for a rank-one gradient), and would set the
+ * clipping scale; it fails the step like any integrity failure.
+ */
+export const GRAD_SQ_FACTOR = 1000;
+
+export function checkGradSq(reported: number, estimate: number): void {
+  const ok = Number.isFinite(reported) && reported >= 0
+    && (estimate === 0 ? reported === 0 : reported <= estimate * GRAD_SQ_FACTOR && reported >= estimate / GRAD_SQ_FACTOR);
+  if (!ok) throw new IntegrityError(`integrity check failed: the accelerator reports a squared gradient norm of ${reported.toExponential(3)}, the enclave's estimate from the secret projections is ${estimate.toExponential(3)}`);
 }
 
 /** The enclave's trainable tensors, in the order of their shared parameter buffer. */
@@ -277,6 +291,7 @@ export class SplitModel {
     if (this.method !== 'full') return 0;
     const rep = await this.link.call({ op: 'grad_sq_norm' });
     if (rep.op !== 'ack' || typeof rep.value !== 'number') throw new Error(`accelerator did not report its gradient norm: ${rep.op === 'error' ? rep.message : rep.op}`);
+    if (this.integrity) checkGradSq(rep.value, this.integrity.gradSqEstimate());
     return rep.value;
   }
 

@@ -170,6 +170,27 @@ export class IntegrityChecker {
     }
   }
 
+  /**
+   * An unbiased estimate of the squared norm of this step's accumulated weight and bias
+   * gradients over every linear, from their projections on the secret vectors (E||G r||^2 =
+   * ||G||_F^2 for a Gaussian r; likewise G^T s and the bias's b.r): what the accelerator's
+   * `grad_sq_norm` must roughly equal. Costs nothing beyond `accumulate`.
+   */
+  gradSqEstimate(): number {
+    let total = 0;
+    const K = this.K;
+    for (const t of this.tracks.values()) {
+      if (!t.touched) continue;
+      let w = 0;
+      for (const x of t.gr) w += x * x;
+      for (const x of t.gs) w += x * x;
+      let b = 0;
+      for (const x of t.gc) b += x * x;
+      total += w / (2 * K) + b / K;
+    }
+    return total;
+  }
+
   /** Drops this step's accumulated projections (aborted step). */
   reset(): void {
     for (const t of this.tracks.values()) {

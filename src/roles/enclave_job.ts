@@ -6,6 +6,7 @@
  */
 import path from 'node:path';
 import { readFileSync, rmSync } from 'node:fs';
+import { randomInt } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import type { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
@@ -21,11 +22,12 @@ import { parseRunSpec, toFinetuneConfig, type RunSpec } from '../train/run_spec.
 import { writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { BundleError, InputError, IntegrityError, ObfuscatuneError, StateError, TransportError, findCause } from '../errors.js';
 import type { SealedStore } from './enclave_store.js';
+import { BUNDLE_WEIGHTS_TAG } from './protocol.js';
 
 export interface JobState {
   /** the job's run spec (parseJobSpec: the owner's settings, the bundle's mode and masks) */
   spec: RunSpec;
-  state: 'running' | 'done' | 'failed';
+  state: 'running' | 'done' | 'failed' | 'cancelled';
   step: number;
   loss: number | null;
   eval: EvalMetrics | null;
@@ -72,9 +74,13 @@ export interface JobContext {
   log(line: string): void;
 }
 
+/** Thrown from the step hook to stop a job the owner (or, by contract, the provider) cancelled. */
+class Cancelled extends StateError {}
+
 export class JobRunner {
   model: SplitModel | null = null;
   private running: Promise<void> | null = null;
+  private cancelReason: string | null = null;
 
   constructor(readonly job: JobState, private readonly ctx: JobContext) {}
 
@@ -85,14 +91,26 @@ export class JobRunner {
   /** Starts the job in the background; a failure is recorded in the job state. */
   start(resume: boolean): void {
     this.running = this.run(resume).catch((e) => {
-      this.job.state = 'failed';
-      this.job.error = (e as Error).message;
-      this.ctx.log(`job failed: ${(e as Error).message}`);
+      if (e instanceof Cancelled) {
+        this.job.state = 'cancelled';
+        this.job.error = e.message;
+        this.ctx.log(`job ${e.message} at step ${this.job.step}`);
+      } else {
+        this.job.state = 'failed';
+        this.job.error = (e as Error).message;
+        this.ctx.log(`job failed: ${(e as Error).message}`);
+      }
       return this.ctx.persist();
     });
   }
 
   async idle(): Promise<void> {
+    await this.running;
+  }
+
+  /** Stops the running job after its current step; resolves once it stopped (state 'cancelled'). */
+  async cancel(reason: string): Promise<void> {
+    this.cancelReason = reason;
     await this.running;
   }
 
@@ -115,7 +133,8 @@ export class JobRunner {
     if (got !== expected) throw new BundleError(`the accelerator serves bundle ${got.slice(0, 12)}..., the provider's enclave bundle expects ${expected.slice(0, 12)}...`);
   }
 
-  private async run(resume: boolean): Promise<void> {
+  /** The job's labels, encoded datasets and loop configuration. */
+  private prepare() {
     const { job, ctx } = this;
     const spec = job.spec;
     const tok = tokenizerFor(ctx.bundle.config.vocab_size);
@@ -124,27 +143,71 @@ export class JobRunner {
       const extra = labelSet(ctx.data.eval, 'evaluation data').filter((l) => !labels.includes(l));
       if (extra.length) throw new InputError(`evaluation data has labels not in the training data: ${extra.join(', ')}`);
     }
-    job.labels = labels;
     const train = encodeRecords(ctx.data.train, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'training data' });
     const evalSet = ctx.data.eval.length ? encodeRecords(ctx.data.eval, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'evaluation data' }) : null;
     const cfg = toFinetuneConfig(spec, ctx.bundle.acceleratorManifestSha256.slice(0, 16));
+    return { tok, labels, train, evalSet, cfg };
+  }
+
+  /**
+   * A finished job read back after a restart has no model in memory: it is rebuilt from the
+   * job's final checkpoint (kept until the provider fetched the update), the accelerator's
+   * weights with it, so inference and the provider's update work as before the restart.
+   */
+  private async restoreModel(): Promise<SplitModel> {
+    const latest = this.ctx.store.latestCheckpoint();
+    if (!latest) throw new StateError('the finished job\'s checkpoint is gone: its model cannot be restored');
+    await this.ctx.store.unsealCheckpoint(latest, this.runDir);
+    await this.acceleratorReady(120_000);
+    const { tok, labels, train, evalSet, cfg } = this.prepare();
+    const rng = new Rng(this.job.spec.seed);
+    const model = this.buildModel(labels, rng);
+    await runFinetune(model, train, evalSet, cfg, this.runDir, tok.eotId, { resume: true, rng });
+    this.ctx.log('restored the finished job\'s model from its final checkpoint');
+    return (this.model = model);
+  }
+
+  private async run(resume: boolean): Promise<void> {
+    const { job, ctx } = this;
+    const spec = job.spec;
+    const { tok, labels, train, evalSet, cfg } = this.prepare();
+    job.labels = labels;
     for (let attempt = 0; ; attempt++) {
       const sealedLatest = ctx.store.latestCheckpoint();
       const doResume = (resume || attempt > 0) && sealedLatest !== null;
-      if (doResume) await ctx.store.unsealCheckpoint(sealedLatest!, this.runDir);
-      else rmSync(this.runDir, { recursive: true, force: true });
+      if (doResume) {
+        const dir = await ctx.store.unsealCheckpoint(sealedLatest!, this.runDir);
+        // the losses up to the checkpoint come from the checkpoint itself (sealed in one write
+        // with the model state), so a kill between it and the job-state write leaves no gap
+        const st = JSON.parse(readFileSync(path.join(dir, 'state.json'), 'utf8')) as { step: number; losses: number[] };
+        job.losses = st.losses.slice(0, st.step);
+        job.step = st.step;
+        job.loss = job.losses[job.losses.length - 1] ?? null;
+      } else {
+        rmSync(this.runDir, { recursive: true, force: true });
+        job.losses = [];
+        job.step = 0;
+      }
       await this.acceleratorReady(120_000);
       const rng = new Rng(spec.seed);
       this.model = this.buildModel(labels, rng);
       const failuresBefore = ctx.link.failures;
       try {
+        if (!doResume) {
+          // a fresh start: the accelerator reloads the bundle's weights (a previous job or an
+          // interrupted one may have trained them); the probe checks them with the integrity vectors
+          const rep = await ctx.link.call({ op: 'checkpoint_load', tag: BUNDLE_WEIGHTS_TAG });
+          if (rep.op !== 'ack') throw new BundleError(`the accelerator could not reload the bundle's weights: ${rep.op === 'error' ? rep.message : rep.op}`);
+          await this.model.verifyAccelerator(new Rng(randomInt(2 ** 31)));
+        }
         const summary = await runFinetune(this.model, train, evalSet, cfg, this.runDir, tok.eotId, {
           resume: doResume, rng,
           onStep: (m) => {
             job.step = m.step;
             job.loss = m.loss;
-            job.losses.length = m.step - 1;
+            job.losses.length = Math.min(job.losses.length, m.step - 1);
             job.losses.push(m.loss);
+            if (this.cancelReason) throw new Cancelled(this.cancelReason);
           },
           onEval: (_s, e) => { job.eval = e; },
           onCheckpoint: async (name, dir) => {
@@ -160,6 +223,7 @@ export class JobRunner {
         ctx.log(`job done: ${spec.steps} steps, eval ${JSON.stringify(summary.eval)}`);
         return;
       } catch (e) {
+        if (e instanceof Cancelled) throw e;
         const failure = this.recoverableFailure(e, failuresBefore);
         if (!failure || attempt + 1 > MAX_RECOVERIES) throw e;
         job.recoveries++;
@@ -182,14 +246,18 @@ export class JobRunner {
     return failure && RECOVERABLE_CODES.has(failure.code) ? failure : null;
   }
 
-  private finished(what: string): SplitModel {
-    if (this.job.state !== 'done' || !this.model) throw new StateError(`no finished job ${what}`);
-    return this.model;
+  private async finished(what: string): Promise<SplitModel> {
+    if (this.job.state !== 'done') throw new StateError(`no finished job ${what}`);
+    if (this.model) return this.model;
+    this.restoring ??= this.restoreModel().finally(() => { this.restoring = null; });
+    return this.restoring;
   }
+
+  private restoring: Promise<SplitModel> | null = null;
 
   /** The owner's inference on the fine-tuned model: labels (cls) or greedy completions with the KV cache (lm). */
   async infer(texts: unknown, maxTokens: unknown): Promise<unknown> {
-    const m = this.finished('(run a job first)');
+    const m = await this.finished('(run a job first)');
     if (!Array.isArray(texts) || texts.length === 0 || texts.length > 256 || !texts.every((t) => typeof t === 'string')) throw new InputError('infer needs 1-256 texts');
     const tok = tokenizerFor(m.config.vocab_size);
     const maxLen = Math.min(this.job.spec.max_len, m.config.n_ctx);
@@ -213,8 +281,8 @@ export class JobRunner {
   }
 
   /** The provider's update: the enclave's trained tensors and the adapters (safetensors, base64). */
-  exportUpdate(): unknown {
-    const m = this.finished('to export');
+  async exportUpdate(): Promise<unknown> {
+    const m = await this.finished('to export');
     const file = path.join(this.ctx.store.privateDir, 'export.safetensors');
     const t: TensorToWrite[] = [...m.trainedTensors()].map(([name, data]) => ({ name: `enclave.${name}`, dtype: 'F32', shape: [data.length], data }));
     if (m.adapters) t.push(...adapterTensors(m.adapters));

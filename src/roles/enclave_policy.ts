@@ -1,39 +1,52 @@
 /**
- * Who may ask the enclave service for what (docs/deployment.md): a party is the provider
- * (whose key installed the bundle) or the data owner (whose key uploaded the data).
+ * Who may ask the enclave service for what (docs/deployment.md): a party is the provider or
+ * the data owner named by its signing key in the deployment contract (contract.ts); every
+ * request is signed by that key, so naming a key proves nothing by itself.
  */
 import { InputError, PolicyError } from '../errors.js';
+import type { ContractBody } from './contract.js';
 
 export type Role = 'provider' | 'owner';
 
-/** The commands and the roles allowed to send each. */
+/** The commands and the roles allowed to send each (`cancel`: as the contract's release policy says). */
 export const POLICY: Record<string, Role[]> = {
   status: ['provider', 'owner'],
   start_finetune: ['owner'],
+  cancel: ['owner', 'provider'],
   infer: ['owner'],
   fetch_update: ['provider'],
 };
 
-export interface Parties {
-  provider: string | null;
-  owner: string | null;
+function roleIn(contract: ContractBody, sender: string): Role | null {
+  return sender === contract.provider ? 'provider' : sender === contract.owner ? 'owner' : null;
 }
 
-/** The sender's role, or a PolicyError when the command is not theirs to send. */
-export function authorize(op: string, sender: string, parties: Parties): Role {
-  const role: Role | null = sender === parties.provider ? 'provider' : sender === parties.owner ? 'owner' : null;
+/** The sender's role, or a PolicyError when the command is not theirs to send under the contract. */
+export function authorize(op: string, sender: string, contract: ContractBody | null): Role {
   const allowed = POLICY[op];
   if (!allowed) throw new InputError(`unknown command "${op}"`);
-  if (!role || !allowed.includes(role)) throw new PolicyError(`policy: "${op}" is not allowed for ${role ?? 'an unknown party'}`);
-  return role;
+  if (!contract) throw new PolicyError('policy: no deployment contract accepted yet (submit the contract signed by both parties first)');
+  const role = roleIn(contract, sender);
+  const ok = role !== null && allowed.includes(role) && (op !== 'cancel' || contract.release.cancel.includes(role));
+  if (!ok) throw new PolicyError(`policy: "${op}" is not allowed for ${role ?? 'a key the contract does not name'}`);
+  const needs = RELEASE[op];
+  if (needs && !(contract.release[role!] as string[]).includes(needs)) throw new PolicyError(`policy: the contract does not release "${needs}" to the ${role}`);
+  return role!;
 }
 
-/** Uploads: one provider installs the bundle, one other party uploads the data. */
-export function checkUploader(kind: 'bundle' | 'dataset', sender: string, parties: Parties): void {
-  if (kind === 'bundle') {
-    if (parties.provider && parties.provider !== sender) throw new PolicyError('a bundle from another provider is already installed');
-    return;
-  }
-  if (parties.owner && parties.owner !== sender) throw new PolicyError('another data owner has already uploaded data');
-  if (sender === parties.provider) throw new PolicyError('the provider cannot act as the data owner');
+/** What of the contract's release policy a command hands out. */
+const RELEASE: Record<string, string> = { fetch_update: 'update', infer: 'inference' };
+
+/** Whether the contract releases the job's metrics to `role` (the owner's in full, the provider's as aggregates). */
+export function releasesMetrics(contract: ContractBody, role: Role): boolean {
+  return role === 'owner' ? contract.release.owner.includes('metrics') : contract.release.provider.includes('aggregate_metrics');
+}
+
+/** Uploads: the contract's provider installs the bundle, its owner uploads the data. */
+export function checkUploader(kind: 'bundle' | 'dataset', sender: string, contract: ContractBody | null): Role {
+  if (!contract) throw new PolicyError('policy: no deployment contract accepted yet (submit the contract signed by both parties first)');
+  const role = roleIn(contract, sender);
+  const want: Role = kind === 'bundle' ? 'provider' : 'owner';
+  if (role !== want) throw new PolicyError(`policy: only the contract's ${want} may upload ${kind === 'bundle' ? 'the model bundle' : 'data'} (the sender is ${role ?? 'a key the contract does not name'})`);
+  return role;
 }

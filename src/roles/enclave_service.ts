@@ -10,19 +10,23 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { EnclaveAttestor } from '../tee/attest.js';
+import { EnclaveAttestor, provePeer } from '../tee/attest.js';
 import type { TeePlatform } from '../tee/platform.js';
 import { sealTo, sealedFromJson, sealedToJson, publicKeyFromBase64 } from '../tee/hpke.js';
 import { ReplayCache } from '../tee/replay.js';
+import { signingPublicKeyFromBase64, verifySignature } from '../tee/signing.js';
 import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
 import { parseJsonl } from '../io/jsonl.js';
 import { parseJobSpec, checkRunSpecForModel } from '../train/run_spec.js';
-import { BundleError, InputError, PolicyError, StateError, TransportError } from '../errors.js';
-import { COMMAND_AAD, chunkAad, replyAad, unpackFiles, type UploadChunk, type SealedCommand } from './protocol.js';
+import { BundleError, InputError, PolicyError, SessionError, StateError, TransportError } from '../errors.js';
+import {
+  chunkAad, commandAad, replyAad, unpackFiles, chunkSignedBytes, commandSignedBytes, padReply, type UploadChunk, type SealedCommand,
+} from './protocol.js';
 import { SealedStore, type PackedFile } from './enclave_store.js';
 import { JobRunner, newJob, recoveredJob, type Datasets, type JobState } from './enclave_job.js';
-import { authorize, checkUploader, type Parties, type Role } from './enclave_policy.js';
+import { authorize, checkUploader, releasesMetrics, type Role } from './enclave_policy.js';
+import { bundleDigest, checkJobAllowed, verifyContract, type Contract } from './contract.js';
 
 export interface EnclaveServeOptions {
   platform: TeePlatform;
@@ -33,7 +37,22 @@ export interface EnclaveServeOptions {
   /** private (memory-backed) scratch space; default: a fresh temp dir */
   privateDir?: string;
   log?: (line: string) => void;
+  /** lifetime of an attestation session (default SESSION_TTL_MS) */
+  sessionTtlMs?: number;
+  /** sessions held at once; the oldest is dropped beyond it (default MAX_SESSIONS) */
+  maxSessions?: number;
+  /** the replay window of commands and uploads (default REPLAY_WINDOW_MS) */
+  replayWindowMs?: number;
+  /** clock, ms since the epoch (tests) */
+  now?: () => number;
 }
+
+/** An attestation session lives 30 minutes; clients attest again after that (EnclaveClient does so by itself). */
+export const SESSION_TTL_MS = 30 * 60_000;
+/** At most this many sessions are held (a few KB each); a flood of handshakes drops the oldest. */
+export const MAX_SESSIONS = 4096;
+/** Requests older than this (by their signed timestamp) are refused; ids are remembered as long. */
+export const REPLAY_WINDOW_MS = 10 * 60_000;
 
 /** What the owner's `start_finetune` carries: a run spec without the settings of the provider's bundle. */
 export type { JobSpec } from '../train/run_spec.js';
@@ -43,11 +62,19 @@ export const MAX_UPLOAD_BYTES = 4 * 1024 * 1024 * 1024;
 
 export class EnclaveService {
   private attestor!: EnclaveAttestor;
-  private sessions = new Map<string, Uint8Array>();
-  private replay = new ReplayCache({ ttlMs: 10 * 60_000, maxEntries: 100_000 });
+  /** session id -> transcript and expiry; insertion order is creation order */
+  private sessions = new Map<string, { transcript: Uint8Array; expires: number }>();
+  private readonly replay: ReplayCache;
+  private readonly now: () => number;
   bundle: EnclaveBundle | null = null;
   private bundleFiles: PackedFile[] | null = null;
-  private parties: Parties = { provider: null, owner: null };
+  private bundleSha256: string | null = null;
+  private contract: Contract | null = null;
+  private contractSha256: string | null = null;
+  /** fine-tuning jobs started under the contract */
+  private jobsStarted = 0;
+  /** whether the provider fetched the update of the latest finished job */
+  private updateFetched = true;
   private data: Datasets = { train: [], eval: [] };
   private runner: JobRunner | null = null;
   private readonly link: GrpcAcceleratorLink;
@@ -55,9 +82,19 @@ export class EnclaveService {
   private readonly log: (l: string) => void;
 
   private constructor(readonly o: EnclaveServeOptions) {
-    this.link = new GrpcAcceleratorLink(o.accelerator, { deadlineMs: 300_000 });
+    // every connection to the accelerator proves, with evidence over its challenge, that it
+    // comes from this attested enclave under the contract (the accelerator serves no one else)
+    this.link = new GrpcAcceleratorLink(o.accelerator, {
+      deadlineMs: 300_000,
+      prove: async (challenge) => {
+        if (!this.contractSha256) throw new PolicyError('no deployment contract yet: the accelerator serves only an enclave bound to its contract');
+        return provePeer(o.platform, challenge, this.contractSha256);
+      },
+    });
     this.store = new SealedStore(o.platform, o.stateDir, o.privateDir ?? mkdtempSync(path.join(os.tmpdir(), 'obf-enclave-')));
     this.log = o.log ?? ((l) => console.error(`enclave: ${l}`));
+    this.now = o.now ?? Date.now;
+    this.replay = new ReplayCache({ ttlMs: o.replayWindowMs ?? REPLAY_WINDOW_MS, maxEntries: 100_000, now: this.now });
   }
 
   static async create(o: EnclaveServeOptions): Promise<EnclaveService> {
@@ -75,16 +112,26 @@ export class EnclaveService {
     return this.store.privateDir;
   }
 
+  /** Attestation sessions held now (bounded by maxSessions). */
+  get sessionCount(): number {
+    return this.sessions.size;
+  }
+
   private persist(): Promise<void> {
-    return this.store.save({ provider: this.parties.provider, owner: this.parties.owner, job: this.job, data: this.data }, this.bundleFiles);
+    return this.store.save({
+      contract: this.contract, job: this.job, data: this.data, jobs_started: this.jobsStarted, update_fetched: this.updateFetched,
+    }, this.bundleFiles);
   }
 
   private async recover(): Promise<void> {
     const saved = await this.store.load();
     if (!saved) return;
-    const meta = saved.meta as { provider: string | null; owner: string | null; data: Datasets; job: JobState | null };
-    this.parties = { provider: meta.provider, owner: meta.owner };
+    const meta = saved.meta as { contract?: unknown; data: Datasets; job: JobState | null; jobs_started?: number; update_fetched?: boolean };
+    if (meta.contract) this.acceptContract(verifyContract(meta.contract, 'the sealed contract'));
+    else this.log('the sealed state has no deployment contract (written by an earlier version): the parties submit one');
     this.data = meta.data;
+    this.jobsStarted = meta.jobs_started ?? 0;
+    this.updateFetched = meta.update_fetched ?? true;
     if (saved.bundleFiles) this.installBundle(saved.bundleFiles);
     if (meta.job) this.runner = this.newRunner(recoveredJob(meta.job));
     this.log(`recovered sealed state: bundle ${this.bundle ? 'yes' : 'no'}, ${this.data.train.length} training records, job ${this.job?.state ?? 'none'}`);
@@ -108,19 +155,44 @@ export class EnclaveService {
   private installBundle(files: PackedFile[]): void {
     this.bundle = this.store.installBundle(files);
     this.bundleFiles = files;
+    this.bundleSha256 = bundleDigest(files);
+  }
+
+  private acceptContract(v: { contract: Contract; sha256: string }): void {
+    this.contract = v.contract;
+    this.contractSha256 = v.sha256;
+    this.attestor.contractSha256 = v.sha256;
   }
 
   // ------------------------------------------------------------------ requests
   async attest(req: { nonce?: unknown }): Promise<unknown> {
     const r = await this.attestor.handle(req as { nonce: string });
-    this.sessions.set(r.transcriptId, r.transcript);
+    const now = this.now();
+    // sessions expire in creation order: drop the expired ones, then the oldest beyond the bound
+    for (const [id, s] of this.sessions) {
+      if (s.expires > now && this.sessions.size < (this.o.maxSessions ?? MAX_SESSIONS)) break;
+      this.sessions.delete(id);
+    }
+    this.sessions.set(r.transcriptId, { transcript: r.transcript, expires: now + (this.o.sessionTtlMs ?? SESSION_TTL_MS) });
     return r.response;
   }
 
   private session(id: unknown): Uint8Array {
-    const t = typeof id === 'string' ? this.sessions.get(id) : undefined;
-    if (!t) throw new PolicyError('unknown attestation session (attest first)');
-    return t;
+    const s = typeof id === 'string' ? this.sessions.get(id) : undefined;
+    if (!s) throw new SessionError('unknown attestation session (attest first; sessions expire)');
+    if (s.expires <= this.now()) {
+      this.sessions.delete(id as string);
+      throw new SessionError('the attestation session expired (attest again)');
+    }
+    return s.transcript;
+  }
+
+  /** Checks that the request is signed by the key it names as `sender`, and that its reply key is a key. */
+  private authenticate(r: { sender: unknown; reply_key: unknown; signature: unknown }, signed: () => Uint8Array, what: string): void {
+    const pk = signingPublicKeyFromBase64(r.sender, `${what}: sender`);
+    verifySignature(pk, signed(), r.signature, what);
+    if (typeof r.reply_key !== 'string') throw new InputError(`${what}: reply_key missing`);
+    publicKeyFromBase64(r.reply_key);
   }
 
   async upload(chunks: UploadChunk[]): Promise<unknown> {
@@ -129,71 +201,127 @@ export class EnclaveService {
     const transcript = this.session(first.session);
     const total = first.total;
     if (!Number.isInteger(total) || total !== chunks.length) throw new InputError(`upload incomplete: ${chunks.length} of ${total} chunks`);
+    // who sent it, before anything else; then the replay rules on the signed id and time
+    this.authenticate(first, () => chunkSignedBytes(first, transcript), 'upload chunk 0');
+    if (typeof first.upload_id !== 'string' || typeof first.ts !== 'number') throw new InputError('upload: upload_id and ts required');
+    this.replay.check(`upload:${first.upload_id}`, first.ts);
+    checkUploader(first.kind, first.sender, this.contract?.body ?? null);
+    if (first.kind === 'bundle' && this.job?.state === 'running') throw new StateError('a job is running');
     const plain: Uint8Array[] = [];
     let bytes = 0;
     for (let i = 0; i < chunks.length; i++) {
       const c = chunks[i];
-      if (c.index !== i || c.total !== total || c.kind !== first.kind || c.name !== first.name || c.upload_id !== first.upload_id || c.sender !== first.sender || c.session !== first.session) {
+      if (c.index !== i || c.total !== total || c.kind !== first.kind || c.name !== first.name || c.upload_id !== first.upload_id || c.sender !== first.sender
+        || c.reply_key !== first.reply_key || c.session !== first.session || c.ts !== first.ts) {
         throw new InputError(`upload chunk ${i} does not belong to this upload`);
       }
+      if (i > 0) this.authenticate(c, () => chunkSignedBytes(c, transcript), `upload chunk ${i}`);
       const p = await this.attestor.open(sealedFromJson(c.sealed), transcript, chunkAad(c));
       bytes += p.length;
       if (bytes > MAX_UPLOAD_BYTES) throw new TransportError('upload too large', grpc.status.RESOURCE_EXHAUSTED);
       plain.push(p);
     }
-    this.replay.check(`upload:${first.upload_id}`);
-    checkUploader(first.kind, first.sender, this.parties);
+    const contract = this.contract!.body;
     if (first.kind === 'bundle') {
-      if (this.job?.state === 'running') throw new StateError('a job is running');
-      this.installBundle(unpackFiles(Buffer.concat(plain)));
-      this.parties.provider = first.sender;
+      const files = unpackFiles(Buffer.concat(plain));
+      const digest = bundleDigest(files);
+      if (digest !== contract.enclave_bundle_sha256) {
+        throw new BundleError(`the bundle's digest ${digest.slice(0, 16)}... is not the contract's enclave bundle ${contract.enclave_bundle_sha256.slice(0, 16)}...`);
+      }
+      this.installBundle(files);
+      if (this.bundle!.acceleratorManifestSha256 !== contract.accelerator_manifest_sha256) {
+        throw new BundleError('the bundle expects another accelerator manifest than the contract names');
+      }
       await this.persist();
-      this.log(`installed the provider's ${this.bundle!.mode}-mode bundle`);
-      return { ok: true, kind: 'bundle', mode: this.bundle!.mode };
+      this.log(`installed the provider's ${this.bundle!.mode}-mode bundle ${digest.slice(0, 12)}`);
+      return { ok: true, kind: 'bundle', mode: this.bundle!.mode, sha256: digest };
     }
     if (first.name !== 'train' && first.name !== 'eval') throw new InputError(`unknown dataset split "${first.name}"`);
     if (plain.length > MAX_RECORDS) throw new InputError('too many records');
+    if (this.job?.state === 'running') throw new StateError('a job is running');
+    // the finished job's model is rebuilt from its checkpoint and this data after a restart
+    if (this.job?.state === 'done' && !this.updateFetched) throw new StateError('the provider has not fetched the finished job\'s update yet: new data waits until then');
     const recs = parseJsonl(plain.map((p) => new TextDecoder().decode(p).replace(/\n/g, ' ')).join('\n'), `encrypted ${first.name} upload`);
     this.data[first.name] = recs;
-    this.parties.owner = first.sender;
     await this.persist();
     this.log(`received ${recs.length} encrypted ${first.name} records`);
     return { ok: true, kind: 'dataset', name: first.name, records: recs.length };
   }
 
   async command(req: SealedCommand): Promise<unknown> {
+    if (typeof req !== 'object' || req === null) throw new InputError('malformed command');
     const transcript = this.session(req.session);
-    const text = new TextDecoder().decode(await this.attestor.open(sealedFromJson(req.sealed), transcript, COMMAND_AAD));
-    let cmd: { id: string; ts: number; op: string; [k: string]: unknown };
+    this.authenticate(req, () => commandSignedBytes(req, transcript), 'command');
+    if (typeof req.id !== 'string' || req.id.length === 0 || req.id.length > 128 || typeof req.ts !== 'number') throw new InputError('malformed command: id and ts required');
+    this.replay.check(req.id, req.ts);
+    const text = new TextDecoder().decode(await this.attestor.open(sealedFromJson(req.sealed), transcript, commandAad(req.id)));
+    let cmd: { op: string; [k: string]: unknown };
     try {
       cmd = JSON.parse(text);
     } catch (e) {
       throw new InputError('malformed command', { cause: e });
     }
-    if (typeof cmd.id !== 'string' || typeof cmd.ts !== 'number' || typeof cmd.op !== 'string') throw new InputError('malformed command');
-    this.replay.check(cmd.id, cmd.ts);
-    const role = authorize(cmd.op, req.sender, this.parties);
-    const result = await this.execute(cmd.op, cmd, role);
-    const sealed = await sealTo(publicKeyFromBase64(req.sender), new TextEncoder().encode(JSON.stringify(result)), transcript, replyAad(cmd.id));
+    if (typeof cmd !== 'object' || cmd === null || typeof cmd.op !== 'string') throw new InputError('malformed command');
+    const result = cmd.op === 'submit_contract'
+      ? await this.submitContract(cmd.contract, req.sender)
+      : await this.execute(cmd.op, cmd, authorize(cmd.op, req.sender, this.contract?.body ?? null));
+    const sealed = await sealTo(publicKeyFromBase64(req.reply_key), padReply(cmd.op, JSON.stringify(result)), transcript, replyAad(req.id));
     return { sealed: sealedToJson(sealed) };
+  }
+
+  /**
+   * Accepts the deployment contract once: signed by both parties it names, sent by one of
+   * them. From then on every attestation report carries its hash. Sending the same contract
+   * again is a no-op; another one is refused (a new deployment is a new enclave state).
+   */
+  private async submitContract(raw: unknown, sender: string): Promise<unknown> {
+    const v = verifyContract(raw, 'submitted contract');
+    if (sender !== v.contract.body.provider && sender !== v.contract.body.owner) throw new PolicyError('policy: only a party the contract names may submit it');
+    if (this.contractSha256 && this.contractSha256 !== v.sha256) throw new PolicyError(`policy: this enclave is bound to contract ${this.contractSha256.slice(0, 16)}... (a new contract needs a new enclave state)`);
+    if (!this.contractSha256) {
+      this.acceptContract(v);
+      await this.persist();
+      this.log(`accepted the deployment contract ${v.sha256.slice(0, 16)}... signed by provider ${v.contract.body.provider.slice(0, 8)}... and owner ${v.contract.body.owner.slice(0, 8)}...`);
+    }
+    return { accepted: true, contract_sha256: v.sha256 };
   }
 
   private async execute(op: string, cmd: Record<string, unknown>, role: Role): Promise<unknown> {
     switch (op) {
       case 'status': return this.status(role);
       case 'start_finetune': return this.startFinetune(cmd.spec);
+      case 'cancel': return this.cancel(role);
       case 'infer': return this.finishedRunner().infer(cmd.texts, cmd.max_tokens);
-      case 'fetch_update': return this.finishedRunner().exportUpdate();
+      case 'fetch_update': {
+        const up = await this.finishedRunner().exportUpdate() as Record<string, unknown>;
+        this.updateFetched = true;
+        await this.persist();
+        // the provider's view of the job: aggregates only (no first or last step's loss)
+        const sum = up.summary as { eval?: unknown; seconds?: unknown; steps?: unknown } | null;
+        return { ...up, summary: sum ? { eval: sum.eval, seconds: sum.seconds, steps: sum.steps } : null, bundle_sha256: this.bundleSha256, contract_sha256: this.contractSha256 };
+      }
     }
     throw new InputError(`unknown command "${op}"`);
   }
 
+  /** The job's metrics: the owner's in full; the provider's aggregates only (no per-step or per-example losses). */
   private status(role: Role): unknown {
     const j = this.job;
+    let job: unknown = null;
+    if (j && !releasesMetrics(this.contract!.body, role)) {
+      job = { state: j.state, step: j.step, steps: j.spec.steps, error: j.error };
+    } else if (j && role === 'owner') {
+      job = { state: j.state, step: j.step, steps: j.spec.steps, loss: j.loss, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: j.summary, losses: j.losses };
+    } else if (j) {
+      const s = j.summary as { eval?: unknown; seconds?: unknown; steps?: unknown } | null;
+      job = { state: j.state, step: j.step, steps: j.spec.steps, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: s ? { eval: s.eval, seconds: s.seconds, steps: s.steps } : null };
+    }
     return {
-      bundle: this.bundle ? { mode: this.bundle.mode, n_layer: this.bundle.config.n_layer, n_embd: this.bundle.config.n_embd } : null,
+      contract_sha256: this.contractSha256,
+      bundle: this.bundle ? { mode: this.bundle.mode, n_layer: this.bundle.config.n_layer, n_embd: this.bundle.config.n_embd, sha256: this.bundleSha256 } : null,
       records: { train: this.data.train.length, eval: this.data.eval.length },
-      job: j ? { state: j.state, step: j.step, steps: j.spec.steps, loss: j.loss, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: j.summary, losses: j.losses } : null,
+      job,
+      jobs_started: this.jobsStarted,
       integrity_checks: this.runner?.model?.integrity?.checks ?? 0,
       accelerator_traffic: { messages: this.link.stats.messages, bytes: this.link.stats.bytes },
       role,
@@ -204,16 +332,26 @@ export class EnclaveService {
     if (!this.bundle) throw new BundleError('no model bundle installed yet');
     if (this.data.train.length === 0) throw new StateError('no training data uploaded yet');
     if (this.job?.state === 'running') throw new StateError('a job is already running');
-    // the same validation as every entry point, before any work
+    if (this.job?.state === 'done' && !this.updateFetched) throw new StateError('the provider has not fetched the update of the finished job yet (its checkpoints are kept until then)');
+    // the same validation as every entry point, before any work; then the contract's limits
     const b = this.bundle;
     const spec = parseJobSpec(raw, { mode: b.mode, kappa: b.spec, two_sided: b.twoSided }, 'start_finetune');
     checkRunSpecForModel(spec, { n_ctx: b.config.n_ctx, headPooling: b.cls ? b.cls.pooling ?? 'last' : null }, 'start_finetune');
+    checkJobAllowed(this.contract!.body, spec, this.jobsStarted);
     this.runner = this.newRunner(newJob(spec));
     rmSync(this.runner.runDir, { recursive: true, force: true });
     this.store.clearCheckpoints();
+    this.jobsStarted++;
+    this.updateFetched = false;
     await this.persist();
     this.runner.start(false);
-    return { started: true };
+    return { started: true, job: this.jobsStarted };
+  }
+
+  private async cancel(role: Role): Promise<unknown> {
+    if (this.job?.state !== 'running') throw new StateError('no job is running');
+    await this.runner!.cancel(`cancelled by the ${role}`);
+    return { cancelled: true, step: this.job.step };
   }
 
   private finishedRunner(): JobRunner {

@@ -72,14 +72,15 @@ export class SealedStore {
     for (const old of all.slice(0, -KEEP_CHECKPOINTS)) rmSync(path.join(this.checkpoints, old), { force: true });
   }
 
-  /** Unseals a checkpoint into runDir/checkpoints/<name> (the only checkpoint there). */
-  async unsealCheckpoint(file: string, runDir: string): Promise<void> {
+  /** Unseals a checkpoint into runDir/checkpoints/<name> (the only checkpoint there); returns that directory. */
+  async unsealCheckpoint(file: string, runDir: string): Promise<string> {
     const name = path.basename(file, '.sealed');
     const files = unpackFiles(await unsealBlob(this.platform, 'checkpoint', readFileSync(file)));
     const dir = path.join(runDir, 'checkpoints', name);
     rmSync(path.join(runDir, 'checkpoints'), { recursive: true, force: true });
     mkdirSync(dir, { recursive: true });
     for (const f of files) writeFileSync(path.join(dir, f.name), f.data);
+    return dir;
   }
 
   clearCheckpoints(): void {

@@ -5,7 +5,7 @@
  * with its secret mask key. The data owner encrypts each record to the enclave, starts the
  * job, reads metrics and runs inference. Both verify the enclave's attestation first.
  */
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,12 +13,13 @@ import * as grpc from '@grpc/grpc-js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
 import { newNonce, attestationRequest, verifyAttestation, sealToEnclave, type AttestedEnclave, type AttestationResponse } from '../tee/attest.js';
 import { generateHpkeKeyPair, openWith, publicKeyToBase64, sealedFromJson, sealedToJson, type HpkeKeyPair } from '../tee/hpke.js';
+import { generateSigningKeyPair, signBytes, signingKeyPairFromBase64, signingPrivateKeyToBase64, type SigningKeyPair } from '../tee/signing.js';
 import { SimSoftwareVerifier, measureDirectory } from '../tee/sim.js';
 import type { EvidenceVerifier } from '../tee/platform.js';
 import { fromBase64, toBase64 } from '../tee/platform.js';
 import {
-  ENCLAVE_SERVICE, ACC_ADMIN_SERVICE, EnclaveServiceClient, AccAdminClient, COMMAND_AAD, chunkAad, replyAad, clientOptions, unary, clientStream,
-  chunks, packFiles, type UploadChunk, type UploadKind,
+  ENCLAVE_SERVICE, ACC_ADMIN_SERVICE, EnclaveServiceClient, AccAdminClient, commandAad, chunkAad, replyAad, clientOptions, unary, clientStream,
+  chunks, packFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand,
 } from './protocol.js';
 import type { Record_ } from '../io/jsonl.js';
 import type { GPT2Weights } from '../model/weights.js';
@@ -30,7 +31,8 @@ import { LINEARS } from '../model/block.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { loadAdapters, mergeAdaptersPlain } from '../train/session.js';
 import type { JobSpec } from './enclave_service.js';
-import { BundleError, StateError, TransportError } from '../errors.js';
+import { BundleError, InputError, PolicyError, SessionError, StateError, TransportError } from '../errors.js';
+import { bundleDirDigest, contractSha256, verifyContract, type Contract } from './contract.js';
 
 export const DIST_SRC = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -39,40 +41,104 @@ export function enclaveMeasurement(config: Record<string, unknown> = { program: 
   return measureDirectory(DIST_SRC, config).hex;
 }
 
-export interface TrustConfig {
-  /** the (simulated) platform root public key, PEM file */
-  rootPublicKey: string;
-  /** accepted enclave measurements */
-  allowList: string[];
+/**
+ * A party's long-lived keys: the HPKE key pair its replies are sealed to, and the Ed25519
+ * signing key that is its identity (the contract names its public half; every request is
+ * signed with it).
+ */
+export interface PartyKey extends HpkeKeyPair {
+  signing: SigningKeyPair;
 }
 
-/** A party's long-lived HPKE key pair (replies from the enclave are sealed to it). */
-export async function loadOrCreatePartyKey(file: string): Promise<HpkeKeyPair> {
+/**
+ * Reads a party's key file, or creates one. A key file of an earlier version (HPKE keys
+ * only) gains a signing key: the file is rewritten and the change is reported on stderr.
+ */
+export async function loadOrCreatePartyKey(file: string, log: (line: string) => void = (l) => console.error(l)): Promise<PartyKey> {
+  const write = (kp: HpkeKeyPair, signing: SigningKeyPair) => {
+    mkdirSync(path.dirname(file), { recursive: true });
+    writeFileSync(file, JSON.stringify({
+      version: 2, public: toBase64(kp.publicKey), private: toBase64(kp.privateKey),
+      signing_public: toBase64(signing.publicKey), signing_private: signingPrivateKeyToBase64(signing.privateKey),
+    }) + '\n', { mode: 0o600 });
+  };
   if (existsSync(file)) {
-    const j = JSON.parse(readFileSync(file, 'utf8')) as { public: string; private: string };
-    return { publicKey: fromBase64(j.public), privateKey: fromBase64(j.private) };
+    let j: { public?: unknown; private?: unknown; signing_private?: unknown };
+    try {
+      j = JSON.parse(readFileSync(file, 'utf8'));
+    } catch (e) {
+      throw new InputError(`key file ${file}: not JSON (${(e as Error).message})`, { cause: e });
+    }
+    if (typeof j.public !== 'string' || typeof j.private !== 'string') throw new InputError(`key file ${file}: "public" and "private" (base64) required`);
+    let kp: HpkeKeyPair;
+    try {
+      kp = { publicKey: fromBase64(j.public, 'public key'), privateKey: fromBase64(j.private, 'private key') };
+    } catch (e) {
+      throw new InputError(`key file ${file}: ${(e as Error).message}`, { cause: e });
+    }
+    if (typeof j.signing_private === 'string') return { ...kp, signing: signingKeyPairFromBase64(j.signing_private, `key file ${file}: signing key`) };
+    const signing = generateSigningKeyPair();
+    write(kp, signing);
+    log(`key file ${file} had no signing key (written by an earlier version): added an Ed25519 signing key, public key ${toBase64(signing.publicKey)}; the enclave knows this party by it (put it in the deployment contract)`);
+    return { ...kp, signing };
   }
   const kp = await generateHpkeKeyPair();
-  mkdirSync(path.dirname(file), { recursive: true });
-  writeFileSync(file, JSON.stringify({ public: toBase64(kp.publicKey), private: toBase64(kp.privateKey) }) + '\n', { mode: 0o600 });
-  return kp;
+  const signing = generateSigningKeyPair();
+  write(kp, signing);
+  return { ...kp, signing };
+}
+
+/** A party's signing public key (base64): its identity in the contract and in every request. */
+export function partyId(k: PartyKey): string {
+  return toBase64(k.signing.publicKey);
+}
+
+export interface EnclaveTrust {
+  /** the (simulated) platform root public key, PEM file; or verifiers */
+  rootPublicKey?: string;
+  verifiers?: EvidenceVerifier[];
+  /** accepted enclave measurements */
+  allowList: string[];
+  /** the deployment contract (signed by both parties): submitted if the enclave has none, required to be the one it is bound to */
+  contract: Contract;
 }
 
 export class EnclaveClient {
   private client: grpc.Client;
   attested: AttestedEnclave | null = null;
+  /** the hash of the contract this client requires the enclave to be bound to */
+  readonly contractSha256: string;
 
-  constructor(readonly address: string, readonly key: HpkeKeyPair, readonly trust: TrustConfig | { verifiers: EvidenceVerifier[]; allowList: string[] }) {
+  constructor(readonly address: string, readonly key: PartyKey, readonly trust: EnclaveTrust) {
     this.client = new EnclaveServiceClient(address, grpc.credentials.createInsecure(), clientOptions());
+    this.contractSha256 = contractSha256(trust.contract.body);
   }
 
-  /** Verifies the enclave's evidence (platform root, measurement allow-list, fresh nonce). */
-  async attest(): Promise<AttestedEnclave> {
+  private async handshake(): Promise<AttestedEnclave> {
     const nonce = newNonce();
     const resp = await unary<AttestationResponse>(this.client, ENCLAVE_SERVICE.Attest, attestationRequest(nonce));
-    const verifiers = 'verifiers' in this.trust ? this.trust.verifiers : [SimSoftwareVerifier.fromPublicKeyFile(this.trust.rootPublicKey)];
-    this.attested = await verifyAttestation(resp, nonce, { allowList: this.trust.allowList, verifiers });
-    return this.attested;
+    const verifiers = this.trust.verifiers ?? [SimSoftwareVerifier.fromPublicKeyFile(this.trust.rootPublicKey!)];
+    return verifyAttestation(resp, nonce, { allowList: this.trust.allowList, verifiers });
+  }
+
+  /**
+   * Verifies the enclave's evidence (platform root, measurement allow-list, fresh nonce) and
+   * that it is bound to this client's contract. An enclave with no contract yet gets it
+   * (signed by both parties), and is attested again: the new report must carry its hash.
+   */
+  async attest(): Promise<AttestedEnclave> {
+    let a = await this.handshake();
+    if (a.contractSha256 === null) {
+      this.attested = a;
+      await this.command('submit_contract', { contract: this.trust.contract });
+      a = await this.handshake();
+    }
+    if (a.contractSha256 !== this.contractSha256) {
+      this.attested = null;
+      throw new PolicyError(`the enclave is bound to contract ${a.contractSha256?.slice(0, 16) ?? 'none'}..., not this party's ${this.contractSha256.slice(0, 16)}...`);
+    }
+    this.attested = a;
+    return a;
   }
 
   private session(): AttestedEnclave {
@@ -80,32 +146,68 @@ export class EnclaveClient {
     return this.attested;
   }
 
-  /** Uploads pieces, each sealed to the enclave (one record per piece for datasets). */
-  async upload(kind: UploadKind, name: string, pieces: Uint8Array[]): Promise<unknown> {
-    const s = this.session();
-    const upload_id = randomUUID();
-    const items: UploadChunk[] = [];
-    for (let index = 0; index < pieces.length; index++) {
-      const head = { kind, name, upload_id, index, total: pieces.length };
-      const sealed = await sealToEnclave(s, pieces[index], chunkAad(head));
-      items.push({ ...head, sender: publicKeyToBase64(this.key.publicKey), session: s.transcriptId, sealed: sealedToJson(sealed) });
+  /** A request that fails because the session expired is sent again once, after a new handshake. */
+  private async withSession<T>(fn: (s: AttestedEnclave) => Promise<T>): Promise<T> {
+    try {
+      return await fn(this.session());
+    } catch (e) {
+      if (!(e instanceof SessionError)) throw e;
+      await this.attest();
+      return fn(this.session());
     }
-    return clientStream(this.client, ENCLAVE_SERVICE.Upload, items);
   }
 
-  /** A sealed command; the reply is sealed to this party and opened here. */
-  async command<T = Record<string, unknown>>(op: string, args: Record<string, unknown> = {}, deadlineMs = 600_000): Promise<T> {
-    const s = this.session();
-    const id = randomUUID();
-    const sealed = await sealToEnclave(s, new TextEncoder().encode(JSON.stringify({ id, ts: Date.now(), op, ...args })), COMMAND_AAD);
-    const rep = await unary<{ sealed: ReturnType<typeof sealedToJson> }>(this.client, ENCLAVE_SERVICE.Command, { sender: publicKeyToBase64(this.key.publicKey), session: s.transcriptId, sealed: sealedToJson(sealed) }, deadlineMs);
+  /** Uploads pieces, each sealed to the enclave and signed (one record per piece for datasets). */
+  async upload(kind: UploadKind, name: string, pieces: Uint8Array[]): Promise<unknown> {
+    return this.withSession(async (s) => clientStream(this.client, ENCLAVE_SERVICE.Upload, await this.uploadChunks(s, kind, name, pieces)));
+  }
+
+  /** The signed chunks of an upload (tests send them by hand). */
+  async uploadChunks(s: AttestedEnclave, kind: UploadKind, name: string, pieces: Uint8Array[]): Promise<UploadChunk[]> {
+    const upload_id = randomUUID();
+    const sealed = [];
+    for (let index = 0; index < pieces.length; index++) sealed.push(await sealToEnclave(s, pieces[index], chunkAad({ kind, name, upload_id, index, total: pieces.length })));
+    // stamped once every piece is sealed, so a long upload is not already old when it leaves
+    const ts = Date.now();
+    return sealed.map((m, index) => {
+      const c: Omit<UploadChunk, 'signature'> = {
+        kind, name, upload_id, index, total: pieces.length, sender: partyId(this.key), reply_key: publicKeyToBase64(this.key.publicKey),
+        session: s.transcriptId, ts, sealed: sealedToJson(m),
+      };
+      return { ...c, signature: signBytes(this.key.signing, chunkSignedBytes(c, s.transcript)) };
+    });
+  }
+
+  /** A signed command sealed to the enclave (tests send it by hand). */
+  async sealedCommand(s: AttestedEnclave, op: string, args: Record<string, unknown> = {}, id: string = randomUUID(), ts = Date.now()): Promise<SealedCommand> {
+    const sealed = await sealToEnclave(s, new TextEncoder().encode(JSON.stringify({ op, ...args })), commandAad(id));
+    const c: Omit<SealedCommand, 'signature'> = { sender: partyId(this.key), reply_key: publicKeyToBase64(this.key.publicKey), session: s.transcriptId, id, ts, sealed: sealedToJson(sealed) };
+    return { ...c, signature: signBytes(this.key.signing, commandSignedBytes(c, s.transcript)) };
+  }
+
+  /** Opens the enclave's reply to request `id` (sealed to this party). */
+  async openReply<T>(s: AttestedEnclave, id: string, rep: { sealed: ReturnType<typeof sealedToJson> }): Promise<T> {
     const plain = await openWith(this.key.privateKey, sealedFromJson(rep.sealed), s.transcript, replyAad(id));
     return JSON.parse(new TextDecoder().decode(plain)) as T;
   }
 
-  /** Sends raw bytes as a Command (tests of tampering and replays). */
+  /** A signed, sealed command; the reply is sealed to this party and opened here. */
+  async command<T = Record<string, unknown>>(op: string, args: Record<string, unknown> = {}, deadlineMs = 600_000): Promise<T> {
+    return this.withSession(async (s) => {
+      const req = await this.sealedCommand(s, op, args);
+      const rep = await unary<{ sealed: ReturnType<typeof sealedToJson> }>(this.client, ENCLAVE_SERVICE.Command, req, deadlineMs);
+      return this.openReply<T>(s, req.id, rep);
+    });
+  }
+
+  /** Sends a Command message as given (tests of tampering, spoofing and replays). */
   async rawCommand(msg: unknown): Promise<unknown> {
     return unary(this.client, ENCLAVE_SERVICE.Command, msg);
+  }
+
+  /** Sends Upload chunks as given. */
+  async rawUpload(items: unknown[]): Promise<unknown> {
+    return clientStream(this.client, ENCLAVE_SERVICE.Upload, items);
   }
 
   close(): void {
@@ -114,22 +216,32 @@ export class EnclaveClient {
 }
 
 // ------------------------------------------------------------------ provider
-export async function uploadAcceleratorBundle(accAddress: string, bundleDir: string): Promise<{ manifest_sha256: string }> {
+/** The provider's signature on an accelerator admin call. */
+export function adminAuth(key: PartyKey, method: string, payload: Uint8Array): AdminAuth {
+  const a = { sender: partyId(key), ts: Date.now(), nonce: randomUUID(), payload_sha256: createHash('sha256').update(payload).digest('hex') };
+  return { ...a, signature: signBytes(key.signing, adminSignedBytes(method, a)) };
+}
+
+/** Uploads the accelerator bundle (obfuscated weights), signed with the provider's key. */
+export async function uploadAcceleratorBundle(accAddress: string, bundleDir: string, key: PartyKey): Promise<{ manifest_sha256: string }> {
   const client = new AccAdminClient(accAddress, grpc.credentials.createInsecure(), clientOptions());
   try {
     const files = readdirSync(bundleDir).map((f) => ({ name: f, data: readFileSync(path.join(bundleDir, f)) }));
-    const parts = chunks(packFiles(files));
-    return await clientStream(client, ACC_ADMIN_SERVICE.LoadBundle, parts.map((p, index) => ({ index, total: parts.length, data: Buffer.from(p).toString('base64') })));
+    const packed = packFiles(files);
+    const auth = adminAuth(key, 'LoadBundle', packed);
+    const parts = chunks(packed);
+    return await clientStream(client, ACC_ADMIN_SERVICE.LoadBundle, parts.map((p, index) => ({ index, total: parts.length, data: Buffer.from(p).toString('base64'), ...(index === 0 ? { auth } : {}) })));
   } finally {
     client.close();
   }
 }
 
-export async function exportAcceleratorWeights(accAddress: string): Promise<Buffer> {
+/** The accelerator's trained weights (full fine-tuning), asked for with the provider's key. */
+export async function exportAcceleratorWeights(accAddress: string, key: PartyKey): Promise<{ weights: Buffer; manifest_sha256: string | null }> {
   const client = new AccAdminClient(accAddress, grpc.credentials.createInsecure(), clientOptions());
   try {
-    const r = await unary<{ weights: string }>(client, ACC_ADMIN_SERVICE.Export, {});
-    return Buffer.from(r.weights, 'base64');
+    const r = await unary<{ weights: string; manifest_sha256?: string | null }>(client, ACC_ADMIN_SERVICE.Export, { auth: adminAuth(key, 'Export', new Uint8Array(0)) });
+    return { weights: Buffer.from(r.weights, 'base64'), manifest_sha256: r.manifest_sha256 ?? null };
   } finally {
     client.close();
   }
@@ -147,7 +259,12 @@ export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string): 
  * model with the secret key. `bundles` holds accelerator/, enclave/ and provider/.
  */
 export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: GPT2Weights, bundles: string, scratch: string): Promise<{ merged: GPT2Weights; update: Record<string, unknown> }> {
-  const up = await c.command<{ update: string; method: string; mode: string; task: string; labels: string[]; pooling?: Pooling; summary: unknown }>('fetch_update');
+  const up = await c.command<{ update: string; method: string; mode: string; task: string; labels: string[]; pooling?: Pooling; summary: unknown; bundle_sha256: string | null; contract_sha256: string | null }>('fetch_update');
+  // the update must come from this provider's own bundle, under its own contract
+  const own = bundleDirDigest(path.join(bundles, 'enclave'));
+  if (up.contract_sha256 !== c.contractSha256) throw new PolicyError(`the update was made under contract ${String(up.contract_sha256).slice(0, 16)}..., not this provider's ${c.contractSha256.slice(0, 16)}...`);
+  if (up.bundle_sha256 !== own) throw new BundleError(`the update was made from enclave bundle ${String(up.bundle_sha256).slice(0, 16)}..., not this provider's ${own.slice(0, 16)}... (${path.join(bundles, 'enclave')}); refusing to merge`);
+  if (c.trust.contract.body.enclave_bundle_sha256 !== own) throw new BundleError(`the local enclave bundle ${own.slice(0, 16)}... is not the contract's`);
   mkdirSync(scratch, { recursive: true });
   const file = path.join(scratch, 'update.safetensors');
   writeFileSync(file, Buffer.from(up.update, 'base64'));
@@ -165,7 +282,10 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   let acc: AcceleratorWeights;
   if (up.method === 'full') {
     const wf = path.join(scratch, 'accelerator.safetensors');
-    writeFileSync(wf, await exportAcceleratorWeights(accAddress));
+    const ex = await exportAcceleratorWeights(accAddress, c.key);
+    const want = loadAcceleratorBundle(path.join(bundles, 'accelerator')).manifestSha256;
+    if (ex.manifest_sha256 !== want) throw new BundleError(`the accelerator's trained weights belong to bundle ${String(ex.manifest_sha256).slice(0, 16)}..., not this provider's ${want.slice(0, 16)}...`);
+    writeFileSync(wf, ex.weights);
     const at = openSafetensors(wf);
     acc = loadAcceleratorBundle(path.join(bundles, 'accelerator')).weights;
     acc.layers.forEach((L, l) => { for (const n of LINEARS) { at.getInto(`h.${l}.${n}.weight`, L[n].w); at.getInto(`h.${l}.${n}.bias`, L[n].b); } });
@@ -185,7 +305,15 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
 }
 
 // ------------------------------------------------------------------ data owner
+/**
+ * Encrypts each record to the enclave and uploads them, after checking that the enclave
+ * runs the contract's bundle (the enclave refuses any other, this check says so up front).
+ */
 export async function uploadRecords(c: EnclaveClient, split: 'train' | 'eval', records: Record_[]): Promise<unknown> {
+  const st = await c.command<{ bundle: { sha256: string } | null }>('status');
+  const want = c.trust.contract.body.enclave_bundle_sha256;
+  if (!st.bundle) throw new BundleError('the enclave has no model bundle yet: the provider deploys first (no record was sent)');
+  if (st.bundle.sha256 !== want) throw new BundleError(`the enclave's bundle ${st.bundle.sha256.slice(0, 16)}... is not the contract's ${want.slice(0, 16)}... (no record was sent)`);
   return c.upload('dataset', split, records.map((r) => new TextEncoder().encode(JSON.stringify(r))));
 }
 

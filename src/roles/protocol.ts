@@ -11,14 +11,18 @@
  *   rpc LoadBundle(stream BundleChunk) returns (Receipt);            // obfuscated weights: no secret
  *   rpc Export(Empty) returns (Weights);                             // the trained obfuscated weights
  * }
- * Messages are UTF-8 JSON; binary fields are base64. Every sealed payload carries a request
- * id and a timestamp inside the ciphertext; the enclave refuses replays.
+ * Messages are UTF-8 JSON; binary fields are base64. Every upload chunk and command names its
+ * sender (the party's Ed25519 public key) and the key its reply is sealed to, carries a
+ * request id and a timestamp, and is signed by the sender over all of that, the attestation
+ * transcript and the ciphertext (`commandSignedBytes`, `chunkSignedBytes`); the enclave
+ * checks the signature before anything else and refuses replays and stale requests.
  */
 import * as grpc from '@grpc/grpc-js';
 import type { SealedMessageJson } from '../tee/hpke.js';
 import { clientChannelOptions, serverOptions } from '../rpc/grpc.js';
 import { errorFromStatus } from '../rpc/status.js';
 import { InputError } from '../errors.js';
+import { lengthPrefixed, fromBase64 } from '../tee/platform.js';
 
 const json = {
   ser: (v: unknown): Buffer => Buffer.from(JSON.stringify(v), 'utf8'),
@@ -59,17 +63,31 @@ export interface UploadChunk {
   upload_id: string;
   index: number;
   total: number;
-  /** the sender's HPKE public key (base64): replies are sealed to it */
+  /** the sender's Ed25519 public key (base64): who the party is */
   sender: string;
+  /** the sender's HPKE public key (base64): the receipt is sealed to it */
+  reply_key: string;
   /** the attestation session this chunk was sealed under */
   session: string;
+  /** when the upload was signed (ms since the epoch; the same for every chunk of an upload) */
+  ts: number;
   sealed: SealedMessageJson;
+  /** the sender's signature of `chunkSignedBytes` (base64) */
+  signature: string;
 }
 
 export interface SealedCommand {
+  /** the sender's Ed25519 public key (base64) */
   sender: string;
+  /** the HPKE public key the reply is sealed to (base64) */
+  reply_key: string;
   session: string;
+  /** request id (unique) and issue time (ms since the epoch): the replay rules */
+  id: string;
+  ts: number;
   sealed: SealedMessageJson;
+  /** the sender's signature of `commandSignedBytes` (base64) */
+  signature: string;
 }
 
 export interface SealedReply {
@@ -85,7 +103,55 @@ export function replyAad(requestId: string): Uint8Array {
   return new TextEncoder().encode(`obfuscatune/reply/${requestId}`);
 }
 
-export const COMMAND_AAD = new TextEncoder().encode('obfuscatune/command');
+/** additional authenticated data of a command's ciphertext: binds it to its request id */
+export function commandAad(requestId: string): Uint8Array {
+  return new TextEncoder().encode(`obfuscatune/command/${requestId}`);
+}
+
+const te = (s: string) => new TextEncoder().encode(s);
+
+function sealedBytes(j: SealedMessageJson): Uint8Array[] {
+  try {
+    return [fromBase64(String(j?.enc), 'enc'), fromBase64(String(j?.ciphertext), 'ciphertext')];
+  } catch (e) {
+    throw new InputError(`malformed sealed message: ${(e as Error).message}`, { cause: e });
+  }
+}
+
+/** What the sender of a command signs: every field of the request and the session's transcript. */
+export function commandSignedBytes(c: Omit<SealedCommand, 'signature'>, transcript: Uint8Array): Uint8Array {
+  return lengthPrefixed(te('obfuscatune/command/v1'), te(String(c.sender)), te(String(c.reply_key)), transcript, te(String(c.id)), te(String(c.ts)), ...sealedBytes(c.sealed));
+}
+
+/** What the sender of an upload chunk signs. */
+export function chunkSignedBytes(c: Omit<UploadChunk, 'signature'>, transcript: Uint8Array): Uint8Array {
+  return lengthPrefixed(
+    te('obfuscatune/upload/v1'), te(String(c.sender)), te(String(c.reply_key)), transcript, te(String(c.upload_id)), te(String(c.ts)),
+    te(String(c.kind)), te(String(c.name)), te(String(c.index)), te(String(c.total)), ...sealedBytes(c.sealed),
+  );
+}
+
+/** Replies are padded (JSON, then spaces) to a multiple of this many bytes for their command, so their length tells little. */
+export const REPLY_PAD_BYTES: Record<string, number> = {
+  status: 16 * 1024, infer: 64 * 1024, fetch_update: 1024 * 1024, submit_contract: 1024, cancel: 1024,
+};
+
+export function padReply(op: string, json: string): Uint8Array {
+  const b = new TextEncoder().encode(json);
+  const block = REPLY_PAD_BYTES[op] ?? 1024;
+  const out = new Uint8Array(Math.max(1, Math.ceil(b.length / block)) * block).fill(0x20);
+  out.set(b);
+  return out;
+}
+
+/**
+ * `checkpoint_load` of this tag makes the accelerator service reload its bundle's weights
+ * from disk (the enclave does so at the fresh start of every job).
+ */
+export const BUNDLE_WEIGHTS_TAG = 'bundle-weights';
+
+/** The checkpoint tags an accelerator service accepts (the training loop's names, and BUNDLE_WEIGHTS_TAG for loads). */
+export const CHECKPOINT_TAG = /^step-\d{7}$/;
 
 export const EnclaveServiceClient = grpc.makeGenericClientConstructor(ENCLAVE_SERVICE, 'Enclave');
 export const AccAdminClient = grpc.makeGenericClientConstructor(ACC_ADMIN_SERVICE, 'AcceleratorAdmin');
@@ -167,4 +233,20 @@ export function unpackFiles(b: Uint8Array, maxFiles = 64): { name: string; data:
     off += size;
   }
   return out;
+}
+
+/** The provider's proof on an accelerator admin call (LoadBundle, Export), signed with its contract key. */
+export interface AdminAuth {
+  /** the provider's Ed25519 public key (base64) */
+  sender: string;
+  ts: number;
+  /** random, once per call (the replay rules) */
+  nonce: string;
+  /** SHA-256 (hex) of the call's payload: the packed bundle of LoadBundle, empty for Export */
+  payload_sha256: string;
+  signature: string;
+}
+
+export function adminSignedBytes(method: string, a: Omit<AdminAuth, 'signature'>): Uint8Array {
+  return lengthPrefixed(te('obfuscatune/accelerator-admin/v1'), te(method), te(String(a.sender)), te(String(a.ts)), te(String(a.nonce)), te(String(a.payload_sha256)));
 }

@@ -71,7 +71,7 @@ export function spawnService(args: string[], opts: { timeoutMs?: number; env?: N
 export async function spawnedAcceleratorLink(acc: AcceleratorWeights, o: { tensorChannel?: boolean } = {}): Promise<GrpcAcceleratorLink> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-acc-'));
   writeAcceleratorBundle(path.join(dir, 'accelerator'), acc, 'sealed', acc.layers[0].attproj.din);
-  const svc = await spawnService(['accelerator', 'serve', '--bundle', path.join(dir, 'accelerator'), '--port', '0', '--state-dir', path.join(dir, 'state')]);
+  const svc = await spawnService(['accelerator', 'serve', '--bundle', path.join(dir, 'accelerator'), '--port', '0', '--state-dir', path.join(dir, 'state'), '--insecure-no-auth']);
   const link = new GrpcAcceleratorLink(`127.0.0.1:${svc.port}`, { tensorChannel: o.tensorChannel });
   await link.waitForReady(30000);
   const closeLink = link.close.bind(link);

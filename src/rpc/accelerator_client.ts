@@ -58,6 +58,12 @@ export interface GrpcLinkOptions {
    * TCP); false keeps every frame on gRPC. Health and the admin services always use gRPC.
    */
   tensorChannel?: boolean;
+  /**
+   * This side's proof for an accelerator that authenticates its peers: turns the channel's
+   * per-connection challenge into a proof (the enclave: attestation evidence over it). Needs
+   * the tensor channel.
+   */
+  prove?: (challenge: Buffer) => Promise<Buffer>;
 }
 
 export interface HealthStatus {
@@ -126,6 +132,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   private scratchLent: Buffer[] = [];
   private channelWanted: boolean;
   private readonly maxBytes: number;
+  private readonly prove?: (challenge: Buffer) => Promise<Buffer>;
 
   constructor(address: string | Address, opts: GrpcLinkOptions = {}) {
     this.address = formatAddress(typeof address === 'string' ? parseAddress(address) : address);
@@ -138,6 +145,8 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     // the channel is plain TCP: with TLS credentials, frames stay on the TLS channel unless asked
     this.channelWanted = opts.tensorChannel ?? opts.credentials === undefined;
     this.maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    this.prove = opts.prove;
+    if (this.prove) this.channelWanted = true;
     this.client = new AcceleratorServiceClient(
       this.address,
       opts.credentials ?? grpc.credentials.createInsecure(),
@@ -172,7 +181,9 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
           const again = await this.health(5_000); // a restarted accelerator may use another port
           if (typeof again.tensor_port !== 'number') throw new TransportError('the accelerator no longer serves a tensor channel', grpc.status.UNAVAILABLE);
           return { host, port: again.tensor_port };
-        }, this.maxBytes);
+        }, this.maxBytes, this.prove);
+      } else if (this.prove) {
+        throw new TransportError('the accelerator serves no tensor channel, the only path that authenticates this enclave', grpc.status.UNAVAILABLE);
       } else this.channelWanted = false;
     }
     if (!this.channel) return this.unary('Call', Buffer.concat(frame.parts, frame.length), deadlineMs);

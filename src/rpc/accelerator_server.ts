@@ -50,6 +50,16 @@ export interface AcceleratorServerOptions {
   tensorChannel?: boolean;
   /** its port (default 0: ephemeral; announced in the Health answer as tensor_port) */
   tensorPort?: number;
+  /**
+   * Serve only an authenticated peer: every tensor-channel connection proves itself once
+   * (tensor_channel.ts; `verify` throws to refuse), and `Call` over gRPC is refused, since
+   * its calls carry no proof. Needs the tensor channel.
+   */
+  peerAuth?: { verify(challenge: Buffer, proof: Buffer): Promise<void>; authTimeoutMs?: number };
+  /** tensor-channel connections held at once (default 8) */
+  maxConnections?: number;
+  /** tensor-channel connections idle this long are closed (default 10 minutes) */
+  idleTimeoutMs?: number;
 }
 
 export interface AcceleratorServer {
@@ -88,6 +98,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   const wantPort = opts.port ?? 0;
   if (!Number.isInteger(wantPort) || wantPort < 0 || wantPort > 65535) throw new InputError(`accelerator server: invalid port ${wantPort}`);
   const maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+  if (opts.peerAuth && opts.tensorChannel === false) throw new InputError('accelerator server: peer authentication needs the tensor channel');
   const server = new grpc.Server(serverOptions({ maxMessageBytes: maxBytes, keepalive: opts.keepalive }));
   widenServerWindow(server);
   const log = opts.log ?? (() => {});
@@ -152,6 +163,11 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
         // the call is already closed
       }
     };
+    if (opts.peerAuth) {
+      rejected++;
+      log('accelerator server: UNAUTHENTICATED: a gRPC Call (compute calls are served only on the authenticated tensor channel)');
+      return fail(new ChannelRefusal(grpc.status.UNAUTHENTICATED, 'this accelerator serves compute calls only to its authenticated enclave, on the tensor channel'));
+    }
     if (!Buffer.isBuffer(frame)) {
       rejected++;
       return fail(new ChannelRefusal(grpc.status.INVALID_ARGUMENT, 'request is not a byte frame'));
@@ -165,6 +181,8 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
 
   const channel = opts.tensorChannel === false ? null : await startChannelServer({
     host, port: opts.tensorPort ?? 0, maxBytes, log, answer: (f) => answer(f), pool,
+    authenticate: opts.peerAuth ? (c, p) => opts.peerAuth!.verify(c, p) : undefined, authTimeoutMs: opts.peerAuth?.authTimeoutMs,
+    maxConnections: opts.maxConnections, idleTimeoutMs: opts.idleTimeoutMs,
     refused: (m) => {
       rejected++;
       return `request ${m}`;

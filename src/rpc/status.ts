@@ -7,12 +7,13 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import {
-  BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, StateError, TransportError, findCause,
+  BundleError, InputError, IntegrityError, ObfuscatuneError, PolicyError, SessionError, StateError, TransportError, findCause,
   type ObfuscatuneErrorOptions,
 } from '../errors.js';
 import { AttestationError } from '../tee/platform.js';
 import { HpkeError } from '../tee/hpke.js';
 import { ReplayError } from '../tee/replay.js';
+import { SignatureError } from '../tee/signing.js';
 
 /** Trailing-metadata key that names the class of the error a server failed with. */
 export const ERROR_CLASS_KEY = 'obfuscatune-error';
@@ -20,6 +21,7 @@ export const ERROR_CLASS_KEY = 'obfuscatune-error';
 /** The gRPC status a server answers with when a handler throws `e`. */
 export function statusOf(e: unknown): grpc.status {
   if (e instanceof TransportError) return e.code;
+  if (e instanceof SessionError || e instanceof SignatureError) return grpc.status.UNAUTHENTICATED;
   if (e instanceof PolicyError || e instanceof ReplayError) return grpc.status.PERMISSION_DENIED;
   if (e instanceof HpkeError || e instanceof AttestationError) return grpc.status.UNAUTHENTICATED;
   if (e instanceof InputError) return grpc.status.INVALID_ARGUMENT;
@@ -38,7 +40,7 @@ export function serviceError(e: unknown): grpc.ServerErrorResponse {
 type Rebuild = new (message: string, options?: ObfuscatuneErrorOptions) => ObfuscatuneError;
 
 /** Classes a client rebuilds from the server's metadata (those whose constructor takes only a message). */
-const BY_CLASS: Record<string, Rebuild> = { PolicyError, InputError, BundleError, StateError, IntegrityError };
+const BY_CLASS: Record<string, Rebuild> = { PolicyError, SessionError, SignatureError, InputError, BundleError, StateError, IntegrityError };
 
 /** Without metadata (another server), the classes a status code stands for unambiguously. */
 const BY_CODE: Partial<Record<number, Rebuild>> = {
@@ -48,7 +50,7 @@ const BY_CODE: Partial<Record<number, Rebuild>> = {
 
 /**
  * A failed call as a typed error, its message `${what}: ${details}`: the server's error
- * class when it is one of PolicyError, InputError, BundleError, StateError, IntegrityError
+ * class when it is one of PolicyError, SessionError, SignatureError, InputError, BundleError, StateError, IntegrityError
  * (or, without metadata, the class the code stands for), whose `cause` is a TransportError
  * with the status; otherwise that TransportError itself.
  */

@@ -15,14 +15,31 @@
  * unread (the connection stays usable); a wrong magic means the stream lost sync, so the
  * peer closes the connection.
  * Calls are answered in order, one at a time (the accelerator's state depends on order).
+ *
+ * Peer authentication (when the server is given `authenticate`): a new connection must
+ * first prove who it is, once. The client sends a frame with status AUTH_HELLO and gets a
+ * fresh 32-byte challenge back; it answers with status AUTH_PROOF and a proof of the
+ * challenge (the enclave: attestation evidence over it, see docs/deployment.md); only then
+ * are request frames served. Anything else first closes the connection with
+ * UNAUTHENTICATED. The frames after it cost nothing more: the connection is authenticated,
+ * not each frame. Unauthenticated connections may send only small frames and must finish
+ * within `authTimeoutMs`; the server holds at most `maxConnections` and closes one idle
+ * for `idleTimeoutMs` (the client dials again, and authenticates again, on its next call).
  */
 import net from 'node:net';
+import { randomBytes } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
 import { TransportError } from '../errors.js';
 import { statusOf } from './status.js';
 
 export const CHANNEL_MAGIC = 0x4354424f;
 export const HEADER_BYTES = 16;
+/** request-frame statuses of the authentication handshake ("HELO", "PROF") */
+export const AUTH_HELLO = 0x4f4c4548;
+export const AUTH_PROOF = 0x464f5250;
+export const AUTH_CHALLENGE_BYTES = 32;
+/** largest frame an unauthenticated connection may send */
+const PRE_AUTH_MAX_BYTES = 1 << 20;
 
 export interface Frame {
   id: number;
@@ -86,7 +103,8 @@ export class FrameReader {
   private staging: Buffer | null = null;
 
   constructor(
-    private readonly maxBytes: number,
+    /** frame size limit (may be raised later, e.g. once a connection is authenticated) */
+    public maxBytes: number,
     private readonly onFrame: (f: Frame) => void,
     private readonly onOversized: (e: FramingError) => void,
     private readonly alloc: PayloadAlloc = (n) => Buffer.allocUnsafeSlow(n),
@@ -263,6 +281,14 @@ export interface ChannelServerOptions {
   refused: (message: string) => string;
   /** request payloads are read into buffers lent by this pool; after a reply is written, its request and reply buffers go back */
   pool?: BufferPool;
+  /** when set, every connection must first prove itself (see the file's comment); throws to refuse */
+  authenticate?: (challenge: Buffer, proof: Buffer) => Promise<void>;
+  /** ms an unauthenticated connection has to finish the handshake (default 10 s) */
+  authTimeoutMs?: number;
+  /** connections held at once; more are closed at once (default 8) */
+  maxConnections?: number;
+  /** a connection with no frame for this long is closed (default 10 minutes; 0: never) */
+  idleTimeoutMs?: number;
 }
 
 export interface ChannelServer {
@@ -279,8 +305,14 @@ export class ChannelRefusal extends TransportError {
 
 export async function startChannelServer(o: ChannelServerOptions): Promise<ChannelServer> {
   const sockets = new Set<net.Socket>();
+  const maxConnections = o.maxConnections ?? 8;
   const server = net.createServer({ pauseOnConnect: true }, (accepted) => {
     const peer = `${accepted.remoteAddress}:${accepted.remotePort}`;
+    if (sockets.size >= maxConnections) {
+      o.log(`tensor channel: refusing ${peer}: ${maxConnections} connections already open`);
+      accepted.destroy();
+      return;
+    }
     const pool = o.pool ?? new BufferPool();
     let sock: net.Socket = accepted;
     // replies leave in request order even when a refusal is immediate and an answer is queued
@@ -299,10 +331,44 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
         },
       ));
     };
-    const reader = new FrameReader(o.maxBytes, (f) => reply(f.id, o.answer(f.payload), f.payload), (e) => {
+    // the handshake, when the server authenticates its peers: one HELLO, one PROOF, then frames
+    let authed = !o.authenticate;
+    let challenge: Buffer | null = null;
+    let authTimer: NodeJS.Timeout | null = null;
+    const refuse = (id: number, why: string) => {
+      o.log(`tensor channel: ${peer}: ${why}`);
+      const r = Promise.reject(new ChannelRefusal(grpc.status.UNAUTHENTICATED, why));
+      reply(id, r);
+      order = order.then(() => { sock.end(); });
+    };
+    const handshake = (f: Frame) => {
+      if (f.status === AUTH_HELLO && !challenge) {
+        challenge = randomBytes(AUTH_CHALLENGE_BYTES);
+        reply(f.id, Promise.resolve([challenge]));
+      } else if (f.status === AUTH_PROOF && challenge) {
+        const c = challenge;
+        const verdict = o.authenticate!(c, Buffer.from(f.payload)).then(() => {
+          authed = true;
+          reader.maxBytes = o.maxBytes;
+          if (authTimer) clearTimeout(authTimer);
+          return [Buffer.from('ok')];
+        });
+        verdict.catch(() => { order = order.then(() => { sock.end(); }); });
+        reply(f.id, verdict.catch((e: unknown) => {
+          o.log(`tensor channel: ${peer}: authentication refused: ${(e as Error)?.message ?? e}`);
+          throw new ChannelRefusal(grpc.status.UNAUTHENTICATED, `tensor channel: authentication refused: ${(e as Error)?.message ?? e}`);
+        }));
+      } else {
+        refuse(f.id, 'tensor channel: this accelerator serves only its authenticated enclave (authenticate the connection first)');
+      }
+    };
+    const reader: FrameReader = new FrameReader(authed ? o.maxBytes : Math.min(o.maxBytes, PRE_AUTH_MAX_BYTES), (f) => {
+      if (!authed) return handshake(f);
+      reply(f.id, o.answer(f.payload), f.payload);
+    }, (e) => {
       o.log(`tensor channel: ${peer}: ${e.message}`);
       reply(e.id!, Promise.reject(new ChannelRefusal(e.code, o.refused(e.message))));
-    }, (n) => pool.take(n));
+    }, (n) => (authed ? pool.take(n) : Buffer.allocUnsafeSlow(n)));
     const lost = (err: FramingError) => {
       o.log(`tensor channel: closing ${peer}: ${err.message}`);
       sock.destroy();
@@ -318,8 +384,23 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
     }
     sockets.add(sock);
     sock.setNoDelay(true);
+    if (!authed) {
+      authTimer = setTimeout(() => {
+        o.log(`tensor channel: closing ${peer}: no authentication within ${o.authTimeoutMs ?? 10_000} ms`);
+        sock.destroy();
+      }, o.authTimeoutMs ?? 10_000);
+      authTimer.unref();
+    }
+    const idle = o.idleTimeoutMs ?? 10 * 60_000;
+    if (idle > 0) {
+      sock.setTimeout(idle, () => {
+        o.log(`tensor channel: closing ${peer}: idle for ${idle} ms`);
+        sock.destroy();
+      });
+    }
     sock.on('error', (e) => o.log(`tensor channel: ${peer}: ${e.message}`));
     sock.on('close', () => {
+      if (authTimer) clearTimeout(authTimer);
       reader.stop();
       sockets.delete(sock);
     });
@@ -365,7 +446,15 @@ export class ChannelClient {
   private nextId = 1;
   private closed = false;
 
-  constructor(private readonly connectTo: () => Promise<{ host: string; port: number }>, private readonly maxBytes: number) {}
+  /**
+   * `prove`, when the server authenticates its peers: turns the server's challenge into this
+   * side's proof (once per connection).
+   */
+  constructor(
+    private readonly connectTo: () => Promise<{ host: string; port: number }>,
+    private readonly maxBytes: number,
+    private readonly prove?: (challenge: Buffer) => Promise<Buffer>,
+  ) {}
 
   private async socket(): Promise<net.Socket> {
     if (this.sock && !this.sock.destroyed && this.sock.writable) return this.sock;
@@ -416,8 +505,34 @@ export class ChannelClient {
     sock.on('error', (e) => fail(`tensor channel: connection lost: ${e.message}`, grpc.status.UNAVAILABLE));
     sock.on('end', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
     sock.on('close', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
+    if (this.prove) {
+      const challenge = await this.exchange(sock, AUTH_HELLO, Buffer.alloc(0));
+      let proof: Buffer;
+      try {
+        proof = await this.prove(challenge);
+      } catch (e) {
+        sock.destroy();
+        throw new ChannelError(`tensor channel: cannot prove this side's identity: ${(e as Error).message}`, grpc.status.UNAUTHENTICATED, { cause: e });
+      }
+      await this.exchange(sock, AUTH_PROOF, proof);
+    }
     this.sock = sock;
     return sock;
+  }
+
+  /** One handshake frame on a fresh connection and its answer. */
+  private exchange(sock: net.Socket, status: number, payload: Buffer, deadlineMs = 30_000): Promise<Buffer> {
+    const id = this.nextId;
+    this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
+    return new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        sock.destroy();
+        reject(new ChannelError(`tensor channel: authentication handshake: no answer within ${deadlineMs} ms`, grpc.status.DEADLINE_EXCEEDED));
+      }, deadlineMs);
+      this.pending.set(id, { resolve, reject, timer });
+      writeFrame(sock, id, status, [payload]);
+    });
   }
 
   /** One request payload (as parts) -> its reply payload (received into `alloc`'s buffer when given). */

@@ -14,6 +14,11 @@
  *
  * A man in the middle cannot substitute its own key (the report data would not match), and
  * cannot replay old evidence (it was bound to an old nonce).
+ *
+ * Once the enclave has accepted a deployment contract, the contract's SHA-256 is bound into
+ * the report data as well: report_data = SHA-512(public key || nonce || contract hash), and
+ * the response names the hash (`contract_sha256`), so a client learns, under the platform's
+ * signature, which contract the enclave enforces.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import {
@@ -53,6 +58,8 @@ export interface AttestationResponse {
   evidence: Evidence;
   /** raw X25519 public key, base64 */
   enclave_public_key: string;
+  /** the deployment contract the enclave is bound to (hex SHA-256), bound into the report data; absent: none yet */
+  contract_sha256?: string | null;
 }
 
 /** A fresh random nonce for one handshake. */
@@ -60,11 +67,24 @@ export function newNonce(): Uint8Array {
   return new Uint8Array(randomBytes(NONCE_BYTES));
 }
 
-/** report_data = SHA-512(enclave public key || nonce). */
-export function attestationReportData(enclavePublicKey: Uint8Array, nonce: Uint8Array): Uint8Array {
+/** report_data = SHA-512(enclave public key || nonce [|| binding]), binding: a 32-byte contract hash. */
+export function attestationReportData(enclavePublicKey: Uint8Array, nonce: Uint8Array, binding?: Uint8Array | null): Uint8Array {
   checkLen(enclavePublicKey, X25519_KEY_BYTES, 'enclave public key');
   checkLen(nonce, NONCE_BYTES, 'nonce');
-  return new Uint8Array(createHash('sha512').update(enclavePublicKey).update(nonce).digest());
+  const h = createHash('sha512').update(enclavePublicKey).update(nonce);
+  if (binding) {
+    checkLen(binding, 32, 'attestation binding');
+    h.update(binding);
+  }
+  return new Uint8Array(h.digest());
+}
+
+function bindingOf(contractSha256: string | null | undefined): Uint8Array | null {
+  if (contractSha256 === undefined || contractSha256 === null) return null;
+  if (typeof contractSha256 !== 'string' || !/^[0-9a-f]{64}$/.test(contractSha256)) {
+    throw new AttestationError('malformed_evidence', 'malformed attestation response: contract_sha256 must be 64 hex digits');
+  }
+  return new Uint8Array(Buffer.from(contractSha256, 'hex'));
 }
 
 /**
@@ -107,12 +127,16 @@ export class EnclaveAttestor {
     return new EnclaveAttestor(platform, keyPair ?? (await generateHpkeKeyPair()));
   }
 
-  /** Answers one client nonce: evidence bound to (public key, nonce), plus the transcript to keep for the session. */
+  /** The contract hash (hex) bound into every report from now on (null: none). */
+  contractSha256: string | null = null;
+
+  /** Answers one client nonce: evidence bound to (public key, nonce, contract), plus the transcript to keep for the session. */
   async attest(nonce: Uint8Array): Promise<{ response: AttestationResponse; transcript: Uint8Array; transcriptId: string }> {
-    const evidence = await this.platform.attest(attestationReportData(this.publicKey, nonce));
+    const contract = this.contractSha256;
+    const evidence = await this.platform.attest(attestationReportData(this.publicKey, nonce, bindingOf(contract)));
     const transcript = attestationTranscript(evidence, this.publicKey, nonce);
     return {
-      response: { evidence, enclave_public_key: publicKeyToBase64(this.publicKey) },
+      response: { evidence, enclave_public_key: publicKeyToBase64(this.publicKey), ...(contract ? { contract_sha256: contract } : {}) },
       transcript,
       transcriptId: transcriptId(transcript),
     };
@@ -138,6 +162,8 @@ export interface AttestedEnclave {
   transcriptId: string;
   /** what the verifier vouched for (measurement, simulated flag, platform claims) */
   evidence: VerifiedEvidence;
+  /** the contract the enclave is bound to (hex SHA-256, covered by the report data), or null */
+  contractSha256: string | null;
 }
 
 export interface VerifyAttestationOptions {
@@ -172,13 +198,14 @@ export async function verifyAttestation(
   } catch (err) {
     throw new AttestationError('malformed_evidence', `malformed attestation response: ${(err as Error).message}`, { cause: err });
   }
+  const binding = bindingOf(response.contract_sha256);
   const evidence = await verifyEvidence(response.evidence, {
     allowList: opts.allowList,
-    expectedReportData: attestationReportData(publicKey, nonce),
+    expectedReportData: attestationReportData(publicKey, nonce, binding),
     verifiers: opts.verifiers,
   });
   const transcript = attestationTranscript(response.evidence, publicKey, nonce);
-  return { publicKey, transcript, transcriptId: transcriptId(transcript), evidence };
+  return { publicKey, transcript, transcriptId: transcriptId(transcript), evidence, contractSha256: binding ? response.contract_sha256! : null };
 }
 
 /** Encrypts a message to an attested enclave, bound to the session transcript and `aad`. */
@@ -200,4 +227,41 @@ function decodeNonce(s: unknown): Uint8Array {
 
 function checkLen(b: Uint8Array, n: number, what: string): void {
   if (!(b instanceof Uint8Array) || b.length !== n) throw new InputError(`${what} must be ${n} bytes`);
+}
+
+// ------------------------------------------------------------------ the enclave towards its accelerator
+const PEER_AUTH_CONTEXT = new TextEncoder().encode('obfuscatune/accelerator-peer-auth/v1');
+
+/**
+ * report_data of the enclave's answer to an accelerator's connection challenge:
+ * SHA-512(context || challenge || contract hash). The context keeps it apart from the
+ * clients' handshake (whose input is a 32-byte key and a nonce), so evidence a client asked
+ * for can never pass as the enclave's proof towards the accelerator.
+ */
+export function peerAuthReportData(challenge: Uint8Array, contractSha256: string): Uint8Array {
+  checkLen(challenge, NONCE_BYTES, 'connection challenge');
+  const binding = bindingOf(contractSha256);
+  if (!binding) throw new InputError('peer authentication needs the contract hash');
+  return new Uint8Array(createHash('sha512').update(PEER_AUTH_CONTEXT).update(challenge).update(binding).digest());
+}
+
+/** The enclave's proof for one connection: evidence over the challenge and its contract (JSON bytes). */
+export async function provePeer(platform: TeePlatform, challenge: Uint8Array, contractSha256: string): Promise<Buffer> {
+  const evidence = await platform.attest(peerAuthReportData(challenge, contractSha256));
+  return Buffer.from(JSON.stringify(evidence), 'utf8');
+}
+
+/**
+ * The accelerator's check of a connection's proof: evidence from an allowed enclave
+ * measurement over this connection's challenge and the accelerator's contract. Throws
+ * AttestationError otherwise.
+ */
+export async function verifyPeerProof(challenge: Uint8Array, proof: Uint8Array, opts: VerifyAttestationOptions & { contractSha256: string }): Promise<VerifiedEvidence> {
+  let evidence: Evidence;
+  try {
+    evidence = JSON.parse(Buffer.from(proof).toString('utf8')) as Evidence;
+  } catch (e) {
+    throw new AttestationError('malformed_evidence', 'connection proof is not JSON evidence', { cause: e });
+  }
+  return verifyEvidence(evidence, { allowList: opts.allowList, expectedReportData: peerAuthReportData(challenge, opts.contractSha256), verifiers: opts.verifiers });
 }

@@ -501,9 +501,9 @@ test('key files: an old one (HPKE keys only) gains a signing key once, with a me
   }
 });
 
-test('a lying grad_sq_norm is caught by the secret projections; the honest one passes', async () => {
+test('a lying grad_sq_norm is caught: the enclave computes the exact norm from what it sent (a lie of 1% fails), and the honest one passes', async () => {
   const { loadEnclaveBundle, loadAcceleratorBundle } = await import('../src/obfuscate/bundle.js');
-  const { SplitModel, checkGradSq } = await import('../src/enclave/split_model.js');
+  const { SplitModel, checkGradSq, checkedGradSq } = await import('../src/enclave/split_model.js');
   const { Accelerator } = await import('../src/accelerator/accelerator.js');
   const { InProcessLink } = await import('../src/protocol/link.js');
   const { Rng } = await import('../src/tensor/rng.js');
@@ -531,11 +531,15 @@ test('a lying grad_sq_norm is caught by the secret projections; the honest one p
     };
     const honest = await run(1);
     assert.equal(honest.losses.length, 3);
-    for (const factor of [1e-6, 0, 1e6]) {
+    for (const factor of [1e-6, 0, 0.5, 1.01, 2, 1e6]) {
       await assert.rejects(run(factor), (e: Error) => /squared gradient norm/.test(String((e as { cause?: Error }).cause?.message ?? e.message)));
     }
     assert.throws(() => checkGradSq(Number.NaN, 1), /squared gradient norm/);
     assert.doesNotThrow(() => checkGradSq(2, 1));
+    // the enclave's exact value is what is used; without one, the estimate's bound
+    assert.equal(checkedGradSq(1.0000001, 1, 5), 1);
+    assert.throws(() => checkedGradSq(1.01, 1, 1), /enclave computes 1\.000000e\+0 from what it sent/);
+    assert.equal(checkedGradSq(3, null, 1), 3);
   } finally {
     rmSync(s.dir, { recursive: true, force: true });
   }

@@ -127,6 +127,25 @@ export interface ForwardResult {
  */
 export const GRAD_SQ_FACTOR = 1000;
 
+/** Relative tolerance of the reported norm against the enclave's exact one (float32 sums). */
+export const GRAD_SQ_TOL = 1e-3;
+
+/**
+ * Checks the reported squared norm against the enclave's exact one (from the Gram matrices of
+ * what it sent) and returns the enclave's: the accelerator's number never sets the clipping
+ * scale. Without an exact value (several backward calls per linear), the estimate bound.
+ */
+export function checkedGradSq(reported: number, exact: number | null, estimate: number): number {
+  if (exact === null) {
+    checkGradSq(reported, estimate);
+    return reported;
+  }
+  if (!(Number.isFinite(reported) && Math.abs(reported - exact) <= GRAD_SQ_TOL * exact + 1e-12)) {
+    throw new IntegrityError(`integrity check failed: the accelerator reports a squared gradient norm of ${reported.toExponential(6)}, the enclave computes ${exact.toExponential(6)} from what it sent`);
+  }
+  return exact;
+}
+
 export function checkGradSq(reported: number, estimate: number): void {
   const ok = Number.isFinite(reported) && reported >= 0
     && (estimate === 0 ? reported === 0 : reported <= estimate * GRAD_SQ_FACTOR && reported >= estimate / GRAD_SQ_FACTOR);
@@ -291,7 +310,7 @@ export class SplitModel {
     if (this.method !== 'full') return 0;
     const rep = await this.link.call({ op: 'grad_sq_norm' });
     if (rep.op !== 'ack' || typeof rep.value !== 'number') throw new Error(`accelerator did not report its gradient norm: ${rep.op === 'error' ? rep.message : rep.op}`);
-    if (this.integrity) checkGradSq(rep.value, this.integrity.gradSqEstimate());
+    if (this.integrity) return checkedGradSq(rep.value, this.integrity.gradSqExact(), this.integrity.gradSqEstimate());
     return rep.value;
   }
 

@@ -19,6 +19,7 @@ import type { AcceleratorWeights } from './linears.js';
 import type { RandomSource } from '../tensor/rng.js';
 import { sgdMomentumStep } from '../tensor/sgd.js';
 import { freivaldsRows } from '../tensor/parallel.js';
+import { sgemm } from '../tensor/gemm.js';
 import { IntegrityError } from '../errors.js';
 
 export const CHECK_VECTORS = 2;
@@ -38,6 +39,9 @@ interface Track {
   mr: Float64Array; mc: Float64Array; ms: Float64Array;
   touched: boolean;
   fresh: boolean;
+  /** this step's exact ||dW||_F^2 + ||db||^2 and how many backward calls made it */
+  exactSq: number;
+  calls: number;
 }
 
 /** One linear's secret vectors (K per side): r [dout, K], s [din, K], w = W r [din, K], v = W^T s [dout, K], c = b . r [K]. */
@@ -92,7 +96,7 @@ export class IntegrityChecker {
         this.tracks.set(`${l}.${name}`, {
           din, dout, r, w, c, s, v,
           gr: new Float64Array(din * K), gc: new Float64Array(K), gs: new Float64Array(dout * K),
-          mr: new Float64Array(din * K), mc: new Float64Array(K), ms: new Float64Array(dout * K), touched: false, fresh: true,
+          mr: new Float64Array(din * K), mc: new Float64Array(K), ms: new Float64Array(dout * K), touched: false, fresh: true, exactSq: 0, calls: 0,
         });
       }
     });
@@ -134,12 +138,27 @@ export class IntegrityChecker {
     this.checks += rows * 2;
   }
 
-  /** Records x^T dy of one backward call (full fine-tuning), projected on the secret vectors. */
+  /**
+   * Records x^T dy of one backward call (full fine-tuning), projected on the secret vectors,
+   * and the exact squared norm of that call's weight and bias gradients from the Gram
+   * matrices of what the enclave sent: ||x^T dy||_F^2 = sum((x x^T) * (dy dy^T)),
+   * ||1^T dy||^2 = sum(dy dy^T) (O(rows^2 (din + dout)), native GEMM).
+   */
   accumulate(l: number, name: LinearName, x: Float32Array, dy: Float32Array, rows: number): void {
     const t0 = performance.now();
     const t = this.track(l, name);
     const K = this.K;
     const { din, dout } = t;
+    const gx = new Float32Array(rows * rows), gd = new Float32Array(rows * rows);
+    sgemm(false, true, rows, rows, din, 1, x, din, x, din, 0, gx, rows);
+    sgemm(false, true, rows, rows, dout, 1, dy, dout, dy, dout, 0, gd, rows);
+    let w = 0, b = 0;
+    for (let i = 0; i < gx.length; i++) {
+      w += gx[i] * gd[i];
+      b += gd[i];
+    }
+    t.exactSq += w + b;
+    t.calls++;
     const dyr = new Float64Array(K);
     const xs = new Float64Array(K);
     for (let i = 0; i < rows; i++) {
@@ -167,6 +186,8 @@ export class IntegrityChecker {
       }
       t.fresh = momentum === 0 ? t.fresh : false;
       t.touched = false;
+      t.exactSq = 0;
+      t.calls = 0;
     }
   }
 
@@ -191,11 +212,28 @@ export class IntegrityChecker {
     return total;
   }
 
+  /**
+   * The exact squared norm of this step's weight and bias gradients over every linear (what
+   * the accelerator's `grad_sq_norm` must equal up to float error), or null when a linear had
+   * more than one backward call this step (cross terms not kept: the estimate remains).
+   */
+  gradSqExact(): number | null {
+    let total = 0;
+    for (const t of this.tracks.values()) {
+      if (!t.touched) continue;
+      if (t.calls !== 1) return null;
+      total += t.exactSq;
+    }
+    return total;
+  }
+
   /** Drops this step's accumulated projections (aborted step). */
   reset(): void {
     for (const t of this.tracks.values()) {
       t.gr.fill(0); t.gc.fill(0); t.gs.fill(0);
       t.touched = false;
+      t.exactSq = 0;
+      t.calls = 0;
     }
   }
 

@@ -182,14 +182,21 @@ function alignHeads(Z: Float32Array, zb: Float32Array, pub: BlockWeights, d: num
   return { headPerm, qkvw, qkvb, Bv, orthogonal: orth, fits };
 }
 
-/** Wo [d, d] from W*o' = MB^-1 Wo (rows in slot order): block h = B_h (W*o' slot j) */
-function unmaskAttproj(Wo: Float32Array, headPerm: Int32Array, Bv: MaskFit[], d: number, H: number): Float32Array {
+/**
+ * Wo [d, d] from W*o' = MB^-1 Wo (rows in slot order): slot j = B_h^-1 Wo_h. Each head's
+ * B_h^-1 is fitted on its own against the public Wo_h (d equations per column, independent
+ * of the input side): (W*o'_j)^T = Wo_h^T B_h^-T.
+ */
+function unmaskAttproj(Wo: Float32Array, headPerm: Int32Array, pubWo: Float32Array, d: number, H: number): Float32Array {
   const dh = d / H;
   const out = new Float32Array(d * d);
   for (let j = 0; j < H; j++) {
     const h = headPerm[j];
-    const R = matmul(Bv[h].M, block64(Wo, d, j * dh, dh, 0, d));
-    out.set(Float32Array.from(R.data), h * dh * d);
+    const X = transpose(block64(Wo, d, j * dh, dh, 0, d)); //   d x dh
+    const P = transpose(block64(pubWo, d, h * dh, dh, 0, d)); // d x dh
+    const f = fitMask(P, X); // X ~ P M, M = B_h^-T
+    const W = transpose(matmul(X, f.Minv)); //                  dh x d
+    out.set(Float32Array.from(W.data), h * dh * d);
   }
   return out;
 }
@@ -294,7 +301,7 @@ function alignSealed(acc: AcceleratorWeights, pub: BlockWeights[], d: number, H:
     const WoM = rightMul(a.attproj.w, d, Qm, d, true);
     weights.push({
       qkvw: hd.qkvw, qkvb: hd.qkvb,
-      attprojw: unmaskAttproj(WoM, hd.headPerm, hd.Bv, d, H), attprojb: rightMul(a.attproj.b, 1, Qm, d, true),
+      attprojw: unmaskAttproj(WoM, hd.headPerm, pub[l].attprojw, d, H), attprojb: rightMul(a.attproj.b, 1, Qm, d, true),
       fcw, fcb, fcprojw, fcprojb: rightMul(a.fcproj.b, 1, Qm, d, true),
     });
   }
@@ -332,33 +339,43 @@ function alignPaper(acc: AcceleratorWeights, pub: BlockWeights[], d: number, H: 
     // Ms = R1^-1 Mp  =>  Ms^T = Mp^T R1^-T
     // start: the orthogonal Procrustes fit of W*v W*o = R1^-1 Wv Wo (stable however badly
     // conditioned Wv Wo is); then alternate least squares over all of qkv
-    let R1i = polar(matmul(block64(Ms, d, 0, d, 0, d), transpose(block64(Mp, d, 0, d, 0, d))));
     // alternate: per-head masks given R1, then R1^-1 from all of W*qkv = R1^-1 (Wqkv Mqkv), a
-    // far better conditioned system than W*v W*o alone
+    // far better conditioned system than W*v W*o alone. Two starts: the orthogonal Procrustes
+    // fit of W*v W*o (right for kappa 1, stable however badly conditioned Wv Wo is) and its
+    // ridge least-squares fit (general masks); the one whose heads fit best is kept.
     const Wq = block64(a.qkv.w, 3 * d, 0, d, 0, 3 * d);
     const WqT = transpose(Wq);
-    let hd = alignHeads(toF32(matmul(inverse(R1i), Wq)), a.qkv.b, P, d, H);
     const dh = d / H;
-    for (let it = 0; it < 3; it++) {
-      const Tm = mat(d, 3 * d);
-      for (let j = 0; j < H; j++) {
-        const h = hd.headPerm[j];
-        for (let s = 0; s < 3; s++) {
-          const M = hd.fits[j][h][s].M;
-          const PM = matmul(block64(P.qkvw, 3 * d, 0, d, s * d + h * dh, dh), M);
-          for (let i = 0; i < d; i++) for (let c = 0; c < dh; c++) Tm.data[i * 3 * d + s * d + j * dh + c] = PM.data[i * dh + c];
+    const als = (start: Mat64) => {
+      let R1i = start;
+      let hd = alignHeads(toF32(matmul(inverse(R1i), Wq)), a.qkv.b, P, d, H);
+      for (let it = 0; it < 4; it++) {
+        const Tm = mat(d, 3 * d);
+        for (let j = 0; j < H; j++) {
+          const h = hd.headPerm[j];
+          for (let s = 0; s < 3; s++) {
+            const PM = matmul(block64(P.qkvw, 3 * d, 0, d, s * d + h * dh, dh), hd.fits[j][h][s].M);
+            for (let i = 0; i < d; i++) for (let c = 0; c < dh; c++) Tm.data[i * 3 * d + s * d + j * dh + c] = PM.data[i * dh + c];
+          }
         }
+        R1i = transpose(lstsq(transpose(Tm), WqT));
+        if (orthogonality(R1i) < 0.25) R1i = polar(matmul(Wq, transpose(Tm)));
+        hd = alignHeads(toF32(matmul(inverse(R1i), Wq)), a.qkv.b, P, d, H);
       }
-      R1i = transpose(lstsq(transpose(Tm), WqT));
-      if (orthogonality(R1i) < 0.25) R1i = polar(matmul(Wq, transpose(Tm)));
-      hd = alignHeads(toF32(matmul(inverse(R1i), Wq)), a.qkv.b, P, d, H);
-    }
+      let resid = 0;
+      for (let j = 0; j < H; j++) for (let s = 0; s < 3; s++) resid += hd.fits[j][hd.headPerm[j]][s].resid;
+      return { R1i, hd, resid };
+    };
+    const MsT = block64(transpose32(Ms, d, d), d, 0, d, 0, d), MpT = block64(transpose32(Mp, d, d), d, 0, d, 0, d);
+    const fromPolar = als(polar(matmul(block64(Ms, d, 0, d, 0, d), transpose(block64(Mp, d, 0, d, 0, d)))));
+    const fromLs = als(transpose(lstsq(MpT, MsT, 1e-3)));
+    const { R1i, hd } = fromPolar.resid <= fromLs.resid ? fromPolar : fromLs;
     R1inv.push(toF32(R1i));
     headPerm.push(hd.headPerm);
     maskModel.push(hd.orthogonal ? 'orthogonal' : 'general');
     weights.push({
       qkvw: hd.qkvw, qkvb: hd.qkvb,
-      attprojw: unmaskAttproj(a.attproj.w, hd.headPerm, hd.Bv, d, H), attprojb: Float32Array.from(a.attproj.b),
+      attprojw: unmaskAttproj(a.attproj.w, hd.headPerm, P.attprojw, d, H), attprojb: Float32Array.from(a.attproj.b),
       fcw, fcb, fcprojw, fcprojb: Float32Array.from(a.fcproj.b),
     });
   }

@@ -8,6 +8,7 @@
  *   ├── PolicyError        a party asked for something it may not do
  *   │     └── SessionError   the request names an unknown or expired attestation session
  *   ├── BundleError        a bundle or checkpoint is missing, corrupt or mismatched
+ *   │     └── ViewError    a recorded accelerator view is truncated, corrupt, or from another model or mode
  *   ├── StateError         the service is not in a state to do that now (a job is running, none has finished)
  *   ├── InputError         bad user or data input: shapes, token ids, labels, NaN, configuration values
  *   ├── AcceleratorError   the accelerator answered a request with an error reply
@@ -44,6 +45,12 @@ export class SessionError extends PolicyError {}
 
 /** A bundle or checkpoint is missing, corrupt, or does not match its counterpart. */
 export class BundleError extends ObfuscatuneError {}
+
+/**
+ * A recorded view of the accelerator (src/protocol/view.ts) cannot be used as asked: truncated or
+ * corrupt, of another format version, or recorded from another model, mode or bundle.
+ */
+export class ViewError extends BundleError {}
 
 /** The service cannot do that in its present state (a job is running; no job has finished yet). */
 export class StateError extends ObfuscatuneError {}

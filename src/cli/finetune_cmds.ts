@@ -17,6 +17,8 @@ import { parseIntArg, refuseNonEmpty } from './model_args.js';
 import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
 import { BundleError, InputError } from '../errors.js';
+import { recordSession } from '../attacks/record.js';
+import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
 
 export interface RunConfig {
   format: 'obfuscatune-run/1';
@@ -80,7 +82,7 @@ function runFiles(o: { model?: string; train?: string; eval?: string; resume?: b
 }
 
 export function addFinetuneCommands(program: Command): void {
-  addRunSpecOptions(program
+  addRecordViewOptions(addRunSpecOptions(program
     .command('finetune')
     .description('fine-tune through the enclave/accelerator split (or locally), with checkpoints and exact resume; the settings form a run spec (docs/fine-tuning.md)')
     .option('--model <dir>', 'plain Hugging Face GPT-2 checkpoint (the provider\'s model; with --resume: the run\'s)')
@@ -91,9 +93,10 @@ export function addFinetuneCommands(program: Command): void {
     .option('--serialize', 'send every boundary message through the binary codec')
     .requiredOption('--out <dir>', 'run directory')
     .option('--force', 'start a fresh run in a non-empty --out: the previous run\'s checkpoints and outputs there are deleted')
-    .option('--json', 'print the summary as JSON')
+    .option('--json', 'print the summary as JSON'))
     .action(async (o) => {
       const runDir: string = o.out;
+      const recOpts = recorderOptionsOf(o);
       if (!o.resume) {
         refuseNonEmpty(runDir, o.force, 'finetune (a fresh run; --resume continues the run there)');
         // --force: what a previous run wrote goes, so nothing of it mixes with this one
@@ -138,6 +141,7 @@ export function addFinetuneCommands(program: Command): void {
       const session = buildSession(base, toSessionOptions(spec, {
         padTokenId: padId, numLabels: task === 'cls' ? labels.length : undefined, labels, acceleratorStateDir: path.join(runDir, 'accelerator-state'), serialize: o.serialize,
       }));
+      const recording = recOpts ? recordSession(session, { ...recOpts, padTokenId: padId, modelPath: files.model, spec: spec.kappa ?? '1', twoSided: spec.two_sided, labels }) : null;
       const cfg = toFinetuneConfig(spec, session.modelId);
       const runCfg: RunConfig = {
         format: 'obfuscatune-run/1', model: path.resolve(files.model), task, method, mode, kappa: spec.kappa, labels, max_len: spec.max_len, pad_token_id: padId,
@@ -158,6 +162,10 @@ export function addFinetuneCommands(program: Command): void {
         },
       });
       bar.stop();
+      if (recording) {
+        const { header, truthFile } = recording.save(o.recordView);
+        console.error(`recorded the accelerator's view: ${o.recordView} (${header.events} tensors, ${(header.recorded_bytes / 2 ** 20).toFixed(1)} MiB${header.dropped_events ? `, ${header.dropped_events} left out by the filter` : ''}); scoring key ${truthFile}`);
+      }
       exportRun(path.join(runDir, 'final'), session, { kappa: spec.kappa, labels });
       // this process plays every party: it can also act as the provider and merge the update
       const merged = mergedPlainModel(session);

@@ -17,6 +17,8 @@ import { addServiceCommands } from './service_cmds.js';
 import { benchFinetune, benchFinetuneInterleaved, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
+import { addAttackCommands } from './attack_cmds.js';
+import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
 import {
   AcceleratorError, BundleError, InputError, IntegrityError, PolicyError, StateError, TransportError, WorkerError,
 } from '../errors.js';
@@ -174,7 +176,7 @@ export function buildProgram(): Command {
       console.log(`saved ${o.out}: validation loss ${final?.loss.toFixed(4) ?? '-'} (perplexity ${final?.perplexity.toFixed(1) ?? '-'}), unigram baseline ${info.unigram_valid_loss?.toFixed(4) ?? '-'}, ${seconds.toFixed(0)} s`);
     });
 
-  program
+  addRecordViewOptions(program
     .command('generate')
     .description('generate text from a prompt (KV cache; greedy, temperature, top-k), from a plain model or through the split')
     .option('--model <dir|preset>', 'plain checkpoint directory, or a preset with --random-init')
@@ -187,9 +189,11 @@ export function buildProgram(): Command {
     .option('--temperature <x>', '0 = greedy', parseFloatArg('--temperature'), 0)
     .option('--top-k <n>', 'sample among the k most likely tokens (0 = all)', parseIntArg('--top-k'), 0)
     .option('--seed <n>', 'sampling seed', parseIntArg('--seed'), 1)
-    .option('--json', 'print JSON {prompt, completion, tokens}')
+    .option('--json', 'print JSON {prompt, completion, tokens}'))
     .action(async (o) => {
       const opts = { maxNewTokens: o.maxTokens, temperature: o.temperature, topK: o.topK, seed: o.seed };
+      const recOpts = recorderOptionsOf(o);
+      if (recOpts && !o.enclave) throw new InputError('--record-view records what crosses to the accelerator: it needs --enclave and --accelerator');
       let ids: number[];
       let tok;
       if (o.enclave || o.accelerator) {
@@ -197,7 +201,15 @@ export function buildProgram(): Command {
         if (o.model) throw new InputError('give either --model or --enclave/--accelerator, not both');
         const enclave = loadSplit(o.enclave, o.accelerator);
         tok = tokenizerFor(enclave.config.vocab_size);
+        const { recordEnclave } = await import('../attacks/record.js');
+        const { loadAcceleratorBundle } = await import('../obfuscate/bundle.js');
+        const acc = recOpts ? loadAcceleratorBundle(o.accelerator) : null;
+        const recording = recOpts && acc ? recordEnclave(enclave, acc.weights, { ...recOpts, modelId: acc.manifestSha256.slice(0, 16), modelPath: null, padTokenId: null }) : null;
         ids = await enclave.generate(tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
+        if (recording) {
+          const { header, truthFile } = recording.save(o.recordView);
+          console.error(`recorded the accelerator's view: ${o.recordView} (${header.events} tensors); scoring key ${truthFile}`);
+        }
       } else {
         if (!o.model && !o.run) throw new InputError('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
         const model = o.run ? new GPT2(loadRunModel(o.run)) : loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
@@ -212,6 +224,7 @@ export function buildProgram(): Command {
   addSplitCommands(program);
   addServiceCommands(program);
   addFinetuneCommands(program);
+  addAttackCommands(program);
 
   const bench = program.command('bench').description('benchmarks (human-readable by default, --json for tools)');
   bench
@@ -348,6 +361,47 @@ export function buildProgram(): Command {
         const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
         console.log([t.head, ...t.rows].map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n'));
         console.log(o.rowsOnly ? `\nwrote the rows to ${o.out}/results.json (run without --rows-only for the tables and the report)` : `\nwrote ${o.out}/results.json, ${o.out}/index.html and ${o.out}/results.md`);
+      }
+    });
+
+  exp
+    .command('security')
+    .description('the attack suite: records the accelerator\'s view of LoRA fine-tuning per mode and runs every attack on it; writes report/security.json and report/security.html (docs/security.md)')
+    .option('--quick', 'a short version (few steps and batches)')
+    .option('--public <dir>', 'the public checkpoint', 'models/base-small')
+    .option('--provider-corpus <file>', 'what the provider fine-tunes the public model on', 'data/austen/train.jsonl')
+    .option('--provider-steps <n>', 'steps of the provider\'s fine-tuning', parseIntArg('--provider-steps'))
+    .option('--provider-lr <x>', 'learning rate of the provider\'s fine-tuning (AdamW)', parseFloatArg('--provider-lr'), 3e-4)
+    .option('--owner-data <file>', 'the data owner\'s private records', 'data/food-reviews/test.jsonl')
+    .option('--public-corpus <file>', 'the attacker\'s public corpus of the owner\'s domain', 'data/food-reviews/train.jsonl')
+    .option('--modes <list>', 'mode:kappa pairs', 'sealed:1,paper:1,paper:10')
+    .option('--steps <n>', 'owner fine-tuning steps (= observed batches)', parseIntArg('--steps'))
+    .option('--batch <n>', 'owner batch size', parseIntArg('--batch'), 8)
+    .option('--max-len <n>', 'tokens per owner record', parseIntArg('--max-len'), 64)
+    .option('--decode-batches <n>', 'batches decode-public-base decodes', parseIntArg('--decode-batches'))
+    .option('--attacks <list>', 'which attacks (comma-separated)')
+    .option('--out <dir>', 'report directory', 'report')
+    .option('--json', 'print security.json')
+    .action(async (o) => {
+      const { runSecurityExperiment, securityTable } = await import('../experiments/security.js');
+      const modes = String(o.modes).split(',').map((x: string) => {
+        const [mode, kappa = '1'] = x.trim().split(':');
+        if (mode !== 'sealed' && mode !== 'paper') throw new InputError(`--modes: "${x}" is not sealed:KAPPA or paper:KAPPA`);
+        return { mode: mode as 'sealed' | 'paper', kappa };
+      });
+      const res = await runSecurityExperiment({
+        publicModel: o.public, providerCorpus: o.providerCorpus, providerSteps: o.providerSteps ?? (o.quick ? 20 : 60), providerLr: o.providerLr,
+        ownerData: o.ownerData, publicCorpus: o.publicCorpus, modes,
+        steps: o.steps ?? (o.quick ? 12 : 100), batch: o.batch, maxLen: o.maxLen, decodeBatches: o.decodeBatches ?? (o.quick ? 4 : 20),
+        attacks: o.attacks ? String(o.attacks).split(',').map((s: string) => s.trim()) as never : undefined,
+        out: o.out, log: (s) => console.error(s),
+      });
+      if (o.json) console.log(JSON.stringify(res));
+      else {
+        const t = securityTable(res);
+        const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
+        console.log([t.head, ...t.rows].map((r) => r.slice(0, -1).map((c, i) => c.padEnd(w[i])).join('  ')).join('\n'));
+        console.log(`\nwrote ${o.out}/security.json and ${o.out}/security.html`);
       }
     });
 

@@ -1,0 +1,75 @@
+/**
+ * Recording the accelerator's view of a fine-tuning session or of an enclave doing inference
+ * (`--record-view FILE`): a ViewRecorder on the link, the accelerator's bundle as handed over
+ * (copied before any training changes it), and the scoring key from the enclave side.
+ */
+import path from 'node:path';
+import type { Session } from '../train/session.js';
+import type { Enclave } from '../enclave/enclave.js';
+import type { AcceleratorWeights } from '../protocol/linears.js';
+import type { AcceleratorLink, Observer } from '../protocol/link.js';
+import { ViewRecorder, tapBatches, type RecorderOptions, type ViewHeader } from '../protocol/view.js';
+import { InputError } from '../errors.js';
+
+export function snapshotWeights(acc: AcceleratorWeights): AcceleratorWeights {
+  return { n_layer: acc.n_layer, layers: acc.layers.map((l) => Object.fromEntries(Object.entries(l).map(([k, v]) => [k, { ...v, w: Float32Array.from(v.w), b: Float32Array.from(v.b) }])) as AcceleratorWeights['layers'][number]) };
+}
+
+function observersOf(link: AcceleratorLink): Observer[] {
+  const obs = (link as { observers?: Observer[] }).observers;
+  if (!Array.isArray(obs)) throw new InputError('--record-view: this link has no observers (the view cannot be recorded on it)');
+  return obs;
+}
+
+/** a [L, w] integer tensor (a permutation per layer) as rows */
+function perLayer(x: Int32Array | undefined, L: number): number[][] | null {
+  if (!x) return null;
+  const w = x.length / L;
+  return Array.from({ length: L }, (_, l) => Array.from(x.subarray(l * w, (l + 1) * w)));
+}
+
+export interface Recording {
+  recorder: ViewRecorder;
+  /** writes the view and its truth file; returns the header */
+  save(file: string): { header: ViewHeader; truthFile: string };
+}
+
+/** Records a fine-tuning session's crossings (sealed or paper mode). */
+export function recordSession(s: Session, o: RecorderOptions & { padTokenId: number; modelPath: string | null; spec: string; twoSided: boolean; labels?: string[] }): Recording {
+  if (s.model.mode === 'local' || !s.obfuscation) throw new InputError('--record-view needs a split mode (sealed or paper): in local mode nothing crosses to an accelerator');
+  const rec = new ViewRecorder(o);
+  observersOf(s.link).push(rec.observer);
+  tapBatches(s.model as unknown as Parameters<typeof tapBatches>[0], rec, { labels: s.model.task === 'cls' });
+  const acc = snapshotWeights(s.obfuscation.accelerator);
+  const obf = s.obfuscation;
+  const L = obf.enclave.config.n_layer;
+  return {
+    recorder: rec,
+    save: (file) => rec.save(path.resolve(file), {
+      kind: 'finetune', mode: s.model.mode, spec: o.spec, two_sided: o.twoSided, token_mixing: 'off', config: obf.enclave.config, model_id: s.modelId,
+    }, acc, {
+      pad_token_id: o.padTokenId, model: o.modelPath ? path.resolve(o.modelPath) : null,
+      pi: perLayer(obf.enclave.tensors.pi, L), head_perm: perLayer(obf.enclave.tensors.headPerm, L),
+      labels: s.model.task === 'cls' ? (o.labels ?? null) : null,
+    }),
+  };
+}
+
+/** Records an enclave's inference crossings. `modelId` names the model (a fingerprint, or the accelerator manifest's hash). */
+export function recordEnclave(enc: Enclave, acc: AcceleratorWeights, o: RecorderOptions & { modelId: string; modelPath: string | null; padTokenId: number | null }): Recording {
+  const rec = new ViewRecorder(o);
+  observersOf(enc.link).push(rec.observer);
+  tapBatches(enc as unknown as Parameters<typeof tapBatches>[0], rec);
+  const snap = snapshotWeights(acc);
+  const b = enc.bundle;
+  const L = b.config.n_layer;
+  return {
+    recorder: rec,
+    save: (file) => rec.save(path.resolve(file), {
+      kind: 'inference', mode: b.mode, spec: b.spec, two_sided: b.twoSided, token_mixing: 'off', config: b.config, model_id: o.modelId,
+    }, snap, {
+      pad_token_id: o.padTokenId, model: o.modelPath ? path.resolve(o.modelPath) : null,
+      pi: perLayer(b.tensors.pi, L), head_perm: perLayer(b.tensors.headPerm, L),
+    }),
+  };
+}

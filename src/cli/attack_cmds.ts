@@ -1,0 +1,122 @@
+/** CLI: `obfuscatune attack <name> --view FILE ...`, the attacks on a recorded accelerator view. */
+import { Command } from 'commander';
+import { existsSync } from 'node:fs';
+import { loadCheckpoint } from '../model/checkpoint.js';
+import type { GPT2Weights } from '../model/weights.js';
+import { loadView, loadTruth, checkView, type LoadedView, type ViewTruth } from '../protocol/view.js';
+import type { AttackResult } from '../attacks/common.js';
+import { weightAlignmentAttack } from '../attacks/weight_alignment.js';
+import { decodePublicBaseAttack } from '../attacks/decode.js';
+import { frequencyAttack } from '../attacks/frequency.js';
+import { knownPlaintextAttack } from '../attacks/known_plaintext.js';
+import { mlpPermutationAttack } from '../attacks/mlp_permutation.js';
+import { labelRecoveryAttack } from '../attacks/label_recovery.js';
+import { parseFloatArg, parseIntArg } from './model_args.js';
+import { InputError, ViewError } from '../errors.js';
+
+interface Common { view: string; truth?: string; mode?: string; json?: boolean }
+
+function open(o: Common): { view: LoadedView; truth: ViewTruth | null } {
+  const view = loadView(o.view);
+  checkView(view, { mode: o.mode });
+  const tf = o.truth ?? `${o.view}.truth.json`;
+  const truth = o.truth || existsSync(tf) ? loadTruth(tf, view) : null;
+  return { view, truth };
+}
+
+function needTruth(t: ViewTruth | null, o: Common): ViewTruth {
+  if (!t) throw new ViewError(`scoring needs the view's truth file (${o.truth ?? `${o.view}.truth.json`} not found; give --truth FILE)`);
+  return t;
+}
+
+function publicModel(dir: string, view: LoadedView): GPT2Weights {
+  const w = loadCheckpoint(dir);
+  checkView(view, { config: w.config, what: `the public model ${dir}` });
+  return w;
+}
+
+function print(r: AttackResult, json: boolean | undefined): void {
+  if (json) {
+    console.log(JSON.stringify(r));
+    return;
+  }
+  const pct = (x: number) => (Number.isFinite(x) ? `${(100 * x).toFixed(2)}%` : 'n/a');
+  console.log(`${r.attack} (${r.setting}, ${r.mode} mode, kappa ${r.kappa}, defence ${r.defence}): ${r.metric} ${pct(r.value)} (baseline ${pct(r.baseline)}) over ${r.observed_batches} observed batches`);
+  if (r.details) for (const [k, v] of Object.entries(r.details)) if (typeof v === 'number') console.log(`  ${k}: ${Number.isInteger(v) ? v : v.toFixed(4)}`);
+}
+
+function common(c: Command): Command {
+  return c
+    .requiredOption('--view <file>', 'a view recorded with --record-view')
+    .option('--truth <file>', 'its scoring key (default: VIEW.truth.json)')
+    .option('--mode <mode>', 'refuse a view of another mode (sealed|paper)')
+    .option('--json', 'print the result as one JSON object');
+}
+
+export function addAttackCommands(program: Command): void {
+  const attack = program.command('attack').description('attacks on a recorded accelerator view (docs/security.md): what a curious accelerator recovers, against a guess without the view');
+
+  common(attack.command('weight-alignment')
+    .description('public-base setting: align the accelerator bundle with the public checkpoint; recover Q / R, the head masks, the MLP permutation and the provider\'s plain weights'))
+    .requiredOption('--public <dir>', 'the public checkpoint the provider fine-tuned')
+    .option('--provider <dir>', 'the provider\'s true model, for scoring (default: the truth file\'s)')
+    .action((o: Common & { public: string; provider?: string }) => {
+      const { view, truth } = open(o);
+      const pub = publicModel(o.public, view);
+      const provDir = o.provider ?? truth?.model ?? null;
+      const prov = provDir ? loadCheckpoint(provDir) : null;
+      if (prov) checkView(view, { config: prov.config, what: `the provider model ${provDir}` });
+      print(weightAlignmentAttack(view, pub, truth, prov), o.json);
+    });
+
+  common(attack.command('decode-public-base')
+    .description('public-base setting: with what weight-alignment recovers, decode the owner\'s tokens from the first-layer rows (nearest token and position)'))
+    .requiredOption('--public <dir>', 'the public checkpoint the provider fine-tuned')
+    .requiredOption('--corpus <file>', 'a public JSONL corpus (the baseline guess: its most frequent token)')
+    .option('--max-batches <n>', 'decode at most this many batches', parseIntArg('--max-batches'))
+    .action((o: Common & { public: string; corpus: string; maxBatches?: number }) => {
+      const { view, truth } = open(o);
+      print(decodePublicBaseAttack(view, publicModel(o.public, view), needTruth(truth, o), { corpus: o.corpus, maxBatches: o.maxBatches }), o.json);
+    });
+
+  common(attack.command('frequency')
+    .description('secret-model setting: cluster repeated first-layer rows and map them to tokens by frequency rank per position against a public corpus'))
+    .requiredOption('--corpus <file>', 'a public JSONL corpus of the owner\'s domain')
+    .option('--counts <list>', 'numbers of observed batches to report', '1,10,100')
+    .action((o: Common & { corpus: string; counts: string }) => {
+      const { view, truth } = open(o);
+      const counts = o.counts.split(',').map((s) => {
+        const n = Number(s);
+        if (!Number.isInteger(n) || n < 1) throw new InputError(`--counts: "${s}" is not a positive integer`);
+        return n;
+      });
+      print(frequencyAttack(view, needTruth(truth, o), { corpus: o.corpus, counts }), o.json);
+    });
+
+  common(attack.command('known-plaintext')
+    .description('the attacker knows some of the owner\'s records: learn row -> token and the first layer\'s linear structure from them, decode the rest'))
+    .option('--known-fraction <x>', 'share of the records the attacker knows', parseFloatArg('--known-fraction'), 0.1)
+    .option('--seed <n>', 'which records are known', parseIntArg('--seed'), 1)
+    .action((o: Common & { knownFraction: number; seed: number }) => {
+      const { view, truth } = open(o);
+      print(knownPlaintextAttack(view, needTruth(truth, o), { knownFraction: o.knownFraction, seed: o.seed }), o.json);
+    });
+
+  common(attack.command('label-recovery')
+    .description('classification fine-tuning: cluster the last layer\'s output gradients (one direction per label) and name the clusters by a public label prior'))
+    .requiredOption('--corpus <file>', 'a public labelled JSONL corpus of the owner\'s task')
+    .option('--seed <n>', 'k-means seed', parseIntArg('--seed'), 1)
+    .action((o: Common & { corpus: string; seed: number }) => {
+      const { view, truth } = open(o);
+      print(labelRecoveryAttack(view, needTruth(truth, o), { corpus: o.corpus, seed: o.seed }), o.json);
+    });
+
+  common(attack.command('mlp-permutation')
+    .description('public-base setting: match the permuted MLP hidden units to the public model\'s by activation statistics'))
+    .requiredOption('--public <dir>', 'the public checkpoint')
+    .requiredOption('--corpus <file>', 'a public JSONL corpus to run the public model on')
+    .action(async (o: Common & { public: string; corpus: string }) => {
+      const { view, truth } = open(o);
+      print(await mlpPermutationAttack(view, publicModel(o.public, view), truth, { corpus: o.corpus }), o.json);
+    });
+}

@@ -30,7 +30,8 @@ export function progressBar(total: number, label: string, fields = ''): Progress
     },
     cliProgress.Presets.shades_classic,
   );
-  bar.start(total, 0);
+  // the fields' tokens start empty (else the first line shows them raw)
+  bar.start(total, 0, Object.fromEntries([...fields.matchAll(/\{(\w+)\}/g)].map((m) => [m[1], ''])));
   return {
     update: (v, payload) => bar.update(v, payload),
     setTotal: (t) => bar.setTotal(t),

@@ -266,7 +266,7 @@ export function buildProgram(): Command {
 
   bench
     .command('finetune')
-    .description('fine-tuning step time of local, sealed and paper (kappa 1) modes side by side, each in its own process')
+    .description('fine-tuning step time of local, sealed and paper (kappa 1) modes side by side, each in its own process (--interleaved: in one process, steps in rounds)')
     .option('--json', 'print JSON')
     .option('--model <preset>', 'model preset', 'gpt2')
     .addOption(new Option('--method <method>', 'fine-tuning method').choices(['lora', 'full']).default('lora'))

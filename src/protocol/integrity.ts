@@ -82,6 +82,8 @@ export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K =
 
 export class IntegrityChecker {
   private tracks = new Map<string, Track>();
+  /** scratch for the Gram matrices of accumulate (x x^T, dy dy^T) */
+  private gram = new Float32Array(0);
   /** relative tolerance of a row check, against the sum of absolute terms */
   tol = 2e-5;
   checks = 0;
@@ -149,7 +151,8 @@ export class IntegrityChecker {
     const t = this.track(l, name);
     const K = this.K;
     const { din, dout } = t;
-    const gx = new Float32Array(rows * rows), gd = new Float32Array(rows * rows);
+    if (this.gram.length < 2 * rows * rows) this.gram = new Float32Array(2 * rows * rows);
+    const gx = this.gram.subarray(0, rows * rows), gd = this.gram.subarray(rows * rows, 2 * rows * rows);
     sgemm(false, true, rows, rows, din, 1, x, din, x, din, 0, gx, rows);
     sgemm(false, true, rows, rows, dout, 1, dy, dout, dy, dout, 0, gd, rows);
     let w = 0, b = 0;

@@ -51,8 +51,8 @@ export function observe(req: AcceleratorRequest, rep: AcceleratorReply, observer
   }
 }
 
-/** Whatever answers requests in this process (the accelerator, src/accelerator). */
-export interface RequestHandler {
+/** Whatever answers requests synchronously in this process (the accelerator, src/accelerator). */
+export interface InProcessHandler {
   handle(req: AcceleratorRequest): AcceleratorReply;
 }
 
@@ -61,7 +61,7 @@ export class InProcessLink implements AcceleratorLink {
   /** messages and bytes that crossed (encoded size) */
   stats = { messages: 0, bytes: 0 };
 
-  constructor(private readonly acc: RequestHandler, private readonly opts: { serialize?: boolean } = {}) {}
+  constructor(private readonly acc: InProcessHandler, private readonly opts: { serialize?: boolean } = {}) {}
 
   async call(req: AcceleratorRequest): Promise<AcceleratorReply> {
     return this.callSync(req);

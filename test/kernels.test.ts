@@ -10,6 +10,7 @@ import {
   residualForward, residualBackward, attentionForward, attentionBackward,
 } from '../src/model/kernels.js';
 import { geluForward, geluBackward, crossEntropyForward, crossEntropyBackward, adamwRange, sumSquaresRange } from '../src/tensor/kernels_ew.js';
+import { haarOrthogonal } from '../src/linalg/mat64.js';
 import { randn, numericGrad, someIndices, dot, assertGradClose, relErr } from './helpers.js';
 
 const TOL = 2e-2; // float32 central differences
@@ -244,4 +245,44 @@ test('boundary checks: the first non-finite value is found wherever it is; Freiv
   } finally {
     setBackend(prev);
   }
+});
+
+test('Haar-orthogonal QR: the native float64 Householder QR (every ISA, 1 and 2 threads) gives the TypeScript Q to 1e-12, orthogonal to 1e-13', () => {
+  const prev = backendName();
+  const n = 203; // odd: not a multiple of the reflection's 8 lanes or 16-column tasks
+  const qs: { label: string; q: Float64Array }[] = [];
+  const original = nativeInfo()?.isa as 'avx512' | 'avx2' | 'generic' | undefined;
+  const prevThreads = nativeInfo()?.threads;
+  try {
+    setBackend('js');
+    qs.push({ label: 'js', q: haarOrthogonal(n, new Rng(9)).data });
+    if (native) {
+      setBackend('native');
+      for (const isa of ['avx512', 'avx2', 'generic'] as const) {
+        if (!setNativeIsa(isa)) continue;
+        for (const t of [1, 2]) {
+          setThreads(t);
+          qs.push({ label: `${isa} x${t}`, q: haarOrthogonal(n, new Rng(9)).data });
+        }
+      }
+    }
+  } finally {
+    if (original) setNativeIsa(original);
+    if (prevThreads) setThreads(prevThreads);
+    setBackend(prev);
+  }
+  const q0 = qs[0].q;
+  for (const { label, q } of qs) {
+    let d = 0;
+    for (let i = 0; i < q.length; i++) d = Math.max(d, Math.abs(q[i] - q0[i]));
+    assert.ok(d < 1e-12, `${label}: differs from the TypeScript Q by ${d}`);
+    let e = 0;
+    for (let i = 0; i < n; i++) for (let j = i; j < n; j++) {
+      let s = 0;
+      for (let k = 0; k < n; k++) s += q[k * n + i] * q[k * n + j];
+      e = Math.max(e, Math.abs(s - (i === j ? 1 : 0)));
+    }
+    assert.ok(e < 1e-13, `${label}: Q^T Q - I = ${e}`);
+  }
+  assert.ok(qs.length >= (native ? 3 : 1));
 });

@@ -8,6 +8,7 @@
 //   geluForward(out, inp, th?, n)          geluBackward(dinp, inp, dout, th?, n)
 //   softmaxXent(logits, targets, losses, rows, V)
 //   firstNonFinite(x) -> index or -1       freivaldsRows(lhs, a, p, rhs, b, q, c?, rows, out)
+//   haarQr(a, n)  a[n*n] (Float64Array, Gaussian) replaced by its Haar-orthogonal QR factor Q
 //   info() -> { isa, threads }
 //   setThreads(n)
 //
@@ -315,6 +316,17 @@ napi_value FreivaldsRows(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+napi_value HaarQr(napi_env env, napi_callback_info info) {
+  const char* fname = "haarQr";
+  ARGS(2);
+  int64_t n = 0;
+  double* a = nullptr;
+  if (!get_int(env, argv[1], "n", &n, &err) || !get_f64n(env, argv[0], "a", &a, n * n, &err))
+    return throw_error(env, std::string(fname) + ": " + err);
+  obf::haar_qr(a, n);
+  return nullptr;
+}
+
 napi_value GeluForward(napi_env env, napi_callback_info info) {
   const char* fname = "geluForward";
   ARGS(4);
@@ -403,6 +415,7 @@ NAPI_MODULE_INIT() {
       {"adamw", nullptr, Adamw, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"firstNonFinite", nullptr, FirstNonFinite, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"freivaldsRows", nullptr, FreivaldsRows, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"haarQr", nullptr, HaarQr, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"zero", nullptr, Zero, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"sumSquares", nullptr, SumSquares, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"geluForward", nullptr, GeluForward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

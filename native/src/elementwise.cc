@@ -166,6 +166,67 @@ void freivalds_rows(const float* lhs, int64_t a, const double* p, const float* r
   shared_pool().run(rows, freivalds_task, &ctx);
 }
 
+namespace {
+// columns [lo, hi) of the column-major t[n, n] (column j at t + j n) get reflection u over rows [k, n)
+struct ReflectCtx {
+  const EwKernels* k;
+  const double* u;
+  double* t;
+  int64_t n, row, first, cols;
+};
+constexpr int64_t kReflectCols = 16;
+void reflect_task(void* ctx, int64_t task) {
+  auto* c = static_cast<ReflectCtx*>(ctx);
+  const int64_t lo = c->first + task * kReflectCols, hi = std::min(c->first + c->cols, lo + kReflectCols);
+  for (int64_t j = lo; j < hi; j++) c->k->reflect(c->u, c->t + j * c->n + c->row, c->n - c->row);
+}
+void reflect_columns(ReflectCtx& c) {
+  const int64_t tasks = (c.cols + kReflectCols - 1) / kReflectCols;
+  if (c.cols * (c.n - c.row) < (1 << 14)) {
+    for (int64_t t = 0; t < tasks; t++) reflect_task(&c, t);
+  } else {
+    shared_pool().run(tasks, reflect_task, &c);
+  }
+}
+}  // namespace
+
+void haar_qr(double* a, int64_t n) {
+  const EwKernels* k = &kern();
+  std::vector<double> t(n * n), u(n * n), q(n * n, 0.0);
+  std::vector<bool> negate(n);
+  for (int64_t i = 0; i < n; i++)
+    for (int64_t j = 0; j < n; j++) t[j * n + i] = a[i * n + j];
+  // A = H_0 ... H_{n-1} R: reflector k (unit, rows k..n-1) stored at u + k n + k
+  for (int64_t c = 0; c < n; c++) {
+    double* col = t.data() + c * n;
+    double norm = 0;
+    for (int64_t i = c; i < n; i++) norm += col[i] * col[i];
+    norm = std::sqrt(norm);
+    const double alpha = col[c] > 0 ? -norm : norm;
+    negate[c] = alpha < 0;
+    double* uc = u.data() + c * n + c;
+    double un = 0;
+    for (int64_t i = c; i < n; i++) uc[i - c] = col[i];
+    uc[0] -= alpha;
+    for (int64_t i = 0; i < n - c; i++) un += uc[i] * uc[i];
+    if (un == 0) continue;  // a zero reflector: H = I
+    un = std::sqrt(un);
+    for (int64_t i = 0; i < n - c; i++) uc[i] /= un;
+    ReflectCtx ctx{k, uc, t.data(), n, c, c + 1, n - c - 1};
+    reflect_columns(ctx);
+  }
+  // Q = H_0 ... H_{n-1} I, reflections applied last first; before H_c only columns >= c differ from I
+  for (int64_t j = 0; j < n; j++) q[j * n + j] = 1;
+  for (int64_t c = n - 1; c >= 0; c--) {
+    ReflectCtx ctx{k, u.data() + c * n + c, q.data(), n, c, c, n - c};
+    reflect_columns(ctx);
+  }
+  for (int64_t j = 0; j < n; j++) {
+    const double s = negate[j] ? -1.0 : 1.0;
+    for (int64_t i = 0; i < n; i++) a[i * n + j] = s * q[j * n + i];
+  }
+}
+
 void zero(float* x, int64_t n) {
   ZeroCtx c{x, n};
   shared_pool().run(chunks(n), zero_task, &c);

@@ -22,6 +22,7 @@ struct EwKernels {
   void (*row_scale)(float* x, int64_t V, float s);
   bool (*any_non_finite)(const float* x, int64_t lo, int64_t hi);
   void (*dot2_abs)(const float* y, const double* p, int64_t n, double* out, double sign);
+  void (*reflect)(const double* u, double* col, int64_t n);
 };
 extern const EwKernels ew_generic;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -48,5 +49,10 @@ int64_t first_non_finite(const float* x, int64_t n);
 //   out[4i + 2 + k] = the sum of the absolute values of those terms
 void freivalds_rows(const float* lhs, int64_t a, const double* p, const float* rhs, int64_t b, const double* q,
                     const double* c, int64_t rows, double* out);
+
+// a[n, n] (row-major, e.g. Gaussian) replaced by the Q of its Householder QR with Q's
+// columns multiplied by sign(diag R): Haar-distributed when a is Gaussian. float64; the
+// columns are spread over the pool, the same result for any number of threads.
+void haar_qr(double* a, int64_t n);
 
 }  // namespace obf

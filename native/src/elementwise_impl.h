@@ -171,8 +171,20 @@ void dot2_abs(const float* __restrict y, const double* __restrict p, int64_t n, 
   out[3] += m1;
 }
 
+// col[n] -= 2 (u . col) u: one Householder reflection (|u| = 1) of one column, float64
+void reflect(const double* __restrict u, double* __restrict col, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int k = 0; k < 8; k++) acc[k] += u[j + k] * col[j + k];
+  double d = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; j++) d += u[j] * col[j];
+  const double f = 2 * d;
+  for (j = 0; j < n; j++) col[j] -= f * u[j];
+}
+
 }  // namespace
 
 namespace obf {
-extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale, any_non_finite, dot2_abs};
+extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale, any_non_finite, dot2_abs, reflect};
 }  // namespace obf

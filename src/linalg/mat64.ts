@@ -3,6 +3,7 @@
  * in Float64Array. Masks are generated and inverted here, then applied in float32.
  */
 import { Rng, type RandomSource } from '../tensor/rng.js';
+import { haarQrNative } from '../tensor/parallel.js';
 
 export interface Mat64 {
   rows: number;
@@ -57,6 +58,7 @@ export function scaleCols(a: Mat64, s: ArrayLike<number>): Mat64 {
 export function haarOrthogonal(n: number, rng: RandomSource): Mat64 {
   const A = new Float64Array(n * n);
   rng.fillNormal(A);
+  if (haarQrNative(A, n)) return { rows: n, cols: n, data: A };
   // Householder QR on A (row-major); store reflectors in place below the diagonal.
   const vs: Float64Array[] = [];
   const rdiag = new Float64Array(n);

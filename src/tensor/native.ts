@@ -30,6 +30,8 @@ export interface NativeAddon {
   firstNonFinite(x: Float32Array): number;
   /** Freivalds residuals and their scales per row, two secret vectors (see tensor/parallel.ts freivaldsRows). */
   freivaldsRows(lhs: Float32Array, a: number, p: Float64Array, rhs: Float32Array, b: number, q: Float64Array, c: Float64Array | null, rows: number, out: Float64Array): void;
+  /** a[n*n] (row-major, Gaussian) replaced by the Q of its Householder QR, columns signed by diag(R): Haar. */
+  haarQr(a: Float64Array, n: number): void;
   /** x = 0, on the addon's threads. */
   zero(x: Float32Array): void;
   /** Sum of squares (float64; the same for any thread count). */

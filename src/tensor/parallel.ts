@@ -331,6 +331,14 @@ export function firstNonFinite(x: Float32Array): number {
   return -1;
 }
 
+/** a[n, n] (Gaussian) replaced by its Haar-orthogonal QR factor on the addon's threads; false (a untouched) without it. */
+export function haarQrNative(a: Float64Array, n: number): boolean {
+  const nat = ew();
+  if (!nat || n < 32) return false;
+  nat.haarQr(a, n);
+  return true;
+}
+
 /**
  * Freivalds residuals of `rows` rows with two secret vectors, in float64: for row i and k = 0, 1,
  *   out[4i + k]     = lhs[i, :a] . p[:, k] - rhs[i, :b] . q[:, k] - c[k]

@@ -19,6 +19,7 @@ import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../src/obfu
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, withUpdate } from '../src/obfuscate/bundle.js';
 import { compareLogits } from '../src/experiments/fidelity.js';
 import { shareTable, shareRow } from '../src/obfuscate/share.js';
+import { llamaShareTable, llamaShareRow, llamaParamCount, LLAMA_SHAPES } from '../src/obfuscate/share_llama.js';
 import { Enclave, inProcessSplit } from '../src/enclave/enclave.js';
 import { Accelerator } from '../src/accelerator/accelerator.js';
 import { InProcessLink, type CrossingEvent } from '../src/protocol/link.js';
@@ -459,4 +460,26 @@ test('share: sealed-mode enclave share of gpt2-xl is about 5% of parameters and 
   assert.equal(row.enclave_integrity_bytes, 4 * chk);
   assert.equal(row.enclave_lora_extra_bytes, 4 * extra);
   assert.equal(row.accelerator_params, accParams);
+});
+
+test('share --family llama: the parameter counts of the published configs; Llama-2-7B sealed with full q/k masks keeps <= 5% of parameters and <= 12% of FLOPs at T=512; rotation blocks cost less', () => {
+  // published totals: TinyLlama 1.100B, Llama-3.2-1B 1.236B (tied head), Llama-2-7B 6.738B
+  const published: Record<string, number> = { 'tinyllama-1.1b': 1.1001e9, 'llama-3.2-1b': 1.2358e9, 'llama-2-7b': 6.7385e9 };
+  for (const [name, n] of Object.entries(published)) {
+    const got = llamaParamCount(LLAMA_SHAPES[name]);
+    assert.ok(Math.abs(got - n) / n < 1e-3, `${name}: ${got} parameters, published ${n}`);
+  }
+  const rows = llamaShareTable(512);
+  const full = rows.find((r) => r.model === 'llama-2-7b' && r.mode === 'sealed' && r.rotary === 'full-masks')!;
+  const blocks = rows.find((r) => r.model === 'llama-2-7b' && r.mode === 'sealed' && r.rotary === 'rotation-blocks')!;
+  assert.ok(full.enclave_param_share <= 0.05, `param share ${full.enclave_param_share}`);
+  assert.ok(full.enclave_flop_share <= 0.12, `FLOP share ${full.enclave_flop_share}`);
+  assert.ok(blocks.enclave_param_share < full.enclave_param_share && blocks.enclave_flop_share < full.enclave_flop_share);
+  assert.equal(full.accelerator_params + full.enclave_params - full.enclave_mask_bytes / 4 - 4096 * 4096, llamaParamCount(LLAMA_SHAPES['llama-2-7b']) - 32 * 2 * 4096 - 4096);
+  const paper = rows.find((r) => r.model === 'llama-2-7b' && r.mode === 'paper')!;
+  assert.ok(paper.enclave_param_share > full.enclave_param_share);
+  // grouped-query attention: TinyLlama's qkv call returns d + 2 kvh hd = 2048 + 512 values per token
+  const t = llamaShareRow('t', LLAMA_SHAPES['tinyllama-1.1b'], 'sealed', 1);
+  assert.equal(t.accelerator_params, 22 * (2048 * 2560 + 2048 * 2048 + 3 * 2048 * 5632));
+  assert.throws(() => llamaShareTable(512, ['llama-9']), /unknown Llama preset "llama-9"/);
 });

@@ -8,6 +8,7 @@ import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../obfuscat
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair } from '../obfuscate/bundle.js';
 import { runFidelity, formatFidelity } from '../experiments/fidelity.js';
 import { shareTable, formatShare } from '../obfuscate/share.js';
+import { llamaShareTable } from '../obfuscate/share_llama.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import { Enclave } from '../enclave/enclave.js';
@@ -86,11 +87,12 @@ export function addSplitCommands(program: Command): void {
 
   program
     .command('share')
-    .description('enclave vs accelerator: parameters, secret state, FLOPs, boundary bytes and round trips for the GPT-2 presets')
+    .description('enclave vs accelerator: parameters, secret state, FLOPs, boundary bytes and round trips for the GPT-2 presets, or the Llama ones (TinyLlama-1.1B, Llama-3.2-1B, Llama-2-7B; both rotary mask options)')
     .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 512)
+    .addOption(new Option('--family <f>', 'model family').choices(['gpt2', 'llama']).default('gpt2'))
     .option('--json', 'print JSON')
     .action((o) => {
-      const rows = shareTable(o.seq);
+      const rows = o.family === 'llama' ? llamaShareTable(o.seq) : shareTable(o.seq);
       console.log(o.json ? JSON.stringify({ seq: o.seq, rows }) : formatShare(o.seq, rows));
     });
 }

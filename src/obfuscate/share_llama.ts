@@ -1,0 +1,117 @@
+/**
+ * `obfuscatune share --family llama`: the enclave/accelerator split of a Llama-family model
+ * (RMSNorm, SwiGLU, rotary positions, grouped-query attention), computed from the
+ * architecture as `share.ts` does for GPT-2 (forward pass, per token, sequence length T).
+ *
+ * Per layer the accelerator holds qkv [d, d + 2 kvh hd], o [d, d], gate|up [d, 2 I] (one
+ * call: gate and up share the hidden permutation) and down [I, d]; the enclave does the
+ * norms, rotary, attention, silu(g) * u and the head. Rotary must act on q and k in a basis
+ * where it is defined:
+ *   full-masks       q, k come back under full per-head masks and the enclave unmasks them
+ *                    before rotary: (H + kvh) hd^2 mask values and 2 hd (d + kvh hd) FLOPs
+ *                    per token and layer in the enclave;
+ *   rotation-blocks  q, k masks restricted to per-pair rotation-and-scale blocks (c on q,
+ *                    1/conj(c) on k), which commute with rotary and cancel in q k^T: no
+ *                    unmasking, hd values per head.
+ */
+import type { Mode } from './masks.js';
+import type { ShareRow } from './share.js';
+
+/** The fields of a Hugging Face Llama config.json that the split depends on. */
+export interface LlamaShape {
+  hidden_size: number;
+  intermediate_size: number;
+  num_hidden_layers: number;
+  num_attention_heads: number;
+  num_key_value_heads: number;
+  vocab_size: number;
+  tie_word_embeddings: boolean;
+  /** Qwen2: q, k, v carry biases */
+  qkv_bias?: boolean;
+}
+
+/** Published configurations (their config.json values). */
+export const LLAMA_SHAPES: Record<string, LlamaShape> = {
+  'tinyllama-1.1b': { hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 22, num_attention_heads: 32, num_key_value_heads: 4, vocab_size: 32000, tie_word_embeddings: false },
+  'llama-3.2-1b': { hidden_size: 2048, intermediate_size: 8192, num_hidden_layers: 16, num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 128256, tie_word_embeddings: true },
+  'llama-2-7b': { hidden_size: 4096, intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 32, vocab_size: 32000, tie_word_embeddings: false },
+};
+
+export type RotaryMasks = 'full-masks' | 'rotation-blocks';
+
+export interface LlamaShareRow extends ShareRow {
+  family: 'llama';
+  rotary: RotaryMasks;
+}
+
+/** All parameters of the model (embeddings, layers, final norm, head when untied). */
+export function llamaParamCount(c: LlamaShape): number {
+  const { hidden_size: d, intermediate_size: I, num_hidden_layers: L, num_key_value_heads: kvh, vocab_size: V } = c;
+  const kv = kvh * (d / c.num_attention_heads);
+  const layer = d * (d + 2 * kv) + d * d + 3 * d * I + 2 * d + (c.qkv_bias ? d + 2 * kv : 0);
+  return V * d + L * layer + d + (c.tie_word_embeddings ? 0 : d * V);
+}
+
+export function llamaShareRow(name: string, c: LlamaShape, mode: Mode, T: number, rotary: RotaryMasks = 'full-masks'): LlamaShareRow {
+  const { hidden_size: d, intermediate_size: I, num_hidden_layers: L, num_attention_heads: H, num_key_value_heads: kvh, vocab_size: V } = c;
+  const hd = d / H;
+  const kv = kvh * hd;
+  const total = llamaParamCount(c);
+  const qkvOut = d + 2 * kv;
+  const acc = L * (d * qkvOut + d * d + 2 * d * I + I * d + (c.qkv_bias ? qkvOut : 0));
+  // embeddings (rotated), the head: tied it is the table, untied its own [d, V] (in sealed mode folded with the final gain)
+  const tables = V * d + (c.tie_word_embeddings ? 0 : d * V);
+  const qkMasks = rotary === 'full-masks' ? (H + kvh) * hd * hd : (H + kvh) * hd;
+  const perHead = qkMasks + 2 * kvh * hd * hd /* v: B, B^-1 per kv head */ + H /* head permutation */ + I /* hidden permutation */;
+  let enclaveParams: number;
+  let maskParams: number;
+  if (mode === 'sealed') {
+    // G = Q^T diag(g_f) (the final norm into the head's basis); RMSNorm needs no centring vector
+    maskParams = L * qkMasks;
+    enclaveParams = tables + d * d + maskParams;
+  } else {
+    // input masks R1, R2 on the plain stream; the norms' gains stay in the enclave
+    maskParams = L * (2 * d * d + perHead);
+    enclaveParams = tables + L * 2 * d + d + maskParams;
+  }
+  const K = 2;
+  const sumInOut = d + qkvOut + 2 * d + d + 2 * I + I + d; // sum of (din + dout) over the four calls
+  const integrity = L * K * (2 * sumInOut + 2);
+  const accFlops = L * 2 * (d * qkvOut + d * d + 3 * d * I);
+  const avgCtx = (T + 1) / 2;
+  const attn = 2 * 2 * d * avgCtx + 5 * H * avgCtx; // q k^T and P v over the query heads, softmax
+  const rope = 3 * (d + kv); // rotate_half: two multiplies and an add per element of q and k
+  const unmask = rotary === 'full-masks' ? 2 * hd * (d + kv) : 0;
+  const elementwise = 2 * 4 * d /* two RMSNorms */ + 6 * I /* silu(g) * u */ + 2 * d /* residuals */;
+  let enc = L * (attn + rope + unmask + elementwise) + 2 * V * d /* head */ + 4 * d /* final norm */;
+  enc += L * K * 2 * sumInOut; // integrity checks of the forward replies
+  if (mode === 'sealed') enc += 2 * d * d; // G
+  else enc += L * 2 * 2 * d * d; // input masks
+  return {
+    model: name, family: 'llama', rotary, mode, two_sided: false,
+    params_total: total,
+    accelerator_params: acc,
+    enclave_params: enclaveParams,
+    enclave_param_share: enclaveParams / total,
+    enclave_state_bytes: 4 * (enclaveParams + integrity),
+    enclave_mask_bytes: 4 * maskParams,
+    // sealed: the plain-basis maps for adapters (Q, the norms' gains, v masks, permutations)
+    enclave_lora_extra_bytes: mode === 'sealed' ? 4 * (d * d + 2 * L * d + L * (perHead - qkMasks)) : 0,
+    enclave_integrity_bytes: 4 * integrity,
+    accelerator_flops_per_token: accFlops,
+    enclave_flops_per_token: enc,
+    enclave_flop_share: enc / (enc + accFlops),
+    boundary_bytes_per_token: L * sumInOut * 4,
+    round_trips_per_layer: 4,
+  };
+}
+
+export function llamaShareTable(T: number, models = Object.keys(LLAMA_SHAPES)): LlamaShareRow[] {
+  const rows: LlamaShareRow[] = [];
+  for (const m of models) {
+    const c = LLAMA_SHAPES[m];
+    if (!c) throw new Error(`unknown Llama preset "${m}" (known: ${Object.keys(LLAMA_SHAPES).join(', ')})`);
+    rows.push(llamaShareRow(m, c, 'sealed', T, 'full-masks'), llamaShareRow(m, c, 'sealed', T, 'rotation-blocks'), llamaShareRow(m, c, 'paper', T, 'full-masks'));
+  }
+  return rows;
+}

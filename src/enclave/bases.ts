@@ -37,43 +37,42 @@ class Heads {
     for (let l = 0; l < config.n_layer; l++) this.pis.push(m.pi.subarray(l * 4 * C, (l + 1) * 4 * C));
   }
 
-  /** toMasked: dst[slot j] (+)= src[head perm[j]] M ; else dst[head perm[j]] (+)= src[slot j] M  (M^T with trans) */
-  map(l: number, M: Float32Array, src: Float32Array, dst: Float32Array, rows: number, ld: number, off: number, toMasked: boolean, trans: boolean, accumulate: boolean): void {
+  /**
+   * toMasked: dst[slot j] (+)= src[head perm[j]] M ; else dst[head perm[j]] (+)= src[slot j] M  (M^T with trans).
+   * Heads are dh-wide column blocks starting at column `so` of src (row stride sld) and `do_` of dst (row stride dld).
+   */
+  private map(l: number, M: Float32Array, src: Float32Array, sld: number, so: number, dst: Float32Array, dld: number, do_: number, rows: number, toMasked: boolean, trans: boolean, accumulate: boolean): void {
     const { H, dh } = this;
     for (let j = 0; j < H; j++) {
       const h = this.m.headPerm[l * H + j];
-      const from = off + (toMasked ? h : j) * dh;
-      const to = off + (toMasked ? j : h) * dh;
-      sgemm(false, trans, rows, dh, dh, 1, src.subarray(from), ld, M.subarray((l * H + h) * dh * dh, (l * H + h + 1) * dh * dh), dh, accumulate ? 1 : 0, dst.subarray(to), ld);
+      const from = so + (toMasked ? h : j) * dh;
+      const to = do_ + (toMasked ? j : h) * dh;
+      sgemm(false, trans, rows, dh, dh, 1, src.subarray(from), sld, M.subarray((l * H + h) * dh * dh, (l * H + h + 1) * dh * dh), dh, accumulate ? 1 : 0, dst.subarray(to), dld);
     }
   }
 
   addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
     const C = this.C;
-    const off = SECTION[part] * C;
-    const wide = new Float32Array(n * 3 * C);
-    for (let r = 0; r < n; r++) wide.set(delta.subarray(r * C, (r + 1) * C), r * 3 * C + off);
-    this.map(l, this.m[QKV_MASK[part]], wide, qkv, n, 3 * C, off, true, false, true);
+    this.map(l, this.m[QKV_MASK[part]], delta, C, 0, qkv, 3 * C, SECTION[part] * C, n, true, false, true);
   }
 
   qkvGradToPlain(l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array {
     const C = this.C;
-    const off = SECTION[part] * C;
-    const wide = new Float32Array(n * 3 * C);
-    this.map(l, this.m[QKV_MASK[part]], dqkv, wide, n, 3 * C, off, false, true, false);
     const out = new Float32Array(n * C);
-    for (let r = 0; r < n; r++) out.set(wide.subarray(r * 3 * C + off, r * 3 * C + off + C), r * C);
+    this.map(l, this.m[QKV_MASK[part]], dqkv, 3 * C, SECTION[part] * C, out, C, 0, n, false, true, false);
     return out;
   }
 
   headsToPlain(l: number, o: Float32Array, n: number): Float32Array {
-    const out = new Float32Array(n * this.C);
-    this.map(l, this.m.hBinv, o, out, n, this.C, 0, false, false, false);
+    const C = this.C;
+    const out = new Float32Array(n * C);
+    this.map(l, this.m.hBinv, o, C, 0, out, C, 0, n, false, false, false);
     return out;
   }
 
   addHeadsGrad(l: number, dplain: Float32Array, dO: Float32Array, n: number): void {
-    this.map(l, this.m.hBinv, dplain, dO, n, this.C, 0, true, true, true);
+    const C = this.C;
+    this.map(l, this.m.hBinv, dplain, C, 0, dO, C, 0, n, true, true, true);
   }
 
   /** f*[:, j] += delta[:, pi[j]] */

@@ -61,23 +61,30 @@ export function shareRow(name: string, c: GPT2Config, mode: Mode, T: number, two
   enc += L * K * 2 * 16 * d; // integrity checks of the forward replies
   if (mode === 'sealed') enc += 2 * d * d; // G
   else enc += L * 2 * 2 * d * d * (twoSided ? 2 : 1); // input (and output) masks
-  return {
-    model: name,
-    mode,
-    two_sided: twoSided,
-    params_total: total,
-    accelerator_params: acc,
-    enclave_params: enclaveParams,
-    enclave_param_share: enclaveParams / total,
-    enclave_state_bytes: 4 * (enclaveParams + integrity),
-    enclave_mask_bytes: 4 * maskParams,
-    enclave_lora_extra_bytes: mode === 'sealed' ? 4 * (d * d + 4 * L * d + L * (4 * d * (d / H) + H + 4 * d)) : 0,
-    enclave_integrity_bytes: 4 * integrity,
-    accelerator_flops_per_token: accFlops,
-    enclave_flops_per_token: enc,
-    enclave_flop_share: enc / (enc + accFlops),
+  return shareFields({ model: name, mode, two_sided: twoSided }, {
+    total, acc, enclaveParams, maskParams, integrity, accFlops, enc,
+    loraExtra: mode === 'sealed' ? d * d + 4 * L * d + L * (4 * d * (d / H) + H + 4 * d) : 0,
     // per layer: out d + d + d + 4d, back 3d + d + 4d + d (float32)
-    boundary_bytes_per_token: L * 16 * d * 4,
+    boundary: L * 16 * d,
+  });
+}
+
+/** Counts (parameters, FLOPs per token, values per token) -> a row: bytes are float32. */
+export function shareFields<T extends Pick<ShareRow, 'model' | 'mode' | 'two_sided'>>(head: T, n: { total: number; acc: number; enclaveParams: number; maskParams: number; integrity: number; loraExtra: number; accFlops: number; enc: number; boundary: number }): T & ShareRow {
+  return {
+    ...head,
+    params_total: n.total,
+    accelerator_params: n.acc,
+    enclave_params: n.enclaveParams,
+    enclave_param_share: n.enclaveParams / n.total,
+    enclave_state_bytes: 4 * (n.enclaveParams + n.integrity),
+    enclave_mask_bytes: 4 * n.maskParams,
+    enclave_lora_extra_bytes: 4 * n.loraExtra,
+    enclave_integrity_bytes: 4 * n.integrity,
+    accelerator_flops_per_token: n.accFlops,
+    enclave_flops_per_token: n.enc,
+    enclave_flop_share: n.enc / (n.enc + n.accFlops),
+    boundary_bytes_per_token: 4 * n.boundary,
     round_trips_per_layer: 4,
   };
 }

@@ -15,7 +15,7 @@
  *                    unmasking, hd values per head.
  */
 import type { Mode } from './masks.js';
-import type { ShareRow } from './share.js';
+import { shareFields, type ShareRow } from './share.js';
 
 /** The fields of a Hugging Face Llama config.json that the split depends on. */
 export interface LlamaShape {
@@ -87,23 +87,12 @@ export function llamaShareRow(name: string, c: LlamaShape, mode: Mode, T: number
   enc += L * K * 2 * sumInOut; // integrity checks of the forward replies
   if (mode === 'sealed') enc += 2 * d * d; // G
   else enc += L * 2 * 2 * d * d; // input masks
-  return {
-    model: name, family: 'llama', rotary, mode, two_sided: false,
-    params_total: total,
-    accelerator_params: acc,
-    enclave_params: enclaveParams,
-    enclave_param_share: enclaveParams / total,
-    enclave_state_bytes: 4 * (enclaveParams + integrity),
-    enclave_mask_bytes: 4 * maskParams,
+  return shareFields({ model: name, family: 'llama' as const, rotary, mode, two_sided: false }, {
+    total, acc, enclaveParams, maskParams, integrity, accFlops, enc,
     // sealed: the plain-basis maps for adapters (Q, the norms' gains, v masks, permutations)
-    enclave_lora_extra_bytes: mode === 'sealed' ? 4 * (d * d + 2 * L * d + L * (perHead - qkMasks)) : 0,
-    enclave_integrity_bytes: 4 * integrity,
-    accelerator_flops_per_token: accFlops,
-    enclave_flops_per_token: enc,
-    enclave_flop_share: enc / (enc + accFlops),
-    boundary_bytes_per_token: L * sumInOut * 4,
-    round_trips_per_layer: 4,
-  };
+    loraExtra: mode === 'sealed' ? d * d + 2 * L * d + L * (perHead - qkMasks) : 0,
+    boundary: L * sumInOut,
+  });
 }
 
 export function llamaShareTable(T: number, models = Object.keys(LLAMA_SHAPES)): LlamaShareRow[] {

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { tokenizerFor } from '../model/tokenizer.js';
-import { readJsonl, labelSet, encodeRecords, type Task } from '../io/jsonl.js';
+import { readJsonl, trainLabels, encodeRecords, datasetWarnings, type Task } from '../io/jsonl.js';
 import { buildSession, exportRun, mergedPlainModel } from '../train/session.js';
 import { runFinetune, evaluate, latestCheckpoint } from '../train/finetune.js';
 import {
@@ -116,19 +116,10 @@ export function addFinetuneCommands(program: Command): void {
       } else spec = parseRunSpec(given, 'command line');
       const files = runFiles(o, runDir);
       const { task, method, mode } = spec;
-      const trainRecs = readJsonl(files.train);
-      const evalRecs = files.eval ? readJsonl(files.eval) : null;
-      let labels: string[] = [];
-      if (task === 'cls') {
-        labels = labelSet(trainRecs, files.train);
-        if (evalRecs) {
-          const ev = labelSet(evalRecs, files.eval!);
-          const extra = ev.filter((l) => !labels.includes(l));
-          if (extra.length) throw new InputError(`${files.eval} has labels not seen in ${files.train}: ${extra.join(', ')}`);
-        }
-      } else if (trainRecs.some((r) => r.label !== undefined)) {
-        console.error(`warning: ${files.train} has labelled records, and the task is lm: the labels are ignored (classification is --task cls)`);
-      }
+      const trainRecs = readJsonl(files.train, spec);
+      const evalRecs = files.eval ? readJsonl(files.eval, spec) : null;
+      const labels = task === 'cls' ? trainLabels(trainRecs, evalRecs, files.train, files.eval ?? 'the evaluation set') : [];
+      for (const w of datasetWarnings(trainRecs, task, labels, files.train)) console.error(`warning: ${w}`);
       const base = loadCheckpoint(files.model);
       // a head the model brings is kept when it has as many labels (buildSession)
       const head = task === 'cls' && base.cls && base.cls.numLabels === labels.length ? base.cls.pooling ?? 'last' : null;

@@ -85,6 +85,12 @@ export function addRunSpecOptions(cmd: Command, o: { bundle: boolean; help?: Rec
   return cmd;
 }
 
+/** Only the flags of the records' field names (a command that reads a dataset outside a run's spec: eval). */
+export function addFieldOptions(cmd: Command, defaults: string): Command {
+  for (const f of FLAGS) if (f.field.endsWith('_field')) cmd.option(f.flag, `${f.help} (default: ${defaults}, else ${showDefault(defaultOf(f.field))})`);
+  return cmd;
+}
+
 /** The spec input of the flags given (a flag not given is absent). */
 export function runSpecInputOf(opts: Record<string, unknown>): RunSpecInput {
   const out: Record<string, unknown> = {};

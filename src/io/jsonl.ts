@@ -204,6 +204,8 @@ export interface Encoded {
   lossFrom: number;
   /** cls: label index */
   label: number;
+  /** the record it encodes (its index in the records given to encodeRecords) */
+  index?: number;
 }
 
 export interface EncodedSet {
@@ -233,7 +235,7 @@ export function encodeRecords(recs: Record_[], tok: TextEncoder, o: { task: Task
       let ids = tok.encode(r.text ?? `${r.prompt ?? ''}${r.completion ?? ''}`);
       if (ids.length === 0) { dropped++; return; }
       if (ids.length > o.maxLen) { ids = ids.slice(0, o.maxLen); truncated++; }
-      items.push({ tokens: Int32Array.from(ids), lossFrom: 0, label: li });
+      items.push({ tokens: Int32Array.from(ids), lossFrom: 0, label: li, index: i });
     } else {
       let ids: number[];
       let lossFrom = 0;
@@ -247,7 +249,7 @@ export function encodeRecords(recs: Record_[], tok: TextEncoder, o: { task: Task
       // inputs are ids[0..T-1], targets ids[1..T]: keep at most maxLen + 1 ids
       if (ids.length > o.maxLen + 1) { ids = ids.slice(0, o.maxLen + 1); truncated++; }
       if (lossFrom >= ids.length - 1) { dropped++; return; }
-      items.push({ tokens: Int32Array.from(ids), lossFrom, label: -1 });
+      items.push({ tokens: Int32Array.from(ids), lossFrom, label: -1, index: i });
     }
   });
   if (items.length === 0) throw new InputError(`${o.source}: no usable records (all ${recs.length} were empty)`);

@@ -329,7 +329,7 @@ export async function inferRecords(c: EnclaveClient, records: object[], o: { max
   for (let i = 0; i < records.length; i += MAX_INFER) {
     const r = await c.command<Partial<Classified> & { labels?: string[]; completions?: string[] }>('infer', { records: records.slice(i, i + MAX_INFER), max_tokens: o.maxTokens });
     if (r.completions) r.completions.forEach((completion, j) => out.push({ index: i + j, completion }));
-    else r.predictions!.forEach((_, j) => out.push(classifiedLine(i + j, r.labels!, r as Classified, j)));
+    else r.predictions!.forEach((p, j) => out.push(classifiedLine(i + j, p, r.labels!, r.probabilities![j])));
     o.onBatch?.(out.length);
   }
   return out;

@@ -52,10 +52,9 @@ export async function complete(m: Generator, prompts: string[], tok: Tokenizer, 
   return out;
 }
 
-/** The predictions file's line of record `index`: the label and the probability of every label. */
-export function classifiedLine(index: number, labels: string[], c: Classified, j: number, truth?: string): Record<string, unknown> {
+/** The predictions file's line of record `index`: the predicted label, the probability of every label, and the record's own label when it has one. */
+export function classifiedLine(index: number, prediction: string, labels: string[], probs: ArrayLike<number>, truth?: string): Record<string, unknown> {
   return {
-    index, prediction: c.predictions[j], probabilities: Object.fromEntries(labels.map((l, k) => [l, Number(c.probabilities[j][k].toPrecision(6))])),
-    ...(truth !== undefined ? { label: truth } : {}),
+    index, prediction, probabilities: Object.fromEntries(labels.map((l, k) => [l, Number(probs[k].toPrecision(6))])), ...(truth !== undefined ? { label: truth } : {}),
   };
 }

@@ -39,7 +39,7 @@ export const CHAT_ROLES = ['system', 'user', 'assistant'] as const;
 
 export function alpacaPrompt(instruction: string, input: string): string {
   const t = input === '' ? ALPACA_TEMPLATE.replace('### Input:\n{input}\n\n', '') : ALPACA_TEMPLATE;
-  return t.replace('{instruction}', () => instruction).replace('{input}', () => input);
+  return t.replace(/\{(instruction|input)\}/g, (_, k: string) => (k === 'input' ? input : instruction));
 }
 
 /** A chat's prompt: each message as "### Role:\n{content}\n\n", then the assistant's header "### Assistant:\n". */

@@ -18,6 +18,7 @@ import { saveCheckpoint } from '../src/model/checkpoint.js';
 import { InputError } from '../src/errors.js';
 import { inferRecords, uploadRecords, waitForJob } from '../src/roles/parties.js';
 import { inProcessWorld, spec } from './world.js';
+import { jobData } from '../src/roles/enclave_job.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const BIN = path.join(ROOT, 'bin', 'obfuscatune.js');
@@ -119,6 +120,19 @@ test('integer labels are class indices (label 2 is class 2); the mapping is the 
   // evaluation labels: within the training set's (one label is enough)
   assert.deepEqual(trainLabels(recs, r(1), 'train', 'eval'), ['0', '1', '2']);
   assert.throws(() => trainLabels(recs, r(3), 'train', 'eval'), /eval has labels not in train's label set \[0, 1, 2\]: 3/);
+});
+
+test('the enclave\'s job reads the uploaded records with its fields: warnings, labels and malformed records by number', () => {
+  const rows: JsonObject[] = [{ body: 'a', y: 0 }, { body: 'b', y: 2 }];
+  const lm = jobData(parseRunSpec({ text_field: 'body', label_field: 'y' }, 't'), { train: rows, eval: [] });
+  assert.deepEqual(lm.train.map((r) => r.text), ['a', 'b']);
+  assert.match(lm.warnings.join(), /training data has labelled records, and the task is lm/);
+  const cls = jobData(parseRunSpec({ task: 'cls', text_field: 'body', label_field: 'y' }, 't'), { train: rows, eval: [{ body: 'c', y: 1 }] });
+  assert.deepEqual(cls.labels, ['0', '1', '2']);
+  assert.match(cls.warnings.join(), /no record of class 1/);
+  assert.throws(() => jobData(parseRunSpec({ task: 'cls' }, 't'), { train: rows, eval: [] }), /training data record 1: needs "text"/);
+  assert.throws(() => jobData(parseRunSpec({ task: 'cls', text_field: 'body', label_field: 'y' }, 't'), { train: rows, eval: [{ body: 'c', y: 7 }] }), /evaluation data has labels not in .*: 7/);
+  assert.throws(() => jobData(parseRunSpec({ text_field: 'body' }, 't'), { train: [...rows, { messages: [{ role: 'user', content: 'x' }] }], eval: [] }), /training data record 3: the last message must be the assistant's/);
 });
 
 test('finetune, eval and generate on mapped and Alpaca data: integer classes, per-class counts, baselines, predictions', async () => {

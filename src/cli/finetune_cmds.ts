@@ -5,16 +5,17 @@ import path from 'node:path';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { tokenizerFor } from '../model/tokenizer.js';
-import { readJsonl, labelSet, encodeRecords, type Task } from '../io/jsonl.js';
+import { readJsonl, trainLabels, encodeRecords, datasetWarnings, DEFAULT_FIELDS, type DataFields, type EncodedSet, type Task } from '../io/jsonl.js';
+import { classifiedLine } from '../train/predict.js';
 import { buildSession, exportRun, mergedPlainModel } from '../train/session.js';
-import { runFinetune, evaluate, latestCheckpoint } from '../train/finetune.js';
+import { runFinetune, evaluate, latestCheckpoint, type EvalMetrics } from '../train/finetune.js';
 import {
   RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions,
   type RunSpec, type RunSpecInput,
 } from '../train/run_spec.js';
 import { progressBar } from './progress.js';
 import { parseIntArg, refuseNonEmpty } from './model_args.js';
-import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
+import { addFieldOptions, addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
 import { BundleError, InputError } from '../errors.js';
 import { recordSession } from '../attacks/record.js';
@@ -116,19 +117,10 @@ export function addFinetuneCommands(program: Command): void {
       } else spec = parseRunSpec(given, 'command line');
       const files = runFiles(o, runDir);
       const { task, method, mode } = spec;
-      const trainRecs = readJsonl(files.train);
-      const evalRecs = files.eval ? readJsonl(files.eval) : null;
-      let labels: string[] = [];
-      if (task === 'cls') {
-        labels = labelSet(trainRecs, files.train);
-        if (evalRecs) {
-          const ev = labelSet(evalRecs, files.eval!);
-          const extra = ev.filter((l) => !labels.includes(l));
-          if (extra.length) throw new InputError(`${files.eval} has labels not seen in ${files.train}: ${extra.join(', ')}`);
-        }
-      } else if (trainRecs.some((r) => r.label !== undefined)) {
-        console.error(`warning: ${files.train} has labelled records, and the task is lm: the labels are ignored (classification is --task cls)`);
-      }
+      const trainRecs = readJsonl(files.train, spec);
+      const evalRecs = files.eval ? readJsonl(files.eval, spec) : null;
+      const labels = task === 'cls' ? trainLabels(trainRecs, evalRecs, files.train, files.eval ?? 'the evaluation set') : [];
+      for (const w of datasetWarnings(trainRecs, task, labels, files.train)) console.error(`warning: ${w}`);
       const base = loadCheckpoint(files.model);
       // a head the model brings is kept when it has as many labels (buildSession)
       const head = task === 'cls' && base.cls && base.cls.numLabels === labels.length ? base.cls.pooling ?? 'last' : null;
@@ -182,31 +174,29 @@ export function addFinetuneCommands(program: Command): void {
       }
     });
 
-  program
+  addFieldOptions(program
     .command('eval')
-    .description('evaluate a plain model on a text file, or a fine-tuned run on a JSONL dataset')
-    .option('--model <dir>', 'plain checkpoint directory (with --text)')
+    .description('score a model on a JSONL dataset (a merged classifier: accuracy, per-class counts, loss, with majority and uniform baselines; an LM: loss, perplexity), or a plain model on a text file')
+    .option('--model <dir>', 'plain or merged checkpoint (a classifier when it has a head): with --data, or with --text')
+    .option('--run <dir>', 'a fine-tuning run directory: its merged model, field names and length (with --data)')
+    .option('--data <file>', 'JSONL dataset to score (the formats of finetune --train)')
     .option('--text <file>', 'UTF-8 text: perplexity of --model')
-    .option('--run <dir>', 'fine-tuning run directory (with --data)')
-    .option('--data <file>', 'JSONL dataset to evaluate the run on')
+    .option('--base <dir>', 'with --data: also score this model (e.g. the one before fine-tuning) as the before-training row')
+    .option('--predictions <file>', 'with --data: write one JSON line per record (classification: prediction, probabilities, label)')
+    .option('--max-len <n>', 'tokens per example with --model --data (default: the run\'s, else 128, at most the context)', parseIntArg('--max-len'))
     .option('--seq <n>', 'tokens per window (--text)', parseIntArg('--seq'), 64)
     .option('--batch <n>', 'batch size', parseIntArg('--batch'), 8)
-    .option('--json', 'print JSON')
+    .option('--json', 'print JSON'), 'the run\'s')
     .action(async (o) => {
-      if (o.run) {
-        if (!o.data) throw new InputError('eval --run needs --data FILE');
-        const rc = readRunConfig(o.run);
-        const w = loadRunModel(o.run);
-        const tok = tokenizerFor(w.config.vocab_size);
-        const set = encodeRecords(readJsonl(o.data), tok, { task: rc.task, maxLen: rc.max_len, labels: rc.labels, source: o.data });
-        const s = buildSession(w, { mode: 'local', method: 'full', task: rc.task, numLabels: rc.task === 'cls' ? rc.labels.length : undefined, padTokenId: rc.pad_token_id, seed: 0 });
-        const e = await evaluate(s.model, set, o.batch, rc.pad_token_id);
-        const res = { run: o.run, data: o.data, task: rc.task, ...e, truncated: set.truncated };
-        if (o.json) console.log(JSON.stringify(res));
-        else console.log(`loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''} on ${e.examples} examples`);
+      if (o.data) {
+        if (!o.run === !o.model) throw new InputError('eval --data FILE needs --model DIR (a plain or merged checkpoint) or --run DIR, not both');
+        const r = await evalDataset(o);
+        if (o.json) console.log(JSON.stringify(r));
+        else console.log(formatEval(r));
         return;
       }
-      if (!o.model || !o.text) throw new InputError('give --model DIR --text FILE, or --run DIR --data FILE');
+      if (o.run) throw new InputError('eval --run needs --data FILE');
+      if (!o.model || !o.text) throw new InputError('give --model DIR with --data FILE or --text FILE, or --run DIR --data FILE');
       const { GPT2 } = await import('../model/gpt2.js');
       const { evaluateLM } = await import('../train/lm.js');
       const model = new GPT2(loadCheckpoint(o.model));
@@ -215,6 +205,87 @@ export function addFinetuneCommands(program: Command): void {
       if (o.json) console.log(JSON.stringify(e));
       else console.log(`loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
     });
+}
+
+interface ClassCounts { label: string; count: number; correct: number; predicted: number }
+
+/** Metrics of one model on encoded records, with per-class counts and (cls) each record's prediction line. */
+async function scoreSet(w: GPT2Weights, set: EncodedSet, o: { task: Task; labels: string[]; padId: number; batch: number; what: string; truth?: (i: number) => string | undefined }) {
+  const s = buildSession(w, { mode: 'local', method: 'full', task: o.task, numLabels: o.task === 'cls' ? o.labels.length : undefined, labels: o.labels, padTokenId: o.padId, seed: 0 });
+  const K = o.labels.length;
+  const perClass: ClassCounts[] = o.labels.map((label) => ({ label, count: 0, correct: 0, predicted: 0 }));
+  const lines: Record<string, unknown>[] = [];
+  const bar = progressBar(Math.ceil(set.items.length / o.batch), o.what);
+  let done = 0;
+  const e = await evaluate(s.model, set, o.batch, o.padId, 0, (items, r) => {
+    bar.update(++done);
+    if (o.task !== 'cls') return;
+    items.forEach((x, j) => {
+      const p = r.predictions![j];
+      perClass[x.label].count++;
+      perClass[p].predicted++;
+      if (p === x.label) perClass[p].correct++;
+      lines.push(classifiedLine(x.index!, o.labels[p], o.labels, r.probs!.subarray(j * K, (j + 1) * K), o.truth?.(x.index!)));
+    });
+  });
+  bar.stop();
+  return { metrics: e, perClass, lines };
+}
+
+/** `eval --data`: the model (merged run or checkpoint) on a JSONL dataset, with baselines. */
+async function evalDataset(o: Record<string, string | number | undefined>) {
+  const runDir = o.run as string | undefined;
+  const rc = runDir ? readRunConfig(runDir) : null;
+  const w = runDir ? loadRunModel(runDir) : loadCheckpoint(o.model as string);
+  const task: Task = rc?.task ?? (w.cls ? 'cls' : 'lm');
+  // a head's names (Hugging Face's LABEL_i when it has none: then the data's labels are class indices)
+  const names = w.cls?.labels && !w.cls.labels.every((l, i) => l === `LABEL_${i}`) ? w.cls.labels : null;
+  const labels = task === 'cls' ? rc?.labels ?? names ?? Array.from({ length: w.cls!.numLabels }, (_, i) => String(i)) : [];
+  const given = runSpecInputOf(o) as Partial<DataFields>;
+  const spec = runDir ? readRunSpec(runDir) : null;
+  const fields = Object.fromEntries((Object.keys(DEFAULT_FIELDS) as (keyof DataFields)[]).map((k) => [k, given[k] ?? spec?.[k] ?? DEFAULT_FIELDS[k]])) as unknown as DataFields;
+  const data = o.data as string;
+  const recs = readJsonl(data, fields);
+  for (const warning of datasetWarnings(recs, task, [], data)) console.error(`warning: ${warning} (the model has no classifier head)`);
+  const maxLen = Math.min(w.config.n_ctx, (o.maxLen as number | undefined) ?? rc?.max_len ?? 128);
+  const padId = rc?.pad_token_id ?? w.padTokenId ?? tokenizerFor(w.config.vocab_size).eotId;
+  const set = encodeRecords(recs, tokenizerFor(w.config.vocab_size), { task, maxLen, labels, source: data });
+  const batch = o.batch as number;
+  const { metrics, perClass, lines } = await scoreSet(w, set, { task, labels, padId, batch, what: 'eval', truth: (i) => recs[i].label });
+  if (o.predictions) writeFileSync(o.predictions as string, lines.map((l) => JSON.stringify(l) + '\n').join(''));
+  let before: EvalMetrics | null = null;
+  if (o.base) {
+    const b = loadCheckpoint(o.base as string);
+    if (task === 'cls' && b.cls?.numLabels !== labels.length) throw new InputError(`--base ${o.base} has no classifier of ${labels.length} labels: a before-training row of a classifier needs its head (an LM base: score an LM)`);
+    before = (await scoreSet(b, set, { task, labels, padId, batch, what: 'eval --base' })).metrics;
+  } else if (rc?.eval && path.resolve(data) === rc.eval && existsSync(path.join(runDir!, 'summary.json'))) {
+    // the run measured its model before training on this very file
+    before = (JSON.parse(readFileSync(path.join(runDir!, 'summary.json'), 'utf8')) as { eval_before?: EvalMetrics | null }).eval_before ?? null;
+  }
+  const res: Record<string, unknown> = { model: runDir ? path.join(runDir, 'merged') : o.model, data, task, ...metrics, truncated: set.truncated, dropped: set.dropped };
+  if (task === 'cls') {
+    const majority = perClass.reduce((a, c) => (c.count > a.count ? c : a));
+    const n = metrics.examples;
+    const prior = -perClass.reduce((a, c) => a + (c.count ? (c.count / n) * Math.log(c.count / n) : 0), 0);
+    Object.assign(res, { per_class: perClass, baselines: { majority: { label: majority.label, accuracy: majority.count / n }, uniform: { loss: Math.log(labels.length) }, prior: { loss: prior } } });
+  }
+  res.before_training = before;
+  if (o.predictions) res.predictions = o.predictions;
+  return res;
+}
+
+function formatEval(r: Record<string, unknown>): string {
+  const m = (e: EvalMetrics) => `loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''}`;
+  const out = [`${m(r as unknown as EvalMetrics)} on ${r.examples} examples${r.truncated ? ` (${r.truncated} truncated)` : ''}`];
+  if (r.before_training) out.push(`before training: ${m(r.before_training as EvalMetrics)}`);
+  if (r.task === 'cls') {
+    const b = r.baselines as { majority: { label: string; accuracy: number }; uniform: { loss: number }; prior: { loss: number } };
+    out.push(`majority class "${b.majority.label}": accuracy ${(100 * b.majority.accuracy).toFixed(2)}%; uniform guess: loss ${b.uniform.loss.toFixed(4)}; label frequencies: loss ${b.prior.loss.toFixed(4)}`);
+    out.push('class: examples, correct, predicted');
+    for (const c of r.per_class as ClassCounts[]) out.push(`  ${c.label}: ${c.count}, ${c.correct}, ${c.predicted}`);
+  }
+  if (r.predictions) out.push(`predictions: ${r.predictions}`);
+  return out.join('\n');
 }
 
 /** The merged plain model of a fine-tuning run. */

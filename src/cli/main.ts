@@ -1,6 +1,9 @@
 /** The `obfuscatune` command line. */
 import { Command, Option } from 'commander';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { readJsonl, DEFAULT_FIELDS } from '../io/jsonl.js';
+import { readRunSpec } from '../train/run_spec.js';
+import { inferenceInput } from '../train/predict.js';
 import { getPreset, presetNames } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
 import { saveCheckpoint } from '../model/checkpoint.js';
@@ -184,7 +187,9 @@ export function buildProgram(): Command {
     .option('--run <dir>', 'a fine-tuning run directory (its merged model)')
     .option('--enclave <dir>', 'enclave bundle (with --accelerator: generate through the split)')
     .option('--accelerator <dir>', 'accelerator bundle')
-    .requiredOption('--prompt <text>', 'prompt text')
+    .option('--prompt <text>', 'prompt text')
+    .option('--file <in.jsonl>', 'records to complete (their prompt: text, prompt, Alpaca or chat; with --run its field names), one result line each in --out')
+    .option('--out <preds.jsonl>', 'with --file: one JSON line per record {index, completion}')
     .option('--max-tokens <n>', 'tokens to generate', parseIntArg('--max-tokens'), 40)
     .option('--temperature <x>', '0 = greedy', parseFloatArg('--temperature'), 0)
     .option('--top-k <n>', 'sample among the k most likely tokens (0 = all)', parseIntArg('--top-k'), 0)
@@ -194,7 +199,12 @@ export function buildProgram(): Command {
       const opts = { maxNewTokens: o.maxTokens, temperature: o.temperature, topK: o.topK, seed: o.seed };
       const recOpts = recorderOptionsOf(o);
       if (recOpts && !o.enclave) throw new InputError('--record-view records what crosses to the accelerator: it needs --enclave and --accelerator');
-      let ids: number[];
+      if (!o.prompt === !o.file) throw new InputError('generate needs --prompt TEXT or --file FILE (not both)');
+      if (o.file && !o.out) throw new InputError('generate --file needs --out FILE');
+      if (o.file && recOpts) throw new InputError('--record-view records one generation: give --prompt, not --file');
+      let gen: (prompt: number[]) => Promise<number[]>;
+      let nCtx: number;
+      let ids: number[] | null = null;
       let tok;
       if (o.enclave || o.accelerator) {
         if (!o.enclave || !o.accelerator) throw new InputError('split generation needs both --enclave and --accelerator');
@@ -205,8 +215,10 @@ export function buildProgram(): Command {
         const { loadAcceleratorBundle } = await import('../obfuscate/bundle.js');
         const acc = recOpts ? loadAcceleratorBundle(o.accelerator) : null;
         const recording = recOpts && acc ? recordEnclave(enclave, acc.weights, { ...recOpts, modelId: acc.manifestSha256.slice(0, 16), modelPath: null, padTokenId: null }) : null;
-        ids = await enclave.generate(tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
+        gen = (p) => enclave.generate(p, { ...opts, stopToken: tok!.eotId });
+        nCtx = enclave.config.n_ctx;
         if (recording) {
+          ids = await gen(tok.encode(o.prompt));
           const { header, truthFile } = recording.save(o.recordView);
           console.error(`recorded the accelerator's view: ${o.recordView} (${header.events} tensors); scoring key ${truthFile}`);
         }
@@ -214,8 +226,26 @@ export function buildProgram(): Command {
         if (!o.model && !o.run) throw new InputError('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
         const model = o.run ? new GPT2(loadRunModel(o.run)) : loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
         tok = tokenizerFor(model.config.vocab_size);
-        ids = await generate(model, tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });
+        gen = (p) => generate(model, p, { ...opts, stopToken: tok!.eotId });
+        nCtx = model.config.n_ctx;
       }
+      if (o.file) {
+        const spec = o.run ? readRunSpec(o.run) : null;
+        const recs = readJsonl(o.file, spec ?? DEFAULT_FIELDS, { inference: true });
+        const bar = progressBar(recs.length, 'generate');
+        const lines: string[] = [];
+        for (const [index, r] of recs.entries()) {
+          // the prompt's last tokens, leaving room for the completion in the context
+          const p = tok.encode(inferenceInput(r, 'lm')).slice(-Math.max(1, nCtx - o.maxTokens));
+          lines.push(JSON.stringify({ index, completion: tok.decode(await gen(p.length ? p : [tok.eotId])) }) + '\n');
+          bar.update(index + 1);
+        }
+        bar.stop();
+        writeFileSync(o.out, lines.join(''));
+        console.log(o.json ? JSON.stringify({ records: recs.length, out: o.out }) : `${recs.length} completions written to ${o.out}`);
+        return;
+      }
+      ids ??= await gen(tok.encode(o.prompt));
       const completion = tok.decode(ids);
       if (o.json) console.log(JSON.stringify({ prompt: o.prompt, completion, tokens: ids }));
       else console.log(o.prompt + completion);

@@ -26,6 +26,10 @@ const FLAGS: Flag[] = [
   { flag: '--steps <n>', field: 'steps', help: 'optimisation steps', numeric: true },
   { flag: '--batch <n>', field: 'batch', help: 'examples per step', numeric: true },
   { flag: '--max-len <n>', field: 'max_len', help: 'truncate examples to this many tokens (counted in the summary)', numeric: true },
+  { flag: '--text-field <name>', field: 'text_field', help: 'the records\' text field' },
+  { flag: '--prompt-field <name>', field: 'prompt_field', help: 'the records\' prompt field' },
+  { flag: '--completion-field <name>', field: 'completion_field', help: 'the records\' completion field (the loss is on it only)' },
+  { flag: '--label-field <name>', field: 'label_field', help: 'the records\' label field (task cls)' },
   { flag: '--lr <x>', field: 'lr', help: 'peak learning rate', numeric: true },
   { flag: '--warmup <n>', field: 'warmup', help: 'warm-up steps', numeric: true },
   { flag: '--min-lr-frac <x>', field: 'min_lr_frac', help: 'cosine floor as a fraction of the peak', numeric: true },
@@ -78,6 +82,12 @@ export function addRunSpecOptions(cmd: Command, o: { bundle: boolean; help?: Rec
     else if (f.numeric) cmd.option(f.flag, `${text} (default ${showDefault(d)})`, numberOrText);
     else cmd.option(f.flag, `${text} (default ${showDefault(d)})`);
   }
+  return cmd;
+}
+
+/** Only the flags of the records' field names (a command that reads a dataset outside a run's spec: eval). */
+export function addFieldOptions(cmd: Command, defaults: string): Command {
+  for (const f of FLAGS) if (f.field.endsWith('_field')) cmd.option(f.flag, `${f.help} (default: ${defaults}, else ${showDefault(defaultOf(f.field))})`);
   return cmd;
 }
 

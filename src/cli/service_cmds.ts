@@ -9,14 +9,16 @@ import nodePath from 'node:path';
 import { createSimRoot, loadSimRoot, SimSoftwarePlatform, SIM_ROOT_FILES } from '../tee/sim.js';
 import { serveEnclave } from '../roles/enclave_server.js';
 import {
-  EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob,
+  EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, inferRecords, waitForJob,
 } from '../roles/parties.js';
-import { PolicyError } from '../errors.js';
+import { InputError, PolicyError } from '../errors.js';
 import { contractSha256, describeSignatures, draftContract, readContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
-import { readJsonl } from '../io/jsonl.js';
+import { readJsonObjects } from '../io/jsonl.js';
+import { writeFileSync } from 'node:fs';
+import { progressBar } from './progress.js';
 
 /** Stops a service cleanly on SIGINT/SIGTERM. */
 export function onShutdown(close: () => Promise<void>): void {
@@ -232,8 +234,8 @@ export function addPartyCommands(program: Command): void {
     .requiredOption('--train <file>', 'training JSONL').option('--eval <file>', 'evaluation JSONL'))
     .action(async (o) => {
       const c = await connect(o, ownerKey(o));
-      console.log(JSON.stringify(await uploadRecords(c, 'train', readJsonl(o.train))));
-      if (o.eval) console.log(JSON.stringify(await uploadRecords(c, 'eval', readJsonl(o.eval))));
+      console.log(JSON.stringify(await uploadRecords(c, 'train', readJsonObjects(o.train))));
+      if (o.eval) console.log(JSON.stringify(await uploadRecords(c, 'eval', readJsonObjects(o.eval))));
       c.close();
     });
   withKey(addRunSpecOptions(own.command('finetune').description('start fine-tuning in the enclave and follow its metrics (the settings: a run spec, validated here and again in the enclave; mode and masks are the provider\'s bundle\'s)'), { bundle: false }))
@@ -241,7 +243,8 @@ export function addPartyCommands(program: Command): void {
       // refused here, before connecting, exactly as the enclave would refuse it
       const spec = jobSpecOf(parseRunSpec(runSpecInputOf(o), 'command line'));
       const c = await connect(o, ownerKey(o));
-      await c.command('start_finetune', { spec });
+      const started = await c.command<{ warnings?: string[] }>('start_finetune', { spec });
+      for (const w of started.warnings ?? []) console.error(`warning: ${w}`);
       const s = await waitForJob(c, (st) => {
         const j = st.job as { step: number; steps: number; loss: number | null } | null;
         if (j) process.stderr.write(`\rstep ${j.step}/${j.steps} loss ${j.loss?.toFixed(4) ?? '-'}   `);
@@ -260,11 +263,24 @@ export function addPartyCommands(program: Command): void {
     console.log(JSON.stringify(await c.command('cancel')));
     c.close();
   });
-  withKey(own.command('infer').description('inference with the fine-tuned model in the enclave')
-    .requiredOption('--text <texts...>', 'input texts'))
+  withKey(own.command('infer').description('inference with the fine-tuned model in the enclave: labels and their probabilities (classification) or completions (LM)')
+    .option('--text <texts...>', 'input texts')
+    .option('--file <in.jsonl>', 'records to predict (read in the enclave with the job\'s field names; Alpaca and chat records: their prompt)')
+    .option('--out <preds.jsonl>', 'with --file: one JSON line per record ({index, prediction, probabilities} or {index, completion})')
+    .option('--max-tokens <n>', 'LM: tokens to generate per record (at most 64)', parseIntArg('--max-tokens'), 20))
     .action(async (o) => {
+      if (!o.text === !o.file) throw new InputError('owner infer needs --text TEXT... or --file FILE (not both)');
+      if (o.file && !o.out) throw new InputError('owner infer --file needs --out FILE (the predictions, one JSON line per record)');
+      const records = o.file ? readJsonObjects(o.file) : null;
       const c = await connect(o, ownerKey(o));
-      console.log(JSON.stringify(await c.command('infer', { texts: o.text })));
+      if (!records) console.log(JSON.stringify(await c.command('infer', { texts: o.text, max_tokens: o.maxTokens })));
+      else {
+        const bar = progressBar(records.length, 'owner infer', '');
+        const lines = await inferRecords(c, records, { maxTokens: o.maxTokens, onBatch: (n) => bar.update(n, {}) });
+        bar.stop();
+        writeFileSync(o.out, lines.map((l) => JSON.stringify(l) + '\n').join(''));
+        console.log(JSON.stringify({ records: lines.length, out: o.out }));
+      }
       c.close();
     });
 }

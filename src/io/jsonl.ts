@@ -1,8 +1,12 @@
 /**
- * JSONL datasets. One JSON object per line:
- *   {"text": ...}                      causal LM, loss on every token
- *   {"prompt": ..., "completion": ...} causal LM, loss on the completion only
- *   {"text": ..., "label": ...}        sequence classification
+ * JSONL datasets. One JSON object per line, in one of these shapes (the field names of the
+ * first three are settings of the run: `text_field`, `prompt_field`, `completion_field`,
+ * `label_field`):
+ *   {"text": ...}                                   causal LM, loss on every token
+ *   {"prompt": ..., "completion": ...}              causal LM, loss on the completion only
+ *   {"instruction": ..., "input": ..., "output": ...}  Alpaca: a prompt/completion (ALPACA_TEMPLATE)
+ *   {"messages": [{"role": ..., "content": ...}]}   chat: a prompt/completion (chatPrompt)
+ *   any of these with {"label": ...}                sequence classification
  * Records are tokenised (in the enclave) with the GPT-2 tokenizer; over-long records are
  * truncated and counted, never silently.
  */
@@ -19,14 +23,90 @@ export interface Record_ {
   label?: string;
 }
 
+/** The names of a record's fields (`--text-field` etc.): the run's mapping onto text, prompt, completion and label. */
+export interface DataFields {
+  text_field: string;
+  prompt_field: string;
+  completion_field: string;
+  label_field: string;
+}
+
+export const DEFAULT_FIELDS: DataFields = { text_field: 'text', prompt_field: 'prompt', completion_field: 'completion', label_field: 'label' };
+
+/** The Alpaca prompt (the "### Input" section only when the input is not empty); the output is the completion. */
+export const ALPACA_TEMPLATE = '### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n';
+export const CHAT_ROLES = ['system', 'user', 'assistant'] as const;
+
+export function alpacaPrompt(instruction: string, input: string): string {
+  const t = input === '' ? ALPACA_TEMPLATE.replace('### Input:\n{input}\n\n', '') : ALPACA_TEMPLATE;
+  return t.replace(/\{(instruction|input)\}/g, (_, k: string) => (k === 'input' ? input : instruction));
+}
+
+/** A chat's prompt: each message as "### Role:\n{content}\n\n", then the assistant's header "### Assistant:\n". */
+export function chatPrompt(messages: { role: string; content: string }[]): string {
+  return messages.map((m) => `### ${m.role[0].toUpperCase()}${m.role.slice(1)}:\n${m.content}\n\n`).join('') + '### Assistant:\n';
+}
+
 export const MAX_DATASET_BYTES = 512 * 1024 * 1024;
 
-export function parseJsonl(text: string, source: string): Record_[] {
-  const out: Record_[] = [];
-  const lines = text.split('\n');
-  for (let i = 0; i < lines.length; i++) {
-    const line = lines[i].trim();
-    if (line === '') continue;
+export type JsonObject = Record<string, unknown>;
+
+/**
+ * One record of a dataset in the run's terms. `where` names it in errors ("FILE:LINE").
+ * With `inference`, a record needs no completion (Alpaca's output, a chat's final
+ * assistant message): its prompt is what the model completes.
+ */
+export function toRecord(r: JsonObject, fields: DataFields, where: string, o: { inference?: boolean } = {}): Record_ {
+  const f = fields;
+  const str = (k: string, what: string, optional = false): string | undefined => {
+    const v = r[k];
+    if (v === undefined && optional) return undefined;
+    if (typeof v !== 'string') throw new InputError(`${where}: ${what} "${k}" ${v === undefined ? 'is missing' : `must be a string, got ${JSON.stringify(v)}`}`);
+    return v;
+  };
+  const rec: Record_ = {};
+  const label = r[f.label_field];
+  if (label !== undefined) {
+    if (typeof label !== 'string' && typeof label !== 'number') throw new InputError(`${where}: "${f.label_field}" (the label) must be a string or a number, got ${JSON.stringify(label)}`);
+    rec.label = String(label);
+  }
+  if (r[f.text_field] !== undefined) rec.text = str(f.text_field, 'the text');
+  else if (r[f.prompt_field] !== undefined || r[f.completion_field] !== undefined) {
+    rec.prompt = str(f.prompt_field, 'the prompt');
+    rec.completion = str(f.completion_field, 'the completion', o.inference);
+  } else if ('instruction' in r || 'output' in r) {
+    rec.prompt = alpacaPrompt(str('instruction', 'the Alpaca record\'s')!, str('input', 'the Alpaca record\'s', true) ?? '');
+    rec.completion = str('output', 'the Alpaca record\'s', o.inference);
+  } else if ('messages' in r) {
+    const ms = r.messages;
+    if (!Array.isArray(ms) || ms.length === 0) throw new InputError(`${where}: "messages" must be a non-empty array of {"role", "content"}, got ${JSON.stringify(ms)}`);
+    const list = ms.map((m, i) => {
+      const at = `${where}: messages[${i}]`;
+      if (typeof m !== 'object' || m === null || Array.isArray(m)) throw new InputError(`${at} must be an object {"role", "content"}`);
+      const { role, content } = m as JsonObject;
+      if (!CHAT_ROLES.includes(role as (typeof CHAT_ROLES)[number])) throw new InputError(`${at}.role must be one of ${CHAT_ROLES.join(', ')}, got ${JSON.stringify(role)}`);
+      if (typeof content !== 'string') throw new InputError(`${at}.content must be a string, got ${JSON.stringify(content)}`);
+      return { role: role as string, content };
+    });
+    const last = list[list.length - 1];
+    if (last.role === 'assistant') {
+      rec.prompt = chatPrompt(list.slice(0, -1));
+      rec.completion = last.content;
+    } else if (o.inference) rec.prompt = chatPrompt(list);
+    else throw new InputError(`${where}: the last message must be the assistant's (the completion), got role ${JSON.stringify(last.role)}`);
+  } else {
+    throw new InputError(`${where}: needs "${f.text_field}", or "${f.prompt_field}" and "${f.completion_field}", or "instruction" and "output" (Alpaca), or "messages" (chat); it has ${Object.keys(r).map((k) => JSON.stringify(k)).join(', ') || 'no fields'}`);
+  }
+  return rec;
+}
+
+/** The JSON objects of a JSONL text, with their line numbers (blank lines skipped). */
+export function parseJsonObjects(text: string, source: string): { objects: JsonObject[]; lines: number[] } {
+  const objects: JsonObject[] = [];
+  const lines: number[] = [];
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim();
+    if (line === '') return;
     let o: unknown;
     try {
       o = JSON.parse(line);
@@ -34,44 +114,87 @@ export function parseJsonl(text: string, source: string): Record_[] {
       throw new InputError(`${source}:${i + 1}: not valid JSON (${(e as Error).message})`);
     }
     if (typeof o !== 'object' || o === null || Array.isArray(o)) throw new InputError(`${source}:${i + 1}: each line must be a JSON object`);
-    const r = o as Record<string, unknown>;
-    for (const k of ['text', 'prompt', 'completion']) {
-      if (k in r && typeof r[k] !== 'string') throw new InputError(`${source}:${i + 1}: "${k}" must be a string`);
-    }
-    if ('label' in r && typeof r.label !== 'string' && typeof r.label !== 'number') throw new InputError(`${source}:${i + 1}: "label" must be a string or a number`);
-    const rec: Record_ = { text: r.text as string | undefined, prompt: r.prompt as string | undefined, completion: r.completion as string | undefined };
-    if ('label' in r) rec.label = String(r.label);
-    if (rec.text === undefined && (rec.prompt === undefined || rec.completion === undefined)) {
-      throw new InputError(`${source}:${i + 1}: needs "text", or "prompt" and "completion"`);
-    }
-    out.push(rec);
-  }
-  return out;
+    objects.push(o as JsonObject);
+    lines.push(i + 1);
+  });
+  return { objects, lines };
 }
 
-export function readJsonl(file: string): Record_[] {
+/** The records of JSON objects (`where(i)` names the i-th in errors; default: "SOURCE record i+1"). */
+export function recordsOf(objects: JsonObject[], fields: DataFields, source: string, o: { inference?: boolean; where?: (i: number) => string } = {}): Record_[] {
+  return objects.map((r, i) => toRecord(r, fields, o.where?.(i) ?? `${source} record ${i + 1}`, o));
+}
+
+export function parseJsonl(text: string, source: string, fields: DataFields = DEFAULT_FIELDS, o: { inference?: boolean } = {}): Record_[] {
+  const { objects, lines } = parseJsonObjects(text, source);
+  return recordsOf(objects, fields, source, { ...o, where: (i) => `${source}:${lines[i]}` });
+}
+
+function readDataset(file: string): string {
   if (!existsSync(file)) throw new InputError(`dataset file ${file} not found`);
   const size = statSync(file).size;
   if (size > MAX_DATASET_BYTES) throw new InputError(`dataset file ${file} is ${size} bytes, over the ${MAX_DATASET_BYTES}-byte limit`);
-  const recs = parseJsonl(readFileSync(file, 'utf8'), file);
+  return readFileSync(file, 'utf8');
+}
+
+export function readJsonl(file: string, fields: DataFields = DEFAULT_FIELDS, o: { inference?: boolean } = {}): Record_[] {
+  const recs = parseJsonl(readDataset(file), file, fields, o);
   if (recs.length === 0) throw new InputError(`dataset file ${file} has no records`);
   return recs;
 }
 
+/** A dataset file's JSON objects as they are (the owner uploads them so; the enclave maps them with the job's fields). */
+export function readJsonObjects(file: string): JsonObject[] {
+  const { objects } = parseJsonObjects(readDataset(file), file);
+  if (objects.length === 0) throw new InputError(`dataset file ${file} has no records`);
+  return objects;
+}
+
+/** Integer labels up to this are class indices (label k is class k); larger ones sort by value. */
+export const MAX_INDEX_LABEL = 1023;
+
 /**
- * The sorted label set of a classification dataset; every record must have a label. Labels
- * that are all numbers sort by value (2 before 10), others as strings.
+ * The label set of a classification dataset, index = class; every record must have a label.
+ * When every label is an integer in 0..MAX_INDEX_LABEL the labels are class indices: the
+ * set is "0".."max" (label 2 is class 2, also when no record has label 1). Other labels
+ * that are all numbers sort by value (2 before 10), the rest as strings.
  */
 export function labelSet(recs: Record_[], source: string): string[] {
   const s = new Set<string>();
   recs.forEach((r, i) => {
-    if (r.label === undefined) throw new InputError(`${source}: record ${i + 1} has no "label" (task cls)`);
+    if (r.label === undefined) throw new InputError(`${source}: record ${i + 1} has no label (task cls)`);
     s.add(r.label);
   });
   if (s.size < 2) throw new InputError(`${source}: a classification dataset needs at least 2 labels, found ${s.size}`);
   const all = [...s];
+  if (all.every((l) => /^(0|[1-9]\d*)$/.test(l) && Number(l) <= MAX_INDEX_LABEL)) {
+    return Array.from({ length: Math.max(...all.map(Number)) + 1 }, (_, i) => String(i));
+  }
   const numeric = all.every((l) => /^-?\d+(\.\d+)?$/.test(l));
   return numeric ? all.sort((a, b) => Number(a) - Number(b)) : all.sort();
+}
+
+/** A run's label set: its training data's (labelSet); every evaluation record must have one of them. */
+export function trainLabels(train: Record_[], evalRecs: Record_[] | null, trainSource: string, evalSource: string): string[] {
+  const labels = labelSet(train, trainSource);
+  const extra = [...new Set((evalRecs ?? []).map((r, i) => {
+    if (r.label === undefined) throw new InputError(`${evalSource}: record ${i + 1} has no label (task cls)`);
+    return r.label;
+  }))].filter((l) => !labels.includes(l));
+  if (extra.length) throw new InputError(`${evalSource} has labels not in ${trainSource}'s label set [${labels.join(', ')}]: ${extra.join(', ')}`);
+  return labels;
+}
+
+/** Notes on a dataset for the run's task: labels ignored by an LM run; integer classes without a record. */
+export function datasetWarnings(recs: Record_[], task: Task, labels: string[], source: string): string[] {
+  const out: string[] = [];
+  if (task === 'lm' && recs.some((r) => r.label !== undefined)) out.push(`${source} has labelled records, and the task is lm: the labels are ignored (classification is --task cls)`);
+  if (task === 'cls') {
+    const seen = new Set(recs.map((r) => r.label));
+    const missing = labels.filter((l) => !seen.has(l));
+    if (missing.length) out.push(`${source} has no record of class${missing.length > 1 ? 'es' : ''} ${missing.join(', ')} (integer labels are class indices 0..${labels.length - 1})`);
+  }
+  return out;
 }
 
 export interface Encoded {
@@ -81,6 +204,8 @@ export interface Encoded {
   lossFrom: number;
   /** cls: label index */
   label: number;
+  /** the record it encodes (its index in the records given to encodeRecords) */
+  index?: number;
 }
 
 export interface EncodedSet {
@@ -110,7 +235,7 @@ export function encodeRecords(recs: Record_[], tok: TextEncoder, o: { task: Task
       let ids = tok.encode(r.text ?? `${r.prompt ?? ''}${r.completion ?? ''}`);
       if (ids.length === 0) { dropped++; return; }
       if (ids.length > o.maxLen) { ids = ids.slice(0, o.maxLen); truncated++; }
-      items.push({ tokens: Int32Array.from(ids), lossFrom: 0, label: li });
+      items.push({ tokens: Int32Array.from(ids), lossFrom: 0, label: li, index: i });
     } else {
       let ids: number[];
       let lossFrom = 0;
@@ -124,7 +249,7 @@ export function encodeRecords(recs: Record_[], tok: TextEncoder, o: { task: Task
       // inputs are ids[0..T-1], targets ids[1..T]: keep at most maxLen + 1 ids
       if (ids.length > o.maxLen + 1) { ids = ids.slice(0, o.maxLen + 1); truncated++; }
       if (lossFrom >= ids.length - 1) { dropped++; return; }
-      items.push({ tokens: Int32Array.from(ids), lossFrom, label: -1 });
+      items.push({ tokens: Int32Array.from(ids), lossFrom, label: -1, index: i });
     }
   });
   if (items.length === 0) throw new InputError(`${o.source}: no usable records (all ${recs.length} were empty)`);

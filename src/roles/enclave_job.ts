@@ -11,8 +11,9 @@ import * as grpc from '@grpc/grpc-js';
 import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import type { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
 import { gpt2Tokenizer, tokenizerFor } from '../model/tokenizer.js';
-import { generate, type KVCache } from '../model/transformer.js';
-import { labelSet, encodeRecords, makeBatch, type Record_ } from '../io/jsonl.js';
+import type { KVCache } from '../model/transformer.js';
+import { trainLabels, encodeRecords, recordsOf, datasetWarnings, type JsonObject, type Record_ } from '../io/jsonl.js';
+import { classify, complete, inferenceInput } from '../train/predict.js';
 import { SplitModel } from '../enclave/split_model.js';
 import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
@@ -37,16 +38,29 @@ export interface JobState {
   recoveries: number;
   /** training loss of every step so far (aggregate metrics: the owner's to see) */
   losses: number[];
+  /** notes on the owner's data for this job (labels an LM job ignores, classes without a record) */
+  warnings?: string[];
 }
 
+/** The owner's records as uploaded (JSON objects); a job reads them with its spec's field names (jobData). */
 export interface Datasets {
-  train: Record_[];
-  eval: Record_[];
+  train: JsonObject[];
+  eval: JsonObject[];
+}
+
+/** The records of a job's data in its terms (spec's fields), its labels and warnings; a malformed record is refused by its number. */
+export function jobData(spec: RunSpec, data: Datasets): { train: Record_[]; eval: Record_[]; labels: string[]; warnings: string[] } {
+  const train = recordsOf(data.train, spec, 'training data');
+  const ev = recordsOf(data.eval, spec, 'evaluation data');
+  const labels = spec.task === 'cls' ? trainLabels(train, ev, 'training data', 'evaluation data') : [];
+  return { train, eval: ev, labels, warnings: datasetWarnings(train, spec.task, labels, 'training data') };
 }
 
 /** gRPC statuses of accelerator calls after which a job waits for the accelerator and resumes from its last checkpoint. */
 const RECOVERABLE_CODES: ReadonlySet<number> = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED]);
 const MAX_RECOVERIES = 5;
+/** Texts or records per `infer` command (the owner's client sends a file in batches of it). */
+export const MAX_INFER = 256;
 
 export function newJob(spec: RunSpec): JobState {
   return { spec, state: 'running', step: 0, loss: null, eval: null, error: null, summary: null, labels: [], recoveries: 0, losses: [] };
@@ -138,15 +152,12 @@ export class JobRunner {
     const { job, ctx } = this;
     const spec = job.spec;
     const tok = tokenizerFor(ctx.bundle.config.vocab_size);
-    const labels = spec.task === 'cls' ? labelSet(ctx.data.train, 'training data') : [];
-    if (spec.task === 'cls' && ctx.data.eval.length) {
-      const extra = labelSet(ctx.data.eval, 'evaluation data').filter((l) => !labels.includes(l));
-      if (extra.length) throw new InputError(`evaluation data has labels not in the training data: ${extra.join(', ')}`);
-    }
-    const train = encodeRecords(ctx.data.train, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'training data' });
-    const evalSet = ctx.data.eval.length ? encodeRecords(ctx.data.eval, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'evaluation data' }) : null;
+    const d = jobData(spec, ctx.data);
+    const labels = d.labels;
+    const train = encodeRecords(d.train, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'training data' });
+    const evalSet = d.eval.length ? encodeRecords(d.eval, tok, { task: spec.task, maxLen: spec.max_len, labels, source: 'evaluation data' }) : null;
     const cfg = toFinetuneConfig(spec, ctx.bundle.acceleratorManifestSha256.slice(0, 16));
-    return { tok, labels, train, evalSet, cfg };
+    return { tok, labels, train, evalSet, cfg, warnings: d.warnings };
   }
 
   /**
@@ -170,8 +181,9 @@ export class JobRunner {
   private async run(resume: boolean): Promise<void> {
     const { job, ctx } = this;
     const spec = job.spec;
-    const { tok, labels, train, evalSet, cfg } = this.prepare();
+    const { tok, labels, train, evalSet, cfg, warnings } = this.prepare();
     job.labels = labels;
+    job.warnings = warnings;
     for (let attempt = 0; ; attempt++) {
       const sealedLatest = ctx.store.latestCheckpoint();
       const doResume = (resume || attempt > 0) && sealedLatest !== null;
@@ -255,29 +267,31 @@ export class JobRunner {
 
   private restoring: Promise<SplitModel> | null = null;
 
-  /** The owner's inference on the fine-tuned model: labels (cls) or greedy completions with the KV cache (lm). */
-  async infer(texts: unknown, maxTokens: unknown): Promise<unknown> {
+  /**
+   * The owner's inference on the fine-tuned model, of 1-MAX_INFER texts or records (JSON
+   * objects, read with the job's field names): the labels and their probabilities (cls), or
+   * greedy completions with the KV cache (lm).
+   */
+  async infer(texts: unknown, maxTokens: unknown, records?: unknown): Promise<unknown> {
     const m = await this.finished('(run a job first)');
-    if (!Array.isArray(texts) || texts.length === 0 || texts.length > 256 || !texts.every((t) => typeof t === 'string')) throw new InputError('infer needs 1-256 texts');
+    const list = records ?? texts;
+    const what = records !== undefined ? 'records (JSON objects)' : 'texts';
+    if (!Array.isArray(list) || list.length === 0 || list.length > MAX_INFER) throw new InputError(`infer needs 1-${MAX_INFER} ${what}`);
+    let inputs: string[];
+    if (records !== undefined) {
+      if (!list.every((r) => typeof r === 'object' && r !== null && !Array.isArray(r))) throw new InputError('infer: every record must be a JSON object');
+      inputs = recordsOf(list as JsonObject[], this.job.spec, 'infer', { inference: true }).map((r) => inferenceInput(r, m.task));
+    } else {
+      if (!list.every((t) => typeof t === 'string')) throw new InputError('infer: every text must be a string');
+      inputs = list as string[];
+    }
     const tok = tokenizerFor(m.config.vocab_size);
     const maxLen = Math.min(this.job.spec.max_len, m.config.n_ctx);
     const labels = this.job.labels;
-    if (m.task === 'cls') {
-      const set = encodeRecords(texts.map((t) => ({ text: t, label: labels[0] })), tok, { task: 'cls', maxLen, labels, source: 'infer' });
-      const b = makeBatch(set.items, 'cls', tok.eotId);
-      const r = await m.forward(b.tokens, b.B, b.T, b.targets, false);
-      return { predictions: Array.from(r.predictions!).map((i) => labels[i]) };
-    }
-    const maxNew = Math.max(1, Math.min(64, Number(maxTokens ?? 20)));
+    if (m.task === 'cls') return { labels, ...(await classify(m, inputs, tok, { labels, maxLen, batch: this.job.spec.batch })) };
+    const maxNewTokens = Math.max(1, Math.min(64, Number(maxTokens ?? 20)));
     const generator = { config: m.config, forwardCached: (c: KVCache, t: ArrayLike<number>) => m.forwardCached(c, t) };
-    const completions: string[] = [];
-    for (const t of texts as string[]) {
-      // the prompt's last tokens, leaving room for the completion within the job's length
-      const ids = tok.encode(t).slice(-Math.max(1, maxLen - maxNew));
-      if (ids.length === 0) ids.push(tok.eotId);
-      completions.push(tok.decode(await generate(generator, ids, { maxNewTokens: maxNew, stopToken: tok.eotId })));
-    }
-    return { completions };
+    return { completions: await complete(generator, inputs, tok, { maxLen, maxNewTokens }) };
   }
 
   /** The provider's update: the enclave's trained tensors and the adapters (safetensors, base64). */

@@ -17,14 +17,14 @@ import { ReplayCache } from '../tee/replay.js';
 import { signingPublicKeyFromBase64, verifySignature } from '../tee/signing.js';
 import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
-import { parseJsonl } from '../io/jsonl.js';
+import { parseJsonObjects } from '../io/jsonl.js';
 import { parseJobSpec, checkRunSpecForModel } from '../train/run_spec.js';
 import { BundleError, InputError, PolicyError, SessionError, StateError, TransportError } from '../errors.js';
 import {
   chunkAad, commandAad, replyAad, unpackFiles, chunkSignedBytes, commandSignedBytes, padReply, type UploadChunk, type SealedCommand,
 } from './protocol.js';
 import { SealedStore, type PackedFile } from './enclave_store.js';
-import { JobRunner, newJob, recoveredJob, type Datasets, type JobState } from './enclave_job.js';
+import { JobRunner, jobData, newJob, recoveredJob, type Datasets, type JobState } from './enclave_job.js';
 import { authorize, checkUploader, releasesMetrics, type Role } from './enclave_policy.js';
 import { bundleDigest, checkJobAllowed, verifyContract, type Contract } from './contract.js';
 
@@ -241,7 +241,8 @@ export class EnclaveService {
     if (this.job?.state === 'running') throw new StateError('a job is running');
     // the finished job's model is rebuilt from its checkpoint and this data after a restart
     if (this.job?.state === 'done' && !this.updateFetched) throw new StateError('the provider has not fetched the finished job\'s update yet: new data waits until then');
-    const recs = parseJsonl(plain.map((p) => new TextDecoder().decode(p).replace(/\n/g, ' ')).join('\n'), `encrypted ${first.name} upload`);
+    // kept as sent: a job reads them with its own field names (jobData)
+    const recs = parseJsonObjects(plain.map((p) => new TextDecoder().decode(p).replace(/\n/g, ' ')).join('\n'), `encrypted ${first.name} upload`).objects;
     this.data[first.name] = recs;
     await this.persist();
     this.log(`received ${recs.length} encrypted ${first.name} records`);
@@ -291,7 +292,7 @@ export class EnclaveService {
       case 'status': return this.status(role);
       case 'start_finetune': return this.startFinetune(cmd.spec);
       case 'cancel': return this.cancel(role);
-      case 'infer': return this.finishedRunner().infer(cmd.texts, cmd.max_tokens);
+      case 'infer': return this.finishedRunner().infer(cmd.texts, cmd.max_tokens, cmd.records);
       case 'fetch_update': {
         const up = await this.finishedRunner().exportUpdate() as Record<string, unknown>;
         this.updateFetched = true;
@@ -311,7 +312,7 @@ export class EnclaveService {
     if (j && !releasesMetrics(this.contract!.body, role)) {
       job = { state: j.state, step: j.step, steps: j.spec.steps, error: j.error };
     } else if (j && role === 'owner') {
-      job = { state: j.state, step: j.step, steps: j.spec.steps, loss: j.loss, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: j.summary, losses: j.losses };
+      job = { state: j.state, step: j.step, steps: j.spec.steps, loss: j.loss, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: j.summary, losses: j.losses, labels: j.labels, warnings: j.warnings ?? [] };
     } else if (j) {
       const s = j.summary as { eval?: unknown; seconds?: unknown; steps?: unknown } | null;
       job = { state: j.state, step: j.step, steps: j.spec.steps, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: s ? { eval: s.eval, seconds: s.seconds, steps: s.steps } : null };
@@ -338,6 +339,8 @@ export class EnclaveService {
     const spec = parseJobSpec(raw, { mode: b.mode, kappa: b.spec, two_sided: b.twoSided }, 'start_finetune');
     checkRunSpecForModel(spec, { n_ctx: b.config.n_ctx, headPooling: b.cls ? b.cls.pooling ?? 'last' : null }, 'start_finetune');
     checkJobAllowed(this.contract!.body, spec, this.jobsStarted);
+    // the records in the job's terms (its field names), refused here by number when malformed
+    const { warnings } = jobData(spec, this.data);
     this.runner = this.newRunner(newJob(spec));
     rmSync(this.runner.runDir, { recursive: true, force: true });
     this.store.clearCheckpoints();
@@ -345,7 +348,7 @@ export class EnclaveService {
     this.updateFetched = false;
     await this.persist();
     this.runner.start(false);
-    return { started: true, job: this.jobsStarted };
+    return { started: true, job: this.jobsStarted, warnings };
   }
 
   private async cancel(role: Role): Promise<unknown> {

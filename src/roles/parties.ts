@@ -21,7 +21,8 @@ import {
   ENCLAVE_SERVICE, ACC_ADMIN_SERVICE, EnclaveServiceClient, AccAdminClient, commandAad, chunkAad, replyAad, clientOptions, unary, clientStream,
   chunks, packFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand,
 } from './protocol.js';
-import type { Record_ } from '../io/jsonl.js';
+import { classifiedLine, type Classified } from '../train/predict.js';
+import { MAX_INFER } from './enclave_job.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { openSafetensors } from '../io/safetensors.js';
 import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate } from '../obfuscate/bundle.js';
@@ -306,15 +307,32 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
 
 // ------------------------------------------------------------------ data owner
 /**
- * Encrypts each record to the enclave and uploads them, after checking that the enclave
+ * Encrypts each record (a JSON object, as in the owner's file: the enclave reads it with the
+ * job's field names) to the enclave and uploads them, after checking that the enclave
  * runs the contract's bundle (the enclave refuses any other, this check says so up front).
  */
-export async function uploadRecords(c: EnclaveClient, split: 'train' | 'eval', records: Record_[]): Promise<unknown> {
+export async function uploadRecords(c: EnclaveClient, split: 'train' | 'eval', records: object[]): Promise<unknown> {
   const st = await c.command<{ bundle: { sha256: string } | null }>('status');
   const want = c.trust.contract.body.enclave_bundle_sha256;
   if (!st.bundle) throw new BundleError('the enclave has no model bundle yet: the provider deploys first (no record was sent)');
   if (st.bundle.sha256 !== want) throw new BundleError(`the enclave's bundle ${st.bundle.sha256.slice(0, 16)}... is not the contract's ${want.slice(0, 16)}... (no record was sent)`);
   return c.upload('dataset', split, records.map((r) => new TextEncoder().encode(JSON.stringify(r))));
+}
+
+/**
+ * Inference of the finished job on records (JSON objects, read in the enclave with the job's
+ * field names), MAX_INFER per command: per record, its index and the predicted label with the
+ * probability of every label (classification) or the completion (LM).
+ */
+export async function inferRecords(c: EnclaveClient, records: object[], o: { maxTokens?: number; onBatch?: (done: number) => void } = {}): Promise<Record<string, unknown>[]> {
+  const out: Record<string, unknown>[] = [];
+  for (let i = 0; i < records.length; i += MAX_INFER) {
+    const r = await c.command<Partial<Classified> & { labels?: string[]; completions?: string[] }>('infer', { records: records.slice(i, i + MAX_INFER), max_tokens: o.maxTokens });
+    if (r.completions) r.completions.forEach((completion, j) => out.push({ index: i + j, completion }));
+    else r.predictions!.forEach((p, j) => out.push(classifiedLine(i + j, p, r.labels!, r.probabilities![j])));
+    o.onBatch?.(out.length);
+  }
+  return out;
 }
 
 export async function waitForJob(c: EnclaveClient, onStatus?: (s: Record<string, unknown>) => void, timeoutMs = 3_600_000): Promise<Record<string, unknown>> {

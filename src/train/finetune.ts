@@ -13,8 +13,8 @@ import path from 'node:path';
 import { Rng } from '../tensor/rng.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { AdamW, SGD, cosineSchedule, sumSquares, clipScale, type Optimizer, type OptimizerState } from './optim.js';
-import { makeBatch, Sampler, type EncodedSet, type Task } from '../io/jsonl.js';
-import type { SplitModel, TrainMode, Method } from '../enclave/split_model.js';
+import { makeBatch, Sampler, type Encoded, type EncodedSet, type Task } from '../io/jsonl.js';
+import type { SplitModel, TrainMode, Method, ForwardResult } from '../enclave/split_model.js';
 
 /** The loop's settings: a projection of the run's RunSpec (`toFinetuneConfig` in run_spec.ts, which has the defaults). */
 export interface FinetuneConfig {
@@ -88,7 +88,8 @@ function makeOpt(kind: 'adamw' | 'sgd', n: number, cfg: FinetuneConfig): Optimiz
   return kind === 'adamw' ? new AdamW(n, { weightDecay: cfg.weightDecay, eps: cfg.adamEps }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weightDecay });
 }
 
-export async function evaluate(model: SplitModel, set: EncodedSet, batch: number, padId: number, maxBatches = 0): Promise<EvalMetrics> {
+/** The metrics of a model on a set; `onBatch` sees each batch's examples and forward result (per-example detail). */
+export async function evaluate(model: SplitModel, set: EncodedSet, batch: number, padId: number, maxBatches = 0, onBatch?: (items: Encoded[], r: ForwardResult) => void): Promise<EvalMetrics> {
   let lossSum = 0;
   let count = 0;
   let correct = 0;
@@ -96,8 +97,10 @@ export async function evaluate(model: SplitModel, set: EncodedSet, batch: number
   let batches = 0;
   for (let i = 0; i < set.items.length; i += batch) {
     if (maxBatches > 0 && batches >= maxBatches) break;
-    const b = makeBatch(set.items.slice(i, i + batch), model.task, padId);
+    const items = set.items.slice(i, i + batch);
+    const b = makeBatch(items, model.task, padId);
     const r = await model.forward(b.tokens, b.B, b.T, b.targets, false);
+    onBatch?.(items, r);
     lossSum += r.loss * r.count;
     count += r.count;
     correct += r.correct ?? 0;

@@ -20,6 +20,7 @@ import { checkLoraTask, parseLoraTargets, type LoraConfig } from '../model/lora.
 import { maskSpecLabel, parseMaskSpec } from '../linalg/masks.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
 import type { FinetuneConfig } from './finetune.js';
+import type { DataFields } from '../io/jsonl.js';
 import type { SessionOptions } from './session.js';
 
 // ---------------------------------------------------------------- settings and defaults
@@ -33,6 +34,10 @@ export const RUN_SPEC_DEFAULTS = {
   mask_seed: null,            // derive the masks from this seed (reproducible, NOT secret); null: the run's seed; not for local
   // data
   max_len: 128,               // tokens per example; longer examples are truncated (counted in the summary)
+  text_field: 'text',         // the records' field names (JSONL): the text,
+  prompt_field: 'prompt',     //   the prompt and
+  completion_field: 'completion', // the completion (loss on the completion only),
+  label_field: 'label',       //   the class label (task cls)
   // optimisation
   steps: 100,                 // optimisation steps
   batch: 8,                   // examples per step
@@ -119,6 +124,8 @@ function oneOf<const T extends readonly [string, ...string[]]>(values: T) {
 
 const bool = () => z.boolean({ error: must('true or false') });
 
+const fieldName = () => z.string({ error: must('a field name') }).min(1, { error: must('a non-empty field name') });
+
 const D = RUN_SPEC_DEFAULTS;
 
 const targetsSchema = z.union([z.string(), z.array(z.string())], { error: must('a list of LoRA targets ("q,v" or ["q", "v"])') }).transform((v, ctx) => {
@@ -156,6 +163,10 @@ const FIELDS = {
   two_sided: bool().default(D.two_sided),
   mask_seed: int(0).nullable().default(D.mask_seed),
   max_len: int(1).default(D.max_len),
+  text_field: fieldName().default(D.text_field),
+  prompt_field: fieldName().default(D.prompt_field),
+  completion_field: fieldName().default(D.completion_field),
+  label_field: fieldName().default(D.label_field),
   steps: int(1).default(D.steps),
   batch: int(1).default(D.batch),
   lr: num('a number > 0', (x) => x > 0).default(D.lr),
@@ -176,7 +187,7 @@ const FIELDS = {
 };
 
 /** A run specification with every setting filled in (what `run_spec.json` holds). */
-export interface RunSpec {
+export interface RunSpec extends DataFields {
   task: 'lm' | 'cls';
   method: 'lora' | 'full';
   mode: 'sealed' | 'paper' | 'local';
@@ -237,7 +248,8 @@ export const RunSpecSchema = z.strictObject(FIELDS, { error: (iss) => (iss.code 
   return {
     task: s.task, method: s.method, mode: s.mode,
     kappa: s.mode === 'local' ? null : s.kappa ?? maskSpecLabel({ kind: 'kappa', kappa: 1 }),
-    two_sided: s.two_sided, mask_seed: s.mask_seed, max_len: s.max_len, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
+    two_sided: s.two_sided, mask_seed: s.mask_seed, max_len: s.max_len,
+    text_field: s.text_field, prompt_field: s.prompt_field, completion_field: s.completion_field, label_field: s.label_field, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
     min_lr_frac: s.min_lr_frac, clip: s.clip, weight_decay: s.weight_decay, enclave_optimizer: s.enclave_optimizer, momentum: s.momentum,
     adam_eps: s.adam_eps, seed: s.seed, eval_every: s.eval_every, eval_batches: s.eval_batches, checkpoint_every: s.checkpoint_every,
     pooling: s.pooling, freeze_norms: s.freeze_norms,

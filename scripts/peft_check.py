@@ -27,8 +27,9 @@ Commands:
   logits --model DIR [--adapter DIR] --tokens FILE --out FILE [--task lm|cls]
       FILE holds {"tokens": [[id, ...], ...]} (equal lengths, no padding: classification pools
       the last token, as GPT2ForSequenceClassification does). Writes {"logits": [...] (flat),
-      "shape": [...], "merged_max_diff": ...}: the last is the largest difference between the
-      adapter applied in the forward and the adapter merged into the weights.
+      "shape": [...], "merged_max_diff": ..., "adapter_effect": ...}: the largest difference
+      between the adapter applied in the forward and merged into the weights, and between the
+      adapted model and the model without the LoRA weights (the saved classifier kept).
   write --model DIR --out DIR [--seed N] [--r R] [--alpha A] [--target-modules LIST]
         [--task CAUSAL_LM|SEQ_CLS] [--num-labels K] [--rank-pattern JSON] [--alpha-pattern JSON]
         [--rslora] [--layers LIST]
@@ -220,8 +221,9 @@ def cmd_logits(a):
     with torch.no_grad():
         out = forward(cfg, p, lora, tokens, task)
         diff = (forward(cfg, merged(p, lora), {}, tokens, task) - out).abs().max().item()
+        effect = (forward(cfg, p, {}, tokens, task) - out).abs().max().item()
     json.dump({"task": task, "shape": list(out.shape), "logits": out.reshape(-1).tolist(), "merged_max_diff": diff,
-               "adapted_modules": sorted(lora)}, open(a.out, "w"))
+               "adapter_effect": effect, "adapted_modules": sorted(lora)}, open(a.out, "w"))
 
 
 def cmd_write(a):

@@ -1,13 +1,15 @@
 // The parties as separate processes on loopback: attestation, end-to-end encryption, policy,
 // integrity against a lying accelerator, and recovery from killed services.
 import { test } from 'node:test';
-import { freshClassifier } from '../src/train/session.js';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import os from 'node:os';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { spawnService, type Spawned } from '../src/roles/spawn.js';
+import { writePeftAdapter } from '../src/model/peft.js';
+import { freshClassifier, mergeAdapter, readAdapter } from '../src/train/session.js';
+import { maxAbsDiff } from './helpers.js';
 import { EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob } from '../src/roles/parties.js';
 import { setup, records, spec, FIX, inProcessWorld, type Setup } from './world.js';
 import { signBytes } from '../src/tee/signing.js';
@@ -106,7 +108,11 @@ test('multi-process flow: attested uploads, LoRA fine-tuning, inference, policy,
     await assert.rejects(w.owner.command('fetch_update'), /policy: "fetch_update" is not allowed for owner/);
     await assert.rejects(w.provider.command('infer', { texts: ['x'] }), /policy: "infer" is not allowed for provider/);
     const base = loadCheckpoint(path.join(FIX, 'vocab50257'));
-    const { merged } = await fetchAndMerge(w.provider, w.accAddr, base, path.join(w.dir, 'bundles'), path.join(w.dir, 'scratch'));
+    const { merged, adapters } = await fetchAndMerge(w.provider, w.accAddr, base, path.join(w.dir, 'bundles'), path.join(w.dir, 'scratch'));
+    // the update as a PEFT adapter (provider fetch --peft-out), merged into the plain base, is the merged model
+    writePeftAdapter(path.join(w.dir, 'peft'), adapters!, { task: 'cls', baseModel: 'base', score: merged.cls!.weight });
+    const viaPeft = mergeAdapter(base, readAdapter(path.join(w.dir, 'peft'), base.config));
+    assert.ok(maxAbsDiff(viaPeft.params, merged.params) < 1e-4 && maxAbsDiff(viaPeft.cls!.weight, merged.cls!.weight) === 0);
     // the provider's merged plain model classifies like the enclave
     const m = new GPT2(merged);
     m.padTokenId = gpt2Tokenizer.eotId;

@@ -2,12 +2,14 @@
 import { Command } from 'commander';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
+import { loadCheckpoint, readHFConfig, saveCheckpoint } from '../model/checkpoint.js';
+import { writePeftAdapter, type ImportedAdapter } from '../model/peft.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { tokenizerFor } from '../model/tokenizer.js';
 import { readJsonl, trainLabels, encodeRecords, datasetWarnings, DEFAULT_FIELDS, type DataFields, type EncodedSet, type Task } from '../io/jsonl.js';
 import { classifiedLine } from '../train/predict.js';
-import { buildSession, exportRun, mergedPlainModel } from '../train/session.js';
+import { parseLoraTargets } from '../model/lora.js';
+import { buildSession, exportRun, mergedPlainModel, readAdapter } from '../train/session.js';
 import { runFinetune, evaluate, latestCheckpoint, type EvalMetrics } from '../train/finetune.js';
 import {
   RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions,
@@ -20,6 +22,7 @@ import type { TrainMode, Method } from '../enclave/split_model.js';
 import { BundleError, InputError } from '../errors.js';
 import { recordSession } from '../attacks/record.js';
 import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
+import { addAdapterCommands } from './adapter_cmds.js';
 
 export interface RunConfig {
   format: 'obfuscatune-run/1';
@@ -34,6 +37,8 @@ export interface RunConfig {
   /** the run's data (absolute paths; absent in runs of earlier versions) */
   train?: string;
   eval?: string | null;
+  /** the adapter the run started from (--init-adapter) */
+  init_adapter?: string;
 }
 
 export function readRunConfig(runDir: string): RunConfig {
@@ -57,6 +62,25 @@ function finetuneSpecInput(o: Record<string, unknown>): RunSpecInput {
     input.kappa = 'naive';
   }
   return input as RunSpecInput;
+}
+
+/**
+ * `--init-adapter`: the adapter's LoRA settings (and task, for a saved classifier) become the
+ * spec's; a flag given that contradicts them is refused.
+ */
+function withInitAdapter(input: RunSpecInput, imp: ImportedAdapter, file: string): RunSpecInput {
+  const l = imp.adapters.config;
+  const given = (input.lora ?? {}) as Record<string, unknown>;
+  const bad = (field: string, reason: string) => new RunSpecError(field, 'command line', `--init-adapter ${file}: ${reason}`);
+  if (input.method !== undefined && input.method !== 'lora') throw bad('method', `a LoRA adapter starts method lora, not ${input.method}`);
+  if (given.rank !== undefined && given.rank !== l.rank) throw bad('lora.rank', `the adapter has rank ${l.rank}, not ${String(given.rank)}`);
+  if (given.alpha !== undefined && Math.abs(Number(given.alpha) / l.rank - l.alpha / l.rank) > 1e-6 * (l.alpha / l.rank)) throw bad('lora.alpha', `the adapter has alpha ${l.alpha} (rank ${l.rank}), not ${String(given.alpha)}`);
+  if (given.targets !== undefined) {
+    const t = Array.isArray(given.targets) ? given.targets.join(',') : String(given.targets);
+    if (parseLoraTargets(t).join(',') !== l.targets.join(',')) throw bad('lora.targets', `the adapter adapts ${l.targets.join(',')}, not ${t}`);
+  }
+  if (imp.task && input.task !== undefined && input.task !== imp.task) throw bad('task', `the adapter is for task ${imp.task}, not ${input.task}`);
+  return { ...input, method: 'lora', task: input.task ?? imp.task, lora: { ...given, rank: l.rank, alpha: l.alpha, targets: l.targets, dropout: (given.dropout as number | undefined) ?? l.dropout } } as RunSpecInput;
 }
 
 /** What a run writes into its directory (removed by a fresh run with --force). */
@@ -90,6 +114,7 @@ export function addFinetuneCommands(program: Command): void {
     .option('--train <file>', 'training JSONL ({"text"}, {"prompt","completion"} or {"text","label"}; with --resume: the run\'s)')
     .option('--eval <file>', 'evaluation JSONL (with --resume: the run\'s)'), { bundle: true, help: { method: 'lora (adapters in the enclave), full, or local (= --mode local --method full)' } })
     .option('--naive', 'naive Gaussian masks (= --kappa naive)')
+    .option('--init-adapter <dir>', 'start from a LoRA adapter: a PEFT adapter directory (its classifier too), a run\'s final/ or adapters file; the rank, alpha and targets are the adapter\'s')
     .option('--resume', `continue the run in --out from its latest checkpoint with the settings in its ${RUN_SPEC_FILE} (no flags to repeat; only ${RESUMABLE_CHANGES.map((k) => `--${k.replace(/_/g, '-')}`).join(', ')} may change)`)
     .option('--serialize', 'send every boundary message through the binary codec')
     .requiredOption('--out <dir>', 'run directory')
@@ -104,7 +129,14 @@ export function addFinetuneCommands(program: Command): void {
         if (o.force) for (const f of RUN_OUTPUTS) rmSync(path.join(runDir, f), { recursive: true, force: true });
       }
       // the whole spec is validated before any work: nothing is loaded or written before this
-      const given = finetuneSpecInput(o);
+      let given = finetuneSpecInput(o);
+      let init: ImportedAdapter | null = null;
+      if (o.initAdapter) {
+        if (o.resume) throw new InputError('--init-adapter starts a fresh run; --resume continues from the run\'s checkpoint (with its adapters)');
+        if (!o.model) throw new InputError('--init-adapter needs --model DIR');
+        init = readAdapter(o.initAdapter, readHFConfig(o.model).config);
+        given = withInitAdapter(given, init, o.initAdapter);
+      }
       let spec: RunSpec;
       if (o.resume) {
         if (!latestCheckpoint(runDir)) throw new Error(`--resume: no checkpoint in ${path.join(runDir, 'checkpoints')}`);
@@ -121,7 +153,11 @@ export function addFinetuneCommands(program: Command): void {
       const evalRecs = files.eval ? readJsonl(files.eval, spec) : null;
       const labels = task === 'cls' ? trainLabels(trainRecs, evalRecs, files.train, files.eval ?? 'the evaluation set') : [];
       for (const w of datasetWarnings(trainRecs, task, labels, files.train)) console.error(`warning: ${w}`);
-      const base = loadCheckpoint(files.model);
+      let base = loadCheckpoint(files.model);
+      if (init?.score) {
+        if (task !== 'cls' || init.numLabels !== labels.length) throw new InputError(`--init-adapter ${o.initAdapter}: its classifier has ${init.numLabels} labels, ${files.train} has ${labels.length}${task !== 'cls' ? ' (and the task is lm)' : ''}`);
+        base = { ...base, cls: { numLabels: labels.length, weight: init.score, labels, pooling: 'last' } };
+      }
       // a head the model brings is kept when it has as many labels (buildSession)
       const head = task === 'cls' && base.cls && base.cls.numLabels === labels.length ? base.cls.pooling ?? 'last' : null;
       checkRunSpecForModel(spec, { n_ctx: base.config.n_ctx, headPooling: head }, 'command line');
@@ -133,11 +169,12 @@ export function addFinetuneCommands(program: Command): void {
       const session = buildSession(base, toSessionOptions(spec, {
         padTokenId: padId, numLabels: task === 'cls' ? labels.length : undefined, labels, acceleratorStateDir: path.join(runDir, 'accelerator-state'), serialize: o.serialize,
       }));
+      if (init) session.model.adapters!.params.set(init.adapters.params);
       const recording = recOpts ? recordSession(session, { ...recOpts, padTokenId: padId, modelPath: files.model, spec: spec.kappa ?? '1', twoSided: spec.two_sided, labels }) : null;
       const cfg = toFinetuneConfig(spec, session.modelId);
       const runCfg: RunConfig = {
         format: 'obfuscatune-run/1', model: path.resolve(files.model), task, method, mode, kappa: spec.kappa, labels, max_len: spec.max_len, pad_token_id: padId,
-        train: path.resolve(files.train), eval: files.eval ? path.resolve(files.eval) : null,
+        train: path.resolve(files.train), eval: files.eval ? path.resolve(files.eval) : null, ...(o.initAdapter ? { init_adapter: path.resolve(o.initAdapter) } : {}),
       };
       writeFileSync(path.join(runDir, 'config.json'), JSON.stringify(runCfg, null, 2) + '\n');
       writeRunSpec(runDir, spec);
@@ -161,6 +198,10 @@ export function addFinetuneCommands(program: Command): void {
       exportRun(path.join(runDir, 'final'), session, { kappa: spec.kappa, labels });
       // this process plays every party: it can also act as the provider and merge the update
       const merged = mergedPlainModel(session);
+      if (session.model.adapters) {
+        writePeftAdapter(path.join(runDir, 'final', 'peft'), session.model.adapters, { task, baseModel: path.resolve(files.model), score: merged.cls?.weight });
+        if (merged.cls?.pooling === 'mean') console.error('note: final/peft: this classifier pools the mean of the tokens; Hugging Face\'s GPT2ForSequenceClassification pools the last one');
+      }
       saveCheckpoint(path.join(runDir, 'merged'), { ...merged, cls: merged.cls ? { ...merged.cls, labels } : undefined, padTokenId: task === 'cls' ? padId : merged.padTokenId });
       const { losses, ...rest } = summary;
       const out = { ...rest, first_loss: losses[0] ?? null, model: path.resolve(files.model), labels: task === 'cls' ? labels : undefined };
@@ -170,7 +211,7 @@ export function addFinetuneCommands(program: Command): void {
         const e = summary.eval;
         console.log(`${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`);
         if (e) console.log(`eval: loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''} on ${e.examples} examples`);
-        console.log(`run directory ${runDir} (${RUN_SPEC_FILE}, metrics.jsonl, summary.json, checkpoints/, final/, merged/)`);
+        console.log(`run directory ${runDir} (${RUN_SPEC_FILE}, metrics.jsonl, summary.json, checkpoints/, final/${session.model.adapters ? ' with the PEFT adapter final/peft/' : ''}, merged/)`);
       }
     });
 
@@ -205,6 +246,8 @@ export function addFinetuneCommands(program: Command): void {
       if (o.json) console.log(JSON.stringify(e));
       else console.log(`loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
     });
+
+  addAdapterCommands(program);
 }
 
 interface ClassCounts { label: string; count: number; correct: number; predicted: number }

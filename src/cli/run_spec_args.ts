@@ -5,7 +5,9 @@
  * Values go to `parseRunSpec` as given (numbers converted), which refuses the invalid ones.
  */
 import type { Command } from 'commander';
-import { RUN_SPEC_DEFAULTS, BUNDLE_FIELDS, type RunSpecInput } from '../train/run_spec.js';
+import { RUN_SPEC_DEFAULTS, BUNDLE_FIELDS, RunSpecError, type RunSpecInput } from '../train/run_spec.js';
+import { PEFT_TARGET_MODULES, parseTargetModules } from '../model/peft.js';
+import { parseLoraTargets } from '../model/lora.js';
 
 interface Flag {
   /** commander flag ("--max-len <n>"; no value: a switch) */
@@ -14,6 +16,8 @@ interface Flag {
   field: string;
   help: string;
   numeric?: boolean;
+  /** turns the value into the setting's (PEFT's module names into targets) */
+  map?: (v: string) => unknown;
 }
 
 const FLAGS: Flag[] = [
@@ -47,8 +51,22 @@ const FLAGS: Flag[] = [
   { flag: '--rank <r>', field: 'lora.rank', help: 'LoRA rank', numeric: true },
   { flag: '--alpha <a>', field: 'lora.alpha', help: 'LoRA alpha', numeric: true },
   { flag: '--dropout <p>', field: 'lora.dropout', help: 'LoRA dropout', numeric: true },
-  { flag: '--targets <list>', field: 'lora.targets', help: 'LoRA targets: q,k,v,proj,fc,mlp-proj (or qkv, mlp), and wte (the token embedding; classification)' },
+  { flag: '--targets <list>', field: 'lora.targets', help: 'LoRA targets: q,k,v,proj,fc,mlp-proj (or qkv, mlp), and wte (the token embedding; classification)', map: targetsOrText },
+  // Hugging Face PEFT's names for the same settings
+  { flag: '--lora-r <r>', field: 'lora.rank', help: 'PEFT\'s name of --rank', numeric: true },
+  { flag: '--lora-alpha <a>', field: 'lora.alpha', help: 'PEFT\'s name of --alpha', numeric: true },
+  { flag: '--lora-dropout <p>', field: 'lora.dropout', help: 'PEFT\'s name of --dropout', numeric: true },
+  { flag: '--target-modules <list>', field: 'lora.targets', help: `--targets in PEFT's GPT-2 module names: ${Object.keys(PEFT_TARGET_MODULES).join(', ')} (c_attn: q,k,v; c_proj: both projections)`, map: parseTargetModules },
 ];
+
+/** The targets when the text names them; otherwise the text, for the spec to refuse with its own message. */
+function targetsOrText(v: string): unknown {
+  try {
+    return parseLoraTargets(v);
+  } catch {
+    return v;
+  }
+}
 
 /** A number when the text is one; otherwise the text, for the spec to refuse with its own message. */
 function numberOrText(v: string): number | string {
@@ -91,12 +109,18 @@ export function addFieldOptions(cmd: Command, defaults: string): Command {
   return cmd;
 }
 
-/** The spec input of the flags given (a flag not given is absent). */
+/** The spec input of the flags given (a flag not given is absent; two names of one setting must agree). */
 export function runSpecInputOf(opts: Record<string, unknown>): RunSpecInput {
   const out: Record<string, unknown> = {};
+  const by = new Map<string, [string, unknown]>();
   for (const f of FLAGS) {
-    const v = opts[keyOf(f.flag)];
-    if (v === undefined) continue;
+    const given = opts[keyOf(f.flag)];
+    if (given === undefined) continue;
+    const v = f.map ? f.map(String(given)) : given;
+    const name = f.flag.split(' ')[0];
+    const was = by.get(f.field);
+    if (was && JSON.stringify(was[1]) !== JSON.stringify(v)) throw new RunSpecError(f.field, 'command line', `${was[0]} ${JSON.stringify(opts[keyOf(was[0])])} and ${name} ${JSON.stringify(given)} disagree`);
+    by.set(f.field, [name, v]);
     const [a, b] = f.field.split('.');
     if (b) out[a] = { ...((out[a] as object | undefined) ?? {}), [b]: v };
     else out[a] = v;

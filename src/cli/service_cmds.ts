@@ -12,6 +12,7 @@ import {
   EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, inferRecords, waitForJob,
 } from '../roles/parties.js';
 import { InputError, PolicyError } from '../errors.js';
+import { writePeftAdapter } from '../model/peft.js';
 import { contractSha256, describeSignatures, draftContract, readContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
@@ -218,10 +219,13 @@ export function addPartyCommands(program: Command): void {
     .requiredOption('--base <dir>', 'the original plain checkpoint')
     .requiredOption('--accelerator <addr>', 'accelerator address (trained weights of full fine-tuning)')
     .requiredOption('--out <dir>', 'output checkpoint directory')
+    .option('--peft-out <dir>', 'also write the LoRA update as a Hugging Face PEFT adapter directory')
     .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)'))
     .action(async (o) => {
       const c = await connect(o, provKey(o));
-      const { merged, update } = await fetchAndMerge(c, o.accelerator, loadCheckpoint(o.base), o.bundles, nodePath.join(o.bundles, 'scratch'));
+      const { merged, update, adapters } = await fetchAndMerge(c, o.accelerator, loadCheckpoint(o.base), o.bundles, nodePath.join(o.bundles, 'scratch'));
+      if (o.peftOut && !adapters) throw new InputError(`--peft-out: the update is of method ${String(update.method)}, it has no LoRA adapters`);
+      if (o.peftOut && adapters) writePeftAdapter(o.peftOut, adapters, { task: update.task as 'lm' | 'cls', baseModel: nodePath.resolve(o.base), score: merged.cls?.weight });
       saveCheckpoint(o.out, merged);
       console.log(JSON.stringify({ out: o.out, ...update }));
       c.close();

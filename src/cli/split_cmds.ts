@@ -15,6 +15,7 @@ import { Enclave } from '../enclave/enclave.js';
 import { progressBar } from './progress.js';
 import { loadModel, parseIntArg, refuseNonEmpty } from './model_args.js';
 import { BundleError } from '../errors.js';
+import { mergeAdapter, readAdapter } from '../train/session.js';
 
 export function addSplitCommands(program: Command): void {
   program
@@ -53,15 +54,18 @@ export function addSplitCommands(program: Command): void {
     .option('--accelerator <dir>', 'accelerator bundle (default: BUNDLES/accelerator)')
     .option('--enclave <dir>', 'enclave bundle (default: BUNDLES/enclave)')
     .option('--key <dir>', 'provider key (default: BUNDLES/provider)')
+    .option('--adapter <dir>', 'also fold in a LoRA adapter: a PEFT adapter directory (its classifier too), a run\'s final/ or adapters file')
     .requiredOption('--out <dir>', 'output checkpoint directory')
     .option('--force', 'write into a non-empty --out')
     .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32'))
     .action((o) => {
       refuseNonEmpty(o.out, o.force, 'deobfuscate');
       const base = loadCheckpoint(o.base);
-      const w = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'));
+      const adapter = o.adapter ? readAdapter(o.adapter, base.config) : null;
+      const plain = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'));
+      const w = adapter ? mergeAdapter(plain, adapter) : plain;
       saveCheckpoint(o.out, w, { dtype: o.dtype });
-      console.log(`wrote plain checkpoint ${o.out}`);
+      console.log(`wrote plain checkpoint ${o.out}${adapter ? ` with the adapter ${o.adapter} merged` : ''}`);
     });
 
   program

@@ -31,6 +31,7 @@ import { deobfuscate } from '../obfuscate/transform.js';
 import { LINEARS } from '../model/block.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { loadAdapters, mergeAdaptersPlain } from '../train/session.js';
+import type { LoraAdapters } from '../model/lora.js';
 import type { JobSpec } from './enclave_service.js';
 import { BundleError, InputError, PolicyError, SessionError, StateError, TransportError } from '../errors.js';
 import { bundleDirDigest, contractSha256, verifyContract, type Contract } from './contract.js';
@@ -259,7 +260,7 @@ export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string): 
  * obfuscated weights from the accelerator for full fine-tuning) and merges it into a plain
  * model with the secret key. `bundles` holds accelerator/, enclave/ and provider/.
  */
-export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: GPT2Weights, bundles: string, scratch: string): Promise<{ merged: GPT2Weights; update: Record<string, unknown> }> {
+export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: GPT2Weights, bundles: string, scratch: string): Promise<{ merged: GPT2Weights; update: Record<string, unknown>; adapters: LoraAdapters | null }> {
   const up = await c.command<{ update: string; method: string; mode: string; task: string; labels: string[]; pooling?: Pooling; summary: unknown; bundle_sha256: string | null; contract_sha256: string | null }>('fetch_update');
   // the update must come from this provider's own bundle, under its own contract
   const own = bundleDirDigest(path.join(bundles, 'enclave'));
@@ -295,14 +296,15 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   }
   const masks = deriveMasks(base.config, key, params);
   let merged: GPT2Weights;
+  let ad: LoraAdapters | null = null;
   if (up.method === 'lora') {
-    const ad = loadAdapters(file, base.config.n_layer, base.config.n_embd, base.config.vocab_size);
+    ad = loadAdapters(file, base.config.n_layer, base.config.n_embd, base.config.vocab_size);
     merged = mergeAdaptersPlain(deobfuscate(w, acc, tensors, masks), ad);
   } else {
     merged = deobfuscate(w, acc, tensors, masks);
   }
   rmSync(file, { force: true });
-  return { merged, update: { method: up.method, mode: up.mode, task: up.task, labels: up.labels, pooling: up.pooling, summary: up.summary } };
+  return { merged, update: { method: up.method, mode: up.mode, task: up.task, labels: up.labels, pooling: up.pooling, summary: up.summary }, adapters: ad };
 }
 
 // ------------------------------------------------------------------ data owner

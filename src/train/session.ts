@@ -4,9 +4,12 @@
  * Also exports what a run produces and merges it back into a plain checkpoint.
  */
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { GPT2Weights } from '../model/weights.js';
+import type { GPT2Config } from '../model/config.js';
+import { isPeftAdapterDir, readPeftAdapter, type ImportedAdapter } from '../model/peft.js';
+import { BundleError } from '../errors.js';
 import { ParamLayout } from '../model/params.js';
 import { Rng } from '../tensor/rng.js';
 import { parseMaskSpec } from '../linalg/masks.js';
@@ -207,3 +210,24 @@ export function loadAdapters(file: string, nLayer: number, d: number, vocab: num
   return ad;
 }
 
+
+/**
+ * An adapter to merge or start from: a PEFT adapter directory, a run's `final/` directory, or
+ * an adapters file written by exportRun.
+ */
+export function readAdapter(p: string, cfg: GPT2Config): ImportedAdapter {
+  if (!existsSync(p)) throw new BundleError(`adapter ${p} not found`);
+  if (!statSync(p).isDirectory()) return { adapters: loadAdapters(p, cfg.n_layer, cfg.n_embd, cfg.vocab_size) };
+  if (isPeftAdapterDir(p)) return readPeftAdapter(p, cfg);
+  const f = path.join(p, 'adapters.safetensors');
+  if (existsSync(f)) return { adapters: loadAdapters(f, cfg.n_layer, cfg.n_embd, cfg.vocab_size) };
+  throw new BundleError(`${p} is neither a PEFT adapter directory (adapter_config.json) nor a directory with adapters.safetensors`);
+}
+
+/** Plain weights with an adapter folded in and its classifier, if it has one, as the head. */
+export function mergeAdapter(w: GPT2Weights, a: ImportedAdapter): GPT2Weights {
+  const m = mergeAdaptersPlain(w, a.adapters);
+  if (!a.score) return m;
+  const keep = w.cls?.numLabels === a.numLabels ? w.cls : undefined;
+  return { ...m, cls: { numLabels: a.numLabels!, weight: Float32Array.from(a.score), labels: keep?.labels, pooling: keep?.pooling ?? 'last' } };
+}

@@ -15,7 +15,7 @@
  * array: every X comes from the basis (`norm`, `buffer`) or from the linears.
  */
 import type { GPT2Config } from './config.js';
-import { attentionForward, attentionBackward } from './kernels.js';
+import { attentionForward, attentionBackward, gqaCachedAttention } from './kernels.js';
 import { geluForwardPar as geluForward, geluBackwardPar as geluBackward } from '../tensor/parallel.js';
 import { loraForward, loraBackward, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
 import type { RandomSource } from '../tensor/rng.js';
@@ -239,42 +239,5 @@ export async function blockBackward<X extends Float32Array>(m: BlockEnv<X>, l: n
  * receives their keys and values. qkv[n, 3C] ; out[n, C] ; cache.k, cache.v [n_ctx, C].
  */
 export function cachedAttention(out: Float32Array, qkv: Float32Array, cache: LayerCache, n: number, C: number, NH: number): void {
-  const hs = C / NH;
-  const scale = 1 / Math.sqrt(hs);
-  const pos0 = cache.pos;
-  const { k: kc, v: vc } = cache;
-  for (let i = 0; i < n; i++) {
-    kc.set(qkv.subarray(i * 3 * C + C, i * 3 * C + 2 * C), (pos0 + i) * C);
-    vc.set(qkv.subarray(i * 3 * C + 2 * C, i * 3 * C + 3 * C), (pos0 + i) * C);
-  }
-  const scores = new Float32Array(pos0 + n);
-  out.fill(0, 0, n * C);
-  for (let i = 0; i < n; i++) {
-    const p = pos0 + i;
-    for (let h = 0; h < NH; h++) {
-      const qo = i * 3 * C + h * hs;
-      let mx = -Infinity;
-      for (let s = 0; s <= p; s++) {
-        const ko = s * C + h * hs;
-        let d = 0;
-        for (let j = 0; j < hs; j++) d += qkv[qo + j] * kc[ko + j];
-        d *= scale;
-        scores[s] = d;
-        if (d > mx) mx = d;
-      }
-      let sum = 0;
-      for (let s = 0; s <= p; s++) {
-        const e = Math.exp(scores[s] - mx);
-        scores[s] = e;
-        sum += e;
-      }
-      const inv = 1 / sum;
-      const oo = i * C + h * hs;
-      for (let s = 0; s <= p; s++) {
-        const w = scores[s] * inv;
-        const vo = s * C + h * hs;
-        for (let j = 0; j < hs; j++) out[oo + j] += w * vc[vo + j];
-      }
-    }
-  }
+  gqaCachedAttention(out, qkv, cache.k, cache.v, cache.pos, n, NH, NH, C / NH);
 }

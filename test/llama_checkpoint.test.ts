@@ -86,3 +86,15 @@ test('llama checkpoint: unsupported or wrong configs and tensors are refused nam
   fs.writeFileSync(path.join(dir, 'model.safetensors.index.json'), JSON.stringify(index));
   assert.throws(() => loadLlamaCheckpoint(dir), /missing 1 tensor\(s\) for a 2-layer Llama model: "layers.1.mlp.up_proj.weight"/);
 });
+
+test('a sequence-classification checkpoint (no lm_head) loads and is written back without one', () => {
+  const fix = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../../test/fixtures/llama-cls');
+  const w = loadLlamaCheckpoint(fix);
+  assert.equal(w.cls!.numLabels, 3);
+  const dir = tmp();
+  saveLlamaCheckpoint(dir, w);
+  const names = openSafetensors(path.join(dir, 'model.safetensors')).names();
+  assert.ok(names.includes('score.weight') && !names.includes('lm_head.weight'));
+  assert.equal(JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')).architectures[0], 'LlamaForSequenceClassification');
+  assert.deepEqual(loadLlamaCheckpoint(dir).params, w.params);
+});

@@ -146,6 +146,8 @@ export function loadLlamaCheckpoint(p: string, opts: { expectLabels?: boolean } 
   const params = sharedFloat32(layout.total);
   const all = slots(layout);
   const wanted = new Set(all.flatMap((s) => s.parts.map((q) => q.name)));
+  // a sequence-classification checkpoint has no LM head (its rows stay zero, and are not saved back)
+  if (!config.tie_word_embeddings && byName.has('score.weight') && !byName.has('lm_head.weight')) wanted.delete('lm_head.weight');
   const files = () => [...new Set([...stored.values()].map((s) => s.file.path))].join(', ');
   const missing = [...wanted].filter((n) => !byName.has(n));
   if (missing.length) throw new BundleError(`${files()}: missing ${missing.length} tensor(s) for a ${config.n_layer}-layer ${ARCH_CLASS[arch]} model: ${listNames(missing)}`);
@@ -155,8 +157,9 @@ export function loadLlamaCheckpoint(p: string, opts: { expectLabels?: boolean } 
     const hint = beyond ? ` ("${beyond}" belongs to a layer beyond num_hidden_layers=${config.n_layer})` : extra.some((n) => /\.(q|k|v)_proj\.bias$/.test(n)) ? ' (q/k/v biases in a model type without them)' : '';
     throw new BundleError(`${files()}: unexpected tensor(s) ${listNames(extra)}${hint}`);
   }
-  for (const s of all) for (const q of s.parts) expectShape(byName.get(q.name)!, q.name, q.shape);
+  for (const s of all) for (const q of s.parts) if (wanted.has(q.name)) expectShape(byName.get(q.name)!, q.name, q.shape);
   for (const s of all) {
+    if (s.parts.some((q) => !wanted.has(q.name))) continue;
     const dst = s.dst(params);
     const W = fusedWidth(s.kind, config);
     for (const q of s.parts) {
@@ -222,31 +225,38 @@ export function llamaConfigJson(w: LlamaWeights, arch: LlamaArch, dtype: SaveDty
   return j;
 }
 
-/** Saves in the HF layout (model. prefix, nn.Linear [out, in], q/k/v and gate/up split). */
-export function saveLlamaCheckpoint(dir: string, w: LlamaWeights, opts: { dtype?: SaveDtype; arch?: LlamaArch; shardBytes?: number; extraConfig?: Record<string, unknown> } = {}): void {
-  const dtype = opts.dtype ?? 'F32';
-  const arch = opts.arch ?? (w.config.qkv_bias ? 'qwen2' : 'llama');
-  const c = w.config;
-  const tensors: TensorToWrite[] = [];
-  const json = llamaConfigJson(w, arch, dtype, opts.extraConfig);
-  for (const s of slots(w.layout)) {
-    const src = s.dst(w.params);
-    const W = fusedWidth(s.kind, c);
+/** The HF tensors of a parameter buffer (names with the `model.` prefix, nn.Linear [out, in]; copies where split). */
+export function llamaHFTensors(lay: LlamaLayout, buf: Float32Array): { name: string; shape: number[]; data: Float32Array }[] {
+  const out = [];
+  for (const s of slots(lay)) {
+    const src = s.dst(buf);
+    const W = fusedWidth(s.kind, lay.config);
     for (const q of s.parts) {
       let data: Float32Array;
       if (q.col < 0) data = src;
       else if (q.shape.length === 1) data = src.subarray(q.col, q.col + q.shape[0]!);
       else {
-        const [out, inp] = q.shape;
-        data = new Float32Array(out * inp);
-        for (let o = 0; o < out; o++) for (let i = 0; i < inp; i++) data[o * inp + i] = src[i * W + q.col + o];
+        const [rows, inp] = q.shape;
+        data = new Float32Array(rows * inp);
+        for (let o = 0; o < rows; o++) for (let i = 0; i < inp; i++) data[o * inp + i] = src[i * W + q.col + o];
       }
-      const name = q.name === 'lm_head.weight' ? q.name : PREFIX + q.name;
-      checkFinite(dir, name, data, dtype);
-      tensors.push({ name, dtype, shape: q.shape, data });
+      out.push({ name: q.name === 'lm_head.weight' ? q.name : PREFIX + q.name, shape: q.shape, data });
     }
   }
-  if (w.cls) tensors.push({ name: 'score.weight', dtype, shape: [w.cls.numLabels, c.n_embd], data: w.cls.weight });
+  return out;
+}
+
+/** Saves in the HF layout (model. prefix, nn.Linear [out, in], q/k/v and gate/up split). */
+export function saveLlamaCheckpoint(dir: string, w: LlamaWeights, opts: { dtype?: SaveDtype; arch?: LlamaArch; shardBytes?: number; extraConfig?: Record<string, unknown> } = {}): void {
+  const dtype = opts.dtype ?? 'F32';
+  const arch = opts.arch ?? (w.config.qkv_bias ? 'qwen2' : 'llama');
+  const json = llamaConfigJson(w, arch, dtype, opts.extraConfig);
+  const headless = !!w.cls && !w.config.tie_word_embeddings && w.layout.view(w.params, 'head').every((v) => v === 0);
+  const tensors: TensorToWrite[] = llamaHFTensors(w.layout, w.params).filter((t) => !(headless && t.name === 'lm_head.weight')).map((t) => {
+    checkFinite(dir, t.name, t.data, dtype);
+    return { ...t, dtype };
+  });
+  if (w.cls) tensors.push({ name: 'score.weight', dtype, shape: [w.cls.numLabels, w.config.n_embd], data: w.cls.weight });
   fs.mkdirSync(dir, { recursive: true });
   writeWeights(dir, tensors, json, opts.shardBytes);
 }

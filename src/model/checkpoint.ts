@@ -88,7 +88,9 @@ export function readHFConfig(dirOrFile: string): { config: GPT2Config; raw: Reco
   const raw = json as Record<string, unknown>;
 
   if (raw['model_type'] !== undefined && raw['model_type'] !== 'gpt2') {
-    throw new BundleError(`${file}: model_type is ${JSON.stringify(raw['model_type'])}, only "gpt2" is supported`);
+    const llama = ['llama', 'mistral', 'qwen2'].includes(raw['model_type'] as string);
+    throw new BundleError(`${file}: model_type is ${JSON.stringify(raw['model_type'])}, only "gpt2" is supported here` +
+      (llama ? ' (Llama-family checkpoints are taken by init, train and generate; fine-tuning and inference through the split do not take them yet)' : ''));
   }
   const act = raw['activation_function'];
   if (act !== undefined && !(typeof act === 'string' && ACTIVATIONS.has(act))) {

@@ -51,6 +51,15 @@ test('llama checkpoint: nn.Linear layout on disk, F32 round trip exact, BF16 and
   assert.equal(qc.model_type, 'qwen2');
   assert.ok(!openSafetensors(path.join(d3, 'model.safetensors')).names().includes('lm_head.weight'));
   assert.deepEqual(loadLlamaCheckpoint(d3).params, qw.params);
+  // Mistral's layout is Llama's: F16, model_type kept
+  const d4 = tmp();
+  saveLlamaCheckpoint(d4, Llama.random(micro, 4).weights(), { arch: 'mistral', dtype: 'F16' });
+  const mc = JSON.parse(fs.readFileSync(path.join(d4, 'config.json'), 'utf8'));
+  assert.deepEqual([mc.model_type, mc.architectures[0], mc.sliding_window, mc.torch_dtype], ['mistral', 'MistralForCausalLM', null, 'float16']);
+  const mw = loadLlamaCheckpoint(d4);
+  assert.equal(mw.arch, 'mistral');
+  assert.ok(maxAbsDiff(mw.params, Llama.random(micro, 4).params) < 1e-3);
+  assert.throws(() => saveLlamaCheckpoint(tmp(), qw.weights(), { arch: 'llama' }), /q\/k\/v biases cannot be saved as model_type llama/);
 });
 
 test('llama checkpoint: unsupported or wrong configs and tensors are refused naming the field', () => {

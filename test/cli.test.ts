@@ -199,3 +199,30 @@ test('the four-terminal walkthrough of docs/deployment.md runs end to end (scrip
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('Llama family on the plain commands: init, train (its own tokenizer.json, kept with the output), generate; the split refuses it by name', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-cli-llama-'));
+  try {
+    const i = run(['init', '--preset', 'llama-micro', '--out', path.join(dir, 'init')]);
+    assert.equal(i.status, 0, i.stderr);
+    assert.equal(JSON.parse(readFileSync(path.join(dir, 'init', 'config.json'), 'utf8')).model_type, 'llama');
+    const text = path.join(dir, 't.txt');
+    writeFileSync(text, 'the water is hot and the day is long they had some water in the hot sound of the day '.repeat(6));
+    const out = path.join(dir, 'trained');
+    const t = run(['train', '--model', path.join(ROOT, 'test/fixtures/llama'), '--text', text, '--eval-text', text, '--steps', '30', '--batch', '4', '--seq', '8', '--lr', '1e-2', '--out', out]);
+    assert.equal(t.status, 0, t.stderr);
+    const [before, after] = [...t.stdout.matchAll(/loss (\d+\.\d+)/g)].map((m) => Number(m[1]));
+    assert.ok(after < before / 2, `training lowers the loss: ${before} -> ${after}`);
+    assert.ok(existsSync(path.join(out, 'tokenizer.json')));
+    const g = run(['generate', '--model', out, '--prompt', 'the water', '--max-tokens', '5', '--json']);
+    assert.equal(g.status, 0, g.stderr);
+    const j = JSON.parse(g.stdout);
+    assert.equal(j.tokens.length, 5);
+    assert.match(j.completion, /^(\w+ ?)+/);
+    const f = run(['obfuscate', '--model', out, '--out', path.join(dir, 'b')]);
+    assert.notEqual(f.status, 0);
+    assert.match(f.stderr, /Llama-family checkpoint/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -19,7 +19,8 @@ import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../src/obfu
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, withUpdate } from '../src/obfuscate/bundle.js';
 import { compareLogits } from '../src/experiments/fidelity.js';
 import { shareTable, shareRow } from '../src/obfuscate/share.js';
-import { llamaShareTable, llamaShareRow, llamaParamCount, LLAMA_SHAPES } from '../src/obfuscate/share_llama.js';
+import { llamaShareTable, llamaShareRow, llamaParamCount } from '../src/obfuscate/share_llama.js';
+import { LLAMA_PRESETS as LLAMA_SHAPES } from '../src/model/config.js';
 import { Enclave, inProcessSplit } from '../src/enclave/enclave.js';
 import { Accelerator } from '../src/accelerator/accelerator.js';
 import { InProcessLink, type CrossingEvent } from '../src/protocol/link.js';

@@ -4,7 +4,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { readJsonl, DEFAULT_FIELDS } from '../io/jsonl.js';
 import { readRunSpec } from '../train/run_spec.js';
 import { inferenceInput } from '../train/predict.js';
-import { getPreset, presetNames } from '../model/config.js';
+import { getPreset, presetNames, LLAMA_PRESETS } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
 import { saveCheckpoint } from '../model/checkpoint.js';
 import { generate } from '../model/transformer.js';
@@ -14,7 +14,9 @@ import { benchGemm, formatGemmBench } from '../bench/gemm.js';
 import { benchTrainStep, formatTrainStep } from '../bench/train_step.js';
 import { trainLM, evaluateLM } from '../train/lm.js';
 import { progressBar } from './progress.js';
-import { loadModel, parseIntArg, parseFloatArg } from './model_args.js';
+import { loadPlainModel, parseIntArg, parseFloatArg } from './model_args.js';
+import { Llama } from '../model/llama.js';
+import { saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
 import { runStart } from './start.js';
 import { addServiceCommands } from './service_cmds.js';
 import { benchFinetune, benchFinetuneInterleaved, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
@@ -64,13 +66,15 @@ export function buildProgram(): Command {
   program
     .command('init')
     .description('write a randomly initialised GPT-2 of a preset size as a Hugging Face checkpoint directory')
-    .requiredOption('--preset <name>', `one of ${presetNames().join(', ')}`)
+    .requiredOption('--preset <name>', `one of ${[...presetNames(), ...Object.keys(LLAMA_PRESETS)].join(', ')}`)
     .requiredOption('--out <dir>', 'output directory')
     .option('--seed <n>', 'random seed', parseIntArg('--seed'), 1)
     .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32'))
     .action((o: { preset: string; out: string; seed: number; dtype: 'F32' | 'F16' | 'BF16' }) => {
-      const model = GPT2.random(getPreset(o.preset), o.seed);
-      saveCheckpoint(o.out, model.weights(), { dtype: o.dtype });
+      const llama = LLAMA_PRESETS[o.preset];
+      const model = llama ? Llama.random({ ...llama }, o.seed) : GPT2.random(getPreset(o.preset), o.seed);
+      if (model instanceof Llama) saveLlamaCheckpoint(o.out, model.weights(), { dtype: o.dtype });
+      else saveCheckpoint(o.out, model.weights(), { dtype: o.dtype });
       console.log(`wrote ${o.preset} (${model.numParams().toLocaleString()} parameters, ${o.dtype}) to ${o.out}`);
     });
 
@@ -91,8 +95,9 @@ export function buildProgram(): Command {
     .option('--seed <n>', 'random seed', parseIntArg('--seed'), 1)
     .option('--out <dir>', 'write the trained checkpoint here')
     .action(async (o) => {
-      const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
-      const tok = tokenizerFor(model.config.vocab_size);
+      const plain = loadPlainModel(o.model, { randomInit: o.randomInit, seed: o.seed });
+      const model = plain.model;
+      const tok = plain.tokenizer();
       const stream = Int32Array.from(tok.encode(readText(o.text)));
       const evalStream = o.evalText ? Int32Array.from(tok.encode(readText(o.evalText))) : null;
       if (evalStream) {
@@ -116,7 +121,7 @@ export function buildProgram(): Command {
         console.log(`eval after: loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(1)}`);
       }
       if (o.out) {
-        saveCheckpoint(o.out, model.weights());
+        plain.save(o.out);
         console.log(`saved to ${o.out}`);
       }
     });
@@ -224,8 +229,9 @@ export function buildProgram(): Command {
         }
       } else {
         if (!o.model && !o.run) throw new InputError('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
-        const model = o.run ? new GPT2(loadRunModel(o.run)) : loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
-        tok = tokenizerFor(model.config.vocab_size);
+        const plain = o.run ? null : loadPlainModel(o.model, { randomInit: o.randomInit, seed: o.seed });
+        const model = plain ? plain.model : new GPT2(loadRunModel(o.run));
+        tok = plain ? plain.tokenizer() : tokenizerFor(model.config.vocab_size);
         gen = (p) => generate(model, p, { ...opts, stopToken: tok!.eotId });
         nCtx = model.config.n_ctx;
       }

@@ -1,14 +1,51 @@
 /** Shared resolution of `--model` arguments: a checkpoint directory or a preset name. */
-import { existsSync, readdirSync, statSync } from 'node:fs';
-import { getPreset, presetNames } from '../model/config.js';
+import { copyFileSync, existsSync, readdirSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { getPreset, presetNames, LLAMA_PRESETS } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
-import { loadCheckpoint } from '../model/checkpoint.js';
+import { Llama } from '../model/llama.js';
+import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
+import { checkpointModelType, isLlamaArch, loadLlamaCheckpoint, saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
+import { hasCheckpointTokenizer, loadCheckpointTokenizer } from '../model/hf_tokenizer.js';
+import { tokenizerFor, type Tokenizer } from '../model/tokenizer.js';
 import { InvalidArgumentError } from 'commander';
 import { InputError } from '../errors.js';
 
+/** A plain model of either family with the tokenizer that goes with it. */
+export interface PlainModel { model: GPT2 | Llama; tokenizer: () => Tokenizer; save: (dir: string) => void }
+
+/**
+ * `--model` for the plain commands (init, train, generate): a GPT-2 or Llama-family checkpoint
+ * directory (its own tokenizer.json when it has one, else GPT-2's BPE), or a preset of either
+ * family with --random-init.
+ */
+export function loadPlainModel(spec: string, opts: { randomInit?: boolean; seed?: number } = {}): PlainModel {
+  const llamaPreset = LLAMA_PRESETS[spec];
+  const dirLlama = !opts.randomInit && existsSync(spec) && isLlamaArch(checkpointModelType(spec));
+  if ((opts.randomInit && llamaPreset) || dirLlama) {
+    const w = dirLlama ? loadLlamaCheckpoint(spec) : null;
+    const model = w ? new Llama(w) : Llama.random({ ...llamaPreset! }, opts.seed ?? 1);
+    return {
+      model,
+      tokenizer: () => (dirLlama && hasCheckpointTokenizer(spec) ? loadCheckpointTokenizer(spec) : tokenizerFor(model.config.vocab_size)),
+      save: (dir) => {
+        saveLlamaCheckpoint(dir, model.weights(), { arch: w?.arch });
+        // the checkpoint's tokenizer goes with it
+        for (const f of ['tokenizer.json', 'tokenizer_config.json']) if (dirLlama && existsSync(join(spec, f))) copyFileSync(join(spec, f), join(dir, f));
+      },
+    };
+  }
+  const model = loadModel(spec, opts);
+  return { model, tokenizer: () => tokenizerFor(model.config.vocab_size), save: (dir) => saveCheckpoint(dir, model.weights()) };
+}
+
 export function loadModel(spec: string, opts: { randomInit?: boolean; seed?: number } = {}): GPT2 {
   if (opts.randomInit) {
+    if (LLAMA_PRESETS[spec]) throw new InputError(`"${spec}" is a Llama-family preset; this command takes GPT-2 models only (init, train and generate take Llama-family ones)`);
     return GPT2.random(getPreset(spec), opts.seed ?? 1);
+  }
+  if (existsSync(spec) && isLlamaArch(checkpointModelType(spec))) {
+    throw new InputError(`${spec} is a Llama-family checkpoint; this command takes GPT-2 models only (init, train and generate take Llama-family ones; the split does not yet)`);
   }
   if (existsSync(spec)) return new GPT2(loadCheckpoint(spec));
   if (presetNames().includes(spec)) {

@@ -15,10 +15,11 @@
  * array: every X comes from the basis (`norm`, `buffer`) or from the linears.
  */
 import type { GPT2Config } from './config.js';
-import { attentionForward, attentionBackward } from './kernels.js';
+import { attentionForward, attentionBackward, gqaCachedAttention } from './kernels.js';
 import { geluForwardPar as geluForward, geluBackwardPar as geluBackward } from '../tensor/parallel.js';
 import { loraForward, loraBackward, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
 import type { RandomSource } from '../tensor/rng.js';
+import { sharedFloat32 } from '../tensor/shared.js';
 
 export const LINEARS = ['qkv', 'attproj', 'fc', 'fcproj'] as const;
 export type LinearName = (typeof LINEARS)[number];
@@ -33,11 +34,12 @@ export function linearDims(name: LinearName, d: number): [number, number] {
   }
 }
 
-export interface Linears<X extends Float32Array> {
+/** A block's linear products, by name (N: the family's linear names, GPT-2's by default). */
+export interface Linears<X extends Float32Array, N extends string = LinearName> {
   /** y[rows, dout] = x[rows, din] W + b ; a training call keeps x when the weights train */
-  forward(l: number, name: LinearName, x: X, rows: number, train: boolean): Promise<X>;
+  forward(l: number, name: N, x: X, rows: number, train: boolean): Promise<X>;
   /** dx[rows, din] = dy[rows, dout] W^T (when `input`); dW += x^T dy, db += colsum(dy) when the weights train */
-  backward(l: number, name: LinearName, dy: X, rows: number, input: boolean): Promise<X | null>;
+  backward(l: number, name: N, dy: X, rows: number, input: boolean): Promise<X | null>;
 }
 
 /** What a layer norm keeps for its backward pass. */
@@ -114,13 +116,43 @@ export interface BlockScratch<X extends Float32Array> {
   df: X; //              [n, 4C]
 }
 
-export interface BlockEnv<X extends Float32Array> {
+export interface BlockEnv<X extends Float32Array, N extends string = LinearName> {
   config: GPT2Config;
   basis: Basis<X>;
-  linears: Linears<X>;
+  linears: Linears<X, N>;
   adapters: LoraAdapters | null;
   /** adapter dropout randomness (training) */
   rng: RandomSource | null;
+}
+
+/** A family's block: its forward and backward, and the per-layer buffers they use. */
+export interface BlockDef<X extends Float32Array, N extends string = LinearName> {
+  /** one layer's activations for a B x T batch */
+  acts(B: number, T: number, basis: Basis<X>): LayerActs<X>;
+  /** the backward's scratch */
+  scratch(B: number, T: number, basis: Basis<X>): BlockScratch<X>;
+  forward(m: BlockEnv<X, N>, l: number, h: Float32Array, a: LayerActs<X>, B: number, T: number, train: boolean, cache?: LayerCache | null): Promise<void>;
+  backward(m: BlockEnv<X, N>, l: number, dh: Float32Array, a: LayerActs<X>, s: BlockScratch<X>, B: number, T: number, needInput: boolean): Promise<void>;
+}
+
+export const normActs = (n: number, C: number): NormActs => ({ out: new Float32Array(n * C), mean: new Float32Array(n), rstd: new Float32Array(n) });
+
+/** GPT-2's block. */
+export function gpt2Block<X extends Float32Array>(config: GPT2Config): BlockDef<X> {
+  const { n_embd: C, n_head: NH } = config;
+  return {
+    acts: (B, T, basis) => {
+      const n = B * T;
+      return {
+        hIn: new Float32Array(n * C), n1: normActs(n, C), x1: basis.buffer(0), qkv: basis.buffer(0), att: new Float32Array(B * NH * T * T),
+        o: basis.buffer(n * C), h2: new Float32Array(n * C), n2: normActs(n, C), x2: basis.buffer(0), f: basis.buffer(0),
+        g: basis.buffer(n * 4 * C), th: sharedFloat32(n * 4 * C), lora: new Map(),
+      };
+    },
+    scratch: (B, T, basis) => ({ datt: new Float32Array(B * NH * T * T), dqkv: basis.buffer(B * T * 3 * C), df: basis.buffer(B * T * 4 * C) }),
+    forward: blockForward,
+    backward: blockBackward,
+  };
 }
 
 const QKV: readonly QkvPart[] = ['q', 'k', 'v'];
@@ -239,42 +271,5 @@ export async function blockBackward<X extends Float32Array>(m: BlockEnv<X>, l: n
  * receives their keys and values. qkv[n, 3C] ; out[n, C] ; cache.k, cache.v [n_ctx, C].
  */
 export function cachedAttention(out: Float32Array, qkv: Float32Array, cache: LayerCache, n: number, C: number, NH: number): void {
-  const hs = C / NH;
-  const scale = 1 / Math.sqrt(hs);
-  const pos0 = cache.pos;
-  const { k: kc, v: vc } = cache;
-  for (let i = 0; i < n; i++) {
-    kc.set(qkv.subarray(i * 3 * C + C, i * 3 * C + 2 * C), (pos0 + i) * C);
-    vc.set(qkv.subarray(i * 3 * C + 2 * C, i * 3 * C + 3 * C), (pos0 + i) * C);
-  }
-  const scores = new Float32Array(pos0 + n);
-  out.fill(0, 0, n * C);
-  for (let i = 0; i < n; i++) {
-    const p = pos0 + i;
-    for (let h = 0; h < NH; h++) {
-      const qo = i * 3 * C + h * hs;
-      let mx = -Infinity;
-      for (let s = 0; s <= p; s++) {
-        const ko = s * C + h * hs;
-        let d = 0;
-        for (let j = 0; j < hs; j++) d += qkv[qo + j] * kc[ko + j];
-        d *= scale;
-        scores[s] = d;
-        if (d > mx) mx = d;
-      }
-      let sum = 0;
-      for (let s = 0; s <= p; s++) {
-        const e = Math.exp(scores[s] - mx);
-        scores[s] = e;
-        sum += e;
-      }
-      const inv = 1 / sum;
-      const oo = i * C + h * hs;
-      for (let s = 0; s <= p; s++) {
-        const w = scores[s] * inv;
-        const vo = s * C + h * hs;
-        for (let j = 0; j < hs; j++) out[oo + j] += w * vc[vo + j];
-      }
-    }
-  }
+  gqaCachedAttention(out, qkv, cache.k, cache.v, cache.pos, n, NH, NH, C / NH);
 }

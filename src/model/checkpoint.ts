@@ -45,14 +45,14 @@ const INDEX_FILE = 'model.safetensors.index.json';
 const SHARD_RE = /^model-\d+-of-\d+\.safetensors$/;
 const PREFIX = 'transformer.';
 const ACTIVATIONS = new Set(['gelu_new', 'gelu_pytorch_tanh']);
-const TORCH_DTYPE: Record<SaveDtype, string> = { F32: 'float32', F16: 'float16', BF16: 'bfloat16' };
+export const TORCH_DTYPE: Record<SaveDtype, string> = { F32: 'float32', F16: 'float16', BF16: 'bfloat16' };
 
 // ---------------------------------------------------------------------------
 // config.json
 // ---------------------------------------------------------------------------
 
 /** Directory of a checkpoint given the directory itself or a file inside it. */
-function checkpointDir(p: string): string {
+export function checkpointDir(p: string): string {
   try {
     if (fs.statSync(p).isDirectory()) return p;
   } catch {
@@ -61,7 +61,7 @@ function checkpointDir(p: string): string {
   return path.dirname(p);
 }
 
-function readJson(file: string): unknown {
+export function readJson(file: string): unknown {
   let text: string;
   try {
     text = fs.readFileSync(file, 'utf8');
@@ -88,7 +88,9 @@ export function readHFConfig(dirOrFile: string): { config: GPT2Config; raw: Reco
   const raw = json as Record<string, unknown>;
 
   if (raw['model_type'] !== undefined && raw['model_type'] !== 'gpt2') {
-    throw new BundleError(`${file}: model_type is ${JSON.stringify(raw['model_type'])}, only "gpt2" is supported`);
+    const llama = ['llama', 'mistral', 'qwen2'].includes(raw['model_type'] as string);
+    throw new BundleError(`${file}: model_type is ${JSON.stringify(raw['model_type'])}, only "gpt2" is supported here` +
+      (llama ? ' (Llama-family checkpoints are taken by init, train and generate; fine-tuning and inference through the split do not take them yet)' : ''));
   }
   const act = raw['activation_function'];
   if (act !== undefined && !(typeof act === 'string' && ACTIVATIONS.has(act))) {
@@ -173,14 +175,14 @@ export function hfConfigJson(w: GPT2Weights, extra?: Record<string, unknown>, dt
 // Loading
 // ---------------------------------------------------------------------------
 
-interface Source {
+export interface Source {
   file: SafetensorsFile;
   /** Name as stored in the file. */
   stored: string;
 }
 
 /** Opens every safetensors file of a checkpoint; returns them keyed by stored tensor name. */
-function openWeights(p: string, dir: string): Map<string, Source> {
+export function openWeights(p: string, dir: string): Map<string, Source> {
   let files: SafetensorsFile[];
   const isFile = fs.statSync(p).isFile();
   const single = path.join(dir, SINGLE_FILE);
@@ -253,9 +255,9 @@ function openIndexed(indexFile: string, dir: string): Map<string, Source> {
   return out;
 }
 
-const fmtShape = (s: number[]) => `[${s.join(', ')}]`;
+export const fmtShape = (s: number[]) => `[${s.join(', ')}]`;
 
-function expectShape(src: Source, name: string, expected: number[]): void {
+export function expectShape(src: Source, name: string, expected: number[]): void {
   const got = src.file.info(src.stored).shape;
   if (got.length === expected.length && got.every((d, i) => d === expected[i])) return;
   const transposed = got.length === 2 && expected.length === 2 && got[0] === expected[1] && got[1] === expected[0];
@@ -265,7 +267,7 @@ function expectShape(src: Source, name: string, expected: number[]): void {
   );
 }
 
-function readFloat(src: Source, out: Float32Array): Float32Array {
+export function readFloat(src: Source, out: Float32Array): Float32Array {
   const { dtype } = src.file.info(src.stored);
   if (dtype !== 'F32' && dtype !== 'F16' && dtype !== 'BF16' && dtype !== 'F64') {
     throw new BundleError(`${src.file.path}: tensor "${src.stored}" has unsupported dtype ${dtype} (supported: F32, F16, BF16)`);
@@ -281,11 +283,11 @@ function readFloat(src: Source, out: Float32Array): Float32Array {
 }
 
 /** Relative rounding error of a stored float dtype (with some slack). */
-const relTol = (dtype: string): number => (dtype === 'BF16' ? 2 ** -7 : dtype === 'F16' ? 2 ** -10 : 1e-6);
+export const relTol = (dtype: string): number => (dtype === 'BF16' ? 2 ** -7 : dtype === 'F16' ? 2 ** -10 : 1e-6);
 
 /** Max number of names quoted in an error listing. */
 const LIST_MAX = 5;
-const listNames = (names: string[]) =>
+export const listNames = (names: string[]) =>
   names.slice(0, LIST_MAX).map((n) => `"${n}"`).join(', ') + (names.length > LIST_MAX ? `, ... (${names.length} in all)` : '');
 
 /**
@@ -447,7 +449,7 @@ function writeFileAtomic(file: string, text: string): void {
 const DTYPE_BYTES: Record<SaveDtype, number> = { F32: 4, F16: 2, BF16: 2 };
 const F16_MAX = 65504;
 
-function checkFinite(dir: string, name: string, data: Float32Array, dtype: SaveDtype): void {
+export function checkFinite(dir: string, name: string, data: Float32Array, dtype: SaveDtype): void {
   const limit = dtype === 'F16' ? F16_MAX + 16 : Infinity; // values below 65520 round to 65504
   for (let i = 0; i < data.length; i++) {
     const v = data[i]!;
@@ -508,15 +510,24 @@ export function saveCheckpoint(dir: string, w: GPT2Weights, opts: SaveOptions = 
     tensors.push({ name: 'score.weight', dtype, shape: [numLabels, config.n_embd], data: weight });
   }
 
+  writeWeights(dir, tensors, config_, opts.shardBytes);
+}
+
+/**
+ * Writes `tensors` and config.json into a checkpoint directory: model.safetensors, or shards
+ * of at most `shardBytes` data bytes plus model.safetensors.index.json; stale weight files of
+ * the other layout are removed.
+ */
+export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: Record<string, unknown>, shardBytes?: number): void {
   fs.mkdirSync(dir, { recursive: true });
   const metadata = { format: 'pt' };
   const single = path.join(dir, SINGLE_FILE);
   const index = path.join(dir, INDEX_FILE);
   const oldShards = fs.readdirSync(dir).filter((f) => SHARD_RE.test(f));
 
-  if (opts.shardBytes === undefined) {
+  if (shardBytes === undefined) {
     writeSafetensors(single, tensors, metadata);
-    writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(config_, null, 2) + '\n');
+    writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
     fs.rmSync(index, { force: true });
     for (const f of oldShards) fs.rmSync(path.join(dir, f), { force: true });
     return;
@@ -528,7 +539,7 @@ export function saveCheckpoint(dir: string, w: GPT2Weights, opts: SaveOptions = 
   let curBytes = 0;
   for (const t of tensors) {
     const b = bytesOf(t);
-    if (cur.length > 0 && curBytes + b > opts.shardBytes) {
+    if (cur.length > 0 && curBytes + b > shardBytes) {
       groups.push(cur);
       cur = [];
       curBytes = 0;
@@ -553,7 +564,7 @@ export function saveCheckpoint(dir: string, w: GPT2Weights, opts: SaveOptions = 
   });
   const sortedMap = Object.fromEntries(Object.keys(weightMap).sort().map((k) => [k, weightMap[k]!]));
   writeFileAtomic(index, JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
-  writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(config_, null, 2) + '\n');
+  writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
   fs.rmSync(single, { force: true });
   for (const f of oldShards) if (!names.includes(f)) fs.rmSync(path.join(dir, f), { force: true });
 }

@@ -1,3 +1,5 @@
+import { InputError } from '../errors.js';
+
 /** GPT-2 architecture hyper-parameters, named as in Hugging Face's `GPT2Config`. */
 export interface GPT2Config {
   /** Number of transformer blocks. */
@@ -59,4 +61,82 @@ export function validateConfig(c: GPT2Config, where = 'config'): GPT2Config {
     throw new Error(`${where}: layer_norm_epsilon must be a positive number, got ${JSON.stringify(c.layer_norm_epsilon)}`);
   }
   return c;
+}
+
+/** Frequency scaling of the rotary embedding (HF `rope_scaling`). */
+export type RopeScaling =
+  | { type: 'linear'; factor: number }
+  | { type: 'llama3'; factor: number; low_freq_factor: number; high_freq_factor: number; original_max_position_embeddings: number };
+
+/**
+ * A Llama-family model (Llama, Mistral, Qwen2): the GPT-2 fields keep their meaning
+ * (`n_embd` = hidden_size, `n_ctx` = max_position_embeddings, `layer_norm_epsilon` =
+ * rms_norm_eps), the rest is what the family adds.
+ */
+export interface LlamaConfig extends GPT2Config {
+  family: 'llama';
+  /** key/value heads (grouped-query attention; n_head when there is no grouping) */
+  n_kv_head: number;
+  /** MLP width I (gate and up project to it) */
+  intermediate_size: number;
+  rope_theta: number;
+  rope_scaling: RopeScaling | null;
+  /** the LM head is the token embedding */
+  tie_word_embeddings: boolean;
+  /** q, k and v have biases (Qwen2) */
+  qkv_bias: boolean;
+}
+
+export type ModelConfig = GPT2Config | LlamaConfig;
+
+export function isLlama(c: GPT2Config): c is LlamaConfig {
+  return (c as Partial<LlamaConfig>).family === 'llama';
+}
+
+const llama = (c: Omit<LlamaConfig, 'family' | 'rope_scaling' | 'qkv_bias' | 'layer_norm_epsilon'> & Partial<LlamaConfig>): LlamaConfig =>
+  ({ family: 'llama', rope_scaling: null, qkv_bias: false, layer_norm_epsilon: 1e-5, ...c });
+
+/** Llama-family configurations: published ones (for share and fidelity) and small ones for tests. */
+export const LLAMA_PRESETS: Record<string, LlamaConfig> = {
+  'tinyllama-1.1b': llama({ n_layer: 22, n_head: 32, n_kv_head: 4, n_embd: 2048, intermediate_size: 5632, n_ctx: 2048, vocab_size: 32000, rope_theta: 10000, tie_word_embeddings: false }),
+  'llama-3.2-1b': llama({
+    n_layer: 16, n_head: 32, n_kv_head: 8, n_embd: 2048, intermediate_size: 8192, n_ctx: 131072, vocab_size: 128256, rope_theta: 500000,
+    tie_word_embeddings: true, rope_scaling: { type: 'llama3', factor: 32, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
+  }),
+  'llama-2-7b': llama({ n_layer: 32, n_head: 32, n_kv_head: 32, n_embd: 4096, intermediate_size: 11008, n_ctx: 4096, vocab_size: 32000, rope_theta: 10000, tie_word_embeddings: false }),
+  /** about GPT-2 124M's size */
+  'llama-124m': llama({ n_layer: 12, n_head: 12, n_kv_head: 4, n_embd: 768, intermediate_size: 2048, n_ctx: 1024, vocab_size: 50257, rope_theta: 10000, tie_word_embeddings: true }),
+  /** for tests: grouped queries, untied head */
+  'llama-tiny': llama({ n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64, intermediate_size: 96, n_ctx: 64, vocab_size: 512, rope_theta: 10000, tie_word_embeddings: false }),
+  'llama-micro': llama({ n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 16, intermediate_size: 24, n_ctx: 16, vocab_size: 64, rope_theta: 10000, tie_word_embeddings: false }),
+};
+
+/** Throws an InputError naming the field when a Llama config is not usable. */
+export function validateLlamaConfig(c: LlamaConfig, where = 'config'): LlamaConfig {
+  validateConfig(c, where);
+  for (const k of ['n_kv_head', 'intermediate_size'] as const) {
+    if (!Number.isInteger(c[k]) || c[k] <= 0) throw new InputError(`${where}: "${k}" must be a positive integer, got ${JSON.stringify(c[k])}`);
+  }
+  if (c.n_head % c.n_kv_head !== 0) throw new InputError(`${where}: num_attention_heads (${c.n_head}) is not a multiple of num_key_value_heads (${c.n_kv_head})`);
+  if ((c.n_embd / c.n_head) % 2 !== 0) throw new InputError(`${where}: the head width ${c.n_embd / c.n_head} must be even for rotary embeddings`);
+  if (!(c.rope_theta > 0 && Number.isFinite(c.rope_theta))) throw new InputError(`${where}: rope_theta must be a positive number, got ${JSON.stringify(c.rope_theta)}`);
+  const s = c.rope_scaling;
+  if (s) {
+    const pos = (k: string, v: unknown) => {
+      if (!(typeof v === 'number' && v > 0 && Number.isFinite(v))) throw new InputError(`${where}: rope_scaling.${k} must be a positive number, got ${JSON.stringify(v)}`);
+    };
+    pos('factor', s.factor);
+    if (s.type === 'llama3') {
+      pos('low_freq_factor', s.low_freq_factor);
+      pos('high_freq_factor', s.high_freq_factor);
+      pos('original_max_position_embeddings', s.original_max_position_embeddings);
+      if (!(s.high_freq_factor > s.low_freq_factor)) throw new InputError(`${where}: rope_scaling.high_freq_factor (${s.high_freq_factor}) must exceed low_freq_factor (${s.low_freq_factor})`);
+    }
+  }
+  return c;
+}
+
+/** Key/value width of one position in a layer's cache: C for GPT-2, n_kv_head * head width for Llama. */
+export function kvWidth(c: GPT2Config): number {
+  return isLlama(c) ? c.n_kv_head * (c.n_embd / c.n_head) : c.n_embd;
 }

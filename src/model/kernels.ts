@@ -5,11 +5,16 @@
  * Backward functions ACCUMULATE (+=) into parameter gradients; input gradients are
  * accumulated too unless a function says it overwrites.
  */
-import { sgemmBatched } from '../tensor/gemm.js';
+import { sgemm, sgemmBatched } from '../tensor/gemm.js';
+import type { RopeScaling } from './config.js';
 
 // ---------------------------------------------------------------------------------------
-// encoder: out[B,T,C] = wte[tokens[b,t]] + wpe[t]
-export function encoderForward(out: Float32Array, tokens: Int32Array, wte: Float32Array, wpe: Float32Array, B: number, T: number, C: number): void {
+// encoder: out[B,T,C] = wte[tokens[b,t]] + wpe[t] (no wpe: the token rows alone)
+export function encoderForward(out: Float32Array, tokens: Int32Array, wte: Float32Array, wpe: Float32Array | null, B: number, T: number, C: number): void {
+  if (!wpe) {
+    for (let i = 0; i < B * T; i++) out.set(wte.subarray(tokens[i] * C, (tokens[i] + 1) * C), i * C);
+    return;
+  }
   for (let b = 0; b < B; b++) {
     for (let t = 0; t < T; t++) {
       const o = (b * T + t) * C;
@@ -255,5 +260,243 @@ export function maskedNormBackward(dinp: Float32Array, dout: Float32Array, out: 
     dn /= C;
     const s = rstd[n];
     for (let i = 0; i < C; i++) dinp[o + i] += (dout[o + i] - du * u[i] - out[o + i] * dn) * s;
+  }
+}
+
+// =======================================================================================
+// Llama-family kernels. NKV = key/value heads, hd = head width, W = (NH + 2 NKV) hd is the
+// width of a packed q | k | v row, I = MLP width.
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm: out[N,C] = inp * rstd * weight (weight null: no gain) ; rstd[N] = 1/sqrt(mean(inp^2) + eps)
+export function rmsnormForward(out: Float32Array, rstd: Float32Array, inp: Float32Array, weight: Float32Array | null, N: number, C: number, eps: number): void {
+  for (let n = 0; n < N; n++) {
+    const o = n * C;
+    let ss = 0;
+    for (let i = 0; i < C; i++) ss += inp[o + i] * inp[o + i];
+    const s = 1 / Math.sqrt(ss / C + eps);
+    rstd[n] = s;
+    if (weight) for (let i = 0; i < C; i++) out[o + i] = inp[o + i] * s * weight[i];
+    else for (let i = 0; i < C; i++) out[o + i] = inp[o + i] * s;
+  }
+}
+
+// dinp[N,C] += rstd (w dout - xhat mean(w dout xhat)) ; dweight[C] += sum_n dout xhat   (xhat = inp rstd)
+export function rmsnormBackward(dinp: Float32Array, dweight: Float32Array | null, dout: Float32Array, inp: Float32Array, weight: Float32Array | null, rstd: Float32Array, N: number, C: number): void {
+  for (let n = 0; n < N; n++) {
+    const o = n * C;
+    const s = rstd[n];
+    let dot = 0;
+    for (let i = 0; i < C; i++) dot += (weight ? weight[i] : 1) * dout[o + i] * inp[o + i] * s;
+    dot /= C;
+    for (let i = 0; i < C; i++) {
+      const xhat = inp[o + i] * s;
+      if (dweight) dweight[i] += dout[o + i] * xhat;
+      dinp[o + i] += s * ((weight ? weight[i] : 1) * dout[o + i] - xhat * dot);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU: out[N,I] = silu(gate) * up, gu[N,2I] = gate | up per row ; silu(x) = x sigmoid(x)
+export function swigluForward(out: Float32Array, gu: Float32Array, N: number, I: number): void {
+  for (let n = 0; n < N; n++) {
+    const o = n * I, g = 2 * n * I;
+    for (let i = 0; i < I; i++) {
+      const x = gu[g + i];
+      out[o + i] = (x / (1 + Math.exp(-x))) * gu[g + I + i];
+    }
+  }
+}
+
+// dgu[N,2I] (overwritten) from dout[N,I], gu: dgate = dout up sig (1 + x (1 - sig)), dup = dout silu(x)
+export function swigluBackward(dgu: Float32Array, dout: Float32Array, gu: Float32Array, N: number, I: number): void {
+  for (let n = 0; n < N; n++) {
+    const o = n * I, g = 2 * n * I;
+    for (let i = 0; i < I; i++) {
+      const x = gu[g + i], sig = 1 / (1 + Math.exp(-x)), d = dout[o + i];
+      dgu[g + i] = d * gu[g + I + i] * sig * (1 + x * (1 - sig));
+      dgu[g + I + i] = d * x * sig;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// rotary tables: cos, sin [maxT, hd/2] of t * w_p, w_p = theta^(-2p/hd), with rope_scaling
+export interface RopeTable { cos: Float32Array; sin: Float32Array; half: number; maxT: number }
+
+export function ropeFrequencies(hd: number, theta: number, scaling: RopeScaling | null): Float64Array {
+  const half = hd / 2;
+  const w = new Float64Array(half);
+  for (let p = 0; p < half; p++) w[p] = 1 / Math.pow(theta, (2 * p) / hd);
+  if (scaling?.type === 'linear') for (let p = 0; p < half; p++) w[p] /= scaling.factor;
+  else if (scaling?.type === 'llama3') {
+    const { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: old } = scaling;
+    for (let p = 0; p < half; p++) {
+      const wavelen = (2 * Math.PI) / w[p];
+      if (wavelen > old / lo) w[p] /= factor;
+      else if (wavelen >= old / hi) {
+        const smooth = (old / wavelen - lo) / (hi - lo);
+        w[p] = (1 - smooth) * (w[p] / factor) + smooth * w[p];
+      }
+    }
+  }
+  return w;
+}
+
+export function ropeTable(hd: number, maxT: number, theta: number, scaling: RopeScaling | null): RopeTable {
+  const half = hd / 2;
+  const w = ropeFrequencies(hd, theta, scaling);
+  const cos = new Float32Array(maxT * half), sin = new Float32Array(maxT * half);
+  for (let t = 0; t < maxT; t++) {
+    for (let p = 0; p < half; p++) {
+      const a = Math.fround(t * Math.fround(w[p])); // float32 angles, as the reference computes them
+      cos[t * half + p] = Math.cos(a);
+      sin[t * half + p] = Math.sin(a);
+    }
+  }
+  return { cos, sin, half, maxT };
+}
+
+// rotary, in place on `heads` heads of width hd starting at column off of x[B*T, ld] (rotate_half
+// pairs p, p + hd/2), row (b, t) at position pos0 + t: x_p' = x_p c - x_{p+h} s, x_{p+h}' = x_{p+h} c + x_p s
+export function ropeForward(x: Float32Array, ld: number, off: number, heads: number, tab: RopeTable, B: number, T: number, pos0: number): void {
+  rotate(x, ld, off, heads, tab, B, T, pos0, 1);
+}
+
+// backward: the transpose of the rotation (angle -t w_p), in place on dx[B*T, ld]
+export function ropeBackward(dx: Float32Array, ld: number, off: number, heads: number, tab: RopeTable, B: number, T: number, pos0: number): void {
+  rotate(dx, ld, off, heads, tab, B, T, pos0, -1);
+}
+
+function rotate(x: Float32Array, ld: number, off: number, heads: number, tab: RopeTable, B: number, T: number, pos0: number, sign: 1 | -1): void {
+  const h = tab.half;
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < T; t++) {
+      const c = (pos0 + t) * h, r = (b * T + t) * ld + off;
+      for (let hh = 0; hh < heads; hh++) {
+        const o = r + hh * 2 * h;
+        for (let p = 0; p < h; p++) {
+          const cs = tab.cos[c + p], sn = sign * tab.sin[c + p];
+          const x1 = x[o + p], x2 = x[o + h + p];
+          x[o + p] = x1 * cs - x2 * sn;
+          x[o + h + p] = x2 * cs + x1 * sn;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// grouped-query causal attention on packed qkv[B,T,W] (q: NH heads, then k, v: NKV heads each);
+// query head h reads key/value head h / (NH/NKV):
+// out[B,T,NH*hd] = concat_h softmax(q_h k_g^T / sqrt(hd) + causal) v_g ; att[B,NH,T,T] keeps P
+export function gqaAttentionForward(out: Float32Array, att: Float32Array, qkv: Float32Array, B: number, T: number, NH: number, NKV: number, hd: number): void {
+  const W = (NH + 2 * NKV) * hd, C = NH * hd, r = NH / NKV;
+  const scale = 1 / Math.sqrt(hd);
+  for (let b = 0; b < B; b++) {
+    const base = b * T * W;
+    const a = att.subarray(b * NH * T * T, (b + 1) * NH * T * T);
+    // S_h = scale q_h k_g^T for the r query heads of each group g
+    for (let g = 0; g < NKV; g++) {
+      sgemmBatched(false, true, T, T, hd, scale, qkv.subarray(base + g * r * hd), W, hd, qkv.subarray(base + C + g * hd), W, 0, 0, a.subarray(g * r * T * T), T, T * T, r);
+    }
+    causalSoftmax(a, NH, T);
+    for (let g = 0; g < NKV; g++) {
+      sgemmBatched(false, false, T, hd, T, 1, a.subarray(g * r * T * T), T, T * T, qkv.subarray(base + C + NKV * hd + g * hd), W, 0, 0, out.subarray(b * T * C + g * r * hd), C, hd, r);
+    }
+  }
+}
+
+function causalSoftmax(a: Float32Array, NH: number, T: number): void {
+  for (let h = 0; h < NH; h++) {
+    for (let t = 0; t < T; t++) {
+      const r = h * T * T + t * T;
+      let mx = -Infinity;
+      for (let s = 0; s <= t; s++) if (a[r + s] > mx) mx = a[r + s];
+      let sum = 0;
+      for (let s = 0; s <= t; s++) {
+        const e = Math.exp(a[r + s] - mx);
+        a[r + s] = e;
+        sum += e;
+      }
+      const inv = 1 / sum;
+      for (let s = 0; s <= t; s++) a[r + s] *= inv;
+      for (let s = t + 1; s < T; s++) a[r + s] = 0;
+    }
+  }
+}
+
+// dqkv[B,T,W] (overwritten) from dout[B,T,NH*hd], att, qkv ; datt[B,NH,T,T] is scratch.
+// dk_g, dv_g sum over the group's query heads.
+export function gqaAttentionBackward(dqkv: Float32Array, datt: Float32Array, dout: Float32Array, att: Float32Array, qkv: Float32Array, B: number, T: number, NH: number, NKV: number, hd: number): void {
+  const W = (NH + 2 * NKV) * hd, C = NH * hd, r = NH / NKV;
+  const scale = 1 / Math.sqrt(hd);
+  for (let b = 0; b < B; b++) {
+    const base = b * T * W;
+    const a = att.subarray(b * NH * T * T, (b + 1) * NH * T * T);
+    const da = datt.subarray(b * NH * T * T, (b + 1) * NH * T * T);
+    const dO = dout.subarray(b * T * C);
+    for (let t = 0; t < T; t++) dqkv.fill(0, base + t * W + C, base + (t + 1) * W);
+    for (let h = 0; h < NH; h++) {
+      const g = Math.floor(h / r);
+      const P = a.subarray(h * T * T), dP = da.subarray(h * T * T);
+      const k = qkv.subarray(base + C + g * hd), v = qkv.subarray(base + C + NKV * hd + g * hd);
+      // dP_h = dO_h v_g^T ; dv_g += P_h^T dO_h
+      sgemm(false, true, T, T, hd, 1, dO.subarray(h * hd), C, v, W, 0, dP, T);
+      sgemm(true, false, T, hd, T, 1, P, T, dO.subarray(h * hd), C, 1, dqkv.subarray(base + C + NKV * hd + g * hd), W);
+      // dS = P (dP - rowsum(dP P)) scale, causal entries only
+      for (let t = 0; t < T; t++) {
+        const o = t * T;
+        let dot = 0;
+        for (let s = 0; s <= t; s++) dot += P[o + s] * dP[o + s];
+        for (let s = 0; s <= t; s++) dP[o + s] = P[o + s] * (dP[o + s] - dot) * scale;
+        for (let s = t + 1; s < T; s++) dP[o + s] = 0;
+      }
+      // dq_h = dS_h k_g ; dk_g += dS_h^T q_h
+      sgemm(false, false, T, hd, T, 1, dP, T, k, W, 0, dqkv.subarray(base + h * hd), W);
+      sgemm(true, false, T, hd, T, 1, dP, T, qkv.subarray(base + h * hd), W, 1, dqkv.subarray(base + C + g * hd), W);
+    }
+  }
+}
+
+// KV-cache attention of n new rows (positions pos0..) against the cache, which first receives
+// their keys and values: qkv[n, W] ; out[n, NH*hd] ; kc, vc [maxT, NKV*hd]
+export function gqaCachedAttention(out: Float32Array, qkv: Float32Array, kc: Float32Array, vc: Float32Array, pos0: number, n: number, NH: number, NKV: number, hd: number): void {
+  const KV = NKV * hd, C = NH * hd, W = C + 2 * KV, r = NH / NKV;
+  const scale = 1 / Math.sqrt(hd);
+  for (let i = 0; i < n; i++) {
+    kc.set(qkv.subarray(i * W + C, i * W + C + KV), (pos0 + i) * KV);
+    vc.set(qkv.subarray(i * W + C + KV, i * W + W), (pos0 + i) * KV);
+  }
+  const scores = new Float32Array(pos0 + n);
+  out.fill(0, 0, n * C);
+  for (let i = 0; i < n; i++) {
+    const p = pos0 + i;
+    for (let h = 0; h < NH; h++) {
+      const qo = i * W + h * hd, g = Math.floor(h / r);
+      let mx = -Infinity;
+      for (let s = 0; s <= p; s++) {
+        const ko = s * KV + g * hd;
+        let d = 0;
+        for (let j = 0; j < hd; j++) d += qkv[qo + j] * kc[ko + j];
+        d *= scale;
+        scores[s] = d;
+        if (d > mx) mx = d;
+      }
+      let sum = 0;
+      for (let s = 0; s <= p; s++) {
+        const e = Math.exp(scores[s] - mx);
+        scores[s] = e;
+        sum += e;
+      }
+      const inv = 1 / sum;
+      const oo = i * C + h * hd;
+      for (let s = 0; s <= p; s++) {
+        const w = scores[s] * inv;
+        const vo = s * KV + g * hd;
+        for (let j = 0; j < hd; j++) out[oo + j] += w * vc[vo + j];
+      }
+    }
   }
 }

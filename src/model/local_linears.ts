@@ -11,22 +11,22 @@ import type { LinearName, Linears } from './block.js';
 /** One linear y = x W + b (HF Conv1D layout). */
 export interface LinearWeights {
   w: Float32Array; // [din, dout]
-  b: Float32Array; // [dout]
+  b: Float32Array; // [dout], or empty: no bias (Llama's linears)
   din: number;
   dout: number;
 }
 
 /** A model's block linears: one record per layer. */
-export interface BlockLinears {
+export interface BlockLinears<N extends string = LinearName> {
   n_layer: number;
-  layers: Record<LinearName, LinearWeights>[];
+  layers: Record<N, LinearWeights>[];
 }
 
-export interface LocalLinearsOptions {
+export interface LocalLinearsOptions<N extends string = LinearName> {
   /** accumulate weight gradients in backward (full fine-tuning, plain training) */
   trainWeights: boolean;
   /** gradient buffers (views of a model's gradient buffer); allocated on first use otherwise */
-  grads?: (l: number, name: LinearName) => { gw: Float32Array; gb: Float32Array };
+  grads?: (l: number, name: N) => { gw: Float32Array; gb: Float32Array };
   /** keep a copy of each saved input (a server whose request buffers are reused) instead of a reference */
   copyInputs?: boolean;
   /** where outputs are allocated; default: one reused (shared) buffer per layer, linear and direction */
@@ -35,7 +35,7 @@ export interface LocalLinearsOptions {
 
 type Momentum = { buf: Float32Array; fresh: boolean };
 
-export class LocalLinears implements Linears<Float32Array> {
+export class LocalLinears<N extends string = LinearName> implements Linears<Float32Array, N> {
   private saved = new Map<string, { x: Float32Array; rows: number }>();
   private gw = new Map<string, Float32Array>();
   private gb = new Map<string, Float32Array>();
@@ -44,10 +44,10 @@ export class LocalLinears implements Linears<Float32Array> {
   /** the linears whose gradient holds something since the last update */
   private touched = new Set<string>();
 
-  constructor(readonly weights: BlockLinears, readonly opts: LocalLinearsOptions) {}
+  constructor(readonly weights: BlockLinears<N>, readonly opts: LocalLinearsOptions<N>) {}
 
   /** the weights of one linear (refuses a layer or name the model does not have) */
-  linear(l: number, name: LinearName): LinearWeights {
+  linear(l: number, name: N): LinearWeights {
     if (!Number.isInteger(l) || l < 0 || l >= this.weights.n_layer) throw new Error(`accelerator: no layer ${l} (model has ${this.weights.n_layer})`);
     const L = this.weights.layers[l][name];
     if (!L) throw new Error(`accelerator: unknown linear "${name}"`);
@@ -64,13 +64,13 @@ export class LocalLinears implements Linears<Float32Array> {
     return b;
   }
 
-  private grads(l: number, name: LinearName, key: string): { gw: Float32Array; gb: Float32Array } {
+  private grads(l: number, name: N, key: string): { gw: Float32Array; gb: Float32Array } {
     if (this.opts.grads) return this.opts.grads(l, name);
     let gw = this.gw.get(key), gb = this.gb.get(key);
     if (!gw || !gb) {
       const L = this.linear(l, name);
       gw = new Float32Array(L.din * L.dout);
-      gb = new Float32Array(L.dout);
+      gb = new Float32Array(L.b.length);
       this.gw.set(key, gw);
       this.gb.set(key, gb);
     }
@@ -78,25 +78,25 @@ export class LocalLinears implements Linears<Float32Array> {
   }
 
   /** y[rows, dout] = x W + b */
-  async forward(l: number, name: LinearName, x: Float32Array, rows: number, train: boolean): Promise<Float32Array> {
+  async forward(l: number, name: N, x: Float32Array, rows: number, train: boolean): Promise<Float32Array> {
     return this.forwardSync(l, name, x, rows, train);
   }
 
   /** `bias` false leaves the bias out (a lying accelerator, for tests) */
-  forwardSync(l: number, name: LinearName, x: Float32Array, rows: number, train: boolean, bias = true): Float32Array {
+  forwardSync(l: number, name: N, x: Float32Array, rows: number, train: boolean, bias = true): Float32Array {
     const L = this.linear(l, name);
     const key = `${l}.${name}`;
     if (train && this.opts.trainWeights) this.saved.set(key, { x: this.opts.copyInputs ? Float32Array.from(x) : x, rows });
     const y = this.out(`${key}.y`, rows * L.dout);
-    sgemm(false, false, rows, L.dout, L.din, 1, x, L.din, L.w, L.dout, 0, y, L.dout, bias ? L.b : null);
+    sgemm(false, false, rows, L.dout, L.din, 1, x, L.din, L.w, L.dout, 0, y, L.dout, bias && L.b.length > 0 ? L.b : null);
     return y;
   }
 
-  async backward(l: number, name: LinearName, dy: Float32Array, rows: number, input: boolean): Promise<Float32Array | null> {
+  async backward(l: number, name: N, dy: Float32Array, rows: number, input: boolean): Promise<Float32Array | null> {
     return this.backwardSync(l, name, dy, rows, input);
   }
 
-  backwardSync(l: number, name: LinearName, dy: Float32Array, rows: number, input: boolean, weight = this.opts.trainWeights): Float32Array | null {
+  backwardSync(l: number, name: N, dy: Float32Array, rows: number, input: boolean, weight = this.opts.trainWeights): Float32Array | null {
     const L = this.linear(l, name);
     const key = `${l}.${name}`;
     if (weight) {
@@ -106,7 +106,7 @@ export class LocalLinears implements Linears<Float32Array> {
       const { gw, gb } = this.grads(l, name, key);
       // dW[din, dout] += x^T dy ; db[1, dout] += ones[1, rows] dy (colsum)
       sgemm(true, false, L.din, L.dout, rows, 1, s.x, L.din, dy, L.dout, 1, gw, L.dout);
-      sgemm(false, false, 1, L.dout, rows, 1, this.ones(rows), rows, dy, L.dout, 1, gb, L.dout);
+      if (L.b.length > 0) sgemm(false, false, 1, L.dout, rows, 1, this.ones(rows), rows, dy, L.dout, 1, gb, L.dout);
       this.touched.add(key);
       this.saved.delete(key);
     }
@@ -134,7 +134,7 @@ export class LocalLinears implements Linears<Float32Array> {
   /** SGD-momentum on every accumulated gradient (scaled by gradScale first), then zero them. */
   update(lr: number, momentum: number, gradScale: number): void {
     for (const key of this.touched) {
-      const [layer, name] = key.split('.') as [string, LinearName];
+      const [layer, name] = key.split('.') as [string, N];
       const L = this.linear(Number(layer), name);
       const { gw, gb } = this.grads(Number(layer), name, key);
       for (const [w, g, k] of [[L.w, gw, `${key}.w`], [L.b, gb, `${key}.b`]] as const) {

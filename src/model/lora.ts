@@ -12,7 +12,12 @@ import type { TensorToWrite } from '../io/safetensors.js';
 
 /** Adapter targets: parts of the fused qkv projection, the attention output projection, the MLP up and down projections, the token embedding. */
 export const LORA_TARGETS = ['q', 'k', 'v', 'proj', 'fc', 'mlp-proj', 'wte'] as const;
-export type LoraTarget = (typeof LORA_TARGETS)[number];
+/** The Llama family's: q, k, v, o (`proj`), gate, up, down (`mlp-proj`), also by their HF names. */
+export const LLAMA_LORA_TARGETS = ['q', 'k', 'v', 'proj', 'gate', 'up', 'mlp-proj', 'wte'] as const;
+export type LoraTarget = (typeof LORA_TARGETS)[number] | (typeof LLAMA_LORA_TARGETS)[number];
+const HF_TARGETS: Record<string, LoraTarget> = {
+  q_proj: 'q', k_proj: 'k', v_proj: 'v', o_proj: 'proj', gate_proj: 'gate', up_proj: 'up', down_proj: 'mlp-proj', embed_tokens: 'wte',
+};
 
 export interface LoraConfig {
   rank: number;
@@ -22,16 +27,21 @@ export interface LoraConfig {
 }
 
 
-export function parseLoraTargets(s: string): LoraTarget[] {
+export function parseLoraTargets(s: string, family: 'gpt2' | 'llama' = 'gpt2'): LoraTarget[] {
+  const known: readonly LoraTarget[] = family === 'llama' ? LLAMA_LORA_TARGETS : LORA_TARGETS;
   const out = new Set<LoraTarget>();
   for (const raw of s.split(',').map((x) => x.trim()).filter(Boolean)) {
-    if (raw === 'qkv') ['q', 'k', 'v'].forEach((t) => out.add(t as LoraTarget));
-    else if (raw === 'mlp') ['fc', 'mlp-proj'].forEach((t) => out.add(t as LoraTarget));
-    else if ((LORA_TARGETS as readonly string[]).includes(raw)) out.add(raw as LoraTarget);
-    else throw new Error(`unknown LoRA target "${raw}"; use any of ${LORA_TARGETS.join(', ')}, qkv, mlp`);
+    const t = family === 'llama' ? HF_TARGETS[raw] ?? raw : raw;
+    if (t === 'qkv') ['q', 'k', 'v'].forEach((x) => out.add(x as LoraTarget));
+    else if (t === 'mlp') (family === 'llama' ? ['gate', 'up', 'mlp-proj'] : ['fc', 'mlp-proj']).forEach((x) => out.add(x as LoraTarget));
+    else if ((known as readonly string[]).includes(t)) out.add(t as LoraTarget);
+    else {
+      const hf = family === 'llama' ? `, ${Object.keys(HF_TARGETS).join(', ')}` : '';
+      throw new Error(`unknown LoRA target "${raw}"${family === 'llama' ? ' for a Llama-family model' : ''}; use any of ${known.join(', ')}, qkv, mlp${hf}`);
+    }
   }
   if (out.size === 0) throw new Error('no LoRA targets given');
-  return LORA_TARGETS.filter((t) => out.has(t));
+  return known.filter((t) => out.has(t));
 }
 
 export function validateLora(c: LoraConfig): LoraConfig {
@@ -53,6 +63,7 @@ export function targetDims(t: LoraTarget, d: number, vocab = 0): [number, number
     case 'fc': return [d, 4 * d];
     case 'mlp-proj': return [4 * d, d];
     case 'wte': return [vocab, d];
+    case 'gate': case 'up': throw new Error(`LoRA target "${t}" belongs to the Llama family (its widths come from the config)`);
   }
 }
 
@@ -89,7 +100,8 @@ export class LoraAdapters {
   private index = new Map<string, AdapterView>();
   readonly scale: number;
 
-  constructor(readonly config: LoraConfig, readonly nLayer: number, readonly d: number, readonly vocab = 0) {
+  /** `dims`: a family's target widths (default: GPT-2's, `targetDims`) */
+  constructor(readonly config: LoraConfig, readonly nLayer: number, readonly d: number, readonly vocab = 0, dims: (t: LoraTarget) => [number, number] = (t) => targetDims(t, d, vocab)) {
     validateLora(config);
     const r = config.rank;
     const slots: [number, LoraTarget][] = [];
@@ -100,14 +112,14 @@ export class LoraAdapters {
     for (let l = 0; l < nLayer; l++) for (const t of config.targets) if (t !== 'wte') slots.push([l, t]);
     let total = 0;
     for (const [, t] of slots) {
-      const [din, dout] = targetDims(t, d, vocab);
+      const [din, dout] = dims(t);
       total += din * r + r * dout;
     }
     this.params = new Float32Array(total);
     this.grads = new Float32Array(total);
     let off = 0;
     for (const [l, t] of slots) {
-      const [din, dout] = targetDims(t, d, vocab);
+      const [din, dout] = dims(t);
       const v: AdapterView = {
         layer: l, target: t, din, dout,
         A: this.params.subarray(off, off + din * r), gA: this.grads.subarray(off, off + din * r),

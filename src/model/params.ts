@@ -28,8 +28,8 @@ export const PARAM_KINDS = [
 ] as const;
 export type ParamKind = (typeof PARAM_KINDS)[number];
 
-export interface ParamEntry {
-  kind: ParamKind;
+export interface ParamEntry<K extends string = ParamKind> {
+  kind: K;
   /** Shape of the whole stacked tensor (per-layer kinds have a leading L). */
   shape: number[];
   /** Shape of one layer's slice (equal to `shape` for non-layer kinds). */
@@ -41,33 +41,16 @@ export interface ParamEntry {
   layerSize: number;
 }
 
-export class ParamLayout {
-  readonly entries: Record<ParamKind, ParamEntry>;
+/** One contiguous buffer of named tensors, per-layer kinds stacked [L, ...]. */
+export class Layout<K extends string> {
+  readonly entries: Record<K, ParamEntry<K>>;
   readonly total: number;
 
-  constructor(readonly config: GPT2Config) {
-    const { n_layer: L, n_embd: C, n_ctx: T, vocab_size: V } = config;
-    const shapes: Record<ParamKind, { layer: number[]; per: boolean }> = {
-      wte: { layer: [V, C], per: false },
-      wpe: { layer: [T, C], per: false },
-      ln1w: { layer: [C], per: true },
-      ln1b: { layer: [C], per: true },
-      qkvw: { layer: [C, 3 * C], per: true },
-      qkvb: { layer: [3 * C], per: true },
-      attprojw: { layer: [C, C], per: true },
-      attprojb: { layer: [C], per: true },
-      ln2w: { layer: [C], per: true },
-      ln2b: { layer: [C], per: true },
-      fcw: { layer: [C, 4 * C], per: true },
-      fcb: { layer: [4 * C], per: true },
-      fcprojw: { layer: [4 * C, C], per: true },
-      fcprojb: { layer: [C], per: true },
-      lnfw: { layer: [C], per: false },
-      lnfb: { layer: [C], per: false },
-    };
+  constructor(readonly config: GPT2Config, kinds: readonly K[], shapes: Record<K, { layer: number[]; per: boolean }>) {
+    const L = config.n_layer;
     let off = 0;
-    const entries = {} as Record<ParamKind, ParamEntry>;
-    for (const kind of PARAM_KINDS) {
+    const entries = {} as Record<K, ParamEntry<K>>;
+    for (const kind of kinds) {
       const s = shapes[kind];
       const layerSize = s.layer.reduce((a, b) => a * b, 1);
       const size = s.per ? layerSize * L : layerSize;
@@ -87,18 +70,42 @@ export class ParamLayout {
   }
 
   /** View of a whole (stacked) tensor inside `buf`. */
-  view(buf: Float32Array, kind: ParamKind): Float32Array {
+  view(buf: Float32Array, kind: K): Float32Array {
     const e = this.entries[kind];
     return buf.subarray(e.offset, e.offset + e.size);
   }
 
   /** View of layer `l`'s slice of a per-layer tensor inside `buf`. */
-  layer(buf: Float32Array, kind: ParamKind, l: number): Float32Array {
+  layer(buf: Float32Array, kind: K, l: number): Float32Array {
     const e = this.entries[kind];
     if (!e.perLayer) throw new Error(`${kind} is not a per-layer parameter`);
     if (l < 0 || l >= this.config.n_layer) throw new Error(`layer ${l} out of range [0, ${this.config.n_layer})`);
     const o = e.offset + l * e.layerSize;
     return buf.subarray(o, o + e.layerSize);
+  }
+}
+
+export class ParamLayout extends Layout<ParamKind> {
+  constructor(config: GPT2Config) {
+    const { n_embd: C, n_ctx: T, vocab_size: V } = config;
+    super(config, PARAM_KINDS, {
+      wte: { layer: [V, C], per: false },
+      wpe: { layer: [T, C], per: false },
+      ln1w: { layer: [C], per: true },
+      ln1b: { layer: [C], per: true },
+      qkvw: { layer: [C, 3 * C], per: true },
+      qkvb: { layer: [3 * C], per: true },
+      attprojw: { layer: [C, C], per: true },
+      attprojb: { layer: [C], per: true },
+      ln2w: { layer: [C], per: true },
+      ln2b: { layer: [C], per: true },
+      fcw: { layer: [C, 4 * C], per: true },
+      fcb: { layer: [4 * C], per: true },
+      fcprojw: { layer: [4 * C, C], per: true },
+      fcprojb: { layer: [C], per: true },
+      lnfw: { layer: [C], per: false },
+      lnfb: { layer: [C], per: false },
+    });
   }
 }
 

@@ -36,7 +36,13 @@ const STACKED_META = 'obfuscatune.c_attn';
 
 type Module = 'attn.c_attn' | 'attn.c_proj' | 'mlp.c_fc' | 'mlp.c_proj' | 'wte';
 const SECTIONS = ['q', 'k', 'v'] as const;
-const MODULE_OF: Record<LoraTarget, Module> = { q: 'attn.c_attn', k: 'attn.c_attn', v: 'attn.c_attn', proj: 'attn.c_proj', fc: 'mlp.c_fc', 'mlp-proj': 'mlp.c_proj', wte: 'wte' };
+const MODULE_OF: Partial<Record<LoraTarget, Module>> = { q: 'attn.c_attn', k: 'attn.c_attn', v: 'attn.c_attn', proj: 'attn.c_proj', fc: 'mlp.c_fc', 'mlp-proj': 'mlp.c_proj', wte: 'wte' };
+/** The GPT-2 module a target adapts (the Llama family's gate and up have none here). */
+function moduleOf(t: LoraTarget): Module {
+  const m = MODULE_OF[t];
+  if (!m) throw new BundleError(`PEFT export: the target "${t}" is not a GPT-2 module (PEFT adapters are written for GPT-2 models)`);
+  return m;
+}
 const LINEAR_MODULES: Module[] = ['attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'];
 
 /** PEFT `target_modules` names for GPT-2 and the targets here they adapt. */
@@ -116,12 +122,12 @@ export function writePeftAdapter(dir: string, ad: LoraAdapters, o: PeftExportOpt
     for (const t of ['proj', 'fc', 'mlp-proj'] as const) {
       const v = ad.get(l, t);
       if (!v) continue;
-      put(`${moduleKey(l, MODULE_OF[t])}.lora_A.weight`, [r, v.din], transpose(v.A, v.din, r));
-      put(`${moduleKey(l, MODULE_OF[t])}.lora_B.weight`, [v.dout, r], transpose(v.B, r, v.dout));
+      put(`${moduleKey(l, moduleOf(t))}.lora_A.weight`, [r, v.din], transpose(v.A, v.din, r));
+      put(`${moduleKey(l, moduleOf(t))}.lora_B.weight`, [v.dout, r], transpose(v.B, r, v.dout));
     }
   }
   if (o.task === 'cls' && o.score) put('score.weight', [o.score.length / d, d], o.score);
-  const modules = [...new Set(targets.map((t) => (MODULE_OF[t] === 'attn.c_attn' ? 'c_attn' : MODULE_OF[t] === 'mlp.c_fc' ? 'c_fc' : MODULE_OF[t])))];
+  const modules = [...new Set(targets.map(moduleOf).map((m) => (m === 'attn.c_attn' ? 'c_attn' : m === 'mlp.c_fc' ? 'c_fc' : m)))];
   const config = {
     peft_type: 'LORA', task_type: o.task === 'cls' ? 'SEQ_CLS' : 'CAUSAL_LM', base_model_name_or_path: o.baseModel, revision: null, inference_mode: true,
     r, lora_alpha: alpha, lora_dropout: dropout, target_modules: modules, exclude_modules: null, fan_in_fan_out: true, bias: 'none', use_rslora: false,

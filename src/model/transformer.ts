@@ -11,7 +11,8 @@ import {
 } from './kernels.js';
 import { crossEntropyForwardPar as crossEntropyForward } from '../tensor/parallel.js';
 import { crossEntropyBackward } from '../tensor/kernels_ew.js';
-import { blockForward, blockBackward, type BlockEnv, type BlockScratch, type LayerActs, type LayerCache, type Linears, type NormActs } from './block.js';
+import { gpt2Block, normActs, type BlockDef, type BlockEnv, type BlockScratch, type LayerActs, type LayerCache, type Linears, type NormActs } from './block.js';
+import { isLlama, kvWidth } from './config.js';
 import type { TrunkBasis } from './plain_basis.js';
 import { loraEmbedForward, loraEmbedBackward, type LoraAdapters } from './lora.js';
 import { sgemm } from '../tensor/gemm.js';
@@ -20,10 +21,13 @@ import { sharedFloat32 } from '../tensor/shared.js';
 
 /** Embedding tables in the tables' basis, and their gradients (null: frozen). */
 export interface Tables {
-  wte: Float32Array; // [V, C] (tied with the LM head)
-  wpe: Float32Array; // [maxT, C]
+  wte: Float32Array; // [V, C] (the LM head too, unless `head` is given)
+  wpe: Float32Array | null; // [maxT, C] (null: no position table, rotary models)
   gwte: Float32Array | null;
   gwpe: Float32Array | null;
+  /** an untied LM head [V, C] and its gradient */
+  head?: Float32Array | null;
+  ghead?: Float32Array | null;
 }
 
 /** A sequence-classification head on pooled final states (plain basis). */
@@ -37,8 +41,10 @@ export interface ClsHead {
 export interface TrunkParts<X extends Float32Array> {
   config: GPT2Config;
   basis: TrunkBasis<X>;
-  linears: Linears<X>;
+  linears: Linears<X, string>;
   tables: Tables;
+  /** the family's block (default: GPT-2's) */
+  block?: BlockDef<X, string>;
   cls?: ClsHead | null;
   adapters?: LoraAdapters | null;
   /** adapter dropout */
@@ -56,8 +62,6 @@ export interface HeadResult {
   correct?: number;
 }
 
-const normActs = (n: number, C: number): NormActs => ({ out: new Float32Array(n * C), mean: new Float32Array(n), rstd: new Float32Array(n) });
-
 /** Per-(B, T) activations of every layer, allocated once per shape. */
 class Acts<X extends Float32Array> {
   readonly layers: LayerActs<X>[] = [];
@@ -71,16 +75,10 @@ class Acts<X extends Float32Array> {
   logits: Float32Array | null = null;
   readonly losses: Float32Array;
 
-  constructor(readonly B: number, readonly T: number, readonly layerCount: number, c: GPT2Config, basis: TrunkBasis<X>) {
-    const { n_embd: C, n_head: NH } = c;
+  constructor(readonly B: number, readonly T: number, readonly layerCount: number, c: GPT2Config, basis: TrunkBasis<X>, block: BlockDef<X, string>) {
+    const C = c.n_embd;
     const n = B * T;
-    for (let l = 0; l < layerCount; l++) {
-      this.layers.push({
-        hIn: new Float32Array(n * C), n1: normActs(n, C), x1: basis.buffer(0), qkv: basis.buffer(0), att: new Float32Array(B * NH * T * T),
-        o: basis.buffer(n * C), h2: new Float32Array(n * C), n2: normActs(n, C), x2: basis.buffer(0), f: basis.buffer(0),
-        g: basis.buffer(n * 4 * C), th: sharedFloat32(n * 4 * C), lora: new Map(),
-      });
-    }
+    for (let l = 0; l < layerCount; l++) this.layers.push(block.acts(B, T, basis));
     this.h = new Float32Array(n * C);
     this.hL = new Float32Array(n * C);
     this.nf = normActs(n, C);
@@ -105,13 +103,16 @@ interface Pending {
 
 export class Transformer<X extends Float32Array> {
   readonly config: GPT2Config;
-  readonly env: BlockEnv<X>;
+  readonly env: BlockEnv<X, string>;
+  readonly block: BlockDef<X, string>;
   private acts: Acts<X> | null = null;
   private pending: Pending | null = null;
 
   constructor(readonly parts: TrunkParts<X>) {
     this.config = parts.config;
     this.env = { config: parts.config, basis: parts.basis, linears: parts.linears, adapters: parts.adapters ?? null, rng: parts.rng ?? null };
+    this.block = parts.block ?? (gpt2Block<X>(parts.config) as BlockDef<X, string>);
+    if (isLlama(parts.config) && !parts.block) throw new Error('a Llama-family trunk needs the Llama block');
   }
 
   get basis(): TrunkBasis<X> {
@@ -121,7 +122,7 @@ export class Transformer<X extends Float32Array> {
   private activations(B: number, T: number, train: boolean): Acts<X> {
     const layers = train ? this.config.n_layer : 1;
     const a = this.acts;
-    if (!a || a.B !== B || a.T !== T || a.layerCount < layers) this.acts = new Acts(B, T, layers, this.config, this.parts.basis);
+    if (!a || a.B !== B || a.T !== T || a.layerCount < layers) this.acts = new Acts(B, T, layers, this.config, this.parts.basis, this.block);
     return this.acts!;
   }
 
@@ -158,7 +159,7 @@ export class Transformer<X extends Float32Array> {
       embU = loraEmbedForward(delta, tokens, embAd, n, this.env.adapters!.scale, false);
       basis.addPlain(delta, h, n);
     }
-    for (let l = 0; l < L; l++) await blockForward(this.env, l, h, a.layers[train ? l : 0], B, T, train);
+    for (let l = 0; l < L; l++) await this.block.forward(this.env, l, h, a.layers[train ? l : 0], B, T, train);
     if (train) a.hL.set(h);
     basis.finalNorm(h, a.nf, a.hf, n);
     if (train) this.pending = { head: 'lm', B, T, tokens, targets: new Int32Array(0), count: 0, embU };
@@ -178,8 +179,8 @@ export class Transformer<X extends Float32Array> {
     this.pending = null;
     const a = await this.trunk(tokens, B, T, train);
     if (!a.logits || a.logits.length !== n * V) a.logits = sharedFloat32(n * V);
-    // logits[n, V] = hf wte^T
-    sgemm(false, true, n, V, C, 1, a.hf, C, this.parts.tables.wte, C, 0, a.logits, V);
+    // logits[n, V] = hf head^T (head = wte when tied)
+    sgemm(false, true, n, V, C, 1, a.hf, C, this.parts.tables.head ?? this.parts.tables.wte, C, 0, a.logits, V);
     let loss: number | null = null;
     let count = 0;
     if (targets) ({ loss, count } = crossEntropyForward(a.logits, targets, a.losses, n, V));
@@ -230,7 +231,7 @@ export class Transformer<X extends Float32Array> {
     const a = this.acts;
     if (!st || !a) throw new Error('backward() needs a preceding forward with targets');
     this.pending = null;
-    const { n_layer: L, n_embd: C, n_head: NH, vocab_size: V } = this.config;
+    const { n_layer: L, n_embd: C, vocab_size: V } = this.config;
     const { B, T } = st;
     const n = B * T;
     const { basis, tables } = this.parts;
@@ -238,9 +239,11 @@ export class Transformer<X extends Float32Array> {
     if (st.head === 'lm') {
       const probs = a.logits!;
       crossEntropyBackward(probs, probs, st.targets, n, V, st.count);
-      // dhf = dlogits wte ; dwte += dlogits^T hf
-      sgemm(false, false, n, C, V, 1, probs, V, tables.wte, C, 0, dhf, C);
-      if (tables.gwte) sgemm(true, false, V, C, n, 1, probs, V, a.hf, C, 1, tables.gwte, C);
+      // dhf = dlogits head ; dhead += dlogits^T hf (head = wte when tied)
+      const untied = !!tables.head;
+      sgemm(false, false, n, C, V, 1, probs, V, tables.head ?? tables.wte, C, 0, dhf, C);
+      const gh = untied ? tables.ghead ?? null : tables.gwte;
+      if (gh) sgemm(true, false, V, C, n, 1, probs, V, a.hf, C, 1, gh, C);
     } else {
       const head = this.parts.cls!;
       const K = head.numLabels;
@@ -255,10 +258,10 @@ export class Transformer<X extends Float32Array> {
     const dh = a.dh;
     dh.fill(0);
     basis.finalNormBackward(dhf, dh, a.nf, a.hL, n);
-    a.scratch ??= { datt: new Float32Array(B * NH * T * T), dqkv: basis.buffer(n * 3 * C), df: basis.buffer(n * 4 * C) };
+    a.scratch ??= this.block.scratch(B, T, basis);
     const embTrain = tables.gwte !== null || tables.gwpe !== null;
     const below = embTrain || basis.trainsNorms || st.embU !== undefined;
-    for (let l = L - 1; l >= 0; l--) await blockBackward(this.env, l, dh, a.layers[l], a.scratch, B, T, l > 0 || below);
+    for (let l = L - 1; l >= 0; l--) await this.block.backward(this.env, l, dh, a.layers[l], a.scratch, B, T, l > 0 || below);
     if (embTrain) encoderBackward(tables.gwte, tables.gwpe, basis.embeddedGrad(dh, n), st.tokens, B, T, C);
     if (st.embU) {
       const ad = this.env.adapters!;
@@ -280,7 +283,8 @@ export class Transformer<X extends Float32Array> {
     if (pos0 + n > this.config.n_ctx) throw new Error(`sequence of ${pos0 + n} tokens exceeds the model's context of ${this.config.n_ctx}`);
     const { basis, tables } = this.parts;
     const h = new Float32Array(n * C);
-    for (let i = 0; i < n; i++) for (let j = 0; j < C; j++) h[i * C + j] = tables.wte[ids[i] * C + j] + tables.wpe[(pos0 + i) * C + j];
+    const wpe = tables.wpe;
+    for (let i = 0; i < n; i++) for (let j = 0; j < C; j++) h[i * C + j] = tables.wte[ids[i] * C + j] + (wpe ? wpe[(pos0 + i) * C + j] : 0);
     basis.embedded(h, n);
     const embAd = this.env.adapters?.embedding();
     if (embAd) {
@@ -288,21 +292,22 @@ export class Transformer<X extends Float32Array> {
       loraEmbedForward(delta, ids, embAd, n, this.env.adapters!.scale, false);
       basis.addPlain(delta, h, n);
     }
-    const a = new Acts<X>(1, n, 1, this.config, basis).layers[0];
+    const a = new Acts<X>(1, n, 1, this.config, basis, this.block).layers[0];
+    const kw = cache.C;
     for (let l = 0; l < L; l++) {
-      const lc: LayerCache = { k: cache.k.subarray(l * cache.maxT * C, (l + 1) * cache.maxT * C), v: cache.v.subarray(l * cache.maxT * C, (l + 1) * cache.maxT * C), pos: pos0 };
-      await blockForward(this.env, l, h, a, 1, n, false, lc);
+      const lc: LayerCache = { k: cache.k.subarray(l * cache.maxT * kw, (l + 1) * cache.maxT * kw), v: cache.v.subarray(l * cache.maxT * kw, (l + 1) * cache.maxT * kw), pos: pos0 };
+      await this.block.forward(this.env, l, h, a, 1, n, false, lc);
     }
     cache.pos = pos0 + n;
     const hf = new Float32Array(C);
     basis.finalNorm(h.subarray((n - 1) * C, n * C), normActs(1, C), hf, 1);
     const logits = new Float32Array(V);
-    sgemm(false, true, 1, V, C, 1, hf, C, tables.wte, C, 0, logits, V);
+    sgemm(false, true, 1, V, C, 1, hf, C, tables.head ?? tables.wte, C, 0, logits, V);
     return logits;
   }
 }
 
-/** Cached keys and values of every layer, in the linears' space: k, v are [L, n_ctx, C]. */
+/** Cached keys and values of every layer, in the linears' space: k, v are [L, n_ctx, C] (C: the key/value width). */
 export class KVCache {
   readonly k: Float32Array;
   readonly v: Float32Array;
@@ -367,7 +372,7 @@ export interface Generator {
 export async function generate(model: Generator, prompt: number[], opts: GenerateOptions): Promise<number[]> {
   if (prompt.length === 0) throw new Error('generation needs a non-empty prompt');
   const c = model.config;
-  const cache = new KVCache(c.n_layer, c.n_ctx, c.n_embd);
+  const cache = new KVCache(c.n_layer, c.n_ctx, kvWidth(c));
   const rng = new Rng(opts.seed ?? 0);
   const out: number[] = [];
   let logits = await model.forwardCached(cache, prompt);

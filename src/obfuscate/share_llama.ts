@@ -16,26 +16,10 @@
  */
 import type { Mode } from './masks.js';
 import { shareFields, type ShareRow } from './share.js';
+import { LLAMA_PRESETS, type LlamaConfig } from '../model/config.js';
 
-/** The fields of a Hugging Face Llama config.json that the split depends on. */
-export interface LlamaShape {
-  hidden_size: number;
-  intermediate_size: number;
-  num_hidden_layers: number;
-  num_attention_heads: number;
-  num_key_value_heads: number;
-  vocab_size: number;
-  tie_word_embeddings: boolean;
-  /** Qwen2: q, k, v carry biases */
-  qkv_bias?: boolean;
-}
-
-/** Published configurations (their config.json values). */
-export const LLAMA_SHAPES: Record<string, LlamaShape> = {
-  'tinyllama-1.1b': { hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 22, num_attention_heads: 32, num_key_value_heads: 4, vocab_size: 32000, tie_word_embeddings: false },
-  'llama-3.2-1b': { hidden_size: 2048, intermediate_size: 8192, num_hidden_layers: 16, num_attention_heads: 32, num_key_value_heads: 8, vocab_size: 128256, tie_word_embeddings: true },
-  'llama-2-7b': { hidden_size: 4096, intermediate_size: 11008, num_hidden_layers: 32, num_attention_heads: 32, num_key_value_heads: 32, vocab_size: 32000, tie_word_embeddings: false },
-};
+/** The published configurations share reports on (the model's presets). */
+export const LLAMA_SHARE_MODELS = ['tinyllama-1.1b', 'llama-3.2-1b', 'llama-2-7b'];
 
 export type RotaryMasks = 'full-masks' | 'rotation-blocks';
 
@@ -45,15 +29,15 @@ export interface LlamaShareRow extends ShareRow {
 }
 
 /** All parameters of the model (embeddings, layers, final norm, head when untied). */
-export function llamaParamCount(c: LlamaShape): number {
-  const { hidden_size: d, intermediate_size: I, num_hidden_layers: L, num_key_value_heads: kvh, vocab_size: V } = c;
-  const kv = kvh * (d / c.num_attention_heads);
+export function llamaParamCount(c: LlamaConfig): number {
+  const { n_embd: d, intermediate_size: I, n_layer: L, n_kv_head: kvh, vocab_size: V } = c;
+  const kv = kvh * (d / c.n_head);
   const layer = d * (d + 2 * kv) + d * d + 3 * d * I + 2 * d + (c.qkv_bias ? d + 2 * kv : 0);
   return V * d + L * layer + d + (c.tie_word_embeddings ? 0 : d * V);
 }
 
-export function llamaShareRow(name: string, c: LlamaShape, mode: Mode, T: number, rotary: RotaryMasks = 'full-masks'): LlamaShareRow {
-  const { hidden_size: d, intermediate_size: I, num_hidden_layers: L, num_attention_heads: H, num_key_value_heads: kvh, vocab_size: V } = c;
+export function llamaShareRow(name: string, c: LlamaConfig, mode: Mode, T: number, rotary: RotaryMasks = 'full-masks'): LlamaShareRow {
+  const { n_embd: d, intermediate_size: I, n_layer: L, n_head: H, n_kv_head: kvh, vocab_size: V } = c;
   const hd = d / H;
   const kv = kvh * hd;
   const total = llamaParamCount(c);
@@ -95,11 +79,11 @@ export function llamaShareRow(name: string, c: LlamaShape, mode: Mode, T: number
   });
 }
 
-export function llamaShareTable(T: number, models = Object.keys(LLAMA_SHAPES)): LlamaShareRow[] {
+export function llamaShareTable(T: number, models = LLAMA_SHARE_MODELS): LlamaShareRow[] {
   const rows: LlamaShareRow[] = [];
   for (const m of models) {
-    const c = LLAMA_SHAPES[m];
-    if (!c) throw new Error(`unknown Llama preset "${m}" (known: ${Object.keys(LLAMA_SHAPES).join(', ')})`);
+    const c = LLAMA_PRESETS[m];
+    if (!c) throw new Error(`unknown Llama preset "${m}" (known: ${Object.keys(LLAMA_PRESETS).join(', ')})`);
     rows.push(llamaShareRow(m, c, 'sealed', T, 'full-masks'), llamaShareRow(m, c, 'sealed', T, 'rotation-blocks'), llamaShareRow(m, c, 'paper', T, 'full-masks'));
   }
   return rows;

@@ -4,6 +4,10 @@
  * schedule, batching and metrics from here.
  */
 import type { GPT2 } from '../model/gpt2.js';
+import type { Llama } from '../model/llama.js';
+
+/** A plain model of either family. */
+type PlainLM = GPT2 | Llama;
 import { Rng } from '../tensor/rng.js';
 import { AdamW, SGD, sumSquares, clipScale, cosineSchedule, gpt2DecayMask, type Optimizer } from './optim.js';
 
@@ -43,13 +47,13 @@ export function sampleWindows(stream: Int32Array, B: number, T: number, rng: Rng
   return { inputs, targets };
 }
 
-export function makeOptimizer(model: GPT2, kind: 'adamw' | 'sgd', opts: { weightDecay?: number; momentum?: number }): Optimizer {
+export function makeOptimizer(model: PlainLM, kind: 'adamw' | 'sgd', opts: { weightDecay?: number; momentum?: number }): Optimizer {
   if (kind === 'adamw') return new AdamW(model.layout.total, { weightDecay: opts.weightDecay ?? 0 }, gpt2DecayMask(model.layout));
   return new SGD(model.layout.total, { momentum: opts.momentum ?? 0.9, weightDecay: opts.weightDecay ?? 0 });
 }
 
 /** Trains in place; returns the per-step losses. Stops with an error on a non-finite loss. */
-export async function trainLM(model: GPT2, stream: Int32Array, o: LMTrainOptions): Promise<number[]> {
+export async function trainLM(model: PlainLM, stream: Int32Array, o: LMTrainOptions): Promise<number[]> {
   const rng = new Rng(o.seed ?? 0);
   const opt = makeOptimizer(model, o.optimizer ?? 'adamw', o);
   model.ensureGrads();
@@ -72,7 +76,7 @@ export async function trainLM(model: GPT2, stream: Int32Array, o: LMTrainOptions
 }
 
 /** Mean next-token loss over consecutive windows of a stream (no gradients). */
-export async function evaluateLM(model: GPT2, stream: Int32Array, seq: number, batch: number, maxBatches = Infinity): Promise<{ loss: number; perplexity: number; tokens: number }> {
+export async function evaluateLM(model: PlainLM, stream: Int32Array, seq: number, batch: number, maxBatches = Infinity): Promise<{ loss: number; perplexity: number; tokens: number }> {
   let total = 0;
   let count = 0;
   const T = seq;

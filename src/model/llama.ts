@@ -1,0 +1,285 @@
+/**
+ * The plain Llama-family model over one contiguous parameter buffer (and one gradient buffer):
+ * the Llama block (llama_block.ts) with its plain basis and local linears, through the shared
+ * trunk (transformer.ts). Heads: the LM head (tied to the token embedding or its own) and an
+ * optional sequence classifier on the last non-pad token (HF's LlamaForSequenceClassification).
+ */
+import { validateLlamaConfig, type LlamaConfig } from './config.js';
+import { Layout } from './params.js';
+import { ropeTable, ropeForward, ropeBackward, rmsnormForward, rmsnormBackward, type RopeTable } from './kernels.js';
+import { LLAMA_LINEARS, llamaBlock, llamaDims, llamaLinearDims, type GateUpPart, type LlamaBasis, type LlamaLinearName } from './llama_block.js';
+import type { NormActs, QkvPart } from './block.js';
+import { PlainBasis } from './plain_basis.js';
+import { LocalLinears, type BlockLinears } from './local_linears.js';
+import { Transformer, type HeadResult, type KVCache } from './transformer.js';
+import { randomClassifier } from './gpt2.js';
+import type { ClassifierHead } from './weights.js';
+import { LoraAdapters, type LoraTarget } from './lora.js';
+import { Rng } from '../tensor/rng.js';
+import { sharedFloat32 } from '../tensor/shared.js';
+import { zeroFill } from '../tensor/parallel.js';
+
+export const LLAMA_KINDS = ['wte', 'ln1w', 'qkvw', 'qkvb', 'ow', 'ln2w', 'guw', 'downw', 'lnfw', 'head'] as const;
+export type LlamaKind = (typeof LLAMA_KINDS)[number];
+
+/**
+ * Parameter layout (weights `in x out`, as the block multiplies them):
+ * wte [V, C] ; ln1w, ln2w [L, C] ; qkvw [L, C, W] (q | k | v) ; qkvb [L, W] or empty ;
+ * ow [L, C, C] ; guw [L, C, 2I] (gate | up) ; downw [L, I, C] ; lnfw [C] ; head [V, C] or empty (tied).
+ */
+export class LlamaLayout extends Layout<LlamaKind> {
+  declare readonly config: LlamaConfig;
+  constructor(config: LlamaConfig) {
+    const { C, W, I } = llamaDims(config);
+    const V = config.vocab_size;
+    super(config, LLAMA_KINDS, {
+      wte: { layer: [V, C], per: false },
+      ln1w: { layer: [C], per: true },
+      qkvw: { layer: [C, W], per: true },
+      qkvb: { layer: [config.qkv_bias ? W : 0], per: true },
+      ow: { layer: [C, C], per: true },
+      ln2w: { layer: [C], per: true },
+      guw: { layer: [C, 2 * I], per: true },
+      downw: { layer: [I, C], per: true },
+      lnfw: { layer: [C], per: false },
+      head: { layer: config.tie_word_embeddings ? [0] : [V, C], per: false },
+    });
+  }
+}
+
+const LINEAR_KINDS: Record<LlamaLinearName, LlamaKind> = { qkv: 'qkvw', o: 'ow', gateup: 'guw', down: 'downw' };
+const EMPTY = new Float32Array(0);
+
+/** The block linears of a Llama parameter buffer, as views (q/k/v biases only on qkv, when present). */
+export function llamaLinearsOf(layout: LlamaLayout, buf: Float32Array): BlockLinears<LlamaLinearName> {
+  const layers = [];
+  for (let l = 0; l < layout.config.n_layer; l++) {
+    const rec = {} as Record<LlamaLinearName, BlockLinears['layers'][number]['qkv']>;
+    for (const name of LLAMA_LINEARS) {
+      const [din, dout] = llamaLinearDims(name, layout.config);
+      rec[name] = { w: layout.layer(buf, LINEAR_KINDS[name], l), b: name === 'qkv' ? layout.layer(buf, 'qkvb', l) : EMPTY, din, dout };
+    }
+    layers.push(rec);
+  }
+  return { n_layer: layout.config.n_layer, layers };
+}
+
+/** LoRA target widths of a Llama config. */
+export function llamaTargetDims(t: LoraTarget, c: LlamaConfig): [number, number] {
+  const { C, KV, I } = llamaDims(c);
+  switch (t) {
+    case 'q': case 'proj': return [C, C];
+    case 'k': case 'v': return [C, KV];
+    case 'gate': case 'up': return [C, I];
+    case 'mlp-proj': return [I, C];
+    case 'wte': return [c.vocab_size, C];
+    case 'fc': throw new Error('LoRA target "fc" is GPT-2\'s; a Llama-family model has gate and up');
+  }
+}
+
+/** Adapters for a Llama config. */
+export function llamaAdapters(cfg: ConstructorParameters<typeof LoraAdapters>[0], c: LlamaConfig): LoraAdapters {
+  return new LoraAdapters(cfg, c.n_layer, c.n_embd, c.vocab_size, (t) => llamaTargetDims(t, c));
+}
+
+/** RMSNorm gains: [L, C] per block norm, [C] final; gradients or null (frozen). */
+export interface RmsParams { ln1w: Float32Array; ln2w: Float32Array; lnfw: Float32Array }
+
+/** The plain basis of the Llama block: RMSNorm, rotary on plain heads, the family's section widths. */
+export class LlamaPlainBasis extends PlainBasis implements LlamaBasis<Float32Array> {
+  private readonly dims: ReturnType<typeof llamaDims>;
+  private readonly rope: RopeTable;
+
+  constructor(private readonly cfg: LlamaConfig, p: RmsParams, g: Partial<RmsParams> | null) {
+    super(cfg, { ...p, ln1b: EMPTY, ln2b: EMPTY, lnfb: EMPTY }, g);
+    this.dims = llamaDims(cfg);
+    this.rope = ropeTable(this.dims.hd, cfg.n_ctx, cfg.rope_theta, cfg.rope_scaling);
+  }
+
+  protected override ln(which: 1 | 2, l: number, h: Float32Array, s: NormActs, n: number): void {
+    rmsnormForward(s.out, s.rstd, h, this.slice(which === 1 ? this.p.ln1w : this.p.ln2w, l), n, this.C, this.eps);
+  }
+
+  protected override lnBackward(which: 1 | 2, l: number, dh: Float32Array, dout: Float32Array, s: NormActs, h: Float32Array, n: number): void {
+    const w = this.slice(which === 1 ? this.p.ln1w : this.p.ln2w, l);
+    rmsnormBackward(dh, this.slice(which === 1 ? this.g?.ln1w : this.g?.ln2w, l), dout, h, w, s.rstd, n, this.C);
+  }
+
+  override finalNorm(h: Float32Array, s: NormActs, hf: Float32Array, n: number): void {
+    rmsnormForward(hf, s.rstd, h, this.p.lnfw, n, this.C, this.eps);
+  }
+
+  override finalNormBackward(dhf: Float32Array, dh: Float32Array, s: NormActs, h: Float32Array, n: number): void {
+    rmsnormBackward(dh, this.g?.lnfw ?? null, dhf, h, this.p.lnfw, s.rstd, n, this.C);
+  }
+
+  private section(part: QkvPart): [number, number] {
+    const { C, KV } = this.dims;
+    return part === 'q' ? [0, C] : part === 'k' ? [C, KV] : [C + KV, KV];
+  }
+
+  override addQkv(_l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
+    addSection(qkv, this.dims.W, ...this.section(part), delta, n);
+  }
+
+  override qkvGradToPlain(_l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array {
+    return getSection(dqkv, this.dims.W, ...this.section(part), n);
+  }
+
+  override addHidden(_l: number, delta: Float32Array, g: Float32Array, n: number): void {
+    for (let i = 0; i < n * this.dims.I; i++) g[i] += delta[i];
+  }
+
+  addGateUp(_l: number, part: GateUpPart, delta: Float32Array, gu: Float32Array, n: number): void {
+    const I = this.dims.I;
+    addSection(gu, 2 * I, part === 'gate' ? 0 : I, I, delta, n);
+  }
+
+  gateUpGradToPlain(_l: number, part: GateUpPart, dgu: Float32Array, n: number): Float32Array {
+    const I = this.dims.I;
+    return getSection(dgu, 2 * I, part === 'gate' ? 0 : I, I, n);
+  }
+
+  rotary(_l: number, qkv: Float32Array, B: number, T: number, pos0: number): void {
+    const { W, C } = this.dims;
+    ropeForward(qkv, W, 0, this.cfg.n_head, this.rope, B, T, pos0);
+    ropeForward(qkv, W, C, this.cfg.n_kv_head, this.rope, B, T, pos0);
+  }
+
+  rotaryBackward(_l: number, dqkv: Float32Array, B: number, T: number): void {
+    const { W, C } = this.dims;
+    ropeBackward(dqkv, W, 0, this.cfg.n_head, this.rope, B, T, 0);
+    ropeBackward(dqkv, W, C, this.cfg.n_kv_head, this.rope, B, T, 0);
+  }
+}
+
+/** x[n, ld] columns off..off+w += delta[n, w] */
+export function addSection(x: Float32Array, ld: number, off: number, w: number, delta: Float32Array, n: number): void {
+  for (let r = 0; r < n; r++) for (let j = 0; j < w; j++) x[r * ld + off + j] += delta[r * w + j];
+}
+
+/** a copy of columns off..off+w of x[n, ld]: [n, w] */
+export function getSection(x: Float32Array, ld: number, off: number, w: number, n: number): Float32Array {
+  const out = new Float32Array(n * w);
+  for (let r = 0; r < n; r++) out.set(x.subarray(r * ld + off, r * ld + off + w), r * w);
+  return out;
+}
+
+/** A Llama-family model's weights. */
+export interface LlamaWeights {
+  config: LlamaConfig;
+  layout: LlamaLayout;
+  params: Float32Array;
+  cls?: ClassifierHead;
+  padTokenId?: number;
+}
+
+export class Llama {
+  readonly config: LlamaConfig;
+  readonly layout: LlamaLayout;
+  readonly params: Float32Array;
+  grads: Float32Array | null = null;
+  cls: ClassifierHead | undefined;
+  clsGrad: Float32Array | null = null;
+  padTokenId: number | undefined;
+  /** LoRA adapters (plain basis), when set */
+  adapters: LoraAdapters | null = null;
+  private net: Transformer<Float32Array> | null = null;
+  private netKey = '';
+
+  constructor(w: LlamaWeights) {
+    this.config = validateLlamaConfig(w.config);
+    this.layout = w.layout;
+    if (w.params.length !== this.layout.total) throw new Error(`parameter buffer has ${w.params.length} floats, config needs ${this.layout.total}`);
+    this.params = w.params;
+    this.cls = w.cls;
+    this.padTokenId = w.padTokenId;
+  }
+
+  /** Normal(0, 0.02) weights (HF's initializer_range), unit gains, zero biases; seeded. */
+  static random(config: LlamaConfig, seed: number, numLabels?: number): Llama {
+    const layout = new LlamaLayout(validateLlamaConfig(config));
+    const params = sharedFloat32(layout.total);
+    const rng = new Rng(seed);
+    for (const k of ['wte', 'qkvw', 'ow', 'guw', 'downw', 'head'] as const) rng.fillNormal(layout.view(params, k), 0.02);
+    for (const k of ['ln1w', 'ln2w', 'lnfw'] as const) layout.view(params, k).fill(1);
+    const w: LlamaWeights = { config, layout, params };
+    if (numLabels !== undefined) w.cls = randomClassifier(numLabels, config.n_embd, rng);
+    return new Llama(w);
+  }
+
+  weights(): LlamaWeights {
+    return { config: this.config, layout: this.layout, params: this.params, cls: this.cls, padTokenId: this.padTokenId };
+  }
+
+  numParams(): number {
+    return this.layout.total + (this.cls ? this.cls.weight.length : 0);
+  }
+
+  ensureGrads(): Float32Array {
+    if (!this.grads) this.grads = sharedFloat32(this.layout.total);
+    if (this.cls && (!this.clsGrad || this.clsGrad.length !== this.cls.weight.length)) this.clsGrad = new Float32Array(this.cls.weight.length);
+    return this.grads;
+  }
+
+  zeroGrad(): void {
+    if (this.grads) zeroFill(this.grads);
+    this.clsGrad?.fill(0);
+    this.adapters?.grads.fill(0);
+  }
+
+  private model(): Transformer<Float32Array> {
+    const key = `${this.grads ? 'g' : '-'}${this.cls ? this.cls.weight.length : 0}${this.clsGrad ? 'c' : '-'}${this.cls?.pooling ?? ''}`;
+    if (this.net && this.netKey === key && this.net.env.adapters === this.adapters && (this.net.parts.cls?.weight ?? null) === (this.cls?.weight ?? null)) return this.net;
+    const lay = this.layout, p = this.params, g = this.grads, c = this.config;
+    const v = (buf: Float32Array, k: LlamaKind) => lay.view(buf, k);
+    const norms = (buf: Float32Array) => ({ ln1w: v(buf, 'ln1w'), ln2w: v(buf, 'ln2w'), lnfw: v(buf, 'lnfw') });
+    const gradLinears = g ? llamaLinearsOf(lay, g) : null;
+    this.net = new Transformer({
+      config: c,
+      basis: new LlamaPlainBasis(c, norms(p), g ? norms(g) : null),
+      linears: new LocalLinears<LlamaLinearName>(llamaLinearsOf(lay, p), {
+        trainWeights: g !== null,
+        grads: gradLinears ? (l, name) => ({ gw: gradLinears.layers[l][name].w, gb: gradLinears.layers[l][name].b }) : undefined,
+      }),
+      block: llamaBlock<Float32Array>(c),
+      tables: {
+        wte: v(p, 'wte'), wpe: null, gwte: g ? v(g, 'wte') : null, gwpe: null,
+        head: c.tie_word_embeddings ? null : v(p, 'head'), ghead: g && !c.tie_word_embeddings ? v(g, 'head') : null,
+      },
+      cls: this.cls ? { numLabels: this.cls.numLabels, weight: this.cls.weight, grad: this.clsGrad, pooling: this.cls.pooling ?? 'last' } : null,
+      adapters: this.adapters,
+    });
+    this.netKey = key;
+    return this.net;
+  }
+
+  /** LM forward: logits [B*T, V] (internal memory) and, with targets (-1 = ignore), the mean loss; probabilities then replace the logits. */
+  async forward(tokens: Int32Array, B: number, T: number, targets: Int32Array | null = null, train = targets !== null): Promise<{ logits: Float32Array; loss: number | null }> {
+    if (train) this.ensureGrads();
+    const r = await this.model().forwardLM(tokens, B, T, targets, train);
+    return { logits: r.logits, loss: r.loss };
+  }
+
+  /** Classification forward on the last token that is not `padId` (HF's LlamaForSequenceClassification). */
+  async forwardCls(tokens: Int32Array, B: number, T: number, labels: Int32Array | null = null, padId = this.padTokenId ?? -1): Promise<HeadResult> {
+    if (!this.cls) throw new Error('this model has no classification head (load a checkpoint with score.weight or add one with addClassifier)');
+    if (labels) this.ensureGrads();
+    return this.model().forwardCls(tokens, B, T, labels, labels !== null, padId);
+  }
+
+  async backward(): Promise<void> {
+    if (!this.net) throw new Error('backward() needs a preceding forward with targets');
+    await this.net.backward();
+  }
+
+  /** Logits of the last new position [V], through the KV cache (keys and values of n_kv_head heads). */
+  forwardCached(cache: KVCache, tokens: ArrayLike<number>): Promise<Float32Array> {
+    return this.model().forwardCached(cache, tokens);
+  }
+
+  addClassifier(numLabels: number, seed: number, labels?: string[]): void {
+    this.cls = randomClassifier(numLabels, this.config.n_embd, new Rng(seed), labels);
+    this.clsGrad = null;
+  }
+}

@@ -198,7 +198,9 @@ export function addFinetuneCommands(program: Command): void {
         const tok = tokenizerFor(w.config.vocab_size);
         const set = encodeRecords(readJsonl(o.data), tok, { task: rc.task, maxLen: rc.max_len, labels: rc.labels, source: o.data });
         const s = buildSession(w, { mode: 'local', method: 'full', task: rc.task, numLabels: rc.task === 'cls' ? rc.labels.length : undefined, padTokenId: rc.pad_token_id, seed: 0 });
-        const e = await evaluate(s.model, set, o.batch, rc.pad_token_id);
+        const bar = progressBar(Math.ceil(set.items.length / o.batch), 'eval', '');
+        const e = await evaluate(s.model, set, o.batch, rc.pad_token_id, 0, (i) => bar.update(i));
+        bar.stop();
         const res = { run: o.run, data: o.data, task: rc.task, ...e, truncated: set.truncated };
         emit(res, evalLine(e));
         return;
@@ -208,7 +210,12 @@ export function addFinetuneCommands(program: Command): void {
       const { evaluateLM } = await import('../train/lm.js');
       const model = new GPT2(loadCheckpoint(o.model));
       const tok = tokenizerFor(model.config.vocab_size);
-      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch);
+      const bar = progressBar(1, 'eval', '');
+      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch, Infinity, (i, n) => {
+        bar.setTotal(n);
+        bar.update(i);
+      });
+      bar.stop();
       emit(e, `loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
     });
 }

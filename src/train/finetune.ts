@@ -88,7 +88,10 @@ function makeOpt(kind: 'adamw' | 'sgd', n: number, cfg: FinetuneConfig): Optimiz
   return kind === 'adamw' ? new AdamW(n, { weightDecay: cfg.weightDecay, eps: cfg.adamEps }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weightDecay });
 }
 
-export async function evaluate(model: SplitModel, set: EncodedSet, batch: number, padId: number, maxBatches = 0): Promise<EvalMetrics> {
+/** Loss (and accuracy or perplexity) over a set without gradients; `onBatch(done, total)` after each batch. */
+export async function evaluate(model: SplitModel, set: EncodedSet, batch: number, padId: number, maxBatches = 0, onBatch?: (done: number, total: number) => void): Promise<EvalMetrics> {
+  const all = Math.ceil(set.items.length / batch);
+  const total = maxBatches > 0 ? Math.min(maxBatches, all) : all;
   let lossSum = 0;
   let count = 0;
   let correct = 0;
@@ -102,7 +105,7 @@ export async function evaluate(model: SplitModel, set: EncodedSet, batch: number
     count += r.count;
     correct += r.correct ?? 0;
     examples += b.B;
-    batches++;
+    onBatch?.(++batches, total);
   }
   const loss = count > 0 ? lossSum / count : NaN;
   return model.task === 'lm' ? { loss, perplexity: Math.exp(loss), examples } : { loss, accuracy: correct / Math.max(1, examples), examples };

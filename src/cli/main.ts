@@ -421,7 +421,7 @@ export function buildProgram(): Command {
     .option('--out <dir>', 'run directory (replaced; a non-empty one that is not an earlier start run only with --force)', 'runs/start')
     .option('--force', 'replace a non-empty --out that holds something else'))
     .action(async (o) => {
-      if (!existsSync(path.join(o.out, 'contract.json'))) refuseNonEmpty(o.out, o.force, 'start');
+      if (!existsSync(path.join(o.out, 'local-run'))) refuseNonEmpty(o.out, o.force, 'start'); // an earlier start run is replaced
       await runStart({ steps: o.steps, out: o.out, model: o.model, dataset: o.dataset });
       emit(JSON.parse(readFileSync(path.join(o.out, 'summary.json'), 'utf8')), `summary: ${path.join(o.out, 'summary.json')}`);
     });

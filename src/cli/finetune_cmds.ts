@@ -191,6 +191,7 @@ export function addFinetuneCommands(program: Command): void {
     .option('--batch <n>', 'batch size', parseIntArg('--batch'), 8)
     .option('--json', 'print JSON')
     .action(async (o) => {
+      if (o.run && (o.model || o.text)) throw new InputError('give --run DIR --data FILE, or --model DIR --text FILE, not both');
       if (o.run) {
         if (!o.data) throw new InputError('eval --run needs --data FILE');
         const rc = readRunConfig(o.run);

@@ -222,6 +222,7 @@ export function buildProgram(): Command {
         }
       } else {
         if (!o.model && !o.run) throw new InputError('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
+        if (o.model && o.run) throw new InputError('give either --model or --run, not both');
         const model = o.run ? new GPT2(loadRunModel(o.run)) : loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
         tok = tokenizerFor(model.config.vocab_size);
         ids = await generate(model, tok.encode(o.prompt), { ...opts, stopToken: tok.eotId });

@@ -18,7 +18,7 @@ import { InputError, PolicyError } from '../errors.js';
 import { contractSha256, describeSignatures, draftContract, readContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
+import { BUNDLE_DIRS, obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
 import { readJsonl } from '../io/jsonl.js';
 
 /** Stops a service cleanly on SIGINT/SIGTERM. */
@@ -189,7 +189,7 @@ export function addPartyCommands(program: Command): void {
     .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)'))
     .action((o) => {
       const spec = parseMaskSpec(String(o.kappa));
-      refuseNonEmpty(o.out, o.force, 'provider obfuscate');
+      refuseNonEmpty(o.out, o.force, 'provider obfuscate', BUNDLE_DIRS);
       const { acceleratorSha256 } = writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec }));
       emit({ out: o.out, mode: o.mode, kappa: String(o.kappa), accelerator_sha256: acceleratorSha256 }, `bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
     });

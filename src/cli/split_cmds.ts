@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { saveCheckpoint, loadCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../obfuscate/provider.js';
+import { BUNDLE_DIRS, obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../obfuscate/provider.js';
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair } from '../obfuscate/bundle.js';
 import { runFidelity, formatFidelity } from '../experiments/fidelity.js';
 import { shareTable, formatShare } from '../obfuscate/share.js';
@@ -32,7 +32,7 @@ export function addSplitCommands(program: Command): void {
     .action((o) => {
       const spec = o.naive ? parseMaskSpec('naive') : parseMaskSpec(String(o.kappa));
       if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
-      refuseNonEmpty(o.out, o.force, 'obfuscate');
+      refuseNonEmpty(o.out, o.force, 'obfuscate', BUNDLE_DIRS);
       const w = loadCheckpoint(o.model);
       const bar = progressBar(2 * w.config.n_layer, 'obfuscate', '{phase}');
       let done = 0;

@@ -3,7 +3,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -69,6 +69,11 @@ test('--json on every command that prints a result; with it stdout is one JSON d
   const services = ['accelerator serve', 'enclave serve', 'bench echo-accelerator'];
   const missing = leaves(buildProgram()).filter((l) => !services.includes(l.name) && !l.cmd.options.some((o) => o.long === '--json')).map((l) => l.name);
   assert.deepEqual(missing, [], 'commands without --json');
+  // with --json console.log goes to stderr (src/cli/output.ts): a result printed with it would be lost from stdout
+  const cli = path.join(ROOT, 'src', 'cli');
+  const printed = readdirSync(cli).flatMap((f) => readFileSync(path.join(cli, f), 'utf8').split('\n').map((l, i) => ({ at: `${f}:${i + 1}`, l })))
+    .filter(({ l }) => /console\.log\((JSON\.stringify|o\.json)/.test(l) && !/'listening'/.test(l)).map(({ at }) => at);
+  assert.deepEqual(printed, [], 'results printed with console.log instead of emit()');
   const d = tmp();
   try {
     const m = path.join(d, 'm');

@@ -58,11 +58,11 @@ $OBF provider deploy "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/
 
 say "owner (terminal 4): attest, upload encrypted records, start an endless job and cancel it"
 $OBF owner upload "${C[@]}" --key "$W/owner/key.json" --train "$TRAIN"
-$OBF owner finetune "${C[@]}" --key "$W/owner/key.json" --task cls --method lora --steps 100000 --batch 8 --max-len "$MAX_LEN" --lr 0.002 --checkpoint-every 0 > "$W/endless.json" &
+$OBF owner finetune "${C[@]}" --key "$W/owner/key.json" --task cls --method lora --steps 100000 --batch 8 --max-len "$MAX_LEN" --lr 0.002 --checkpoint-every 0 --json > "$W/endless.json" &
 FT=$!
 for _ in $(seq 1 100); do
   kill -0 "$FT" 2>/dev/null || break
-  S=$($OBF owner status "${C[@]}" --key "$W/owner/key.json" 2>/dev/null || true)
+  S=$($OBF owner status "${C[@]}" --key "$W/owner/key.json" --json 2>/dev/null || true)
   echo "$S" | grep -q '"step":[1-9]' && break
   sleep 0.2
 done
@@ -72,11 +72,11 @@ grep -q '"state":"cancelled"' "$W/endless.json"
 echo "the endless job: $(cut -c1-80 "$W/endless.json")..."
 
 say "owner: the real job, $STEPS steps"
-$OBF owner finetune "${C[@]}" --key "$W/owner/key.json" --task cls --method lora --steps "$STEPS" --batch 8 --max-len "$MAX_LEN" --lr 0.002 --checkpoint-every 10 > "$W/job.json"
+$OBF owner finetune "${C[@]}" --key "$W/owner/key.json" --task cls --method lora --steps "$STEPS" --batch 8 --max-len "$MAX_LEN" --lr 0.002 --checkpoint-every 10 --json > "$W/job.json"
 grep -q '"state":"done"' "$W/job.json"
 
 say "provider: aggregate metrics, then fetch the update and merge it"
-$OBF provider status "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/provider" | cut -c1-200
+$OBF provider status "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/provider" --json | cut -c1-200
 $OBF provider fetch "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/provider" --base "$MODEL" --accelerator "127.0.0.1:$ACC_PORT" --out "$W/merged"
 test -f "$W/merged/model.safetensors"
 say "done: $W"

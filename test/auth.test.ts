@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import net from 'node:net';
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { inProcessWorld, setup, records, spec, FIX } from './world.js';
 import {
@@ -160,9 +160,19 @@ test('bundle swap: the enclave and the accelerator take only the contract\'s bun
     const base = loadCheckpoint(path.join(FIX, 'vocab50257'));
     const swapped = path.join(other, 'mixed');
     cpSync(path.join(w.dir, 'bundles'), swapped, { recursive: true });
-    rmSync(path.join(swapped, 'enclave'), { recursive: true });
-    cpSync(path.join(other, 'enclave'), path.join(swapped, 'enclave'), { recursive: true });
+    // another obfuscation's enclave bundle and its key (a consistent pair, but not what made the update)
+    for (const d of ['enclave', 'provider']) {
+      rmSync(path.join(swapped, d), { recursive: true });
+      cpSync(path.join(other, d), path.join(swapped, d), { recursive: true });
+    }
     await assert.rejects(fetchAndMerge(w.provider, w.accAddr, base, swapped, path.join(other, 'scratch')), (e: Error) => e instanceof BundleError && /not this provider's/.test(e.message));
+    // the right bundles with another obfuscation's mask key: refused before anything is fetched or written
+    const wrongKey = path.join(other, 'wrong-key');
+    cpSync(path.join(w.dir, 'bundles'), wrongKey, { recursive: true });
+    rmSync(path.join(wrongKey, 'provider'), { recursive: true });
+    cpSync(path.join(other, 'provider'), path.join(wrongKey, 'provider'), { recursive: true });
+    await assert.rejects(fetchAndMerge(w.provider, w.accAddr, base, wrongKey, path.join(wrongKey, 'scratch')), (e: Error) => e instanceof BundleError && /did not make the enclave bundle/.test(e.message));
+    assert.ok(!existsSync(path.join(wrongKey, 'scratch')), 'nothing written');
     const { update } = await fetchAndMerge(w.provider, w.accAddr, base, path.join(w.dir, 'bundles'), path.join(w.dir, 'scratch'));
     assert.equal(update.method, 'lora');
   } finally {

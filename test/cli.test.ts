@@ -123,11 +123,17 @@ test('obfuscate, then generate through the split: the same tokens as the plain m
 test('progress off a terminal: piped stderr gets timed progress lines and a last one at 100%; stdout stays JSON', () => {
   const r = run(['bench', 'train-step', '--json', '--model', 'gpt2-tiny', '--steps', '30'], { OBFUSCATUNE_NO_PROGRESS: '0', OBFUSCATUNE_PROGRESS_INTERVAL_MS: '1' });
   assert.equal(r.status, 0, r.stderr);
-  const lines = r.stderr.split('\n').filter((l) => l.startsWith('bench train-step: '));
+  // --json: the progress lines are JSON too
+  const lines = r.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
   assert.ok(lines.length >= 2, r.stderr);
-  for (const l of lines) assert.match(l, /^bench train-step: \d+\/31 \(\d+%\) +elapsed \d+s, ETA /);
-  assert.match(lines[lines.length - 1], /31\/31 \(100%\)/);
+  for (const l of lines) assert.deepEqual([l.event, l.task, l.total], ['progress', 'bench train-step', 31]);
+  assert.equal(lines[lines.length - 1].done, 31);
   assert.equal(JSON.parse(r.stdout).model, 'gpt2-tiny');
+  const text = run(['bench', 'train-step', '--model', 'gpt2-tiny', '--steps', '3'], { OBFUSCATUNE_NO_PROGRESS: '0', OBFUSCATUNE_PROGRESS_INTERVAL_MS: '1' });
+  const tl = text.stderr.split('\n').filter((l) => l.startsWith('bench train-step: '));
+  assert.ok(tl.length >= 2, text.stderr);
+  for (const l of tl) assert.match(l, /^bench train-step: \d+\/4 \(\d+%\) +elapsed \d+s, ETA /);
+  assert.match(tl[tl.length - 1], /4\/4 \(100%\)/);
 });
 
 test('datasets: numeric labels sort by value (2 before 10); a labelled file trained as lm is warned about', async () => {

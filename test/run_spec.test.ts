@@ -221,7 +221,8 @@ test('the CLI refuses each invalid spec before any work (no model loaded, no run
       // a model path that does not exist: the spec is refused before the model is looked at
       const r = cli(['finetune', '--model', path.join(dir, 'no-model'), '--train', path.join(dir, 'no-data.jsonl'), ...c.flags, '--out', out]);
       const want = refusal(c.input);
-      assert.equal(r.status, 1, `${c.flags.join(' ')}: ${r.stderr}`);
+      // a refused spec is bad input: exit status 2
+      assert.equal(r.status, 2, `${c.flags.join(' ')}: ${r.stderr}`);
       assert.ok(r.stderr.includes(`invalid run spec (command line): ${want.text}`), `${c.flags.join(' ')}: ${r.stderr}`);
       assert.equal(r.stdout, '');
       assert.ok(!existsSync(out), 'no run directory was created');
@@ -315,7 +316,7 @@ test('resume from the run\'s stored spec with no flags repeated continues bit-id
       for (const f of ['final', 'merged', 'summary.json']) rmSync(path.join(cut, f), { recursive: true });
       // a changed setting is refused before any work
       const bad = cli(['finetune', '--resume', '--out', cut, '--lr', '0.01']);
-      assert.equal(bad.status, 1);
+      assert.equal(bad.status, 2);
       assert.match(bad.stderr, /invalid run spec \(command line\): lr: 0.01 differs from the run's 0.003; .*run_spec\.json/);
       assert.ok(!existsSync(path.join(cut, 'merged')));
       const r = cli(['finetune', '--resume', '--out', cut, '--json']);

@@ -8,6 +8,7 @@ import { writePeftAdapter } from '../model/peft.js';
 import { loadAdapters, mergeAdapter, readAdapter } from '../train/session.js';
 import { BundleError } from '../errors.js';
 import { refuseNonEmpty } from './model_args.js';
+import { emit } from './output.js';
 import { loadRunModel, readRunConfig } from './finetune_cmds.js';
 
 export function addAdapterCommands(program: Command): void {
@@ -17,6 +18,7 @@ export function addAdapterCommands(program: Command): void {
     .argument('<run>', 'fine-tuning run directory')
     .requiredOption('--out <dir>', 'PEFT adapter directory to write')
     .option('--force', 'write into a non-empty --out')
+    .option('--json', 'print the result as JSON on stdout')
     .action((run: string, o) => {
       refuseNonEmpty(o.out, o.force, 'adapter export');
       const rc = readRunConfig(run);
@@ -25,7 +27,7 @@ export function addAdapterCommands(program: Command): void {
       const merged = loadRunModel(run);
       const c = merged.config;
       writePeftAdapter(o.out, loadAdapters(file, c.n_layer, c.n_embd, c.vocab_size), { task: rc.task, baseModel: rc.model, score: rc.task === 'cls' ? merged.cls?.weight : undefined });
-      console.log(`wrote PEFT adapter ${o.out} (base ${rc.model})`);
+      emit({ out: o.out, base: rc.model }, `wrote PEFT adapter ${o.out} (base ${rc.model})`);
     });
   ad.command('merge')
     .description('fold a LoRA adapter (PEFT directory, a run\'s final/, or an adapters file) into a plain checkpoint, as PEFT\'s merge_and_unload; a saved classifier becomes the head')
@@ -34,12 +36,13 @@ export function addAdapterCommands(program: Command): void {
     .requiredOption('--out <dir>', 'output checkpoint directory')
     .option('--force', 'write into a non-empty --out')
     .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32'))
+    .option('--json', 'print the result as JSON on stdout')
     .action((o) => {
       refuseNonEmpty(o.out, o.force, 'adapter merge');
       const base = loadCheckpoint(o.base);
       const a = readAdapter(o.adapter, base.config);
       saveCheckpoint(o.out, mergeAdapter(base, a), { dtype: o.dtype });
       const l = a.adapters.config;
-      console.log(`wrote plain checkpoint ${o.out} (LoRA rank ${l.rank}, targets ${l.targets.join(',')}${a.score ? `, classifier of ${a.numLabels} labels` : ''})`);
+      emit({ out: o.out, rank: l.rank, targets: l.targets, labels: a.score ? a.numLabels : null }, `wrote plain checkpoint ${o.out} (LoRA rank ${l.rank}, targets ${l.targets.join(',')}${a.score ? `, classifier of ${a.numLabels} labels` : ''})`);
     });
 }

@@ -13,6 +13,7 @@ import { mlpPermutationAttack } from '../attacks/mlp_permutation.js';
 import { labelRecoveryAttack } from '../attacks/label_recovery.js';
 import { parseFloatArg, parseIntArg } from './model_args.js';
 import { InputError, ViewError } from '../errors.js';
+import { emit } from './output.js';
 
 interface Common { view: string; truth?: string; mode?: string; json?: boolean }
 
@@ -35,14 +36,12 @@ function publicModel(dir: string, view: LoadedView): GPT2Weights {
   return w;
 }
 
-function print(r: AttackResult, json: boolean | undefined): void {
-  if (json) {
-    console.log(JSON.stringify(r));
-    return;
-  }
+function print(r: AttackResult): void {
   const pct = (x: number) => (Number.isFinite(x) ? `${(100 * x).toFixed(2)}%` : 'n/a');
-  console.log(`${r.attack} (${r.setting}, ${r.mode} mode, kappa ${r.kappa}, defence ${r.defence}): ${r.metric} ${pct(r.value)} (baseline ${pct(r.baseline)}) over ${r.observed_batches} observed batches`);
-  if (r.details) for (const [k, v] of Object.entries(r.details)) if (typeof v === 'number') console.log(`  ${k}: ${Number.isInteger(v) ? v : v.toFixed(4)}`);
+  emit(r, [
+    `${r.attack} (${r.setting}, ${r.mode} mode, kappa ${r.kappa}, defence ${r.defence}): ${r.metric} ${pct(r.value)} (baseline ${pct(r.baseline)}) over ${r.observed_batches} observed batches`,
+    ...Object.entries(r.details ?? {}).filter(([, v]) => typeof v === 'number').map(([k, v]) => `  ${k}: ${Number.isInteger(v) ? v : (v as number).toFixed(4)}`),
+  ]);
 }
 
 function common(c: Command): Command {
@@ -66,7 +65,7 @@ export function addAttackCommands(program: Command): void {
       const provDir = o.provider ?? truth?.model ?? null;
       const prov = provDir ? loadCheckpoint(provDir) : null;
       if (prov) checkView(view, { config: prov.config, what: `the provider model ${provDir}` });
-      print(weightAlignmentAttack(view, pub, truth, prov), o.json);
+      print(weightAlignmentAttack(view, pub, truth, prov));
     });
 
   common(attack.command('decode-public-base')
@@ -76,7 +75,7 @@ export function addAttackCommands(program: Command): void {
     .option('--max-batches <n>', 'decode at most this many batches', parseIntArg('--max-batches'))
     .action((o: Common & { public: string; corpus: string; maxBatches?: number }) => {
       const { view, truth } = open(o);
-      print(decodePublicBaseAttack(view, publicModel(o.public, view), needTruth(truth, o), { corpus: o.corpus, maxBatches: o.maxBatches }), o.json);
+      print(decodePublicBaseAttack(view, publicModel(o.public, view), needTruth(truth, o), { corpus: o.corpus, maxBatches: o.maxBatches }));
     });
 
   common(attack.command('frequency')
@@ -90,7 +89,7 @@ export function addAttackCommands(program: Command): void {
         if (!Number.isInteger(n) || n < 1) throw new InputError(`--counts: "${s}" is not a positive integer`);
         return n;
       });
-      print(frequencyAttack(view, needTruth(truth, o), { corpus: o.corpus, counts }), o.json);
+      print(frequencyAttack(view, needTruth(truth, o), { corpus: o.corpus, counts }));
     });
 
   common(attack.command('known-plaintext')
@@ -99,7 +98,7 @@ export function addAttackCommands(program: Command): void {
     .option('--seed <n>', 'which records are known', parseIntArg('--seed'), 1)
     .action((o: Common & { knownFraction: number; seed: number }) => {
       const { view, truth } = open(o);
-      print(knownPlaintextAttack(view, needTruth(truth, o), { knownFraction: o.knownFraction, seed: o.seed }), o.json);
+      print(knownPlaintextAttack(view, needTruth(truth, o), { knownFraction: o.knownFraction, seed: o.seed }));
     });
 
   common(attack.command('label-recovery')
@@ -108,7 +107,7 @@ export function addAttackCommands(program: Command): void {
     .option('--seed <n>', 'k-means seed', parseIntArg('--seed'), 1)
     .action((o: Common & { corpus: string; seed: number }) => {
       const { view, truth } = open(o);
-      print(labelRecoveryAttack(view, needTruth(truth, o), { corpus: o.corpus, seed: o.seed }), o.json);
+      print(labelRecoveryAttack(view, needTruth(truth, o), { corpus: o.corpus, seed: o.seed }));
     });
 
   common(attack.command('mlp-permutation')
@@ -117,6 +116,6 @@ export function addAttackCommands(program: Command): void {
     .requiredOption('--corpus <file>', 'a public JSONL corpus to run the public model on')
     .action(async (o: Common & { public: string; corpus: string }) => {
       const { view, truth } = open(o);
-      print(await mlpPermutationAttack(view, publicModel(o.public, view), truth, { corpus: o.corpus }), o.json);
+      print(await mlpPermutationAttack(view, publicModel(o.public, view), truth, { corpus: o.corpus }));
     });
 }

@@ -17,7 +17,8 @@ import {
 } from '../train/run_spec.js';
 import { progressBar } from './progress.js';
 import { parseIntArg, refuseNonEmpty } from './model_args.js';
-import { addFieldOptions, addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
+import { addFieldOptions, addRunSpecOptions, recipeAndFlags, runSpecInputOf } from './run_spec_args.js';
+import { emit } from './output.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
 import { BundleError, InputError } from '../errors.js';
 import { recordSession } from '../attacks/record.js';
@@ -89,20 +90,20 @@ const RUN_OUTPUTS = ['checkpoints', 'final', 'merged', 'accelerator-state', 'met
 /** The model and data files of a run: the flags, or on --resume the run's own (a different one given is refused). */
 function runFiles(o: { model?: string; train?: string; eval?: string; resume?: boolean }, runDir: string): { model: string; train: string; eval: string | null } {
   if (!o.resume) {
-    if (!o.model || !o.train) throw new Error('finetune needs --model DIR and --train FILE (or --resume with the --out of a run)');
+    if (!o.model || !o.train) throw new InputError('finetune needs --model DIR and --train FILE (or --resume with the --out of a run)');
     return { model: o.model, train: o.train, eval: o.eval ?? null };
   }
   const rc = readRunConfig(runDir);
   const stored = { model: rc.model, train: rc.train ?? null, eval: rc.eval ?? null };
   const pick = (flag: string, given: string | undefined, was: string | null, what: string): string | null => {
     if (given === undefined) return was;
-    if (was !== null && path.resolve(given) !== was) throw new Error(`--resume: ${flag} ${given} is not the run's ${what} ${was} (${path.join(runDir, 'config.json')})`);
-    if (was === null && flag === '--eval') throw new Error(`--resume: the run has no evaluation set; ${flag} cannot add one`);
+    if (was !== null && path.resolve(given) !== was) throw new InputError(`--resume: ${flag} ${given} is not the run's ${what} ${was} (${path.join(runDir, 'config.json')})`);
+    if (was === null && flag === '--eval') throw new InputError(`--resume: the run has no evaluation set; ${flag} cannot add one`);
     return given;
   };
   const model = pick('--model', o.model, stored.model, 'model');
   const train = pick('--train', o.train, stored.train, 'training data');
-  if (!model || !train) throw new Error(`--resume: ${path.join(runDir, 'config.json')} does not name the run's model and training data; give --model and --train`);
+  if (!model || !train) throw new InputError(`--resume: ${path.join(runDir, 'config.json')} does not name the run's model and training data; give --model and --train`);
   return { model, train, eval: pick('--eval', o.eval, stored.eval, 'evaluation set') };
 }
 
@@ -112,7 +113,7 @@ export function addFinetuneCommands(program: Command): void {
     .description('fine-tune through the enclave/accelerator split (or locally), with checkpoints and exact resume; the settings form a run spec (docs/fine-tuning.md)')
     .option('--model <dir>', 'plain Hugging Face GPT-2 checkpoint (the provider\'s model; with --resume: the run\'s)')
     .option('--train <file>', 'training JSONL ({"text"}, {"prompt","completion"} or {"text","label"}; with --resume: the run\'s)')
-    .option('--eval <file>', 'evaluation JSONL (with --resume: the run\'s)'), { bundle: true, help: { method: 'lora (adapters in the enclave), full, or local (= --mode local --method full)' } })
+    .option('--eval <file>', 'evaluation JSONL (with --resume: the run\'s)'), { help: { method: 'lora (adapters in the enclave), full, or local (= --mode local --method full)' } })
     .option('--naive', 'naive Gaussian masks (= --kappa naive)')
     .option('--init-adapter <dir>', 'start from a LoRA adapter: a PEFT adapter directory (its classifier too), a run\'s final/ or adapters file; the rank, alpha and targets are the adapter\'s')
     .option('--resume', `continue the run in --out from its latest checkpoint with the settings in its ${RUN_SPEC_FILE} (no flags to repeat; only ${RESUMABLE_CHANGES.map((k) => `--${k.replace(/_/g, '-')}`).join(', ')} may change)`)
@@ -123,13 +124,11 @@ export function addFinetuneCommands(program: Command): void {
     .action(async (o) => {
       const runDir: string = o.out;
       const recOpts = recorderOptionsOf(o);
-      if (!o.resume) {
-        refuseNonEmpty(runDir, o.force, 'finetune (a fresh run; --resume continues the run there)');
-        // --force: what a previous run wrote goes, so nothing of it mixes with this one
-        if (o.force) for (const f of RUN_OUTPUTS) rmSync(path.join(runDir, f), { recursive: true, force: true });
-      }
+      if (!o.resume) refuseNonEmpty(runDir, o.force, 'finetune (a fresh run; --resume continues the run there)');
       // the whole spec is validated before any work: nothing is loaded or written before this
-      let given = finetuneSpecInput(o);
+      const recipe = recipeAndFlags(o, finetuneSpecInput(o));
+      const source = recipe.source;
+      let given = recipe.input;
       let init: ImportedAdapter | null = null;
       if (o.initAdapter) {
         if (o.resume) throw new InputError('--init-adapter starts a fresh run; --resume continues from the run\'s checkpoint (with its adapters)');
@@ -139,14 +138,14 @@ export function addFinetuneCommands(program: Command): void {
       }
       let spec: RunSpec;
       if (o.resume) {
-        if (!latestCheckpoint(runDir)) throw new Error(`--resume: no checkpoint in ${path.join(runDir, 'checkpoints')}`);
+        if (!latestCheckpoint(runDir)) throw new InputError(`--resume: no checkpoint in ${path.join(runDir, 'checkpoints')}`);
         const stored = readRunSpec(runDir);
-        if (stored) spec = resumeRunSpec(stored, given, 'command line', path.join(runDir, RUN_SPEC_FILE));
+        if (stored) spec = resumeRunSpec(stored, given, source, path.join(runDir, RUN_SPEC_FILE));
         else {
           console.error(`note: ${runDir} has no ${RUN_SPEC_FILE} (a run of an earlier version): its settings are taken from the flags`);
-          spec = parseRunSpec(given, 'command line');
+          spec = parseRunSpec(given, source);
         }
-      } else spec = parseRunSpec(given, 'command line');
+      } else spec = parseRunSpec(given, source);
       const files = runFiles(o, runDir);
       const { task, method, mode } = spec;
       const trainRecs = readJsonl(files.train, spec);
@@ -160,10 +159,12 @@ export function addFinetuneCommands(program: Command): void {
       }
       // a head the model brings is kept when it has as many labels (buildSession)
       const head = task === 'cls' && base.cls && base.cls.numLabels === labels.length ? base.cls.pooling ?? 'last' : null;
-      checkRunSpecForModel(spec, { n_ctx: base.config.n_ctx, headPooling: head }, 'command line');
+      checkRunSpecForModel(spec, { n_ctx: base.config.n_ctx, headPooling: head }, source);
       const tok = tokenizerFor(base.config.vocab_size);
       const train = encodeRecords(trainRecs, tok, { task, maxLen: spec.max_len, labels, source: files.train });
       const evalSet = evalRecs ? encodeRecords(evalRecs, tok, { task, maxLen: spec.max_len, labels, source: files.eval! }) : null;
+      // --force: what a previous run wrote goes (only now, everything checked), so nothing of it mixes with this one
+      if (!o.resume && o.force) for (const f of RUN_OUTPUTS) rmSync(path.join(runDir, f), { recursive: true, force: true });
       mkdirSync(runDir, { recursive: true });
       const padId = tok.eotId;
       const session = buildSession(base, toSessionOptions(spec, {
@@ -206,13 +207,12 @@ export function addFinetuneCommands(program: Command): void {
       const { losses, ...rest } = summary;
       const out = { ...rest, first_loss: losses[0] ?? null, model: path.resolve(files.model), labels: task === 'cls' ? labels : undefined };
       writeFileSync(path.join(runDir, 'summary.json'), JSON.stringify(out, null, 2) + '\n');
-      if (o.json) console.log(JSON.stringify(out));
-      else {
-        const e = summary.eval;
-        console.log(`${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`);
-        if (e) console.log(`eval: loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''} on ${e.examples} examples`);
-        console.log(`run directory ${runDir} (${RUN_SPEC_FILE}, metrics.jsonl, summary.json, checkpoints/, final/${session.model.adapters ? ' with the PEFT adapter final/peft/' : ''}, merged/)`);
-      }
+      const e = summary.eval;
+      emit(out, [
+        `${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`,
+        ...(e ? [`eval: ${evalLine(e)}`] : []),
+        `run directory ${runDir} (${RUN_SPEC_FILE}: the resolved recipe, loadable with --config; metrics.jsonl, summary.json, checkpoints/, final/${session.model.adapters ? ' with the PEFT adapter final/peft/' : ''}, merged/)`,
+      ]);
     });
 
   addFieldOptions(program
@@ -232,8 +232,7 @@ export function addFinetuneCommands(program: Command): void {
       if (o.data) {
         if (!o.run === !o.model) throw new InputError('eval --data FILE needs --model DIR (a plain or merged checkpoint) or --run DIR, not both');
         const r = await evalDataset(o);
-        if (o.json) console.log(JSON.stringify(r));
-        else console.log(formatEval(r));
+        emit(r, formatEval(r));
         return;
       }
       if (o.run) throw new InputError('eval --run needs --data FILE');
@@ -242,9 +241,13 @@ export function addFinetuneCommands(program: Command): void {
       const { evaluateLM } = await import('../train/lm.js');
       const model = new GPT2(loadCheckpoint(o.model));
       const tok = tokenizerFor(model.config.vocab_size);
-      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch);
-      if (o.json) console.log(JSON.stringify(e));
-      else console.log(`loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
+      const bar = progressBar(1, 'eval', '');
+      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch, Infinity, (i, n) => {
+        bar.setTotal(n);
+        bar.update(i);
+      });
+      bar.stop();
+      emit(e, `loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
     });
 
   addAdapterCommands(program);
@@ -329,6 +332,10 @@ function formatEval(r: Record<string, unknown>): string {
   }
   if (r.predictions) out.push(`predictions: ${r.predictions}`);
   return out.join('\n');
+}
+
+function evalLine(e: { loss: number; accuracy?: number; perplexity?: number; examples: number }): string {
+  return `loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''} on ${e.examples} examples`;
 }
 
 /** The merged plain model of a fine-tuning run. */

@@ -1,6 +1,7 @@
 /** The `obfuscatune` command line. */
-import { Command, Option } from 'commander';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { Command, CommanderError, Option } from 'commander';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
 import { readJsonl, DEFAULT_FIELDS } from '../io/jsonl.js';
 import { readRunSpec } from '../train/run_spec.js';
 import { inferenceInput } from '../train/predict.js';
@@ -14,9 +15,12 @@ import { benchGemm, formatGemmBench } from '../bench/gemm.js';
 import { benchTrainStep, formatTrainStep } from '../bench/train_step.js';
 import { trainLM, evaluateLM } from '../train/lm.js';
 import { progressBar } from './progress.js';
-import { loadPlainModel, parseIntArg, parseFloatArg } from './model_args.js';
+import { loadPlainModel, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
 import { Llama } from '../model/llama.js';
 import { saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
+import { emit, setJsonOutput, withJson } from './output.js';
+import { addConfigOption, readRecipe } from './run_spec_args.js';
+import { mergeRunSpecInputs } from '../train/run_spec.js';
 import { runStart } from './start.js';
 import { addServiceCommands } from './service_cmds.js';
 import { benchFinetune, benchFinetuneInterleaved, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
@@ -46,39 +50,41 @@ export function buildProgram(): Command {
   program
     .name('obfuscatune')
     .description('Confidential fine-tuning and inference of GPT-2-family models, split between a TEE and an untrusted accelerator.')
-    .showHelpAfterError()
-    .configureHelp({ sortSubcommands: false });
+    .version(packageVersion(), '-V, --version', 'print the version')
+    .showHelpAfterError('(add --help for the usage)')
+    .showSuggestionAfterError(true)
+    .exitOverride()
+    .configureHelp({ sortSubcommands: false })
+    // --json: stdout carries the result's JSON only (src/cli/output.ts)
+    .hook('preAction', (_p, action) => setJsonOutput(action.opts().json === true));
 
   program
     .command('info')
     .description('show the compute backend (native GEMM or TypeScript), its instruction set and threads')
     .option('--json', 'print JSON')
-    .action((o: { json?: boolean }) => {
+    .action(() => {
       const info = { backend: backendName(), available: availableBackends(), native: nativeInfo(), presets: presetNames() };
-      if (o.json) console.log(JSON.stringify(info));
-      else {
-        console.log(`backend: ${info.backend} (available: ${info.available.join(', ')})`);
-        if (info.native) console.log(`native: ${info.native.isa}, ${info.native.threads} threads`);
-        console.log(`presets: ${info.presets.join(', ')}`);
-      }
+      emit(info, [`backend: ${info.backend} (available: ${info.available.join(', ')})`, ...(info.native ? [`native: ${info.native.isa}, ${info.native.threads} threads`] : []), `presets: ${info.presets.join(', ')}`]);
     });
 
-  program
+  withJson(program
     .command('init')
     .description('write a randomly initialised GPT-2 of a preset size as a Hugging Face checkpoint directory')
     .requiredOption('--preset <name>', `one of ${[...presetNames(), ...Object.keys(LLAMA_PRESETS)].join(', ')}`)
     .requiredOption('--out <dir>', 'output directory')
+    .option('--force', 'write into a non-empty --out')
     .option('--seed <n>', 'random seed', parseIntArg('--seed'), 1)
-    .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32'))
-    .action((o: { preset: string; out: string; seed: number; dtype: 'F32' | 'F16' | 'BF16' }) => {
+    .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32')))
+    .action((o: { preset: string; out: string; seed: number; dtype: 'F32' | 'F16' | 'BF16'; force?: boolean }) => {
+      refuseNonEmpty(o.out, o.force, 'init');
       const llama = LLAMA_PRESETS[o.preset];
       const model = llama ? Llama.random({ ...llama }, o.seed) : GPT2.random(getPreset(o.preset), o.seed);
       if (model instanceof Llama) saveLlamaCheckpoint(o.out, model.weights(), { dtype: o.dtype });
       else saveCheckpoint(o.out, model.weights(), { dtype: o.dtype });
-      console.log(`wrote ${o.preset} (${model.numParams().toLocaleString()} parameters, ${o.dtype}) to ${o.out}`);
+      emit({ out: o.out, preset: o.preset, params: model.numParams(), dtype: o.dtype }, `wrote ${o.preset} (${model.numParams().toLocaleString()} parameters, ${o.dtype}) to ${o.out}`);
     });
 
-  program
+  withJson(program
     .command('train')
     .description('plain (local) causal-LM training of a model on a text file, with a progress bar')
     .requiredOption('--model <dir|preset>', 'checkpoint directory, or a preset with --random-init')
@@ -94,16 +100,17 @@ export function buildProgram(): Command {
     .option('--clip <x>', 'global gradient-norm clip (0 = off)', parseFloatArg('--clip'), 1.0)
     .option('--seed <n>', 'random seed', parseIntArg('--seed'), 1)
     .option('--out <dir>', 'write the trained checkpoint here')
+    .option('--force', 'write into a non-empty --out'))
     .action(async (o) => {
+      if (o.out) refuseNonEmpty(o.out, o.force, 'train');
       const plain = loadPlainModel(o.model, { randomInit: o.randomInit, seed: o.seed });
       const model = plain.model;
       const tok = plain.tokenizer();
       const stream = Int32Array.from(tok.encode(readText(o.text)));
       const evalStream = o.evalText ? Int32Array.from(tok.encode(readText(o.evalText))) : null;
-      if (evalStream) {
-        const e = await evaluateLM(model, evalStream, o.seq, o.batch, 16);
-        console.log(`eval before: loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(1)}`);
-      }
+      const before = evalStream ? await evaluateLM(model, evalStream, o.seq, o.batch, 16) : null;
+      if (before) console.error(`eval before: loss ${before.loss.toFixed(4)}, perplexity ${before.perplexity.toFixed(1)}`);
+      let last = NaN;
       const bar = progressBar(o.steps, 'train', 'loss {loss} | {tps} tok/s');
       let tokens = 0;
       let ms = 0;
@@ -112,21 +119,21 @@ export function buildProgram(): Command {
         onStep: (s) => {
           tokens += s.tokens;
           ms += s.ms;
+          last = s.loss;
           bar.update(s.step + 1, { loss: s.loss.toFixed(4), tps: Math.round((tokens / ms) * 1000) });
         },
       });
       bar.stop();
-      if (evalStream) {
-        const e = await evaluateLM(model, evalStream, o.seq, o.batch, 16);
-        console.log(`eval after: loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(1)}`);
-      }
-      if (o.out) {
-        plain.save(o.out);
-        console.log(`saved to ${o.out}`);
-      }
+      const after = evalStream ? await evaluateLM(model, evalStream, o.seq, o.batch, 16) : null;
+      if (o.out) plain.save(o.out);
+      emit({ steps: o.steps, train_loss_last: last, tokens_per_second: (tokens / ms) * 1000, eval_before: before, eval_after: after, out: o.out ?? null }, [
+        `${o.steps} steps, last training loss ${last.toFixed(4)}, ${Math.round((tokens / ms) * 1000)} tokens/s`,
+        ...(after ? [`eval after: loss ${after.loss.toFixed(4)}, perplexity ${after.perplexity.toFixed(1)}`] : []),
+        ...(o.out ? [`saved to ${o.out}`] : []),
+      ]);
     });
 
-  program
+  withJson(program
     .command('pretrain')
     .description('pretrain a base model from scratch on the training splits of JSONL datasets (with a progress bar)')
     .requiredOption('--preset <name>', `architecture: ${presetNames().join(', ')}`)
@@ -142,7 +149,9 @@ export function buildProgram(): Command {
     .option('--seed <n>', 'seed', parseIntArg('--seed'), 1)
     .addOption(new Option('--dtype <dtype>', 'checkpoint dtype').choices(['F32', 'F16', 'BF16']).default('F16'))
     .requiredOption('--out <dir>', 'output checkpoint directory')
+    .option('--force', 'write into a non-empty --out'))
     .action(async (o) => {
+      refuseNonEmpty(o.out, o.force, 'pretrain');
       const { corpusFromJsonl, unigramLoss } = await import('../train/pretrain.js');
       const { writeFileSync } = await import('node:fs');
       const pathMod = await import('node:path');
@@ -181,7 +190,7 @@ export function buildProgram(): Command {
         command: 'obfuscatune ' + process.argv.slice(2).join(' '), log,
       };
       writeFileSync(pathMod.join(o.out, 'pretraining.json'), JSON.stringify(info, null, 2) + '\n');
-      console.log(`saved ${o.out}: validation loss ${final?.loss.toFixed(4) ?? '-'} (perplexity ${final?.perplexity.toFixed(1) ?? '-'}), unigram baseline ${info.unigram_valid_loss?.toFixed(4) ?? '-'}, ${seconds.toFixed(0)} s`);
+      emit({ out: o.out, ...info }, `saved ${o.out}: validation loss ${final?.loss.toFixed(4) ?? '-'} (perplexity ${final?.perplexity.toFixed(1) ?? '-'}), unigram baseline ${info.unigram_valid_loss?.toFixed(4) ?? '-'}, ${seconds.toFixed(0)} s`);
     });
 
   addRecordViewOptions(program
@@ -229,6 +238,7 @@ export function buildProgram(): Command {
         }
       } else {
         if (!o.model && !o.run) throw new InputError('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
+        if (o.model && o.run) throw new InputError('give either --model or --run, not both');
         const plain = o.run ? null : loadPlainModel(o.model, { randomInit: o.randomInit, seed: o.seed });
         const model = plain ? plain.model : new GPT2(loadRunModel(o.run));
         tok = plain ? plain.tokenizer() : tokenizerFor(model.config.vocab_size);
@@ -248,13 +258,12 @@ export function buildProgram(): Command {
         }
         bar.stop();
         writeFileSync(o.out, lines.join(''));
-        console.log(o.json ? JSON.stringify({ records: recs.length, out: o.out }) : `${recs.length} completions written to ${o.out}`);
+        emit({ records: recs.length, out: o.out }, `${recs.length} completions written to ${o.out}`);
         return;
       }
       ids ??= await gen(tok.encode(o.prompt));
       const completion = tok.decode(ids);
-      if (o.json) console.log(JSON.stringify({ prompt: o.prompt, completion, tokens: ids }));
-      else console.log(o.prompt + completion);
+      emit({ prompt: o.prompt, completion, tokens: ids }, o.prompt + completion);
     });
 
   addSplitCommands(program);
@@ -287,7 +296,7 @@ export function buildProgram(): Command {
         },
       });
       bar.stop();
-      console.log(o.json ? JSON.stringify(r) : formatGemmBench(r));
+      emit(r, formatGemmBench(r));
     });
   stepBenchOptions(bench
     .command('train-step')
@@ -297,7 +306,7 @@ export function buildProgram(): Command {
       const bar = progressBar(o.steps + 1, 'bench train-step');
       const r = await benchTrainStep({ model: o.model, batch: o.batch, seq: o.seq, steps: o.steps, optimizer: o.optimizer, onProgress: (i) => bar.update(i) });
       bar.stop();
-      console.log(o.json ? JSON.stringify(r) : formatTrainStep(r));
+      emit(r, formatTrainStep(r));
     });
 
   bench
@@ -319,7 +328,7 @@ export function buildProgram(): Command {
       const progress = (i: number, _n: number, label: string) => bar.update(i, { label });
       const r = o.interleaved ? await benchFinetuneInterleaved({ ...o, transport: 'in-process', onProgress: progress }) : benchFinetune({ ...o, onProgress: progress });
       bar.stop();
-      console.log(o.json ? JSON.stringify(r) : formatFinetuneBench(r));
+      emit(r, formatFinetuneBench(r));
     });
   stepBenchOptions(bench
     .command('transport')
@@ -329,11 +338,10 @@ export function buildProgram(): Command {
       const bar = progressBar(4, 'bench transport', '{label}');
       const r = await benchTransport({ ...o, onProgress: (i, _n, label) => bar.update(i, { label }) });
       bar.stop();
-      if (o.json) console.log(JSON.stringify(r));
-      else {
-        console.log(`${r.model}, batch ${r.batch} x seq ${r.seq}: ${r.rows[0].mb_per_step.toFixed(0)} MB of frames per step, median of ${r.steps} steps`);
-        for (const x of r.rows) console.log(`${x.path.padEnd(50)} ${x.step_ms_median.toFixed(0).padStart(6)} ms/step (min ${x.step_ms_min.toFixed(0)})`);
-      }
+      emit(r, [
+        `${r.model}, batch ${r.batch} x seq ${r.seq}: ${r.rows[0].mb_per_step.toFixed(0)} MB of frames per step, median of ${r.steps} steps`,
+        ...r.rows.map((x) => `${x.path.padEnd(50)} ${x.step_ms_median.toFixed(0).padStart(6)} ms/step (min ${x.step_ms_min.toFixed(0)})`),
+      ]);
     });
   bench
     .command('echo-accelerator', { hidden: true })
@@ -363,12 +371,12 @@ export function buildProgram(): Command {
       const r = spawnLink && o.mode !== 'local'
         ? await benchFinetunePaired({ ...o, link: (acc) => spawnLink(acc, { tensorChannel: o.tensorChannel }) })
         : await benchFinetuneOne({ ...o, link: spawnLink ? (acc) => spawnLink(acc, { tensorChannel: o.tensorChannel }) : undefined });
-      console.log(JSON.stringify(r));
+      emit(r);
     });
 
   const exp = program.command('experiment').description('reproducible experiments');
-  exp
-    .command('paper')
+  addConfigOption(exp
+    .command('paper'), 'a recipe (YAML or JSON run-spec settings) over every run\'s: it wins over the runner\'s defaults and --quick, --steps wins over it; method, mode and masks are the experiment\'s')
     .description('the paper\'s experiments: local vs sealed vs paper (kappa 1, naive) fine-tuning on the bundled datasets and models, fidelity, share and overhead tables; writes report/results.json and report/index.html')
     .option('--quick', 'a minutes-long version (small subsets, few steps)')
     .option('--models <dirs...>', 'base model checkpoints', ['models/base-small', 'models/base-large'])
@@ -380,10 +388,16 @@ export function buildProgram(): Command {
     .option('--rows-only', 'only the fine-tuning rows (to split a run across processes on one --out; a later run without it adds the tables and the report)')
     .option('--json', 'print results.json')
     .action(async (o) => {
-      const { runPaperExperiments, mainTable } = await import('../experiments/paper.js');
+      const { runPaperExperiments, mainTable, DATASET_RECIPES } = await import('../experiments/paper.js');
+      // a recipe goes over each dataset's own (so rows made with another are run again); the flags over it
+      const recipe = o.config ? readRecipe(o.config, ['method', 'mode', 'kappa', 'two_sided', 'mask_seed']) : undefined;
+      if (recipe && o.steps !== undefined) recipe.steps = o.steps;
+      const recipes = recipe && Object.fromEntries((o.datasets as string[]).map((d) => [d, {
+        lora: mergeRunSpecInputs(DATASET_RECIPES[d]?.lora, recipe), full: mergeRunSpecInputs(DATASET_RECIPES[d]?.full, { ...recipe, lora: undefined }),
+      }]));
       const bar = progressBar(1, 'experiments', '{label}');
       const res = await runPaperExperiments({
-        models: o.models, datasets: o.datasets, dataDir: o.data, out: o.out, quick: o.quick, steps: o.steps, methods: o.methods, rowsOnly: o.rowsOnly,
+        models: o.models, datasets: o.datasets, dataDir: o.data, out: o.out, quick: o.quick, steps: o.steps, methods: o.methods, rowsOnly: o.rowsOnly, recipes,
         onProgress: (d, n, label) => {
           bar.setTotal(n);
           bar.update(d, { label });
@@ -391,13 +405,10 @@ export function buildProgram(): Command {
         log: (s) => console.error(s),
       });
       bar.stop();
-      if (o.json) console.log(JSON.stringify(res));
-      else {
-        const t = mainTable(res);
-        const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
-        console.log([t.head, ...t.rows].map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n'));
-        console.log(o.rowsOnly ? `\nwrote the rows to ${o.out}/results.json (run without --rows-only for the tables and the report)` : `\nwrote ${o.out}/results.json, ${o.out}/index.html and ${o.out}/results.md`);
-      }
+      const t = mainTable(res);
+      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
+      emit(res, [...[t.head, ...t.rows].map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')),
+        o.rowsOnly ? `\nwrote the rows to ${o.out}/results.json (run without --rows-only for the tables and the report)` : `\nwrote ${o.out}/results.json, ${o.out}/index.html and ${o.out}/results.md`]);
     });
 
   exp
@@ -432,24 +443,23 @@ export function buildProgram(): Command {
         attacks: o.attacks ? String(o.attacks).split(',').map((s: string) => s.trim()) as never : undefined,
         out: o.out, log: (s) => console.error(s),
       });
-      if (o.json) console.log(JSON.stringify(res));
-      else {
-        const t = securityTable(res);
-        const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
-        console.log([t.head, ...t.rows].map((r) => r.slice(0, -1).map((c, i) => c.padEnd(w[i])).join('  ')).join('\n'));
-        console.log(`\nwrote ${o.out}/security.json and ${o.out}/security.html`);
-      }
+      const t = securityTable(res);
+      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
+      emit(res, [...[t.head, ...t.rows].map((r) => r.slice(0, -1).map((c, i) => c.padEnd(w[i])).join('  ')), `\nwrote ${o.out}/security.json and ${o.out}/security.html`]);
     });
 
-  program
+  withJson(program
     .command('start')
     .description('the main job (what `npm start` runs): provider, data owner, enclave and accelerator as separate processes, confidential fine-tuning vs local, HTML report')
     .option('--steps <n>', 'fine-tuning steps', parseIntArg('--steps'))
     .option('--model <dir>', 'base model (default: the bundled models/base-small)')
     .option('--dataset <name>', 'bundled classification dataset under data/', 'wordnet-supersense')
-    .option('--out <dir>', 'run directory', 'runs/start')
+    .option('--out <dir>', 'run directory (replaced; a non-empty one that is not an earlier start run only with --force)', 'runs/start')
+    .option('--force', 'replace a non-empty --out that holds something else'))
     .action(async (o) => {
+      if (!existsSync(path.join(o.out, 'local-run'))) refuseNonEmpty(o.out, o.force, 'start'); // an earlier start run is replaced
       await runStart({ steps: o.steps, out: o.out, model: o.model, dataset: o.dataset });
+      emit(JSON.parse(readFileSync(path.join(o.out, 'summary.json'), 'utf8')), `summary: ${path.join(o.out, 'summary.json')}`);
     });
 
   return program;
@@ -486,8 +496,19 @@ export function exitCodeOf(e: unknown): number {
   return 1;
 }
 
+/** The version in package.json. */
+function packageVersion(): string {
+  return (JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+}
+
 export async function main(argv: string[]): Promise<void> {
   const program = buildProgram();
-  await program.parseAsync(argv);
+  try {
+    await program.parseAsync(argv);
+  } catch (e) {
+    // commander has printed its message (unknown option or command, a bad value): a usage error
+    if (e instanceof CommanderError) process.exit(e.exitCode === 0 ? 0 : 2);
+    throw e;
+  }
 }
 

@@ -72,12 +72,13 @@ export function parseFloatArg(name: string) {
 
 /**
  * Refuses to write into an existing non-empty directory unless `force` (key material and
- * runs are never overwritten by accident).
+ * runs are never overwritten by accident). `only`: just these entries count (what the
+ * command writes; other files there are left alone).
  */
-export function refuseNonEmpty(dir: string, force: boolean | undefined, command: string): void {
+export function refuseNonEmpty(dir: string, force: boolean | undefined, command: string, only?: string[]): void {
   if (force || !existsSync(dir)) return;
   if (!statSync(dir).isDirectory()) throw new InputError(`${command}: --out ${dir} exists and is not a directory`);
-  const entries = readdirSync(dir);
+  const entries = readdirSync(dir).filter((e) => !only || only.includes(e));
   if (entries.length > 0) {
     throw new InputError(`${command}: --out ${dir} is not empty (${entries.slice(0, 4).join(', ')}${entries.length > 4 ? ', ...' : ''}); give an empty or new directory, or --force to write over it`);
   }

@@ -5,9 +5,12 @@
  * Values go to `parseRunSpec` as given (numbers converted), which refuses the invalid ones.
  */
 import type { Command } from 'commander';
-import { RUN_SPEC_DEFAULTS, BUNDLE_FIELDS, RunSpecError, type RunSpecInput } from '../train/run_spec.js';
+import { readFileSync } from 'node:fs';
+import YAML from 'yaml';
+import { RUN_SPEC_DEFAULTS, BUNDLE_FIELDS, RunSpecError, checkRunSpecInput, mergeRunSpecInputs, type RunSpecInput } from '../train/run_spec.js';
 import { PEFT_TARGET_MODULES, parseTargetModules } from '../model/peft.js';
 import { parseLoraTargets } from '../model/lora.js';
+import { InputError } from '../errors.js';
 
 interface Flag {
   /** commander flag ("--max-len <n>"; no value: a switch) */
@@ -88,14 +91,14 @@ function keyOf(flag: string): string {
 }
 
 /**
- * Adds one flag per setting (without a commander default). `bundle: false` leaves out the
- * settings fixed by the provider's bundle (the enclave's jobs).
+ * Adds one flag per setting (without a commander default) and `--config`. `bundleNote` is
+ * added to the help of the settings fixed by the provider's bundle (the enclave's jobs).
  */
-export function addRunSpecOptions(cmd: Command, o: { bundle: boolean; help?: Record<string, string> }): Command {
+export function addRunSpecOptions(cmd: Command, o: { bundleNote?: string; help?: Record<string, string> } = {}): Command {
+  addConfigOption(cmd, 'a recipe: run-spec settings in a YAML or JSON file (a run\'s run_spec.json is one); the flags given override it');
   for (const f of FLAGS) {
-    if (!o.bundle && (BUNDLE_FIELDS as readonly string[]).includes(f.field)) continue;
     const d = defaultOf(f.field);
-    const text = o.help?.[f.field] ?? f.help;
+    const text = (o.help?.[f.field] ?? f.help) + (o.bundleNote && (BUNDLE_FIELDS as readonly string[]).includes(f.field) ? `; ${o.bundleNote}` : '');
     if (!f.flag.includes('<')) cmd.option(f.flag, text);
     else if (f.numeric) cmd.option(f.flag, `${text} (default ${showDefault(d)})`, numberOrText);
     else cmd.option(f.flag, `${text} (default ${showDefault(d)})`);
@@ -126,4 +129,38 @@ export function runSpecInputOf(opts: Record<string, unknown>): RunSpecInput {
     else out[a] = v;
   }
   return out as RunSpecInput;
+}
+
+export function addConfigOption(cmd: Command, help: string): Command {
+  return cmd.option('--config <file>', help);
+}
+
+/**
+ * A recipe file: run-spec settings as YAML or JSON (by the extension .json; anything else is
+ * read as YAML, which includes JSON), each setting checked with the spec's schema (errors
+ * name the file and the setting). `refuse`: settings the command decides itself.
+ */
+export function readRecipe(file: string, refuse: string[] = []): RunSpecInput {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new InputError(`--config ${file}: cannot read the recipe (${(e as Error).message})`);
+  }
+  let v: unknown;
+  const json = /\.json$/i.test(file);
+  try {
+    v = json ? JSON.parse(text) : YAML.parse(text);
+  } catch (e) {
+    throw new RunSpecError('(spec)', file, `not valid ${json ? 'JSON' : 'YAML'} (${(e as Error).message.split('\n')[0]})`);
+  }
+  const recipe = checkRunSpecInput(v ?? {}, file);
+  for (const k of refuse) if (k in recipe) throw new RunSpecError(k, file, `is not a recipe setting here (the command decides ${refuse.join(', ')})`);
+  return { ...recipe };
+}
+
+/** The spec input of a command: its --config recipe (if any), then the flags given. */
+export function recipeAndFlags(opts: Record<string, unknown>, flags: RunSpecInput): { input: RunSpecInput; source: string } {
+  if (typeof opts.config !== 'string') return { input: flags, source: 'command line' };
+  return { input: mergeRunSpecInputs(readRecipe(opts.config), flags), source: `${opts.config} and the command line` };
 }

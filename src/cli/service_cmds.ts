@@ -2,9 +2,12 @@
 import { Command, Option } from 'commander';
 import { serveAccelerator } from '../roles/accelerator_service.js';
 import { EVIL_MODES } from '../accelerator/accelerator.js';
-import { parseIntArg } from './model_args.js';
-import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
-import { jobSpecOf, parseRunSpec } from '../train/run_spec.js';
+import { parseIntArg, refuseNonEmpty } from './model_args.js';
+import { addRunSpecOptions, recipeAndFlags, runSpecInputOf } from './run_spec_args.js';
+import { BUNDLE_FIELDS, jobSpecOf, parseRunSpec } from '../train/run_spec.js';
+import { emit, withJson } from './output.js';
+import { progressBar } from './progress.js';
+import { existsSync } from 'node:fs';
 import nodePath from 'node:path';
 import { createSimRoot, loadSimRoot, SimSoftwarePlatform, SIM_ROOT_FILES } from '../tee/sim.js';
 import { serveEnclave } from '../roles/enclave_server.js';
@@ -16,10 +19,9 @@ import { writePeftAdapter } from '../model/peft.js';
 import { contractSha256, describeSignatures, draftContract, readContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
+import { BUNDLE_DIRS, obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
 import { readJsonObjects } from '../io/jsonl.js';
 import { writeFileSync } from 'node:fs';
-import { progressBar } from './progress.js';
 
 /** Stops a service cleanly on SIGINT/SIGTERM. */
 export function onShutdown(close: () => Promise<void>): void {
@@ -65,7 +67,7 @@ export function addServiceCommands(program: Command): void {
 }
 
 function trustOptions(cmd: Command): Command {
-  return cmd
+  return withJson(cmd)
     .requiredOption('--enclave <addr>', 'enclave address host:port')
     .requiredOption('--trust <pem>', 'the platform root public key to trust (simulated platform: sim-root.pub.pem)')
     .requiredOption('--contract <file>', 'the deployment contract, signed by both parties')
@@ -88,19 +90,20 @@ async function connect(o: { enclave: string; trust: string; measurement?: string
 
 export function addPartyCommands(program: Command): void {
   const enc = program.commands.find((c) => c.name() === 'enclave') ?? program.command('enclave').description('the TEE program (simulated platform)');
-  enc
+  withJson(enc
     .command('init-platform')
     .description('create the simulated platform root (signing key standing in for the hardware root, platform secret)')
     .requiredOption('--dir <dir>', 'where to write sim-root.key.pem, sim-root.pub.pem, sim-platform.secret')
-    .option('--force', 'overwrite an existing root')
+    .option('--force', 'overwrite an existing root'))
     .action((o) => {
       createSimRoot(o.dir, { overwrite: o.force });
-      console.log(`simulated platform root written to ${o.dir}; clients trust ${nodePath.join(o.dir, SIM_ROOT_FILES.publicKey)}`);
+      const trust = nodePath.join(o.dir, SIM_ROOT_FILES.publicKey);
+      emit({ dir: o.dir, trust }, `simulated platform root written to ${o.dir}; clients trust ${trust}`);
     });
-  enc
+  withJson(enc
     .command('measure')
-    .description('the measurement of this build of the enclave program (what clients put on their allow-list)')
-    .action(() => console.log(enclaveMeasurement()));
+    .description('the measurement of this build of the enclave program (what clients put on their allow-list)'))
+    .action(() => emit({ measurement: enclaveMeasurement() }, enclaveMeasurement()));
   enc
     .command('serve')
     .description('run the enclave service (prints {"event":"listening","port":P} when ready)')
@@ -118,17 +121,18 @@ export function addPartyCommands(program: Command): void {
       onShutdown(() => s.close());
     });
 
-  program
+  withJson(program
     .command('party-key')
-    .description('a party\'s key file (created when missing): prints the signing public key the contract names')
-    .requiredOption('--key <file>', 'key file')
+    .description('a party\'s key file (created when missing, never replaced): prints the signing public key the contract names')
+    .requiredOption('--key <file>', 'key file'))
     .action(async (o) => {
-      const k = await loadOrCreatePartyKey(o.key);
-      console.log(partyId(k));
+      const created = !existsSync(o.key);
+      const id = partyId(await loadOrCreatePartyKey(o.key));
+      emit({ key: o.key, party: id, created }, id);
     });
 
   const con = program.command('contract').description('the deployment contract both parties sign before any data moves');
-  con
+  withJson(con
     .command('draft')
     .description('write an unsigned contract for the provider\'s bundles')
     .requiredOption('--provider <key>', 'the provider\'s signing public key (`party-key`)')
@@ -143,7 +147,9 @@ export function addPartyCommands(program: Command): void {
     .option('--cancel <list>', 'who may cancel a job', 'owner')
     .option('--release-provider <list>', 'what the provider receives: update, aggregate_metrics', 'update,aggregate_metrics')
     .option('--release-owner <list>', 'what the owner receives: metrics, inference', 'metrics,inference')
+    .option('--force', 'replace an existing --out'))
     .action((o) => {
+      if (existsSync(o.out) && !o.force) throw new InputError(`contract draft: --out ${o.out} exists (a contract there may be signed already); give a new file, or --force to replace it`);
       const list = (s: string) => s.split(',').map((x) => x.trim()).filter(Boolean);
       const c = draftContract({
         name: o.name, provider: o.provider, owner: o.owner, acceleratorDir: nodePath.join(o.bundles, 'accelerator'), enclaveDir: nodePath.join(o.bundles, 'enclave'),
@@ -151,40 +157,43 @@ export function addPartyCommands(program: Command): void {
         releaseProvider: list(o.releaseProvider) as ('update' | 'aggregate_metrics')[], releaseOwner: list(o.releaseOwner) as ('metrics' | 'inference')[],
       });
       writeContract(o.out, c);
-      console.log(`contract ${contractSha256(c.body)} written to ${o.out} (unsigned)`);
+      emit({ out: o.out, sha256: contractSha256(c.body) }, `contract ${contractSha256(c.body)} written to ${o.out} (unsigned)`);
     });
-  con
+  withJson(con
     .command('sign')
     .description('add this party\'s signature to the contract (in place)')
     .requiredOption('--contract <file>', 'contract file')
     .requiredOption('--key <file>', 'this party\'s key file')
-    .addOption(new Option('--as <role>', 'the role this key has in the contract').choices(['provider', 'owner']).makeOptionMandatory())
+    .addOption(new Option('--as <role>', 'the role this key has in the contract').choices(['provider', 'owner']).makeOptionMandatory()))
     .action(async (o) => {
       const c = signContract(readContract(o.contract), o.as, (await loadOrCreatePartyKey(o.key)).signing);
       writeContract(o.contract, c);
-      console.log(describeSignatures(c).join('\n'));
+      emit({ contract: o.contract, sha256: contractSha256(c.body), signatures: describeSignatures(c) }, describeSignatures(c));
     });
-  con
+  withJson(con
     .command('show')
     .description('the contract, its hash and who signed it')
-    .requiredOption('--contract <file>', 'contract file')
+    .requiredOption('--contract <file>', 'contract file'))
     .action((o) => {
       const c = readContract(o.contract);
-      console.log(JSON.stringify({ sha256: contractSha256(c.body), ...c.body }, null, 2));
-      console.log(describeSignatures(c).join('\n'));
+      const body = { sha256: contractSha256(c.body), ...c.body };
+      emit({ ...body, signatures: describeSignatures(c) }, [JSON.stringify(body, null, 2), ...describeSignatures(c)]);
     });
 
   const prov = program.command('provider').description('the model provider\'s client');
-  prov
+  withJson(prov
     .command('obfuscate')
     .description('obfuscate the model into the two bundles and the secret key (nothing is sent)')
     .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint')
     .requiredOption('--out <dir>', 'where the provider keeps the bundles and its secret key')
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('sealed'))
     .option('--kappa <k>', 'mask condition number', '1')
+    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)'))
     .action((o) => {
-      writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec: parseMaskSpec(String(o.kappa)) }));
-      console.log(`bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
+      const spec = parseMaskSpec(String(o.kappa));
+      refuseNonEmpty(o.out, o.force, 'provider obfuscate', BUNDLE_DIRS);
+      const { acceleratorSha256 } = writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec }));
+      emit({ out: o.out, mode: o.mode, kappa: String(o.kappa), accelerator_sha256: acceleratorSha256 }, `bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
     });
   const provKey = (o: { key?: string; bundles: string }) => o.key ?? nodePath.join(o.bundles, 'provider', 'party-key.json');
   trustOptions(prov
@@ -196,20 +205,21 @@ export function addPartyCommands(program: Command): void {
     .action(async (o) => {
       const c = await connect(o, provKey(o));
       const a = await uploadAcceleratorBundle(o.accelerator, nodePath.join(o.bundles, 'accelerator'), c.key);
-      console.log(`accelerator loaded bundle ${a.manifest_sha256.slice(0, 16)}...`);
-      console.log(JSON.stringify(await uploadEnclaveBundle(c, nodePath.join(o.bundles, 'enclave'))));
+      console.error(`accelerator loaded bundle ${a.manifest_sha256.slice(0, 16)}...`);
+      const e = await uploadEnclaveBundle(c, nodePath.join(o.bundles, 'enclave'));
+      emit({ accelerator: a, enclave: e }, `deployed: accelerator bundle ${a.manifest_sha256.slice(0, 16)}..., enclave bundle ${JSON.stringify(e)}`);
       c.close();
     });
   trustOptions(prov.command('status').description('job status (aggregate metrics)').requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
     .option('--key <file>', 'the provider\'s key file')).action(async (o) => {
     const c = await connect(o, provKey(o));
-    console.log(JSON.stringify(await c.command('status')));
+    emit(await c.command('status'));
     c.close();
   });
   trustOptions(prov.command('cancel').description('cancel the running job (when the contract lets the provider)').requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
     .option('--key <file>', 'the provider\'s key file')).action(async (o) => {
     const c = await connect(o, provKey(o));
-    console.log(JSON.stringify(await c.command('cancel')));
+    emit(await c.command('cancel'));
     c.close();
   });
   trustOptions(prov
@@ -220,14 +230,16 @@ export function addPartyCommands(program: Command): void {
     .requiredOption('--accelerator <addr>', 'accelerator address (trained weights of full fine-tuning)')
     .requiredOption('--out <dir>', 'output checkpoint directory')
     .option('--peft-out <dir>', 'also write the LoRA update as a Hugging Face PEFT adapter directory')
-    .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)'))
+    .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)')
+    .option('--force', 'write into a non-empty --out'))
     .action(async (o) => {
+      refuseNonEmpty(o.out, o.force, 'provider fetch');
       const c = await connect(o, provKey(o));
       const { merged, update, adapters } = await fetchAndMerge(c, o.accelerator, loadCheckpoint(o.base), o.bundles, nodePath.join(o.bundles, 'scratch'));
       if (o.peftOut && !adapters) throw new InputError(`--peft-out: the update is of method ${String(update.method)}, it has no LoRA adapters`);
       if (o.peftOut && adapters) writePeftAdapter(o.peftOut, adapters, { task: update.task as 'lm' | 'cls', baseModel: nodePath.resolve(o.base), score: merged.cls?.weight });
       saveCheckpoint(o.out, merged);
-      console.log(JSON.stringify({ out: o.out, ...update }));
+      emit({ out: o.out, ...update }, `merged the update (${String(update.method)}, ${String(update.task)}) into ${o.out}`);
       c.close();
     });
 
@@ -238,33 +250,40 @@ export function addPartyCommands(program: Command): void {
     .requiredOption('--train <file>', 'training JSONL').option('--eval <file>', 'evaluation JSONL'))
     .action(async (o) => {
       const c = await connect(o, ownerKey(o));
-      console.log(JSON.stringify(await uploadRecords(c, 'train', readJsonObjects(o.train))));
-      if (o.eval) console.log(JSON.stringify(await uploadRecords(c, 'eval', readJsonObjects(o.eval))));
+      const train = readJsonObjects(o.train), evalRecs = o.eval ? readJsonObjects(o.eval) : null;
+      emit({ train: await uploadRecords(c, 'train', train), eval: evalRecs ? await uploadRecords(c, 'eval', evalRecs) : null },
+        `uploaded ${train.length} training${evalRecs ? ` and ${evalRecs.length} evaluation` : ''} records, each encrypted to the enclave`);
       c.close();
     });
-  withKey(addRunSpecOptions(own.command('finetune').description('start fine-tuning in the enclave and follow its metrics (the settings: a run spec, validated here and again in the enclave; mode and masks are the provider\'s bundle\'s)'), { bundle: false }))
+  withKey(addRunSpecOptions(own.command('finetune').description('start fine-tuning in the enclave and follow its metrics (the settings: a run spec, the same flags and defaults as `finetune`, validated here and again in the enclave)'),
+    { bundleNote: 'the provider\'s bundle fixes it: given, the enclave refuses the job unless the bundle has it' }))
     .action(async (o) => {
-      // refused here, before connecting, exactly as the enclave would refuse it
-      const spec = jobSpecOf(parseRunSpec(runSpecInputOf(o), 'command line'));
+      // refused here, before connecting, exactly as the enclave would refuse it; bundle settings given go along for the enclave to check
+      const { input, source } = recipeAndFlags(o, runSpecInputOf(o));
+      const bundleGiven = Object.fromEntries(Object.entries(input).filter(([k, v]) => (BUNDLE_FIELDS as readonly string[]).includes(k) && v !== undefined && v !== null));
+      const ownSettings = Object.fromEntries(Object.entries(input).filter(([k]) => !(BUNDLE_FIELDS as readonly string[]).includes(k)));
+      const spec = { ...jobSpecOf(parseRunSpec(ownSettings, source)), ...bundleGiven };
       const c = await connect(o, ownerKey(o));
       const started = await c.command<{ warnings?: string[] }>('start_finetune', { spec });
       for (const w of started.warnings ?? []) console.error(`warning: ${w}`);
+      const bar = progressBar(spec.steps, 'owner finetune', 'loss {loss}');
       const s = await waitForJob(c, (st) => {
         const j = st.job as { step: number; steps: number; loss: number | null } | null;
-        if (j) process.stderr.write(`\rstep ${j.step}/${j.steps} loss ${j.loss?.toFixed(4) ?? '-'}   `);
+        if (j) bar.update(j.step, { loss: j.loss?.toFixed(4) ?? '-' });
       });
-      process.stderr.write('\n');
-      console.log(JSON.stringify(s.job));
+      bar.stop();
+      const job = s.job as { state: string; step: number; steps: number; error?: string | null };
+      emit(job, `job ${job.state} at step ${job.step}/${job.steps}${job.error ? `: ${job.error}` : ''}`);
       c.close();
     });
   withKey(own.command('status').description('job status and metrics')).action(async (o) => {
     const c = await connect(o, ownerKey(o));
-    console.log(JSON.stringify(await c.command('status')));
+    emit(await c.command('status'));
     c.close();
   });
   withKey(own.command('cancel').description('cancel the running job')).action(async (o) => {
     const c = await connect(o, ownerKey(o));
-    console.log(JSON.stringify(await c.command('cancel')));
+    emit(await c.command('cancel'));
     c.close();
   });
   withKey(own.command('infer').description('inference with the fine-tuned model in the enclave: labels and their probabilities (classification) or completions (LM)')
@@ -277,13 +296,13 @@ export function addPartyCommands(program: Command): void {
       if (o.file && !o.out) throw new InputError('owner infer --file needs --out FILE (the predictions, one JSON line per record)');
       const records = o.file ? readJsonObjects(o.file) : null;
       const c = await connect(o, ownerKey(o));
-      if (!records) console.log(JSON.stringify(await c.command('infer', { texts: o.text, max_tokens: o.maxTokens })));
+      if (!records) emit(await c.command('infer', { texts: o.text, max_tokens: o.maxTokens }));
       else {
         const bar = progressBar(records.length, 'owner infer', '');
         const lines = await inferRecords(c, records, { maxTokens: o.maxTokens, onBatch: (n) => bar.update(n, {}) });
         bar.stop();
         writeFileSync(o.out, lines.map((l) => JSON.stringify(l) + '\n').join(''));
-        console.log(JSON.stringify({ records: lines.length, out: o.out }));
+        emit({ records: lines.length, out: o.out }, `${lines.length} predictions written to ${o.out}`);
       }
       c.close();
     });

@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { saveCheckpoint, loadCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../obfuscate/provider.js';
+import { BUNDLE_DIRS, obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../obfuscate/provider.js';
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair } from '../obfuscate/bundle.js';
 import { runFidelity, formatFidelity } from '../experiments/fidelity.js';
 import { shareTable, formatShare } from '../obfuscate/share.js';
@@ -14,26 +14,28 @@ import { InProcessLink } from '../protocol/link.js';
 import { Enclave } from '../enclave/enclave.js';
 import { progressBar } from './progress.js';
 import { loadModel, parseIntArg, refuseNonEmpty } from './model_args.js';
-import { BundleError } from '../errors.js';
+import { BundleError, InputError } from '../errors.js';
 import { mergeAdapter, readAdapter } from '../train/session.js';
+import { emit, withJson } from './output.js';
 
 export function addSplitCommands(program: Command): void {
-  program
+  withJson(program
     .command('obfuscate')
     .description('provider transform: write an accelerator bundle (obfuscated linears only), an enclave bundle and the provider\'s secret mask key')
     .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint directory')
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('sealed'))
-    .option('--kappa <k>', 'condition number of the masks (1 = orthogonal)', '1')
+    .addOption(new Option('--kappa <k>', 'condition number of the masks (1 = orthogonal)').default('1').conflicts('naive'))
     .option('--naive', 'paper\'s naive baseline: i.i.d. Gaussian masks (high condition number)')
     .option('--two-sided', 'paper mode: also mask the projection outputs')
     .option('--no-head-permutation', 'do not permute the heads')
     .option('--seed <n>', 'derive the mask key from a seed (reproducible, NOT secret; for tests)', parseIntArg('--seed'))
     .requiredOption('--out <dir>', 'output directory (accelerator/, enclave/, provider/)')
-    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)')
+    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)'))
     .action((o) => {
-      refuseNonEmpty(o.out, o.force, 'obfuscate');
-      const w = loadCheckpoint(o.model);
       const spec = o.naive ? parseMaskSpec('naive') : parseMaskSpec(String(o.kappa));
+      if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
+      refuseNonEmpty(o.out, o.force, 'obfuscate', BUNDLE_DIRS);
+      const w = loadCheckpoint(o.model);
       const bar = progressBar(2 * w.config.n_layer, 'obfuscate', '{phase}');
       let done = 0;
       const r = obfuscateWeights(w, {
@@ -42,11 +44,13 @@ export function addSplitCommands(program: Command): void {
       });
       bar.stop();
       const { acceleratorSha256 } = writeObfuscation(o.out, r);
-      console.log(`wrote ${path.join(o.out, 'accelerator')} (give to the cloud), ${path.join(o.out, 'enclave')} (encrypt to the attested enclave), ${path.join(o.out, 'provider')} (keep secret)`);
-      console.log(`mode ${o.mode}, masks ${o.naive ? 'naive' : `kappa ${o.kappa}`}, accelerator manifest sha256 ${acceleratorSha256}`);
+      emit({ out: o.out, mode: o.mode, kappa: o.naive ? 'naive' : String(o.kappa), accelerator_sha256: acceleratorSha256 }, [
+        `wrote ${path.join(o.out, 'accelerator')} (give to the cloud), ${path.join(o.out, 'enclave')} (encrypt to the attested enclave), ${path.join(o.out, 'provider')} (keep secret)`,
+        `mode ${o.mode}, masks ${o.naive ? 'naive' : `kappa ${o.kappa}`}, accelerator manifest sha256 ${acceleratorSha256}`,
+      ]);
     });
 
-  program
+  withJson(program
     .command('deobfuscate')
     .description('provider side: merge (fine-tuned) bundles back into a plain Hugging Face checkpoint')
     .requiredOption('--base <dir>', 'the original plain checkpoint')
@@ -57,7 +61,7 @@ export function addSplitCommands(program: Command): void {
     .option('--adapter <dir>', 'also fold in a LoRA adapter: a PEFT adapter directory (its classifier too), a run\'s final/ or adapters file')
     .requiredOption('--out <dir>', 'output checkpoint directory')
     .option('--force', 'write into a non-empty --out')
-    .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32'))
+    .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32')))
     .action((o) => {
       refuseNonEmpty(o.out, o.force, 'deobfuscate');
       const base = loadCheckpoint(o.base);
@@ -65,7 +69,7 @@ export function addSplitCommands(program: Command): void {
       const plain = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'));
       const w = adapter ? mergeAdapter(plain, adapter) : plain;
       saveCheckpoint(o.out, w, { dtype: o.dtype });
-      console.log(`wrote plain checkpoint ${o.out}${adapter ? ` with the adapter ${o.adapter} merged` : ''}`);
+      emit({ out: o.out, dtype: o.dtype, adapter: adapter ? o.adapter : null }, `wrote plain checkpoint ${o.out}${adapter ? ` with the adapter ${o.adapter} merged` : ''}`);
     });
 
   program
@@ -80,13 +84,14 @@ export function addSplitCommands(program: Command): void {
     .option('--two-sided', 'paper mode: two-sided masks')
     .option('--json', 'print JSON')
     .action(async (o) => {
-      const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
       const specs = String(o.kappas).split(',').map((s: string) => parseMaskSpec(s.trim()));
+      if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
+      const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
       const name = o.randomInit ? o.model : path.basename(path.resolve(o.model));
       const bar = progressBar(o.mode === 'sealed' ? 1 : specs.length, 'fidelity', '{label}');
       const r = await runFidelity(model, name, { mode: o.mode, specs, tokens: o.tokens, seed: o.seed, twoSided: o.twoSided, onProgress: (i, _n, label) => bar.update(i, { label }) });
       bar.stop();
-      console.log(o.json ? JSON.stringify(r) : formatFidelity(r));
+      emit(r, formatFidelity(r));
     });
 
   program
@@ -97,7 +102,7 @@ export function addSplitCommands(program: Command): void {
     .option('--json', 'print JSON')
     .action((o) => {
       const rows = o.family === 'llama' ? llamaShareTable(o.seq) : shareTable(o.seq);
-      console.log(o.json ? JSON.stringify({ seq: o.seq, rows }) : formatShare(o.seq, rows));
+      emit({ seq: o.seq, rows }, formatShare(o.seq, rows));
     });
 }
 

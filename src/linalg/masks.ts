@@ -5,6 +5,7 @@
  * `naiveMask` is the paper's baseline: i.i.d. Gaussian entries, inverted by LU.
  */
 import type { RandomSource } from '../tensor/rng.js';
+import { InputError } from '../errors.js';
 import { haarOrthogonal, inverseLU, matmul, scaleCols, transpose, type Mat64 } from './mat64.js';
 
 export type MaskSpec = { kind: 'kappa'; kappa: number } | { kind: 'naive' };
@@ -17,7 +18,7 @@ export interface MaskPair {
 export function parseMaskSpec(s: string): MaskSpec {
   if (s === 'naive') return { kind: 'naive' };
   const k = Number(s);
-  if (!Number.isFinite(k) || k < 1) throw new Error(`kappa must be a number >= 1 or "naive", got "${s}"`);
+  if (!Number.isFinite(k) || k < 1) throw new InputError(`kappa must be a number >= 1 or "naive", got "${s}"`);
   return { kind: 'kappa', kappa: k };
 }
 

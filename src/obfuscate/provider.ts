@@ -71,6 +71,9 @@ export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): Obfuscati
 }
 
 /** Writes out/accelerator, out/enclave and out/provider (the secret key). */
+/** What writeObfuscation writes into its directory. */
+export const BUNDLE_DIRS = ['accelerator', 'enclave', 'provider'];
+
 export function writeObfuscation(out: string, r: ObfuscationResult): { acceleratorSha256: string } {
   const fp = keyFingerprint(r.key);
   const acceleratorSha256 = writeAcceleratorBundle(path.join(out, 'accelerator'), r.accelerator, r.params.mode, r.enclave.config.n_embd, fp);

@@ -261,6 +261,10 @@ export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string): 
  * model with the secret key. `bundles` holds accelerator/, enclave/ and provider/.
  */
 export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: GPT2Weights, bundles: string, scratch: string): Promise<{ merged: GPT2Weights; update: Record<string, unknown>; adapters: LoraAdapters | null }> {
+  // a mask key that did not make these bundles is refused before anything is fetched or written
+  const encBundle = loadEnclaveBundle(path.join(bundles, 'enclave'));
+  const { key, params, file: keyFile } = loadProviderKey(path.join(bundles, 'provider'));
+  checkKeyMatches(key, keyFile, [{ what: `enclave bundle ${path.join(bundles, 'enclave')}`, fingerprint: encBundle.keyFingerprint }]);
   const up = await c.command<{ update: string; method: string; mode: string; task: string; labels: string[]; pooling?: Pooling; summary: unknown; bundle_sha256: string | null; contract_sha256: string | null }>('fetch_update');
   // the update must come from this provider's own bundle, under its own contract
   const own = bundleDirDigest(path.join(bundles, 'enclave'));
@@ -271,10 +275,7 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   const file = path.join(scratch, 'update.safetensors');
   writeFileSync(file, Buffer.from(up.update, 'base64'));
   const st = openSafetensors(file);
-  const encBundle = loadEnclaveBundle(path.join(bundles, 'enclave'));
   const tensors = withUpdate(encBundle, st, 'enclave.');
-  const { key, params, file: keyFile } = loadProviderKey(path.join(bundles, 'provider'));
-  checkKeyMatches(key, keyFile, [{ what: `enclave bundle ${path.join(bundles, 'enclave')}`, fingerprint: encBundle.keyFingerprint }]);
   let w = base;
   if (up.task === 'cls' && tensors.score) {
     const K = up.labels.length;

@@ -88,8 +88,10 @@ function makeOpt(kind: 'adamw' | 'sgd', n: number, cfg: FinetuneConfig): Optimiz
   return kind === 'adamw' ? new AdamW(n, { weightDecay: cfg.weightDecay, eps: cfg.adamEps }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weightDecay });
 }
 
-/** The metrics of a model on a set; `onBatch` sees each batch's examples and forward result (per-example detail). */
-export async function evaluate(model: SplitModel, set: EncodedSet, batch: number, padId: number, maxBatches = 0, onBatch?: (items: Encoded[], r: ForwardResult) => void): Promise<EvalMetrics> {
+/** The metrics of a model on a set; `onBatch` sees each batch's examples and forward result (per-example detail), and the batches done of the total. */
+export async function evaluate(model: SplitModel, set: EncodedSet, batch: number, padId: number, maxBatches = 0, onBatch?: (items: Encoded[], r: ForwardResult, done: number, total: number) => void): Promise<EvalMetrics> {
+  const all = Math.ceil(set.items.length / batch);
+  const total = maxBatches > 0 ? Math.min(maxBatches, all) : all;
   let lossSum = 0;
   let count = 0;
   let correct = 0;
@@ -100,12 +102,11 @@ export async function evaluate(model: SplitModel, set: EncodedSet, batch: number
     const items = set.items.slice(i, i + batch);
     const b = makeBatch(items, model.task, padId);
     const r = await model.forward(b.tokens, b.B, b.T, b.targets, false);
-    onBatch?.(items, r);
     lossSum += r.loss * r.count;
     count += r.count;
     correct += r.correct ?? 0;
     examples += b.B;
-    batches++;
+    onBatch?.(items, r, ++batches, total);
   }
   const loss = count > 0 ? lossSum / count : NaN;
   return model.task === 'lm' ? { loss, perplexity: Math.exp(loss), examples } : { loss, accuracy: correct / Math.max(1, examples), examples };

@@ -76,7 +76,7 @@ export async function trainLM(model: PlainLM, stream: Int32Array, o: LMTrainOpti
 }
 
 /** Mean next-token loss over consecutive windows of a stream (no gradients). */
-export async function evaluateLM(model: PlainLM, stream: Int32Array, seq: number, batch: number, maxBatches = Infinity): Promise<{ loss: number; perplexity: number; tokens: number }> {
+export async function evaluateLM(model: PlainLM, stream: Int32Array, seq: number, batch: number, maxBatches = Infinity, onBatch?: (done: number, total: number) => void): Promise<{ loss: number; perplexity: number; tokens: number }> {
   let total = 0;
   let count = 0;
   const T = seq;
@@ -94,7 +94,7 @@ export async function evaluateLM(model: PlainLM, stream: Int32Array, seq: number
     const { loss } = await model.forward(inputs, B, T, targets, false);
     total += (loss ?? 0) * B * T;
     count += B * T;
-    batches++;
+    onBatch?.(++batches, Math.min(maxBatches, Math.ceil(windows / batch)));
   }
   const loss = count > 0 ? total / count : NaN;
   return { loss, perplexity: Math.exp(loss), tokens: count };

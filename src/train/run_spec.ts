@@ -16,6 +16,7 @@
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
+import { InputError } from '../errors.js';
 import { checkLoraTask, parseLoraTargets, type LoraConfig } from '../model/lora.js';
 import { maskSpecLabel, parseMaskSpec } from '../linalg/masks.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
@@ -84,7 +85,7 @@ export const OPTIMIZERS = ['adamw', 'sgd'] as const;
 
 // ---------------------------------------------------------------- the error
 /** A run specification refused: which setting, where it came from, and why. */
-export class RunSpecError extends Error {
+export class RunSpecError extends InputError {
   readonly issues: { field: string; reason: string }[];
   constructor(readonly field: string, readonly source: string, readonly reason: string, more: { field: string; reason: string }[] = []) {
     const issues = [{ field, reason }, ...more];
@@ -240,8 +241,12 @@ function conflicts(s: Parsed, given: { lora: boolean }): { field: string; reason
   return out;
 }
 
+const objectError = { error: (iss: z.core.$ZodRawIssue) => (iss.code === 'invalid_type' ? must('an object of run settings')(iss) : undefined) };
+/** The settings one by one, without the rules between them (a recipe: part of a spec). */
+const PartialSchema = z.strictObject(FIELDS, objectError);
+
 /** The schema of a run specification: settings, defaults, and the rules between settings. */
-export const RunSpecSchema = z.strictObject(FIELDS, { error: (iss) => (iss.code === 'invalid_type' ? must('an object of run settings')(iss) : undefined) }).transform((s, ctx): RunSpec => {
+export const RunSpecSchema = z.strictObject(FIELDS, objectError).transform((s, ctx): RunSpec => {
   const bad = conflicts(s, { lora: s.lora !== null && s.lora !== undefined });
   for (const b of bad) ctx.addIssue({ code: 'custom', path: b.field.split('.'), message: b.reason, input: b.input });
   if (bad.length) return z.NEVER;
@@ -280,6 +285,16 @@ export function parseRunSpec(input: unknown, source: string): RunSpec {
   const r = RunSpecSchema.safeParse(input);
   if (!r.success) throw errorOf(r.error.issues, source);
   return r.data;
+}
+
+/**
+ * Checks each setting of a partial spec (a recipe file) on its own, naming the setting and
+ * `source`; the rules between settings apply when the whole spec is parsed.
+ */
+export function checkRunSpecInput(input: unknown, source: string): RunSpecInput {
+  const r = PartialSchema.safeParse(input);
+  if (!r.success) throw errorOf(r.error.issues, source);
+  return input as RunSpecInput;
 }
 
 /** Partial specs merged left to right (later settings win; the LoRA settings merge too). */

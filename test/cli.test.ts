@@ -215,9 +215,10 @@ test('Llama family on the plain commands: init, train (its own tokenizer.json, k
     const text = path.join(dir, 't.txt');
     writeFileSync(text, 'the water is hot and the day is long they had some water in the hot sound of the day '.repeat(6));
     const out = path.join(dir, 'trained');
-    const t = run(['train', '--model', path.join(ROOT, 'test/fixtures/llama'), '--text', text, '--eval-text', text, '--steps', '30', '--batch', '4', '--seq', '8', '--lr', '1e-2', '--out', out]);
+    const t = run(['train', '--model', path.join(ROOT, 'test/fixtures/llama'), '--text', text, '--eval-text', text, '--steps', '30', '--batch', '4', '--seq', '8', '--lr', '1e-2', '--out', out, '--json']);
     assert.equal(t.status, 0, t.stderr);
-    const [before, after] = [...t.stdout.matchAll(/loss (\d+\.\d+)/g)].map((m) => Number(m[1]));
+    const tr = JSON.parse(t.stdout) as { eval_before: { loss: number }; eval_after: { loss: number } };
+    const [before, after] = [tr.eval_before.loss, tr.eval_after.loss];
     assert.ok(after < before / 2, `training lowers the loss: ${before} -> ${after}`);
     assert.ok(existsSync(path.join(out, 'tokenizer.json')));
     const g = run(['generate', '--model', out, '--prompt', 'the water', '--max-tokens', '5', '--json']);

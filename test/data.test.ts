@@ -240,12 +240,12 @@ test('owner finetune and infer --file through the enclave service: the job\'s fi
     const outFile = path.join(w.dir, 'preds.jsonl');
     writeFileSync(inFile, jsonl(rows.slice(0, 5)));
     const trust = ['--enclave', w.encAddr, '--trust', w.rootPublicKey, '--contract', w.contractFile, '--key', path.join(w.dir, 'owner.json')];
-    const r = await promisify(execFile)(process.execPath, [BIN, 'owner', 'infer', ...trust, '--file', inFile, '--out', outFile], { env, cwd: ROOT });
+    const r = await promisify(execFile)(process.execPath, [BIN, 'owner', 'infer', ...trust, '--file', inFile, '--out', outFile, '--json'], { env, cwd: ROOT });
     assert.deepEqual(JSON.parse(r.stdout), { records: 5, out: outFile });
     const got = readFileSync(outFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
     assert.deepEqual(got, lines.slice(0, 5));
     // --text still works, now with the probabilities
-    const t = await promisify(execFile)(process.execPath, [BIN, 'owner', 'infer', ...trust, '--text', String(rows[0].body)], { env, cwd: ROOT });
+    const t = await promisify(execFile)(process.execPath, [BIN, 'owner', 'infer', ...trust, '--text', String(rows[0].body), '--json'], { env, cwd: ROOT });
     const tj = JSON.parse(t.stdout);
     assert.equal(tj.predictions[0], lines[0].prediction);
     assert.ok(Math.abs(tj.probabilities[0][0] - (lines[0].probabilities as Record<string, number>)['0']) < 1e-5);

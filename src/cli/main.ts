@@ -342,9 +342,11 @@ export function buildProgram(): Command {
     .addOption(new Option('--methods <list...>', 'methods').choices(['lora', 'full']))
     .option('--out <dir>', 'report directory (existing results are kept: the run resumes)', 'report')
     .option('--rows-only', 'only the fine-tuning rows (to split a run across processes on one --out; a later run without it adds the tables and the report)')
+    .option('--report-only', 'no runs: rebuild index.html and results.md from --out\'s results.json')
     .option('--json', 'print results.json')
     .action(async (o) => {
-      const { runPaperExperiments, mainTable } = await import('../experiments/paper.js');
+      const { runPaperExperiments, mainTable, rebuildReport } = await import('../experiments/paper.js');
+      if (o.reportOnly) return console.log(`wrote ${o.out}/index.html and ${o.out}/results.md from ${await rebuildReport(o.out)}`);
       const bar = progressBar(1, 'experiments', '{label}');
       const res = await runPaperExperiments({
         models: o.models, datasets: o.datasets, dataDir: o.data, out: o.out, quick: o.quick, steps: o.steps, methods: o.methods, rowsOnly: o.rowsOnly,

@@ -7,6 +7,11 @@ export function table(head: string[], rows: (string | number)[][]): string {
   return `<table><thead><tr>${head.map((h) => `<th>${esc(h)}</th>`).join('')}</tr></thead><tbody>${rows.map((r) => `<tr>${r.map((c) => `<td>${esc(c)}</td>`).join('')}</tr>`).join('')}</tbody></table>`;
 }
 
+/** A heading's anchor: lower-case words joined by '-' (e.g. "Training loss (LoRA)" -> "training-loss-lora"). */
+export function slug(title: string): string {
+  return title.toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '');
+}
+
 export function page(title: string, sections: { title: string; html: string }[], footer = ''): string {
   return `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>${esc(title)}</title>
@@ -17,7 +22,7 @@ table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}th,td{border:1px s
 th{background:#f4f4f4}td{font-variant-numeric:tabular-nums}.note{color:#555;font-size:.9rem}svg{max-width:100%;height:auto}
 </style></head><body>
 <h1>${esc(title)}</h1>
-${sections.map((s) => `<h2>${esc(s.title)}</h2>\n${s.html}`).join('\n')}
+${sections.map((s) => `<h2 id="${slug(s.title)}">${esc(s.title)}</h2>\n${s.html}`).join('\n')}
 <p class="note">${footer}</p>
 </body></html>
 `;

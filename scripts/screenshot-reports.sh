@@ -6,8 +6,9 @@
 #
 # Default pages: report/index.html and runs/start/report.html (those that exist). A
 # "#section" suffix (a heading's id, e.g. report/index.html#accuracy-per-dataset-and-method)
-# scrolls to that section first. PNGs go to DIR (default /tmp/obfuscatune-screenshots), named
-# after the page and section.
+# shoots the page from that section on (a copy of the page without what comes before it:
+# headless screenshots do not scroll). PNGs go to DIR (default /tmp/obfuscatune-screenshots),
+# named after the page and section.
 set -euo pipefail
 out=/tmp/obfuscatune-screenshots width=1200 height=1600
 while getopts "o:w:h:" opt; do
@@ -34,10 +35,17 @@ for page in "${pages[@]}"; do
   [ -f "$file" ] || { echo "$0: $file not found" >&2; exit 1; }
   abs=$(cd "$(dirname "$file")" && pwd)/$(basename "$file")
   name=$(echo "${abs#"$root"/}" | tr '/' '_' | sed 's/\.html$//')${frag:+_$frag}
-  png="$out/$name.png"
+  png="$out/$name.png" url="file://$abs"
+  if [ -n "$frag" ]; then
+    grep -q "id=\"$frag\"" "$file" || { echo "$0: $file has no section #$frag" >&2; exit 1; }
+    tmp=$(mktemp --suffix=.html)
+    sed "s#</body>#<script>{const t=document.getElementById('$frag');while(t.previousElementSibling)t.previousElementSibling.remove();}</script></body>#" "$file" > "$tmp"
+    url="file://$tmp"
+  fi
   # --no-sandbox: Chromium refuses to sandbox itself as root (containers, CI)
   "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --force-device-scale-factor=1 \
-    --window-size="$width,$height" --screenshot="$png" "file://$abs${frag:+#$frag}" >/dev/null 2>&1 \
+    --window-size="$width,$height" --screenshot="$png" "$url" >/dev/null 2>&1 \
     || { echo "$0: chromium failed on $page" >&2; exit 1; }
+  [ -n "$frag" ] && rm -f "$tmp"
   echo "$png"
 done

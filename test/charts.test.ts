@@ -52,14 +52,15 @@ test('loss small multiples: one panel per dataset, one colour per mode from a fi
   const rows = ['austen · base-small', 'fortunes · base-small'].flatMap((panel) => MODES.flatMap((series) => [1, 2, 3].map((x) => ({ panel, x, y: 3 - x / 10, series }))));
   const s = panelLineSpec(rows, { title: 'loss', x: 'step', y: 'loss', series: MODES, notes: { 'austen · base-small': 'sealed coincide' } });
   assert.equal((s.facet as { field: string }).field, 'panel');
-  const enc = layers(s)[0].encoding as Record<string, Record<string, unknown>>;
+  const enc = (s.spec as Spec).encoding as Record<string, Record<string, unknown>>;
   const scale = enc.color.scale as { domain: string[]; range: string[] };
   assert.deepEqual(scale.domain, MODES);
   assert.equal(new Set(scale.range).size, MODES.length, 'a colour per mode, none recycled');
   assert.equal((enc.color.legend as { labelLimit: number }).labelLimit, 0, 'legend labels are not cut');
   assert.deepEqual((s.resolve as { scale: { y: string } }).scale.y, 'independent');
-  assert.equal((layers(s)[0].mark as { interpolate: string }).interpolate, 'linear');
-  assert.ok(values(s).some((r) => r.kind === 'note' && r.note === 'sealed coincide'));
+  const inner = s.spec as Spec;
+  assert.equal((inner.mark as { interpolate: string }).interpolate, 'linear');
+  assert.match(String((s.facet as { header: { labelExpr: string } }).header.labelExpr), /"austen · base-small":\["austen · base-small","sealed coincide"\]/, 'the note is under the panel name');
   assert.throws(() => panelLineSpec([{ panel: 'a', x: 1, y: 1, series: 'nine' }], { title: 'loss', x: 'step', y: 'loss', series: MODES }), /not in its legend/);
   const many = Array.from({ length: PALETTE.length + 1 }, (_, i) => ({ x: 1, y: 1, series: `s${i}` }));
   assert.throws(() => lineSpec(many, { title: 'too many', x: 'x', y: 'y' }), (e: unknown) => e instanceof InputError && /distinguishable colours/.test((e as Error).message));

@@ -479,19 +479,19 @@ export async function renderReport(res: Results): Promise<string> {
     const curves = rows.flatMap((r) => r.losses.map((y, i) => ({ panel: `${r.dataset} · ${r.model}`, x: i + 1, y, series: modeLabel(r) })));
     lossCharts.push({
       title: `Training loss (${method === 'lora' ? 'LoRA' : 'full fine-tuning'}), local vs confidential`,
-      html: await renderSvg(panelLineSpec(curves, { title: 'training loss per step (cross-entropy; one panel per dataset and model, own y scale)', x: 'step', y: 'loss', series: MODE_LABELS, notes: lossNotes(rows), columns: 4, width: 210, height: 150 })),
+      html: await renderSvg(panelLineSpec(curves, { title: 'training loss per step (cross-entropy; one panel per dataset and model, own y scale)', x: 'step', y: 'loss', series: MODE_LABELS, notes: lossNotes(rows) })),
     });
   }
   const accRows = res.rows.filter((r) => r.metric === 'accuracy' && Number.isFinite(r.value));
   const acc = accRows.map((r) => ({ panel: `${r.dataset} (${r.method})`, x: r.model, bar: modeLabel(r), value: 100 * r.value }));
-  const refs = [...new Set(acc.map((a) => a.panel))].flatMap((panel) => res.baselines.filter((b) => b.metric === 'accuracy' && panel.startsWith(`${b.dataset} (`)).map((b) => ({ panel, value: 100 * b.value, label: `${b.kind} ${(100 * b.value).toFixed(1)}%` })));
+  const refs = [...new Set(acc.map((a) => a.panel))].flatMap((panel) => res.baselines.filter((b) => b.metric === 'accuracy' && panel.startsWith(`${b.dataset} (`)).map((b) => ({ panel, value: 100 * b.value, label: `- - ${b.kind} ${(100 * b.value).toFixed(1)}%` })));
   const fid = res.fidelity.map((f) => ({ x: f.kappa, y: Math.max(f.max_abs_logit_err, 1e-9), series: `${f.mode} mode` }));
   const sections = [
     { title: TITLES.main, html: table(t.main.head, t.main.rows) },
     { title: TITLES.gap, html: table(t.gap.head, t.gap.rows) },
     { title: TITLES.recipes, html: table(t.recipes.head, t.recipes.rows) },
     ...lossCharts,
-    ...(acc.length ? [{ title: 'Accuracy per dataset and method', html: await renderSvg(groupedBarSpec(acc, { title: 'test accuracy (%) per base model, one bar per mode; dashed: majority class', y: 'accuracy %', bars: MODE_LABELS, max: 100, refs })) }] : []),
+    ...(acc.length ? [{ title: 'Accuracy per dataset and method', html: await renderSvg(groupedBarSpec(acc, { title: 'test accuracy (%) per base model, one bar per mode', y: 'accuracy %', bars: MODE_LABELS, max: 100, refs })) }] : []),
     { title: TITLES.fidelity, html: (fid.length ? await renderSvg(ordinalPointSpec(fid, { title: `split vs plain logits, ${res.fidelity[0].model}`, x: 'mask condition number (kappa)', y: 'max |logit error|', order: ['1', '10', '100', '1000', 'naive'], logY: true })) : '') + table(t.fidelity.head, t.fidelity.rows) },
     { title: TITLES.share, html: table(t.share.head, t.share.rows) },
     { title: TITLES.overhead, html: table(t.overhead.head, t.overhead.rows) },

@@ -69,33 +69,27 @@ export interface PanelLineRow extends LineRow { panel: string }
 
 /**
  * Small multiples: one panel per `panel` value (own y scale), the same colour per series in
- * every panel, and a note per panel written in its top left corner (e.g. the largest gap
- * between curves that coincide).
+ * every panel (later series dashed, so coinciding curves stay visible), and a note per panel
+ * under its name (e.g. the largest gap between curves that coincide; lines split at '\n').
  */
 export function panelLineSpec(rows: PanelLineRow[], o: { title: string; x: string; y: string; series: string[]; notes?: Record<string, string>; columns?: number; width?: number; height?: number }): Spec {
   for (const r of rows) if (!o.series.includes(r.series)) throw new InputError(`chart "${o.title}": series "${r.series}" is not in its legend (${o.series.join(', ')})`);
-  const notes = Object.entries(o.notes ?? {}).map(([panel, note]) => ({ panel, note }));
+  const labels = Object.fromEntries(Object.entries(o.notes ?? {}).map(([panel, note]) => [panel, [panel, ...note.split('\n')]]));
   return {
-    title: o.title, data: { values: [...rows.map((r) => ({ ...r, kind: 'curve' })), ...notes.map((n) => ({ ...n, kind: 'note' }))] },
-    facet: { field: 'panel', type: 'nominal', title: null, sort: uniq(rows.map((r) => r.panel)), header: { labelFontSize: 12, labelFontWeight: 'bold' } },
+    title: o.title, data: { values: rows },
+    facet: {
+      field: 'panel', type: 'nominal', title: null, sort: uniq(rows.map((r) => r.panel)),
+      header: { labelFontSize: 11, labelExpr: `(${JSON.stringify(labels)})[datum.value] || datum.value`, labelLimit: 0 },
+    },
     columns: o.columns ?? 2,
-    resolve: { scale: { y: 'independent' } },
+    resolve: { scale: { x: 'independent', y: 'independent' } },
     spec: {
-      width: o.width ?? 300, height: o.height ?? 170,
-      layer: [
-        {
-          transform: [{ filter: "datum.kind === 'curve'" }], mark: { type: 'line', interpolate: 'linear' },
-          encoding: {
-            x: { field: 'x', type: 'quantitative', title: o.x },
-            y: { field: 'y', type: 'quantitative', title: o.y, scale: { zero: false } },
-            color: colours(o.series), strokeDash: { field: 'series', type: 'nominal', legend: null, scale: { domain: o.series, range: o.series.map((_, i) => (i === 0 ? [1, 0] : [6, 2 + i])) } },
-          },
-        },
-        {
-          transform: [{ filter: "datum.kind === 'note'" }], mark: { type: 'text', align: 'left', baseline: 'top', fontSize: 10, color: '#333' },
-          encoding: { x: { value: 4 }, y: { value: 2 }, text: { field: 'note' } },
-        },
-      ],
+      width: o.width ?? 480, height: o.height ?? 150, mark: { type: 'line', interpolate: 'linear', strokeWidth: 1.2 },
+      encoding: {
+        x: { field: 'x', type: 'quantitative', title: o.x },
+        y: { field: 'y', type: 'quantitative', title: o.y, scale: { zero: false } },
+        color: colours(o.series), strokeDash: { field: 'series', type: 'nominal', legend: null, scale: { domain: o.series, range: o.series.map((_, i) => (i === 0 ? [1, 0] : [6, 2 + 2 * i])) } },
+      },
     },
   };
 }
@@ -103,9 +97,10 @@ export function panelLineSpec(rows: PanelLineRow[], o: { title: string; x: strin
 export interface BarRow { panel: string; x: string; bar: string; value: number }
 
 /**
- * Grouped bars: a panel per `panel` value, a group per `x` value inside it, a bar per `bar`
- * value inside each group (side by side, never stacked), optional reference lines per panel
- * (e.g. the majority class). A second bar for the same panel, group and bar would stack
+ * Grouped bars: a panel per `panel` value, a group per `x` value inside it (in the rows'
+ * order), a bar per `bar` value inside each group (side by side, never stacked), optional
+ * dashed reference lines per panel (e.g. the majority class), labelled in the panel's top
+ * left corner. A second bar for the same panel, group and bar would stack
  * and is refused, as is a value outside [0, max].
  */
 export function groupedBarSpec(rows: BarRow[], o: { title: string; y: string; bars: string[]; max?: number; refs?: { panel: string; value: number; label: string }[]; columns?: number; width?: number; height?: number }): Spec {
@@ -129,7 +124,7 @@ export function groupedBarSpec(rows: BarRow[], o: { title: string; y: string; ba
         {
           transform: [{ filter: "datum.kind === 'bar'" }], mark: 'bar',
           encoding: {
-            x: { field: 'x', type: 'nominal', title: null, axis: { labelAngle: 0 } },
+            x: { field: 'x', type: 'nominal', title: null, sort: uniq(rows.map((r) => r.x)), axis: { labelAngle: 0 } },
             xOffset: { field: 'series', type: 'nominal', scale: { domain: o.bars } },
             y: { field: 'value', type: 'quantitative', title: o.y, stack: null, scale },
             color: colours(o.bars),
@@ -141,8 +136,8 @@ export function groupedBarSpec(rows: BarRow[], o: { title: string; y: string; ba
           encoding: { y: { field: 'value', type: 'quantitative', scale } },
         },
         {
-          transform: [{ filter: "datum.kind === 'ref'" }], mark: { type: 'text', align: 'right', baseline: 'bottom', dx: -2, fontSize: 10, color: '#333' },
-          encoding: { y: { field: 'value', type: 'quantitative', scale }, x: { value: o.width ?? 200 }, text: { field: 'label' } },
+          transform: [{ filter: "datum.kind === 'ref'" }], mark: { type: 'text', align: 'left', baseline: 'top', fontSize: 10, color: '#333' },
+          encoding: { x: { value: 4 }, y: { value: 3 }, text: { field: 'label' } },
         },
       ],
     },

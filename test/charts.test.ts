@@ -3,11 +3,14 @@
 // kappa as ordered categories with points, notes on curves that coincide.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import path from 'node:path';
+import os from 'node:os';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import * as vl from 'vega-lite';
 import {
   PALETTE, curveGapNote, groupedBarSpec, lineSpec, maxCurveDiff, ordinalPointSpec, panelLineSpec, renderSvg, type Spec,
 } from '../src/report/charts.js';
-import { renderReport, mainTable, type Results, type ResultRow } from '../src/experiments/paper.js';
+import { renderReport, rebuildReport, mainTable, type Results, type ResultRow } from '../src/experiments/paper.js';
 import { InputError } from '../src/errors.js';
 
 const MODES = ['local', 'sealed', 'paper k=1', 'paper naive'];
@@ -101,6 +104,17 @@ test('the paper report: before-training column, no stacked bars with two models,
   assert.ok(col > 0);
   assert.deepEqual(t.rows.map((r) => r[col]), ['34.00%', '-'], 'measured for base-small, not (yet) for base-large');
   assert.match(t.rows[0][t.head.indexOf('baseline')], /65\.80% \(majority class\)/);
+  // --report-only: the same report from results.json, nothing run
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-report-'));
+  try {
+    await assert.rejects(rebuildReport(dir), (e: unknown) => e instanceof InputError && /results\.json not found/.test((e as Error).message));
+    writeFileSync(path.join(dir, 'results.json'), JSON.stringify(res));
+    await rebuildReport(dir);
+    assert.match(readFileSync(path.join(dir, 'results.md'), 'utf8'), /\| food-reviews \| base-small \| lora \| accuracy \| 34\.00% \| 80\.00% \|/);
+    assert.equal(readFileSync(path.join(dir, 'index.html'), 'utf8'), await renderReport(res));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
   const html = await renderReport(res);
   assert.equal((html.match(/<svg/g) ?? []).length, 3, 'loss, accuracy and fidelity charts');
   assert.match(html, /sealed, paper k=1 coincide with local: max \|diff\| 1\.0e-7/);

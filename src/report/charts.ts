@@ -46,9 +46,14 @@ function colours(series: string[], title: string | null = null): Spec {
 
 const uniq = (xs: string[]) => [...new Set(xs)];
 
+/** The first series solid, the others dashed (curves that coincide stay visible); one legend with the colours. */
+function dashes(series: string[]): Spec {
+  return { field: 'series', type: 'nominal', title: null, scale: { domain: series, range: series.map((_, i) => (i === 0 ? [1, 0] : [6, 2 + 2 * i])) } };
+}
+
 export interface LineRow { x: number; y: number; series: string }
 
-/** One panel of lines (straight segments between measured points), one colour per series. */
+/** One panel of lines (straight segments between measured points), one colour per series, all but the first dashed. */
 export function lineSpec(rows: LineRow[], o: { title: string; x: string; y: string; subtitle?: string; logY?: boolean; width?: number; height?: number }): Spec {
   return {
     title: o.subtitle ? { text: o.title, subtitle: o.subtitle } : o.title, width: o.width ?? 520, height: o.height ?? 260, data: { values: rows },
@@ -56,7 +61,7 @@ export function lineSpec(rows: LineRow[], o: { title: string; x: string; y: stri
     encoding: {
       x: { field: 'x', type: 'quantitative', title: o.x },
       y: { field: 'y', type: 'quantitative', title: o.y, scale: o.logY ? { type: 'log' } : { type: 'linear', zero: false } },
-      color: colours(uniq(rows.map((r) => r.series))),
+      color: colours(uniq(rows.map((r) => r.series))), strokeDash: dashes(uniq(rows.map((r) => r.series))),
     },
   };
 }
@@ -88,7 +93,7 @@ export function panelLineSpec(rows: PanelLineRow[], o: { title: string; x: strin
       encoding: {
         x: { field: 'x', type: 'quantitative', title: o.x },
         y: { field: 'y', type: 'quantitative', title: o.y, scale: { zero: false } },
-        color: colours(o.series), strokeDash: { field: 'series', type: 'nominal', legend: null, scale: { domain: o.series, range: o.series.map((_, i) => (i === 0 ? [1, 0] : [6, 2 + 2 * i])) } },
+        color: colours(o.series), strokeDash: dashes(o.series),
       },
     },
   };
@@ -156,7 +161,7 @@ export function ordinalPointSpec(rows: PointRow[], o: { title: string; x: string
       x: { field: 'x', type: 'ordinal', title: o.x, sort: o.order, axis: { labelAngle: 0 } },
       y: { field: 'y', type: 'quantitative', title: o.y, scale: o.logY ? { type: 'log' } : { zero: false } },
       color: colours(uniq(rows.map((r) => r.series))),
-      shape: { field: 'series', type: 'nominal', legend: null },
+      shape: { field: 'series', type: 'nominal', title: null },
       tooltip: [{ field: 'series' }, { field: 'x' }, { field: 'y', format: '.2e' }],
     },
   };

@@ -23,7 +23,7 @@ import { shareTable, type ShareRow } from '../obfuscate/share.js';
 import { benchFinetuneOne } from '../bench/finetune.js';
 import { corpusFromJsonl, unigramLoss } from '../train/pretrain.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
-import { renderSvg, panelLineSpec, groupedBarSpec, ordinalPointSpec, maxCurveDiff } from '../report/charts.js';
+import { renderSvg, panelLineSpec, groupedBarSpec, ordinalPointSpec, curveGap } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { InputError, IntegrityError, ObfuscatuneError, findCause } from '../errors.js';
 
@@ -456,12 +456,11 @@ function lossNotes(rows: ResultRow[]): Record<string, string> {
     const rs = rows.filter((r) => `${r.dataset} · ${r.model}` === k);
     const local = rs.find((r) => r.mode === 'local');
     if (!local) continue;
-    const range = Math.max(...local.losses) - Math.min(...local.losses);
     const same: [string, number][] = [], apart: [string, number][] = [];
     for (const r of rs) {
       if (r === local) continue;
-      const d = maxCurveDiff(r.losses, local.losses);
-      (d <= 0.005 * range ? same : apart).push([modeLabel(r), d]);
+      const g = curveGap(r.losses, local.losses);
+      (g.coincide ? same : apart).push([modeLabel(r), g.diff]);
     }
     const lines = same.length ? [`${same.map((x) => x[0]).join(', ')} coincide with local: max |diff| ${Math.max(...same.map((x) => x[1])).toExponential(1)}`] : [];
     for (const [m, d] of apart) lines.push(`${m}: max |diff| to local ${d.toPrecision(2)}`);

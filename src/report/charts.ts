@@ -29,13 +29,18 @@ export function maxCurveDiff(a: number[], b: number[]): number {
   return m;
 }
 
-/** "curves coincide: max |diff| = 2.4e-7" when the gap is invisible at the chart's scale (under 0.5% of the curve's range), else "max |diff| = ...". */
-export function curveGapNote(a: number[], b: number[], what = ''): string {
-  const d = maxCurveDiff(a, b);
+/** The largest gap between two curves, and whether it is invisible at their chart's scale (at most 0.5% of the range they span). */
+export function curveGap(a: number[], b: number[]): { diff: number; coincide: boolean } {
+  const diff = maxCurveDiff(a, b);
   const all = [...a, ...b].filter(Number.isFinite);
   const range = all.length ? Math.max(...all) - Math.min(...all) : 0;
-  const coincide = d <= 0.005 * Math.max(range, 1e-12);
-  return `${what ? `${what}: ` : ''}${coincide ? 'curves coincide: ' : ''}max |diff| = ${d.toExponential(1)}`;
+  return { diff, coincide: diff <= 0.005 * Math.max(range, 1e-12) };
+}
+
+/** "curves coincide: max |diff| = 2.4e-7" when the curves coincide (curveGap), else "max |diff| = ...". */
+export function curveGapNote(a: number[], b: number[], what = ''): string {
+  const { diff, coincide } = curveGap(a, b);
+  return `${what ? `${what}: ` : ''}${coincide ? 'curves coincide: ' : ''}max |diff| = ${diff.toExponential(1)}`;
 }
 
 /** A colour scale over a fixed list of series (order kept), refusing more than PALETTE has. */

@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 /** Lowest first. A folder may import itself and any folder listed before it. */
 export const LAYERS = [
   '.', 'tensor', 'io', 'linalg', 'model', 'protocol', 'obfuscate', 'accelerator', 'enclave', 'train',
-  'attacks', 'tee', 'rpc', 'roles', 'report', 'bench', 'experiments', 'cli',
+  'attacks', 'tee', 'rpc', 'roles', 'report', 'bench', 'experiments', 'cli', 'api',
 ];
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');

@@ -29,11 +29,15 @@ test('experiment paper --quick writes results.json (contract) and index.html wit
     assert.equal(paper1.value, local.value, 'paper kappa 1 LoRA reproduces local');
     assert.ok(j.fidelity.some((f: { kappa: string }) => f.kappa === 'naive'));
     assert.ok(res.baselines.length === 2);
+    // the metric before any step, per dataset and model, in the main table
+    assert.deepEqual(res.before!.map((b) => [b.dataset, b.metric]), [['food-reviews', 'accuracy'], ['austen', 'perplexity']]);
+    assert.ok(res.before!.every((b) => Number.isFinite(b.value) && Number.isFinite(b.loss)));
     const html = readFileSync(path.join(out, 'index.html'), 'utf8');
     assert.match(html, /<svg/);
     assert.match(html, /food-reviews/);
     const md = readFileSync(path.join(out, 'results.md'), 'utf8');
     assert.match(md, /## Gap to local fine-tuning/);
+    assert.match(md, /\| metric \| before training \| local \|/);
     // food-reviews runs its own recipe (the token-embedding adapter), recorded in its rows and the report
     assert.deepEqual(local.recipe.lora.lora.targets, ['wte', 'q', 'v']);
     assert.deepEqual(local.spec.lora.targets, ['q', 'v', 'wte'], 'each row records its whole run spec');

@@ -386,9 +386,14 @@ export function buildProgram(): Command {
     .addOption(new Option('--methods <list...>', 'methods').choices(['lora', 'full']))
     .option('--out <dir>', 'report directory (existing results are kept: the run resumes)', 'report')
     .option('--rows-only', 'only the fine-tuning rows (to split a run across processes on one --out; a later run without it adds the tables and the report)')
+    .option('--report-only', 'no runs: rebuild index.html and results.md from --out\'s results.json')
     .option('--json', 'print results.json')
     .action(async (o) => {
-      const { runPaperExperiments, mainTable, DATASET_RECIPES } = await import('../experiments/paper.js');
+      const { runPaperExperiments, mainTable, DATASET_RECIPES, rebuildReport } = await import('../experiments/paper.js');
+      if (o.reportOnly) {
+        const from = await rebuildReport(o.out);
+        return emit({ out: o.out, from }, `wrote ${o.out}/index.html and ${o.out}/results.md from ${from}`);
+      }
       // a recipe goes over each dataset's own (so rows made with another are run again); the flags over it
       const recipe = o.config ? readRecipe(o.config, ['method', 'mode', 'kappa', 'two_sided', 'mask_seed']) : undefined;
       if (recipe && o.steps !== undefined) recipe.steps = o.steps;

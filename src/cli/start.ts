@@ -22,7 +22,7 @@ import { describeSignatures, draftContract, signContract, verifyContract, writeC
 import { GPT2 } from '../model/gpt2.js';
 import { backendName } from '../tensor/gemm.js';
 import { progressBar } from './progress.js';
-import { lineChart } from '../report/charts.js';
+import { lineChart, curveGapNote } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { BundleError, ObfuscatuneError } from '../errors.js';
 
@@ -150,8 +150,9 @@ export async function runStart(o: StartOptions): Promise<void> {
     const traffic = st.accelerator_traffic as { messages: number; bytes: number };
 
     // ---- summary
-    const le = localSum.eval!, ce = job.summary.eval;
+    const le = localSum.eval!, ce = job.summary.eval, be = localSum.eval_before!;
     const rows: (string | number)[][] = [
+      ['before training (base model, fresh head)', be.loss.toFixed(4), `${(100 * be.accuracy!).toFixed(1)}%`, '-', '-'],
       ['local (plain, baseline)', le.loss.toFixed(4), `${(100 * le.accuracy!).toFixed(1)}%`, localSeconds.toFixed(1), '-'],
       ['confidential (sealed split, 2 processes)', ce.loss.toFixed(4), `${(100 * ce.accuracy).toFixed(1)}%`, confSeconds.toFixed(1), `${traffic.messages} messages, ${(traffic.bytes / 1e6).toFixed(1)} MB`],
       ['provider\'s merged plain model', mergedEval.loss.toFixed(4), `${(100 * mergedEval.accuracy!).toFixed(1)}%`, '-', '-'],
@@ -172,7 +173,9 @@ export async function runStart(o: StartOptions): Promise<void> {
       ...localSum.losses.map((y, i) => ({ x: i + 1, y, series: 'local' })),
       ...job.losses.map((y, i) => ({ x: i + 1, y, series: 'confidential (sealed)' })),
     ];
-    const svg = await lineChart(curve, { title: 'training loss per step', x: 'step', y: 'cross-entropy' });
+    const gap = curveGapNote(localSum.losses, job.losses, 'local vs confidential');
+    say(`Training loss, ${gap}.`);
+    const svg = await lineChart(curve, { title: 'training loss per step', subtitle: gap, x: 'step', y: 'cross-entropy' });
     const html = page('obfuscatune: confidential fine-tuning run', [
       { title: 'Result', html: table(head, rows) },
       { title: 'Training loss', html: svg },

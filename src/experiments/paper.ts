@@ -13,7 +13,7 @@ import { GPT2 } from '../model/gpt2.js';
 import { gpt2Tokenizer } from '../model/tokenizer.js';
 import { readJsonl, labelSet, encodeRecords, type Record_, type Task } from '../io/jsonl.js';
 import { buildSession } from '../train/session.js';
-import { runFinetune } from '../train/finetune.js';
+import { runFinetune, evaluate } from '../train/finetune.js';
 import {
   RUN_SPEC_DEFAULTS, mergeRunSpecInputs, parseRunSpec, toFinetuneConfig, toSessionOptions, writeRunSpec, type RunSpec, type RunSpecInput,
 } from '../train/run_spec.js';
@@ -23,9 +23,9 @@ import { shareTable, type ShareRow } from '../obfuscate/share.js';
 import { benchFinetuneOne } from '../bench/finetune.js';
 import { corpusFromJsonl, unigramLoss } from '../train/pretrain.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
-import { lineChart, barChart } from '../report/charts.js';
+import { renderSvg, panelLineSpec, groupedBarSpec, ordinalPointSpec, curveGap } from '../report/charts.js';
 import { page, table } from '../report/html.js';
-import { IntegrityError, ObfuscatuneError, findCause } from '../errors.js';
+import { InputError, IntegrityError, ObfuscatuneError, findCause } from '../errors.js';
 
 export interface ResultRow {
   dataset: string;
@@ -53,6 +53,8 @@ export interface Results {
   share: ShareRow[];
   overhead: Record<string, unknown>[];
   baselines: { dataset: string; metric: string; value: number; kind: string }[];
+  /** the test metric of each dataset and model before any step (the fresh head; every mode and method starts from the same function) */
+  before?: { dataset: string; model: string; metric: 'accuracy' | 'perplexity'; value: number; loss: number }[];
   meta: Record<string, unknown>;
 }
 
@@ -163,7 +165,7 @@ function loadDataset(dir: string, name: string, quick: boolean): { meta: Dataset
 }
 
 export function loadResults(file: string): Results {
-  if (!existsSync(file)) return { rows: [], fidelity: [], share: [], overhead: [], baselines: [], meta: {} };
+  if (!existsSync(file)) return { rows: [], fidelity: [], share: [], overhead: [], baselines: [], before: [], meta: {} };
   return JSON.parse(readFileSync(file, 'utf8')) as Results;
 }
 
@@ -224,7 +226,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   mkdirSync(o.out, { recursive: true });
   const file = path.join(o.out, 'results.json');
   const res = loadResults(file);
-  const total = datasets.length * models.length * methods.length * CONFIGS.length + 3;
+  const total = datasets.length * models.length * (methods.length * CONFIGS.length + 1) + 3;
   let done = 0;
   const tick = (label: string) => o.onProgress?.(++done, total, label);
   // baselines
@@ -249,6 +251,17 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
       const maxLen = runSettings(task, o, m.w.config.n_ctx).max_len as number;
       const enc = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task, maxLen, labels, source: ds.meta.name });
       const trainSet = enc(ds.train), testSet = enc(ds.test);
+      res.before ??= [];
+      if (res.before.some((b) => b.dataset === ds.meta.name && b.model === m.name)) tick(`${ds.meta.name}/${m.name} before training (done)`);
+      else {
+        // the base model with the fresh head, scored as the rows are (local mode: the same function as every other)
+        const spec = experimentSpec(task, ds.meta.name, methods[0], CONFIGS[0], o, { name: m.name, nCtx: m.w.config.n_ctx });
+        const sess = buildSession(m.w, toSessionOptions(spec, { numLabels: task === 'cls' ? labels.length : undefined, labels, padTokenId: gpt2Tokenizer.eotId }));
+        const e = await evaluate(sess.model, testSet, spec.batch, gpt2Tokenizer.eotId, spec.eval_batches);
+        res.before.push({ dataset: ds.meta.name, model: m.name, metric: task === 'cls' ? 'accuracy' : 'perplexity', value: task === 'cls' ? e.accuracy! : e.perplexity!, loss: e.loss });
+        save(file, res);
+        tick(`${ds.meta.name}/${m.name} before training`);
+      }
       for (const method of methods) {
         for (const c of CONFIGS) {
           const key = `${ds.meta.name}/${m.name}/${method}/${c.mode}/${c.kappa}`;
@@ -313,25 +326,38 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   tick('overhead');
   res.meta = { date: new Date().toISOString(), quick: o.quick, steps: { cls: stepsFor('cls'), lm: stepsFor('lm') }, models: o.models, datasets: o.datasets, command: 'obfuscatune ' + process.argv.slice(2).join(' ') };
   save(file, res);
-  writeFileSync(path.join(o.out, 'index.html'), await renderReport(res));
-  writeFileSync(path.join(o.out, 'results.md'), markdownReport(res));
+  await writeReport(o.out, res);
   return res;
 }
 
+/** Writes OUT/index.html and OUT/results.md from results (`experiment paper --report-only` rebuilds them from OUT/results.json). */
+export async function writeReport(out: string, res: Results): Promise<void> {
+  writeFileSync(path.join(out, 'index.html'), await renderReport(res));
+  writeFileSync(path.join(out, 'results.md'), markdownReport(res));
+}
+
+/** `experiment paper --report-only`: the report of OUT/results.json, without any run; returns that file. */
+export async function rebuildReport(out: string): Promise<string> {
+  const file = path.join(out, 'results.json');
+  if (!existsSync(file)) throw new InputError(`--report-only: ${file} not found (run experiment paper first)`);
+  await writeReport(out, loadResults(file));
+  return file;
+}
+
 export function mainTable(res: Results): { head: string[]; rows: string[][] } {
-  const head = ['dataset', 'model', 'method', 'metric', 'local', 'sealed', 'paper k=1', 'paper naive', 'baseline'];
+  const head = ['dataset', 'model', 'method', 'metric', 'before training', 'local', 'sealed', 'paper k=1', 'paper naive', 'baseline'];
   const groups = new Map<string, ResultRow[]>();
   for (const r of res.rows) {
     const k = `${r.dataset}|${r.model}|${r.method}`;
     groups.set(k, [...(groups.get(k) ?? []), r]);
   }
-  const fmt = (r: ResultRow | undefined) => (!r || !Number.isFinite(r.value) ? (r ? 'diverged' : '-') : r.metric === 'accuracy' ? `${(100 * r.value).toFixed(2)}%` : r.value.toFixed(2));
+  const fmt = (r: Pick<ResultRow, 'value' | 'metric'> | undefined) => (!r || !Number.isFinite(r.value) ? (r ? 'diverged' : '-') : r.metric === 'accuracy' ? `${(100 * r.value).toFixed(2)}%` : r.value.toFixed(2));
   const rows: string[][] = [];
   for (const [k, rs] of groups) {
     const [dataset, model, method] = k.split('|');
     const pick = (mode: string, kappa: string | null) => rs.find((r) => r.mode === mode && r.kappa === kappa);
     const b = res.baselines.find((x) => x.dataset === dataset);
-    rows.push([dataset, model, method, rs[0].metric, fmt(pick('local', null)), fmt(pick('sealed', '1')), fmt(pick('paper', '1')), fmt(pick('paper', 'naive')),
+    rows.push([dataset, model, method, rs[0].metric, fmt(res.before?.find((x) => x.dataset === dataset && x.model === model)), fmt(pick('local', null)), fmt(pick('sealed', '1')), fmt(pick('paper', '1')), fmt(pick('paper', 'naive')),
       b ? (b.metric === 'accuracy' ? `${(100 * b.value).toFixed(2)}% (${b.kind})` : `${b.value.toFixed(1)} (${b.kind})`) : '-']);
   }
   return { head, rows };
@@ -420,18 +446,52 @@ export function markdownReport(res: Results): string {
   return parts.join('\n') + '\n';
 }
 
+const MODE_LABELS = ['local', 'sealed', 'paper k=1', 'paper naive'];
+const modeLabel = (r: Pick<ResultRow, 'mode' | 'kappa'>) => (r.mode === 'paper' ? `paper ${r.kappa === 'naive' ? 'naive' : `k=${r.kappa}`}` : r.mode);
+
+/** Per panel of a method's loss chart: how far each confidential curve is from local's (coinciding ones named together). */
+function lossNotes(rows: ResultRow[]): Record<string, string> {
+  const notes: Record<string, string> = {};
+  for (const k of new Set(rows.map((r) => `${r.dataset} · ${r.model}`))) {
+    const rs = rows.filter((r) => `${r.dataset} · ${r.model}` === k);
+    const local = rs.find((r) => r.mode === 'local');
+    if (!local) continue;
+    const same: [string, number][] = [], apart: [string, number][] = [];
+    for (const r of rs) {
+      if (r === local) continue;
+      const g = curveGap(r.losses, local.losses);
+      (g.coincide ? same : apart).push([modeLabel(r), g.diff]);
+    }
+    const lines = same.length ? [`${same.map((x) => x[0]).join(', ')} coincide with local: max |diff| ${Math.max(...same.map((x) => x[1])).toExponential(1)}`] : [];
+    for (const [m, d] of apart) lines.push(`${m}: max |diff| to local ${d.toPrecision(2)}`);
+    notes[k] = lines.join('\n');
+  }
+  return notes;
+}
+
 export async function renderReport(res: Results): Promise<string> {
   const t = reportTables(res);
-  const curves = res.rows.filter((r) => r.method === 'lora' && r.losses.length).map((r) => r.losses.map((y, i) => ({ x: i + 1, y, series: `${r.dataset} ${r.model} ${r.mode}${r.kappa && r.mode === 'paper' ? ` k=${r.kappa}` : ''}` }))).flat();
-  const acc = res.rows.filter((r) => r.metric === 'accuracy' && Number.isFinite(r.value)).map((r) => ({ group: `${r.dataset} (${r.method})`, bar: `${r.mode}${r.mode === 'paper' ? ` k=${r.kappa}` : ''}`, value: 100 * r.value }));
-  const fid = res.fidelity.filter((f) => f.mode === 'paper').map((f, i) => ({ x: i + 1, y: Math.max(f.max_abs_logit_err, 1e-9), series: 'max |logit error|' }));
+  const lossCharts: { title: string; html: string }[] = [];
+  for (const method of ['lora', 'full'] as const) {
+    const rows = res.rows.filter((r) => r.method === method && r.losses.length);
+    if (!rows.length) continue;
+    const curves = rows.flatMap((r) => r.losses.map((y, i) => ({ panel: `${r.dataset} · ${r.model}`, x: i + 1, y, series: modeLabel(r) })));
+    lossCharts.push({
+      title: `Training loss (${method === 'lora' ? 'LoRA' : 'full fine-tuning'}), local vs confidential`,
+      html: await renderSvg(panelLineSpec(curves, { title: 'training loss per step (cross-entropy; one panel per dataset and model, own y scale)', x: 'step', y: 'loss', series: MODE_LABELS, notes: lossNotes(rows) })),
+    });
+  }
+  const accRows = res.rows.filter((r) => r.metric === 'accuracy' && Number.isFinite(r.value));
+  const acc = accRows.map((r) => ({ panel: `${r.dataset} (${r.method})`, x: r.model, bar: modeLabel(r), value: 100 * r.value }));
+  const refs = [...new Set(acc.map((a) => a.panel))].flatMap((panel) => res.baselines.filter((b) => b.metric === 'accuracy' && panel.startsWith(`${b.dataset} (`)).map((b) => ({ panel, value: 100 * b.value, label: `- - ${b.kind} ${(100 * b.value).toFixed(1)}%` })));
+  const fid = res.fidelity.map((f) => ({ x: f.kappa, y: Math.max(f.max_abs_logit_err, 1e-9), series: `${f.mode} mode` }));
   const sections = [
     { title: TITLES.main, html: table(t.main.head, t.main.rows) },
     { title: TITLES.gap, html: table(t.gap.head, t.gap.rows) },
     { title: TITLES.recipes, html: table(t.recipes.head, t.recipes.rows) },
-    ...(curves.length ? [{ title: 'Training loss (LoRA), local vs confidential', html: await lineChart(curves, { title: 'training loss', x: 'step', y: 'cross-entropy', width: 700 }) }] : []),
-    ...(acc.length ? [{ title: 'Accuracy per dataset and method', html: await barChart(acc, { title: 'test accuracy (%)', y: 'accuracy %' }) }] : []),
-    { title: TITLES.fidelity, html: (fid.length ? await lineChart(fid, { title: 'paper mode: logit error; x = kappa 1, 10, 100, 1000, naive', x: 'mask (1=k1, 2=k10, 3=k100, 4=k1000, 5=naive)', y: 'max |logit error|', logY: true }) : '') + table(t.fidelity.head, t.fidelity.rows) },
+    ...lossCharts,
+    ...(acc.length ? [{ title: 'Accuracy per dataset and method', html: await renderSvg(groupedBarSpec(acc, { title: 'test accuracy (%) per base model, one bar per mode', y: 'accuracy %', bars: MODE_LABELS, max: 100, refs })) }] : []),
+    { title: TITLES.fidelity, html: (fid.length ? await renderSvg(ordinalPointSpec(fid, { title: `split vs plain logits, ${res.fidelity[0].model}`, x: 'mask condition number (kappa)', y: 'max |logit error|', order: ['1', '10', '100', '1000', 'naive'], logY: true })) : '') + table(t.fidelity.head, t.fidelity.rows) },
     { title: TITLES.share, html: table(t.share.head, t.share.rows) },
     { title: TITLES.overhead, html: table(t.overhead.head, t.overhead.rows) },
   ];

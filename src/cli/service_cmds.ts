@@ -2,7 +2,8 @@
 import { Command, Option } from 'commander';
 import { serveAccelerator } from '../roles/accelerator_service.js';
 import { EVIL_MODES } from '../accelerator/accelerator.js';
-import { parseIntArg } from './model_args.js';
+import { parseIntArg, addPublicBaseOptions, publicBaseOf } from './model_args.js';
+import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
 import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
 import { jobSpecOf, parseRunSpec } from '../train/run_spec.js';
 import nodePath from 'node:path';
@@ -11,7 +12,7 @@ import { serveEnclave } from '../roles/enclave_server.js';
 import {
   EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle, fetchAndMerge, uploadRecords, waitForJob,
 } from '../roles/parties.js';
-import { PolicyError } from '../errors.js';
+import { InputError, PolicyError } from '../errors.js';
 import { contractSha256, describeSignatures, draftContract, readContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
@@ -98,7 +99,7 @@ export function addPartyCommands(program: Command): void {
     .command('measure')
     .description('the measurement of this build of the enclave program (what clients put on their allow-list)')
     .action(() => console.log(enclaveMeasurement()));
-  enc
+  addRecordViewOptions(enc
     .command('serve')
     .description('run the enclave service (prints {"event":"listening","port":P} when ready)')
     .requiredOption('--platform <dir>', 'simulated platform root directory (from `enclave init-platform`)')
@@ -106,10 +107,14 @@ export function addPartyCommands(program: Command): void {
     .requiredOption('--accelerator <addr>', 'accelerator address host:port')
     .option('--host <host>', 'listen address', '127.0.0.1')
     .option('--port <n>', 'port (0 = ephemeral)', parseIntArg('--port'), 50552)
+    .option('--record-view-accelerator <dir>', 'with --record-view (tests and measurements): the accelerator bundle handed over, saved with the view of the next job'))
     .action(async (o) => {
       const root = loadSimRoot(o.platform);
       const platform = new SimSoftwarePlatform(root, enclaveMeasurement());
-      const s = await serveEnclave({ platform, stateDir: o.stateDir, accelerator: o.accelerator, host: o.host, port: o.port });
+      const rec = recorderOptionsOf(o);
+      if (rec && !o.recordViewAccelerator) throw new InputError('enclave serve --record-view needs --record-view-accelerator DIR (the accelerator bundle the view is scored against)');
+      const recordView = rec ? { file: o.recordView, accelerator: o.recordViewAccelerator, options: rec } : undefined;
+      const s = await serveEnclave({ platform, stateDir: o.stateDir, accelerator: o.accelerator, host: o.host, port: o.port, recordView });
       console.log(JSON.stringify({ event: 'listening', role: 'enclave', port: s.port, measurement: platform.measurement() }));
       console.error(`enclave on ${o.host}:${s.port} (SIMULATED TEE platform), accelerator ${o.accelerator}`);
       onShutdown(() => s.close());
@@ -172,15 +177,15 @@ export function addPartyCommands(program: Command): void {
     });
 
   const prov = program.command('provider').description('the model provider\'s client');
-  prov
+  addPublicBaseOptions(prov
     .command('obfuscate')
     .description('obfuscate the model into the two bundles and the secret key (nothing is sent)')
     .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint')
     .requiredOption('--out <dir>', 'where the provider keeps the bundles and its secret key')
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('sealed'))
-    .option('--kappa <k>', 'mask condition number', '1')
+    .option('--kappa <k>', 'mask condition number', '1'))
     .action((o) => {
-      writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec: parseMaskSpec(String(o.kappa)) }));
+      writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec: parseMaskSpec(String(o.kappa)), publicBase: publicBaseOf(o) }));
       console.log(`bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
     });
   const provKey = (o: { key?: string; bundles: string }) => o.key ?? nodePath.join(o.bundles, 'provider', 'party-key.json');

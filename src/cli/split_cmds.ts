@@ -5,18 +5,18 @@ import path from 'node:path';
 import { saveCheckpoint, loadCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../obfuscate/provider.js';
-import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair } from '../obfuscate/bundle.js';
+import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, type PublicBaseInfo } from '../obfuscate/bundle.js';
 import { runFidelity, formatFidelity } from '../experiments/fidelity.js';
 import { shareTable, formatShare } from '../obfuscate/share.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import { Enclave } from '../enclave/enclave.js';
 import { progressBar } from './progress.js';
-import { loadModel, parseIntArg, refuseNonEmpty } from './model_args.js';
+import { loadModel, parseIntArg, refuseNonEmpty, addPublicBaseOptions, publicBaseOf } from './model_args.js';
 import { BundleError } from '../errors.js';
 
 export function addSplitCommands(program: Command): void {
-  program
+  addPublicBaseOptions(program
     .command('obfuscate')
     .description('provider transform: write an accelerator bundle (obfuscated linears only), an enclave bundle and the provider\'s secret mask key')
     .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint directory')
@@ -27,21 +27,23 @@ export function addSplitCommands(program: Command): void {
     .option('--no-head-permutation', 'do not permute the heads')
     .option('--seed <n>', 'derive the mask key from a seed (reproducible, NOT secret; for tests)', parseIntArg('--seed'))
     .requiredOption('--out <dir>', 'output directory (accelerator/, enclave/, provider/)')
-    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)')
+    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)'))
     .action((o) => {
       refuseNonEmpty(o.out, o.force, 'obfuscate');
+      const pub = publicBaseOf(o);
       const w = loadCheckpoint(o.model);
       const spec = o.naive ? parseMaskSpec('naive') : parseMaskSpec(String(o.kappa));
       const bar = progressBar(2 * w.config.n_layer, 'obfuscate', '{phase}');
       let done = 0;
       const r = obfuscateWeights(w, {
-        mode: o.mode, spec, twoSided: o.twoSided, headPermutation: o.headPermutation, seed: o.seed,
+        mode: o.mode, spec, twoSided: o.twoSided, headPermutation: o.headPermutation, seed: o.seed, publicBase: pub,
         onLayer: (phase) => bar.update(++done, { phase }),
       });
       bar.stop();
       const { acceleratorSha256 } = writeObfuscation(o.out, r);
       console.log(`wrote ${path.join(o.out, 'accelerator')} (give to the cloud), ${path.join(o.out, 'enclave')} (encrypt to the attested enclave), ${path.join(o.out, 'provider')} (keep secret)`);
       console.log(`mode ${o.mode}, masks ${o.naive ? 'naive' : `kappa ${o.kappa}`}, accelerator manifest sha256 ${acceleratorSha256}`);
+      if (pub && r.enclave.publicBase) console.log(describeDelta(pub.dir, r.enclave.publicBase));
     });
 
   program
@@ -52,13 +54,15 @@ export function addSplitCommands(program: Command): void {
     .option('--accelerator <dir>', 'accelerator bundle (default: BUNDLES/accelerator)')
     .option('--enclave <dir>', 'enclave bundle (default: BUNDLES/enclave)')
     .option('--key <dir>', 'provider key (default: BUNDLES/provider)')
+    .option('--public-base <dir>', 'check the public base the bundles pin (optional: the merge needs only the bundles)')
     .requiredOption('--out <dir>', 'output checkpoint directory')
     .option('--force', 'write into a non-empty --out')
     .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32'))
     .action((o) => {
       refuseNonEmpty(o.out, o.force, 'deobfuscate');
       const base = loadCheckpoint(o.base);
-      const w = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'));
+      const pub = o.publicBase ? { weights: loadCheckpoint(o.publicBase), dir: o.publicBase } : undefined;
+      const w = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'), pub);
       saveCheckpoint(o.out, w, { dtype: o.dtype });
       console.log(`wrote plain checkpoint ${o.out}`);
     });
@@ -105,3 +109,9 @@ export function loadSplit(encDir: string, accDir: string): Enclave {
   return new Enclave(enc, new InProcessLink(new Accelerator(acc.weights)));
 }
 
+
+/** One line on a public-base obfuscation: the pin, the ranks kept and the delta energy left out. */
+export function describeDelta(dir: string, p: PublicBaseInfo): string {
+  const ranks = p.ranks.flatMap((r) => Object.values(r));
+  return `public base ${dir} (sha256 ${p.sha256.slice(0, 16)}...): the enclave keeps the delta at ${p.choice}, ranks ${Math.min(...ranks)}-${Math.max(...ranks)} (mean ${(ranks.reduce((a, x) => a + x, 0) / ranks.length).toFixed(1)}), ${(100 * p.residualEnergy).toFixed(2)}% of its energy left out`;
+}

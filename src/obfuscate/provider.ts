@@ -44,6 +44,9 @@ export interface ObfuscationResult {
   delta: DeltaReport | null;
 }
 
+/** The share of each linear's delta energy a public-base obfuscation keeps unless told otherwise. */
+export const DEFAULT_DELTA_ENERGY = 0.9;
+
 /** The SHA-256 that pins a public base: its configuration and its weights as float32. */
 export function publicBaseSha256(w: GPT2Weights): string {
   const c = w.config;

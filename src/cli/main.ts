@@ -373,6 +373,7 @@ export function buildProgram(): Command {
     .option('--provider-corpus <file>', 'what the provider fine-tunes the public model on', 'data/austen/train.jsonl')
     .option('--provider-steps <n>', 'steps of the provider\'s fine-tuning', parseIntArg('--provider-steps'))
     .option('--provider-lr <x>', 'learning rate of the provider\'s fine-tuning (AdamW)', parseFloatArg('--provider-lr'), 3e-4)
+    .option('--provider-model <dir>', 'the provider\'s model made before with the same settings (skips its fine-tuning)')
     .option('--owner-data <file>', 'the data owner\'s private records', 'data/food-reviews/test.jsonl')
     .option('--public-corpus <file>', 'the attacker\'s public corpus of the owner\'s domain', 'data/food-reviews/train.jsonl')
     .option('--modes <list>', 'mode:kappa pairs; mode:kappa:public-base keeps the provider\'s delta in the enclave (Defence 2)', 'sealed:1,paper:1,paper:10,sealed:1:public-base,paper:1:public-base')
@@ -392,7 +393,7 @@ export function buildProgram(): Command {
         return { mode: mode as 'sealed' | 'paper', kappa, publicBase: defence === 'public-base' };
       });
       const res = await runSecurityExperiment({
-        publicModel: o.public, providerCorpus: o.providerCorpus, providerSteps: o.providerSteps ?? (o.quick ? 20 : 60), providerLr: o.providerLr,
+        publicModel: o.public, providerCorpus: o.providerCorpus, providerSteps: o.providerSteps ?? (o.quick ? 20 : 60), providerLr: o.providerLr, providerModel: o.providerModel,
         ownerData: o.ownerData, publicCorpus: o.publicCorpus, modes, deltaChoice: o.deltaEnergy !== undefined ? { energy: o.deltaEnergy } : undefined,
         steps: o.steps ?? (o.quick ? 12 : 100), batch: o.batch, maxLen: o.maxLen, decodeBatches: o.decodeBatches ?? (o.quick ? 4 : 20),
         attacks: o.attacks ? String(o.attacks).split(',').map((s: string) => s.trim()) as never : undefined,

@@ -49,6 +49,8 @@ export interface SecurityOptions {
   providerCorpus: string;
   providerSteps: number;
   providerLr?: number;
+  /** a provider model made before (as makeProviderModel does): skips the provider's fine-tuning */
+  providerModel?: string;
   /** the owner's private labelled records (JSONL with "text" and "label"): classification fine-tuning */
   ownerData: string;
   /** the attacker's public corpus of the owner's domain */
@@ -113,7 +115,7 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
   const lr = o.providerLr ?? 3e-4;
   const seed = o.seed ?? 1;
   log(`provider model: ${o.publicModel} fine-tuned ${o.providerSteps} steps on ${o.providerCorpus}`);
-  const provDir = await makeProviderModel(o.publicModel, o.providerCorpus, o.providerSteps, lr, path.join(dir, 'provider-model'), seed);
+  const provDir = o.providerModel ?? await makeProviderModel(o.publicModel, o.providerCorpus, o.providerSteps, lr, path.join(dir, 'provider-model'), seed);
   const prov = loadCheckpoint(provDir);
   const pub = loadCheckpoint(o.publicModel);
   const tok = tokenizerFor(prov.config.vocab_size);

@@ -37,8 +37,8 @@ let provDir: string;
 const views: Record<string, { view: LoadedView; truth: ViewTruth; file: string }> = {};
 
 /** The owner's records as [B, T] batches (padded with end-of-text), through the enclave, with the view recorded. */
-async function recordInference(mode: 'sealed' | 'paper', kappa: number, batches: number, B: number, T: number) {
-  const r = obfuscateWeights(prov, { mode, spec: { kind: 'kappa', kappa }, seed: 11 });
+async function recordInference(mode: 'sealed' | 'paper', kappa: number, batches: number, B: number, T: number, publicBase = false) {
+  const r = obfuscateWeights(prov, { mode, spec: { kind: 'kappa', kappa }, seed: 11, publicBase: publicBase ? { weights: pub, choice: { energy: 0.9 } } : undefined });
   const { enclave } = inProcessSplit(r);
   // layer 0's qkv inputs and every layer's MLP hidden: what the attacks read
   const rec = recordEnclave(enclave, r.accelerator, {
@@ -53,7 +53,7 @@ async function recordInference(mode: 'sealed' | 'paper', kappa: number, batches:
     for (let s = 0; s < B; s++) tokens.set(tok.encode(recs[i++].text!).slice(0, T), s * T);
     await enclave.forward(tokens, B, T);
   }
-  const file = path.join(dir, `${mode}-k${kappa}.view.safetensors`);
+  const file = path.join(dir, `${mode}-k${kappa}${publicBase ? '-pb' : ''}.view.safetensors`);
   rec.save(file);
   const view = loadView(file);
   return { view, truth: loadTruth(`${file}.truth.json`, view), file };
@@ -66,6 +66,7 @@ before(async () => {
   prov = loadCheckpoint(provDir);
   views.sealed = await recordInference('sealed', 1, 12, 8, 32);
   views.paper = await recordInference('paper', 1, 3, 8, 32);
+  views.sealedPb = await recordInference('sealed', 1, 2, 8, 32, true);
 });
 
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -110,6 +111,17 @@ test('public base, sealed mode: weight alignment recovers Q, the permutations an
   assert.ok(dec.value > 0.95, `decoded ${dec.value} of the tokens`);
   assert.ok(dec.baseline < 0.2);
   assert.equal(dec.observed_batches, 3);
+});
+
+test('Defence 2 (public base kept in the enclave): weight alignment recovers the public base and at most 10% of the delta; the tokens still decode', () => {
+  const { view, truth } = views.sealedPb;
+  const w = weightAlignmentAttack(view, pub, truth, prov);
+  const d = w.details!;
+  assert.equal(w.defence, 'public-base');
+  assert.ok(w.value <= 0.1 && (d.delta_cosine as number) <= 0.3, `delta energy recovered ${w.value}, cosine ${d.delta_cosine}`);
+  assert.ok((d.mlp_permutation_accuracy as number) > 0.95, 'the masks themselves still come out (the accelerator holds the masked public base)');
+  const dec = decodePublicBaseAttack(view, pub, truth, { corpus: CORPUS, maxBatches: 1 });
+  assert.ok(dec.value > 0.9, `data protection rests on token mixing: ${dec.value} of the tokens decode`);
 });
 
 test('public base, paper mode: R1 comes out of W*v W*o and the first-layer rows decode', () => {

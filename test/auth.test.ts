@@ -7,7 +7,7 @@ import path from 'node:path';
 import net from 'node:net';
 import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
-import { inProcessWorld, setup, records, spec, FIX } from './world.js';
+import { inProcessWorld, setup, records, spec, FIX, derivedFromFixture } from './world.js';
 import {
   EnclaveClient, enclaveMeasurement, exportAcceleratorWeights, fetchAndMerge, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle,
   uploadRecords, waitForJob, type PartyKey,
@@ -20,13 +20,16 @@ import { GrpcAcceleratorLink } from '../src/rpc/accelerator_client.js';
 import { startAcceleratorServer } from '../src/rpc/accelerator_server.js';
 import { encodeMessageParts } from '../src/protocol/messages.js';
 import { frameHeader, AUTH_HELLO } from '../src/rpc/tensor_channel.js';
-import { obfuscateWeights, writeObfuscation } from '../src/obfuscate/provider.js';
+import { obfuscateWeights, writeObfuscation, publicBaseSha256, factoredModel } from '../src/obfuscate/provider.js';
 import { loadCheckpoint } from '../src/model/checkpoint.js';
 import { loadSimRoot, SimSoftwarePlatform } from '../src/tee/sim.js';
 import { BundleError, PolicyError, StateError } from '../src/errors.js';
 import { ENCLAVE_SERVICE, EnclaveServiceClient, unary, clientOptions } from '../src/roles/protocol.js';
 import * as grpc from '@grpc/grpc-js';
 import { fromBase64 } from '../src/tee/platform.js';
+import { loadView, loadTruth } from '../src/protocol/view.js';
+import { maxAbsDiff } from './helpers.js';
+import { loadAcceleratorBundle } from '../src/obfuscate/bundle.js';
 
 /** An attacker: a key of its own, requests signed with it but naming `victim` as sender. */
 async function spoofed(c: EnclaveClient, attacker: PartyKey, victim: string, op: string, args: Record<string, unknown> = {}): Promise<SealedCommand> {
@@ -552,5 +555,51 @@ test('a lying grad_sq_norm is caught: the enclave computes the exact norm from w
     assert.equal(checkedGradSq(3, null, 1), 3);
   } finally {
     rmSync(s.dir, { recursive: true, force: true });
+  }
+});
+
+test('enclave service --record-view: the view of a job (both directions, the bundle handed over, the labels) is saved when it is done', async () => {
+  const rv = { file: '', accelerator: '' };
+  const w = await inProcessWorld({ enclave: { recordView: rv } });
+  try {
+    rv.file = path.join(w.dir, 'job.view.safetensors');
+    rv.accelerator = path.join(w.dir, 'bundles', 'accelerator');
+    await w.owner.command('start_finetune', { spec: spec({ method: 'lora', steps: 2, checkpoint_every: 0, enclave_optimizer: 'adamw', lr: 0.01 }) });
+    const st = await waitForJob(w.owner) as { job: { state: string } };
+    assert.equal(st.job.state, 'done', JSON.stringify(st.job));
+    const view = loadView(rv.file);
+    const truth = loadTruth(`${rv.file}.truth.json`, view);
+    assert.equal(view.header.kind, 'finetune');
+    assert.equal(view.header.mode, 'sealed');
+    const dirs = new Set(view.events.map((e) => `${e.direction}/${e.op}`));
+    for (const k of ['to_accelerator/linear_forward', 'to_enclave/linear_forward', 'to_accelerator/linear_backward', 'to_enclave/linear_backward']) assert.ok(dirs.has(k), k);
+    assert.ok(truth.batches.length >= 2 && truth.batches.every((b) => b.labels?.length === 8), 'every training batch and its labels are in the scoring key');
+    const acc = loadAcceleratorBundle(rv.accelerator).weights;
+    assert.deepEqual(view.bundle().layers[0].qkv.w, acc.layers[0].qkv.w, 'the bundle as handed over');
+  } finally {
+    await w.stop();
+  }
+});
+
+test('a public-base deployment: the job runs with its integrity checks, the owner infers, the provider\'s merge is the factored model plus the adapters', async () => {
+  const w = await inProcessWorld({ publicBase: true });
+  try {
+    assert.equal(loadAcceleratorBundle(path.join(w.dir, 'bundles', 'accelerator')).manifest.public_base_sha256, publicBaseSha256(loadCheckpoint(path.join(FIX, 'vocab50257'))));
+    await w.owner.command('start_finetune', { spec: spec({ method: 'lora', steps: 3, checkpoint_every: 0, enclave_optimizer: 'adamw', lr: 0.01 }) });
+    const st = await waitForJob(w.owner) as { job: { state: string } };
+    assert.equal(st.job.state, 'done', JSON.stringify(st.job));
+    const inf = await w.owner.command<{ predictions: string[] }>('infer', { texts: ['this was good really good'] });
+    assert.equal(inf.predictions.length, 1);
+    const model = derivedFromFixture();
+    const { merged } = await fetchAndMerge(w.provider, w.accAddr, model, path.join(w.dir, 'bundles'), path.join(w.dir, 'scratch'));
+    const fm = factoredModel(model, { weights: loadCheckpoint(path.join(FIX, 'vocab50257')), choice: { rank: 1 } }, 'sealed');
+    const lay = merged.layout;
+    // LoRA on q, v: the other linears are the factored model's; the provider's delta is in them, not the public base
+    for (const k of ['attprojw', 'fcw', 'fcprojw'] as const) {
+      const got = lay.view(merged.params, k), want = lay.view(fm.params, k), base = lay.view(loadCheckpoint(path.join(FIX, 'vocab50257')).params, k);
+      assert.ok(maxAbsDiff(got, want) < 1e-5 && maxAbsDiff(want, base) > 1e-2, `${k}: merged is the factored model (${maxAbsDiff(got, want)}), not the public base (${maxAbsDiff(want, base)})`);
+    }
+  } finally {
+    await w.stop();
   }
 });

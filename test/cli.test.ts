@@ -233,3 +233,31 @@ test('Llama family on the plain commands: init, train (its own tokenizer.json, k
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('obfuscate --public-base: the split generates as the derived model does (exact rank), deobfuscate checks the pin, bad flags are refused', async () => {
+  const { derivedFromFixture } = await import('./world.js');
+  const { saveCheckpoint } = await import('../src/model/checkpoint.js');
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-cli-'));
+  try {
+    const base = path.join(ROOT, 'test/fixtures/vocab50257'), model = path.join(dir, 'derived');
+    saveCheckpoint(model, derivedFromFixture());
+    const o = run(['obfuscate', '--model', model, '--public-base', base, '--delta-rank', '1', '--seed', '4', '--out', path.join(dir, 'b')]);
+    assert.equal(o.status, 0, o.stderr);
+    assert.match(o.stdout, /public base .* keeps the delta at rank 1, ranks 1-1/);
+    const split = run(['generate', '--enclave', path.join(dir, 'b', 'enclave'), '--accelerator', path.join(dir, 'b', 'accelerator'), '--prompt', 'Hello there', '--max-tokens', '6', '--json']);
+    const plain = run(['generate', '--model', model, '--prompt', 'Hello there', '--max-tokens', '6', '--json']);
+    assert.equal(split.status, 0, split.stderr);
+    assert.deepEqual(JSON.parse(split.stdout).tokens, JSON.parse(plain.stdout).tokens);
+    const wrong = run(['deobfuscate', '--base', model, '--bundles', path.join(dir, 'b'), '--public-base', model, '--out', path.join(dir, 'p1')]);
+    assert.equal(wrong.status, 3);
+    assert.match(wrong.stderr, /the bundles pin/);
+    assert.equal(run(['deobfuscate', '--base', model, '--bundles', path.join(dir, 'b'), '--public-base', base, '--out', path.join(dir, 'p2')]).status, 0);
+    const lone = run(['obfuscate', '--model', model, '--delta-rank', '2', '--out', path.join(dir, 'c')]);
+    assert.equal(lone.status, 2);
+    assert.match(lone.stderr, /need --public-base/);
+    const both = run(['obfuscate', '--model', model, '--public-base', base, '--delta-rank', '2', '--delta-energy', '0.9', '--out', path.join(dir, 'd')]);
+    assert.match(both.stderr, /not both/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -14,6 +14,7 @@ import { serveAccelerator, type AcceleratorServeOptions } from '../src/roles/acc
 import { serveEnclave, } from '../src/roles/enclave_server.js';
 import type { EnclaveServeOptions, EnclaveService } from '../src/roles/enclave_service.js';
 import type { Record_ } from '../src/io/jsonl.js';
+import type { GPT2Weights } from '../src/model/weights.js';
 import { Rng } from '../src/tensor/rng.js';
 import type { JobSpecInput } from '../src/train/run_spec.js';
 
@@ -45,12 +46,27 @@ export interface Setup {
   trust: { rootPublicKey: string; allowList: string[]; contract: Contract };
 }
 
-export async function setup(o: { contract?: Partial<DraftOptions>; seed?: number } = {}): Promise<Setup> {
+/** The fixture with a rank-1 update of every block linear: a model derived from the fixture as its public base. */
+export function derivedFromFixture(): GPT2Weights {
+  const base = loadCheckpoint(path.join(FIX, 'vocab50257'));
+  const p = Float32Array.from(base.params), rng = new Rng(77), d = base.config.n_embd;
+  for (const [k, din, dout] of [['qkvw', d, 3 * d], ['attprojw', d, d], ['fcw', d, 4 * d], ['fcprojw', 4 * d, d]] as const) {
+    const W = base.layout.view(p, k), u = Array.from({ length: din }, () => rng.normal()), v = Array.from({ length: dout }, () => 0.1 * rng.normal());
+    for (let i = 0; i < din; i++) for (let j = 0; j < dout; j++) W[i * dout + j] += u[i] * v[j];
+  }
+  return { ...base, params: p };
+}
+
+export async function setup(o: { contract?: Partial<DraftOptions>; seed?: number; publicBase?: boolean } = {}): Promise<Setup> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-world-'));
   createSimRoot(path.join(dir, 'platform'));
   const providerKey = await loadOrCreatePartyKey(path.join(dir, 'provider.json'));
   const ownerKey = await loadOrCreatePartyKey(path.join(dir, 'owner.json'));
-  writeObfuscation(path.join(dir, 'bundles'), obfuscateWeights(loadCheckpoint(path.join(FIX, 'vocab50257')), { mode: 'sealed', seed: o.seed ?? 5 }));
+  const fixture = loadCheckpoint(path.join(FIX, 'vocab50257'));
+  // with publicBase: the provider's model derives from the fixture, which the accelerator gets (the delta stays in the enclave)
+  writeObfuscation(path.join(dir, 'bundles'), o.publicBase
+    ? obfuscateWeights(derivedFromFixture(), { mode: 'sealed', seed: o.seed ?? 5, publicBase: { weights: fixture, choice: { rank: 1 } } })
+    : obfuscateWeights(fixture, { mode: 'sealed', seed: o.seed ?? 5 }));
   let contract = draftContract({
     provider: partyId(providerKey), owner: partyId(ownerKey),
     acceleratorDir: path.join(dir, 'bundles', 'accelerator'), enclaveDir: path.join(dir, 'bundles', 'enclave'),
@@ -80,9 +96,9 @@ export interface InProcessWorld extends Setup {
  * bundles and the owner's 48 training and 16 evaluation records uploaded.
  */
 export async function inProcessWorld(o: {
-  contract?: Partial<DraftOptions>; deploy?: boolean; enclave?: Partial<EnclaveServeOptions>; accelerator?: Partial<AcceleratorServeOptions>;
+  contract?: Partial<DraftOptions>; deploy?: boolean; enclave?: Partial<EnclaveServeOptions>; accelerator?: Partial<AcceleratorServeOptions>; publicBase?: boolean;
 } = {}): Promise<InProcessWorld> {
-  const s = await setup({ contract: o.contract });
+  const s = await setup({ contract: o.contract, publicBase: o.publicBase });
   const acc = await serveAccelerator({ stateDir: path.join(s.dir, 'acc'), port: 0, contract: s.contract, trust: { rootPublicKey: s.rootPublicKey, allowList: [enclaveMeasurement()] }, ...o.accelerator });
   const accAddr = `127.0.0.1:${acc.server.port}`;
   const platform = new SimSoftwarePlatform(loadSimRoot(path.join(s.dir, 'platform')), enclaveMeasurement());

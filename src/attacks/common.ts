@@ -28,7 +28,8 @@ export interface AttackResult {
 
 export function resultBase(view: LoadedView, attack: string, setting: Setting): Pick<AttackResult, 'attack' | 'mode' | 'kappa' | 'defence' | 'setting'> {
   const h = view.header;
-  return { attack, mode: h.mode, kappa: h.spec, defence: h.token_mixing === 'off' ? 'none' : 'token-mixing', setting };
+  const mixing = h.token_mixing !== 'off', pub = typeof h.public_base === 'string';
+  return { attack, mode: h.mode, kappa: h.spec, defence: mixing ? (pub ? 'both' : 'token-mixing') : pub ? 'public-base' : 'none', setting };
 }
 
 /** One batch as the accelerator saw it: the input of layer 0's qkv linear. */

@@ -6,6 +6,7 @@
 import path from 'node:path';
 import type { Session } from '../train/session.js';
 import type { Enclave } from '../enclave/enclave.js';
+import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { AcceleratorLink, Observer } from '../protocol/link.js';
 import { ViewRecorder, tapBatches, type RecorderOptions, type ViewHeader } from '../protocol/view.js';
@@ -46,7 +47,7 @@ export function recordSession(s: Session, o: RecorderOptions & { padTokenId: num
   return {
     recorder: rec,
     save: (file) => rec.save(path.resolve(file), {
-      kind: 'finetune', mode: s.model.mode, spec: o.spec, two_sided: o.twoSided, token_mixing: 'off', config: obf.enclave.config, model_id: s.modelId,
+      kind: 'finetune', mode: s.model.mode, spec: o.spec, two_sided: o.twoSided, token_mixing: 'off', public_base: obf.enclave.publicBase?.sha256 ?? null, config: obf.enclave.config, model_id: s.modelId,
     }, acc, {
       pad_token_id: o.padTokenId, model: o.modelPath ? path.resolve(o.modelPath) : null,
       pi: perLayer(obf.enclave.tensors.pi, L), head_perm: perLayer(obf.enclave.tensors.headPerm, L),
@@ -57,19 +58,27 @@ export function recordSession(s: Session, o: RecorderOptions & { padTokenId: num
 
 /** Records an enclave's inference crossings. `modelId` names the model (a fingerprint, or the accelerator manifest's hash). */
 export function recordEnclave(enc: Enclave, acc: AcceleratorWeights, o: RecorderOptions & { modelId: string; modelPath: string | null; padTokenId: number | null }): Recording {
+  return recordBundleRun(enc, enc.link, enc.bundle, acc, 'inference', o);
+}
+
+/**
+ * Records what crosses `link` while `model` (an Enclave, or a SplitModel built from `bundle`:
+ * the enclave service's job) runs; `acc` is the accelerator's bundle as handed over.
+ */
+export function recordBundleRun(model: object, link: AcceleratorLink, b: EnclaveBundle, acc: AcceleratorWeights, kind: ViewHeader['kind'],
+  o: RecorderOptions & { modelId: string; modelPath: string | null; padTokenId: number | null; labels?: string[] }): Recording {
   const rec = new ViewRecorder(o);
-  observersOf(enc.link).push(rec.observer);
-  tapBatches(enc as unknown as Parameters<typeof tapBatches>[0], rec);
+  observersOf(link).push(rec.observer);
+  tapBatches(model as Parameters<typeof tapBatches>[0], rec, { labels: o.labels !== undefined });
   const snap = snapshotWeights(acc);
-  const b = enc.bundle;
   const L = b.config.n_layer;
   return {
     recorder: rec,
     save: (file) => rec.save(path.resolve(file), {
-      kind: 'inference', mode: b.mode, spec: b.spec, two_sided: b.twoSided, token_mixing: 'off', config: b.config, model_id: o.modelId,
+      kind, mode: b.mode, spec: b.spec, two_sided: b.twoSided, token_mixing: 'off', public_base: b.publicBase?.sha256 ?? null, config: b.config, model_id: o.modelId,
     }, snap, {
       pad_token_id: o.padTokenId, model: o.modelPath ? path.resolve(o.modelPath) : null,
-      pi: perLayer(b.tensors.pi, L), head_perm: perLayer(b.tensors.headPerm, L),
+      pi: perLayer(b.tensors.pi, L), head_perm: perLayer(b.tensors.headPerm, L), ...(o.labels ? { labels: o.labels } : {}),
     }),
   };
 }

@@ -424,9 +424,11 @@ export function buildProgram(): Command {
     .option('--provider-corpus <file>', 'what the provider fine-tunes the public model on', 'data/austen/train.jsonl')
     .option('--provider-steps <n>', 'steps of the provider\'s fine-tuning', parseIntArg('--provider-steps'))
     .option('--provider-lr <x>', 'learning rate of the provider\'s fine-tuning (AdamW)', parseFloatArg('--provider-lr'), 3e-4)
+    .option('--provider-model <dir>', 'the provider\'s model made before with the same settings (skips its fine-tuning)')
     .option('--owner-data <file>', 'the data owner\'s private records', 'data/food-reviews/test.jsonl')
     .option('--public-corpus <file>', 'the attacker\'s public corpus of the owner\'s domain', 'data/food-reviews/train.jsonl')
-    .option('--modes <list>', 'mode:kappa pairs', 'sealed:1,paper:1,paper:10')
+    .option('--modes <list>', 'mode:kappa pairs; mode:kappa:public-base keeps the provider\'s delta in the enclave (Defence 2)', 'sealed:1,paper:1,paper:10,sealed:1:public-base,paper:1:public-base')
+    .option('--delta-energy <e>', 'under public-base: the delta energy kept (default 0.9)', parseFloatArg('--delta-energy'))
     .option('--steps <n>', 'owner fine-tuning steps (= observed batches)', parseIntArg('--steps'))
     .option('--batch <n>', 'owner batch size', parseIntArg('--batch'), 8)
     .option('--max-len <n>', 'tokens per owner record', parseIntArg('--max-len'), 64)
@@ -437,13 +439,13 @@ export function buildProgram(): Command {
     .action(async (o) => {
       const { runSecurityExperiment, securityTable } = await import('../experiments/security.js');
       const modes = String(o.modes).split(',').map((x: string) => {
-        const [mode, kappa = '1'] = x.trim().split(':');
-        if (mode !== 'sealed' && mode !== 'paper') throw new InputError(`--modes: "${x}" is not sealed:KAPPA or paper:KAPPA`);
-        return { mode: mode as 'sealed' | 'paper', kappa };
+        const [mode, kappa = '1', defence] = x.trim().split(':');
+        if ((mode !== 'sealed' && mode !== 'paper') || (defence !== undefined && defence !== 'public-base')) throw new InputError(`--modes: "${x}" is not MODE:KAPPA or MODE:KAPPA:public-base (MODE sealed or paper)`);
+        return { mode: mode as 'sealed' | 'paper', kappa, publicBase: defence === 'public-base' };
       });
       const res = await runSecurityExperiment({
-        publicModel: o.public, providerCorpus: o.providerCorpus, providerSteps: o.providerSteps ?? (o.quick ? 20 : 60), providerLr: o.providerLr,
-        ownerData: o.ownerData, publicCorpus: o.publicCorpus, modes,
+        publicModel: o.public, providerCorpus: o.providerCorpus, providerSteps: o.providerSteps ?? (o.quick ? 20 : 60), providerLr: o.providerLr, providerModel: o.providerModel,
+        ownerData: o.ownerData, publicCorpus: o.publicCorpus, modes, deltaChoice: o.deltaEnergy !== undefined ? { energy: o.deltaEnergy } : undefined,
         steps: o.steps ?? (o.quick ? 12 : 100), batch: o.batch, maxLen: o.maxLen, decodeBatches: o.decodeBatches ?? (o.quick ? 4 : 20),
         attacks: o.attacks ? String(o.attacks).split(',').map((s: string) => s.trim()) as never : undefined,
         out: o.out, log: (s) => console.error(s),
@@ -451,6 +453,41 @@ export function buildProgram(): Command {
       const t = securityTable(res);
       const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
       emit(res, [...[t.head, ...t.rows].map((r) => r.slice(0, -1).map((c, i) => c.padEnd(w[i])).join('  ')), `\nwrote ${o.out}/security.json and ${o.out}/security.html`]);
+    });
+
+  exp
+    .command('public-base')
+    .description('the accuracy cost of keeping the provider\'s delta over a public base in the enclave: per rank or energy, the truncated delta\'s relative error and the factored model\'s loss and top-1 accuracy on held-out text (docs/security.md)')
+    .option('--public <dir>', 'the public checkpoint', 'models/base-small')
+    .option('--model <dir>', 'the provider\'s model derived from it (default: the public one fine-tuned on --provider-corpus, as experiment security does)')
+    .option('--provider-corpus <file>', 'what the provider fine-tunes the public model on', 'data/austen/train.jsonl')
+    .option('--provider-steps <n>', 'steps of the provider\'s fine-tuning', parseIntArg('--provider-steps'), 60)
+    .option('--eval <file>', 'held-out text (JSONL)', 'data/austen/validation.jsonl')
+    .option('--ranks <list>', 'ranks to keep (comma-separated)', '1,4,16,64')
+    .option('--energies <list>', 'energy shares to keep (comma-separated)', '0.5,0.9,0.99,1')
+    .addOption(new Option('--mode <mode>', 'the mode whose factorisation is measured').choices(['sealed', 'paper']).default('sealed'))
+    .option('--seq <n>', 'tokens per window', parseIntArg('--seq'), 64)
+    .option('--batch <n>', 'windows per batch', parseIntArg('--batch'), 4)
+    .option('--max-batches <n>', 'batches evaluated', parseIntArg('--max-batches'), 8)
+    .option('--out <dir>', 'where the derived model goes (without --model)', 'report')
+    .option('--json', 'print JSON')
+    .action(async (o) => {
+      const { runPublicBaseCost, publicBaseCostTable } = await import('../experiments/public_base.js');
+      const { makeProviderModel } = await import('../experiments/security.js');
+      const list = (s: string, what: string) => String(s).split(',').filter((x) => x.trim()).map((x) => {
+        const v = Number(x);
+        if (!Number.isFinite(v)) throw new InputError(`${what}: "${x}" is not a number`);
+        return v;
+      });
+      const choices = [...list(o.ranks, '--ranks').map((rank) => ({ rank })), ...list(o.energies, '--energies').map((energy) => ({ energy }))];
+      const model = o.model ?? await makeProviderModel(o.public, o.providerCorpus, o.providerSteps, 3e-4, path.join(o.out, 'public-base', 'provider-model'));
+      const r = await runPublicBaseCost({ publicModel: o.public, providerModel: model, evalFile: o.eval, choices, mode: o.mode, seq: o.seq, batch: o.batch, maxBatches: o.maxBatches, log: (s) => console.error(s) });
+      const t = publicBaseCostTable(r);
+      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((x) => x[i].length)));
+      emit(r, [
+        `provider model: loss ${r.provider.loss.toFixed(4)}, top-1 ${(100 * r.provider.accuracy).toFixed(2)}% on ${r.tokens} tokens; the delta is ${(100 * r.public_base.delta_relative_size).toFixed(1)}% of the block weights' norm`,
+        ...[t.head, ...t.rows].map((x) => x.map((c, i) => c.padEnd(w[i])).join('  ')),
+      ]);
     });
 
   withJson(program

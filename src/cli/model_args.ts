@@ -8,7 +8,10 @@ import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { checkpointModelType, isLlamaArch, loadLlamaCheckpoint, saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
 import { hasCheckpointTokenizer, loadCheckpointTokenizer } from '../model/hf_tokenizer.js';
 import { tokenizerFor, type Tokenizer } from '../model/tokenizer.js';
-import { InvalidArgumentError } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
+import type { GPT2Weights } from '../model/weights.js';
+import type { RankChoice } from '../linalg/svd.js';
+import { DEFAULT_DELTA_ENERGY } from '../obfuscate/provider.js';
 import { InputError } from '../errors.js';
 
 /** A plain model of either family with the tokenizer that goes with it. */
@@ -82,4 +85,26 @@ export function refuseNonEmpty(dir: string, force: boolean | undefined, command:
   if (entries.length > 0) {
     throw new InputError(`${command}: --out ${dir} is not empty (${entries.slice(0, 4).join(', ')}${entries.length > 4 ? ', ...' : ''}); give an empty or new directory, or --force to write over it`);
   }
+}
+
+/** `--public-base DIR` with `--delta-rank R` or `--delta-energy E` (obfuscate, provider obfuscate). */
+export function addPublicBaseOptions(cmd: Command): Command {
+  return cmd
+    .option('--public-base <dir>', 'the public checkpoint the model derives from: the accelerator gets it (masked, pinned by hash), the enclave the model\'s delta over it in low-rank form')
+    .option('--delta-rank <r>', 'with --public-base: keep this rank of each linear\'s delta', parseIntArg('--delta-rank'))
+    .option('--delta-energy <e>', `with --public-base: keep the smallest rank holding this share of each delta's squared norm (default ${DEFAULT_DELTA_ENERGY})`, parseFloatArg('--delta-energy'));
+}
+
+/** The public base of `addPublicBaseOptions`' flags, loaded; undefined without --public-base. */
+export function publicBaseOf(o: { publicBase?: string; deltaRank?: number; deltaEnergy?: number }): { weights: GPT2Weights; choice: RankChoice; dir: string } | undefined {
+  if (!o.publicBase) {
+    if (o.deltaRank !== undefined || o.deltaEnergy !== undefined) throw new InputError('--delta-rank and --delta-energy need --public-base DIR');
+    return undefined;
+  }
+  if (o.deltaRank !== undefined && o.deltaEnergy !== undefined) throw new InputError('give --delta-rank or --delta-energy, not both');
+  if (o.deltaRank !== undefined && o.deltaRank < 0) throw new InputError(`--delta-rank must be >= 0, got ${o.deltaRank}`);
+  if (o.deltaEnergy !== undefined && !(o.deltaEnergy > 0 && o.deltaEnergy <= 1)) throw new InputError(`--delta-energy must be in (0, 1], got ${o.deltaEnergy}`);
+  if (!existsSync(o.publicBase)) throw new InputError(`--public-base ${o.publicBase} not found`);
+  const choice: RankChoice = o.deltaRank !== undefined ? { rank: o.deltaRank } : { energy: o.deltaEnergy ?? DEFAULT_DELTA_ENERGY };
+  return { weights: loadCheckpoint(o.publicBase), choice, dir: o.publicBase };
 }

@@ -2,7 +2,8 @@
 import { Command, Option } from 'commander';
 import { serveAccelerator } from '../roles/accelerator_service.js';
 import { EVIL_MODES } from '../accelerator/accelerator.js';
-import { parseIntArg, refuseNonEmpty } from './model_args.js';
+import { parseIntArg, refuseNonEmpty, addPublicBaseOptions, publicBaseOf } from './model_args.js';
+import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
 import { addRunSpecOptions, recipeAndFlags, runSpecInputOf } from './run_spec_args.js';
 import { BUNDLE_FIELDS, jobSpecOf, parseRunSpec } from '../train/run_spec.js';
 import { emit, withJson } from './output.js';
@@ -104,7 +105,7 @@ export function addPartyCommands(program: Command): void {
     .command('measure')
     .description('the measurement of this build of the enclave program (what clients put on their allow-list)'))
     .action(() => emit({ measurement: enclaveMeasurement() }, enclaveMeasurement()));
-  enc
+  addRecordViewOptions(enc
     .command('serve')
     .description('run the enclave service (prints {"event":"listening","port":P} when ready)')
     .requiredOption('--platform <dir>', 'simulated platform root directory (from `enclave init-platform`)')
@@ -112,10 +113,14 @@ export function addPartyCommands(program: Command): void {
     .requiredOption('--accelerator <addr>', 'accelerator address host:port')
     .option('--host <host>', 'listen address', '127.0.0.1')
     .option('--port <n>', 'port (0 = ephemeral)', parseIntArg('--port'), 50552)
+    .option('--record-view-accelerator <dir>', 'with --record-view (tests and measurements): the accelerator bundle handed over, saved with the view of the next job'))
     .action(async (o) => {
       const root = loadSimRoot(o.platform);
       const platform = new SimSoftwarePlatform(root, enclaveMeasurement());
-      const s = await serveEnclave({ platform, stateDir: o.stateDir, accelerator: o.accelerator, host: o.host, port: o.port });
+      const rec = recorderOptionsOf(o);
+      if (rec && !o.recordViewAccelerator) throw new InputError('enclave serve --record-view needs --record-view-accelerator DIR (the accelerator bundle the view is scored against)');
+      const recordView = rec ? { file: o.recordView, accelerator: o.recordViewAccelerator, options: rec } : undefined;
+      const s = await serveEnclave({ platform, stateDir: o.stateDir, accelerator: o.accelerator, host: o.host, port: o.port, recordView });
       console.log(JSON.stringify({ event: 'listening', role: 'enclave', port: s.port, measurement: platform.measurement() }));
       console.error(`enclave on ${o.host}:${s.port} (SIMULATED TEE platform), accelerator ${o.accelerator}`);
       onShutdown(() => s.close());
@@ -181,18 +186,18 @@ export function addPartyCommands(program: Command): void {
     });
 
   const prov = program.command('provider').description('the model provider\'s client');
-  withJson(prov
+  withJson(addPublicBaseOptions(prov
     .command('obfuscate')
     .description('obfuscate the model into the two bundles and the secret key (nothing is sent)')
     .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint')
     .requiredOption('--out <dir>', 'where the provider keeps the bundles and its secret key')
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('sealed'))
     .option('--kappa <k>', 'mask condition number', '1')
-    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)'))
+    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)')))
     .action((o) => {
       const spec = parseMaskSpec(String(o.kappa));
       refuseNonEmpty(o.out, o.force, 'provider obfuscate', BUNDLE_DIRS);
-      const { acceleratorSha256 } = writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec }));
+      const { acceleratorSha256 } = writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec, publicBase: publicBaseOf(o) }));
       emit({ out: o.out, mode: o.mode, kappa: String(o.kappa), accelerator_sha256: acceleratorSha256 }, `bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
     });
   const provKey = (o: { key?: string; bundles: string }) => o.key ?? nodePath.join(o.bundles, 'provider', 'party-key.json');

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { saveCheckpoint, loadCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { BUNDLE_DIRS, obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../obfuscate/provider.js';
-import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair } from '../obfuscate/bundle.js';
+import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, type PublicBaseInfo } from '../obfuscate/bundle.js';
 import { runFidelity, formatFidelity } from '../experiments/fidelity.js';
 import { shareTable, formatShare } from '../obfuscate/share.js';
 import { llamaShareTable } from '../obfuscate/share_llama.js';
@@ -13,13 +13,13 @@ import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import { Enclave } from '../enclave/enclave.js';
 import { progressBar } from './progress.js';
-import { loadModel, parseIntArg, refuseNonEmpty } from './model_args.js';
+import { loadModel, parseIntArg, refuseNonEmpty, addPublicBaseOptions, publicBaseOf } from './model_args.js';
 import { BundleError, InputError } from '../errors.js';
 import { mergeAdapter, readAdapter } from '../train/session.js';
 import { emit, withJson } from './output.js';
 
 export function addSplitCommands(program: Command): void {
-  withJson(program
+  withJson(addPublicBaseOptions(program
     .command('obfuscate')
     .description('provider transform: write an accelerator bundle (obfuscated linears only), an enclave bundle and the provider\'s secret mask key')
     .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint directory')
@@ -30,8 +30,9 @@ export function addSplitCommands(program: Command): void {
     .option('--no-head-permutation', 'do not permute the heads')
     .option('--seed <n>', 'derive the mask key from a seed (reproducible, NOT secret; for tests)', parseIntArg('--seed'))
     .requiredOption('--out <dir>', 'output directory (accelerator/, enclave/, provider/)')
-    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)'))
+    .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)')))
     .action((o) => {
+      const pub = publicBaseOf(o);
       const spec = o.naive ? parseMaskSpec('naive') : parseMaskSpec(String(o.kappa));
       if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
       refuseNonEmpty(o.out, o.force, 'obfuscate', BUNDLE_DIRS);
@@ -39,14 +40,15 @@ export function addSplitCommands(program: Command): void {
       const bar = progressBar(2 * w.config.n_layer, 'obfuscate', '{phase}');
       let done = 0;
       const r = obfuscateWeights(w, {
-        mode: o.mode, spec, twoSided: o.twoSided, headPermutation: o.headPermutation, seed: o.seed,
+        mode: o.mode, spec, twoSided: o.twoSided, headPermutation: o.headPermutation, seed: o.seed, publicBase: pub,
         onLayer: (phase) => bar.update(++done, { phase }),
       });
       bar.stop();
       const { acceleratorSha256 } = writeObfuscation(o.out, r);
-      emit({ out: o.out, mode: o.mode, kappa: o.naive ? 'naive' : String(o.kappa), accelerator_sha256: acceleratorSha256 }, [
+      emit({ out: o.out, mode: o.mode, kappa: o.naive ? 'naive' : String(o.kappa), accelerator_sha256: acceleratorSha256, public_base: r.enclave.publicBase ?? null }, [
         `wrote ${path.join(o.out, 'accelerator')} (give to the cloud), ${path.join(o.out, 'enclave')} (encrypt to the attested enclave), ${path.join(o.out, 'provider')} (keep secret)`,
         `mode ${o.mode}, masks ${o.naive ? 'naive' : `kappa ${o.kappa}`}, accelerator manifest sha256 ${acceleratorSha256}`,
+        ...(pub && r.enclave.publicBase ? [describeDelta(pub.dir, r.enclave.publicBase)] : []),
       ]);
     });
 
@@ -59,6 +61,7 @@ export function addSplitCommands(program: Command): void {
     .option('--enclave <dir>', 'enclave bundle (default: BUNDLES/enclave)')
     .option('--key <dir>', 'provider key (default: BUNDLES/provider)')
     .option('--adapter <dir>', 'also fold in a LoRA adapter: a PEFT adapter directory (its classifier too), a run\'s final/ or adapters file')
+    .option('--public-base <dir>', 'check the public base the bundles pin (optional: the merge needs only the bundles)')
     .requiredOption('--out <dir>', 'output checkpoint directory')
     .option('--force', 'write into a non-empty --out')
     .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32')))
@@ -66,7 +69,8 @@ export function addSplitCommands(program: Command): void {
       refuseNonEmpty(o.out, o.force, 'deobfuscate');
       const base = loadCheckpoint(o.base);
       const adapter = o.adapter ? readAdapter(o.adapter, base.config) : null;
-      const plain = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'));
+      const pub = o.publicBase ? { weights: loadCheckpoint(o.publicBase), dir: o.publicBase } : undefined;
+      const plain = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'), pub);
       const w = adapter ? mergeAdapter(plain, adapter) : plain;
       saveCheckpoint(o.out, w, { dtype: o.dtype });
       emit({ out: o.out, dtype: o.dtype, adapter: adapter ? o.adapter : null }, `wrote plain checkpoint ${o.out}${adapter ? ` with the adapter ${o.adapter} merged` : ''}`);
@@ -116,3 +120,9 @@ export function loadSplit(encDir: string, accDir: string): Enclave {
   return new Enclave(enc, new InProcessLink(new Accelerator(acc.weights)));
 }
 
+
+/** One line on a public-base obfuscation: the pin, the ranks kept and the delta energy left out. */
+export function describeDelta(dir: string, p: PublicBaseInfo): string {
+  const ranks = p.ranks.flatMap((r) => Object.values(r));
+  return `public base ${dir} (sha256 ${p.sha256.slice(0, 16)}...): the enclave keeps the delta at ${p.choice}, ranks ${Math.min(...ranks)}-${Math.max(...ranks)} (mean ${(ranks.reduce((a, x) => a + x, 0) / ranks.length).toFixed(1)}), ${(100 * p.residualEnergy).toFixed(2)}% of its energy left out`;
+}

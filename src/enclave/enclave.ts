@@ -17,6 +17,7 @@ import type { AcceleratorLink } from '../protocol/link.js';
 import { IntegrityChecker } from '../protocol/integrity.js';
 import { RemoteLinears } from '../protocol/client.js';
 import { PaperBasis, SealedBasis } from './bases.js';
+import { withEnclaveDelta } from './delta.js';
 import { BundleError } from '../errors.js';
 
 export class Enclave {
@@ -39,7 +40,7 @@ export class Enclave {
     this.net = new Transformer<Obfuscated>({
       config: c,
       basis,
-      linears: new RemoteLinears(link, c, { trainWeights: false, integrity: this.integrity }),
+      linears: withEnclaveDelta(new RemoteLinears(link, c, { trainWeights: false, integrity: this.integrity }), t.delta),
       tables: { wte: t.wte, wpe: t.wpe, gwte: null, gwpe: null },
       // the classifier in the plain basis (sealed bundles hold it rotated: score Q)
       cls: cls ? { numLabels: cls.numLabels, weight: basis.headToPlain(t.score!, cls.numLabels), grad: null, pooling: cls.pooling ?? 'last' } : null,

@@ -25,6 +25,7 @@ import { sharedFloat32 } from '../tensor/shared.js';
 import { Transformer, type KVCache } from '../model/transformer.js';
 import type { TrunkBasis } from '../model/plain_basis.js';
 import { LocalBasis, PaperBasis, SealedBasis } from './bases.js';
+import { withEnclaveDelta } from './delta.js';
 import { RemoteLinears } from '../protocol/client.js';
 import type { Obfuscated } from '../protocol/messages.js';
 import { BundleError } from '../errors.js';
@@ -248,7 +249,7 @@ export class SplitModel {
     this.net = new Transformer({
       config: o.config,
       basis: this.basis,
-      linears: this.linears,
+      linears: withEnclaveDelta(this.linears, t.delta),
       tables: { wte: t.wte, wpe: t.wpe, gwte: this.grad('wte'), gwpe: this.grad('wpe') },
       cls: o.task === 'cls' ? { numLabels: this.numLabels, weight: t.score!, grad: this.grad('score'), pooling: this.pooling } : null,
       adapters: this.adapters,

@@ -36,6 +36,8 @@ import { labelRecoveryAttack } from '../attacks/label_recovery.js';
 import { lineChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { InputError } from '../errors.js';
+import { DEFAULT_DELTA_ENERGY } from '../obfuscate/provider.js';
+import type { RankChoice } from '../linalg/svd.js';
 
 export const ATTACKS = ['weight-alignment', 'decode-public-base', 'mlp-permutation', 'frequency', 'known-plaintext', 'label-recovery'] as const;
 export type AttackName = (typeof ATTACKS)[number];
@@ -47,11 +49,16 @@ export interface SecurityOptions {
   providerCorpus: string;
   providerSteps: number;
   providerLr?: number;
+  /** a provider model made before (as makeProviderModel does): skips the provider's fine-tuning */
+  providerModel?: string;
   /** the owner's private labelled records (JSONL with "text" and "label"): classification fine-tuning */
   ownerData: string;
   /** the attacker's public corpus of the owner's domain */
   publicCorpus: string;
-  modes: { mode: 'sealed' | 'paper'; kappa: string }[];
+  /** per mode: with `publicBase`, Defence 2 (the accelerator holds the masked public base, the enclave the delta) */
+  modes: { mode: 'sealed' | 'paper'; kappa: string; publicBase?: boolean }[];
+  /** the delta kept in the enclave under Defence 2 (default: DEFAULT_DELTA_ENERGY) */
+  deltaChoice?: RankChoice;
   steps: number;
   batch: number;
   maxLen: number;
@@ -108,7 +115,7 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
   const lr = o.providerLr ?? 3e-4;
   const seed = o.seed ?? 1;
   log(`provider model: ${o.publicModel} fine-tuned ${o.providerSteps} steps on ${o.providerCorpus}`);
-  const provDir = await makeProviderModel(o.publicModel, o.providerCorpus, o.providerSteps, lr, path.join(dir, 'provider-model'), seed);
+  const provDir = o.providerModel ?? await makeProviderModel(o.publicModel, o.providerCorpus, o.providerSteps, lr, path.join(dir, 'provider-model'), seed);
   const prov = loadCheckpoint(provDir);
   const pub = loadCheckpoint(o.publicModel);
   const tok = tokenizerFor(prov.config.vocab_size);
@@ -116,7 +123,7 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
   const rows: SecurityRow[] = [];
   const hiddenBatches = o.hiddenBatches ?? 8;
   for (const m of o.modes) {
-    const name = `${m.mode}-k${m.kappa}`;
+    const name = `${m.mode}-k${m.kappa}${m.publicBase ? '-public-base' : ''}`;
     const viewFile = path.join(dir, 'views', `${name}.view.safetensors`);
     const runDir = path.join(dir, 'runs', name);
     const spec = parseRunSpec({
@@ -126,7 +133,10 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
     const recs = readJsonl(o.ownerData);
     const labels = labelSet(recs, o.ownerData);
     const train = encodeRecords(recs, tok, { task: 'cls', maxLen: spec.max_len, labels, source: o.ownerData });
-    const sess = buildSession(prov, toSessionOptions(spec, { padTokenId: padId, numLabels: labels.length, labels, acceleratorStateDir: path.join(runDir, 'accelerator-state') }));
+    const sess = buildSession(prov, {
+      ...toSessionOptions(spec, { padTokenId: padId, numLabels: labels.length, labels, acceleratorStateDir: path.join(runDir, 'accelerator-state') }),
+      publicBase: m.publicBase ? { weights: pub, choice: o.deltaChoice ?? { energy: DEFAULT_DELTA_ENERGY } } : undefined,
+    });
     const last = prov.config.n_layer - 1;
     // layer 0's qkv inputs of every batch; every layer's MLP hidden (fc outputs) of the first batches
     const rec = recordSession(sess, {
@@ -202,7 +212,7 @@ async function securityReport(res: SecurityResults): Promise<string> {
       curve.push({ x: c.observed_batches, y: 100 * c.baseline, series: `baseline (${r.mode} k${r.kappa})` });
     }
   }
-  const setup = `<p>Public model <code>${res.public_model}</code>; the provider's model <code>${res.provider_model}</code> is it fine-tuned ${res.provider.steps} steps (full, AdamW, lr ${res.provider.lr}) on <code>${res.provider.corpus}</code>. The data owner fine-tunes the provider's model for classification with LoRA for ${res.owner.steps} steps (batch ${res.owner.batch}, at most ${res.owner.max_len} tokens per record) on <code>${res.owner.data}</code>; the attacker's public corpus is <code>${res.public_corpus}</code>. No defence is implemented yet: every row is defence "none". Reproduce: <code>${res.command}</code>.</p>`;
+  const setup = `<p>Public model <code>${res.public_model}</code>; the provider's model <code>${res.provider_model}</code> is it fine-tuned ${res.provider.steps} steps (full, AdamW, lr ${res.provider.lr}) on <code>${res.provider.corpus}</code>. The data owner fine-tunes the provider's model for classification with LoRA for ${res.owner.steps} steps (batch ${res.owner.batch}, at most ${res.owner.max_len} tokens per record) on <code>${res.owner.data}</code>; the attacker's public corpus is <code>${res.public_corpus}</code>. Defence "public-base": the accelerator held the masked public base and the enclave the provider's delta (data protection then rests on token mixing alone). Reproduce: <code>${res.command}</code>.</p>`;
   return page('obfuscatune: what a curious accelerator recovers', [
     { title: 'Setup', html: setup },
     { title: 'Attacks (metric against the guess without the view)', html: table(t.head, t.rows) },

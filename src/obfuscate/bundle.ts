@@ -11,7 +11,7 @@ import path from 'node:path';
 import type { GPT2Config } from '../model/config.js';
 import { validateConfig } from '../model/config.js';
 import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
-import type { ObfuscatedTensors } from './enclave_tensors.js';
+import type { DeltaTensors, ObfuscatedTensors } from './enclave_tensors.js';
 import { CHECK_VECTORS, type CheckVectors, type LinearCheck } from '../protocol/integrity.js';
 import { LINEARS, linearDims, type LinearName } from '../model/block.js';
 import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
@@ -33,6 +33,8 @@ export interface AcceleratorManifest {
   weights: { file: string; sha256: string; bytes: number };
   /** fingerprint of the mask key the bundle was made with (keyFingerprint); absent in older bundles */
   key_fingerprint?: string;
+  /** the public base these weights are (masked), pinned by publicBaseSha256; absent: the model itself */
+  public_base_sha256?: string;
 }
 
 export interface ProviderKey {
@@ -76,7 +78,7 @@ function readJson<T>(file: string, what: string): T {
 }
 
 /** Writes the accelerator bundle; returns the SHA-256 of its manifest. */
-export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mode: Mode, d: number, keyFp?: string): string {
+export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mode: Mode, d: number, keyFp?: string, publicBaseSha?: string): string {
   mkdirSync(dir, { recursive: true });
   const tensors: TensorToWrite[] = [];
   const linears: AcceleratorManifest['linears'] = [];
@@ -95,6 +97,7 @@ export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mod
     format: ACC_FORMAT, mode, n_layer: acc.n_layer, n_embd: d, linears,
     weights: { file: 'weights.safetensors', sha256: sha256(bytes), bytes: bytes.length },
     ...(keyFp ? { key_fingerprint: keyFp } : {}),
+    ...(publicBaseSha ? { public_base_sha256: publicBaseSha } : {}),
   };
   return sha256(writeJson(path.join(dir, 'manifest.json'), manifest));
 }
@@ -149,13 +152,25 @@ export interface EnclaveBundle {
   padTokenId?: number;
   /** fingerprint of the mask key (keyFingerprint); absent in older bundles */
   keyFingerprint?: string;
+  /** public-base bundles: the base's pin, how the delta was cut, its rank per linear, the energy left out */
+  publicBase?: PublicBaseInfo;
 }
+
+export interface PublicBaseInfo {
+  sha256: string;
+  choice: string;
+  ranks: Record<LinearName, number>[];
+  residualEnergy: number;
+}
+
+type ShapeKeys = Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls' | 'publicBase'>;
 
 /**
  * Every tensor of a mode's bundle by its name on disk, with its shape: the typed fields
- * (permutations are int32), and with `chk` the secret vectors chk.{layer}.{linear}.{r,s,w,v,c}.
+ * (permutations are int32), with `chk` the secret vectors chk.{layer}.{linear}.{r,s,w,v,c},
+ * and a public-base bundle's delta delta.{layer}.{linear}.{U,V,b} (U, V only at rank > 0).
  */
-function enclaveShapes(b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls'>, chk: boolean): Map<string, number[]> {
+function enclaveShapes(b: ShapeKeys, chk: boolean): Map<string, number[]> {
   const { n_layer: L, n_embd: d, n_ctx: T, vocab_size: V, n_head: H } = b.config;
   const Ld = [L, d], Ldd = [L, d, d], heads = [L, H, d / H, d / H], K = CHECK_VECTORS;
   const shapes = new Map(Object.entries({
@@ -171,10 +186,17 @@ function enclaveShapes(b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | '
       for (const [k, shape] of Object.entries({ r: [dout, K], s: [din, K], w: [din, K], v: [dout, K], c: [K] })) shapes.set(`chk.${l}.${name}.${k}`, shape);
     }
   }
+  b.publicBase?.ranks.forEach((ranks, l) => {
+    for (const name of LINEARS) {
+      const [din, dout] = linearDims(name, d), r = ranks[name];
+      if (r > 0) shapes.set(`delta.${l}.${name}.U`, [din, r]).set(`delta.${l}.${name}.V`, [r, dout]);
+      shapes.set(`delta.${l}.${name}.b`, [dout]);
+    }
+  });
   return shapes;
 }
 
-/** A chk.{layer}.{linear}.{part} name's place in the check vectors. */
+/** A chk.{layer}.{linear}.{part} (or delta.*) name's place in the check vectors (or the delta). */
 function checkPart(name: string): [number, LinearName, keyof LinearCheck] {
   const [, l, linear, part] = name.split('.');
   return [Number(l), linear as LinearName, part as keyof LinearCheck];
@@ -191,6 +213,7 @@ export interface EnclaveManifest {
   pad_token_id: number | null;
   tensors: { file: string; sha256: string };
   key_fingerprint?: string;
+  public_base?: { sha256: string; choice: string; ranks: Record<LinearName, number>[]; residual_energy: number };
 }
 
 export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
@@ -198,7 +221,8 @@ export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
   const { chk, ...fields } = b.tensors;
   const tensors: TensorToWrite[] = [...enclaveShapes(b, chk !== null)].map(([name, shape]) => {
     const [l, linear, part] = checkPart(name);
-    const data = name.startsWith('chk.') ? chk![l][linear][part] : (fields as unknown as Record<string, Float32Array | Int32Array>)[name];
+    const data = name.startsWith('chk.') ? chk![l][linear][part]
+      : name.startsWith('delta.') ? b.tensors.delta![l][linear][part as 'U' | 'V' | 'b'] : (fields as unknown as Record<string, Float32Array | Int32Array>)[name];
     return { name, dtype: data instanceof Int32Array ? 'I32' : 'F32', shape, data };
   });
   const tfile = path.join(dir, 'tensors.safetensors');
@@ -210,6 +234,7 @@ export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
     pad_token_id: b.padTokenId ?? null,
     tensors: { file: 'tensors.safetensors', sha256: sha256(readFileSync(tfile)) },
     ...(b.keyFingerprint ? { key_fingerprint: b.keyFingerprint } : {}),
+    ...(b.publicBase ? { public_base: { sha256: b.publicBase.sha256, choice: b.publicBase.choice, ranks: b.publicBase.ranks, residual_energy: b.publicBase.residualEnergy } } : {}),
   };
   writeJson(path.join(dir, 'manifest.json'), manifest);
 }
@@ -243,13 +268,17 @@ function readTensor(st: SafetensorsFile, what: string, name: string, shape: numb
 }
 
 /** The typed tensors of a bundle file, each checked once (see enclaveShapes). */
-function readEnclaveTensors(st: SafetensorsFile, b: Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls'>): ObfuscatedTensors {
+function readEnclaveTensors(st: SafetensorsFile, b: ShapeKeys): ObfuscatedTensors {
   const what = `enclave bundle (${b.mode} mode)`;
   const chk: CheckVectors | null = st.has('chk.0.qkv.r') ? Array.from({ length: b.config.n_layer }, () => ({}) as CheckVectors[number]) : null;
-  const t: Record<string, unknown> = { mode: b.mode, RoInv: null, RpInv: null, chk };
+  const delta: DeltaTensors | null = b.publicBase ? b.publicBase.ranks.map((ranks) => Object.fromEntries(LINEARS.map((n) => [n, { rank: ranks[n], U: new Float32Array(0), V: new Float32Array(0), b: new Float32Array(0) }])) as DeltaTensors[number]) : null;
+  const t: Record<string, unknown> = { mode: b.mode, RoInv: null, RpInv: null, chk, delta };
   for (const [name, shape] of enclaveShapes(b, chk !== null)) {
     const x = readTensor(st, what, name, shape);
-    if (!name.startsWith('chk.')) t[name] = x;
+    if (name.startsWith('delta.')) {
+      const [l, linear, part] = checkPart(name);
+      delta![l][linear][part as 'U' | 'V' | 'b'] = x as Float32Array;
+    } else if (!name.startsWith('chk.')) t[name] = x;
     else {
       const [l, linear, part] = checkPart(name);
       (chk![l][linear] ??= {} as LinearCheck)[part] = x as Float32Array;
@@ -291,12 +320,27 @@ export function loadEnclaveBundle(dir: string): EnclaveBundle {
   if (!existsSync(tfile)) throw new BundleError(`enclave bundle: ${tfile} not found`);
   if (sha256(readFileSync(tfile)) !== m.tensors.sha256) throw new BundleError(`enclave bundle: ${tfile} does not match the SHA-256 in ${mfile}`);
   const cls = m.cls ? { numLabels: m.cls.num_labels, labels: m.cls.labels, pooling: bundlePooling(m.cls.pooling, mfile) } : undefined;
-  const head = { mode: m.mode, config, twoSided: m.two_sided, cls };
+  const publicBase = m.public_base ? publicBaseOf(m.public_base, config.n_layer, config.n_embd, mfile) : undefined;
+  const head = { mode: m.mode, config, twoSided: m.two_sided, cls, publicBase };
   return {
     ...head, tensors: readEnclaveTensors(openSafetensors(tfile), head), spec: m.spec,
     acceleratorManifestSha256: m.accelerator_manifest_sha256, padTokenId: m.pad_token_id ?? undefined,
     keyFingerprint: typeof m.key_fingerprint === 'string' ? m.key_fingerprint : undefined,
   };
+}
+
+/** A manifest's public_base, checked: a pin and a rank per linear within its dimensions. */
+function publicBaseOf(p: NonNullable<EnclaveManifest['public_base']>, L: number, d: number, file: string): PublicBaseInfo {
+  const bad = (why: string) => new BundleError(`enclave bundle: ${file} has a malformed public_base (${why})`);
+  if (typeof p.sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(p.sha256)) throw bad('sha256');
+  if (!Array.isArray(p.ranks) || p.ranks.length !== L) throw bad(`ranks of ${L} layers expected`);
+  for (const ranks of p.ranks) {
+    for (const n of LINEARS) {
+      const r = ranks?.[n], [din, dout] = linearDims(n, d);
+      if (!Number.isInteger(r) || r < 0 || r > Math.min(din, dout)) throw bad(`rank of ${n}: ${JSON.stringify(r)}`);
+    }
+  }
+  return { sha256: p.sha256, choice: String(p.choice), ranks: p.ranks, residualEnergy: Number(p.residual_energy) };
 }
 
 /** Refuses a pair of bundles that were not made together. */
@@ -306,6 +350,10 @@ export function checkBundlePair(enc: EnclaveBundle, acc: LoadedAccelerator): voi
   }
   if (enc.mode !== acc.manifest.mode) throw new BundleError(`bundle mismatch: enclave bundle is ${enc.mode} mode, accelerator bundle is ${acc.manifest.mode} mode`);
   if (enc.config.n_layer !== acc.manifest.n_layer || enc.config.n_embd !== acc.manifest.n_embd) throw new BundleError('bundle mismatch: model dimensions differ');
+  if (enc.publicBase?.sha256 !== acc.manifest.public_base_sha256) {
+    const pin = (x: string | undefined) => (x ? `public base ${x.slice(0, 16)}...` : 'no public base');
+    throw new BundleError(`bundle mismatch: the enclave bundle pins ${pin(enc.publicBase?.sha256)}, the accelerator bundle ${pin(acc.manifest.public_base_sha256)}`);
+  }
 }
 
 export function writeProviderKey(dir: string, k: ProviderKey): void {

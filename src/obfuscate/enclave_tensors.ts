@@ -4,6 +4,19 @@
  * K labels. Only the bundle's loader and writer (bundle.ts) go by names.
  */
 import type { CheckVectors } from '../protocol/integrity.js';
+import type { LinearName } from '../model/block.js';
+
+/**
+ * One block linear's part of the provider's delta over a public base, masked as the
+ * accelerator's weights are (public-base bundles): y* = x* W*b + (x* U) V + b.
+ */
+export interface LinearDelta {
+  rank: number;
+  U: Float32Array; // [din, rank]  In U (the input side of the masks)
+  V: Float32Array; // [rank, dout] V Out (the output side)
+  b: Float32Array; // [dout]       (b'p - b'b) Out: the bias difference
+}
+export type DeltaTensors = Record<LinearName, LinearDelta>[]; // [L]
 
 interface CommonTensors {
   wte: Float32Array; //   [V, d] token embeddings (sealed: wte Q)
@@ -11,6 +24,7 @@ interface CommonTensors {
   ln1w: Float32Array; ln1b: Float32Array; ln2w: Float32Array; ln2b: Float32Array; // [L, d] (sealed: for adapters only)
   score?: Float32Array; // [K, d] classifier (sealed: score Q)
   chk: CheckVectors | null; // secret vectors checking every accelerator reply (null: unchecked)
+  delta?: DeltaTensors | null; // the model's delta over the public base the accelerator holds (null: none)
 }
 
 /** The per-head attention masks and the MLP permutation of every layer (paper and sealed). */

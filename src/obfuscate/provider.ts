@@ -8,7 +8,9 @@ import type { GPT2Weights } from '../model/weights.js';
 import { KeyedRng } from '../tensor/rng.js';
 import { maskSpecLabel, type MaskSpec } from '../linalg/masks.js';
 import { deriveMasks, type Mode, type ObfuscationParams } from './masks.js';
-import { obfuscate, deobfuscate } from './transform.js';
+import { obfuscate, deobfuscate, type DeltaReport } from './transform.js';
+import type { RankChoice } from '../linalg/svd.js';
+import { BundleError, InputError } from '../errors.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { makeCheckVectors } from '../protocol/integrity.js';
 import {
@@ -25,6 +27,11 @@ export interface ObfuscateOptions {
   key?: Buffer;
   /** reproducible (NOT secret) key for tests and experiments */
   seed?: number;
+  /**
+   * the public checkpoint the model derives from: the accelerator gets it (masked), the
+   * enclave the model's delta over it as U V of the chosen rank or energy
+   */
+  publicBase?: { weights: GPT2Weights; choice: RankChoice };
   onLayer?: (phase: 'masks' | 'weights', l: number) => void;
 }
 
@@ -33,6 +40,34 @@ export interface ObfuscationResult {
   params: ObfuscationParams;
   accelerator: AcceleratorWeights;
   enclave: EnclaveBundle;
+  /** public-base obfuscations: the delta's ranks and the energy the truncation left out */
+  delta: DeltaReport | null;
+}
+
+/** The share of each linear's delta energy a public-base obfuscation keeps unless told otherwise. */
+export const DEFAULT_DELTA_ENERGY = 0.9;
+
+/** The SHA-256 that pins a public base: its configuration and its weights as float32. */
+export function publicBaseSha256(w: GPT2Weights): string {
+  const c = w.config;
+  return sha256(Buffer.concat([
+    Buffer.from(JSON.stringify([c.n_layer, c.n_head, c.n_embd, c.n_ctx, c.vocab_size, c.layer_norm_epsilon])),
+    Buffer.from(w.params.buffer, w.params.byteOffset, w.params.byteLength),
+  ]));
+}
+
+/** Refuses a public base that cannot be the model's: another architecture. */
+export function checkPublicBase(model: GPT2Weights, base: GPT2Weights, where: string): void {
+  for (const k of ['n_layer', 'n_head', 'n_embd', 'n_ctx', 'vocab_size', 'layer_norm_epsilon'] as const) {
+    if (model.config[k] !== base.config[k]) throw new InputError(`the public base ${where} has ${k} = ${base.config[k]}, the model ${model.config[k]}: a model derives only from a base of its own shape`);
+  }
+}
+
+/** Refuses a public base whose hash is not the one a bundle pinned. */
+export function checkPinnedBase(base: GPT2Weights, pinned: string | undefined, where: string): void {
+  if (pinned === undefined) throw new BundleError(`these bundles were made without a public base; ${where} is not needed`);
+  const got = publicBaseSha256(base);
+  if (got !== pinned) throw new BundleError(`the public base ${where} has SHA-256 ${got.slice(0, 16)}..., the bundles pin ${pinned.slice(0, 16)}... (another checkpoint)`);
 }
 
 export function resolveParams(o: ObfuscateOptions): ObfuscationParams {
@@ -54,7 +89,9 @@ export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): Obfuscati
   const params = resolveParams(o);
   const key = resolveKey(o);
   const masks = deriveMasks(w.config, key, params, (l) => o.onLayer?.('masks', l));
-  const { accelerator, enclave } = obfuscate(w, masks, (l) => o.onLayer?.('weights', l));
+  const pub = o.publicBase;
+  if (pub) checkPublicBase(w, pub.weights, '');
+  const { accelerator, enclave, deltaReport } = obfuscate(w, masks, (l) => o.onLayer?.('weights', l), pub ? { base: pub.weights, choice: pub.choice } : undefined);
   // secret Freivalds vectors: the enclave checks every accelerator reply with them
   enclave.chk = makeCheckVectors(accelerator, new KeyedRng(key).derive('integrity'));
   return {
@@ -66,8 +103,24 @@ export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): Obfuscati
       acceleratorManifestSha256: '',
       cls: w.cls ? { numLabels: w.cls.numLabels, labels: w.cls.labels, pooling: w.cls.pooling } : undefined,
       padTokenId: w.padTokenId,
+      publicBase: pub && deltaReport ? {
+        sha256: publicBaseSha256(pub.weights), choice: pub.choice.rank !== undefined ? `rank ${pub.choice.rank}` : `energy ${pub.choice.energy}`,
+        ranks: deltaReport.ranks, residualEnergy: deltaReport.total > 0 ? deltaReport.residual / deltaReport.total : 0,
+      } : undefined,
     },
+    delta: deltaReport,
   };
+}
+
+/**
+ * The plain model a public-base obfuscation in `mode` stands for: the base plus the
+ * truncated delta U V (in sealed mode the delta of the layer-norm-folded weights), the
+ * model's own embeddings, norms and biases. Local training of it is what split training of
+ * the public-base bundles equals.
+ */
+export function factoredModel(w: GPT2Weights, publicBase: NonNullable<ObfuscateOptions['publicBase']>, mode: Mode): GPT2Weights {
+  const r = obfuscateWeights(w, { mode, seed: 0, publicBase });
+  return deobfuscate(w, r.accelerator, r.enclave.tensors, deriveMasks(w.config, r.key, r.params));
 }
 
 /** Writes out/accelerator, out/enclave and out/provider (the secret key). */
@@ -76,7 +129,7 @@ export const BUNDLE_DIRS = ['accelerator', 'enclave', 'provider'];
 
 export function writeObfuscation(out: string, r: ObfuscationResult): { acceleratorSha256: string } {
   const fp = keyFingerprint(r.key);
-  const acceleratorSha256 = writeAcceleratorBundle(path.join(out, 'accelerator'), r.accelerator, r.params.mode, r.enclave.config.n_embd, fp);
+  const acceleratorSha256 = writeAcceleratorBundle(path.join(out, 'accelerator'), r.accelerator, r.params.mode, r.enclave.config.n_embd, fp, r.enclave.publicBase?.sha256);
   r.enclave.acceleratorManifestSha256 = acceleratorSha256;
   r.enclave.keyFingerprint = fp;
   writeEnclaveBundle(path.join(out, 'enclave'), r.enclave);
@@ -89,9 +142,10 @@ export function writeObfuscation(out: string, r: ObfuscationResult): { accelerat
 }
 
 /** Provider side: regenerate the masks from the key and recover a plain model. */
-export function deobfuscateDirs(base: GPT2Weights, accDir: string, encDir: string, keyDir: string): GPT2Weights {
+export function deobfuscateDirs(base: GPT2Weights, accDir: string, encDir: string, keyDir: string, publicBase?: { weights: GPT2Weights; dir: string }): GPT2Weights {
   const acc = loadAcceleratorBundle(accDir);
   const enc = loadEnclaveBundle(encDir);
+  if (publicBase) checkPinnedBase(publicBase.weights, enc.publicBase?.sha256, publicBase.dir);
   const { key, params, info, file } = loadProviderKey(keyDir);
   checkKeyMatches(key, file, [{ what: `accelerator bundle ${accDir}`, fingerprint: acc.manifest.key_fingerprint }, { what: `enclave bundle ${encDir}`, fingerprint: enc.keyFingerprint }]);
   if (info.mode !== enc.mode || info.mode !== acc.manifest.mode) throw new Error(`mode mismatch: key is ${info.mode}, enclave ${enc.mode}, accelerator ${acc.manifest.mode}`);

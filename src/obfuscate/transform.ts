@@ -8,10 +8,11 @@ import type { GPT2Weights } from '../model/weights.js';
 import { ParamLayout } from '../model/params.js';
 import { sgemm } from '../tensor/gemm.js';
 import { transpose, type Mat64 } from '../linalg/mat64.js';
-import type { ModelMasks, LayerMasks } from './masks.js';
-import type { LinearName } from '../model/block.js';
+import type { ModelMasks, LayerMasks, Mode } from './masks.js';
+import { LINEARS, linearDims, type LinearName } from '../model/block.js';
 import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
-import type { HeadMasks, ObfuscatedTensors } from './enclave_tensors.js';
+import type { DeltaTensors, HeadMasks, ObfuscatedTensors } from './enclave_tensors.js';
+import { truncatedSvd, type RankChoice } from '../linalg/svd.js';
 import { BundleError } from '../errors.js';
 
 const f32 = (m: Mat64): Float32Array => Float32Array.from(m.data);
@@ -125,8 +126,74 @@ export interface ObfuscatedModel {
   enclave: ObfuscatedTensors;
 }
 
-/** Applies the provider transform (design note, both modes). */
-export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: number) => void): ObfuscatedModel {
+const WEIGHT_NAMES: Record<LinearName, ['qkvw' | 'attprojw' | 'fcw' | 'fcprojw', 'qkvb' | 'attprojb' | 'fcb' | 'fcprojb']> = {
+  qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'],
+};
+
+/**
+ * A block linear as its mode computes it before any mask: plain in paper mode; in sealed
+ * mode qkv and fc take the layer norm's affine part (W' = diag(gamma) W, b' = beta W + b).
+ */
+export function effectiveLinear(w: GPT2Weights, mode: Mode, l: number, name: LinearName): { w: Float32Array; b: Float32Array } {
+  const lay = w.layout, p = w.params, d = w.config.n_embd;
+  const W = lay.layer(p, WEIGHT_NAMES[name][0], l), b = lay.layer(p, WEIGHT_NAMES[name][1], l);
+  if (mode !== 'sealed' || name === 'attproj' || name === 'fcproj') return { w: Float32Array.from(W), b: Float32Array.from(b) };
+  const n = name === 'qkv' ? 3 * d : 4 * d;
+  const [g, be] = name === 'qkv' ? (['ln1w', 'ln1b'] as const) : (['ln2w', 'ln2b'] as const);
+  return { w: scaleRows(W, d, n, lay.layer(p, g, l)), b: foldBias(b, lay.layer(p, be, l), W, d, n) };
+}
+
+/**
+ * The two sides of one layer's masks, W* = In W Out: `input` maps X [din, cols] (a weight's
+ * rows, a low-rank factor U), `output` maps X [rows, dout] (a weight's columns, a bias, V).
+ */
+export function maskSides(masks: ModelMasks, l: number, d: number, H: number) {
+  const lm = masks.layers[l];
+  const hm = headMats(lm);
+  const dh = d / H;
+  const Q = masks.Q ? f32(masks.Q.m) : null;
+  const sealed = masks.params.mode === 'sealed';
+  const R = (m: LayerMasks['R1'], inv: boolean) => (m ? f32(inv ? m.inv : m.m) : null);
+  const R1i = R(lm.R1, true), R2i = R(lm.R2, true), Ro = R(lm.Ro, false), Rp = R(lm.Rp, false);
+  return {
+    input(name: LinearName, X: Float32Array, cols: number): Float32Array {
+      switch (name) {
+        case 'qkv': return mm(sealed ? Q! : R1i!, X, d, d, cols, sealed); //  Q^T X or R1^-1 X
+        case 'fc': return mm(sealed ? Q! : R2i!, X, d, d, cols, sealed); //   Q^T X or R2^-1 X
+        case 'attproj': { const Y = new Float32Array(d * cols); headLeft(X, Y, cols, hm.Binv, lm.headPerm, dh, false); return Y; } // MB^-1 X
+        case 'fcproj': return permuteRows(X, 4 * d, cols, lm.pi, false); //  Pi^T X
+      }
+    },
+    output(name: LinearName, X: Float32Array, rows: number): Float32Array {
+      const right = sealed ? Q : name === 'attproj' ? Ro : Rp;
+      switch (name) {
+        case 'qkv': return applyMqkv(X, rows, d, dh, lm, false, hm); //    X Mqkv
+        case 'fc': return permuteCols(X, rows, 4 * d, lm.pi, false); //   X Pi
+        default: return right ? mmRight(X, right, rows, d) : Float32Array.from(X); // X Q, X Ro / Rp, or X
+      }
+    },
+  };
+}
+
+/** The delta kept in the enclave: D = W'p - W'b of every block linear (effective weights) as U V, and the bias difference. */
+export interface DeltaSource {
+  base: GPT2Weights;
+  choice: RankChoice;
+}
+
+/** What the factorisation of the delta kept: per linear its rank, and ||D - U V||^2 and ||D||^2 summed over the model. */
+export interface DeltaReport {
+  ranks: Record<LinearName, number>[];
+  residual: number;
+  total: number;
+}
+
+/**
+ * Applies the provider transform (design note, both modes). With `delta`, the accelerator's
+ * linears are the masked public base and the enclave holds the masked low-rank delta:
+ * U* = In U, V* = V Out, b* = (b'p - b'b) Out.
+ */
+export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: number) => void, delta?: DeltaSource): ObfuscatedModel & { deltaReport: DeltaReport | null } {
   const c = w.config;
   const { n_layer: L, n_embd: d, n_head: H } = c;
   const dh = d / H;
@@ -135,56 +202,34 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
   const mode = masks.params.mode;
   const layers: Record<LinearName, ObfLinear>[] = [];
   const Q = masks.Q ? f32(masks.Q.m) : null;
+  const deltas: DeltaTensors = [];
+  const report: DeltaReport = { ranks: [], residual: 0, total: 0 };
 
   for (let l = 0; l < L; l++) {
-    const lm = masks.layers[l];
-    const hm = headMats(lm);
-    const Wqkv = lay.layer(p, 'qkvw', l), bqkv = lay.layer(p, 'qkvb', l);
-    const Wo = lay.layer(p, 'attprojw', l), bo = lay.layer(p, 'attprojb', l);
-    const Wfc = lay.layer(p, 'fcw', l), bfc = lay.layer(p, 'fcb', l);
-    const Wp = lay.layer(p, 'fcprojw', l), bp = lay.layer(p, 'fcprojb', l);
-    let inQkv: Float32Array, inBqkv: Float32Array, inFc: Float32Array, inBfc: Float32Array;
-    let outO: Float32Array, outBo: Float32Array, outP: Float32Array, outBp: Float32Array;
-    // Wo rows live in the (masked) head space: MB^-1 Wo
-    const WoMasked = new Float32Array(d * d);
-    headLeft(Wo, WoMasked, d, hm.Binv, lm.headPerm, dh, false);
-    const WpPerm = permuteRows(Wp, 4 * d, d, lm.pi, false);
-    if (mode === 'sealed') {
-      const g1 = lay.layer(p, 'ln1w', l), be1 = lay.layer(p, 'ln1b', l);
-      const g2 = lay.layer(p, 'ln2w', l), be2 = lay.layer(p, 'ln2b', l);
-      // Q^T diag(gamma) W ; bias beta W + b
-      inQkv = mm(Q!, scaleRows(Wqkv, d, 3 * d, g1), d, d, 3 * d, true);
-      inBqkv = foldBias(bqkv, be1, Wqkv, d, 3 * d);
-      inFc = mm(Q!, scaleRows(Wfc, d, 4 * d, g2), d, d, 4 * d, true);
-      inBfc = foldBias(bfc, be2, Wfc, d, 4 * d);
-      outO = mmRight(WoMasked, Q!, d, d);
-      outBo = mmRight(bo, Q!, 1, d);
-      outP = mm(WpPerm, Q!, 4 * d, d, d);
-      outBp = mmRight(bp, Q!, 1, d);
-    } else {
-      inQkv = mm(f32(lm.R1!.inv), Wqkv, d, d, 3 * d);
-      inBqkv = bqkv;
-      inFc = mm(f32(lm.R2!.inv), Wfc, d, d, 4 * d);
-      inBfc = bfc;
-      if (lm.Ro) {
-        const Ro = f32(lm.Ro.m), Rp = f32(lm.Rp!.m);
-        outO = mmRight(WoMasked, Ro, d, d);
-        outBo = mmRight(bo, Ro, 1, d);
-        outP = mm(WpPerm, Rp, 4 * d, d, d);
-        outBp = mmRight(bp, Rp, 1, d);
-      } else {
-        outO = WoMasked;
-        outBo = Float32Array.from(bo);
-        outP = WpPerm;
-        outBp = Float32Array.from(bp);
-      }
+    const sides = maskSides(masks, l, d, H);
+    const rec = {} as Record<LinearName, ObfLinear>;
+    const drec = {} as DeltaTensors[number];
+    const ranks = {} as Record<LinearName, number>;
+    for (const name of LINEARS) {
+      const [din, dout] = linearDims(name, d);
+      const own = effectiveLinear(w, mode, l, name);
+      const acc = delta ? effectiveLinear(delta.base, mode, l, name) : own;
+      rec[name] = { w: sides.output(name, sides.input(name, acc.w, dout), din), b: sides.output(name, acc.b, 1), din, dout };
+      if (!delta) continue;
+      const D = new Float64Array(din * dout);
+      for (let i = 0; i < D.length; i++) D[i] = own.w[i] - acc.w[i];
+      const svd = truncatedSvd(D, din, dout, delta.choice, 1000 * l + LINEARS.indexOf(name) + 1);
+      let total = 0;
+      for (let i = 0; i < D.length; i++) total += D[i] * D[i];
+      report.residual += svd.residualEnergy * total;
+      report.total += total;
+      const r = ranks[name] = svd.rank;
+      const db = new Float32Array(dout);
+      for (let i = 0; i < dout; i++) db[i] = own.b[i] - acc.b[i];
+      drec[name] = { rank: r, U: sides.input(name, Float32Array.from(svd.U), r), V: sides.output(name, Float32Array.from(svd.V), r), b: sides.output(name, db, 1) };
     }
-    layers.push({
-      qkv: { w: applyMqkv(inQkv, d, d, dh, lm, false, hm), b: applyMqkv(inBqkv, 1, d, dh, lm, false, hm), din: d, dout: 3 * d },
-      attproj: { w: outO, b: outBo, din: d, dout: d },
-      fc: { w: permuteCols(inFc, d, 4 * d, lm.pi, false), b: permuteCols(inBfc, 1, 4 * d, lm.pi, false), din: d, dout: 4 * d },
-      fcproj: { w: outP, b: outBp, din: 4 * d, dout: d },
-    });
+    layers.push(rec);
+    if (delta) { deltas.push(drec); report.ranks.push(ranks); }
     onLayer?.(l);
   }
 
@@ -201,7 +246,7 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
     headPerm: Int32Array.from(masks.layers.flatMap((lm) => [...lm.headPerm])), pi: Int32Array.from(masks.layers.flatMap((lm) => [...lm.pi])),
   };
   const copy = (k: 'wte' | 'wpe' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb') => Float32Array.from(lay.view(p, k));
-  const common = { ln1w: copy('ln1w'), ln1b: copy('ln1b'), ln2w: copy('ln2w'), ln2b: copy('ln2b'), chk: null, ...heads };
+  const common = { ln1w: copy('ln1w'), ln1b: copy('ln1b'), ln2w: copy('ln2w'), ln2b: copy('ln2b'), chk: null, delta: delta ? deltas : null, ...heads };
   let enclave: ObfuscatedTensors;
   if (mode === 'sealed') {
     // u = Q^T 1 (centring vector)
@@ -232,15 +277,36 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
       score: w.cls ? Float32Array.from(w.cls.weight) : undefined,
     };
   }
-  return { accelerator: { n_layer: L, layers }, enclave };
+  return { accelerator: { n_layer: L, layers }, enclave, deltaReport: delta ? report : null };
+}
+
+/** The accelerator's linears with the enclave's delta added (W* + U* V*, b* + db*): the factored model's masked linears. */
+export function withDelta(acc: AcceleratorWeights, delta: DeltaTensors): AcceleratorWeights {
+  if (delta.length !== acc.n_layer) throw new BundleError(`the enclave's delta has ${delta.length} layers, the accelerator's weights ${acc.n_layer}`);
+  return {
+    n_layer: acc.n_layer,
+    layers: acc.layers.map((layer, l) => {
+      const rec = {} as Record<LinearName, ObfLinear>;
+      for (const name of LINEARS) {
+        const a = layer[name], t = delta[l][name];
+        const w = Float32Array.from(a.w), b = Float32Array.from(a.b);
+        if (t.rank > 0) sgemm(false, false, a.din, a.dout, t.rank, 1, t.U, t.rank, t.V, a.dout, 1, w, a.dout);
+        for (let i = 0; i < b.length; i++) b[i] += t.b[i];
+        rec[name] = { ...a, w, b };
+      }
+      return rec;
+    }),
+  };
 }
 
 /**
  * Inverse of `obfuscate` (provider side): recovers plain GPT-2 weights from (possibly
  * fine-tuned) accelerator weights and enclave tensors. `base` is the provider's original
  * model: in sealed mode its layer-norm affine, folded into the weights, is unfolded again.
+ * An enclave delta (public-base bundles) is added first: the result is the factored model.
  */
-export function deobfuscate(base: GPT2Weights, acc: AcceleratorWeights, enc: ObfuscatedTensors, masks: ModelMasks): GPT2Weights {
+export function deobfuscate(base: GPT2Weights, acc0: AcceleratorWeights, enc: ObfuscatedTensors, masks: ModelMasks): GPT2Weights {
+  const acc = enc.delta ? withDelta(acc0, enc.delta) : acc0;
   const c = base.config;
   const { n_layer: L, n_embd: d, n_head: H } = c;
   const dh = d / H;

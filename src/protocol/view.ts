@@ -50,6 +50,8 @@ export interface ViewHeader {
   two_sided: boolean;
   /** defence 1 (per-call token mixing); not implemented yet, always "off" */
   token_mixing: 'off';
+  /** defence 2: the SHA-256 of the public base the accelerator's weights are (the delta stayed in the enclave); null or absent: the provider's model */
+  public_base?: string | null;
   config: GPT2Config;
   /** fingerprint of the provider's plain model (src/train/session.ts modelFingerprint) */
   model_id: string;

@@ -24,6 +24,9 @@ import { writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { BundleError, InputError, IntegrityError, ObfuscatuneError, StateError, TransportError, findCause } from '../errors.js';
 import type { SealedStore } from './enclave_store.js';
 import { BUNDLE_WEIGHTS_TAG } from './protocol.js';
+import { recordBundleRun } from '../attacks/record.js';
+import { loadAcceleratorBundle } from '../obfuscate/bundle.js';
+import type { RecorderOptions } from '../protocol/view.js';
 
 export interface JobState {
   /** the job's run spec (parseJobSpec: the owner's settings, the bundle's mode and masks) */
@@ -86,6 +89,15 @@ export interface JobContext {
   /** writes the service's sealed state (called after every change of the job) */
   persist(): Promise<void>;
   log(line: string): void;
+  recordView?: RecordViewOptions;
+}
+
+/** `enclave serve --record-view FILE --record-view-accelerator DIR`: the view of a job, for tests and measurements. */
+export interface RecordViewOptions {
+  file: string;
+  /** the accelerator bundle directory (what the accelerator was handed) */
+  accelerator: string;
+  options?: RecorderOptions;
 }
 
 /** Thrown from the step hook to stop a job the owner (or, by contract, the provider) cancelled. */
@@ -203,6 +215,10 @@ export class JobRunner {
       await this.acceleratorReady(120_000);
       const rng = new Rng(spec.seed);
       this.model = this.buildModel(labels, rng);
+      // the view of a job from its fresh start (a resumed one would lack its first steps)
+      const recording = ctx.recordView && !doResume ? recordBundleRun(this.model, ctx.link, ctx.bundle, loadAcceleratorBundle(ctx.recordView.accelerator).weights, 'finetune', {
+        ...ctx.recordView.options, modelId: ctx.bundle.acceleratorManifestSha256.slice(0, 16), modelPath: null, padTokenId: tok.eotId, labels: spec.task === 'cls' ? labels : undefined,
+      }) : null;
       const failuresBefore = ctx.link.failures;
       try {
         if (!doResume) {
@@ -231,6 +247,11 @@ export class JobRunner {
         job.summary = { ...rest, first_loss: losses[0] } as unknown as JobState['summary'];
         job.eval = summary.eval;
         job.state = 'done';
+        if (recording) {
+          const { header } = recording.save(ctx.recordView!.file);
+          ctx.link.observers.splice(ctx.link.observers.indexOf(recording.recorder.observer), 1);
+          ctx.log(`recorded the accelerator's view of the job: ${ctx.recordView!.file} (${header.events} tensors)`);
+        }
         await ctx.persist();
         ctx.log(`job done: ${spec.steps} steps, eval ${JSON.stringify(summary.eval)}`);
         return;

@@ -24,7 +24,7 @@ import {
   chunkAad, commandAad, replyAad, unpackFiles, chunkSignedBytes, commandSignedBytes, padReply, type UploadChunk, type SealedCommand,
 } from './protocol.js';
 import { SealedStore, type PackedFile } from './enclave_store.js';
-import { JobRunner, jobData, newJob, recoveredJob, type Datasets, type JobState } from './enclave_job.js';
+import { JobRunner, jobData, newJob, recoveredJob, type Datasets, type JobState, type RecordViewOptions } from './enclave_job.js';
 import { authorize, checkUploader, releasesMetrics, type Role } from './enclave_policy.js';
 import { bundleDigest, checkJobAllowed, verifyContract, type Contract } from './contract.js';
 
@@ -45,6 +45,11 @@ export interface EnclaveServeOptions {
   replayWindowMs?: number;
   /** clock, ms since the epoch (tests) */
   now?: () => number;
+  /**
+   * tests and measurements: record the accelerator's view of the next fine-tuning job to
+   * `file` (saved when the job is done); `accelerator` is the accelerator bundle handed over
+   */
+  recordView?: RecordViewOptions;
 }
 
 /** An attestation session lives 30 minutes; clients attest again after that (EnclaveClient does so by itself). */
@@ -148,7 +153,7 @@ export class EnclaveService {
       // the bundle installed when the job runs (a job is only started with one)
       get bundle() { return svc.bundle!; },
       get data() { return svc.data; },
-      link: this.link, store: this.store, persist: () => this.persist(), log: this.log,
+      link: this.link, store: this.store, persist: () => this.persist(), log: this.log, recordView: this.o.recordView,
     });
   }
 

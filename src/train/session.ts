@@ -13,7 +13,7 @@ import { BundleError } from '../errors.js';
 import { ParamLayout } from '../model/params.js';
 import { Rng } from '../tensor/rng.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { obfuscateWeights, type ObfuscationResult } from '../obfuscate/provider.js';
+import { obfuscateWeights, type ObfuscateOptions, type ObfuscationResult } from '../obfuscate/provider.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import type { EnclaveTensors, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
@@ -26,6 +26,7 @@ import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraC
 import type { Task } from '../io/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
+import { InputError } from '../errors.js';
 
 export interface SessionOptions {
   mode: TrainMode;
@@ -45,6 +46,12 @@ export interface SessionOptions {
   maskSeed?: number;
   /** local full fine-tuning of the layer-norm-folded model with frozen norms (sealed's plain twin) */
   foldedBaseline?: boolean;
+  /**
+   * the public base the model derives from (split modes): the accelerator gets the masked
+   * base, the enclave the truncated delta. Its local twin is plain training of
+   * `factoredModel(model, publicBase, mode)`.
+   */
+  publicBase?: ObfuscateOptions['publicBase'];
   /** where the in-process accelerator keeps its checkpoints */
   acceleratorStateDir?: string;
   /** serialise every boundary message (proves the wire format; slower) */
@@ -91,6 +98,7 @@ export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
     const weight = freshClassifier(o.numLabels, w.config.n_embd, o.seed);
     w = { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels, pooling: o.pooling ?? 'last' } };
   }
+  if (o.mode === 'local' && o.publicBase) throw new InputError('local mode has no accelerator to hold a public base: train factoredModel(model, base, mode) instead');
   if (o.foldedBaseline) w = foldLayerNorms(w);
   let acc: AcceleratorWeights;
   let tensors: EnclaveTensors;
@@ -98,7 +106,7 @@ export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
   if (o.mode === 'local') {
     ({ accelerator: acc, tensors } = plainSplitParts(w));
   } else {
-    obf = obfuscateWeights(w, { mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided, seed: o.maskSeed });
+    obf = obfuscateWeights(w, { mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided, seed: o.maskSeed, publicBase: o.publicBase });
     acc = obf.accelerator;
     tensors = obf.enclave.tensors;
   }

@@ -9,6 +9,7 @@ import type { Enclave } from '../enclave/enclave.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { AcceleratorLink, Observer } from '../protocol/link.js';
 import { ViewRecorder, tapBatches, type RecorderOptions, type ViewHeader } from '../protocol/view.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 import { InputError } from '../errors.js';
 
 export function snapshotWeights(acc: AcceleratorWeights): AcceleratorWeights {
@@ -26,6 +27,10 @@ function perLayer(x: Int32Array | undefined, L: number): number[][] | null {
   if (!x) return null;
   const w = x.length / L;
   return Array.from({ length: L }, (_, l) => Array.from(x.subarray(l * w, (l + 1) * w)));
+}
+
+function mixingHeader(m: MixingConfig | null): Pick<ViewHeader, 'token_mixing' | 'mixing'> {
+  return m ? { token_mixing: 'on', mixing: { kappa: m.kappa, block: m.block, shields: m.shields } } : { token_mixing: 'off', mixing: null };
 }
 
 export interface Recording {
@@ -46,7 +51,7 @@ export function recordSession(s: Session, o: RecorderOptions & { padTokenId: num
   return {
     recorder: rec,
     save: (file) => rec.save(path.resolve(file), {
-      kind: 'finetune', mode: s.model.mode, spec: o.spec, two_sided: o.twoSided, token_mixing: 'off', config: obf.enclave.config, model_id: s.modelId,
+      kind: 'finetune', mode: s.model.mode, spec: o.spec, two_sided: o.twoSided, ...mixingHeader(s.model.mixingConfig), config: obf.enclave.config, model_id: s.modelId,
     }, acc, {
       pad_token_id: o.padTokenId, model: o.modelPath ? path.resolve(o.modelPath) : null,
       pi: perLayer(obf.enclave.tensors.pi, L), head_perm: perLayer(obf.enclave.tensors.headPerm, L),
@@ -66,7 +71,7 @@ export function recordEnclave(enc: Enclave, acc: AcceleratorWeights, o: Recorder
   return {
     recorder: rec,
     save: (file) => rec.save(path.resolve(file), {
-      kind: 'inference', mode: b.mode, spec: b.spec, two_sided: b.twoSided, token_mixing: 'off', config: b.config, model_id: o.modelId,
+      kind: 'inference', mode: b.mode, spec: b.spec, two_sided: b.twoSided, ...mixingHeader(enc.mixing?.o ?? null), config: b.config, model_id: o.modelId,
     }, snap, {
       pad_token_id: o.padTokenId, model: o.modelPath ? path.resolve(o.modelPath) : null,
       pi: perLayer(b.tensors.pi, L), head_perm: perLayer(b.tensors.headPerm, L),

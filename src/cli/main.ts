@@ -19,6 +19,7 @@ import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 import { addAttackCommands } from './attack_cmds.js';
 import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
+import { addMixingOptions, mixingOptionsOf } from './run_spec_args.js';
 import {
   AcceleratorError, BundleError, InputError, IntegrityError, PolicyError, StateError, TransportError, WorkerError,
 } from '../errors.js';
@@ -176,7 +177,7 @@ export function buildProgram(): Command {
       console.log(`saved ${o.out}: validation loss ${final?.loss.toFixed(4) ?? '-'} (perplexity ${final?.perplexity.toFixed(1) ?? '-'}), unigram baseline ${info.unigram_valid_loss?.toFixed(4) ?? '-'}, ${seconds.toFixed(0)} s`);
     });
 
-  addRecordViewOptions(program
+  addRecordViewOptions(addMixingOptions(program
     .command('generate')
     .description('generate text from a prompt (KV cache; greedy, temperature, top-k), from a plain model or through the split')
     .option('--model <dir|preset>', 'plain checkpoint directory, or a preset with --random-init')
@@ -189,8 +190,10 @@ export function buildProgram(): Command {
     .option('--temperature <x>', '0 = greedy', parseFloatArg('--temperature'), 0)
     .option('--top-k <n>', 'sample among the k most likely tokens (0 = all)', parseIntArg('--top-k'), 0)
     .option('--seed <n>', 'sampling seed', parseIntArg('--seed'), 1)
-    .option('--json', 'print JSON {prompt, completion, tokens}'))
+    .option('--json', 'print JSON {prompt, completion, tokens}')))
     .action(async (o) => {
+      const mixing = mixingOptionsOf(o);
+      if (mixing && !o.enclave) throw new InputError('--token-mixing on mixes what crosses to the accelerator: it needs --enclave and --accelerator');
       const opts = { maxNewTokens: o.maxTokens, temperature: o.temperature, topK: o.topK, seed: o.seed };
       const recOpts = recorderOptionsOf(o);
       if (recOpts && !o.enclave) throw new InputError('--record-view records what crosses to the accelerator: it needs --enclave and --accelerator');
@@ -199,7 +202,7 @@ export function buildProgram(): Command {
       if (o.enclave || o.accelerator) {
         if (!o.enclave || !o.accelerator) throw new InputError('split generation needs both --enclave and --accelerator');
         if (o.model) throw new InputError('give either --model or --enclave/--accelerator, not both');
-        const enclave = loadSplit(o.enclave, o.accelerator);
+        const enclave = loadSplit(o.enclave, o.accelerator, mixing);
         tok = tokenizerFor(enclave.config.vocab_size);
         const { recordEnclave } = await import('../attacks/record.js');
         const { loadAcceleratorBundle } = await import('../obfuscate/bundle.js');

@@ -5,7 +5,8 @@
  * Values go to `parseRunSpec` as given (numbers converted), which refuses the invalid ones.
  */
 import type { Command } from 'commander';
-import { RUN_SPEC_DEFAULTS, BUNDLE_FIELDS, type RunSpecInput } from '../train/run_spec.js';
+import { RUN_SPEC_DEFAULTS, BUNDLE_FIELDS, MIXING_FIELDS, mixingOf, parseMixingSettings, type RunSpecInput } from '../train/run_spec.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 
 interface Flag {
   /** commander flag ("--max-len <n>"; no value: a switch) */
@@ -14,6 +15,8 @@ interface Flag {
   field: string;
   help: string;
   numeric?: boolean;
+  /** a "--no-..." switch: sets the setting to false (commander reports true when it is not given) */
+  negate?: boolean;
 }
 
 const FLAGS: Flag[] = [
@@ -23,6 +26,10 @@ const FLAGS: Flag[] = [
   { flag: '--kappa <k>', field: 'kappa', help: 'mask condition number (>= 1; 1 = orthogonal) or naive; split modes only; none: 1' },
   { flag: '--two-sided', field: 'two_sided', help: 'paper mode: mask the projection outputs too' },
   { flag: '--mask-seed <n>', field: 'mask_seed', help: 'derive the masks from a seed (reproducible, NOT secret); none: the run\'s --seed', numeric: true },
+  { flag: '--token-mixing <on|off>', field: 'token_mixing', help: 'per-call token mixing of what crosses to the accelerator (Defence 1)' },
+  { flag: '--mixing-kappa <k>', field: 'mixing_kappa', help: 'token mixing: condition number of each call\'s mixing matrix', numeric: true },
+  { flag: '--mixing-block <n>', field: 'mixing_block', help: 'token mixing: real rows per block of a block-diagonal mixing (0 = one block)', numeric: true },
+  { flag: '--no-mixing-shields', field: 'mixing_shields', help: 'token mixing: no shield rows (cheaper; the sent rows then span only the real rows)', negate: true },
   { flag: '--steps <n>', field: 'steps', help: 'optimisation steps', numeric: true },
   { flag: '--batch <n>', field: 'batch', help: 'examples per step', numeric: true },
   { flag: '--max-len <n>', field: 'max_len', help: 'truncate examples to this many tokens (counted in the summary)', numeric: true },
@@ -62,16 +69,17 @@ function showDefault(v: unknown): string {
 
 /** commander's camelCase key of a flag */
 function keyOf(flag: string): string {
-  return flag.split(' ')[0].replace(/^--/, '').replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+  return flag.split(' ')[0].replace(/^--(no-)?/, '').replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
 }
 
 /**
  * Adds one flag per setting (without a commander default). `bundle: false` leaves out the
  * settings fixed by the provider's bundle (the enclave's jobs).
  */
-export function addRunSpecOptions(cmd: Command, o: { bundle: boolean; help?: Record<string, string> }): Command {
+export function addRunSpecOptions(cmd: Command, o: { bundle: boolean; help?: Record<string, string>; only?: readonly string[] }): Command {
   for (const f of FLAGS) {
     if (!o.bundle && (BUNDLE_FIELDS as readonly string[]).includes(f.field)) continue;
+    if (o.only && !o.only.includes(f.field)) continue;
     const d = defaultOf(f.field);
     const text = o.help?.[f.field] ?? f.help;
     if (!f.flag.includes('<')) cmd.option(f.flag, text);
@@ -82,14 +90,25 @@ export function addRunSpecOptions(cmd: Command, o: { bundle: boolean; help?: Rec
 }
 
 /** The spec input of the flags given (a flag not given is absent). */
-export function runSpecInputOf(opts: Record<string, unknown>): RunSpecInput {
+export function runSpecInputOf(opts: Record<string, unknown>, only?: readonly string[]): RunSpecInput {
   const out: Record<string, unknown> = {};
   for (const f of FLAGS) {
+    if (only && !only.includes(f.field)) continue;
     const v = opts[keyOf(f.flag)];
-    if (v === undefined) continue;
+    if (v === undefined || (f.negate && v === true)) continue;
     const [a, b] = f.field.split('.');
     if (b) out[a] = { ...((out[a] as object | undefined) ?? {}), [b]: v };
     else out[a] = v;
   }
   return out as RunSpecInput;
+}
+
+/** The token-mixing flags alone (split inference and generation). */
+export function addMixingOptions(cmd: Command): Command {
+  return addRunSpecOptions(cmd, { bundle: true, only: MIXING_FIELDS });
+}
+
+/** The token mixing the flags ask for (null: off); invalid values are refused as a run spec's. */
+export function mixingOptionsOf(opts: Record<string, unknown>): MixingConfig | null {
+  return mixingOf(parseMixingSettings(runSpecInputOf(opts, MIXING_FIELDS), 'command line'));
 }

@@ -11,6 +11,7 @@ import { shareTable, formatShare } from '../obfuscate/share.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import { Enclave } from '../enclave/enclave.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
 import { loadModel, parseIntArg, refuseNonEmpty } from './model_args.js';
 import { BundleError } from '../errors.js';
@@ -96,12 +97,12 @@ export function addSplitCommands(program: Command): void {
 }
 
 /** Loads an enclave + accelerator bundle pair and wires them in one process. */
-export function loadSplit(encDir: string, accDir: string): Enclave {
+export function loadSplit(encDir: string, accDir: string, mixing: MixingConfig | null = null): Enclave {
   if (!existsSync(encDir)) throw new BundleError(`enclave bundle ${encDir} not found`);
   if (!existsSync(accDir)) throw new BundleError(`accelerator bundle ${accDir} not found`);
   const enc = loadEnclaveBundle(encDir);
   const acc = loadAcceleratorBundle(accDir);
   checkBundlePair(enc, acc);
-  return new Enclave(enc, new InProcessLink(new Accelerator(acc.weights)));
+  return new Enclave(enc, new InProcessLink(new Accelerator(acc.weights)), { mixing });
 }
 

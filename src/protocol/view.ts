@@ -48,8 +48,10 @@ export interface ViewHeader {
   /** mask spec label ("1", "10", "naive") */
   spec: string;
   two_sided: boolean;
-  /** defence 1 (per-call token mixing); not implemented yet, always "off" */
-  token_mixing: 'off';
+  /** defence 1 (per-call token mixing, src/enclave/mixing.ts) */
+  token_mixing: 'off' | 'on';
+  /** its settings when on (kappa of P, real rows per block with 0 for one block, shields) */
+  mixing?: { kappa: number; block: number; shields: boolean } | null;
   config: GPT2Config;
   /** fingerprint of the provider's plain model (src/train/session.ts modelFingerprint) */
   model_id: string;

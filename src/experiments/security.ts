@@ -9,7 +9,7 @@
  *      gradient) with the bundle it holds.
  *   3. Every attack runs on every view, in its setting: secret-model (frequency,
  *      label-recovery), known-plaintext, public-base (weight-alignment, decode-public-base,
- *      mlp-permutation).
+ *      mlp-permutation, unmix). Each mode runs without a defence and with token mixing.
  *   4. security.json and security.html: attack x mode x setting x defence -> metric,
  *      baseline, and the command that reproduces the number from the saved view.
  */
@@ -33,11 +33,13 @@ import { frequencyAttack } from '../attacks/frequency.js';
 import { knownPlaintextAttack } from '../attacks/known_plaintext.js';
 import { mlpPermutationAttack } from '../attacks/mlp_permutation.js';
 import { labelRecoveryAttack } from '../attacks/label_recovery.js';
+import { unmixAttack } from '../attacks/unmix.js';
 import { lineChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { InputError } from '../errors.js';
 
-export const ATTACKS = ['weight-alignment', 'decode-public-base', 'mlp-permutation', 'frequency', 'known-plaintext', 'label-recovery'] as const;
+export const ATTACKS = ['weight-alignment', 'decode-public-base', 'mlp-permutation', 'frequency', 'known-plaintext', 'label-recovery', 'unmix'] as const;
+export const DEFENCES = ['none', 'token-mixing'] as const;
 export type AttackName = (typeof ATTACKS)[number];
 
 export interface SecurityOptions {
@@ -52,6 +54,11 @@ export interface SecurityOptions {
   /** the attacker's public corpus of the owner's domain */
   publicCorpus: string;
   modes: { mode: 'sealed' | 'paper'; kappa: string }[];
+  /** each mode without a defence and/or with token mixing (default both) */
+  defences?: (typeof DEFENCES)[number][];
+  /** unmix: attack at most this many batches, candidate positions 0..n-1 */
+  unmixBatches?: number;
+  unmixPositions?: number;
   steps: number;
   batch: number;
   maxLen: number;
@@ -115,13 +122,15 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
   const padId = tok.eotId;
   const rows: SecurityRow[] = [];
   const hiddenBatches = o.hiddenBatches ?? 8;
-  for (const m of o.modes) {
-    const name = `${m.mode}-k${m.kappa}`;
+  const defences = o.defences ?? [...DEFENCES];
+  for (const d of defences) if (!(DEFENCES as readonly string[]).includes(d)) throw new InputError(`unknown defence "${d}" (expected one of ${DEFENCES.join(', ')})`);
+  for (const m of o.modes) for (const defence of defences) {
+    const name = `${m.mode}-k${m.kappa}${defence === 'token-mixing' ? '-mix' : ''}`;
     const viewFile = path.join(dir, 'views', `${name}.view.safetensors`);
     const runDir = path.join(dir, 'runs', name);
     const spec = parseRunSpec({
       task: 'cls', method: 'lora', mode: m.mode, kappa: m.kappa, steps: o.steps, batch: o.batch, max_len: Math.min(o.maxLen, prov.config.n_ctx),
-      warmup: Math.max(1, Math.floor(o.steps / 20)), checkpoint_every: 0, seed, lr: 1e-3,
+      warmup: Math.max(1, Math.floor(o.steps / 20)), checkpoint_every: 0, seed, lr: 1e-3, token_mixing: defence === 'token-mixing' ? 'on' : 'off',
     }, `experiment security ${name}`);
     const recs = readJsonl(o.ownerData);
     const labels = labelSet(recs, o.ownerData);
@@ -152,6 +161,7 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
       frequency: `obfuscatune attack frequency --view ${v} --corpus ${rel(o.publicCorpus)} --json`,
       'known-plaintext': `obfuscatune attack known-plaintext --view ${v} --known-fraction 0.1 --json`,
       'label-recovery': `obfuscatune attack label-recovery --view ${v} --corpus ${rel(o.publicCorpus)} --json`,
+      unmix: `obfuscatune attack unmix --view ${v} --public ${rel(o.publicModel)} --corpus ${rel(o.publicCorpus)} --max-batches ${o.unmixBatches ?? 8}${o.unmixPositions ? ` --positions ${o.unmixPositions}` : ''} --json`,
     };
     for (const a of attacks) {
       const t1 = performance.now();
@@ -163,6 +173,7 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
         case 'frequency': r = frequencyAttack(view, truth, { corpus: o.publicCorpus }); break;
         case 'known-plaintext': r = knownPlaintextAttack(view, truth, { knownFraction: 0.1, seed }); break;
         case 'label-recovery': r = labelRecoveryAttack(view, truth, { corpus: o.publicCorpus, seed }); break;
+        case 'unmix': r = unmixAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.unmixBatches ?? 8, positions: o.unmixPositions }); break;
         default: throw new InputError(`unknown attack "${String(a)}"`);
       }
       const row: SecurityRow = { ...r, model: path.basename(path.resolve(o.publicModel)), view: v, command: cmds[a], seconds: (performance.now() - t1) / 1000 };
@@ -202,7 +213,7 @@ async function securityReport(res: SecurityResults): Promise<string> {
       curve.push({ x: c.observed_batches, y: 100 * c.baseline, series: `baseline (${r.mode} k${r.kappa})` });
     }
   }
-  const setup = `<p>Public model <code>${res.public_model}</code>; the provider's model <code>${res.provider_model}</code> is it fine-tuned ${res.provider.steps} steps (full, AdamW, lr ${res.provider.lr}) on <code>${res.provider.corpus}</code>. The data owner fine-tunes the provider's model for classification with LoRA for ${res.owner.steps} steps (batch ${res.owner.batch}, at most ${res.owner.max_len} tokens per record) on <code>${res.owner.data}</code>; the attacker's public corpus is <code>${res.public_corpus}</code>. No defence is implemented yet: every row is defence "none". Reproduce: <code>${res.command}</code>.</p>`;
+  const setup = `<p>Public model <code>${res.public_model}</code>; the provider's model <code>${res.provider_model}</code> is it fine-tuned ${res.provider.steps} steps (full, AdamW, lr ${res.provider.lr}) on <code>${res.provider.corpus}</code>. The data owner fine-tunes the provider's model for classification with LoRA for ${res.owner.steps} steps (batch ${res.owner.batch}, at most ${res.owner.max_len} tokens per record) on <code>${res.owner.data}</code>; the attacker's public corpus is <code>${res.public_corpus}</code>. Defence "token-mixing" is the same run with per-call token mixing on (its defaults: kappa 10, one block, shields). Reproduce: <code>${res.command}</code>.</p>`;
   return page('obfuscatune: what a curious accelerator recovers', [
     { title: 'Setup', html: setup },
     { title: 'Attacks (metric against the guess without the view)', html: table(t.head, t.rows) },

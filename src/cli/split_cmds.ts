@@ -13,6 +13,7 @@ import { InProcessLink } from '../protocol/link.js';
 import { Enclave } from '../enclave/enclave.js';
 import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
+import { addMixingOptions, mixingOptionsOf } from './run_spec_args.js';
 import { loadModel, parseIntArg, refuseNonEmpty } from './model_args.js';
 import { BundleError } from '../errors.js';
 
@@ -64,7 +65,7 @@ export function addSplitCommands(program: Command): void {
       console.log(`wrote plain checkpoint ${o.out}`);
     });
 
-  program
+  addMixingOptions(program
     .command('fidelity')
     .description('split vs plain logits on the same tokens, for several mask condition numbers and the naive baseline')
     .requiredOption('--model <dir|preset>', 'checkpoint directory, or a preset with --random-init')
@@ -74,13 +75,14 @@ export function addSplitCommands(program: Command): void {
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('paper'))
     .option('--kappas <list>', 'comma-separated kappas and/or "naive"', '1,10,100,1000,naive')
     .option('--two-sided', 'paper mode: two-sided masks')
-    .option('--json', 'print JSON')
+    .option('--json', 'print JSON'))
     .action(async (o) => {
+      const mixing = mixingOptionsOf(o);
       const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
       const specs = String(o.kappas).split(',').map((s: string) => parseMaskSpec(s.trim()));
       const name = o.randomInit ? o.model : path.basename(path.resolve(o.model));
       const bar = progressBar(o.mode === 'sealed' ? 1 : specs.length, 'fidelity', '{label}');
-      const r = await runFidelity(model, name, { mode: o.mode, specs, tokens: o.tokens, seed: o.seed, twoSided: o.twoSided, onProgress: (i, _n, label) => bar.update(i, { label }) });
+      const r = await runFidelity(model, name, { mode: o.mode, specs, tokens: o.tokens, seed: o.seed, twoSided: o.twoSided, mixing, onProgress: (i, _n, label) => bar.update(i, { label }) });
       bar.stop();
       console.log(o.json ? JSON.stringify(r) : formatFidelity(r));
     });

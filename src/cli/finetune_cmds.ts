@@ -9,9 +9,10 @@ import { readJsonl, labelSet, encodeRecords, type Task } from '../io/jsonl.js';
 import { buildSession, exportRun, mergedPlainModel } from '../train/session.js';
 import { runFinetune, evaluate, latestCheckpoint } from '../train/finetune.js';
 import {
-  RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions,
+  RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions, mixingOf,
   type RunSpec, type RunSpecInput,
 } from '../train/run_spec.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
 import { parseIntArg, refuseNonEmpty } from './model_args.js';
 import { addRunSpecOptions, runSpecInputOf } from './run_spec_args.js';
@@ -27,6 +28,8 @@ export interface RunConfig {
   method: Method;
   mode: TrainMode;
   kappa: string | null;
+  /** per-call token mixing (null: off) */
+  token_mixing?: MixingConfig | null;
   labels: string[];
   max_len: number;
   pad_token_id: number;
@@ -144,7 +147,7 @@ export function addFinetuneCommands(program: Command): void {
       const recording = recOpts ? recordSession(session, { ...recOpts, padTokenId: padId, modelPath: files.model, spec: spec.kappa ?? '1', twoSided: spec.two_sided, labels }) : null;
       const cfg = toFinetuneConfig(spec, session.modelId);
       const runCfg: RunConfig = {
-        format: 'obfuscatune-run/1', model: path.resolve(files.model), task, method, mode, kappa: spec.kappa, labels, max_len: spec.max_len, pad_token_id: padId,
+        format: 'obfuscatune-run/1', model: path.resolve(files.model), task, method, mode, kappa: spec.kappa, token_mixing: mixingOf(spec), labels, max_len: spec.max_len, pad_token_id: padId,
         train: path.resolve(files.train), eval: files.eval ? path.resolve(files.eval) : null,
       };
       writeFileSync(path.join(runDir, 'config.json'), JSON.stringify(runCfg, null, 2) + '\n');
@@ -166,17 +169,17 @@ export function addFinetuneCommands(program: Command): void {
         const { header, truthFile } = recording.save(o.recordView);
         console.error(`recorded the accelerator's view: ${o.recordView} (${header.events} tensors, ${(header.recorded_bytes / 2 ** 20).toFixed(1)} MiB${header.dropped_events ? `, ${header.dropped_events} left out by the filter` : ''}); scoring key ${truthFile}`);
       }
-      exportRun(path.join(runDir, 'final'), session, { kappa: spec.kappa, labels });
+      exportRun(path.join(runDir, 'final'), session, { kappa: spec.kappa, token_mixing: mixingOf(spec), labels });
       // this process plays every party: it can also act as the provider and merge the update
       const merged = mergedPlainModel(session);
       saveCheckpoint(path.join(runDir, 'merged'), { ...merged, cls: merged.cls ? { ...merged.cls, labels } : undefined, padTokenId: task === 'cls' ? padId : merged.padTokenId });
       const { losses, ...rest } = summary;
-      const out = { ...rest, first_loss: losses[0] ?? null, model: path.resolve(files.model), labels: task === 'cls' ? labels : undefined };
+      const out = { ...rest, token_mixing: mixingOf(spec), first_loss: losses[0] ?? null, model: path.resolve(files.model), labels: task === 'cls' ? labels : undefined };
       writeFileSync(path.join(runDir, 'summary.json'), JSON.stringify(out, null, 2) + '\n');
       if (o.json) console.log(JSON.stringify(out));
       else {
         const e = summary.eval;
-        console.log(`${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`);
+        console.log(`${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}${spec.token_mixing === 'on' ? ', token mixing' : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`);
         if (e) console.log(`eval: loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''} on ${e.examples} examples`);
         console.log(`run directory ${runDir} (${RUN_SPEC_FILE}, metrics.jsonl, summary.json, checkpoints/, final/, merged/)`);
       }

@@ -9,7 +9,8 @@
  *   dictionary   is a candidate first-layer row LN(wte[t] + wpe[p]) in the span of the call's
  *                rows? (relative residual <= 0.05 against an orthonormal basis of the rows). When
  *                n' < d the span is the real rows' and the candidates in it are the batch's bag of
- *                (token, position) pairs.
+ *                (token, position) pairs (a span holding more than twice as many candidates as
+ *                its dimension is taken as uninformative).
  *   intersection the row spaces of consecutive calls intersect in the rows they share (a
  *                (token, position) pair in both batches); the dictionary on the intersection.
  *
@@ -237,8 +238,9 @@ export function unmixAttack(view: LoadedView, publicBase: GPT2Weights, truth: Vi
         const prior = priorBag(stats.overall, n);
         // dictionary: the candidates in the span, unless the span is (nearly) the whole space
         const hits = basis.length < d ? dict.inSpan(basis, 0.05) : [];
-        // at most one candidate per dimension of the span, the nearest first
-        const gDict = fill(hits.slice(0, basis.length).map((h) => h.t).filter((x) => x !== pad), prior, n);
+        // at most one candidate per dimension of the span, the nearest first; a span that holds
+        // far more candidates than its dimension (nearly the whole space) tells nothing
+        const gDict = fill(hits.length <= 2 * basis.length ? hits.slice(0, basis.length).map((h) => h.t).filter((x) => x !== pad) : [], prior, n);
         // ICA on the centred rows, whitened through the row basis
         const k = basis.length;
         let gIca = prior;
@@ -273,7 +275,8 @@ export function unmixAttack(view: LoadedView, publicBase: GPT2Weights, truth: Vi
           return p2.reduce((q, v) => q + v * v, 0) > 0.999;
         });
         const common: number[] = [];
-        for (const h of ib.length < d && ib.length > 0 ? dict.inSpan(ib, 0.05) : []) common.push(h.t * 100003 + h.p);
+        const found = ib.length < d && ib.length > 0 ? dict.inSpan(ib, 0.05) : [];
+        for (const h of found.length <= 2 * ib.length ? found.slice(0, ib.length) : []) common.push(h.t * 100003 + h.p);
         const both = [...pairs].filter((q) => prevTokens!.has(q));
         const shared = new Set(both);
         const right = common.filter((x) => shared.has(`${Math.floor(x / 100003)}@${x % 100003}`)).length;

@@ -85,6 +85,18 @@ test('JSON contracts: share, fidelity and bench finetune', () => {
   assert.deepEqual(bj.rows.map((r: { mode: string }) => r.mode), ['local', 'sealed', 'paper']);
   assert.equal(bj.rows[2].kappa, '1');
   for (const r of bj.rows) assert.ok(r.step_ms_median > 0 && r.peak_rss_mb > 0);
+  // token mixing: fidelity within 1e-3 with the same top-1; sealed without and with mixing, paired
+  const fm = run(['fidelity', '--model', 'gpt2-tiny', '--random-init', '--seed', '2', '--tokens', '64', '--mode', 'sealed', '--kappas', '10', '--token-mixing', 'on', '--json']);
+  assert.equal(fm.status, 0, fm.stderr);
+  const fmj = JSON.parse(fm.stdout);
+  assert.deepEqual(fmj.token_mixing, { kappa: 10, block: 0, shields: true });
+  assert.ok(fmj.rows[0].max_abs_logit_err <= 1e-3 && fmj.rows[0].top1_agreement === 1, `fidelity with mixing: ${JSON.stringify(fmj.rows[0])}`);
+  const bm = run(['bench', 'finetune', '--json', '--model', 'gpt2-micro', '--batch', '2', '--seq', '8', '--steps', '1', '--token-mixing', 'on', '--mixing-block', '4']);
+  assert.equal(bm.status, 0, bm.stderr);
+  const bmj = JSON.parse(bm.stdout);
+  assert.deepEqual(bmj.rows.map((r: { token_mixing: string }) => r.token_mixing), ['off', 'on']);
+  assert.ok(bmj.rows[1].vs_unmixed > 0 && bmj.rows[1].mixing_share > 0 && bmj.rows[0].mixing_share === 0);
+  assert.match(run(['bench', 'finetune', '--token-mixing', 'maybe']).stderr, /token_mixing: must be one of off, on/);
   // over the network: each split mode beside its in-process twin, steps interleaved
   const g = run(['bench', 'finetune', '--json', '--transport', 'grpc', '--model', 'gpt2-micro', '--batch', '2', '--seq', '8', '--method', 'lora', '--steps', '2']);
   assert.equal(g.status, 0, g.stderr);
@@ -113,6 +125,9 @@ test('obfuscate, then generate through the split: the same tokens as the plain m
     assert.equal(d.status, 0, d.stderr);
     const again = run(['generate', '--model', path.join(dir, 'plain'), '--prompt', 'Hello there', '--max-tokens', '6', '--json']);
     assert.deepEqual(JSON.parse(again.stdout).tokens, JSON.parse(plain.stdout).tokens);
+    const mixing = run(['generate', '--enclave', path.join(dir, 'b', 'enclave'), '--accelerator', path.join(dir, 'b', 'accelerator'), '--prompt', 'Hello there', '--max-tokens', '6', '--json', '--token-mixing', 'on', '--mixing-kappa', '4']);
+    assert.equal(mixing.status, 0, mixing.stderr);
+    assert.deepEqual(JSON.parse(mixing.stdout).tokens, JSON.parse(plain.stdout).tokens, 'token mixing keeps generation exact');
     const mixed = run(['generate', '--enclave', path.join(dir, 'b', 'enclave'), '--prompt', 'x']);
     assert.match(mixed.stderr, /needs both --enclave and --accelerator/);
   } finally {

@@ -38,6 +38,8 @@ export interface RowBatch {
   rows: number;
   cols: number;
   data: Float32Array;
+  /** the view was recorded with token mixing: the rows are mixtures of the real rows and shields */
+  mixed?: boolean;
 }
 
 /** The first-layer inputs of every forward, in order (what the accelerator saw first). */
@@ -46,14 +48,18 @@ export function firstLayerBatches(view: LoadedView, max = Infinity): RowBatch[] 
   view.events.forEach((e, i) => {
     if (out.length >= max) return;
     if (e.direction === 'to_accelerator' && e.op === 'linear_forward' && e.layer === 0 && e.name === 'qkv' && e.field === 'x') {
-      out.push({ call: e.call, rows: e.rows, cols: e.cols, data: view.tensor(i) });
+      out.push({ call: e.call, rows: e.rows, cols: e.cols, data: view.tensor(i), mixed: view.header.token_mixing === 'on' });
     }
   });
   if (out.length === 0) throw new InputError(`view ${view.file} holds no layer-0 qkv inputs (recorded with a filter that left them out?)`);
   return out;
 }
 
-/** The truth batch a view batch belongs to (the last one started at or before its call), when its rows match. */
+/**
+ * The truth batch a view batch belongs to (the last one started at or before its call), when
+ * its rows match. A mixed batch has more rows than tokens (its shields): its truth is padded
+ * with token -1 (never scored), so that an attack's row r is scored against token r.
+ */
 export function truthOf(truth: ViewTruth, b: RowBatch): TruthBatch | null {
   let lo = 0, hi = truth.batches.length - 1, best = -1;
   while (lo <= hi) {
@@ -62,12 +68,15 @@ export function truthOf(truth: ViewTruth, b: RowBatch): TruthBatch | null {
   }
   if (best < 0) return null;
   const t = truth.batches[best];
-  return t.tokens.length === b.rows ? t : null;
+  if (t.tokens.length === b.rows) return t;
+  if (!b.mixed || b.rows < t.tokens.length) return null;
+  const extra = b.rows - t.tokens.length;
+  return { ...t, tokens: [...t.tokens, ...new Array<number>(extra).fill(-1)], pos: [...t.pos, ...new Array<number>(extra).fill(0)] };
 }
 
-/** Rows scored: the owner's tokens other than padding. */
+/** Rows scored: the owner's tokens other than padding (and other than a mixed batch's shields). */
 export function scoredRow(truth: ViewTruth, t: TruthBatch, r: number): boolean {
-  return truth.pad_token_id === null || t.tokens[r] !== truth.pad_token_id;
+  return t.tokens[r] >= 0 && (truth.pad_token_id === null || t.tokens[r] !== truth.pad_token_id);
 }
 
 /** A key equal for rows that agree on a grid of `q` (exact repeats, and near ones up to float noise). */

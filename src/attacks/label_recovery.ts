@@ -91,11 +91,13 @@ export function labelRecoveryAttack(view: LoadedView, truth: ViewTruth, o: Label
     for (let r = 0; r < e.rows; r++) { let s = 0; for (let j = 0; j < d; j++) s += g[r * d + j] ** 2; norms[r] = Math.sqrt(s); mx = Math.max(mx, norms[r]); }
     const bi = batchOfCall(e.call);
     const tb = bi >= 0 ? truth.batches[bi] : null;
-    const T = tb?.labels && tb.tokens.length === e.rows ? e.rows / tb.labels.length : 0;
+    // a mixed view (token mixing) sends more rows than tokens: row r is scored against the sequence of token r
+    const fits = tb?.labels && (tb.tokens.length === e.rows || (view.header.token_mixing === 'on' && tb.tokens.length < e.rows));
+    const T = fits ? tb!.tokens.length / tb!.labels!.length : 0;
     for (let r = 0; r < e.rows; r++) {
       if (norms[r] <= 1e-6 * mx || mx === 0) continue;
       rows.push(Array.from(g.subarray(r * d, (r + 1) * d), (v) => v / norms[r]));
-      owner.push(T ? { batch: bi, seq: Math.floor(r / T) } : { batch: -1, seq: -1 });
+      owner.push(T && r < tb!.tokens.length ? { batch: bi, seq: Math.floor(r / T) } : { batch: -1, seq: -1 });
     }
   });
   if (rows.length === 0) throw new InputError(`view ${view.file} holds no gradient of the last layer's output (record the backward pass of layer ${last})`);

@@ -10,6 +10,7 @@ import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { AcceleratorLink, Observer } from '../protocol/link.js';
 import { ViewRecorder, tapBatches, type RecorderOptions, type ViewHeader } from '../protocol/view.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 import { InputError } from '../errors.js';
 
 export function snapshotWeights(acc: AcceleratorWeights): AcceleratorWeights {
@@ -27,6 +28,10 @@ function perLayer(x: Int32Array | undefined, L: number): number[][] | null {
   if (!x) return null;
   const w = x.length / L;
   return Array.from({ length: L }, (_, l) => Array.from(x.subarray(l * w, (l + 1) * w)));
+}
+
+function mixingHeader(m: MixingConfig | null): Pick<ViewHeader, 'token_mixing' | 'mixing'> {
+  return m ? { token_mixing: 'on', mixing: { kappa: m.kappa, block: m.block, shields: m.shields } } : { token_mixing: 'off', mixing: null };
 }
 
 export interface Recording {
@@ -47,7 +52,7 @@ export function recordSession(s: Session, o: RecorderOptions & { padTokenId: num
   return {
     recorder: rec,
     save: (file) => rec.save(path.resolve(file), {
-      kind: 'finetune', mode: s.model.mode, spec: o.spec, two_sided: o.twoSided, token_mixing: 'off', public_base: obf.enclave.publicBase?.sha256 ?? null, config: obf.enclave.config, model_id: s.modelId,
+      kind: 'finetune', mode: s.model.mode, spec: o.spec, two_sided: o.twoSided, ...mixingHeader(s.model.mixingConfig), public_base: obf.enclave.publicBase?.sha256 ?? null, config: obf.enclave.config, model_id: s.modelId,
     }, acc, {
       pad_token_id: o.padTokenId, model: o.modelPath ? path.resolve(o.modelPath) : null,
       pi: perLayer(obf.enclave.tensors.pi, L), head_perm: perLayer(obf.enclave.tensors.headPerm, L),
@@ -72,10 +77,13 @@ export function recordBundleRun(model: object, link: AcceleratorLink, b: Enclave
   tapBatches(model as Parameters<typeof tapBatches>[0], rec, { labels: o.labels !== undefined });
   const snap = snapshotWeights(acc);
   const L = b.config.n_layer;
+  // the token mixing of an Enclave (its decorator) or of a SplitModel (the enclave service's job)
+  const m = model as { mixing?: { o: Parameters<typeof mixingHeader>[0] } | null; mixingConfig?: Parameters<typeof mixingHeader>[0] };
+  const mix = m.mixingConfig ?? m.mixing?.o ?? null;
   return {
     recorder: rec,
     save: (file) => rec.save(path.resolve(file), {
-      kind, mode: b.mode, spec: b.spec, two_sided: b.twoSided, token_mixing: 'off', public_base: b.publicBase?.sha256 ?? null, config: b.config, model_id: o.modelId,
+      kind, mode: b.mode, spec: b.spec, two_sided: b.twoSided, ...mixingHeader(mix), public_base: b.publicBase?.sha256 ?? null, config: b.config, model_id: o.modelId,
     }, snap, {
       pad_token_id: o.padTokenId, model: o.modelPath ? path.resolve(o.modelPath) : null,
       pi: perLayer(b.tensors.pi, L), head_perm: perLayer(b.tensors.headPerm, L), ...(o.labels ? { labels: o.labels } : {}),

@@ -14,6 +14,7 @@ import type { TrainMode, Method } from '../enclave/split_model.js';
 import type { AcceleratorLink } from '../protocol/link.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { peakRssMb } from './train_step.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 
 export interface FinetuneBenchRow {
   mode: TrainMode;
@@ -33,6 +34,12 @@ export interface FinetuneBenchRow {
   paired?: boolean;
   /** --interleaved: step time over local's in the same round (median over rounds) */
   vs_local?: number;
+  /** --token-mixing on: this row's token mixing */
+  token_mixing?: 'off' | 'on';
+  /** --token-mixing on, the mixed row: step time over the unmixed sealed step beside it (median of pairs) */
+  vs_unmixed?: number;
+  /** share of the step spent drawing, mixing and unmixing (the enclave's side of the defence) */
+  mixing_share?: number;
 }
 
 export interface FinetuneBenchResult {
@@ -46,6 +53,8 @@ export interface FinetuneBenchResult {
   tensor_channel?: boolean;
   /** the modes ran in one process, steps in rounds (benchFinetuneInterleaved) */
   interleaved?: boolean;
+  /** sealed with and without token mixing, paired in one process (benchFinetuneMixing) */
+  token_mixing?: MixingConfig;
   rows: FinetuneBenchRow[];
 }
 
@@ -57,10 +66,10 @@ function median(a: number[]): number {
 
 type BenchLinkFactory = (acc: AcceleratorWeights) => Promise<AcceleratorLink & { dataPath?: string }>;
 
-interface BenchOneOptions { model: string; method: Method; mode: TrainMode; batch: number; seq: number; steps: number; rank: number; transport: string; link?: BenchLinkFactory }
+interface BenchOneOptions { model: string; method: Method; mode: TrainMode; batch: number; seq: number; steps: number; rank: number; transport: string; link?: BenchLinkFactory; mixing?: MixingConfig | null }
 
 interface StepRunner {
-  step(): Promise<{ ms: number; integrityMs: number; messages: number }>;
+  step(): Promise<{ ms: number; integrityMs: number; messages: number; mixingMs: number }>;
   dataPath(): string;
   close(): Promise<void>;
 }
@@ -91,7 +100,7 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
   }
   const s = buildSession(base, {
     mode: o.mode, method: o.method, task: 'lm', kappa: '1', padTokenId: 50256, seed: 1, maskSeed: 1,
-    lora: { rank: o.rank, alpha: 2 * o.rank, dropout: 0, targets: ['q', 'v'] }, link: linkFactory,
+    lora: { rank: o.rank, alpha: 2 * o.rank, dropout: 0, targets: ['q', 'v'] }, link: linkFactory, mixing: o.mixing,
   });
   const m = s.model;
   const rng = new Rng(3);
@@ -103,6 +112,7 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
   return {
     async step() {
       const before = m.integrity?.ms ?? 0;
+      const mixBefore = m.mixingStats?.ms ?? 0;
       const msgs = sent();
       const t0 = performance.now();
       m.grads.fill(0);
@@ -114,20 +124,43 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
       if (m.adapters) encOpt.step(m.adapters.params, m.adapters.grads, 1e-4);
       else encOpt.step(m.params, m.grads, 1e-4);
       await m.acceleratorUpdate(1e-4, 0.9, 1);
-      return { ms: performance.now() - t0, integrityMs: (m.integrity?.ms ?? 0) - before, messages: sent() - msgs };
+      return { ms: performance.now() - t0, integrityMs: (m.integrity?.ms ?? 0) - before, messages: sent() - msgs, mixingMs: (m.mixingStats?.ms ?? 0) - mixBefore };
     },
     dataPath: () => (linkFactoryIn ? link?.dataPath ?? 'grpc' : 'in-process'),
     close: async () => { await s.link.close?.(); },
   };
 }
 
-function rowOf(o: BenchOneOptions, transport: string, dataPath: string, steps: { ms: number; integrityMs: number; messages: number }[]): FinetuneBenchRow {
+type StepTimes = Awaited<ReturnType<StepRunner['step']>>;
+
+function rowOf(o: BenchOneOptions, transport: string, dataPath: string, steps: StepTimes[]): FinetuneBenchRow {
   const times = steps.map((x) => x.ms);
   return {
     mode: o.mode, ...(o.mode === 'paper' ? { kappa: '1' } : {}), step_ms_median: median(times), step_ms_min: Math.min(...times),
     peak_rss_mb: Math.round(peakRssMb() * 10) / 10, integrity_share: steps.reduce((a, x) => a + x.integrityMs, 0) / times.reduce((a, b) => a + b, 0),
     boundary_messages_per_step: steps[steps.length - 1]?.messages ?? 0, transport, data_path: dataPath,
+    ...(o.mixing !== undefined ? { token_mixing: o.mixing ? 'on' as const : 'off' as const, mixing_share: steps.reduce((a, x) => a + x.mixingMs, 0) / times.reduce((a, b) => a + b, 0) } : {}),
   };
+}
+
+/**
+ * Sealed fine-tuning without and with token mixing in this process, steps paired (the order
+ * alternating) after one warm-up step each: the mixed row's `vs_unmixed` is the median of
+ * the per-pair ratios, robust to a busy machine.
+ */
+export async function benchFinetuneMixing(o: Omit<BenchOneOptions, 'mode' | 'link' | 'mixing'> & { mixing: MixingConfig; onProgress?: (i: number, n: number, label: string) => void }): Promise<FinetuneBenchResult> {
+  const opts = [{ ...o, mode: 'sealed' as const, mixing: null }, { ...o, mode: 'sealed' as const, mixing: o.mixing }];
+  const runners = opts.map((x) => stepRunner({ ...x, transport: 'in-process' }));
+  for (const r of runners) await r.step();
+  const steps: StepTimes[][] = [[], []];
+  for (let i = 0; i < o.steps; i++) {
+    for (const k of i % 2 ? [1, 0] : [0, 1]) steps[k].push(await runners[k].step());
+    o.onProgress?.(i + 1, o.steps, `pair ${i + 1}`);
+  }
+  const rows = opts.map((x, k) => rowOf({ ...x, transport: 'in-process' }, 'in-process', 'in-process', steps[k]));
+  rows[1].vs_unmixed = median(steps[1].map((x, i) => x.ms / steps[0][i].ms));
+  for (const r of runners) await r.close();
+  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: 'in-process', token_mixing: o.mixing, rows };
 }
 
 /** One mode, in this process (one warm-up step, then `steps` timed ones). */
@@ -156,7 +189,7 @@ export async function benchFinetunePaired(o: BenchOneOptions & { link: BenchLink
     await local.step();
     await net.step();
   }
-  const a: { ms: number; integrityMs: number; messages: number }[] = [];
+  const a: StepTimes[] = [];
   const b: typeof a = [];
   for (let i = 0; i < o.steps; i++) {
     a.push(await local.step());
@@ -180,7 +213,7 @@ export async function benchFinetuneInterleaved(o: Omit<BenchOneOptions, 'mode' |
   const modes: TrainMode[] = ['local', 'sealed', 'paper'];
   const runners = modes.map((mode) => stepRunner({ ...o, mode, transport: 'in-process' }));
   for (const r of runners) await r.step();
-  const steps = modes.map(() => [] as { ms: number; integrityMs: number; messages: number }[]);
+  const steps = modes.map(() => [] as StepTimes[]);
   for (let i = 0; i < o.steps; i++) {
     for (let j = 0; j < modes.length; j++) {
       const k = (i + j) % modes.length;
@@ -218,6 +251,11 @@ export function benchFinetune(o: { model: string; method: Method; batch: number;
 }
 
 export function formatFinetuneBench(r: FinetuneBenchResult): string {
+  if (r.token_mixing) {
+    const m = r.token_mixing;
+    const head = `${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, sealed without and with token mixing (kappa ${m.kappa}, ${m.block ? `blocks of ${m.block} rows` : 'one block'}, shields ${m.shields ? 'on' : 'off'}), median of ${r.steps} paired steps`;
+    return [head, 'token mixing  step ms  vs unmixed  mixing share  msgs/step', ...r.rows.map((x) => `${(x.token_mixing ?? 'off').padEnd(12)} ${x.step_ms_median.toFixed(0).padStart(8)}  ${x.vs_unmixed !== undefined ? `${x.vs_unmixed.toFixed(2)}x`.padStart(10) : '-'.padStart(10)}  ${(100 * (x.mixing_share ?? 0)).toFixed(1).padStart(11)}%  ${String(x.boundary_messages_per_step).padStart(9)}`)].join('\n');
+  }
   const local = r.rows.find((x) => x.mode === 'local')!;
   const lines = [`${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, median of ${r.steps} steps${r.interleaved ? ' (modes interleaved in one process; vs local: median of per-round ratios)' : ''}`, 'mode      data path       step ms   vs local  vs in-process  integrity  msgs/step  peak RSS'];
   for (const x of r.rows) {

@@ -11,6 +11,7 @@ import { frequencyAttack } from '../attacks/frequency.js';
 import { knownPlaintextAttack } from '../attacks/known_plaintext.js';
 import { mlpPermutationAttack } from '../attacks/mlp_permutation.js';
 import { labelRecoveryAttack } from '../attacks/label_recovery.js';
+import { unmixAttack } from '../attacks/unmix.js';
 import { parseFloatArg, parseIntArg } from './model_args.js';
 import { InputError, ViewError } from '../errors.js';
 import { emit } from './output.js';
@@ -108,6 +109,17 @@ export function addAttackCommands(program: Command): void {
     .action((o: Common & { corpus: string; seed: number }) => {
       const { view, truth } = open(o);
       print(labelRecoveryAttack(view, needTruth(truth, o), { corpus: o.corpus, seed: o.seed }));
+    });
+
+  common(attack.command('unmix')
+    .description('public-base setting, against token mixing: FastICA on each call\'s rows, the dictionary attack (is a public first-layer row in the span of the call\'s rows?) and the intersection of consecutive calls\' row spaces'))
+    .requiredOption('--public <dir>', 'the public checkpoint (its alignment gives the residual basis; its first-layer rows are the dictionary)')
+    .requiredOption('--corpus <file>', 'a public JSONL corpus (the prior that fills guesses; the baseline)')
+    .option('--max-batches <n>', 'attack at most this many batches', parseIntArg('--max-batches'), 8)
+    .option('--positions <n>', 'candidate positions 0..n-1 (default: min(n_ctx, 64))', parseIntArg('--positions'))
+    .action((o: Common & { public: string; corpus: string; maxBatches: number; positions?: number }) => {
+      const { view, truth } = open(o);
+      print(unmixAttack(view, publicModel(o.public, view), needTruth(truth, o), { corpus: o.corpus, maxBatches: o.maxBatches, positions: o.positions }));
     });
 
   common(attack.command('mlp-permutation')

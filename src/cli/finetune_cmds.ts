@@ -12,9 +12,10 @@ import { parseLoraTargets } from '../model/lora.js';
 import { buildSession, exportRun, mergedPlainModel, readAdapter } from '../train/session.js';
 import { runFinetune, evaluate, latestCheckpoint, type EvalMetrics } from '../train/finetune.js';
 import {
-  RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions,
+  RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions, mixingOf,
   type RunSpec, type RunSpecInput,
 } from '../train/run_spec.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
 import { parseIntArg, refuseNonEmpty } from './model_args.js';
 import { addFieldOptions, addRunSpecOptions, recipeAndFlags, runSpecInputOf } from './run_spec_args.js';
@@ -32,6 +33,8 @@ export interface RunConfig {
   method: Method;
   mode: TrainMode;
   kappa: string | null;
+  /** per-call token mixing (null: off) */
+  token_mixing?: MixingConfig | null;
   labels: string[];
   max_len: number;
   pad_token_id: number;
@@ -174,7 +177,7 @@ export function addFinetuneCommands(program: Command): void {
       const recording = recOpts ? recordSession(session, { ...recOpts, padTokenId: padId, modelPath: files.model, spec: spec.kappa ?? '1', twoSided: spec.two_sided, labels }) : null;
       const cfg = toFinetuneConfig(spec, session.modelId);
       const runCfg: RunConfig = {
-        format: 'obfuscatune-run/1', model: path.resolve(files.model), task, method, mode, kappa: spec.kappa, labels, max_len: spec.max_len, pad_token_id: padId,
+        format: 'obfuscatune-run/1', model: path.resolve(files.model), task, method, mode, kappa: spec.kappa, token_mixing: mixingOf(spec), labels, max_len: spec.max_len, pad_token_id: padId,
         train: path.resolve(files.train), eval: files.eval ? path.resolve(files.eval) : null, ...(o.initAdapter ? { init_adapter: path.resolve(o.initAdapter) } : {}),
       };
       writeFileSync(path.join(runDir, 'config.json'), JSON.stringify(runCfg, null, 2) + '\n');
@@ -196,7 +199,7 @@ export function addFinetuneCommands(program: Command): void {
         const { header, truthFile } = recording.save(o.recordView);
         console.error(`recorded the accelerator's view: ${o.recordView} (${header.events} tensors, ${(header.recorded_bytes / 2 ** 20).toFixed(1)} MiB${header.dropped_events ? `, ${header.dropped_events} left out by the filter` : ''}); scoring key ${truthFile}`);
       }
-      exportRun(path.join(runDir, 'final'), session, { kappa: spec.kappa, labels });
+      exportRun(path.join(runDir, 'final'), session, { kappa: spec.kappa, token_mixing: mixingOf(spec), labels });
       // this process plays every party: it can also act as the provider and merge the update
       const merged = mergedPlainModel(session);
       if (session.model.adapters) {
@@ -205,11 +208,11 @@ export function addFinetuneCommands(program: Command): void {
       }
       saveCheckpoint(path.join(runDir, 'merged'), { ...merged, cls: merged.cls ? { ...merged.cls, labels } : undefined, padTokenId: task === 'cls' ? padId : merged.padTokenId });
       const { losses, ...rest } = summary;
-      const out = { ...rest, first_loss: losses[0] ?? null, model: path.resolve(files.model), labels: task === 'cls' ? labels : undefined };
+      const out = { ...rest, token_mixing: mixingOf(spec), first_loss: losses[0] ?? null, model: path.resolve(files.model), labels: task === 'cls' ? labels : undefined };
       writeFileSync(path.join(runDir, 'summary.json'), JSON.stringify(out, null, 2) + '\n');
       const e = summary.eval;
       emit(out, [
-        `${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`,
+        `${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}${spec.token_mixing === 'on' ? ', token mixing' : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`,
         ...(e ? [`eval: ${evalLine(e)}`] : []),
         `run directory ${runDir} (${RUN_SPEC_FILE}: the resolved recipe, loadable with --config; metrics.jsonl, summary.json, checkpoints/, final/${session.model.adapters ? ' with the PEFT adapter final/peft/' : ''}, merged/)`,
       ]);

@@ -23,11 +23,12 @@ import { addConfigOption, readRecipe } from './run_spec_args.js';
 import { mergeRunSpecInputs } from '../train/run_spec.js';
 import { runStart } from './start.js';
 import { addServiceCommands } from './service_cmds.js';
-import { benchFinetune, benchFinetuneInterleaved, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
+import { benchFinetune, benchFinetuneInterleaved, benchFinetuneMixing, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 import { addAttackCommands } from './attack_cmds.js';
 import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
+import { addMixingOptions, mixingOptionsOf } from './run_spec_args.js';
 import {
   AcceleratorError, BundleError, InputError, IntegrityError, PolicyError, StateError, TransportError, WorkerError,
 } from '../errors.js';
@@ -193,7 +194,7 @@ export function buildProgram(): Command {
       emit({ out: o.out, ...info }, `saved ${o.out}: validation loss ${final?.loss.toFixed(4) ?? '-'} (perplexity ${final?.perplexity.toFixed(1) ?? '-'}), unigram baseline ${info.unigram_valid_loss?.toFixed(4) ?? '-'}, ${seconds.toFixed(0)} s`);
     });
 
-  addRecordViewOptions(program
+  addRecordViewOptions(addMixingOptions(program
     .command('generate')
     .description('generate text from a prompt (KV cache; greedy, temperature, top-k), from a plain model or through the split')
     .option('--model <dir|preset>', 'plain checkpoint directory, or a preset with --random-init')
@@ -208,8 +209,10 @@ export function buildProgram(): Command {
     .option('--temperature <x>', '0 = greedy', parseFloatArg('--temperature'), 0)
     .option('--top-k <n>', 'sample among the k most likely tokens (0 = all)', parseIntArg('--top-k'), 0)
     .option('--seed <n>', 'sampling seed', parseIntArg('--seed'), 1)
-    .option('--json', 'print JSON {prompt, completion, tokens}'))
+    .option('--json', 'print JSON {prompt, completion, tokens}')))
     .action(async (o) => {
+      const mixing = mixingOptionsOf(o);
+      if (mixing && !o.enclave) throw new InputError('--token-mixing on mixes what crosses to the accelerator: it needs --enclave and --accelerator');
       const opts = { maxNewTokens: o.maxTokens, temperature: o.temperature, topK: o.topK, seed: o.seed };
       const recOpts = recorderOptionsOf(o);
       if (recOpts && !o.enclave) throw new InputError('--record-view records what crosses to the accelerator: it needs --enclave and --accelerator');
@@ -223,7 +226,7 @@ export function buildProgram(): Command {
       if (o.enclave || o.accelerator) {
         if (!o.enclave || !o.accelerator) throw new InputError('split generation needs both --enclave and --accelerator');
         if (o.model) throw new InputError('give either --model or --enclave/--accelerator, not both');
-        const enclave = loadSplit(o.enclave, o.accelerator);
+        const enclave = loadSplit(o.enclave, o.accelerator, mixing);
         tok = tokenizerFor(enclave.config.vocab_size);
         const { recordEnclave } = await import('../attacks/record.js');
         const { loadAcceleratorBundle } = await import('../obfuscate/bundle.js');
@@ -309,9 +312,9 @@ export function buildProgram(): Command {
       emit(r, formatTrainStep(r));
     });
 
-  bench
+  addMixingOptions(bench
     .command('finetune')
-    .description('fine-tuning step time of local, sealed and paper (kappa 1) modes side by side, each in its own process (--interleaved: in one process, steps in rounds)')
+    .description('fine-tuning step time of local, sealed and paper (kappa 1) modes side by side, each in its own process (--interleaved: in one process, steps in rounds; --token-mixing on: sealed without and with token mixing, steps paired in one process)')
     .option('--json', 'print JSON')
     .option('--model <preset>', 'model preset', 'gpt2')
     .addOption(new Option('--method <method>', 'fine-tuning method').choices(['lora', 'full']).default('lora'))
@@ -321,8 +324,17 @@ export function buildProgram(): Command {
     .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
     .addOption(new Option('--transport <t>', 'enclave-accelerator transport of the split modes (grpc: a spawned accelerator service; the in-process split is measured beside it)').choices(['in-process', 'grpc']).default('in-process'))
     .option('--no-tensor-channel', 'grpc: keep Call frames on gRPC instead of the tensor channel')
-    .option('--interleaved', 'in-process: the three modes in one process, steps in rounds, each split mode against local in the same round (robust on a busy machine; one peak RSS for all)')
+    .option('--interleaved', 'in-process: the three modes in one process, steps in rounds, each split mode against local in the same round (robust on a busy machine; one peak RSS for all)'))
     .action(async (o) => {
+      const mixing = mixingOptionsOf(o);
+      if (mixing) {
+        if (o.interleaved || o.transport !== 'in-process') throw new InputError('--token-mixing on pairs sealed steps without and with mixing in one process: use it without --interleaved and --transport grpc');
+        const bar = progressBar(o.steps, 'bench finetune', '{label}');
+        const r = await benchFinetuneMixing({ ...o, mixing, transport: 'in-process', onProgress: (i, _n, label) => bar.update(i, { label }) });
+        bar.stop();
+        console.log(o.json ? JSON.stringify(r) : formatFinetuneBench(r));
+        return;
+      }
       if (o.interleaved && o.transport !== 'in-process') throw new InputError('--interleaved measures the in-process modes; use it without --transport grpc');
       const bar = progressBar(o.interleaved ? o.steps : o.transport === 'in-process' ? 3 : 5, 'bench finetune', '{label}');
       const progress = (i: number, _n: number, label: string) => bar.update(i, { label });
@@ -434,6 +446,9 @@ export function buildProgram(): Command {
     .option('--max-len <n>', 'tokens per owner record', parseIntArg('--max-len'), 64)
     .option('--decode-batches <n>', 'batches decode-public-base decodes', parseIntArg('--decode-batches'))
     .option('--attacks <list>', 'which attacks (comma-separated)')
+    .option('--defences <list>', 'none and/or token-mixing (comma-separated)', 'none,token-mixing')
+    .option('--unmix-batches <n>', 'batches the unmix attack reads', parseIntArg('--unmix-batches'), 8)
+    .option('--unmix-positions <n>', 'candidate positions of the unmix dictionary (default min(n_ctx, 64))', parseIntArg('--unmix-positions'))
     .option('--out <dir>', 'report directory', 'report')
     .option('--json', 'print security.json')
     .action(async (o) => {
@@ -448,6 +463,7 @@ export function buildProgram(): Command {
         ownerData: o.ownerData, publicCorpus: o.publicCorpus, modes, deltaChoice: o.deltaEnergy !== undefined ? { energy: o.deltaEnergy } : undefined,
         steps: o.steps ?? (o.quick ? 12 : 100), batch: o.batch, maxLen: o.maxLen, decodeBatches: o.decodeBatches ?? (o.quick ? 4 : 20),
         attacks: o.attacks ? String(o.attacks).split(',').map((s: string) => s.trim()) as never : undefined,
+        defences: String(o.defences).split(',').map((s: string) => s.trim()) as never, unmixBatches: o.unmixBatches, unmixPositions: o.unmixPositions,
         out: o.out, log: (s) => console.error(s),
       });
       const t = securityTable(res);

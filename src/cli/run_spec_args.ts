@@ -7,7 +7,8 @@
 import type { Command } from 'commander';
 import { readFileSync } from 'node:fs';
 import YAML from 'yaml';
-import { RUN_SPEC_DEFAULTS, BUNDLE_FIELDS, RunSpecError, checkRunSpecInput, mergeRunSpecInputs, type RunSpecInput } from '../train/run_spec.js';
+import { RUN_SPEC_DEFAULTS, BUNDLE_FIELDS, MIXING_FIELDS, RunSpecError, checkRunSpecInput, mergeRunSpecInputs, mixingOf, parseMixingSettings, type RunSpecInput } from '../train/run_spec.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 import { PEFT_TARGET_MODULES, parseTargetModules } from '../model/peft.js';
 import { parseLoraTargets } from '../model/lora.js';
 import { InputError } from '../errors.js';
@@ -21,6 +22,8 @@ interface Flag {
   numeric?: boolean;
   /** turns the value into the setting's (PEFT's module names into targets) */
   map?: (v: string) => unknown;
+  /** a "--no-..." switch: sets the setting to false (commander reports true when it is not given) */
+  negate?: boolean;
 }
 
 const FLAGS: Flag[] = [
@@ -30,6 +33,10 @@ const FLAGS: Flag[] = [
   { flag: '--kappa <k>', field: 'kappa', help: 'mask condition number (>= 1; 1 = orthogonal) or naive; split modes only; none: 1' },
   { flag: '--two-sided', field: 'two_sided', help: 'paper mode: mask the projection outputs too' },
   { flag: '--mask-seed <n>', field: 'mask_seed', help: 'derive the masks from a seed (reproducible, NOT secret); none: the run\'s --seed', numeric: true },
+  { flag: '--token-mixing <on|off>', field: 'token_mixing', help: 'per-call token mixing of what crosses to the accelerator (Defence 1)' },
+  { flag: '--mixing-kappa <k>', field: 'mixing_kappa', help: 'token mixing: condition number of each call\'s mixing matrix', numeric: true },
+  { flag: '--mixing-block <n>', field: 'mixing_block', help: 'token mixing: real rows per block of a block-diagonal mixing (0 = one block)', numeric: true },
+  { flag: '--no-mixing-shields', field: 'mixing_shields', help: 'token mixing: no shield rows (cheaper; the sent rows then span only the real rows)', negate: true },
   { flag: '--steps <n>', field: 'steps', help: 'optimisation steps', numeric: true },
   { flag: '--batch <n>', field: 'batch', help: 'examples per step', numeric: true },
   { flag: '--max-len <n>', field: 'max_len', help: 'truncate examples to this many tokens (counted in the summary)', numeric: true },
@@ -87,16 +94,17 @@ function showDefault(v: unknown): string {
 
 /** commander's camelCase key of a flag */
 function keyOf(flag: string): string {
-  return flag.split(' ')[0].replace(/^--/, '').replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+  return flag.split(' ')[0].replace(/^--(no-)?/, '').replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
 }
 
 /**
  * Adds one flag per setting (without a commander default) and `--config`. `bundleNote` is
  * added to the help of the settings fixed by the provider's bundle (the enclave's jobs).
  */
-export function addRunSpecOptions(cmd: Command, o: { bundleNote?: string; help?: Record<string, string> } = {}): Command {
-  addConfigOption(cmd, 'a recipe: run-spec settings in a YAML or JSON file (a run\'s run_spec.json is one); the flags given override it');
+export function addRunSpecOptions(cmd: Command, o: { bundleNote?: string; help?: Record<string, string>; only?: readonly string[] } = {}): Command {
+  if (!o.only) addConfigOption(cmd, 'a recipe: run-spec settings in a YAML or JSON file (a run\'s run_spec.json is one); the flags given override it');
   for (const f of FLAGS) {
+    if (o.only && !o.only.includes(f.field)) continue;
     const d = defaultOf(f.field);
     const text = (o.help?.[f.field] ?? f.help) + (o.bundleNote && (BUNDLE_FIELDS as readonly string[]).includes(f.field) ? `; ${o.bundleNote}` : '');
     if (!f.flag.includes('<')) cmd.option(f.flag, text);
@@ -112,13 +120,14 @@ export function addFieldOptions(cmd: Command, defaults: string): Command {
   return cmd;
 }
 
-/** The spec input of the flags given (a flag not given is absent; two names of one setting must agree). */
-export function runSpecInputOf(opts: Record<string, unknown>): RunSpecInput {
+/** The spec input of the flags given (a flag not given is absent; two names of one setting must agree); `only`: these settings. */
+export function runSpecInputOf(opts: Record<string, unknown>, only?: readonly string[]): RunSpecInput {
   const out: Record<string, unknown> = {};
   const by = new Map<string, [string, unknown]>();
   for (const f of FLAGS) {
+    if (only && !only.includes(f.field)) continue;
     const given = opts[keyOf(f.flag)];
-    if (given === undefined) continue;
+    if (given === undefined || (f.negate && given === true)) continue;
     const v = f.map ? f.map(String(given)) : given;
     const name = f.flag.split(' ')[0];
     const was = by.get(f.field);
@@ -163,4 +172,14 @@ export function readRecipe(file: string, refuse: string[] = []): RunSpecInput {
 export function recipeAndFlags(opts: Record<string, unknown>, flags: RunSpecInput): { input: RunSpecInput; source: string } {
   if (typeof opts.config !== 'string') return { input: flags, source: 'command line' };
   return { input: mergeRunSpecInputs(readRecipe(opts.config), flags), source: `${opts.config} and the command line` };
+}
+
+/** The token-mixing flags alone (split inference and generation). */
+export function addMixingOptions(cmd: Command): Command {
+  return addRunSpecOptions(cmd, { only: MIXING_FIELDS });
+}
+
+/** The token mixing the flags ask for (null: off); invalid values are refused as a run spec's. */
+export function mixingOptionsOf(opts: Record<string, unknown>): MixingConfig | null {
+  return mixingOf(parseMixingSettings(runSpecInputOf(opts, MIXING_FIELDS), 'command line'));
 }

@@ -12,7 +12,9 @@ import { llamaShareTable } from '../obfuscate/share_llama.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import { Enclave } from '../enclave/enclave.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
+import { addMixingOptions, mixingOptionsOf } from './run_spec_args.js';
 import { loadModel, parseIntArg, refuseNonEmpty, addPublicBaseOptions, publicBaseOf } from './model_args.js';
 import { BundleError, InputError } from '../errors.js';
 import { mergeAdapter, readAdapter } from '../train/session.js';
@@ -76,7 +78,7 @@ export function addSplitCommands(program: Command): void {
       emit({ out: o.out, dtype: o.dtype, adapter: adapter ? o.adapter : null }, `wrote plain checkpoint ${o.out}${adapter ? ` with the adapter ${o.adapter} merged` : ''}`);
     });
 
-  program
+  addMixingOptions(program
     .command('fidelity')
     .description('split vs plain logits on the same tokens, for several mask condition numbers and the naive baseline')
     .requiredOption('--model <dir|preset>', 'checkpoint directory, or a preset with --random-init')
@@ -86,14 +88,15 @@ export function addSplitCommands(program: Command): void {
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('paper'))
     .option('--kappas <list>', 'comma-separated kappas and/or "naive"', '1,10,100,1000,naive')
     .option('--two-sided', 'paper mode: two-sided masks')
-    .option('--json', 'print JSON')
+    .option('--json', 'print JSON'))
     .action(async (o) => {
+      const mixing = mixingOptionsOf(o);
       const specs = String(o.kappas).split(',').map((s: string) => parseMaskSpec(s.trim()));
       if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
       const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
       const name = o.randomInit ? o.model : path.basename(path.resolve(o.model));
       const bar = progressBar(o.mode === 'sealed' ? 1 : specs.length, 'fidelity', '{label}');
-      const r = await runFidelity(model, name, { mode: o.mode, specs, tokens: o.tokens, seed: o.seed, twoSided: o.twoSided, onProgress: (i, _n, label) => bar.update(i, { label }) });
+      const r = await runFidelity(model, name, { mode: o.mode, specs, tokens: o.tokens, seed: o.seed, twoSided: o.twoSided, mixing, onProgress: (i, _n, label) => bar.update(i, { label }) });
       bar.stop();
       emit(r, formatFidelity(r));
     });
@@ -111,13 +114,13 @@ export function addSplitCommands(program: Command): void {
 }
 
 /** Loads an enclave + accelerator bundle pair and wires them in one process. */
-export function loadSplit(encDir: string, accDir: string): Enclave {
+export function loadSplit(encDir: string, accDir: string, mixing: MixingConfig | null = null): Enclave {
   if (!existsSync(encDir)) throw new BundleError(`enclave bundle ${encDir} not found`);
   if (!existsSync(accDir)) throw new BundleError(`accelerator bundle ${accDir} not found`);
   const enc = loadEnclaveBundle(encDir);
   const acc = loadAcceleratorBundle(accDir);
   checkBundlePair(enc, acc);
-  return new Enclave(enc, new InProcessLink(new Accelerator(acc.weights)));
+  return new Enclave(enc, new InProcessLink(new Accelerator(acc.weights)), { mixing });
 }
 
 

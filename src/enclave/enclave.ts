@@ -18,6 +18,8 @@ import { IntegrityChecker } from '../protocol/integrity.js';
 import { RemoteLinears } from '../protocol/client.js';
 import { PaperBasis, SealedBasis } from './bases.js';
 import { withEnclaveDelta } from './delta.js';
+import { MixedLinears, type MixingConfig } from './mixing.js';
+import type { RandomSource } from '../tensor/rng.js';
 import { BundleError } from '../errors.js';
 
 export class Enclave {
@@ -27,8 +29,11 @@ export class Enclave {
   readonly integrity: IntegrityChecker | null;
   private readonly net: Transformer<Obfuscated>;
 
-  /** `bundle` as loaded (and checked) by loadEnclaveBundle, or as an obfuscation made it */
-  constructor(readonly bundle: EnclaveBundle, readonly link: AcceleratorLink) {
+  /** the token mixing of every call (null: off) */
+  readonly mixing: MixedLinears | null;
+
+  /** `bundle` as loaded (and checked) by loadEnclaveBundle, or as an obfuscation made it; `o.mixing`: per-call token mixing */
+  constructor(readonly bundle: EnclaveBundle, readonly link: AcceleratorLink, o: { mixing?: MixingConfig | null; mixingRng?: RandomSource } = {}) {
     const c = this.config = bundle.config;
     const t = bundle.tensors;
     this.mode = bundle.mode;
@@ -37,10 +42,12 @@ export class Enclave {
     this.integrity = t.chk ? new IntegrityChecker(t.chk) : null;
     const basis = t.mode === 'sealed' ? new SealedBasis(c, t, false, null) : new PaperBasis(c, t, null);
     const cls = bundle.cls;
+    const remote = new RemoteLinears(link, c, { trainWeights: false, integrity: this.integrity });
+    this.mixing = o.mixing ? new MixedLinears(remote, c, { ...o.mixing, trainWeights: false, rng: o.mixingRng }) : null;
     this.net = new Transformer<Obfuscated>({
       config: c,
       basis,
-      linears: withEnclaveDelta(new RemoteLinears(link, c, { trainWeights: false, integrity: this.integrity }), t.delta),
+      linears: withEnclaveDelta(this.mixing ?? remote, t.delta),
       tables: { wte: t.wte, wpe: t.wpe, gwte: null, gwpe: null },
       // the classifier in the plain basis (sealed bundles hold it rotated: score Q)
       cls: cls ? { numLabels: cls.numLabels, weight: basis.headToPlain(t.score!, cls.numLabels), grad: null, pooling: cls.pooling ?? 'last' } : null,
@@ -71,9 +78,9 @@ export class Enclave {
 }
 
 /** The two sides wired together in one process (tests, fidelity, local experiments). */
-export function inProcessSplit(r: ObfuscationResult, opts: { serialize?: boolean } = {}) {
+export function inProcessSplit(r: ObfuscationResult, opts: { serialize?: boolean; mixing?: MixingConfig | null; mixingRng?: RandomSource } = {}) {
   const accelerator = new Accelerator(r.accelerator);
   const link = new InProcessLink(accelerator, opts);
-  const enclave = new Enclave(r.enclave, link);
+  const enclave = new Enclave(r.enclave, link, opts);
   return { accelerator, link, enclave };
 }

@@ -27,6 +27,7 @@ import type { TrunkBasis } from '../model/plain_basis.js';
 import { LocalBasis, PaperBasis, SealedBasis } from './bases.js';
 import { withEnclaveDelta } from './delta.js';
 import { RemoteLinears } from '../protocol/client.js';
+import { MixedLinears, type MixingConfig, type MixingStats } from './mixing.js';
 import type { Obfuscated } from '../protocol/messages.js';
 import { BundleError } from '../errors.js';
 
@@ -60,6 +61,10 @@ export interface SplitModelOptions {
   classifierInit?: Float32Array;
   /** Freivalds checks of every accelerator reply (on by default when the bundle has check vectors) */
   integrity?: IntegrityChecker | null;
+  /** per-call token mixing (Defence 1, src/enclave/mixing.ts); null: off */
+  mixing?: MixingConfig | null;
+  /** the mixing's randomness (default: a fresh secret key) */
+  mixingRng?: RandomSource;
 }
 
 /** Plain weights arranged as the two sides of the `local` mode. */
@@ -175,7 +180,9 @@ export class SplitModel {
   readonly pooling: Pooling;
   private padId: number;
   readonly integrity: IntegrityChecker | null;
-  private readonly linears: RemoteLinears;
+  private readonly remote: RemoteLinears;
+  /** what the block calls: the remote linears, behind the token mixing when it is on */
+  private readonly linears: RemoteLinears | MixedLinears;
   private readonly basis: TrunkBasis<Obfuscated>;
   private readonly net: Transformer<Obfuscated>;
   /**
@@ -242,7 +249,8 @@ export class SplitModel {
       this.adapters.init(o.rng);
     } else this.adapters = null;
     this.integrity = o.integrity !== undefined ? o.integrity : t.chk ? new IntegrityChecker(t.chk) : null;
-    this.linears = new RemoteLinears(o.link, o.config, { trainWeights: o.method === 'full', integrity: this.integrity });
+    this.remote = new RemoteLinears(o.link, o.config, { trainWeights: o.method === 'full', integrity: this.integrity });
+    this.linears = o.mixing ? new MixedLinears(this.remote, o.config, { ...o.mixing, trainWeights: o.method === 'full', rng: o.mixingRng }) : this.remote;
     // paper and local: the norms train where `gradViews` has their gradients
     this.basis = t.mode === 'sealed' ? new SealedBasis(o.config, t, this.plainEmbed, this.grad('headBias'))
       : t.mode === 'paper' ? new PaperBasis(o.config, t, this.gradViews) : new LocalBasis(o.config, t, this.gradViews);
@@ -298,6 +306,16 @@ export class SplitModel {
     return this.net.forwardCached(cache, tokens);
   }
 
+  /** the token mixing's settings (null when it is off) */
+  get mixingConfig(): MixingConfig | null {
+    return this.linears instanceof MixedLinears ? this.linears.o : null;
+  }
+
+  /** the token mixing's counters (null when it is off) */
+  get mixingStats(): MixingStats | null {
+    return this.linears instanceof MixedLinears ? this.linears.stats : null;
+  }
+
   /** Drops saved state on both sides (after an aborted step). */
   async reset(): Promise<void> {
     this.linears.reset();
@@ -334,7 +352,7 @@ export class SplitModel {
       for (const name of LINEARS) {
         const x = this.basis.buffer(linearDims(name, d)[0]);
         rng.fillNormal(x);
-        await this.linears.forward(l, name, x, 1, false);
+        await this.remote.forward(l, name, x, 1, false);
       }
     }
   }

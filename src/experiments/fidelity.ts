@@ -11,6 +11,7 @@ import { obfuscate } from '../obfuscate/transform.js';
 import { Enclave } from '../enclave/enclave.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 
 export interface FidelityRow {
   kappa: string;
@@ -27,6 +28,8 @@ export interface FidelityResult {
   mode: Mode;
   tokens: number;
   two_sided: boolean;
+  /** per-call token mixing of every accelerator call (null: off) */
+  token_mixing: MixingConfig | null;
   rows: FidelityRow[];
 }
 
@@ -49,7 +52,7 @@ export function compareLogits(plain: Float32Array, split: Float32Array, rows: nu
 }
 
 export async function runFidelity(model: GPT2, name: string, o: {
-  mode: Mode; specs: MaskSpec[]; tokens: number; seed: number; twoSided?: boolean; onProgress?: (i: number, n: number, label: string) => void;
+  mode: Mode; specs: MaskSpec[]; tokens: number; seed: number; twoSided?: boolean; mixing?: MixingConfig | null; onProgress?: (i: number, n: number, label: string) => void;
 }): Promise<FidelityResult> {
   const c = model.config;
   const T = Math.min(o.tokens, c.n_ctx);
@@ -68,16 +71,18 @@ export async function runFidelity(model: GPT2, name: string, o: {
     const masks = deriveMasks(c, key, params, undefined, cache);
     const obf = obfuscate(model.weights(), masks);
     const link = new InProcessLink(new Accelerator(obf.accelerator));
-    const enclave = new Enclave({ mode: o.mode, config: c, tensors: obf.enclave, spec: maskSpecLabel(spec), twoSided: params.twoSided, acceleratorManifestSha256: '' }, link);
+    const enclave = new Enclave({ mode: o.mode, config: c, tensors: obf.enclave, spec: maskSpecLabel(spec), twoSided: params.twoSided, acceleratorManifestSha256: '' }, link, { mixing: o.mixing ?? null });
     const split = await enclave.forward(tokens, B, T);
     rows.push({ kappa: maskSpecLabel(spec), ...compareLogits(plain, split, B * T, c.vocab_size) });
   }
   o.onProgress?.(specs.length, specs.length, 'done');
-  return { model: name, mode: o.mode, tokens: B * T, two_sided: o.twoSided ?? false, rows };
+  return { model: name, mode: o.mode, tokens: B * T, two_sided: o.twoSided ?? false, token_mixing: o.mixing ?? null, rows };
 }
 
 export function formatFidelity(r: FidelityResult): string {
-  const lines = [`${r.model}, ${r.mode} mode${r.two_sided ? ' (two-sided)' : ''}, ${r.tokens} tokens: split vs plain logits`, 'kappa     max |err|     mean |err|    top-1 agreement'];
+  const m = r.token_mixing;
+  const mix = m ? `, token mixing (kappa ${m.kappa}, ${m.block ? `blocks of ${m.block}` : 'one block'}, shields ${m.shields ? 'on' : 'off'})` : '';
+  const lines = [`${r.model}, ${r.mode} mode${r.two_sided ? ' (two-sided)' : ''}${mix}, ${r.tokens} tokens: split vs plain logits`, 'kappa     max |err|     mean |err|    top-1 agreement'];
   for (const x of r.rows) {
     lines.push(`${x.kappa.padEnd(8)}  ${x.max_abs_logit_err.toExponential(3).padEnd(12)}  ${x.mean_abs_logit_err.toExponential(3).padEnd(12)}  ${(100 * x.top1_agreement).toFixed(1)}%`);
   }

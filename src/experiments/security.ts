@@ -9,7 +9,7 @@
  *      gradient) with the bundle it holds.
  *   3. Every attack runs on every view, in its setting: secret-model (frequency,
  *      label-recovery), known-plaintext, public-base (weight-alignment, decode-public-base,
- *      mlp-permutation).
+ *      mlp-permutation, unmix). Each mode runs without a defence and with token mixing.
  *   4. security.json and security.html: attack x mode x setting x defence -> metric,
  *      baseline, and the command that reproduces the number from the saved view.
  */
@@ -33,13 +33,15 @@ import { frequencyAttack } from '../attacks/frequency.js';
 import { knownPlaintextAttack } from '../attacks/known_plaintext.js';
 import { mlpPermutationAttack } from '../attacks/mlp_permutation.js';
 import { labelRecoveryAttack } from '../attacks/label_recovery.js';
+import { unmixAttack } from '../attacks/unmix.js';
 import { lineChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { InputError } from '../errors.js';
 import { DEFAULT_DELTA_ENERGY } from '../obfuscate/provider.js';
 import type { RankChoice } from '../linalg/svd.js';
 
-export const ATTACKS = ['weight-alignment', 'decode-public-base', 'mlp-permutation', 'frequency', 'known-plaintext', 'label-recovery'] as const;
+export const ATTACKS = ['weight-alignment', 'decode-public-base', 'mlp-permutation', 'frequency', 'known-plaintext', 'label-recovery', 'unmix'] as const;
+export const DEFENCES = ['none', 'token-mixing'] as const;
 export type AttackName = (typeof ATTACKS)[number];
 
 export interface SecurityOptions {
@@ -59,6 +61,11 @@ export interface SecurityOptions {
   modes: { mode: 'sealed' | 'paper'; kappa: string; publicBase?: boolean }[];
   /** the delta kept in the enclave under Defence 2 (default: DEFAULT_DELTA_ENERGY) */
   deltaChoice?: RankChoice;
+  /** each mode without a defence and/or with token mixing (default both) */
+  defences?: (typeof DEFENCES)[number][];
+  /** unmix: attack at most this many batches, candidate positions 0..n-1 */
+  unmixBatches?: number;
+  unmixPositions?: number;
   steps: number;
   batch: number;
   maxLen: number;
@@ -122,13 +129,15 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
   const padId = tok.eotId;
   const rows: SecurityRow[] = [];
   const hiddenBatches = o.hiddenBatches ?? 8;
-  for (const m of o.modes) {
-    const name = `${m.mode}-k${m.kappa}${m.publicBase ? '-public-base' : ''}`;
+  const defences = o.defences ?? [...DEFENCES];
+  for (const d of defences) if (!(DEFENCES as readonly string[]).includes(d)) throw new InputError(`unknown defence "${d}" (expected one of ${DEFENCES.join(', ')})`);
+  for (const m of o.modes) for (const defence of defences) {
+    const name = `${m.mode}-k${m.kappa}${m.publicBase ? '-public-base' : ''}${defence === 'token-mixing' ? '-mix' : ''}`;
     const viewFile = path.join(dir, 'views', `${name}.view.safetensors`);
     const runDir = path.join(dir, 'runs', name);
     const spec = parseRunSpec({
       task: 'cls', method: 'lora', mode: m.mode, kappa: m.kappa, steps: o.steps, batch: o.batch, max_len: Math.min(o.maxLen, prov.config.n_ctx),
-      warmup: Math.max(1, Math.floor(o.steps / 20)), checkpoint_every: 0, seed, lr: 1e-3,
+      warmup: Math.max(1, Math.floor(o.steps / 20)), checkpoint_every: 0, seed, lr: 1e-3, token_mixing: defence === 'token-mixing' ? 'on' : 'off',
     }, `experiment security ${name}`);
     const recs = readJsonl(o.ownerData);
     const labels = labelSet(recs, o.ownerData);
@@ -162,6 +171,7 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
       frequency: `obfuscatune attack frequency --view ${v} --corpus ${rel(o.publicCorpus)} --json`,
       'known-plaintext': `obfuscatune attack known-plaintext --view ${v} --known-fraction 0.1 --json`,
       'label-recovery': `obfuscatune attack label-recovery --view ${v} --corpus ${rel(o.publicCorpus)} --json`,
+      unmix: `obfuscatune attack unmix --view ${v} --public ${rel(o.publicModel)} --corpus ${rel(o.publicCorpus)} --max-batches ${o.unmixBatches ?? 8}${o.unmixPositions ? ` --positions ${o.unmixPositions}` : ''} --json`,
     };
     for (const a of attacks) {
       const t1 = performance.now();
@@ -173,6 +183,7 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
         case 'frequency': r = frequencyAttack(view, truth, { corpus: o.publicCorpus }); break;
         case 'known-plaintext': r = knownPlaintextAttack(view, truth, { knownFraction: 0.1, seed }); break;
         case 'label-recovery': r = labelRecoveryAttack(view, truth, { corpus: o.publicCorpus, seed }); break;
+        case 'unmix': r = unmixAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.unmixBatches ?? 8, positions: o.unmixPositions }); break;
         default: throw new InputError(`unknown attack "${String(a)}"`);
       }
       const row: SecurityRow = { ...r, model: path.basename(path.resolve(o.publicModel)), view: v, command: cmds[a], seconds: (performance.now() - t1) / 1000 };
@@ -212,7 +223,7 @@ async function securityReport(res: SecurityResults): Promise<string> {
       curve.push({ x: c.observed_batches, y: 100 * c.baseline, series: `baseline (${r.mode} k${r.kappa})` });
     }
   }
-  const setup = `<p>Public model <code>${res.public_model}</code>; the provider's model <code>${res.provider_model}</code> is it fine-tuned ${res.provider.steps} steps (full, AdamW, lr ${res.provider.lr}) on <code>${res.provider.corpus}</code>. The data owner fine-tunes the provider's model for classification with LoRA for ${res.owner.steps} steps (batch ${res.owner.batch}, at most ${res.owner.max_len} tokens per record) on <code>${res.owner.data}</code>; the attacker's public corpus is <code>${res.public_corpus}</code>. Defence "public-base": the accelerator held the masked public base and the enclave the provider's delta (data protection then rests on token mixing alone). Reproduce: <code>${res.command}</code>.</p>`;
+  const setup = `<p>Public model <code>${res.public_model}</code>; the provider's model <code>${res.provider_model}</code> is it fine-tuned ${res.provider.steps} steps (full, AdamW, lr ${res.provider.lr}) on <code>${res.provider.corpus}</code>. The data owner fine-tunes the provider's model for classification with LoRA for ${res.owner.steps} steps (batch ${res.owner.batch}, at most ${res.owner.max_len} tokens per record) on <code>${res.owner.data}</code>; the attacker's public corpus is <code>${res.public_corpus}</code>. Defence "public-base": the accelerator held the masked public base and the enclave the provider's delta (data protection then rests on token mixing alone). Defence "token-mixing" is the same run with per-call token mixing on (its defaults: kappa 10, one block, shields); "both" combines them. Reproduce: <code>${res.command}</code>.</p>`;
   return page('obfuscatune: what a curious accelerator recovers', [
     { title: 'Setup', html: setup },
     { title: 'Attacks (metric against the guess without the view)', html: table(t.head, t.rows) },

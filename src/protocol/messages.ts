@@ -9,7 +9,8 @@ import { LINEARS, type LinearName } from '../model/block.js';
 declare const obfuscatedBrand: unique symbol;
 /**
  * A float32 tensor in an obfuscated basis. Only the enclave's bases (src/enclave/bases.ts)
- * create these, and the client from a reply it has checked (`checkTensorReply`), so a
+ * create these, the token mixing (src/enclave/mixing.ts) as row combinations of obfuscated
+ * tensors, and the client from a reply it has checked (`checkTensorReply`), so a
  * plaintext Float32Array cannot be handed to the accelerator by mistake.
  */
 export type Obfuscated = Float32Array & { readonly [obfuscatedBrand]: true };

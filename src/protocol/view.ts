@@ -48,8 +48,10 @@ export interface ViewHeader {
   /** mask spec label ("1", "10", "naive") */
   spec: string;
   two_sided: boolean;
-  /** defence 1 (per-call token mixing); not implemented yet, always "off" */
-  token_mixing: 'off';
+  /** defence 1 (per-call token mixing, src/enclave/mixing.ts) */
+  token_mixing: 'off' | 'on';
+  /** its settings when on (kappa of P, real rows per block with 0 for one block, shields) */
+  mixing?: { kappa: number; block: number; shields: boolean } | null;
   /** defence 2: the SHA-256 of the public base the accelerator's weights are (the delta stayed in the enclave); null or absent: the provider's model */
   public_base?: string | null;
   config: GPT2Config;

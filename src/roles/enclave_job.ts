@@ -19,7 +19,7 @@ import { Rng } from '../tensor/rng.js';
 import { runFinetune, type FinetuneSummary, type EvalMetrics } from '../train/finetune.js';
 import { adapterTensors } from '../model/lora.js';
 import { freshClassifier } from '../train/session.js';
-import { parseRunSpec, toFinetuneConfig, type RunSpec } from '../train/run_spec.js';
+import { mixingOf, parseRunSpec, toFinetuneConfig, type RunSpec } from '../train/run_spec.js';
 import { writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { BundleError, InputError, IntegrityError, ObfuscatuneError, StateError, TransportError, findCause } from '../errors.js';
 import type { SealedStore } from './enclave_store.js';
@@ -148,6 +148,7 @@ export class JobRunner {
       lora: spec.lora ?? undefined, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
       pooling: b.cls?.pooling ?? spec.pooling ?? undefined,
       classifierInit: spec.task === 'cls' ? freshClassifier(labels.length, b.config.n_embd, spec.seed) : undefined,
+      mixing: mixingOf(spec),
     });
   }
 

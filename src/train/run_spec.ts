@@ -23,6 +23,7 @@ import { POOLINGS, type Pooling } from '../model/kernels.js';
 import type { FinetuneConfig } from './finetune.js';
 import type { DataFields } from '../io/jsonl.js';
 import type { SessionOptions } from './session.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 
 // ---------------------------------------------------------------- settings and defaults
 export const RUN_SPEC_DEFAULTS = {
@@ -33,6 +34,10 @@ export const RUN_SPEC_DEFAULTS = {
   kappa: null,                // mask condition number (>= 1) or 'naive' (paper; sealed's per-head masks); null: 1 (orthogonal); not for local
   two_sided: false,           // paper mode: mask the projection outputs too
   mask_seed: null,            // derive the masks from this seed (reproducible, NOT secret); null: the run's seed; not for local
+  token_mixing: 'off',        // 'on': per-call token mixing of every accelerator call (Defence 1, docs/security.md); split modes only
+  mixing_kappa: 10,           //   condition number of each call's mixing matrix P (>= 1; 1: orthogonal)
+  mixing_block: 0,            //   real rows per block of a block-diagonal P (0: one block over the call's rows)
+  mixing_shields: true,       //   add shield rows so that each block spans the linear's input width
   // data
   max_len: 128,               // tokens per example; longer examples are truncated (counted in the summary)
   text_field: 'text',         // the records' field names (JSONL): the text,
@@ -82,6 +87,7 @@ export const TASKS = ['lm', 'cls'] as const;
 export const METHODS = ['lora', 'full'] as const;
 export const MODES = ['sealed', 'paper', 'local'] as const;
 export const OPTIMIZERS = ['adamw', 'sgd'] as const;
+export const TOKEN_MIXING = ['off', 'on'] as const;
 
 // ---------------------------------------------------------------- the error
 /** A run specification refused: which setting, where it came from, and why. */
@@ -163,6 +169,10 @@ const FIELDS = {
   kappa: kappaSchema.default(D.kappa),
   two_sided: bool().default(D.two_sided),
   mask_seed: int(0).nullable().default(D.mask_seed),
+  token_mixing: oneOf(TOKEN_MIXING).default(D.token_mixing),
+  mixing_kappa: num('a finite number >= 1', (x) => Number.isFinite(x) && x >= 1).default(D.mixing_kappa),
+  mixing_block: int(0).default(D.mixing_block),
+  mixing_shields: bool().default(D.mixing_shields),
   max_len: int(1).default(D.max_len),
   text_field: fieldName().default(D.text_field),
   prompt_field: fieldName().default(D.prompt_field),
@@ -196,6 +206,10 @@ export interface RunSpec extends DataFields {
   kappa: string | null;
   two_sided: boolean;
   mask_seed: number | null;
+  token_mixing: 'off' | 'on';
+  mixing_kappa: number;
+  mixing_block: number;
+  mixing_shields: boolean;
   max_len: number;
   steps: number;
   batch: number;
@@ -225,6 +239,7 @@ function conflicts(s: Parsed, given: { lora: boolean }): { field: string; reason
   if (s.mode === 'local') {
     if (s.kappa !== null) add('kappa', `a mask spec is for the split modes (paper, sealed), not for mode local, got ${show(s.kappa)}`, s.kappa);
     if (s.mask_seed !== null) add('mask_seed', `mode local has no masks, got ${show(s.mask_seed)}`, s.mask_seed);
+    if (s.token_mixing === 'on') add('token_mixing', 'mixes what crosses to the accelerator: split modes only (paper, sealed), not mode local', s.token_mixing);
   }
   if (s.two_sided && s.mode !== 'paper') add('two_sided', `applies to mode paper only, not ${s.mode}`, s.two_sided);
   if (s.method === 'full' && given.lora) add('lora', 'LoRA settings apply to method lora, not full', s.lora);
@@ -253,7 +268,8 @@ export const RunSpecSchema = z.strictObject(FIELDS, objectError).transform((s, c
   return {
     task: s.task, method: s.method, mode: s.mode,
     kappa: s.mode === 'local' ? null : s.kappa ?? maskSpecLabel({ kind: 'kappa', kappa: 1 }),
-    two_sided: s.two_sided, mask_seed: s.mask_seed, max_len: s.max_len,
+    two_sided: s.two_sided, mask_seed: s.mask_seed,
+    token_mixing: s.token_mixing, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_shields: s.mixing_shields, max_len: s.max_len,
     text_field: s.text_field, prompt_field: s.prompt_field, completion_field: s.completion_field, label_field: s.label_field, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
     min_lr_frac: s.min_lr_frac, clip: s.clip, weight_decay: s.weight_decay, enclave_optimizer: s.enclave_optimizer, momentum: s.momentum,
     adam_eps: s.adam_eps, seed: s.seed, eval_every: s.eval_every, eval_batches: s.eval_batches, checkpoint_every: s.checkpoint_every,
@@ -435,6 +451,22 @@ export type SessionContext = Pick<SessionOptions, 'padTokenId'> & Partial<Pick<S
 export function toSessionOptions(s: RunSpec, ctx: SessionContext): SessionOptions {
   return {
     mode: s.mode, method: s.method, task: s.task, kappa: s.kappa ?? undefined, twoSided: s.two_sided, lora: s.lora ?? undefined,
-    pooling: s.pooling ?? undefined, seed: s.seed, maskSeed: s.mask_seed ?? s.seed, foldedBaseline: s.freeze_norms, ...ctx,
+    pooling: s.pooling ?? undefined, seed: s.seed, maskSeed: s.mask_seed ?? s.seed, foldedBaseline: s.freeze_norms, mixing: mixingOf(s), ...ctx,
   };
+}
+
+export const MIXING_FIELDS = ['token_mixing', 'mixing_kappa', 'mixing_block', 'mixing_shields'] as const;
+export type MixingSettings = Pick<RunSpec, (typeof MIXING_FIELDS)[number]>;
+
+/** The token-mixing settings alone (split inference and generation), defaults filled, validated like a run's. */
+export function parseMixingSettings(input: unknown, source: string): MixingSettings {
+  const schema = z.strictObject(Object.fromEntries(MIXING_FIELDS.map((k) => [k, FIELDS[k]])) as Pick<typeof FIELDS, (typeof MIXING_FIELDS)[number]>);
+  const r = schema.safeParse(input ?? {});
+  if (!r.success) throw errorOf(r.error.issues, source);
+  return r.data;
+}
+
+/** The token mixing of a run (null: off). */
+export function mixingOf(s: Pick<RunSpec, 'token_mixing' | 'mixing_kappa' | 'mixing_block' | 'mixing_shields'>): MixingConfig | null {
+  return s.token_mixing === 'on' ? { kappa: s.mixing_kappa, block: s.mixing_block, shields: s.mixing_shields } : null;
 }

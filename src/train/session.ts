@@ -11,7 +11,8 @@ import type { GPT2Config } from '../model/config.js';
 import { isPeftAdapterDir, readPeftAdapter, type ImportedAdapter } from '../model/peft.js';
 import { BundleError } from '../errors.js';
 import { ParamLayout } from '../model/params.js';
-import { Rng } from '../tensor/rng.js';
+import { KeyedRng, Rng } from '../tensor/rng.js';
+import type { MixingConfig } from '../enclave/mixing.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { obfuscateWeights, type ObfuscateOptions, type ObfuscationResult } from '../obfuscate/provider.js';
 import { deriveMasks } from '../obfuscate/masks.js';
@@ -52,6 +53,10 @@ export interface SessionOptions {
    * `factoredModel(model, publicBase, mode)`.
    */
   publicBase?: ObfuscateOptions['publicBase'];
+  /** per-call token mixing (null or absent: off) */
+  mixing?: MixingConfig | null;
+  /** seed of the mixing's randomness (tests: reproducible; default a fresh secret key) */
+  mixingSeed?: number;
   /** where the in-process accelerator keeps its checkpoints */
   acceleratorStateDir?: string;
   /** serialise every boundary message (proves the wire format; slower) */
@@ -120,6 +125,7 @@ export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
   const model = new SplitModel({
     mode: o.mode, method: o.method, task: o.task, config: w.config, tensors, link, twoSided: o.twoSided,
     lora: o.lora, numLabels: o.numLabels, pooling: w.cls?.pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
+    mixing: o.mixing, mixingRng: o.mixingSeed !== undefined ? KeyedRng.fromSeed(`mixing:${o.mixingSeed}`) : undefined,
   });
   return { model, rng, link, accelerator, obfuscation: obf, base: w, modelId: modelFingerprint(w0) };
 }

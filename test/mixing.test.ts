@@ -1,0 +1,185 @@
+// Defence 1, per-call token mixing: exact through the split (inference, generation, LoRA and
+// full fine-tuning), what crosses is mixed and shielded, a lying accelerator is still caught.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import os from 'node:os';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { GPT2 } from '../src/model/gpt2.js';
+import { getPreset } from '../src/model/config.js';
+import { generate } from '../src/model/transformer.js';
+import { KeyedRng, Rng } from '../src/tensor/rng.js';
+import { obfuscateWeights } from '../src/obfuscate/provider.js';
+import { Enclave, inProcessSplit } from '../src/enclave/enclave.js';
+import { Accelerator } from '../src/accelerator/accelerator.js';
+import { InProcessLink, type CrossingEvent } from '../src/protocol/link.js';
+import { MixedLinears, shieldRows } from '../src/enclave/mixing.js';
+import { buildSession } from '../src/train/session.js';
+import { runFinetune } from '../src/train/finetune.js';
+import { parseRunSpec, toFinetuneConfig, mixingOf, parseMixingSettings, RunSpecError } from '../src/train/run_spec.js';
+import type { EncodedSet } from '../src/io/jsonl.js';
+import { recordEnclave } from '../src/attacks/record.js';
+import { loadView } from '../src/protocol/view.js';
+import { IntegrityError } from '../src/errors.js';
+import { maxAbsDiff, relErr } from './helpers.js';
+
+const MIX = { kappa: 10, block: 0, shields: true };
+
+function lmData(n: number, V: number, T: number, seed: number): EncodedSet {
+  const rng = new Rng(seed);
+  const pats = Array.from({ length: 3 }, () => Array.from({ length: 12 }, () => 1 + rng.int(V - 1)));
+  const items = Array.from({ length: n }, () => {
+    const p = rng.int(3), off = rng.int(6), len = 6 + rng.int(T - 5);
+    return { tokens: Int32Array.from({ length: len + 1 }, (_, t) => pats[p][(off + t) % 12]), lossFrom: 0, label: -1 };
+  });
+  return { items, truncated: 0, dropped: 0, labels: [] };
+}
+
+test('inference and generation with token mixing equal the plain model (sealed and paper); the accelerator gets n + s mixed rows', async () => {
+  const m = GPT2.random(getPreset('gpt2-micro'), 3);
+  const toks = Int32Array.from({ length: 24 }, (_, i) => (i * 5 + 1) % 64);
+  const plain = Float32Array.from((await m.forward(toks, 2, 12)).logits);
+  for (const mode of ['sealed', 'paper'] as const) {
+    const r = obfuscateWeights(m.weights(), { mode, spec: { kind: 'kappa', kappa: 10 }, seed: 4 });
+    for (const mix of [MIX, { kappa: 100, block: 8, shields: true }, { kappa: 1, block: 0, shields: false }]) {
+      const { enclave, link } = inProcessSplit(r, { mixing: mix, mixingRng: KeyedRng.fromSeed(5) });
+      const seen: CrossingEvent[] = [];
+      link.observers.push((e) => { if (e.direction === 'to_accelerator') seen.push(e); });
+      const y = await enclave.forward(toks, 2, 12);
+      assert.ok(maxAbsDiff(y, plain) < 1e-3, `${mode} ${JSON.stringify(mix)}: max logit error ${maxAbsDiff(y, plain)}`);
+      const rows = seen.map((e) => e.rows);
+      if (mix.shields) {
+        // every block padded to the linear's width (16, or 64 for fcproj)
+        const blocks = mix.block ? 24 / mix.block : 1;
+        assert.deepEqual(rows.slice(0, 4), [16, 16, 16, 64].map((w) => blocks * Math.max(w, mix.block || 24)));
+      } else assert.ok(rows.every((x) => x === 24));
+      // the first sent rows are not the obfuscated rows: mixed
+      const direct = inProcessSplit(r);
+      const first: Float32Array[] = [];
+      direct.link.observers.push((e) => { if (e.direction === 'to_accelerator' && first.length === 0) first.push(Float32Array.from(e.data)); });
+      await direct.enclave.forward(toks, 2, 12);
+      assert.ok(relErr(seen[0].data.subarray(0, 24 * 16), first[0]) > 0.3, 'the sent rows are mixtures');
+    }
+    const { enclave } = inProcessSplit(r, { mixing: MIX });
+    const prompt = [1, 2, 3, 4];
+    assert.deepEqual(await enclave.generate(prompt, { maxNewTokens: 6 }), await generate(m, prompt, { maxNewTokens: 6 }), `${mode}: generation with mixing gives the plain tokens`);
+  }
+});
+
+test('P 1 = 1 (the bias passes), P is fresh per call and not orthogonal; shields match the real rows\' norms', async () => {
+  const m = GPT2.random(getPreset('gpt2-micro'), 7);
+  const r = obfuscateWeights(m.weights(), { mode: 'sealed', spec: { kind: 'kappa', kappa: 1 }, seed: 8 });
+  const sent: Float32Array[] = [];
+  const acc = new Accelerator(r.accelerator);
+  const link = new InProcessLink(acc);
+  link.observers.push((e) => { if (e.direction === 'to_accelerator' && e.name === 'qkv' && e.layer === 0) sent.push(Float32Array.from(e.data)); });
+  const enc = new Enclave(r.enclave, link, { mixing: { kappa: 10, block: 0, shields: false }, mixingRng: KeyedRng.fromSeed(1) });
+  // identical rows: X = 1 x^T, so P X = (P 1) x^T = X exactly when P 1 = 1
+  const toks = new Int32Array(8).fill(5);
+  const pos0 = Int32Array.from([5]);
+  await enc.forward(toks.subarray(0, 1), 1, 1);
+  const one = sent.pop()!;
+  sent.length = 0;
+  // a batch of the same (token, position) four times: rows equal before mixing
+  await enc.forward(Int32Array.from([5, 5, 5, 5]), 4, 1);
+  const x = sent.pop()!;
+  for (let i = 0; i < 4; i++) assert.ok(maxAbsDiff(x.subarray(i * 16, (i + 1) * 16), one) < 1e-4, 'P 1 = 1 keeps a constant column constant');
+  assert.ok(pos0.length === 1);
+  // two calls on the same batch send different mixtures (fresh P), of different row Gram spectra
+  await enc.forward(Int32Array.from([1, 2, 3, 4, 5, 6, 7, 8]), 1, 8);
+  const a = sent.pop()!;
+  await enc.forward(Int32Array.from([1, 2, 3, 4, 5, 6, 7, 8]), 1, 8);
+  const b = sent.pop()!;
+  assert.ok(relErr(a, b) > 0.3, 'a fresh P per call');
+  const norms = (t: Float32Array) => Array.from({ length: 8 }, (_, i) => Math.hypot(...t.subarray(i * 16, (i + 1) * 16))).sort((p, q) => p - q);
+  assert.ok(maxAbsDiff(norms(a), norms(b)) > 1e-2, 'not orthogonal: row norms change from call to call');
+  // shields: norms drawn from the real rows', mean matched
+  const rng = new Rng(2);
+  const X = new Float32Array(6 * 32);
+  for (let i = 0; i < 6; i++) for (let j = 0; j < 32; j++) X[i * 32 + j] = (i + 1) * 0.3 + Math.sin(i * j) + 0.1 * rng.normal();
+  const S = shieldRows(X, 6, 32, 26, new Rng(3));
+  const realNorms = Array.from({ length: 6 }, (_, i) => Math.hypot(...X.subarray(i * 32, (i + 1) * 32)));
+  for (let i = 0; i < 26; i++) {
+    const nrm = Math.hypot(...S.subarray(i * 32, (i + 1) * 32));
+    assert.ok(realNorms.some((q) => Math.abs(q - nrm) < 1e-3 * q), `shield ${i} has a real row's norm`);
+  }
+});
+
+async function finetune(mode: 'sealed' | 'paper', method: 'lora' | 'full', mixing: boolean, dir: string) {
+  const spec = parseRunSpec({ mode, method, task: 'lm', steps: 6, batch: 4, lr: method === 'full' ? 0.05 : 1e-2, warmup: 1, seed: 3, checkpoint_every: 0, enclave_optimizer: method === 'full' ? 'sgd' : 'adamw', kappa: '10', token_mixing: mixing ? 'on' : 'off', ...(method === 'lora' ? { lora: { rank: 4, alpha: 8, targets: ['q', 'v', 'fc'] } } : {}) }, 'test');
+  const w = GPT2.random(getPreset('gpt2-micro'), 9).weights();
+  const sess = buildSession(w, { mode, method, task: 'lm', padTokenId: 0, seed: 11, maskSeed: 12, kappa: '10', lora: spec.lora ?? undefined, mixing: mixingOf(spec), mixingSeed: 13, acceleratorStateDir: path.join(dir, 'acc') });
+  const s = await runFinetune(sess.model, lmData(32, 64, 12, 2), null, toFinetuneConfig(spec, 't'), dir, 0, { rng: sess.rng });
+  return { sess, s };
+}
+
+test('fine-tuning with token mixing equals fine-tuning without it (LoRA and full, sealed and paper), integrity checks on', async () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-mix-'));
+  try {
+    for (const [mode, method] of [['sealed', 'lora'], ['sealed', 'full'], ['paper', 'full']] as const) {
+      const plain = await finetune(mode, method, false, path.join(dir, `${mode}-${method}-off`));
+      const mixed = await finetune(mode, method, true, path.join(dir, `${mode}-${method}-on`));
+      assert.ok(mixed.sess.model.integrity && mixed.sess.model.integrity.checks > 0, 'replies were checked');
+      assert.ok(mixed.sess.model.mixingStats!.rowsSent > mixed.sess.model.mixingStats!.rowsReal, 'shields were sent');
+      for (let i = 0; i < 6; i++) {
+        const e = Math.abs(mixed.s.losses[i] - plain.s.losses[i]) / plain.s.losses[i];
+        assert.ok(e < 1e-4, `${mode} ${method}: step ${i + 1} loss ${mixed.s.losses[i]} vs ${plain.s.losses[i]}`);
+      }
+      if (method === 'lora') assert.ok(relErr(mixed.sess.model.adapters!.params, plain.sess.model.adapters!.params) < 1e-3);
+      else {
+        const wa = mixed.sess.accelerator!.weights.layers[1].fcproj.w, wb = plain.sess.accelerator!.weights.layers[1].fcproj.w;
+        assert.ok(relErr(wa, wb) < 1e-4, `${mode} full: the accelerator's trained weights agree (${relErr(wa, wb)})`);
+      }
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('with token mixing a tampered accelerator reply is still caught, forward and backward', async () => {
+  const m = GPT2.random(getPreset('gpt2-micro'), 5);
+  const r = obfuscateWeights(m.weights(), { mode: 'sealed', spec: { kind: 'kappa', kappa: 10 }, seed: 6 });
+  for (const op of ['linear_forward', 'linear_backward'] as const) {
+    const acc = new Accelerator(r.accelerator);
+    let tampered = 0;
+    const evil = { handle: (q: Parameters<typeof acc.handle>[0]) => {
+      const rep = acc.handle(q);
+      if (q.op === op && rep.op === 'tensor' && q.layer === 1 && q.name === 'fc') { rep.data[7] += 0.05; tampered++; }
+      return rep;
+    } };
+    const { SplitModel } = await import('../src/enclave/split_model.js');
+    const model = new SplitModel({ mode: 'sealed', method: 'lora', task: 'lm', config: m.config, tensors: r.enclave.tensors, link: new InProcessLink(evil), rng: new Rng(1), lora: { rank: 2, alpha: 4, dropout: 0, targets: ['q', 'v'] }, mixing: MIX });
+    const toks = Int32Array.from({ length: 16 }, (_, i) => 1 + i);
+    const step = async () => { await model.forward(toks, 2, 8, toks, true); await model.backward(); };
+    await assert.rejects(step(), IntegrityError, `${op}: the lie is caught`);
+    assert.equal(tampered, 1);
+  }
+});
+
+test('a view recorded with token mixing says so, and holds only the mixed rows', async () => {
+  const m = GPT2.random(getPreset('gpt2-micro'), 2);
+  const r = obfuscateWeights(m.weights(), { mode: 'sealed', spec: { kind: 'kappa', kappa: 1 }, seed: 3 });
+  const { enclave } = inProcessSplit(r, { mixing: MIX });
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-mixv-'));
+  try {
+    const rec = recordEnclave(enclave, r.accelerator, { modelId: 'm', modelPath: null, padTokenId: null });
+    await enclave.forward(Int32Array.from({ length: 8 }, (_, i) => i + 1), 1, 8);
+    rec.save(path.join(dir, 'v.safetensors'));
+    const v = loadView(path.join(dir, 'v.safetensors'));
+    assert.equal(v.header.token_mixing, 'on');
+    assert.deepEqual(v.header.mixing, MIX);
+    assert.equal(v.events[0].rows, 16, '8 real rows + 8 shields');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('token-mixing settings are validated with the run spec', () => {
+  assert.equal(mixingOf(parseRunSpec({}, 't')), null, 'off by default');
+  assert.deepEqual(mixingOf(parseRunSpec({ token_mixing: 'on' }, 't')), MIX);
+  assert.throws(() => parseRunSpec({ mode: 'local', token_mixing: 'on' }, 't'), (e: RunSpecError) => e.field === 'token_mixing');
+  assert.throws(() => parseRunSpec({ token_mixing: 'yes' }, 't'), /token_mixing: must be one of off, on/);
+  assert.throws(() => parseMixingSettings({ mixing_kappa: 0.5 }, 't'), /mixing_kappa: must be a finite number >= 1/);
+  assert.throws(() => parseMixingSettings({ mixing_block: -1 }, 't'), /mixing_block/);
+  assert.throws(() => new MixedLinears({ forward: async (_l, _n, x) => x, backward: async () => null }, getPreset('gpt2-micro'), { kappa: 0, block: 0, shields: true, trainWeights: false }), /kappa must be a finite number >= 1/);
+});

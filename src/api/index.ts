@@ -62,3 +62,12 @@ export {
 
 // experiments
 export { runFidelity, type FidelityRow, type FidelityResult } from '../experiments/fidelity.js';
+
+// PEFT adapters (Hugging Face format), the Llama family, the two defences' settings
+export { writePeftAdapter, readPeftAdapter, isPeftAdapterDir, type ImportedAdapter, type PeftExportOptions } from '../model/peft.js';
+export { readAdapter, mergeAdapter } from '../train/session.js';
+export { Llama } from '../model/llama.js';
+export { loadLlamaCheckpoint, saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
+export { LLAMA_PRESETS, type LlamaConfig } from '../model/config.js';
+export { llamaShareTable, type LlamaShareRow } from '../obfuscate/share_llama.js';
+export { MIXING_DEFAULTS, type MixingConfig } from '../enclave/mixing.js';

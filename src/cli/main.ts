@@ -332,7 +332,7 @@ export function buildProgram(): Command {
         const bar = progressBar(o.steps, 'bench finetune', '{label}');
         const r = await benchFinetuneMixing({ ...o, mixing, transport: 'in-process', onProgress: (i, _n, label) => bar.update(i, { label }) });
         bar.stop();
-        console.log(o.json ? JSON.stringify(r) : formatFinetuneBench(r));
+        emit(r, formatFinetuneBench(r));
         return;
       }
       if (o.interleaved && o.transport !== 'in-process') throw new InputError('--interleaved measures the in-process modes; use it without --transport grpc');

@@ -120,23 +120,7 @@ export function attentionForward(out: Float32Array, att: Float32Array, qkv: Floa
     const a = att.subarray(b * NH * T * T, (b + 1) * NH * T * T);
     // S_h = scale * q_h k_h^T  (all heads at once)
     sgemmBatched(false, true, T, T, hs, scale, q, C3, hs, k, C3, hs, 0, a, T, T * T, NH);
-    // causal softmax row by row
-    for (let h = 0; h < NH; h++) {
-      for (let t = 0; t < T; t++) {
-        const r = h * T * T + t * T;
-        let mx = -Infinity;
-        for (let s = 0; s <= t; s++) if (a[r + s] > mx) mx = a[r + s];
-        let sum = 0;
-        for (let s = 0; s <= t; s++) {
-          const e = Math.exp(a[r + s] - mx);
-          a[r + s] = e;
-          sum += e;
-        }
-        const inv = 1 / sum;
-        for (let s = 0; s <= t; s++) a[r + s] *= inv;
-        for (let s = t + 1; s < T; s++) a[r + s] = 0;
-      }
-    }
+    causalSoftmax(a, NH, T);
     // o_h = P_h v_h, written into the head's columns of out
     sgemmBatched(false, false, T, hs, T, 1, a, T, T * T, v, C3, hs, 0, out.subarray(b * T * C), C, hs, NH);
   }
@@ -408,6 +392,7 @@ export function gqaAttentionForward(out: Float32Array, att: Float32Array, qkv: F
   }
 }
 
+/** a[NH, T, T] scores -> causal softmax probabilities, row by row (the future zeroed). */
 function causalSoftmax(a: Float32Array, NH: number, T: number): void {
   for (let h = 0; h < NH; h++) {
     for (let t = 0; t < T; t++) {

@@ -17,7 +17,7 @@
 import type { GPT2Config } from './config.js';
 import { attentionForward, attentionBackward, gqaCachedAttention } from './kernels.js';
 import { geluForwardPar as geluForward, geluBackwardPar as geluBackward } from '../tensor/parallel.js';
-import { loraForward, loraBackward, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
+import { LayerAdapters, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
 import type { RandomSource } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 
@@ -105,8 +105,6 @@ export interface LayerActs<X extends Float32Array> {
   g: X; //               [n, 4C] GELU output
   th: Float32Array; //   [n, 4C] tanh inside GELU (training)
   lora: Map<LoraTarget, LoraSaved>;
-  oPlain?: Float32Array; // [n, C]  the proj adapter's input
-  gPlain?: Float32Array; // [n, 4C] the mlp-proj adapter's input
 }
 
 /** Scratch of the backward pass, one layer at a time. */
@@ -137,82 +135,61 @@ export interface BlockDef<X extends Float32Array, N extends string = LinearName>
 
 export const normActs = (n: number, C: number): NormActs => ({ out: new Float32Array(n * C), mean: new Float32Array(n), rstd: new Float32Array(n) });
 
-/** GPT-2's block. */
-export function gpt2Block<X extends Float32Array>(config: GPT2Config): BlockDef<X> {
-  const { n_embd: C, n_head: NH } = config;
+/** A block's per-layer buffers for widths qkv W, MLP hidden F before its activation and G after, the GELU's tanh TH (0: none). */
+export function blockBuffers<X extends Float32Array>(C: number, NH: number, W: number, F: number, G: number, TH: number): Pick<BlockDef<X, string>, 'acts' | 'scratch'> {
   return {
     acts: (B, T, basis) => {
       const n = B * T;
       return {
         hIn: new Float32Array(n * C), n1: normActs(n, C), x1: basis.buffer(0), qkv: basis.buffer(0), att: new Float32Array(B * NH * T * T),
         o: basis.buffer(n * C), h2: new Float32Array(n * C), n2: normActs(n, C), x2: basis.buffer(0), f: basis.buffer(0),
-        g: basis.buffer(n * 4 * C), th: sharedFloat32(n * 4 * C), lora: new Map(),
+        g: basis.buffer(n * G), th: sharedFloat32(n * TH), lora: new Map(),
       };
     },
-    scratch: (B, T, basis) => ({ datt: new Float32Array(B * NH * T * T), dqkv: basis.buffer(B * T * 3 * C), df: basis.buffer(B * T * 4 * C) }),
-    forward: blockForward,
-    backward: blockBackward,
+    scratch: (B, T, basis) => ({ datt: new Float32Array(B * NH * T * T), dqkv: basis.buffer(B * T * W), df: basis.buffer(B * T * F) }),
   };
 }
 
-const QKV: readonly QkvPart[] = ['q', 'k', 'v'];
+/** GPT-2's block. */
+export function gpt2Block<X extends Float32Array>(config: GPT2Config): BlockDef<X> {
+  const C = config.n_embd;
+  return { ...blockBuffers<X>(C, config.n_head, 3 * C, 4 * C, 4 * C, 4 * C), forward: blockForward, backward: blockBackward };
+}
 
-function addInto(h: Float32Array, y: Float32Array, N: number): void {
+/** The adapter targets on sections of a linear's output, and on the projections. */
+export const QKV: readonly QkvPart[] = ['q', 'k', 'v'];
+export const PROJ: readonly LoraTarget[] = ['proj'];
+export const MLP_PROJ: readonly LoraTarget[] = ['mlp-proj'];
+const FC: readonly LoraTarget[] = ['fc'];
+
+export function addInto(h: Float32Array, y: Float32Array, N: number): void {
   for (let i = 0; i < N; i++) h[i] += y[i];
 }
 
 /** The straight-line layer body: h[n, C] += attn(LN1 h) ; h += mlp(LN2 h), in place. */
 export async function blockForward<X extends Float32Array>(m: BlockEnv<X>, l: number, h: Float32Array, a: LayerActs<X>, B: number, T: number, train: boolean, cache: LayerCache | null = null): Promise<void> {
-  const { basis, linears, adapters: ad } = m;
+  const { basis, linears, adapters } = m;
   const { n_embd: C, n_head: NH } = m.config;
   const n = B * T;
-  const drop = train && ad ? ad.config.dropout : 0;
-  const rng = train ? m.rng : null;
+  const ad = adapters && new LayerAdapters(adapters, l, a.lora, n, train, m.rng);
   if (train) a.hIn.set(h);
   // attention: h += attn(LN1(h) Wqkv + bqkv) Wo + bo
   a.x1 = basis.norm(1, l, h, a.n1, n);
   a.qkv = await linears.forward(l, 'qkv', a.x1, n, train);
-  if (ad) {
-    let a1: Float32Array | null = null;
-    for (const t of QKV) {
-      const v = ad.get(l, t);
-      if (!v) continue;
-      a1 ??= basis.normPlain(1, l, a.n1, n);
-      const delta = new Float32Array(n * C);
-      a.lora.set(t, loraForward(delta, a1, v, n, ad.scale, drop, rng, false));
-      basis.addQkv(l, t, delta, a.qkv, n);
-    }
-  }
-  if (cache) cachedAttention(a.o, a.qkv, cache, n, C, NH);
+  ad?.forward(QKV, () => basis.normPlain(1, l, a.n1, n), (t, d) => basis.addQkv(l, t, d, a.qkv, n));
+  if (cache) gqaCachedAttention(a.o, a.qkv, cache.k, cache.v, cache.pos, n, NH, NH, C / NH); // n new rows against the cache
   else attentionForward(a.o, a.att, a.qkv, B, T, C, NH);
   const y = basis.fromOutput('o', l, await linears.forward(l, 'attproj', a.o, n, train), n);
-  const vp = ad?.get(l, 'proj');
-  if (vp) {
-    a.oPlain = basis.headsToPlain(l, a.o, n);
-    const delta = new Float32Array(n * C);
-    a.lora.set('proj', loraForward(delta, a.oPlain, vp, n, ad!.scale, drop, rng, false));
-    basis.addPlain(delta, y, n);
-  }
+  ad?.forward(PROJ, () => basis.headsToPlain(l, a.o, n), (_, d) => basis.addPlain(d, y, n));
   addInto(h, y, n * C);
   if (train) a.h2.set(h);
   // MLP: h += gelu(LN2(h) Wfc + bfc) Wp + bp
   a.x2 = basis.norm(2, l, h, a.n2, n);
   a.f = await linears.forward(l, 'fc', a.x2, n, train);
-  const vf = ad?.get(l, 'fc');
-  if (vf) {
-    const delta = new Float32Array(n * 4 * C);
-    a.lora.set('fc', loraForward(delta, basis.normPlain(2, l, a.n2, n), vf, n, ad!.scale, drop, rng, false));
-    basis.addHidden(l, delta, a.f, n);
-  }
+  ad?.forward(FC, () => basis.normPlain(2, l, a.n2, n), (_, d) => basis.addHidden(l, d, a.f, n));
   geluForward(a.g, a.f, n * 4 * C, train ? a.th : null); // element-wise: commutes with the hidden permutation
   const z = basis.fromOutput('p', l, await linears.forward(l, 'fcproj', a.g, n, train), n);
-  const vm = ad?.get(l, 'mlp-proj');
-  if (vm) {
-    a.gPlain = basis.hiddenToPlain(l, a.g, n);
-    const delta = new Float32Array(n * C);
-    a.lora.set('mlp-proj', loraForward(delta, a.gPlain, vm, n, ad!.scale, drop, rng, false));
-    basis.addPlain(delta, z, n);
-  }
+  ad?.forward(MLP_PROJ, () => basis.hiddenToPlain(l, a.g, n), (_, d) => basis.addPlain(d, z, n));
   addInto(h, z, n * C);
 }
 
@@ -223,53 +200,25 @@ export async function blockForward<X extends Float32Array>(m: BlockEnv<X>, l: nu
  * layer 0 trains).
  */
 export async function blockBackward<X extends Float32Array>(m: BlockEnv<X>, l: number, dh: Float32Array, a: LayerActs<X>, s: BlockScratch<X>, B: number, T: number, needInput: boolean): Promise<void> {
-  const { basis, linears, adapters: ad } = m;
+  const { basis, linears, adapters } = m;
   const { n_embd: C, n_head: NH } = m.config;
   const n = B * T;
+  const ad = adapters && new LayerAdapters(adapters, l, a.lora, n, false, null);
   // MLP
   const dg = (await linears.backward(l, 'fcproj', basis.outputGrad('p', l, dh, n), n, true))!;
-  const vm = ad?.get(l, 'mlp-proj');
-  if (vm) {
-    const dgp = new Float32Array(n * 4 * C);
-    loraBackward(dgp, basis.toPlain(dh, n), vm, a.lora.get('mlp-proj')!, n, ad!.scale);
-    basis.addHidden(l, dgp, dg, n);
-  }
+  const dgp = ad?.backward(MLP_PROJ, () => basis.toPlain(dh, n));
+  if (dgp) basis.addHidden(l, dgp, dg, n);
   s.df.fill(0);
   geluBackward(s.df, a.f, dg, n * 4 * C, a.th);
   const dx2 = (await linears.backward(l, 'fc', s.df, n, true))!;
-  const vf = ad?.get(l, 'fc');
-  let dplain2: Float32Array | null = null;
-  if (vf) {
-    dplain2 = new Float32Array(n * C);
-    loraBackward(dplain2, basis.hiddenToPlain(l, s.df, n), vf, a.lora.get('fc')!, n, ad!.scale);
-  }
+  const dplain2 = ad?.backward(FC, () => basis.hiddenToPlain(l, s.df, n)) ?? null;
   basis.normBackward(2, l, dh, dx2, dplain2, a.n2, a.h2, n);
   // attention
   const dO = (await linears.backward(l, 'attproj', basis.outputGrad('o', l, dh, n), n, true))!;
-  const vp = ad?.get(l, 'proj');
-  if (vp) {
-    const dop = new Float32Array(n * C);
-    loraBackward(dop, basis.toPlain(dh, n), vp, a.lora.get('proj')!, n, ad!.scale);
-    basis.addHeadsGrad(l, dop, dO, n);
-  }
+  const dop = ad?.backward(PROJ, () => basis.toPlain(dh, n));
+  if (dop) basis.addHeadsGrad(l, dop, dO, n);
   attentionBackward(s.dqkv, s.datt, dO, a.att, a.qkv, B, T, C, NH);
-  let dplain1: Float32Array | null = null;
-  if (ad) {
-    for (const t of QKV) {
-      const v = ad.get(l, t);
-      if (!v) continue;
-      dplain1 ??= new Float32Array(n * C);
-      loraBackward(dplain1, basis.qkvGradToPlain(l, t, s.dqkv, n), v, a.lora.get(t)!, n, ad.scale);
-    }
-  }
+  const dplain1 = ad?.backward(QKV, (t) => basis.qkvGradToPlain(l, t, s.dqkv, n)) ?? null;
   const dx1 = await linears.backward(l, 'qkv', s.dqkv, n, needInput);
   if (needInput) basis.normBackward(1, l, dh, dx1!, dplain1, a.n1, a.hIn, n);
-}
-
-/**
- * Causal attention of n new rows (positions cache.pos..) against the cache, which first
- * receives their keys and values. qkv[n, 3C] ; out[n, C] ; cache.k, cache.v [n_ctx, C].
- */
-export function cachedAttention(out: Float32Array, qkv: Float32Array, cache: LayerCache, n: number, C: number, NH: number): void {
-  gqaCachedAttention(out, qkv, cache.k, cache.v, cache.pos, n, NH, NH, C / NH);
 }

@@ -1,8 +1,7 @@
 /**
- * The plain Llama-family model over one contiguous parameter buffer (and one gradient buffer):
- * the Llama block (llama_block.ts) with its plain basis and local linears, through the shared
- * trunk (transformer.ts). Heads: the LM head (tied to the token embedding or its own) and an
- * optional sequence classifier on the last non-pad token (HF's LlamaForSequenceClassification).
+ * The Llama family's plain model (plain_model.ts): the Llama block (llama_block.ts) with its
+ * plain basis (RMSNorm, rotary) and local linears, no position table, the LM head tied to the
+ * token embedding or its own.
  */
 import { validateLlamaConfig, type LlamaConfig } from './config.js';
 import { Layout } from './params.js';
@@ -10,14 +9,9 @@ import { ropeTable, ropeForward, ropeBackward, rmsnormForward, rmsnormBackward, 
 import { LLAMA_LINEARS, llamaBlock, llamaDims, llamaLinearDims, type GateUpPart, type LlamaBasis, type LlamaLinearName } from './llama_block.js';
 import type { NormActs, QkvPart } from './block.js';
 import { PlainBasis } from './plain_basis.js';
-import { LocalLinears, type BlockLinears } from './local_linears.js';
-import { Transformer, type HeadResult, type KVCache } from './transformer.js';
-import { randomClassifier } from './gpt2.js';
-import type { ClassifierHead } from './weights.js';
+import type { BlockLinears } from './local_linears.js';
+import { PlainModel, randomWeights, type FamilyParts, type PlainWeights } from './plain_model.js';
 import { LoraAdapters, type LoraTarget } from './lora.js';
-import { Rng } from '../tensor/rng.js';
-import { sharedFloat32 } from '../tensor/shared.js';
-import { zeroFill } from '../tensor/parallel.js';
 
 export const LLAMA_KINDS = ['wte', 'ln1w', 'qkvw', 'qkvb', 'ow', 'ln2w', 'guw', 'downw', 'lnfw', 'head'] as const;
 export type LlamaKind = (typeof LLAMA_KINDS)[number];
@@ -166,120 +160,36 @@ export function getSection(x: Float32Array, ld: number, off: number, w: number, 
 }
 
 /** A Llama-family model's weights. */
-export interface LlamaWeights {
-  config: LlamaConfig;
+export interface LlamaWeights extends PlainWeights<LlamaConfig> {
   layout: LlamaLayout;
-  params: Float32Array;
-  cls?: ClassifierHead;
-  padTokenId?: number;
 }
 
-export class Llama {
-  readonly config: LlamaConfig;
-  readonly layout: LlamaLayout;
-  readonly params: Float32Array;
-  grads: Float32Array | null = null;
-  cls: ClassifierHead | undefined;
-  clsGrad: Float32Array | null = null;
-  padTokenId: number | undefined;
-  /** LoRA adapters (plain basis), when set */
-  adapters: LoraAdapters | null = null;
-  private net: Transformer<Float32Array> | null = null;
-  private netKey = '';
-
+export class Llama extends PlainModel<LlamaConfig, LlamaWeights> {
   constructor(w: LlamaWeights) {
-    this.config = validateLlamaConfig(w.config);
-    this.layout = w.layout;
-    if (w.params.length !== this.layout.total) throw new Error(`parameter buffer has ${w.params.length} floats, config needs ${this.layout.total}`);
-    this.params = w.params;
-    this.cls = w.cls;
-    this.padTokenId = w.padTokenId;
+    super(w, validateLlamaConfig(w.config));
   }
 
   /** Normal(0, 0.02) weights (HF's initializer_range), unit gains, zero biases; seeded. */
   static random(config: LlamaConfig, seed: number, numLabels?: number): Llama {
-    const layout = new LlamaLayout(validateLlamaConfig(config));
-    const params = sharedFloat32(layout.total);
-    const rng = new Rng(seed);
-    for (const k of ['wte', 'qkvw', 'ow', 'guw', 'downw', 'head'] as const) rng.fillNormal(layout.view(params, k), 0.02);
-    for (const k of ['ln1w', 'ln2w', 'lnfw'] as const) layout.view(params, k).fill(1);
-    const w: LlamaWeights = { config, layout, params };
-    if (numLabels !== undefined) w.cls = randomClassifier(numLabels, config.n_embd, rng);
-    return new Llama(w);
+    return new Llama(randomWeights(config, new LlamaLayout(validateLlamaConfig(config)), seed, numLabels, (v, rng) => {
+      for (const k of ['wte', 'qkvw', 'ow', 'guw', 'downw', 'head'] as const) rng.fillNormal(v(k), 0.02);
+      for (const k of ['ln1w', 'ln2w', 'lnfw'] as const) v(k).fill(1);
+    }));
   }
 
-  weights(): LlamaWeights {
-    return { config: this.config, layout: this.layout, params: this.params, cls: this.cls, padTokenId: this.padTokenId };
-  }
-
-  numParams(): number {
-    return this.layout.total + (this.cls ? this.cls.weight.length : 0);
-  }
-
-  ensureGrads(): Float32Array {
-    if (!this.grads) this.grads = sharedFloat32(this.layout.total);
-    if (this.cls && (!this.clsGrad || this.clsGrad.length !== this.cls.weight.length)) this.clsGrad = new Float32Array(this.cls.weight.length);
-    return this.grads;
-  }
-
-  zeroGrad(): void {
-    if (this.grads) zeroFill(this.grads);
-    this.clsGrad?.fill(0);
-    this.adapters?.grads.fill(0);
-  }
-
-  private model(): Transformer<Float32Array> {
-    const key = `${this.grads ? 'g' : '-'}${this.cls ? this.cls.weight.length : 0}${this.clsGrad ? 'c' : '-'}${this.cls?.pooling ?? ''}`;
-    if (this.net && this.netKey === key && this.net.env.adapters === this.adapters && (this.net.parts.cls?.weight ?? null) === (this.cls?.weight ?? null)) return this.net;
-    const lay = this.layout, p = this.params, g = this.grads, c = this.config;
+  /** The RMSNorm basis, the Llama block and its four linears, the token table and the head (wte when tied). */
+  protected familyParts(p: Float32Array, g: Float32Array | null): FamilyParts {
+    const lay = this.layout, c = this.config;
     const v = (buf: Float32Array, k: LlamaKind) => lay.view(buf, k);
     const norms = (buf: Float32Array) => ({ ln1w: v(buf, 'ln1w'), ln2w: v(buf, 'ln2w'), lnfw: v(buf, 'lnfw') });
-    const gradLinears = g ? llamaLinearsOf(lay, g) : null;
-    this.net = new Transformer({
-      config: c,
+    return {
       basis: new LlamaPlainBasis(c, norms(p), g ? norms(g) : null),
-      linears: new LocalLinears<LlamaLinearName>(llamaLinearsOf(lay, p), {
-        trainWeights: g !== null,
-        grads: gradLinears ? (l, name) => ({ gw: gradLinears.layers[l][name].w, gb: gradLinears.layers[l][name].b }) : undefined,
-      }),
+      linearsOf: (buf) => llamaLinearsOf(lay, buf),
       block: llamaBlock<Float32Array>(c),
       tables: {
         wte: v(p, 'wte'), wpe: null, gwte: g ? v(g, 'wte') : null, gwpe: null,
         head: c.tie_word_embeddings ? null : v(p, 'head'), ghead: g && !c.tie_word_embeddings ? v(g, 'head') : null,
       },
-      cls: this.cls ? { numLabels: this.cls.numLabels, weight: this.cls.weight, grad: this.clsGrad, pooling: this.cls.pooling ?? 'last' } : null,
-      adapters: this.adapters,
-    });
-    this.netKey = key;
-    return this.net;
-  }
-
-  /** LM forward: logits [B*T, V] (internal memory) and, with targets (-1 = ignore), the mean loss; probabilities then replace the logits. */
-  async forward(tokens: Int32Array, B: number, T: number, targets: Int32Array | null = null, train = targets !== null): Promise<{ logits: Float32Array; loss: number | null }> {
-    if (train) this.ensureGrads();
-    const r = await this.model().forwardLM(tokens, B, T, targets, train);
-    return { logits: r.logits, loss: r.loss };
-  }
-
-  /** Classification forward on the last token that is not `padId` (HF's LlamaForSequenceClassification). */
-  async forwardCls(tokens: Int32Array, B: number, T: number, labels: Int32Array | null = null, padId = this.padTokenId ?? -1): Promise<HeadResult> {
-    if (!this.cls) throw new Error('this model has no classification head (load a checkpoint with score.weight or add one with addClassifier)');
-    if (labels) this.ensureGrads();
-    return this.model().forwardCls(tokens, B, T, labels, labels !== null, padId);
-  }
-
-  async backward(): Promise<void> {
-    if (!this.net) throw new Error('backward() needs a preceding forward with targets');
-    await this.net.backward();
-  }
-
-  /** Logits of the last new position [V], through the KV cache (keys and values of n_kv_head heads). */
-  forwardCached(cache: KVCache, tokens: ArrayLike<number>): Promise<Float32Array> {
-    return this.model().forwardCached(cache, tokens);
-  }
-
-  addClassifier(numLabels: number, seed: number, labels?: string[]): void {
-    this.cls = randomClassifier(numLabels, this.config.n_embd, new Rng(seed), labels);
-    this.clsGrad = null;
+    };
   }
 }

@@ -10,8 +10,8 @@
  */
 import type { LlamaConfig } from './config.js';
 import { gqaAttentionForward, gqaAttentionBackward, gqaCachedAttention, swigluForward, swigluBackward } from './kernels.js';
-import { normActs, type Basis, type BlockDef, type BlockEnv, type LayerActs, type QkvPart } from './block.js';
-import { loraForward, loraBackward, type LoraTarget } from './lora.js';
+import { addInto, blockBuffers, QKV, PROJ, MLP_PROJ, type Basis, type BlockDef, type BlockEnv, type BlockScratch, type LayerActs, type LayerCache } from './block.js';
+import { LayerAdapters } from './lora.js';
 
 export const LLAMA_LINEARS = ['qkv', 'o', 'gateup', 'down'] as const;
 export type LlamaLinearName = (typeof LLAMA_LINEARS)[number];
@@ -53,136 +53,65 @@ export interface LlamaBasis<X extends Float32Array> extends Basis<X> {
 
 type Env<X extends Float32Array> = BlockEnv<X, LlamaLinearName> & { basis: LlamaBasis<X>; config: LlamaConfig };
 
-const QKV: readonly QkvPart[] = ['q', 'k', 'v'];
 const GU: readonly GateUpPart[] = ['gate', 'up'];
-const width = (t: LoraTarget, C: number, KV: number) => (t === 'q' ? C : KV);
 
-function addInto(h: Float32Array, y: Float32Array, N: number): void {
-  for (let i = 0; i < N; i++) h[i] += y[i];
-}
-
-async function forward<X extends Float32Array>(env: Env<X>, l: number, h: Float32Array, a: LayerActs<X>, B: number, T: number, train: boolean, cache: { k: Float32Array; v: Float32Array; pos: number } | null = null): Promise<void> {
-  const { basis, linears, adapters: ad, config } = env;
-  const { C, hd, KV, I } = llamaDims(config);
+async function forward<X extends Float32Array>(env: Env<X>, l: number, h: Float32Array, a: LayerActs<X>, B: number, T: number, train: boolean, cache: LayerCache | null): Promise<void> {
+  const { basis, linears, adapters, config } = env;
+  const { C, hd, I } = llamaDims(config);
   const NH = config.n_head, NKV = config.n_kv_head;
   const n = B * T;
-  const drop = train && ad ? ad.config.dropout : 0;
-  const rng = train ? env.rng : null;
+  const ad = adapters && new LayerAdapters(adapters, l, a.lora, n, train, env.rng);
   if (train) a.hIn.set(h);
   // attention: h += attn(rope(RMS1(h) Wqkv + bqkv)) Wo
   a.x1 = basis.norm(1, l, h, a.n1, n);
   a.qkv = await linears.forward(l, 'qkv', a.x1, n, train);
-  if (ad) {
-    let a1: Float32Array | null = null;
-    for (const t of QKV) {
-      const v = ad.get(l, t);
-      if (!v) continue;
-      a1 ??= basis.normPlain(1, l, a.n1, n);
-      const delta = new Float32Array(n * width(t, C, KV));
-      a.lora.set(t, loraForward(delta, a1, v, n, ad.scale, drop, rng, false));
-      basis.addQkv(l, t, delta, a.qkv, n);
-    }
-  }
+  ad?.forward(QKV, () => basis.normPlain(1, l, a.n1, n), (t, d) => basis.addQkv(l, t, d, a.qkv, n));
   basis.rotary(l, a.qkv, B, T, cache ? cache.pos : 0);
   if (cache) gqaCachedAttention(a.o, a.qkv, cache.k, cache.v, cache.pos, n, NH, NKV, hd);
   else gqaAttentionForward(a.o, a.att, a.qkv, B, T, NH, NKV, hd);
   const y = basis.fromOutput('o', l, await linears.forward(l, 'o', a.o, n, train), n);
-  const vp = ad?.get(l, 'proj');
-  if (vp) {
-    a.oPlain = basis.headsToPlain(l, a.o, n);
-    const delta = new Float32Array(n * C);
-    a.lora.set('proj', loraForward(delta, a.oPlain, vp, n, ad!.scale, drop, rng, false));
-    basis.addPlain(delta, y, n);
-  }
+  ad?.forward(PROJ, () => basis.headsToPlain(l, a.o, n), (_, d) => basis.addPlain(d, y, n));
   addInto(h, y, n * C);
   if (train) a.h2.set(h);
   // MLP: h += (silu(gate) * up) Wd, [gate | up] = RMS2(h) [Wg | Wu]
   a.x2 = basis.norm(2, l, h, a.n2, n);
   a.f = await linears.forward(l, 'gateup', a.x2, n, train);
-  if (ad) {
-    let a2: Float32Array | null = null;
-    for (const t of GU) {
-      const v = ad.get(l, t);
-      if (!v) continue;
-      a2 ??= basis.normPlain(2, l, a.n2, n);
-      const delta = new Float32Array(n * I);
-      a.lora.set(t, loraForward(delta, a2, v, n, ad.scale, drop, rng, false));
-      basis.addGateUp(l, t, delta, a.f, n);
-    }
-  }
+  ad?.forward(GU, () => basis.normPlain(2, l, a.n2, n), (t, d) => basis.addGateUp(l, t, d, a.f, n));
   swigluForward(a.g, a.f, n, I); // element-wise: commutes with one permutation shared by gate and up
   const z = basis.fromOutput('p', l, await linears.forward(l, 'down', a.g, n, train), n);
-  const vm = ad?.get(l, 'mlp-proj');
-  if (vm) {
-    a.gPlain = basis.hiddenToPlain(l, a.g, n);
-    const delta = new Float32Array(n * C);
-    a.lora.set('mlp-proj', loraForward(delta, a.gPlain, vm, n, ad!.scale, drop, rng, false));
-    basis.addPlain(delta, z, n);
-  }
+  ad?.forward(MLP_PROJ, () => basis.hiddenToPlain(l, a.g, n), (_, d) => basis.addPlain(d, z, n));
   addInto(h, z, n * C);
 }
 
-async function backward<X extends Float32Array>(env: Env<X>, l: number, dh: Float32Array, a: LayerActs<X>, s: { datt: Float32Array; dqkv: X; df: X }, B: number, T: number, needInput: boolean): Promise<void> {
-  const { basis, linears, adapters: ad, config } = env;
-  const { C, hd, KV, I } = llamaDims(config);
+async function backward<X extends Float32Array>(env: Env<X>, l: number, dh: Float32Array, a: LayerActs<X>, s: BlockScratch<X>, B: number, T: number, needInput: boolean): Promise<void> {
+  const { basis, linears, adapters, config } = env;
+  const { hd, I } = llamaDims(config);
   const n = B * T;
+  const ad = adapters && new LayerAdapters(adapters, l, a.lora, n, false, null);
   // MLP
   const dg = (await linears.backward(l, 'down', basis.outputGrad('p', l, dh, n), n, true))!;
-  const vm = ad?.get(l, 'mlp-proj');
-  if (vm) {
-    const dgp = new Float32Array(n * I);
-    loraBackward(dgp, basis.toPlain(dh, n), vm, a.lora.get('mlp-proj')!, n, ad!.scale);
-    basis.addHidden(l, dgp, dg, n);
-  }
+  const dgp = ad?.backward(MLP_PROJ, () => basis.toPlain(dh, n));
+  if (dgp) basis.addHidden(l, dgp, dg, n);
   swigluBackward(s.df, dg, a.f, n, I);
-  let dplain2: Float32Array | null = null;
-  if (ad) {
-    for (const t of GU) {
-      const v = ad.get(l, t);
-      if (!v) continue;
-      dplain2 ??= new Float32Array(n * C);
-      loraBackward(dplain2, basis.gateUpGradToPlain(l, t, s.df, n), v, a.lora.get(t)!, n, ad.scale);
-    }
-  }
+  const dplain2 = ad?.backward(GU, (t) => basis.gateUpGradToPlain(l, t, s.df, n)) ?? null;
   const dx2 = (await linears.backward(l, 'gateup', s.df, n, true))!;
   basis.normBackward(2, l, dh, dx2, dplain2, a.n2, a.h2, n);
   // attention
   const dO = (await linears.backward(l, 'o', basis.outputGrad('o', l, dh, n), n, true))!;
-  const vp = ad?.get(l, 'proj');
-  if (vp) {
-    const dop = new Float32Array(n * C);
-    loraBackward(dop, basis.toPlain(dh, n), vp, a.lora.get('proj')!, n, ad!.scale);
-    basis.addHeadsGrad(l, dop, dO, n);
-  }
+  const dop = ad?.backward(PROJ, () => basis.toPlain(dh, n));
+  if (dop) basis.addHeadsGrad(l, dop, dO, n);
   gqaAttentionBackward(s.dqkv, s.datt, dO, a.att, a.qkv, B, T, config.n_head, config.n_kv_head, hd);
   basis.rotaryBackward(l, s.dqkv, B, T);
-  let dplain1: Float32Array | null = null;
-  if (ad) {
-    for (const t of QKV) {
-      const v = ad.get(l, t);
-      if (!v) continue;
-      dplain1 ??= new Float32Array(n * C);
-      loraBackward(dplain1, basis.qkvGradToPlain(l, t, s.dqkv, n), v, a.lora.get(t)!, n, ad.scale);
-    }
-  }
+  const dplain1 = ad?.backward(QKV, (t) => basis.qkvGradToPlain(l, t, s.dqkv, n)) ?? null;
   const dx1 = await linears.backward(l, 'qkv', s.dqkv, n, needInput);
   if (needInput) basis.normBackward(1, l, dh, dx1!, dplain1, a.n1, a.hIn, n);
 }
 
-/** The Llama block for a config (its buffers sized by the config's widths). */
+/** The Llama block for a config (its buffers sized by the config's widths; no GELU tanh kept). */
 export function llamaBlock<X extends Float32Array>(config: LlamaConfig): BlockDef<X, LlamaLinearName> {
   const { C, W, I } = llamaDims(config);
-  const NH = config.n_head;
   return {
-    acts: (B, T, basis) => {
-      const n = B * T;
-      return {
-        hIn: new Float32Array(n * C), n1: normActs(n, C), x1: basis.buffer(0), qkv: basis.buffer(0), att: new Float32Array(B * NH * T * T),
-        o: basis.buffer(n * C), h2: new Float32Array(n * C), n2: normActs(n, C), x2: basis.buffer(0), f: basis.buffer(0),
-        g: basis.buffer(n * I), th: new Float32Array(0), lora: new Map(),
-      };
-    },
-    scratch: (B, T, basis) => ({ datt: new Float32Array(B * NH * T * T), dqkv: basis.buffer(B * T * W), df: basis.buffer(B * T * 2 * I) }),
+    ...blockBuffers<X>(C, config.n_head, W, 2 * I, I, 0),
     forward: (m, l, h, a, B, T, train, cache) => forward(m as Env<X>, l, h, a, B, T, train, cache ?? null),
     backward: (m, l, dh, a, s, B, T, needInput) => backward(m as Env<X>, l, dh, a, s, B, T, needInput),
   };

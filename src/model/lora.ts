@@ -226,3 +226,44 @@ export function loraEmbedBackward(dy: Float32Array, tokens: Int32Array, v: Adapt
     for (let j = 0; j < r; j++) v.gA[o + j] += du[i * r + j];
   }
 }
+
+/**
+ * One layer's adapters in one pass of a block, each call beside the linear it adapts:
+ * `forward` hands every present target's update [n, dout] to `add` (the basis puts it in
+ * place); `backward` accumulates their gradients and returns that of their plain input
+ * [n, din] (null: no target present).
+ */
+export class LayerAdapters {
+  private readonly drop: number;
+  private readonly rng: RandomSource | null;
+
+  constructor(private readonly ad: LoraAdapters, private readonly l: number, private readonly saved: Map<LoraTarget, LoraSaved>, private readonly n: number, train: boolean, rng: RandomSource | null) {
+    this.drop = train ? ad.config.dropout : 0;
+    this.rng = train ? rng : null;
+  }
+
+  /** delta_t[n, dout] = scale * dropout(x) A_t B_t for each target t present (x [n, din]: the plain input, read once) */
+  forward<T extends LoraTarget>(targets: readonly T[], x: () => Float32Array, add: (t: T, delta: Float32Array) => void): void {
+    let xin: Float32Array | null = null;
+    for (const t of targets) {
+      const v = this.ad.get(this.l, t);
+      if (!v) continue;
+      xin ??= x();
+      const delta = new Float32Array(this.n * v.dout);
+      this.saved.set(t, loraForward(delta, xin, v, this.n, this.ad.scale, this.drop, this.rng, false));
+      add(t, delta);
+    }
+  }
+
+  /** dx[n, din] = the sum over the targets present of their input gradient, from each one's output gradient dy(t) [n, dout] */
+  backward<T extends LoraTarget>(targets: readonly T[], dy: (t: T) => Float32Array): Float32Array | null {
+    let dx: Float32Array | null = null;
+    for (const t of targets) {
+      const v = this.ad.get(this.l, t);
+      if (!v) continue;
+      dx ??= new Float32Array(this.n * v.din);
+      loraBackward(dx, dy(t), v, this.saved.get(t)!, this.n, this.ad.scale);
+    }
+    return dx;
+  }
+}

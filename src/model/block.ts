@@ -162,6 +162,7 @@ export const PROJ: readonly LoraTarget[] = ['proj'];
 export const MLP_PROJ: readonly LoraTarget[] = ['mlp-proj'];
 const FC: readonly LoraTarget[] = ['fc'];
 
+/** h[N] += y[N]: a residual add */
 export function addInto(h: Float32Array, y: Float32Array, N: number): void {
   for (let i = 0; i < N; i++) h[i] += y[i];
 }

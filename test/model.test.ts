@@ -7,6 +7,8 @@ import { AdamW, SGD, clipGradNorm, cosineSchedule, gpt2DecayMask } from '../src/
 import { trainLM } from '../src/train/lm.js';
 import { Rng } from '../src/tensor/rng.js';
 import { gpt2Tokenizer, tokenizerFor } from '../src/model/tokenizer.js';
+import { LoraAdapters } from '../src/model/lora.js';
+import { mergeAdaptersPlain } from '../src/train/session.js';
 import { relErr, numericGradAsync, assertGradClose } from './helpers.js';
 
 const micro = getPreset('gpt2-micro');
@@ -193,4 +195,31 @@ test('GPT-2 tokenizer round-trips text and knows <|endoftext|>', async () => {
   assert.deepEqual(gpt2Tokenizer.encode('Hello world'), [15496, 995]);
   assert.deepEqual(gpt2Tokenizer.encode('<|endoftext|>'), [50256]);
   assert.throws(() => tokenizerFor(512), /needs a vocabulary of 50257/);
+});
+
+test('the plain GPT-2 takes LoRA adapters: logits equal the merged weights, adapter gradients match finite differences', async () => {
+  const model = GPT2.random(micro, 21);
+  for (const k of ['qkvw', 'attprojw', 'fcw', 'fcprojw'] as const) new Rng(k.length).fillNormal(model.layout.view(model.params, k), 0.3); // finite differences need a signal
+  const base = new GPT2({ ...model.weights(), params: Float32Array.from(model.params) });
+  const ad = new LoraAdapters({ rank: 2, alpha: 4, dropout: 0, targets: ['q', 'v', 'proj', 'fc', 'mlp-proj'] }, micro.n_layer, micro.n_embd, micro.vocab_size);
+  ad.init(new Rng(22));
+  for (const v of ad.views) new Rng(v.layer * 7 + v.din).fillNormal(v.B, 0.3); // non-zero B: every adapter has an effect
+  model.adapters = ad;
+  const B = 2, T = 6, V = micro.vocab_size;
+  const tokens = randomTokens(B * T, V, 23), targets = randomTokens(B * T, V, 24);
+  const adapted = Float32Array.from((await model.forward(tokens, B, T)).logits);
+  const merged = (await new GPT2(mergeAdaptersPlain(base.weights(), ad)).forward(tokens, B, T)).logits;
+  assert.ok(relErr(adapted, merged) < 1e-4, `adapted vs merged logits: ${relErr(adapted, merged)}`);
+  assert.ok(relErr(adapted, (await base.forward(tokens, B, T)).logits) > 1e-2, 'the adapters change the logits');
+  model.zeroGrad();
+  await model.forward(tokens, B, T, targets);
+  await model.backward();
+  const ga = Float32Array.from(ad.grads);
+  const f = async () => (await model.forward(tokens, B, T, targets)).loss!;
+  const rng = new Rng(25);
+  for (const v of ad.views) {
+    const off = v.A.byteOffset / 4 - ad.params.byteOffset / 4;
+    const idx = [off + rng.int(v.A.length), off + v.A.length + rng.int(v.B.length), off + rng.int(v.A.length)];
+    assertGradClose(ga, idx, await numericGradAsync(f, ad.params, idx, 1e-2), 5e-2, `LoRA ${v.target} layer ${v.layer}`);
+  }
 });

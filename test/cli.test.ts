@@ -249,6 +249,43 @@ test('Llama family on the plain commands: init, train (its own tokenizer.json, k
   }
 });
 
+test('pretrain a Llama-family preset: refuses held-out splits, progress off a terminal, a LlamaForCausalLM directory with its tokenizer.json and pretraining.json', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-cli-pretrain-'));
+  try {
+    const take = (f: string, n: number, to: string) => writeFileSync(path.join(dir, to), readFileSync(path.join(ROOT, f), 'utf8').split('\n').slice(0, n).join('\n') + '\n');
+    take('data/austen/train.jsonl', 40, 'train.jsonl');
+    take('data/austen/validation.jsonl', 10, 'validation.jsonl');
+    const args = ['pretrain', '--preset', 'llama-small', '--steps', '2', '--batch', '2', '--seq', '16', '--warmup', '1', '--eval-every', '1'];
+    const refused = run([...args, '--corpus', path.join(dir, 'validation.jsonl'), '--out', path.join(dir, 'no')]);
+    assert.notEqual(refused.status, 0);
+    assert.match(refused.stderr, /refusing .*validation\.jsonl: pretraining may only use training splits/);
+    assert.ok(!existsSync(path.join(dir, 'no')));
+    const out = path.join(dir, 'm');
+    const r = run([...args, '--corpus', path.join(dir, 'train.jsonl'), '--valid', path.join(dir, 'validation.jsonl'), '--out', out], { OBFUSCATUNE_NO_PROGRESS: '0', OBFUSCATUNE_PROGRESS_INTERVAL_MS: '1' });
+    assert.equal(r.status, 0, r.stderr);
+    const lines = r.stderr.split('\n').filter((l) => l.startsWith('pretrain: '));
+    assert.match(lines[lines.length - 1], /^pretrain: 2\/2 \(100%\) loss [\d.]+ \| val [\d.]+ /);
+    const cfg = JSON.parse(readFileSync(path.join(out, 'config.json'), 'utf8'));
+    assert.deepEqual([cfg.architectures[0], cfg.num_key_value_heads, cfg.torch_dtype], ['LlamaForCausalLM', 2, 'float16']);
+    const info = JSON.parse(readFileSync(path.join(out, 'pretraining.json'), 'utf8'));
+    assert.equal(info.preset, 'llama-small');
+    assert.equal(info.log.length, 2);
+    assert.ok(info.valid_loss > 0 && info.unigram_valid_loss > 0);
+    assert.equal(JSON.parse(readFileSync(path.join(out, 'tokenizer_config.json'), 'utf8')).eos_token, '<|endoftext|>');
+    const g = run(['generate', '--model', out, '--prompt', 'It is a truth', '--max-tokens', '3', '--json']);
+    assert.equal(g.status, 0, g.stderr);
+    const n = JSON.parse(g.stdout).tokens.length;
+    assert.ok(n >= 1 && n <= 3, `${n} tokens`);
+    writeFileSync(path.join(dir, 'valid.txt'), 'It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.');
+    const e = run(['eval', '--model', out, '--text', path.join(dir, 'valid.txt'), '--seq', '8', '--batch', '2', '--json']);
+    assert.equal(e.status, 0, e.stderr);
+    const ev = JSON.parse(e.stdout);
+    assert.ok(ev.loss > 0 && Number.isFinite(ev.perplexity) && ev.tokens > 16, e.stdout);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('obfuscate --public-base: the split generates as the derived model does (exact rank), deobfuscate checks the pin, bad flags are refused', async () => {
   const { derivedFromFixture } = await import('./world.js');
   const { saveCheckpoint } = await import('../src/model/checkpoint.js');

@@ -17,7 +17,7 @@ import {
 } from '../train/run_spec.js';
 import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
-import { parseIntArg, refuseNonEmpty } from './model_args.js';
+import { loadPlainModel, parseIntArg, refuseNonEmpty } from './model_args.js';
 import { addFieldOptions, addRunSpecOptions, recipeAndFlags, runSpecInputOf } from './run_spec_args.js';
 import { emit } from './output.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
@@ -240,10 +240,9 @@ export function addFinetuneCommands(program: Command): void {
       }
       if (o.run) throw new InputError('eval --run needs --data FILE');
       if (!o.model || !o.text) throw new InputError('give --model DIR with --data FILE or --text FILE, or --run DIR --data FILE');
-      const { GPT2 } = await import('../model/gpt2.js');
       const { evaluateLM } = await import('../train/lm.js');
-      const model = new GPT2(loadCheckpoint(o.model));
-      const tok = tokenizerFor(model.config.vocab_size);
+      const { model, tokenizer } = loadPlainModel(o.model);
+      const tok = tokenizer();
       const bar = progressBar(1, 'eval', '');
       const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch, Infinity, (i, n) => {
         bar.setTotal(n);

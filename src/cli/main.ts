@@ -18,6 +18,7 @@ import { progressBar } from './progress.js';
 import { loadPlainModel, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
 import { Llama } from '../model/llama.js';
 import { saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
+import { writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
 import { emit, setJsonOutput, withJson } from './output.js';
 import { addConfigOption, readRecipe } from './run_spec_args.js';
 import { mergeRunSpecInputs } from '../train/run_spec.js';
@@ -137,7 +138,7 @@ export function buildProgram(): Command {
   withJson(program
     .command('pretrain')
     .description('pretrain a base model from scratch on the training splits of JSONL datasets (with a progress bar)')
-    .requiredOption('--preset <name>', `architecture: ${presetNames().join(', ')}`)
+    .requiredOption('--preset <name>', `architecture: ${[...presetNames(), ...Object.keys(LLAMA_PRESETS)].join(', ')}`)
     .requiredOption('--corpus <files...>', 'training JSONL files (validation/test splits are refused)')
     .option('--valid <files...>', 'validation JSONL files (loss reported, never trained on)')
     .option('--steps <n>', 'optimisation steps', parseIntArg('--steps'), 1000)
@@ -156,11 +157,12 @@ export function buildProgram(): Command {
       const { corpusFromJsonl, unigramLoss } = await import('../train/pretrain.js');
       const { writeFileSync } = await import('node:fs');
       const pathMod = await import('node:path');
-      const config = getPreset(o.preset);
+      const llama = LLAMA_PRESETS[o.preset];
+      const config = llama ? { ...llama } : getPreset(o.preset);
       const tok = tokenizerFor(config.vocab_size);
       const corpus = corpusFromJsonl(o.corpus, tok);
       const valid = o.valid ? corpusFromJsonl(o.valid.map(String), tok, true).stream : null;
-      const model = GPT2.random(config, o.seed);
+      const model = llama ? Llama.random({ ...llama }, o.seed) : GPT2.random(config, o.seed);
       console.error(`pretraining ${o.preset} (${(model.numParams() / 1e6).toFixed(2)}M parameters) on ${corpus.stream.length.toLocaleString()} tokens from ${corpus.documents} documents`);
       const log: Record<string, unknown>[] = [];
       const bar = progressBar(o.steps, 'pretrain', 'loss {loss} | val {val} | {tps} tok/s');
@@ -181,7 +183,11 @@ export function buildProgram(): Command {
       });
       bar.stop();
       const seconds = (performance.now() - t0) / 1000;
-      saveCheckpoint(o.out, model.weights(), { dtype: o.dtype });
+      if (model instanceof Llama) {
+        // a Hugging Face LlamaForCausalLM directory, with the GPT-2 tokenizer it was trained with
+        saveLlamaCheckpoint(o.out, model.weights(), { dtype: o.dtype });
+        writeGpt2Tokenizer(o.out);
+      } else saveCheckpoint(o.out, model.weights(), { dtype: o.dtype });
       const final = valid ? await evaluateLM(model, valid, o.seq, o.batch) : null;
       const info = {
         preset: o.preset, config, params: model.numParams(), corpus: o.corpus, corpus_tokens: corpus.stream.length, valid: o.valid ?? null,

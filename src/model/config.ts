@@ -106,6 +106,8 @@ export const LLAMA_PRESETS: Record<string, LlamaConfig> = {
   'llama-2-7b': llama({ n_layer: 32, n_head: 32, n_kv_head: 32, n_embd: 4096, intermediate_size: 11008, n_ctx: 4096, vocab_size: 32000, rope_theta: 10000, tie_word_embeddings: false }),
   /** about GPT-2 124M's size */
   'llama-124m': llama({ n_layer: 12, n_head: 12, n_kv_head: 4, n_embd: 768, intermediate_size: 2048, n_ctx: 1024, vocab_size: 50257, rope_theta: 10000, tie_word_embeddings: true }),
+  /** the bundled base model (models/llama-small): base-small's size, GPT-2's vocabulary, grouped queries, tied head */
+  'llama-small': llama({ n_layer: 4, n_head: 4, n_kv_head: 2, n_embd: 128, intermediate_size: 344, n_ctx: 256, vocab_size: 50257, rope_theta: 10000, tie_word_embeddings: true }),
   /** for tests: grouped queries, untied head */
   'llama-tiny': llama({ n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64, intermediate_size: 96, n_ctx: 64, vocab_size: 512, rope_theta: 10000, tie_word_embeddings: false }),
   'llama-micro': llama({ n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 16, intermediate_size: 24, n_ctx: 16, vocab_size: 64, rope_theta: 10000, tie_word_embeddings: false }),

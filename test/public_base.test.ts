@@ -90,7 +90,7 @@ test('public base: the accelerator holds the masked base, split inference equals
     const plainBase = obfuscateWeights(base, { mode, seed: 7 });
     for (let l = 0; l < base.config.n_layer; l++) {
       for (const n of ['qkv', 'attproj', 'fc', 'fcproj'] as const) {
-        assert.ok(maxAbsDiff(pb.accelerator.layers[l][n].w, plainBase.accelerator.layers[l][n].w) < 1e-6, `${mode}: ${l}.${n} on the accelerator is the masked public base`);
+        assert.ok(maxAbsDiff(pb.accelerator.layers[l][n]!.w, plainBase.accelerator.layers[l][n]!.w) < 1e-6, `${mode}: ${l}.${n} on the accelerator is the masked public base`);
         assert.equal(pb.enclave.tensors.delta![l][n].rank, 2, `${mode}: the rank-2 delta of ${l}.${n} is found`);
       }
     }

@@ -13,8 +13,9 @@ import { validateConfig } from '../model/config.js';
 import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
 import type { DeltaTensors, ObfuscatedTensors } from './enclave_tensors.js';
 import { CHECK_VECTORS, type CheckVectors, type LinearCheck } from '../protocol/integrity.js';
-import { LINEARS, linearDims, type LinearName } from '../model/block.js';
-import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
+import { ALL_LINEARS, LINEARS, linearDims, type BlockLinearName, type LinearName } from '../model/block.js';
+import { blockLinearDims, blockLinearNames } from '../model/family.js';
+import { layerLinearNames, type AcceleratorWeights } from '../protocol/linears.js';
 import type { Mode, ObfuscationParams } from './masks.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
@@ -29,7 +30,7 @@ export interface AcceleratorManifest {
   mode: Mode;
   n_layer: number;
   n_embd: number;
-  linears: { layer: number; name: LinearName; din: number; dout: number }[];
+  linears: { layer: number; name: BlockLinearName; din: number; dout: number }[];
   weights: { file: string; sha256: string; bytes: number };
   /** fingerprint of the mask key the bundle was made with (keyFingerprint); absent in older bundles */
   key_fingerprint?: string;
@@ -83,8 +84,8 @@ export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mod
   const tensors: TensorToWrite[] = [];
   const linears: AcceleratorManifest['linears'] = [];
   acc.layers.forEach((layer, l) => {
-    for (const name of LINEARS) {
-      const L = layer[name];
+    for (const name of layerLinearNames(layer)) {
+      const L = layer[name]!;
       tensors.push({ name: `h.${l}.${name}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
       tensors.push({ name: `h.${l}.${name}.bias`, dtype: 'F32', shape: [L.dout], data: L.b });
       linears.push({ layer: l, name, din: L.din, dout: L.dout });
@@ -121,16 +122,20 @@ export function loadAcceleratorBundle(dir: string): LoadedAccelerator {
   if (sha256(bytes) !== manifest.weights.sha256) throw new BundleError(`accelerator bundle: ${wfile} does not match the SHA-256 in ${mfile} (corrupt or replaced)`);
   const st = openSafetensors(wfile);
   const d = manifest.n_embd;
-  const layers: Record<LinearName, ObfLinear>[] = [];
+  const layers: AcceleratorWeights['layers'] = [];
   for (let l = 0; l < manifest.n_layer; l++) {
-    const rec = {} as Record<LinearName, ObfLinear>;
-    for (const name of LINEARS) {
-      const [din, dout] = linearDims(name, d);
+    const rec: AcceleratorWeights['layers'][number] = {};
+    // the manifest lists each linear with its dimensions (older bundles: GPT-2's four)
+    const listed = Array.isArray(manifest.linears) ? manifest.linears.filter((x) => x.layer === l) : LINEARS.map((name) => ({ name, din: linearDims(name, d)[0], dout: linearDims(name, d)[1] }));
+    if (listed.length === 0) throw new BundleError(`accelerator bundle: ${mfile} lists no linear of layer ${l}`);
+    for (const { name, din, dout } of listed) {
+      if (!ALL_LINEARS.includes(name) || rec[name]) throw new BundleError(`accelerator bundle: ${mfile} lists an unknown or repeated linear "${String(name)}" in layer ${l}`);
+      if (!Number.isInteger(din) || !Number.isInteger(dout) || din <= 0 || dout <= 0) throw new BundleError(`accelerator bundle: ${mfile} gives h.${l}.${name} the dimensions ${din} x ${dout}`);
       const wn = `h.${l}.${name}.weight`, bn = `h.${l}.${name}.bias`;
       for (const [n, shape] of [[wn, [din, dout]], [bn, [dout]]] as const) {
         if (!st.has(n)) throw new BundleError(`accelerator bundle: ${wfile} lacks tensor "${n}"`);
         const got = st.info(n).shape;
-        if (got.join(',') !== shape.join(',')) throw new BundleError(`accelerator bundle: tensor "${n}" has shape [${got}], expected [${shape}]`);
+        if (got.join(',') !== shape.join(',') && !(n === bn && got.join(',') === '0')) throw new BundleError(`accelerator bundle: tensor "${n}" has shape [${got}], expected [${shape}]`);
       }
       rec[name] = { w: st.get(wn), b: st.get(bn), din, dout };
     }
@@ -181,8 +186,8 @@ function enclaveShapes(b: ShapeKeys, chk: boolean): Map<string, number[]> {
     ...(b.cls ? { score: [b.cls.numLabels, d] } : {}),
   }));
   for (let l = 0; chk && l < L; l++) {
-    for (const name of LINEARS) {
-      const [din, dout] = linearDims(name, d);
+    for (const name of blockLinearNames(b.config)) {
+      const [din, dout] = blockLinearDims(b.config, name);
       for (const [k, shape] of Object.entries({ r: [dout, K], s: [din, K], w: [din, K], v: [dout, K], c: [K] })) shapes.set(`chk.${l}.${name}.${k}`, shape);
     }
   }
@@ -197,7 +202,7 @@ function enclaveShapes(b: ShapeKeys, chk: boolean): Map<string, number[]> {
 }
 
 /** A chk.{layer}.{linear}.{part} (or delta.*) name's place in the check vectors (or the delta). */
-function checkPart(name: string): [number, LinearName, keyof LinearCheck] {
+function checkPart(name: string): [number, LinearName, keyof LinearCheck] { // eslint-disable-line
   const [, l, linear, part] = name.split('.');
   return [Number(l), linear as LinearName, part as keyof LinearCheck];
 }
@@ -221,7 +226,7 @@ export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
   const { chk, ...fields } = b.tensors;
   const tensors: TensorToWrite[] = [...enclaveShapes(b, chk !== null)].map(([name, shape]) => {
     const [l, linear, part] = checkPart(name);
-    const data = name.startsWith('chk.') ? chk![l][linear][part]
+    const data = name.startsWith('chk.') ? chk![l][linear]![part]
       : name.startsWith('delta.') ? b.tensors.delta![l][linear][part as 'U' | 'V' | 'b'] : (fields as unknown as Record<string, Float32Array | Int32Array>)[name];
     return { name, dtype: data instanceof Int32Array ? 'I32' : 'F32', shape, data };
   });

@@ -18,7 +18,7 @@ import { obfuscateWeights, type ObfuscateOptions, type ObfuscationResult } from 
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import type { EnclaveTensors, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
-import type { AcceleratorWeights } from '../protocol/linears.js';
+import { gpt2Linears, type AcceleratorWeights } from '../protocol/linears.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../protocol/link.js';
 import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type TrainMode } from '../enclave/split_model.js';
@@ -190,7 +190,8 @@ export function mergedPlainModel(s: Session): GPT2Weights {
   return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w; // adapters are plain in every mode
 }
 
-function fromPlainParts(base: GPT2Weights, acc: AcceleratorWeights, enc: PlainEnclaveTensors): GPT2Weights {
+function fromPlainParts(base: GPT2Weights, acc0: AcceleratorWeights, enc: PlainEnclaveTensors): GPT2Weights {
+  const acc = gpt2Linears(acc0);
   const lay = new ParamLayout(base.config);
   const p = new Float32Array(lay.total);
   const names = { qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'] } as const;

@@ -139,11 +139,11 @@ export class Accelerator {
         const L = layer[name]!;
         const key = `${l}.${name}`;
         t.push({ name: `h.${key}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-        t.push({ name: `h.${key}.bias`, dtype: 'F32', shape: [L.dout], data: L.b });
+        t.push({ name: `h.${key}.bias`, dtype: 'F32', shape: [L.b.length], data: L.b });
         const mw = mom.get(`${key}.w`), mb = mom.get(`${key}.b`);
         if (mw && mb) {
           t.push({ name: `momentum.${key}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: mw });
-          t.push({ name: `momentum.${key}.bias`, dtype: 'F32', shape: [L.dout], data: mb });
+          t.push({ name: `momentum.${key}.bias`, dtype: 'F32', shape: [mb.length], data: mb });
         }
       }
     });

@@ -72,7 +72,7 @@ const FLAGS: Flag[] = [
 /** The targets when the text names them; otherwise the text, for the spec to refuse with its own message. */
 function targetsOrText(v: string): unknown {
   try {
-    return parseLoraTargets(v);
+    return parseLoraTargets(v, 'any');
   } catch {
     return v;
   }

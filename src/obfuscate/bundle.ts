@@ -87,7 +87,7 @@ export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mod
     for (const name of layerLinearNames(layer)) {
       const L = layer[name]!;
       tensors.push({ name: `h.${l}.${name}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-      tensors.push({ name: `h.${l}.${name}.bias`, dtype: 'F32', shape: [L.dout], data: L.b });
+      tensors.push({ name: `h.${l}.${name}.bias`, dtype: 'F32', shape: [L.b.length], data: L.b });
       linears.push({ layer: l, name, din: L.din, dout: L.dout });
     }
   });

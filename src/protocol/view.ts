@@ -180,7 +180,7 @@ export class ViewRecorder {
       for (const name of layerLinearNames(layer)) {
         const L = layer[name]!;
         tensors.push({ name: `bundle.${l}.${name}.w`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-        tensors.push({ name: `bundle.${l}.${name}.b`, dtype: 'F32', shape: [L.dout], data: L.b });
+        tensors.push({ name: `bundle.${l}.${name}.b`, dtype: 'F32', shape: [L.b.length], data: L.b });
       }
     });
     const events = this.events.map((e) => [e.call, e.direction === 'to_accelerator' ? 0 : 1, e.op, e.layer, e.name, e.field, e.rows, e.cols]);

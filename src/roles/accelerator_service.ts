@@ -231,7 +231,7 @@ export async function serveAccelerator(o: AcceleratorServeOptions): Promise<{ se
           const file = path.join(o.stateDir, `export-${process.pid}.safetensors`);
           const t = acc.weights.layers.flatMap((L, l) => layerLinearNames(L).map((name) => [name, L[name]!] as const).flatMap(([name, x]) => [
             { name: `h.${l}.${name}.weight`, dtype: 'F32' as const, shape: [x.din, x.dout], data: x.w },
-            { name: `h.${l}.${name}.bias`, dtype: 'F32' as const, shape: [x.dout], data: x.b },
+            { name: `h.${l}.${name}.bias`, dtype: 'F32' as const, shape: [x.b.length], data: x.b },
           ]));
           writeSafetensors(file, t);
           data = readFileSync(file).toString('base64');

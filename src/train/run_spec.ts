@@ -137,7 +137,7 @@ const D = RUN_SPEC_DEFAULTS;
 
 const targetsSchema = z.union([z.string(), z.array(z.string())], { error: must('a list of LoRA targets ("q,v" or ["q", "v"])') }).transform((v, ctx) => {
   try {
-    return parseLoraTargets(Array.isArray(v) ? v.join(',') : v);
+    return parseLoraTargets(Array.isArray(v) ? v.join(',') : v, 'any');
   } catch (e) {
     ctx.addIssue({ code: 'custom', message: (e as Error).message, input: v });
     return z.NEVER;

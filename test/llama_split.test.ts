@@ -6,7 +6,8 @@
  */
 import test from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { Llama } from '../src/model/llama.js';
@@ -22,7 +23,15 @@ import { Accelerator } from '../src/accelerator/accelerator.js';
 import { InProcessLink } from '../src/protocol/link.js';
 import { SplitModel } from '../src/enclave/split_model.js';
 import { makeCheckVectors } from '../src/protocol/integrity.js';
-import { IntegrityError } from '../src/errors.js';
+import { BundleError, IntegrityError } from '../src/errors.js';
+import { generate } from '../src/model/transformer.js';
+import { saveLlamaCheckpoint } from '../src/model/llama_checkpoint.js';
+import { deobfuscateLlamaDirs, obfuscateLlamaWeights, writeObfuscation } from '../src/obfuscate/provider.js';
+import { checkBundlePair, loadAcceleratorBundle, loadEnclaveBundle } from '../src/obfuscate/bundle.js';
+import { Enclave } from '../src/enclave/enclave.js';
+
+const ROOT = path.resolve(import.meta.dirname, '..', '..');
+const cli = (...args: string[]) => spawnSync(process.execPath, [path.join(ROOT, 'bin', 'obfuscatune.js'), ...args], { encoding: 'utf8', env: { ...process.env, OBFUSCATUNE_NO_PROGRESS: '1' }, cwd: ROOT });
 import { maxAbsDiff, relErr } from './helpers.js';
 
 const tiny = (over: Partial<LlamaConfig> = {}): LlamaConfig => ({ ...LLAMA_PRESETS['llama-micro'], ...over });
@@ -141,4 +150,58 @@ test('a lying accelerator is caught for a Llama-family model (a falsified gate/u
   const model = new SplitModel({ mode: 'sealed', method: 'lora', task: 'lm', config: m.config, tensors: r.enclave, link: new InProcessLink(new Accelerator(r.accelerator)), lora: { rank: 2, alpha: 4, dropout: 0, targets: ['q'] }, rng: new Rng(1) });
   const tokens = Int32Array.from({ length: 8 }, (_, i) => i + 1);
   await assert.rejects(model.forward(tokens, 1, 8, tokens, false), (e: unknown) => e instanceof IntegrityError && /h\.1\.gateup/.test((e as Error).message));
+});
+
+test('Llama-family bundles on disk: the loaded enclave and accelerator give the plain model\'s logits and greedy generation (KV cache of the key/value heads); a tampered bundle is refused', async () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-llama-bundles-'));
+  try {
+    const m = Llama.random(tiny({ qkv_bias: true }), 6);
+    const tokens = Int32Array.from({ length: 12 }, (_, i) => (i * 11 + 2) % 64);
+    const plain = Float32Array.from((await m.forward(tokens, 1, 12)).logits);
+    const want = await generate(m, [3, 9, 4], { maxNewTokens: 6, temperature: 0 });
+    for (const rotary of ['full', 'blocks'] as const) {
+      const out = path.join(dir, rotary);
+      writeObfuscation(out, obfuscateLlamaWeights(m.weights(), { mode: 'sealed', seed: 5, rotary }));
+      const enc = loadEnclaveBundle(path.join(out, 'enclave')), acc = loadAcceleratorBundle(path.join(out, 'accelerator'));
+      checkBundlePair(enc, acc);
+      assert.equal('family' in enc.tensors && enc.tensors.rotary, rotary);
+      const enclave = new Enclave(enc, new InProcessLink(new Accelerator(acc.weights)));
+      assert.ok(maxAbsDiff(await enclave.forward(tokens, 1, 12), plain) < 1e-4, `${rotary}: logits through the loaded bundles`);
+      assert.deepEqual(await enclave.generate([3, 9, 4], { maxNewTokens: 6, temperature: 0 }), want, `${rotary}: greedy generation`);
+      const back = deobfuscateLlamaDirs(m.weights(), path.join(out, 'accelerator'), path.join(out, 'enclave'), path.join(out, 'provider'));
+      assert.ok(relErr(back.params, m.params) < 1e-4, `${rotary}: deobfuscate from the directories`);
+    }
+    const mf = path.join(dir, 'full', 'enclave', 'manifest.json');
+    writeFileSync(mf, readFileSync(mf, 'utf8').replace('"rotary_masks": "full"', '"rotary_masks": "spiral"'));
+    assert.throws(() => loadEnclaveBundle(path.join(dir, 'full', 'enclave')), (e: unknown) => e instanceof BundleError && /rotary_masks/.test((e as Error).message));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('the CLI fine-tunes a Llama-family checkpoint through the split and obfuscates and merges it back', () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-llama-cli-'));
+  try {
+    const model = path.join(dir, 'm');
+    saveLlamaCheckpoint(model, Llama.random({ ...LLAMA_PRESETS['llama-micro'], vocab_size: 50257, n_ctx: 64 }, 3).weights());
+    const data = path.join(dir, 'train.jsonl');
+    writeFileSync(data, Array.from({ length: 12 }, (_, i) => JSON.stringify({ text: `record ${i} of the owner's private data` })).join('\n') + '\n');
+    const run = cli('finetune', '--model', model, '--train', data, '--mode', 'sealed', '--rotary-masks', 'blocks', '--steps', '4', '--batch', '2', '--max-len', '32', '--out', path.join(dir, 'run'), '--json');
+    assert.equal(run.status, 0, run.stderr);
+    const s = JSON.parse(run.stdout);
+    assert.equal(s.mode, 'sealed');
+    assert.ok(Number.isFinite(s.train_loss_last));
+    assert.equal(JSON.parse(readFileSync(path.join(dir, 'run', 'run_spec.json'), 'utf8')).rotary_masks, 'blocks');
+    assert.equal(JSON.parse(readFileSync(path.join(dir, 'run', 'merged', 'config.json'), 'utf8')).architectures[0], 'LlamaForCausalLM');
+    const ob = cli('obfuscate', '--model', model, '--out', path.join(dir, 'b'), '--seed', '1', '--json');
+    assert.equal(ob.status, 0, ob.stderr);
+    assert.equal(JSON.parse(ob.stdout).family, 'llama');
+    const de = cli('deobfuscate', '--base', model, '--bundles', path.join(dir, 'b'), '--out', path.join(dir, 'back'));
+    assert.equal(de.status, 0, de.stderr);
+    const gpt2 = cli('obfuscate', '--model', path.join(ROOT, 'models', 'base-small'), '--rotary-masks', 'full', '--out', path.join(dir, 'g'));
+    assert.notEqual(gpt2.status, 0);
+    assert.match(gpt2.stderr, /--rotary-masks applies to Llama-family models/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

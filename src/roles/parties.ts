@@ -25,7 +25,7 @@ import { classifiedLine, type Classified } from '../train/predict.js';
 import { MAX_INFER } from './enclave_job.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { openSafetensors } from '../io/safetensors.js';
-import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate } from '../obfuscate/bundle.js';
+import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate, gpt2Tensors } from '../obfuscate/bundle.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import { layerLinearNames } from '../protocol/linears.js';
@@ -275,7 +275,7 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   const file = path.join(scratch, 'update.safetensors');
   writeFileSync(file, Buffer.from(up.update, 'base64'));
   const st = openSafetensors(file);
-  const tensors = withUpdate(encBundle, st, 'enclave.');
+  const tensors = gpt2Tensors(withUpdate(encBundle, st, 'enclave.'), 'the provider\'s merge');
   let w = base;
   if (up.task === 'cls' && tensors.score) {
     const K = up.labels.length;

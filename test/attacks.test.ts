@@ -167,7 +167,7 @@ test('the view holds every crossing, both directions, with op, layer, linear and
     assert.equal(e.cols, dims[e.name][e.direction === 'to_accelerator' ? 0 : 1], `${e.name} ${e.direction}`);
   }
   const bundle = v.bundle();
-  assert.deepEqual(Array.from(bundle.layers[1].fc.w.subarray(0, 8)), Array.from(r.accelerator.layers[1].fc.w.subarray(0, 8)));
+  assert.deepEqual(Array.from(bundle.layers[1].fc!.w.subarray(0, 8)), Array.from(r.accelerator.layers[1].fc!.w.subarray(0, 8)));
   const t = loadTruth(`${file}.truth.json`, v);
   assert.deepEqual(t.batches[0].tokens.slice(0, 3), [100, 101, 102]);
   assert.deepEqual(t.batches[0].pos.slice(3, 7), [3, 4, 0, 1]);

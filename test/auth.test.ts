@@ -575,7 +575,7 @@ test('enclave service --record-view: the view of a job (both directions, the bun
     for (const k of ['to_accelerator/linear_forward', 'to_enclave/linear_forward', 'to_accelerator/linear_backward', 'to_enclave/linear_backward']) assert.ok(dirs.has(k), k);
     assert.ok(truth.batches.length >= 2 && truth.batches.every((b) => b.labels?.length === 8), 'every training batch and its labels are in the scoring key');
     const acc = loadAcceleratorBundle(rv.accelerator).weights;
-    assert.deepEqual(view.bundle().layers[0].qkv.w, acc.layers[0].qkv.w, 'the bundle as handed over');
+    assert.deepEqual(view.bundle().layers[0].qkv!.w, acc.layers[0].qkv!.w, 'the bundle as handed over');
   } finally {
     await w.stop();
   }

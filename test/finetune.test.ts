@@ -217,7 +217,7 @@ for (const method of ['lora', 'full'] as const) {
       assert.deepEqual(resumed.summary.losses, whole.summary.losses, 'identical losses');
       assert.deepEqual(Array.from(resumed.sess.model.params), Array.from(whole.sess.model.params), 'identical enclave parameters');
       if (method === 'lora') assert.deepEqual(Array.from(resumed.sess.model.adapters!.params), Array.from(whole.sess.model.adapters!.params));
-      else assert.deepEqual(Array.from(resumed.sess.accelerator!.weights.layers[1].fc.w), Array.from(whole.sess.accelerator!.weights.layers[1].fc.w), 'identical accelerator weights');
+      else assert.deepEqual(Array.from(resumed.sess.accelerator!.weights.layers[1].fc!.w), Array.from(whole.sess.accelerator!.weights.layers[1].fc!.w), 'identical accelerator weights');
       const m1 = readFileSync(path.join(dir, 'whole', 'metrics.jsonl'), 'utf8');
       const m2 = readFileSync(path.join(dir, 'cut', 'metrics.jsonl'), 'utf8');
       assert.equal(m2, m1, 'metrics.jsonl of the resumed run equals the uninterrupted one');

@@ -103,8 +103,8 @@ test('checks track full fine-tuning: 30 honest SGD-momentum steps, no false alar
     // recompute the vectors from the trained weights: they match the tracked ones
     const fresh = new IntegrityChecker(sess.model.allTensors().chk!);
     const st = sess.model.integrity!.state();
-    const r = sess.model.allTensors().chk![1].fc.r;
-    const W = sess.accelerator!.weights.layers[1].fc;
+    const r = sess.model.allTensors().chk![1].fc!.r;
+    const W = sess.accelerator!.weights.layers[1].fc!;
     const K = 2;
     for (let i = 0; i < 5; i++) {
       let wr = 0;

@@ -127,7 +127,7 @@ test('fine-tuning with token mixing equals fine-tuning without it (LoRA and full
       }
       if (method === 'lora') assert.ok(relErr(mixed.sess.model.adapters!.params, plain.sess.model.adapters!.params) < 1e-3);
       else {
-        const wa = mixed.sess.accelerator!.weights.layers[1].fcproj.w, wb = plain.sess.accelerator!.weights.layers[1].fcproj.w;
+        const wa = mixed.sess.accelerator!.weights.layers[1].fcproj!.w, wb = plain.sess.accelerator!.weights.layers[1].fcproj!.w;
         assert.ok(relErr(wa, wb) < 1e-4, `${mode} full: the accelerator's trained weights agree (${relErr(wa, wb)})`);
       }
     }

@@ -1,4 +1,5 @@
 // The provider transform, masks and split inference (sealed and paper modes).
+import type { ObfuscatedTensors } from '../src/obfuscate/enclave_tensors.js';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
@@ -380,7 +381,7 @@ test('loading an enclave bundle checks each tensor and names it; int32 permutati
     const update = (ts: TensorToWrite[]) => { writeSafetensors(file, ts); return withUpdate(b, openSafetensors(file), 'enclave.'); };
     const wte = Float32Array.from(b.tensors.wte, (v) => v + 1), score = new Float32Array(3 * d).fill(0.5);
     const merged = update([{ name: 'enclave.wte', dtype: 'F32', shape: [wte.length], data: wte }, { name: 'enclave.score', dtype: 'F32', shape: [score.length], data: score }, { name: 'other', dtype: 'F32', shape: [1], data: new Float32Array(1) }]);
-    assert.deepEqual([merged.wte, merged.score, merged.wpe], [wte, score, b.tensors.wpe]);
+    assert.deepEqual([merged.wte, merged.score, (merged as ObfuscatedTensors).wpe], [wte, score, (b.tensors as ObfuscatedTensors).wpe]);
     assert.throws(() => update([{ name: 'enclave.wte', dtype: 'F32', shape: [3], data: new Float32Array(3) }]), /tensor "enclave\.wte" has shape \[3\], expected \[64, 16\]/);
     assert.throws(() => update([{ name: 'enclave.pi', dtype: 'I32', shape: [2], data: new Int32Array(2) }]), /unexpected tensor "enclave\.pi"/);
     assert.throws(() => update([{ name: 'enclave.lnfb', dtype: 'F32', shape: [d], data: new Float32Array(d).fill(NaN) }]), /tensor "enclave\.lnfb" contains a non-finite value at 0/);

@@ -1,5 +1,6 @@
 // A model derived from a public base: the accelerator holds the masked base, the enclave the
 // truncated delta; inference, fine-tuning and the merge are those of the factored model.
+import type { ObfuscatedTensors } from '../src/obfuscate/enclave_tensors.js';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
@@ -90,7 +91,7 @@ test('public base: the accelerator holds the masked base, split inference equals
     const plainBase = obfuscateWeights(base, { mode, seed: 7 });
     for (let l = 0; l < base.config.n_layer; l++) {
       for (const n of ['qkv', 'attproj', 'fc', 'fcproj'] as const) {
-        assert.ok(maxAbsDiff(pb.accelerator.layers[l][n].w, plainBase.accelerator.layers[l][n].w) < 1e-6, `${mode}: ${l}.${n} on the accelerator is the masked public base`);
+        assert.ok(maxAbsDiff(pb.accelerator.layers[l][n]!.w, plainBase.accelerator.layers[l][n]!.w) < 1e-6, `${mode}: ${l}.${n} on the accelerator is the masked public base`);
         assert.equal(pb.enclave.tensors.delta![l][n].rank, 2, `${mode}: the rank-2 delta of ${l}.${n} is found`);
       }
     }
@@ -151,7 +152,7 @@ test('public-base bundles: the pin in both manifests, the delta on disk, refusal
     assert.equal(enc.publicBase!.sha256, publicBaseSha256(base));
     assert.deepEqual(enc.publicBase!.ranks, r.delta!.ranks);
     checkBundlePair(enc, acc);
-    const d0 = r.enclave.tensors.delta![1].fc, d1 = enc.tensors.delta![1].fc;
+    const d0 = r.enclave.tensors.delta![1].fc, d1 = (enc.tensors as ObfuscatedTensors).delta![1].fc;
     assert.ok(d1.rank >= 1 && maxAbsDiff(d0.U, d1.U) === 0 && maxAbsDiff(d0.V, d1.V) === 0 && maxAbsDiff(d0.b, d1.b) === 0, 'the delta round-trips');
     // the factored model back, checked against the pinned base
     const w = deobfuscateDirs(model, path.join(dir, 'accelerator'), path.join(dir, 'enclave'), path.join(dir, 'provider'), { weights: base, dir: 'base' });

@@ -9,9 +9,10 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import type { AcceleratorWeights } from '../protocol/linears.js';
+import type { BlockLinearName } from '../model/block.js';
 import { LocalLinears } from '../model/local_linears.js';
 import { firstNonFinite } from '../tensor/parallel.js';
-import { LINEARS } from '../model/block.js';
+import { layerLinearNames } from '../protocol/linears.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { Rng } from '../tensor/rng.js';
 import type { AcceleratorReply, AcceleratorRequest } from '../protocol/messages.js';
@@ -33,7 +34,7 @@ export interface AcceleratorOptions {
 
 export class Accelerator {
   /** the obfuscated linears and their training state: the same code as the plain model's */
-  private readonly lin: LocalLinears;
+  private readonly lin: LocalLinears<BlockLinearName>;
   /** requests served (for reports) */
   served = 0;
 
@@ -134,15 +135,15 @@ export class Accelerator {
     const t: TensorToWrite[] = [];
     const mom = this.lin.momentumState();
     this.weights.layers.forEach((layer, l) => {
-      for (const name of LINEARS) {
-        const L = layer[name];
+      for (const name of layerLinearNames(layer)) {
+        const L = layer[name]!;
         const key = `${l}.${name}`;
         t.push({ name: `h.${key}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-        t.push({ name: `h.${key}.bias`, dtype: 'F32', shape: [L.dout], data: L.b });
+        t.push({ name: `h.${key}.bias`, dtype: 'F32', shape: [L.b.length], data: L.b });
         const mw = mom.get(`${key}.w`), mb = mom.get(`${key}.b`);
         if (mw && mb) {
           t.push({ name: `momentum.${key}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: mw });
-          t.push({ name: `momentum.${key}.bias`, dtype: 'F32', shape: [L.dout], data: mb });
+          t.push({ name: `momentum.${key}.bias`, dtype: 'F32', shape: [mb.length], data: mb });
         }
       }
     });
@@ -156,8 +157,8 @@ export class Accelerator {
     const st = openSafetensors(file);
     const mom = new Map<string, Float32Array>();
     this.weights.layers.forEach((layer, l) => {
-      for (const name of LINEARS) {
-        const L = layer[name];
+      for (const name of layerLinearNames(layer)) {
+        const L = layer[name]!;
         const key = `${l}.${name}`;
         st.getInto(`h.${key}.weight`, L.w);
         st.getInto(`h.${key}.bias`, L.b);

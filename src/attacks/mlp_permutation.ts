@@ -13,6 +13,7 @@ import { inProcessSplit } from '../enclave/enclave.js';
 import { tokenizerFor } from '../model/tokenizer.js';
 import { readJsonl } from '../io/jsonl.js';
 import { InputError } from '../errors.js';
+import { gpt2Linears } from '../protocol/linears.js';
 import { hungarian } from './linalg.js';
 import { blockWeightsOf } from './weight_alignment.js';
 import { resultBase, type AttackResult } from './common.js';
@@ -95,7 +96,7 @@ export async function mlpPermutationAttack(view: LoadedView, pub: GPT2Weights, t
   });
   if (seen.every((s) => s.length === 0)) throw new InputError(`view ${view.file} holds no MLP hidden activations (fc outputs); record it without a layer filter`);
   const pubF = await publicHidden(pub, o.corpus, o.publicTokens ?? 8192, 64);
-  const bundle = view.bundle();
+  const bundle = gpt2Linears(view.bundle(), 'mlp-permutation');
   const pubW = blockWeightsOf(pub, view.header.mode === 'sealed');
   const perLayer: (number | null)[] = [];
   const found: Int32Array[] = [];

@@ -21,7 +21,8 @@
  * W*_v W*_o = R1^-1 Wv Wo (the head masks cancel), then the heads as above.
  */
 import type { GPT2Weights } from '../model/weights.js';
-import type { AcceleratorWeights } from '../protocol/linears.js';
+import { gpt2Linears } from '../protocol/linears.js';
+import type { BlockLinears } from '../model/local_linears.js';
 import type { LoadedView, ViewTruth } from '../protocol/view.js';
 import { InputError } from '../errors.js';
 import {
@@ -207,7 +208,7 @@ function rightMul(x: Float32Array, rows: number, M: Float32Array, c: number, tra
 }
 
 /** The sealed-mode alignment. */
-function alignSealed(acc: AcceleratorWeights, pub: BlockWeights[], d: number, H: number, maxRounds: number): Alignment {
+function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: number, maxRounds: number): Alignment {
   const L = acc.n_layer;
   const n = 4 * d;
   // per layer: a rows (columns of W*fc), b rows (rows of W*p); public x rows, y rows
@@ -309,7 +310,7 @@ function alignSealed(acc: AcceleratorWeights, pub: BlockWeights[], d: number, H:
 }
 
 /** The paper-mode (one-sided) alignment. */
-function alignPaper(acc: AcceleratorWeights, pub: BlockWeights[], d: number, H: number): Alignment {
+function alignPaper(acc: BlockLinears, pub: BlockWeights[], d: number, H: number): Alignment {
   const L = acc.n_layer;
   const n = 4 * d;
   const perm: Int32Array[] = [], headPerm: Int32Array[] = [], weights: BlockWeights[] = [], R1inv: Float32Array[] = [];
@@ -387,7 +388,7 @@ export function alignWeights(view: LoadedView, publicBase: GPT2Weights, o: { max
   if (h.mode !== 'sealed' && h.mode !== 'paper') throw new InputError(`weight-alignment needs a sealed or paper view; this one is ${h.mode} mode (plain weights: nothing to align)`);
   if (h.two_sided) throw new InputError('weight-alignment handles one-sided paper mode and sealed mode; this view is two-sided paper mode');
   const pub = blockWeightsOf(publicBase, h.mode === 'sealed');
-  const acc = view.bundle();
+  const acc = gpt2Linears(view.bundle(), 'weight-alignment');
   const { n_embd: d, n_head: H } = h.config;
   return h.mode === 'sealed' ? alignSealed(acc, pub, d, H, o.maxRounds ?? 12) : alignPaper(acc, pub, d, H);
 }

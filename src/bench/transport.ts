@@ -38,7 +38,7 @@ export async function serveEchoAccelerator(preset: string, tensorChannel: boolea
   const srv = await startAcceleratorServer({
     handle: (r: AcceleratorRequest): AcceleratorReply => {
       if (r.op === 'linear_forward' || r.op === 'linear_backward') {
-        const [din, dout] = linearDims(r.name, d);
+        const [din, dout] = linearDims(r.name as LinearName, d);
         const cols = r.op === 'linear_forward' ? dout : din;
         return { op: 'tensor', rows: r.rows, cols, data: new Float32Array(r.rows * cols) };
       }

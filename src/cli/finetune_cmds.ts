@@ -9,7 +9,7 @@ import { tokenizerFor } from '../model/tokenizer.js';
 import { readJsonl, trainLabels, encodeRecords, datasetWarnings, DEFAULT_FIELDS, type DataFields, type EncodedSet, type Task } from '../io/jsonl.js';
 import { classifiedLine } from '../train/predict.js';
 import { parseLoraTargets } from '../model/lora.js';
-import { buildSession, exportRun, mergedPlainModel, readAdapter } from '../train/session.js';
+import { buildSession, exportRun, mergedLlamaModel, mergedPlainModel, readAdapter } from '../train/session.js';
 import { runFinetune, evaluate, latestCheckpoint, type EvalMetrics } from '../train/finetune.js';
 import {
   RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions, mixingOf,
@@ -17,7 +17,9 @@ import {
 } from '../train/run_spec.js';
 import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
-import { loadPlainModel, parseIntArg, refuseNonEmpty } from './model_args.js';
+import { loadPlainModel, parseIntArg, refuseNonEmpty, isLlamaDir, copyTokenizer } from './model_args.js';
+import { loadLlamaCheckpoint, saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
+import { hasCheckpointTokenizer, loadCheckpointTokenizer } from '../model/hf_tokenizer.js';
 import { addFieldOptions, addRunSpecOptions, recipeAndFlags, runSpecInputOf } from './run_spec_args.js';
 import { emit } from './output.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
@@ -136,6 +138,7 @@ export function addFinetuneCommands(program: Command): void {
       if (o.initAdapter) {
         if (o.resume) throw new InputError('--init-adapter starts a fresh run; --resume continues from the run\'s checkpoint (with its adapters)');
         if (!o.model) throw new InputError('--init-adapter needs --model DIR');
+        if (isLlamaDir(o.model)) throw new InputError('--init-adapter serves GPT-2 models for now; a Llama-family run starts from fresh adapters');
         init = readAdapter(o.initAdapter, readHFConfig(o.model).config);
         given = withInitAdapter(given, init, o.initAdapter);
       }
@@ -155,7 +158,9 @@ export function addFinetuneCommands(program: Command): void {
       const evalRecs = files.eval ? readJsonl(files.eval, spec) : null;
       const labels = task === 'cls' ? trainLabels(trainRecs, evalRecs, files.train, files.eval ?? 'the evaluation set') : [];
       for (const w of datasetWarnings(trainRecs, task, labels, files.train)) console.error(`warning: ${w}`);
-      let base = loadCheckpoint(files.model);
+      const llama = isLlamaDir(files.model);
+      const llamaBase = llama ? loadLlamaCheckpoint(files.model) : null;
+      let base = llamaBase ?? loadCheckpoint(files.model);
       if (init?.score) {
         if (task !== 'cls' || init.numLabels !== labels.length) throw new InputError(`--init-adapter ${o.initAdapter}: its classifier has ${init.numLabels} labels, ${files.train} has ${labels.length}${task !== 'cls' ? ' (and the task is lm)' : ''}`);
         base = { ...base, cls: { numLabels: labels.length, weight: init.score, labels, pooling: 'last' } };
@@ -163,7 +168,8 @@ export function addFinetuneCommands(program: Command): void {
       // a head the model brings is kept when it has as many labels (buildSession)
       const head = task === 'cls' && base.cls && base.cls.numLabels === labels.length ? base.cls.pooling ?? 'last' : null;
       checkRunSpecForModel(spec, { n_ctx: base.config.n_ctx, headPooling: head }, source);
-      const tok = tokenizerFor(base.config.vocab_size);
+      const tok = llama && hasCheckpointTokenizer(files.model) ? loadCheckpointTokenizer(files.model) : tokenizerFor(base.config.vocab_size);
+      if (llama && recOpts) throw new InputError('--record-view serves GPT-2 models for now');
       const train = encodeRecords(trainRecs, tok, { task, maxLen: spec.max_len, labels, source: files.train });
       const evalSet = evalRecs ? encodeRecords(evalRecs, tok, { task, maxLen: spec.max_len, labels, source: files.eval! }) : null;
       // --force: what a previous run wrote goes (only now, everything checked), so nothing of it mixes with this one
@@ -171,7 +177,7 @@ export function addFinetuneCommands(program: Command): void {
       mkdirSync(runDir, { recursive: true });
       const padId = tok.eotId;
       const session = buildSession(base, toSessionOptions(spec, {
-        padTokenId: padId, numLabels: task === 'cls' ? labels.length : undefined, labels, acceleratorStateDir: path.join(runDir, 'accelerator-state'), serialize: o.serialize,
+        padTokenId: padId, numLabels: task === 'cls' ? labels.length : undefined, labels, acceleratorStateDir: path.join(runDir, 'accelerator-state'), serialize: o.serialize, llama,
       }));
       if (init) session.model.adapters!.params.set(init.adapters.params);
       const recording = recOpts ? recordSession(session, { ...recOpts, padTokenId: padId, modelPath: files.model, spec: spec.kappa ?? '1', twoSided: spec.two_sided, labels }) : null;
@@ -201,12 +207,17 @@ export function addFinetuneCommands(program: Command): void {
       }
       exportRun(path.join(runDir, 'final'), session, { kappa: spec.kappa, token_mixing: mixingOf(spec), labels });
       // this process plays every party: it can also act as the provider and merge the update
-      const merged = mergedPlainModel(session);
-      if (session.model.adapters) {
+      if (llamaBase) {
+        const m = mergedLlamaModel(session);
+        saveLlamaCheckpoint(path.join(runDir, 'merged'), { ...m, cls: m.cls ? { ...m.cls, labels } : undefined, padTokenId: task === 'cls' ? padId : m.padTokenId }, { arch: llamaBase.arch });
+        copyTokenizer(files.model, path.join(runDir, 'merged'));
+      }
+      const merged = llamaBase ? null : mergedPlainModel(session);
+      if (merged && session.model.adapters) {
         writePeftAdapter(path.join(runDir, 'final', 'peft'), session.model.adapters, { task, baseModel: path.resolve(files.model), score: merged.cls?.weight });
         if (merged.cls?.pooling === 'mean') console.error('note: final/peft: this classifier pools the mean of the tokens; Hugging Face\'s GPT2ForSequenceClassification pools the last one');
       }
-      saveCheckpoint(path.join(runDir, 'merged'), { ...merged, cls: merged.cls ? { ...merged.cls, labels } : undefined, padTokenId: task === 'cls' ? padId : merged.padTokenId });
+      if (merged) saveCheckpoint(path.join(runDir, 'merged'), { ...merged, cls: merged.cls ? { ...merged.cls, labels } : undefined, padTokenId: task === 'cls' ? padId : merged.padTokenId });
       const { losses, ...rest } = summary;
       const out = { ...rest, token_mixing: mixingOf(spec), first_loss: losses[0] ?? null, model: path.resolve(files.model), labels: task === 'cls' ? labels : undefined };
       writeFileSync(path.join(runDir, 'summary.json'), JSON.stringify(out, null, 2) + '\n');

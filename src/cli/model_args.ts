@@ -14,6 +14,16 @@ import type { RankChoice } from '../linalg/svd.js';
 import { DEFAULT_DELTA_ENERGY } from '../obfuscate/provider.js';
 import { InputError } from '../errors.js';
 
+/** The directory holds a Llama-family checkpoint (its config.json's model_type). */
+export function isLlamaDir(dir: string): boolean {
+  return existsSync(join(dir, 'config.json')) && isLlamaArch(checkpointModelType(dir));
+}
+
+/** Copies a checkpoint's tokenizer files (tokenizer.json, tokenizer_config.json) that exist. */
+export function copyTokenizer(from: string, to: string): void {
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) if (existsSync(join(from, f))) copyFileSync(join(from, f), join(to, f));
+}
+
 /** A plain model of either family with the tokenizer that goes with it. */
 export interface PlainModel { model: GPT2 | Llama; tokenizer: () => Tokenizer; save: (dir: string) => void }
 
@@ -34,7 +44,7 @@ export function loadPlainModel(spec: string, opts: { randomInit?: boolean; seed?
       save: (dir) => {
         saveLlamaCheckpoint(dir, model.weights(), { arch: w?.arch });
         // the checkpoint's tokenizer goes with it
-        for (const f of ['tokenizer.json', 'tokenizer_config.json']) if (dirLlama && existsSync(join(spec, f))) copyFileSync(join(spec, f), join(dir, f));
+        if (dirLlama) copyTokenizer(spec, dir);
       },
     };
   }

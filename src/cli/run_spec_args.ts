@@ -33,6 +33,7 @@ const FLAGS: Flag[] = [
   { flag: '--kappa <k>', field: 'kappa', help: 'mask condition number (>= 1; 1 = orthogonal) or naive; split modes only; none: 1' },
   { flag: '--two-sided', field: 'two_sided', help: 'paper mode: mask the projection outputs too' },
   { flag: '--mask-seed <n>', field: 'mask_seed', help: 'derive the masks from a seed (reproducible, NOT secret); none: the run\'s --seed', numeric: true },
+  { flag: '--rotary-masks <full|blocks>', field: 'rotary_masks', help: 'Llama family: full per-head q/k masks (unmasked in the enclave before rotary) or rotation-and-scale blocks that commute with it' },
   { flag: '--token-mixing <on|off>', field: 'token_mixing', help: 'per-call token mixing of what crosses to the accelerator (Defence 1)' },
   { flag: '--mixing-kappa <k>', field: 'mixing_kappa', help: 'token mixing: condition number of each call\'s mixing matrix', numeric: true },
   { flag: '--mixing-block <n>', field: 'mixing_block', help: 'token mixing: real rows per block of a block-diagonal mixing (0 = one block)', numeric: true },
@@ -72,7 +73,7 @@ const FLAGS: Flag[] = [
 /** The targets when the text names them; otherwise the text, for the spec to refuse with its own message. */
 function targetsOrText(v: string): unknown {
   try {
-    return parseLoraTargets(v);
+    return parseLoraTargets(v, 'any');
   } catch {
     return v;
   }

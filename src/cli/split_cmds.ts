@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { saveCheckpoint, loadCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { BUNDLE_DIRS, obfuscateWeights, writeObfuscation, deobfuscateDirs } from '../obfuscate/provider.js';
+import { BUNDLE_DIRS, obfuscateWeights, obfuscateLlamaWeights, writeObfuscation, deobfuscateDirs, deobfuscateLlamaDirs } from '../obfuscate/provider.js';
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, type PublicBaseInfo } from '../obfuscate/bundle.js';
 import { runFidelity, formatFidelity } from '../experiments/fidelity.js';
 import { shareTable, formatShare } from '../obfuscate/share.js';
@@ -15,7 +15,10 @@ import { Enclave } from '../enclave/enclave.js';
 import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
 import { addMixingOptions, mixingOptionsOf } from './run_spec_args.js';
-import { loadModel, parseIntArg, refuseNonEmpty, addPublicBaseOptions, publicBaseOf } from './model_args.js';
+import { loadPlainModel, parseIntArg, refuseNonEmpty, addPublicBaseOptions, publicBaseOf, isLlamaDir, copyTokenizer } from './model_args.js';
+import { loadLlamaCheckpoint, saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
+import type { LlamaWeights } from '../model/llama.js';
+import type { GPT2Weights } from '../model/weights.js';
 import { BundleError, InputError } from '../errors.js';
 import { mergeAdapter, readAdapter } from '../train/session.js';
 import { emit, withJson } from './output.js';
@@ -31,6 +34,7 @@ export function addSplitCommands(program: Command): void {
     .option('--two-sided', 'paper mode: also mask the projection outputs')
     .option('--no-head-permutation', 'do not permute the heads')
     .option('--seed <n>', 'derive the mask key from a seed (reproducible, NOT secret; for tests)', parseIntArg('--seed'))
+    .addOption(new Option('--rotary-masks <m>', 'Llama family: full per-head q/k masks unmasked in the enclave before rotary, or rotation-and-scale blocks that commute with it (docs/obfuscation.md)').choices(['full', 'blocks']))
     .requiredOption('--out <dir>', 'output directory (accelerator/, enclave/, provider/)')
     .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)')))
     .action((o) => {
@@ -38,16 +42,21 @@ export function addSplitCommands(program: Command): void {
       const spec = o.naive ? parseMaskSpec('naive') : parseMaskSpec(String(o.kappa));
       if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
       refuseNonEmpty(o.out, o.force, 'obfuscate', BUNDLE_DIRS);
-      const w = loadCheckpoint(o.model);
+      const llama = isLlamaDir(o.model);
+      if (o.rotaryMasks && !llama) throw new InputError('--rotary-masks applies to Llama-family models; this is a GPT-2 checkpoint');
+      const w = llama ? loadLlamaCheckpoint(o.model) : loadCheckpoint(o.model);
       const bar = progressBar(2 * w.config.n_layer, 'obfuscate', '{phase}');
       let done = 0;
-      const r = obfuscateWeights(w, {
+      const opts = {
         mode: o.mode, spec, twoSided: o.twoSided, headPermutation: o.headPermutation, seed: o.seed, publicBase: pub,
-        onLayer: (phase) => bar.update(++done, { phase }),
-      });
+        onLayer: (phase: string) => bar.update(++done, { phase }),
+      };
+      const r = llama ? obfuscateLlamaWeights(w as LlamaWeights, { ...opts, rotary: o.rotaryMasks }) : obfuscateWeights(w as GPT2Weights, opts);
       bar.stop();
       const { acceleratorSha256 } = writeObfuscation(o.out, r);
-      emit({ out: o.out, mode: o.mode, kappa: o.naive ? 'naive' : String(o.kappa), accelerator_sha256: acceleratorSha256, public_base: r.enclave.publicBase ?? null }, [
+      // the enclave tokenises the owner's data with the model's own tokenizer
+      if (llama) copyTokenizer(o.model, path.join(o.out, 'enclave'));
+      emit({ out: o.out, mode: o.mode, kappa: o.naive ? 'naive' : String(o.kappa), family: llama ? 'llama' : 'gpt2', ...(llama ? { rotary_masks: o.rotaryMasks ?? 'full' } : {}), accelerator_sha256: acceleratorSha256, public_base: r.enclave.publicBase ?? null }, [
         `wrote ${path.join(o.out, 'accelerator')} (give to the cloud), ${path.join(o.out, 'enclave')} (encrypt to the attested enclave), ${path.join(o.out, 'provider')} (keep secret)`,
         `mode ${o.mode}, masks ${o.naive ? 'naive' : `kappa ${o.kappa}`}, accelerator manifest sha256 ${acceleratorSha256}`,
         ...(pub && r.enclave.publicBase ? [describeDelta(pub.dir, r.enclave.publicBase)] : []),
@@ -69,6 +78,14 @@ export function addSplitCommands(program: Command): void {
     .addOption(new Option('--dtype <dtype>', 'storage dtype').choices(['F32', 'F16', 'BF16']).default('F32')))
     .action((o) => {
       refuseNonEmpty(o.out, o.force, 'deobfuscate');
+      const dirs = [o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider')] as const;
+      if (isLlamaDir(o.base)) {
+        if (o.adapter || o.publicBase) throw new InputError('--adapter and --public-base serve GPT-2 models; a Llama-family run\'s merged model is in its merged/ directory');
+        const base = loadLlamaCheckpoint(o.base);
+        saveLlamaCheckpoint(o.out, deobfuscateLlamaDirs(base, ...dirs), { dtype: o.dtype, arch: base.arch });
+        copyTokenizer(o.base, o.out);
+        return emit({ out: o.out, dtype: o.dtype, adapter: null }, `wrote plain checkpoint ${o.out}`);
+      }
       const base = loadCheckpoint(o.base);
       const adapter = o.adapter ? readAdapter(o.adapter, base.config) : null;
       const pub = o.publicBase ? { weights: loadCheckpoint(o.publicBase), dir: o.publicBase } : undefined;
@@ -88,15 +105,16 @@ export function addSplitCommands(program: Command): void {
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('paper'))
     .option('--kappas <list>', 'comma-separated kappas and/or "naive"', '1,10,100,1000,naive')
     .option('--two-sided', 'paper mode: two-sided masks')
+    .addOption(new Option('--rotary-masks <m>', 'Llama family: full per-head q/k masks or rotation-and-scale blocks').choices(['full', 'blocks']))
     .option('--json', 'print JSON'))
     .action(async (o) => {
       const mixing = mixingOptionsOf(o);
       const specs = String(o.kappas).split(',').map((s: string) => parseMaskSpec(s.trim()));
       if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
-      const model = loadModel(o.model, { randomInit: o.randomInit, seed: o.seed });
+      const model = loadPlainModel(o.model, { randomInit: o.randomInit, seed: o.seed }).model;
       const name = o.randomInit ? o.model : path.basename(path.resolve(o.model));
       const bar = progressBar(o.mode === 'sealed' ? 1 : specs.length, 'fidelity', '{label}');
-      const r = await runFidelity(model, name, { mode: o.mode, specs, tokens: o.tokens, seed: o.seed, twoSided: o.twoSided, mixing, onProgress: (i, _n, label) => bar.update(i, { label }) });
+      const r = await runFidelity(model, name, { mode: o.mode, specs, tokens: o.tokens, seed: o.seed, twoSided: o.twoSided, mixing, rotary: o.rotaryMasks, onProgress: (i, _n, label) => bar.update(i, { label }) });
       bar.stop();
       emit(r, formatFidelity(r));
     });

@@ -15,7 +15,7 @@
  */
 import type { GPT2Config } from '../model/config.js';
 import { maskedNormForward, maskedNormBackward } from '../model/kernels.js';
-import type { NormActs, QkvPart } from '../model/block.js';
+import type { Basis, NormActs, QkvPart } from '../model/block.js';
 import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_basis.js';
 import { sgemm } from '../tensor/gemm.js';
 import { sharedFloat32 } from '../tensor/shared.js';
@@ -25,8 +25,21 @@ import type { HeadMasks, PaperEnclaveTensors, SealedEnclaveTensors } from '../ob
 const SECTION: Record<QkvPart, number> = { q: 0, k: 1, v: 2 };
 const QKV_MASK: Record<QkvPart, 'hA' | 'hAinvT' | 'hB'> = { q: 'hA', k: 'hAinvT', v: 'hB' };
 
-/** Per-head masks and the hidden permutation, shared by both obfuscated bases. */
-class Heads {
+/** What a mode's masks do to the heads and the MLP hidden (the section methods of a basis). */
+export type HeadOps = Pick<Basis<Float32Array>, 'addQkv' | 'qkvGradToPlain' | 'headsToPlain' | 'addHeadsGrad' | 'addHidden' | 'hiddenToPlain'>;
+
+/** The norms, input masks and two-sided output masks of paper mode (either family). */
+export type PaperMasks = NormParams & Pick<PaperEnclaveTensors, 'R1' | 'R2' | 'RoInv' | 'RpInv'>;
+
+/** What sealed mode's norms and tables need: Q, G, the centring vector (none for RMSNorm), the head bias, the gains for adapters. */
+export interface SealedParts {
+  Q: Float32Array; G: Float32Array;
+  u: Float32Array | null; headBias: Float32Array | null;
+  ln1w: Float32Array; ln2w: Float32Array; ln1b: Float32Array | null; ln2b: Float32Array | null;
+}
+
+/** GPT-2's per-head masks and the hidden permutation, shared by both obfuscated bases. */
+class Heads implements HeadOps {
   private readonly H: number;
   private readonly dh: number;
   private readonly pis: Int32Array[] = [];
@@ -107,12 +120,12 @@ export class LocalBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
 
 /** Paper mode: plain stream and norms, masked linear inputs (and outputs, two-sided). */
 export class PaperBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
-  private readonly heads: Heads;
+  protected readonly heads: HeadOps;
 
-  /** the tensors' layer norms are the ones used (and, with `grads`, trained) */
-  constructor(config: GPT2Config, private readonly masks: PaperEnclaveTensors, grads: Partial<NormParams> | null) {
+  /** the tensors' norms are the ones used (and, with `grads`, trained); `heads`: default GPT-2's from the tensors */
+  constructor(config: GPT2Config, private readonly masks: PaperMasks, grads: Partial<NormParams> | null, heads?: HeadOps) {
     super(config, masks, grads);
-    this.heads = new Heads(config, masks, config.n_embd);
+    this.heads = heads ?? new Heads(config, masks as PaperEnclaveTensors, config.n_embd);
   }
 
   override buffer(size: number): Obfuscated {
@@ -175,16 +188,20 @@ export class PaperBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
  */
 export class SealedBasis implements TrunkBasis<Obfuscated> {
   readonly trainsNorms = false;
-  private readonly heads: Heads;
+  protected readonly heads: HeadOps;
   private readonly C: number;
   private readonly eps: number;
   /** the final norm's output map: G, or G Q^T straight into the plain basis (plain tables) */
   private readonly Gout: Float32Array;
+  /** the centring vector Q^T 1 (layer norm), or 0 (RMSNorm: the same statistics without centring) */
+  private readonly u: Float32Array;
 
-  constructor(config: GPT2Config, private readonly p: SealedEnclaveTensors, private readonly plainTables: boolean, private readonly gHeadBias: Float32Array | null) {
+  /** `heads`: default GPT-2's from the tensors */
+  constructor(config: GPT2Config, private readonly p: SealedParts, private readonly plainTables: boolean, private readonly gHeadBias: Float32Array | null, heads?: HeadOps) {
     this.C = config.n_embd;
     this.eps = config.layer_norm_epsilon;
-    this.heads = new Heads(config, p, this.C);
+    this.heads = heads ?? new Heads(config, p as unknown as SealedEnclaveTensors, this.C);
+    this.u = p.u ?? new Float32Array(this.C);
     this.Gout = plainTables ? this.rotate(p.G, this.C, false) : p.G;
   }
 
@@ -202,7 +219,7 @@ export class SealedBasis implements TrunkBasis<Obfuscated> {
 
   // n* = (h* - mean u^T) rstd: the normalised row in the rotated basis (the affine part is folded downstream)
   norm(_which: 1 | 2, _l: number, h: Float32Array, s: NormActs, n: number): Obfuscated {
-    maskedNormForward(s.out, s.mean, s.rstd, h, this.p.u, n, this.C, this.eps);
+    maskedNormForward(s.out, s.mean, s.rstd, h, this.u, n, this.C, this.eps);
     return asObfuscated(s.out);
   }
 
@@ -211,8 +228,8 @@ export class SealedBasis implements TrunkBasis<Obfuscated> {
     const C = this.C;
     const a = this.rotate(s.out, n, false);
     const g = (which === 1 ? this.p.ln1w : this.p.ln2w).subarray(l * C, (l + 1) * C);
-    const b = (which === 1 ? this.p.ln1b : this.p.ln2b).subarray(l * C, (l + 1) * C);
-    for (let r = 0; r < n; r++) for (let j = 0, o = r * C; j < C; j++) a[o + j] = a[o + j] * g[j] + b[j];
+    const b = (which === 1 ? this.p.ln1b : this.p.ln2b)?.subarray(l * C, (l + 1) * C);
+    for (let r = 0; r < n; r++) for (let j = 0, o = r * C; j < C; j++) a[o + j] = a[o + j] * g[j] + (b ? b[j] : 0);
     return a;
   }
 
@@ -225,7 +242,7 @@ export class SealedBasis implements TrunkBasis<Obfuscated> {
       for (let r = 0; r < n; r++) for (let j = 0, o = r * C; j < C; j++) t[o + j] = dplain[o + j] * g[j];
       this.rotate(t, n, true, dsent);
     }
-    maskedNormBackward(dh, dsent, s.out, this.p.u, s.rstd, n, C);
+    maskedNormBackward(dh, dsent, s.out, this.u, s.rstd, n, C);
   }
 
   fromOutput(_w: 'o' | 'p', _l: number, y: Float32Array, _n: number): Float32Array {
@@ -263,7 +280,7 @@ export class SealedBasis implements TrunkBasis<Obfuscated> {
   finalNorm(h: Float32Array, s: NormActs, hf: Float32Array, n: number): void {
     const C = this.C;
     const out = s.out.length >= n * C ? s.out : new Float32Array(n * C);
-    maskedNormForward(out, s.mean, s.rstd, h, this.p.u, n, C, this.eps);
+    maskedNormForward(out, s.mean, s.rstd, h, this.u, n, C, this.eps);
     sgemm(false, false, n, C, C, 1, out, C, this.Gout, C, 0, hf, C, this.p.headBias);
   }
 
@@ -273,7 +290,7 @@ export class SealedBasis implements TrunkBasis<Obfuscated> {
     if (gb) for (let r = 0; r < n; r++) for (let j = 0; j < C; j++) gb[j] += dhf[r * C + j];
     const dxf = new Float32Array(n * C);
     sgemm(false, true, n, C, C, 1, dhf, C, this.Gout, C, 0, dxf, C);
-    maskedNormBackward(dh, dxf, s.out, this.p.u, s.rstd, n, C);
+    maskedNormBackward(dh, dxf, s.out, this.u, s.rstd, n, C);
   }
 
   headToPlain(x: Float32Array, rows: number): Float32Array {

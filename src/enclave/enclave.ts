@@ -5,13 +5,17 @@
  * tensors to the accelerator through an `AcceleratorLink` (see src/enclave/bases.ts for what
  * each mode does around the linears).
  */
-import type { GPT2Config } from '../model/config.js';
+import { isLlama, type GPT2Config, type LlamaConfig } from '../model/config.js';
+import type { BlockDef, Linears } from '../model/block.js';
+import { llamaBlock } from '../model/llama_block.js';
+import { LlamaPaperBasis, LlamaSealedBasis } from './llama_bases.js';
 import { Transformer, generate, type GenerateOptions, type KVCache } from '../model/transformer.js';
 import type { Mode } from '../obfuscate/masks.js';
 import type { EnclaveBundle } from '../obfuscate/bundle.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import type { ObfuscationResult } from '../obfuscate/provider.js';
+import type { LlamaObfuscatedTensors, ObfuscatedTensors } from '../obfuscate/enclave_tensors.js';
 import type { Obfuscated } from '../protocol/messages.js';
 import type { AcceleratorLink } from '../protocol/link.js';
 import { IntegrityChecker } from '../protocol/integrity.js';
@@ -39,16 +43,21 @@ export class Enclave {
     this.mode = bundle.mode;
     if (t.mode !== bundle.mode) throw new BundleError(`enclave bundle: the manifest says ${bundle.mode} mode, its tensors are ${t.mode} mode`);
     if (bundle.cls && !t.score) throw new BundleError(`enclave bundle (${t.mode} mode) lacks tensor "score"`);
-    this.integrity = t.chk ? new IntegrityChecker(t.chk) : null;
-    const basis = t.mode === 'sealed' ? new SealedBasis(c, t, false, null) : new PaperBasis(c, t, null);
+    const llama = 'family' in t;
+    if (llama !== isLlama(c)) throw new BundleError(`enclave bundle: a ${isLlama(c) ? 'Llama-family' : 'GPT-2'} config with ${llama ? 'Llama-family' : 'GPT-2'} tensors`);
+    this.integrity = t.chk ? new IntegrityChecker(t.chk, undefined, (_l, name) => !isLlama(c) || (name === 'qkv' && c.qkv_bias)) : null;
+    const basis = 'family' in t
+      ? (t.mode === 'sealed' ? new LlamaSealedBasis(c as LlamaConfig, t, false) : new LlamaPaperBasis(c as LlamaConfig, t, null))
+      : (t.mode === 'sealed' ? new SealedBasis(c, t, false, null) : new PaperBasis(c, t, null));
     const cls = bundle.cls;
     const remote = new RemoteLinears(link, c, { trainWeights: false, integrity: this.integrity });
     this.mixing = o.mixing ? new MixedLinears(remote, c, { ...o.mixing, trainWeights: false, rng: o.mixingRng }) : null;
     this.net = new Transformer<Obfuscated>({
       config: c,
       basis,
-      linears: withEnclaveDelta(this.mixing ?? remote, t.delta),
-      tables: { wte: t.wte, wpe: t.wpe, gwte: null, gwpe: null },
+      linears: withEnclaveDelta((this.mixing ?? remote) as Linears<Obfuscated>, 'family' in t ? null : t.delta) as Linears<Obfuscated, string>,
+      block: isLlama(c) ? llamaBlock<Obfuscated>(c) as BlockDef<Obfuscated, string> : undefined,
+      tables: 'family' in t ? { wte: t.wte, wpe: null, gwte: null, gwpe: null, head: t.head } : { wte: t.wte, wpe: t.wpe, gwte: null, gwpe: null },
       // the classifier in the plain basis (sealed bundles hold it rotated: score Q)
       cls: cls ? { numLabels: cls.numLabels, weight: basis.headToPlain(t.score!, cls.numLabels), grad: null, pooling: cls.pooling ?? 'last' } : null,
     });
@@ -78,7 +87,7 @@ export class Enclave {
 }
 
 /** The two sides wired together in one process (tests, fidelity, local experiments). */
-export function inProcessSplit(r: ObfuscationResult, opts: { serialize?: boolean; mixing?: MixingConfig | null; mixingRng?: RandomSource } = {}) {
+export function inProcessSplit(r: ObfuscationResult<ObfuscatedTensors | LlamaObfuscatedTensors>, opts: { serialize?: boolean; mixing?: MixingConfig | null; mixingRng?: RandomSource } = {}) {
   const accelerator = new Accelerator(r.accelerator);
   const link = new InProcessLink(accelerator, opts);
   const enclave = new Enclave(r.enclave, link, opts);

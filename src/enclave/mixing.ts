@@ -19,7 +19,8 @@
  * drawn from them): this module makes `Obfuscated` tensors only that way.
  */
 import type { GPT2Config } from '../model/config.js';
-import { linearDims, type LinearName, type Linears } from '../model/block.js';
+import type { BlockLinearName, Linears } from '../model/block.js';
+import { blockLinearDims } from '../model/family.js';
 import { sgemm } from '../tensor/gemm.js';
 import { KeyedRng, type RandomSource } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
@@ -134,17 +135,17 @@ export interface MixingStats {
 }
 
 /** The accelerator's linears behind per-call token mixing. */
-export class MixedLinears implements Linears<Obfuscated> {
+export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   /** the forward's mixing of each linear in this step (full fine-tuning's backward uses it) */
   private plans = new Map<string, Plan>();
-  private readonly d: number;
+  private readonly config: GPT2Config;
   private readonly rng: RandomSource;
   private readonly shared = new Map<string, Float32Array>();
   readonly stats: MixingStats = { calls: 0, rowsSent: 0, rowsReal: 0, ms: 0 };
 
-  constructor(readonly inner: Linears<Obfuscated> & { reset?(): void }, config: GPT2Config, readonly o: MixingConfig & { trainWeights: boolean; rng?: RandomSource }) {
+  constructor(readonly inner: Linears<Obfuscated, BlockLinearName> & { reset?(): void }, config: GPT2Config, readonly o: MixingConfig & { trainWeights: boolean; rng?: RandomSource }) {
     checkMixingConfig(o);
-    this.d = config.n_embd;
+    this.config = config;
     this.rng = o.rng ?? KeyedRng.secure();
   }
 
@@ -195,8 +196,8 @@ export class MixedLinears implements Linears<Obfuscated> {
     try { return f(); } finally { this.stats.ms += performance.now() - t0; }
   }
 
-  async forward(l: number, name: LinearName, x: Obfuscated, rows: number, train: boolean): Promise<Obfuscated> {
-    const [din, dout] = linearDims(name, this.d);
+  async forward(l: number, name: BlockLinearName, x: Obfuscated, rows: number, train: boolean): Promise<Obfuscated> {
+    const [din, dout] = blockLinearDims(this.config, name);
     if (x.length !== rows * din) throw new InputError(`token mixing: input of h.${l}.${name} has ${x.length} values, expected ${rows} x ${din}`);
     const p = this.timed(() => this.plan(rows, din));
     const xm = this.timed(() => this.mix(p, x, din, true));
@@ -207,8 +208,8 @@ export class MixedLinears implements Linears<Obfuscated> {
     return this.timed(() => this.unmix(p, ym, dout, name === 'fc' ? `${l}.fc` : '', false));
   }
 
-  async backward(l: number, name: LinearName, dy: Obfuscated, rows: number, input: boolean): Promise<Obfuscated | null> {
-    const [din, dout] = linearDims(name, this.d);
+  async backward(l: number, name: BlockLinearName, dy: Obfuscated, rows: number, input: boolean): Promise<Obfuscated | null> {
+    const [din, dout] = blockLinearDims(this.config, name);
     if (dy.length !== rows * dout) throw new InputError(`token mixing: output gradient of h.${l}.${name} has ${dy.length} values, expected ${rows} x ${dout}`);
     const key = name === 'fcproj' ? 'fcproj.dx' : '';
     if (this.o.trainWeights) {

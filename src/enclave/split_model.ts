@@ -16,7 +16,13 @@ import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
 import type { RandomSource } from '../tensor/rng.js';
 import type { EnclaveTensors, FloatName, FloatFields, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
-import { LINEARS, linearDims, type LinearName } from '../model/block.js';
+import { LINEARS, linearDims, type BlockDef, type BlockLinearName, type LinearName, type Linears } from '../model/block.js';
+import { blockLinearDims, blockLinearNames } from '../model/family.js';
+import { isLlama, type LlamaConfig } from '../model/config.js';
+import { llamaBlock } from '../model/llama_block.js';
+import { llamaAdapters } from '../model/llama.js';
+import type { LlamaEnclaveTensors } from '../obfuscate/enclave_tensors.js';
+import { LlamaLocalBasis, LlamaPaperBasis, LlamaSealedBasis } from './llama_bases.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { AcceleratorLink } from '../protocol/link.js';
 import { LoraAdapters, checkLoraTask, type LoraConfig } from '../model/lora.js';
@@ -40,7 +46,8 @@ export interface SplitModelOptions {
   method: Method;
   task: Task;
   config: GPT2Config;
-  tensors: EnclaveTensors;
+  /** the family's tensors (Llama-family ones with a Llama config) */
+  tensors: EnclaveTensors | LlamaEnclaveTensors;
   link: AcceleratorLink;
   twoSided?: boolean;
   lora?: LoraConfig;
@@ -159,7 +166,7 @@ export function checkGradSq(reported: number, estimate: number): void {
 }
 
 /** The enclave's trainable tensors, in the order of their shared parameter buffer. */
-export type TrainableName = Extract<FloatName, 'wte' | 'wpe' | 'headBias' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb' | 'score'>;
+export type TrainableName = Extract<FloatName, 'wte' | 'wpe' | 'head' | 'headBias' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb' | 'score'>;
 
 export class SplitModel {
   readonly mode: TrainMode;
@@ -169,7 +176,7 @@ export class SplitModel {
   readonly link: AcceleratorLink;
   /** the tensors as the model uses them: trainable ones are views into `params`; in sealed
    *  mode the classifier (and, full fine-tuning, the tables and final bias) in the plain basis */
-  readonly t: EnclaveTensors;
+  readonly t: EnclaveTensors | LlamaEnclaveTensors;
   readonly adapters: LoraAdapters | null;
   /** enclave-side trainable tensors: one contiguous buffer and its gradient */
   readonly trainNames: TrainableName[];
@@ -183,6 +190,8 @@ export class SplitModel {
   private readonly remote: RemoteLinears;
   /** what the block calls: the remote linears, behind the token mixing when it is on */
   private readonly linears: RemoteLinears | MixedLinears;
+  /** the model is of the Llama family */
+  readonly llama: boolean;
   private readonly basis: TrunkBasis<Obfuscated>;
   private readonly net: Transformer<Obfuscated>;
   /**
@@ -202,6 +211,9 @@ export class SplitModel {
     this.pooling = o.pooling ?? 'last';
     const t = this.t = { ...o.tensors };
     const f: FloatFields = t;
+    const c = o.config;
+    this.llama = isLlama(c);
+    if (this.llama !== ('family' in t && t.family === 'llama')) throw new BundleError(`a ${this.llama ? 'Llama-family' : 'GPT-2'} model needs ${this.llama ? 'Llama-family' : 'GPT-2'} enclave tensors`);
     const { n_layer: L, n_embd: d } = o.config;
     if (t.mode !== o.mode) throw new BundleError(`${o.mode} mode needs ${o.mode}-mode enclave tensors, got ${t.mode} mode`);
     if (o.task === 'cls') {
@@ -224,7 +236,11 @@ export class SplitModel {
     for (const [n, rows] of this.plainRows()) if (n !== 'score') f[n] = this.rotate(f[n]!, rows, false);
     // trainable enclave tensors
     const names: TrainableName[] = [];
-    if (o.method === 'full') {
+    if (o.method === 'full' && this.llama) {
+      names.push('wte');
+      if (f.head) names.push('head');
+      if (o.mode !== 'sealed' && !o.freezeNorms) names.push('ln1w', 'ln2w', 'lnfw');
+    } else if (o.method === 'full') {
       names.push('wte', 'wpe');
       if (o.mode === 'sealed') names.push('headBias');
       else if (o.freezeNorms) names.push('lnfb');
@@ -245,20 +261,31 @@ export class SplitModel {
     if (o.method === 'lora') {
       if (!o.lora) throw new Error('method lora needs a LoRA config');
       checkLoraTask(o.lora, o.task);
-      this.adapters = new LoraAdapters(o.lora, L, d, o.config.vocab_size);
+      this.adapters = isLlama(c) ? llamaAdapters(o.lora, c) : new LoraAdapters(o.lora, L, d, o.config.vocab_size);
       this.adapters.init(o.rng);
     } else this.adapters = null;
-    this.integrity = o.integrity !== undefined ? o.integrity : t.chk ? new IntegrityChecker(t.chk) : null;
+    const hasBias = (_l: number, name: BlockLinearName) => !isLlama(c) || (name === 'qkv' && c.qkv_bias);
+    this.integrity = o.integrity !== undefined ? o.integrity : t.chk ? new IntegrityChecker(t.chk, undefined, hasBias) : null;
     this.remote = new RemoteLinears(o.link, o.config, { trainWeights: o.method === 'full', integrity: this.integrity });
     this.linears = o.mixing ? new MixedLinears(this.remote, o.config, { ...o.mixing, trainWeights: o.method === 'full', rng: o.mixingRng }) : this.remote;
     // paper and local: the norms train where `gradViews` has their gradients
-    this.basis = t.mode === 'sealed' ? new SealedBasis(o.config, t, this.plainEmbed, this.grad('headBias'))
-      : t.mode === 'paper' ? new PaperBasis(o.config, t, this.gradViews) : new LocalBasis(o.config, t, this.gradViews);
+    if ('family' in t) {
+      const lc = c as LlamaConfig;
+      this.basis = t.mode === 'sealed' ? new LlamaSealedBasis(lc, t, this.plainEmbed)
+        : t.mode === 'paper' ? new LlamaPaperBasis(lc, t, this.gradViews) : new LlamaLocalBasis(lc, t, this.gradViews);
+    } else {
+      this.basis = t.mode === 'sealed' ? new SealedBasis(o.config, t, this.plainEmbed, this.grad('headBias'))
+        : t.mode === 'paper' ? new PaperBasis(o.config, t, this.gradViews) : new LocalBasis(o.config, t, this.gradViews);
+    }
+    const delta = 'family' in t ? null : t.delta;
     this.net = new Transformer({
       config: o.config,
       basis: this.basis,
-      linears: withEnclaveDelta(this.linears, t.delta),
-      tables: { wte: t.wte, wpe: t.wpe, gwte: this.grad('wte'), gwpe: this.grad('wpe') },
+      linears: withEnclaveDelta(this.linears as Linears<Obfuscated>, delta) as Linears<Obfuscated, string>,
+      block: isLlama(c) ? llamaBlock<Obfuscated>(c) as BlockDef<Obfuscated, string> : undefined,
+      tables: 'family' in t
+        ? { wte: t.wte, wpe: null, gwte: this.grad('wte'), gwpe: null, head: t.head, ghead: this.grad('head') }
+        : { wte: t.wte, wpe: t.wpe, gwte: this.grad('wte'), gwpe: this.grad('wpe') },
       cls: o.task === 'cls' ? { numLabels: this.numLabels, weight: t.score!, grad: this.grad('score'), pooling: this.pooling } : null,
       adapters: this.adapters,
       rng: o.rng,
@@ -347,10 +374,9 @@ export class SplitModel {
    */
   async verifyAccelerator(rng: RandomSource): Promise<void> {
     if (!this.integrity) return;
-    const d = this.config.n_embd;
     for (let l = 0; l < this.config.n_layer; l++) {
-      for (const name of LINEARS) {
-        const x = this.basis.buffer(linearDims(name, d)[0]);
+      for (const name of blockLinearNames(this.config)) {
+        const x = this.basis.buffer(blockLinearDims(this.config, name)[0]);
         rng.fillNormal(x);
         await this.remote.forward(l, name, x, 1, false);
       }
@@ -363,7 +389,7 @@ export class SplitModel {
   }
 
   /** All enclave tensors (frozen and trained), in the bundle's bases. */
-  allTensors(): EnclaveTensors {
+  allTensors(): EnclaveTensors | LlamaEnclaveTensors {
     const m = { ...this.t };
     const f: FloatFields = m;
     for (const [n] of this.plainRows()) f[n] = this.external(n);
@@ -378,7 +404,9 @@ export class SplitModel {
   private plainRows(): [TrainableName, number][] {
     const c = this.config;
     if (this.mode !== 'sealed') return [];
-    const rows: [TrainableName, number][] = this.plainEmbed ? [['wte', c.vocab_size], ['wpe', c.n_ctx], ['headBias', 1]] : [];
+    const tables: [TrainableName, number][] = this.llama ? [['wte', c.vocab_size], ...((this.t as FloatFields).head ? [['head', c.vocab_size] as [TrainableName, number]] : [])]
+      : [['wte', c.vocab_size], ['wpe', c.n_ctx], ['headBias', 1]];
+    const rows: [TrainableName, number][] = this.plainEmbed ? tables : [];
     if (this.task === 'cls') rows.push(['score', this.numLabels]);
     return rows;
   }

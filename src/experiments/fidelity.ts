@@ -8,7 +8,10 @@ import { KeyedRng } from '../tensor/rng.js';
 import { maskSpecLabel, type MaskSpec, type HaarCache } from '../linalg/masks.js';
 import { deriveMasks, type Mode } from '../obfuscate/masks.js';
 import { obfuscate } from '../obfuscate/transform.js';
-import { Enclave } from '../enclave/enclave.js';
+import { Enclave, inProcessSplit } from '../enclave/enclave.js';
+import { Llama } from '../model/llama.js';
+import { obfuscateLlamaWeights } from '../obfuscate/provider.js';
+import type { RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
 import type { MixingConfig } from '../enclave/mixing.js';
@@ -30,6 +33,8 @@ export interface FidelityResult {
   two_sided: boolean;
   /** per-call token mixing of every accelerator call (null: off) */
   token_mixing: MixingConfig | null;
+  /** Llama family: the rotary option */
+  rotary_masks?: RotaryMasks;
   rows: FidelityRow[];
 }
 
@@ -51,8 +56,10 @@ export function compareLogits(plain: Float32Array, split: Float32Array, rows: nu
   return { max_abs_logit_err: maxErr, mean_abs_logit_err: sumErr / (rows * V), top1_agreement: agree / rows, logit_scale: scale };
 }
 
-export async function runFidelity(model: GPT2, name: string, o: {
+export async function runFidelity(model: GPT2 | Llama, name: string, o: {
   mode: Mode; specs: MaskSpec[]; tokens: number; seed: number; twoSided?: boolean; mixing?: MixingConfig | null; onProgress?: (i: number, n: number, label: string) => void;
+  /** Llama family: how q and k are masked around rotary (default full) */
+  rotary?: RotaryMasks;
 }): Promise<FidelityResult> {
   const c = model.config;
   const T = Math.min(o.tokens, c.n_ctx);
@@ -68,21 +75,25 @@ export async function runFidelity(model: GPT2, name: string, o: {
     const spec = specs[i];
     o.onProgress?.(i, specs.length, `kappa ${maskSpecLabel(spec)}`);
     const params = { mode: o.mode, spec, twoSided: o.twoSided ?? false, headPermutation: true };
-    const masks = deriveMasks(c, key, params, undefined, cache);
-    const obf = obfuscate(model.weights(), masks);
-    const link = new InProcessLink(new Accelerator(obf.accelerator));
-    const enclave = new Enclave({ mode: o.mode, config: c, tensors: obf.enclave, spec: maskSpecLabel(spec), twoSided: params.twoSided, acceleratorManifestSha256: '' }, link, { mixing: o.mixing ?? null });
+    let enclave: Enclave;
+    if (model instanceof Llama) {
+      enclave = inProcessSplit(obfuscateLlamaWeights(model.weights(), { ...params, key, rotary: o.rotary }), { mixing: o.mixing ?? null }).enclave;
+    } else {
+      const obf = obfuscate(model.weights(), deriveMasks(c, key, params, undefined, cache));
+      const link = new InProcessLink(new Accelerator(obf.accelerator));
+      enclave = new Enclave({ mode: o.mode, config: c, tensors: obf.enclave, spec: maskSpecLabel(spec), twoSided: params.twoSided, acceleratorManifestSha256: '' }, link, { mixing: o.mixing ?? null });
+    }
     const split = await enclave.forward(tokens, B, T);
     rows.push({ kappa: maskSpecLabel(spec), ...compareLogits(plain, split, B * T, c.vocab_size) });
   }
   o.onProgress?.(specs.length, specs.length, 'done');
-  return { model: name, mode: o.mode, tokens: B * T, two_sided: o.twoSided ?? false, token_mixing: o.mixing ?? null, rows };
+  return { model: name, mode: o.mode, tokens: B * T, two_sided: o.twoSided ?? false, token_mixing: o.mixing ?? null, ...(model instanceof Llama ? { rotary_masks: o.rotary ?? 'full' } : {}), rows };
 }
 
 export function formatFidelity(r: FidelityResult): string {
   const m = r.token_mixing;
   const mix = m ? `, token mixing (kappa ${m.kappa}, ${m.block ? `blocks of ${m.block}` : 'one block'}, shields ${m.shields ? 'on' : 'off'})` : '';
-  const lines = [`${r.model}, ${r.mode} mode${r.two_sided ? ' (two-sided)' : ''}${mix}, ${r.tokens} tokens: split vs plain logits`, 'kappa     max |err|     mean |err|    top-1 agreement'];
+  const lines = [`${r.model}, ${r.mode} mode${r.two_sided ? ' (two-sided)' : ''}${r.rotary_masks ? `, ${r.rotary_masks} rotary masks` : ''}${mix}, ${r.tokens} tokens: split vs plain logits`, 'kappa     max |err|     mean |err|    top-1 agreement'];
   for (const x of r.rows) {
     lines.push(`${x.kappa.padEnd(8)}  ${x.max_abs_logit_err.toExponential(3).padEnd(12)}  ${x.mean_abs_logit_err.toExponential(3).padEnd(12)}  ${(100 * x.top1_agreement).toFixed(1)}%`);
   }

@@ -24,6 +24,13 @@ import { sharedFloat32 } from '../tensor/shared.js';
 export const LINEARS = ['qkv', 'attproj', 'fc', 'fcproj'] as const;
 export type LinearName = (typeof LINEARS)[number];
 
+/**
+ * The block linears of every family, as the protocol names them: GPT-2's four, then the
+ * Llama family's (qkv, o, gateup, down: src/model/llama_block.ts). A model uses one family's.
+ */
+export const ALL_LINEARS = [...LINEARS, 'o', 'gateup', 'down'] as const;
+export type BlockLinearName = (typeof ALL_LINEARS)[number];
+
 /** [d_in, d_out] of a block linear for residual width d. */
 export function linearDims(name: LinearName, d: number): [number, number] {
   switch (name) {

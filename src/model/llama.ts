@@ -90,23 +90,6 @@ export class LlamaPlainBasis extends PlainBasis implements LlamaBasis<Float32Arr
     this.rope = ropeTable(this.dims.hd, cfg.n_ctx, cfg.rope_theta, cfg.rope_scaling);
   }
 
-  protected override ln(which: 1 | 2, l: number, h: Float32Array, s: NormActs, n: number): void {
-    rmsnormForward(s.out, s.rstd, h, this.slice(which === 1 ? this.p.ln1w : this.p.ln2w, l), n, this.C, this.eps);
-  }
-
-  protected override lnBackward(which: 1 | 2, l: number, dh: Float32Array, dout: Float32Array, s: NormActs, h: Float32Array, n: number): void {
-    const w = this.slice(which === 1 ? this.p.ln1w : this.p.ln2w, l);
-    rmsnormBackward(dh, this.slice(which === 1 ? this.g?.ln1w : this.g?.ln2w, l), dout, h, w, s.rstd, n, this.C);
-  }
-
-  override finalNorm(h: Float32Array, s: NormActs, hf: Float32Array, n: number): void {
-    rmsnormForward(hf, s.rstd, h, this.p.lnfw, n, this.C, this.eps);
-  }
-
-  override finalNormBackward(dhf: Float32Array, dh: Float32Array, s: NormActs, h: Float32Array, n: number): void {
-    rmsnormBackward(dh, this.g?.lnfw ?? null, dhf, h, this.p.lnfw, s.rstd, n, this.C);
-  }
-
   private section(part: QkvPart): [number, number] {
     const { C, KV } = this.dims;
     return part === 'q' ? [0, C] : part === 'k' ? [C, KV] : [C + KV, KV];

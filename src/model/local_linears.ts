@@ -22,6 +22,12 @@ export interface BlockLinears<N extends string = LinearName> {
   layers: Record<N, LinearWeights>[];
 }
 
+/** Some family's block linears, per layer by name (the accelerator's weights). */
+export interface LinearSet<N extends string = string> {
+  n_layer: number;
+  layers: Partial<Record<N, LinearWeights>>[];
+}
+
 export interface LocalLinearsOptions<N extends string = LinearName> {
   /** accumulate weight gradients in backward (full fine-tuning, plain training) */
   trainWeights: boolean;
@@ -44,7 +50,7 @@ export class LocalLinears<N extends string = LinearName> implements Linears<Floa
   /** the linears whose gradient holds something since the last update */
   private touched = new Set<string>();
 
-  constructor(readonly weights: BlockLinears<N>, readonly opts: LocalLinearsOptions<N>) {}
+  constructor(readonly weights: LinearSet<N>, readonly opts: LocalLinearsOptions<N>) {}
 
   /** the weights of one linear (refuses a layer or name the model does not have) */
   linear(l: number, name: N): LinearWeights {

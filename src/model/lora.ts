@@ -27,11 +27,15 @@ export interface LoraConfig {
 }
 
 
-export function parseLoraTargets(s: string, family: 'gpt2' | 'llama' = 'gpt2'): LoraTarget[] {
-  const known: readonly LoraTarget[] = family === 'llama' ? LLAMA_LORA_TARGETS : LORA_TARGETS;
+/** Targets of either family (a recipe names them before the model is known; the model refuses another family's). */
+const ANY_TARGETS: readonly LoraTarget[] = ['q', 'k', 'v', 'proj', 'fc', 'gate', 'up', 'mlp-proj', 'wte'];
+
+/** `family` 'any': the names of both families (and the HF ones); `mlp` then means GPT-2's fc and mlp-proj. */
+export function parseLoraTargets(s: string, family: 'gpt2' | 'llama' | 'any' = 'gpt2'): LoraTarget[] {
+  const known: readonly LoraTarget[] = family === 'llama' ? LLAMA_LORA_TARGETS : family === 'any' ? ANY_TARGETS : LORA_TARGETS;
   const out = new Set<LoraTarget>();
   for (const raw of s.split(',').map((x) => x.trim()).filter(Boolean)) {
-    const t = family === 'llama' ? HF_TARGETS[raw] ?? raw : raw;
+    const t = family !== 'gpt2' ? HF_TARGETS[raw] ?? raw : raw;
     if (t === 'qkv') ['q', 'k', 'v'].forEach((x) => out.add(x as LoraTarget));
     else if (t === 'mlp') (family === 'llama' ? ['gate', 'up', 'mlp-proj'] : ['fc', 'mlp-proj']).forEach((x) => out.add(x as LoraTarget));
     else if ((known as readonly string[]).includes(t)) out.add(t as LoraTarget);

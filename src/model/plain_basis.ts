@@ -3,8 +3,8 @@
  * the model's own coordinates. The plain model is the block with this basis and local
  * linears; the paper mode extends it (its stream is plain, only the linears' inputs are masked).
  */
-import type { GPT2Config } from './config.js';
-import { layernormForward, layernormBackward } from './kernels.js';
+import { isLlama, type GPT2Config } from './config.js';
+import { layernormForward, layernormBackward, rmsnormForward, rmsnormBackward } from './kernels.js';
 import type { Basis, NormActs, QkvPart } from './block.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 
@@ -38,10 +38,13 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
   readonly trainsNorms: boolean;
   protected readonly C: number;
   protected readonly eps: number;
+  /** the family's norm is RMSNorm (gain only: the biases are unused) */
+  protected readonly rms: boolean;
 
   constructor(config: GPT2Config, protected readonly p: NormParams, protected readonly g: Partial<NormParams> | null) {
     this.C = config.n_embd;
     this.eps = config.layer_norm_epsilon;
+    this.rms = isLlama(config);
     this.trainsNorms = !!g?.ln1w;
   }
 
@@ -56,12 +59,14 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
   /** the layer norm itself (plain): s.out = LN(h) */
   protected ln(which: 1 | 2, l: number, h: Float32Array, s: NormActs, n: number): void {
     const w = which === 1 ? this.p.ln1w : this.p.ln2w, b = which === 1 ? this.p.ln1b : this.p.ln2b;
+    if (this.rms) return rmsnormForward(s.out, s.rstd, h, this.slice(w, l), n, this.C, this.eps);
     layernormForward(s.out, s.mean, s.rstd, h, this.slice(w, l)!, this.slice(b, l)!, n, this.C, this.eps);
   }
 
   protected lnBackward(which: 1 | 2, l: number, dh: Float32Array, dout: Float32Array, s: NormActs, h: Float32Array, n: number): void {
     const w = which === 1 ? this.p.ln1w : this.p.ln2w;
     const gw = this.slice(which === 1 ? this.g?.ln1w : this.g?.ln2w, l), gb = this.slice(which === 1 ? this.g?.ln1b : this.g?.ln2b, l);
+    if (this.rms) return rmsnormBackward(dh, gw, dout, h, this.slice(w, l)!, s.rstd, n, this.C);
     layernormBackward(dh, gw, gb, dout, h, this.slice(w, l)!, s.mean, s.rstd, n, this.C);
   }
 
@@ -135,10 +140,12 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
   }
 
   finalNorm(h: Float32Array, s: NormActs, hf: Float32Array, n: number): void {
+    if (this.rms) return rmsnormForward(hf, s.rstd, h, this.p.lnfw, n, this.C, this.eps);
     layernormForward(hf, s.mean, s.rstd, h, this.p.lnfw, this.p.lnfb, n, this.C, this.eps);
   }
 
   finalNormBackward(dhf: Float32Array, dh: Float32Array, s: NormActs, h: Float32Array, n: number): void {
+    if (this.rms) return rmsnormBackward(dh, this.g?.lnfw ?? null, dhf, h, this.p.lnfw, s.rstd, n, this.C);
     layernormBackward(dh, this.g?.lnfw ?? null, this.g?.lnfb ?? null, dhf, h, this.p.lnfw, s.mean, s.rstd, n, this.C);
   }
 

@@ -9,12 +9,13 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync, chmodSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import type { GPT2Config } from '../model/config.js';
-import { validateConfig } from '../model/config.js';
+import { isLlama, validateConfig, validateLlamaConfig, type LlamaConfig } from '../model/config.js';
 import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
-import type { DeltaTensors, ObfuscatedTensors } from './enclave_tensors.js';
+import type { DeltaTensors, LlamaObfuscatedTensors, ObfuscatedTensors, RotaryMasks } from './enclave_tensors.js';
 import { CHECK_VECTORS, type CheckVectors, type LinearCheck } from '../protocol/integrity.js';
-import { LINEARS, linearDims, type LinearName } from '../model/block.js';
-import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
+import { ALL_LINEARS, LINEARS, linearDims, type BlockLinearName, type LinearName } from '../model/block.js';
+import { blockLinearDims, blockLinearNames } from '../model/family.js';
+import { layerLinearNames, type AcceleratorWeights } from '../protocol/linears.js';
 import type { Mode, ObfuscationParams } from './masks.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
@@ -29,7 +30,7 @@ export interface AcceleratorManifest {
   mode: Mode;
   n_layer: number;
   n_embd: number;
-  linears: { layer: number; name: LinearName; din: number; dout: number }[];
+  linears: { layer: number; name: BlockLinearName; din: number; dout: number }[];
   weights: { file: string; sha256: string; bytes: number };
   /** fingerprint of the mask key the bundle was made with (keyFingerprint); absent in older bundles */
   key_fingerprint?: string;
@@ -46,6 +47,8 @@ export interface ProviderKey {
   head_permutation: boolean;
   config: GPT2Config;
   accelerator_manifest_sha256: string;
+  /** Llama family: how q and k are masked around rotary */
+  rotary_masks?: RotaryMasks;
 }
 
 export const sha256 = (b: Uint8Array | string): string => createHash('sha256').update(b).digest('hex');
@@ -83,10 +86,10 @@ export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mod
   const tensors: TensorToWrite[] = [];
   const linears: AcceleratorManifest['linears'] = [];
   acc.layers.forEach((layer, l) => {
-    for (const name of LINEARS) {
-      const L = layer[name];
+    for (const name of layerLinearNames(layer)) {
+      const L = layer[name]!;
       tensors.push({ name: `h.${l}.${name}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-      tensors.push({ name: `h.${l}.${name}.bias`, dtype: 'F32', shape: [L.dout], data: L.b });
+      tensors.push({ name: `h.${l}.${name}.bias`, dtype: 'F32', shape: [L.b.length], data: L.b });
       linears.push({ layer: l, name, din: L.din, dout: L.dout });
     }
   });
@@ -121,16 +124,20 @@ export function loadAcceleratorBundle(dir: string): LoadedAccelerator {
   if (sha256(bytes) !== manifest.weights.sha256) throw new BundleError(`accelerator bundle: ${wfile} does not match the SHA-256 in ${mfile} (corrupt or replaced)`);
   const st = openSafetensors(wfile);
   const d = manifest.n_embd;
-  const layers: Record<LinearName, ObfLinear>[] = [];
+  const layers: AcceleratorWeights['layers'] = [];
   for (let l = 0; l < manifest.n_layer; l++) {
-    const rec = {} as Record<LinearName, ObfLinear>;
-    for (const name of LINEARS) {
-      const [din, dout] = linearDims(name, d);
+    const rec: AcceleratorWeights['layers'][number] = {};
+    // the manifest lists each linear with its dimensions (older bundles: GPT-2's four)
+    const listed = Array.isArray(manifest.linears) ? manifest.linears.filter((x) => x.layer === l) : LINEARS.map((name) => ({ name, din: linearDims(name, d)[0], dout: linearDims(name, d)[1] }));
+    if (listed.length === 0) throw new BundleError(`accelerator bundle: ${mfile} lists no linear of layer ${l}`);
+    for (const { name, din, dout } of listed) {
+      if (!ALL_LINEARS.includes(name) || rec[name]) throw new BundleError(`accelerator bundle: ${mfile} lists an unknown or repeated linear "${String(name)}" in layer ${l}`);
+      if (!Number.isInteger(din) || !Number.isInteger(dout) || din <= 0 || dout <= 0) throw new BundleError(`accelerator bundle: ${mfile} gives h.${l}.${name} the dimensions ${din} x ${dout}`);
       const wn = `h.${l}.${name}.weight`, bn = `h.${l}.${name}.bias`;
       for (const [n, shape] of [[wn, [din, dout]], [bn, [dout]]] as const) {
         if (!st.has(n)) throw new BundleError(`accelerator bundle: ${wfile} lacks tensor "${n}"`);
         const got = st.info(n).shape;
-        if (got.join(',') !== shape.join(',')) throw new BundleError(`accelerator bundle: tensor "${n}" has shape [${got}], expected [${shape}]`);
+        if (got.join(',') !== shape.join(',') && !(n === bn && got.join(',') === '0')) throw new BundleError(`accelerator bundle: tensor "${n}" has shape [${got}], expected [${shape}]`);
       }
       rec[name] = { w: st.get(wn), b: st.get(bn), din, dout };
     }
@@ -139,10 +146,11 @@ export function loadAcceleratorBundle(dir: string): LoadedAccelerator {
   return { manifest, manifestSha256: sha256(text), weights: { n_layer: manifest.n_layer, layers } };
 }
 
-export interface EnclaveBundle {
+export interface EnclaveBundle<T extends ObfuscatedTensors | LlamaObfuscatedTensors = ObfuscatedTensors | LlamaObfuscatedTensors> {
   mode: Mode;
   config: GPT2Config;
-  tensors: ObfuscatedTensors;
+  /** the family's tensors (Llama-family ones with a Llama config) */
+  tensors: T;
   /** mask spec label ("1", "10", "naive", ...) and two-sidedness, for reports */
   spec: string;
   twoSided: boolean;
@@ -165,6 +173,18 @@ export interface PublicBaseInfo {
 
 type ShapeKeys = Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls' | 'publicBase'>;
 
+/** A Llama-family bundle's tensors by name, with shapes (docs/obfuscation.md, "Llama family"). */
+function llamaShapes(b: ShapeKeys, c: LlamaConfig): Record<string, number[]> {
+  const { n_layer: L, n_embd: C, vocab_size: V, n_head: NH, n_kv_head: NKV } = c, hd = C / NH, LCC = [L, C, C];
+  const q = [L, NH, hd, hd], kv = [L, NKV, hd, hd];
+  return {
+    wte: [V, C], ...(c.tie_word_embeddings ? {} : { head: [V, C] }), ln1w: [L, C], ln2w: [L, C],
+    qM: q, qMinv: q, kM: kv, kMinv: kv, vM: kv, vMinv: kv, headPerm: [L, NKV], pi: [L, c.intermediate_size],
+    ...(b.mode === 'sealed' ? { Q: [C, C], G: [C, C] } : { lnfw: [C], R1: LCC, R2: LCC, ...(b.twoSided ? { RoInv: LCC, RpInv: LCC } : {}) }),
+    ...(b.cls ? { score: [b.cls.numLabels, C] } : {}),
+  };
+}
+
 /**
  * Every tensor of a mode's bundle by its name on disk, with its shape: the typed fields
  * (permutations are int32), with `chk` the secret vectors chk.{layer}.{linear}.{r,s,w,v,c},
@@ -173,7 +193,7 @@ type ShapeKeys = Pick<EnclaveBundle, 'mode' | 'config' | 'twoSided' | 'cls' | 'p
 function enclaveShapes(b: ShapeKeys, chk: boolean): Map<string, number[]> {
   const { n_layer: L, n_embd: d, n_ctx: T, vocab_size: V, n_head: H } = b.config;
   const Ld = [L, d], Ldd = [L, d, d], heads = [L, H, d / H, d / H], K = CHECK_VECTORS;
-  const shapes = new Map(Object.entries({
+  const shapes = new Map(Object.entries(isLlama(b.config) ? llamaShapes(b, b.config) : {
     wte: [V, d], wpe: [T, d], ln1w: Ld, ln1b: Ld, ln2w: Ld, ln2b: Ld,
     hA: heads, hAinvT: heads, hB: heads, hBinv: heads, headPerm: [L, H], pi: [L, 4 * d],
     ...(b.mode === 'sealed' ? { u: [d], G: [d, d], headBias: [d], Q: [d, d] } : { lnfw: [d], lnfb: [d], R1: Ldd, R2: Ldd }),
@@ -181,8 +201,8 @@ function enclaveShapes(b: ShapeKeys, chk: boolean): Map<string, number[]> {
     ...(b.cls ? { score: [b.cls.numLabels, d] } : {}),
   }));
   for (let l = 0; chk && l < L; l++) {
-    for (const name of LINEARS) {
-      const [din, dout] = linearDims(name, d);
+    for (const name of blockLinearNames(b.config)) {
+      const [din, dout] = blockLinearDims(b.config, name);
       for (const [k, shape] of Object.entries({ r: [dout, K], s: [din, K], w: [din, K], v: [dout, K], c: [K] })) shapes.set(`chk.${l}.${name}.${k}`, shape);
     }
   }
@@ -197,7 +217,7 @@ function enclaveShapes(b: ShapeKeys, chk: boolean): Map<string, number[]> {
 }
 
 /** A chk.{layer}.{linear}.{part} (or delta.*) name's place in the check vectors (or the delta). */
-function checkPart(name: string): [number, LinearName, keyof LinearCheck] {
+function checkPart(name: string): [number, LinearName, keyof LinearCheck] { // eslint-disable-line
   const [, l, linear, part] = name.split('.');
   return [Number(l), linear as LinearName, part as keyof LinearCheck];
 }
@@ -214,15 +234,17 @@ export interface EnclaveManifest {
   tensors: { file: string; sha256: string };
   key_fingerprint?: string;
   public_base?: { sha256: string; choice: string; ranks: Record<LinearName, number>[]; residual_energy: number };
+  /** Llama family: how q and k are masked around rotary */
+  rotary_masks?: RotaryMasks;
 }
 
 export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
   mkdirSync(dir, { recursive: true });
-  const { chk, ...fields } = b.tensors;
+  const { chk, ...fields } = b.tensors as ObfuscatedTensors;
   const tensors: TensorToWrite[] = [...enclaveShapes(b, chk !== null)].map(([name, shape]) => {
     const [l, linear, part] = checkPart(name);
-    const data = name.startsWith('chk.') ? chk![l][linear][part]
-      : name.startsWith('delta.') ? b.tensors.delta![l][linear][part as 'U' | 'V' | 'b'] : (fields as unknown as Record<string, Float32Array | Int32Array>)[name];
+    const data = name.startsWith('chk.') ? chk![l][linear]![part]
+      : name.startsWith('delta.') ? (b.tensors as ObfuscatedTensors).delta![l][linear][part as 'U' | 'V' | 'b'] : (fields as unknown as Record<string, Float32Array | Int32Array>)[name];
     return { name, dtype: data instanceof Int32Array ? 'I32' : 'F32', shape, data };
   });
   const tfile = path.join(dir, 'tensors.safetensors');
@@ -235,6 +257,7 @@ export function writeEnclaveBundle(dir: string, b: EnclaveBundle): void {
     tensors: { file: 'tensors.safetensors', sha256: sha256(readFileSync(tfile)) },
     ...(b.keyFingerprint ? { key_fingerprint: b.keyFingerprint } : {}),
     ...(b.publicBase ? { public_base: { sha256: b.publicBase.sha256, choice: b.publicBase.choice, ranks: b.publicBase.ranks, residual_energy: b.publicBase.residualEnergy } } : {}),
+    ...('family' in b.tensors ? { rotary_masks: b.tensors.rotary } : {}),
   };
   writeJson(path.join(dir, 'manifest.json'), manifest);
 }
@@ -268,11 +291,11 @@ function readTensor(st: SafetensorsFile, what: string, name: string, shape: numb
 }
 
 /** The typed tensors of a bundle file, each checked once (see enclaveShapes). */
-function readEnclaveTensors(st: SafetensorsFile, b: ShapeKeys): ObfuscatedTensors {
+function readEnclaveTensors(st: SafetensorsFile, b: ShapeKeys, rotary: RotaryMasks | undefined): ObfuscatedTensors | LlamaObfuscatedTensors {
   const what = `enclave bundle (${b.mode} mode)`;
   const chk: CheckVectors | null = st.has('chk.0.qkv.r') ? Array.from({ length: b.config.n_layer }, () => ({}) as CheckVectors[number]) : null;
   const delta: DeltaTensors | null = b.publicBase ? b.publicBase.ranks.map((ranks) => Object.fromEntries(LINEARS.map((n) => [n, { rank: ranks[n], U: new Float32Array(0), V: new Float32Array(0), b: new Float32Array(0) }])) as DeltaTensors[number]) : null;
-  const t: Record<string, unknown> = { mode: b.mode, RoInv: null, RpInv: null, chk, delta };
+  const t: Record<string, unknown> = { mode: b.mode, RoInv: null, RpInv: null, chk, delta, ...(isLlama(b.config) ? { family: 'llama', head: null, rotary } : {}) };
   for (const [name, shape] of enclaveShapes(b, chk !== null)) {
     const x = readTensor(st, what, name, shape);
     if (name.startsWith('delta.')) {
@@ -284,14 +307,14 @@ function readEnclaveTensors(st: SafetensorsFile, b: ShapeKeys): ObfuscatedTensor
       (chk![l][linear] ??= {} as LinearCheck)[part] = x as Float32Array;
     }
   }
-  return t as unknown as ObfuscatedTensors;
+  return t as unknown as ObfuscatedTensors | LlamaObfuscatedTensors;
 }
 
 /**
  * The tensors of a trained update (`prefix` + a float tensor's name, as an enclave exports
  * them) in place of the bundle's, each checked like the bundle's own; a classifier may be new.
  */
-export function withUpdate(b: EnclaveBundle, st: SafetensorsFile, prefix: string): ObfuscatedTensors {
+export function withUpdate(b: EnclaveBundle, st: SafetensorsFile, prefix: string): ObfuscatedTensors | LlamaObfuscatedTensors {
   const shapes = enclaveShapes(b, false);
   const t: Record<string, unknown> = { ...b.tensors };
   for (const n of st.names().filter((x) => x.startsWith(prefix))) {
@@ -300,7 +323,7 @@ export function withUpdate(b: EnclaveBundle, st: SafetensorsFile, prefix: string
     if (!shape || !Number.isInteger(shape[0])) throw new BundleError(`the enclave's update has an unexpected tensor "${n}"`);
     t[name] = readTensor(st, "the enclave's update", n, shape);
   }
-  return t as unknown as ObfuscatedTensors;
+  return t as unknown as ObfuscatedTensors | LlamaObfuscatedTensors;
 }
 
 function bundlePooling(p: unknown, file: string): Pooling {
@@ -314,7 +337,8 @@ export function loadEnclaveBundle(dir: string): EnclaveBundle {
   const m = readJson<EnclaveManifest>(mfile, 'enclave bundle');
   if (m.format !== ENC_FORMAT) throw new BundleError(`enclave bundle: ${mfile} has format "${m.format}", expected "${ENC_FORMAT}"`);
   if (m.mode !== 'sealed' && m.mode !== 'paper') throw new BundleError(`enclave bundle: unknown mode "${m.mode}"`);
-  const config = validateConfig(m.config, `enclave bundle ${mfile}`);
+  const config = isLlama(m.config) ? validateLlamaConfig(m.config, `enclave bundle ${mfile}`) : validateConfig(m.config, `enclave bundle ${mfile}`);
+  if (isLlama(config) && m.rotary_masks !== 'full' && m.rotary_masks !== 'blocks') throw new BundleError(`enclave bundle: ${mfile} is a Llama-family bundle without a valid rotary_masks ("full" or "blocks"), got ${JSON.stringify(m.rotary_masks)}`);
   const tfile = path.join(dir, m.tensors.file);
   if (path.dirname(path.resolve(tfile)) !== path.resolve(dir)) throw new BundleError('enclave bundle: tensor file must be inside the bundle directory');
   if (!existsSync(tfile)) throw new BundleError(`enclave bundle: ${tfile} not found`);
@@ -323,7 +347,7 @@ export function loadEnclaveBundle(dir: string): EnclaveBundle {
   const publicBase = m.public_base ? publicBaseOf(m.public_base, config.n_layer, config.n_embd, mfile) : undefined;
   const head = { mode: m.mode, config, twoSided: m.two_sided, cls, publicBase };
   return {
-    ...head, tensors: readEnclaveTensors(openSafetensors(tfile), head), spec: m.spec,
+    ...head, tensors: readEnclaveTensors(openSafetensors(tfile), head, m.rotary_masks), spec: m.spec,
     acceleratorManifestSha256: m.accelerator_manifest_sha256, padTokenId: m.pad_token_id ?? undefined,
     keyFingerprint: typeof m.key_fingerprint === 'string' ? m.key_fingerprint : undefined,
   };
@@ -341,6 +365,12 @@ function publicBaseOf(p: NonNullable<EnclaveManifest['public_base']>, L: number,
     }
   }
   return { sha256: p.sha256, choice: String(p.choice), ranks: p.ranks, residualEnergy: Number(p.residual_energy) };
+}
+
+/** A bundle's tensors as GPT-2's (refuses a Llama-family bundle for what serves GPT-2 only). */
+export function gpt2Tensors(t: ObfuscatedTensors | LlamaObfuscatedTensors, what: string): ObfuscatedTensors {
+  if ('family' in t) throw new BundleError(`${what} serves GPT-2 models; this is a Llama-family bundle`);
+  return t;
 }
 
 /** Refuses a pair of bundles that were not made together. */

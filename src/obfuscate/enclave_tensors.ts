@@ -66,5 +66,56 @@ export type EnclaveTensors = PlainEnclaveTensors | ObfuscatedTensors;
 
 type FloatKeys<T> = { [K in keyof T]-?: NonNullable<T[K]> extends Float32Array ? K : never }[keyof T];
 /** The float32 tensors' names of every mode, and any mode's tensors by them (for code that picks by name). */
-export type FloatName = FloatKeys<PlainEnclaveTensors> | FloatKeys<PaperEnclaveTensors> | FloatKeys<SealedEnclaveTensors>;
+export type FloatName = FloatKeys<PlainEnclaveTensors> | FloatKeys<PaperEnclaveTensors> | FloatKeys<SealedEnclaveTensors>
+  | FloatKeys<LlamaPlainTensors> | FloatKeys<LlamaPaperTensors> | FloatKeys<LlamaSealedTensors>;
 export type FloatFields = { [K in FloatName]?: Float32Array | null };
+
+// ---------------------------------------------------------------------------------------
+// The Llama family (docs/obfuscation.md, "Llama family"). NH query heads, NKV key/value
+// heads (grouped queries: NH / NKV per group), hd = C / NH, I = MLP width, KV = NKV hd.
+
+/** How q and k are masked around rotary: full per-head masks unmasked in the enclave, or rotation-and-scale pairs that commute with it. */
+export type RotaryMasks = 'full' | 'blocks';
+
+/** The per-head masks and the MLP permutation of every Llama layer (paper and sealed). */
+export interface LlamaHeadMasks {
+  qM: Float32Array; qMinv: Float32Array; // [L, NH, hd, hd]  q head h: q* = q qM
+  kM: Float32Array; kMinv: Float32Array; // [L, NKV, hd, hd] k head g ('blocks': kM = qM^-T of its group)
+  vM: Float32Array; vMinv: Float32Array; // [L, NKV, hd, hd] v head g
+  headPerm: Int32Array; //                  [L, NKV]         masked kv slot j holds group headPerm[j] (its query heads move with it)
+  pi: Int32Array; //                        [L, I]           gate*[:, j] = gate[:, pi[j]], likewise up
+  rotary: RotaryMasks;
+}
+
+interface LlamaCommonTensors {
+  family: 'llama';
+  wte: Float32Array; //          [V, C] token embeddings (sealed: wte Q)
+  head: Float32Array | null; //  [V, C] untied LM head (sealed: head Q); null: tied to wte
+  ln1w: Float32Array; ln2w: Float32Array; // [L, C] RMSNorm gains (sealed: for adapters only)
+  score?: Float32Array; //       [K, C] classifier (sealed: score Q)
+  chk: CheckVectors | null;
+}
+
+/** local: the plain model's part (the baseline). */
+export interface LlamaPlainTensors extends LlamaCommonTensors {
+  mode: 'local';
+  lnfw: Float32Array; // [C]
+}
+
+/** paper: plain stream and norms, masked linear inputs (and outputs, two-sided). */
+export interface LlamaPaperTensors extends LlamaCommonTensors, LlamaHeadMasks {
+  mode: 'paper';
+  lnfw: Float32Array; //                 [C]
+  R1: Float32Array; R2: Float32Array; // [L, C, C] input masks of qkv and gateup
+  RoInv: Float32Array | null; RpInv: Float32Array | null; // [L, C, C] two-sided: output masks of o and down, inverted
+}
+
+/** sealed: the stream in a secret orthogonal basis h* = h Q (RMSNorm needs no centring), the final gain folded. */
+export interface LlamaSealedTensors extends LlamaCommonTensors, LlamaHeadMasks {
+  mode: 'sealed';
+  Q: Float32Array; // [C, C]
+  G: Float32Array; // [C, C] Q^T diag(g_f) Q
+}
+
+export type LlamaObfuscatedTensors = LlamaPaperTensors | LlamaSealedTensors;
+export type LlamaEnclaveTensors = LlamaPlainTensors | LlamaObfuscatedTensors;

@@ -15,8 +15,12 @@ import type { AcceleratorWeights } from '../protocol/linears.js';
 import { makeCheckVectors } from '../protocol/integrity.js';
 import {
   writeAcceleratorBundle, writeEnclaveBundle, writeProviderKey, KEY_FORMAT, sha256, ACC_FORMAT,
-  loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, checkBundlePair, keyFingerprint, checkKeyMatches, type EnclaveBundle,
+  loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, checkBundlePair, keyFingerprint, checkKeyMatches, gpt2Tensors, type EnclaveBundle,
 } from './bundle.js';
+import type { LlamaObfuscatedTensors, ObfuscatedTensors, RotaryMasks } from './enclave_tensors.js';
+import type { LlamaWeights } from '../model/llama.js';
+import { deobfuscateLlama, deriveLlamaMasks, obfuscateLlama } from './llama_transform.js';
+import type { GPT2Config } from '../model/config.js';
 
 export interface ObfuscateOptions {
   mode: Mode;
@@ -35,11 +39,11 @@ export interface ObfuscateOptions {
   onLayer?: (phase: 'masks' | 'weights', l: number) => void;
 }
 
-export interface ObfuscationResult {
+export interface ObfuscationResult<T extends ObfuscatedTensors | LlamaObfuscatedTensors = ObfuscatedTensors> {
   key: Buffer;
   params: ObfuscationParams;
   accelerator: AcceleratorWeights;
-  enclave: EnclaveBundle;
+  enclave: EnclaveBundle<T>;
   /** public-base obfuscations: the delta's ranks and the energy the truncation left out */
   delta: DeltaReport | null;
 }
@@ -127,7 +131,7 @@ export function factoredModel(w: GPT2Weights, publicBase: NonNullable<ObfuscateO
 /** What writeObfuscation writes into its directory. */
 export const BUNDLE_DIRS = ['accelerator', 'enclave', 'provider'];
 
-export function writeObfuscation(out: string, r: ObfuscationResult): { acceleratorSha256: string } {
+export function writeObfuscation(out: string, r: ObfuscationResult<ObfuscatedTensors | LlamaObfuscatedTensors>): { acceleratorSha256: string } {
   const fp = keyFingerprint(r.key);
   const acceleratorSha256 = writeAcceleratorBundle(path.join(out, 'accelerator'), r.accelerator, r.params.mode, r.enclave.config.n_embd, fp, r.enclave.publicBase?.sha256);
   r.enclave.acceleratorManifestSha256 = acceleratorSha256;
@@ -137,19 +141,53 @@ export function writeObfuscation(out: string, r: ObfuscationResult): { accelerat
     format: KEY_FORMAT, key_hex: r.key.toString('hex'), mode: r.params.mode, spec: maskSpecLabel(r.params.spec),
     two_sided: r.params.twoSided, head_permutation: r.params.headPermutation, config: r.enclave.config,
     accelerator_manifest_sha256: acceleratorSha256,
+    ...('family' in r.enclave.tensors ? { rotary_masks: r.enclave.tensors.rotary } : {}),
   });
   return { acceleratorSha256 };
 }
 
+/**
+ * The provider transform of a Llama-family model in memory (as obfuscateWeights; `rotary`:
+ * how q and k are masked around the position rotations, default full per-head masks).
+ */
+export function obfuscateLlamaWeights(w: LlamaWeights, o: ObfuscateOptions & { rotary?: RotaryMasks }): ObfuscationResult<LlamaObfuscatedTensors> {
+  if (o.publicBase) throw new InputError('--public-base serves GPT-2 models for now; a Llama-family model is obfuscated whole');
+  const params = resolveParams(o);
+  const key = resolveKey(o);
+  const masks = deriveLlamaMasks(w.config, key, params, o.rotary ?? 'full', (l) => o.onLayer?.('masks', l));
+  const { accelerator, enclave } = obfuscateLlama(w, masks, (l) => o.onLayer?.('weights', l));
+  enclave.chk = makeCheckVectors(accelerator, new KeyedRng(key).derive('integrity'));
+  return {
+    key, params, accelerator, delta: null,
+    enclave: {
+      mode: params.mode, config: w.config, tensors: enclave, spec: maskSpecLabel(params.spec), twoSided: params.twoSided, acceleratorManifestSha256: '',
+      cls: w.cls ? { numLabels: w.cls.numLabels, labels: w.cls.labels, pooling: w.cls.pooling } : undefined, padTokenId: w.padTokenId,
+    },
+  };
+}
+
 /** Provider side: regenerate the masks from the key and recover a plain model. */
 export function deobfuscateDirs(base: GPT2Weights, accDir: string, encDir: string, keyDir: string, publicBase?: { weights: GPT2Weights; dir: string }): GPT2Weights {
+  const { acc, enc, key, params } = loadForMerge(base.config, accDir, encDir, keyDir, publicBase);
+  const masks = deriveMasks(base.config, key, params);
+  return deobfuscate(base, acc.weights, gpt2Tensors(enc.tensors, 'deobfuscate of a GPT-2 model'), masks);
+}
+
+/** Provider side, Llama family: the masks from the key (and the bundle's rotary option), then the plain model. */
+export function deobfuscateLlamaDirs(base: LlamaWeights, accDir: string, encDir: string, keyDir: string): LlamaWeights {
+  const { acc, enc, key, params } = loadForMerge(base.config, accDir, encDir, keyDir);
+  if (!('family' in enc.tensors)) throw new BundleError(`${encDir} is a GPT-2 bundle; the base ${base.config.n_layer}-layer model is of the Llama family`);
+  return deobfuscateLlama(base, acc.weights, enc.tensors, deriveLlamaMasks(base.config, key, params, enc.tensors.rotary));
+}
+
+/** The bundles and key of a merge, checked against each other and the base model's config. */
+function loadForMerge(c: GPT2Config, accDir: string, encDir: string, keyDir: string, publicBase?: { weights: GPT2Weights; dir: string }) {
   const acc = loadAcceleratorBundle(accDir);
   const enc = loadEnclaveBundle(encDir);
   if (publicBase) checkPinnedBase(publicBase.weights, enc.publicBase?.sha256, publicBase.dir);
   const { key, params, info, file } = loadProviderKey(keyDir);
   checkKeyMatches(key, file, [{ what: `accelerator bundle ${accDir}`, fingerprint: acc.manifest.key_fingerprint }, { what: `enclave bundle ${encDir}`, fingerprint: enc.keyFingerprint }]);
   if (info.mode !== enc.mode || info.mode !== acc.manifest.mode) throw new Error(`mode mismatch: key is ${info.mode}, enclave ${enc.mode}, accelerator ${acc.manifest.mode}`);
-  const c = base.config;
   for (const k of ['n_layer', 'n_head', 'n_embd', 'n_ctx', 'vocab_size'] as const) {
     if (c[k] !== enc.config[k]) throw new Error(`the base model's ${k} (${c[k]}) differs from the bundle's (${enc.config[k]})`);
   }
@@ -157,8 +195,7 @@ export function deobfuscateDirs(base: GPT2Weights, accDir: string, encDir: strin
     // a fine-tuned accelerator bundle has new weights: only its structure must match
     if (acc.manifest.format !== ACC_FORMAT) throw new Error('not an accelerator bundle');
   }
-  const masks = deriveMasks(c, key, params);
-  return deobfuscate(base, acc.weights, enc.tensors, masks);
+  return { acc, enc, key, params };
 }
 
 export { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, sha256 };

@@ -10,7 +10,7 @@ import { sgemm } from '../tensor/gemm.js';
 import { transpose, type Mat64 } from '../linalg/mat64.js';
 import type { ModelMasks, LayerMasks, Mode } from './masks.js';
 import { LINEARS, linearDims, type LinearName } from '../model/block.js';
-import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
+import { gpt2Linears, type AcceleratorWeights, type ObfLinear } from '../protocol/linears.js';
 import type { DeltaTensors, HeadMasks, ObfuscatedTensors } from './enclave_tensors.js';
 import { truncatedSvd, type RankChoice } from '../linalg/svd.js';
 import { BundleError } from '../errors.js';
@@ -281,7 +281,8 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
 }
 
 /** The accelerator's linears with the enclave's delta added (W* + U* V*, b* + db*): the factored model's masked linears. */
-export function withDelta(acc: AcceleratorWeights, delta: DeltaTensors): AcceleratorWeights {
+export function withDelta(acc0: AcceleratorWeights, delta: DeltaTensors): AcceleratorWeights {
+  const acc = gpt2Linears(acc0, 'a public-base delta');
   if (delta.length !== acc.n_layer) throw new BundleError(`the enclave's delta has ${delta.length} layers, the accelerator's weights ${acc.n_layer}`);
   return {
     n_layer: acc.n_layer,
@@ -306,7 +307,7 @@ export function withDelta(acc: AcceleratorWeights, delta: DeltaTensors): Acceler
  * An enclave delta (public-base bundles) is added first: the result is the factored model.
  */
 export function deobfuscate(base: GPT2Weights, acc0: AcceleratorWeights, enc: ObfuscatedTensors, masks: ModelMasks): GPT2Weights {
-  const acc = enc.delta ? withDelta(acc0, enc.delta) : acc0;
+  const acc = gpt2Linears(enc.delta ? withDelta(acc0, enc.delta) : acc0, 'deobfuscate');
   const c = base.config;
   const { n_layer: L, n_embd: d, n_head: H } = c;
   const dh = d / H;

@@ -4,7 +4,8 @@
  * carries secret vectors) its values with Freivalds checks. Takes only `Obfuscated` tensors.
  */
 import type { GPT2Config } from '../model/config.js';
-import { linearDims, type LinearName, type Linears } from '../model/block.js';
+import type { BlockLinearName, Linears } from '../model/block.js';
+import { blockLinearDims } from '../model/family.js';
 import { isShared, sharedFloat32 } from '../tensor/shared.js';
 import { firstNonFinite } from '../tensor/parallel.js';
 import { asObfuscated, type Obfuscated, type AcceleratorReply } from './messages.js';
@@ -35,16 +36,12 @@ export interface RemoteLinearsOptions {
   integrity: IntegrityChecker | null;
 }
 
-export class RemoteLinears implements Linears<Obfuscated> {
+export class RemoteLinears implements Linears<Obfuscated, BlockLinearName> {
   /** what was sent to each linear in this step (the integrity mirror needs x for x^T dy) */
   private sent = new Map<string, Float32Array>();
   /** shared copies of the MLP tensors the threaded GELU reads */
   private shared = new Map<string, Float32Array>();
-  private readonly d: number;
-
-  constructor(readonly link: AcceleratorLink, config: GPT2Config, readonly opts: RemoteLinearsOptions) {
-    this.d = config.n_embd;
-  }
+  constructor(readonly link: AcceleratorLink, readonly config: GPT2Config, readonly opts: RemoteLinearsOptions) {}
 
   private toShared(key: string, y: Obfuscated): Obfuscated {
     if (isShared(y)) return y;
@@ -57,8 +54,8 @@ export class RemoteLinears implements Linears<Obfuscated> {
     return asObfuscated(b);
   }
 
-  async forward(l: number, name: LinearName, x: Obfuscated, rows: number, train: boolean): Promise<Obfuscated> {
-    const [din, dout] = linearDims(name, this.d);
+  async forward(l: number, name: BlockLinearName, x: Obfuscated, rows: number, train: boolean): Promise<Obfuscated> {
+    const [din, dout] = blockLinearDims(this.config, name);
     if (x.length !== rows * din) throw new Error(`enclave: input of h.${l}.${name} has ${x.length} values, expected ${rows} x ${din}`);
     assertFinite(x, `the enclave's input to h.${l}.${name}`);
     const save = train && this.opts.trainWeights;
@@ -67,11 +64,11 @@ export class RemoteLinears implements Linears<Obfuscated> {
     let y = checkTensorReply(rep, l, name, rows, dout);
     this.opts.integrity?.checkForward(l, name, x, y, rows);
     if (save) this.sent.set(`${l}.${name}`, x);
-    if (name === 'fc') y = this.toShared(`${l}.fc`, y);
+    if (name === 'fc' || name === 'gateup') y = this.toShared(`${l}.${name}`, y);
     return y;
   }
 
-  async backward(l: number, name: LinearName, dy: Obfuscated, rows: number, input: boolean): Promise<Obfuscated | null> {
+  async backward(l: number, name: BlockLinearName, dy: Obfuscated, rows: number, input: boolean): Promise<Obfuscated | null> {
     const weight = this.opts.trainWeights;
     if (!input && !weight) return null;
     const integrity = this.opts.integrity;
@@ -80,7 +77,7 @@ export class RemoteLinears implements Linears<Obfuscated> {
       if (!x) throw new Error(`internal: no record of the input sent to h.${l}.${name}`);
       integrity.accumulate(l, name, x, dy, rows);
     }
-    const [din] = linearDims(name, this.d);
+    const [din] = blockLinearDims(this.config, name);
     assertFinite(dy, `the enclave's output gradient for h.${l}.${name}`);
     const rep = await this.link.call({ op: 'linear_backward', layer: l, name, rows, dy, input, weight }, { scratch: true });
     if (!input) {
@@ -89,7 +86,7 @@ export class RemoteLinears implements Linears<Obfuscated> {
     }
     let dx = checkTensorReply(rep, l, name, rows, din);
     integrity?.checkBackward(l, name, dy, dx, rows);
-    if (name === 'fcproj') dx = this.toShared('fcproj.dx', dx);
+    if (name === 'fcproj' || name === 'down') dx = this.toShared(`${name}.dx`, dx);
     return dx;
   }
 

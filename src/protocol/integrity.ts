@@ -14,8 +14,8 @@
  *   G r = x^T (dy r),  G^T s = dy^T (x s),  buf <- mu buf + scale G,  W <- W - lr buf.
  * Tracking is in float64.
  */
-import { LINEARS, type LinearName } from '../model/block.js';
-import type { AcceleratorWeights } from './linears.js';
+import { ALL_LINEARS, type BlockLinearName } from '../model/block.js';
+import { layerLinearNames, type AcceleratorWeights } from './linears.js';
 import type { RandomSource } from '../tensor/rng.js';
 import { sgdMomentumStep } from '../tensor/sgd.js';
 import { freivaldsRows } from '../tensor/parallel.js';
@@ -29,6 +29,8 @@ export { IntegrityError } from '../errors.js';
 interface Track {
   din: number;
   dout: number;
+  /** the linear has a bias (its gradient trains and counts) */
+  bias: boolean;
   r: Float64Array; // [dout, K]
   w: Float64Array; // [din, K]
   c: Float64Array; // [K]
@@ -47,14 +49,14 @@ interface Track {
 /** One linear's secret vectors (K per side): r [dout, K], s [din, K], w = W r [din, K], v = W^T s [dout, K], c = b . r [K]. */
 export interface LinearCheck { r: Float32Array; s: Float32Array; w: Float32Array; v: Float32Array; c: Float32Array }
 /** The secret vectors of every linear, per layer (an enclave bundle's `chk.{l}.{name}.{r,s,w,v,c}`). */
-export type CheckVectors = Record<LinearName, LinearCheck>[];
+export type CheckVectors = Partial<Record<BlockLinearName, LinearCheck>>[];
 
 /** Provider side: secret check vectors for every linear, computed from the obfuscated weights. */
 export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K = CHECK_VECTORS): CheckVectors {
   return acc.layers.map((layer) => {
-    const rec = {} as Record<LinearName, LinearCheck>;
-    for (const name of LINEARS) {
-      const { w: W, b, din, dout } = layer[name];
+    const rec: CheckVectors[number] = {};
+    for (const name of layerLinearNames(layer)) {
+      const { w: W, b, din, dout } = layer[name]!;
       const r = new Float64Array(dout * K);
       const s = new Float64Array(din * K);
       rng.fillNormal(r);
@@ -72,7 +74,7 @@ export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K =
           }
         }
       }
-      for (let j = 0; j < dout; j++) for (let k = 0; k < K; k++) c[k] += b[j] * r[j * K + k];
+      for (let j = 0; j < b.length; j++) for (let k = 0; k < K; k++) c[k] += b[j] * r[j * K + k]; // no bias: c = 0
       // w, v, c are stored rounded; the check tolerance absorbs it
       rec[name] = { r: Float32Array.from(r), s: Float32Array.from(s), w: Float32Array.from(w), v: Float32Array.from(v), c: Float32Array.from(c) };
     }
@@ -89,14 +91,19 @@ export class IntegrityChecker {
   checks = 0;
   ms = 0;
 
-  /** `chk` as the bundle loader checked it (every vector's size matches its linear) */
-  constructor(chk: CheckVectors, readonly K = CHECK_VECTORS) {
+  /**
+   * `chk` as the bundle loader checked it (every vector's size matches its linear);
+   * `hasBias`: which linears have a bias (default all; the Llama family's mostly have none)
+   */
+  constructor(chk: CheckVectors, readonly K = CHECK_VECTORS, hasBias: (l: number, name: BlockLinearName) => boolean = () => true) {
     chk.forEach((layer, l) => {
-      for (const name of LINEARS) {
-        const [r, w, s, v, c] = (['r', 'w', 's', 'v', 'c'] as const).map((k) => Float64Array.from(layer[name][k]));
+      for (const name of ALL_LINEARS) {
+        const chk = layer[name];
+        if (!chk) continue;
+        const [r, w, s, v, c] = (['r', 'w', 's', 'v', 'c'] as const).map((k) => Float64Array.from(chk[k]));
         const din = w.length / K, dout = r.length / K;
         this.tracks.set(`${l}.${name}`, {
-          din, dout, r, w, c, s, v,
+          din, dout, bias: hasBias(l, name), r, w, c, s, v,
           gr: new Float64Array(din * K), gc: new Float64Array(K), gs: new Float64Array(dout * K),
           mr: new Float64Array(din * K), mc: new Float64Array(K), ms: new Float64Array(dout * K), touched: false, fresh: true, exactSq: 0, calls: 0,
         });
@@ -104,14 +111,14 @@ export class IntegrityChecker {
     });
   }
 
-  private track(l: number, name: LinearName): Track {
+  private track(l: number, name: BlockLinearName): Track {
     const t = this.tracks.get(`${l}.${name}`);
     if (!t) throw new Error(`no integrity vectors for h.${l}.${name}`);
     return t;
   }
 
   /** y[rows, dout] = x[rows, din] W + b ? */
-  checkForward(l: number, name: LinearName, x: Float32Array, y: Float32Array, rows: number): void {
+  checkForward(l: number, name: BlockLinearName, x: Float32Array, y: Float32Array, rows: number): void {
     const t0 = performance.now();
     const t = this.track(l, name);
     this.rowCheck(`forward of h.${l}.${name}`, y, t.r, t.dout, x, t.w, t.din, t.c, rows);
@@ -119,7 +126,7 @@ export class IntegrityChecker {
   }
 
   /** dx[rows, din] = dy[rows, dout] W^T ? */
-  checkBackward(l: number, name: LinearName, dy: Float32Array, dx: Float32Array, rows: number): void {
+  checkBackward(l: number, name: BlockLinearName, dy: Float32Array, dx: Float32Array, rows: number): void {
     const t0 = performance.now();
     const t = this.track(l, name);
     this.rowCheck(`backward of h.${l}.${name}`, dx, t.s, t.din, dy, t.v, t.dout, null, rows);
@@ -146,7 +153,7 @@ export class IntegrityChecker {
    * matrices of what the enclave sent: ||x^T dy||_F^2 = sum((x x^T) * (dy dy^T)),
    * ||1^T dy||^2 = sum(dy dy^T) (O(rows^2 (din + dout)), native GEMM).
    */
-  accumulate(l: number, name: LinearName, x: Float32Array, dy: Float32Array, rows: number): void {
+  accumulate(l: number, name: BlockLinearName, x: Float32Array, dy: Float32Array, rows: number): void {
     const t0 = performance.now();
     const t = this.track(l, name);
     const K = this.K;
@@ -160,7 +167,7 @@ export class IntegrityChecker {
       w += gx[i] * gd[i];
       b += gd[i];
     }
-    t.exactSq += w + b;
+    t.exactSq += w + (t.bias ? b : 0);
     t.calls++;
     const dyr = new Float64Array(K);
     const xs = new Float64Array(K);
@@ -171,7 +178,7 @@ export class IntegrityChecker {
       for (let j = 0; j < din; j++) { const g = x[i * din + j]; for (let k = 0; k < K; k++) xs[k] += g * t.s[j * K + k]; }
       for (let j = 0; j < din; j++) { const g = x[i * din + j]; for (let k = 0; k < K; k++) t.gr[j * K + k] += g * dyr[k]; }
       for (let j = 0; j < dout; j++) { const g = dy[i * dout + j]; for (let k = 0; k < K; k++) t.gs[j * K + k] += g * xs[k]; }
-      for (let k = 0; k < K; k++) t.gc[k] += dyr[k];
+      if (t.bias) for (let k = 0; k < K; k++) t.gc[k] += dyr[k];
     }
     t.touched = true;
     this.ms += performance.now() - t0;

@@ -4,7 +4,7 @@
  * carries token ids, labels, logits, losses or a plaintext activation. Messages encode to
  * a self-describing binary frame (JSON header + raw float32 payloads) for any transport.
  */
-import { LINEARS, type LinearName } from '../model/block.js';
+import { ALL_LINEARS, type BlockLinearName } from '../model/block.js';
 
 declare const obfuscatedBrand: unique symbol;
 /**
@@ -22,7 +22,7 @@ export function asObfuscated(x: Float32Array): Obfuscated {
 
 export interface LayerRef {
   layer: number;
-  name: LinearName;
+  name: BlockLinearName;
 }
 
 /** y* = x* W* + b*  (x*: rows x din). With `save`, the accelerator keeps x* for the backward pass. */
@@ -106,7 +106,7 @@ export const MAX_FRAME_BYTES = 1 << 30;
 
 function assertLayerRef(o: Record<string, unknown>): void {
   if (!Number.isInteger(o.layer) || (o.layer as number) < 0) throw new Error(`message: invalid layer ${JSON.stringify(o.layer)}`);
-  if (!LINEARS.includes(o.name as LinearName)) throw new Error(`message: unknown linear "${String(o.name)}" (expected one of ${LINEARS.join(', ')})`);
+  if (!ALL_LINEARS.includes(o.name as BlockLinearName)) throw new Error(`message: unknown linear "${String(o.name)}" (expected one of ${ALL_LINEARS.join(', ')})`);
 }
 
 /** Binary frame: u32 header length | JSON header | float32 payloads (4-byte aligned). */

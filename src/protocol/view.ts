@@ -18,8 +18,8 @@ import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { openSafetensors, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import type { GPT2Config } from '../model/config.js';
-import { LINEARS, linearDims, type LinearName } from '../model/block.js';
-import type { AcceleratorWeights, ObfLinear } from './linears.js';
+import { blockLinearDims, blockLinearNames } from '../model/family.js';
+import { layerLinearNames, type AcceleratorWeights } from './linears.js';
 import type { CrossingEvent, Observer } from './link.js';
 import { InputError, ViewError } from '../errors.js';
 
@@ -97,8 +97,8 @@ export interface ViewTruth {
 export function acceleratorWeightsSha256(acc: AcceleratorWeights): string {
   const h = createHash('sha256');
   for (const layer of acc.layers) {
-    for (const name of LINEARS) {
-      const L = layer[name];
+    for (const name of layerLinearNames(layer)) {
+      const L = layer[name]!;
       h.update(Buffer.from(L.w.buffer, L.w.byteOffset, L.w.byteLength));
       h.update(Buffer.from(L.b.buffer, L.b.byteOffset, L.b.byteLength));
     }
@@ -177,10 +177,10 @@ export class ViewRecorder {
     };
     const tensors: TensorToWrite[] = this.events.map((e, i): TensorToWrite => ({ name: `t.${i}`, dtype: 'F32', shape: [e.rows, e.cols], data: this.data[i] }));
     acc.layers.forEach((layer, l) => {
-      for (const name of LINEARS) {
-        const L = layer[name];
+      for (const name of layerLinearNames(layer)) {
+        const L = layer[name]!;
         tensors.push({ name: `bundle.${l}.${name}.w`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-        tensors.push({ name: `bundle.${l}.${name}.b`, dtype: 'F32', shape: [L.dout], data: L.b });
+        tensors.push({ name: `bundle.${l}.${name}.b`, dtype: 'F32', shape: [L.b.length], data: L.b });
       }
     });
     const events = this.events.map((e) => [e.call, e.direction === 'to_accelerator' ? 0 : 1, e.op, e.layer, e.name, e.field, e.rows, e.cols]);
@@ -272,16 +272,15 @@ export function loadView(file: string): LoadedView {
     return { call: a[0], direction: a[1] === 0 ? 'to_accelerator' : 'to_enclave', op: a[2], layer: a[3], name: a[4], field: a[5], rows: a[6], cols: a[7] };
   });
   const st = openSafetensors(file);
-  const d = header.config.n_embd;
   return {
     file, header, events,
     tensor: (i) => st.get(`t.${i}`),
     bundle: () => {
-      const layers: Record<LinearName, ObfLinear>[] = [];
+      const layers: AcceleratorWeights['layers'] = [];
       for (let l = 0; l < header.config.n_layer; l++) {
-        const rec = {} as Record<LinearName, ObfLinear>;
-        for (const name of LINEARS) {
-          const [din, dout] = linearDims(name, d);
+        const rec: AcceleratorWeights['layers'][number] = {};
+        for (const name of blockLinearNames(header.config)) {
+          const [din, dout] = blockLinearDims(header.config, name);
           const wn = `bundle.${l}.${name}.w`, bn = `bundle.${l}.${name}.b`;
           if (!st.has(wn) || !st.has(bn)) throw new ViewError(`view file ${file} lacks the accelerator bundle's ${wn} (corrupt)`);
           rec[name] = { w: st.get(wn), b: st.get(bn), din, dout };

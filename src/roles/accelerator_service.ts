@@ -10,7 +10,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, wri
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { loadAcceleratorBundle, type LoadedAccelerator } from '../obfuscate/bundle.js';
-import { LINEARS } from '../model/block.js';
+import { layerLinearNames } from '../protocol/linears.js';
 import { Accelerator, type EvilMode } from '../accelerator/accelerator.js';
 import { startAcceleratorServer, type AcceleratorServer } from '../rpc/accelerator_server.js';
 import { ACC_ADMIN_SERVICE, BUNDLE_WEIGHTS_TAG, CHECKPOINT_TAG, unpackFiles } from './protocol.js';
@@ -229,9 +229,9 @@ export async function serveAccelerator(o: AcceleratorServeOptions): Promise<{ se
         let data: string;
         try {
           const file = path.join(o.stateDir, `export-${process.pid}.safetensors`);
-          const t = acc.weights.layers.flatMap((L, l) => LINEARS.flatMap((name) => [
-            { name: `h.${l}.${name}.weight`, dtype: 'F32' as const, shape: [L[name].din, L[name].dout], data: L[name].w },
-            { name: `h.${l}.${name}.bias`, dtype: 'F32' as const, shape: [L[name].dout], data: L[name].b },
+          const t = acc.weights.layers.flatMap((L, l) => layerLinearNames(L).map((name) => [name, L[name]!] as const).flatMap(([name, x]) => [
+            { name: `h.${l}.${name}.weight`, dtype: 'F32' as const, shape: [x.din, x.dout], data: x.w },
+            { name: `h.${l}.${name}.bias`, dtype: 'F32' as const, shape: [x.b.length], data: x.b },
           ]));
           writeSafetensors(file, t);
           data = readFileSync(file).toString('base64');

@@ -25,10 +25,10 @@ import { classifiedLine, type Classified } from '../train/predict.js';
 import { MAX_INFER } from './enclave_job.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { openSafetensors } from '../io/safetensors.js';
-import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate } from '../obfuscate/bundle.js';
+import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate, gpt2Tensors } from '../obfuscate/bundle.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
-import { LINEARS } from '../model/block.js';
+import { layerLinearNames } from '../protocol/linears.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { loadAdapters, mergeAdaptersPlain } from '../train/session.js';
 import type { LoraAdapters } from '../model/lora.js';
@@ -275,7 +275,7 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   const file = path.join(scratch, 'update.safetensors');
   writeFileSync(file, Buffer.from(up.update, 'base64'));
   const st = openSafetensors(file);
-  const tensors = withUpdate(encBundle, st, 'enclave.');
+  const tensors = gpt2Tensors(withUpdate(encBundle, st, 'enclave.'), 'the provider\'s merge');
   let w = base;
   if (up.task === 'cls' && tensors.score) {
     const K = up.labels.length;
@@ -291,7 +291,7 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
     writeFileSync(wf, ex.weights);
     const at = openSafetensors(wf);
     acc = loadAcceleratorBundle(path.join(bundles, 'accelerator')).weights;
-    acc.layers.forEach((L, l) => { for (const n of LINEARS) { at.getInto(`h.${l}.${n}.weight`, L[n].w); at.getInto(`h.${l}.${n}.bias`, L[n].b); } });
+    acc.layers.forEach((L, l) => { for (const n of layerLinearNames(L)) { at.getInto(`h.${l}.${n}.weight`, L[n]!.w); at.getInto(`h.${l}.${n}.bias`, L[n]!.b); } });
   } else {
     acc = loadAcceleratorBundle(path.join(bundles, 'accelerator')).weights;
   }

@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
-import type { AcceleratorWeights } from '../protocol/linears.js';
+import { linearOf, type AcceleratorWeights } from '../protocol/linears.js';
 import { writeAcceleratorBundle } from '../obfuscate/bundle.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
 import * as grpc from '@grpc/grpc-js';
@@ -70,7 +70,7 @@ export function spawnService(args: string[], opts: { timeoutMs?: number; env?: N
  */
 export async function spawnedAcceleratorLink(acc: AcceleratorWeights, o: { tensorChannel?: boolean } = {}): Promise<GrpcAcceleratorLink> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-acc-'));
-  writeAcceleratorBundle(path.join(dir, 'accelerator'), acc, 'sealed', acc.layers[0].attproj.din);
+  writeAcceleratorBundle(path.join(dir, 'accelerator'), acc, 'sealed', linearOf(acc.layers[0], 'qkv').din);
   const svc = await spawnService(['accelerator', 'serve', '--bundle', path.join(dir, 'accelerator'), '--port', '0', '--state-dir', path.join(dir, 'state'), '--insecure-no-auth']);
   const link = new GrpcAcceleratorLink(`127.0.0.1:${svc.port}`, { tensorChannel: o.tensorChannel });
   await link.waitForReady(30000);

@@ -34,6 +34,7 @@ export const RUN_SPEC_DEFAULTS = {
   kappa: null,                // mask condition number (>= 1) or 'naive' (paper; sealed's per-head masks); null: 1 (orthogonal); not for local
   two_sided: false,           // paper mode: mask the projection outputs too
   mask_seed: null,            // derive the masks from this seed (reproducible, NOT secret); null: the run's seed; not for local
+  rotary_masks: 'full',       // Llama family: 'full' per-head q/k masks unmasked in the enclave before rotary | 'blocks' (commute with it)
   token_mixing: 'off',        // 'on': per-call token mixing of every accelerator call (Defence 1, docs/security.md); split modes only
   mixing_kappa: 10,           //   condition number of each call's mixing matrix P (>= 1; 1: orthogonal)
   mixing_block: 0,            //   real rows per block of a block-diagonal P (0: one block over the call's rows)
@@ -79,7 +80,7 @@ export const RUN_SPEC_DEFAULTS = {
 export const RESUMABLE_CHANGES = ['steps', 'eval_every', 'eval_batches', 'checkpoint_every'] as const;
 
 /** Settings fixed by the provider's bundle in the enclave service (a job cannot choose them). */
-export const BUNDLE_FIELDS = ['mode', 'kappa', 'two_sided', 'mask_seed', 'freeze_norms'] as const;
+export const BUNDLE_FIELDS = ['mode', 'kappa', 'two_sided', 'mask_seed', 'rotary_masks', 'freeze_norms'] as const;
 
 export const RUN_SPEC_FILE = 'run_spec.json';
 
@@ -137,7 +138,7 @@ const D = RUN_SPEC_DEFAULTS;
 
 const targetsSchema = z.union([z.string(), z.array(z.string())], { error: must('a list of LoRA targets ("q,v" or ["q", "v"])') }).transform((v, ctx) => {
   try {
-    return parseLoraTargets(Array.isArray(v) ? v.join(',') : v);
+    return parseLoraTargets(Array.isArray(v) ? v.join(',') : v, 'any');
   } catch (e) {
     ctx.addIssue({ code: 'custom', message: (e as Error).message, input: v });
     return z.NEVER;
@@ -169,6 +170,7 @@ const FIELDS = {
   kappa: kappaSchema.default(D.kappa),
   two_sided: bool().default(D.two_sided),
   mask_seed: int(0).nullable().default(D.mask_seed),
+  rotary_masks: oneOf(['full', 'blocks'] as const).default(D.rotary_masks as 'full'),
   token_mixing: oneOf(TOKEN_MIXING).default(D.token_mixing),
   mixing_kappa: num('a finite number >= 1', (x) => Number.isFinite(x) && x >= 1).default(D.mixing_kappa),
   mixing_block: int(0).default(D.mixing_block),
@@ -206,6 +208,7 @@ export interface RunSpec extends DataFields {
   kappa: string | null;
   two_sided: boolean;
   mask_seed: number | null;
+  rotary_masks: 'full' | 'blocks';
   token_mixing: 'off' | 'on';
   mixing_kappa: number;
   mixing_block: number;
@@ -268,7 +271,7 @@ export const RunSpecSchema = z.strictObject(FIELDS, objectError).transform((s, c
   return {
     task: s.task, method: s.method, mode: s.mode,
     kappa: s.mode === 'local' ? null : s.kappa ?? maskSpecLabel({ kind: 'kappa', kappa: 1 }),
-    two_sided: s.two_sided, mask_seed: s.mask_seed,
+    two_sided: s.two_sided, mask_seed: s.mask_seed, rotary_masks: s.rotary_masks,
     token_mixing: s.token_mixing, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_shields: s.mixing_shields, max_len: s.max_len,
     text_field: s.text_field, prompt_field: s.prompt_field, completion_field: s.completion_field, label_field: s.label_field, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
     min_lr_frac: s.min_lr_frac, clip: s.clip, weight_decay: s.weight_decay, enclave_optimizer: s.enclave_optimizer, momentum: s.momentum,
@@ -405,6 +408,8 @@ export interface BundleSettings {
   mode: 'sealed' | 'paper';
   kappa: string;
   two_sided: boolean;
+  /** Llama family */
+  rotary_masks?: 'full' | 'blocks';
 }
 
 /**
@@ -414,7 +419,7 @@ export interface BundleSettings {
  */
 export function parseJobSpec(input: unknown, bundle: BundleSettings, source: string): RunSpec {
   if (!isObject(input)) return parseRunSpec(input, source);
-  const fixed: Record<(typeof BUNDLE_FIELDS)[number], unknown> = { mode: bundle.mode, kappa: bundle.kappa, two_sided: bundle.two_sided, mask_seed: null, freeze_norms: false };
+  const fixed: Record<(typeof BUNDLE_FIELDS)[number], unknown> = { mode: bundle.mode, kappa: bundle.kappa, two_sided: bundle.two_sided, mask_seed: null, rotary_masks: bundle.rotary_masks ?? 'full', freeze_norms: false };
   for (const k of BUNDLE_FIELDS) {
     const v = input[k];
     if (v === undefined || v === null) continue;
@@ -445,13 +450,17 @@ export function toFinetuneConfig(s: RunSpec, modelId: string): FinetuneConfig {
 }
 
 /** What a session needs beyond the spec: the tokenizer's pad id, the labels, where and how the accelerator runs. */
-export type SessionContext = Pick<SessionOptions, 'padTokenId'> & Partial<Pick<SessionOptions, 'numLabels' | 'labels' | 'acceleratorStateDir' | 'serialize' | 'link'>>;
+export type SessionContext = Pick<SessionOptions, 'padTokenId'> & Partial<Pick<SessionOptions, 'numLabels' | 'labels' | 'acceleratorStateDir' | 'serialize' | 'link'>> & {
+  /** the model is of the Llama family (the rotary option applies) */
+  llama?: boolean;
+};
 
 /** The session builder's settings of a run. */
 export function toSessionOptions(s: RunSpec, ctx: SessionContext): SessionOptions {
   return {
     mode: s.mode, method: s.method, task: s.task, kappa: s.kappa ?? undefined, twoSided: s.two_sided, lora: s.lora ?? undefined,
     pooling: s.pooling ?? undefined, seed: s.seed, maskSeed: s.mask_seed ?? s.seed, foldedBaseline: s.freeze_norms, mixing: mixingOf(s), ...ctx,
+    ...(ctx.llama ? { rotaryMasks: s.mode === 'local' ? undefined : s.rotary_masks } : {}),
   };
 }
 

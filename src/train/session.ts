@@ -18,15 +18,22 @@ import { obfuscateWeights, type ObfuscateOptions, type ObfuscationResult } from 
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import type { EnclaveTensors, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
-import type { AcceleratorWeights } from '../protocol/linears.js';
+import { gpt2Linears, type AcceleratorWeights } from '../protocol/linears.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../protocol/link.js';
-import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type TrainMode } from '../enclave/split_model.js';
+import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type SplitModelOptions, type TrainMode } from '../enclave/split_model.js';
 import { openSafetensors, writeSafetensors } from '../io/safetensors.js';
 import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraConfig, type LoraTarget } from '../model/lora.js';
 import type { Task } from '../io/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
+import { isLlama } from '../model/config.js';
+import type { LlamaKind, LlamaWeights } from '../model/llama.js';
+import { llamaDims } from '../model/llama_block.js';
+import type { LlamaEnclaveTensors, RotaryMasks } from '../obfuscate/enclave_tensors.js';
+import { deobfuscateLlama, deriveLlamaMasks, foldRmsGains, fromPlainLlamaParts, obfuscateLlama, plainLlamaParts, type LlamaModelMasks } from '../obfuscate/llama_transform.js';
+import { resolveKey, resolveParams } from '../obfuscate/provider.js';
+import { makeCheckVectors } from '../protocol/integrity.js';
 import { InputError } from '../errors.js';
 
 export interface SessionOptions {
@@ -63,6 +70,8 @@ export interface SessionOptions {
   serialize?: boolean;
   /** custom link factory (a network transport); default: in-process */
   link?: (acc: AcceleratorWeights) => AcceleratorLink;
+  /** Llama family: how q and k are masked around rotary (default full per-head masks) */
+  rotaryMasks?: RotaryMasks;
 }
 
 export interface Session {
@@ -74,9 +83,11 @@ export interface Session {
   /** the plain model the session started from (after folding for the folded baseline) */
   base: GPT2Weights;
   modelId: string;
+  /** a Llama-family session: its plain model and masks (null in local mode) */
+  llama?: { base: LlamaWeights; masks: LlamaModelMasks | null };
 }
 
-export function modelFingerprint(w: GPT2Weights): string {
+export function modelFingerprint(w: GPT2Weights | LlamaWeights): string {
   const h = createHash('sha256');
   h.update(JSON.stringify(w.config));
   const p = w.params;
@@ -95,7 +106,54 @@ export function freshClassifier(numLabels: number, d: number, seed: number): Flo
   return weight;
 }
 
-export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
+export function buildSession(w0: GPT2Weights | LlamaWeights, o: SessionOptions): Session {
+  if (isLlama(w0.config)) return buildLlamaSession(w0 as LlamaWeights, o);
+  if (o.rotaryMasks) throw new InputError('rotary masks apply to Llama-family models only');
+  return buildGpt2Session(w0 as GPT2Weights, o);
+}
+
+/** The shared tail of a session: the accelerator behind its link and the enclave's model. */
+function assemble(o: SessionOptions, config: GPT2Config, acc: AcceleratorWeights, tensors: SplitModelOptions['tensors'], pooling: Pooling | undefined, rng: Rng): Pick<Session, 'model' | 'link' | 'accelerator'> {
+  let accelerator: Accelerator | null = null;
+  let link: AcceleratorLink;
+  if (o.link) link = o.link(acc);
+  else {
+    accelerator = new Accelerator(acc, { stateDir: o.acceleratorStateDir });
+    link = new InProcessLink(accelerator, { serialize: o.serialize });
+  }
+  const model = new SplitModel({
+    mode: o.mode, method: o.method, task: o.task, config, tensors, link, twoSided: o.twoSided,
+    lora: o.lora, numLabels: o.numLabels, pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
+    mixing: o.mixing, mixingRng: o.mixingSeed !== undefined ? KeyedRng.fromSeed(`mixing:${o.mixingSeed}`) : undefined,
+  });
+  return { model, link, accelerator };
+}
+
+/** A Llama-family session: the family's transform (or plain parts), the same split model. */
+function buildLlamaSession(w0: LlamaWeights, o: SessionOptions): Session {
+  const rng = new Rng(o.seed);
+  let w = w0;
+  if (o.task === 'cls' && o.numLabels && (!w.cls || w.cls.numLabels !== o.numLabels)) {
+    w = { ...w, cls: { numLabels: o.numLabels, weight: freshClassifier(o.numLabels, w.config.n_embd, o.seed), labels: o.labels, pooling: o.pooling ?? 'last' } };
+  }
+  if (o.publicBase) throw new InputError('--public-base serves GPT-2 models for now; a Llama-family model is obfuscated whole');
+  if (o.foldedBaseline) w = foldRmsGains(w);
+  let acc: AcceleratorWeights, tensors: LlamaEnclaveTensors, masks: LlamaModelMasks | null = null;
+  if (o.mode === 'local') ({ accelerator: acc, tensors } = plainLlamaParts(w));
+  else {
+    const params = resolveParams({ mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided });
+    const key = resolveKey({ mode: o.mode, seed: o.maskSeed });
+    masks = deriveLlamaMasks(w.config, key, params, o.rotaryMasks ?? 'full');
+    const r = obfuscateLlama(w, masks);
+    r.enclave.chk = makeCheckVectors(r.accelerator, new KeyedRng(key).derive('integrity'));
+    acc = r.accelerator;
+    tensors = r.enclave;
+  }
+  const parts = assemble(o, w.config, acc, tensors, w.cls?.pooling, rng);
+  return { ...parts, rng, obfuscation: null, base: w as unknown as GPT2Weights, modelId: modelFingerprint(w0), llama: { base: w, masks } };
+}
+
+function buildGpt2Session(w0: GPT2Weights, o: SessionOptions): Session {
   const rng = new Rng(o.seed);
   let w = w0;
   if (o.task === 'cls' && o.numLabels && (!w.cls || w.cls.numLabels !== o.numLabels)) {
@@ -115,19 +173,7 @@ export function buildSession(w0: GPT2Weights, o: SessionOptions): Session {
     acc = obf.accelerator;
     tensors = obf.enclave.tensors;
   }
-  let accelerator: Accelerator | null = null;
-  let link: AcceleratorLink;
-  if (o.link) link = o.link(acc);
-  else {
-    accelerator = new Accelerator(acc, { stateDir: o.acceleratorStateDir });
-    link = new InProcessLink(accelerator, { serialize: o.serialize });
-  }
-  const model = new SplitModel({
-    mode: o.mode, method: o.method, task: o.task, config: w.config, tensors, link, twoSided: o.twoSided,
-    lora: o.lora, numLabels: o.numLabels, pooling: w.cls?.pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
-    mixing: o.mixing, mixingRng: o.mixingSeed !== undefined ? KeyedRng.fromSeed(`mixing:${o.mixingSeed}`) : undefined,
-  });
-  return { model, rng, link, accelerator, obfuscation: obf, base: w, modelId: modelFingerprint(w0) };
+  return { ...assemble(o, w.config, acc, tensors, w.cls?.pooling, rng), rng, obfuscation: obf, base: w, modelId: modelFingerprint(w0) };
 }
 
 /** Writes the run's trained parts: adapters (HF-PEFT-like names) and the enclave's trained tensors. */
@@ -178,7 +224,9 @@ export function mergeAdaptersPlain(w: GPT2Weights, ad: LoraAdapters): GPT2Weight
 export function mergedPlainModel(s: Session): GPT2Weights {
   const m = s.model;
   if (!s.accelerator) throw new Error('merging needs the in-process accelerator (or its exported state)');
+  if (s.llama) throw new InputError('this merge serves GPT-2 sessions; use mergedLlamaModel');
   const enc = m.allTensors();
+  if ('family' in enc) throw new BundleError('internal: Llama-family tensors in a GPT-2 session');
   const acc = s.accelerator.weights;
   if (enc.mode === 'local') {
     const w = fromPlainParts(s.base, acc, enc);
@@ -190,7 +238,32 @@ export function mergedPlainModel(s: Session): GPT2Weights {
   return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w; // adapters are plain in every mode
 }
 
-function fromPlainParts(base: GPT2Weights, acc: AcceleratorWeights, enc: PlainEnclaveTensors): GPT2Weights {
+/** The plain Llama-family model a session has trained so far (provider side: uses the masks). */
+export function mergedLlamaModel(s: Session): LlamaWeights {
+  if (!s.llama || !s.accelerator) throw new InputError('merging a Llama-family model needs its in-process session');
+  const enc = s.model.allTensors() as LlamaEnclaveTensors;
+  const base = s.llama.base, acc = s.accelerator.weights;
+  const w = enc.mode === 'local' ? fromPlainLlamaParts(base, acc, enc) : deobfuscateLlama(base, acc, enc, s.llama.masks!);
+  return s.model.adapters ? mergeLlamaAdapters(w, s.model.adapters) : w;
+}
+
+/** Folds LoRA adapters into plain Llama-family weights. */
+export function mergeLlamaAdapters(w: LlamaWeights, ad: LoraAdapters): LlamaWeights {
+  const p = Float32Array.from(w.params), lay = w.layout, { C, KV, W, I } = llamaDims(w.config);
+  const at: Record<LoraTarget, [LlamaKind, number, number] | null> = {
+    q: ['qkvw', W, 0], k: ['qkvw', W, C], v: ['qkvw', W, C + KV], proj: ['ow', C, 0], gate: ['guw', 2 * I, 0], up: ['guw', 2 * I, I], 'mlp-proj': ['downw', C, 0], wte: ['wte', C, 0], fc: null,
+  };
+  for (const v of ad.views) {
+    const t = at[v.target];
+    if (!t) throw new InputError(`LoRA target "${v.target}" has no Llama-family weight`);
+    const M = v.target === 'wte' ? lay.view(p, 'wte') : lay.layer(p, t[0], v.layer);
+    addLowRank(M, t[1], t[2], v.A, v.B, v.din, ad.config.rank, v.dout, ad.scale);
+  }
+  return { ...w, params: p };
+}
+
+function fromPlainParts(base: GPT2Weights, acc0: AcceleratorWeights, enc: PlainEnclaveTensors): GPT2Weights {
+  const acc = gpt2Linears(acc0);
   const lay = new ParamLayout(base.config);
   const p = new Float32Array(lay.total);
   const names = { qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'] } as const;

@@ -221,7 +221,7 @@ test('the four-terminal walkthrough of docs/deployment.md runs end to end (scrip
   }
 });
 
-test('Llama family on the plain commands: init, train (its own tokenizer.json, kept with the output), generate; the split refuses it by name', () => {
+test('Llama family on the plain commands: init, train (its own tokenizer.json, kept with the output), generate; obfuscate takes it too', () => {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-cli-llama-'));
   try {
     const i = run(['init', '--preset', 'llama-micro', '--out', path.join(dir, 'init')]);
@@ -241,9 +241,10 @@ test('Llama family on the plain commands: init, train (its own tokenizer.json, k
     const j = JSON.parse(g.stdout);
     assert.equal(j.tokens.length, 5);
     assert.match(j.completion, /^(\w+ ?)+/);
-    const f = run(['obfuscate', '--model', out, '--out', path.join(dir, 'b')]);
-    assert.notEqual(f.status, 0);
-    assert.match(f.stderr, /Llama-family checkpoint/);
+    const f = run(['obfuscate', '--model', out, '--out', path.join(dir, 'b'), '--json']);
+    assert.equal(f.status, 0, f.stderr);
+    assert.equal(JSON.parse(f.stdout).family, 'llama');
+    assert.ok(existsSync(path.join(dir, 'b', 'enclave', 'tokenizer.json')), 'the enclave bundle carries the model\'s tokenizer');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -205,3 +205,18 @@ test('the CLI fine-tunes a Llama-family checkpoint through the split and obfusca
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('npm start on the bundled Llama-family model: four parties in separate processes, the confidential run equals the local one and the provider\'s merge', () => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'obf-llama-start-'));
+  try {
+    const r = cli('start', '--family', 'llama', '--steps', '3', '--out', out, '--force');
+    assert.equal(r.status, 0, r.stderr);
+    const s = JSON.parse(readFileSync(path.join(out, 'summary.json'), 'utf8'));
+    assert.ok(Math.abs(s.confidential.loss - s.local.loss) < 1e-4 * s.local.loss, `confidential ${s.confidential.loss} vs local ${s.local.loss}`);
+    assert.ok(Math.abs(s.merged.loss - s.local.loss) < 1e-4 * s.local.loss, `merged ${s.merged.loss} vs local ${s.local.loss}`);
+    assert.ok(s.integrity_checks > 0);
+    assert.match(r.stdout, /llama-small \([0-9.]+M parameters, Llama family\)/);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});

@@ -5,7 +5,8 @@
 import { spawnSync } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { getPreset } from '../model/config.js';
+import { getPreset, LLAMA_PRESETS } from '../model/config.js';
+import { Llama } from '../model/llama.js';
 import { GPT2 } from '../model/gpt2.js';
 import { Rng } from '../tensor/rng.js';
 import { buildSession } from '../train/session.js';
@@ -76,9 +77,10 @@ interface StepRunner {
 
 /** A fine-tuning session of one mode on a random-init preset, stepped on demand. */
 function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepRunner {
-  const config = getPreset(o.model);
+  const llama = LLAMA_PRESETS[o.model];
+  const config = llama ?? getPreset(o.model);
   if (o.seq > config.n_ctx) throw new Error(`--seq ${o.seq} exceeds ${o.model}'s context of ${config.n_ctx}`);
-  const base = GPT2.random(config, 1).weights();
+  const base = llama ? Llama.random({ ...llama }, 1).weights() : GPT2.random(config, 1).weights();
   let link: (AcceleratorLink & { dataPath?: string }) | undefined;
   let linkFactory: ((acc: AcceleratorWeights) => AcceleratorLink) | undefined;
   if (linkFactoryIn) {

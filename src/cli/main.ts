@@ -22,7 +22,7 @@ import { writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
 import { emit, setJsonOutput, withJson } from './output.js';
 import { addConfigOption, readRecipe } from './run_spec_args.js';
 import { mergeRunSpecInputs } from '../train/run_spec.js';
-import { runStart } from './start.js';
+import { runStart, ROOT } from './start.js';
 import { addServiceCommands } from './service_cmds.js';
 import { benchFinetune, benchFinetuneInterleaved, benchFinetuneMixing, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
@@ -322,7 +322,8 @@ export function buildProgram(): Command {
     .command('finetune')
     .description('fine-tuning step time of local, sealed and paper (kappa 1) modes side by side, each in its own process (--interleaved: in one process, steps in rounds; --token-mixing on: sealed without and with token mixing, steps paired in one process)')
     .option('--json', 'print JSON')
-    .option('--model <preset>', 'model preset', 'gpt2')
+    .option('--model <preset>', 'model preset (GPT-2 or Llama family; default gpt2, or llama-124m with --family llama)')
+    .addOption(new Option('--family <f>', 'model family of the default preset').choices(['gpt2', 'llama']).default('gpt2'))
     .addOption(new Option('--method <method>', 'fine-tuning method').choices(['lora', 'full']).default('lora'))
     .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
     .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
@@ -332,6 +333,7 @@ export function buildProgram(): Command {
     .option('--no-tensor-channel', 'grpc: keep Call frames on gRPC instead of the tensor channel')
     .option('--interleaved', 'in-process: the three modes in one process, steps in rounds, each split mode against local in the same round (robust on a busy machine; one peak RSS for all)'))
     .action(async (o) => {
+      o.model ??= o.family === 'llama' ? 'llama-124m' : 'gpt2';
       const mixing = mixingOptionsOf(o);
       if (mixing) {
         if (o.interleaved || o.transport !== 'in-process') throw new InputError('--token-mixing on pairs sealed steps without and with mixing in one process: use it without --interleaved and --transport grpc');
@@ -516,13 +518,14 @@ export function buildProgram(): Command {
     .command('start')
     .description('the main job (what `npm start` runs): provider, data owner, enclave and accelerator as separate processes, confidential fine-tuning vs local, HTML report')
     .option('--steps <n>', 'fine-tuning steps', parseIntArg('--steps'))
-    .option('--model <dir>', 'base model (default: the bundled models/base-small)')
+    .option('--model <dir>', 'base model (default: the bundled models/base-small, or models/llama-small with --family llama)')
+    .addOption(new Option('--family <f>', 'model family of the bundled base model').choices(['gpt2', 'llama']).default('gpt2'))
     .option('--dataset <name>', 'bundled classification dataset under data/', 'wordnet-supersense')
     .option('--out <dir>', 'run directory (replaced; a non-empty one that is not an earlier start run only with --force)', 'runs/start')
     .option('--force', 'replace a non-empty --out that holds something else'))
     .action(async (o) => {
       if (!existsSync(path.join(o.out, 'local-run'))) refuseNonEmpty(o.out, o.force, 'start'); // an earlier start run is replaced
-      await runStart({ steps: o.steps, out: o.out, model: o.model, dataset: o.dataset });
+      await runStart({ steps: o.steps, out: o.out, model: o.model ?? (o.family === 'llama' ? path.join(ROOT, 'models', 'llama-small') : undefined), dataset: o.dataset });
       emit(JSON.parse(readFileSync(path.join(o.out, 'summary.json'), 'utf8')), `summary: ${path.join(o.out, 'summary.json')}`);
     });
 

@@ -14,12 +14,17 @@ import { gpt2Tokenizer } from '../model/tokenizer.js';
 import { buildSession } from '../train/session.js';
 import { runFinetune, evaluate } from '../train/finetune.js';
 import { parseRunSpec, jobSpecOf, toFinetuneConfig, toSessionOptions } from '../train/run_spec.js';
-import { obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
+import { obfuscateLlamaWeights, obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
 import { createSimRoot } from '../tee/sim.js';
 import { spawnService, type Spawned } from '../roles/spawn.js';
 import { EnclaveClient, enclaveMeasurement, loadOrCreatePartyKey, partyId, uploadAcceleratorBundle, uploadEnclaveBundle, uploadRecords, waitForJob, fetchAndMerge } from '../roles/parties.js';
 import { describeSignatures, draftContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { GPT2 } from '../model/gpt2.js';
+import { Llama, type LlamaWeights } from '../model/llama.js';
+import type { GPT2Weights } from '../model/weights.js';
+import { loadLlamaCheckpoint } from '../model/llama_checkpoint.js';
+import { hasCheckpointTokenizer, loadCheckpointTokenizer } from '../model/hf_tokenizer.js';
+import { isLlamaDir } from './model_args.js';
 import { backendName } from '../tensor/gemm.js';
 import { progressBar } from './progress.js';
 import { lineChart, curveGapNote } from '../report/charts.js';
@@ -56,17 +61,19 @@ export async function runStart(o: StartOptions): Promise<void> {
   const out = path.resolve(o.out);
   rmSync(out, { recursive: true, force: true });
   mkdirSync(out, { recursive: true });
-  const base = loadCheckpoint(modelDir);
+  // either family: a Llama-family base model keeps its own tokenizer (llama-small's is GPT-2's BPE)
+  const llama = isLlamaDir(modelDir);
+  const base = llama ? loadLlamaCheckpoint(modelDir) : loadCheckpoint(modelDir);
   const train = readJsonl(path.join(dataDir, 'train.jsonl')).slice(0, o.trainExamples ?? 640);
   const test = readJsonl(path.join(dataDir, 'test.jsonl')).slice(0, o.testExamples ?? 256);
   const labels = labelSet(train, 'train');
   const say = (s: string) => console.log(s);
-  say(`obfuscatune: confidential fine-tuning of ${path.basename(modelDir)} (${(new GPT2(base).numParams() / 1e6).toFixed(1)}M parameters) on ${path.basename(dataDir)} (${train.length} training / ${test.length} test records), compute backend ${backendName()}`);
+  say(`obfuscatune: confidential fine-tuning of ${path.basename(modelDir)} (${((llama ? new Llama(base as LlamaWeights) : new GPT2(base as GPT2Weights)).numParams() / 1e6).toFixed(1)}M parameters${llama ? ', Llama family' : ''}) on ${path.basename(dataDir)} (${train.length} training / ${test.length} test records), compute backend ${backendName()}`);
 
   // ---- 1. the baseline: plain local fine-tuning with the same engine
   say('\n[1/4] local baseline (plain model, same engine, no split)');
   const t0 = performance.now();
-  const tok = gpt2Tokenizer;
+  const tok = llama && hasCheckpointTokenizer(modelDir) ? loadCheckpointTokenizer(modelDir) : gpt2Tokenizer;
   const trainSet = encodeRecords(train, tok, { task: 'cls', maxLen: spec.max_len, labels, source: 'train' });
   const testSet = encodeRecords(test, tok, { task: 'cls', maxLen: spec.max_len, labels, source: 'test' });
   const local = buildSession(base, toSessionOptions(localSpec, { numLabels: labels.length, labels, padTokenId: tok.eotId }));
@@ -80,7 +87,7 @@ export async function runStart(o: StartOptions): Promise<void> {
   say('\n[2/4] keys, obfuscation (sealed mode), the deployment contract signed by both parties; accelerator and enclave (simulated TEE) on loopback');
   const providerKey = await loadOrCreatePartyKey(path.join(out, 'provider', 'party-key.json'));
   const ownerKey = await loadOrCreatePartyKey(path.join(out, 'owner', 'party-key.json'));
-  const obf = obfuscateWeights(base, { mode: 'sealed' });
+  const obf = llama ? obfuscateLlamaWeights(base as LlamaWeights, { mode: 'sealed' }) : obfuscateWeights(base as GPT2Weights, { mode: 'sealed' });
   writeObfuscation(path.join(out, 'provider'), obf);
   let draft = draftContract({
     name: 'npm start', provider: partyId(providerKey), owner: partyId(ownerKey),

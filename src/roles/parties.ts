@@ -25,12 +25,15 @@ import { classifiedLine, type Classified } from '../train/predict.js';
 import { MAX_INFER } from './enclave_job.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { openSafetensors } from '../io/safetensors.js';
-import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate, gpt2Tensors } from '../obfuscate/bundle.js';
+import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, withUpdate } from '../obfuscate/bundle.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import { layerLinearNames } from '../protocol/linears.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
-import { loadAdapters, mergeAdaptersPlain } from '../train/session.js';
+import { loadAdapters, mergeAdaptersPlain, mergeLlamaAdapters } from '../train/session.js';
+import { isLlama } from '../model/config.js';
+import type { LlamaWeights } from '../model/llama.js';
+import { deobfuscateLlama, deriveLlamaMasks } from '../obfuscate/llama_transform.js';
 import type { LoraAdapters } from '../model/lora.js';
 import type { JobSpec } from './enclave_service.js';
 import { BundleError, InputError, PolicyError, SessionError, StateError, TransportError } from '../errors.js';
@@ -260,7 +263,7 @@ export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string): 
  * obfuscated weights from the accelerator for full fine-tuning) and merges it into a plain
  * model with the secret key. `bundles` holds accelerator/, enclave/ and provider/.
  */
-export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: GPT2Weights, bundles: string, scratch: string): Promise<{ merged: GPT2Weights; update: Record<string, unknown>; adapters: LoraAdapters | null }> {
+export async function fetchAndMerge<W extends GPT2Weights | LlamaWeights>(c: EnclaveClient, accAddress: string, base: W, bundles: string, scratch: string): Promise<{ merged: W; update: Record<string, unknown>; adapters: LoraAdapters | null }> {
   // a mask key that did not make these bundles is refused before anything is fetched or written
   const encBundle = loadEnclaveBundle(path.join(bundles, 'enclave'));
   const { key, params, file: keyFile } = loadProviderKey(path.join(bundles, 'provider'));
@@ -275,7 +278,8 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   const file = path.join(scratch, 'update.safetensors');
   writeFileSync(file, Buffer.from(up.update, 'base64'));
   const st = openSafetensors(file);
-  const tensors = gpt2Tensors(withUpdate(encBundle, st, 'enclave.'), 'the provider\'s merge');
+  const tensors = withUpdate(encBundle, st, 'enclave.');
+  if (('family' in tensors) !== isLlama(base.config)) throw new BundleError(`the provider's merge: a ${isLlama(base.config) ? 'Llama-family' : 'GPT-2'} base model and a bundle of the other family`);
   let w = base;
   if (up.task === 'cls' && tensors.score) {
     const K = up.labels.length;
@@ -295,14 +299,14 @@ export async function fetchAndMerge(c: EnclaveClient, accAddress: string, base: 
   } else {
     acc = loadAcceleratorBundle(path.join(bundles, 'accelerator')).weights;
   }
-  const masks = deriveMasks(base.config, key, params);
-  let merged: GPT2Weights;
-  let ad: LoraAdapters | null = null;
-  if (up.method === 'lora') {
-    ad = loadAdapters(file, base.config.n_layer, base.config.n_embd, base.config.vocab_size);
-    merged = mergeAdaptersPlain(deobfuscate(w, acc, tensors, masks), ad);
+  const ad = up.method === 'lora' ? loadAdapters(file, base.config.n_layer, base.config.n_embd, base.config.vocab_size, base.config) : null;
+  let merged: W;
+  if ('family' in tensors) {
+    const lw = w as LlamaWeights, plain = deobfuscateLlama(lw, acc, tensors, deriveLlamaMasks(lw.config, key, params, tensors.rotary));
+    merged = (ad ? mergeLlamaAdapters(plain, ad) : plain) as W;
   } else {
-    merged = deobfuscate(w, acc, tensors, masks);
+    const plain = deobfuscate(w as GPT2Weights, acc, tensors, deriveMasks(base.config, key, params));
+    merged = (ad ? mergeAdaptersPlain(plain, ad) : plain) as W;
   }
   rmSync(file, { force: true });
   return { merged, update: { method: up.method, mode: up.mode, task: up.task, labels: up.labels, pooling: up.pooling, summary: up.summary }, adapters: ad };

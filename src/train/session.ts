@@ -28,7 +28,7 @@ import type { Task } from '../io/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
 import { isLlama } from '../model/config.js';
-import type { LlamaKind, LlamaWeights } from '../model/llama.js';
+import { llamaAdapters, type LlamaKind, type LlamaWeights } from '../model/llama.js';
 import { llamaDims } from '../model/llama_block.js';
 import type { LlamaEnclaveTensors, RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { deobfuscateLlama, deriveLlamaMasks, foldRmsGains, fromPlainLlamaParts, obfuscateLlama, plainLlamaParts, type LlamaModelMasks } from '../obfuscate/llama_transform.js';
@@ -278,18 +278,18 @@ function fromPlainParts(base: GPT2Weights, acc0: AcceleratorWeights, enc: PlainE
 }
 
 /** Loads an adapters file written by exportRun. */
-export function loadAdapters(file: string, nLayer: number, d: number, vocab: number): LoraAdapters {
+export function loadAdapters(file: string, nLayer: number, d: number, vocab: number, config?: GPT2Config): LoraAdapters {
   if (!existsSync(file)) throw new Error(`adapter file ${file} not found`);
   const st = openSafetensors(file);
   const meta = st.metadata;
   let targets: LoraTarget[];
   try {
-    targets = parseLoraTargets(meta.targets ?? '');
+    targets = parseLoraTargets(meta.targets ?? '', config && isLlama(config) ? 'llama' : 'gpt2');
   } catch (e) {
     throw new Error(`adapter file ${file}: ${(e as Error).message}`);
   }
   const cfg: LoraConfig = { rank: Number(meta.rank), alpha: Number(meta.alpha), dropout: 0, targets };
-  const ad = new LoraAdapters(cfg, nLayer, d, vocab);
+  const ad = config && isLlama(config) ? llamaAdapters(cfg, config) : new LoraAdapters(cfg, nLayer, d, vocab);
   for (const v of ad.views) {
     st.getInto(`${adapterName(v)}.lora_A`, v.A);
     st.getInto(`${adapterName(v)}.lora_B`, v.B);

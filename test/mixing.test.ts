@@ -13,7 +13,7 @@ import { obfuscateWeights } from '../src/obfuscate/provider.js';
 import { Enclave, inProcessSplit } from '../src/enclave/enclave.js';
 import { Accelerator } from '../src/accelerator/accelerator.js';
 import { InProcessLink, type CrossingEvent } from '../src/protocol/link.js';
-import { MixedLinears, MIXING_DEFAULTS, shieldRows, stagesFor, type MixingConfig } from '../src/enclave/mixing.js';
+import { MixedLinears, MIXING_DEFAULTS, shieldRows, butterflyShape, type MixingConfig } from '../src/enclave/mixing.js';
 import { buildSession } from '../src/train/session.js';
 import { runFinetune } from '../src/train/finetune.js';
 import { parseRunSpec, toFinetuneConfig, mixingOf, parseMixingSettings, RunSpecError } from '../src/train/run_spec.js';
@@ -47,9 +47,9 @@ test('inference and generation with token mixing equal the plain model (sealed a
     const r = obfuscateWeights(m.weights(), { mode, spec: { kind: 'kappa', kappa: 10 }, seed: 4 });
     // the rows of layer 0's four calls: 24 real rows, widths 16 (qkv, attproj, fc) and 64 (fcproj)
     const cases: [MixingConfig, number[]][] = [
-      [MIX, [24, 24, 24, 24]], // 24 >= the width of layer 0's qkv: no shields needed
-      [{ ...MIX, block: 4, stages: 2, shields: 'all' }, [24, 24, 24, 64]],
-      [{ ...MIX, kappa: 1, shields: 'none' }, [24, 24, 24, 24]],
+      [MIX, [32, 32, 32, 32]], // 24 >= the width of layer 0's qkv: no shields needed, 8 rows fill the radices (16, 2)
+      [{ ...MIX, block: 4, rounds: 2, shields: 'all' }, [24, 24, 24, 64]],
+      [{ ...MIX, kappa: 1, shields: 'none' }, [32, 32, 32, 32]],
       [DENSE, [24, 24, 24, 64]],
       [{ ...DENSE, kappa: 100, block: 8 }, [48, 48, 48, 192]], // blocks of 8 real rows, each padded to the width
     ];
@@ -197,7 +197,7 @@ test('token-mixing settings are validated with the run spec', () => {
   assert.throws(() => parseRunSpec({ mixing_shields: 'some' }, 't'), /mixing_shields: must be one of first-layer, all, none/);
   assert.throws(() => parseRunSpec({ mixing_scheme: 'fft' }, 't'), /mixing_scheme: must be one of butterfly, dense/);
   assert.throws(() => parseRunSpec({ mixing_block: 1 }, 't'), /mixing_block: must be an integer >= 0 other than 1/);
-  assert.throws(() => new MixedLinears({ forward: async (_l, _n, x) => x, backward: async () => null }, getPreset('gpt2-micro'), { ...DENSE, stages: 3, trainWeights: false }), /stages are the butterfly scheme's/);
+  assert.throws(() => new MixedLinears({ forward: async (_l, _n, x) => x, backward: async () => null }, getPreset('gpt2-micro'), { ...DENSE, rounds: 3, trainWeights: false }), /rounds are the butterfly scheme's/);
   assert.throws(() => parseRunSpec({ mode: 'local', token_mixing: 'on' }, 't'), (e: RunSpecError) => e.field === 'token_mixing');
   assert.throws(() => parseRunSpec({ token_mixing: 'yes' }, 't'), /token_mixing: must be one of off, on/);
   assert.throws(() => parseMixingSettings({ mixing_kappa: 0.5 }, 't'), /mixing_kappa: must be a finite number >= 1/);
@@ -254,9 +254,9 @@ test('both schemes are exact around any linear: the forward with its bias, the i
   const calls: [number, LinearName, number][] = [[0, 'qkv', 40], [0, 'qkv', 5], [1, 'fcproj', 300], [1, 'qkv', 5], [2, 'fc', 1]];
   const cases: [MixingConfig, number[]][] = [
     // first-layer: layer 0's qkv input up to its width, a call under one block up to one block
-    [MIX, [40, 16, 300, 16, 16]],
-    [{ ...MIX, shields: 'all', block: 4, stages: 5 }, [40, 16, 300, 16, 16]],
-    [{ ...MIX, shields: 'none', kappa: 1 }, [40, 5, 300, 5, 1]],
+    [MIX, [48, 16, 304, 16, 16]], // padded to the butterfly's size (16 x 3, 16 x 19)
+    [{ ...MIX, shields: 'all', block: 4, rounds: 3 }, [48, 16, 320, 16, 16]], // radices (4, 4, 3) and (4, 4, 4, 5)
+    [{ ...MIX, shields: 'none', kappa: 1 }, [48, 5, 304, 5, 1]], // the butterfly's size: 16 x 3, 16 x 19
     [DENSE, [40, 16, 300, 16, 16]],
     [{ ...DENSE, block: 8 }, []], // blocks of 8 real rows, each padded: rows not compared
   ];
@@ -290,8 +290,12 @@ test('both schemes are exact around any linear: the forward with its bias, the i
   }
 });
 
-test('the butterfly mixes densely: every sent row depends on every real row; its stages follow the rows', async () => {
-  assert.deepEqual([stagesFor(16, 16, false), stagesFor(256, 16, false), stagesFor(257, 16, false), stagesFor(768, 16, false), stagesFor(768, 16, true), stagesFor(3072, 16, false)], [1, 3, 4, 4, 6, 4]);
+test('the butterfly mixes densely: every sent row depends on every real row; its shape follows the rows', async () => {
+  assert.deepEqual(butterflyShape(16, 16, false), { radices: [16], sent: 16, rounds: 1 });
+  assert.deepEqual(butterflyShape(256, 16, false), { radices: [16, 16], sent: 256, rounds: 1 });
+  assert.deepEqual(butterflyShape(257, 16, false), { radices: [16, 17], sent: 272, rounds: 1 });
+  assert.deepEqual(butterflyShape(768, 16, true), { radices: [16, 16, 3], sent: 768, rounds: 2 });
+  assert.deepEqual(butterflyShape(3072, 16, false, 3), { radices: [16, 16, 12], sent: 3072, rounds: 3 });
   const config = getPreset('gpt2-micro');
   const d = config.n_embd, rows = 256;
   const rng = new Rng(2);
@@ -309,6 +313,6 @@ test('the butterfly mixes densely: every sent row depends on every real row; its
   const b = await sentOf(x2);
   let touched = 0;
   for (let i = 0; i < rows; i++) if (Math.max(...Array.from({ length: d }, (_, j) => Math.abs(a[i * d + j] - b[i * d + j]))) > 1e-6) touched++;
-  assert.ok(touched >= rows - 2, `row 7 reaches ${touched} of ${rows} sent rows`);
+  assert.equal(touched, rows, `row 7 reaches ${touched} of ${rows} sent rows`);
   assert.ok(maxAbsDiff(a, x) > 0.5, 'the sent rows are not the real ones');
 });

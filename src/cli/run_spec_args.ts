@@ -37,7 +37,7 @@ const FLAGS: Flag[] = [
   { flag: '--mixing-scheme <scheme>', field: 'mixing_scheme', help: 'token mixing: butterfly (permutations and small blocks, cheap) or dense (one dense matrix per call)' },
   { flag: '--mixing-kappa <k>', field: 'mixing_kappa', help: 'token mixing: condition number of each call\'s mixing matrix', numeric: true },
   { flag: '--mixing-block <n>', field: 'mixing_block', help: 'token mixing: rows per block (0 = butterfly 16, dense one block)', numeric: true },
-  { flag: '--mixing-stages <n>', field: 'mixing_stages', help: 'token mixing: butterfly stages (0 = as many as the rows need)', numeric: true },
+  { flag: '--mixing-rounds <n>', field: 'mixing_rounds', help: 'token mixing: butterfly rounds, each a fresh permutation and a pass over every row (0 = 1, 2 where shields fill the width)', numeric: true },
   { flag: '--mixing-shields <where>', field: 'mixing_shields', help: 'token mixing: shield rows up to the width on first-layer (layer 0\'s qkv input), all or none of the calls' },
   { flag: '--steps <n>', field: 'steps', help: 'optimisation steps', numeric: true },
   { flag: '--batch <n>', field: 'batch', help: 'examples per step', numeric: true },

@@ -6,11 +6,13 @@
  * before and the enclave keeps the first n rows of P^-1 Y~.
  *
  * Two schemes for P:
- *   butterfly (default)  P = D_k G_k ... D_1 G_1: G_i a fresh random row permutation, D_i
- *                        block-diagonal with blocks of about b rows, each block
- *                        H diag(1, M) H (below) with cond kappa^(1/k); k stages (by default
- *                        enough that every sent row depends on every row). Drawn in
- *                        O(k n' b^2), applied in O(k n' b w) for width w.
+ *   butterfly (default)  the rows' index in mixed radix (b, ..., b, m_k), n' = b^(k-1) m_k;
+ *                        per round a fresh permutation G, then one stage per digit: a fresh
+ *                        block H diag(1, M) H (below) mixing the rows that differ only in
+ *                        that digit. After one round every sent row depends on every row.
+ *                        P = R_r G_r ... R_1 G_1, cond(P) <= kappa. Drawn in O(r k b^3 + r n'),
+ *                        applied in O(r k n' b w) for width w, each stage one GEMM per value
+ *                        of the higher digits (no copies but the permutation's).
  *   dense                P = H diag(1, P0) H over all n' rows (or blocks of `block` real rows):
  *                        H the Householder reflection with H e1 = 1 / sqrt(n'), P0 a
  *                        kappa-controlled mask of size n' - 1 (src/linalg/masks.ts). O(n'^3) to
@@ -47,15 +49,15 @@ export interface MixingConfig {
   scheme: (typeof MIXING_SCHEMES)[number];
   /** condition number of P (>= 1; 1: orthogonal) */
   kappa: number;
-  /** butterfly: rows per block (0: 16); dense: real rows per block (0: one block over all rows) */
+  /** butterfly: the radix b (0: 16); dense: real rows per block (0: one block over all rows) */
   block: number;
-  /** butterfly stages (0: as many as the call's rows need, see stagesFor) */
-  stages: number;
+  /** butterfly rounds (0: one, and two where shields fill the width; see butterflyShape) */
+  rounds: number;
   /** which calls get shield rows */
   shields: (typeof SHIELD_POLICIES)[number];
 }
 
-export const MIXING_DEFAULTS: MixingConfig = { scheme: 'butterfly', kappa: 10, block: 0, stages: 0, shields: 'first-layer' };
+export const MIXING_DEFAULTS: MixingConfig = { scheme: 'butterfly', kappa: 10, block: 0, rounds: 0, shields: 'first-layer' };
 /** the butterfly's rows per block when `block` is 0 */
 export const BUTTERFLY_BLOCK = 16;
 
@@ -63,28 +65,33 @@ export function checkMixingConfig(c: MixingConfig): MixingConfig {
   if (!(MIXING_SCHEMES as readonly string[]).includes(c.scheme)) throw new InputError(`token mixing: the scheme must be one of ${MIXING_SCHEMES.join(', ')}, got ${c.scheme}`);
   if (!(c.kappa >= 1) || !Number.isFinite(c.kappa)) throw new InputError(`token mixing: kappa must be a finite number >= 1, got ${c.kappa}`);
   if (!Number.isInteger(c.block) || c.block < 0 || (c.scheme === 'butterfly' && c.block === 1)) throw new InputError(`token mixing: the block size must be an integer >= 0 (0: the scheme's default; a butterfly needs >= 2), got ${c.block}`);
-  if (!Number.isInteger(c.stages) || c.stages < 0) throw new InputError(`token mixing: the stages must be an integer >= 0 (0: as many as the rows need), got ${c.stages}`);
-  if (c.stages > 0 && c.scheme !== 'butterfly') throw new InputError(`token mixing: stages are the butterfly scheme's (scheme ${c.scheme} has none), got ${c.stages}`);
+  if (!Number.isInteger(c.rounds) || c.rounds < 0) throw new InputError(`token mixing: the rounds must be an integer >= 0 (0: as the call needs), got ${c.rounds}`);
+  if (c.rounds > 0 && c.scheme !== 'butterfly') throw new InputError(`token mixing: rounds are the butterfly scheme's (scheme ${c.scheme} has none), got ${c.rounds}`);
   if (!(SHIELD_POLICIES as readonly string[]).includes(c.shields)) throw new InputError(`token mixing: shields must be one of ${SHIELD_POLICIES.join(', ')}, got ${c.shields}`);
   return c;
 }
 
 /** The settings in words (reports, bench and fidelity lines). */
 export function mixingLabel(m: MixingConfig): string {
-  const blocks = m.scheme === 'dense' ? (m.block ? `blocks of ${m.block} rows` : 'one block') : `blocks of ${m.block || BUTTERFLY_BLOCK}, ${m.stages || 'auto'} stages`;
+  const blocks = m.scheme === 'dense' ? (m.block ? `blocks of ${m.block} rows` : 'one block') : `radix ${m.block || BUTTERFLY_BLOCK}, ${m.rounds || 'auto'} rounds`;
   return `${m.scheme}, kappa ${m.kappa}, ${blocks}, shields ${m.shields}`;
 }
 
 /**
- * Butterfly stages for n' rows in blocks of b: with k stages a sent row depends on up to b^k
- * rows. Unshielded calls get b^(k-1) >= n' (every row then reaches every block of the last
- * stage); shielded calls, where n' >= the width and the coefficients of a candidate row in
- * the sent rows are unique, get b^(k-1) >= n'^2, so that each coefficient of a real row is a
- * sum over many paths and looks like any other combination's.
+ * The butterfly's shape for at least n0 rows in radix b: the radices (b, ..., b, m_k), k >= 2
+ * digits (one when n0 <= b) with m_k <= 2b, their product n' >= n0 (the rows n0..n' are
+ * shields), and the rounds: one, or two where the shields fill the width (there the
+ * coefficients of a candidate row in the sent rows are unique, and with two rounds each
+ * coefficient of a real row is a sum over n' paths, like any other combination's; one round
+ * has a single path per entry).
  */
-export function stagesFor(np: number, b: number, shielded: boolean): number {
-  if (np <= b) return 1;
-  return Math.ceil(((shielded ? 2 : 1) * Math.log(np)) / Math.log(b) - 1e-9) + 1;
+export function butterflyShape(n0: number, b: number, shielded: boolean, rounds = 0): { radices: number[]; sent: number; rounds: number } {
+  let radices = [n0];
+  if (n0 > b) for (let k = 2; ; k++) {
+    const last = Math.ceil(n0 / b ** (k - 1));
+    if (last <= 2 * b) { radices = [...new Array<number>(k - 1).fill(b), last]; break; }
+  }
+  return { radices, sent: radices.reduce((a, r) => a * r, 1), rounds: rounds || (shielded ? 2 : 1) };
 }
 
 /** P = H D H for D = diag(1, M) (M [n-1, n-1], row-major), H e1 = 1 / sqrt(n): O(n^2). */
@@ -108,7 +115,7 @@ function conjugate(M: Float64Array, n: number): Float32Array {
   return Float32Array.from(D);
 }
 
-/** A Haar orthogonal k x k matrix (row-major): Gram-Schmidt on the columns of a Gaussian matrix, O(k^3), for small k. */
+/** A Haar orthogonal k x k matrix (row-major): Gram-Schmidt on the rows of a Gaussian matrix, O(k^3), for small k. */
 function smallHaar(k: number, rng: RandomSource): Float64Array {
   const A = new Float64Array(k * k);
   for (let i = 0; i < k * k; i += 2) { // Box-Muller on 32-bit uniforms
@@ -116,30 +123,33 @@ function smallHaar(k: number, rng: RandomSource): Float64Array {
     A[i] = r * Math.cos(a);
     if (i + 1 < k * k) A[i + 1] = r * Math.sin(a);
   }
-  for (let c = 0; c < k; c++) { // column c against the columns before it, twice
-    for (let pass = 0; pass < 2; pass++) for (let q = 0; q < c; q++) {
+  for (let c = 0; c < k; c++) { // row c against the rows before it (a Gaussian matrix is well conditioned: one pass)
+    const o = c * k;
+    for (let q = 0; q < c; q++) {
       let dot = 0;
-      for (let i = 0; i < k; i++) dot += A[i * k + q] * A[i * k + c];
-      for (let i = 0; i < k; i++) A[i * k + c] -= dot * A[i * k + q];
+      for (let i = 0; i < k; i++) dot += A[q * k + i] * A[o + i];
+      for (let i = 0; i < k; i++) A[o + i] -= dot * A[q * k + i];
     }
     let nn = 0;
-    for (let i = 0; i < k; i++) nn += A[i * k + c] ** 2;
+    for (let i = 0; i < k; i++) nn += A[o + i] ** 2;
     const f = 1 / Math.sqrt(nn);
-    for (let i = 0; i < k; i++) A[i * k + c] *= f;
+    for (let i = 0; i < k; i++) A[o + i] *= f;
   }
   return A;
 }
 
-/** A fresh m x m block B with B 1 = 1 and cond(B) = kappa (H diag(1, U S V^T) H), and B^-1. */
+/**
+ * A fresh m x m block B with B 1 = 1 and cond(B) = kappa, and B^-1: B = H diag(1, M) H with
+ * M = U S E, U Haar, S singular values spread over [1/kappa, 1], E a random signed permutation.
+ */
 function mixBlock(m: number, kappa: number, rng: RandomSource): [Float32Array, Float32Array] {
   if (m === 1) return [Float32Array.of(1), Float32Array.of(1)];
   const k = m - 1;
-  const U = smallHaar(k, rng), V = smallHaar(k, rng), s = spreadSingularValues(k, kappa, rng);
+  const U = smallHaar(k, rng), s = spreadSingularValues(k, kappa, rng), e = randomPermutation(k, rng);
   const M = new Float64Array(k * k), Mi = new Float64Array(k * k);
-  for (let i = 0; i < k; i++) for (let j = 0; j < k; j++) {
-    let a = 0, b = 0;
-    for (let q = 0; q < k; q++) { a += U[i * k + q] * s[q] * V[j * k + q]; b += V[i * k + q] * U[j * k + q] / s[q]; }
-    M[i * k + j] = a; Mi[i * k + j] = b;
+  for (let q = 0; q < k; q++) {
+    const sg = rng.nextU32() & 1 ? 1 : -1; // E[q, e[q]] = sg: M = U S E, M^-1 = E^T S^-1 U^T
+    for (let i = 0; i < k; i++) { M[i * k + e[q]] = U[i * k + q] * s[q] * sg; Mi[e[q] * k + i] = (U[i * k + q] / s[q]) * sg; }
   }
   return [conjugate(M, m), conjugate(Mi, m)];
 }
@@ -252,71 +262,93 @@ class DensePlan implements Plan {
   }
 }
 
-/** P = D_k G_k ... D_1 G_1 over [X; S]: fresh permutations G_i, block-diagonal D_i with blocks B, P 1 = 1. */
-class ButterflyPlan implements Plan {
-  private readonly stages: { perm: Int32Array; at: number[]; B: Float32Array[]; Binv: Float32Array[] }[] = [];
+/** Two scratch buffers of at least n floats (the butterfly's stages ping-pong between them). */
+const scratch: Float32Array[] = [new Float32Array(0), new Float32Array(0)];
+function scratchOf(i: number, n: number): Float32Array {
+  if (scratch[i].length < n) scratch[i] = new Float32Array(n);
+  return scratch[i].subarray(0, n);
+}
 
-  constructor(readonly rows: number, readonly sent: number, b: number, k: number, kappa: number, rng: RandomSource) {
-    const nb = Math.ceil(sent / b), base = Math.floor(sent / nb), extra = sent % nb;
-    const kb = kappa ** (1 / k); // cond(P) <= the product of the stages' conditions = kappa
-    for (let s = 0; s < k; s++) {
-      const at = [0], B: Float32Array[] = [], Binv: Float32Array[] = [];
-      for (let j = 0; j < nb; j++) {
-        const m = base + (j < extra ? 1 : 0);
-        const [p, q] = mixBlock(m, kb, rng);
-        B.push(p); Binv.push(q); at.push(at[j] + m);
-      }
-      this.stages.push({ perm: randomPermutation(sent, rng), at, B, Binv });
+/**
+ * The butterfly over [X; S] (above). A stage along digit s (radix m, stride t = the product of
+ * the lower radices) mixes rows base + q t (q < m) with the stage's fresh block B: one GEMM
+ * B [m, m] x [m, t w] per value h of the higher digits, at base = h m t (row q of that view is
+ * rows base + q t .. base + q t + t - 1). Every block has B 1 = 1, so P 1 = 1.
+ */
+class ButterflyPlan implements Plan {
+  private readonly rounds: { perm: Int32Array; stages: { m: number; t: number; B: Float32Array; Binv: Float32Array }[] }[] = [];
+
+  constructor(readonly rows: number, readonly sent: number, radices: number[], rounds: number, kappa: number, rng: RandomSource) {
+    const kb = kappa ** (1 / (rounds * radices.length)); // cond(P) <= the product of the stages' conditions = kappa
+    for (let r = 0; r < rounds; r++) {
+      let t = 1;
+      const stages = radices.map((m) => {
+        const [B, Binv] = mixBlock(m, kb, rng);
+        const st = { m, t, B, Binv };
+        t *= m;
+        return st;
+      });
+      this.rounds.push({ perm: randomPermutation(sent, rng), stages });
     }
   }
 
   layout(x: Float32Array, w: number, shields: (xs: Float32Array, r: number, s: number) => Float32Array): Float32Array {
+    if (this.sent === this.rows) return x; // apply does not write its input
     const z = new Float32Array(this.sent * w);
     z.set(x.subarray(0, this.rows * w));
-    if (this.sent > this.rows) z.set(shields(x.subarray(0, this.rows * w), this.rows, this.sent - this.rows), this.rows * w);
+    z.set(shields(x.subarray(0, this.rows * w), this.rows, this.sent - this.rows), this.rows * w);
     return z;
   }
 
-  /** blocks of a stage on cur into out: B (or B^T, B^-1, B^-T) per block */
-  private blocks(st: ButterflyPlan['stages'][number], inv: boolean, trans: boolean, cur: Float32Array, out: Float32Array, w: number): void {
-    for (let j = 0; j + 1 < st.at.length; j++) {
-      const o = st.at[j], m = st.at[j + 1] - o;
-      sgemm(trans, false, m, w, m, 1, inv ? st.Binv[j] : st.B[j], m, cur.subarray(o * w), w, 0, out.subarray(o * w), w);
-    }
+  /** a stage on cur into out: its blocks B (B^-1 with `inv`), transposed with `trans` */
+  private stage(st: ButterflyPlan['rounds'][number]['stages'][number], inv: boolean, trans: boolean, cur: Float32Array, out: Float32Array, w: number): void {
+    const { m, t } = st, ld = t * w;
+    for (let h = 0; h < this.sent / (m * t); h++) sgemm(trans, false, m, ld, m, 1, inv ? st.Binv : st.B, m, cur.subarray(h * m * ld), ld, 0, out.subarray(h * m * ld), ld);
   }
 
   apply(z: Float32Array, w: number, invT: boolean): Float32Array {
-    // P z: per stage, gather by the permutation, then the blocks; P^-T = D_k^-T G_k ... D_1^-T G_1 likewise
-    let cur = z;
-    const tmp = new Float32Array(this.sent * w);
-    for (const st of this.stages) {
-      for (let i = 0; i < this.sent; i++) tmp.set(cur.subarray(st.perm[i] * w, (st.perm[i] + 1) * w), i * w);
-      const out = new Float32Array(this.sent * w);
-      this.blocks(st, invT, invT, tmp, out, w);
-      cur = out;
-    }
+    // P z: per round, gather by its permutation, then its stages; P^-T = ... D^-T G likewise
+    const n = this.sent * w, last = this.rounds.length - 1;
+    let cur = z, k = 0;
+    this.rounds.forEach((rd, r) => {
+      const a = scratchOf(k, n);
+      for (let i = 0; i < this.sent; i++) a.set(cur.subarray(rd.perm[i] * w, (rd.perm[i] + 1) * w), i * w);
+      cur = a;
+      rd.stages.forEach((st, s) => {
+        k ^= 1;
+        const out = r === last && s === rd.stages.length - 1 ? new Float32Array(n) : scratchOf(k, n); // the last one is sent
+        this.stage(st, invT, invT, cur, out, w);
+        cur = out;
+      });
+      k ^= 1;
+    });
     return cur;
   }
 
   solve(y: Float32Array, w: number, out: Float32Array, transposeP: boolean): void {
-    // P^-1 = G_1^T D_1^-1 ... G_k^T D_k^-1 (P^T likewise with D^T): the last stage first, its blocks then the scatter
-    let cur = y;
-    const tmp = new Float32Array(this.sent * w);
-    for (let s = this.stages.length - 1; s >= 0; s--) {
-      const st = this.stages[s];
-      this.blocks(st, !transposeP, transposeP, cur, tmp, w);
-      const next = s === 0 ? null : new Float32Array(this.sent * w);
-      for (let i = 0; i < this.sent; i++) {
-        const to = st.perm[i];
-        if (next) next.set(tmp.subarray(i * w, (i + 1) * w), to * w);
-        else if (to < this.rows) out.set(tmp.subarray(i * w, (i + 1) * w), to * w); // only the real rows
+    // P^-1 = G_1^T R_1^-1 ... G_r^T R_r^-1, R^-1 the stages' inverses last first (P^T likewise with B^T); then the scatter
+    const n = this.sent * w;
+    let cur = y, k = 0;
+    for (let r = this.rounds.length - 1; r >= 0; r--) {
+      const rd = this.rounds[r];
+      for (let s = rd.stages.length - 1; s >= 0; s--) {
+        const next = scratchOf(k, n);
+        k ^= 1;
+        this.stage(rd.stages[s], !transposeP, transposeP, cur, next, w);
+        cur = next;
       }
-      if (next) cur = next;
+      const to = r === 0 ? null : scratchOf(k, n);
+      for (let i = 0; i < this.sent; i++) {
+        const j = rd.perm[i];
+        if (to) to.set(cur.subarray(i * w, (i + 1) * w), j * w);
+        else if (j < this.rows) out.set(cur.subarray(i * w, (i + 1) * w), j * w); // only the real rows
+      }
+      if (to) { cur = to; k ^= 1; }
     }
   }
 
   flops(w: number): number {
-    return this.stages.reduce((a, st) => a + st.at.reduce((q, o, j) => (j ? q + 2 * (o - st.at[j - 1]) ** 2 * w : q), 0), 0);
+    return this.rounds.reduce((a, rd) => a + rd.stages.reduce((q, st) => q + 2 * st.m * this.sent * w, 0), 0);
   }
 }
 
@@ -363,9 +395,9 @@ export class MixedLinears implements Linears<Obfuscated> {
     const full = shields === 'all' || (shields === 'first-layer' && forward && l === 0 && name === 'qkv');
     if (scheme === 'dense') return new DensePlan(rows, this.o.block, full ? width : shields === 'none' ? 1 : Math.min(width, BUTTERFLY_BLOCK), kappa, this.rng);
     const b = this.o.block || BUTTERFLY_BLOCK;
-    const sent = full ? Math.max(rows, width) : shields === 'none' ? rows : Math.max(rows, Math.min(b, width));
-    const k = this.o.stages || stagesFor(sent, b, full && sent >= width);
-    return new ButterflyPlan(rows, sent, b, k, kappa, this.rng);
+    const n0 = full ? Math.max(rows, width) : shields === 'none' ? rows : Math.max(rows, Math.min(b, width));
+    const shape = butterflyShape(n0, b, full && n0 >= width, this.o.rounds);
+    return new ButterflyPlan(rows, shape.sent, shape.radices, shape.rounds, kappa, this.rng);
   }
 
   /** P [x; shields]: [sent, w] (shields drawn from x's statistics) */

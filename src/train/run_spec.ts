@@ -38,7 +38,7 @@ export const RUN_SPEC_DEFAULTS = {
   mixing_scheme: 'butterfly', //   'butterfly': P of permutations and small blocks, cheap | 'dense': one dense P per call (O(n^3) to draw)
   mixing_kappa: 10,           //   condition number of each call's mixing matrix P (>= 1; 1: orthogonal)
   mixing_block: 0,            //   rows per block of P (0: butterfly 16; dense: one block over the call's rows)
-  mixing_stages: 0,           //   butterfly stages (0: as many as the call's rows need)
+  mixing_rounds: 0,           //   butterfly rounds (0: 1, and 2 where shields fill the width)
   mixing_shields: 'first-layer', // shield rows up to the width: 'first-layer' (layer 0's qkv input; other calls up to one block), 'all', 'none'
   // data
   max_len: 128,               // tokens per example; longer examples are truncated (counted in the summary)
@@ -175,7 +175,7 @@ const FIELDS = {
   mixing_kappa: num('a finite number >= 1', (x) => Number.isFinite(x) && x >= 1).default(D.mixing_kappa),
   mixing_scheme: oneOf(MIXING_SCHEMES).default(D.mixing_scheme),
   mixing_block: int(0).refine((x) => x !== 1, { error: must('an integer >= 0 other than 1 (a block of one row mixes nothing)') }).default(D.mixing_block),
-  mixing_stages: int(0).default(D.mixing_stages),
+  mixing_rounds: int(0).default(D.mixing_rounds),
   // true and false: the settings of earlier runs (shields everywhere, none)
   mixing_shields: z.preprocess((v) => (v === true ? 'all' : v === false ? 'none' : v), oneOf(SHIELD_POLICIES)).default(D.mixing_shields),
   max_len: int(1).default(D.max_len),
@@ -215,7 +215,7 @@ export interface RunSpec extends DataFields {
   mixing_kappa: number;
   mixing_scheme: MixingConfig['scheme'];
   mixing_block: number;
-  mixing_stages: number;
+  mixing_rounds: number;
   mixing_shields: MixingConfig['shields'];
   max_len: number;
   steps: number;
@@ -276,7 +276,7 @@ export const RunSpecSchema = z.strictObject(FIELDS, objectError).transform((s, c
     task: s.task, method: s.method, mode: s.mode,
     kappa: s.mode === 'local' ? null : s.kappa ?? maskSpecLabel({ kind: 'kappa', kappa: 1 }),
     two_sided: s.two_sided, mask_seed: s.mask_seed,
-    token_mixing: s.token_mixing, mixing_scheme: s.mixing_scheme, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_stages: s.mixing_stages, mixing_shields: s.mixing_shields, max_len: s.max_len,
+    token_mixing: s.token_mixing, mixing_scheme: s.mixing_scheme, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_rounds: s.mixing_rounds, mixing_shields: s.mixing_shields, max_len: s.max_len,
     text_field: s.text_field, prompt_field: s.prompt_field, completion_field: s.completion_field, label_field: s.label_field, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
     min_lr_frac: s.min_lr_frac, clip: s.clip, weight_decay: s.weight_decay, enclave_optimizer: s.enclave_optimizer, momentum: s.momentum,
     adam_eps: s.adam_eps, seed: s.seed, eval_every: s.eval_every, eval_batches: s.eval_batches, checkpoint_every: s.checkpoint_every,
@@ -462,7 +462,7 @@ export function toSessionOptions(s: RunSpec, ctx: SessionContext): SessionOption
   };
 }
 
-export const MIXING_FIELDS = ['token_mixing', 'mixing_scheme', 'mixing_kappa', 'mixing_block', 'mixing_stages', 'mixing_shields'] as const;
+export const MIXING_FIELDS = ['token_mixing', 'mixing_scheme', 'mixing_kappa', 'mixing_block', 'mixing_rounds', 'mixing_shields'] as const;
 export type MixingSettings = Pick<RunSpec, (typeof MIXING_FIELDS)[number]>;
 
 /** The token-mixing settings alone (split inference and generation), defaults filled, validated like a run's. */
@@ -475,5 +475,5 @@ export function parseMixingSettings(input: unknown, source: string): MixingSetti
 
 /** The token mixing of a run (null: off). */
 export function mixingOf(s: Pick<RunSpec, (typeof MIXING_FIELDS)[number]>): MixingConfig | null {
-  return s.token_mixing === 'on' ? { scheme: s.mixing_scheme, kappa: s.mixing_kappa, block: s.mixing_block, stages: s.mixing_stages, shields: s.mixing_shields } : null;
+  return s.token_mixing === 'on' ? { scheme: s.mixing_scheme, kappa: s.mixing_kappa, block: s.mixing_block, rounds: s.mixing_rounds, shields: s.mixing_shields } : null;
 }

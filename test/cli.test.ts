@@ -89,7 +89,7 @@ test('JSON contracts: share, fidelity and bench finetune', () => {
   const fm = run(['fidelity', '--model', 'gpt2-tiny', '--random-init', '--seed', '2', '--tokens', '64', '--mode', 'sealed', '--kappas', '10', '--token-mixing', 'on', '--json']);
   assert.equal(fm.status, 0, fm.stderr);
   const fmj = JSON.parse(fm.stdout);
-  assert.deepEqual(fmj.token_mixing, { kappa: 10, block: 0, shields: true });
+  assert.deepEqual(fmj.token_mixing, { scheme: 'butterfly', kappa: 10, block: 0, rounds: 0, shields: 'first-layer' });
   assert.ok(fmj.rows[0].max_abs_logit_err <= 1e-3 && fmj.rows[0].top1_agreement === 1, `fidelity with mixing: ${JSON.stringify(fmj.rows[0])}`);
   const bm = run(['bench', 'finetune', '--json', '--model', 'gpt2-micro', '--batch', '2', '--seq', '8', '--steps', '1', '--token-mixing', 'on', '--mixing-block', '4']);
   assert.equal(bm.status, 0, bm.stderr);

@@ -65,7 +65,7 @@ test('defaults: an empty spec is the table of RUN_SPEC_DEFAULTS, resolved (ortho
   const s = parseRunSpec({}, 'a test');
   assert.deepEqual(s, {
     task: D.task, method: D.method, mode: D.mode, kappa: '1', two_sided: D.two_sided, mask_seed: D.mask_seed, rotary_masks: 'full',
-    token_mixing: D.token_mixing, mixing_kappa: D.mixing_kappa, mixing_block: D.mixing_block, mixing_shields: D.mixing_shields, max_len: D.max_len, steps: D.steps, batch: D.batch,
+    token_mixing: D.token_mixing, mixing_scheme: D.mixing_scheme, mixing_kappa: D.mixing_kappa, mixing_block: D.mixing_block, mixing_rounds: D.mixing_rounds, mixing_shields: D.mixing_shields, max_len: D.max_len, steps: D.steps, batch: D.batch,
     text_field: D.text_field, prompt_field: D.prompt_field, completion_field: D.completion_field, label_field: D.label_field,
     lr: D.lr, warmup: D.warmup, min_lr_frac: D.min_lr_frac, clip: D.clip, weight_decay: D.weight_decay, enclave_optimizer: D.enclave_optimizer, momentum: D.momentum,
     adam_eps: D.adam_eps, seed: D.seed, eval_every: D.eval_every, eval_batches: D.eval_batches, checkpoint_every: D.checkpoint_every, pooling: D.pooling,

@@ -18,7 +18,7 @@ import { unmixAttack, fastIca, rowBasis, priorBag } from '../src/attacks/unmix.j
 import { decodePublicBaseAttack } from '../src/attacks/decode.js';
 import { frequencyAttack } from '../src/attacks/frequency.js';
 import { knownPlaintextAttack } from '../src/attacks/known_plaintext.js';
-import type { MixingConfig } from '../src/enclave/mixing.js';
+import { MIXING_DEFAULTS, type MixingConfig } from '../src/enclave/mixing.js';
 import { KeyedRng, Rng } from '../src/tensor/rng.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -55,8 +55,9 @@ before(async () => {
   pub = loadCheckpoint(PUBLIC);
   obf = obfuscateWeights(pub, { mode: 'sealed', spec: { kind: 'kappa', kappa: 1 }, seed: 5 });
   await record('off', null);
-  await record('noshields', { kappa: 10, block: 0, shields: false });
-  await record('shields', { kappa: 10, block: 0, shields: true });
+  await record('noshields', { ...MIXING_DEFAULTS, shields: 'none' });
+  await record('shields', MIXING_DEFAULTS); // the butterfly, shields on layer 0's qkv input
+  await record('dense', { ...MIXING_DEFAULTS, scheme: 'dense', shields: 'all' });
 });
 
 after(() => rmSync(dir, { recursive: true, force: true }));
@@ -98,18 +99,20 @@ test('without token mixing, and with mixing but no shields, the dictionary attac
   }
 });
 
-test('with shields the mixed rows span the whole space: unmix and the other data attacks recover no more than the prior', () => {
-  const { view, truth } = views.shields;
-  assert.equal(view.events[0].rows, 128, '32 real rows + 96 shields');
-  const u = unmixAttack(view, pub, truth, { corpus: CORPUS, positions: 16, vocab: 'corpus' });
-  assert.ok((u.details!.rows_rank_mean as number) >= 127, `the rows span (nearly) everything: rank ${u.details!.rows_rank_mean}`);
-  assert.ok(u.value <= u.baseline + 0.01, `unmix ${u.value} vs baseline ${u.baseline}`);
-  const dec = decodePublicBaseAttack(view, pub, truth, { corpus: CORPUS });
-  assert.ok(dec.value <= dec.baseline + 0.02, `decode-public-base on mixed rows: ${dec.value} vs ${dec.baseline}`);
-  const off = decodePublicBaseAttack(views.off.view, pub, views.off.truth, { corpus: CORPUS });
-  assert.ok(off.value > 0.9, `the same attack without mixing: ${off.value}`);
-  const f = frequencyAttack(view, truth, { corpus: CORPUS, counts: [1] });
-  assert.ok(Number.isFinite(f.value) && f.details!.distinct_rows === f.details!.rows, 'no row repeats under mixing');
-  const k = knownPlaintextAttack(view, truth, { knownFraction: 0.3, seed: 2 });
-  assert.ok(k.value <= k.baseline + 0.05, `known plaintext on mixed rows: ${k.value} vs ${k.baseline}`);
+test('with shields the mixed rows span the whole space: unmix and the other data attacks recover no more than the prior (butterfly and dense)', () => {
+  for (const name of ['shields', 'dense']) {
+    const { view, truth } = views[name];
+    assert.equal(view.events[0].rows, 128, '32 real rows + 96 shields');
+    const u = unmixAttack(view, pub, truth, { corpus: CORPUS, positions: 16, vocab: 'corpus' });
+    assert.ok((u.details!.rows_rank_mean as number) >= 127, `the rows span (nearly) everything: rank ${u.details!.rows_rank_mean}`);
+    assert.ok(u.value <= u.baseline + 0.01, `unmix ${u.value} vs baseline ${u.baseline}`);
+    const dec = decodePublicBaseAttack(view, pub, truth, { corpus: CORPUS });
+    assert.ok(dec.value <= dec.baseline + 0.02, `decode-public-base on mixed rows: ${dec.value} vs ${dec.baseline}`);
+    const off = decodePublicBaseAttack(views.off.view, pub, views.off.truth, { corpus: CORPUS });
+    assert.ok(off.value > 0.9, `the same attack without mixing: ${off.value}`);
+    const f = frequencyAttack(view, truth, { corpus: CORPUS, counts: [1] });
+    assert.ok(Number.isFinite(f.value) && f.details!.distinct_rows === f.details!.rows, 'no row repeats under mixing');
+    const k = knownPlaintextAttack(view, truth, { knownFraction: 0.3, seed: 2 });
+    assert.ok(k.value <= k.baseline + 0.05, `known plaintext on mixed rows: ${k.value} vs ${k.baseline}`);
+  }
 });

@@ -31,7 +31,7 @@ function perLayer(x: Int32Array | undefined, L: number): number[][] | null {
 }
 
 function mixingHeader(m: MixingConfig | null): Pick<ViewHeader, 'token_mixing' | 'mixing'> {
-  return m ? { token_mixing: 'on', mixing: { kappa: m.kappa, block: m.block, shields: m.shields } } : { token_mixing: 'off', mixing: null };
+  return m ? { token_mixing: 'on', mixing: { scheme: m.scheme, kappa: m.kappa, block: m.block, rounds: m.rounds, shields: m.shields } } : { token_mixing: 'off', mixing: null };
 }
 
 export interface Recording {

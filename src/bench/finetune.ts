@@ -15,7 +15,7 @@ import type { TrainMode, Method } from '../enclave/split_model.js';
 import type { AcceleratorLink } from '../protocol/link.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { peakRssMb } from './train_step.js';
-import type { MixingConfig } from '../enclave/mixing.js';
+import { mixingLabel, type MixingConfig, type MixingStats } from '../enclave/mixing.js';
 
 export interface FinetuneBenchRow {
   mode: TrainMode;
@@ -41,6 +41,10 @@ export interface FinetuneBenchRow {
   vs_unmixed?: number;
   /** share of the step spent drawing, mixing and unmixing (the enclave's side of the defence) */
   mixing_share?: number;
+  /** the mixed row: the accelerator's rows and FLOPs over those of the real rows, and the enclave's mixing FLOPs over the accelerator's real ones */
+  rows_vs_real?: number;
+  flops_vs_real?: number;
+  mixing_flops_vs_real?: number;
 }
 
 export interface FinetuneBenchResult {
@@ -71,6 +75,7 @@ interface BenchOneOptions { model: string; method: Method; mode: TrainMode; batc
 
 interface StepRunner {
   step(): Promise<{ ms: number; integrityMs: number; messages: number; mixingMs: number }>;
+  mixingStats(): MixingStats | null;
   dataPath(): string;
   close(): Promise<void>;
 }
@@ -128,6 +133,7 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
       await m.acceleratorUpdate(1e-4, 0.9, 1);
       return { ms: performance.now() - t0, integrityMs: (m.integrity?.ms ?? 0) - before, messages: sent() - msgs, mixingMs: (m.mixingStats?.ms ?? 0) - mixBefore };
     },
+    mixingStats: () => m.mixingStats,
     dataPath: () => (linkFactoryIn ? link?.dataPath ?? 'grpc' : 'in-process'),
     close: async () => { await s.link.close?.(); },
   };
@@ -161,6 +167,8 @@ export async function benchFinetuneMixing(o: Omit<BenchOneOptions, 'mode' | 'lin
   }
   const rows = opts.map((x, k) => rowOf({ ...x, transport: 'in-process' }, 'in-process', 'in-process', steps[k]));
   rows[1].vs_unmixed = median(steps[1].map((x, i) => x.ms / steps[0][i].ms));
+  const ms = runners[1].mixingStats();
+  if (ms) Object.assign(rows[1], { rows_vs_real: ms.rowsSent / ms.rowsReal, flops_vs_real: ms.flopsSent / ms.flopsReal, mixing_flops_vs_real: ms.mixFlops / ms.flopsReal });
   for (const r of runners) await r.close();
   return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: 'in-process', token_mixing: o.mixing, rows };
 }
@@ -255,8 +263,9 @@ export function benchFinetune(o: { model: string; method: Method; batch: number;
 export function formatFinetuneBench(r: FinetuneBenchResult): string {
   if (r.token_mixing) {
     const m = r.token_mixing;
-    const head = `${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, sealed without and with token mixing (kappa ${m.kappa}, ${m.block ? `blocks of ${m.block} rows` : 'one block'}, shields ${m.shields ? 'on' : 'off'}), median of ${r.steps} paired steps`;
-    return [head, 'token mixing  step ms  vs unmixed  mixing share  msgs/step', ...r.rows.map((x) => `${(x.token_mixing ?? 'off').padEnd(12)} ${x.step_ms_median.toFixed(0).padStart(8)}  ${x.vs_unmixed !== undefined ? `${x.vs_unmixed.toFixed(2)}x`.padStart(10) : '-'.padStart(10)}  ${(100 * (x.mixing_share ?? 0)).toFixed(1).padStart(11)}%  ${String(x.boundary_messages_per_step).padStart(9)}`)].join('\n');
+    const head = `${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, sealed without and with token mixing (${mixingLabel(m)}), median of ${r.steps} paired steps`;
+    const x1 = (v: number | undefined) => (v !== undefined ? `${v.toFixed(2)}x` : '-');
+    return [head, 'token mixing  step ms  vs unmixed  mixing share  msgs/step  acc. rows  acc. FLOPs  mixing FLOPs', ...r.rows.map((x) => `${(x.token_mixing ?? 'off').padEnd(12)} ${x.step_ms_median.toFixed(0).padStart(8)}  ${x1(x.vs_unmixed).padStart(10)}  ${(100 * (x.mixing_share ?? 0)).toFixed(1).padStart(11)}%  ${String(x.boundary_messages_per_step).padStart(9)}  ${x1(x.rows_vs_real).padStart(9)}  ${x1(x.flops_vs_real).padStart(10)}  ${(x.mixing_flops_vs_real !== undefined ? `${(100 * x.mixing_flops_vs_real).toFixed(1)}%` : '-').padStart(12)}`)].join('\n');
   }
   const local = r.rows.find((x) => x.mode === 'local')!;
   const lines = [`${r.model}, ${r.method}, batch ${r.batch} x seq ${r.seq}, median of ${r.steps} steps${r.interleaved ? ' (modes interleaved in one process; vs local: median of per-round ratios)' : ''}`, 'mode      data path       step ms   vs local  vs in-process  integrity  msgs/step  peak RSS'];

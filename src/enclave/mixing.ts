@@ -1,19 +1,33 @@
 /**
  * Defence 1: per-call token mixing, a decorator of the accelerator's linears. Every call
  * sends X~ = P [X*; S] instead of the obfuscated rows X* [n, d_in]: P is a fresh invertible
- * n' x n' matrix (n' = n + s) with P 1 = 1, and S are s shield rows (when n < d_in, so that
- * the sent rows span the whole input space) drawn with the real rows' statistics. Since
- * P 1 = 1, P (Z W + 1 b) = P Z W + 1 b: the accelerator adds its bias as before and the
- * enclave keeps the first n rows of P^-1 Y~.
+ * n' x n' matrix (n' = n + s) with P 1 = 1, and S are s shield rows drawn with the real rows'
+ * statistics. Since P 1 = 1, P (Z W + 1 b) = P Z W + 1 b: the accelerator adds its bias as
+ * before and the enclave keeps the first n rows of P^-1 Y~.
  *
- *   P = H diag(1, P0) H, H the Householder reflection with H e1 = 1 / sqrt(n'), P0 a
- *   kappa-controlled mask of size n' - 1 (src/linalg/masks.ts; kappa > 1: not orthogonal).
+ * Two schemes for P:
+ *   butterfly (default)  the rows' index in mixed radix (b, ..., b, m_k), n' = b^(k-1) m_k;
+ *                        per round a fresh permutation G, then one stage per digit: a fresh
+ *                        block H diag(1, M) H (below) mixing the rows that differ only in
+ *                        that digit. After one round every sent row depends on every row.
+ *                        P = R_r G_r ... R_1 G_1, cond(P) <= kappa. Drawn in O(r k b^3 + r n'),
+ *                        applied in O(r k n' b w) for width w, each stage one GEMM per value
+ *                        of the higher digits (no copies but the permutation's).
+ *   dense                P = H diag(1, P0) H over all n' rows (or blocks of `block` real rows):
+ *                        H the Householder reflection with H e1 = 1 / sqrt(n'), P0 a
+ *                        kappa-controlled mask of size n' - 1 (src/linalg/masks.ts). O(n'^3) to
+ *                        draw, O(n'^2 w) to apply.
+ *
+ * Shields (`shields`): the row space of what is sent is that of [X*; S], so rows an attacker
+ * can enumerate or sees repeated are hidden only when n' >= the width of the sent rows.
+ * 'first-layer' pads layer 0's qkv input to d_in (its rows are functions of (token,
+ * position) alone) and any other call with fewer rows than a block up to one block;
+ * 'all' pads every call to its width; 'none' sends no shields.
  *
  * Backward, the weights frozen (LoRA, inference): a fresh P2 around [dY*; S2]. Backward,
  * the weights training (full fine-tuning): dY~ = P^-T [dY*; 0] with the forward's P, so that
  * X~^T dY~ = X*^T dY* and 1^T dY~ = 1^T dY* exactly, and dX* is the first n rows of
  * P^T (dY~ W*^T): one call. The client's Freivalds checks run unchanged on the mixed tensors.
- * `block` > 0 mixes blocks of that many real rows (each with its own shields) for cost.
  *
  * The mixed tensors are row combinations of tensors already obfuscated (and of shields
  * drawn from them): this module makes `Obfuscated` tensors only that way.
@@ -24,44 +38,61 @@ import { blockLinearDims } from '../model/family.js';
 import { sgemm } from '../tensor/gemm.js';
 import { KeyedRng, type RandomSource } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
-import { kappaMask, oneStream } from '../linalg/masks.js';
+import { kappaMask, oneStream, randomPermutation, spreadSingularValues } from '../linalg/masks.js';
 import { asObfuscated, type Obfuscated } from '../protocol/messages.js';
 import { InputError } from '../errors.js';
 
+export const MIXING_SCHEMES = ['butterfly', 'dense'] as const;
+export const SHIELD_POLICIES = ['first-layer', 'all', 'none'] as const;
+
 export interface MixingConfig {
-  /** condition number of P0 (>= 1; 1: orthogonal P) */
+  /** how P is built (above) */
+  scheme: (typeof MIXING_SCHEMES)[number];
+  /** condition number of P (>= 1; 1: orthogonal) */
   kappa: number;
-  /** real rows per block of P (0: one block over all rows) */
+  /** butterfly: the radix b (0: 16); dense: real rows per block (0: one block over all rows) */
   block: number;
-  /** add shield rows up to d_in rows per block */
-  shields: boolean;
+  /** butterfly rounds (0: one, and two where shields fill the width; see butterflyShape) */
+  rounds: number;
+  /** which calls get shield rows */
+  shields: (typeof SHIELD_POLICIES)[number];
 }
 
-export const MIXING_DEFAULTS: MixingConfig = { kappa: 10, block: 0, shields: true };
+export const MIXING_DEFAULTS: MixingConfig = { scheme: 'butterfly', kappa: 10, block: 0, rounds: 0, shields: 'first-layer' };
+/** the butterfly's rows per block when `block` is 0 */
+export const BUTTERFLY_BLOCK = 16;
 
 export function checkMixingConfig(c: MixingConfig): MixingConfig {
+  if (!(MIXING_SCHEMES as readonly string[]).includes(c.scheme)) throw new InputError(`token mixing: the scheme must be one of ${MIXING_SCHEMES.join(', ')}, got ${c.scheme}`);
   if (!(c.kappa >= 1) || !Number.isFinite(c.kappa)) throw new InputError(`token mixing: kappa must be a finite number >= 1, got ${c.kappa}`);
-  if (!Number.isInteger(c.block) || c.block < 0) throw new InputError(`token mixing: the block size must be an integer >= 0 (0: one block), got ${c.block}`);
+  if (!Number.isInteger(c.block) || c.block < 0 || (c.scheme === 'butterfly' && c.block === 1)) throw new InputError(`token mixing: the block size must be an integer >= 0 (0: the scheme's default; a butterfly needs >= 2), got ${c.block}`);
+  if (!Number.isInteger(c.rounds) || c.rounds < 0) throw new InputError(`token mixing: the rounds must be an integer >= 0 (0: as the call needs), got ${c.rounds}`);
+  if (c.rounds > 0 && c.scheme !== 'butterfly') throw new InputError(`token mixing: rounds are the butterfly scheme's (scheme ${c.scheme} has none), got ${c.rounds}`);
+  if (!(SHIELD_POLICIES as readonly string[]).includes(c.shields)) throw new InputError(`token mixing: shields must be one of ${SHIELD_POLICIES.join(', ')}, got ${c.shields}`);
   return c;
 }
 
-/** One block of a mixing: rows r0..r0+r of the real rows, mixed with s shields into n' = r + s rows. */
-interface Block {
-  r0: number;
-  r: number;
-  np: number;
-  /** P [n', n'] */
-  P: Float32Array;
-  /** the first r rows of P^-1 [r, n'] */
-  Pinv: Float32Array;
+/** The settings in words (reports, bench and fidelity lines). */
+export function mixingLabel(m: MixingConfig): string {
+  const blocks = m.scheme === 'dense' ? (m.block ? `blocks of ${m.block} rows` : 'one block') : `radix ${m.block || BUTTERFLY_BLOCK}, ${m.rounds || 'auto'} rounds`;
+  return `${m.scheme}, kappa ${m.kappa}, ${blocks}, shields ${m.shields}`;
 }
 
-/** A mixing of `rows` real rows: its blocks, and where each block starts in the mixed tensor. */
-interface Plan {
-  rows: number;
-  sent: number;
-  blocks: Block[];
-  at: number[];
+/**
+ * The butterfly's shape for at least n0 rows in radix b: the radices (b, ..., b, m_k), k >= 2
+ * digits (one when n0 <= b) with m_k <= 2b, their product n' >= n0 (the rows n0..n' are
+ * shields), and the rounds: one, or two where the shields fill the width (there the
+ * coefficients of a candidate row in the sent rows are unique, and with two rounds each
+ * coefficient of a real row is a sum over n' paths, like any other combination's; one round
+ * has a single path per entry).
+ */
+export function butterflyShape(n0: number, b: number, shielded: boolean, rounds = 0): { radices: number[]; sent: number; rounds: number } {
+  let radices = [n0];
+  if (n0 > b) for (let k = 2; ; k++) {
+    const last = Math.ceil(n0 / b ** (k - 1));
+    if (last <= 2 * b) { radices = [...new Array<number>(k - 1).fill(b), last]; break; }
+  }
+  return { radices, sent: radices.reduce((a, r) => a * r, 1), rounds: rounds || (shielded ? 2 : 1) };
 }
 
 /** P = H D H for D = diag(1, M) (M [n-1, n-1], row-major), H e1 = 1 / sqrt(n): O(n^2). */
@@ -85,20 +116,51 @@ function conjugate(M: Float64Array, n: number): Float32Array {
   return Float32Array.from(D);
 }
 
-/** A fresh P with P 1 = 1 (and its inverse's first r rows). */
-function drawBlock(r0: number, r: number, np: number, kappa: number, rng: RandomSource): Block {
-  if (np === 1) return { r0, r, np, P: Float32Array.of(1), Pinv: Float32Array.of(1) };
-  const m = kappaMask(np - 1, kappa, oneStream(rng));
-  const P = conjugate(m.m.data, np);
-  const Pinv = conjugate(m.inv.data, np).slice(0, r * np);
-  return { r0, r, np, P, Pinv };
+/** A Haar orthogonal k x k matrix (row-major): Gram-Schmidt on the rows of a Gaussian matrix, O(k^3), for small k. */
+function smallHaar(k: number, rng: RandomSource): Float64Array {
+  const A = new Float64Array(k * k);
+  for (let i = 0; i < k * k; i += 2) { // Box-Muller on 32-bit uniforms
+    const r = Math.sqrt(-2 * Math.log((rng.nextU32() + 0.5) / 4294967296)), a = (2 * Math.PI * rng.nextU32()) / 4294967296;
+    A[i] = r * Math.cos(a);
+    if (i + 1 < k * k) A[i + 1] = r * Math.sin(a);
+  }
+  for (let c = 0; c < k; c++) { // row c against the rows before it (a Gaussian matrix is well conditioned: one pass)
+    const o = c * k;
+    for (let q = 0; q < c; q++) {
+      let dot = 0;
+      for (let i = 0; i < k; i++) dot += A[q * k + i] * A[o + i];
+      for (let i = 0; i < k; i++) A[o + i] -= dot * A[q * k + i];
+    }
+    let nn = 0;
+    for (let i = 0; i < k; i++) nn += A[o + i] ** 2;
+    const f = 1 / Math.sqrt(nn);
+    for (let i = 0; i < k; i++) A[o + i] *= f;
+  }
+  return A;
+}
+
+/**
+ * A fresh m x m block B with B 1 = 1 and cond(B) = kappa, and B^-1: B = H diag(1, M) H with
+ * M = U S E, U Haar, S singular values spread over [1/kappa, 1], E a random signed permutation.
+ */
+function mixBlock(m: number, kappa: number, rng: RandomSource): [Float32Array, Float32Array] {
+  if (m === 1) return [Float32Array.of(1), Float32Array.of(1)];
+  const k = m - 1;
+  const U = smallHaar(k, rng), s = spreadSingularValues(k, kappa, rng), e = randomPermutation(k, rng);
+  const M = new Float64Array(k * k), Mi = new Float64Array(k * k);
+  for (let q = 0; q < k; q++) {
+    const sg = rng.nextU32() & 1 ? 1 : -1; // E[q, e[q]] = sg: M = U S E, M^-1 = E^T S^-1 U^T
+    for (let i = 0; i < k; i++) { M[i * k + e[q]] = U[i * k + q] * s[q] * sg; Mi[e[q] * k + i] = (U[i * k + q] / s[q]) * sg; }
+  }
+  return [conjugate(M, m), conjugate(Mi, m)];
 }
 
 /**
  * s shield rows [s, d] with the real rows' statistics: the real rows' column mean, plus half
  * the variance from random combinations of the centred real rows (their covariance) and half
  * isotropic noise of the same total variance (which takes the shields out of the real rows'
- * span); each row is then scaled to the norm of a random real row.
+ * span; with one real row, of its spread about its own mean); each row is then scaled to the
+ * norm of a random real row.
  */
 export function shieldRows(x: Float32Array, n: number, d: number, s: number, rng: RandomSource): Float32Array {
   const S = new Float32Array(s * d);
@@ -106,16 +168,20 @@ export function shieldRows(x: Float32Array, n: number, d: number, s: number, rng
   const mu = new Float32Array(d);
   for (let i = 0; i < n; i++) for (let j = 0; j < d; j++) mu[j] += x[i * d + j] / n;
   const xc = new Float32Array(n * d);
-  let tot = 0;
+  let tot = 0, spread = 0;
   for (let i = 0; i < n * d; i++) { xc[i] = x[i] - mu[i % d]; tot += xc[i] * xc[i]; }
-  const sigma = Math.sqrt(tot / (n * d) / 2);
+  if (n === 1) { // no spread across rows: that of the row about its mean
+    const m = mu.reduce((a, v) => a + v, 0) / d;
+    for (let j = 0; j < d; j++) spread += (mu[j] - m) ** 2;
+  }
+  const sigma = Math.sqrt((n > 1 ? tot / (n * d) : spread / d) / 2);
   rng.fillNormal(S, sigma); // isotropic half
   const G = new Float32Array(s * n);
   rng.fillNormal(G, Math.sqrt(1 / (2 * n))); // G xc: covariance xc^T xc / (2n) per row
   sgemm(false, false, s, d, n, 1, G, n, xc, d, 1, S, d);
   for (let i = 0; i < s; i++) {
     const row = S.subarray(i * d, (i + 1) * d);
-    for (let j = 0; j < d; j++) row[j] += mu[j];
+    if (n > 1) for (let j = 0; j < d; j++) row[j] += mu[j];
     const k = rng.int(n);
     let target = 0, now = 0;
     for (let j = 0; j < d; j++) { target += x[k * d + j] ** 2; now += row[j] ** 2; }
@@ -125,11 +191,178 @@ export function shieldRows(x: Float32Array, n: number, d: number, s: number, rng
   return S;
 }
 
+/**
+ * One call's mixing of `rows` real rows into `sent` rows. `z` is the sent order before P:
+ * the butterfly's [X; S], the dense scheme's [X_block; S_block] per block.
+ */
+interface Plan {
+  rows: number;
+  sent: number;
+  /** [X; S] in the plan's order, [sent, w] */
+  layout(x: Float32Array, w: number, shields: (xs: Float32Array, r: number, s: number) => Float32Array): Float32Array;
+  /** P z, or P^-T z (`invT`), for z [sent, w] laid out as `layout` does; a new array */
+  apply(z: Float32Array, w: number, invT: boolean): Float32Array;
+  /** the real rows of P^-1 y, or of P^T y (`transposeP`), into out [rows, w] */
+  solve(y: Float32Array, w: number, out: Float32Array, transposeP: boolean): void;
+  /** the enclave's multiply-adds x 2 of one apply or solve of width w */
+  flops(w: number): number;
+}
+
+/** Dense P per block of real rows (each with its own shields). */
+class DensePlan implements Plan {
+  readonly sent: number;
+  private readonly blocks: { r0: number; r: number; np: number; at: number; P: Float32Array; Pinv: Float32Array }[] = [];
+
+  constructor(readonly rows: number, block: number, width: number, kappa: number, rng: RandomSource) {
+    let sent = 0;
+    const b = block > 0 ? block : rows;
+    for (let r0 = 0; r0 < rows; r0 += b) {
+      const r = Math.min(b, rows - r0), np = Math.max(r, width);
+      if (np === 1) this.blocks.push({ r0, r, np, at: sent, P: Float32Array.of(1), Pinv: Float32Array.of(1) });
+      else {
+        const m = kappaMask(np - 1, kappa, oneStream(rng));
+        // P^-1's first r rows suffice: the shields' rows of the reply are dropped
+        this.blocks.push({ r0, r, np, at: sent, P: conjugate(m.m.data, np), Pinv: conjugate(m.inv.data, np).slice(0, r * np) });
+      }
+      sent += np;
+    }
+    this.sent = sent;
+  }
+
+  layout(x: Float32Array, w: number, shields: (xs: Float32Array, r: number, s: number) => Float32Array): Float32Array {
+    const z = new Float32Array(this.sent * w);
+    for (const k of this.blocks) {
+      const xs = x.subarray(k.r0 * w, (k.r0 + k.r) * w);
+      z.set(xs, k.at * w);
+      if (k.np > k.r) z.set(shields(xs, k.r, k.np - k.r), (k.at + k.r) * w);
+    }
+    return z;
+  }
+
+  apply(z: Float32Array, w: number, invT: boolean): Float32Array {
+    const out = new Float32Array(this.sent * w);
+    // P^-T [dY; 0] per block: (P^-1[:r, :])^T dY_block (the zero rows contribute nothing)
+    for (const k of this.blocks) {
+      if (invT) sgemm(true, false, k.np, w, k.r, 1, k.Pinv, k.np, z.subarray(k.at * w), w, 0, out.subarray(k.at * w), w);
+      else sgemm(false, false, k.np, w, k.np, 1, k.P, k.np, z.subarray(k.at * w), w, 0, out.subarray(k.at * w), w);
+    }
+    return out;
+  }
+
+  solve(y: Float32Array, w: number, out: Float32Array, transposeP: boolean): void {
+    for (const k of this.blocks) {
+      const ys = y.subarray(k.at * w), os = out.subarray(k.r0 * w);
+      // (P^T)[:r, :] = (P[:, :r])^T: read P transposed, its first r columns
+      if (transposeP) sgemm(true, false, k.r, w, k.np, 1, k.P, k.np, ys, w, 0, os, w);
+      else sgemm(false, false, k.r, w, k.np, 1, k.Pinv, k.np, ys, w, 0, os, w);
+    }
+  }
+
+  flops(w: number): number {
+    return this.blocks.reduce((a, k) => a + 2 * k.np * k.np * w, 0);
+  }
+}
+
+/** Two scratch buffers of at least n floats (the butterfly's stages ping-pong between them). */
+const scratch: Float32Array[] = [new Float32Array(0), new Float32Array(0)];
+function scratchOf(i: number, n: number): Float32Array {
+  if (scratch[i].length < n) scratch[i] = new Float32Array(n);
+  return scratch[i].subarray(0, n);
+}
+
+/**
+ * The butterfly over [X; S] (above). A stage along digit s (radix m, stride t = the product of
+ * the lower radices) mixes rows base + q t (q < m) with the stage's fresh block B: one GEMM
+ * B [m, m] x [m, t w] per value h of the higher digits, at base = h m t (row q of that view is
+ * rows base + q t .. base + q t + t - 1). Every block has B 1 = 1, so P 1 = 1.
+ */
+class ButterflyPlan implements Plan {
+  private readonly rounds: { perm: Int32Array; stages: { m: number; t: number; B: Float32Array; Binv: Float32Array }[] }[] = [];
+
+  constructor(readonly rows: number, readonly sent: number, radices: number[], rounds: number, kappa: number, rng: RandomSource) {
+    const kb = kappa ** (1 / (rounds * radices.length)); // cond(P) <= the product of the stages' conditions = kappa
+    for (let r = 0; r < rounds; r++) {
+      let t = 1;
+      const stages = radices.map((m) => {
+        const [B, Binv] = mixBlock(m, kb, rng);
+        const st = { m, t, B, Binv };
+        t *= m;
+        return st;
+      });
+      this.rounds.push({ perm: randomPermutation(sent, rng), stages });
+    }
+  }
+
+  layout(x: Float32Array, w: number, shields: (xs: Float32Array, r: number, s: number) => Float32Array): Float32Array {
+    if (this.sent === this.rows) return x; // apply does not write its input
+    const z = new Float32Array(this.sent * w);
+    z.set(x.subarray(0, this.rows * w));
+    z.set(shields(x.subarray(0, this.rows * w), this.rows, this.sent - this.rows), this.rows * w);
+    return z;
+  }
+
+  /** a stage on cur into out: its blocks B (B^-1 with `inv`), transposed with `trans` */
+  private stage(st: ButterflyPlan['rounds'][number]['stages'][number], inv: boolean, trans: boolean, cur: Float32Array, out: Float32Array, w: number): void {
+    const { m, t } = st, ld = t * w;
+    for (let h = 0; h < this.sent / (m * t); h++) sgemm(trans, false, m, ld, m, 1, inv ? st.Binv : st.B, m, cur.subarray(h * m * ld), ld, 0, out.subarray(h * m * ld), ld);
+  }
+
+  apply(z: Float32Array, w: number, invT: boolean): Float32Array {
+    // P z: per round, gather by its permutation, then its stages; P^-T = ... D^-T G likewise
+    const n = this.sent * w, last = this.rounds.length - 1;
+    let cur = z, k = 0;
+    this.rounds.forEach((rd, r) => {
+      const a = scratchOf(k, n);
+      for (let i = 0; i < this.sent; i++) a.set(cur.subarray(rd.perm[i] * w, (rd.perm[i] + 1) * w), i * w);
+      cur = a;
+      rd.stages.forEach((st, s) => {
+        k ^= 1;
+        const out = r === last && s === rd.stages.length - 1 ? new Float32Array(n) : scratchOf(k, n); // the last one is sent
+        this.stage(st, invT, invT, cur, out, w);
+        cur = out;
+      });
+      k ^= 1;
+    });
+    return cur;
+  }
+
+  solve(y: Float32Array, w: number, out: Float32Array, transposeP: boolean): void {
+    // P^-1 = G_1^T R_1^-1 ... G_r^T R_r^-1, R^-1 the stages' inverses last first (P^T likewise with B^T); then the scatter
+    const n = this.sent * w;
+    let cur = y, k = 0;
+    for (let r = this.rounds.length - 1; r >= 0; r--) {
+      const rd = this.rounds[r];
+      for (let s = rd.stages.length - 1; s >= 0; s--) {
+        const next = scratchOf(k, n);
+        k ^= 1;
+        this.stage(rd.stages[s], !transposeP, transposeP, cur, next, w);
+        cur = next;
+      }
+      const to = r === 0 ? null : scratchOf(k, n);
+      for (let i = 0; i < this.sent; i++) {
+        const j = rd.perm[i];
+        if (to) to.set(cur.subarray(i * w, (i + 1) * w), j * w);
+        else if (j < this.rows) out.set(cur.subarray(i * w, (i + 1) * w), j * w); // only the real rows
+      }
+      if (to) { cur = to; k ^= 1; }
+    }
+  }
+
+  flops(w: number): number {
+    return this.rounds.reduce((a, rd) => a + rd.stages.reduce((q, st) => q + 2 * st.m * this.sent * w, 0), 0);
+  }
+}
+
 export interface MixingStats {
   calls: number;
   /** rows sent to the accelerator, and the real rows among them */
   rowsSent: number;
   rowsReal: number;
+  /** the accelerator's FLOPs on what was sent, and on the real rows alone (2 x multiply-adds) */
+  flopsSent: number;
+  flopsReal: number;
+  /** the enclave's FLOPs mixing and unmixing */
+  mixFlops: number;
   /** time spent drawing P and the shields, mixing and unmixing */
   ms: number;
 }
@@ -141,7 +374,7 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   private readonly config: GPT2Config;
   private readonly rng: RandomSource;
   private readonly shared = new Map<string, Float32Array>();
-  readonly stats: MixingStats = { calls: 0, rowsSent: 0, rowsReal: 0, ms: 0 };
+  readonly stats: MixingStats = { calls: 0, rowsSent: 0, rowsReal: 0, flopsSent: 0, flopsReal: 0, mixFlops: 0, ms: 0 };
 
   constructor(readonly inner: Linears<Obfuscated, BlockLinearName> & { reset?(): void }, config: GPT2Config, readonly o: MixingConfig & { trainWeights: boolean; rng?: RandomSource }) {
     checkMixingConfig(o);
@@ -149,45 +382,41 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
     this.rng = o.rng ?? KeyedRng.secure();
   }
 
-  private plan(rows: number, din: number): Plan {
-    const b = this.o.block > 0 ? this.o.block : rows;
-    const blocks: Block[] = [], at: number[] = [];
-    let sent = 0;
-    for (let r0 = 0; r0 < rows; r0 += b) {
-      const r = Math.min(b, rows - r0);
-      const np = this.o.shields ? Math.max(r, din) : r;
-      blocks.push(drawBlock(r0, r, np, this.o.kappa, this.rng));
-      at.push(sent);
-      sent += np;
-    }
-    return { rows, sent, blocks, at };
+  /** [d_in, d_out] of a linear (the one place that asks the block) */
+  private dims(name: BlockLinearName): [number, number] {
+    return blockLinearDims(this.config, name);
   }
 
-  /** P [x_block; shields] per block: [sent, w] (shields drawn when `shield`, else zero rows). */
-  private mix(p: Plan, x: Float32Array, w: number, shield: boolean): Obfuscated {
-    const out = new Float32Array(p.sent * w);
-    p.blocks.forEach((k, i) => {
-      const z = new Float32Array(k.np * w);
-      z.set(x.subarray(k.r0 * w, (k.r0 + k.r) * w));
-      if (shield && k.np > k.r) z.set(shieldRows(x.subarray(k.r0 * w, (k.r0 + k.r) * w), k.r, w, k.np - k.r, this.rng), k.r * w);
-      sgemm(false, false, k.np, w, k.np, 1, k.P, k.np, z, w, 0, out.subarray(p.at[i] * w), w);
-    });
-    return asObfuscated(out);
+  /**
+   * A fresh mixing of `rows` rows of width `width` (the sent tensor's) for a call of h.l.name:
+   * shields up to the width where the policy puts them, else (except 'none') up to one block.
+   */
+  private plan(l: number, name: BlockLinearName, rows: number, width: number, forward: boolean): Plan {
+    const { scheme, shields, kappa } = this.o;
+    const full = shields === 'all' || (shields === 'first-layer' && forward && l === 0 && name === 'qkv');
+    if (scheme === 'dense') return new DensePlan(rows, this.o.block, full ? width : shields === 'none' ? 1 : Math.min(width, BUTTERFLY_BLOCK), kappa, this.rng);
+    const b = this.o.block || BUTTERFLY_BLOCK;
+    const n0 = full ? Math.max(rows, width) : shields === 'none' ? rows : Math.max(rows, Math.min(b, width));
+    const shape = butterflyShape(n0, b, full && n0 >= width, this.o.rounds);
+    return new ButterflyPlan(rows, shape.sent, shape.radices, shape.rounds, kappa, this.rng);
   }
 
-  /** the real rows back: first r rows of P^-1 y~ per block ([rows, w]); `transposeP`: of P^T y~ */
+  /** P [x; shields]: [sent, w] (shields drawn from x's statistics) */
+  private mix(p: Plan, x: Float32Array, w: number): Obfuscated {
+    const z = p.layout(x, w, (xs, r, s) => shieldRows(xs, r, w, s, this.rng));
+    this.stats.mixFlops += p.flops(w);
+    return asObfuscated(p.apply(z, w, false));
+  }
+
+  /** the real rows back: of P^-1 y~, or of P^T y~ (`transposeP`), [rows, w] */
   private unmix(p: Plan, y: Float32Array, w: number, key: string, transposeP: boolean): Obfuscated {
     let out = key ? this.shared.get(key) : undefined;
     if (!out || out.length !== p.rows * w) {
       out = key ? sharedFloat32(p.rows * w) : new Float32Array(p.rows * w);
       if (key) this.shared.set(key, out);
     }
-    for (const [i, k] of p.blocks.entries()) {
-      const ys = y.subarray(p.at[i] * w), os = out.subarray(k.r0 * w);
-      // (P^T)[:r, :] = (P[:, :r])^T: read P transposed, its first r columns
-      if (transposeP) sgemm(true, false, k.r, w, k.np, 1, k.P, k.np, ys, w, 0, os, w);
-      else sgemm(false, false, k.r, w, k.np, 1, k.Pinv, k.np, ys, w, 0, os, w);
-    }
+    p.solve(y, w, out, transposeP);
+    this.stats.mixFlops += p.flops(w);
     return asObfuscated(out);
   }
 
@@ -197,11 +426,11 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   }
 
   async forward(l: number, name: BlockLinearName, x: Obfuscated, rows: number, train: boolean): Promise<Obfuscated> {
-    const [din, dout] = blockLinearDims(this.config, name);
+    const [din, dout] = this.dims(name);
     if (x.length !== rows * din) throw new InputError(`token mixing: input of h.${l}.${name} has ${x.length} values, expected ${rows} x ${din}`);
-    const p = this.timed(() => this.plan(rows, din));
-    const xm = this.timed(() => this.mix(p, x, din, true));
-    this.count(p);
+    const p = this.timed(() => this.plan(l, name, rows, din, true));
+    const xm = this.timed(() => this.mix(p, x, din));
+    this.count(p, din * dout);
     const ym = await this.inner.forward(l, name, xm, p.sent, train);
     if (train && this.o.trainWeights) this.plans.set(`${l}.${name}`, p);
     // the fc output feeds the threaded GELU (shared memory), and lives in the step's activations
@@ -209,35 +438,38 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   }
 
   async backward(l: number, name: BlockLinearName, dy: Obfuscated, rows: number, input: boolean): Promise<Obfuscated | null> {
-    const [din, dout] = blockLinearDims(this.config, name);
+    const [din, dout] = this.dims(name);
     if (dy.length !== rows * dout) throw new InputError(`token mixing: output gradient of h.${l}.${name} has ${dy.length} values, expected ${rows} x ${dout}`);
     const key = name === 'fcproj' ? 'fcproj.dx' : '';
     if (this.o.trainWeights) {
       const p = this.plans.get(`${l}.${name}`);
       if (!p || p.rows !== rows) throw new Error(`internal: no token mixing recorded for the forward of h.${l}.${name}`);
       this.plans.delete(`${l}.${name}`);
-      // dY~ = P^-T [dY*; 0]: per block (P^-1[:r, :])^T dY*_block
+      // dY~ = P^-T [dY*; 0]
       const dym = this.timed(() => {
-        const out = new Float32Array(p.sent * dout);
-        p.blocks.forEach((k, i) => sgemm(true, false, k.np, dout, k.r, 1, k.Pinv, k.np, dy.subarray(k.r0 * dout), dout, 0, out.subarray(p.at[i] * dout), dout));
-        return asObfuscated(out);
+        const z = p.layout(dy, dout, (_xs, _r, s) => new Float32Array(s * dout));
+        this.stats.mixFlops += p.flops(dout);
+        return asObfuscated(p.apply(z, dout, true));
       });
-      this.count(p);
+      this.count(p, din * dout * (input ? 2 : 1)); // the weight gradient, and dX when asked
       const dxm = await this.inner.backward(l, name, dym, p.sent, input);
       return dxm && this.timed(() => this.unmix(p, dxm, din, key, true));
     }
     if (!input) return null;
-    const p = this.timed(() => this.plan(rows, din));
-    const dym = this.timed(() => this.mix(p, dy, dout, true));
-    this.count(p);
+    const p = this.timed(() => this.plan(l, name, rows, dout, false));
+    const dym = this.timed(() => this.mix(p, dy, dout));
+    this.count(p, din * dout);
     const dxm = await this.inner.backward(l, name, dym, p.sent, true);
     return dxm && this.timed(() => this.unmix(p, dxm, din, key, false));
   }
 
-  private count(p: Plan): void {
+  /** one accelerator call: its rows, and its FLOPs (2 x rows x `madds` per row) */
+  private count(p: Plan, madds: number): void {
     this.stats.calls++;
     this.stats.rowsSent += p.sent;
     this.stats.rowsReal += p.rows;
+    this.stats.flopsSent += 2 * p.sent * madds;
+    this.stats.flopsReal += 2 * p.rows * madds;
   }
 
   /** Forgets this step's mixings (an aborted step) and the inner client's record. */

@@ -14,7 +14,7 @@ import { obfuscateLlamaWeights } from '../obfuscate/provider.js';
 import type { RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
-import type { MixingConfig } from '../enclave/mixing.js';
+import { mixingLabel, type MixingConfig } from '../enclave/mixing.js';
 
 export interface FidelityRow {
   kappa: string;
@@ -92,7 +92,7 @@ export async function runFidelity(model: GPT2 | Llama, name: string, o: {
 
 export function formatFidelity(r: FidelityResult): string {
   const m = r.token_mixing;
-  const mix = m ? `, token mixing (kappa ${m.kappa}, ${m.block ? `blocks of ${m.block}` : 'one block'}, shields ${m.shields ? 'on' : 'off'})` : '';
+  const mix = m ? `, token mixing (${mixingLabel(m)})` : '';
   const lines = [`${r.model}, ${r.mode} mode${r.two_sided ? ' (two-sided)' : ''}${r.rotary_masks ? `, ${r.rotary_masks} rotary masks` : ''}${mix}, ${r.tokens} tokens: split vs plain logits`, 'kappa     max |err|     mean |err|    top-1 agreement'];
   for (const x of r.rows) {
     lines.push(`${x.kappa.padEnd(8)}  ${x.max_abs_logit_err.toExponential(3).padEnd(12)}  ${x.mean_abs_logit_err.toExponential(3).padEnd(12)}  ${(100 * x.top1_agreement).toFixed(1)}%`);

@@ -34,6 +34,7 @@ import { knownPlaintextAttack } from '../attacks/known_plaintext.js';
 import { mlpPermutationAttack } from '../attacks/mlp_permutation.js';
 import { labelRecoveryAttack } from '../attacks/label_recovery.js';
 import { unmixAttack } from '../attacks/unmix.js';
+import { MIXING_DEFAULTS, mixingLabel } from '../enclave/mixing.js';
 import { lineChart } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { InputError } from '../errors.js';
@@ -223,7 +224,7 @@ async function securityReport(res: SecurityResults): Promise<string> {
       curve.push({ x: c.observed_batches, y: 100 * c.baseline, series: `baseline (${r.mode} k${r.kappa})` });
     }
   }
-  const setup = `<p>Public model <code>${res.public_model}</code>; the provider's model <code>${res.provider_model}</code> is it fine-tuned ${res.provider.steps} steps (full, AdamW, lr ${res.provider.lr}) on <code>${res.provider.corpus}</code>. The data owner fine-tunes the provider's model for classification with LoRA for ${res.owner.steps} steps (batch ${res.owner.batch}, at most ${res.owner.max_len} tokens per record) on <code>${res.owner.data}</code>; the attacker's public corpus is <code>${res.public_corpus}</code>. Defence "public-base": the accelerator held the masked public base and the enclave the provider's delta (data protection then rests on token mixing alone). Defence "token-mixing" is the same run with per-call token mixing on (its defaults: kappa 10, one block, shields); "both" combines them. Reproduce: <code>${res.command}</code>.</p>`;
+  const setup = `<p>Public model <code>${res.public_model}</code>; the provider's model <code>${res.provider_model}</code> is it fine-tuned ${res.provider.steps} steps (full, AdamW, lr ${res.provider.lr}) on <code>${res.provider.corpus}</code>. The data owner fine-tunes the provider's model for classification with LoRA for ${res.owner.steps} steps (batch ${res.owner.batch}, at most ${res.owner.max_len} tokens per record) on <code>${res.owner.data}</code>; the attacker's public corpus is <code>${res.public_corpus}</code>. Defence "public-base": the accelerator held the masked public base and the enclave the provider's delta (data protection then rests on token mixing alone). Defence "token-mixing" is the same run with per-call token mixing on (its defaults: ${mixingLabel(MIXING_DEFAULTS)}); "both" combines them. Reproduce: <code>${res.command}</code>.</p>`;
   return page('obfuscatune: what a curious accelerator recovers', [
     { title: 'Setup', html: setup },
     { title: 'Attacks (metric against the guess without the view)', html: table(t.head, t.rows) },

@@ -50,8 +50,8 @@ export interface ViewHeader {
   two_sided: boolean;
   /** defence 1 (per-call token mixing, src/enclave/mixing.ts) */
   token_mixing: 'off' | 'on';
-  /** its settings when on (kappa of P, real rows per block with 0 for one block, shields) */
-  mixing?: { kappa: number; block: number; shields: boolean } | null;
+  /** its settings when on (src/enclave/mixing.ts; views of the dense scheme alone have no scheme or rounds, and shields true or false) */
+  mixing?: { scheme?: string; kappa: number; block: number; rounds?: number; shields: string | boolean } | null;
   /** defence 2: the SHA-256 of the public base the accelerator's weights are (the delta stayed in the enclave); null or absent: the provider's model */
   public_base?: string | null;
   config: GPT2Config;

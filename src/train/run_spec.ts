@@ -23,7 +23,7 @@ import { POOLINGS, type Pooling } from '../model/kernels.js';
 import type { FinetuneConfig } from './finetune.js';
 import type { DataFields } from '../io/jsonl.js';
 import type { SessionOptions } from './session.js';
-import type { MixingConfig } from '../enclave/mixing.js';
+import { MIXING_SCHEMES, SHIELD_POLICIES, type MixingConfig } from '../enclave/mixing.js';
 
 // ---------------------------------------------------------------- settings and defaults
 export const RUN_SPEC_DEFAULTS = {
@@ -36,9 +36,11 @@ export const RUN_SPEC_DEFAULTS = {
   mask_seed: null,            // derive the masks from this seed (reproducible, NOT secret); null: the run's seed; not for local
   rotary_masks: 'full',       // Llama family: 'full' per-head q/k masks unmasked in the enclave before rotary | 'blocks' (commute with it)
   token_mixing: 'off',        // 'on': per-call token mixing of every accelerator call (Defence 1, docs/security.md); split modes only
+  mixing_scheme: 'butterfly', //   'butterfly': P of permutations and small blocks, cheap | 'dense': one dense P per call (O(n^3) to draw)
   mixing_kappa: 10,           //   condition number of each call's mixing matrix P (>= 1; 1: orthogonal)
-  mixing_block: 0,            //   real rows per block of a block-diagonal P (0: one block over the call's rows)
-  mixing_shields: true,       //   add shield rows so that each block spans the linear's input width
+  mixing_block: 0,            //   rows per block of P (0: butterfly 16; dense: one block over the call's rows)
+  mixing_rounds: 0,           //   butterfly rounds (0: 1, and 2 where shields fill the width)
+  mixing_shields: 'first-layer', // shield rows up to the width: 'first-layer' (layer 0's qkv input; other calls up to one block), 'all', 'none'
   // data
   max_len: 128,               // tokens per example; longer examples are truncated (counted in the summary)
   text_field: 'text',         // the records' field names (JSONL): the text,
@@ -173,8 +175,11 @@ const FIELDS = {
   rotary_masks: oneOf(['full', 'blocks'] as const).default(D.rotary_masks as 'full'),
   token_mixing: oneOf(TOKEN_MIXING).default(D.token_mixing),
   mixing_kappa: num('a finite number >= 1', (x) => Number.isFinite(x) && x >= 1).default(D.mixing_kappa),
-  mixing_block: int(0).default(D.mixing_block),
-  mixing_shields: bool().default(D.mixing_shields),
+  mixing_scheme: oneOf(MIXING_SCHEMES).default(D.mixing_scheme),
+  mixing_block: int(0).refine((x) => x !== 1, { error: must('an integer >= 0 other than 1 (a block of one row mixes nothing)') }).default(D.mixing_block),
+  mixing_rounds: int(0).default(D.mixing_rounds),
+  // true and false: the settings of earlier runs (shields everywhere, none)
+  mixing_shields: z.preprocess((v) => (v === true ? 'all' : v === false ? 'none' : v), oneOf(SHIELD_POLICIES)).default(D.mixing_shields),
   max_len: int(1).default(D.max_len),
   text_field: fieldName().default(D.text_field),
   prompt_field: fieldName().default(D.prompt_field),
@@ -211,8 +216,10 @@ export interface RunSpec extends DataFields {
   rotary_masks: 'full' | 'blocks';
   token_mixing: 'off' | 'on';
   mixing_kappa: number;
+  mixing_scheme: MixingConfig['scheme'];
   mixing_block: number;
-  mixing_shields: boolean;
+  mixing_rounds: number;
+  mixing_shields: MixingConfig['shields'];
   max_len: number;
   steps: number;
   batch: number;
@@ -272,7 +279,7 @@ export const RunSpecSchema = z.strictObject(FIELDS, objectError).transform((s, c
     task: s.task, method: s.method, mode: s.mode,
     kappa: s.mode === 'local' ? null : s.kappa ?? maskSpecLabel({ kind: 'kappa', kappa: 1 }),
     two_sided: s.two_sided, mask_seed: s.mask_seed, rotary_masks: s.rotary_masks,
-    token_mixing: s.token_mixing, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_shields: s.mixing_shields, max_len: s.max_len,
+    token_mixing: s.token_mixing, mixing_scheme: s.mixing_scheme, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_rounds: s.mixing_rounds, mixing_shields: s.mixing_shields, max_len: s.max_len,
     text_field: s.text_field, prompt_field: s.prompt_field, completion_field: s.completion_field, label_field: s.label_field, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
     min_lr_frac: s.min_lr_frac, clip: s.clip, weight_decay: s.weight_decay, enclave_optimizer: s.enclave_optimizer, momentum: s.momentum,
     adam_eps: s.adam_eps, seed: s.seed, eval_every: s.eval_every, eval_batches: s.eval_batches, checkpoint_every: s.checkpoint_every,
@@ -464,7 +471,7 @@ export function toSessionOptions(s: RunSpec, ctx: SessionContext): SessionOption
   };
 }
 
-export const MIXING_FIELDS = ['token_mixing', 'mixing_kappa', 'mixing_block', 'mixing_shields'] as const;
+export const MIXING_FIELDS = ['token_mixing', 'mixing_scheme', 'mixing_kappa', 'mixing_block', 'mixing_rounds', 'mixing_shields'] as const;
 export type MixingSettings = Pick<RunSpec, (typeof MIXING_FIELDS)[number]>;
 
 /** The token-mixing settings alone (split inference and generation), defaults filled, validated like a run's. */
@@ -476,6 +483,6 @@ export function parseMixingSettings(input: unknown, source: string): MixingSetti
 }
 
 /** The token mixing of a run (null: off). */
-export function mixingOf(s: Pick<RunSpec, 'token_mixing' | 'mixing_kappa' | 'mixing_block' | 'mixing_shields'>): MixingConfig | null {
-  return s.token_mixing === 'on' ? { kappa: s.mixing_kappa, block: s.mixing_block, shields: s.mixing_shields } : null;
+export function mixingOf(s: Pick<RunSpec, (typeof MIXING_FIELDS)[number]>): MixingConfig | null {
+  return s.token_mixing === 'on' ? { scheme: s.mixing_scheme, kappa: s.mixing_kappa, block: s.mixing_block, rounds: s.mixing_rounds, shields: s.mixing_shields } : null;
 }

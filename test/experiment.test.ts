@@ -100,3 +100,15 @@ test('rows stored by an earlier version (recipe as {pooling, loraTargets, lr, fu
     rmSync(out, { recursive: true, force: true });
   }
 });
+
+test('--quick on a dataset whose quick training slice lacks some labels (wordnet-supersense): the quick test set keeps only known labels, and a Llama-family model runs the rows', async () => {
+  const out = mkdtempSync(path.join(os.tmpdir(), 'obf-exp-'));
+  try {
+    const res = await runPaperExperiments({ models: [path.join(ROOT, 'models', 'llama-small')], datasets: ['wordnet-supersense'], dataDir: path.join(ROOT, 'data'), out, quick: true, steps: 1, methods: ['lora'], rowsOnly: true });
+    assert.equal(res.rows.length, 4, 'local, sealed, paper k1 and paper naive');
+    const local = res.rows.find((r) => r.mode === 'local')!, sealed = res.rows.find((r) => r.mode === 'sealed')!;
+    assert.ok(Math.abs(local.loss - sealed.loss) < 1e-4 * local.loss, `sealed ${sealed.loss} vs local ${local.loss}`);
+  } finally {
+    rmSync(out, { recursive: true, force: true });
+  }
+});

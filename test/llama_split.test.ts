@@ -126,13 +126,13 @@ test('full fine-tuning of a Llama-family model in paper mode (kappa 1: SGD on ma
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-llama-paper-'));
   try {
     const cfg = tiny();
-    const spec = parseRunSpec({ mode: 'paper', method: 'full', task: 'lm', steps: 20, batch: 4, lr: 0.05, warmup: 2, seed: 3, checkpoint_every: 0, enclave_optimizer: 'sgd' }, 'test');
+    const spec = parseRunSpec({ mode: 'paper', method: 'full', task: 'lm', steps: 50, batch: 4, lr: 0.05, warmup: 2, seed: 3, checkpoint_every: 0, enclave_optimizer: 'sgd' }, 'test');
     const run = async (mode: 'local' | 'paper') => {
       const sess = buildSession(Llama.random(cfg, 9).weights(), { mode, method: 'full', task: 'lm', padTokenId: 0, seed: 11, maskSeed: 12, kappa: '1', acceleratorStateDir: path.join(dir, mode) });
       return { sess, s: await runFinetune(sess.model, lmData(32, cfg.vocab_size, 12, 2), null, toFinetuneConfig(spec, 't'), path.join(dir, `${mode}-run`), 0, { rng: sess.rng }) };
     };
     const local = await run('local'), paper = await run('paper');
-    for (let i = 0; i < 20; i++) assert.ok(Math.abs(paper.s.losses[i] - local.s.losses[i]) / local.s.losses[i] < 1e-4, `step ${i + 1}: ${paper.s.losses[i]} vs ${local.s.losses[i]}`);
+    for (let i = 0; i < 50; i++) assert.ok(Math.abs(paper.s.losses[i] - local.s.losses[i]) / local.s.losses[i] < 1e-4, `step ${i + 1}: ${paper.s.losses[i]} vs ${local.s.losses[i]}`);
     const a = mergedLlamaModel(paper.sess), b = mergedLlamaModel(local.sess);
     assert.ok(relErr(a.layout.view(a.params, 'ln1w'), b.layout.view(b.params, 'ln1w')) < 1e-4, 'the gains trained alike');
     assert.ok(relErr(a.layout.view(a.params, 'ln1w'), Llama.random(cfg, 9).layout.view(Llama.random(cfg, 9).params, 'ln1w')) > 1e-4, 'the gains did train');

@@ -9,6 +9,9 @@
 import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { loadCheckpoint } from '../model/checkpoint.js';
+import type { GPT2Weights } from '../model/weights.js';
+import { Llama, type LlamaWeights } from '../model/llama.js';
+import { checkpointModelType, isLlamaArch, loadLlamaCheckpoint } from '../model/llama_checkpoint.js';
 import { GPT2 } from '../model/gpt2.js';
 import { gpt2Tokenizer } from '../model/tokenizer.js';
 import { readJsonl, labelSet, encodeRecords, type Record_, type Task } from '../io/jsonl.js';
@@ -159,7 +162,9 @@ function loadDataset(dir: string, name: string, quick: boolean): { meta: Dataset
   }
   if (quick) {
     train = train.slice(0, 96);
-    test = test.slice(0, 48);
+    // a quick test set holds only labels the quick training set has (the head has no others)
+    const seen = new Set(train.map((r) => r.label));
+    test = (meta.task === 'cls' ? test.filter((r) => seen.has(r.label)) : test).slice(0, 48);
   }
   return { meta, train, test };
 }
@@ -219,7 +224,8 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   for (const ds of datasets) for (const method of methods) for (const c of CONFIGS) experimentSpec(ds.meta.task, ds.meta.name, method, c, o);
   const stepsFor = (task: Task) => runSettings(task, o).steps as number;
   const models = o.models.map((m) => {
-    const w = loadCheckpoint(m);
+    // either family; the rows tokenise with GPT-2's BPE (the bundled llama-small's tokenizer.json is that BPE)
+    const w: GPT2Weights | LlamaWeights = isLlamaArch(checkpointModelType(m)) ? loadLlamaCheckpoint(m) : loadCheckpoint(m);
     if (w.config.vocab_size < gpt2Tokenizer.vocabSize) throw new Error(`model ${m}: its vocabulary (${w.config.vocab_size}) does not match the GPT-2 tokenizer (${gpt2Tokenizer.vocabSize})`);
     return { name: path.basename(path.resolve(m)), w };
   });
@@ -312,7 +318,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   const fm = models[0];
   res.fidelity = [];
   for (const mode of ['paper', 'sealed'] as const) {
-    const f = await runFidelity(new GPT2(fm.w), fm.name, { mode, specs: ['1', '10', '100', '1000', 'naive'].map(parseMaskSpec), tokens: o.quick ? 16 : 128, seed: 1 });
+    const f = await runFidelity('family' in fm.w.config ? new Llama(fm.w as LlamaWeights) : new GPT2(fm.w as GPT2Weights), fm.name, { mode, specs: ['1', '10', '100', '1000', 'naive'].map(parseMaskSpec), tokens: o.quick ? 16 : 128, seed: 1 });
     for (const r of f.rows) res.fidelity.push({ ...r, model: fm.name, mode });
   }
   tick('fidelity');

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { Rng } from '../src/tensor/rng.js';
+import type { EncodedSet } from '../src/io/jsonl.js';
 
 export function randn(n: number, rng: Rng, std = 1): Float32Array {
   const a = new Float32Array(n);
@@ -87,4 +88,15 @@ export function rng(seed: number): () => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/** A small LM dataset of n sequences drawn from three repeating token patterns (minLen .. T tokens). */
+export function patternData(n: number, V: number, T: number, seed: number, minLen = 6): EncodedSet {
+  const rng = new Rng(seed);
+  const pats = Array.from({ length: 3 }, () => Array.from({ length: 12 }, () => 1 + rng.int(V - 1)));
+  const items = Array.from({ length: n }, () => {
+    const p = rng.int(3), off = rng.int(6), len = minLen + rng.int(T - 5);
+    return { tokens: Int32Array.from({ length: len + 1 }, (_, t) => pats[p][(off + t) % 12]), lossFrom: 0, label: -1 };
+  });
+  return { items, truncated: 0, dropped: 0, labels: [] };
 }

@@ -32,19 +32,10 @@ import { Enclave } from '../src/enclave/enclave.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..', '..');
 const cli = (...args: string[]) => spawnSync(process.execPath, [path.join(ROOT, 'bin', 'obfuscatune.js'), ...args], { encoding: 'utf8', env: { ...process.env, OBFUSCATUNE_NO_PROGRESS: '1' }, cwd: ROOT });
-import { maxAbsDiff, relErr } from './helpers.js';
+import { maxAbsDiff, relErr, patternData } from './helpers.js';
 
 const tiny = (over: Partial<LlamaConfig> = {}): LlamaConfig => ({ ...LLAMA_PRESETS['llama-micro'], ...over });
 
-function lmData(n: number, V: number, T: number, seed: number): EncodedSet {
-  const rng = new Rng(seed);
-  const pats = Array.from({ length: 3 }, () => Array.from({ length: 12 }, () => 1 + rng.int(V - 1)));
-  const items = Array.from({ length: n }, () => {
-    const p = rng.int(3), off = rng.int(6), len = 6 + rng.int(T - 5);
-    return { tokens: Int32Array.from({ length: len + 1 }, (_, t) => pats[p][(off + t) % 12]), lossFrom: 0, label: -1 };
-  });
-  return { items, truncated: 0, dropped: 0, labels: [] };
-}
 
 test('an obfuscated Llama-family model gives the plain model\'s probabilities (sealed, paper two-sided; full and block rotary masks; GQA; tied and untied; q/k/v bias)', async () => {
   const B = 2, T = 10;
@@ -90,7 +81,7 @@ async function finetune(cfg: LlamaConfig, mode: 'local' | 'sealed' | 'paper', me
   }, 'test');
   const w = Llama.random(cfg, 9).weights();
   const sess = buildSession(w, { mode, method, task: 'lm', padTokenId: 0, seed: 11, maskSeed: 12, kappa: '1', lora: spec.lora ?? undefined, foldedBaseline: mode === 'local' && method === 'full', rotaryMasks: mode === 'local' ? undefined : rotaryMasks, acceleratorStateDir: path.join(dir, 'acc') });
-  const s = await runFinetune(sess.model, lmData(32, cfg.vocab_size, 12, 2), null, toFinetuneConfig(spec, 't'), dir, 0, { rng: sess.rng });
+  const s = await runFinetune(sess.model, patternData(32, cfg.vocab_size, 12, 2), null, toFinetuneConfig(spec, 't'), dir, 0, { rng: sess.rng });
   return { sess, s };
 }
 
@@ -129,7 +120,7 @@ test('full fine-tuning of a Llama-family model in paper mode (kappa 1: SGD on ma
     const spec = parseRunSpec({ mode: 'paper', method: 'full', task: 'lm', steps: 50, batch: 4, lr: 0.05, warmup: 2, seed: 3, checkpoint_every: 0, enclave_optimizer: 'sgd' }, 'test');
     const run = async (mode: 'local' | 'paper') => {
       const sess = buildSession(Llama.random(cfg, 9).weights(), { mode, method: 'full', task: 'lm', padTokenId: 0, seed: 11, maskSeed: 12, kappa: '1', acceleratorStateDir: path.join(dir, mode) });
-      return { sess, s: await runFinetune(sess.model, lmData(32, cfg.vocab_size, 12, 2), null, toFinetuneConfig(spec, 't'), path.join(dir, `${mode}-run`), 0, { rng: sess.rng }) };
+      return { sess, s: await runFinetune(sess.model, patternData(32, cfg.vocab_size, 12, 2), null, toFinetuneConfig(spec, 't'), path.join(dir, `${mode}-run`), 0, { rng: sess.rng }) };
     };
     const local = await run('local'), paper = await run('paper');
     for (let i = 0; i < 50; i++) assert.ok(Math.abs(paper.s.losses[i] - local.s.losses[i]) / local.s.losses[i] < 1e-4, `step ${i + 1}: ${paper.s.losses[i]} vs ${local.s.losses[i]}`);

@@ -24,20 +24,11 @@ import { IntegrityError } from '../src/errors.js';
 import { linearDims, type LinearName } from '../src/model/block.js';
 import { sgemm } from '../src/tensor/gemm.js';
 import { asObfuscated, type Obfuscated } from '../src/protocol/messages.js';
-import { maxAbsDiff, relErr } from './helpers.js';
+import { maxAbsDiff, relErr, patternData } from './helpers.js';
 
 const MIX = MIXING_DEFAULTS;
 const DENSE: MixingConfig = { ...MIXING_DEFAULTS, scheme: 'dense', shields: 'all' };
 
-function lmData(n: number, V: number, T: number, seed: number): EncodedSet {
-  const rng = new Rng(seed);
-  const pats = Array.from({ length: 3 }, () => Array.from({ length: 12 }, () => 1 + rng.int(V - 1)));
-  const items = Array.from({ length: n }, () => {
-    const p = rng.int(3), off = rng.int(6), len = 6 + rng.int(T - 5);
-    return { tokens: Int32Array.from({ length: len + 1 }, (_, t) => pats[p][(off + t) % 12]), lossFrom: 0, label: -1 };
-  });
-  return { items, truncated: 0, dropped: 0, labels: [] };
-}
 
 test('inference and generation with token mixing equal the plain model (sealed and paper); the accelerator gets n + s mixed rows', async () => {
   const m = GPT2.random(getPreset('gpt2-micro'), 3);
@@ -122,7 +113,7 @@ async function finetune(mode: 'sealed' | 'paper', method: 'lora' | 'full', mixin
   const spec = parseRunSpec({ mode, method, task: 'lm', steps: 6, batch: 4, lr: method === 'full' ? 0.05 : 1e-2, warmup: 1, seed: 3, checkpoint_every: 0, enclave_optimizer: method === 'full' ? 'sgd' : 'adamw', kappa: '10', token_mixing: mixing ? 'on' : 'off', ...how, ...(method === 'lora' ? { lora: { rank: 4, alpha: 8, targets: ['q', 'v', 'fc'] } } : {}) }, 'test');
   const w = GPT2.random(getPreset('gpt2-micro'), 9).weights();
   const sess = buildSession(w, { mode, method, task: 'lm', padTokenId: 0, seed: 11, maskSeed: 12, kappa: '10', lora: spec.lora ?? undefined, mixing: mixingOf(spec), mixingSeed: 13, acceleratorStateDir: path.join(dir, 'acc') });
-  const s = await runFinetune(sess.model, lmData(32, 64, 12, 2), null, toFinetuneConfig(spec, 't'), dir, 0, { rng: sess.rng });
+  const s = await runFinetune(sess.model, patternData(32, 64, 12, 2), null, toFinetuneConfig(spec, 't'), dir, 0, { rng: sess.rng });
   return { sess, s };
 }
 

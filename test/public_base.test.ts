@@ -22,7 +22,7 @@ import { runFinetune } from '../src/train/finetune.js';
 import { parseRunSpec, toFinetuneConfig } from '../src/train/run_spec.js';
 import type { EncodedSet } from '../src/io/jsonl.js';
 import { BundleError, InputError } from '../src/errors.js';
-import { maxAbsDiff, relErr } from './helpers.js';
+import { maxAbsDiff, relErr, patternData } from './helpers.js';
 
 /** A public base and a model derived from it: every block linear moved by a rank-2 update (plus `dense` noise), norms and biases nudged. */
 function derived(seed: number, dense = 0): { base: GPT2Weights; model: GPT2Weights } {
@@ -50,15 +50,6 @@ function derived(seed: number, dense = 0): { base: GPT2Weights; model: GPT2Weigh
   return { base, model: { ...base, params: p } };
 }
 
-function dataset(n: number, V: number, T: number, seed: number): EncodedSet {
-  const rng = new Rng(seed);
-  const pats = Array.from({ length: 3 }, () => Array.from({ length: 12 }, () => 1 + rng.int(V - 1)));
-  const items = Array.from({ length: n }, () => {
-    const p = rng.int(3), off = rng.int(6), len = 5 + rng.int(T - 5);
-    return { tokens: Int32Array.from({ length: len + 1 }, (_, t) => pats[p][(off + t) % 12]), lossFrom: 0, label: -1 };
-  });
-  return { items, truncated: 0, dropped: 0, labels: [] };
-}
 
 const tokens = (n: number, V: number, seed: number) => { const r = new Rng(seed); return Int32Array.from({ length: n }, () => r.int(V)); };
 
@@ -112,7 +103,7 @@ test('public base: the accelerator holds the masked base, split inference equals
 
 test('public base: LoRA and full fine-tuning through the split equal local training of the factored model; the merge gives it back', async () => {
   const { base, model } = derived(11, 0.01);
-  const data = dataset(32, base.config.vocab_size, 12, 4);
+  const data = patternData(32, base.config.vocab_size, 12, 4, 5);
   const publicBase = { weights: base, choice: { rank: 2 } };
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-pb-'));
   try {

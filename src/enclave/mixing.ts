@@ -35,7 +35,7 @@
 import type { GPT2Config } from '../model/config.js';
 import type { BlockLinearName, Linears } from '../model/block.js';
 import { blockLinearDims } from '../model/family.js';
-import { sgemm } from '../tensor/gemm.js';
+import { sgemm, sgemmBatched } from '../tensor/gemm.js';
 import { KeyedRng, type RandomSource } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { kappaMask, oneStream, randomPermutation, spreadSingularValues } from '../linalg/masks.js';
@@ -304,7 +304,8 @@ class ButterflyPlan implements Plan {
   /** a stage on cur into out: its blocks B (B^-1 with `inv`), transposed with `trans` */
   private stage(st: ButterflyPlan['rounds'][number]['stages'][number], inv: boolean, trans: boolean, cur: Float32Array, out: Float32Array, w: number): void {
     const { m, t } = st, ld = t * w;
-    for (let h = 0; h < this.sent / (m * t); h++) sgemm(trans, false, m, ld, m, 1, inv ? st.Binv : st.B, m, cur.subarray(h * m * ld), ld, 0, out.subarray(h * m * ld), ld);
+    // one batched GEMM: the groups of a stage run on the pool's threads (each group alone is below the threaded size)
+    sgemmBatched(trans, false, m, ld, m, 1, inv ? st.Binv : st.B, m, 0, cur, ld, m * ld, 0, out, ld, m * ld, this.sent / (m * t));
   }
 
   apply(z: Float32Array, w: number, invT: boolean): Float32Array {

@@ -23,6 +23,7 @@ import { emit, setJsonOutput, withJson } from './output.js';
 import { addConfigOption, readRecipe } from './run_spec_args.js';
 import { mergeRunSpecInputs } from '../train/run_spec.js';
 import { runStart, ROOT } from './start.js';
+import { hasCheckpointTokenizer, loadCheckpointTokenizer } from '../model/hf_tokenizer.js';
 import { addServiceCommands } from './service_cmds.js';
 import { benchFinetune, benchFinetuneInterleaved, benchFinetuneMixing, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
@@ -233,7 +234,9 @@ export function buildProgram(): Command {
         if (!o.enclave || !o.accelerator) throw new InputError('split generation needs both --enclave and --accelerator');
         if (o.model) throw new InputError('give either --model or --enclave/--accelerator, not both');
         const enclave = loadSplit(o.enclave, o.accelerator, mixing);
-        tok = tokenizerFor(enclave.config.vocab_size);
+        // a Llama-family bundle carries its model's tokenizer (obfuscate copies it in)
+        tok = hasCheckpointTokenizer(o.enclave) ? loadCheckpointTokenizer(o.enclave) : tokenizerFor(enclave.config.vocab_size);
+        if (recOpts && 'family' in enclave.bundle.tensors) throw new InputError('--record-view serves GPT-2 models for now');
         const { recordEnclave } = await import('../attacks/record.js');
         const { loadAcceleratorBundle } = await import('../obfuscate/bundle.js');
         const acc = recOpts ? loadAcceleratorBundle(o.accelerator) : null;

@@ -8,7 +8,7 @@
 # Environment: MODEL (plain GPT-2 checkpoint, default models/base-small), TRAIN (JSONL,
 # default the first 160 records of data/wordnet-supersense), STEPS (default 30), MAX_LEN
 # (tokens per example, default 32), ACC_PORT and
-# ENC_PORT (default 50551, 50552).
+# ENC_PORT (default 50551, 50552); OBFUSCATUNE_NO_PROGRESS (default 1: no progress lines).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OBF="node $ROOT/bin/obfuscatune.js"
@@ -18,7 +18,7 @@ STEPS="${STEPS:-30}"
 MAX_LEN="${MAX_LEN:-32}"
 ACC_PORT="${ACC_PORT:-50551}"
 ENC_PORT="${ENC_PORT:-50552}"
-export OBFUSCATUNE_NO_PROGRESS=1
+export OBFUSCATUNE_NO_PROGRESS="${OBFUSCATUNE_NO_PROGRESS:-1}"
 mkdir -p "$W"
 if [ -z "${TRAIN:-}" ]; then TRAIN="$W/train.jsonl"; head -n 160 "$ROOT/data/wordnet-supersense/train.jsonl" > "$TRAIN"; fi
 PIDS=()
@@ -54,7 +54,8 @@ listening "$W/enc.out"
 C=(--enclave "127.0.0.1:$ENC_PORT" --trust "$TRUST" --contract "$W/contract.json")
 
 say "provider (terminal 3): attest, submit the contract, upload both bundles"
-$OBF provider deploy "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/provider" --accelerator "127.0.0.1:$ACC_PORT"
+$OBF provider deploy "${C[@]}" --key "$W/provider/party-key.json" --bundles "$W/provider" --accelerator "127.0.0.1:$ACC_PORT" --json > "$W/deploy.json"
+echo "deployed: $(cut -c1-100 "$W/deploy.json")..."
 
 say "owner (terminal 4): attest, upload encrypted records, start an endless job and cancel it"
 $OBF owner upload "${C[@]}" --key "$W/owner/key.json" --train "$TRAIN"

@@ -189,20 +189,29 @@ test('a truncated view, one of another mode and one of another model are refused
   assert.throws(() => loadTruth(wrongTruth, view), /belongs to another view/);
 });
 
-test('CLI: finetune --record-view, then the attacks print the JSON contract; labels leak through the last gradient', () => {
-  const run = (args: string[]) => spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...process.env, OBFUSCATUNE_NO_PROGRESS: '1' }, cwd: ROOT });
+test('CLI: finetune --record-view, then the attacks print the JSON contract (their progress on stderr); labels leak through the last gradient', () => {
+  const run = (args: string[], env: Record<string, string> = {}) => spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', env: { ...process.env, OBFUSCATUNE_NO_PROGRESS: '1', ...env }, cwd: ROOT });
+  const progress = { OBFUSCATUNE_NO_PROGRESS: '0', OBFUSCATUNE_PROGRESS_INTERVAL_MS: '1' };
   const viewFile = path.join(dir, 'ft.view.safetensors');
   const last = String(pub.config.n_layer - 1);
   const ft = run(['finetune', '--model', provDir, '--train', OWNER, '--task', 'cls', '--method', 'lora', '--mode', 'sealed', '--steps', '4', '--batch', '8', '--max-len', '16',
     '--checkpoint-every', '0', '--out', path.join(dir, 'run'), '--record-view', viewFile, '--record-view-layers', `0,${last}`]);
   assert.equal(ft.status, 0, ft.stderr);
-  const lr = run(['attack', 'label-recovery', '--view', viewFile, '--corpus', CORPUS, '--json']);
+  const lr = run(['attack', 'label-recovery', '--view', viewFile, '--corpus', CORPUS, '--json'], progress);
   assert.equal(lr.status, 0, lr.stderr);
   const lj = JSON.parse(lr.stdout);
   assert.equal(lj.observed_batches, 4);
   assert.ok(lj.value > 0.9 && lj.value > lj.baseline, `labels recovered: ${lr.stdout}`);
-  const a = run(['attack', 'frequency', '--view', viewFile, '--corpus', CORPUS, '--json']);
+  const events = (stderr: string) => stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+  const le = events(lr.stderr);
+  assert.ok(le.length >= 2 && le.every((e) => e.event === 'progress' && e.task === 'attack label-recovery'), lr.stderr);
+  assert.deepEqual([le[le.length - 1].done, le[le.length - 1].total], [1, 1]);
+  const a = run(['attack', 'frequency', '--view', viewFile, '--corpus', CORPUS, '--json'], progress);
   assert.equal(a.status, 0, a.stderr);
+  assert.equal(a.stdout.trim().split('\n').length, 1, 'stdout: the result alone');
+  const fe = events(a.stderr);
+  assert.ok(fe.every((e) => e.task === 'attack frequency') && fe.some((e) => /^decoding the first 4 batches$/.test(e.label)), a.stderr);
+  assert.deepEqual([fe[fe.length - 1].done, fe[fe.length - 1].total], [5, 5], 'batches decoded: 1 then all 4');
   const j = JSON.parse(a.stdout);
   assert.equal(j.attack, 'frequency');
   assert.equal(j.mode, 'sealed');
@@ -220,8 +229,16 @@ test('CLI: finetune --record-view, then the attacks print the JSON contract; lab
   const genView = path.join(dir, 'gen.view.safetensors');
   const g = run(['generate', '--enclave', path.join(bundles, 'enclave'), '--accelerator', path.join(bundles, 'accelerator'), '--prompt', 'The soup was cold and the bread', '--max-tokens', '6', '--record-view', genView]);
   assert.equal(g.status, 0, g.stderr);
-  const dec = run(['attack', 'decode-public-base', '--view', genView, '--public', PUBLIC, '--corpus', CORPUS, '--json']);
+  const dec = run(['attack', 'decode-public-base', '--view', genView, '--public', PUBLIC, '--corpus', CORPUS, '--json'], progress);
   assert.equal(dec.status, 0, dec.stderr);
+  const de = events(dec.stderr);
+  assert.ok(de.some((e) => /^alignment: refinement round 1, \d+ anchors$/.test(e.label)) && de.some((e) => /^decoding batch 1\//.test(e.label)), dec.stderr);
+  // without --json: text lines
+  const wa = run(['attack', 'weight-alignment', '--view', genView, '--public', PUBLIC], progress);
+  assert.equal(wa.status, 0, wa.stderr);
+  assert.match(wa.stderr, /^attack weight-alignment: \d+\/\d+ \(\d+%\) invariants, layer 0 elapsed \d+s, ETA /m);
+  assert.match(wa.stderr.trimEnd().split('\n').pop()!, /^attack weight-alignment: (\d+)\/\1 \(100%\) done elapsed /);
+  assert.match(wa.stdout, /^weight-alignment \(public-base, sealed mode/);
   const dj = JSON.parse(dec.stdout);
   assert.ok(dj.value > 0.9, `generation decoded: ${dec.stdout}`);
   assert.ok(dj.observed_batches >= 2);

@@ -202,7 +202,7 @@ test('key material and runs are protected: a non-empty --out is refused without 
   }
 });
 
-test('the four-terminal walkthrough of docs/deployment.md runs end to end (scripts/walkthrough.sh)', () => {
+test('the four-terminal walkthrough of docs/deployment.md runs end to end (scripts/walkthrough.sh), with progress lines off a terminal', () => {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'obf-walk-'));
   try {
     const lines = Array.from({ length: 32 }, (_, i) => JSON.stringify({ text: i % 2 ? `this was good really good ${i}` : `this was awful really awful ${i}`, label: i % 2 ? 'pos' : 'neg' }));
@@ -210,12 +210,26 @@ test('the four-terminal walkthrough of docs/deployment.md runs end to end (scrip
     const base = 20000 + (process.pid % 20000);
     const r = spawnSync('bash', [path.join(ROOT, 'scripts', 'walkthrough.sh'), path.join(dir, 'w')], {
       encoding: 'utf8', cwd: ROOT, timeout: 240_000,
-      env: { ...process.env, MODEL: path.join(ROOT, 'test/fixtures/vocab50257'), TRAIN: path.join(dir, 'train.jsonl'), STEPS: '4', MAX_LEN: '16', ACC_PORT: String(base), ENC_PORT: String(base + 1) },
+      env: { ...process.env, MODEL: path.join(ROOT, 'test/fixtures/vocab50257'), TRAIN: path.join(dir, 'train.jsonl'), STEPS: '4', MAX_LEN: '16', ACC_PORT: String(base), ENC_PORT: String(base + 1), OBFUSCATUNE_NO_PROGRESS: '0', OBFUSCATUNE_PROGRESS_INTERVAL_MS: '1' },
     });
     assert.equal(r.status, 0, `${r.stdout}\n${r.stderr}`);
     assert.match(r.stdout, /provider [A-Za-z0-9+/]{43}=: signed/);
     assert.match(r.stdout, /the endless job: .*"state":"cancelled"/);
     assert.ok(existsSync(path.join(dir, 'w', 'merged', 'model.safetensors')));
+    // provider deploy --json: one JSON document on stdout, its progress as JSON lines on stderr
+    const deployed = readFileSync(path.join(dir, 'w', 'deploy.json'), 'utf8').trim().split('\n');
+    assert.equal(deployed.length, 1, deployed.join('\n'));
+    assert.match(JSON.parse(deployed[0]).accelerator.manifest_sha256, /^[0-9a-f]{64}$/);
+    const events = r.stderr.split('\n').filter((l) => l.startsWith('{"event":"progress","task":"provider deploy"')).map((l) => JSON.parse(l));
+    assert.ok(events.some((e) => e.done === 0 && /^accelerator bundle: sending/.test(e.label)), r.stderr);
+    assert.ok(events.some((e) => e.done === 1 && /^enclave bundle: /.test(e.label)), r.stderr);
+    assert.deepEqual([events[events.length - 1].done, events[events.length - 1].total], [2, 2]);
+    // owner upload (text): a unit per record encrypted, one per record the enclave opens
+    const up = r.stderr.split('\n').filter((l) => l.startsWith('owner upload: '));
+    assert.ok(up.some((l) => /^owner upload: \d+\/64 \(\d+%\) train: encrypting piece \d+\/32 to the enclave elapsed /.test(l)), r.stderr);
+    assert.match(up[up.length - 1], /^owner upload: 64\/64 \(100%\) train: stored elapsed /);
+    // provider obfuscate: per layer
+    assert.match(r.stderr, /^provider obfuscate: 2\/2 \(100%\) weights elapsed /m);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -134,6 +134,22 @@ test('progress off a terminal: timed lines on every long command, JSON lines wit
     const fe = f.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
     assert.ok(fe.length >= 1 && fe.every((e) => e.task === 'fidelity'), f.stderr);
     assert.equal(fe[fe.length - 1].done, 2);
+    // the experiments that train and attack: JSON lines with --json, text lines without
+    const owner = path.join(d, 'owner.jsonl');
+    writeFileSync(owner, Array.from({ length: 16 }, (_, i) => JSON.stringify({ text: `${i % 2 ? 'good food' : 'bad soup'} ${i}`, label: i % 2 ? 'pos' : 'neg' })).join('\n'));
+    const sec = run(['experiment', 'security', '--public', MODEL, '--provider-corpus', owner, '--provider-steps', '2', '--owner-data', owner, '--public-corpus', owner,
+      '--modes', 'sealed:1', '--defences', 'none', '--attacks', 'frequency,label-recovery', '--steps', '2', '--batch', '2', '--max-len', '8', '--out', path.join(d, 'report'), '--json'], env);
+    assert.equal((json(sec).rows as unknown[]).length, 2);
+    const se = sec.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l));
+    assert.ok(se.every((e) => e.event === 'progress' && e.task === 'experiment security'), sec.stderr);
+    for (const label of [/^provider model, step 2\/2$/, /^sealed-k1: recording the view, step 2\/2$/, /^sealed-k1 frequency/]) assert.ok(se.some((e) => label.test(e.label)), `${label}: ${sec.stderr}`);
+    assert.deepEqual([se[se.length - 1].done, se[se.length - 1].total], [4, 4]);
+    const pb = run(['experiment', 'public-base', '--public', MODEL, '--provider-corpus', owner, '--provider-steps', '2', '--eval', owner, '--ranks', '1', '--energies', '',
+      '--seq', '8', '--batch', '2', '--max-batches', '1', '--out', path.join(d, 'pb')], env);
+    assert.equal(pb.status, 0, pb.stderr);
+    assert.match(pb.stderr, /^experiment public-base: 2\/5 \(40%\) provider model, step 2\/2 elapsed /m);
+    assert.match(pb.stderr, /^experiment public-base: 4\/5 \(80%\) rank 1 elapsed /m);
+    assert.match(pb.stderr.trimEnd().split('\n').pop()!, /^experiment public-base: 5\/5 \(100%\) done elapsed /);
   } finally {
     rmSync(d, { recursive: true, force: true });
   }

@@ -26,6 +26,18 @@ export interface AttackResult {
   details?: Record<string, unknown>;
 }
 
+/** Progress of a long attack: `done` of `total` units, and what it is doing (the CLI prints it on stderr). */
+export type AttackProgress = (done: number, total: number, label: string) => void;
+
+/** Progress in two phases: a first one that reports its own units (the alignment), then `rest` units. */
+export function twoPhases(p: AttackProgress | undefined, rest: number, name = 'alignment'): { first: AttackProgress; next: (i: number, label: string) => void } {
+  let units = 0;
+  return {
+    first: (d, n, label) => { units = n; p?.(d, n + rest, `${name}: ${label}`); },
+    next: (i, label) => p?.(units + i, units + rest, label),
+  };
+}
+
 export function resultBase(view: LoadedView, attack: string, setting: Setting): Pick<AttackResult, 'attack' | 'mode' | 'kappa' | 'defence' | 'setting'> {
   const h = view.header;
   const mixing = h.token_mixing !== 'off', pub = typeof h.public_base === 'string';

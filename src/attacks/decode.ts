@@ -13,7 +13,7 @@ import type { LoadedView, ViewTruth } from '../protocol/view.js';
 import { InputError } from '../errors.js';
 import { gemm, gemmABt } from './linalg.js';
 import { alignWeights, type Alignment } from './weight_alignment.js';
-import { firstLayerBatches, truthOf, scoredRow, resultBase, corpusStats, mode, type AttackResult, type RowBatch } from './common.js';
+import { firstLayerBatches, truthOf, scoredRow, resultBase, corpusStats, mode, twoPhases, type AttackProgress, type AttackResult, type RowBatch } from './common.js';
 
 interface PosTerms {
   Pg: Float32Array; // [d] g * c(p)
@@ -142,23 +142,26 @@ export interface DecodeOptions {
   /** public corpus (JSONL) for the baseline guess */
   corpus: string;
   maxBatches?: number;
+  onProgress?: AttackProgress;
 }
 
 export function decodePublicBaseAttack(view: LoadedView, publicBase: GPT2Weights, truth: ViewTruth, o: DecodeOptions): AttackResult {
   const t0 = performance.now();
-  const al = alignWeights(view, publicBase);
+  const batches = firstLayerBatches(view, o.maxBatches);
+  const phase = twoPhases(o.onProgress, batches.length);
+  const al = alignWeights(view, publicBase, { onProgress: phase.first });
   const c = view.header.config;
   const d = c.n_embd;
   const lay = publicBase.layout, p = publicBase.params;
   const gain = al.mode === 'sealed' ? new Float32Array(d).fill(1) : Float32Array.from(lay.layer(p, 'ln1w', 0));
   const beta = al.mode === 'sealed' ? new Float32Array(d) : Float32Array.from(lay.layer(p, 'ln1b', 0));
   const nt = new NearestToken(publicBase, gain, beta);
-  const batches = firstLayerBatches(view, o.maxBatches);
   const stats = corpusStats(o.corpus, c.vocab_size, c.n_ctx, null, 0);
   const guess = mode(stats.overall) ?? 0;
   let ok = 0, base = 0, n = 0, offset = 0;
   const perBatch: number[] = [];
-  for (const b of batches) {
+  for (const [i, b] of batches.entries()) {
+    phase.next(i, `decoding batch ${i + 1}/${batches.length}`);
     const a = toPlainRows(al, b);
     const pos = choosePositions(nt, a, b.rows, offset, c.n_ctx, c.layer_norm_epsilon);
     offset = pos[b.rows - 1] + 1;
@@ -175,6 +178,7 @@ export function decodePublicBaseAttack(view: LoadedView, publicBase: GPT2Weights
     ok += bo; n += bn;
     perBatch.push(bn ? bo / bn : NaN);
   }
+  phase.next(batches.length, 'done');
   if (n === 0) throw new InputError(`view ${view.file}: no first-layer batch matches its truth file (nothing to score)`);
   return {
     ...resultBase(view, 'decode-public-base', 'public-base'),

@@ -10,7 +10,7 @@
 import type { LoadedView, ViewTruth } from '../protocol/view.js';
 import { InputError } from '../errors.js';
 import {
-  firstLayerBatches, truthOf, scoredRow, resultBase, corpusStats, ranked, mode, batchKeys, inferPositions, type AttackResult, type CorpusStats, type RowBatch,
+  firstLayerBatches, truthOf, scoredRow, resultBase, corpusStats, ranked, mode, batchKeys, inferPositions, type AttackProgress, type AttackResult, type CorpusStats, type RowBatch,
 } from './common.js';
 
 export interface FrequencyOptions {
@@ -19,6 +19,7 @@ export interface FrequencyOptions {
   padTokenId?: number | null;
   /** numbers of observed batches to report (default 1, 10, 100, all) */
   counts?: number[];
+  onProgress?: AttackProgress;
 }
 
 /** Decodes the rows of the first k batches by frequency rank per position. */
@@ -49,18 +50,28 @@ export function frequencyAttack(view: LoadedView, truth: ViewTruth, o: Frequency
   const t0 = performance.now();
   const c = view.header.config;
   const batches: RowBatch[] = firstLayerBatches(view);
+  o.onProgress?.(0, 1, `row keys of ${batches.length} batches`);
   const keys = batchKeys(batches);
   const pos = inferPositions(batches, keys, c.n_ctx);
   const maxT = Math.max(...pos.map((p) => p.reduce((m, x) => Math.max(m, x), 0) + 1));
   // the attacker knows the protocol: GPT-2 batches are padded with end-of-text
   const pad = o.padTokenId !== undefined ? o.padTokenId : c.vocab_size === 50257 ? 50256 : null;
+  o.onProgress?.(0, 1, 'public corpus statistics');
   const stats = corpusStats(o.corpus, c.vocab_size, c.n_ctx, pad, maxT);
   const scored = batches.map((b) => truthOf(truth, b));
   if (scored.every((t) => t === null)) throw new InputError(`view ${view.file}: no first-layer batch matches its truth file (nothing to score)`);
   const all = batches.length;
   const counts = [...new Set([...(o.counts ?? [1, 10, 100]).filter((k) => k < all), all])].sort((a, b) => a - b);
   const curve: { observed_batches: number; token_recovery: number; baseline: number; scored_tokens: number }[] = [];
+  // baseline: without the view, the most frequent public token at the row's true position
+  const guessAt = new Map<number, number | null>();
+  const guess = (p: number) => guessAt.get(p) ?? guessAt.set(p, mode(stats.byPos[p]) ?? mode(stats.overall)).get(p)!;
+  // progress in batches decoded (each count decodes its first k batches again)
+  const units = counts.reduce((s, k) => s + k, 0);
+  let done = 0;
   for (const k of counts) {
+    o.onProgress?.(done, units, `decoding the first ${k} batches`);
+    done += k;
     const dec = decodeByRank(keys, pos, k, stats);
     let ok = 0, base = 0, n = 0;
     for (let b = 0; b < k; b++) {
@@ -70,13 +81,12 @@ export function frequencyAttack(view: LoadedView, truth: ViewTruth, o: Frequency
         if (!scoredRow(truth, t, r)) continue;
         n++;
         if (dec[b][r] === t.tokens[r]) ok++;
-        // baseline: without the view, the most frequent public token at the row's true position
-        const g = mode(stats.byPos[t.pos[r]]) ?? mode(stats.overall);
-        if (g === t.tokens[r]) base++;
+        if (guess(t.pos[r]) === t.tokens[r]) base++;
       }
     }
     curve.push({ observed_batches: k, token_recovery: n ? ok / n : NaN, baseline: n ? base / n : NaN, scored_tokens: n });
   }
+  o.onProgress?.(units, units, 'done');
   const last = curve[curve.length - 1];
   const distinct = new Set(keys.flat()).size;
   return {

@@ -13,7 +13,7 @@ import type { LoadedView, ViewTruth } from '../protocol/view.js';
 import { Rng } from '../tensor/rng.js';
 import { InputError } from '../errors.js';
 import { gemmABt } from './linalg.js';
-import { firstLayerBatches, truthOf, scoredRow, resultBase, batchKeys, inferPositions, ranked, type AttackResult } from './common.js';
+import { firstLayerBatches, truthOf, scoredRow, resultBase, batchKeys, inferPositions, ranked, type AttackProgress, type AttackResult } from './common.js';
 
 export interface KnownPlaintextOptions {
   /** fraction of the owner's records the attacker knows */
@@ -21,6 +21,7 @@ export interface KnownPlaintextOptions {
   seed?: number;
   /** alternating least-squares rounds */
   rounds?: number;
+  onProgress?: AttackProgress;
 }
 
 export function knownPlaintextAttack(view: LoadedView, truth: ViewTruth, o: KnownPlaintextOptions = {}): AttackResult {
@@ -74,6 +75,7 @@ export function knownPlaintextAttack(view: LoadedView, truth: ViewTruth, o: Know
   const row = (x: { b: number; r: number }) => batches[x.b].data.subarray(x.r * d, (x.r + 1) * d);
   const rounds = o.rounds ?? 10;
   for (let it = 0; it < rounds; it++) {
+    o.onProgress?.(it, rounds + 1, `least squares, round ${it + 1}/${rounds}`);
     for (const [M, idx] of [[E, (x: typeof kRows[number]) => tIndex.get(x.t)!], [P, (x: typeof kRows[number]) => x.p]] as const) {
       const other = M === E ? P : E;
       const oIdx = M === E ? (x: typeof kRows[number]) => x.p : (x: typeof kRows[number]) => tIndex.get(x.t)!;
@@ -96,6 +98,7 @@ export function knownPlaintextAttack(view: LoadedView, truth: ViewTruth, o: Know
     });
     for (let j = 0; j < d; j++) C[j] = cs[j] / kRows.length;
   }
+  o.onProgress?.(rounds, rounds + 1, `decoding ${recs.length - nKnown} unknown records`);
   const seenPos = new Set(kRows.map((x) => x.p));
   const Ef = Float32Array.from(E);
   const overall = new Map<number, number>();
@@ -152,6 +155,7 @@ export function knownPlaintextAttack(view: LoadedView, truth: ViewTruth, o: Know
       if (guess === truthTok) ok++;
     });
   }
+  o.onProgress?.(rounds + 1, rounds + 1, 'done');
   if (n === 0) throw new InputError(`view ${view.file}: no unknown record to score (too few records for --known-fraction ${frac})`);
   return {
     ...resultBase(view, 'known-plaintext', 'known-plaintext'),

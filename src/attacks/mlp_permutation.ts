@@ -16,7 +16,7 @@ import { InputError } from '../errors.js';
 import { gpt2Linears } from '../protocol/linears.js';
 import { hungarian } from './linalg.js';
 import { blockWeightsOf } from './weight_alignment.js';
-import { resultBase, type AttackResult } from './common.js';
+import { resultBase, twoPhases, type AttackProgress, type AttackResult } from './common.js';
 
 const NF = 6;
 
@@ -45,7 +45,7 @@ export function unitStats(chunks: Float32Array[], w: number, maxRows: number): F
 }
 
 /** Hidden activations f [rows, 4d] of every layer of the public model on a public corpus (plain order). */
-export async function publicHidden(pub: GPT2Weights, corpus: string, tokens: number, seqLen: number): Promise<Float32Array[][]> {
+export async function publicHidden(pub: GPT2Weights, corpus: string, tokens: number, seqLen: number, onProgress?: AttackProgress): Promise<Float32Array[][]> {
   const c = pub.config;
   const tok = tokenizerFor(c.vocab_size);
   const stream: number[] = [];
@@ -69,7 +69,9 @@ export async function publicHidden(pub: GPT2Weights, corpus: string, tokens: num
   });
   const T = Math.min(seqLen, c.n_ctx);
   const B = Math.max(1, Math.min(8, Math.floor(stream.length / T)));
-  for (let s = 0; s + B * T <= Math.min(stream.length, tokens); s += B * T) {
+  const end = Math.min(stream.length, tokens), n = Math.floor(end / (B * T));
+  for (let s = 0; s + B * T <= end; s += B * T) {
+    onProgress?.(s / (B * T), n, `forward ${s / (B * T) + 1}/${n}`);
     await enclave.forward(Int32Array.from(stream.slice(s, s + B * T)), B, T);
   }
   return out;
@@ -79,6 +81,7 @@ export interface MlpPermutationOptions {
   corpus: string;
   publicTokens?: number;
   maxRows?: number;
+  onProgress?: AttackProgress;
 }
 
 export async function mlpPermutationAttack(view: LoadedView, pub: GPT2Weights, truth: ViewTruth | null, o: MlpPermutationOptions): Promise<AttackResult> {
@@ -95,12 +98,14 @@ export async function mlpPermutationAttack(view: LoadedView, pub: GPT2Weights, t
     }
   });
   if (seen.every((s) => s.length === 0)) throw new InputError(`view ${view.file} holds no MLP hidden activations (fc outputs); record it without a layer filter`);
-  const pubF = await publicHidden(pub, o.corpus, o.publicTokens ?? 8192, 64);
+  const phase = twoPhases(o.onProgress, c.n_layer, 'the public model on the corpus');
+  const pubF = await publicHidden(pub, o.corpus, o.publicTokens ?? 8192, 64, phase.first);
   const bundle = gpt2Linears(view.bundle(), 'mlp-permutation');
   const pubW = blockWeightsOf(pub, view.header.mode === 'sealed');
   const perLayer: (number | null)[] = [];
   const found: Int32Array[] = [];
   for (let l = 0; l < c.n_layer; l++) {
+    phase.next(l, `matching the units of layer ${l}`);
     if (seen[l].length === 0) { perLayer.push(null); continue; }
     const fs = unitStats(seen[l], w, maxRows), fp = unitStats(pubF[l], w, maxRows);
     const F = NF + 1;
@@ -129,6 +134,7 @@ export async function mlpPermutationAttack(view: LoadedView, pub: GPT2Weights, t
       perLayer.push(ok / w);
     } else perLayer.push(null);
   }
+  phase.next(c.n_layer, 'done');
   const scoredLayers = perLayer.filter((x): x is number => x !== null);
   const value = scoredLayers.length ? scoredLayers.reduce((s, x) => s + x, 0) / scoredLayers.length : NaN;
   return {

@@ -28,7 +28,7 @@ import { InputError } from '../errors.js';
 import { gemm, gemmABt, polar } from './linalg.js';
 import { alignWeights } from './weight_alignment.js';
 import { toPlainRows } from './decode.js';
-import { firstLayerBatches, truthOf, scoredRow, resultBase, corpusStats, ranked, type AttackResult } from './common.js';
+import { firstLayerBatches, truthOf, scoredRow, resultBase, corpusStats, ranked, twoPhases, type AttackProgress, type AttackResult } from './common.js';
 
 export interface UnmixOptions {
   /** public corpus (JSONL): the prior that fills guesses, and the baseline */
@@ -39,6 +39,7 @@ export interface UnmixOptions {
   /** candidate tokens: the whole vocabulary (default), or only the tokens of the public corpus (faster) */
   vocab?: 'all' | 'corpus';
   seed?: number;
+  onProgress?: AttackProgress;
 }
 
 /** An orthonormal basis [k, d] of the span of rows x [n, d] (modified Gram-Schmidt twice, float64). */
@@ -68,7 +69,9 @@ export function rowBasis(x: ArrayLike<number>, n: number, d: number, tol = 1e-6)
 }
 
 /** Symmetric FastICA with the tanh contrast on whitened signals z [k, m] (unit variance rows): the sources [k, m]. */
-export function fastIca(z: Float64Array, k: number, m: number, seed = 1, iters = 200): Float64Array {
+const ICA_ITERATIONS = 200;
+
+export function fastIca(z: Float64Array, k: number, m: number, seed = 1, iters = ICA_ITERATIONS, onIteration?: (it: number) => void): Float64Array {
   let W = haarOrthogonal(k, KeyedRng.fromSeed(`ica:${seed}`));
   const Y = new Float64Array(k * m);
   const mul = (A: Float64Array) => { // Y = A z
@@ -79,6 +82,7 @@ export function fastIca(z: Float64Array, k: number, m: number, seed = 1, iters =
     }
   };
   for (let it = 0; it < iters; it++) {
+    onIteration?.(it);
     mul(W.data);
     const Wn = mat(k, k);
     for (let i = 0; i < k; i++) {
@@ -135,7 +139,7 @@ class Dictionary {
   }
 
   /** candidates (token, position) whose relative residual against the orthonormal basis is <= tol, best first */
-  inSpan(basis: Float64Array[], tol: number): { t: number; p: number; res: number }[] {
+  inSpan(basis: Float64Array[], tol: number, onPosition?: (p: number) => void): { t: number; p: number; res: number }[] {
     const d = this.w.config.n_embd, V = this.tokens.length;
     const k = basis.length;
     if (k === 0) return [];
@@ -143,6 +147,7 @@ class Dictionary {
     basis.forEach((u, i) => U.set(u, i * d));
     const out: { t: number; p: number; res: number }[] = [];
     for (let p = 0; p < this.positions; p++) {
+      onPosition?.(p);
       const proj = gemmABt(this.at(p), U, V, k, d); // [V, k]
       for (let t = 0; t < V; t++) {
         let s = 0;
@@ -155,10 +160,11 @@ class Dictionary {
   }
 
   /** the best (token, position) of each unit source [k, d] by |cosine| */
-  nearest(src: Float32Array, k: number): { t: number; p: number; cos: number }[] {
+  nearest(src: Float32Array, k: number, onPosition?: (p: number) => void): { t: number; p: number; cos: number }[] {
     const d = this.w.config.n_embd, V = this.tokens.length;
     const best = Array.from({ length: k }, () => ({ t: -1, p: -1, cos: 0 }));
     for (let p = 0; p < this.positions; p++) {
+      onPosition?.(p);
       const sim = gemmABt(src, this.at(p), k, V, d);
       for (let i = 0; i < k; i++) for (let t = 0; t < V; t++) {
         const c = Math.abs(sim[i * V + t]);
@@ -211,21 +217,25 @@ export function unmixAttack(view: LoadedView, publicBase: GPT2Weights, truth: Vi
   const t0 = performance.now();
   const c = view.header.config;
   const d = c.n_embd;
-  const al = alignWeights(view, publicBase);
+  const positions = Math.min(o.positions ?? 64, c.n_ctx);
+  if (!(positions >= 1)) throw new InputError(`unmix: --positions must be >= 1, got ${o.positions}`);
+  const batches = firstLayerBatches(view, o.maxBatches ?? 8);
+  // progress: the alignment, then per batch a unit per dictionary position (three passes) and per ICA iteration
+  const per = 3 * positions + ICA_ITERATIONS;
+  const phase = twoPhases(o.onProgress, batches.length * per);
+  const al = alignWeights(view, publicBase, { onProgress: phase.first });
   const lay = publicBase.layout, pp = publicBase.params;
   const gain = al.mode === 'sealed' ? new Float32Array(d).fill(1) : Float32Array.from(lay.layer(pp, 'ln1w', 0));
   const beta = al.mode === 'sealed' ? new Float32Array(d) : Float32Array.from(lay.layer(pp, 'ln1b', 0));
-  const positions = Math.min(o.positions ?? 64, c.n_ctx);
-  if (!(positions >= 1)) throw new InputError(`unmix: --positions must be >= 1, got ${o.positions}`);
   const stats = corpusStats(o.corpus, c.vocab_size, c.n_ctx, null, 0);
   const pad = truth.pad_token_id; // the protocol's padding is public: a pad row is no guess
   const cand = o.vocab === 'corpus' ? Int32Array.from(new Set([...stats.overall.keys(), ...(pad !== null ? [pad] : [])])).sort() : Int32Array.from({ length: c.vocab_size }, (_, i) => i);
   const dict = new Dictionary(publicBase, gain, beta, positions, cand);
-  const batches = firstLayerBatches(view, o.maxBatches ?? 8);
   let ica = 0, dic = 0, best = 0, base = 0, scoredBatches = 0, scoredTokens = 0, rankSum = 0;
   const inter: { dim: number; guesses: number; precision: number }[] = [];
   let prevBasis: Float64Array[] | null = null, prevTokens: Set<string> | null = null;
-  for (const b of batches) {
+  for (const [i, b] of batches.entries()) {
+    const step = (at: number, what: string) => phase.next(i * per + at, `batch ${i + 1}/${batches.length}: ${what}`);
     const t = truthOf(truth, b);
     const a = toPlainRows(al, b); // rows carried to the plain layer-norm space (mixing acts on rows: it commutes)
     const basis = rowBasis(a, b.rows, d);
@@ -237,7 +247,7 @@ export function unmixAttack(view: LoadedView, publicBase: GPT2Weights, truth: Vi
       if (n > 0) {
         const prior = priorBag(stats.overall, n);
         // dictionary: the candidates in the span, unless the span is (nearly) the whole space
-        const hits = basis.length < d ? dict.inSpan(basis, 0.05) : [];
+        const hits = basis.length < d ? dict.inSpan(basis, 0.05, (p) => step(p, `dictionary, position ${p + 1}/${positions}`)) : [];
         // at most one candidate per dimension of the span, the nearest first; a span that holds
         // far more candidates than its dimension (nearly the whole space) tells nothing
         const gDict = fill(hits.length <= 2 * basis.length ? hits.slice(0, basis.length).map((h) => h.t).filter((x) => x !== pad) : [], prior, n);
@@ -247,13 +257,13 @@ export function unmixAttack(view: LoadedView, publicBase: GPT2Weights, truth: Vi
         if (k >= 2) {
           const z = new Float64Array(k * d);
           for (let i = 0; i < k; i++) for (let j = 0; j < d; j++) z[i * d + j] = basis[i][j] * Math.sqrt(d);
-          const S = fastIca(z, k, d, o.seed ?? 1);
+          const S = fastIca(z, k, d, o.seed ?? 1, ICA_ITERATIONS, (it) => step(positions + it, `ICA, iteration ${it + 1}`));
           const src = new Float32Array(k * d);
           for (let i = 0; i < k; i++) {
             const nn = Math.sqrt(S.subarray(i * d, (i + 1) * d).reduce((s, v) => s + v * v, 0)) || 1;
             for (let j = 0; j < d; j++) src[i * d + j] = S[i * d + j] / nn;
           }
-          gIca = fill(dict.nearest(src, k).filter((x) => x.cos >= 0.95 && x.t !== pad).map((x) => x.t), prior, n);
+          gIca = fill(dict.nearest(src, k, (p) => step(positions + ICA_ITERATIONS + p, `ICA sources against the dictionary, position ${p + 1}/${positions}`)).filter((x) => x.cos >= 0.95 && x.t !== pad).map((x) => x.t), prior, n);
         }
         const ri = bagRecovery(gIca, real), rd = bagRecovery(gDict, real);
         ica += ri * n; dic += rd * n; best += Math.max(ri, rd) * n; base += bagRecovery(prior, real) * n;
@@ -275,7 +285,7 @@ export function unmixAttack(view: LoadedView, publicBase: GPT2Weights, truth: Vi
           return p2.reduce((q, v) => q + v * v, 0) > 0.999;
         });
         const common: number[] = [];
-        const found = ib.length < d && ib.length > 0 ? dict.inSpan(ib, 0.05) : [];
+        const found = ib.length < d && ib.length > 0 ? dict.inSpan(ib, 0.05, (p) => step(2 * positions + ICA_ITERATIONS + p, `intersection with the previous call, position ${p + 1}/${positions}`)) : [];
         for (const h of found.length <= 2 * ib.length ? found.slice(0, ib.length) : []) common.push(h.t * 100003 + h.p);
         const both = [...pairs].filter((q) => prevTokens!.has(q));
         const shared = new Set(both);
@@ -284,6 +294,7 @@ export function unmixAttack(view: LoadedView, publicBase: GPT2Weights, truth: Vi
       }
       prevBasis = basis; prevTokens = pairs;
     }
+    phase.next((i + 1) * per, `batch ${i + 1}/${batches.length} done`);
   }
   if (scoredTokens === 0) throw new InputError(`view ${view.file}: no first-layer batch matches its truth file (nothing to score)`);
   const mean = (xs: number[]) => (xs.length ? xs.reduce((s, x) => s + x, 0) / xs.length : NaN);

@@ -28,7 +28,7 @@ import { InputError } from '../errors.js';
 import {
   mat, transpose, matmul, polar, lstsq, inverse, relResidual, hungarian, unitRows, gemmABt, gemm, transpose32, block64, toF32, type Mat64,
 } from './linalg.js';
-import { resultBase, type AttackResult } from './common.js';
+import { resultBase, type AttackProgress, type AttackResult } from './common.js';
 
 /** Plain-basis weights of one block with the layer norm's affine part folded into qkv and fc (sealed), or plain (paper). */
 export interface BlockWeights {
@@ -208,9 +208,11 @@ function rightMul(x: Float32Array, rows: number, M: Float32Array, c: number, tra
 }
 
 /** The sealed-mode alignment. */
-function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: number, maxRounds: number): Alignment {
+function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: number, maxRounds: number, progress?: AttackProgress): Alignment {
   const L = acc.n_layer;
   const n = 4 * d;
+  // progress: the anchors of each layer, each round, the final assignment of each layer
+  const tick = (done: number, label: string) => progress?.(done, 2 * L + maxRounds, label);
   // per layer: a rows (columns of W*fc), b rows (rows of W*p); public x rows, y rows
   const A = acc.layers.map((x) => transpose32(x.fc.w, d, n));
   const Bm = acc.layers.map((x) => x.fcproj.w);
@@ -247,6 +249,7 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
       S[j * n + k] = -s;
     }
     anchors.push(mutualBest(S, n));
+    tick(l + 1, `invariants, layer ${l}`);
   }
   // 2. Procrustes on anchors, re-match, repeat
   let Q: Float32Array = new Float32Array(d * d);
@@ -273,6 +276,7 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
       total += next[l].length;
     }
     anchors = next;
+    tick(L + rounds + 1, `refinement round ${rounds + 1}, ${total} anchors`);
     if (total === prev) { rounds++; break; }
     prev = total;
   }
@@ -305,12 +309,13 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
       attprojw: unmaskAttproj(WoM, hd.headPerm, pub[l].attprojw, d, H), attprojb: rightMul(a.attproj.b, 1, Qm, d, true),
       fcw, fcb, fcprojw, fcprojb: rightMul(a.fcproj.b, 1, Qm, d, true),
     });
+    tick(L + maxRounds + l + 1, `assignment, layer ${l}`);
   }
   return { mode: 'sealed', Q: Qm, R1inv: null, perm, headPerm, weights, rounds, maskModel };
 }
 
 /** The paper-mode (one-sided) alignment. */
-function alignPaper(acc: BlockLinears, pub: BlockWeights[], d: number, H: number): Alignment {
+function alignPaper(acc: BlockLinears, pub: BlockWeights[], d: number, H: number, progress?: AttackProgress): Alignment {
   const L = acc.n_layer;
   const n = 4 * d;
   const perm: Int32Array[] = [], headPerm: Int32Array[] = [], weights: BlockWeights[] = [], R1inv: Float32Array[] = [];
@@ -379,18 +384,19 @@ function alignPaper(acc: BlockLinears, pub: BlockWeights[], d: number, H: number
       attprojw: unmaskAttproj(a.attproj.w, hd.headPerm, P.attprojw, d, H), attprojb: Float32Array.from(a.attproj.b),
       fcw, fcb, fcprojw, fcprojb: Float32Array.from(a.fcproj.b),
     });
+    progress?.(l + 1, L, `layer ${l}`);
   }
   return { mode: 'paper', Q: null, R1inv, perm, headPerm, weights, rounds: 0, maskModel };
 }
 
-export function alignWeights(view: LoadedView, publicBase: GPT2Weights, o: { maxRounds?: number } = {}): Alignment {
+export function alignWeights(view: LoadedView, publicBase: GPT2Weights, o: { maxRounds?: number; onProgress?: AttackProgress } = {}): Alignment {
   const h = view.header;
   if (h.mode !== 'sealed' && h.mode !== 'paper') throw new InputError(`weight-alignment needs a sealed or paper view; this one is ${h.mode} mode (plain weights: nothing to align)`);
   if (h.two_sided) throw new InputError('weight-alignment handles one-sided paper mode and sealed mode; this view is two-sided paper mode');
   const pub = blockWeightsOf(publicBase, h.mode === 'sealed');
   const acc = gpt2Linears(view.bundle(), 'weight-alignment');
   const { n_embd: d, n_head: H } = h.config;
-  return h.mode === 'sealed' ? alignSealed(acc, pub, d, H, o.maxRounds ?? 12) : alignPaper(acc, pub, d, H);
+  return h.mode === 'sealed' ? alignSealed(acc, pub, d, H, o.maxRounds ?? 12, o.onProgress) : alignPaper(acc, pub, d, H, o.onProgress);
 }
 
 const KINDS = ['qkvw', 'attprojw', 'fcw', 'fcprojw'] as const;
@@ -430,9 +436,9 @@ export function permutationAccuracy(found: Int32Array[], truth: number[][] | nul
 }
 
 /** The attack as a command: alignment, then the scores against the provider's true weights. */
-export function weightAlignmentAttack(view: LoadedView, publicBase: GPT2Weights, truth: ViewTruth | null, providerModel: GPT2Weights | null): AttackResult {
+export function weightAlignmentAttack(view: LoadedView, publicBase: GPT2Weights, truth: ViewTruth | null, providerModel: GPT2Weights | null, onProgress?: AttackProgress): AttackResult {
   const t0 = performance.now();
-  const al = alignWeights(view, publicBase);
+  const al = alignWeights(view, publicBase, { onProgress });
   const seconds = (performance.now() - t0) / 1000;
   const folded = view.header.mode === 'sealed';
   const pub = blockWeightsOf(publicBase, folded);

@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import { loadCheckpoint } from '../model/checkpoint.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { loadView, loadTruth, checkView, type LoadedView, type ViewTruth } from '../protocol/view.js';
-import type { AttackResult } from '../attacks/common.js';
+import type { AttackProgress, AttackResult } from '../attacks/common.js';
 import { weightAlignmentAttack } from '../attacks/weight_alignment.js';
 import { decodePublicBaseAttack } from '../attacks/decode.js';
 import { frequencyAttack } from '../attacks/frequency.js';
@@ -15,6 +15,7 @@ import { unmixAttack } from '../attacks/unmix.js';
 import { parseFloatArg, parseIntArg } from './model_args.js';
 import { InputError, ViewError } from '../errors.js';
 import { emit } from './output.js';
+import { progressBar } from './progress.js';
 
 interface Common { view: string; truth?: string; mode?: string; json?: boolean }
 
@@ -35,6 +36,19 @@ function publicModel(dir: string, view: LoadedView): GPT2Weights {
   const w = loadCheckpoint(dir);
   checkView(view, { config: w.config, what: `the public model ${dir}` });
   return w;
+}
+
+/** Runs an attack with its progress on stderr (`attack NAME: done/total ...`), then prints the result. */
+async function attackWith(name: string, attack: (onProgress: AttackProgress) => AttackResult | Promise<AttackResult>): Promise<void> {
+  const bar = progressBar(1, `attack ${name}`, '{label}');
+  let units = 1;
+  const r = await attack((done, total, label) => {
+    bar.setTotal((units = total));
+    bar.update(done, { label });
+  });
+  bar.update(units, { label: 'done' });
+  bar.stop();
+  print(r);
 }
 
 function print(r: AttackResult): void {
@@ -66,7 +80,7 @@ export function addAttackCommands(program: Command): void {
       const provDir = o.provider ?? truth?.model ?? null;
       const prov = provDir ? loadCheckpoint(provDir) : null;
       if (prov) checkView(view, { config: prov.config, what: `the provider model ${provDir}` });
-      print(weightAlignmentAttack(view, pub, truth, prov));
+      return attackWith('weight-alignment', (p) => weightAlignmentAttack(view, pub, truth, prov, p));
     });
 
   common(attack.command('decode-public-base')
@@ -76,7 +90,8 @@ export function addAttackCommands(program: Command): void {
     .option('--max-batches <n>', 'decode at most this many batches', parseIntArg('--max-batches'))
     .action((o: Common & { public: string; corpus: string; maxBatches?: number }) => {
       const { view, truth } = open(o);
-      print(decodePublicBaseAttack(view, publicModel(o.public, view), needTruth(truth, o), { corpus: o.corpus, maxBatches: o.maxBatches }));
+      const pub = publicModel(o.public, view), t = needTruth(truth, o);
+      return attackWith('decode-public-base', (onProgress) => decodePublicBaseAttack(view, pub, t, { corpus: o.corpus, maxBatches: o.maxBatches, onProgress }));
     });
 
   common(attack.command('frequency')
@@ -90,7 +105,8 @@ export function addAttackCommands(program: Command): void {
         if (!Number.isInteger(n) || n < 1) throw new InputError(`--counts: "${s}" is not a positive integer`);
         return n;
       });
-      print(frequencyAttack(view, needTruth(truth, o), { corpus: o.corpus, counts }));
+      const t = needTruth(truth, o);
+      return attackWith('frequency', (onProgress) => frequencyAttack(view, t, { corpus: o.corpus, counts, onProgress }));
     });
 
   common(attack.command('known-plaintext')
@@ -99,7 +115,8 @@ export function addAttackCommands(program: Command): void {
     .option('--seed <n>', 'which records are known', parseIntArg('--seed'), 1)
     .action((o: Common & { knownFraction: number; seed: number }) => {
       const { view, truth } = open(o);
-      print(knownPlaintextAttack(view, needTruth(truth, o), { knownFraction: o.knownFraction, seed: o.seed }));
+      const t = needTruth(truth, o);
+      return attackWith('known-plaintext', (onProgress) => knownPlaintextAttack(view, t, { knownFraction: o.knownFraction, seed: o.seed, onProgress }));
     });
 
   common(attack.command('label-recovery')
@@ -108,7 +125,8 @@ export function addAttackCommands(program: Command): void {
     .option('--seed <n>', 'k-means seed', parseIntArg('--seed'), 1)
     .action((o: Common & { corpus: string; seed: number }) => {
       const { view, truth } = open(o);
-      print(labelRecoveryAttack(view, needTruth(truth, o), { corpus: o.corpus, seed: o.seed }));
+      const t = needTruth(truth, o);
+      return attackWith('label-recovery', () => labelRecoveryAttack(view, t, { corpus: o.corpus, seed: o.seed }));
     });
 
   common(attack.command('unmix')
@@ -119,7 +137,8 @@ export function addAttackCommands(program: Command): void {
     .option('--positions <n>', 'candidate positions 0..n-1 (default: min(n_ctx, 64))', parseIntArg('--positions'))
     .action((o: Common & { public: string; corpus: string; maxBatches: number; positions?: number }) => {
       const { view, truth } = open(o);
-      print(unmixAttack(view, publicModel(o.public, view), needTruth(truth, o), { corpus: o.corpus, maxBatches: o.maxBatches, positions: o.positions }));
+      const pub = publicModel(o.public, view), t = needTruth(truth, o);
+      return attackWith('unmix', (onProgress) => unmixAttack(view, pub, t, { corpus: o.corpus, maxBatches: o.maxBatches, positions: o.positions, onProgress }));
     });
 
   common(attack.command('mlp-permutation')
@@ -128,6 +147,7 @@ export function addAttackCommands(program: Command): void {
     .requiredOption('--corpus <file>', 'a public JSONL corpus to run the public model on')
     .action(async (o: Common & { public: string; corpus: string }) => {
       const { view, truth } = open(o);
-      print(await mlpPermutationAttack(view, publicModel(o.public, view), truth, { corpus: o.corpus }));
+      const pub = publicModel(o.public, view);
+      return attackWith('mlp-permutation', (onProgress) => mlpPermutationAttack(view, pub, truth, { corpus: o.corpus, onProgress }));
     });
 }

@@ -469,14 +469,19 @@ export function buildProgram(): Command {
         if ((mode !== 'sealed' && mode !== 'paper') || (defence !== undefined && defence !== 'public-base')) throw new InputError(`--modes: "${x}" is not MODE:KAPPA or MODE:KAPPA:public-base (MODE sealed or paper)`);
         return { mode: mode as 'sealed' | 'paper', kappa, publicBase: defence === 'public-base' };
       });
+      const bar = progressBar(1, 'experiment security', '{label}');
       const res = await runSecurityExperiment({
         publicModel: o.public, providerCorpus: o.providerCorpus, providerSteps: o.providerSteps ?? (o.quick ? 20 : 60), providerLr: o.providerLr, providerModel: o.providerModel,
         ownerData: o.ownerData, publicCorpus: o.publicCorpus, modes, deltaChoice: o.deltaEnergy !== undefined ? { energy: o.deltaEnergy } : undefined,
         steps: o.steps ?? (o.quick ? 12 : 100), batch: o.batch, maxLen: o.maxLen, decodeBatches: o.decodeBatches ?? (o.quick ? 4 : 20),
         attacks: o.attacks ? String(o.attacks).split(',').map((s: string) => s.trim()) as never : undefined,
         defences: String(o.defences).split(',').map((s: string) => s.trim()) as never, unmixBatches: o.unmixBatches, unmixPositions: o.unmixPositions,
-        out: o.out, log: (s) => console.error(s),
+        out: o.out, log: (s) => console.error(s), onProgress: (d, n, label) => {
+          bar.setTotal(n);
+          bar.update(d, { label });
+        },
       });
+      bar.stop();
       const t = securityTable(res);
       const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
       emit(res, [...[t.head, ...t.rows].map((r) => r.slice(0, -1).map((c, i) => c.padEnd(w[i])).join('  ')), `\nwrote ${o.out}/security.json and ${o.out}/security.html`]);
@@ -507,8 +512,22 @@ export function buildProgram(): Command {
         return v;
       });
       const choices = [...list(o.ranks, '--ranks').map((rank) => ({ rank })), ...list(o.energies, '--energies').map((energy) => ({ energy }))];
-      const model = o.model ?? await makeProviderModel(o.public, o.providerCorpus, o.providerSteps, 3e-4, path.join(o.out, 'public-base', 'provider-model'));
-      const r = await runPublicBaseCost({ publicModel: o.public, providerModel: model, evalFile: o.eval, choices, mode: o.mode, seq: o.seq, batch: o.batch, maxBatches: o.maxBatches, log: (s) => console.error(s) });
+      // progress: the provider's fine-tuning (without --model), then a unit per model scored
+      const bar = progressBar(1, 'experiment public-base', '{label}');
+      const steps = o.model ? 0 : o.providerSteps;
+      const model = o.model ?? await makeProviderModel(o.public, o.providerCorpus, o.providerSteps, 3e-4, path.join(o.out, 'public-base', 'provider-model'), 1, (s) => {
+        bar.setTotal(steps + 2 + choices.length);
+        bar.update(s + 1, { label: `provider model, step ${s + 1}/${steps}` });
+      });
+      const r = await runPublicBaseCost({
+        publicModel: o.public, providerModel: model, evalFile: o.eval, choices, mode: o.mode, seq: o.seq, batch: o.batch, maxBatches: o.maxBatches, log: (s) => console.error(s),
+        onProgress: (d, n, label) => {
+          bar.setTotal(steps + n);
+          bar.update(steps + d, { label });
+        },
+      });
+      bar.update(steps + 2 + choices.length, { label: 'done' });
+      bar.stop();
       const t = publicBaseCostTable(r);
       const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((x) => x[i].length)));
       emit(r, [

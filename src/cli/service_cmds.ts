@@ -197,7 +197,12 @@ export function addPartyCommands(program: Command): void {
     .action((o) => {
       const spec = parseMaskSpec(String(o.kappa));
       refuseNonEmpty(o.out, o.force, 'provider obfuscate', BUNDLE_DIRS);
-      const { acceleratorSha256 } = writeObfuscation(o.out, obfuscateWeights(loadCheckpoint(o.model), { mode: o.mode, spec, publicBase: publicBaseOf(o) }));
+      const w = loadCheckpoint(o.model);
+      const bar = progressBar(2 * w.config.n_layer, 'provider obfuscate', '{phase}');
+      let done = 0;
+      const r = obfuscateWeights(w, { mode: o.mode, spec, publicBase: publicBaseOf(o), onLayer: (phase) => bar.update(++done, { phase }) });
+      bar.stop();
+      const { acceleratorSha256 } = writeObfuscation(o.out, r);
       emit({ out: o.out, mode: o.mode, kappa: String(o.kappa), accelerator_sha256: acceleratorSha256 }, `bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
     });
   const provKey = (o: { key?: string; bundles: string }) => o.key ?? nodePath.join(o.bundles, 'provider', 'party-key.json');
@@ -209,9 +214,14 @@ export function addPartyCommands(program: Command): void {
     .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)'))
     .action(async (o) => {
       const c = await connect(o, provKey(o));
-      const a = await uploadAcceleratorBundle(o.accelerator, nodePath.join(o.bundles, 'accelerator'), c.key);
+      // progress: one unit per bundle, what is happening in the label
+      const bar = progressBar(2, 'provider deploy', '{label}');
+      const a = await uploadAcceleratorBundle(o.accelerator, nodePath.join(o.bundles, 'accelerator'), c.key, (_d, _n, label) => bar.update(0, { label: `accelerator bundle: ${label}` }));
+      bar.update(1, { label: `accelerator loaded bundle ${a.manifest_sha256.slice(0, 16)}...` });
+      const e = await uploadEnclaveBundle(c, nodePath.join(o.bundles, 'enclave'), (_d, _n, label) => bar.update(1, { label: `enclave bundle: ${label}` }));
+      bar.update(2, { label: 'deployed' });
+      bar.stop();
       console.error(`accelerator loaded bundle ${a.manifest_sha256.slice(0, 16)}...`);
-      const e = await uploadEnclaveBundle(c, nodePath.join(o.bundles, 'enclave'));
       emit({ accelerator: a, enclave: e }, `deployed: accelerator bundle ${a.manifest_sha256.slice(0, 16)}..., enclave bundle ${JSON.stringify(e)}`);
       c.close();
     });
@@ -256,7 +266,12 @@ export function addPartyCommands(program: Command): void {
     .action(async (o) => {
       const c = await connect(o, ownerKey(o));
       const train = readJsonObjects(o.train), evalRecs = o.eval ? readJsonObjects(o.eval) : null;
-      emit({ train: await uploadRecords(c, 'train', train), eval: evalRecs ? await uploadRecords(c, 'eval', evalRecs) : null },
+      // progress: a unit per record encrypted here, one per record the enclave checks and opens
+      const bar = progressBar(2 * (train.length + (evalRecs?.length ?? 0)), 'owner upload', '{label}');
+      const up = (split: 'train' | 'eval', recs: object[], off: number) => uploadRecords(c, split, recs, (d, _n, label) => bar.update(off + d, { label: `${split}: ${label}` }));
+      const result = { train: await up('train', train, 0), eval: evalRecs ? await up('eval', evalRecs, 2 * train.length) : null };
+      bar.stop();
+      emit(result,
         `uploaded ${train.length} training${evalRecs ? ` and ${evalRecs.length} evaluation` : ''} records, each encrypted to the enclave`);
       c.close();
     });

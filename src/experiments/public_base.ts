@@ -29,6 +29,8 @@ export interface PublicBaseCostOptions {
   batch: number;
   maxBatches: number;
   log?: (s: string) => void;
+  /** a unit per model scored (the provider's, then one per choice) */
+  onProgress?: (done: number, total: number, label: string) => void;
 }
 
 export interface PublicBaseCostRow {
@@ -86,13 +88,16 @@ export async function runPublicBaseCost(o: PublicBaseCostOptions): Promise<Publi
   const pub = loadCheckpoint(o.publicModel), prov = loadCheckpoint(o.providerModel);
   const T = Math.min(o.seq, prov.config.n_ctx);
   const { stream } = corpusFromJsonl([o.evalFile], tokenizerFor(prov.config.vocab_size), true);
+  const choices = [{ rank: 0 }, ...o.choices];
+  o.onProgress?.(0, 1 + choices.length, 'the provider model');
   const full = await scoreLM(prov, stream, T, o.batch, o.maxBatches);
   const agree = (a: Int32Array) => a.reduce((s, t, i) => s + (t === full.top1[i] ? 1 : 0), 0) / a.length;
   const d = prov.config.n_embd;
   const linearParams = LINEARS.reduce((s, n) => s + linearDims(n, d)[0] * linearDims(n, d)[1], 0) * prov.config.n_layer;
   const rows: PublicBaseCostRow[] = [];
   let base = { loss: NaN, accuracy: NaN, delta_relative_size: NaN };
-  for (const choice of [{ rank: 0 }, ...o.choices]) {
+  for (const [i, choice] of choices.entries()) {
+    o.onProgress?.(1 + i, 1 + choices.length, label(choice));
     const obf = obfuscateWeights(prov, { mode: o.mode, seed: 0, publicBase: { weights: pub, choice } });
     const r = obf.delta!;
     const fm = deobfuscate(prov, obf.accelerator, obf.enclave.tensors, deriveMasks(prov.config, obf.key, obf.params)); // the factored model

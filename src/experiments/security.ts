@@ -26,7 +26,7 @@ import { trainLM } from '../train/lm.js';
 import { corpusFromJsonl } from '../train/pretrain.js';
 import { loadView, loadTruth } from '../protocol/view.js';
 import { recordSession } from '../attacks/record.js';
-import type { AttackResult } from '../attacks/common.js';
+import type { AttackProgress, AttackResult } from '../attacks/common.js';
 import { weightAlignmentAttack } from '../attacks/weight_alignment.js';
 import { decodePublicBaseAttack } from '../attacks/decode.js';
 import { frequencyAttack } from '../attacks/frequency.js';
@@ -78,6 +78,8 @@ export interface SecurityOptions {
   out: string;
   seed?: number;
   log?: (s: string) => void;
+  /** units: the provider's fine-tuning, then per view its recording and each attack; the label says which step or phase */
+  onProgress?: AttackProgress;
 }
 
 export interface SecurityRow extends AttackResult {
@@ -99,12 +101,12 @@ export interface SecurityResults {
 }
 
 /** The provider's model: the public one fine-tuned on the provider's corpus (plain, full, AdamW). */
-export async function makeProviderModel(publicDir: string, corpus: string, steps: number, lr: number, out: string, seed = 1): Promise<string> {
+export async function makeProviderModel(publicDir: string, corpus: string, steps: number, lr: number, out: string, seed = 1, onStep?: (step: number) => void): Promise<string> {
   const w = loadCheckpoint(publicDir);
   const model = new GPT2(w); // a fresh copy: loadCheckpoint allocates new (shared) buffers
   const tok = tokenizerFor(w.config.vocab_size);
   const { stream } = corpusFromJsonl([corpus], tok);
-  await trainLM(model, stream, { steps, batch: 8, seq: Math.min(64, w.config.n_ctx), lr, warmup: Math.max(1, Math.floor(steps / 10)), seed });
+  await trainLM(model, stream, { steps, batch: 8, seq: Math.min(64, w.config.n_ctx), lr, warmup: Math.max(1, Math.floor(steps / 10)), seed, onStep: onStep && ((s) => onStep(s.step)) });
   saveCheckpoint(out, model.weights());
   return out;
 }
@@ -122,16 +124,20 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
   mkdirSync(path.join(dir, 'views'), { recursive: true });
   const lr = o.providerLr ?? 3e-4;
   const seed = o.seed ?? 1;
+  const defences = o.defences ?? [...DEFENCES];
+  for (const d of defences) if (!(DEFENCES as readonly string[]).includes(d)) throw new InputError(`unknown defence "${d}" (expected one of ${DEFENCES.join(', ')})`);
+  const total = (o.providerModel ? 0 : 1) + o.modes.length * defences.length * (1 + attacks.length);
+  let done = 0;
+  const at = (label: string) => o.onProgress?.(done, total, label);
   log(`provider model: ${o.publicModel} fine-tuned ${o.providerSteps} steps on ${o.providerCorpus}`);
-  const provDir = o.providerModel ?? await makeProviderModel(o.publicModel, o.providerCorpus, o.providerSteps, lr, path.join(dir, 'provider-model'), seed);
+  const provDir = o.providerModel ?? await makeProviderModel(o.publicModel, o.providerCorpus, o.providerSteps, lr, path.join(dir, 'provider-model'), seed, (s) => at(`provider model, step ${s + 1}/${o.providerSteps}`));
+  if (!o.providerModel) done++;
   const prov = loadCheckpoint(provDir);
   const pub = loadCheckpoint(o.publicModel);
   const tok = tokenizerFor(prov.config.vocab_size);
   const padId = tok.eotId;
   const rows: SecurityRow[] = [];
   const hiddenBatches = o.hiddenBatches ?? 8;
-  const defences = o.defences ?? [...DEFENCES];
-  for (const d of defences) if (!(DEFENCES as readonly string[]).includes(d)) throw new InputError(`unknown defence "${d}" (expected one of ${DEFENCES.join(', ')})`);
   for (const m of o.modes) for (const defence of defences) {
     const name = `${m.mode}-k${m.kappa}${m.publicBase ? '-public-base' : ''}${defence === 'token-mixing' ? '-mix' : ''}`;
     const viewFile = path.join(dir, 'views', `${name}.view.safetensors`);
@@ -159,8 +165,10 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
     writeRunSpec(runDir, spec);
     const t0 = performance.now();
     log(`${name}: owner LoRA fine-tuning, ${o.steps} steps, recording the view`);
-    await runFinetune(sess.model, train, null, toFinetuneConfig(spec, sess.modelId), runDir, padId, { rng: sess.rng });
+    at(`${name}: recording the view`);
+    await runFinetune(sess.model, train, null, toFinetuneConfig(spec, sess.modelId), runDir, padId, { rng: sess.rng, onStep: (s) => at(`${name}: recording the view, step ${s.step}/${o.steps}`) });
     rec.save(viewFile);
+    done++;
     log(`${name}: recorded in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
     const view = loadView(viewFile);
     const truth = loadTruth(`${viewFile}.truth.json`, view);
@@ -176,22 +184,26 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
     };
     for (const a of attacks) {
       const t1 = performance.now();
+      at(`${name} ${a}`);
+      const p: AttackProgress = (d, n, label) => at(`${name} ${a}: ${label} (${d}/${n})`);
       let r: AttackResult;
       switch (a) {
-        case 'weight-alignment': r = weightAlignmentAttack(view, pub, truth, prov); break;
-        case 'decode-public-base': r = decodePublicBaseAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.decodeBatches }); break;
-        case 'mlp-permutation': r = await mlpPermutationAttack(view, pub, truth, { corpus: o.publicCorpus }); break;
-        case 'frequency': r = frequencyAttack(view, truth, { corpus: o.publicCorpus }); break;
-        case 'known-plaintext': r = knownPlaintextAttack(view, truth, { knownFraction: 0.1, seed }); break;
+        case 'weight-alignment': r = weightAlignmentAttack(view, pub, truth, prov, p); break;
+        case 'decode-public-base': r = decodePublicBaseAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.decodeBatches, onProgress: p }); break;
+        case 'mlp-permutation': r = await mlpPermutationAttack(view, pub, truth, { corpus: o.publicCorpus, onProgress: p }); break;
+        case 'frequency': r = frequencyAttack(view, truth, { corpus: o.publicCorpus, onProgress: p }); break;
+        case 'known-plaintext': r = knownPlaintextAttack(view, truth, { knownFraction: 0.1, seed, onProgress: p }); break;
         case 'label-recovery': r = labelRecoveryAttack(view, truth, { corpus: o.publicCorpus, seed }); break;
-        case 'unmix': r = unmixAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.unmixBatches ?? 8, positions: o.unmixPositions }); break;
+        case 'unmix': r = unmixAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.unmixBatches ?? 8, positions: o.unmixPositions, onProgress: p }); break;
         default: throw new InputError(`unknown attack "${String(a)}"`);
       }
       const row: SecurityRow = { ...r, model: path.basename(path.resolve(o.publicModel)), view: v, command: cmds[a], seconds: (performance.now() - t1) / 1000 };
       rows.push(row);
+      done++;
       log(`${name} ${a}: ${r.metric} ${r.value.toFixed(4)} (baseline ${r.baseline.toFixed(4)})`);
     }
   }
+  at('the report');
   const res: SecurityResults = {
     format: 'obfuscatune-security/1', public_model: rel(o.publicModel), provider_model: rel(provDir),
     provider: { corpus: rel(o.providerCorpus), steps: o.providerSteps, lr },

@@ -98,6 +98,9 @@ export function partyId(k: PartyKey): string {
   return toBase64(k.signing.publicKey);
 }
 
+/** Progress of an upload: `done` of `total` units, and what it is doing (the CLI prints it on stderr). */
+export type UploadProgress = (done: number, total: number, label: string) => void;
+
 export interface EnclaveTrust {
   /** the (simulated) platform root public key, PEM file; or verifiers */
   rootPublicKey?: string;
@@ -163,15 +166,25 @@ export class EnclaveClient {
   }
 
   /** Uploads pieces, each sealed to the enclave and signed (one record per piece for datasets). */
-  async upload(kind: UploadKind, name: string, pieces: Uint8Array[]): Promise<unknown> {
-    return this.withSession(async (s) => clientStream(this.client, ENCLAVE_SERVICE.Upload, await this.uploadChunks(s, kind, name, pieces)));
+  /** Seals, signs and uploads the pieces; progress: a unit per piece sealed, as many for the enclave's checks. */
+  async upload(kind: UploadKind, name: string, pieces: Uint8Array[], onProgress?: UploadProgress): Promise<unknown> {
+    return this.withSession(async (s) => {
+      const chunks = await this.uploadChunks(s, kind, name, pieces, onProgress);
+      onProgress?.(pieces.length, 2 * pieces.length, `the enclave checks and opens ${pieces.length} pieces`);
+      const r = await clientStream(this.client, ENCLAVE_SERVICE.Upload, chunks);
+      onProgress?.(2 * pieces.length, 2 * pieces.length, 'stored');
+      return r;
+    });
   }
 
   /** The signed chunks of an upload (tests send them by hand). */
-  async uploadChunks(s: AttestedEnclave, kind: UploadKind, name: string, pieces: Uint8Array[]): Promise<UploadChunk[]> {
+  async uploadChunks(s: AttestedEnclave, kind: UploadKind, name: string, pieces: Uint8Array[], onProgress?: UploadProgress): Promise<UploadChunk[]> {
     const upload_id = randomUUID();
     const sealed = [];
-    for (let index = 0; index < pieces.length; index++) sealed.push(await sealToEnclave(s, pieces[index], chunkAad({ kind, name, upload_id, index, total: pieces.length })));
+    for (let index = 0; index < pieces.length; index++) {
+      onProgress?.(index, 2 * pieces.length, `encrypting piece ${index + 1}/${pieces.length} to the enclave`);
+      sealed.push(await sealToEnclave(s, pieces[index], chunkAad({ kind, name, upload_id, index, total: pieces.length })));
+    }
     // stamped once every piece is sealed, so a long upload is not already old when it leaves
     const ts = Date.now();
     return sealed.map((m, index) => {
@@ -228,13 +241,14 @@ export function adminAuth(key: PartyKey, method: string, payload: Uint8Array): A
 }
 
 /** Uploads the accelerator bundle (obfuscated weights), signed with the provider's key. */
-export async function uploadAcceleratorBundle(accAddress: string, bundleDir: string, key: PartyKey): Promise<{ manifest_sha256: string }> {
+export async function uploadAcceleratorBundle(accAddress: string, bundleDir: string, key: PartyKey, onProgress?: UploadProgress): Promise<{ manifest_sha256: string }> {
   const client = new AccAdminClient(accAddress, grpc.credentials.createInsecure(), clientOptions());
   try {
     const files = readdirSync(bundleDir).map((f) => ({ name: f, data: readFileSync(path.join(bundleDir, f)) }));
     const packed = packFiles(files);
     const auth = adminAuth(key, 'LoadBundle', packed);
     const parts = chunks(packed);
+    onProgress?.(0, 1, `sending ${parts.length} chunks (${(packed.length / 2 ** 20).toFixed(1)} MiB); the accelerator checks and loads them`);
     return await clientStream(client, ACC_ADMIN_SERVICE.LoadBundle, parts.map((p, index) => ({ index, total: parts.length, data: Buffer.from(p).toString('base64'), ...(index === 0 ? { auth } : {}) })));
   } finally {
     client.close();
@@ -253,9 +267,9 @@ export async function exportAcceleratorWeights(accAddress: string, key: PartyKey
 }
 
 /** Uploads the enclave bundle directory, encrypted to the attested enclave. */
-export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string): Promise<unknown> {
+export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string, onProgress?: UploadProgress): Promise<unknown> {
   const files = readdirSync(bundleDir).map((f) => ({ name: f, data: readFileSync(path.join(bundleDir, f)) }));
-  return c.upload('bundle', 'enclave', chunks(packFiles(files)));
+  return c.upload('bundle', 'enclave', chunks(packFiles(files)), onProgress);
 }
 
 /**
@@ -318,12 +332,12 @@ export async function fetchAndMerge<W extends GPT2Weights | LlamaWeights>(c: Enc
  * job's field names) to the enclave and uploads them, after checking that the enclave
  * runs the contract's bundle (the enclave refuses any other, this check says so up front).
  */
-export async function uploadRecords(c: EnclaveClient, split: 'train' | 'eval', records: object[]): Promise<unknown> {
+export async function uploadRecords(c: EnclaveClient, split: 'train' | 'eval', records: object[], onProgress?: UploadProgress): Promise<unknown> {
   const st = await c.command<{ bundle: { sha256: string } | null }>('status');
   const want = c.trust.contract.body.enclave_bundle_sha256;
   if (!st.bundle) throw new BundleError('the enclave has no model bundle yet: the provider deploys first (no record was sent)');
   if (st.bundle.sha256 !== want) throw new BundleError(`the enclave's bundle ${st.bundle.sha256.slice(0, 16)}... is not the contract's ${want.slice(0, 16)}... (no record was sent)`);
-  return c.upload('dataset', split, records.map((r) => new TextEncoder().encode(JSON.stringify(r))));
+  return c.upload('dataset', split, records.map((r) => new TextEncoder().encode(JSON.stringify(r))), onProgress);
 }
 
 /**

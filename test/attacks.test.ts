@@ -1,5 +1,6 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { forwardRecords } from './helpers.js';
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, readFileSync, writeFileSync, copyFileSync } from 'node:fs';
 import os from 'node:os';
@@ -46,13 +47,7 @@ async function recordInference(mode: 'sealed' | 'paper', kappa: number, batches:
     keep: (e) => (e.layer === 0 && e.name === 'qkv' && e.direction === 'to_accelerator') || (e.name === 'fc' && e.direction === 'to_enclave'),
   });
   const tok = tokenizerFor(prov.config.vocab_size);
-  const recs = readJsonl(OWNER);
-  let i = 0;
-  for (let b = 0; b < batches; b++) {
-    const tokens = new Int32Array(B * T).fill(tok.eotId);
-    for (let s = 0; s < B; s++) tokens.set(tok.encode(recs[i++].text!).slice(0, T), s * T);
-    await enclave.forward(tokens, B, T);
-  }
+  await forwardRecords(enclave, tok, readJsonl(OWNER).map((r) => r.text!), batches, B, T);
   const file = path.join(dir, `${mode}-k${kappa}${publicBase ? '-pb' : ''}.view.safetensors`);
   rec.save(file);
   const view = loadView(file);

@@ -100,3 +100,12 @@ export function patternData(n: number, V: number, T: number, seed: number, minLe
   });
   return { items, truncated: 0, dropped: 0, labels: [] };
 }
+
+/** Runs `batches` batches of B texts (each cut or padded with the end token to T tokens) through a model's forward. */
+export async function forwardRecords(model: { forward(tokens: Int32Array, B: number, T: number): Promise<unknown> }, tok: { encode(s: string): ArrayLike<number>; eotId: number }, texts: string[], batches: number, B: number, T: number): Promise<void> {
+  for (let b = 0, i = 0; b < batches; b++) {
+    const tokens = new Int32Array(B * T).fill(tok.eotId);
+    for (let s = 0; s < B; s++) tokens.set(Array.from(tok.encode(texts[i++])).slice(0, T), s * T);
+    await model.forward(tokens, B, T);
+  }
+}

@@ -6,7 +6,7 @@
  */
 import test from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
@@ -15,7 +15,7 @@ import { LLAMA_PRESETS, type LlamaConfig } from '../src/model/config.js';
 import { Rng } from '../src/tensor/rng.js';
 import { buildSession, mergedLlamaModel } from '../src/train/session.js';
 import { runFinetune } from '../src/train/finetune.js';
-import { parseRunSpec, toFinetuneConfig } from '../src/train/run_spec.js';
+import { parseJobSpec, parseRunSpec, RunSpecError, toFinetuneConfig } from '../src/train/run_spec.js';
 import type { EncodedSet } from '../src/io/jsonl.js';
 import { deobfuscateLlama, deriveLlamaMasks, obfuscateLlama } from '../src/obfuscate/llama_transform.js';
 import { KeyedRng } from '../src/tensor/rng.js';
@@ -192,6 +192,13 @@ test('the CLI fine-tunes a Llama-family checkpoint through the split and obfusca
     const gpt2 = cli('obfuscate', '--model', path.join(ROOT, 'models', 'base-small'), '--rotary-masks', 'full', '--out', path.join(dir, 'g'));
     assert.notEqual(gpt2.status, 0);
     assert.match(gpt2.stderr, /--rotary-masks applies to Llama-family models/);
+    const pob = cli('provider', 'obfuscate', '--model', model, '--rotary-masks', 'blocks', '--out', path.join(dir, 'pb'), '--json');
+    assert.equal(pob.status, 0, pob.stderr);
+    assert.equal(JSON.parse(readFileSync(path.join(dir, 'pb', 'enclave', 'manifest.json'), 'utf8')).rotary_masks, 'blocks');
+    const g2 = cli('finetune', '--model', path.join(ROOT, 'test', 'fixtures', 'vocab50257'), '--train', data, '--rotary-masks', 'blocks', '--steps', '1', '--out', path.join(dir, 'g2'));
+    assert.notEqual(g2.status, 0);
+    assert.match(g2.stderr, /rotary_masks blocks applies to Llama-family models/);
+    assert.ok(!existsSync(path.join(dir, 'g2', 'run_spec.json')), 'nothing of the run was written');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -210,4 +217,10 @@ test('npm start on the bundled Llama-family model: four parties in separate proc
   } finally {
     rmSync(out, { recursive: true, force: true });
   }
+});
+
+test('an enclave job on a Llama-family bundle takes the bundle\'s rotary option; an owner who names another is refused', () => {
+  const bundle = { mode: 'sealed' as const, kappa: '1', two_sided: false, rotary_masks: 'blocks' as const };
+  assert.equal(parseJobSpec({ steps: 2 }, bundle, 'test').rotary_masks, 'blocks');
+  assert.throws(() => parseJobSpec({ steps: 2, rotary_masks: 'full' }, bundle, 'test'), (e: unknown) => e instanceof RunSpecError && /rotary_masks/.test((e as Error).message));
 });

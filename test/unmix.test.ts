@@ -2,6 +2,7 @@
 // shields the dictionary attack recovers the batch's tokens; with them nothing beyond the prior.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { forwardRecords } from './helpers.js';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -37,13 +38,7 @@ async function record(name: string, mixing: MixingConfig | null, batches = 2, B 
   const { enclave } = inProcessSplit(r, { mixing, mixingRng: KeyedRng.fromSeed(name) });
   const rec = recordEnclave(enclave, r.accelerator, { modelId: name, modelPath: PUBLIC, padTokenId: 50256, keep: (e) => e.layer === 0 && e.name === 'qkv' && e.direction === 'to_accelerator' && e.op === 'linear_forward' });
   const tok = tokenizerFor(pub.config.vocab_size);
-  const recs = readJsonl(OWNER);
-  let i = 0;
-  for (let b = 0; b < batches; b++) {
-    const tokens = new Int32Array(B * T).fill(tok.eotId);
-    for (let s = 0; s < B; s++) tokens.set(tok.encode(recs[i++].text!).slice(0, T), s * T);
-    await enclave.forward(tokens, B, T);
-  }
+  await forwardRecords(enclave, tok, readJsonl(OWNER).map((r) => r.text!), batches, B, T);
   const file = path.join(dir, `${name}.view.safetensors`);
   rec.save(file);
   const view = loadView(file);

@@ -116,7 +116,7 @@ export function addFinetuneCommands(program: Command): void {
   addRecordViewOptions(addRunSpecOptions(program
     .command('finetune')
     .description('fine-tune through the enclave/accelerator split (or locally), with checkpoints and exact resume; the settings form a run spec (docs/fine-tuning.md)')
-    .option('--model <dir>', 'plain Hugging Face GPT-2 checkpoint (the provider\'s model; with --resume: the run\'s)')
+    .option('--model <dir>', 'plain Hugging Face checkpoint, GPT-2 or Llama family (the provider\'s model; with --resume: the run\'s)')
     .option('--train <file>', 'training JSONL ({"text"}, {"prompt","completion"} or {"text","label"}; with --resume: the run\'s)')
     .option('--eval <file>', 'evaluation JSONL (with --resume: the run\'s)'), { help: { method: 'lora (adapters in the enclave), full, or local (= --mode local --method full)' } })
     .option('--naive', 'naive Gaussian masks (= --kappa naive)')
@@ -159,6 +159,7 @@ export function addFinetuneCommands(program: Command): void {
       const labels = task === 'cls' ? trainLabels(trainRecs, evalRecs, files.train, files.eval ?? 'the evaluation set') : [];
       for (const w of datasetWarnings(trainRecs, task, labels, files.train)) console.error(`warning: ${w}`);
       const llama = isLlamaDir(files.model);
+      if (!llama && spec.rotary_masks !== 'full') throw new InputError(`rotary_masks ${spec.rotary_masks} applies to Llama-family models; ${files.model} is a GPT-2 checkpoint`);
       const llamaBase = llama ? loadLlamaCheckpoint(files.model) : null;
       let base = llamaBase ?? loadCheckpoint(files.model);
       if (init?.score) {

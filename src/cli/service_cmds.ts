@@ -2,7 +2,8 @@
 import { Command, Option } from 'commander';
 import { serveAccelerator } from '../roles/accelerator_service.js';
 import { EVIL_MODES } from '../accelerator/accelerator.js';
-import { parseIntArg, refuseNonEmpty, addPublicBaseOptions, publicBaseOf } from './model_args.js';
+import { parseIntArg, refuseNonEmpty, addPublicBaseOptions, publicBaseOf, isLlamaDir, copyTokenizer } from './model_args.js';
+import { loadLlamaCheckpoint, saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
 import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
 import { addRunSpecOptions, recipeAndFlags, runSpecInputOf } from './run_spec_args.js';
 import { BUNDLE_FIELDS, jobSpecOf, parseRunSpec } from '../train/run_spec.js';
@@ -20,7 +21,8 @@ import { writePeftAdapter } from '../model/peft.js';
 import { contractSha256, describeSignatures, draftContract, readContract, signContract, verifyContract, writeContract } from '../roles/contract.js';
 import { loadCheckpoint, saveCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { BUNDLE_DIRS, obfuscateWeights, writeObfuscation } from '../obfuscate/provider.js';
+import { BUNDLE_DIRS } from '../obfuscate/provider.js';
+import { obfuscateDir } from './split_cmds.js';
 import { readJsonObjects } from '../io/jsonl.js';
 import { writeFileSync } from 'node:fs';
 
@@ -189,20 +191,16 @@ export function addPartyCommands(program: Command): void {
   withJson(addPublicBaseOptions(prov
     .command('obfuscate')
     .description('obfuscate the model into the two bundles and the secret key (nothing is sent)')
-    .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint')
+    .requiredOption('--model <dir>', 'plain Hugging Face checkpoint directory (GPT-2, or Llama, Mistral, Qwen2)')
     .requiredOption('--out <dir>', 'where the provider keeps the bundles and its secret key')
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('sealed'))
     .option('--kappa <k>', 'mask condition number', '1')
+    .addOption(new Option('--rotary-masks <m>', 'Llama family: full per-head q/k masks or rotation-and-scale blocks (docs/obfuscation.md)').choices(['full', 'blocks']))
     .option('--force', 'write into a non-empty --out (replacing its secret key: bundles made with the old one can then never be merged back)')))
     .action((o) => {
       const spec = parseMaskSpec(String(o.kappa));
       refuseNonEmpty(o.out, o.force, 'provider obfuscate', BUNDLE_DIRS);
-      const w = loadCheckpoint(o.model);
-      const bar = progressBar(2 * w.config.n_layer, 'provider obfuscate', '{phase}');
-      let done = 0;
-      const r = obfuscateWeights(w, { mode: o.mode, spec, publicBase: publicBaseOf(o), onLayer: (phase) => bar.update(++done, { phase }) });
-      bar.stop();
-      const { acceleratorSha256 } = writeObfuscation(o.out, r);
+      const { acceleratorSha256 } = obfuscateDir(o.model, o.out, 'provider obfuscate', { mode: o.mode, spec, publicBase: publicBaseOf(o), rotary: o.rotaryMasks });
       emit({ out: o.out, mode: o.mode, kappa: String(o.kappa), accelerator_sha256: acceleratorSha256 }, `bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
     });
   const provKey = (o: { key?: string; bundles: string }) => o.key ?? nodePath.join(o.bundles, 'provider', 'party-key.json');
@@ -249,7 +247,17 @@ export function addPartyCommands(program: Command): void {
     .option('--force', 'write into a non-empty --out'))
     .action(async (o) => {
       refuseNonEmpty(o.out, o.force, 'provider fetch');
+      const llama = isLlamaDir(o.base);
+      if (llama && o.peftOut) throw new InputError('--peft-out serves GPT-2 models for now');
       const c = await connect(o, provKey(o));
+      if (llama) {
+        const base = loadLlamaCheckpoint(o.base);
+        const { merged, update } = await fetchAndMerge(c, o.accelerator, base, o.bundles, nodePath.join(o.bundles, 'scratch'));
+        saveLlamaCheckpoint(o.out, merged, { arch: base.arch });
+        copyTokenizer(o.base, o.out);
+        emit({ out: o.out, ...update }, `merged the update (${String(update.method)}, ${String(update.task)}) into ${o.out}`);
+        return c.close();
+      }
       const { merged, update, adapters } = await fetchAndMerge(c, o.accelerator, loadCheckpoint(o.base), o.bundles, nodePath.join(o.bundles, 'scratch'));
       if (o.peftOut && !adapters) throw new InputError(`--peft-out: the update is of method ${String(update.method)}, it has no LoRA adapters`);
       if (o.peftOut && adapters) writePeftAdapter(o.peftOut, adapters, { task: update.task as 'lm' | 'cls', baseModel: nodePath.resolve(o.base), score: merged.cls?.weight });

@@ -4,7 +4,8 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { saveCheckpoint, loadCheckpoint } from '../model/checkpoint.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { BUNDLE_DIRS, obfuscateWeights, obfuscateLlamaWeights, writeObfuscation, deobfuscateDirs, deobfuscateLlamaDirs } from '../obfuscate/provider.js';
+import type { RotaryMasks } from '../obfuscate/enclave_tensors.js';
+import { BUNDLE_DIRS, type ObfuscateOptions, obfuscateWeights, obfuscateLlamaWeights, writeObfuscation, deobfuscateDirs, deobfuscateLlamaDirs } from '../obfuscate/provider.js';
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, type PublicBaseInfo } from '../obfuscate/bundle.js';
 import { runFidelity, formatFidelity } from '../experiments/fidelity.js';
 import { shareTable, formatShare } from '../obfuscate/share.js';
@@ -23,11 +24,30 @@ import { BundleError, InputError } from '../errors.js';
 import { mergeAdapter, readAdapter } from '../train/session.js';
 import { emit, withJson } from './output.js';
 
+/**
+ * The provider transform of a checkpoint directory of either family, with progress, written
+ * to `out` (a Llama-family model's tokenizer goes into the enclave bundle: the enclave
+ * tokenises the owner's data with it). `obfuscate` and `provider obfuscate` share it.
+ */
+export function obfuscateDir(model: string, out: string, label: string, o: Omit<ObfuscateOptions, 'onLayer'> & { rotary?: RotaryMasks }) {
+  const llama = isLlamaDir(model);
+  if (o.rotary && !llama) throw new InputError('--rotary-masks applies to Llama-family models; this is a GPT-2 checkpoint');
+  const w = llama ? loadLlamaCheckpoint(model) : loadCheckpoint(model);
+  const bar = progressBar(2 * w.config.n_layer, label, '{phase}');
+  let done = 0;
+  const opts = { ...o, onLayer: (phase: string) => bar.update(++done, { phase }) };
+  const r = llama ? obfuscateLlamaWeights(w as LlamaWeights, opts) : obfuscateWeights(w as GPT2Weights, opts);
+  bar.stop();
+  const { acceleratorSha256 } = writeObfuscation(out, r);
+  if (llama) copyTokenizer(model, path.join(out, 'enclave'));
+  return { r, llama, acceleratorSha256 };
+}
+
 export function addSplitCommands(program: Command): void {
   withJson(addPublicBaseOptions(program
     .command('obfuscate')
     .description('provider transform: write an accelerator bundle (obfuscated linears only), an enclave bundle and the provider\'s secret mask key')
-    .requiredOption('--model <dir>', 'plain Hugging Face GPT-2 checkpoint directory')
+    .requiredOption('--model <dir>', 'plain Hugging Face checkpoint directory (GPT-2, or Llama, Mistral, Qwen2)')
     .addOption(new Option('--mode <mode>', 'obfuscation mode').choices(['sealed', 'paper']).default('sealed'))
     .addOption(new Option('--kappa <k>', 'condition number of the masks (1 = orthogonal)').default('1').conflicts('naive'))
     .option('--naive', 'paper\'s naive baseline: i.i.d. Gaussian masks (high condition number)')
@@ -42,20 +62,9 @@ export function addSplitCommands(program: Command): void {
       const spec = o.naive ? parseMaskSpec('naive') : parseMaskSpec(String(o.kappa));
       if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
       refuseNonEmpty(o.out, o.force, 'obfuscate', BUNDLE_DIRS);
-      const llama = isLlamaDir(o.model);
-      if (o.rotaryMasks && !llama) throw new InputError('--rotary-masks applies to Llama-family models; this is a GPT-2 checkpoint');
-      const w = llama ? loadLlamaCheckpoint(o.model) : loadCheckpoint(o.model);
-      const bar = progressBar(2 * w.config.n_layer, 'obfuscate', '{phase}');
-      let done = 0;
-      const opts = {
-        mode: o.mode, spec, twoSided: o.twoSided, headPermutation: o.headPermutation, seed: o.seed, publicBase: pub,
-        onLayer: (phase: string) => bar.update(++done, { phase }),
-      };
-      const r = llama ? obfuscateLlamaWeights(w as LlamaWeights, { ...opts, rotary: o.rotaryMasks }) : obfuscateWeights(w as GPT2Weights, opts);
-      bar.stop();
-      const { acceleratorSha256 } = writeObfuscation(o.out, r);
-      // the enclave tokenises the owner's data with the model's own tokenizer
-      if (llama) copyTokenizer(o.model, path.join(o.out, 'enclave'));
+      const { r, llama, acceleratorSha256 } = obfuscateDir(o.model, o.out, 'obfuscate', {
+        mode: o.mode, spec, twoSided: o.twoSided, headPermutation: o.headPermutation, seed: o.seed, publicBase: pub, rotary: o.rotaryMasks,
+      });
       emit({ out: o.out, mode: o.mode, kappa: o.naive ? 'naive' : String(o.kappa), family: llama ? 'llama' : 'gpt2', ...(llama ? { rotary_masks: o.rotaryMasks ?? 'full' } : {}), accelerator_sha256: acceleratorSha256, public_base: r.enclave.publicBase ?? null }, [
         `wrote ${path.join(o.out, 'accelerator')} (give to the cloud), ${path.join(o.out, 'enclave')} (encrypt to the attested enclave), ${path.join(o.out, 'provider')} (keep secret)`,
         `mode ${o.mode}, masks ${o.naive ? 'naive' : `kappa ${o.kappa}`}, accelerator manifest sha256 ${acceleratorSha256}`,

@@ -217,7 +217,7 @@ function enclaveShapes(b: ShapeKeys, chk: boolean): Map<string, number[]> {
 }
 
 /** A chk.{layer}.{linear}.{part} (or delta.*) name's place in the check vectors (or the delta). */
-function checkPart(name: string): [number, LinearName, keyof LinearCheck] { // eslint-disable-line
+function checkPart(name: string): [number, LinearName, keyof LinearCheck] {
   const [, l, linear, part] = name.split('.');
   return [Number(l), linear as LinearName, part as keyof LinearCheck];
 }

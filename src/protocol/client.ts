@@ -64,7 +64,7 @@ export class RemoteLinears implements Linears<Obfuscated, BlockLinearName> {
     let y = checkTensorReply(rep, l, name, rows, dout);
     this.opts.integrity?.checkForward(l, name, x, y, rows);
     if (save) this.sent.set(`${l}.${name}`, x);
-    if (name === 'fc' || name === 'gateup') y = this.toShared(`${l}.${name}`, y);
+    if (name === 'fc') y = this.toShared(`${l}.fc`, y); // the threaded GELU reads it
     return y;
   }
 
@@ -86,7 +86,7 @@ export class RemoteLinears implements Linears<Obfuscated, BlockLinearName> {
     }
     let dx = checkTensorReply(rep, l, name, rows, din);
     integrity?.checkBackward(l, name, dy, dx, rows);
-    if (name === 'fcproj' || name === 'down') dx = this.toShared(`${name}.dx`, dx);
+    if (name === 'fcproj') dx = this.toShared('fcproj.dx', dx);
     return dx;
   }
 

@@ -341,7 +341,7 @@ export class EnclaveService {
     if (this.job?.state === 'done' && !this.updateFetched) throw new StateError('the provider has not fetched the update of the finished job yet (its checkpoints are kept until then)');
     // the same validation as every entry point, before any work; then the contract's limits
     const b = this.bundle;
-    const spec = parseJobSpec(raw, { mode: b.mode, kappa: b.spec, two_sided: b.twoSided }, 'start_finetune');
+    const spec = parseJobSpec(raw, { mode: b.mode, kappa: b.spec, two_sided: b.twoSided, ...('family' in b.tensors ? { rotary_masks: b.tensors.rotary } : {}) }, 'start_finetune');
     checkRunSpecForModel(spec, { n_ctx: b.config.n_ctx, headPooling: b.cls ? b.cls.pooling ?? 'last' : null }, 'start_finetune');
     checkJobAllowed(this.contract!.body, spec, this.jobsStarted);
     // the records in the job's terms (its field names), refused here by number when malformed

@@ -81,10 +81,10 @@ export interface Session {
   accelerator: Accelerator | null;
   obfuscation: ObfuscationResult | null;
   /** the plain model the session started from (after folding for the folded baseline) */
-  base: GPT2Weights;
+  base: GPT2Weights | LlamaWeights;
   modelId: string;
-  /** a Llama-family session: its plain model and masks (null in local mode) */
-  llama?: { base: LlamaWeights; masks: LlamaModelMasks | null };
+  /** a Llama-family session: its masks (null in local mode) */
+  llama?: { masks: LlamaModelMasks | null };
 }
 
 export function modelFingerprint(w: GPT2Weights | LlamaWeights): string {
@@ -150,7 +150,7 @@ function buildLlamaSession(w0: LlamaWeights, o: SessionOptions): Session {
     tensors = r.enclave;
   }
   const parts = assemble(o, w.config, acc, tensors, w.cls?.pooling, rng);
-  return { ...parts, rng, obfuscation: null, base: w as unknown as GPT2Weights, modelId: modelFingerprint(w0), llama: { base: w, masks } };
+  return { ...parts, rng, obfuscation: null, base: w, modelId: modelFingerprint(w0), llama: { masks } };
 }
 
 function buildGpt2Session(w0: GPT2Weights, o: SessionOptions): Session {
@@ -227,14 +227,14 @@ export function mergedPlainModel(s: Session): GPT2Weights {
   if (s.llama) throw new InputError('this merge serves GPT-2 sessions; use mergedLlamaModel');
   const enc = m.allTensors();
   if ('family' in enc) throw new BundleError('internal: Llama-family tensors in a GPT-2 session');
-  const acc = s.accelerator.weights;
+  const acc = s.accelerator.weights, base = s.base as GPT2Weights;
   if (enc.mode === 'local') {
-    const w = fromPlainParts(s.base, acc, enc);
+    const w = fromPlainParts(base, acc, enc);
     return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w;
   }
   const obf = s.obfuscation!;
-  const masks = deriveMasks(s.base.config, obf.key, obf.params);
-  const w = deobfuscate(s.base, acc, enc, masks);
+  const masks = deriveMasks(base.config, obf.key, obf.params);
+  const w = deobfuscate(base, acc, enc, masks);
   return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w; // adapters are plain in every mode
 }
 
@@ -242,7 +242,7 @@ export function mergedPlainModel(s: Session): GPT2Weights {
 export function mergedLlamaModel(s: Session): LlamaWeights {
   if (!s.llama || !s.accelerator) throw new InputError('merging a Llama-family model needs its in-process session');
   const enc = s.model.allTensors() as LlamaEnclaveTensors;
-  const base = s.llama.base, acc = s.accelerator.weights;
+  const base = s.base as LlamaWeights, acc = s.accelerator.weights;
   const w = enc.mode === 'local' ? fromPlainLlamaParts(base, acc, enc) : deobfuscateLlama(base, acc, enc, s.llama.masks!);
   return s.model.adapters ? mergeLlamaAdapters(w, s.model.adapters) : w;
 }

@@ -327,6 +327,51 @@ napi_value HaarQr(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+napi_value Butterfly(napi_env env, napi_callback_info info) {
+  const char* fname = "butterfly";
+  ARGS(10);
+  void *opsv = nullptr, *permsv = nullptr;
+  float *mats = nullptr, *x = nullptr, *sh = nullptr, *out = nullptr;
+  int64_t nops4 = 0, nmats = 0, nperms = 0, xrows = 0, sent = 0, w = 0, orows = 0;
+  auto len = [&](napi_value v, int64_t* n) {
+    size_t l = 0;
+    napi_typedarray_type t;
+    napi_value ab;
+    size_t off = 0;
+    void* d = nullptr;
+    if (napi_get_typedarray_info(env, v, &t, &l, &d, &ab, &off) == napi_ok) *n = (int64_t)l;
+  };
+  if (!get_typed(env, argv[0], "ops", napi_int32_array, "Int32Array", &opsv, 0, &err) ||
+      !get_f32(env, argv[1], "mats", &mats, &nmats, &err) ||
+      !get_typed(env, argv[2], "perms", napi_int32_array, "Int32Array", &permsv, 0, &err) ||
+      !get_int(env, argv[4], "xrows", &xrows, &err) || !get_int(env, argv[6], "sent", &sent, &err) ||
+      !get_int(env, argv[7], "w", &w, &err) || !get_int(env, argv[9], "orows", &orows, &err))
+    return throw_error(env, std::string(fname) + ": " + err);
+  len(argv[0], &nops4);
+  len(argv[2], &nperms);
+  if (nops4 % 4 || xrows > sent || orows > sent) return throw_error(env, std::string(fname) + ": ops must hold 4 values per op, and xrows and orows at most sent");
+  if (!get_f32n(env, argv[3], "X", &x, xrows * w, &err) || !get_f32n(env, argv[5], "S", &sh, (sent - xrows) * w, &err, true) ||
+      !get_f32n(env, argv[8], "out", &out, orows * w, &err))
+    return throw_error(env, std::string(fname) + ": " + err);
+  const int32_t* ops = static_cast<const int32_t*>(opsv);
+  const int32_t* perms = static_cast<const int32_t*>(permsv);
+  for (int64_t i = 0; i < nops4 / 4; i++) {
+    const int64_t kind = ops[4 * i], m = ops[4 * i + 1], t = ops[4 * i + 2], off = ops[4 * i + 3];
+    const std::string at = std::string(fname) + ": op " + std::to_string(i);
+    if (kind == 0 || kind == 1) {
+      if (off < 0 || off + sent > nperms) return throw_error(env, at + ": its permutation lies outside perms");
+      for (int64_t j = 0; j < sent; j++)
+        if (perms[off + j] < 0 || perms[off + j] >= sent) return throw_error(env, at + ": a row index is out of range");
+    } else if (kind == 2 || kind == 3) {
+      if (m < 1 || t < 1 || sent % (m * t) || off < 0 || off + m * m > nmats) return throw_error(env, at + ": its block does not fit (m, t, or its offset)");
+    } else {
+      return throw_error(env, at + ": unknown kind " + std::to_string(kind));
+    }
+  }
+  obf::butterfly(ops, nops4 / 4, mats, perms, x, xrows, sh, sent, w, out, orows);
+  return nullptr;
+}
+
 napi_value GeluForward(napi_env env, napi_callback_info info) {
   const char* fname = "geluForward";
   ARGS(4);
@@ -415,6 +460,7 @@ NAPI_MODULE_INIT() {
       {"adamw", nullptr, Adamw, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"firstNonFinite", nullptr, FirstNonFinite, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"freivaldsRows", nullptr, FreivaldsRows, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"butterfly", nullptr, Butterfly, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"haarQr", nullptr, HaarQr, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"zero", nullptr, Zero, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"sumSquares", nullptr, SumSquares, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

@@ -227,6 +227,90 @@ void haar_qr(double* a, int64_t n) {
   }
 }
 
+namespace {
+struct FlyCtx {
+  const EwKernels* k;
+  const int32_t* ops;
+  int64_t nops;
+  const float* mats;  // the stages' blocks, as used (transposed where asked)
+  const int32_t* perms;
+  const float *X, *S;
+  int64_t xrows, sent, w, cw;
+  float* out;
+  int64_t orows;
+};
+void fly_task(void* ctx, int64_t task) {
+  const FlyCtx& c = *static_cast<FlyCtx*>(ctx);
+  const int64_t c0 = task * c.cw, cw = std::min(c.cw, c.w - c0), n = c.sent;
+  float* ws = scratch(0, size_t(n * cw));
+  float* wt = scratch(1, size_t(n * cw));
+  const size_t bytes = size_t(cw) * sizeof(float);
+  auto src = [&](int64_t i, float* dst) {
+    if (i < c.xrows) std::memcpy(dst, c.X + i * c.w + c0, bytes);
+    else if (c.S) std::memcpy(dst, c.S + (i - c.xrows) * c.w + c0, bytes);
+    else std::memset(dst, 0, bytes);
+  };
+  int64_t first = 0, last = c.nops;
+  if (c.nops > 0 && c.ops[0] == 0) {  // the first gather, as the slice is loaded
+    const int32_t* p = c.perms + c.ops[3];
+    for (int64_t i = 0; i < n; i++) src(p[i], ws + i * cw);
+    first = 1;
+  } else {
+    for (int64_t i = 0; i < n; i++) src(i, ws + i * cw);
+  }
+  const bool scatterOut = last > first && c.ops[4 * (last - 1)] == 1;
+  if (scatterOut) last--;
+  for (int64_t o = first; o < last; o++) {
+    const int32_t* op = c.ops + 4 * o;
+    if (op[0] == 0 || op[0] == 1) {
+      const int32_t* p = c.perms + op[3];
+      for (int64_t i = 0; i < n; i++)
+        if (op[0] == 0) std::memcpy(wt + i * cw, ws + int64_t(p[i]) * cw, bytes);
+        else std::memcpy(wt + int64_t(p[i]) * cw, ws + i * cw, bytes);
+    } else {
+      const int64_t m = op[1], ld = int64_t(op[2]) * cw;
+      for (int64_t g = 0; g < n / (m * op[2]); g++) c.k->lmul(c.mats + op[3], m, ws + g * m * ld, wt + g * m * ld, ld, 0, ld);
+    }
+    std::swap(ws, wt);
+  }
+  if (scatterOut) {
+    const int32_t* p = c.perms + c.ops[4 * last + 3];
+    for (int64_t i = 0; i < n; i++)
+      if (p[i] < c.orows) std::memcpy(c.out + int64_t(p[i]) * c.w + c0, ws + i * cw, bytes);
+  } else {
+    for (int64_t i = 0; i < c.orows; i++) std::memcpy(c.out + i * c.w + c0, ws + i * cw, bytes);
+  }
+}
+}  // namespace
+
+void butterfly(const int32_t* ops, int64_t nops, const float* mats, const int32_t* perms, const float* X, int64_t xrows,
+               const float* S, int64_t sent, int64_t w, float* out, int64_t orows) {
+  if (sent <= 0 || w <= 0) return;
+  // each stage's block, transposed for kind 3, copied once per call; the ops index the copies
+  std::vector<int32_t> o(ops, ops + 4 * nops);
+  std::vector<float> blocks;
+  for (int64_t i = 0; i < nops; i++) {
+    int32_t* op = o.data() + 4 * i;
+    if (op[0] < 2) continue;
+    const int64_t m = op[1], at = int64_t(blocks.size());
+    const float* a = mats + op[3];
+    blocks.resize(size_t(at + m * m));
+    for (int64_t r = 0; r < m; r++)
+      for (int64_t q = 0; q < m; q++) blocks[at + r * m + q] = op[0] == 3 ? a[q * m + r] : a[r * m + q];
+    op[0] = 2;
+    op[3] = int32_t(at);
+  }
+  // a slice of columns keeps both work buffers within 256 KiB (at least two vectors wide)
+  const int64_t cw = std::min(w, std::max<int64_t>(32, (int64_t(1) << 15) / sent / 32 * 32));
+  FlyCtx c{&kern(), o.data(), nops, blocks.data(), perms, X, S, xrows, sent, w, cw, out, orows};
+  const int64_t tasks = (w + cw - 1) / cw;
+  if (sent * w < (int64_t(1) << 13)) {
+    for (int64_t t = 0; t < tasks; t++) fly_task(&c, t);
+  } else {
+    shared_pool().run(tasks, fly_task, &c);
+  }
+}
+
 void zero(float* x, int64_t n) {
   ZeroCtx c{x, n};
   shared_pool().run(chunks(n), zero_task, &c);

@@ -23,6 +23,7 @@ struct EwKernels {
   bool (*any_non_finite)(const float* x, int64_t lo, int64_t hi);
   void (*dot2_abs)(const float* y, const double* p, int64_t n, double* out, double sign);
   void (*reflect)(const double* u, double* col, int64_t n);
+  void (*lmul)(const float* A, int64_t m, const float* X, float* C, int64_t ld, int64_t j0, int64_t j1);
 };
 extern const EwKernels ew_generic;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -54,5 +55,15 @@ void freivalds_rows(const float* lhs, int64_t a, const double* p, const float* r
 // columns multiplied by sign(diag R): Haar-distributed when a is Gaussian. float64; the
 // columns are spread over the pool, the same result for any number of threads.
 void haar_qr(double* a, int64_t n);
+
+// One butterfly program (token mixing) over `sent` rows of width w, column slice by column slice
+// so that every step runs in cache. The rows are X [xrows, w] then S [sent - xrows, w] (zeros
+// when S is null). ops [nops, 4]: (kind, m, t, off) with kind
+//   0  gather   ws'[i] = ws[perms[off + i]]
+//   1  scatter  ws'[perms[off + i]] = ws[i]
+//   2  stage    rows h m t + q t + s mixed over q by the m x m block at mats + off (3: its transpose)
+// out [orows, w] gets the first orows rows. Arguments are assumed validated (addon.cc).
+void butterfly(const int32_t* ops, int64_t nops, const float* mats, const int32_t* perms, const float* X, int64_t xrows,
+               const float* S, int64_t sent, int64_t w, float* out, int64_t orows);
 
 }  // namespace obf

@@ -2,4 +2,5 @@
 // with that instruction set's compiler flags (binding.gyp), and only called after a run-time
 // CPU check (elementwise.cc).
 #define EW_TABLE ew_avx512
+#define EW_VBYTES 64
 #include "elementwise_impl.h"

@@ -183,8 +183,52 @@ void reflect(const double* __restrict u, double* __restrict col, int64_t n) {
   for (j = 0; j < n; j++) col[j] -= f * u[j];
 }
 
+// ---- C[m, j0:j1] = A[m, m] X[m, j0:j1] (row-major, row stride ld): a small matrix from the left
+// (token mixing's blocks). R rows of C at a time, two vectors of columns each: per reduction
+// step two loads of X, R broadcasts of A and 2R multiply-adds, all accumulators in registers.
+#ifndef EW_VBYTES
+#define EW_VBYTES 16
+#endif
+typedef float vf __attribute__((vector_size(EW_VBYTES)));
+typedef float vfu __attribute__((vector_size(EW_VBYTES), aligned(4)));
+constexpr int kVl = EW_VBYTES / 4;
+
+template <int R>
+inline void lmul_rows(const float* __restrict A, int64_t m, int64_t i, const float* __restrict X, float* __restrict C,
+                      int64_t ld, int64_t j0, int64_t j1) {
+  int64_t j = j0;
+  for (; j + 2 * kVl <= j1; j += 2 * kVl) {
+    vf acc[R][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = vf{};
+    for (int64_t p = 0; p < m; p++) {
+      const vf x0 = *(const vfu*)(X + p * ld + j), x1 = *(const vfu*)(X + p * ld + j + kVl);
+      for (int r = 0; r < R; r++) {
+        const float a = A[(i + r) * m + p];
+        acc[r][0] += a * x0;
+        acc[r][1] += a * x1;
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      *(vfu*)(C + (i + r) * ld + j) = acc[r][0];
+      *(vfu*)(C + (i + r) * ld + j + kVl) = acc[r][1];
+    }
+  }
+  for (; j < j1; j++)
+    for (int r = 0; r < R; r++) {
+      float s = 0;
+      for (int64_t p = 0; p < m; p++) s += A[(i + r) * m + p] * X[p * ld + j];
+      C[(i + r) * ld + j] = s;
+    }
+}
+
+void lmul(const float* __restrict A, int64_t m, const float* __restrict X, float* __restrict C, int64_t ld, int64_t j0, int64_t j1) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) lmul_rows<4>(A, m, i, X, C, ld, j0, j1);
+  for (; i < m; i++) lmul_rows<1>(A, m, i, X, C, ld, j0, j1);
+}
+
 }  // namespace
 
 namespace obf {
-extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale, any_non_finite, dot2_abs, reflect};
+extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale, any_non_finite, dot2_abs, reflect, lmul};
 }  // namespace obf

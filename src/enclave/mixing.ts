@@ -35,7 +35,7 @@
 import type { GPT2Config } from '../model/config.js';
 import type { BlockLinearName, Linears } from '../model/block.js';
 import { blockLinearDims } from '../model/family.js';
-import { sgemm, sgemmBatched } from '../tensor/gemm.js';
+import { butterfly, FLY_GATHER, FLY_SCATTER, FLY_STAGE, FLY_STAGE_T, sgemm } from '../tensor/gemm.js';
 import { KeyedRng, type RandomSource } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { kappaMask, oneStream, randomPermutation, spreadSingularValues } from '../linalg/masks.js';
@@ -191,17 +191,15 @@ export function shieldRows(x: Float32Array, n: number, d: number, s: number, rng
   return S;
 }
 
-/**
- * One call's mixing of `rows` real rows into `sent` rows. `z` is the sent order before P:
- * the butterfly's [X; S], the dense scheme's [X_block; S_block] per block.
- */
+/** Shield rows for a block of real rows: (its rows [r, w], r, how many) -> [s, w]. */
+type Shields = (xs: Float32Array, r: number, s: number) => Float32Array;
+
+/** One call's mixing of `rows` real rows into `sent` rows. */
 interface Plan {
   rows: number;
   sent: number;
-  /** [X; S] in the plan's order, [sent, w] */
-  layout(x: Float32Array, w: number, shields: (xs: Float32Array, r: number, s: number) => Float32Array): Float32Array;
-  /** P z, or P^-T z (`invT`), for z [sent, w] laid out as `layout` does; a new array */
-  apply(z: Float32Array, w: number, invT: boolean): Float32Array;
+  /** P [x; S] (`shields` null: S = 0), or P^-T [x; 0] (`invT`), for x [rows, w], into out [sent, w] */
+  apply(x: Float32Array, w: number, invT: boolean, shields: Shields | null, out: Float32Array): void;
   /** the real rows of P^-1 y, or of P^T y (`transposeP`), into out [rows, w] */
   solve(y: Float32Array, w: number, out: Float32Array, transposeP: boolean): void;
   /** the enclave's multiply-adds x 2 of one apply or solve of width w */
@@ -229,24 +227,18 @@ class DensePlan implements Plan {
     this.sent = sent;
   }
 
-  layout(x: Float32Array, w: number, shields: (xs: Float32Array, r: number, s: number) => Float32Array): Float32Array {
-    const z = new Float32Array(this.sent * w);
+  apply(x: Float32Array, w: number, invT: boolean, shields: Shields | null, out: Float32Array): void {
+    const z = new Float32Array(this.sent * w); // [X_block; S_block] per block
     for (const k of this.blocks) {
       const xs = x.subarray(k.r0 * w, (k.r0 + k.r) * w);
       z.set(xs, k.at * w);
-      if (k.np > k.r) z.set(shields(xs, k.r, k.np - k.r), (k.at + k.r) * w);
+      if (shields && k.np > k.r) z.set(shields(xs, k.r, k.np - k.r), (k.at + k.r) * w);
     }
-    return z;
-  }
-
-  apply(z: Float32Array, w: number, invT: boolean): Float32Array {
-    const out = new Float32Array(this.sent * w);
     // P^-T [dY; 0] per block: (P^-1[:r, :])^T dY_block (the zero rows contribute nothing)
     for (const k of this.blocks) {
       if (invT) sgemm(true, false, k.np, w, k.r, 1, k.Pinv, k.np, z.subarray(k.at * w), w, 0, out.subarray(k.at * w), w);
       else sgemm(false, false, k.np, w, k.np, 1, k.P, k.np, z.subarray(k.at * w), w, 0, out.subarray(k.at * w), w);
     }
-    return out;
   }
 
   solve(y: Float32Array, w: number, out: Float32Array, transposeP: boolean): void {
@@ -263,94 +255,59 @@ class DensePlan implements Plan {
   }
 }
 
-/** Two scratch buffers of at least n floats (the butterfly's stages ping-pong between them). */
-const scratch: Float32Array[] = [new Float32Array(0), new Float32Array(0)];
-function scratchOf(i: number, n: number): Float32Array {
-  if (scratch[i].length < n) scratch[i] = new Float32Array(n);
-  return scratch[i].subarray(0, n);
-}
-
 /**
- * The butterfly over [X; S] (above). A stage along digit s (radix m, stride t = the product of
- * the lower radices) mixes rows base + q t (q < m) with the stage's fresh block B: one GEMM
- * B [m, m] x [m, t w] per value h of the higher digits, at base = h m t (row q of that view is
- * rows base + q t .. base + q t + t - 1). Every block has B 1 = 1, so P 1 = 1.
+ * The butterfly over [X; S] (above), run by tensor/gemm.ts butterfly. A stage along digit s
+ * (radix m, stride t = the product of the lower radices) mixes rows h m t + q t + u (q < m) with
+ * the stage's fresh block B. Every block has B 1 = 1, so P 1 = 1.
  */
 class ButterflyPlan implements Plan {
-  private readonly rounds: { perm: Int32Array; stages: { m: number; t: number; B: Float32Array; Binv: Float32Array }[] }[] = [];
+  /** the blocks (per stage B, then B^-1) and the permutations (per round), as the programs index them */
+  private readonly mats: Float32Array;
+  private readonly perms: Int32Array;
+  /** (m, t, offset of B, offset of B^-1) per stage, rounds in order */
+  private readonly stages: [number, number, number, number][][] = [];
 
   constructor(readonly rows: number, readonly sent: number, radices: number[], rounds: number, kappa: number, rng: RandomSource) {
     const kb = kappa ** (1 / (rounds * radices.length)); // cond(P) <= the product of the stages' conditions = kappa
+    const blocks: Float32Array[] = [];
+    let at = 0;
+    this.perms = new Int32Array(rounds * sent);
     for (let r = 0; r < rounds; r++) {
       let t = 1;
-      const stages = radices.map((m) => {
+      this.stages.push(radices.map((m) => {
         const [B, Binv] = mixBlock(m, kb, rng);
-        const st = { m, t, B, Binv };
+        blocks.push(B, Binv);
+        const st: [number, number, number, number] = [m, t, at, at + m * m];
+        at += 2 * m * m;
         t *= m;
         return st;
-      });
-      this.rounds.push({ perm: randomPermutation(sent, rng), stages });
+      }));
+      this.perms.set(randomPermutation(sent, rng), r * sent);
     }
+    this.mats = new Float32Array(at);
+    blocks.reduce((o, b) => (this.mats.set(b, o), o + b.length), 0);
   }
 
-  layout(x: Float32Array, w: number, shields: (xs: Float32Array, r: number, s: number) => Float32Array): Float32Array {
-    if (this.sent === this.rows) return x; // apply does not write its input
-    const z = new Float32Array(this.sent * w);
-    z.set(x.subarray(0, this.rows * w));
-    z.set(shields(x.subarray(0, this.rows * w), this.rows, this.sent - this.rows), this.rows * w);
-    return z;
+  private run(ops: number[], x: Float32Array, xrows: number, shields: Float32Array | null, w: number, out: Float32Array, orows: number): void {
+    butterfly(Int32Array.from(ops), this.mats, this.perms, x, xrows, shields, this.sent, w, out, orows);
   }
 
-  /** a stage on cur into out: its blocks B (B^-1 with `inv`), transposed with `trans` */
-  private stage(st: ButterflyPlan['rounds'][number]['stages'][number], inv: boolean, trans: boolean, cur: Float32Array, out: Float32Array, w: number): void {
-    const { m, t } = st, ld = t * w;
-    // one batched GEMM: the groups of a stage run on the pool's threads (each group alone is below the threaded size)
-    sgemmBatched(trans, false, m, ld, m, 1, inv ? st.Binv : st.B, m, 0, cur, ld, m * ld, 0, out, ld, m * ld, this.sent / (m * t));
-  }
-
-  apply(z: Float32Array, w: number, invT: boolean): Float32Array {
+  apply(x: Float32Array, w: number, invT: boolean, shields: Shields | null, out: Float32Array): void {
     // P z: per round, gather by its permutation, then its stages; P^-T = ... D^-T G likewise
-    const n = this.sent * w, last = this.rounds.length - 1;
-    let cur = z, k = 0;
-    this.rounds.forEach((rd, r) => {
-      const a = scratchOf(k, n);
-      for (let i = 0; i < this.sent; i++) a.set(cur.subarray(rd.perm[i] * w, (rd.perm[i] + 1) * w), i * w);
-      cur = a;
-      rd.stages.forEach((st, s) => {
-        k ^= 1;
-        const out = r === last && s === rd.stages.length - 1 ? new Float32Array(n) : scratchOf(k, n); // the last one is sent
-        this.stage(st, invT, invT, cur, out, w);
-        cur = out;
-      });
-      k ^= 1;
-    });
-    return cur;
+    const ops = this.stages.flatMap((rd, r) => [FLY_GATHER, 0, 0, r * this.sent, ...rd.flatMap(([m, t, b, bi]) => invT ? [FLY_STAGE_T, m, t, bi] : [FLY_STAGE, m, t, b])]);
+    const S = shields && this.sent > this.rows ? shields(x.subarray(0, this.rows * w), this.rows, this.sent - this.rows) : null;
+    this.run(ops, x, this.rows, S, w, out, this.sent);
   }
 
   solve(y: Float32Array, w: number, out: Float32Array, transposeP: boolean): void {
     // P^-1 = G_1^T R_1^-1 ... G_r^T R_r^-1, R^-1 the stages' inverses last first (P^T likewise with B^T); then the scatter
-    const n = this.sent * w;
-    let cur = y, k = 0;
-    for (let r = this.rounds.length - 1; r >= 0; r--) {
-      const rd = this.rounds[r];
-      for (let s = rd.stages.length - 1; s >= 0; s--) {
-        const next = scratchOf(k, n);
-        k ^= 1;
-        this.stage(rd.stages[s], !transposeP, transposeP, cur, next, w);
-        cur = next;
-      }
-      const to = r === 0 ? null : scratchOf(k, n);
-      for (let i = 0; i < this.sent; i++) {
-        const j = rd.perm[i];
-        if (to) to.set(cur.subarray(i * w, (i + 1) * w), j * w);
-        else if (j < this.rows) out.set(cur.subarray(i * w, (i + 1) * w), j * w); // only the real rows
-      }
-      if (to) { cur = to; k ^= 1; }
-    }
+    const ops = [...this.stages.keys()].reverse().flatMap((r) => [...this.stages[r]].reverse()
+      .flatMap(([m, t, b, bi]) => transposeP ? [FLY_STAGE_T, m, t, b] : [FLY_STAGE, m, t, bi]).concat([FLY_SCATTER, 0, 0, r * this.sent]));
+    this.run(ops, y, this.sent, null, w, out, this.rows);
   }
 
   flops(w: number): number {
-    return this.rounds.reduce((a, rd) => a + rd.stages.reduce((q, st) => q + 2 * st.m * this.sent * w, 0), 0);
+    return this.stages.reduce((a, rd) => a + rd.reduce((q, [m]) => q + 2 * m * this.sent * w, 0), 0);
   }
 }
 
@@ -374,7 +331,8 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   private plans = new Map<string, Plan>();
   private readonly config: GPT2Config;
   private readonly rng: RandomSource;
-  private readonly shared = new Map<string, Float32Array>();
+  /** the buffers of what is sent and of what comes back unmixed, per linear and direction, reused every step */
+  private readonly buffers = new Map<string, Float32Array>();
   readonly stats: MixingStats = { calls: 0, rowsSent: 0, rowsReal: 0, flopsSent: 0, flopsReal: 0, mixFlops: 0, ms: 0 };
 
   constructor(readonly inner: Linears<Obfuscated, BlockLinearName> & { reset?(): void }, config: GPT2Config, readonly o: MixingConfig & { trainWeights: boolean; rng?: RandomSource }) {
@@ -402,20 +360,29 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
     return new ButterflyPlan(rows, shape.sent, shape.radices, shape.rounds, kappa, this.rng);
   }
 
-  /** P [x; shields]: [sent, w] (shields drawn from x's statistics) */
-  private mix(p: Plan, x: Float32Array, w: number): Obfuscated {
-    const z = p.layout(x, w, (xs, r, s) => shieldRows(xs, r, w, s, this.rng));
+  /**
+   * The buffer of n floats for `key`, in shared memory (the threaded GELU reads the fc output),
+   * reused by the next call with that key: keys name a layer where the tensor must live
+   * through the step (activations; inputs the accelerator keeps for the weight gradient), else
+   * only the linear. A recorded view copies what it keeps.
+   */
+  private buffer(key: string, n: number): Float32Array {
+    let b = this.buffers.get(key);
+    if (!b || b.length !== n) this.buffers.set(key, (b = sharedFloat32(n)));
+    return b;
+  }
+
+  /** P [x; shields], or P^-T [x; 0] (`invT`): [sent, w] (shields drawn from x's statistics) */
+  private mix(p: Plan, x: Float32Array, w: number, key: string, invT = false): Obfuscated {
+    const out = this.buffer(`${key}.sent`, p.sent * w);
+    p.apply(x, w, invT, invT ? null : (xs, r, s) => shieldRows(xs, r, w, s, this.rng), out);
     this.stats.mixFlops += p.flops(w);
-    return asObfuscated(p.apply(z, w, false));
+    return asObfuscated(out);
   }
 
   /** the real rows back: of P^-1 y~, or of P^T y~ (`transposeP`), [rows, w] */
   private unmix(p: Plan, y: Float32Array, w: number, key: string, transposeP: boolean): Obfuscated {
-    let out = key ? this.shared.get(key) : undefined;
-    if (!out || out.length !== p.rows * w) {
-      out = key ? sharedFloat32(p.rows * w) : new Float32Array(p.rows * w);
-      if (key) this.shared.set(key, out);
-    }
+    const out = this.buffer(key, p.rows * w);
     p.solve(y, w, out, transposeP);
     this.stats.mixFlops += p.flops(w);
     return asObfuscated(out);
@@ -430,35 +397,32 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
     const [din, dout] = this.dims(name);
     if (x.length !== rows * din) throw new InputError(`token mixing: input of h.${l}.${name} has ${x.length} values, expected ${rows} x ${din}`);
     const p = this.timed(() => this.plan(l, name, rows, din, true));
-    const xm = this.timed(() => this.mix(p, x, din));
+    const keep = train && this.o.trainWeights; // the accelerator keeps what was sent until the backward
+    const xm = this.timed(() => this.mix(p, x, din, keep ? `${l}.${name}.x` : `${name}.x`));
     this.count(p, din * dout);
     const ym = await this.inner.forward(l, name, xm, p.sent, train);
-    if (train && this.o.trainWeights) this.plans.set(`${l}.${name}`, p);
-    // the fc output feeds the threaded GELU (shared memory), and lives in the step's activations
-    return this.timed(() => this.unmix(p, ym, dout, name === 'fc' ? `${l}.fc` : '', false));
+    if (keep) this.plans.set(`${l}.${name}`, p);
+    // the outputs live in the step's activations (the fc output feeds the threaded GELU)
+    return this.timed(() => this.unmix(p, ym, dout, `${l}.${name}`, false));
   }
 
   async backward(l: number, name: BlockLinearName, dy: Obfuscated, rows: number, input: boolean): Promise<Obfuscated | null> {
     const [din, dout] = this.dims(name);
     if (dy.length !== rows * dout) throw new InputError(`token mixing: output gradient of h.${l}.${name} has ${dy.length} values, expected ${rows} x ${dout}`);
-    const key = name === 'fcproj' ? 'fcproj.dx' : '';
+    const key = `${name}.dx`; // consumed before the next call of this linear
     if (this.o.trainWeights) {
       const p = this.plans.get(`${l}.${name}`);
       if (!p || p.rows !== rows) throw new Error(`internal: no token mixing recorded for the forward of h.${l}.${name}`);
       this.plans.delete(`${l}.${name}`);
       // dY~ = P^-T [dY*; 0]
-      const dym = this.timed(() => {
-        const z = p.layout(dy, dout, (_xs, _r, s) => new Float32Array(s * dout));
-        this.stats.mixFlops += p.flops(dout);
-        return asObfuscated(p.apply(z, dout, true));
-      });
+      const dym = this.timed(() => this.mix(p, dy, dout, `${name}.dy`, true));
       this.count(p, din * dout * (input ? 2 : 1)); // the weight gradient, and dX when asked
       const dxm = await this.inner.backward(l, name, dym, p.sent, input);
       return dxm && this.timed(() => this.unmix(p, dxm, din, key, true));
     }
     if (!input) return null;
     const p = this.timed(() => this.plan(l, name, rows, dout, false));
-    const dym = this.timed(() => this.mix(p, dy, dout));
+    const dym = this.timed(() => this.mix(p, dy, dout, `${name}.dy`));
     this.count(p, din * dout);
     const dxm = await this.inner.backward(l, name, dym, p.sent, true);
     return dxm && this.timed(() => this.unmix(p, dxm, din, key, false));

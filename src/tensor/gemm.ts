@@ -158,6 +158,40 @@ export function sgemmBatched(transA: boolean, transB: boolean, m: number, n: num
   else sgemmBatchedJs(transA, transB, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batch);
 }
 
+/** A butterfly program's steps (see butterfly): a gather or scatter by a permutation, or a stage. */
+export const FLY_GATHER = 0, FLY_SCATTER = 1, FLY_STAGE = 2, FLY_STAGE_T = 3;
+
+/**
+ * Runs a butterfly program (token mixing) on the `sent` rows [X; S] of width w (S: the rows
+ * after X's `xrows`; null: zeros) and writes the first `orows` rows of the result to out
+ * [orows, w]. `ops` holds 4 values per step, (kind, m, t, off):
+ *   FLY_GATHER   row i <- row perms[off + i]          FLY_SCATTER  row perms[off + i] <- row i
+ *   FLY_STAGE    rows h m t + q t + s (q < m) <- the m x m block at mats[off] times them (FLY_STAGE_T: its transpose)
+ * The native kernel runs the whole program on one slice of columns at a time, in cache.
+ */
+export function butterfly(ops: Int32Array, mats: Float32Array, perms: Int32Array, X: Float32Array, xrows: number, S: Float32Array | null, sent: number, w: number, out: Float32Array, orows: number): void {
+  const fn = 'butterfly';
+  for (const [k, v] of Object.entries({ xrows, sent, w, orows })) checkDim(fn, k, v);
+  if (xrows > sent || orows > sent) throw new Error(`${fn}: xrows (${xrows}) and orows (${orows}) must be at most sent (${sent})`);
+  if (X.length < xrows * w || (S && S.length < (sent - xrows) * w) || out.length < orows * w) throw new Error(`${fn}: X, S or out is shorter than its rows x ${w}`);
+  if (active === 'native' && native) { native.butterfly(ops, mats, perms, X, xrows, S, sent, w, out, orows); return; }
+  let cur = new Float32Array(sent * w);
+  cur.set(X.subarray(0, xrows * w));
+  if (S) cur.set(S.subarray(0, (sent - xrows) * w), xrows * w);
+  for (let o = 0; o < ops.length; o += 4) {
+    const [kind, m, t, off] = ops.subarray(o, o + 4), next = new Float32Array(sent * w);
+    if (kind === FLY_GATHER || kind === FLY_SCATTER) {
+      for (let i = 0; i < sent; i++) {
+        const j = perms[off + i];
+        if (kind === FLY_GATHER) next.set(cur.subarray(j * w, (j + 1) * w), i * w);
+        else next.set(cur.subarray(i * w, (i + 1) * w), j * w);
+      }
+    } else sgemmBatchedJs(kind === FLY_STAGE_T, false, m, t * w, m, 1, mats.subarray(off, off + m * m), m, 0, cur, t * w, m * t * w, 0, next, t * w, m * t * w, sent / (m * t));
+    cur = next;
+  }
+  out.set(cur.subarray(0, orows * w));
+}
+
 // ------------------------------------------------------------------ linear layers
 
 /** out[m,n] = x[m,k] w[k,n] + bias (all row-major, contiguous). */

@@ -32,6 +32,8 @@ export interface NativeAddon {
   freivaldsRows(lhs: Float32Array, a: number, p: Float64Array, rhs: Float32Array, b: number, q: Float64Array, c: Float64Array | null, rows: number, out: Float64Array): void;
   /** a[n*n] (row-major, Gaussian) replaced by the Q of its Householder QR, columns signed by diag(R): Haar. */
   haarQr(a: Float64Array, n: number): void;
+  /** One butterfly program over [X; S] into out (see gemm.ts butterfly). */
+  butterfly(ops: Int32Array, mats: Float32Array, perms: Int32Array, X: Float32Array, xrows: number, S: Float32Array | null, sent: number, w: number, out: Float32Array, orows: number): void;
   /** x = 0, on the addon's threads. */
   zero(x: Float32Array): void;
   /** Sum of squares (float64; the same for any thread count). */

@@ -118,12 +118,9 @@ function conjugate(M: Float64Array, n: number): Float32Array {
 
 /** A Haar orthogonal k x k matrix (row-major): Gram-Schmidt on the rows of a Gaussian matrix, O(k^3), for small k. */
 function smallHaar(k: number, rng: RandomSource): Float64Array {
-  const A = new Float64Array(k * k);
-  for (let i = 0; i < k * k; i += 2) { // Box-Muller on 32-bit uniforms
-    const r = Math.sqrt(-2 * Math.log((rng.nextU32() + 0.5) / 4294967296)), a = (2 * Math.PI * rng.nextU32()) / 4294967296;
-    A[i] = r * Math.cos(a);
-    if (i + 1 < k * k) A[i + 1] = r * Math.sin(a);
-  }
+  const g = new Float32Array(k * k);
+  rng.fillNormal32(g);
+  const A = Float64Array.from(g);
   for (let c = 0; c < k; c++) { // row c against the rows before it (a Gaussian matrix is well conditioned: one pass)
     const o = c * k;
     for (let q = 0; q < c; q++) {
@@ -175,9 +172,9 @@ export function shieldRows(x: Float32Array, n: number, d: number, s: number, rng
     for (let j = 0; j < d; j++) spread += (mu[j] - m) ** 2;
   }
   const sigma = Math.sqrt((n > 1 ? tot / (n * d) : spread / d) / 2);
-  rng.fillNormal(S, sigma); // isotropic half
+  rng.fillNormal32(S, sigma); // isotropic half
   const G = new Float32Array(s * n);
-  rng.fillNormal(G, Math.sqrt(1 / (2 * n))); // G xc: covariance xc^T xc / (2n) per row
+  rng.fillNormal32(G, Math.sqrt(1 / (2 * n))); // G xc: covariance xc^T xc / (2n) per row
   sgemm(false, false, s, d, n, 1, G, n, xc, d, 1, S, d);
   for (let i = 0; i < s; i++) {
     const row = S.subarray(i * d, (i + 1) * d);

@@ -8,6 +8,7 @@ import { fileURLToPath } from 'node:url';
 import {
   availableBackends, backendName, biasBackward, linearBackwardInput, linearBackwardWeight, linearForward, nativeInfo,
   setBackend, setNativeIsa, setThreads, sgemm, sgemmBatched, type BackendName,
+  butterfly, FLY_GATHER, FLY_SCATTER, FLY_STAGE, FLY_STAGE_T,
 } from '../src/tensor/gemm.js';
 import { native } from '../src/tensor/native.js';
 import { rng } from './helpers.js';
@@ -152,6 +153,76 @@ test('every native kernel (avx512 / avx2 / generic) this CPU supports', (t) => {
     setBackend(prevBackend);
   }
   assert.equal(nativeInfo()!.isa, original);
+});
+
+/** A butterfly program run in float64, row by row (the reference for `butterfly`). */
+function butterflyRef(ops: Int32Array, mats: Float32Array, perms: Int32Array, rows: Float64Array[], orows: number): Float64Array[] {
+  let cur = rows;
+  for (let o = 0; o < ops.length; o += 4) {
+    const [kind, m, t, off] = ops.subarray(o, o + 4);
+    const next = cur.map((r) => new Float64Array(r.length));
+    for (let i = 0; i < cur.length; i++) {
+      if (kind === FLY_GATHER) next[i].set(cur[perms[off + i]]);
+      else if (kind === FLY_SCATTER) next[perms[off + i]].set(cur[i]);
+      else {
+        const h = Math.floor(i / (m * t)), q = Math.floor((i % (m * t)) / t), u = i % t;
+        for (let p = 0; p < m; p++) {
+          const a = kind === FLY_STAGE ? mats[off + q * m + p] : mats[off + p * m + q];
+          const src = cur[h * m * t + p * t + u];
+          for (let j = 0; j < src.length; j++) next[i][j] += a * src[j];
+        }
+      }
+    }
+    cur = next;
+  }
+  return cur.slice(0, orows);
+}
+
+test('butterfly programs: every backend and native kernel against a float64 reference; bad programs refused', () => {
+  const r = rng(41);
+  const perm = (n: number) => { const a = Int32Array.from({ length: n }, (_, i) => i); for (let i = n - 1; i > 0; i--) { const j = Math.floor(r() * (i + 1)); [a[i], a[j]] = [a[j], a[i]]; } return a; };
+  // (sent, radices, width, real rows, output rows): odd widths cross the kernels' vector tails
+  const shapes: [number, number[], number, number, number][] = [[48, [4, 12], 37, 40, 48], [256, [16, 16], 96, 200, 200], [24, [3, 8], 1, 24, 5], [17, [17], 65, 9, 9]];
+  const runAll = (tag: string) => {
+    for (const [sent, radices, w, xrows, orows] of shapes) {
+      const mats = rand(radices.reduce((a, m) => a + m * m, 0), r), perms = Int32Array.from([...perm(sent), ...perm(sent)]);
+      const ops: number[] = [FLY_GATHER, 0, 0, 0];
+      let t = 1, off = 0;
+      radices.forEach((m, i) => { ops.push(i % 2 ? FLY_STAGE_T : FLY_STAGE, m, t, off); t *= m; off += m * m; });
+      ops.push(FLY_SCATTER, 0, 0, sent, FLY_GATHER, 0, 0, 0);
+      const X = rand(xrows * w, r), S = xrows < sent ? rand((sent - xrows) * w, r) : null;
+      for (const shields of S ? [S, null] : [null]) {
+        const rows = Array.from({ length: sent }, (_, i) => Float64Array.from(i < xrows ? X.subarray(i * w, (i + 1) * w) : shields ? shields.subarray((i - xrows) * w, (i - xrows + 1) * w) : new Float64Array(w)));
+        const want = butterflyRef(Int32Array.from(ops), mats, perms, rows, orows);
+        const out = new Float32Array(orows * w).fill(NaN);
+        butterfly(Int32Array.from(ops), mats, perms, X, xrows, shields, sent, w, out, orows);
+        let err = 0, scale = 0;
+        want.forEach((row, i) => row.forEach((v, j) => { err = Math.max(err, Math.abs(v - out[i * w + j])); scale = Math.max(scale, Math.abs(v)); }));
+        assert.ok(err <= 1e-5 * scale, `${tag} sent ${sent} w ${w}: max error ${err} (scale ${scale})`);
+      }
+    }
+  };
+  forEachBackend((b) => runAll(b));
+  if (native) {
+    const prev = backendName(), original = nativeInfo()!.isa as 'avx512' | 'avx2' | 'generic';
+    setBackend('native');
+    try {
+      for (const isa of ['avx512', 'avx2', 'generic'] as const) if (setNativeIsa(isa)) runAll(`native/${isa}`);
+      const X = new Float32Array(32), out = new Float32Array(32), mats = new Float32Array(16);
+      const bad: [number[], Int32Array, RegExp][] = [
+        [[FLY_GATHER, 0, 0, 0], Int32Array.of(0, 1, 2, 9, 4, 5, 6, 7), /row index is out of range/],
+        [[FLY_STAGE, 4, 4, 0], new Int32Array(8), /block does not fit/],
+        [[FLY_STAGE, 4, 1, 4], new Int32Array(8), /block does not fit/],
+        [[7, 1, 1, 0], new Int32Array(8), /unknown kind 7/],
+        [[FLY_SCATTER, 0, 0, 4], new Int32Array(8), /permutation lies outside perms/],
+      ];
+      for (const [ops, perms, re] of bad) assert.throws(() => butterfly(Int32Array.from(ops), mats, perms, X, 8, null, 8, 4, out, 8), re);
+    } finally {
+      setNativeIsa(original);
+      setBackend(prev);
+    }
+  }
+  assert.throws(() => butterfly(new Int32Array(0), new Float32Array(0), new Int32Array(0), new Float32Array(4), 4, null, 2, 2, new Float32Array(4), 2), /xrows \(4\) and orows \(2\) must be at most sent/);
 });
 
 test('subarray views with non-zero byteOffset; memory around the views is untouched', () => {

@@ -189,7 +189,7 @@ test('CLI: finetune --record-view, then the attacks print the JSON contract (the
   const progress = { OBFUSCATUNE_NO_PROGRESS: '0', OBFUSCATUNE_PROGRESS_INTERVAL_MS: '1' };
   const viewFile = path.join(dir, 'ft.view.safetensors');
   const last = String(pub.config.n_layer - 1);
-  const ft = run(['finetune', '--model', provDir, '--train', OWNER, '--task', 'cls', '--method', 'lora', '--mode', 'sealed', '--steps', '4', '--batch', '8', '--max-len', '16',
+  const ft = run(['finetune', '--model', provDir, '--train', OWNER, '--task', 'cls', '--method', 'lora', '--mode', 'sealed', '--token-mixing', 'off', '--steps', '4', '--batch', '8', '--max-len', '16',
     '--checkpoint-every', '0', '--out', path.join(dir, 'run'), '--record-view', viewFile, '--record-view-layers', `0,${last}`]);
   assert.equal(ft.status, 0, ft.stderr);
   const lr = run(['attack', 'label-recovery', '--view', viewFile, '--corpus', CORPUS, '--json'], progress);
@@ -222,7 +222,7 @@ test('CLI: finetune --record-view, then the attacks print the JSON contract (the
   const ob = run(['obfuscate', '--model', provDir, '--mode', 'sealed', '--seed', '5', '--out', bundles]);
   assert.equal(ob.status, 0, ob.stderr);
   const genView = path.join(dir, 'gen.view.safetensors');
-  const g = run(['generate', '--enclave', path.join(bundles, 'enclave'), '--accelerator', path.join(bundles, 'accelerator'), '--prompt', 'The soup was cold and the bread', '--max-tokens', '6', '--record-view', genView]);
+  const g = run(['generate', '--enclave', path.join(bundles, 'enclave'), '--accelerator', path.join(bundles, 'accelerator'), '--prompt', 'The soup was cold and the bread', '--max-tokens', '6', '--token-mixing', 'off', '--record-view', genView]);
   assert.equal(g.status, 0, g.stderr);
   const dec = run(['attack', 'decode-public-base', '--view', genView, '--public', PUBLIC, '--corpus', CORPUS, '--json'], progress);
   assert.equal(dec.status, 0, dec.stderr);

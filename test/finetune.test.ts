@@ -19,6 +19,7 @@ import type { AcceleratorWeights } from '../src/protocol/linears.js';
 import { startAcceleratorServer, type AcceleratorServer } from '../src/rpc/accelerator_server.js';
 import { GrpcAcceleratorLink } from '../src/rpc/accelerator_client.js';
 import { relErr } from './helpers.js';
+import { MIXING_DEFAULTS } from '../src/enclave/mixing.js';
 import type { LoraTarget } from '../src/model/lora.js';
 
 function perturbed(preset: string, seed: number): GPT2Weights {
@@ -202,6 +203,30 @@ test('parity: sealed full fine-tuning with an AdamW enclave (embeddings, final b
     }
   });
 });
+
+for (const method of ['lora', 'full'] as const) {
+  test(`exact resume with token mixing (${method}): the checkpoint keeps the job's mixing key, and each step mixes from its own stream`, async () => {
+    await inTmp(async (dir) => {
+      const base = perturbed('gpt2-micro', 6);
+      const data = dataset('cls', 40, 64, 10, 7);
+      const cfg = cfgFor({ mode: 'sealed', method, task: 'cls', steps: 8, checkpoint_every: 4, enclave_optimizer: 'adamw' });
+      const mixing = { ...MIXING_DEFAULTS };
+      const s = { mode: 'sealed' as const, method, task: 'cls' as const, kappa: '1', mixing };
+      const whole = await train(base, { ...s, mixingSeed: 3 }, cfg, data, path.join(dir, 'whole'));
+      await assert.rejects(train(base, { ...s, mixingSeed: 3 }, cfg, data, path.join(dir, 'cut'), { stopAt: 6 }), /simulated crash/);
+      // the resumed session draws a fresh key; the checkpoint's replaces it
+      const resumed = await train(base, s, cfg, data, path.join(dir, 'cut'), { resume: true });
+      assert.equal(resumed.summary.resumed_from, 4);
+      assert.ok(resumed.sess.model.mixingStats!.calls > 0, 'the steps were mixed');
+      assert.deepEqual(resumed.summary.losses, whole.summary.losses, 'identical losses');
+      assert.deepEqual(Array.from(resumed.sess.model.params), Array.from(whole.sess.model.params), 'identical enclave parameters');
+      // another key (another job) gives the same run up to float error, not bit for bit
+      const other = await train(base, { ...s, mixingSeed: 4 }, cfg, data, path.join(dir, 'other'));
+      assert.notDeepEqual(other.summary.losses, whole.summary.losses);
+      assertLossesClose(other.summary.losses, whole.summary.losses, 1e-4, 'another mixing key');
+    });
+  });
+}
 
 for (const method of ['lora', 'full'] as const) {
   test(`exact resume (${method}, sealed): an interrupted run continues bit-identically`, async () => {

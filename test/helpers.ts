@@ -109,3 +109,15 @@ export async function forwardRecords(model: { forward(tokens: Int32Array, B: num
     await model.forward(tokens, B, T);
   }
 }
+
+/**
+ * Runs that differ only in their token-mixing keys (two jobs) agree up to float error, not
+ * bit for bit: each value within `tol` of the reference, relatively.
+ */
+export function assertMixedRunsAgree(got: ArrayLike<number>, want: ArrayLike<number>, what: string, tol = 1e-4): void {
+  assert.equal(got.length, want.length, `${what}: ${got.length} values, expected ${want.length}`);
+  for (let i = 0; i < got.length; i++) {
+    const e = Math.abs(got[i] - want[i]) / Math.max(Math.abs(want[i]), 1e-12);
+    assert.ok(e <= tol, `${what}: value ${i} is ${got[i]}, the reference ${want[i]} (relative ${e.toExponential(2)})`);
+  }
+}

@@ -181,7 +181,7 @@ test('a view recorded with token mixing says so, and holds only the mixed rows',
 });
 
 test('token-mixing settings are validated with the run spec', () => {
-  assert.equal(mixingOf(parseRunSpec({}, 't')), null, 'off by default');
+  assert.equal(mixingOf(parseRunSpec({ mode: 'local' }, 't')), null, 'off for mode local');
   assert.deepEqual(mixingOf(parseRunSpec({ token_mixing: 'on' }, 't')), MIX);
   assert.equal(mixingOf(parseRunSpec({ token_mixing: 'on', mixing_shields: true }, 't'))!.shields, 'all', 'an earlier run\'s true: shields everywhere');
   assert.equal(mixingOf(parseRunSpec({ token_mixing: 'on', mixing_shields: false }, 't'))!.shields, 'none');
@@ -191,8 +191,11 @@ test('token-mixing settings are validated with the run spec', () => {
   assert.throws(() => new MixedLinears({ forward: async (_l, _n, x) => x, backward: async () => null }, getPreset('gpt2-micro'), { ...DENSE, rounds: 3, trainWeights: false }), /rounds are the butterfly scheme's/);
   assert.throws(() => parseRunSpec({ mode: 'local', token_mixing: 'on' }, 't'), (e: RunSpecError) => e.field === 'token_mixing');
   assert.throws(() => parseRunSpec({ token_mixing: 'yes' }, 't'), /token_mixing: must be one of off, on/);
-  assert.throws(() => parseMixingSettings({ mixing_kappa: 0.5 }, 't'), /mixing_kappa: must be a finite number >= 1/);
-  assert.throws(() => parseMixingSettings({ mixing_block: -1 }, 't'), /mixing_block/);
+  assert.throws(() => parseMixingSettings({ mixing_kappa: 0.5 }, 't', 'on'), /mixing_kappa: must be a finite number >= 1/);
+  assert.throws(() => parseMixingSettings({ mixing_block: -1 }, 't', 'on'), /mixing_block/);
+  // on by default in the split modes, off for local; an explicit setting wins
+  assert.deepEqual([parseRunSpec({}, 't').token_mixing, parseRunSpec({ mode: 'paper' }, 't').token_mixing, parseRunSpec({ mode: 'local' }, 't').token_mixing, parseRunSpec({ token_mixing: 'off' }, 't').token_mixing], ['on', 'on', 'off', 'off']);
+  assert.deepEqual([parseMixingSettings({}, 't', 'on').token_mixing, parseMixingSettings({}, 't', 'off').token_mixing, parseMixingSettings({ token_mixing: 'on' }, 't', 'off').token_mixing], ['on', 'off', 'on']);
   assert.throws(() => new MixedLinears({ forward: async (_l, _n, x) => x, backward: async () => null }, getPreset('gpt2-micro'), { ...MIX, kappa: 0, trainWeights: false }), /kappa must be a finite number >= 1/);
 });
 

@@ -218,7 +218,7 @@ export function buildProgram(): Command {
     .option('--seed <n>', 'sampling seed', parseIntArg('--seed'), 1)
     .option('--json', 'print JSON {prompt, completion, tokens}')))
     .action(async (o) => {
-      const mixing = mixingOptionsOf(o);
+      const mixing = mixingOptionsOf(o, o.enclave ? 'on' : 'off');
       if (mixing && !o.enclave) throw new InputError('--token-mixing on mixes what crosses to the accelerator: it needs --enclave and --accelerator');
       const opts = { maxNewTokens: o.maxTokens, temperature: o.temperature, topK: o.topK, seed: o.seed };
       const recOpts = recorderOptionsOf(o);
@@ -337,7 +337,7 @@ export function buildProgram(): Command {
     .option('--interleaved', 'in-process: the three modes in one process, steps in rounds, each split mode against local in the same round (robust on a busy machine; one peak RSS for all)'))
     .action(async (o) => {
       o.model ??= o.family === 'llama' ? 'llama-124m' : 'gpt2';
-      const mixing = mixingOptionsOf(o);
+      const mixing = mixingOptionsOf(o, 'off');
       if (mixing) {
         if (o.interleaved || o.transport !== 'in-process') throw new InputError('--token-mixing on pairs sealed steps without and with mixing in one process: use it without --interleaved and --transport grpc');
         const bar = progressBar(o.steps, 'bench finetune', '{label}');

@@ -34,7 +34,7 @@ const FLAGS: Flag[] = [
   { flag: '--two-sided', field: 'two_sided', help: 'paper mode: mask the projection outputs too' },
   { flag: '--mask-seed <n>', field: 'mask_seed', help: 'derive the masks from a seed (reproducible, NOT secret); none: the run\'s --seed', numeric: true },
   { flag: '--rotary-masks <full|blocks>', field: 'rotary_masks', help: 'Llama family: full per-head q/k masks (unmasked in the enclave before rotary) or rotation-and-scale blocks that commute with it' },
-  { flag: '--token-mixing <on|off>', field: 'token_mixing', help: 'per-call token mixing of what crosses to the accelerator (Defence 1)' },
+  { flag: '--token-mixing <on|off>', field: 'token_mixing', help: 'per-call token mixing of what crosses to the accelerator (Defence 1); default: on for split fine-tuning and generation, off for mode local, fidelity and bench' },
   { flag: '--mixing-scheme <scheme>', field: 'mixing_scheme', help: 'token mixing: butterfly (permutations and small blocks, cheap) or dense (one dense matrix per call)' },
   { flag: '--mixing-kappa <k>', field: 'mixing_kappa', help: 'token mixing: condition number of each call\'s mixing matrix', numeric: true },
   { flag: '--mixing-block <n>', field: 'mixing_block', help: 'token mixing: rows per block (0 = butterfly 16, dense one block)', numeric: true },
@@ -183,6 +183,6 @@ export function addMixingOptions(cmd: Command): Command {
 }
 
 /** The token mixing the flags ask for (null: off); invalid values are refused as a run spec's. */
-export function mixingOptionsOf(opts: Record<string, unknown>): MixingConfig | null {
-  return mixingOf(parseMixingSettings(runSpecInputOf(opts, MIXING_FIELDS), 'command line'));
+export function mixingOptionsOf(opts: Record<string, unknown>, dflt: 'on' | 'off'): MixingConfig | null {
+  return mixingOf(parseMixingSettings(runSpecInputOf(opts, MIXING_FIELDS), 'command line', dflt));
 }

@@ -117,7 +117,7 @@ export function addSplitCommands(program: Command): void {
     .addOption(new Option('--rotary-masks <m>', 'Llama family: full per-head q/k masks or rotation-and-scale blocks').choices(['full', 'blocks']))
     .option('--json', 'print JSON'))
     .action(async (o) => {
-      const mixing = mixingOptionsOf(o);
+      const mixing = mixingOptionsOf(o, 'off');
       const specs = String(o.kappas).split(',').map((s: string) => parseMaskSpec(s.trim()));
       if (o.twoSided && o.mode !== 'paper') throw new InputError('--two-sided masks the projection outputs in paper mode; give --mode paper');
       const model = loadPlainModel(o.model, { randomInit: o.randomInit, seed: o.seed }).model;

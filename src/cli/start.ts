@@ -53,7 +53,7 @@ function majority(train: Record_[], test: Record_[]): number {
 export async function runStart(o: StartOptions): Promise<void> {
   // the demo's run spec; the local baseline differs in mode only (and keeps no checkpoints)
   const spec = parseRunSpec({ task: 'cls', method: 'lora', steps: o.steps, batch: 16, max_len: 64, lr: 2e-3, warmup: 6, checkpoint_every: 20, adam_eps: 1e-6 }, 'npm start');
-  const localSpec = parseRunSpec({ ...spec, mode: 'local', kappa: null, checkpoint_every: 0 }, 'npm start (local baseline)');
+  const localSpec = parseRunSpec({ ...spec, mode: 'local', kappa: null, token_mixing: null, checkpoint_every: 0 }, 'npm start (local baseline)');
   const steps = spec.steps;
   const modelDir = o.model ?? path.join(ROOT, 'models', 'base-small');
   const dataDir = path.join(ROOT, 'data', o.dataset ?? 'wordnet-supersense');

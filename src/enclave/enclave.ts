@@ -23,7 +23,7 @@ import { RemoteLinears } from '../protocol/client.js';
 import { PaperBasis, SealedBasis } from './bases.js';
 import { withEnclaveDelta } from './delta.js';
 import { MixedLinears, type MixingConfig } from './mixing.js';
-import type { RandomSource } from '../tensor/rng.js';
+import type { KeyedRng } from '../tensor/rng.js';
 import { BundleError } from '../errors.js';
 
 export class Enclave {
@@ -37,7 +37,7 @@ export class Enclave {
   readonly mixing: MixedLinears | null;
 
   /** `bundle` as loaded (and checked) by loadEnclaveBundle, or as an obfuscation made it; `o.mixing`: per-call token mixing */
-  constructor(readonly bundle: EnclaveBundle, readonly link: AcceleratorLink, o: { mixing?: MixingConfig | null; mixingRng?: RandomSource } = {}) {
+  constructor(readonly bundle: EnclaveBundle, readonly link: AcceleratorLink, o: { mixing?: MixingConfig | null; mixingRng?: KeyedRng } = {}) {
     const c = this.config = bundle.config;
     const t = bundle.tensors;
     this.mode = bundle.mode;
@@ -87,7 +87,7 @@ export class Enclave {
 }
 
 /** The two sides wired together in one process (tests, fidelity, local experiments). */
-export function inProcessSplit(r: ObfuscationResult<ObfuscatedTensors | LlamaObfuscatedTensors>, opts: { serialize?: boolean; mixing?: MixingConfig | null; mixingRng?: RandomSource } = {}) {
+export function inProcessSplit(r: ObfuscationResult<ObfuscatedTensors | LlamaObfuscatedTensors>, opts: { serialize?: boolean; mixing?: MixingConfig | null; mixingRng?: KeyedRng } = {}) {
   const accelerator = new Accelerator(r.accelerator);
   const link = new InProcessLink(accelerator, opts);
   const enclave = new Enclave(r.enclave, link, opts);

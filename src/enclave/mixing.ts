@@ -327,15 +327,37 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   /** the forward's mixing of each linear in this step (full fine-tuning's backward uses it) */
   private plans = new Map<string, Plan>();
   private readonly config: GPT2Config;
-  private readonly rng: RandomSource;
+  /** the job's mixing key (secret, fresh per job unless given) and the stream of the current epoch */
+  private key: Buffer;
+  private rng: KeyedRng;
   /** the buffers of what is sent and of what comes back unmixed, per linear and direction, reused every step */
   private readonly buffers = new Map<string, Float32Array>();
   readonly stats: MixingStats = { calls: 0, rowsSent: 0, rowsReal: 0, flopsSent: 0, flopsReal: 0, mixFlops: 0, ms: 0 };
 
-  constructor(readonly inner: Linears<Obfuscated, BlockLinearName> & { reset?(): void }, config: GPT2Config, readonly o: MixingConfig & { trainWeights: boolean; rng?: RandomSource }) {
+  constructor(readonly inner: Linears<Obfuscated, BlockLinearName> & { reset?(): void }, config: GPT2Config, readonly o: MixingConfig & { trainWeights: boolean; rng?: KeyedRng }) {
     checkMixingConfig(o);
     this.config = config;
     this.rng = o.rng ?? KeyedRng.secure();
+    this.key = this.rng.key;
+  }
+
+  /** The job's mixing key (32 bytes; a checkpoint keeps it so that a resumed run mixes as the uninterrupted one). */
+  get mixingKey(): Buffer {
+    return this.key;
+  }
+
+  /** Takes a job's key (a resumed run), starting its first epoch. */
+  setMixingKey(key: Buffer): void {
+    this.key = Buffer.from(key);
+    this.rng = new KeyedRng(this.key);
+  }
+
+  /**
+   * Starts a named epoch (a training step, an evaluation): its mixings come from
+   * SHA-256(key || label), so a step's P and shields do not depend on what ran before it.
+   */
+  epoch(label: string): void {
+    this.rng = new KeyedRng(this.key).derive(label);
   }
 
   /** [d_in, d_out] of a linear (the one place that asks the block) */

@@ -14,7 +14,7 @@ import type { GPT2Config } from '../model/config.js';
 import type { GPT2Weights } from '../model/weights.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
-import type { RandomSource } from '../tensor/rng.js';
+import type { KeyedRng, RandomSource } from '../tensor/rng.js';
 import type { EnclaveTensors, FloatName, FloatFields, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
 import { LINEARS, linearDims, type BlockDef, type BlockLinearName, type LinearName, type Linears } from '../model/block.js';
 import { blockLinearDims, blockLinearNames } from '../model/family.js';
@@ -70,8 +70,8 @@ export interface SplitModelOptions {
   integrity?: IntegrityChecker | null;
   /** per-call token mixing (Defence 1, src/enclave/mixing.ts); null: off */
   mixing?: MixingConfig | null;
-  /** the mixing's randomness (default: a fresh secret key) */
-  mixingRng?: RandomSource;
+  /** the mixing's key and first stream (default: a fresh secret key) */
+  mixingRng?: KeyedRng;
 }
 
 /** Plain weights arranged as the two sides of the `local` mode. */
@@ -336,6 +336,20 @@ export class SplitModel {
   /** the token mixing's settings (null when it is off) */
   get mixingConfig(): MixingConfig | null {
     return this.linears instanceof MixedLinears ? this.linears.o : null;
+  }
+
+  /** the token mixing's key (null when it is off): a checkpoint keeps it, a resume restores it */
+  get mixingKey(): Buffer | null {
+    return this.linears instanceof MixedLinears ? this.linears.mixingKey : null;
+  }
+
+  set mixingKey(key: Buffer | null) {
+    if (key && this.linears instanceof MixedLinears) this.linears.setMixingKey(key);
+  }
+
+  /** Starts a named epoch of the token mixing (a step, an evaluation); nothing when it is off. */
+  mixingEpoch(label: string): void {
+    if (this.linears instanceof MixedLinears) this.linears.epoch(label);
   }
 
   /** the token mixing's counters (null when it is off) */

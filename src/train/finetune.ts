@@ -187,6 +187,8 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     };
     loadOpt(encOpt, 'enclave');
     loadOpt(adOpt, 'adapters');
+    // the job's mixing key: the resumed steps mix as the uninterrupted run's would
+    if (t.has('mixing.key')) model.mixingKey = Buffer.from(t.getInt('mixing.key').buffer);
     if (model.integrity) {
       const m = new Map<string, Float64Array>();
       for (const name of t.names()) if (name.startsWith('integrity.')) m.set(name.slice('integrity.'.length), t.getFloat64(name));
@@ -235,6 +237,8 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       optimizers[key] = { kind: s.kind, step: s.step };
       for (const [b, buf] of Object.entries(s.buffers)) tensors.push({ name: `opt.${key}.${b}`, dtype: 'F32', shape: [buf.length], data: buf });
     }
+    const key = model.mixingKey;
+    if (key) tensors.push({ name: 'mixing.key', dtype: 'I32', shape: [8], data: new Int32Array(Uint8Array.from(key).buffer) });
     if (model.integrity) for (const [k, v] of model.integrity.state()) tensors.push({ name: `integrity.${k}`, dtype: 'F64', shape: [v.length], data: v });
     writeSafetensors(path.join(tmp, 'enclave.safetensors'), tensors, { format: CKPT_FORMAT });
     let digest: string | null = null;
@@ -257,6 +261,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     return name;
   };
 
+  model.mixingEpoch('eval 0');
   const evalBefore = startStep === 0 && evalSet ? await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches) : null;
   let lastGood: string | null = latestCheckpoint(runDir) ? path.basename(latestCheckpoint(runDir)!) : null;
   let lastEval: EvalMetrics | null = null;
@@ -278,6 +283,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     };
     let r: Awaited<ReturnType<SplitModel['forward']>>;
     let norm: number;
+    model.mixingEpoch(`step ${step}`);
     try {
       r = await model.forward(b.tokens, b.B, b.T, b.targets, true);
       if (!Number.isFinite(r.loss)) throw new Error(`the loss became ${r.loss} (non-finite)`);
@@ -300,6 +306,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     opts.onStep?.(m);
     const last = step + 1 === cfg.steps;
     if (evalSet && cfg.evalEvery > 0 && ((step + 1) % cfg.evalEvery === 0 || last)) {
+      model.mixingEpoch(`eval ${step + 1}`);
       lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
       appendFileSync(metricsFile, JSON.stringify({ step: step + 1, eval: lastEval }) + '\n');
       opts.onEval?.(step + 1, lastEval);
@@ -312,6 +319,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       }
     }
   }
+  model.mixingEpoch(`eval ${cfg.steps}`);
   if (evalSet && !lastEval) lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
   const seconds = (performance.now() - t0) / 1000;
   return {

@@ -35,7 +35,7 @@ export const RUN_SPEC_DEFAULTS = {
   two_sided: false,           // paper mode: mask the projection outputs too
   mask_seed: null,            // derive the masks from this seed (reproducible, NOT secret); null: the run's seed; not for local
   rotary_masks: 'full',       // Llama family: 'full' per-head q/k masks unmasked in the enclave before rotary | 'blocks' (commute with it)
-  token_mixing: 'off',        // 'on': per-call token mixing of every accelerator call (Defence 1, docs/security.md); split modes only
+  token_mixing: null,         // 'on': per-call token mixing of every accelerator call (Defence 1, docs/security.md) | 'off'; null: on in the split modes, off for local
   mixing_scheme: 'butterfly', //   'butterfly': P of permutations and small blocks, cheap | 'dense': one dense P per call (O(n^3) to draw)
   mixing_kappa: 10,           //   condition number of each call's mixing matrix P (>= 1; 1: orthogonal)
   mixing_block: 0,            //   rows per block of P (0: butterfly 16; dense: one block over the call's rows)
@@ -173,7 +173,7 @@ const FIELDS = {
   two_sided: bool().default(D.two_sided),
   mask_seed: int(0).nullable().default(D.mask_seed),
   rotary_masks: oneOf(['full', 'blocks'] as const).default(D.rotary_masks as 'full'),
-  token_mixing: oneOf(TOKEN_MIXING).default(D.token_mixing),
+  token_mixing: oneOf(TOKEN_MIXING).nullable().default(D.token_mixing),
   mixing_kappa: num('a finite number >= 1', (x) => Number.isFinite(x) && x >= 1).default(D.mixing_kappa),
   mixing_scheme: oneOf(MIXING_SCHEMES).default(D.mixing_scheme),
   mixing_block: int(0).refine((x) => x !== 1, { error: must('an integer >= 0 other than 1 (a block of one row mixes nothing)') }).default(D.mixing_block),
@@ -279,7 +279,7 @@ export const RunSpecSchema = z.strictObject(FIELDS, objectError).transform((s, c
     task: s.task, method: s.method, mode: s.mode,
     kappa: s.mode === 'local' ? null : s.kappa ?? maskSpecLabel({ kind: 'kappa', kappa: 1 }),
     two_sided: s.two_sided, mask_seed: s.mask_seed, rotary_masks: s.rotary_masks,
-    token_mixing: s.token_mixing, mixing_scheme: s.mixing_scheme, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_rounds: s.mixing_rounds, mixing_shields: s.mixing_shields, max_len: s.max_len,
+    token_mixing: s.token_mixing ?? (s.mode === 'local' ? 'off' : 'on'), mixing_scheme: s.mixing_scheme, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_rounds: s.mixing_rounds, mixing_shields: s.mixing_shields, max_len: s.max_len,
     text_field: s.text_field, prompt_field: s.prompt_field, completion_field: s.completion_field, label_field: s.label_field, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
     min_lr_frac: s.min_lr_frac, clip: s.clip, weight_decay: s.weight_decay, enclave_optimizer: s.enclave_optimizer, momentum: s.momentum,
     adam_eps: s.adam_eps, seed: s.seed, eval_every: s.eval_every, eval_batches: s.eval_batches, checkpoint_every: s.checkpoint_every,
@@ -474,12 +474,15 @@ export function toSessionOptions(s: RunSpec, ctx: SessionContext): SessionOption
 export const MIXING_FIELDS = ['token_mixing', 'mixing_scheme', 'mixing_kappa', 'mixing_block', 'mixing_rounds', 'mixing_shields'] as const;
 export type MixingSettings = Pick<RunSpec, (typeof MIXING_FIELDS)[number]>;
 
-/** The token-mixing settings alone (split inference and generation), defaults filled, validated like a run's. */
-export function parseMixingSettings(input: unknown, source: string): MixingSettings {
+/**
+ * The token-mixing settings alone (split inference and generation), defaults filled, validated
+ * like a run's; `token_mixing` unset takes `dflt` (on where the call goes through the split).
+ */
+export function parseMixingSettings(input: unknown, source: string, dflt: 'on' | 'off'): MixingSettings {
   const schema = z.strictObject(Object.fromEntries(MIXING_FIELDS.map((k) => [k, FIELDS[k]])) as Pick<typeof FIELDS, (typeof MIXING_FIELDS)[number]>);
   const r = schema.safeParse(input ?? {});
   if (!r.success) throw errorOf(r.error.issues, source);
-  return r.data;
+  return { ...r.data, token_mixing: r.data.token_mixing ?? dflt };
 }
 
 /** The token mixing of a run (null: off). */

@@ -171,7 +171,7 @@ export async function runStart(o: StartOptions): Promise<void> {
     say(head.map((h, i) => h.padEnd(w[i])).join('  '));
     for (const r of rows) say(r.map((c, i) => String(c).padEnd(w[i])).join('  '));
     const integrity = st.integrity_checks as number;
-    say(`\nThe accelerator saw only obfuscated tensors (rotated or per-head-masked activations and gradients; MLP hidden values permuted) and ran ${traffic.messages} requests; every reply passed ${integrity.toLocaleString()} secret-vector integrity checks.`);
+    say(`\nThe accelerator saw only obfuscated tensors (rotated or per-head-masked activations and gradients; MLP hidden values permuted${spec.token_mixing === 'on' ? '; every call\'s rows freshly token-mixed with shield rows' : ''}) and ran ${traffic.messages} requests; every reply passed ${integrity.toLocaleString()} secret-vector integrity checks.`);
     say(`Neither token ids, labels, logits nor losses crossed to it. The provider never saw the records; the owner never saw the weights.`);
     say(`Who signed what: the contract ${contractHash.slice(0, 16)}... (${signedBy.join('; ')}); the enclave bound it into every attestation report and the accelerator served only that attested enclave; every upload chunk and command was signed by its party's key, the accelerator bundle by the provider's.`);
     say(`Inference in the enclave: ${examples.map((r, i) => `"${r.text!.slice(0, 40)}..." -> ${inf.predictions[i]} (true: ${r.label})`).join('; ')}`);

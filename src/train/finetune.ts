@@ -188,7 +188,11 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     loadOpt(encOpt, 'enclave');
     loadOpt(adOpt, 'adapters');
     // the job's mixing key: the resumed steps mix as the uninterrupted run's would
-    if (t.has('mixing.key')) model.mixingKey = Buffer.from(t.getInt('mixing.key').buffer);
+    if (t.has('mixing.key')) {
+      const k = t.getInt('mixing.key');
+      if (k.byteLength !== 32) throw new Error(`cannot resume: the checkpoint in ${ck} has a mixing key of ${k.byteLength} bytes, expected 32`);
+      model.mixingKey = Buffer.from(k.buffer, k.byteOffset, k.byteLength);
+    }
     if (model.integrity) {
       const m = new Map<string, Float64Array>();
       for (const name of t.names()) if (name.startsWith('integrity.')) m.set(name.slice('integrity.'.length), t.getFloat64(name));

@@ -127,21 +127,24 @@ void finite_task(void* ctx, int64_t t) {
 struct FreivaldsCtx {
   const EwKernels* k;
   const float *lhs, *rhs;
-  const double *p, *q, *c;
-  int64_t a, b;
+  const double *p, *q, *c;  // p [2, a], q [2, b]: the two secret vectors one after the other
+  int64_t a, b, rows;
   double* out;
 };
-void freivalds_task(void* ctx, int64_t i) {
+constexpr int64_t kFreivaldsRows = 8;  // rows per task
+void freivalds_task(void* ctx, int64_t t) {
   auto* c = static_cast<FreivaldsCtx*>(ctx);
-  double* o = c->out + 4 * i;
-  o[0] = o[1] = o[2] = o[3] = 0;
-  c->k->dot2_abs(c->lhs + i * c->a, c->p, c->a, o, 1.0);
-  c->k->dot2_abs(c->rhs + i * c->b, c->q, c->b, o, -1.0);
-  if (c->c) {
-    o[0] -= c->c[0];
-    o[1] -= c->c[1];
-    o[2] += std::fabs(c->c[0]);
-    o[3] += std::fabs(c->c[1]);
+  for (int64_t i = t * kFreivaldsRows; i < (t + 1) * kFreivaldsRows && i < c->rows; i++) {
+    double* o = c->out + 4 * i;
+    o[0] = o[1] = o[2] = o[3] = 0;
+    c->k->dot2_abs(c->lhs + i * c->a, c->p, c->p + c->a, c->a, o, 1.0);
+    c->k->dot2_abs(c->rhs + i * c->b, c->q, c->q + c->b, c->b, o, -1.0);
+    if (c->c) {
+      o[0] -= c->c[0];
+      o[1] -= c->c[1];
+      o[2] += std::fabs(c->c[0]);
+      o[3] += std::fabs(c->c[1]);
+    }
   }
 }
 
@@ -162,8 +165,12 @@ int64_t first_non_finite(const float* x, int64_t n) {
 
 void freivalds_rows(const float* lhs, int64_t a, const double* p, const float* rhs, int64_t b, const double* q,
                     const double* c, int64_t rows, double* out) {
-  FreivaldsCtx ctx{&kern(), lhs, rhs, p, q, c, a, b, out};
-  shared_pool().run(rows, freivalds_task, &ctx);
+  // the callers' vectors are interleaved ([a, 2]); the row loop wants them apart
+  std::vector<double> pq(size_t(2 * (a + b)));
+  for (int64_t j = 0; j < a; j++) pq[j] = p[2 * j], pq[a + j] = p[2 * j + 1];
+  for (int64_t j = 0; j < b; j++) pq[2 * a + j] = q[2 * j], pq[2 * a + b + j] = q[2 * j + 1];
+  FreivaldsCtx ctx{&kern(), lhs, rhs, pq.data(), pq.data() + 2 * a, c, a, b, rows, out};
+  shared_pool().run((rows + kFreivaldsRows - 1) / kFreivaldsRows, freivalds_task, &ctx);
 }
 
 namespace {

@@ -16,6 +16,7 @@ import { Accelerator, EVIL_MODES } from '../src/accelerator/accelerator.js';
 import { InProcessLink } from '../src/protocol/link.js';
 import { Enclave } from '../src/enclave/enclave.js';
 import { IntegrityChecker, makeCheckVectors } from '../src/protocol/integrity.js';
+import { AcceleratorError } from '../src/errors.js';
 
 /** A model with non-zero biases (a skipped bias must make a difference). */
 const base = () => {
@@ -118,5 +119,27 @@ test('checks track full fine-tuning: 30 honest SGD-momentum steps, no false alar
     assert.ok(cv.length === 2 && cv.every((l) => Object.keys(l).length === 4 && Object.values(l).every((v) => Object.keys(v).length === 5)));
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a non-finite value in a reply is refused by name and index, with the checks on and off', async () => {
+  const r = obfuscateWeights(base(), { mode: 'sealed', seed: 5 });
+  const tokens = Int32Array.from({ length: 12 }, (_, i) => (i * 5) % 64);
+  for (const bad of [Number.NaN, Infinity, -Infinity]) {
+    for (const checks of [true, false]) {
+      const a = new Accelerator(r.accelerator);
+      const link = new InProcessLink(a);
+      const call = link.call.bind(link);
+      link.call = async (q: Parameters<typeof call>[0]) => {
+        const rep = await call(q);
+        if (q.op !== 'linear_forward' || q.name !== 'fc' || rep.op !== 'tensor') return rep;
+        const d = Float32Array.from(rep.data);
+        d[7] = bad;
+        return { ...rep, data: d };
+      };
+      const e = new Enclave(checks ? r.enclave : { ...r.enclave, tensors: { ...r.enclave.tensors, chk: null } }, link);
+      assert.equal(e.integrity !== null, checks);
+      await assert.rejects(e.forward(tokens, 1, 12), (err: Error) => err instanceof AcceleratorError && /reply for h\.0\.fc contains a non-finite value at 7/.test(err.message));
+    }
   }
 });

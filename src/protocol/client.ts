@@ -19,14 +19,28 @@ function assertFinite(x: Float32Array, what: string): void {
   if (i >= 0) throw new InputError(`${what} contains a non-finite value at index ${i}`);
 }
 
-/** The reply must be a finite tensor of rows x cols. */
-export function checkTensorReply(rep: AcceleratorReply, l: number, name: string, rows: number, cols: number): Obfuscated {
+/**
+ * The reply must be a finite tensor of rows x cols. `check`: its Freivalds check, which reads
+ * every value and fails on a non-finite one, so that the finiteness scan runs only then.
+ */
+export function checkTensorReply(rep: AcceleratorReply, l: number, name: string, rows: number, cols: number, check?: (y: Float32Array) => void): Obfuscated {
   if (rep.op === 'error') throw new AcceleratorError(`accelerator refused h.${l}.${name}: ${rep.message}`, 'linear');
   if (rep.op !== 'tensor') throw new AcceleratorError(`accelerator sent "${rep.op}" instead of a tensor for h.${l}.${name}`);
   if (rep.rows !== rows || rep.cols !== cols || rep.data.length !== rows * cols) throw new AcceleratorError(`accelerator reply for h.${l}.${name} has shape ${rep.rows} x ${rep.cols} (${rep.data.length} values), expected ${rows} x ${cols}`);
   const y = rep.data;
-  const bad = firstNonFinite(y);
-  if (bad >= 0) throw new AcceleratorError(`accelerator reply for h.${l}.${name} contains a non-finite value at ${bad}`);
+  const finite = () => {
+    const bad = firstNonFinite(y);
+    if (bad >= 0) throw new AcceleratorError(`accelerator reply for h.${l}.${name} contains a non-finite value at ${bad}`);
+  };
+  if (!check) finite();
+  else {
+    try {
+      check(y);
+    } catch (e) {
+      finite();
+      throw e;
+    }
+  }
   return asObfuscated(y); // the reply to an obfuscated request is in the request's masked basis
 }
 
@@ -61,8 +75,8 @@ export class RemoteLinears implements Linears<Obfuscated, BlockLinearName> {
     const save = train && this.opts.trainWeights;
     // training replies live until the next training step (the link may reuse their buffers then)
     const rep = await this.link.call({ op: 'linear_forward', layer: l, name, rows, x, save }, { scratch: train });
-    let y = checkTensorReply(rep, l, name, rows, dout);
-    this.opts.integrity?.checkForward(l, name, x, y, rows);
+    const integrity = this.opts.integrity;
+    let y = checkTensorReply(rep, l, name, rows, dout, integrity ? (y) => integrity.checkForward(l, name, x, y, rows) : undefined);
     if (save) this.sent.set(`${l}.${name}`, x);
     if (name === 'fc') y = this.toShared(`${l}.fc`, y); // the threaded GELU reads it
     return y;
@@ -84,8 +98,7 @@ export class RemoteLinears implements Linears<Obfuscated, BlockLinearName> {
       if (rep.op === 'error') throw new AcceleratorError(`accelerator refused backward of h.${l}.${name}: ${rep.message}`);
       return null;
     }
-    let dx = checkTensorReply(rep, l, name, rows, din);
-    integrity?.checkBackward(l, name, dy, dx, rows);
+    let dx = checkTensorReply(rep, l, name, rows, din, integrity ? (dx) => integrity.checkBackward(l, name, dy, dx, rows) : undefined);
     if (name === 'fcproj') dx = this.toShared('fcproj.dx', dx);
     return dx;
   }

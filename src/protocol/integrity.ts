@@ -139,7 +139,8 @@ export class IntegrityChecker {
     const r = freivaldsRows(lhs, a, p, rhs, b, q, c, rows);
     for (let i = 0; i < rows; i++) {
       const e0 = Math.abs(r[4 * i]), e1 = Math.abs(r[4 * i + 1]), m0 = r[4 * i + 2], m1 = r[4 * i + 3];
-      if (!(e0 <= this.tol * m0 + 1e-6) || !(e1 <= this.tol * m1 + 1e-6)) {
+      // a non-finite value makes its row's scale infinite or NaN: refused as well
+      if (!(e0 <= this.tol * m0 + 1e-6) || !(e1 <= this.tol * m1 + 1e-6) || !Number.isFinite(m0 + m1)) {
         const [err, m] = e0 / (m0 + 1e-30) > e1 / (m1 + 1e-30) ? [e0, m0] : [e1, m1];
         throw new IntegrityError(`integrity check failed: the accelerator's ${what} is wrong at row ${i} (secret-vector residual ${err.toExponential(2)}, tolerance ${(this.tol * m).toExponential(2)})`);
       }

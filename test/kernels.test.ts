@@ -6,7 +6,7 @@ import { availableBackends, setBackend, backendName, nativeInfo, setNativeIsa, s
 import { native } from '../src/tensor/native.js';
 import { firstNonFinite, freivaldsRows } from '../src/tensor/parallel.js';
 import {
-  encoderForward, encoderBackward, layernormForward, layernormBackward,
+  encoderForward, encoderBackward, layernormForward, layernormBackward, maskedNormForward, maskedNormBackward,
   residualForward, residualBackward, attentionForward, attentionBackward,
 } from '../src/model/kernels.js';
 import { geluForward, geluBackward, crossEntropyForward, crossEntropyBackward, adamwRange, sumSquaresRange } from '../src/tensor/kernels_ew.js';
@@ -209,6 +209,47 @@ test('native element-wise kernels (every ISA this CPU has) agree with the TypeSc
   assert.throws(() => nat.softmaxXent(new Float32Array(6), Int32Array.of(0, 3), new Float32Array(2), 2, 3), /target 3 at row 1 is out of range/);
   assert.throws(() => nat.adamw(new Float32Array(4), new Float32Array(4), new Float32Array(4), new Float32Array(4), new Uint8Array(2), 1, 0.9, 0.999, 1e-8, 0, 1, 1, 1), /mask has 2 elements, needs 4/);
   assert.throws(() => nat.sumSquares(new Float64Array(4) as unknown as Float32Array), /x must be a Float32Array/);
+});
+
+test('layer norms (GPT-2\'s and along u) agree between the TypeScript kernels and the native ones, every ISA; bad arguments throw', { skip: !native }, () => {
+  const rng = new Rng(12);
+  const N = 13, C = 771; // not multiples of a vector width or of a task's rows or columns
+  const x = randn(N * C, rng, 2), w = randn(C, rng), b = randn(C, rng), dout = randn(N * C, rng), u = randn(C, rng);
+  for (let i = 0; i < C; i++) x[3 * C + i] += 50; // a row far from zero mean
+  const run = () => {
+    const out = new Float32Array(N * C), mean = new Float32Array(N), rstd = new Float32Array(N);
+    layernormForward(out, mean, rstd, x, w, b, N, C, 1e-5);
+    const dx = new Float32Array(N * C).fill(0.25), dw = new Float32Array(C).fill(1), db = new Float32Array(C);
+    layernormBackward(dx, dw, db, dout, x, w, mean, rstd, N, C);
+    const z = new Float32Array(N * C), zm = new Float32Array(N), zr = new Float32Array(N);
+    maskedNormForward(z, zm, zr, x, u, N, C, 1e-5);
+    const dz = new Float32Array(N * C).fill(-0.5);
+    maskedNormBackward(dz, dout, z, u, zr, N, C);
+    return { out, mean, rstd, dx, dw, db, z, zm, zr, dz };
+  };
+  const prev = backendName();
+  const original = nativeInfo()!.isa as 'avx512' | 'avx2' | 'generic';
+  try {
+    setBackend('js');
+    const ref = run();
+    setBackend('native');
+    for (const isa of ['avx512', 'avx2', 'generic'] as const) {
+      if (!setNativeIsa(isa)) continue;
+      const got = run();
+      for (const k of Object.keys(ref) as (keyof typeof ref)[]) {
+        const e = relErr(got[k], ref[k]);
+        assert.ok(e < 2e-5, `${isa} ${k}: relative error ${e}`);
+      }
+    }
+  } finally {
+    setNativeIsa(original);
+    setBackend(prev);
+  }
+  const f = (k: number) => new Float32Array(k);
+  assert.throws(() => native!.normForward(f(6), f(2), f(2), f(5), null, null, null, 2, 3, 1e-5), /normForward: x has 5 elements, needs 6/);
+  assert.throws(() => native!.normForward(f(6), f(2), f(2), f(6), null, null, f(3), 2, 3, 1e-5), /a bias needs a weight/);
+  assert.throws(() => native!.normBackward(f(6), f(3), null, f(6), f(6), null, f(2), f(3), null, 2, 3), /a norm along u has no affine part/);
+  assert.throws(() => native!.normBackward(f(6), null, null, f(6), f(6), null, f(2), null, null, 2, 3), /mean is needed without u/);
 });
 
 test('boundary checks: the first non-finite value is found wherever it is; Freivalds row residuals agree between the native and TypeScript backends', () => {

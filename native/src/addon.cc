@@ -7,6 +7,7 @@
 //   sumSquares(x) -> number            zero(x)
 //   geluForward(out, inp, th?, n)          geluBackward(dinp, inp, dout, th?, n)
 //   softmaxXent(logits, targets, losses, rows, V)
+//   normForward(out, mean, rstd, x, u?, w?, b?, rows, C, eps)   normBackward(dx, dw?, db?, dout, x, mean, rstd, u?, w?, rows, C)
 //   firstNonFinite(x) -> index or -1       freivaldsRows(lhs, a, p, rhs, b, q, c?, rows, out)
 //   haarQr(a, n)  a[n*n] (Float64Array, Gaussian) replaced by its Haar-orthogonal QR factor Q
 //   info() -> { isa, threads }
@@ -415,6 +416,42 @@ napi_value SoftmaxXent(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+napi_value NormForward(napi_env env, napi_callback_info info) {
+  const char* fname = "normForward";
+  ARGS(10);
+  int64_t rows = 0, C = 0;
+  float eps = 0;
+  float *out = nullptr, *mean = nullptr, *rstd = nullptr, *x = nullptr, *u = nullptr, *w = nullptr, *b = nullptr;
+  if (!get_int(env, argv[7], "rows", &rows, &err) || !get_int(env, argv[8], "C", &C, &err) ||
+      !get_float(env, argv[9], "eps", &eps, &err) || !get_f32n(env, argv[0], "out", &out, rows * C, &err) ||
+      !get_f32n(env, argv[1], "mean", &mean, rows, &err) || !get_f32n(env, argv[2], "rstd", &rstd, rows, &err) ||
+      !get_f32n(env, argv[3], "x", &x, rows * C, &err) || !get_f32n(env, argv[4], "u", &u, C, &err, true) ||
+      !get_f32n(env, argv[5], "w", &w, C, &err, true) || !get_f32n(env, argv[6], "b", &b, C, &err, true))
+    return throw_error(env, std::string(fname) + ": " + err);
+  if (b && !w) return throw_error(env, std::string(fname) + ": a bias needs a weight");
+  obf::norm_forward(out, mean, rstd, x, u, w, b, rows, C, eps);
+  return nullptr;
+}
+
+napi_value NormBackward(napi_env env, napi_callback_info info) {
+  const char* fname = "normBackward";
+  ARGS(11);
+  int64_t rows = 0, C = 0;
+  float *dx = nullptr, *dw = nullptr, *db = nullptr, *dout = nullptr, *x = nullptr, *mean = nullptr, *rstd = nullptr,
+        *u = nullptr, *w = nullptr;
+  if (!get_int(env, argv[9], "rows", &rows, &err) || !get_int(env, argv[10], "C", &C, &err) ||
+      !get_f32n(env, argv[0], "dx", &dx, rows * C, &err) || !get_f32n(env, argv[1], "dw", &dw, C, &err, true) ||
+      !get_f32n(env, argv[2], "db", &db, C, &err, true) || !get_f32n(env, argv[3], "dout", &dout, rows * C, &err) ||
+      !get_f32n(env, argv[4], "x", &x, rows * C, &err) || !get_f32n(env, argv[5], "mean", &mean, rows, &err, true) ||
+      !get_f32n(env, argv[6], "rstd", &rstd, rows, &err) || !get_f32n(env, argv[7], "u", &u, C, &err, true) ||
+      !get_f32n(env, argv[8], "w", &w, C, &err, true))
+    return throw_error(env, std::string(fname) + ": " + err);
+  if (u && (dw || db || w)) return throw_error(env, std::string(fname) + ": a norm along u has no affine part");
+  if (!u && !mean) return throw_error(env, std::string(fname) + ": mean is needed without u");
+  obf::norm_backward(dx, dw, db, dout, x, mean, rstd, u, w, rows, C);
+  return nullptr;
+}
+
 napi_value Info(napi_env env, napi_callback_info /*info*/) {
   napi_value obj, isa, threads;
   NAPI_OK(napi_create_object(env, &obj));
@@ -467,6 +504,8 @@ NAPI_MODULE_INIT() {
       {"geluForward", nullptr, GeluForward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"geluBackward", nullptr, GeluBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"softmaxXent", nullptr, SoftmaxXent, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"normForward", nullptr, NormForward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"normBackward", nullptr, NormBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"setThreads", nullptr, SetThreads, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"setIsa", nullptr, SetIsa, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

@@ -148,7 +148,46 @@ void freivalds_task(void* ctx, int64_t t) {
   }
 }
 
+struct NormCtx {
+  const EwKernels* k;
+  float *out, *dw, *db;  // forward: out; backward: dx, dw, db
+  float *mean, *rstd;
+  const float *x, *dout, *u, *w, *b;
+  int64_t rows, C;
+  float eps;
+};
+constexpr int64_t kNormRows = 8;     // rows per task
+constexpr int64_t kNormCols = 64;    // columns per task of the affine part's gradients
+void norm_fwd_task(void* ctx, int64_t t) {
+  auto* c = static_cast<NormCtx*>(ctx);
+  for (int64_t r = t * kNormRows; r < std::min(c->rows, (t + 1) * kNormRows); r++)
+    c->k->norm_fwd(c->out + r * c->C, c->x + r * c->C, c->u, c->w, c->b, c->C, c->eps, c->mean + r, c->rstd + r);
+}
+void norm_bwd_task(void* ctx, int64_t t) {
+  auto* c = static_cast<NormCtx*>(ctx);
+  for (int64_t r = t * kNormRows; r < std::min(c->rows, (t + 1) * kNormRows); r++)
+    c->k->norm_bwd(c->out + r * c->C, c->dout + r * c->C, c->x + r * c->C, c->mean ? c->mean[r] : 0.0f, c->rstd[r], c->u, c->w, c->C);
+}
+void norm_grads_task(void* ctx, int64_t t) {
+  auto* c = static_cast<NormCtx*>(ctx);
+  c->k->norm_param_grads(c->dw, c->db, c->dout, c->x, c->mean, c->rstd, c->rows, c->C, t * kNormCols,
+                         std::min(c->C, (t + 1) * kNormCols));
+}
+
 }  // namespace
+
+void norm_forward(float* out, float* mean, float* rstd, const float* x, const float* u, const float* w, const float* b,
+                  int64_t rows, int64_t C, float eps) {
+  NormCtx c{&kern(), out, nullptr, nullptr, mean, rstd, x, nullptr, u, w, b, rows, C, eps};
+  shared_pool().run((rows + kNormRows - 1) / kNormRows, norm_fwd_task, &c);
+}
+
+void norm_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* mean,
+                   const float* rstd, const float* u, const float* w, int64_t rows, int64_t C) {
+  NormCtx c{&kern(), dx, dw, db, const_cast<float*>(mean), const_cast<float*>(rstd), x, dout, u, w, nullptr, rows, C, 0};
+  shared_pool().run((rows + kNormRows - 1) / kNormRows, norm_bwd_task, &c);
+  if (dw || db) shared_pool().run((C + kNormCols - 1) / kNormCols, norm_grads_task, &c);
+}
 
 int64_t first_non_finite(const float* x, int64_t n) {
   std::vector<uint8_t> bad(chunks(n));

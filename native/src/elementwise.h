@@ -24,6 +24,12 @@ struct EwKernels {
   void (*dot2_abs)(const float* y, const double* p0, const double* p1, int64_t n, double* out, double sign);
   void (*reflect)(const double* u, double* col, int64_t n);
   void (*lmul)(const float* A, int64_t m, const float* X, float* C, int64_t ld, int64_t j0, int64_t j1);
+  void (*norm_fwd)(float* out, const float* x, const float* u, const float* w, const float* b, int64_t C, float eps,
+                   float* mean, float* rstd);
+  void (*norm_bwd)(float* dx, const float* dout, const float* x, float mean, float rstd, const float* u, const float* w,
+                   int64_t C);
+  void (*norm_param_grads)(float* dw, float* db, const float* dout, const float* x, const float* mean,
+                           const float* rstd, int64_t rows, int64_t C, int64_t j0, int64_t j1);
 };
 extern const EwKernels ew_generic;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -42,6 +48,16 @@ void gelu_forward(float* out, const float* inp, float* th, int64_t n);
 void gelu_backward(float* dinp, const float* inp, const float* dout, const float* th, int64_t n);
 // logits[rows, V] replaced by softmax probabilities; losses[row] = -log p[target] (0 where target < 0)
 void softmax_xent(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V);
+
+// layer norm of rows x C along u (u null: the ones vector, GPT-2's; sealed mode's u = Q^T 1):
+//   mean = x.u / C, rstd = 1 / sqrt(|x - mean u|^2 / C + eps), out = (x - mean u) rstd (* w + b; w, b may be null)
+void norm_forward(float* out, float* mean, float* rstd, const float* x, const float* u, const float* w, const float* b,
+                  int64_t rows, int64_t C, float eps);
+// its backward: dx += (g - (g.u / C) u - z (g.z / C)) rstd for g = dout (* w) and z the normalised
+// row: (x - mean) rstd, or along u x itself (sealed mode keeps z; mean unused);
+// dw += sum over rows of z * dout, db += sum of dout (u null only; w, dw, db may be null)
+void norm_backward(float* dx, float* dw, float* db, const float* dout, const float* x, const float* mean,
+                   const float* rstd, const float* u, const float* w, int64_t rows, int64_t C);
 
 // index of the first NaN or infinity in x[n], or -1
 int64_t first_non_finite(const float* x, int64_t n);

@@ -155,7 +155,6 @@ bool any_non_finite(const float* __restrict x, int64_t lo, int64_t hi) {
   return acc != 0;
 }
 
-// out[0..1] += y[n] . p[n, 2] (both secret vectors), out[2..3] += |terms| (the tolerance's scale)
 // out += sign (y . p0, y . p1) and (|y p0|, |y p1|) summed; p0, p1 apart (not interleaved) and
 // eight lanes per sum, so that the loop vectorises instead of waiting on one add chain
 void dot2_abs(const float* __restrict y, const double* __restrict p0, const double* __restrict p1, int64_t n,
@@ -244,5 +243,97 @@ void lmul(const float* __restrict A, int64_t m, const float* __restrict X, float
 }  // namespace
 
 namespace obf {
-extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale, any_non_finite, dot2_abs, reflect, lmul};
+namespace {
+// ---- layer norm along u (u null: the ones vector, GPT-2's layer norm; sealed mode's u = Q^T 1)
+// forward of one row: mean = x.u / C, d = x - mean u, rstd = 1 / sqrt(|d|^2 / C + eps),
+// out = d rstd (* w + b when w is given)
+template <bool U>
+inline void norm_fwd_row_t(float* __restrict out, const float* __restrict x, const float* __restrict u,
+                           const float* __restrict w, const float* __restrict b, int64_t C, float eps, float* mean,
+                           float* rstd) {
+  float acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= C; i += kLanes)
+    for (int j = 0; j < kLanes; j++) acc[j] += x[i + j] * (U ? u[i + j] : 1.0f);
+  double s = 0;
+  for (; i < C; i++) s += x[i] * (U ? u[i] : 1.0f);
+  for (int j = 0; j < kLanes; j++) s += acc[j];
+  const float m = float(s / double(C));
+  float vacc[kLanes] = {0};
+  for (i = 0; i + kLanes <= C; i += kLanes)
+    for (int j = 0; j < kLanes; j++) {
+      const float d = x[i + j] - m * (U ? u[i + j] : 1.0f);
+      vacc[j] += d * d;
+    }
+  double v = 0;
+  for (; i < C; i++) {
+    const float d = x[i] - m * (U ? u[i] : 1.0f);
+    v += d * d;
+  }
+  for (int j = 0; j < kLanes; j++) v += vacc[j];
+  const float r = float(1.0 / __builtin_sqrt(v / double(C) + double(eps)));
+  if (w)
+    for (i = 0; i < C; i++) out[i] = (x[i] - m * (U ? u[i] : 1.0f)) * r * w[i] + (b ? b[i] : 0.0f);
+  else
+    for (i = 0; i < C; i++) out[i] = (x[i] - m * (U ? u[i] : 1.0f)) * r;
+  *mean = m;
+  *rstd = r;
+}
+void norm_fwd_row(float* out, const float* x, const float* u, const float* w, const float* b, int64_t C, float eps,
+                  float* mean, float* rstd) {
+  if (u) norm_fwd_row_t<true>(out, x, u, w, b, C, eps, mean, rstd);
+  else norm_fwd_row_t<false>(out, x, u, w, b, C, eps, mean, rstd);
+}
+
+// backward of one row: with g = dout (* w) and z the normalised row,
+// dx += (g - (g.u / C) u - z (g.z / C)) rstd. Along u (sealed mode) x holds z itself;
+// otherwise z = (x - mean) rstd.
+template <bool U>
+inline void norm_bwd_row_t(float* __restrict dx, const float* __restrict dout, const float* __restrict x, float mean,
+                           float rstd, const float* __restrict u, const float* __restrict w, int64_t C) {
+  float au[kLanes] = {0}, az[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= C; i += kLanes)
+    for (int j = 0; j < kLanes; j++) {
+      const float g = w ? dout[i + j] * w[i + j] : dout[i + j], z = U ? x[i + j] : (x[i + j] - mean) * rstd;
+      au[j] += U ? g * u[i + j] : g;
+      az[j] += g * z;
+    }
+  double su = 0, sz = 0;
+  for (; i < C; i++) {
+    const float g = w ? dout[i] * w[i] : dout[i], z = U ? x[i] : (x[i] - mean) * rstd;
+    su += U ? g * u[i] : g;
+    sz += g * z;
+  }
+  for (int j = 0; j < kLanes; j++) su += au[j], sz += az[j];
+  const float mu = float(su / double(C)), mz = float(sz / double(C));
+  for (i = 0; i < C; i++) {
+    const float g = w ? dout[i] * w[i] : dout[i], z = U ? x[i] : (x[i] - mean) * rstd;
+    dx[i] += (g - mu * (U ? u[i] : 1.0f) - z * mz) * rstd;
+  }
+}
+void norm_bwd_row(float* dx, const float* dout, const float* x, float mean, float rstd, const float* u, const float* w,
+                  int64_t C) {
+  if (u) norm_bwd_row_t<true>(dx, dout, x, mean, rstd, u, w, C);
+  else norm_bwd_row_t<false>(dx, dout, x, mean, rstd, u, w, C);
+}
+
+// the affine part's gradients over columns [j0, j1): dw += sum_r z * dout, db += sum_r dout
+void norm_param_grads(float* __restrict dw, float* __restrict db, const float* __restrict dout,
+                      const float* __restrict x, const float* __restrict mean, const float* __restrict rstd,
+                      int64_t rows, int64_t C, int64_t j0, int64_t j1) {
+  for (int64_t r = 0; r < rows; r++) {
+    const float* xr = x + r * C;
+    const float* gr = dout + r * C;
+    const float m = mean[r], s = rstd[r];
+    if (dw)
+      for (int64_t j = j0; j < j1; j++) dw[j] += (xr[j] - m) * s * gr[j];
+    if (db)
+      for (int64_t j = j0; j < j1; j++) db[j] += gr[j];
+  }
+}
+
+}  // namespace
+
+extern const EwKernels EW_TABLE = {adamw_range, sum_squares_range, gelu_fwd_range, gelu_bwd_range, row_max, row_exp, row_scale, any_non_finite, dot2_abs, reflect, lmul, norm_fwd_row, norm_bwd_row, norm_param_grads};
 }  // namespace obf

@@ -6,6 +6,7 @@
  * accumulated too unless a function says it overwrites.
  */
 import { sgemm, sgemmBatched } from '../tensor/gemm.js';
+import { normBackwardNative, normForwardNative } from '../tensor/parallel.js';
 import type { RopeScaling } from './config.js';
 
 // ---------------------------------------------------------------------------------------
@@ -45,6 +46,7 @@ export function encoderBackward(dwte: Float32Array | null, dwpe: Float32Array | 
 // ---------------------------------------------------------------------------------------
 // layernorm: out[N,C] = (inp - mean) * rstd * weight + bias ; mean[N], rstd[N] saved
 export function layernormForward(out: Float32Array, mean: Float32Array, rstd: Float32Array, inp: Float32Array, weight: Float32Array, bias: Float32Array, N: number, C: number, eps: number): void {
+  if (normForwardNative(out, mean, rstd, inp, null, weight, bias, N, C, eps)) return;
   for (let n = 0; n < N; n++) {
     const o = n * C;
     let m = 0;
@@ -65,6 +67,7 @@ export function layernormForward(out: Float32Array, mean: Float32Array, rstd: Fl
 
 // dinp[N,C] += ; dweight[C] += ; dbias[C] += (from dout[N,C], inp, weight, mean, rstd)
 export function layernormBackward(dinp: Float32Array, dweight: Float32Array | null, dbias: Float32Array | null, dout: Float32Array, inp: Float32Array, weight: Float32Array, mean: Float32Array, rstd: Float32Array, N: number, C: number): void {
+  if (normBackwardNative(dinp, dweight, dbias, dout, inp, mean, rstd, null, weight, N, C)) return;
   for (let n = 0; n < N; n++) {
     const o = n * C;
     const m = mean[n];
@@ -212,6 +215,7 @@ export function poolBackward(dh: Float32Array, dout: Float32Array, lens: Int32Ar
 // layer-norm statistics in a rotated basis (sealed mode): inp = h Q, u = Q^T 1.
 // out[N,C] = (inp - mean u^T) * rstd = n Q, with mean = inp.u / C, var = |inp - mean u^T|^2 / C
 export function maskedNormForward(out: Float32Array, mean: Float32Array, rstd: Float32Array, inp: Float32Array, u: Float32Array, N: number, C: number, eps: number): void {
+  if (normForwardNative(out, mean, rstd, inp, u, null, null, N, C, eps)) return;
   for (let n = 0; n < N; n++) {
     const o = n * C;
     let m = 0;
@@ -232,6 +236,7 @@ export function maskedNormForward(out: Float32Array, mean: Float32Array, rstd: F
 
 // dinp[N,C] += (dout - (dout.u / C) u^T - out (dout.out / C)) * rstd   (out = normalised rows)
 export function maskedNormBackward(dinp: Float32Array, dout: Float32Array, out: Float32Array, u: Float32Array, rstd: Float32Array, N: number, C: number): void {
+  if (normBackwardNative(dinp, null, null, dout, out, null, rstd, u, null, N, C)) return;
   for (let n = 0; n < N; n++) {
     const o = n * C;
     let du = 0;

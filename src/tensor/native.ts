@@ -34,6 +34,10 @@ export interface NativeAddon {
   haarQr(a: Float64Array, n: number): void;
   /** One butterfly program over [X; S] into out (see gemm.ts butterfly). */
   butterfly(ops: Int32Array, mats: Float32Array, perms: Int32Array, X: Float32Array, xrows: number, S: Float32Array | null, sent: number, w: number, out: Float32Array, orows: number): void;
+  /** Layer norm of rows along u (null: GPT-2's), affine part w, b optional (see tensor/parallel.ts normForwardNative). */
+  normForward(out: Float32Array, mean: Float32Array, rstd: Float32Array, x: Float32Array, u: Float32Array | null, w: Float32Array | null, b: Float32Array | null, rows: number, C: number, eps: number): void;
+  /** Its backward (see tensor/parallel.ts normBackwardNative). */
+  normBackward(dx: Float32Array, dw: Float32Array | null, db: Float32Array | null, dout: Float32Array, x: Float32Array, mean: Float32Array | null, rstd: Float32Array, u: Float32Array | null, w: Float32Array | null, rows: number, C: number): void;
   /** x = 0, on the addon's threads. */
   zero(x: Float32Array): void;
   /** Sum of squares (float64; the same for any thread count). */

@@ -331,6 +331,30 @@ export function firstNonFinite(x: Float32Array): number {
   return -1;
 }
 
+/**
+ * Layer norm of rows [rows, C] along u (null: the ones vector, GPT-2's; sealed mode's u = Q^T 1)
+ * on the addon's threads: mean = x.u / C, rstd = 1 / sqrt(|x - mean u|^2 / C + eps),
+ * out = (x - mean u) rstd (* w + b). False (nothing done) without the addon.
+ */
+export function normForwardNative(out: Float32Array, mean: Float32Array, rstd: Float32Array, x: Float32Array, u: Float32Array | null, w: Float32Array | null, b: Float32Array | null, rows: number, C: number, eps: number): boolean {
+  const nat = ew();
+  if (!nat) return false;
+  nat.normForward(out, mean, rstd, x, u, w, b, rows, C, eps);
+  return true;
+}
+
+/**
+ * Its backward: dx += (g - (g.u / C) u - z (g.z / C)) rstd for g = dout (* w) and the normalised
+ * row z (along u, x is z itself and mean is unused; otherwise z = (x - mean) rstd); dw, db
+ * (u null only) accumulate the affine part's gradients. False (nothing done) without the addon.
+ */
+export function normBackwardNative(dx: Float32Array, dw: Float32Array | null, db: Float32Array | null, dout: Float32Array, x: Float32Array, mean: Float32Array | null, rstd: Float32Array, u: Float32Array | null, w: Float32Array | null, rows: number, C: number): boolean {
+  const nat = ew();
+  if (!nat) return false;
+  nat.normBackward(dx, dw, db, dout, x, mean, rstd, u, w, rows, C);
+  return true;
+}
+
 /** a[n, n] (Gaussian) replaced by its Haar-orthogonal QR factor on the addon's threads; false (a untouched) without it. */
 export function haarQrNative(a: Float64Array, n: number): boolean {
   const nat = ew();

@@ -6,6 +6,8 @@
  *  - OBFUSCATUNE_BACKEND=native  the addon must load; otherwise importing this module throws
  *  - unset                       use the addon when it loads, else warn once on stderr and fall back
  *  - OBFUSCATUNE_THREADS=N       native thread count (default: os.availableParallelism())
+ *  - OBFUSCATUNE_ISA=avx2|generic  run a narrower instruction set's kernels than the CPU has
+ *                                (to measure an AVX2 machine's code path on an AVX-512 one)
  *
  * The addon trusts nothing it is given, but the argument checks with readable messages live in
  * gemm.ts; call the addon through that module rather than directly.
@@ -103,6 +105,10 @@ function load(): { addon: NativeAddon | null; error: string | null; requested: '
     return { addon: null, error, requested };
   }
   addon.setThreads(parseThreads(process.env.OBFUSCATUNE_THREADS));
+  const isa = process.env.OBFUSCATUNE_ISA?.trim().toLowerCase();
+  if (isa && !((isa === 'avx512' || isa === 'avx2' || isa === 'generic') && addon.setIsa(isa))) {
+    throw new Error(`OBFUSCATUNE_ISA must be an instruction set this CPU and build have (avx512, avx2 or generic), got '${process.env.OBFUSCATUNE_ISA}'`);
+  }
   return { addon, error: null, requested };
 }
 

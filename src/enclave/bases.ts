@@ -22,9 +22,6 @@ import { sharedFloat32 } from '../tensor/shared.js';
 import { asObfuscated, type Obfuscated } from '../protocol/messages.js';
 import type { HeadMasks, PaperEnclaveTensors, SealedEnclaveTensors } from '../obfuscate/enclave_tensors.js';
 
-const SECTION: Record<QkvPart, number> = { q: 0, k: 1, v: 2 };
-const QKV_MASK: Record<QkvPart, 'hA' | 'hAinvT' | 'hB'> = { q: 'hA', k: 'hAinvT', v: 'hB' };
-
 /** What a mode's masks do to the heads and the MLP hidden (the section methods of a basis). */
 export type HeadOps = Pick<Basis<Float32Array>, 'addQkv' | 'qkvGradToPlain' | 'headsToPlain' | 'addHeadsGrad' | 'addHidden' | 'hiddenToPlain'>;
 
@@ -38,77 +35,119 @@ export interface SealedParts {
   ln1w: Float32Array; ln2w: Float32Array; ln1b: Float32Array | null; ln2b: Float32Array | null;
 }
 
-/** GPT-2's per-head masks and the hidden permutation, shared by both obfuscated bases. */
-class Heads implements HeadOps {
-  private readonly H: number;
-  private readonly dh: number;
+type Kind = 'q' | 'k' | 'v';
+
+/** The shape of a family's masked heads and MLP hidden (GPT-2: NKV = NH, I = 4C). */
+export interface HeadLayout {
+  L: number; C: number; NH: number; NKV: number;
+  hd: number; //  head width
+  KV: number; //  k and v section width, NKV hd
+  W: number; //   qkv row width, C + 2 KV
+  I: number; //   MLP hidden width
+  /** per part, [L, heads, hd, hd]: the mask and its inverse (null where no map needs it) */
+  masks: Record<Kind, [Float32Array, Float32Array | null]>;
+  headPerm: Int32Array; // [L, NKV] masked kv slot j holds group headPerm[j] (its query heads move with it)
+  pi: Int32Array; //       [L, I]   f*[:, j] = f[:, pi[j]]
+}
+
+/** GPT-2's heads: q A, k A^-T, v B (B^-1 back to plain), slots and hidden permuted. */
+export function gpt2Heads(config: GPT2Config, m: HeadMasks): HeadLayout {
+  const C = config.n_embd, NH = config.n_head;
+  return {
+    L: config.n_layer, C, NH, NKV: NH, hd: C / NH, KV: C, W: 3 * C, I: 4 * C,
+    masks: { q: [m.hA, null], k: [m.hAinvT, null], v: [m.hB, m.hBinv] }, headPerm: m.headPerm, pi: m.pi,
+  };
+}
+
+/** The per-head masks, the kv-group permutation and the hidden permutation of both obfuscated bases. */
+export class Heads implements HeadOps {
+  /** per layer: the query head of each q slot, the kv group of each kv slot */
+  private readonly qOf: Int32Array[] = [];
+  private readonly kvOf: Int32Array[] = [];
   private readonly pis: Int32Array[] = [];
 
-  constructor(config: GPT2Config, private readonly m: HeadMasks, private readonly C: number) {
-    this.H = config.n_head;
-    this.dh = C / this.H;
-    for (let l = 0; l < config.n_layer; l++) this.pis.push(m.pi.subarray(l * 4 * C, (l + 1) * 4 * C));
-  }
-
-  /**
-   * toMasked: dst[slot j] (+)= src[head perm[j]] M ; else dst[head perm[j]] (+)= src[slot j] M  (M^T with trans).
-   * Heads are dh-wide column blocks starting at column `so` of src (row stride sld) and `do_` of dst (row stride dld).
-   */
-  private map(l: number, M: Float32Array, src: Float32Array, sld: number, so: number, dst: Float32Array, dld: number, do_: number, rows: number, toMasked: boolean, trans: boolean, accumulate: boolean): void {
-    const { H, dh } = this;
-    for (let j = 0; j < H; j++) {
-      const h = this.m.headPerm[l * H + j];
-      const from = so + (toMasked ? h : j) * dh;
-      const to = do_ + (toMasked ? j : h) * dh;
-      sgemm(false, trans, rows, dh, dh, 1, src.subarray(from), sld, M.subarray((l * H + h) * dh * dh, (l * H + h + 1) * dh * dh), dh, accumulate ? 1 : 0, dst.subarray(to), dld);
+  constructor(protected readonly d: HeadLayout) {
+    const rep = d.NH / d.NKV;
+    for (let l = 0; l < d.L; l++) {
+      const perm = d.headPerm.subarray(l * d.NKV, (l + 1) * d.NKV);
+      this.kvOf.push(perm);
+      this.qOf.push(Int32Array.from({ length: d.NH }, (_, s) => perm[Math.floor(s / rep)] * rep + (s % rep)));
+      this.pis.push(d.pi.subarray(l * d.I, (l + 1) * d.I));
     }
   }
 
-  addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
-    const C = this.C;
-    this.map(l, this.m[QKV_MASK[part]], delta, C, 0, qkv, 3 * C, SECTION[part] * C, n, true, false, true);
+  /** section of a qkv row: column offset, heads, the head of each slot */
+  protected section(l: number, part: Kind): { off: number; heads: Int32Array } {
+    const { C, KV } = this.d;
+    return part === 'q' ? { off: 0, heads: this.qOf[l] } : { off: part === 'k' ? C : C + KV, heads: this.kvOf[l] };
   }
 
+  /** the [hd, hd] mask (or its inverse) of one head of a layer */
+  protected mask(l: number, kind: Kind, head: number, inv: boolean): Float32Array {
+    const { hd } = this.d, count = kind === 'q' ? this.d.NH : this.d.NKV;
+    const all = this.d.masks[kind][inv ? 1 : 0];
+    if (!all) throw new Error(`internal: no inverse ${kind} mask`);
+    return all.subarray((l * count + head) * hd * hd, (l * count + head + 1) * hd * hd);
+  }
+
+  /**
+   * toMasked: dst[slot j] (+)= src[head of j] M ; else dst[head of j] (+)= src[slot j] M (M^T with trans).
+   * Heads are hd-wide column blocks from column so of src (row stride sld) and do_ of dst (stride dld).
+   */
+  private map(l: number, kind: Kind, inv: boolean, heads: Int32Array, src: Float32Array, sld: number, so: number, dst: Float32Array, dld: number, do_: number, rows: number, toMasked: boolean, trans: boolean, accumulate: boolean, maskOf: (h: number) => number = (h) => h): void {
+    const hd = this.d.hd;
+    heads.forEach((h, j) => {
+      const [from, to] = toMasked ? [h, j] : [j, h];
+      sgemm(false, trans, rows, hd, hd, 1, src.subarray(so + from * hd), sld, this.mask(l, kind, maskOf(h), inv), hd, accumulate ? 1 : 0, dst.subarray(do_ + to * hd), dld);
+    });
+  }
+
+  private width(part: QkvPart): number {
+    return part === 'q' ? this.d.C : this.d.KV;
+  }
+
+  addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
+    const { off, heads } = this.section(l, part);
+    this.map(l, part, false, heads, delta, this.width(part), 0, qkv, this.d.W, off, n, true, false, true);
+  }
+
+  // q* = q M, so dq = dq* M^T
   qkvGradToPlain(l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array {
-    const C = this.C;
-    const out = new Float32Array(n * C);
-    this.map(l, this.m[QKV_MASK[part]], dqkv, 3 * C, SECTION[part] * C, out, C, 0, n, false, true, false);
+    const { off, heads } = this.section(l, part);
+    const w = this.width(part), out = new Float32Array(n * w);
+    this.map(l, part, false, heads, dqkv, this.d.W, off, out, w, 0, n, false, true, false);
     return out;
   }
 
+  private groupOf = (h: number): number => Math.floor(h / (this.d.NH / this.d.NKV));
+
+  // o*[slot] = o[h] Mv(g(h)): o[h] = o*[slot] Mv^-1
   headsToPlain(l: number, o: Float32Array, n: number): Float32Array {
-    const C = this.C;
-    const out = new Float32Array(n * C);
-    this.map(l, this.m.hBinv, o, C, 0, out, C, 0, n, false, false, false);
+    const C = this.d.C, out = new Float32Array(n * C);
+    this.map(l, 'v', true, this.qOf[l], o, C, 0, out, C, 0, n, false, false, false, this.groupOf);
     return out;
   }
 
   addHeadsGrad(l: number, dplain: Float32Array, dO: Float32Array, n: number): void {
-    const C = this.C;
-    this.map(l, this.m.hBinv, dplain, C, 0, dO, C, 0, n, true, true, true);
+    const C = this.d.C;
+    this.map(l, 'v', true, this.qOf[l], dplain, C, 0, dO, C, 0, n, true, true, true, this.groupOf);
   }
 
-  /** f*[:, j] += delta[:, pi[j]] */
-  addHidden(l: number, delta: Float32Array, f: Float32Array, n: number): void {
-    const pi = this.pis[l];
-    const w = 4 * this.C;
-    for (let r = 0; r < n; r++) {
-      const o = r * w;
-      for (let j = 0; j < w; j++) f[o + j] += delta[o + pi[j]];
-    }
+  /** x*[:, off + j] += delta[:, pi[j]] over an I-wide section of rows of width ld */
+  protected addPermuted(l: number, delta: Float32Array, x: Float32Array, ld: number, off: number, n: number): void {
+    const pi = this.pis[l], I = this.d.I;
+    for (let r = 0; r < n; r++) for (let j = 0; j < I; j++) x[r * ld + off + j] += delta[r * I + pi[j]];
   }
 
-  /** plain[:, pi[j]] = g*[:, j] */
-  hiddenToPlain(l: number, g: Float32Array, n: number): Float32Array {
-    const pi = this.pis[l];
-    const w = 4 * this.C;
-    const out = new Float32Array(n * w);
-    for (let r = 0; r < n; r++) {
-      const o = r * w;
-      for (let j = 0; j < w; j++) out[o + pi[j]] = g[o + j];
-    }
+  /** plain[:, pi[j]] = x*[:, off + j] */
+  protected unpermute(l: number, x: Float32Array, ld: number, off: number, n: number): Float32Array {
+    const pi = this.pis[l], I = this.d.I, out = new Float32Array(n * I);
+    for (let r = 0; r < n; r++) for (let j = 0; j < I; j++) out[r * I + pi[j]] = x[r * ld + off + j];
     return out;
   }
+
+  addHidden(l: number, delta: Float32Array, f: Float32Array, n: number): void { this.addPermuted(l, delta, f, this.d.I, 0, n); }
+  hiddenToPlain(l: number, g: Float32Array, n: number): Float32Array { return this.unpermute(l, g, this.d.I, 0, n); }
 }
 
 /** Local mode: the plain basis, whose tensors cross as they are (nothing is masked). */
@@ -125,7 +164,7 @@ export class PaperBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
   /** the tensors' norms are the ones used (and, with `grads`, trained); `heads`: default GPT-2's from the tensors */
   constructor(config: GPT2Config, private readonly masks: PaperMasks, grads: Partial<NormParams> | null, heads?: HeadOps) {
     super(config, masks, grads);
-    this.heads = heads ?? new Heads(config, masks as PaperEnclaveTensors, config.n_embd);
+    this.heads = heads ?? new Heads(gpt2Heads(config, masks as PaperEnclaveTensors));
   }
 
   override buffer(size: number): Obfuscated {
@@ -200,7 +239,7 @@ export class SealedBasis implements TrunkBasis<Obfuscated> {
   constructor(config: GPT2Config, private readonly p: SealedParts, private readonly plainTables: boolean, private readonly gHeadBias: Float32Array | null, heads?: HeadOps) {
     this.C = config.n_embd;
     this.eps = config.layer_norm_epsilon;
-    this.heads = heads ?? new Heads(config, p as unknown as SealedEnclaveTensors, this.C);
+    this.heads = heads ?? new Heads(gpt2Heads(config, p as unknown as SealedEnclaveTensors));
     this.u = p.u ?? new Float32Array(this.C);
     this.Gout = plainTables ? this.rotate(p.G, this.C, false) : p.G;
   }

@@ -10,7 +10,6 @@
  *   gate, up  one permutation Pi on both sections; down's input is the hidden in Pi.
  */
 import type { LlamaConfig } from '../model/config.js';
-import type { QkvPart } from '../model/block.js';
 import { llamaDims, type GateUpPart, type LlamaBasis } from '../model/llama_block.js';
 import { ropeBackward, ropeForward, ropeTable, type RopeTable } from '../model/kernels.js';
 import { LlamaPlainBasis } from '../model/llama.js';
@@ -18,106 +17,21 @@ import type { TrunkBasis } from '../model/plain_basis.js';
 import { sgemm } from '../tensor/gemm.js';
 import { asObfuscated, type Obfuscated } from '../protocol/messages.js';
 import type { LlamaHeadMasks, LlamaPaperTensors, LlamaPlainTensors, LlamaSealedTensors } from '../obfuscate/enclave_tensors.js';
-import { PaperBasis, SealedBasis, type HeadOps } from './bases.js';
+import { Heads, PaperBasis, SealedBasis } from './bases.js';
 
-type Kind = 'q' | 'k' | 'v';
-
-/** The Llama family's per-head masks, the kv-group permutation and the MLP permutation. */
-export class LlamaHeads implements HeadOps {
-  private readonly d: ReturnType<typeof llamaDims>;
+/** The Llama family's heads (kv groups, the MLP's gate and up sections) and rotary. */
+export class LlamaHeads extends Heads {
   private readonly rope: RopeTable;
-  private readonly NH: number;
-  private readonly NKV: number;
-  /** per layer: the query head of each q slot, the kv group of each kv slot */
-  private readonly qOf: Int32Array[] = [];
-  private readonly kvOf: Int32Array[] = [];
-  private readonly pis: Int32Array[] = [];
 
-  constructor(private readonly c: LlamaConfig, private readonly m: LlamaHeadMasks) {
-    this.d = llamaDims(c);
-    this.NH = c.n_head;
-    this.NKV = c.n_kv_head;
-    this.rope = ropeTable(this.d.hd, c.n_ctx, c.rope_theta, c.rope_scaling);
-    const rep = this.NH / this.NKV;
-    for (let l = 0; l < c.n_layer; l++) {
-      const perm = m.headPerm.subarray(l * this.NKV, (l + 1) * this.NKV);
-      this.kvOf.push(perm);
-      this.qOf.push(Int32Array.from({ length: this.NH }, (_, s) => perm[Math.floor(s / rep)] * rep + (s % rep)));
-      this.pis.push(m.pi.subarray(l * this.d.I, (l + 1) * this.d.I));
-    }
-  }
-
-  /** section of a qkv row: column offset, heads, the head of each slot */
-  private section(l: number, part: Kind): { off: number; heads: Int32Array } {
-    const { C, KV } = this.d;
-    return part === 'q' ? { off: 0, heads: this.qOf[l] } : { off: part === 'k' ? C : C + KV, heads: this.kvOf[l] };
-  }
-
-  /** the [hd, hd] mask (or its inverse) of one head of a layer */
-  private mask(l: number, kind: Kind, head: number, inv: boolean): Float32Array {
-    const hd = this.d.hd, count = kind === 'q' ? this.NH : this.NKV;
-    const all = { q: [this.m.qM, this.m.qMinv], k: [this.m.kM, this.m.kMinv], v: [this.m.vM, this.m.vMinv] }[kind][inv ? 1 : 0];
-    return all.subarray((l * count + head) * hd * hd, (l * count + head + 1) * hd * hd);
-  }
-
-  /**
-   * toMasked: dst[slot j] (+)= src[head of j] M ; else dst[head of j] (+)= src[slot j] M (M^T with trans).
-   * Heads are hd-wide column blocks from column so of src (row stride sld) and do_ of dst (stride dld).
-   */
-  private map(l: number, kind: Kind, inv: boolean, heads: Int32Array, src: Float32Array, sld: number, so: number, dst: Float32Array, dld: number, do_: number, rows: number, toMasked: boolean, trans: boolean, accumulate: boolean, maskOf: (h: number) => number = (h) => h): void {
-    const hd = this.d.hd;
-    heads.forEach((h, j) => {
-      const [from, to] = toMasked ? [h, j] : [j, h];
-      sgemm(false, trans, rows, hd, hd, 1, src.subarray(so + from * hd), sld, this.mask(l, kind, maskOf(h), inv), hd, accumulate ? 1 : 0, dst.subarray(do_ + to * hd), dld);
+  constructor(c: LlamaConfig, private readonly m: LlamaHeadMasks) {
+    const dims = llamaDims(c);
+    super({
+      ...dims, L: c.n_layer, NH: c.n_head, NKV: c.n_kv_head,
+      masks: { q: [m.qM, m.qMinv], k: [m.kM, m.kMinv], v: [m.vM, m.vMinv] }, headPerm: m.headPerm, pi: m.pi,
     });
+    this.rope = ropeTable(dims.hd, c.n_ctx, c.rope_theta, c.rope_scaling);
   }
 
-  private width(part: QkvPart): number {
-    return part === 'q' ? this.d.C : this.d.KV;
-  }
-
-  addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
-    const { off, heads } = this.section(l, part);
-    this.map(l, part, false, heads, delta, this.width(part), 0, qkv, this.d.W, off, n, true, false, true);
-  }
-
-  // q* = q M, so dq = dq* M^T
-  qkvGradToPlain(l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array {
-    const { off, heads } = this.section(l, part);
-    const w = this.width(part), out = new Float32Array(n * w);
-    this.map(l, part, false, heads, dqkv, this.d.W, off, out, w, 0, n, false, true, false);
-    return out;
-  }
-
-  private groupOf = (h: number): number => Math.floor(h / (this.NH / this.NKV));
-
-  // o*[slot] = o[h] Mv(g(h)): o[h] = o*[slot] Mv^-1
-  headsToPlain(l: number, o: Float32Array, n: number): Float32Array {
-    const C = this.d.C, out = new Float32Array(n * C);
-    this.map(l, 'v', true, this.qOf[l], o, C, 0, out, C, 0, n, false, false, false, this.groupOf);
-    return out;
-  }
-
-  addHeadsGrad(l: number, dplain: Float32Array, dO: Float32Array, n: number): void {
-    const C = this.d.C;
-    this.map(l, 'v', true, this.qOf[l], dplain, C, 0, dO, C, 0, n, true, true, true, this.groupOf);
-  }
-
-  /** x*[:, off + j] += delta[:, pi[j]] over an I-wide section of rows of width ld */
-  private addPermuted(l: number, delta: Float32Array, x: Float32Array, ld: number, off: number, n: number): void {
-    const pi = this.pis[l], I = this.d.I;
-    for (let r = 0; r < n; r++) for (let j = 0; j < I; j++) x[r * ld + off + j] += delta[r * I + pi[j]];
-  }
-
-  /** plain[:, pi[j]] = x*[:, off + j] */
-  private unpermute(l: number, x: Float32Array, ld: number, off: number, n: number): Float32Array {
-    const pi = this.pis[l], I = this.d.I, out = new Float32Array(n * I);
-    for (let r = 0; r < n; r++) for (let j = 0; j < I; j++) out[r * I + pi[j]] = x[r * ld + off + j];
-    return out;
-  }
-
-  addHidden(l: number, delta: Float32Array, f: Float32Array, n: number): void { this.addPermuted(l, delta, f, this.d.I, 0, n); }
-  hiddenToPlain(l: number, g: Float32Array, n: number): Float32Array { return this.unpermute(l, g, this.d.I, 0, n); }
   addGateUp(l: number, part: GateUpPart, delta: Float32Array, gu: Float32Array, n: number): void { this.addPermuted(l, delta, gu, 2 * this.d.I, part === 'gate' ? 0 : this.d.I, n); }
   gateUpGradToPlain(l: number, part: GateUpPart, dgu: Float32Array, n: number): Float32Array { return this.unpermute(l, dgu, 2 * this.d.I, part === 'gate' ? 0 : this.d.I, n); }
 
@@ -138,14 +52,14 @@ export class LlamaHeads implements HeadOps {
   // full masks: q = q* Mq^-1, k = k* Mk^-1, then rotary; blocks: rotary on q*, k* (it commutes with the masks)
   rotary(l: number, qkv: Float32Array, B: number, T: number, pos0: number): void {
     if (this.m.rotary === 'full') this.remask(l, qkv, B * T, true, false);
-    ropeForward(qkv, this.d.W, 0, this.NH, this.rope, B, T, pos0);
-    ropeForward(qkv, this.d.W, this.d.C, this.NKV, this.rope, B, T, pos0);
+    ropeForward(qkv, this.d.W, 0, this.d.NH, this.rope, B, T, pos0);
+    ropeForward(qkv, this.d.W, this.d.C, this.d.NKV, this.rope, B, T, pos0);
   }
 
   // the gradient w.r.t. q* is dq M^-T
   rotaryBackward(l: number, dqkv: Float32Array, B: number, T: number): void {
-    ropeBackward(dqkv, this.d.W, 0, this.NH, this.rope, B, T, 0);
-    ropeBackward(dqkv, this.d.W, this.d.C, this.NKV, this.rope, B, T, 0);
+    ropeBackward(dqkv, this.d.W, 0, this.d.NH, this.rope, B, T, 0);
+    ropeBackward(dqkv, this.d.W, this.d.C, this.d.NKV, this.rope, B, T, 0);
     if (this.m.rotary === 'full') this.remask(l, dqkv, B * T, true, true);
   }
 }

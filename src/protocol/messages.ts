@@ -4,7 +4,8 @@
  * carries token ids, labels, logits, losses or a plaintext activation. Messages encode to
  * a self-describing binary frame (JSON header + raw float32 payloads) for any transport.
  */
-import { ALL_LINEARS, type BlockLinearName } from '../model/block.js';
+import { z } from 'zod';
+import { ALL_LINEARS } from '../model/block.js';
 
 declare const obfuscatedBrand: unique symbol;
 /**
@@ -20,94 +21,44 @@ export function asObfuscated(x: Float32Array): Obfuscated {
   return x as Obfuscated;
 }
 
-export interface LayerRef {
-  layer: number;
-  name: BlockLinearName;
-}
+const f32 = <T extends Float32Array>() => z.custom<T>((v) => v instanceof Float32Array, { error: 'not a float32 tensor' });
+const layerRef = {
+  layer: z.number().int().nonnegative({ error: (i) => `invalid layer ${JSON.stringify(i.input)}` }),
+  name: z.enum(ALL_LINEARS, { error: (i) => `unknown linear "${String(i.input)}" (expected one of ${ALL_LINEARS.join(', ')})` }),
+};
+const rows = z.number().int().positive({ error: 'rows must be a positive integer' });
+const tag = z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, { error: 'checkpoint tag must be 1-64 characters of [A-Za-z0-9_.-]' });
 
-/** y* = x* W* + b*  (x*: rows x din). With `save`, the accelerator keeps x* for the backward pass. */
-export interface LinearForwardRequest extends LayerRef {
-  op: 'linear_forward';
-  rows: number;
-  x: Obfuscated;
-  save?: boolean;
-}
+/** Every message as the schema a decoded frame must match (shapes are checked by the receiver). */
+const MESSAGE = z.discriminatedUnion('op', [
+  // y* = x* W* + b* (x*: rows x din); with `save` the accelerator keeps x* for the backward pass
+  z.object({ op: z.literal('linear_forward'), ...layerRef, rows, x: f32<Obfuscated>(), save: z.boolean().optional() }),
+  // backward of a linear whose input was saved: dx* = dy* W*^T when `input`; with `weight`
+  // dW* += x*^T dy*, db* += colsum(dy*) on the accelerator
+  z.object({ op: z.literal('linear_backward'), ...layerRef, rows, dy: f32<Obfuscated>(), input: z.boolean(), weight: z.boolean() }),
+  // SGD(-momentum) step on every accumulated weight gradient, then zero them; gradients are
+  // multiplied by gradScale first (global-norm clipping is decided by the enclave)
+  z.object({ op: z.literal('apply_update'), lr: z.number(), momentum: z.number(), gradScale: z.number() }),
+  // squared Frobenius norm of all accumulated weight gradients (for global clipping)
+  z.object({ op: z.literal('grad_sq_norm') }),
+  // drop saved inputs and accumulated gradients (an aborted step)
+  z.object({ op: z.literal('reset') }),
+  // persist (or restore) the accelerator's weights and optimiser state under a tag
+  z.object({ op: z.enum(['checkpoint_save', 'checkpoint_load']), tag }),
+  // data: in the basis of the request's tensor; `Obfuscated` once the client has checked it
+  z.object({ op: z.literal('tensor'), rows: z.number(), cols: z.number(), data: f32() }),
+  // value: e.g. the squared gradient norm; text: e.g. a checkpoint digest
+  z.object({ op: z.literal('ack'), value: z.number().optional(), text: z.string().optional() }),
+  z.object({ op: z.literal('error'), message: z.string() }),
+], { error: (i) => `unknown message op ${JSON.stringify((i.input as { op?: unknown } | undefined)?.op)}` });
 
-/**
- * Backward of a linear whose input was saved by `linear_forward`: returns dx* = dy* W*^T when
- * `input`, and with `weight` accumulates dW* += x*^T dy*, db* += colsum(dy*) on the accelerator.
- */
-export interface LinearBackwardRequest extends LayerRef {
-  op: 'linear_backward';
-  rows: number;
-  dy: Obfuscated;
-  input: boolean;
-  weight: boolean;
-}
-
-/** SGD(-momentum) step on every accumulated weight gradient, then zero them. */
-export interface ApplyUpdateRequest {
-  op: 'apply_update';
-  lr: number;
-  momentum: number;
-  /** multiply gradients by this first (global-norm clipping is decided by the enclave) */
-  gradScale: number;
-}
-
-/** Squared Frobenius norm of all accumulated weight gradients (for global clipping). */
-export interface GradNormRequest {
-  op: 'grad_sq_norm';
-}
-
-/** Drop saved inputs and accumulated gradients (an aborted step). */
-export interface ResetRequest {
-  op: 'reset';
-}
-
-/** Persist (or restore) the accelerator's weights and optimiser state under a tag. */
-export interface CheckpointRequest {
-  op: 'checkpoint_save' | 'checkpoint_load';
-  tag: string;
-}
-
-export type AcceleratorRequest =
-  | LinearForwardRequest
-  | LinearBackwardRequest
-  | ApplyUpdateRequest
-  | GradNormRequest
-  | ResetRequest
-  | CheckpointRequest;
-
-export interface TensorReply {
-  op: 'tensor';
-  rows: number;
-  cols: number;
-  /** in the basis of the request's tensor; `Obfuscated` once the client has checked it */
-  data: Float32Array;
-}
-
-export interface AckReply {
-  op: 'ack';
-  /** e.g. the squared gradient norm */
-  value?: number;
-  /** e.g. a checkpoint digest */
-  text?: string;
-}
-
-export interface ErrorReply {
-  op: 'error';
-  message: string;
-}
-
-export type AcceleratorReply = TensorReply | AckReply | ErrorReply;
+type Message = z.infer<typeof MESSAGE>;
+const REQUEST_OPS = ['linear_forward', 'linear_backward', 'apply_update', 'grad_sq_norm', 'reset', 'checkpoint_save', 'checkpoint_load'] as const;
+export type AcceleratorRequest = Extract<Message, { op: (typeof REQUEST_OPS)[number] }>;
+export type AcceleratorReply = Exclude<Message, AcceleratorRequest>;
 
 /** Hard upper bound of one frame (guards every decoder). */
 export const MAX_FRAME_BYTES = 1 << 30;
-
-function assertLayerRef(o: Record<string, unknown>): void {
-  if (!Number.isInteger(o.layer) || (o.layer as number) < 0) throw new Error(`message: invalid layer ${JSON.stringify(o.layer)}`);
-  if (!ALL_LINEARS.includes(o.name as BlockLinearName)) throw new Error(`message: unknown linear "${String(o.name)}" (expected one of ${ALL_LINEARS.join(', ')})`);
-}
 
 /** Binary frame: u32 header length | JSON header | float32 payloads (4-byte aligned). */
 export function encodeMessage(m: AcceleratorRequest | AcceleratorReply): Buffer {
@@ -182,31 +133,13 @@ export function decodeMessage(buf: Uint8Array, maxBytes = MAX_FRAME_BYTES): Acce
     off += bytes;
   }
   if (off !== b.length) throw new Error(`message has ${b.length - off} trailing bytes`);
-  validateMessage(out);
-  return out as unknown as AcceleratorRequest | AcceleratorReply;
+  return validateMessage(out);
 }
 
 /** Structural validation of a decoded message (shapes are checked by the receiver). */
-export function validateMessage(o: Record<string, unknown>): void {
-  const need = (k: string, t: string) => {
-    if (t === 'f32' ? !(o[k] instanceof Float32Array) : typeof o[k] !== t) throw new Error(`message "${String(o.op)}": field "${k}" missing or not ${t}`);
-  };
-  const rows = () => {
-    need('rows', 'number');
-    if (!Number.isInteger(o.rows) || (o.rows as number) <= 0) throw new Error(`message "${String(o.op)}": rows must be a positive integer`);
-  };
-  switch (o.op) {
-    case 'linear_forward': assertLayerRef(o); rows(); need('x', 'f32'); break;
-    case 'linear_backward': assertLayerRef(o); rows(); need('dy', 'f32'); need('input', 'boolean'); need('weight', 'boolean'); break;
-    case 'apply_update': need('lr', 'number'); need('momentum', 'number'); need('gradScale', 'number'); break;
-    case 'grad_sq_norm': case 'reset': break;
-    case 'checkpoint_save': case 'checkpoint_load':
-      need('tag', 'string');
-      if (!/^[A-Za-z0-9_.-]{1,64}$/.test(o.tag as string)) throw new Error('message: checkpoint tag must be 1-64 characters of [A-Za-z0-9_.-]');
-      break;
-    case 'tensor': need('rows', 'number'); need('cols', 'number'); need('data', 'f32'); break;
-    case 'ack': break;
-    case 'error': need('message', 'string'); break;
-    default: throw new Error(`unknown message op ${JSON.stringify(o.op)}`);
-  }
+function validateMessage(o: Record<string, unknown>): Message {
+  const r = MESSAGE.safeParse(o);
+  if (r.success) return r.data;
+  const i = r.error.issues[0];
+  throw new Error(`message "${String(o.op)}": ${i.path.length ? `field "${i.path.join('.')}": ` : ''}${i.message}`);
 }

@@ -14,7 +14,7 @@ import { AdamW, SGD, sumSquares } from '../train/optim.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
 import type { AcceleratorLink } from '../protocol/link.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
-import { peakRssMb } from './train_step.js';
+import { median, peakRssMb } from './train_step.js';
 import { mixingLabel, type MixingConfig, type MixingStats } from '../enclave/mixing.js';
 
 export interface FinetuneBenchRow {
@@ -61,12 +61,6 @@ export interface FinetuneBenchResult {
   /** sealed with and without token mixing, paired in one process (benchFinetuneMixing) */
   token_mixing?: MixingConfig;
   rows: FinetuneBenchRow[];
-}
-
-function median(a: number[]): number {
-  const s = [...a].sort((x, y) => x - y);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
 type BenchLinkFactory = (acc: AcceleratorWeights) => Promise<AcceleratorLink & { dataPath?: string }>;

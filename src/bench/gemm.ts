@@ -60,13 +60,7 @@ const LAYERS: { name: string; din: number; dout: number }[] = [
   { name: 'lm_head', din: 768, dout: 50257 },
 ];
 
-interface Shape {
-  m: number;
-  k: number;
-  n: number;
-  op: 'nn' | 'nt' | 'tn';
-  layer: string;
-}
+type Shape = Pick<GemmBenchRow, 'm' | 'k' | 'n' | 'op' | 'layer'>;
 
 export function gemmBenchShapes(tokens: number[]): Shape[] {
   const out: Shape[] = [];
@@ -97,18 +91,12 @@ function filled(n: number, seed: number): Float32Array {
   return a;
 }
 
-interface Operands {
-  A: Float32Array;
-  B: Float32Array;
-  C: Float32Array;
-  run: () => void;
-}
-
-function operands(s: Shape): Operands {
+/** A call of op(A) op(B) on filled operands of the shape. */
+function operands(s: Shape): { run: () => void } {
   const ta = s.op[0] === 't', tb = s.op[1] === 't';
   const A = filled(s.m * s.k, 1), B = filled(s.k * s.n, 2), C = new Float32Array(s.m * s.n);
   const lda = ta ? s.m : s.k, ldb = tb ? s.k : s.n;
-  return { A, B, C, run: () => sgemm(ta, tb, s.m, s.n, s.k, 1, A, lda, B, ldb, 0, C, s.n) };
+  return { run: () => sgemm(ta, tb, s.m, s.n, s.k, 1, A, lda, B, ldb, 0, C, s.n) };
 }
 
 /** Median seconds per call over at least `minReps` calls and `minTime` seconds (after one warm-up call). */

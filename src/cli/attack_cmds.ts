@@ -42,10 +42,7 @@ function publicModel(dir: string, view: LoadedView): GPT2Weights {
 async function attackWith(name: string, attack: (onProgress: AttackProgress) => AttackResult | Promise<AttackResult>): Promise<void> {
   const bar = progressBar(1, `attack ${name}`, '{label}');
   let units = 1;
-  const r = await attack((done, total, label) => {
-    bar.setTotal((units = total));
-    bar.update(done, { label });
-  });
+  const r = await attack((done, total, label) => bar.track(done, (units = total), label));
   bar.update(units, { label: 'done' });
   bar.stop();
   print(r);

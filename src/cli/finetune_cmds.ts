@@ -256,10 +256,7 @@ export function addFinetuneCommands(program: Command): void {
       const { model, tokenizer } = loadPlainModel(o.model);
       const tok = tokenizer();
       const bar = progressBar(1, 'eval', '');
-      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch, Infinity, (i, n) => {
-        bar.setTotal(n);
-        bar.update(i);
-      });
+      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch, Infinity, (i, n) => bar.track(i, n));
       bar.stop();
       emit(e, `loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
     });

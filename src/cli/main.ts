@@ -19,7 +19,7 @@ import { loadPlainModel, parseIntArg, parseFloatArg, refuseNonEmpty } from './mo
 import { Llama } from '../model/llama.js';
 import { saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
 import { writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
-import { emit, setJsonOutput, withJson } from './output.js';
+import { emit, setJsonOutput, textTable, withJson } from './output.js';
 import { addConfigOption, readRecipe } from './run_spec_args.js';
 import { mergeRunSpecInputs } from '../train/run_spec.js';
 import { runStart, ROOT } from './start.js';
@@ -302,10 +302,7 @@ export function buildProgram(): Command {
         threads: o.threads,
         js: o.js,
         reference: o.reference,
-        onProgress: (done, total, label) => {
-          bar.setTotal(total);
-          bar.update(done, { label });
-        },
+        onProgress: bar.track,
       });
       bar.stop();
       emit(r, formatGemmBench(r));
@@ -426,16 +423,12 @@ export function buildProgram(): Command {
       const bar = progressBar(1, 'experiments', '{label}');
       const res = await runPaperExperiments({
         models: o.models, datasets: o.datasets, dataDir: o.data, out: o.out, quick: o.quick, steps: o.steps, methods: o.methods, rowsOnly: o.rowsOnly, recipes,
-        onProgress: (d, n, label) => {
-          bar.setTotal(n);
-          bar.update(d, { label });
-        },
+        onProgress: bar.track,
         log: (s) => console.error(s),
       });
       bar.stop();
       const t = mainTable(res);
-      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
-      emit(res, [...[t.head, ...t.rows].map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')),
+      emit(res, [...textTable(t.head, t.rows),
         o.rowsOnly ? `\nwrote the rows to ${o.out}/results.json (run without --rows-only for the tables and the report)` : `\nwrote ${o.out}/results.json, ${o.out}/index.html and ${o.out}/results.md`]);
     });
 
@@ -476,15 +469,11 @@ export function buildProgram(): Command {
         steps: o.steps ?? (o.quick ? 12 : 100), batch: o.batch, maxLen: o.maxLen, decodeBatches: o.decodeBatches ?? (o.quick ? 4 : 20),
         attacks: o.attacks ? String(o.attacks).split(',').map((s: string) => s.trim()) as never : undefined,
         defences: String(o.defences).split(',').map((s: string) => s.trim()) as never, unmixBatches: o.unmixBatches, unmixPositions: o.unmixPositions,
-        out: o.out, log: (s) => console.error(s), onProgress: (d, n, label) => {
-          bar.setTotal(n);
-          bar.update(d, { label });
-        },
+        out: o.out, log: (s) => console.error(s), onProgress: bar.track,
       });
       bar.stop();
       const t = securityTable(res);
-      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
-      emit(res, [...[t.head, ...t.rows].map((r) => r.slice(0, -1).map((c, i) => c.padEnd(w[i])).join('  ')), `\nwrote ${o.out}/security.json and ${o.out}/security.html`]);
+      emit(res, [...textTable(t.head.slice(0, -1), t.rows.map((r) => r.slice(0, -1))), `\nwrote ${o.out}/security.json and ${o.out}/security.html`]);
     });
 
   exp
@@ -515,24 +504,18 @@ export function buildProgram(): Command {
       // progress: the provider's fine-tuning (without --model), then a unit per model scored
       const bar = progressBar(1, 'experiment public-base', '{label}');
       const steps = o.model ? 0 : o.providerSteps;
-      const model = o.model ?? await makeProviderModel(o.public, o.providerCorpus, o.providerSteps, 3e-4, path.join(o.out, 'public-base', 'provider-model'), 1, (s) => {
-        bar.setTotal(steps + 2 + choices.length);
-        bar.update(s + 1, { label: `provider model, step ${s + 1}/${steps}` });
-      });
+      const model = o.model ?? await makeProviderModel(o.public, o.providerCorpus, o.providerSteps, 3e-4, path.join(o.out, 'public-base', 'provider-model'), 1, (s) =>
+        bar.track(s + 1, steps + 2 + choices.length, `provider model, step ${s + 1}/${steps}`));
       const r = await runPublicBaseCost({
         publicModel: o.public, providerModel: model, evalFile: o.eval, choices, mode: o.mode, seq: o.seq, batch: o.batch, maxBatches: o.maxBatches, log: (s) => console.error(s),
-        onProgress: (d, n, label) => {
-          bar.setTotal(steps + n);
-          bar.update(steps + d, { label });
-        },
+        onProgress: (d, n, label) => bar.track(steps + d, steps + n, label),
       });
       bar.update(steps + 2 + choices.length, { label: 'done' });
       bar.stop();
       const t = publicBaseCostTable(r);
-      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((x) => x[i].length)));
       emit(r, [
         `provider model: loss ${r.provider.loss.toFixed(4)}, top-1 ${(100 * r.provider.accuracy).toFixed(2)}% on ${r.tokens} tokens; the delta is ${(100 * r.public_base.delta_relative_size).toFixed(1)}% of the block weights' norm`,
-        ...[t.head, ...t.rows].map((x) => x.map((c, i) => c.padEnd(w[i])).join('  ')),
+        ...textTable(t.head, t.rows),
       ]);
     });
 

@@ -84,20 +84,17 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
   let linkFactory: ((acc: AcceleratorWeights) => AcceleratorLink) | undefined;
   if (linkFactoryIn) {
     // the network link needs the (obfuscated) weights on the remote accelerator first
-    linkFactory = (acc) => {
-      const lazy = {
-        call: async (...args: Parameters<AcceleratorLink['call']>) => {
-          link ??= await linkFactoryIn(acc);
-          return link.call(...args);
-        },
-        releaseScratch: () => link?.releaseScratch?.(),
-        close: async () => link?.close?.(),
-        get stats() {
-          return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
-        },
-      };
-      return lazy;
-    };
+    linkFactory = (acc) => ({
+      call: async (...args: Parameters<AcceleratorLink['call']>) => {
+        link ??= await linkFactoryIn(acc);
+        return link.call(...args);
+      },
+      releaseScratch: () => link?.releaseScratch?.(),
+      close: async () => link?.close?.(),
+      get stats() {
+        return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
+      },
+    });
   }
   const s = buildSession(base, {
     mode: o.mode, method: o.method, task: 'lm', kappa: '1', padTokenId: 50256, seed: 1, maskSeed: 1,

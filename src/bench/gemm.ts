@@ -118,30 +118,22 @@ function timeCalls(run: () => void, minTime: number, minReps: number, warm = tru
 /** A numpy child process answering one shape per line. */
 class NumpyReference {
   private rl: Interface;
-  private waiting: ((line: string) => void)[] = [];
-  private lines: string[] = [];
+  private lines: AsyncIterator<string>;
   private constructor(private proc: ChildProcessWithoutNullStreams) {
     this.rl = createInterface({ input: proc.stdout });
-    this.rl.on('line', (line) => {
-      const w = this.waiting.shift();
-      if (w) w(line);
-      else this.lines.push(line);
-    });
-    proc.on('exit', () => {
-      for (const w of this.waiting.splice(0)) w('{"error":"numpy process exited"}');
-    });
+    this.lines = this.rl[Symbol.asyncIterator]();
   }
 
-  private next(): Promise<string> {
-    const l = this.lines.shift();
-    if (l !== undefined) return Promise.resolve(l);
-    return new Promise((r) => this.waiting.push(r));
+  /** The child's next line (an error line once it has exited). */
+  private async next(): Promise<string> {
+    const l = await this.lines.next();
+    return l.done ? '{"error":"numpy process exited"}' : l.value;
   }
 
   /** Starts the child, or returns null (with the reason) when python3 + numpy are unavailable. */
   static async start(threads: number, minTime: number): Promise<{ ref: NumpyReference | null; why: string | null }> {
-    const script = findScript();
-    if (!script) return { ref: null, why: 'scripts/numpy_gemm.py not found' };
+    const script = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../scripts/numpy_gemm.py');
+    if (!existsSync(script)) return { ref: null, why: 'scripts/numpy_gemm.py not found' };
     const env: NodeJS.ProcessEnv = { ...process.env };
     // Only in the child: these pin OpenBLAS to older, slower kernels / cache sizes.
     delete env.OPENBLAS_CORETYPE;
@@ -179,18 +171,6 @@ class NumpyReference {
     this.proc.stdin.end();
     this.rl.close();
   }
-}
-
-function findScript(): string | null {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 6; i++) {
-    const p = path.join(dir, 'scripts', 'numpy_gemm.py');
-    if (existsSync(p)) return p;
-    const up = path.dirname(dir);
-    if (up === dir) break;
-    dir = up;
-  }
-  return null;
 }
 
 const round2 = (x: number) => Math.round(x * 100) / 100;

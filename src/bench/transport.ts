@@ -65,11 +65,8 @@ export async function benchTransport(o: { model: string; batch: number; seq: num
     for (let l = L - 1; l >= 0; l--) for (const name of [...LINEARS].reverse()) out.push({ op: 'linear_backward', layer: l, name, rows: n, dy: asObfuscated(Float32Array.from(inputs.get(name)![1])), input: true, weight: false });
     return out;
   };
-  let bytes = 0;
-  for (const f of frames()) {
-    const [din, dout] = linearDims((f as { name: LinearName }).name, d);
-    bytes += 4 * n * (din + dout);
-  }
+  // every linear's frames, forward and backward: its input and output rows of 4-byte floats
+  const bytes = 2 * L * LINEARS.reduce((a, name) => a + 4 * n * (linearDims(name, d)[0] + linearDims(name, d)[1]), 0);
   const time = async (path: string, call: (r: AcceleratorRequest) => Promise<AcceleratorReply> | AcceleratorReply): Promise<TransportBenchRow> => {
     const t: number[] = [];
     for (let s = 0; s <= o.steps; s++) {

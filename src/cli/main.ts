@@ -3,7 +3,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { readJsonl, DEFAULT_FIELDS } from '../io/jsonl.js';
-import { readRunSpec } from '../train/run_spec.js';
+import { mergeRunSpecInputs, readRunSpec } from '../train/run_spec.js';
 import { inferenceInput } from '../train/predict.js';
 import { getPreset, presetNames, LLAMA_PRESETS } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
@@ -18,19 +18,16 @@ import { progressBar } from './progress.js';
 import { loadPlainModel, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
 import { Llama } from '../model/llama.js';
 import { saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
-import { writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
+import { hasCheckpointTokenizer, loadCheckpointTokenizer, writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
 import { emit, setJsonOutput, textTable, withJson } from './output.js';
-import { addConfigOption, readRecipe } from './run_spec_args.js';
-import { mergeRunSpecInputs } from '../train/run_spec.js';
+import { addMixingOptions, mixingOptionsOf, readRecipe } from './run_spec_args.js';
 import { runStart, ROOT } from './start.js';
-import { hasCheckpointTokenizer, loadCheckpointTokenizer } from '../model/hf_tokenizer.js';
 import { addServiceCommands } from './service_cmds.js';
 import { benchFinetune, benchFinetuneInterleaved, benchFinetuneMixing, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 import { addAttackCommands } from './attack_cmds.js';
 import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
-import { addMixingOptions, mixingOptionsOf } from './run_spec_args.js';
 import {
   AcceleratorError, BundleError, InputError, IntegrityError, PolicyError, StateError, TransportError, WorkerError,
 } from '../errors.js';
@@ -156,8 +153,6 @@ export function buildProgram(): Command {
     .action(async (o) => {
       refuseNonEmpty(o.out, o.force, 'pretrain');
       const { corpusFromJsonl, unigramLoss } = await import('../train/pretrain.js');
-      const { writeFileSync } = await import('node:fs');
-      const pathMod = await import('node:path');
       const llama = LLAMA_PRESETS[o.preset];
       const config = llama ? { ...llama } : getPreset(o.preset);
       const tok = tokenizerFor(config.vocab_size);
@@ -197,7 +192,7 @@ export function buildProgram(): Command {
         unigram_valid_loss: valid ? unigramLoss(corpus.stream, valid, config.vocab_size) : null,
         command: 'obfuscatune ' + process.argv.slice(2).join(' '), log,
       };
-      writeFileSync(pathMod.join(o.out, 'pretraining.json'), JSON.stringify(info, null, 2) + '\n');
+      writeFileSync(path.join(o.out, 'pretraining.json'), JSON.stringify(info, null, 2) + '\n');
       emit({ out: o.out, ...info }, `saved ${o.out}: validation loss ${final?.loss.toFixed(4) ?? '-'} (perplexity ${final?.perplexity.toFixed(1) ?? '-'}), unigram baseline ${info.unigram_valid_loss?.toFixed(4) ?? '-'}, ${seconds.toFixed(0)} s`);
     });
 
@@ -395,8 +390,9 @@ export function buildProgram(): Command {
     });
 
   const exp = program.command('experiment').description('reproducible experiments');
-  addConfigOption(exp
-    .command('paper'), 'a recipe (YAML or JSON run-spec settings) over every run\'s: it wins over the runner\'s defaults and --quick, --steps wins over it; method, mode and masks are the experiment\'s')
+  exp
+    .command('paper')
+    .option('--config <file>', 'a recipe (YAML or JSON run-spec settings) over every run\'s: it wins over the runner\'s defaults and --quick, --steps wins over it; method, mode and masks are the experiment\'s')
     .description('the paper\'s experiments: local vs sealed vs paper (kappa 1, naive) fine-tuning on the bundled datasets and models, fidelity, share and overhead tables; writes report/results.json and report/index.html')
     .option('--quick', 'a minutes-long version (small subsets, few steps)')
     .option('--models <dirs...>', 'base model checkpoints', ['models/base-small', 'models/base-large'])

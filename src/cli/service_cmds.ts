@@ -38,36 +38,6 @@ export function onShutdown(close: () => Promise<void>): void {
   process.on('SIGTERM', () => stop('SIGTERM'));
 }
 
-export function addServiceCommands(program: Command): void {
-  const acc = program.command('accelerator').description('the untrusted accelerator service');
-  acc
-    .command('serve')
-    .description('serve an accelerator bundle over gRPC (prints {"event":"listening","port":P} when ready)')
-    .option('--bundle <dir>', 'accelerator bundle directory (default: the uploaded one in the state dir)')
-    .requiredOption('--state-dir <dir>', 'the accelerator\'s own storage (uploaded bundle, checkpoints)')
-    .option('--host <host>', 'listen address', '127.0.0.1')
-    .option('--port <n>', 'port (0 = ephemeral)', parseIntArg('--port'), 50551)
-    .addOption(new Option('--evil <mode>', 'simulate a lying accelerator (tests and demos)').choices(EVIL_MODES))
-    .option('--max-message-mb <n>', 'largest accepted message', parseIntArg('--max-message-mb'), 256)
-    .option('--contract <file>', 'the deployment contract signed by both parties: serve only the attested enclave bound to it, admin calls only from its provider')
-    .option('--trust <pem>', 'the platform root public key the enclave\'s evidence must chain to (with --contract)')
-    .option('--measurement <hex...>', 'accepted enclave measurements (default: this build\'s)')
-    .option('--insecure-no-auth', 'serve anyone, without a contract (benchmarks and transport tests only)')
-    .action(async (o) => {
-      const contract = o.contract ? verifyContract(readContract(o.contract), `contract ${o.contract}`).contract : undefined;
-      const { server, host } = await serveAccelerator({
-        ...o, contract, noAuth: o.insecureNoAuth === true,
-        trust: contract ? { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()] } : undefined,
-      });
-      if (!contract) console.error('accelerator: --insecure-no-auth: serving ANY client (no contract, no authentication)');
-      else console.error(`accelerator: serving only the attested enclave bound to contract ${contractSha256(contract.body).slice(0, 16)}...`);
-      console.log(JSON.stringify({ event: 'listening', role: 'accelerator', port: server.port, evil: o.evil ?? null }));
-      console.error(`accelerator on ${server.address}: ${host.loaded ? `serving bundle ${host.loaded.manifestSha256.slice(0, 12)}` : 'waiting for the provider\'s bundle'}${o.evil ? ` (EVIL: ${o.evil})` : ''}`);
-      onShutdown(() => server.close());
-    });
-  addPartyCommands(program);
-}
-
 function trustOptions(cmd: Command): Command {
   return withJson(cmd)
     .requiredOption('--enclave <addr>', 'enclave address host:port')
@@ -97,7 +67,34 @@ async function oneCommand(o: Parameters<typeof connect>[0], keyFile: string, nam
   c.close();
 }
 
-export function addPartyCommands(program: Command): void {
+/** The accelerator and enclave services and the parties' clients. */
+export function addServiceCommands(program: Command): void {
+  const acc = program.command('accelerator').description('the untrusted accelerator service');
+  acc
+    .command('serve')
+    .description('serve an accelerator bundle over gRPC (prints {"event":"listening","port":P} when ready)')
+    .option('--bundle <dir>', 'accelerator bundle directory (default: the uploaded one in the state dir)')
+    .requiredOption('--state-dir <dir>', 'the accelerator\'s own storage (uploaded bundle, checkpoints)')
+    .option('--host <host>', 'listen address', '127.0.0.1')
+    .option('--port <n>', 'port (0 = ephemeral)', parseIntArg('--port'), 50551)
+    .addOption(new Option('--evil <mode>', 'simulate a lying accelerator (tests and demos)').choices(EVIL_MODES))
+    .option('--max-message-mb <n>', 'largest accepted message', parseIntArg('--max-message-mb'), 256)
+    .option('--contract <file>', 'the deployment contract signed by both parties: serve only the attested enclave bound to it, admin calls only from its provider')
+    .option('--trust <pem>', 'the platform root public key the enclave\'s evidence must chain to (with --contract)')
+    .option('--measurement <hex...>', 'accepted enclave measurements (default: this build\'s)')
+    .option('--insecure-no-auth', 'serve anyone, without a contract (benchmarks and transport tests only)')
+    .action(async (o) => {
+      const contract = o.contract ? verifyContract(readContract(o.contract), `contract ${o.contract}`).contract : undefined;
+      const { server, host } = await serveAccelerator({
+        ...o, contract, noAuth: o.insecureNoAuth === true,
+        trust: contract ? { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()] } : undefined,
+      });
+      if (!contract) console.error('accelerator: --insecure-no-auth: serving ANY client (no contract, no authentication)');
+      else console.error(`accelerator: serving only the attested enclave bound to contract ${contractSha256(contract.body).slice(0, 16)}...`);
+      console.log(JSON.stringify({ event: 'listening', role: 'accelerator', port: server.port, evil: o.evil ?? null }));
+      console.error(`accelerator on ${server.address}: ${host.loaded ? `serving bundle ${host.loaded.manifestSha256.slice(0, 12)}` : 'waiting for the provider\'s bundle'}${o.evil ? ` (EVIL: ${o.evil})` : ''}`);
+      onShutdown(() => server.close());
+    });
   const enc = program.commands.find((c) => c.name() === 'enclave') ?? program.command('enclave').description('the TEE program (simulated platform)');
   withJson(enc
     .command('init-platform')

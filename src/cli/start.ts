@@ -29,7 +29,7 @@ import { textTable } from './output.js';
 import { majorityAccuracy } from '../experiments/paper.js';
 import { backendName } from '../tensor/gemm.js';
 import { progressBar } from './progress.js';
-import { lineChart, curveGapNote } from '../report/charts.js';
+import { lineSpec, renderSvg, curveGapNote } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { BundleError, ObfuscatuneError } from '../errors.js';
 
@@ -174,7 +174,7 @@ export async function runStart(o: StartOptions): Promise<void> {
     ];
     const gap = curveGapNote(localSum.losses, job.losses, 'local vs confidential');
     say(`Training loss, ${gap}.`);
-    const svg = await lineChart(curve, { title: 'training loss per step', subtitle: gap, x: 'step', y: 'cross-entropy' });
+    const svg = await renderSvg(lineSpec(curve, { title: 'training loss per step', subtitle: gap, x: 'step', y: 'cross-entropy' }));
     const html = page('obfuscatune: confidential fine-tuning run', [
       { title: 'Result', html: table(head, rows) },
       { title: 'Training loss', html: svg },

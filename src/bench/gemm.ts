@@ -138,9 +138,7 @@ class NumpyReference {
     // Only in the child: these pin OpenBLAS to older, slower kernels / cache sizes.
     delete env.OPENBLAS_CORETYPE;
     delete env.OPENBLAS_L2_SIZE;
-    env.OPENBLAS_NUM_THREADS = String(threads);
-    env.OMP_NUM_THREADS = String(threads);
-    env.MKL_NUM_THREADS = String(threads);
+    for (const k of ['OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS']) env[k] = String(threads);
     const probe = spawnSync('python3', ['-c', 'import numpy'], { env, stdio: 'ignore' });
     if (probe.error || probe.status !== 0) return { ref: null, why: 'python3 with numpy is not available' };
     const proc = spawn('python3', [script, '--serve', '--min-time', String(minTime)], { env, stdio: ['pipe', 'pipe', 'pipe'] });

@@ -34,8 +34,7 @@ export function onShutdown(close: () => Promise<void>): void {
     console.error(`received ${sig}, shutting down`);
     close().then(() => process.exit(0), () => process.exit(1));
   };
-  process.on('SIGINT', () => stop('SIGINT'));
-  process.on('SIGTERM', () => stop('SIGTERM'));
+  for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => stop(sig));
 }
 
 function trustOptions(cmd: Command): Command {

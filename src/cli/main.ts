@@ -291,14 +291,7 @@ export function buildProgram(): Command {
     .action(async (o) => {
       const tokens = String(o.tokens).split(',').map((s: string) => parseIntArg('--tokens')(s.trim()));
       const bar = progressBar(1, 'bench gemm', '{label}');
-      const r = await benchGemm({
-        tokens,
-        quick: o.quick,
-        threads: o.threads,
-        js: o.js,
-        reference: o.reference,
-        onProgress: bar.track,
-      });
+      const r = await benchGemm({ ...o, tokens, onProgress: bar.track });
       bar.stop();
       emit(r, formatGemmBench(r));
     });

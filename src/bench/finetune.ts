@@ -167,11 +167,9 @@ export async function benchFinetuneMixing(o: Omit<BenchOneOptions, 'mode' | 'lin
 /** One mode, in this process (one warm-up step, then `steps` timed ones). */
 export async function benchFinetuneOne(o: BenchOneOptions): Promise<FinetuneBenchRow> {
   const r = stepRunner(o, o.link);
-  const steps = [];
-  for (let i = 0; i <= o.steps; i++) {
-    const x = await r.step();
-    if (i > 0) steps.push(x);
-  }
+  await r.step();
+  const steps: StepTimes[] = [];
+  for (let i = 0; i < o.steps; i++) steps.push(await r.step());
   const row = rowOf(o, o.transport, r.dataPath(), steps);
   await r.close();
   return row;

@@ -14,7 +14,7 @@ import { AdamW, SGD, sumSquares } from '../train/optim.js';
 import type { TrainMode, Method } from '../enclave/split_model.js';
 import type { AcceleratorLink } from '../protocol/link.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
-import { peakRssMb } from './train_step.js';
+import { median, peakRssMb } from './train_step.js';
 import { mixingLabel, type MixingConfig, type MixingStats } from '../enclave/mixing.js';
 
 export interface FinetuneBenchRow {
@@ -63,12 +63,6 @@ export interface FinetuneBenchResult {
   rows: FinetuneBenchRow[];
 }
 
-function median(a: number[]): number {
-  const s = [...a].sort((x, y) => x - y);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
-
 type BenchLinkFactory = (acc: AcceleratorWeights) => Promise<AcceleratorLink & { dataPath?: string }>;
 
 interface BenchOneOptions { model: string; method: Method; mode: TrainMode; batch: number; seq: number; steps: number; rank: number; transport: string; link?: BenchLinkFactory; mixing?: MixingConfig | null }
@@ -90,20 +84,17 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
   let linkFactory: ((acc: AcceleratorWeights) => AcceleratorLink) | undefined;
   if (linkFactoryIn) {
     // the network link needs the (obfuscated) weights on the remote accelerator first
-    linkFactory = (acc) => {
-      const lazy = {
-        call: async (...args: Parameters<AcceleratorLink['call']>) => {
-          link ??= await linkFactoryIn(acc);
-          return link.call(...args);
-        },
-        releaseScratch: () => link?.releaseScratch?.(),
-        close: async () => link?.close?.(),
-        get stats() {
-          return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
-        },
-      };
-      return lazy;
-    };
+    linkFactory = (acc) => ({
+      call: async (...args: Parameters<AcceleratorLink['call']>) => {
+        link ??= await linkFactoryIn(acc);
+        return link.call(...args);
+      },
+      releaseScratch: () => link?.releaseScratch?.(),
+      close: async () => link?.close?.(),
+      get stats() {
+        return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
+      },
+    });
   }
   const s = buildSession(base, {
     mode: o.mode, method: o.method, task: 'lm', kappa: '1', padTokenId: 50256, seed: 1, maskSeed: 1,
@@ -176,11 +167,9 @@ export async function benchFinetuneMixing(o: Omit<BenchOneOptions, 'mode' | 'lin
 /** One mode, in this process (one warm-up step, then `steps` timed ones). */
 export async function benchFinetuneOne(o: BenchOneOptions): Promise<FinetuneBenchRow> {
   const r = stepRunner(o, o.link);
-  const steps = [];
-  for (let i = 0; i <= o.steps; i++) {
-    const x = await r.step();
-    if (i > 0) steps.push(x);
-  }
+  await r.step();
+  const steps: StepTimes[] = [];
+  for (let i = 0; i < o.steps; i++) steps.push(await r.step());
   const row = rowOf(o, o.transport, r.dataPath(), steps);
   await r.close();
   return row;

@@ -60,13 +60,7 @@ const LAYERS: { name: string; din: number; dout: number }[] = [
   { name: 'lm_head', din: 768, dout: 50257 },
 ];
 
-interface Shape {
-  m: number;
-  k: number;
-  n: number;
-  op: 'nn' | 'nt' | 'tn';
-  layer: string;
-}
+type Shape = Pick<GemmBenchRow, 'm' | 'k' | 'n' | 'op' | 'layer'>;
 
 export function gemmBenchShapes(tokens: number[]): Shape[] {
   const out: Shape[] = [];
@@ -97,18 +91,12 @@ function filled(n: number, seed: number): Float32Array {
   return a;
 }
 
-interface Operands {
-  A: Float32Array;
-  B: Float32Array;
-  C: Float32Array;
-  run: () => void;
-}
-
-function operands(s: Shape): Operands {
+/** A call of op(A) op(B) on filled operands of the shape. */
+function operands(s: Shape): { run: () => void } {
   const ta = s.op[0] === 't', tb = s.op[1] === 't';
   const A = filled(s.m * s.k, 1), B = filled(s.k * s.n, 2), C = new Float32Array(s.m * s.n);
   const lda = ta ? s.m : s.k, ldb = tb ? s.k : s.n;
-  return { A, B, C, run: () => sgemm(ta, tb, s.m, s.n, s.k, 1, A, lda, B, ldb, 0, C, s.n) };
+  return { run: () => sgemm(ta, tb, s.m, s.n, s.k, 1, A, lda, B, ldb, 0, C, s.n) };
 }
 
 /** Median seconds per call over at least `minReps` calls and `minTime` seconds (after one warm-up call). */
@@ -130,37 +118,27 @@ function timeCalls(run: () => void, minTime: number, minReps: number, warm = tru
 /** A numpy child process answering one shape per line. */
 class NumpyReference {
   private rl: Interface;
-  private waiting: ((line: string) => void)[] = [];
-  private lines: string[] = [];
+  private lines: AsyncIterator<string>;
   private constructor(private proc: ChildProcessWithoutNullStreams) {
     this.rl = createInterface({ input: proc.stdout });
-    this.rl.on('line', (line) => {
-      const w = this.waiting.shift();
-      if (w) w(line);
-      else this.lines.push(line);
-    });
-    proc.on('exit', () => {
-      for (const w of this.waiting.splice(0)) w('{"error":"numpy process exited"}');
-    });
+    this.lines = this.rl[Symbol.asyncIterator]();
   }
 
-  private next(): Promise<string> {
-    const l = this.lines.shift();
-    if (l !== undefined) return Promise.resolve(l);
-    return new Promise((r) => this.waiting.push(r));
+  /** The child's next line (an error line once it has exited). */
+  private async next(): Promise<string> {
+    const l = await this.lines.next();
+    return l.done ? '{"error":"numpy process exited"}' : l.value;
   }
 
   /** Starts the child, or returns null (with the reason) when python3 + numpy are unavailable. */
   static async start(threads: number, minTime: number): Promise<{ ref: NumpyReference | null; why: string | null }> {
-    const script = findScript();
-    if (!script) return { ref: null, why: 'scripts/numpy_gemm.py not found' };
+    const script = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../scripts/numpy_gemm.py');
+    if (!existsSync(script)) return { ref: null, why: 'scripts/numpy_gemm.py not found' };
     const env: NodeJS.ProcessEnv = { ...process.env };
     // Only in the child: these pin OpenBLAS to older, slower kernels / cache sizes.
     delete env.OPENBLAS_CORETYPE;
     delete env.OPENBLAS_L2_SIZE;
-    env.OPENBLAS_NUM_THREADS = String(threads);
-    env.OMP_NUM_THREADS = String(threads);
-    env.MKL_NUM_THREADS = String(threads);
+    for (const k of ['OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS']) env[k] = String(threads);
     const probe = spawnSync('python3', ['-c', 'import numpy'], { env, stdio: 'ignore' });
     if (probe.error || probe.status !== 0) return { ref: null, why: 'python3 with numpy is not available' };
     const proc = spawn('python3', [script, '--serve', '--min-time', String(minTime)], { env, stdio: ['pipe', 'pipe', 'pipe'] });
@@ -191,18 +169,6 @@ class NumpyReference {
     this.proc.stdin.end();
     this.rl.close();
   }
-}
-
-function findScript(): string | null {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 6; i++) {
-    const p = path.join(dir, 'scripts', 'numpy_gemm.py');
-    if (existsSync(p)) return p;
-    const up = path.dirname(dir);
-    if (up === dir) break;
-    dir = up;
-  }
-  return null;
 }
 
 const round2 = (x: number) => Math.round(x * 100) / 100;

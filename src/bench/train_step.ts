@@ -26,7 +26,8 @@ export function peakRssMb(): number {
   return process.resourceUsage().maxRSS / 1024;
 }
 
-function median(a: number[]): number {
+/** The median (the mean of the two middle values of an even count). */
+export function median(a: number[]): number {
   const s = [...a].sort((x, y) => x - y);
   const m = s.length >> 1;
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
@@ -47,10 +48,8 @@ export async function benchTrainStep(opts: { model: string; batch: number; seq: 
   const kind = opts.optimizer ?? 'adamw';
   const opt = makeOptimizer(model, kind, { weightDecay: 0.01 });
   model.ensureGrads();
-  const times: number[] = [];
-  const fw: number[] = [];
-  const bw: number[] = [];
-  const op: number[] = [];
+  // per timed step: the whole step, forward, backward, optimiser (ms)
+  const phases: number[][] = [];
   const total = opts.steps + 1; // first step is a warm-up
   for (let s = 0; s < total; s++) {
     const t0 = performance.now();
@@ -62,14 +61,10 @@ export async function benchTrainStep(opts: { model: string; batch: number; seq: 
     const norm = Math.sqrt(sumSquares(model.grads!));
     opt.step(model.params, model.grads!, 1e-4, clipScale(norm, 1.0));
     const t3 = performance.now();
-    if (s > 0) {
-      times.push(t3 - t0);
-      fw.push(t1 - t0);
-      bw.push(t2 - t1);
-      op.push(t3 - t2);
-    }
+    if (s > 0) phases.push([t3 - t0, t1 - t0, t2 - t1, t3 - t2]);
     opts.onProgress?.(s + 1, total);
   }
+  const [times, fw, bw, op] = [0, 1, 2, 3].map((j) => phases.map((p) => p[j]));
   const info = nativeInfo();
   return {
     model: opts.model,

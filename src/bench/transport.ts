@@ -7,8 +7,6 @@
  *   - a real accelerator (random-init obfuscated weights), in-process and in a child process
  *     over the tensor channel (transport plus the serving process's own costs).
  */
-import { spawn } from 'node:child_process';
-import { createInterface } from 'node:readline';
 import { getPreset } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
 import { obfuscateWeights } from '../obfuscate/provider.js';
@@ -17,7 +15,8 @@ import { Accelerator } from '../accelerator/accelerator.js';
 import { asObfuscated, type AcceleratorReply, type AcceleratorRequest } from '../protocol/messages.js';
 import { startAcceleratorServer } from '../rpc/accelerator_server.js';
 import { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
-import { BIN, spawnedAcceleratorLink } from '../roles/spawn.js';
+import { spawnService, spawnedAcceleratorLink } from '../roles/spawn.js';
+import { median } from './train_step.js';
 import { Rng } from '../tensor/rng.js';
 
 export interface TransportBenchRow {
@@ -25,11 +24,6 @@ export interface TransportBenchRow {
   step_ms_median: number;
   step_ms_min: number;
   mb_per_step: number;
-}
-
-function median(a: number[]): number {
-  const s = [...a].sort((x, y) => x - y);
-  return s.length % 2 ? s[s.length >> 1] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 /** The hidden `bench echo-accelerator` process: answers every linear with zeros of the right shape. */
@@ -48,21 +42,9 @@ export async function serveEchoAccelerator(preset: string, tensorChannel: boolea
   console.log(JSON.stringify({ event: 'listening', port: srv.port }));
 }
 
-async function spawnEcho(preset: string, tensorChannel: boolean): Promise<{ link: GrpcAcceleratorLink; stop: () => void }> {
-  const child = spawn(process.execPath, [BIN, 'bench', 'echo-accelerator', '--preset', preset, ...(tensorChannel ? [] : ['--no-tensor-channel'])], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const port = await new Promise<number>((resolve, reject) => {
-    child.once('exit', (c) => reject(new Error(`echo accelerator exited (${c})`)));
-    createInterface({ input: child.stdout! }).on('line', (l) => {
-      try {
-        const j = JSON.parse(l) as { port?: number };
-        if (typeof j.port === 'number') resolve(j.port);
-      } catch {
-        // not a protocol line
-      }
-    });
-  });
-  child.removeAllListeners('exit');
-  const link = new GrpcAcceleratorLink(`127.0.0.1:${port}`, { tensorChannel });
+async function spawnEcho(preset: string, tensorChannel: boolean): Promise<{ link: GrpcAcceleratorLink; stop: () => Promise<void> }> {
+  const child = await spawnService(['bench', 'echo-accelerator', '--preset', preset, ...(tensorChannel ? [] : ['--no-tensor-channel'])], { label: 'echo accelerator' });
+  const link = new GrpcAcceleratorLink(`127.0.0.1:${child.port}`, { tensorChannel });
   await link.waitForReady(30_000);
   return { link, stop: () => child.kill() };
 }
@@ -83,11 +65,8 @@ export async function benchTransport(o: { model: string; batch: number; seq: num
     for (let l = L - 1; l >= 0; l--) for (const name of [...LINEARS].reverse()) out.push({ op: 'linear_backward', layer: l, name, rows: n, dy: asObfuscated(Float32Array.from(inputs.get(name)![1])), input: true, weight: false });
     return out;
   };
-  let bytes = 0;
-  for (const f of frames()) {
-    const [din, dout] = linearDims((f as { name: LinearName }).name, d);
-    bytes += 4 * n * (din + dout);
-  }
+  // every linear's frames, forward and backward: its input and output rows of 4-byte floats
+  const bytes = 2 * L * LINEARS.reduce((a, name) => a + 4 * n * (linearDims(name, d)[0] + linearDims(name, d)[1]), 0);
   const time = async (path: string, call: (r: AcceleratorRequest) => Promise<AcceleratorReply> | AcceleratorReply): Promise<TransportBenchRow> => {
     const t: number[] = [];
     for (let s = 0; s <= o.steps; s++) {
@@ -110,7 +89,7 @@ export async function benchTransport(o: { model: string; batch: number; seq: num
       rows.push(await time(`echo accelerator, ${tc ? 'tensor channel' : 'gRPC'}`, (r) => e.link.call(r)));
     } finally {
       await e.link.close();
-      e.stop();
+      await e.stop();
     }
   }
   const acc = obfuscateWeights(GPT2.random(c, 1).weights(), { mode: 'sealed', seed: 1 }).accelerator;

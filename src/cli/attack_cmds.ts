@@ -42,16 +42,9 @@ function publicModel(dir: string, view: LoadedView): GPT2Weights {
 async function attackWith(name: string, attack: (onProgress: AttackProgress) => AttackResult | Promise<AttackResult>): Promise<void> {
   const bar = progressBar(1, `attack ${name}`, '{label}');
   let units = 1;
-  const r = await attack((done, total, label) => {
-    bar.setTotal((units = total));
-    bar.update(done, { label });
-  });
+  const r = await attack((done, total, label) => bar.track(done, (units = total), label));
   bar.update(units, { label: 'done' });
   bar.stop();
-  print(r);
-}
-
-function print(r: AttackResult): void {
   const pct = (x: number) => (Number.isFinite(x) ? `${(100 * x).toFixed(2)}%` : 'n/a');
   emit(r, [
     `${r.attack} (${r.setting}, ${r.mode} mode, kappa ${r.kappa}, defence ${r.defence}): ${r.metric} ${pct(r.value)} (baseline ${pct(r.baseline)}) over ${r.observed_batches} observed batches`,

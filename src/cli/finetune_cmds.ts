@@ -225,7 +225,7 @@ export function addFinetuneCommands(program: Command): void {
       const e = summary.eval;
       emit(out, [
         `${mode}/${method}${spec.kappa ? ` (kappa ${spec.kappa})` : ''}${spec.token_mixing === 'on' ? ', token mixing' : ''}: ${spec.steps} steps, last training loss ${summary.train_loss_last.toFixed(4)}, ${summary.tokens_per_second.toFixed(0)} tokens/s`,
-        ...(e ? [`eval: ${evalLine(e)}`] : []),
+        ...(e ? [`eval: ${metricsText(e)} on ${e.examples} examples`] : []),
         `run directory ${runDir} (${RUN_SPEC_FILE}: the resolved recipe, loadable with --config; metrics.jsonl, summary.json, checkpoints/, final/${session.model.adapters ? ' with the PEFT adapter final/peft/' : ''}, merged/)`,
       ]);
     });
@@ -256,10 +256,7 @@ export function addFinetuneCommands(program: Command): void {
       const { model, tokenizer } = loadPlainModel(o.model);
       const tok = tokenizer();
       const bar = progressBar(1, 'eval', '');
-      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch, Infinity, (i, n) => {
-        bar.setTotal(n);
-        bar.update(i);
-      });
+      const e = await evaluateLM(model, Int32Array.from(tok.encode(readFileSync(o.text, 'utf8'))), o.seq, o.batch, Infinity, (i, n) => bar.track(i, n));
       bar.stop();
       emit(e, `loss ${e.loss.toFixed(4)}, perplexity ${e.perplexity.toFixed(2)} over ${e.tokens} tokens`);
     });
@@ -335,9 +332,8 @@ async function evalDataset(o: Record<string, string | number | undefined>) {
 }
 
 function formatEval(r: Record<string, unknown>): string {
-  const m = (e: EvalMetrics) => `loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''}`;
-  const out = [`${m(r as unknown as EvalMetrics)} on ${r.examples} examples${r.truncated ? ` (${r.truncated} truncated)` : ''}`];
-  if (r.before_training) out.push(`before training: ${m(r.before_training as EvalMetrics)}`);
+  const out = [`${metricsText(r as unknown as EvalMetrics)} on ${r.examples} examples${r.truncated ? ` (${r.truncated} truncated)` : ''}`];
+  if (r.before_training) out.push(`before training: ${metricsText(r.before_training as EvalMetrics)}`);
   if (r.task === 'cls') {
     const b = r.baselines as { majority: { label: string; accuracy: number }; uniform: { loss: number }; prior: { loss: number } };
     out.push(`majority class "${b.majority.label}": accuracy ${(100 * b.majority.accuracy).toFixed(2)}%; uniform guess: loss ${b.uniform.loss.toFixed(4)}; label frequencies: loss ${b.prior.loss.toFixed(4)}`);
@@ -348,8 +344,8 @@ function formatEval(r: Record<string, unknown>): string {
   return out.join('\n');
 }
 
-function evalLine(e: { loss: number; accuracy?: number; perplexity?: number; examples: number }): string {
-  return `loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''} on ${e.examples} examples`;
+function metricsText(e: { loss: number; accuracy?: number; perplexity?: number }): string {
+  return `loss ${e.loss.toFixed(4)}${e.accuracy !== undefined ? `, accuracy ${(100 * e.accuracy).toFixed(2)}%` : ''}${e.perplexity !== undefined ? `, perplexity ${e.perplexity.toFixed(2)}` : ''}`;
 }
 
 /** The merged plain model of a fine-tuning run. */

@@ -3,7 +3,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { readJsonl, DEFAULT_FIELDS } from '../io/jsonl.js';
-import { readRunSpec } from '../train/run_spec.js';
+import { mergeRunSpecInputs, readRunSpec } from '../train/run_spec.js';
 import { inferenceInput } from '../train/predict.js';
 import { getPreset, presetNames, LLAMA_PRESETS } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
@@ -18,19 +18,16 @@ import { progressBar } from './progress.js';
 import { loadPlainModel, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
 import { Llama } from '../model/llama.js';
 import { saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
-import { writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
-import { emit, setJsonOutput, withJson } from './output.js';
-import { addConfigOption, readRecipe } from './run_spec_args.js';
-import { mergeRunSpecInputs } from '../train/run_spec.js';
+import { hasCheckpointTokenizer, loadCheckpointTokenizer, writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
+import { emit, setJsonOutput, textTable, withJson } from './output.js';
+import { addMixingOptions, mixingOptionsOf, readRecipe } from './run_spec_args.js';
 import { runStart, ROOT } from './start.js';
-import { hasCheckpointTokenizer, loadCheckpointTokenizer } from '../model/hf_tokenizer.js';
 import { addServiceCommands } from './service_cmds.js';
 import { benchFinetune, benchFinetuneInterleaved, benchFinetuneMixing, benchFinetuneOne, benchFinetunePaired, formatFinetuneBench } from '../bench/finetune.js';
 import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 import { addAttackCommands } from './attack_cmds.js';
 import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
-import { addMixingOptions, mixingOptionsOf } from './run_spec_args.js';
 import {
   AcceleratorError, BundleError, InputError, IntegrityError, PolicyError, StateError, TransportError, WorkerError,
 } from '../errors.js';
@@ -156,8 +153,6 @@ export function buildProgram(): Command {
     .action(async (o) => {
       refuseNonEmpty(o.out, o.force, 'pretrain');
       const { corpusFromJsonl, unigramLoss } = await import('../train/pretrain.js');
-      const { writeFileSync } = await import('node:fs');
-      const pathMod = await import('node:path');
       const llama = LLAMA_PRESETS[o.preset];
       const config = llama ? { ...llama } : getPreset(o.preset);
       const tok = tokenizerFor(config.vocab_size);
@@ -197,7 +192,7 @@ export function buildProgram(): Command {
         unigram_valid_loss: valid ? unigramLoss(corpus.stream, valid, config.vocab_size) : null,
         command: 'obfuscatune ' + process.argv.slice(2).join(' '), log,
       };
-      writeFileSync(pathMod.join(o.out, 'pretraining.json'), JSON.stringify(info, null, 2) + '\n');
+      writeFileSync(path.join(o.out, 'pretraining.json'), JSON.stringify(info, null, 2) + '\n');
       emit({ out: o.out, ...info }, `saved ${o.out}: validation loss ${final?.loss.toFixed(4) ?? '-'} (perplexity ${final?.perplexity.toFixed(1) ?? '-'}), unigram baseline ${info.unigram_valid_loss?.toFixed(4) ?? '-'}, ${seconds.toFixed(0)} s`);
     });
 
@@ -296,17 +291,7 @@ export function buildProgram(): Command {
     .action(async (o) => {
       const tokens = String(o.tokens).split(',').map((s: string) => parseIntArg('--tokens')(s.trim()));
       const bar = progressBar(1, 'bench gemm', '{label}');
-      const r = await benchGemm({
-        tokens,
-        quick: o.quick,
-        threads: o.threads,
-        js: o.js,
-        reference: o.reference,
-        onProgress: (done, total, label) => {
-          bar.setTotal(total);
-          bar.update(done, { label });
-        },
-      });
+      const r = await benchGemm({ ...o, tokens, onProgress: bar.track });
       bar.stop();
       emit(r, formatGemmBench(r));
     });
@@ -398,8 +383,9 @@ export function buildProgram(): Command {
     });
 
   const exp = program.command('experiment').description('reproducible experiments');
-  addConfigOption(exp
-    .command('paper'), 'a recipe (YAML or JSON run-spec settings) over every run\'s: it wins over the runner\'s defaults and --quick, --steps wins over it; method, mode and masks are the experiment\'s')
+  exp
+    .command('paper')
+    .option('--config <file>', 'a recipe (YAML or JSON run-spec settings) over every run\'s: it wins over the runner\'s defaults and --quick, --steps wins over it; method, mode and masks are the experiment\'s')
     .description('the paper\'s experiments: local vs sealed vs paper (kappa 1, naive) fine-tuning on the bundled datasets and models, fidelity, share and overhead tables; writes report/results.json and report/index.html')
     .option('--quick', 'a minutes-long version (small subsets, few steps)')
     .option('--models <dirs...>', 'base model checkpoints', ['models/base-small', 'models/base-large'])
@@ -426,16 +412,12 @@ export function buildProgram(): Command {
       const bar = progressBar(1, 'experiments', '{label}');
       const res = await runPaperExperiments({
         models: o.models, datasets: o.datasets, dataDir: o.data, out: o.out, quick: o.quick, steps: o.steps, methods: o.methods, rowsOnly: o.rowsOnly, recipes,
-        onProgress: (d, n, label) => {
-          bar.setTotal(n);
-          bar.update(d, { label });
-        },
+        onProgress: bar.track,
         log: (s) => console.error(s),
       });
       bar.stop();
       const t = mainTable(res);
-      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
-      emit(res, [...[t.head, ...t.rows].map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')),
+      emit(res, [...textTable(t.head, t.rows),
         o.rowsOnly ? `\nwrote the rows to ${o.out}/results.json (run without --rows-only for the tables and the report)` : `\nwrote ${o.out}/results.json, ${o.out}/index.html and ${o.out}/results.md`]);
     });
 
@@ -476,15 +458,11 @@ export function buildProgram(): Command {
         steps: o.steps ?? (o.quick ? 12 : 100), batch: o.batch, maxLen: o.maxLen, decodeBatches: o.decodeBatches ?? (o.quick ? 4 : 20),
         attacks: o.attacks ? String(o.attacks).split(',').map((s: string) => s.trim()) as never : undefined,
         defences: String(o.defences).split(',').map((s: string) => s.trim()) as never, unmixBatches: o.unmixBatches, unmixPositions: o.unmixPositions,
-        out: o.out, log: (s) => console.error(s), onProgress: (d, n, label) => {
-          bar.setTotal(n);
-          bar.update(d, { label });
-        },
+        out: o.out, log: (s) => console.error(s), onProgress: bar.track,
       });
       bar.stop();
       const t = securityTable(res);
-      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((r) => r[i].length)));
-      emit(res, [...[t.head, ...t.rows].map((r) => r.slice(0, -1).map((c, i) => c.padEnd(w[i])).join('  ')), `\nwrote ${o.out}/security.json and ${o.out}/security.html`]);
+      emit(res, [...textTable(t.head.slice(0, -1), t.rows.map((r) => r.slice(0, -1))), `\nwrote ${o.out}/security.json and ${o.out}/security.html`]);
     });
 
   exp
@@ -515,24 +493,18 @@ export function buildProgram(): Command {
       // progress: the provider's fine-tuning (without --model), then a unit per model scored
       const bar = progressBar(1, 'experiment public-base', '{label}');
       const steps = o.model ? 0 : o.providerSteps;
-      const model = o.model ?? await makeProviderModel(o.public, o.providerCorpus, o.providerSteps, 3e-4, path.join(o.out, 'public-base', 'provider-model'), 1, (s) => {
-        bar.setTotal(steps + 2 + choices.length);
-        bar.update(s + 1, { label: `provider model, step ${s + 1}/${steps}` });
-      });
+      const model = o.model ?? await makeProviderModel(o.public, o.providerCorpus, o.providerSteps, 3e-4, path.join(o.out, 'public-base', 'provider-model'), 1, (s) =>
+        bar.track(s + 1, steps + 2 + choices.length, `provider model, step ${s + 1}/${steps}`));
       const r = await runPublicBaseCost({
         publicModel: o.public, providerModel: model, evalFile: o.eval, choices, mode: o.mode, seq: o.seq, batch: o.batch, maxBatches: o.maxBatches, log: (s) => console.error(s),
-        onProgress: (d, n, label) => {
-          bar.setTotal(steps + n);
-          bar.update(steps + d, { label });
-        },
+        onProgress: (d, n, label) => bar.track(steps + d, steps + n, label),
       });
       bar.update(steps + 2 + choices.length, { label: 'done' });
       bar.stop();
       const t = publicBaseCostTable(r);
-      const w = t.head.map((h, i) => Math.max(h.length, ...t.rows.map((x) => x[i].length)));
       emit(r, [
         `provider model: loss ${r.provider.loss.toFixed(4)}, top-1 ${(100 * r.provider.accuracy).toFixed(2)}% on ${r.tokens} tokens; the delta is ${(100 * r.public_base.delta_relative_size).toFixed(1)}% of the block weights' norm`,
-        ...[t.head, ...t.rows].map((x) => x.map((c, i) => c.padEnd(w[i])).join('  ')),
+        ...textTable(t.head, t.rows),
       ]);
     });
 

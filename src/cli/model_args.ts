@@ -48,23 +48,12 @@ export function loadPlainModel(spec: string, opts: { randomInit?: boolean; seed?
       },
     };
   }
-  const model = loadModel(spec, opts);
+  if (!opts.randomInit && !existsSync(spec)) {
+    if (presetNames().includes(spec)) throw new InputError(`"${spec}" is a preset name, not a checkpoint directory; add --random-init to use a randomly initialised ${spec}`);
+    throw new InputError(`model "${spec}" not found: give a Hugging Face GPT-2 checkpoint directory or a preset with --random-init`);
+  }
+  const model = opts.randomInit ? GPT2.random(getPreset(spec), opts.seed ?? 1) : new GPT2(loadCheckpoint(spec));
   return { model, tokenizer: () => tokenizerFor(model.config.vocab_size), save: (dir) => saveCheckpoint(dir, model.weights()) };
-}
-
-export function loadModel(spec: string, opts: { randomInit?: boolean; seed?: number } = {}): GPT2 {
-  if (opts.randomInit) {
-    if (LLAMA_PRESETS[spec]) throw new InputError(`"${spec}" is a Llama-family preset; this command takes GPT-2 models only (init, train and generate take Llama-family ones)`);
-    return GPT2.random(getPreset(spec), opts.seed ?? 1);
-  }
-  if (existsSync(spec) && isLlamaArch(checkpointModelType(spec))) {
-    throw new InputError(`${spec} is a Llama-family checkpoint; this command takes GPT-2 models only (init, train and generate take Llama-family ones; the split does not yet)`);
-  }
-  if (existsSync(spec)) return new GPT2(loadCheckpoint(spec));
-  if (presetNames().includes(spec)) {
-    throw new InputError(`"${spec}" is a preset name, not a checkpoint directory; add --random-init to use a randomly initialised ${spec}`);
-  }
-  throw new InputError(`model "${spec}" not found: give a Hugging Face GPT-2 checkpoint directory or a preset with --random-init`);
 }
 
 export function parseIntArg(name: string) {

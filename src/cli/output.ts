@@ -15,10 +15,6 @@ export function setJsonOutput(on: boolean): void {
   if (on) console.log = console.info = (...a: unknown[]) => console.error(...a);
 }
 
-export function jsonOutput(): boolean {
-  return json;
-}
-
 /** `--json` on a command that prints a result. */
 export function withJson(cmd: Command, what = 'print the result as JSON on stdout (notes and progress on stderr)'): Command {
   return cmd.option('--json', what);
@@ -28,4 +24,10 @@ export function withJson(cmd: Command, what = 'print the result as JSON on stdou
 export function emit(result: unknown, human?: string | string[]): void {
   if (json) process.stdout.write(JSON.stringify(result) + '\n');
   else process.stdout.write((human === undefined ? YAML.stringify(result).trimEnd() : Array.isArray(human) ? human.join('\n') : human) + '\n');
+}
+
+/** Aligned text columns, each padded to its widest cell. */
+export function textTable(head: string[], rows: string[][]): string[] {
+  const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  return [head, ...rows].map((r) => r.map((c, i) => c.padEnd(w[i])).join('  '));
 }

@@ -11,6 +11,8 @@ import cliProgress from 'cli-progress';
 export interface Progress {
   update(value: number, payload?: Record<string, string | number>): void;
   setTotal(total: number): void;
+  /** An `onProgress(done, total, label)` callback: sets the total, then the value and the label. */
+  track: (done: number, total: number, label?: string) => void;
   stop(): void;
 }
 
@@ -28,7 +30,7 @@ function duration(s: number | null): string {
 }
 
 /** Off a terminal: lines driven by the updates (a busy loop gives timers no turn) and by a timer. */
-function lineProgress(total: number, label: string, fields: string, every: number, json: boolean): Progress {
+function lineProgress(total: number, label: string, fields: string, every: number, json: boolean): Omit<Progress, 'track'> {
   const t0 = performance.now();
   let done = 0;
   let last = -Infinity;
@@ -64,6 +66,14 @@ function lineProgress(total: number, label: string, fields: string, every: numbe
 }
 
 export function progressBar(total: number, label: string, fields = ''): Progress {
+  const p = barOf(total, label, fields);
+  return { ...p, track: (d, n, l) => {
+    p.setTotal(n);
+    p.update(d, l === undefined ? undefined : { label: l });
+  } };
+}
+
+function barOf(total: number, label: string, fields: string): Omit<Progress, 'track'> {
   if (process.env.OBFUSCATUNE_NO_PROGRESS === '1') return { update() {}, setTotal() {}, stop() {} };
   const ms = Number(process.env.OBFUSCATUNE_PROGRESS_INTERVAL_MS);
   const every = Number.isFinite(ms) && ms > 0 ? ms : 10_000;

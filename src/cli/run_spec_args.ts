@@ -105,7 +105,7 @@ function keyOf(flag: string): string {
  * added to the help of the settings fixed by the provider's bundle (the enclave's jobs).
  */
 export function addRunSpecOptions(cmd: Command, o: { bundleNote?: string; help?: Record<string, string>; only?: readonly string[] } = {}): Command {
-  if (!o.only) addConfigOption(cmd, 'a recipe: run-spec settings in a YAML or JSON file (a run\'s run_spec.json is one); the flags given override it');
+  if (!o.only) cmd.option('--config <file>', 'a recipe: run-spec settings in a YAML or JSON file (a run\'s run_spec.json is one); the flags given override it');
   for (const f of FLAGS) {
     if (o.only && !o.only.includes(f.field)) continue;
     const d = defaultOf(f.field);
@@ -141,10 +141,6 @@ export function runSpecInputOf(opts: Record<string, unknown>, only?: readonly st
     else out[a] = v;
   }
   return out as RunSpecInput;
-}
-
-export function addConfigOption(cmd: Command, help: string): Command {
-  return cmd.option('--config <file>', help);
 }
 
 /**

@@ -9,7 +9,7 @@ import { addRunSpecOptions, recipeAndFlags, runSpecInputOf } from './run_spec_ar
 import { BUNDLE_FIELDS, jobSpecOf, parseRunSpec } from '../train/run_spec.js';
 import { emit, withJson } from './output.js';
 import { progressBar } from './progress.js';
-import { existsSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import nodePath from 'node:path';
 import { createSimRoot, loadSimRoot, SimSoftwarePlatform, SIM_ROOT_FILES } from '../tee/sim.js';
 import { serveEnclave } from '../roles/enclave_server.js';
@@ -24,7 +24,6 @@ import { parseMaskSpec } from '../linalg/masks.js';
 import { BUNDLE_DIRS } from '../obfuscate/provider.js';
 import { obfuscateDir } from './split_cmds.js';
 import { readJsonObjects } from '../io/jsonl.js';
-import { writeFileSync } from 'node:fs';
 
 /** Stops a service cleanly on SIGINT/SIGTERM. */
 export function onShutdown(close: () => Promise<void>): void {
@@ -35,10 +34,39 @@ export function onShutdown(close: () => Promise<void>): void {
     console.error(`received ${sig}, shutting down`);
     close().then(() => process.exit(0), () => process.exit(1));
   };
-  process.on('SIGINT', () => stop('SIGINT'));
-  process.on('SIGTERM', () => stop('SIGTERM'));
+  for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => stop(sig));
 }
 
+function trustOptions(cmd: Command): Command {
+  return withJson(cmd)
+    .requiredOption('--enclave <addr>', 'enclave address host:port')
+    .requiredOption('--trust <pem>', 'the platform root public key to trust (simulated platform: sim-root.pub.pem)')
+    .requiredOption('--contract <file>', 'the deployment contract, signed by both parties')
+    .option('--measurement <hex...>', 'accepted enclave measurements (default: this build\'s, see `enclave measure`)');
+}
+
+async function connect(o: { enclave: string; trust: string; measurement?: string[]; contract: string }, keyFile: string): Promise<EnclaveClient> {
+  const key = await loadOrCreatePartyKey(keyFile);
+  // refused here before anything is sent: a contract both parties have not signed
+  const { contract, sha256 } = verifyContract(readContract(o.contract), `contract ${o.contract}`);
+  const id = partyId(key);
+  if (id !== contract.body.provider && id !== contract.body.owner) {
+    throw new PolicyError(`the key in ${keyFile} (${id}) is neither the provider's nor the owner's key in contract ${o.contract}`);
+  }
+  const c = new EnclaveClient(o.enclave, key, { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()], contract });
+  const a = await c.attest();
+  console.error(`attested enclave ${a.evidence.platform} measurement ${a.evidence.measurement.slice(0, 16)}...${a.evidence.simulated ? ' (SIMULATED platform)' : ''}, bound to contract ${sha256.slice(0, 16)}...`);
+  return c;
+}
+
+/** A command without arguments to the enclave; prints its answer. */
+async function oneCommand(o: Parameters<typeof connect>[0], keyFile: string, name: string): Promise<void> {
+  const c = await connect(o, keyFile);
+  emit(await c.command(name));
+  c.close();
+}
+
+/** The accelerator and enclave services and the parties' clients. */
 export function addServiceCommands(program: Command): void {
   const acc = program.command('accelerator').description('the untrusted accelerator service');
   acc
@@ -66,32 +94,6 @@ export function addServiceCommands(program: Command): void {
       console.error(`accelerator on ${server.address}: ${host.loaded ? `serving bundle ${host.loaded.manifestSha256.slice(0, 12)}` : 'waiting for the provider\'s bundle'}${o.evil ? ` (EVIL: ${o.evil})` : ''}`);
       onShutdown(() => server.close());
     });
-  addPartyCommands(program);
-}
-
-function trustOptions(cmd: Command): Command {
-  return withJson(cmd)
-    .requiredOption('--enclave <addr>', 'enclave address host:port')
-    .requiredOption('--trust <pem>', 'the platform root public key to trust (simulated platform: sim-root.pub.pem)')
-    .requiredOption('--contract <file>', 'the deployment contract, signed by both parties')
-    .option('--measurement <hex...>', 'accepted enclave measurements (default: this build\'s, see `enclave measure`)');
-}
-
-async function connect(o: { enclave: string; trust: string; measurement?: string[]; contract: string }, keyFile: string): Promise<EnclaveClient> {
-  const key = await loadOrCreatePartyKey(keyFile);
-  // refused here before anything is sent: a contract both parties have not signed
-  const { contract, sha256 } = verifyContract(readContract(o.contract), `contract ${o.contract}`);
-  const id = partyId(key);
-  if (id !== contract.body.provider && id !== contract.body.owner) {
-    throw new PolicyError(`the key in ${keyFile} (${id}) is neither the provider's nor the owner's key in contract ${o.contract}`);
-  }
-  const c = new EnclaveClient(o.enclave, key, { rootPublicKey: o.trust, allowList: o.measurement ?? [enclaveMeasurement()], contract });
-  const a = await c.attest();
-  console.error(`attested enclave ${a.evidence.platform} measurement ${a.evidence.measurement.slice(0, 16)}...${a.evidence.simulated ? ' (SIMULATED platform)' : ''}, bound to contract ${sha256.slice(0, 16)}...`);
-  return c;
-}
-
-export function addPartyCommands(program: Command): void {
   const enc = program.commands.find((c) => c.name() === 'enclave') ?? program.command('enclave').description('the TEE program (simulated platform)');
   withJson(enc
     .command('init-platform')
@@ -223,18 +225,10 @@ export function addPartyCommands(program: Command): void {
       emit({ accelerator: a, enclave: e }, `deployed: accelerator bundle ${a.manifest_sha256.slice(0, 16)}..., enclave bundle ${JSON.stringify(e)}`);
       c.close();
     });
-  trustOptions(prov.command('status').description('job status (aggregate metrics)').requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
-    .option('--key <file>', 'the provider\'s key file')).action(async (o) => {
-    const c = await connect(o, provKey(o));
-    emit(await c.command('status'));
-    c.close();
-  });
-  trustOptions(prov.command('cancel').description('cancel the running job (when the contract lets the provider)').requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
-    .option('--key <file>', 'the provider\'s key file')).action(async (o) => {
-    const c = await connect(o, provKey(o));
-    emit(await c.command('cancel'));
-    c.close();
-  });
+  for (const [name, what] of [['status', 'job status (aggregate metrics)'], ['cancel', 'cancel the running job (when the contract lets the provider)']]) {
+    trustOptions(prov.command(name).description(what).requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
+      .option('--key <file>', 'the provider\'s key file')).action((o) => oneCommand(o, provKey(o), name));
+  }
   trustOptions(prov
     .command('fetch')
     .description('receive the fine-tuned update (encrypted to the provider) and merge it into a plain checkpoint')
@@ -267,12 +261,11 @@ export function addPartyCommands(program: Command): void {
     });
 
   const own = program.command('owner').description('the data owner\'s client');
-  const ownerKey = (o: { key: string }) => o.key;
   const withKey = (cmd: Command) => trustOptions(cmd).requiredOption('--key <file>', 'the owner\'s key file (created on first use)');
   withKey(own.command('upload').description('encrypt each record to the attested enclave and upload')
     .requiredOption('--train <file>', 'training JSONL').option('--eval <file>', 'evaluation JSONL'))
     .action(async (o) => {
-      const c = await connect(o, ownerKey(o));
+      const c = await connect(o, o.key);
       const train = readJsonObjects(o.train), evalRecs = o.eval ? readJsonObjects(o.eval) : null;
       // progress: a unit per record encrypted here, one per record the enclave checks and opens
       const bar = progressBar(2 * (train.length + (evalRecs?.length ?? 0)), 'owner upload', '{label}');
@@ -291,7 +284,7 @@ export function addPartyCommands(program: Command): void {
       const bundleGiven = Object.fromEntries(Object.entries(input).filter(([k, v]) => (BUNDLE_FIELDS as readonly string[]).includes(k) && v !== undefined && v !== null));
       const ownSettings = Object.fromEntries(Object.entries(input).filter(([k]) => !(BUNDLE_FIELDS as readonly string[]).includes(k)));
       const spec = { ...jobSpecOf(parseRunSpec(ownSettings, source)), ...bundleGiven };
-      const c = await connect(o, ownerKey(o));
+      const c = await connect(o, o.key);
       const started = await c.command<{ warnings?: string[] }>('start_finetune', { spec });
       for (const w of started.warnings ?? []) console.error(`warning: ${w}`);
       const bar = progressBar(spec.steps, 'owner finetune', 'loss {loss}');
@@ -304,16 +297,8 @@ export function addPartyCommands(program: Command): void {
       emit(job, `job ${job.state} at step ${job.step}/${job.steps}${job.error ? `: ${job.error}` : ''}`);
       c.close();
     });
-  withKey(own.command('status').description('job status and metrics')).action(async (o) => {
-    const c = await connect(o, ownerKey(o));
-    emit(await c.command('status'));
-    c.close();
-  });
-  withKey(own.command('cancel').description('cancel the running job')).action(async (o) => {
-    const c = await connect(o, ownerKey(o));
-    emit(await c.command('cancel'));
-    c.close();
-  });
+  withKey(own.command('status').description('job status and metrics')).action((o) => oneCommand(o, o.key, 'status'));
+  withKey(own.command('cancel').description('cancel the running job')).action((o) => oneCommand(o, o.key, 'cancel'));
   withKey(own.command('infer').description('inference with the fine-tuned model in the enclave: labels and their probabilities (classification) or completions (LM)')
     .option('--text <texts...>', 'input texts')
     .option('--file <in.jsonl>', 'records to predict (read in the enclave with the job\'s field names; Alpaca and chat records: their prompt)')
@@ -323,7 +308,7 @@ export function addPartyCommands(program: Command): void {
       if (!o.text === !o.file) throw new InputError('owner infer needs --text TEXT... or --file FILE (not both)');
       if (o.file && !o.out) throw new InputError('owner infer --file needs --out FILE (the predictions, one JSON line per record)');
       const records = o.file ? readJsonObjects(o.file) : null;
-      const c = await connect(o, ownerKey(o));
+      const c = await connect(o, o.key);
       if (!records) emit(await c.command('infer', { texts: o.text, max_tokens: o.maxTokens }));
       else {
         const bar = progressBar(records.length, 'owner infer', '');

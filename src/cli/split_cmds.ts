@@ -98,7 +98,7 @@ export function addSplitCommands(program: Command): void {
       const base = loadCheckpoint(o.base);
       const adapter = o.adapter ? readAdapter(o.adapter, base.config) : null;
       const pub = o.publicBase ? { weights: loadCheckpoint(o.publicBase), dir: o.publicBase } : undefined;
-      const plain = deobfuscateDirs(base, o.accelerator ?? path.join(o.bundles, 'accelerator'), o.enclave ?? path.join(o.bundles, 'enclave'), o.key ?? path.join(o.bundles, 'provider'), pub);
+      const plain = deobfuscateDirs(base, ...dirs, pub);
       const w = adapter ? mergeAdapter(plain, adapter) : plain;
       saveCheckpoint(o.out, w, { dtype: o.dtype });
       emit({ out: o.out, dtype: o.dtype, adapter: adapter ? o.adapter : null }, `wrote plain checkpoint ${o.out}${adapter ? ` with the adapter ${o.adapter} merged` : ''}`);

@@ -25,9 +25,11 @@ import type { GPT2Weights } from '../model/weights.js';
 import { loadLlamaCheckpoint } from '../model/llama_checkpoint.js';
 import { hasCheckpointTokenizer, loadCheckpointTokenizer } from '../model/hf_tokenizer.js';
 import { isLlamaDir } from './model_args.js';
+import { textTable } from './output.js';
+import { majorityAccuracy } from '../experiments/paper.js';
 import { backendName } from '../tensor/gemm.js';
 import { progressBar } from './progress.js';
-import { lineChart, curveGapNote } from '../report/charts.js';
+import { lineSpec, renderSvg, curveGapNote } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { BundleError, ObfuscatuneError } from '../errors.js';
 
@@ -40,14 +42,6 @@ export interface StartOptions {
   dataset?: string;
   trainExamples?: number;
   testExamples?: number;
-}
-
-/** Test accuracy of always answering the most common training label. */
-function majority(train: Record_[], test: Record_[]): number {
-  const counts = new Map<string, number>();
-  for (const r of train) counts.set(r.label!, (counts.get(r.label!) ?? 0) + 1);
-  const top = [...counts].sort((a, b) => b[1] - a[1])[0][0];
-  return test.filter((r) => r.label === top).length / test.length;
 }
 
 export async function runStart(o: StartOptions): Promise<void> {
@@ -163,13 +157,11 @@ export async function runStart(o: StartOptions): Promise<void> {
       ['local (plain, baseline)', le.loss.toFixed(4), `${(100 * le.accuracy!).toFixed(1)}%`, localSeconds.toFixed(1), '-'],
       ['confidential (sealed split, 2 processes)', ce.loss.toFixed(4), `${(100 * ce.accuracy).toFixed(1)}%`, confSeconds.toFixed(1), `${traffic.messages} messages, ${(traffic.bytes / 1e6).toFixed(1)} MB`],
       ['provider\'s merged plain model', mergedEval.loss.toFixed(4), `${(100 * mergedEval.accuracy!).toFixed(1)}%`, '-', '-'],
-      ['majority class (reference)', '-', `${(100 * majority(train, test)).toFixed(1)}%`, '-', '-'],
+      ['majority class (reference)', '-', `${(100 * majorityAccuracy(train, test)).toFixed(1)}%`, '-', '-'],
     ];
     const head = ['run', 'test loss', 'test accuracy', 'seconds', 'accelerator traffic'];
-    const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
     say('');
-    say(head.map((h, i) => h.padEnd(w[i])).join('  '));
-    for (const r of rows) say(r.map((c, i) => String(c).padEnd(w[i])).join('  '));
+    for (const line of textTable(head, rows.map((r) => r.map(String)))) say(line);
     const integrity = st.integrity_checks as number;
     say(`\nThe accelerator saw only obfuscated tensors (rotated or per-head-masked activations and gradients; MLP hidden values permuted${spec.token_mixing === 'on' ? '; every call\'s rows freshly token-mixed with shield rows' : ''}) and ran ${traffic.messages} requests; every reply passed ${integrity.toLocaleString()} secret-vector integrity checks.`);
     say(`Neither token ids, labels, logits nor losses crossed to it. The provider never saw the records; the owner never saw the weights.`);
@@ -182,7 +174,7 @@ export async function runStart(o: StartOptions): Promise<void> {
     ];
     const gap = curveGapNote(localSum.losses, job.losses, 'local vs confidential');
     say(`Training loss, ${gap}.`);
-    const svg = await lineChart(curve, { title: 'training loss per step', subtitle: gap, x: 'step', y: 'cross-entropy' });
+    const svg = await renderSvg(lineSpec(curve, { title: 'training loss per step', subtitle: gap, x: 'step', y: 'cross-entropy' }));
     const html = page('obfuscatune: confidential fine-tuning run', [
       { title: 'Result', html: table(head, rows) },
       { title: 'Training loss', html: svg },

@@ -3,8 +3,7 @@
  * model on the same tokens, for a list of mask condition numbers and the naive baseline.
  */
 import type { GPT2 } from '../model/gpt2.js';
-import { Rng } from '../tensor/rng.js';
-import { KeyedRng } from '../tensor/rng.js';
+import { KeyedRng, Rng } from '../tensor/rng.js';
 import { maskSpecLabel, type MaskSpec, type HaarCache } from '../linalg/masks.js';
 import { deriveMasks, type Mode } from '../obfuscate/masks.js';
 import { obfuscate } from '../obfuscate/transform.js';

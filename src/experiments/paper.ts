@@ -169,6 +169,14 @@ function loadDataset(dir: string, name: string, quick: boolean): { meta: Dataset
   return { meta, train, test };
 }
 
+/** Test accuracy of always answering the most common training label. */
+export function majorityAccuracy(train: Record_[], test: Record_[]): number {
+  const counts = new Map<string, number>();
+  for (const r of train) counts.set(r.label!, (counts.get(r.label!) ?? 0) + 1);
+  const top = [...counts].sort((a, b) => b[1] - a[1])[0][0];
+  return test.filter((r) => r.label === top).length / test.length;
+}
+
 export function loadResults(file: string): Results {
   if (!existsSync(file)) return { rows: [], fidelity: [], share: [], overhead: [], baselines: [], before: [], meta: {} };
   return JSON.parse(readFileSync(file, 'utf8')) as Results;
@@ -239,10 +247,7 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   res.baselines = [];
   for (const ds of datasets) {
     if (ds.meta.task === 'cls') {
-      const counts = new Map<string, number>();
-      for (const r of ds.train) counts.set(r.label!, (counts.get(r.label!) ?? 0) + 1);
-      const major = [...counts].sort((a, b) => b[1] - a[1])[0][0];
-      res.baselines.push({ dataset: ds.meta.name, metric: 'accuracy', value: ds.test.filter((r) => r.label === major).length / ds.test.length, kind: 'majority class' });
+      res.baselines.push({ dataset: ds.meta.name, metric: 'accuracy', value: majorityAccuracy(ds.train, ds.test), kind: 'majority class' });
     } else {
       const tr = corpusFromJsonl([path.join(o.dataDir, ds.meta.name, 'train.jsonl')], gpt2Tokenizer).stream;
       const te = Int32Array.from(ds.test.flatMap((r) => [...gpt2Tokenizer.encode(r.text ?? ''), gpt2Tokenizer.eotId]));

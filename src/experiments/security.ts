@@ -35,7 +35,7 @@ import { mlpPermutationAttack } from '../attacks/mlp_permutation.js';
 import { labelRecoveryAttack } from '../attacks/label_recovery.js';
 import { unmixAttack } from '../attacks/unmix.js';
 import { MIXING_DEFAULTS, mixingLabel } from '../enclave/mixing.js';
-import { lineChart } from '../report/charts.js';
+import { lineSpec, renderSvg } from '../report/charts.js';
 import { page, table } from '../report/html.js';
 import { InputError } from '../errors.js';
 import { DEFAULT_DELTA_ENERGY } from '../obfuscate/provider.js';
@@ -182,21 +182,20 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
       'label-recovery': `obfuscatune attack label-recovery --view ${v} --corpus ${rel(o.publicCorpus)} --json`,
       unmix: `obfuscatune attack unmix --view ${v} --public ${rel(o.publicModel)} --corpus ${rel(o.publicCorpus)} --max-batches ${o.unmixBatches ?? 8}${o.unmixPositions ? ` --positions ${o.unmixPositions}` : ''} --json`,
     };
+    const runs: Record<AttackName, (p: AttackProgress) => AttackResult | Promise<AttackResult>> = {
+      'weight-alignment': (p) => weightAlignmentAttack(view, pub, truth, prov, p),
+      'decode-public-base': (p) => decodePublicBaseAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.decodeBatches, onProgress: p }),
+      'mlp-permutation': (p) => mlpPermutationAttack(view, pub, truth, { corpus: o.publicCorpus, onProgress: p }),
+      frequency: (p) => frequencyAttack(view, truth, { corpus: o.publicCorpus, onProgress: p }),
+      'known-plaintext': (p) => knownPlaintextAttack(view, truth, { knownFraction: 0.1, seed, onProgress: p }),
+      'label-recovery': () => labelRecoveryAttack(view, truth, { corpus: o.publicCorpus, seed }),
+      unmix: (p) => unmixAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.unmixBatches ?? 8, positions: o.unmixPositions, onProgress: p }),
+    };
     for (const a of attacks) {
       const t1 = performance.now();
       at(`${name} ${a}`);
       const p: AttackProgress = (d, n, label) => at(`${name} ${a}: ${label} (${d}/${n})`);
-      let r: AttackResult;
-      switch (a) {
-        case 'weight-alignment': r = weightAlignmentAttack(view, pub, truth, prov, p); break;
-        case 'decode-public-base': r = decodePublicBaseAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.decodeBatches, onProgress: p }); break;
-        case 'mlp-permutation': r = await mlpPermutationAttack(view, pub, truth, { corpus: o.publicCorpus, onProgress: p }); break;
-        case 'frequency': r = frequencyAttack(view, truth, { corpus: o.publicCorpus, onProgress: p }); break;
-        case 'known-plaintext': r = knownPlaintextAttack(view, truth, { knownFraction: 0.1, seed, onProgress: p }); break;
-        case 'label-recovery': r = labelRecoveryAttack(view, truth, { corpus: o.publicCorpus, seed }); break;
-        case 'unmix': r = unmixAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.unmixBatches ?? 8, positions: o.unmixPositions, onProgress: p }); break;
-        default: throw new InputError(`unknown attack "${String(a)}"`);
-      }
+      const r = await runs[a](p);
       const row: SecurityRow = { ...r, model: path.basename(path.resolve(o.publicModel)), view: v, command: cmds[a], seconds: (performance.now() - t1) / 1000 };
       rows.push(row);
       done++;
@@ -240,6 +239,6 @@ async function securityReport(res: SecurityResults): Promise<string> {
   return page('obfuscatune: what a curious accelerator recovers', [
     { title: 'Setup', html: setup },
     { title: 'Attacks (metric against the guess without the view)', html: table(t.head, t.rows) },
-    ...(curve.length ? [{ title: 'Frequency analysis: token recovery against observed batches', html: await lineChart(curve, { title: 'frequency attack', x: 'observed batches', y: 'tokens recovered (%)', width: 700 }) }] : []),
+    ...(curve.length ? [{ title: 'Frequency analysis: token recovery against observed batches', html: await renderSvg(lineSpec(curve, { title: 'frequency attack', x: 'observed batches', y: 'tokens recovered (%)', width: 700 })) }] : []),
   ], 'Each number comes from the view saved beside this report; the command column reproduces it from that file.');
 }

@@ -71,10 +71,6 @@ export function lineSpec(rows: LineRow[], o: { title: string; x: string; y: stri
   };
 }
 
-export function lineChart(rows: LineRow[], o: Parameters<typeof lineSpec>[1]): Promise<string> {
-  return renderSvg(lineSpec(rows, o));
-}
-
 export interface PanelLineRow extends LineRow { panel: string }
 
 /**

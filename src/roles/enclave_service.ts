@@ -26,7 +26,7 @@ import {
 import { SealedStore, type PackedFile } from './enclave_store.js';
 import { JobRunner, jobData, newJob, recoveredJob, type Datasets, type JobState, type RecordViewOptions } from './enclave_job.js';
 import { authorize, checkUploader, releasesMetrics, type Role } from './enclave_policy.js';
-import { bundleDigest, checkJobAllowed, verifyContract, type Contract } from './contract.js';
+import { bundleDigest, checkJobAllowed, roleOf, verifyContract, type Contract } from './contract.js';
 
 export interface EnclaveServeOptions {
   platform: TeePlatform;
@@ -282,7 +282,7 @@ export class EnclaveService {
    */
   private async submitContract(raw: unknown, sender: string): Promise<unknown> {
     const v = verifyContract(raw, 'submitted contract');
-    if (sender !== v.contract.body.provider && sender !== v.contract.body.owner) throw new PolicyError('policy: only a party the contract names may submit it');
+    if (!roleOf(v.contract.body, sender)) throw new PolicyError('policy: only a party the contract names may submit it');
     if (this.contractSha256 && this.contractSha256 !== v.sha256) throw new PolicyError(`policy: this enclave is bound to contract ${this.contractSha256.slice(0, 16)}... (a new contract needs a new enclave state)`);
     if (!this.contractSha256) {
       this.acceptContract(v);

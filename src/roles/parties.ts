@@ -6,7 +6,7 @@
  * job, reads metrics and runs inference. Both verify the enclave's attestation first.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
@@ -19,7 +19,7 @@ import type { EvidenceVerifier } from '../tee/platform.js';
 import { fromBase64, toBase64 } from '../tee/platform.js';
 import {
   ENCLAVE_SERVICE, ACC_ADMIN_SERVICE, EnclaveServiceClient, AccAdminClient, commandAad, chunkAad, replyAad, clientOptions, unary, clientStream,
-  chunks, packFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand,
+  chunks, packFiles, readDirFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand,
 } from './protocol.js';
 import { classifiedLine, type Classified } from '../train/predict.js';
 import { MAX_INFER } from './enclave_job.js';
@@ -244,8 +244,7 @@ export function adminAuth(key: PartyKey, method: string, payload: Uint8Array): A
 export async function uploadAcceleratorBundle(accAddress: string, bundleDir: string, key: PartyKey, onProgress?: UploadProgress): Promise<{ manifest_sha256: string }> {
   const client = new AccAdminClient(accAddress, grpc.credentials.createInsecure(), clientOptions());
   try {
-    const files = readdirSync(bundleDir).map((f) => ({ name: f, data: readFileSync(path.join(bundleDir, f)) }));
-    const packed = packFiles(files);
+    const packed = packFiles(readDirFiles(bundleDir));
     const auth = adminAuth(key, 'LoadBundle', packed);
     const parts = chunks(packed);
     onProgress?.(0, 1, `sending ${parts.length} chunks (${(packed.length / 2 ** 20).toFixed(1)} MiB); the accelerator checks and loads them`);
@@ -268,8 +267,7 @@ export async function exportAcceleratorWeights(accAddress: string, key: PartyKey
 
 /** Uploads the enclave bundle directory, encrypted to the attested enclave. */
 export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string, onProgress?: UploadProgress): Promise<unknown> {
-  const files = readdirSync(bundleDir).map((f) => ({ name: f, data: readFileSync(path.join(bundleDir, f)) }));
-  return c.upload('bundle', 'enclave', chunks(packFiles(files)), onProgress);
+  return c.upload('bundle', 'enclave', chunks(packFiles(readDirFiles(bundleDir))), onProgress);
 }
 
 /**

@@ -17,6 +17,8 @@
  * transcript and the ciphertext (`commandSignedBytes`, `chunkSignedBytes`); the enclave
  * checks the signature before anything else and refuses replays and stale requests.
  */
+import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { SealedMessageJson } from '../tee/hpke.js';
 import { clientChannelOptions, serverOptions } from '../rpc/grpc.js';
@@ -55,6 +57,8 @@ export const ACC_ADMIN_SERVICE = {
 } satisfies grpc.ServiceDefinition;
 
 export type UploadKind = 'bundle' | 'dataset';
+
+export type PackedFile = { name: string; data: Uint8Array };
 
 export interface UploadChunk {
   kind: UploadKind;
@@ -200,8 +204,20 @@ export function chunks(b: Uint8Array, n = 4 * 1024 * 1024): Uint8Array[] {
   return out;
 }
 
+/** The files of a directory (not recursive), as packFiles takes them. */
+export function readDirFiles(dir: string): PackedFile[] {
+  return readdirSync(dir).map((name) => ({ name, data: readFileSync(path.join(dir, name)) }));
+}
+
+/** Writes `files` into `dir`, which is made afresh (what was there goes). */
+export function writeDirFiles(dir: string, files: PackedFile[]): void {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  for (const f of files) writeFileSync(path.join(dir, f.name), f.data);
+}
+
 /** A tiny archive of a directory's files: [u32 name length, name, u64 size, bytes]*. */
-export function packFiles(files: { name: string; data: Uint8Array }[]): Uint8Array {
+export function packFiles(files: PackedFile[]): Uint8Array {
   const parts: Buffer[] = [];
   for (const f of files) {
     const name = Buffer.from(f.name, 'utf8');
@@ -213,9 +229,9 @@ export function packFiles(files: { name: string; data: Uint8Array }[]): Uint8Arr
   return Buffer.concat(parts);
 }
 
-export function unpackFiles(b: Uint8Array, maxFiles = 64): { name: string; data: Uint8Array }[] {
+export function unpackFiles(b: Uint8Array, maxFiles = 64): PackedFile[] {
   const buf = Buffer.from(b.buffer, b.byteOffset, b.length);
-  const out: { name: string; data: Uint8Array }[] = [];
+  const out: PackedFile[] = [];
   let off = 0;
   while (off < buf.length) {
     if (out.length >= maxFiles) throw new InputError('archive: too many files');

@@ -17,6 +17,7 @@ import {
   DEFAULT_DEADLINE_MS,
   DEFAULT_MAX_MESSAGE_BYTES,
   clientChannelOptions,
+  describeRequest,
   formatAddress,
   parseAddress,
   statusName,
@@ -97,10 +98,6 @@ export function isRetrySafe(req: AcceleratorRequest): boolean {
 }
 
 const REPLY_OPS: ReadonlySet<string> = new Set(['tensor', 'ack', 'error']);
-
-function describe(req: AcceleratorRequest): string {
-  return 'layer' in req ? `${req.op} h.${req.layer}.${req.name}` : req.op;
-}
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
@@ -218,7 +215,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   }
 
   async call(req: AcceleratorRequest, opts: CallOptions = {}): Promise<AcceleratorReply> {
-    const what = describe(req);
+    const what = describeRequest(req);
     this.checkOpen(what);
     const frame = encodeMessageParts(req);
     const mayRetry = !this.retry.safeOnly || isRetrySafe(req);

@@ -109,7 +109,6 @@ export type AttestationErrorCode =
 export class AttestationError extends ObfuscatuneError {
   constructor(readonly code: AttestationErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
-    this.name = 'AttestationError';
   }
 }
 

@@ -29,7 +29,6 @@ import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProvider
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import { layerLinearNames } from '../protocol/linears.js';
-import type { AcceleratorWeights } from '../protocol/linears.js';
 import { loadAdapters, mergeAdaptersPlain, mergeLlamaAdapters } from '../train/session.js';
 import { isLlama } from '../model/config.js';
 import type { LlamaWeights } from '../model/llama.js';
@@ -165,7 +164,6 @@ export class EnclaveClient {
     }
   }
 
-  /** Uploads pieces, each sealed to the enclave and signed (one record per piece for datasets). */
   /** Seals, signs and uploads the pieces; progress: a unit per piece sealed, as many for the enclave's checks. */
   async upload(kind: UploadKind, name: string, pieces: Uint8Array[], onProgress?: UploadProgress): Promise<unknown> {
     return this.withSession(async (s) => {
@@ -298,18 +296,14 @@ export async function fetchAndMerge<W extends GPT2Weights | LlamaWeights>(c: Enc
     if (up.pooling !== undefined && !POOLINGS.includes(up.pooling)) throw new BundleError(`the enclave's update has an unknown pooling ${JSON.stringify(up.pooling)}`);
     w = { ...base, cls: { numLabels: K, weight: new Float32Array(K * base.config.n_embd), labels: up.labels, pooling: up.pooling ?? 'last' } };
   }
-  let acc: AcceleratorWeights;
+  const { weights: acc, manifestSha256: want } = loadAcceleratorBundle(path.join(bundles, 'accelerator'));
   if (up.method === 'full') {
     const wf = path.join(scratch, 'accelerator.safetensors');
     const ex = await exportAcceleratorWeights(accAddress, c.key);
-    const want = loadAcceleratorBundle(path.join(bundles, 'accelerator')).manifestSha256;
     if (ex.manifest_sha256 !== want) throw new BundleError(`the accelerator's trained weights belong to bundle ${String(ex.manifest_sha256).slice(0, 16)}..., not this provider's ${want.slice(0, 16)}...`);
     writeFileSync(wf, ex.weights);
     const at = openSafetensors(wf);
-    acc = loadAcceleratorBundle(path.join(bundles, 'accelerator')).weights;
     acc.layers.forEach((L, l) => { for (const n of layerLinearNames(L)) { at.getInto(`h.${l}.${n}.weight`, L[n]!.w); at.getInto(`h.${l}.${n}.bias`, L[n]!.b); } });
-  } else {
-    acc = loadAcceleratorBundle(path.join(bundles, 'accelerator')).weights;
   }
   const ad = up.method === 'lora' ? loadAdapters(file, base.config.n_layer, base.config.n_embd, base.config.vocab_size, base.config) : null;
   let merged: W;

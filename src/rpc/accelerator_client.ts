@@ -140,14 +140,14 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     if (!(r.baseMs >= 0) || !(r.maxMs >= r.baseMs)) throw new InputError('rpc: retry needs 0 <= baseMs <= maxMs');
     this.retry = { safeOnly: true, ...r };
     // the channel is plain TCP: with TLS credentials, frames stay on the TLS channel unless asked
-    this.channelWanted = opts.tensorChannel ?? opts.credentials === undefined;
-    this.maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    // (a proof of this side is made only on the channel)
     this.prove = opts.prove;
-    if (this.prove) this.channelWanted = true;
+    this.channelWanted = this.prove !== undefined || (opts.tensorChannel ?? opts.credentials === undefined);
+    this.maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     this.client = new AcceleratorServiceClient(
       this.address,
       opts.credentials ?? grpc.credentials.createInsecure(),
-      clientChannelOptions({ maxMessageBytes: opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES, keepalive: opts.keepalive, reconnect: opts.reconnect }),
+      clientChannelOptions({ maxMessageBytes: this.maxBytes, keepalive: opts.keepalive, reconnect: opts.reconnect }),
     );
   }
 

@@ -94,12 +94,6 @@ export class ReplayCache {
     this.entries.set(key, expiry);
   }
 
-  /** Whether `id` is remembered and not yet expired (does not record it). */
-  has(id: string | Uint8Array): boolean {
-    const e = this.entries.get(keyOf(id));
-    return e !== undefined && e > this.now();
-  }
-
   /** Drops every expired id. */
   prune(now = this.now()): void {
     for (const [k, exp] of this.entries) if (exp <= now) this.entries.delete(k);

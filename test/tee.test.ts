@@ -6,8 +6,6 @@ import * as path from 'node:path';
 import {
   AttestationError,
   canonicalJson,
-  registerEvidenceVerifier,
-  unregisterEvidenceVerifier,
   verifyEvidence,
   type Evidence,
 } from '../src/tee/platform.js';
@@ -33,8 +31,6 @@ import {
 } from '../src/tee/attest.js';
 import {
   HpkeError,
-  decodeSealed,
-  encodeSealed,
   generateHpkeKeyPair,
   openWith,
   publicKeyFromBase64,
@@ -280,17 +276,11 @@ describe('attestation handshake', () => {
       verifyAttestation({ ...response, evidence: snp }, nonce, { allowList: [MEAS_A], verifiers: [verifier] }),
       attestErr('unknown_platform', /unknown platform 'amd-sev-snp'/),
     );
-    // no verifier registered process-wide: even sim evidence is unknown
+    // no trusted verifier: even sim evidence is unknown
     await assert.rejects(
-      verifyAttestation(response, nonce, { allowList: [MEAS_A] }),
+      verifyAttestation(response, nonce, { allowList: [MEAS_A], verifiers: [] }),
       attestErr('unknown_platform', /unknown platform 'sim-software'/),
     );
-    registerEvidenceVerifier(verifier);
-    try {
-      await verifyAttestation(response, nonce, { allowList: [MEAS_A] });
-    } finally {
-      unregisterEvidenceVerifier(SIM_PLATFORM);
-    }
   });
 
   test('malformed evidence is rejected before dispatch', async () => {
@@ -319,7 +309,6 @@ describe('HPKE', () => {
     assert.equal(sealed.enc.length, 32);
     assert.equal(sealed.ciphertext.length, msg.length + 16);
     assert.deepEqual(await openWith(kp.privateKey, sealed, info, aad), msg);
-    assert.deepEqual(await openWith(kp.privateKey, decodeSealed(encodeSealed(sealed)), info, aad), msg);
     assert.deepEqual(await openWith(kp.privateKey, sealedFromJson(JSON.parse(JSON.stringify(sealedToJson(sealed)))), info, aad), msg);
     // empty aad default
     const s2 = await sealTo(kp.publicKey, enc.encode('x'), info);
@@ -364,9 +353,7 @@ describe('replay cache', () => {
     c.check(new Uint8Array([1, 2, 3]));
     assert.throws(() => c.check('req-1'), (err: unknown) => err instanceof ReplayError && err.code === 'replayed' && /replay detected/.test(err.message));
     assert.throws(() => c.check(new Uint8Array([1, 2, 3])), /replay detected/);
-    assert.ok(c.has('req-1'));
     now += 1001;
-    assert.ok(!c.has('req-1'));
     c.check('req-1');
   });
 

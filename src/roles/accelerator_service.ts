@@ -6,16 +6,16 @@
  * serves again at once; its training state comes back through checkpoint_load.
  * It writes one JSON line {"event":"listening","port":P} to stdout when ready.
  */
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync, renameSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { loadAcceleratorBundle, type LoadedAccelerator } from '../obfuscate/bundle.js';
 import { layerLinearNames } from '../protocol/linears.js';
 import { Accelerator, type EvilMode } from '../accelerator/accelerator.js';
 import { startAcceleratorServer, type AcceleratorServer } from '../rpc/accelerator_server.js';
-import { ACC_ADMIN_SERVICE, BUNDLE_WEIGHTS_TAG, CHECKPOINT_TAG, unpackFiles } from './protocol.js';
+import { ACC_ADMIN_SERVICE, BUNDLE_WEIGHTS_TAG, CHECKPOINT_TAG, unpackFiles, writeDirFiles } from './protocol.js';
 import { writeSafetensors } from '../io/safetensors.js';
-import { serviceError } from '../rpc/status.js';
+import { serveStream, serveUnary } from '../rpc/status.js';
 import { BundleError, InputError, ObfuscatuneError, TransportError } from '../errors.js';
 import type { AcceleratorReply, AcceleratorRequest } from '../protocol/messages.js';
 import { createHash } from 'node:crypto';
@@ -155,49 +155,24 @@ export async function serveAccelerator(o: AcceleratorServeOptions): Promise<{ se
       LoadBundle: (call: grpc.ServerReadableStream<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => {
         const parts: Buffer[] = [];
         let bytes = 0;
-        let failed = false;
         let auth: unknown;
-        call.on('data', (m: { index?: unknown; data?: unknown; auth?: unknown }) => {
-          if (failed) return;
+        serveStream<{ index?: unknown; data?: unknown; auth?: unknown }>(call, cb, (m) => {
           if (m?.index === 0) {
             auth = m.auth;
-            try {
-              checkSigner('LoadBundle', auth);
-            } catch (e) {
-              failed = true;
-              cb(serviceError(e));
-              return;
-            }
+            checkSigner('LoadBundle', auth);
           }
-          if (typeof m?.data !== 'string' || m.index !== parts.length) {
-            failed = true;
-            cb(serviceError(new InputError('bundle upload: chunks must arrive in order with base64 data')));
-            return;
-          }
+          if (typeof m?.data !== 'string' || m.index !== parts.length) throw new InputError('bundle upload: chunks must arrive in order with base64 data');
           const b = Buffer.from(m.data, 'base64');
           bytes += b.length;
-          if (bytes > 8 * 1024 * 1024 * 1024) {
-            failed = true;
-            cb(serviceError(new TransportError('bundle upload: over 8 GiB', grpc.status.RESOURCE_EXHAUSTED)));
-            return;
-          }
+          if (bytes > 8 * 1024 * 1024 * 1024) throw new TransportError('bundle upload: over 8 GiB', grpc.status.RESOURCE_EXHAUSTED);
           parts.push(b);
-        });
-        call.on('end', () => {
-          if (failed) return;
-          try {
-            const whole = Buffer.concat(parts);
-            if (parts.length === 0) throw new InputError('bundle upload: no chunks');
-            checkPayload('LoadBundle', auth, createHash('sha256').update(whole).digest('hex'));
-          } catch (e) {
-            cb(serviceError(e));
-            return;
-          }
+        }, () => {
+          const whole = Buffer.concat(parts);
+          if (parts.length === 0) throw new InputError('bundle upload: no chunks');
+          checkPayload('LoadBundle', auth, createHash('sha256').update(whole).digest('hex'));
           try {
             const tmp = path.join(o.stateDir, `bundle.upload-${process.pid}`);
-            rmSync(tmp, { recursive: true, force: true });
-            mkdirSync(tmp, { recursive: true });
-            for (const f of unpackFiles(Buffer.concat(parts))) writeFileSync(path.join(tmp, f.name), f.data);
+            writeDirFiles(tmp, unpackFiles(whole));
             const got = loadAcceleratorBundle(tmp); // validate before replacing anything
             if (contract && got.manifestSha256 !== contract.contract.body.accelerator_manifest_sha256) {
               rmSync(tmp, { recursive: true, force: true });
@@ -207,40 +182,30 @@ export async function serveAccelerator(o: AcceleratorServeOptions): Promise<{ se
             rmSync(dest, { recursive: true, force: true });
             renameSync(tmp, dest);
             host.load(dest);
-            cb(null, { ok: true, manifest_sha256: host.loaded!.manifestSha256 });
+            return { ok: true, manifest_sha256: host.loaded!.manifestSha256 };
           } catch (e) {
             // a bad bundle is the uploader's input; anything else (the disk) is this service's failure
             const msg = `bundle upload refused: ${(e as Error).message}`;
-            cb(serviceError(e instanceof BundleError || e instanceof InputError ? new InputError(msg, { cause: e }) : new ObfuscatuneError(msg, { cause: e })));
+            throw e instanceof BundleError || e instanceof InputError ? new InputError(msg, { cause: e }) : new ObfuscatuneError(msg, { cause: e });
           }
         });
-        call.on('error', () => { failed = true; });
       },
-      Export: (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>) => {
-        try {
-          const auth = (call.request as { auth?: unknown } | null)?.auth;
-          checkSigner('Export', auth);
-          checkPayload('Export', auth, createHash('sha256').digest('hex'));
-        } catch (e) {
-          return cb(serviceError(e));
-        }
+      Export: serveUnary((req) => {
+        const auth = (req as { auth?: unknown } | null)?.auth;
+        checkSigner('Export', auth);
+        checkPayload('Export', auth, createHash('sha256').digest('hex'));
         const acc = host.acc;
-        if (!acc) return cb(serviceError(new BundleError('no bundle loaded')));
-        let data: string;
-        try {
-          const file = path.join(o.stateDir, `export-${process.pid}.safetensors`);
-          const t = acc.weights.layers.flatMap((L, l) => layerLinearNames(L).map((name) => [name, L[name]!] as const).flatMap(([name, x]) => [
-            { name: `h.${l}.${name}.weight`, dtype: 'F32' as const, shape: [x.din, x.dout], data: x.w },
-            { name: `h.${l}.${name}.bias`, dtype: 'F32' as const, shape: [x.b.length], data: x.b },
-          ]));
-          writeSafetensors(file, t);
-          data = readFileSync(file).toString('base64');
-          rmSync(file, { force: true });
-        } catch (e) {
-          return cb(serviceError(e));
-        }
-        cb(null, { weights: data, n_layer: acc.weights.n_layer, manifest_sha256: host.loaded?.manifestSha256 ?? null });
-      },
+        if (!acc) throw new BundleError('no bundle loaded');
+        const file = path.join(o.stateDir, `export-${process.pid}.safetensors`);
+        const t = acc.weights.layers.flatMap((L, l) => layerLinearNames(L).map((name) => [name, L[name]!] as const).flatMap(([name, x]) => [
+          { name: `h.${l}.${name}.weight`, dtype: 'F32' as const, shape: [x.din, x.dout], data: x.w },
+          { name: `h.${l}.${name}.bias`, dtype: 'F32' as const, shape: [x.b.length], data: x.b },
+        ]));
+        writeSafetensors(file, t);
+        const data = readFileSync(file).toString('base64');
+        rmSync(file, { force: true });
+        return { weights: data, n_layer: acc.weights.n_layer, manifest_sha256: host.loaded?.manifestSha256 ?? null };
+      }),
     }),
   });
   return { server, host };

@@ -8,7 +8,7 @@
  * and refuses every request outside it (docs/deployment.md, "The deployment contract").
  */
 import { createHash } from 'node:crypto';
-import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { canonicalJson, lengthPrefixed } from '../tee/platform.js';
@@ -16,6 +16,7 @@ import { signBytes, signingPublicKeyFromBase64, verifySignature, type SigningKey
 import { toBase64 } from '../tee/platform.js';
 import { InputError, PolicyError } from '../errors.js';
 import type { Role } from './enclave_policy.js';
+import { readDirFiles, type PackedFile } from './protocol.js';
 
 const hex64 = z.string().regex(/^[0-9a-f]{64}$/, 'a SHA-256 in lower-case hex');
 const key = z.string().regex(/^[A-Za-z0-9+/]{43}=$/, 'an Ed25519 public key (32 bytes, base64)');
@@ -103,7 +104,7 @@ export function roleOf(c: ContractBody, sender: string): Role | null {
 }
 
 /** Digest of a bundle's files: SHA-256 over the sorted (name, SHA-256 of the bytes) pairs. */
-export function bundleDigest(files: { name: string; data: Uint8Array }[]): string {
+export function bundleDigest(files: PackedFile[]): string {
   const h = createHash('sha256').update('obfuscatune/bundle-digest/v1\n');
   for (const f of [...files].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))) {
     h.update(`${f.name}\n${createHash('sha256').update(f.data).digest('hex')}\n`);
@@ -112,7 +113,7 @@ export function bundleDigest(files: { name: string; data: Uint8Array }[]): strin
 }
 
 export function bundleDirDigest(dir: string): string {
-  return bundleDigest(readdirSync(dir).map((name) => ({ name, data: readFileSync(path.join(dir, name)) })));
+  return bundleDigest(readDirFiles(dir));
 }
 
 export function readContract(file: string): Contract {

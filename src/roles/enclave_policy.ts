@@ -4,7 +4,7 @@
  * request is signed by that key, so naming a key proves nothing by itself.
  */
 import { InputError, PolicyError } from '../errors.js';
-import type { ContractBody } from './contract.js';
+import { roleOf, type ContractBody } from './contract.js';
 
 export type Role = 'provider' | 'owner';
 
@@ -17,20 +17,22 @@ export const POLICY: Record<string, Role[]> = {
   fetch_update: ['provider'],
 };
 
-function roleIn(contract: ContractBody, sender: string): Role | null {
-  return sender === contract.provider ? 'provider' : sender === contract.owner ? 'owner' : null;
+/** The contract, or a PolicyError while none was accepted. */
+function accepted(contract: ContractBody | null): ContractBody {
+  if (!contract) throw new PolicyError('policy: no deployment contract accepted yet (submit the contract signed by both parties first)');
+  return contract;
 }
 
 /** The sender's role, or a PolicyError when the command is not theirs to send under the contract. */
 export function authorize(op: string, sender: string, contract: ContractBody | null): Role {
   const allowed = POLICY[op];
   if (!allowed) throw new InputError(`unknown command "${op}"`);
-  if (!contract) throw new PolicyError('policy: no deployment contract accepted yet (submit the contract signed by both parties first)');
-  const role = roleIn(contract, sender);
-  const ok = role !== null && allowed.includes(role) && (op !== 'cancel' || contract.release.cancel.includes(role));
+  const c = accepted(contract);
+  const role = roleOf(c, sender);
+  const ok = role !== null && allowed.includes(role) && (op !== 'cancel' || c.release.cancel.includes(role));
   if (!ok) throw new PolicyError(`policy: "${op}" is not allowed for ${role ?? 'a key the contract does not name'}`);
   const needs = RELEASE[op];
-  if (needs && !(contract.release[role!] as string[]).includes(needs)) throw new PolicyError(`policy: the contract does not release "${needs}" to the ${role}`);
+  if (needs && !(c.release[role!] as string[]).includes(needs)) throw new PolicyError(`policy: the contract does not release "${needs}" to the ${role}`);
   return role!;
 }
 
@@ -44,8 +46,7 @@ export function releasesMetrics(contract: ContractBody, role: Role): boolean {
 
 /** Uploads: the contract's provider installs the bundle, its owner uploads the data. */
 export function checkUploader(kind: 'bundle' | 'dataset', sender: string, contract: ContractBody | null): Role {
-  if (!contract) throw new PolicyError('policy: no deployment contract accepted yet (submit the contract signed by both parties first)');
-  const role = roleIn(contract, sender);
+  const role = roleOf(accepted(contract), sender);
   const want: Role = kind === 'bundle' ? 'provider' : 'owner';
   if (role !== want) throw new PolicyError(`policy: only the contract's ${want} may upload ${kind === 'bundle' ? 'the model bundle' : 'data'} (the sender is ${role ?? 'a key the contract does not name'})`);
   return role;

@@ -26,7 +26,7 @@ import {
 import { SealedStore, type PackedFile } from './enclave_store.js';
 import { JobRunner, jobData, newJob, recoveredJob, type Datasets, type JobState, type RecordViewOptions } from './enclave_job.js';
 import { authorize, checkUploader, releasesMetrics, type Role } from './enclave_policy.js';
-import { bundleDigest, checkJobAllowed, verifyContract, type Contract } from './contract.js';
+import { bundleDigest, checkJobAllowed, roleOf, verifyContract, type Contract } from './contract.js';
 
 export interface EnclaveServeOptions {
   platform: TeePlatform;
@@ -63,7 +63,15 @@ export const REPLAY_WINDOW_MS = 10 * 60_000;
 export type { JobSpec } from '../train/run_spec.js';
 
 const MAX_RECORDS = 1_000_000;
+/** what every chunk of an upload shares with its first */
+const UPLOAD_FIELDS = ['total', 'kind', 'name', 'upload_id', 'sender', 'reply_key', 'session', 'ts'] as const;
 export const MAX_UPLOAD_BYTES = 4 * 1024 * 1024 * 1024;
+
+/** The provider's view of a job's summary: aggregates only (no first or last step's loss). */
+function aggregateSummary(summary: unknown): unknown {
+  const s = summary as { eval?: unknown; seconds?: unknown; steps?: unknown } | null;
+  return s ? { eval: s.eval, seconds: s.seconds, steps: s.steps } : null;
+}
 
 export class EnclaveService {
   private attestor!: EnclaveAttestor;
@@ -216,10 +224,7 @@ export class EnclaveService {
     let bytes = 0;
     for (let i = 0; i < chunks.length; i++) {
       const c = chunks[i];
-      if (c.index !== i || c.total !== total || c.kind !== first.kind || c.name !== first.name || c.upload_id !== first.upload_id || c.sender !== first.sender
-        || c.reply_key !== first.reply_key || c.session !== first.session || c.ts !== first.ts) {
-        throw new InputError(`upload chunk ${i} does not belong to this upload`);
-      }
+      if (c.index !== i || UPLOAD_FIELDS.some((k) => c[k] !== first[k])) throw new InputError(`upload chunk ${i} does not belong to this upload`);
       if (i > 0) this.authenticate(c, () => chunkSignedBytes(c, transcript), `upload chunk ${i}`);
       const p = await this.attestor.open(sealedFromJson(c.sealed), transcript, chunkAad(c));
       bytes += p.length;
@@ -282,7 +287,7 @@ export class EnclaveService {
    */
   private async submitContract(raw: unknown, sender: string): Promise<unknown> {
     const v = verifyContract(raw, 'submitted contract');
-    if (sender !== v.contract.body.provider && sender !== v.contract.body.owner) throw new PolicyError('policy: only a party the contract names may submit it');
+    if (!roleOf(v.contract.body, sender)) throw new PolicyError('policy: only a party the contract names may submit it');
     if (this.contractSha256 && this.contractSha256 !== v.sha256) throw new PolicyError(`policy: this enclave is bound to contract ${this.contractSha256.slice(0, 16)}... (a new contract needs a new enclave state)`);
     if (!this.contractSha256) {
       this.acceptContract(v);
@@ -302,9 +307,7 @@ export class EnclaveService {
         const up = await this.finishedRunner().exportUpdate() as Record<string, unknown>;
         this.updateFetched = true;
         await this.persist();
-        // the provider's view of the job: aggregates only (no first or last step's loss)
-        const sum = up.summary as { eval?: unknown; seconds?: unknown; steps?: unknown } | null;
-        return { ...up, summary: sum ? { eval: sum.eval, seconds: sum.seconds, steps: sum.steps } : null, bundle_sha256: this.bundleSha256, contract_sha256: this.contractSha256 };
+        return { ...up, summary: aggregateSummary(up.summary), bundle_sha256: this.bundleSha256, contract_sha256: this.contractSha256 };
       }
     }
     throw new InputError(`unknown command "${op}"`);
@@ -313,14 +316,12 @@ export class EnclaveService {
   /** The job's metrics: the owner's in full; the provider's aggregates only (no per-step or per-example losses). */
   private status(role: Role): unknown {
     const j = this.job;
-    let job: unknown = null;
-    if (j && !releasesMetrics(this.contract!.body, role)) {
-      job = { state: j.state, step: j.step, steps: j.spec.steps, error: j.error };
-    } else if (j && role === 'owner') {
-      job = { state: j.state, step: j.step, steps: j.spec.steps, loss: j.loss, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: j.summary, losses: j.losses, labels: j.labels, warnings: j.warnings ?? [] };
-    } else if (j) {
-      const s = j.summary as { eval?: unknown; seconds?: unknown; steps?: unknown } | null;
-      job = { state: j.state, step: j.step, steps: j.spec.steps, eval: j.eval, error: j.error, recoveries: j.recoveries, summary: s ? { eval: s.eval, seconds: s.seconds, steps: s.steps } : null };
+    const base = j && { state: j.state, step: j.step, steps: j.spec.steps, error: j.error };
+    let job: unknown = base;
+    if (j && releasesMetrics(this.contract!.body, role)) {
+      job = role === 'owner'
+        ? { ...base, loss: j.loss, eval: j.eval, recoveries: j.recoveries, summary: j.summary, losses: j.losses, labels: j.labels, warnings: j.warnings ?? [] }
+        : { ...base, eval: j.eval, recoveries: j.recoveries, summary: aggregateSummary(j.summary) };
     }
     return {
       contract_sha256: this.contractSha256,

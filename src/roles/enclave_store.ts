@@ -11,9 +11,9 @@ import path from 'node:path';
 import type { TeePlatform } from '../tee/platform.js';
 import { sealBlob, unsealBlob } from '../tee/seal.js';
 import { loadEnclaveBundle, type EnclaveBundle } from '../obfuscate/bundle.js';
-import { packFiles, unpackFiles } from './protocol.js';
+import { packFiles, readDirFiles, unpackFiles, writeDirFiles, type PackedFile } from './protocol.js';
 
-export type PackedFile = { name: string; data: Uint8Array };
+export type { PackedFile };
 
 const CHECKPOINT = /^step-\d{7}\.sealed$/;
 /** sealed checkpoints kept: the latest two */
@@ -52,9 +52,7 @@ export class SealedStore {
   /** Writes the bundle's files into private space and loads (and validates) them. */
   installBundle(files: PackedFile[]): EnclaveBundle {
     const dir = path.join(this.privateDir, 'bundle');
-    rmSync(dir, { recursive: true, force: true });
-    mkdirSync(dir, { recursive: true });
-    for (const f of files) writeFileSync(path.join(dir, f.name), f.data);
+    writeDirFiles(dir, files);
     return loadEnclaveBundle(dir);
   }
 
@@ -66,8 +64,7 @@ export class SealedStore {
 
   /** Seals the run checkpoint `dir` as `name`, keeping the latest two. */
   async sealCheckpoint(name: string, dir: string): Promise<void> {
-    const files = readdirSync(dir).map((f) => ({ name: f, data: readFileSync(path.join(dir, f)) }));
-    writeAtomic(path.join(this.checkpoints, `${name}.sealed`), await sealBlob(this.platform, 'checkpoint', packFiles(files)));
+    writeAtomic(path.join(this.checkpoints, `${name}.sealed`), await sealBlob(this.platform, 'checkpoint', packFiles(readDirFiles(dir))));
     const all = readdirSync(this.checkpoints).filter((n) => CHECKPOINT.test(n)).sort();
     for (const old of all.slice(0, -KEEP_CHECKPOINTS)) rmSync(path.join(this.checkpoints, old), { force: true });
   }
@@ -78,8 +75,7 @@ export class SealedStore {
     const files = unpackFiles(await unsealBlob(this.platform, 'checkpoint', readFileSync(file)));
     const dir = path.join(runDir, 'checkpoints', name);
     rmSync(path.join(runDir, 'checkpoints'), { recursive: true, force: true });
-    mkdirSync(dir, { recursive: true });
-    for (const f of files) writeFileSync(path.join(dir, f.name), f.data);
+    writeDirFiles(dir, files);
     return dir;
   }
 

@@ -6,7 +6,7 @@
  * job, reads metrics and runs inference. Both verify the enclave's attestation first.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
@@ -19,7 +19,7 @@ import type { EvidenceVerifier } from '../tee/platform.js';
 import { fromBase64, toBase64 } from '../tee/platform.js';
 import {
   ENCLAVE_SERVICE, ACC_ADMIN_SERVICE, EnclaveServiceClient, AccAdminClient, commandAad, chunkAad, replyAad, clientOptions, unary, clientStream,
-  chunks, packFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand,
+  chunks, packFiles, readDirFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand,
 } from './protocol.js';
 import { classifiedLine, type Classified } from '../train/predict.js';
 import { MAX_INFER } from './enclave_job.js';
@@ -29,7 +29,6 @@ import { checkKeyMatches, loadAcceleratorBundle, loadEnclaveBundle, loadProvider
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import { layerLinearNames } from '../protocol/linears.js';
-import type { AcceleratorWeights } from '../protocol/linears.js';
 import { loadAdapters, mergeAdaptersPlain, mergeLlamaAdapters } from '../train/session.js';
 import { isLlama } from '../model/config.js';
 import type { LlamaWeights } from '../model/llama.js';
@@ -165,7 +164,6 @@ export class EnclaveClient {
     }
   }
 
-  /** Uploads pieces, each sealed to the enclave and signed (one record per piece for datasets). */
   /** Seals, signs and uploads the pieces; progress: a unit per piece sealed, as many for the enclave's checks. */
   async upload(kind: UploadKind, name: string, pieces: Uint8Array[], onProgress?: UploadProgress): Promise<unknown> {
     return this.withSession(async (s) => {
@@ -244,8 +242,7 @@ export function adminAuth(key: PartyKey, method: string, payload: Uint8Array): A
 export async function uploadAcceleratorBundle(accAddress: string, bundleDir: string, key: PartyKey, onProgress?: UploadProgress): Promise<{ manifest_sha256: string }> {
   const client = new AccAdminClient(accAddress, grpc.credentials.createInsecure(), clientOptions());
   try {
-    const files = readdirSync(bundleDir).map((f) => ({ name: f, data: readFileSync(path.join(bundleDir, f)) }));
-    const packed = packFiles(files);
+    const packed = packFiles(readDirFiles(bundleDir));
     const auth = adminAuth(key, 'LoadBundle', packed);
     const parts = chunks(packed);
     onProgress?.(0, 1, `sending ${parts.length} chunks (${(packed.length / 2 ** 20).toFixed(1)} MiB); the accelerator checks and loads them`);
@@ -268,8 +265,7 @@ export async function exportAcceleratorWeights(accAddress: string, key: PartyKey
 
 /** Uploads the enclave bundle directory, encrypted to the attested enclave. */
 export async function uploadEnclaveBundle(c: EnclaveClient, bundleDir: string, onProgress?: UploadProgress): Promise<unknown> {
-  const files = readdirSync(bundleDir).map((f) => ({ name: f, data: readFileSync(path.join(bundleDir, f)) }));
-  return c.upload('bundle', 'enclave', chunks(packFiles(files)), onProgress);
+  return c.upload('bundle', 'enclave', chunks(packFiles(readDirFiles(bundleDir))), onProgress);
 }
 
 /**
@@ -300,18 +296,14 @@ export async function fetchAndMerge<W extends GPT2Weights | LlamaWeights>(c: Enc
     if (up.pooling !== undefined && !POOLINGS.includes(up.pooling)) throw new BundleError(`the enclave's update has an unknown pooling ${JSON.stringify(up.pooling)}`);
     w = { ...base, cls: { numLabels: K, weight: new Float32Array(K * base.config.n_embd), labels: up.labels, pooling: up.pooling ?? 'last' } };
   }
-  let acc: AcceleratorWeights;
+  const { weights: acc, manifestSha256: want } = loadAcceleratorBundle(path.join(bundles, 'accelerator'));
   if (up.method === 'full') {
     const wf = path.join(scratch, 'accelerator.safetensors');
     const ex = await exportAcceleratorWeights(accAddress, c.key);
-    const want = loadAcceleratorBundle(path.join(bundles, 'accelerator')).manifestSha256;
     if (ex.manifest_sha256 !== want) throw new BundleError(`the accelerator's trained weights belong to bundle ${String(ex.manifest_sha256).slice(0, 16)}..., not this provider's ${want.slice(0, 16)}...`);
     writeFileSync(wf, ex.weights);
     const at = openSafetensors(wf);
-    acc = loadAcceleratorBundle(path.join(bundles, 'accelerator')).weights;
     acc.layers.forEach((L, l) => { for (const n of layerLinearNames(L)) { at.getInto(`h.${l}.${n}.weight`, L[n]!.w); at.getInto(`h.${l}.${n}.bias`, L[n]!.b); } });
-  } else {
-    acc = loadAcceleratorBundle(path.join(bundles, 'accelerator')).weights;
   }
   const ad = up.method === 'lora' ? loadAdapters(file, base.config.n_layer, base.config.n_embd, base.config.vocab_size, base.config) : null;
   let merged: W;

@@ -17,6 +17,8 @@
  * transcript and the ciphertext (`commandSignedBytes`, `chunkSignedBytes`); the enclave
  * checks the signature before anything else and refuses replays and stale requests.
  */
+import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { SealedMessageJson } from '../tee/hpke.js';
 import { clientChannelOptions, serverOptions } from '../rpc/grpc.js';
@@ -56,6 +58,8 @@ export const ACC_ADMIN_SERVICE = {
 
 export type UploadKind = 'bundle' | 'dataset';
 
+export type PackedFile = { name: string; data: Uint8Array };
+
 export interface UploadChunk {
   kind: UploadKind;
   /** dataset split ("train" | "eval") or bundle name */
@@ -94,21 +98,21 @@ export interface SealedReply {
   sealed: SealedMessageJson;
 }
 
+const te = (s: string) => new TextEncoder().encode(s);
+
 /** additional authenticated data of an upload chunk: binds kind, name, position and upload */
 export function chunkAad(c: Pick<UploadChunk, 'kind' | 'name' | 'upload_id' | 'index' | 'total'>): Uint8Array {
-  return new TextEncoder().encode(`obfuscatune/upload/${c.kind}/${c.name}/${c.upload_id}/${c.index}/${c.total}`);
+  return te(`obfuscatune/upload/${c.kind}/${c.name}/${c.upload_id}/${c.index}/${c.total}`);
 }
 
 export function replyAad(requestId: string): Uint8Array {
-  return new TextEncoder().encode(`obfuscatune/reply/${requestId}`);
+  return te(`obfuscatune/reply/${requestId}`);
 }
 
 /** additional authenticated data of a command's ciphertext: binds it to its request id */
 export function commandAad(requestId: string): Uint8Array {
-  return new TextEncoder().encode(`obfuscatune/command/${requestId}`);
+  return te(`obfuscatune/command/${requestId}`);
 }
-
-const te = (s: string) => new TextEncoder().encode(s);
 
 function sealedBytes(j: SealedMessageJson): Uint8Array[] {
   try {
@@ -137,7 +141,7 @@ export const REPLY_PAD_BYTES: Record<string, number> = {
 };
 
 export function padReply(op: string, json: string): Uint8Array {
-  const b = new TextEncoder().encode(json);
+  const b = te(json);
   const block = REPLY_PAD_BYTES[op] ?? 1024;
   const out = new Uint8Array(Math.max(1, Math.ceil(b.length / block)) * block).fill(0x20);
   out.set(b);
@@ -166,29 +170,33 @@ export function enclaveServerOptions(): grpc.ServerOptions {
   return serverOptions({ maxMessageBytes: MAX_CLIENT_MESSAGE_BYTES });
 }
 
-/** Promise wrapper of a unary call; a failure rejects with the typed error of errorFromStatus. */
-export function unary<T>(client: grpc.Client, def: grpc.MethodDefinition<unknown, unknown>, req: unknown, deadlineMs = 60_000): Promise<T> {
+type MethodDef = grpc.MethodDefinition<unknown, unknown>;
+
+/** The callback of a call to `def`: a failure rejects with the typed error of errorFromStatus. */
+function settle<T>(def: MethodDef, resolve: (v: T) => void, reject: (e: unknown) => void) {
+  return (err: unknown, v?: unknown) => (err ? reject(errorFromStatus(err, String(def.originalName ?? def.path))) : resolve(v as T));
+}
+
+/** Promise wrapper of a unary call. */
+export function unary<T>(client: grpc.Client, def: MethodDef, req: unknown, deadlineMs = 60_000): Promise<T> {
   return new Promise((resolve, reject) => {
-    client.makeUnaryRequest(def.path, def.requestSerialize, def.responseDeserialize, req, new grpc.Metadata(), { deadline: Date.now() + deadlineMs }, (err, v) => {
-      if (err) reject(errorFromStatus(err, String(def.originalName ?? def.path)));
-      else resolve(v as T);
-    });
+    const deadline = { deadline: Date.now() + deadlineMs };
+    client.makeUnaryRequest(def.path, def.requestSerialize, def.responseDeserialize, req, new grpc.Metadata(), deadline, settle(def, resolve, reject));
   });
 }
 
 /** Promise wrapper of a client-streaming call. */
-export function clientStream<T>(client: grpc.Client, def: grpc.MethodDefinition<unknown, unknown>, items: unknown[], deadlineMs = 600_000): Promise<T> {
+export function clientStream<T>(client: grpc.Client, def: MethodDef, items: unknown[], deadlineMs = 600_000): Promise<T> {
   return new Promise((resolve, reject) => {
-    const call = client.makeClientStreamRequest(def.path, def.requestSerialize, def.responseDeserialize, new grpc.Metadata(), { deadline: Date.now() + deadlineMs }, (err, v) => {
-      if (err) reject(errorFromStatus(err, String(def.originalName ?? def.path)));
-      else resolve(v as T);
-    });
+    const done = settle(def, resolve, reject);
+    const deadline = { deadline: Date.now() + deadlineMs };
+    const call = client.makeClientStreamRequest(def.path, def.requestSerialize, def.responseDeserialize, new grpc.Metadata(), deadline, done);
     (async () => {
       for (const it of items) {
         if (!call.write(it)) await new Promise((r) => call.once('drain', r));
       }
       call.end();
-    })().catch((e) => reject(errorFromStatus(e, String(def.originalName ?? def.path))));
+    })().catch((e) => done(e));
   });
 }
 
@@ -200,8 +208,20 @@ export function chunks(b: Uint8Array, n = 4 * 1024 * 1024): Uint8Array[] {
   return out;
 }
 
+/** The files of a directory (not recursive), as packFiles takes them. */
+export function readDirFiles(dir: string): PackedFile[] {
+  return readdirSync(dir).map((name) => ({ name, data: readFileSync(path.join(dir, name)) }));
+}
+
+/** Writes `files` into `dir`, which is made afresh (what was there goes). */
+export function writeDirFiles(dir: string, files: PackedFile[]): void {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  for (const f of files) writeFileSync(path.join(dir, f.name), f.data);
+}
+
 /** A tiny archive of a directory's files: [u32 name length, name, u64 size, bytes]*. */
-export function packFiles(files: { name: string; data: Uint8Array }[]): Uint8Array {
+export function packFiles(files: PackedFile[]): Uint8Array {
   const parts: Buffer[] = [];
   for (const f of files) {
     const name = Buffer.from(f.name, 'utf8');
@@ -213,9 +233,9 @@ export function packFiles(files: { name: string; data: Uint8Array }[]): Uint8Arr
   return Buffer.concat(parts);
 }
 
-export function unpackFiles(b: Uint8Array, maxFiles = 64): { name: string; data: Uint8Array }[] {
+export function unpackFiles(b: Uint8Array, maxFiles = 64): PackedFile[] {
   const buf = Buffer.from(b.buffer, b.byteOffset, b.length);
-  const out: { name: string; data: Uint8Array }[] = [];
+  const out: PackedFile[] = [];
   let off = 0;
   while (off < buf.length) {
     if (out.length >= maxFiles) throw new InputError('archive: too many files');

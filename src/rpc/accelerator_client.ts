@@ -17,6 +17,7 @@ import {
   DEFAULT_DEADLINE_MS,
   DEFAULT_MAX_MESSAGE_BYTES,
   clientChannelOptions,
+  describeRequest,
   formatAddress,
   parseAddress,
   statusName,
@@ -98,10 +99,6 @@ export function isRetrySafe(req: AcceleratorRequest): boolean {
 
 const REPLY_OPS: ReadonlySet<string> = new Set(['tensor', 'ack', 'error']);
 
-function describe(req: AcceleratorRequest): string {
-  return 'layer' in req ? `${req.op} h.${req.layer}.${req.name}` : req.op;
-}
-
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Exponential backoff with jitter: attempt 0 -> about base, doubling up to max. */
@@ -143,14 +140,14 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     if (!(r.baseMs >= 0) || !(r.maxMs >= r.baseMs)) throw new InputError('rpc: retry needs 0 <= baseMs <= maxMs');
     this.retry = { safeOnly: true, ...r };
     // the channel is plain TCP: with TLS credentials, frames stay on the TLS channel unless asked
-    this.channelWanted = opts.tensorChannel ?? opts.credentials === undefined;
-    this.maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    // (a proof of this side is made only on the channel)
     this.prove = opts.prove;
-    if (this.prove) this.channelWanted = true;
+    this.channelWanted = this.prove !== undefined || (opts.tensorChannel ?? opts.credentials === undefined);
+    this.maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     this.client = new AcceleratorServiceClient(
       this.address,
       opts.credentials ?? grpc.credentials.createInsecure(),
-      clientChannelOptions({ maxMessageBytes: opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES, keepalive: opts.keepalive, reconnect: opts.reconnect }),
+      clientChannelOptions({ maxMessageBytes: this.maxBytes, keepalive: opts.keepalive, reconnect: opts.reconnect }),
     );
   }
 
@@ -218,7 +215,7 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
   }
 
   async call(req: AcceleratorRequest, opts: CallOptions = {}): Promise<AcceleratorReply> {
-    const what = describe(req);
+    const what = describeRequest(req);
     this.checkOpen(what);
     const frame = encodeMessageParts(req);
     const mayRetry = !this.retry.safeOnly || isRetrySafe(req);

@@ -13,6 +13,7 @@ import { decodeMessage, encodeMessageParts, type AcceleratorReply, type Accelera
 import {
   ACCELERATOR_SERVICE,
   DEFAULT_MAX_MESSAGE_BYTES,
+  describeRequest,
   formatAddress,
   serverOptions,
   widenServerWindow,
@@ -89,10 +90,6 @@ const REQUEST_OPS: ReadonlySet<string> = new Set([
   'checkpoint_load',
 ]);
 
-function describe(req: AcceleratorRequest): string {
-  return 'layer' in req ? `${req.op} h.${req.layer}.${req.name}` : req.op;
-}
-
 export async function startAcceleratorServer(acc: RequestHandler, opts: AcceleratorServerOptions = {}): Promise<AcceleratorServer> {
   const host = opts.host ?? '127.0.0.1';
   const wantPort = opts.port ?? 0;
@@ -131,20 +128,20 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
     if (!REQUEST_OPS.has(decoded.op)) return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: "${decoded.op}" is not a request op`));
     const req = decoded as AcceleratorRequest;
     const run = async (): Promise<Buffer[]> => {
-      if (cancelled()) throw refusal(grpc.status.CANCELLED, `${describe(req)} cancelled before it ran`);
+      if (cancelled()) throw refusal(grpc.status.CANCELLED, `${describeRequest(req)} cancelled before it ran`);
       let rep: AcceleratorReply;
       try {
         rep = await acc.handle(req);
       } catch (e) {
-        throw refusal(statusOf(e), `${describe(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`, e);
+        throw refusal(statusOf(e), `${describeRequest(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`, e);
       }
       let out: { parts: Buffer[]; length: number };
       try {
         out = encodeMessageParts(rep);
       } catch (e) {
-        throw refusal(grpc.status.INTERNAL, `${describe(req)}: reply could not be encoded: ${(e as Error).message}`, e);
+        throw refusal(grpc.status.INTERNAL, `${describeRequest(req)}: reply could not be encoded: ${(e as Error).message}`, e);
       }
-      if (out.length > maxBytes) throw refusal(grpc.status.RESOURCE_EXHAUSTED, `${describe(req)}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
+      if (out.length > maxBytes) throw refusal(grpc.status.RESOURCE_EXHAUSTED, `${describeRequest(req)}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
       served++;
       return out.parts;
     };

@@ -7,6 +7,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { InputError } from '../errors.js';
+import type { AcceleratorRequest } from '../protocol/messages.js';
 
 /** Fully qualified gRPC service name. */
 export const SERVICE_NAME = 'obfuscatune.Accelerator';
@@ -74,27 +75,7 @@ function checkLimit(maxMessageBytes: number): number {
   return maxMessageBytes;
 }
 
-/** Options of the enclave's channel to the accelerator. */
-export function clientChannelOptions(opts: { maxMessageBytes?: number; keepalive?: KeepaliveOptions; reconnect?: ReconnectOptions } = {}): grpc.ChannelOptions {
-  const max = checkLimit(opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES);
-  const ka = opts.keepalive ?? DEFAULT_KEEPALIVE;
-  const rc = opts.reconnect ?? DEFAULT_RECONNECT;
-  return {
-    'grpc.max_send_message_length': max,
-    'grpc.max_receive_message_length': max,
-    'grpc.keepalive_time_ms': ka.timeMs,
-    'grpc.keepalive_timeout_ms': ka.timeoutMs,
-    'grpc.keepalive_permit_without_calls': 1,
-    'grpc.initial_reconnect_backoff_ms': rc.initialMs,
-    'grpc.max_reconnect_backoff_ms': rc.maxMs,
-    // large tensors: a bigger HTTP/2 receive window than the 64 KiB default
-    'grpc-node.flow_control_window': 16 * 1024 * 1024,
-    // no HTTP(S) proxy between the enclave and its accelerator
-    'grpc.enable_http_proxy': 0,
-  };
-}
-
-/** Options of the accelerator's server. */
+/** Options of the accelerator's server: the message bound, keepalive and, for large tensors, a 16 MiB HTTP/2 window. */
 export function serverOptions(opts: { maxMessageBytes?: number; keepalive?: KeepaliveOptions } = {}): grpc.ServerOptions {
   const max = checkLimit(opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES);
   const ka = opts.keepalive ?? DEFAULT_KEEPALIVE;
@@ -103,9 +84,25 @@ export function serverOptions(opts: { maxMessageBytes?: number; keepalive?: Keep
     'grpc.max_receive_message_length': max,
     'grpc.keepalive_time_ms': ka.timeMs,
     'grpc.keepalive_timeout_ms': ka.timeoutMs,
-    // large tensors: a big HTTP/2 receive window on the server side too
     'grpc-node.flow_control_window': 16 * 1024 * 1024,
   };
+}
+
+/** Options of the enclave's channel to the accelerator: the server's, reconnect backoff, and no HTTP(S) proxy between them. */
+export function clientChannelOptions(opts: { maxMessageBytes?: number; keepalive?: KeepaliveOptions; reconnect?: ReconnectOptions } = {}): grpc.ChannelOptions {
+  const rc = opts.reconnect ?? DEFAULT_RECONNECT;
+  return {
+    ...serverOptions(opts),
+    'grpc.keepalive_permit_without_calls': 1,
+    'grpc.initial_reconnect_backoff_ms': rc.initialMs,
+    'grpc.max_reconnect_backoff_ms': rc.maxMs,
+    'grpc.enable_http_proxy': 0,
+  };
+}
+
+/** A request in words for errors and logs: its op and, for a linear, "h.<layer>.<name>". */
+export function describeRequest(req: AcceleratorRequest): string {
+  return 'layer' in req ? `${req.op} h.${req.layer}.${req.name}` : req.op;
 }
 
 export interface Address {

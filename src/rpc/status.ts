@@ -65,3 +65,36 @@ export function errorFromStatus(err: unknown, what: string): ObfuscatuneError {
   return cls ? new cls(message, { cause: transport }) : transport;
 }
 
+/** A unary handler answering with what `fn` returns (or resolves to), or with the error it throws. */
+export function serveUnary(fn: (req: unknown) => unknown) {
+  return (call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<unknown>): void => {
+    Promise.resolve(call.request).then(fn).then((v) => cb(null, v), (e: unknown) => cb(serviceError(e)));
+  };
+}
+
+/**
+ * Serves a client-streaming call: `take` sees each message in order and throws to refuse the
+ * call (the first failure answers it; the rest of the stream is ignored); once the stream
+ * ended, the call is answered with what `finish` returns, or with the error it throws.
+ */
+export function serveStream<M>(
+  call: grpc.ServerReadableStream<unknown, unknown>, cb: grpc.sendUnaryData<unknown>, take: (m: M) => void, finish: () => unknown,
+): void {
+  let failed = false;
+  const fail = (e: unknown) => {
+    if (!failed) cb(serviceError(e));
+    failed = true;
+  };
+  call.on('data', (m: M) => {
+    if (failed) return;
+    try {
+      take(m);
+    } catch (e) {
+      fail(e);
+    }
+  });
+  call.on('end', () => {
+    if (!failed) Promise.resolve().then(finish).then((v) => cb(null, v), fail);
+  });
+  call.on('error', () => { failed = true; });
+}

@@ -236,8 +236,8 @@ export class BufferPool {
 }
 
 /**
- * Reads a socket with `onread` into `reader` (no per-read allocation; large payloads land in
- * place). Returns the socket to use: for a dialled socket, options for `net.connect`.
+ * `onread` options that read a socket into `reader` (no per-read allocation; large payloads
+ * land in place).
  */
 export function onreadOptions(reader: () => FrameReader | null, onError: (e: FramingError) => void): net.OnReadOpts {
   return {
@@ -419,11 +419,7 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
 }
 
 /** A failed channel call, with the gRPC status code that the same failure would have had. */
-export class ChannelError extends TransportError {
-  constructor(message: string, code: number, options?: { cause?: unknown }) {
-    super(message, code, options);
-  }
-}
+export class ChannelError extends TransportError {}
 
 interface Pending {
   resolve: (b: Buffer) => void;
@@ -506,7 +502,9 @@ export class ChannelClient {
     sock.on('end', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
     sock.on('close', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
     if (this.prove) {
-      const challenge = await this.exchange(sock, AUTH_HELLO, Buffer.alloc(0));
+      const handshake = (status: number, payload: Buffer) => this.request(sock, status, [payload], 30_000,
+        'tensor channel: authentication handshake: no answer within 30000 ms');
+      const challenge = await handshake(AUTH_HELLO, Buffer.alloc(0));
       let proof: Buffer;
       try {
         proof = await this.prove(challenge);
@@ -514,33 +512,14 @@ export class ChannelClient {
         sock.destroy();
         throw new ChannelError(`tensor channel: cannot prove this side's identity: ${(e as Error).message}`, grpc.status.UNAUTHENTICATED, { cause: e });
       }
-      await this.exchange(sock, AUTH_PROOF, proof);
+      await handshake(AUTH_PROOF, proof);
     }
     this.sock = sock;
     return sock;
   }
 
-  /** One handshake frame on a fresh connection and its answer. */
-  private exchange(sock: net.Socket, status: number, payload: Buffer, deadlineMs = 30_000): Promise<Buffer> {
-    const id = this.nextId;
-    this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
-    return new Promise<Buffer>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(id);
-        sock.destroy();
-        reject(new ChannelError(`tensor channel: authentication handshake: no answer within ${deadlineMs} ms`, grpc.status.DEADLINE_EXCEEDED));
-      }, deadlineMs);
-      this.pending.set(id, { resolve, reject, timer });
-      writeFrame(sock, id, status, [payload]);
-    });
-  }
-
-  /** One request payload (as parts) -> its reply payload (received into `alloc`'s buffer when given). */
-  async call(payload: Buffer[], deadlineMs: number, alloc?: (length: number) => Buffer): Promise<Buffer> {
-    if (this.closed) throw new ChannelError('tensor channel is closed', grpc.status.CANCELLED);
-    const length = payload.reduce((n, p) => n + p.length, 0);
-    if (length > this.maxBytes) throw new ChannelError(`request frame of ${length} bytes exceeds the ${this.maxBytes}-byte limit`, grpc.status.RESOURCE_EXHAUSTED);
-    const sock = await this.socket();
+  /** One frame on `sock` and its answer (a handshake frame, or a request with `status` 0). */
+  private request(sock: net.Socket, status: number, payload: Buffer[], deadlineMs: number, late: string, alloc?: Pending['alloc']): Promise<Buffer> {
     const id = this.nextId;
     this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
     return new Promise<Buffer>((resolve, reject) => {
@@ -550,11 +529,19 @@ export class ChannelClient {
         // effect on the accelerator is unknown: drop the connection like gRPC drops the stream
         if (this.sock === sock) this.sock = null;
         sock.destroy();
-        reject(new ChannelError(`deadline of ${deadlineMs} ms exceeded`, grpc.status.DEADLINE_EXCEEDED));
+        reject(new ChannelError(late, grpc.status.DEADLINE_EXCEEDED));
       }, deadlineMs);
       this.pending.set(id, { resolve, reject, timer, alloc });
-      writeFrame(sock, id, 0, payload);
+      writeFrame(sock, id, status, payload);
     });
+  }
+
+  /** One request payload (as parts) -> its reply payload (received into `alloc`'s buffer when given). */
+  async call(payload: Buffer[], deadlineMs: number, alloc?: (length: number) => Buffer): Promise<Buffer> {
+    if (this.closed) throw new ChannelError('tensor channel is closed', grpc.status.CANCELLED);
+    const length = payload.reduce((n, p) => n + p.length, 0);
+    if (length > this.maxBytes) throw new ChannelError(`request frame of ${length} bytes exceeds the ${this.maxBytes}-byte limit`, grpc.status.RESOURCE_EXHAUSTED);
+    return this.request(await this.socket(), 0, payload, deadlineMs, `deadline of ${deadlineMs} ms exceeded`, alloc);
   }
 
   close(): void {

@@ -169,8 +169,8 @@ export interface AttestedEnclave {
 export interface VerifyAttestationOptions {
   /** accepted enclave measurements (see `VerifyEvidenceOptions.allowList`) */
   allowList: readonly string[];
-  /** verifiers to use; defaults to the registered ones */
-  verifiers?: readonly EvidenceVerifier[];
+  /** the verifiers of the trusted platforms */
+  verifiers: readonly EvidenceVerifier[];
 }
 
 /** Builds the wire request for a nonce. */

@@ -23,12 +23,7 @@ function getSuite(): CipherSuite {
   return suite;
 }
 
-export class HpkeError extends ObfuscatuneError {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'HpkeError';
-  }
-}
+export class HpkeError extends ObfuscatuneError {}
 
 export interface HpkeKeyPair {
   /** raw X25519 public key, 32 bytes */
@@ -142,17 +137,4 @@ export function sealedFromJson(j: SealedMessageJson): SealedMessage {
   } catch (err) {
     throw new HpkeError(`malformed sealed message: ${(err as Error).message}`, { cause: err });
   }
-}
-
-/** Binary form: enc (32 bytes) || ciphertext. */
-export function encodeSealed(m: SealedMessage): Uint8Array {
-  const out = new Uint8Array(m.enc.length + m.ciphertext.length);
-  out.set(m.enc, 0);
-  out.set(m.ciphertext, m.enc.length);
-  return out;
-}
-
-export function decodeSealed(b: Uint8Array): SealedMessage {
-  if (b.length < X25519_KEY_BYTES + 16) throw new HpkeError('malformed sealed message: too short');
-  return { enc: b.slice(0, X25519_KEY_BYTES), ciphertext: b.slice(X25519_KEY_BYTES) };
 }

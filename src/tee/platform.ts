@@ -109,7 +109,6 @@ export type AttestationErrorCode =
 export class AttestationError extends ObfuscatuneError {
   constructor(readonly code: AttestationErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
-    this.name = 'AttestationError';
   }
 }
 
@@ -121,20 +120,8 @@ export interface VerifyEvidenceOptions {
   allowList: readonly string[];
   /** the report data the evidence must carry (e.g. SHA-512(enclave key || fresh nonce)) */
   expectedReportData: Uint8Array;
-  /** verifiers to dispatch to; defaults to the ones registered with `registerEvidenceVerifier` */
-  verifiers?: readonly EvidenceVerifier[];
-}
-
-const registry = new Map<string, EvidenceVerifier>();
-
-/** Registers a process-wide verifier used when `verifyEvidence` is called without `verifiers`. */
-export function registerEvidenceVerifier(v: EvidenceVerifier): void {
-  registry.set(v.platform, v);
-}
-
-/** Removes a process-wide verifier; returns whether one was registered. */
-export function unregisterEvidenceVerifier(platform: string): boolean {
-  return registry.delete(platform);
+  /** the verifiers of the platforms the caller trusts (evidence of any other platform is refused) */
+  verifiers: readonly EvidenceVerifier[];
 }
 
 /**
@@ -147,9 +134,7 @@ export async function verifyEvidence(e: Evidence, opts: VerifyEvidenceOptions): 
   if (opts.expectedReportData.length !== REPORT_DATA_BYTES) {
     throw new RangeError(`expectedReportData must be ${REPORT_DATA_BYTES} bytes, got ${opts.expectedReportData.length}`);
   }
-  const verifier = opts.verifiers
-    ? opts.verifiers.find((v) => v.platform === e.platform)
-    : registry.get(e.platform);
+  const verifier = opts.verifiers.find((v) => v.platform === e.platform);
   if (!verifier) {
     throw new AttestationError('unknown_platform', `unknown platform '${e.platform}': no evidence verifier configured for it`);
   }

@@ -12,13 +12,13 @@
  * forgetting ids that are still inside their window.
  */
 import { InputError, ObfuscatuneError } from '../errors.js';
+import { toHex } from './platform.js';
 
 export type ReplayErrorCode = 'replayed' | 'expired' | 'future' | 'cache_full';
 
 export class ReplayError extends ObfuscatuneError {
   constructor(readonly code: ReplayErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
-    this.name = 'ReplayError';
   }
 }
 
@@ -32,6 +32,8 @@ export interface ReplayCacheOptions {
   /** clock, ms since the epoch (default Date.now) */
   now?: () => number;
 }
+
+const keyOf = (id: string | Uint8Array): string => (typeof id === 'string' ? id : toHex(id));
 
 export class ReplayCache {
   readonly ttlMs: number;
@@ -62,7 +64,7 @@ export class ReplayCache {
    * cache is full of live ids ('cache_full').
    */
   check(id: string | Uint8Array, issuedAtMs?: number): void {
-    const key = typeof id === 'string' ? id : Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('hex');
+    const key = keyOf(id);
     if (key.length === 0) throw new InputError('ReplayCache: empty request id');
     const now = this.now();
     let expiry = now + this.ttlMs;
@@ -90,13 +92,6 @@ export class ReplayCache {
       }
     }
     this.entries.set(key, expiry);
-  }
-
-  /** Whether `id` is remembered and not yet expired (does not record it). */
-  has(id: string | Uint8Array): boolean {
-    const key = typeof id === 'string' ? id : Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('hex');
-    const e = this.entries.get(key);
-    return e !== undefined && e > this.now();
   }
 
   /** Drops every expired id. */

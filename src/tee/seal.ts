@@ -39,7 +39,6 @@ export type SealErrorCode = 'malformed' | 'label_mismatch' | 'platform_mismatch'
 export class SealError extends ObfuscatuneError {
   constructor(readonly code: SealErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
-    this.name = 'SealError';
   }
 }
 

@@ -530,10 +530,11 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
   const single = path.join(dir, SINGLE_FILE);
   const index = path.join(dir, INDEX_FILE);
   const oldShards = fs.readdirSync(dir).filter((f) => SHARD_RE.test(f));
+  const writeConfig = () => writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
 
   if (shardBytes === undefined) {
     writeSafetensors(single, tensors, metadata);
-    writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
+    writeConfig();
     fs.rmSync(index, { force: true });
     for (const f of oldShards) fs.rmSync(path.join(dir, f), { force: true });
     return;
@@ -541,19 +542,16 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
 
   const bytesOf = (t: TensorToWrite) => t.data.length * (t.dtype === 'F32' || t.dtype === 'I32' ? 4 : 2);
   const groups: TensorToWrite[][] = [];
-  let cur: TensorToWrite[] = [];
   let curBytes = 0;
   for (const t of tensors) {
     const b = bytesOf(t);
-    if (cur.length > 0 && curBytes + b > shardBytes) {
-      groups.push(cur);
-      cur = [];
+    if (groups.length === 0 || curBytes + b > shardBytes) {
+      groups.push([]);
       curBytes = 0;
     }
-    cur.push(t);
+    groups[groups.length - 1]!.push(t);
     curBytes += b;
   }
-  if (cur.length > 0) groups.push(cur);
   const n = groups.length;
   const pad5 = (i: number) => String(i).padStart(5, '0');
   const weightMap: Record<string, string> = {};
@@ -570,7 +568,7 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
   });
   const sortedMap = Object.fromEntries(Object.keys(weightMap).sort().map((k) => [k, weightMap[k]!]));
   writeFileAtomic(index, JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
-  writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
+  writeConfig();
   fs.rmSync(single, { force: true });
   for (const f of oldShards) if (!names.includes(f)) fs.rmSync(path.join(dir, f), { force: true });
 }

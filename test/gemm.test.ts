@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import { Worker } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
 import {
-  availableBackends, backendName, biasBackward, linearBackwardInput, linearBackwardWeight, linearForward, nativeInfo,
+  availableBackends, backendName, nativeInfo,
   setBackend, setNativeIsa, setThreads, sgemm, sgemmBatched, type BackendName,
   butterfly, FLY_GATHER, FLY_SCATTER, FLY_STAGE, FLY_STAGE_T,
 } from '../src/tensor/gemm.js';
@@ -411,32 +411,6 @@ test('threaded special paths: few rows, long reductions (several k steps), big b
   });
 });
 
-test('linearForward, linearBackwardInput, linearBackwardWeight, biasBackward', () => {
-  forEachBackend((b) => {
-    const m = 13, k = 21, n = 17;
-    const r = rng(71);
-    const x = rand(m * k, r), w = rand(k * n, r), bias = rand(n, r), dy = rand(m * n, r);
-    const out = new Float32Array(m * n).fill(NaN);
-    linearForward(out, x, w, bias, m, k, n);
-    assertClose(out, n, reference({ ta: false, tb: false, m, n, k, alpha: 1, beta: 0, A: x, lda: k, B: w, ldb: n, C: out, ldc: n, bias }), m, n, `${b} linearForward`);
-    for (const acc of [false, true]) {
-      const dx = rand(m * k, r), dx0 = dx.slice();
-      linearBackwardInput(dx, dy, w, m, k, n, acc);
-      assertClose(dx, k, reference({ ta: false, tb: true, m, n: k, k: n, alpha: 1, beta: acc ? 1 : 0, A: dy, lda: n, B: w, ldb: n, C: dx0, ldc: k, bias: null }), m, k, `${b} linearBackwardInput acc=${acc}`);
-      const dw = rand(k * n, r), dw0 = dw.slice();
-      linearBackwardWeight(dw, x, dy, m, k, n, acc);
-      assertClose(dw, n, reference({ ta: true, tb: false, m: k, n, k: m, alpha: 1, beta: acc ? 1 : 0, A: x, lda: k, B: dy, ldb: n, C: dw0, ldc: n, bias: null }), k, n, `${b} linearBackwardWeight acc=${acc}`);
-      const db = rand(n, r), db0 = db.slice();
-      biasBackward(db, dy, m, n, acc);
-      for (let j = 0; j < n; j++) {
-        let s = acc ? db0[j] : 0;
-        for (let i = 0; i < m; i++) s += dy[i * n + j];
-        assert.ok(Math.abs(db[j] - s) < 1e-5, `${b} biasBackward acc=${acc} [${j}]`);
-      }
-    }
-  });
-});
-
 // ------------------------------------------------------------------ argument checking
 
 test('bad arguments throw an Error naming the problem, before any kernel runs', () => {
@@ -488,8 +462,6 @@ test('bad arguments throw an Error naming the problem, before any kernel runs', 
     assert.throws(() => sgemmBatched(false, false, 2, 2, 2, 1, new Float32Array(8), 2, -4, new Float32Array(8), 2, 4, 0, new Float32Array(8), 2, 4, 2), /strideA must be a non-negative integer/);
     assert.throws(() => sgemmBatched(false, false, 2, 2, 2, 1, new Float32Array(8), 2, 4, new Float32Array(8), 2, 4, 0, new Float32Array(8), 2, 4, 1.5), /batch must be a non-negative integer/);
     assert.throws(() => sgemmBatched(false, false, 2, 2, 2, 1, new Float32Array(8), 2, 5, new Float32Array(8), 2, 4, 0, new Float32Array(8), 2, 4, 2), /A is too short/);
-    assert.throws(() => biasBackward(new Float32Array(2), new Float32Array(6), 2, 3, false), /biasBackward: db is too short/);
-    assert.throws(() => linearForward(new Float32Array(3), new Float32Array(6), new Float32Array(6), null, 2, 3, 2), /sgemm: C is too short/);
     assert.throws(() => setThreads(0), /setThreads/);
     assert.throws(() => setBackend('cuda' as BackendName), /unknown backend/);
   });

@@ -18,29 +18,20 @@ import { BundleError, InputError, ObfuscatuneError } from '../errors.js';
 
 /** Byte sizes of every dtype the safetensors format defines (sub-byte dtypes excluded). */
 const DTYPE_SIZES: Record<string, number> = {
-  BOOL: 1,
-  U8: 1,
-  I8: 1,
-  F8_E5M2: 1,
-  F8_E4M3: 1,
-  F8_E8M0: 1,
-  I16: 2,
-  U16: 2,
-  F16: 2,
-  BF16: 2,
-  I32: 4,
-  U32: 4,
-  F32: 4,
-  F64: 8,
-  I64: 8,
-  U64: 8,
-  C64: 8,
+  BOOL: 1, U8: 1, I8: 1, F8_E5M2: 1, F8_E4M3: 1, F8_E8M0: 1,
+  I16: 2, U16: 2, F16: 2, BF16: 2,
+  I32: 4, U32: 4, F32: 4,
+  F64: 8, I64: 8, U64: 8, C64: 8,
 };
 
 /** Dtypes `get()` converts to float. */
 const FLOAT_READ = new Set(['F32', 'F16', 'BF16', 'F64']);
 /** Dtypes `getInt()` converts to Int32 (with a range check where needed). */
 const INT_READ = new Set(['BOOL', 'U8', 'I8', 'I16', 'U16', 'I32', 'U32', 'I64', 'U64']);
+/** Int dtypes whose every value fits in int32, read through a typed view. */
+const INT_VIEWS: Record<string, { BYTES_PER_ELEMENT: number; new (b: ArrayBufferLike, off: number, n: number): ArrayLike<number> }> = {
+  BOOL: Uint8Array, U8: Uint8Array, I8: Int8Array, I16: Int16Array, U16: Uint16Array, I32: Int32Array,
+};
 
 export type WriteDtype = 'F32' | 'F64' | 'F16' | 'BF16' | 'I32';
 const WRITE_DTYPES = new Set<string>(['F32', 'F64', 'F16', 'BF16', 'I32']);
@@ -292,25 +283,14 @@ function parseHeaderJson(file: string, text: string, headerLength: number, dataL
   return { tensors, metadata };
 }
 
-function readHeaderFromFd(fd: number, file: string): SafetensorsHeader {
-  const fileSize = fs.fstatSync(fd).size;
-  if (fileSize < 8) fail(file, `not a safetensors file: ${fileSize} bytes, shorter than the 8-byte header length`);
-  const lenBuf = Buffer.alloc(8);
-  readFully(fd, lenBuf, 0, file, 'header length');
-  const n = lenBuf.readBigUInt64LE(0);
-  if (n > BigInt(MAX_HEADER_BYTES)) {
-    fail(file, `safetensors header length ${n} is absurd (limit ${MAX_HEADER_BYTES} bytes); not a safetensors file?`);
+/** Runs `f` on `file` opened for reading, closing it afterwards. */
+function withFd<T>(file: string, f: (fd: number) => T): T {
+  const fd = fs.openSync(file, 'r');
+  try {
+    return f(fd);
+  } finally {
+    fs.closeSync(fd);
   }
-  const headerLength = Number(n);
-  if (8 + headerLength > fileSize) {
-    fail(file, `safetensors header length ${headerLength} exceeds the file size (${fileSize} bytes); file truncated?`);
-  }
-  const hdr = Buffer.alloc(headerLength);
-  readFully(fd, hdr, 8, file, 'header');
-  const text = hdr.toString('utf8');
-  const dataStart = 8 + headerLength;
-  const { tensors, metadata } = parseHeaderJson(file, text, headerLength, fileSize - dataStart);
-  return { path: file, headerLength, dataStart, fileSize, tensors, metadata };
 }
 
 /** Parses and validates the header of a safetensors file without reading tensor data. */
@@ -322,7 +302,23 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     fail(file, `cannot open safetensors file (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
   }
   try {
-    return readHeaderFromFd(fd, file);
+    const fileSize = fs.fstatSync(fd).size;
+    if (fileSize < 8) fail(file, `not a safetensors file: ${fileSize} bytes, shorter than the 8-byte header length`);
+    const lenBuf = Buffer.alloc(8);
+    readFully(fd, lenBuf, 0, file, 'header length');
+    const n = lenBuf.readBigUInt64LE(0);
+    if (n > BigInt(MAX_HEADER_BYTES)) {
+      fail(file, `safetensors header length ${n} is absurd (limit ${MAX_HEADER_BYTES} bytes); not a safetensors file?`);
+    }
+    const headerLength = Number(n);
+    if (8 + headerLength > fileSize) {
+      fail(file, `safetensors header length ${headerLength} exceeds the file size (${fileSize} bytes); file truncated?`);
+    }
+    const hdr = Buffer.alloc(headerLength);
+    readFully(fd, hdr, 8, file, 'header');
+    const dataStart = 8 + headerLength;
+    const { tensors, metadata } = parseHeaderJson(file, hdr.toString('utf8'), headerLength, fileSize - dataStart);
+    return { path: file, headerLength, dataStart, fileSize, tensors, metadata };
   } finally {
     fs.closeSync(fd);
   }
@@ -346,8 +342,7 @@ export function openSafetensors(file: string): SafetensorsFile {
   const stream = (name: string, t: TensorInfo, sink: (bytes: Uint8Array, firstElem: number) => void): void => {
     const size = DTYPE_SIZES[t.dtype]!;
     const total = t.dataOffsets[1] - t.dataOffsets[0];
-    const fd = fs.openSync(file, 'r');
-    try {
+    withFd(file, (fd) => {
       const cur = fs.fstatSync(fd).size;
       if (dataStart + t.dataOffsets[1] > cur) {
         fail(file, `tensor "${name}": data ends at byte ${dataStart + t.dataOffsets[1]} but the file has ${cur} bytes`);
@@ -360,19 +355,11 @@ export function openSafetensors(file: string): SafetensorsFile {
         readFully(fd, view, dataStart + t.dataOffsets[0] + done, file, `tensor "${name}"`);
         sink(view, done / size);
       }
-    } finally {
-      fs.closeSync(fd);
-    }
+    });
   };
 
-  const readRaw = (name: string, t: TensorInfo, dst: Uint8Array): void => {
-    const fd = fs.openSync(file, 'r');
-    try {
-      readFully(fd, dst, dataStart + t.dataOffsets[0], file, `tensor "${name}"`);
-    } finally {
-      fs.closeSync(fd);
-    }
-  };
+  const readRaw = (name: string, t: TensorInfo, dst: Uint8Array): void =>
+    withFd(file, (fd) => readFully(fd, dst, dataStart + t.dataOffsets[0], file, `tensor "${name}"`));
 
   const getInto = (name: string, out: Float32Array): Float32Array => {
     const t = info(name);
@@ -442,24 +429,10 @@ export function openSafetensors(file: string): SafetensorsFile {
       if (t.numel === 0) return out;
       const range = (i: number, v: number | bigint): never =>
         fail(file, `tensor "${name}": element ${i} = ${v} of dtype ${t.dtype} does not fit in int32`);
+      const View = INT_VIEWS[t.dtype];
       stream(name, t, (b, i0) => {
+        if (View) return out.set(new View(b.buffer, b.byteOffset, b.length / View.BYTES_PER_ELEMENT), i0);
         switch (t.dtype) {
-          case 'BOOL':
-          case 'U8':
-            for (let i = 0; i < b.length; i++) out[i0 + i] = b[i]!;
-            break;
-          case 'I8':
-            out.set(new Int8Array(b.buffer, b.byteOffset, b.length), i0);
-            break;
-          case 'I16':
-            out.set(new Int16Array(b.buffer, b.byteOffset, b.length >> 1), i0);
-            break;
-          case 'U16':
-            out.set(new Uint16Array(b.buffer, b.byteOffset, b.length >> 1), i0);
-            break;
-          case 'I32':
-            out.set(new Int32Array(b.buffer, b.byteOffset, b.length >> 2), i0);
-            break;
           case 'U32': {
             const u = new Uint32Array(b.buffer, b.byteOffset, b.length >> 2);
             for (let i = 0; i < u.length; i++) {
@@ -502,39 +475,30 @@ export function openSafetensors(file: string): SafetensorsFile {
 
 function encodeTensor(file: string, t: TensorToWrite): Uint8Array {
   const { name, dtype, data } = t;
-  const where = `tensor "${name}"`;
+  const bytes = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
   switch (dtype) {
-    case 'F32': {
-      if (data instanceof Float32Array) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-      const f = Float32Array.from(data);
-      return new Uint8Array(f.buffer);
-    }
-    case 'F64': {
-      if (data instanceof Float64Array) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-      const f = Float64Array.from(data);
-      return new Uint8Array(f.buffer);
-    }
-    case 'F16': {
-      const h = new Uint16Array(data.length);
-      for (let i = 0; i < data.length; i++) h[i] = floatToHalf(data[i]!);
-      return new Uint8Array(h.buffer);
-    }
+    case 'F32':
+      return bytes(data instanceof Float32Array ? data : Float32Array.from(data));
+    case 'F64':
+      return bytes(data instanceof Float64Array ? data : Float64Array.from(data));
+    case 'F16':
     case 'BF16': {
+      const cvt = dtype === 'F16' ? floatToHalf : floatToBf16;
       const h = new Uint16Array(data.length);
-      for (let i = 0; i < data.length; i++) h[i] = floatToBf16(data[i]!);
-      return new Uint8Array(h.buffer);
+      for (let i = 0; i < data.length; i++) h[i] = cvt(data[i]!);
+      return bytes(h);
     }
     case 'I32': {
-      if (data instanceof Int32Array) return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+      if (data instanceof Int32Array) return bytes(data);
       const o = new Int32Array(data.length);
       for (let i = 0; i < data.length; i++) {
         const v = data[i]!;
         if (!Number.isInteger(v) || v < -2147483648 || v > 2147483647) {
-          failWrite(file, `${where}: element ${i} = ${v} is not an int32 value`);
+          failWrite(file, `tensor "${name}": element ${i} = ${v} is not an int32 value`);
         }
         o[i] = v;
       }
-      return new Uint8Array(o.buffer);
+      return bytes(o);
     }
   }
 }

@@ -2,7 +2,7 @@
  * Dense float64 linear algebra for mask generation: row-major n x n (or m x n) matrices
  * in Float64Array. Masks are generated and inverted here, then applied in float32.
  */
-import { Rng, type RandomSource } from '../tensor/rng.js';
+import type { RandomSource } from '../tensor/rng.js';
 import { haarQrNative } from '../tensor/parallel.js';
 
 export interface Mat64 {
@@ -181,47 +181,3 @@ export function inverseLU(a: Mat64): Mat64 {
   }
   return inv;
 }
-
-/** Largest singular value by power iteration on A^T A. */
-export function spectralNorm(a: Mat64, iters = 60, seed = 12345): number {
-  const rng = new Rng(seed);
-  let x = new Float64Array(a.cols);
-  rng.fillNormal(x);
-  let sigma = 0;
-  for (let it = 0; it < iters; it++) {
-    // y = A x ; x = A^T y
-    const y = new Float64Array(a.rows);
-    for (let i = 0; i < a.rows; i++) {
-      let s = 0;
-      for (let j = 0; j < a.cols; j++) s += a.data[i * a.cols + j] * x[j];
-      y[i] = s;
-    }
-    const z = new Float64Array(a.cols);
-    for (let i = 0; i < a.rows; i++) {
-      const yi = y[i];
-      for (let j = 0; j < a.cols; j++) z[j] += a.data[i * a.cols + j] * yi;
-    }
-    let nz = 0;
-    for (let j = 0; j < z.length; j++) nz += z[j] * z[j];
-    nz = Math.sqrt(nz);
-    if (nz === 0) return 0;
-    sigma = Math.sqrt(nz);
-    for (let j = 0; j < z.length; j++) z[j] /= nz;
-    x = z;
-  }
-  return sigma;
-}
-
-/** Condition number estimate ||A|| ||A^-1|| (spectral norms by power iteration). */
-export function conditionNumber(a: Mat64, inv: Mat64): number {
-  return spectralNorm(a) * spectralNorm(inv);
-}
-
-/** max |A B - I| (checks an inverse pair). */
-export function inverseResidual(a: Mat64, b: Mat64): number {
-  const p = matmul(a, b);
-  let m = 0;
-  for (let i = 0; i < p.rows; i++) for (let j = 0; j < p.cols; j++) m = Math.max(m, Math.abs(p.data[i * p.cols + j] - (i === j ? 1 : 0)));
-  return m;
-}
-

@@ -76,16 +76,18 @@ export function readJson(file: string): unknown {
   }
 }
 
-/** Reads and validates a Hugging Face GPT-2 `config.json` (from a directory or a file inside it). */
-export function readHFConfig(dirOrFile: string): { config: GPT2Config; raw: Record<string, unknown> } {
-  const dir = checkpointDir(dirOrFile);
+/** The JSON object of a checkpoint directory's config.json and its path (`kind` names the model in errors). */
+export function readConfigObject(dir: string, kind: string): { file: string; raw: Record<string, unknown> } {
   const file = path.join(dir, CONFIG_FILE);
-  if (!fs.existsSync(file)) {
-    throw new BundleError(`${file}: missing config.json; a Hugging Face GPT-2 checkpoint directory needs one`);
-  }
+  if (!fs.existsSync(file)) throw new BundleError(`${file}: missing config.json; a Hugging Face ${kind}checkpoint directory needs one`);
   const json = readJson(file);
   if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new BundleError(`${file}: must contain a JSON object`);
-  const raw = json as Record<string, unknown>;
+  return { file, raw: json as Record<string, unknown> };
+}
+
+/** Reads and validates a Hugging Face GPT-2 `config.json` (from a directory or a file inside it). */
+export function readHFConfig(dirOrFile: string): { config: GPT2Config; raw: Record<string, unknown> } {
+  const { file, raw } = readConfigObject(checkpointDir(dirOrFile), 'GPT-2 ');
 
   if (raw['model_type'] !== undefined && raw['model_type'] !== 'gpt2') {
     const llama = ['llama', 'mistral', 'qwen2'].includes(raw['model_type'] as string);
@@ -145,11 +147,7 @@ export function hfConfigJson(w: GPT2Weights, extra?: Record<string, unknown>, dt
     n_inner: null,
   };
   if (w.cls) {
-    const n = w.cls.numLabels;
-    const names = Array.from({ length: n }, (_, i) => w.cls!.labels?.[i] ?? `LABEL_${i}`);
-    arch['num_labels'] = n;
-    arch['id2label'] = Object.fromEntries(names.map((s, i) => [String(i), s]));
-    arch['label2id'] = Object.fromEntries(names.map((s, i) => [s, i]));
+    Object.assign(arch, labelConfig(w.cls));
     // HF's GPT2ForSequenceClassification pools the last token and ignores this key; a
     // mean-pooled head is recorded so that this project loads it back as it was trained
     if (w.cls.pooling && w.cls.pooling !== 'last') arch['obfuscatune_pooling'] = w.cls.pooling;
@@ -169,6 +167,12 @@ export function hfConfigJson(w: GPT2Weights, extra?: Record<string, unknown>, dt
   Object.assign(out, arch);
   out['torch_dtype'] = TORCH_DTYPE[dtype];
   return out;
+}
+
+/** config.json's num_labels, id2label and label2id of a classifier (LABEL_i where it has no names). */
+export function labelConfig(cls: ClassifierHead): Record<string, unknown> {
+  const names = Array.from({ length: cls.numLabels }, (_, i) => cls.labels?.[i] ?? `LABEL_${i}`);
+  return { num_labels: names.length, id2label: Object.fromEntries(names.map((s, i) => [String(i), s])), label2id: Object.fromEntries(names.map((s, i) => [s, i])) };
 }
 
 // ---------------------------------------------------------------------------
@@ -290,6 +294,40 @@ const LIST_MAX = 5;
 export const listNames = (names: string[]) =>
   names.slice(0, LIST_MAX).map((n) => `"${n}"`).join(', ') + (names.length > LIST_MAX ? `, ... (${names.length} in all)` : '');
 
+/** The stored tensors by name without `prefix`; a name stored both with and without it is refused. */
+export function byBareName(stored: Map<string, Source>, prefix: string): Map<string, Source> {
+  const byName = new Map<string, Source>();
+  for (const [n, src] of stored) {
+    const bare = n.startsWith(prefix) ? n.slice(prefix.length) : n;
+    const prev = byName.get(bare);
+    if (prev) throw new BundleError(`${src.file.path}: tensor "${n}" duplicates "${prev.stored}" in ${prev.file.path}`);
+    byName.set(bare, src);
+  }
+  return byName;
+}
+
+/** The files the tensors come from, for errors. */
+export const filesOf = (stored: Map<string, Source>) => [...new Set([...stored.values()].map((s) => s.file.path))].join(', ');
+
+/** A stored LM head of a tied model must be the token embedding `wte` (within both copies' rounding). */
+export function checkTiedHead(lm: Source, wteSrc: Source, wte: Float32Array, C: number, why: string): void {
+  expectShape(lm, 'lm_head.weight', [wte.length / C, C]);
+  const head = readFloat(lm, new Float32Array(wte.length));
+  const rel = Math.max(relTol(lm.file.info(lm.stored).dtype), relTol(wteSrc.file.info(wteSrc.stored).dtype));
+  const i = head.findIndex((a, j) => !(Math.abs(a - wte[j]!) <= 1e-6 + rel * Math.abs(wte[j]!)));
+  if (i >= 0) throw new BundleError(`${lm.file.path}: tensor "${lm.stored}" differs from ${wteSrc.stored} (element ${i}: ${head[i]} vs ${wte[i]}); ${why}`);
+}
+
+/** config.json's pad_token_id, checked against the vocabulary (undefined when absent or null). */
+export function padTokenOf(raw: Record<string, unknown>, cfgFile: string, V: number): number | undefined {
+  const pad = raw['pad_token_id'];
+  if (pad === undefined || pad === null) return undefined;
+  if (!(typeof pad === 'number' && Number.isInteger(pad) && pad >= 0 && pad < V)) {
+    throw new BundleError(`${cfgFile}: pad_token_id ${JSON.stringify(pad)} is not a token id in [0, ${V})`);
+  }
+  return pad;
+}
+
 /**
  * Loads a Hugging Face GPT-2 checkpoint from a directory (or from a `.safetensors` /
  * `model.safetensors.index.json` file inside it; config.json is read from the same directory).
@@ -300,16 +338,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
   const cfgFile = path.join(dir, CONFIG_FILE);
   const stored = openWeights(p, dir);
 
-  // Normalize names: drop the "transformer." prefix.
-  const byName = new Map<string, Source>();
-  for (const [n, src] of stored) {
-    const bare = n.startsWith(PREFIX) ? n.slice(PREFIX.length) : n;
-    const prev = byName.get(bare);
-    if (prev) {
-      throw new BundleError(`${src.file.path}: tensor "${n}" duplicates "${prev.stored}" in ${prev.file.path}`);
-    }
-    byName.set(bare, { ...src });
-  }
+  const byName = byBareName(stored, PREFIX);
 
   const layout = new ParamLayout(config);
   const params = sharedFloat32(layout.total);
@@ -317,10 +346,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
 
   const missing = list.filter((t) => !byName.has(t.name)).map((t) => t.name);
   if (missing.length > 0) {
-    const files = [...new Set([...stored.values()].map((s) => s.file.path))].join(', ');
-    throw new BundleError(
-      `${files}: missing ${missing.length} tensor(s) for a ${config.n_layer}-layer GPT-2: ${listNames(missing)}`,
-    );
+    throw new BundleError(`${filesOf(stored)}: missing ${missing.length} tensor(s) for a ${config.n_layer}-layer GPT-2: ${listNames(missing)}`);
   }
 
   // Unexpected tensors (checked before reading any data).
@@ -355,25 +381,10 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
     readFloat(src, dst);
   }
 
-  // Tied LM head.
   const lm = byName.get('lm_head.weight');
   if (lm) {
-    expectShape(lm, 'lm_head.weight', [config.vocab_size, config.n_embd]);
-    const head = readFloat(lm, new Float32Array(config.vocab_size * config.n_embd));
-    const wte = layout.view(params, 'wte');
-    // Allow for the two copies having been stored in different precisions.
-    const wteSrc = byName.get('wte.weight')!;
-    const rel = Math.max(relTol(lm.file.info(lm.stored).dtype), relTol(wteSrc.file.info(wteSrc.stored).dtype));
-    for (let i = 0; i < head.length; i++) {
-      const a = head[i]!;
-      const b = wte[i]!;
-      if (!(Math.abs(a - b) <= 1e-6 + rel * Math.abs(b))) {
-        throw new BundleError(
-          `${lm.file.path}: tensor "${lm.stored}" differs from wte.weight (element ${i}: ${a} vs ${b}); ` +
-            `untied lm_head is not supported (GPT-2 ties the LM head to the token embedding)`,
-        );
-      }
-    }
+    const why = 'untied lm_head is not supported (GPT-2 ties the LM head to the token embedding)';
+    checkTiedHead(lm, byName.get('wte.weight')!, layout.view(params, 'wte'), config.n_embd, why);
   }
 
   const w: GPT2Weights = { config, layout, params };
@@ -381,7 +392,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
   // Classification head.
   const score = byName.get('score.weight');
   if (opts.expectLabels === true && !score) {
-    throw new BundleError(`${[...new Set([...stored.values()].map((s) => s.file.path))].join(', ')}: no classification head (tensor "score.weight") found`);
+    throw new BundleError(`${filesOf(stored)}: no classification head (tensor "score.weight") found`);
   }
   if (score && opts.expectLabels !== false) {
     const shape = score.file.info(score.stored).shape;
@@ -421,13 +432,8 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
     w.cls = cls;
   }
 
-  const pad = raw['pad_token_id'];
-  if (pad !== undefined && pad !== null) {
-    if (typeof pad !== 'number' || !Number.isInteger(pad) || pad < 0 || pad >= config.vocab_size) {
-      throw new BundleError(`${cfgFile}: pad_token_id ${JSON.stringify(pad)} is not a token id in [0, ${config.vocab_size})`);
-    }
-    w.padTokenId = pad;
-  }
+  const pad = padTokenOf(raw, cfgFile, config.vocab_size);
+  if (pad !== undefined) w.padTokenId = pad;
   return w;
 }
 
@@ -524,10 +530,11 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
   const single = path.join(dir, SINGLE_FILE);
   const index = path.join(dir, INDEX_FILE);
   const oldShards = fs.readdirSync(dir).filter((f) => SHARD_RE.test(f));
+  const writeConfig = () => writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
 
   if (shardBytes === undefined) {
     writeSafetensors(single, tensors, metadata);
-    writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
+    writeConfig();
     fs.rmSync(index, { force: true });
     for (const f of oldShards) fs.rmSync(path.join(dir, f), { force: true });
     return;
@@ -535,19 +542,16 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
 
   const bytesOf = (t: TensorToWrite) => t.data.length * (t.dtype === 'F32' || t.dtype === 'I32' ? 4 : 2);
   const groups: TensorToWrite[][] = [];
-  let cur: TensorToWrite[] = [];
   let curBytes = 0;
   for (const t of tensors) {
     const b = bytesOf(t);
-    if (cur.length > 0 && curBytes + b > shardBytes) {
-      groups.push(cur);
-      cur = [];
+    if (groups.length === 0 || curBytes + b > shardBytes) {
+      groups.push([]);
       curBytes = 0;
     }
-    cur.push(t);
+    groups[groups.length - 1]!.push(t);
     curBytes += b;
   }
-  if (cur.length > 0) groups.push(cur);
   const n = groups.length;
   const pad5 = (i: number) => String(i).padStart(5, '0');
   const weightMap: Record<string, string> = {};
@@ -564,7 +568,7 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
   });
   const sortedMap = Object.fromEntries(Object.keys(weightMap).sort().map((k) => [k, weightMap[k]!]));
   writeFileAtomic(index, JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
-  writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
+  writeConfig();
   fs.rmSync(single, { force: true });
   for (const f of oldShards) if (!names.includes(f)) fs.rmSync(path.join(dir, f), { force: true });
 }

@@ -148,16 +148,7 @@ export function attentionBackward(dqkv: Float32Array, datt: Float32Array, dout: 
     // dP_h = dO_h v_h^T ; dv_h = P_h^T dO_h
     sgemmBatched(false, true, T, T, hs, 1, dO, C, hs, v, C3, hs, 0, da, T, T * T, NH);
     sgemmBatched(true, false, T, hs, T, 1, a, T, T * T, dO, C, hs, 0, dv, C3, hs, NH);
-    // softmax backward: dS = P * (dP - sum_s dP P) * scale, causal entries only
-    for (let h = 0; h < NH; h++) {
-      for (let t = 0; t < T; t++) {
-        const r = h * T * T + t * T;
-        let dot = 0;
-        for (let s = 0; s <= t; s++) dot += a[r + s] * da[r + s];
-        for (let s = 0; s <= t; s++) da[r + s] = a[r + s] * (da[r + s] - dot) * scale;
-        for (let s = t + 1; s < T; s++) da[r + s] = 0;
-      }
-    }
+    causalSoftmaxBackward(da, a, NH, T, scale);
     // dq_h = dS_h k_h ; dk_h = dS_h^T q_h
     sgemmBatched(false, false, T, hs, T, 1, da, T, T * T, k, C3, hs, 0, dq, C3, hs, NH);
     sgemmBatched(true, false, T, hs, T, 1, da, T, T * T, q, C3, hs, 0, dk, C3, hs, NH);
@@ -417,6 +408,19 @@ function causalSoftmax(a: Float32Array, NH: number, T: number): void {
   }
 }
 
+/** dP[NH, T, T] -> dS = P (dP - rowsum(dP P)) scale in place, causal entries only (the future zeroed). */
+function causalSoftmaxBackward(dP: Float32Array, P: Float32Array, NH: number, T: number, scale: number): void {
+  for (let h = 0; h < NH; h++) {
+    for (let t = 0; t < T; t++) {
+      const r = h * T * T + t * T;
+      let dot = 0;
+      for (let s = 0; s <= t; s++) dot += P[r + s] * dP[r + s];
+      for (let s = 0; s <= t; s++) dP[r + s] = P[r + s] * (dP[r + s] - dot) * scale;
+      for (let s = t + 1; s < T; s++) dP[r + s] = 0;
+    }
+  }
+}
+
 // dqkv[B,T,W] (overwritten) from dout[B,T,NH*hd], att, qkv ; datt[B,NH,T,T] is scratch.
 // dk_g, dv_g sum over the group's query heads.
 export function gqaAttentionBackward(dqkv: Float32Array, datt: Float32Array, dout: Float32Array, att: Float32Array, qkv: Float32Array, B: number, T: number, NH: number, NKV: number, hd: number): void {
@@ -435,14 +439,7 @@ export function gqaAttentionBackward(dqkv: Float32Array, datt: Float32Array, dou
       // dP_h = dO_h v_g^T ; dv_g += P_h^T dO_h
       sgemm(false, true, T, T, hd, 1, dO.subarray(h * hd), C, v, W, 0, dP, T);
       sgemm(true, false, T, hd, T, 1, P, T, dO.subarray(h * hd), C, 1, dqkv.subarray(base + C + NKV * hd + g * hd), W);
-      // dS = P (dP - rowsum(dP P)) scale, causal entries only
-      for (let t = 0; t < T; t++) {
-        const o = t * T;
-        let dot = 0;
-        for (let s = 0; s <= t; s++) dot += P[o + s] * dP[o + s];
-        for (let s = 0; s <= t; s++) dP[o + s] = P[o + s] * (dP[o + s] - dot) * scale;
-        for (let s = t + 1; s < T; s++) dP[o + s] = 0;
-      }
+      causalSoftmaxBackward(dP, P, 1, T, scale);
       // dq_h = dS_h k_g ; dk_g += dS_h^T q_h
       sgemm(false, false, T, hd, T, 1, dP, T, k, W, 0, dqkv.subarray(base + h * hd), W);
       sgemm(true, false, T, hd, T, 1, dP, T, qkv.subarray(base + h * hd), W, 1, dqkv.subarray(base + C + g * hd), W);

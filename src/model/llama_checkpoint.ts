@@ -10,8 +10,8 @@ import { validateLlamaConfig, type LlamaConfig, type RopeScaling } from './confi
 import { LlamaLayout, LLAMA_KINDS, type LlamaKind, type LlamaWeights } from './llama.js';
 import { llamaDims } from './llama_block.js';
 import {
-  checkpointDir, readJson, openWeights, expectShape, readFloat, listNames, checkFinite, writeWeights, fmtShape, relTol, TORCH_DTYPE,
-  type Source, type SaveDtype,
+  checkpointDir, readJson, readConfigObject, openWeights, byBareName, filesOf, checkTiedHead, padTokenOf, labelConfig, expectShape,
+  readFloat, listNames, checkFinite, writeWeights, fmtShape, TORCH_DTYPE, type SaveDtype,
 } from './checkpoint.js';
 import type { ClassifierHead } from './weights.js';
 import type { TensorToWrite } from '../io/safetensors.js';
@@ -130,25 +130,17 @@ function fusedWidth(kind: LlamaKind, c: LlamaConfig): number {
 /** Loads a Llama-family checkpoint directory (or a .safetensors / index file inside it). */
 export function loadLlamaCheckpoint(p: string, opts: { expectLabels?: boolean } = {}): LlamaWeights & { arch: LlamaArch } {
   const dir = checkpointDir(p);
-  const cfgFile = path.join(dir, 'config.json');
-  if (!fs.existsSync(cfgFile)) throw new BundleError(`${cfgFile}: missing config.json; a Hugging Face checkpoint directory needs one`);
-  const raw = readJson(cfgFile) as Record<string, unknown>;
-  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new BundleError(`${cfgFile}: must contain a JSON object`);
+  const { file: cfgFile, raw } = readConfigObject(dir, '');
   const { config, arch } = llamaConfigFromHF(raw, cfgFile);
   const stored = openWeights(p, dir);
-  const byName = new Map<string, Source>();
-  for (const [n, src] of stored) {
-    const bare = n.startsWith(PREFIX) ? n.slice(PREFIX.length) : n;
-    if (byName.has(bare)) throw new BundleError(`${src.file.path}: tensor "${n}" duplicates "${byName.get(bare)!.stored}"`);
-    byName.set(bare, src);
-  }
+  const byName = byBareName(stored, PREFIX);
   const layout = new LlamaLayout(config);
   const params = sharedFloat32(layout.total);
   const all = slots(layout);
   const wanted = new Set(all.flatMap((s) => s.parts.map((q) => q.name)));
   // a sequence-classification checkpoint has no LM head (its rows stay zero, and are not saved back)
   if (!config.tie_word_embeddings && byName.has('score.weight') && !byName.has('lm_head.weight')) wanted.delete('lm_head.weight');
-  const files = () => [...new Set([...stored.values()].map((s) => s.file.path))].join(', ');
+  const files = () => filesOf(stored);
   const missing = [...wanted].filter((n) => !byName.has(n));
   if (missing.length) throw new BundleError(`${files()}: missing ${missing.length} tensor(s) for a ${config.n_layer}-layer ${ARCH_CLASS[arch]} model: ${listNames(missing)}`);
   const extra = [...byName.keys()].filter((n) => !wanted.has(n) && n !== 'lm_head.weight' && n !== 'score.weight' && !/^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$/.test(n));
@@ -173,14 +165,8 @@ export function loadLlamaCheckpoint(p: string, opts: { expectLabels?: boolean } 
     }
   }
   const lm = config.tie_word_embeddings ? byName.get('lm_head.weight') : undefined;
-  if (lm) {
-    // a tied checkpoint may still store the head: it must be the embedding
-    expectShape(lm, 'lm_head.weight', [config.vocab_size, config.n_embd]);
-    const head = readFloat(lm, new Float32Array(config.vocab_size * config.n_embd)), wte = layout.view(params, 'wte');
-    const tol = relTol(lm.file.info(lm.stored).dtype);
-    const i = head.findIndex((v, j) => !(Math.abs(v - wte[j]) <= 1e-6 + tol * Math.abs(wte[j])));
-    if (i >= 0) throw new BundleError(`${lm.file.path}: tensor "${lm.stored}" differs from embed_tokens.weight (element ${i}) although ${cfgFile} sets tie_word_embeddings=true`);
-  }
+  // a tied checkpoint may still store the head: it must be the embedding
+  if (lm) checkTiedHead(lm, byName.get('embed_tokens.weight')!, layout.view(params, 'wte'), config.n_embd, `${cfgFile} sets tie_word_embeddings=true`);
   const w: LlamaWeights & { arch: LlamaArch } = { config, layout, params, arch };
   const score = byName.get('score.weight');
   if (opts.expectLabels === true && !score) throw new BundleError(`${files()}: no classification head (tensor "score.weight") found`);
@@ -192,11 +178,8 @@ export function loadLlamaCheckpoint(p: string, opts: { expectLabels?: boolean } 
     if (id2label && typeof id2label === 'object') cls.labels = Array.from({ length: cls.numLabels }, (_, i) => String(id2label[String(i)] ?? `LABEL_${i}`));
     w.cls = cls;
   }
-  const pad = raw['pad_token_id'];
-  if (pad !== undefined && pad !== null) {
-    if (!(typeof pad === 'number' && Number.isInteger(pad) && pad >= 0 && pad < config.vocab_size)) throw new BundleError(`${cfgFile}: pad_token_id ${JSON.stringify(pad)} is not a token id in [0, ${config.vocab_size})`);
-    w.padTokenId = pad;
-  }
+  const pad = padTokenOf(raw, cfgFile, config.vocab_size);
+  if (pad !== undefined) w.padTokenId = pad;
   return w;
 }
 
@@ -217,10 +200,7 @@ export function llamaConfigJson(w: LlamaWeights, arch: LlamaArch, dtype: SaveDty
   if (arch === 'qwen2') j['use_sliding_window'] = false;
   if (arch === 'mistral') j['sliding_window'] = null;
   if (c.qkv_bias !== (arch === 'qwen2')) throw new InputError(`a model ${c.qkv_bias ? 'with' : 'without'} q/k/v biases cannot be saved as model_type ${arch}`);
-  if (w.cls) {
-    const names = Array.from({ length: w.cls.numLabels }, (_, i) => w.cls!.labels?.[i] ?? `LABEL_${i}`);
-    Object.assign(j, { num_labels: names.length, id2label: Object.fromEntries(names.map((s, i) => [String(i), s])), label2id: Object.fromEntries(names.map((s, i) => [s, i])) });
-  }
+  if (w.cls) Object.assign(j, labelConfig(w.cls));
   if (w.padTokenId !== undefined) j['pad_token_id'] = w.padTokenId;
   return j;
 }

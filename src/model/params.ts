@@ -54,15 +54,7 @@ export class Layout<K extends string> {
       const s = shapes[kind];
       const layerSize = s.layer.reduce((a, b) => a * b, 1);
       const size = s.per ? layerSize * L : layerSize;
-      entries[kind] = {
-        kind,
-        shape: s.per ? [L, ...s.layer] : s.layer,
-        layerShape: s.layer,
-        perLayer: s.per,
-        offset: off,
-        size,
-        layerSize,
-      };
+      entries[kind] = { kind, shape: s.per ? [L, ...s.layer] : s.layer, layerShape: s.layer, perLayer: s.per, offset: off, size, layerSize };
       off += size;
     }
     this.entries = entries;
@@ -109,39 +101,21 @@ export class ParamLayout extends Layout<ParamKind> {
   }
 }
 
-/** Hugging Face tensor name (without the `transformer.` prefix) for a kind and layer. */
-export function hfName(kind: ParamKind, layer = -1): string {
-  const h = (s: string) => `h.${layer}.${s}`;
-  switch (kind) {
-    case 'wte': return 'wte.weight';
-    case 'wpe': return 'wpe.weight';
-    case 'ln1w': return h('ln_1.weight');
-    case 'ln1b': return h('ln_1.bias');
-    case 'qkvw': return h('attn.c_attn.weight');
-    case 'qkvb': return h('attn.c_attn.bias');
-    case 'attprojw': return h('attn.c_proj.weight');
-    case 'attprojb': return h('attn.c_proj.bias');
-    case 'ln2w': return h('ln_2.weight');
-    case 'ln2b': return h('ln_2.bias');
-    case 'fcw': return h('mlp.c_fc.weight');
-    case 'fcb': return h('mlp.c_fc.bias');
-    case 'fcprojw': return h('mlp.c_proj.weight');
-    case 'fcprojb': return h('mlp.c_proj.bias');
-    case 'lnfw': return 'ln_f.weight';
-    case 'lnfb': return 'ln_f.bias';
-  }
-}
+/** Hugging Face tensor names (without the `transformer.` prefix; per-layer ones after `h.<layer>.`). */
+const HF_NAMES: Record<ParamKind, string> = {
+  wte: 'wte.weight', wpe: 'wpe.weight', ln1w: 'ln_1.weight', ln1b: 'ln_1.bias',
+  qkvw: 'attn.c_attn.weight', qkvb: 'attn.c_attn.bias', attprojw: 'attn.c_proj.weight', attprojb: 'attn.c_proj.bias',
+  ln2w: 'ln_2.weight', ln2b: 'ln_2.bias', fcw: 'mlp.c_fc.weight', fcb: 'mlp.c_fc.bias',
+  fcprojw: 'mlp.c_proj.weight', fcprojb: 'mlp.c_proj.bias', lnfw: 'ln_f.weight', lnfb: 'ln_f.bias',
+};
 
 /** Every (HF name, kind, layer) triple of a config, in a stable order. */
 export function hfTensorList(layout: ParamLayout): { name: string; kind: ParamKind; layer: number; shape: number[] }[] {
   const out: { name: string; kind: ParamKind; layer: number; shape: number[] }[] = [];
   for (const kind of PARAM_KINDS) {
     const e = layout.entries[kind];
-    if (e.perLayer) {
-      for (let l = 0; l < layout.config.n_layer; l++) out.push({ name: hfName(kind, l), kind, layer: l, shape: e.layerShape });
-    } else {
-      out.push({ name: hfName(kind), kind, layer: -1, shape: e.shape });
-    }
+    if (!e.perLayer) out.push({ name: HF_NAMES[kind], kind, layer: -1, shape: e.shape });
+    else for (let l = 0; l < layout.config.n_layer; l++) out.push({ name: `h.${l}.${HF_NAMES[kind]}`, kind, layer: l, shape: e.layerShape });
   }
   return out;
 }

@@ -28,6 +28,7 @@ import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/saf
 import { BundleError, InputError } from '../errors.js';
 import { LORA_TARGETS, LoraAdapters, targetDims, type LoraConfig, type LoraTarget } from './lora.js';
 import type { GPT2Config } from './config.js';
+import { readJson } from './checkpoint.js';
 
 export const PEFT_CONFIG_FILE = 'adapter_config.json';
 export const PEFT_WEIGHTS_FILE = 'adapter_model.safetensors';
@@ -183,13 +184,7 @@ export function isPeftAdapterDir(p: string): boolean {
 function readPeftConfig(dir: string): PeftConfig {
   const file = path.join(dir, PEFT_CONFIG_FILE);
   if (!fs.existsSync(file)) throw new BundleError(`${dir} is not a PEFT adapter directory (no ${PEFT_CONFIG_FILE})`);
-  let raw: unknown;
-  try {
-    raw = JSON.parse(fs.readFileSync(file, 'utf8'));
-  } catch (e) {
-    throw new BundleError(`${file}: invalid JSON (${(e as Error).message})`);
-  }
-  const r = peftConfigSchema.safeParse(raw);
+  const r = peftConfigSchema.safeParse(readJson(file));
   if (!r.success) {
     const iss = r.error.issues[0];
     throw new BundleError(`${file}: ${iss.path.length ? `"${iss.path.join('.')}" ` : ''}${iss.message}`);

@@ -142,26 +142,32 @@ export class Transformer<X extends Float32Array> {
     }
   }
 
+  /**
+   * h[B*T, C] = the token and position (from pos0) embeddings in the stream's basis, plus the
+   * embedding adapter's update; returns what that adapter's backward needs.
+   */
+  private embed(h: Float32Array, ids: Int32Array, B: number, T: number, pos0: number): Float32Array | undefined {
+    const { basis, tables } = this.parts;
+    const C = this.config.n_embd, n = B * T;
+    encoderForward(h, ids, tables.wte, tables.wpe ? tables.wpe.subarray(pos0 * C) : null, B, T, C);
+    basis.embedded(h, n);
+    const embAd = this.env.adapters?.embedding();
+    if (!embAd) return undefined;
+    const delta = new Float32Array(n * C);
+    const u = loraEmbedForward(delta, ids, embAd, n, this.env.adapters!.scale, false);
+    basis.addPlain(delta, h, n);
+    return u;
+  }
+
   /** Embedding, every block and the final norm: a.hf [n, C] in the tables' basis. */
   private async trunk(tokens: Int32Array, B: number, T: number, train: boolean): Promise<Acts<X>> {
     this.checkTokens(tokens, B, T);
-    const { n_layer: L, n_embd: C } = this.config;
-    const n = B * T;
     const a = this.activations(B, T, train);
-    const { basis, tables } = this.parts;
     const h = a.h;
-    encoderForward(h, tokens, tables.wte, tables.wpe, B, T, C);
-    basis.embedded(h, n);
-    const embAd = this.env.adapters?.embedding();
-    let embU: Float32Array | undefined;
-    if (embAd) {
-      const delta = new Float32Array(n * C);
-      embU = loraEmbedForward(delta, tokens, embAd, n, this.env.adapters!.scale, false);
-      basis.addPlain(delta, h, n);
-    }
-    for (let l = 0; l < L; l++) await this.block.forward(this.env, l, h, a.layers[train ? l : 0], B, T, train);
+    const embU = this.embed(h, tokens, B, T, 0);
+    for (let l = 0; l < this.config.n_layer; l++) await this.block.forward(this.env, l, h, a.layers[train ? l : 0], B, T, train);
     if (train) a.hL.set(h);
-    basis.finalNorm(h, a.nf, a.hf, n);
+    this.parts.basis.finalNorm(h, a.nf, a.hf, B * T);
     if (train) this.pending = { head: 'lm', B, T, tokens, targets: new Int32Array(0), count: 0, embU };
     return a;
   }
@@ -283,15 +289,7 @@ export class Transformer<X extends Float32Array> {
     if (pos0 + n > this.config.n_ctx) throw new Error(`sequence of ${pos0 + n} tokens exceeds the model's context of ${this.config.n_ctx}`);
     const { basis, tables } = this.parts;
     const h = new Float32Array(n * C);
-    const wpe = tables.wpe;
-    for (let i = 0; i < n; i++) for (let j = 0; j < C; j++) h[i * C + j] = tables.wte[ids[i] * C + j] + (wpe ? wpe[(pos0 + i) * C + j] : 0);
-    basis.embedded(h, n);
-    const embAd = this.env.adapters?.embedding();
-    if (embAd) {
-      const delta = new Float32Array(n * C);
-      loraEmbedForward(delta, ids, embAd, n, this.env.adapters!.scale, false);
-      basis.addPlain(delta, h, n);
-    }
+    this.embed(h, ids, 1, n, pos0);
     const a = new Acts<X>(1, n, 1, this.config, basis, this.block).layers[0];
     const kw = cache.C;
     for (let l = 0; l < L; l++) {

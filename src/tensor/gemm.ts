@@ -102,19 +102,10 @@ function checkMatrix(fn: string, name: string, buf: Float32Array, rows: number, 
 
 function checkCommon(fn: string, transA: unknown, transB: unknown, m: unknown, n: unknown, k: unknown, alpha: unknown,
   A: unknown, lda: unknown, B: unknown, ldb: unknown, beta: unknown, C: unknown, ldc: unknown): void {
-  checkBool(fn, 'transA', transA);
-  checkBool(fn, 'transB', transB);
-  checkDim(fn, 'm', m);
-  checkDim(fn, 'n', n);
-  checkDim(fn, 'k', k);
-  checkScalar(fn, 'alpha', alpha);
-  checkF32(fn, 'A', A);
-  checkDim(fn, 'lda', lda);
-  checkF32(fn, 'B', B);
-  checkDim(fn, 'ldb', ldb);
-  checkScalar(fn, 'beta', beta);
-  checkF32(fn, 'C', C);
-  checkDim(fn, 'ldc', ldc);
+  for (const [name, v] of Object.entries({ transA, transB })) checkBool(fn, name, v);
+  for (const [name, v] of Object.entries({ m, n, k, lda, ldb, ldc })) checkDim(fn, name, v);
+  for (const [name, v] of Object.entries({ alpha, beta })) checkScalar(fn, name, v);
+  for (const [name, v] of Object.entries({ A, B, C })) checkF32(fn, name, v);
 }
 
 // ------------------------------------------------------------------ GEMM
@@ -145,10 +136,7 @@ export function sgemmBatched(transA: boolean, transB: boolean, m: number, n: num
   beta: number, C: Float32Array, ldc: number, strideC: number, batch: number): void {
   const fn = 'sgemmBatched';
   checkCommon(fn, transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
-  checkDim(fn, 'strideA', strideA);
-  checkDim(fn, 'strideB', strideB);
-  checkDim(fn, 'strideC', strideC);
-  checkDim(fn, 'batch', batch);
+  for (const [name, v] of Object.entries({ strideA, strideB, strideC, batch })) checkDim(fn, name, v);
   const ab = m > 0 && n > 0 && k > 0;
   checkMatrix(fn, 'A', A, ab ? (transA ? k : m) : 0, transA ? m : k, 'lda', lda, transA ? 'transA: A is k x m' : 'A is m x k', batch, strideA, 'strideA');
   checkMatrix(fn, 'B', B, ab ? (transB ? n : k) : 0, transB ? k : n, 'ldb', ldb, transB ? 'transB: B is n x k' : 'B is k x n', batch, strideB, 'strideB');
@@ -190,43 +178,4 @@ export function butterfly(ops: Int32Array, mats: Float32Array, perms: Int32Array
     cur = next;
   }
   out.set(cur.subarray(0, orows * w));
-}
-
-// ------------------------------------------------------------------ linear layers
-
-/** out[m,n] = x[m,k] w[k,n] + bias (all row-major, contiguous). */
-export function linearForward(out: Float32Array, x: Float32Array, w: Float32Array, bias: Float32Array | null, m: number, k: number, n: number): void {
-  sgemm(false, false, m, n, k, 1, x, k, w, n, 0, out, n, bias);
-}
-
-/** dx[m,k] (+)= dy[m,n] w^T, with w stored [k,n]. */
-export function linearBackwardInput(dx: Float32Array, dy: Float32Array, w: Float32Array, m: number, k: number, n: number, accumulate: boolean): void {
-  sgemm(false, true, m, k, n, 1, dy, n, w, n, accumulate ? 1 : 0, dx, k);
-}
-
-/** dw[k,n] (+)= x^T dy, with x stored [m,k] and dy stored [m,n]. */
-export function linearBackwardWeight(dw: Float32Array, x: Float32Array, dy: Float32Array, m: number, k: number, n: number, accumulate: boolean): void {
-  sgemm(true, false, k, n, m, 1, x, k, dy, n, accumulate ? 1 : 0, dw, n);
-}
-
-let colSums = new Float64Array(0);
-
-/** db[n] (+)= the sum over the m rows of dy[m,n]. */
-export function biasBackward(db: Float32Array, dy: Float32Array, m: number, n: number, accumulate: boolean): void {
-  const fn = 'biasBackward';
-  checkF32(fn, 'db', db);
-  checkF32(fn, 'dy', dy);
-  checkDim(fn, 'm', m);
-  checkDim(fn, 'n', n);
-  if (db.length < n) fail(fn, `db is too short: needs n = ${n} elements, has ${db.length}`);
-  if (dy.length < m * n) fail(fn, `dy is too short: an ${m}x${n} matrix needs ${m * n} elements, dy has ${dy.length}`);
-  if (colSums.length < n) colSums = new Float64Array(n);
-  const s = colSums;
-  s.fill(0, 0, n);
-  for (let r = 0; r < m; r++) {
-    const o = r * n;
-    for (let j = 0; j < n; j++) s[j] += dy[o + j];
-  }
-  if (accumulate) for (let j = 0; j < n; j++) db[j] += s[j];
-  else for (let j = 0; j < n; j++) db[j] = s[j];
 }

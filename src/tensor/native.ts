@@ -79,13 +79,12 @@ function parseThreads(raw: string | undefined): number {
   return n;
 }
 
-function load(): { addon: NativeAddon | null; error: string | null; requested: 'native' | 'js' | null } {
+function load(): { addon: NativeAddon | null; error: string | null } {
   const raw = process.env.OBFUSCATUNE_BACKEND?.trim().toLowerCase() ?? '';
   if (raw !== '' && raw !== 'native' && raw !== 'js') {
     throw new Error(`OBFUSCATUNE_BACKEND must be 'native' or 'js', got '${process.env.OBFUSCATUNE_BACKEND}'`);
   }
-  const requested = raw === '' ? null : raw;
-  if (requested === 'js') return { addon: null, error: 'disabled by OBFUSCATUNE_BACKEND=js', requested };
+  if (raw === 'js') return { addon: null, error: 'disabled by OBFUSCATUNE_BACKEND=js' };
   let addon: NativeAddon | null = null;
   let error: string | null = null;
   const file = findAddon();
@@ -99,17 +98,17 @@ function load(): { addon: NativeAddon | null; error: string | null; requested: '
     }
   }
   if (!addon) {
-    if (requested === 'native') throw new Error(`OBFUSCATUNE_BACKEND=native but the native GEMM addon is unavailable: ${error}`);
+    if (raw === 'native') throw new Error(`OBFUSCATUNE_BACKEND=native but the native GEMM addon is unavailable: ${error}`);
     // Written directly (not process.emitWarning) so that --no-warnings cannot hide it.
     process.stderr.write(`obfuscatune: warning: native GEMM addon unavailable (${error}); using the much slower TypeScript kernels\n`);
-    return { addon: null, error, requested };
+    return { addon: null, error };
   }
   addon.setThreads(parseThreads(process.env.OBFUSCATUNE_THREADS));
   const isa = process.env.OBFUSCATUNE_ISA?.trim().toLowerCase();
   if (isa && !((isa === 'avx512' || isa === 'avx2' || isa === 'generic') && addon.setIsa(isa))) {
     throw new Error(`OBFUSCATUNE_ISA must be an instruction set this CPU and build have (avx512, avx2 or generic), got '${process.env.OBFUSCATUNE_ISA}'`);
   }
-  return { addon, error: null, requested };
+  return { addon, error: null };
 }
 
 const loaded = load();
@@ -118,4 +117,3 @@ const loaded = load();
 export const native: NativeAddon | null = loaded.addon;
 /** Why the addon is not available (null when it is). */
 export const nativeLoadError: string | null = loaded.error;
-/** The backend named by OBFUSCATUNE_BACKEND, or null when unset. */

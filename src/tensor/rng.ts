@@ -128,10 +128,7 @@ export class Rng extends RandomSource {
       // mix the high part of large seeds too
       const hi = Math.floor(seed / 2 ** 32) >>> 0;
       x ^= Math.imul(hi, 0x27d4eb2f) >>> 0;
-      this.s0 = next();
-      this.s1 = next();
-      this.s2 = next();
-      this.s3 = next();
+      [this.s0, this.s1, this.s2, this.s3] = [next(), next(), next(), next()];
     } else {
       if (seed.length < 4) throw new Error('Rng state needs 4 words');
       [this.s0, this.s1, this.s2, this.s3] = [seed[0] >>> 0, seed[1] >>> 0, seed[2] >>> 0, seed[3] >>> 0];
@@ -165,7 +162,7 @@ export class Rng extends RandomSource {
 
   static fromState(s: number[]): Rng {
     const r = new Rng(new Uint32Array(s.slice(0, 4)));
-    r.spare = typeof s[4] === 'number' && Number.isFinite(s[4]) ? s[4] : null;
+    r.setState([r.s0, r.s1, r.s2, r.s3, s[4]]);
     return r;
   }
 }

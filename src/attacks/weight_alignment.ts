@@ -202,11 +202,6 @@ function unmaskAttproj(Wo: Float32Array, headPerm: Int32Array, pubWo: Float32Arr
   return out;
 }
 
-/** x [rows, c] times M [c, c] (float32 GEMM), M given in float32 */
-function rightMul(x: Float32Array, rows: number, M: Float32Array, c: number, trans = false): Float32Array {
-  return gemm(x, M, rows, c, c, trans);
-}
-
 /** The sealed-mode alignment. */
 function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: number, maxRounds: number, progress?: AttackProgress): Alignment {
   const L = acc.n_layer;
@@ -251,7 +246,11 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
     anchors.push(mutualBest(S, n));
     tick(l + 1, `invariants, layer ${l}`);
   }
-  // 2. Procrustes on anchors, re-match, repeat
+  // 2. Procrustes on anchors, re-match, repeat; rows (Q a_j)^T = a_j^T Q^T and b_j Q^T, their similarities to the public units
+  const turned = (l: number, Q: Float32Array) => {
+    const Ah = gemm(A[l], Q, n, d, d, true), Bh = gemm(Bm[l], Q, n, d, d, true);
+    return { Ah, Bh, S: simSum([[Ah, X[l]], [Bh, Y[l]]], n, d) };
+  };
   let Q: Float32Array = new Float32Array(d * d);
   let rounds = 0;
   let prev = -1;
@@ -266,16 +265,8 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
       addOuter(K, pub[l].fcprojb, 0, acc.layers[l].fcproj.b, 0, d);
     }
     Q = toF32(polar(mat(d, d, K))); // Q s ~ t: the bases' own Q (h* = h Q, W*fc = Q^T diag(g) Wfc Pi)
-    const next: [number, number][][] = [];
-    let total = 0;
-    for (let l = 0; l < L; l++) {
-      const Ah = rightMul(A[l], n, Q, d, true); // rows (Q a_j)^T = a_j^T Q^T
-      const Bh = rightMul(Bm[l], n, Q, d, true);
-      const S = simSum([[Ah, X[l]], [Bh, Y[l]]], n, d);
-      next.push(mutualBest(S, n));
-      total += next[l].length;
-    }
-    anchors = next;
+    anchors = A.map((_, l) => mutualBest(turned(l, Q).S, n));
+    const total = anchors.reduce((t, a) => t + a.length, 0);
     tick(L + rounds + 1, `refinement round ${rounds + 1}, ${total} anchors`);
     if (total === prev) { rounds++; break; }
     prev = total;
@@ -286,9 +277,8 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
   const maskModel: ('orthogonal' | 'general')[] = [];
   for (let l = 0; l < L; l++) {
     const a = acc.layers[l];
-    const Ah = rightMul(A[l], n, Qm, d, true);
-    const Bh = rightMul(Bm[l], n, Qm, d, true);
-    const p = assignMax(simSum([[Ah, X[l]], [Bh, Y[l]]], n, d), n);
+    const { Ah, Bh, S } = turned(l, Qm);
+    const p = assignMax(S, n);
     perm.push(p);
     const fcw = new Float32Array(d * n), fcb = new Float32Array(n), fcprojw = new Float32Array(n * d);
     for (let j = 0; j < n; j++) {
@@ -303,11 +293,11 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
     headPerm.push(hd.headPerm);
     maskModel.push(hd.orthogonal ? 'orthogonal' : 'general');
     // attproj: W*o = MB^-1 Wo Q, so W*o Q^T = MB^-1 Wo
-    const WoM = rightMul(a.attproj.w, d, Qm, d, true);
+    const WoM = gemm(a.attproj.w, Qm, d, d, d, true);
     weights.push({
       qkvw: hd.qkvw, qkvb: hd.qkvb,
-      attprojw: unmaskAttproj(WoM, hd.headPerm, pub[l].attprojw, d, H), attprojb: rightMul(a.attproj.b, 1, Qm, d, true),
-      fcw, fcb, fcprojw, fcprojb: rightMul(a.fcproj.b, 1, Qm, d, true),
+      attprojw: unmaskAttproj(WoM, hd.headPerm, pub[l].attprojw, d, H), attprojb: gemm(a.attproj.b, Qm, 1, d, d, true),
+      fcw, fcb, fcprojw, fcprojb: gemm(a.fcproj.b, Qm, 1, d, d, true),
     });
     tick(L + maxRounds + l + 1, `assignment, layer ${l}`);
   }
@@ -343,8 +333,6 @@ function alignPaper(acc: BlockLinears, pub: BlockWeights[], d: number, H: number
     };
     const Ms = vo(a.qkv.w, a.attproj.w), Mp = vo(P.qkvw, P.attprojw);
     // Ms = R1^-1 Mp  =>  Ms^T = Mp^T R1^-T
-    // start: the orthogonal Procrustes fit of W*v W*o = R1^-1 Wv Wo (stable however badly
-    // conditioned Wv Wo is); then alternate least squares over all of qkv
     // alternate: per-head masks given R1, then R1^-1 from all of W*qkv = R1^-1 (Wqkv Mqkv), a
     // far better conditioned system than W*v W*o alone. Two starts: the orthogonal Procrustes
     // fit of W*v W*o (right for kappa 1, stable however badly conditioned Wv Wo is) and its

@@ -80,6 +80,15 @@ function readJson<T>(file: string, what: string): T {
   }
 }
 
+/** A bundle's data file, checked: inside the bundle directory, present, and of the SHA-256 that the manifest `mfile` pins. */
+function pinnedFile(dir: string, file: string, sha: string, what: string, mfile: string): string {
+  const f = path.join(dir, file);
+  if (path.dirname(path.resolve(f)) !== path.resolve(dir)) throw new BundleError(`${what}: the data file must be inside the bundle directory`);
+  if (!existsSync(f)) throw new BundleError(`${what}: ${f} not found`);
+  if (sha256(readFileSync(f)) !== sha) throw new BundleError(`${what}: ${f} does not match the SHA-256 in ${mfile} (corrupt or replaced)`);
+  return f;
+}
+
 /** Writes the accelerator bundle; returns the SHA-256 of its manifest. */
 export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mode: Mode, d: number, keyFp?: string, publicBaseSha?: string): string {
   mkdirSync(dir, { recursive: true });
@@ -117,11 +126,7 @@ export function loadAcceleratorBundle(dir: string): LoadedAccelerator {
   const text = readFileSync(mfile);
   const manifest = readJson<AcceleratorManifest>(mfile, 'accelerator bundle');
   if (manifest.format !== ACC_FORMAT) throw new BundleError(`accelerator bundle: ${mfile} has format "${manifest.format}", expected "${ACC_FORMAT}"`);
-  const wfile = path.join(dir, manifest.weights.file);
-  if (path.dirname(path.resolve(wfile)) !== path.resolve(dir)) throw new BundleError('accelerator bundle: weights file must be inside the bundle directory');
-  if (!existsSync(wfile)) throw new BundleError(`accelerator bundle: ${wfile} not found`);
-  const bytes = readFileSync(wfile);
-  if (sha256(bytes) !== manifest.weights.sha256) throw new BundleError(`accelerator bundle: ${wfile} does not match the SHA-256 in ${mfile} (corrupt or replaced)`);
+  const wfile = pinnedFile(dir, manifest.weights.file, manifest.weights.sha256, 'accelerator bundle', mfile);
   const st = openSafetensors(wfile);
   const d = manifest.n_embd;
   const layers: AcceleratorWeights['layers'] = [];
@@ -339,10 +344,7 @@ export function loadEnclaveBundle(dir: string): EnclaveBundle {
   if (m.mode !== 'sealed' && m.mode !== 'paper') throw new BundleError(`enclave bundle: unknown mode "${m.mode}"`);
   const config = isLlama(m.config) ? validateLlamaConfig(m.config, `enclave bundle ${mfile}`) : validateConfig(m.config, `enclave bundle ${mfile}`);
   if (isLlama(config) && m.rotary_masks !== 'full' && m.rotary_masks !== 'blocks') throw new BundleError(`enclave bundle: ${mfile} is a Llama-family bundle without a valid rotary_masks ("full" or "blocks"), got ${JSON.stringify(m.rotary_masks)}`);
-  const tfile = path.join(dir, m.tensors.file);
-  if (path.dirname(path.resolve(tfile)) !== path.resolve(dir)) throw new BundleError('enclave bundle: tensor file must be inside the bundle directory');
-  if (!existsSync(tfile)) throw new BundleError(`enclave bundle: ${tfile} not found`);
-  if (sha256(readFileSync(tfile)) !== m.tensors.sha256) throw new BundleError(`enclave bundle: ${tfile} does not match the SHA-256 in ${mfile}`);
+  const tfile = pinnedFile(dir, m.tensors.file, m.tensors.sha256, 'enclave bundle', mfile);
   const cls = m.cls ? { numLabels: m.cls.num_labels, labels: m.cls.labels, pooling: bundlePooling(m.cls.pooling, mfile) } : undefined;
   const publicBase = m.public_base ? publicBaseOf(m.public_base, config.n_layer, config.n_embd, mfile) : undefined;
   const head = { mode: m.mode, config, twoSided: m.two_sided, cls, publicBase };

@@ -24,7 +24,7 @@ import { kappaMask, makeMask, randomPermutation, type MaskPair, type MaskSpec, t
 import type { ObfuscationParams } from './masks.js';
 import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
 import type { LlamaHeadMasks, LlamaObfuscatedTensors, LlamaPlainTensors, RotaryMasks } from './enclave_tensors.js';
-import { permuteRows } from './transform.js';
+import { f32, mm, permuteCols, permuteRows, scaleRows } from './transform.js';
 import { BundleError } from '../errors.js';
 
 export interface LlamaLayerMasks {
@@ -97,20 +97,7 @@ export function deriveLlamaMasks(c: LlamaConfig, key: Buffer, params: Obfuscatio
   return out;
 }
 
-const f32 = (m: Mat64): Float32Array => Float32Array.from(m.data);
-
-/** out[rows, n] = M[rows, k] X[k, n], or M^T X with transM (M [k, rows]) */
-function mm(M: Float32Array, X: Float32Array, rows: number, k: number, n: number, transM = false): Float32Array {
-  const out = new Float32Array(rows * n);
-  sgemm(transM, false, rows, n, k, 1, M, transM ? rows : k, X, n, 0, out, n);
-  return out;
-}
-
-function scaleRows(W: Float32Array, rows: number, n: number, s: Float32Array, invert = false): Float32Array {
-  const Y = new Float32Array(rows * n);
-  for (let i = 0; i < rows; i++) for (let j = 0, f = invert ? 1 / s[i] : s[i]; j < n; j++) Y[i * n + j] = W[i * n + j] * f;
-  return Y;
-}
+const KIND = { qkv: 'qkvw', o: 'ow', gateup: 'guw', down: 'downw' } as const;
 
 /** The (query head, kv group) of each masked slot of a layer: q slots [NH], kv slots [NKV]. */
 function slots(c: LlamaConfig, perm: Int32Array): { q: Int32Array; kv: Int32Array } {
@@ -166,20 +153,10 @@ function llamaSides(c: LlamaConfig, masks: LlamaModelMasks, l: number) {
           headCols(X, Y, rows, W, C + KV, sl.kv, vM, hd, true);
           return Y;
         }
-        case 'gateup': {
-          const Y = new Float32Array(rows * 2 * I);
-          for (let r = 0; r < rows; r++) for (let j = 0; j < I; j++) {
-            Y[r * 2 * I + j] = X[r * 2 * I + lm.pi[j]];
-            Y[r * 2 * I + I + j] = X[r * 2 * I + I + lm.pi[j]];
-          }
-          return Y;
-        }
+        case 'gateup': return permuteCols(X, 2 * rows, I, lm.pi, false); // [g Pi | u Pi]: each half's columns
         default: {
           const R = sealed ? Q : (name === 'o' ? lm.Ro : lm.Rp) ? f32((name === 'o' ? lm.Ro : lm.Rp)!.m) : null;
-          if (!R) return Float32Array.from(X);
-          const Y = new Float32Array(rows * C);
-          sgemm(false, false, rows, C, C, 1, X, C, R, C, 0, Y, C);
-          return Y;
+          return R ? mm(X, R, rows, C, C) : Float32Array.from(X);
         }
       }
     },
@@ -190,8 +167,7 @@ function llamaSides(c: LlamaConfig, masks: LlamaModelMasks, l: number) {
 function effective(w: LlamaWeights, sealed: boolean, l: number, name: LlamaLinearName): { w: Float32Array; b: Float32Array } {
   const lay = w.layout, p = w.params, c = w.config;
   const [din, dout] = llamaLinearDims(name, c);
-  const kind = { qkv: 'qkvw', o: 'ow', gateup: 'guw', down: 'downw' } as const;
-  const W = lay.layer(p, kind[name], l), b = name === 'qkv' ? Float32Array.from(lay.layer(p, 'qkvb', l)) : new Float32Array(0);
+  const W = lay.layer(p, KIND[name], l), b = name === 'qkv' ? Float32Array.from(lay.layer(p, 'qkvb', l)) : new Float32Array(0);
   if (!sealed || name === 'o' || name === 'down') return { w: Float32Array.from(W), b };
   return { w: scaleRows(W, din, dout, lay.layer(p, name === 'qkv' ? 'ln1w' : 'ln2w', l)), b };
 }
@@ -291,11 +267,6 @@ export function deobfuscateLlama(base: LlamaWeights, acc: AcceleratorWeights, en
       headCols(X, Y, rows, W, C + KV, sl.kv, inv(lm.v), hd, false);
       return Y;
     };
-    const unGu = (X: Float32Array, rows: number) => {
-      const Y = new Float32Array(rows * 2 * I);
-      for (let r = 0; r < rows; r++) for (let j = 0; j < I; j++) { Y[r * 2 * I + lm.pi[j]] = X[r * 2 * I + j]; Y[r * 2 * I + I + lm.pi[j]] = X[r * 2 * I + I + j]; }
-      return Y;
-    };
     const unIn = (which: 1 | 2, X: Float32Array, cols: number) => {
       const Y = sealed ? mm(Q!, X, C, C, cols) : mm(f32((which === 1 ? lm.R1 : lm.R2)!.m), X, C, C, cols);
       return sealed ? scaleRows(Y, C, cols, base.layout.layer(base.params, which === 1 ? 'ln1w' : 'ln2w', l), true) : Y;
@@ -303,14 +274,11 @@ export function deobfuscateLlama(base: LlamaWeights, acc: AcceleratorWeights, en
     const qkv = get(l, 'qkv'), gu = get(l, 'gateup'), o = get(l, 'o'), down = get(l, 'down');
     layout.layer(p, 'qkvw', l).set(unIn(1, unQkv(qkv.w, C), W));
     if (c.qkv_bias) layout.layer(p, 'qkvb', l).set(unQkv(qkv.b, 1));
-    layout.layer(p, 'guw', l).set(unIn(2, unGu(gu.w, C), 2 * I));
+    layout.layer(p, 'guw', l).set(unIn(2, permuteCols(gu.w, 2 * C, I, lm.pi, true), 2 * I));
     // o and down: undo the output side (Q^T, Ro^-1 / Rp^-1), then the input side
     const unOut = (X: Float32Array, rows: number, R: MaskPair | undefined) => {
       const M = sealed ? f32(masks.Q!.inv) : R ? f32(R.inv) : null;
-      if (!M) return X;
-      const Y = new Float32Array(rows * C);
-      sgemm(false, false, rows, C, C, 1, X, C, M, C, 0, Y, C);
-      return Y;
+      return M ? mm(X, M, rows, C, C) : X;
     };
     const Wo = unOut(o.w, C, lm.Ro);
     // rows of slot s are Mv^-1 Wo[h]: Wo[h] = Mv Wo*[s] (per head, as (Wo*^T Mv^T)^T)
@@ -374,12 +342,11 @@ export function foldRmsGains(w: LlamaWeights): LlamaWeights {
 /** Plain weights from the `local` mode's two sides (a run's trained state). */
 export function fromPlainLlamaParts(base: LlamaWeights, acc: AcceleratorWeights, t: LlamaPlainTensors): LlamaWeights {
   const c = base.config, layout = new LlamaLayout(c), p = new Float32Array(layout.total);
-  const kind = { qkv: 'qkvw', o: 'ow', gateup: 'guw', down: 'downw' } as const;
   acc.layers.forEach((L, l) => {
     for (const name of LLAMA_LINEARS) {
       const x = L[name];
       if (!x) throw new BundleError(`the accelerator's layer ${l} has no linear "${name}"`);
-      layout.layer(p, kind[name], l).set(x.w);
+      layout.layer(p, KIND[name], l).set(x.w);
       if (name === 'qkv' && c.qkv_bias) layout.layer(p, 'qkvb', l).set(x.b);
     }
   });

@@ -15,19 +15,12 @@ import type { DeltaTensors, HeadMasks, ObfuscatedTensors } from './enclave_tenso
 import { truncatedSvd, type RankChoice } from '../linalg/svd.js';
 import { BundleError } from '../errors.js';
 
-const f32 = (m: Mat64): Float32Array => Float32Array.from(m.data);
+export const f32 = (m: Mat64): Float32Array => Float32Array.from(m.data);
 
 /** out[rows, n] = M[rows, k] X[k, n] (float32) */
-function mm(M: Float32Array, X: Float32Array, rows: number, k: number, n: number, transM = false): Float32Array {
+export function mm(M: Float32Array, X: Float32Array, rows: number, k: number, n: number, transM = false): Float32Array {
   const out = new Float32Array(rows * n);
   sgemm(transM, false, rows, n, k, 1, M, transM ? rows : k, X, n, 0, out, n);
-  return out;
-}
-
-/** X[r, n] M[n, n] */
-function mmRight(X: Float32Array, M: Float32Array, r: number, n: number): Float32Array {
-  const out = new Float32Array(r * n);
-  sgemm(false, false, r, n, n, 1, X, n, M, n, 0, out, n);
   return out;
 }
 
@@ -104,7 +97,7 @@ export function permuteRows(W: Float32Array, rows: number, n: number, pi: Int32A
   return Y;
 }
 
-function scaleRows(W: Float32Array, rows: number, n: number, s: Float32Array, invert = false): Float32Array {
+export function scaleRows(W: Float32Array, rows: number, n: number, s: Float32Array, invert = false): Float32Array {
   const Y = new Float32Array(rows * n);
   for (let i = 0; i < rows; i++) {
     const f = invert ? 1 / s[i] : s[i];
@@ -169,7 +162,7 @@ export function maskSides(masks: ModelMasks, l: number, d: number, H: number) {
       switch (name) {
         case 'qkv': return applyMqkv(X, rows, d, dh, lm, false, hm); //    X Mqkv
         case 'fc': return permuteCols(X, rows, 4 * d, lm.pi, false); //   X Pi
-        default: return right ? mmRight(X, right, rows, d) : Float32Array.from(X); // X Q, X Ro / Rp, or X
+        default: return right ? mm(X, right, rows, d, d) : Float32Array.from(X); // X Q, X Ro / Rp, or X
       }
     },
   };
@@ -260,7 +253,7 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
       wpe: mm(lay.view(p, 'wpe'), Q!, c.n_ctx, d, d),
       // G = Q^T diag(gamma_f) Q ; head bias beta_f Q
       G: mm(Q!, scaleRows(Q!, d, d, lay.view(p, 'lnfw')), d, d, d, true),
-      headBias: mmRight(lay.view(p, 'lnfb'), Q!, 1, d),
+      headBias: mm(lay.view(p, 'lnfb'), Q!, 1, d, d),
       score: w.cls ? mm(w.cls.weight, Q!, w.cls.numLabels, d, d) : undefined,
     };
   } else {
@@ -328,7 +321,11 @@ export function deobfuscate(base: GPT2Weights, acc0: AcceleratorWeights, enc: Ob
     const inBqkv = applyMqkv(a.qkv.b, 1, d, dh, lm, true, hm);
     const inFc = permuteCols(a.fc.w, d, 4 * d, lm.pi, true);
     const inBfc = permuteCols(a.fc.b, 1, 4 * d, lm.pi, true);
-    let WoMasked: Float32Array, bo: Float32Array, WpPerm: Float32Array, bp: Float32Array;
+    // undo the output side of attproj / fcproj: Q^T (sealed), Ro^-1 and Rp^-1 (two-sided paper) or nothing
+    const [RoI, RpI] = mode === 'sealed' ? [QT!, QT!] : lm.Ro ? [f32(lm.Ro.inv), f32(lm.Rp!.inv)] : [null, null];
+    const right = (X: Float32Array, M: Float32Array | null, rows: number) => (M ? mm(X, M, rows, d, d) : X);
+    const WoMasked = right(a.attproj.w, RoI, d), bo = right(a.attproj.b, RoI, 1);
+    const WpPerm = right(a.fcproj.w, RpI, 4 * d), bp = right(a.fcproj.b, RpI, 1);
     if (mode === 'sealed') {
       // the layer-norm affine folded into the weights is the base model's (it is not trained in sealed mode)
       const g1 = bl.layer(bp0, 'ln1w', l), be1 = bl.layer(bp0, 'ln1b', l);
@@ -341,10 +338,6 @@ export function deobfuscate(base: GPT2Weights, acc0: AcceleratorWeights, enc: Ob
       layout.layer(p, 'qkvb', l).set(foldBias(inBqkv, be1, Wqkv, d, 3 * d, -1));
       layout.layer(p, 'fcw', l).set(Wfc);
       layout.layer(p, 'fcb', l).set(foldBias(inBfc, be2, Wfc, d, 4 * d, -1));
-      WoMasked = mmRight(a.attproj.w, QT!, d, d);
-      bo = mmRight(a.attproj.b, QT!, 1, d);
-      WpPerm = mmRight(a.fcproj.w, QT!, 4 * d, d);
-      bp = mmRight(a.fcproj.b, QT!, 1, d);
       layout.layer(p, 'ln1w', l).set(g1);
       layout.layer(p, 'ln1b', l).set(be1);
       layout.layer(p, 'ln2w', l).set(g2);
@@ -354,15 +347,6 @@ export function deobfuscate(base: GPT2Weights, acc0: AcceleratorWeights, enc: Ob
       layout.layer(p, 'qkvb', l).set(inBqkv);
       layout.layer(p, 'fcw', l).set(mm(f32(lm.R2!.m), inFc, d, d, 4 * d));
       layout.layer(p, 'fcb', l).set(inBfc);
-      if (lm.Ro) {
-        const RoI = f32(lm.Ro.inv), RpI = f32(lm.Rp!.inv);
-        WoMasked = mmRight(a.attproj.w, RoI, d, d);
-        bo = mmRight(a.attproj.b, RoI, 1, d);
-        WpPerm = mmRight(a.fcproj.w, RpI, 4 * d, d);
-        bp = mmRight(a.fcproj.b, RpI, 1, d);
-      } else {
-        WoMasked = a.attproj.w; bo = a.attproj.b; WpPerm = a.fcproj.w; bp = a.fcproj.b;
-      }
       for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b'] as const) layout.layer(p, k, l).set(enc[k].subarray(l * d, (l + 1) * d));
     }
     const Wo = new Float32Array(d * d);
@@ -378,7 +362,7 @@ export function deobfuscate(base: GPT2Weights, acc0: AcceleratorWeights, enc: Ob
     layout.view(p, 'wpe').set(mm(enc.wpe, QT!, c.n_ctx, d, d));
     // gamma_f is folded into G (not trained); beta_f Q is the head bias
     layout.view(p, 'lnfw').set(bl.view(bp0, 'lnfw'));
-    layout.view(p, 'lnfb').set(mmRight(enc.headBias, QT!, 1, d));
+    layout.view(p, 'lnfb').set(mm(enc.headBias, QT!, 1, d, d));
     if (cls && enc.score) cls = { ...cls, weight: mm(enc.score, QT!, cls.numLabels, d, d) };
   } else {
     for (const k of ['wte', 'wpe', 'lnfw', 'lnfb'] as const) layout.view(p, k).set(enc[k]);

@@ -96,17 +96,15 @@ export async function evaluate(model: SplitModel, set: EncodedSet, batch: number
   let count = 0;
   let correct = 0;
   let examples = 0;
-  let batches = 0;
-  for (let i = 0; i < set.items.length; i += batch) {
-    if (maxBatches > 0 && batches >= maxBatches) break;
-    const items = set.items.slice(i, i + batch);
+  for (let n = 0; n < total; n++) {
+    const items = set.items.slice(n * batch, (n + 1) * batch);
     const b = makeBatch(items, model.task, padId);
     const r = await model.forward(b.tokens, b.B, b.T, b.targets, false);
     lossSum += r.loss * r.count;
     count += r.count;
     correct += r.correct ?? 0;
     examples += b.B;
-    onBatch?.(items, r, ++batches, total);
+    onBatch?.(items, r, n + 1, total);
   }
   const loss = count > 0 ? lossSum / count : NaN;
   return model.task === 'lm' ? { loss, perplexity: Math.exp(loss), examples } : { loss, accuracy: correct / Math.max(1, examples), examples };
@@ -212,11 +210,8 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     resumedFrom = st.step;
     // drop metrics written after the checkpoint, so the file matches an uninterrupted run
     if (existsSync(metricsFile)) {
-      const keep = readFileSync(metricsFile, 'utf8').split('\n').filter((line) => {
-        if (!line) return false;
-        const o = JSON.parse(line) as { step: number };
-        return o.step <= startStep;
-      });
+      const lines = readFileSync(metricsFile, 'utf8').split('\n');
+      const keep = lines.filter((line) => line && (JSON.parse(line) as { step: number }).step <= startStep);
       writeFileSync(metricsFile, keep.map((l) => l + '\n').join(''));
     }
   } else if (existsSync(metricsFile)) {
@@ -267,7 +262,8 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
 
   model.mixingEpoch('eval 0');
   const evalBefore = startStep === 0 && evalSet ? await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches) : null;
-  let lastGood: string | null = latestCheckpoint(runDir) ? path.basename(latestCheckpoint(runDir)!) : null;
+  const latest = latestCheckpoint(runDir);
+  let lastGood: string | null = latest ? path.basename(latest) : null;
   let lastEval: EvalMetrics | null = null;
   const t0 = performance.now();
   let tokens = 0;

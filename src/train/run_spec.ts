@@ -21,7 +21,6 @@ import { checkLoraTask, parseLoraTargets, type LoraConfig } from '../model/lora.
 import { maskSpecLabel, parseMaskSpec } from '../linalg/masks.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
 import type { FinetuneConfig } from './finetune.js';
-import type { DataFields } from '../io/jsonl.js';
 import type { SessionOptions } from './session.js';
 import { MIXING_SCHEMES, SHIELD_POLICIES, type MixingConfig } from '../enclave/mixing.js';
 
@@ -174,8 +173,8 @@ const FIELDS = {
   mask_seed: int(0).nullable().default(D.mask_seed),
   rotary_masks: oneOf(['full', 'blocks'] as const).default(D.rotary_masks as 'full'),
   token_mixing: oneOf(TOKEN_MIXING).nullable().default(D.token_mixing),
-  mixing_kappa: num('a finite number >= 1', (x) => Number.isFinite(x) && x >= 1).default(D.mixing_kappa),
   mixing_scheme: oneOf(MIXING_SCHEMES).default(D.mixing_scheme),
+  mixing_kappa: num('a finite number >= 1', (x) => Number.isFinite(x) && x >= 1).default(D.mixing_kappa),
   mixing_block: int(0).refine((x) => x !== 1, { error: must('an integer >= 0 other than 1 (a block of one row mixes nothing)') }).default(D.mixing_block),
   mixing_rounds: int(0).default(D.mixing_rounds),
   // true and false: the settings of earlier runs (shields everywhere, none)
@@ -204,44 +203,17 @@ const FIELDS = {
   lora: loraSchema.nullable().optional(),
 };
 
-/** A run specification with every setting filled in (what `run_spec.json` holds). */
-export interface RunSpec extends DataFields {
-  task: 'lm' | 'cls';
-  method: 'lora' | 'full';
-  mode: 'sealed' | 'paper' | 'local';
-  /** mask spec label ("1", "10", "naive"); null exactly in mode local */
-  kappa: string | null;
-  two_sided: boolean;
-  mask_seed: number | null;
-  rotary_masks: 'full' | 'blocks';
+type Parsed = z.output<z.ZodObject<typeof FIELDS>>;
+
+/**
+ * A run specification with every setting filled in (what `run_spec.json` holds); `kappa` is
+ * the mask spec label ("1", "10", "naive"), null exactly in mode local.
+ */
+export type RunSpec = Omit<Parsed, 'token_mixing' | 'lora'> & {
   token_mixing: 'off' | 'on';
-  mixing_kappa: number;
-  mixing_scheme: MixingConfig['scheme'];
-  mixing_block: number;
-  mixing_rounds: number;
-  mixing_shields: MixingConfig['shields'];
-  max_len: number;
-  steps: number;
-  batch: number;
-  lr: number;
-  warmup: number;
-  min_lr_frac: number;
-  clip: number;
-  weight_decay: number;
-  enclave_optimizer: 'adamw' | 'sgd';
-  momentum: number;
-  adam_eps: number;
-  seed: number;
-  eval_every: number;
-  eval_batches: number;
-  checkpoint_every: number;
-  pooling: Pooling | null;
-  freeze_norms: boolean;
   /** the adapters' settings; null exactly for method full */
   lora: LoraConfig | null;
-}
-
-type Parsed = z.output<z.ZodObject<typeof FIELDS>>;
+};
 
 function conflicts(s: Parsed, given: { lora: boolean }): { field: string; reason: string; input: unknown }[] {
   const out: { field: string; reason: string; input: unknown }[] = [];
@@ -276,14 +248,9 @@ export const RunSpecSchema = z.strictObject(FIELDS, objectError).transform((s, c
   for (const b of bad) ctx.addIssue({ code: 'custom', path: b.field.split('.'), message: b.reason, input: b.input });
   if (bad.length) return z.NEVER;
   return {
-    task: s.task, method: s.method, mode: s.mode,
+    ...s,
     kappa: s.mode === 'local' ? null : s.kappa ?? maskSpecLabel({ kind: 'kappa', kappa: 1 }),
-    two_sided: s.two_sided, mask_seed: s.mask_seed, rotary_masks: s.rotary_masks,
-    token_mixing: s.token_mixing ?? (s.mode === 'local' ? 'off' : 'on'), mixing_scheme: s.mixing_scheme, mixing_kappa: s.mixing_kappa, mixing_block: s.mixing_block, mixing_rounds: s.mixing_rounds, mixing_shields: s.mixing_shields, max_len: s.max_len,
-    text_field: s.text_field, prompt_field: s.prompt_field, completion_field: s.completion_field, label_field: s.label_field, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
-    min_lr_frac: s.min_lr_frac, clip: s.clip, weight_decay: s.weight_decay, enclave_optimizer: s.enclave_optimizer, momentum: s.momentum,
-    adam_eps: s.adam_eps, seed: s.seed, eval_every: s.eval_every, eval_batches: s.eval_batches, checkpoint_every: s.checkpoint_every,
-    pooling: s.pooling, freeze_norms: s.freeze_norms,
+    token_mixing: s.token_mixing ?? (s.mode === 'local' ? 'off' : 'on'),
     lora: s.method === 'lora' ? (s.lora ?? loraSchema.parse({})) : null,
   };
 });

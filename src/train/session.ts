@@ -129,13 +129,17 @@ function assemble(o: SessionOptions, config: GPT2Config, acc: AcceleratorWeights
   return { model, link, accelerator };
 }
 
+/** The model with a fresh classification head where the task needs one it lacks (before obfuscation: every mode starts from the same one). */
+function withHead<W extends GPT2Weights | LlamaWeights>(w: W, o: SessionOptions): W {
+  if (o.task !== 'cls' || !o.numLabels || w.cls?.numLabels === o.numLabels) return w;
+  const weight = freshClassifier(o.numLabels, w.config.n_embd, o.seed);
+  return { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels, pooling: o.pooling ?? 'last' } };
+}
+
 /** A Llama-family session: the family's transform (or plain parts), the same split model. */
 function buildLlamaSession(w0: LlamaWeights, o: SessionOptions): Session {
   const rng = new Rng(o.seed);
-  let w = w0;
-  if (o.task === 'cls' && o.numLabels && (!w.cls || w.cls.numLabels !== o.numLabels)) {
-    w = { ...w, cls: { numLabels: o.numLabels, weight: freshClassifier(o.numLabels, w.config.n_embd, o.seed), labels: o.labels, pooling: o.pooling ?? 'last' } };
-  }
+  let w = withHead(w0, o);
   if (o.publicBase) throw new InputError('--public-base serves GPT-2 models for now; a Llama-family model is obfuscated whole');
   if (o.foldedBaseline) w = foldRmsGains(w);
   let acc: AcceleratorWeights, tensors: LlamaEnclaveTensors, masks: LlamaModelMasks | null = null;
@@ -155,12 +159,7 @@ function buildLlamaSession(w0: LlamaWeights, o: SessionOptions): Session {
 
 function buildGpt2Session(w0: GPT2Weights, o: SessionOptions): Session {
   const rng = new Rng(o.seed);
-  let w = w0;
-  if (o.task === 'cls' && o.numLabels && (!w.cls || w.cls.numLabels !== o.numLabels)) {
-    // a fresh classification head, created before obfuscation so every mode starts from the same one
-    const weight = freshClassifier(o.numLabels, w.config.n_embd, o.seed);
-    w = { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels, pooling: o.pooling ?? 'last' } };
-  }
+  let w = withHead(w0, o);
   if (o.mode === 'local' && o.publicBase) throw new InputError('local mode has no accelerator to hold a public base: train factoredModel(model, base, mode) instead');
   if (o.foldedBaseline) w = foldLayerNorms(w);
   let acc: AcceleratorWeights;
@@ -192,8 +191,6 @@ export function exportRun(dir: string, s: Session, extra: Record<string, unknown
   writeFileSync(path.join(dir, 'export.json'), JSON.stringify({ mode: s.model.mode, method: s.model.method, task: s.model.task, ...extra }, null, 2) + '\n');
 }
 
-const SECTION: Partial<Record<LoraTarget, number>> = { q: 0, k: 1, v: 2 };
-
 /** W[din, dout] (+ column offset within a wider matrix) += scale * A B */
 function addLowRank(W: Float32Array, ldw: number, colOff: number, A: Float32Array, B: Float32Array, din: number, r: number, dout: number, scale: number): void {
   sgemm(false, false, din, dout, r, scale, A, r, B, dout, 1, W.subarray(colOff), ldw);
@@ -204,15 +201,15 @@ export function mergeAdaptersPlain(w: GPT2Weights, ad: LoraAdapters): GPT2Weight
   const p = Float32Array.from(w.params);
   const lay = new ParamLayout(w.config);
   const d = w.config.n_embd;
+  // weight, its row length and the target's first column; the embedding update: GPT-2 ties
+  // wte to the output layer, which a classifier does not use
+  const at: Partial<Record<LoraTarget, ['qkvw' | 'attprojw' | 'fcw' | 'fcprojw' | 'wte', number, number]>> = {
+    q: ['qkvw', 3 * d, 0], k: ['qkvw', 3 * d, d], v: ['qkvw', 3 * d, 2 * d], proj: ['attprojw', d, 0], fc: ['fcw', 4 * d, 0], wte: ['wte', d, 0],
+  };
   for (const v of ad.views) {
-    const r = ad.config.rank;
-    const l = v.layer;
-    if (v.target in SECTION) addLowRank(lay.layer(p, 'qkvw', l), 3 * d, SECTION[v.target]! * d, v.A, v.B, v.din, r, v.dout, ad.scale);
-    else if (v.target === 'proj') addLowRank(lay.layer(p, 'attprojw', l), d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
-    else if (v.target === 'fc') addLowRank(lay.layer(p, 'fcw', l), 4 * d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
-    // the embedding update: GPT-2 ties wte to the output layer, which a classifier does not use
-    else if (v.target === 'wte') addLowRank(lay.view(p, 'wte'), d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
-    else addLowRank(lay.layer(p, 'fcprojw', l), d, 0, v.A, v.B, v.din, r, v.dout, ad.scale);
+    const [kind, ld, off] = at[v.target] ?? ['fcprojw', d, 0];
+    const M = kind === 'wte' ? lay.view(p, 'wte') : lay.layer(p, kind, v.layer);
+    addLowRank(M, ld, off, v.A, v.B, v.din, ad.config.rank, v.dout, ad.scale);
   }
   return { ...w, params: p };
 }
@@ -228,13 +225,8 @@ export function mergedPlainModel(s: Session): GPT2Weights {
   const enc = m.allTensors();
   if ('family' in enc) throw new BundleError('internal: Llama-family tensors in a GPT-2 session');
   const acc = s.accelerator.weights, base = s.base as GPT2Weights;
-  if (enc.mode === 'local') {
-    const w = fromPlainParts(base, acc, enc);
-    return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w;
-  }
   const obf = s.obfuscation!;
-  const masks = deriveMasks(base.config, obf.key, obf.params);
-  const w = deobfuscate(base, acc, enc, masks);
+  const w = enc.mode === 'local' ? fromPlainParts(base, acc, enc) : deobfuscate(base, acc, enc, deriveMasks(base.config, obf.key, obf.params));
   return m.adapters ? mergeAdaptersPlain(w, m.adapters) : w; // adapters are plain in every mode
 }
 

@@ -61,6 +61,7 @@ test('bench train-step --json follows its contract', () => {
   for (const k of ['model', 'params', 'batch', 'seq', 'steps', 'step_ms_median', 'peak_rss_mb']) assert.ok(k in j, `field ${k}`);
   assert.equal(j.model, 'gpt2-micro');
   assert.equal(j.batch, 2);
+  assert.match(j.machine, /, (native (avx512|avx2|generic) kernels, \d+ threads|TypeScript kernels)$/);
   assert.ok(j.step_ms_median > 0 && j.peak_rss_mb > 0);
 });
 

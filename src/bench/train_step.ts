@@ -1,4 +1,5 @@
 /** `obfuscatune bench train-step`: median time of one full training step (forward, backward, optimiser). */
+import os from 'node:os';
 import { getPreset } from '../model/config.js';
 import { GPT2 } from '../model/gpt2.js';
 import { Rng } from '../tensor/rng.js';
@@ -80,6 +81,13 @@ export async function benchTrainStep(opts: { model: string; batch: number; seq: 
     threads: backendName() === 'native' && info ? info.threads : 1,
     optimizer: kind,
   };
+}
+
+/** The machine a benchmark runs on: CPU model, the kernels' instruction set and threads. */
+export function machineLabel(): string {
+  const info = nativeInfo();
+  const kernels = backendName() === 'native' && info ? `native ${info.isa} kernels, ${info.threads} threads` : 'TypeScript kernels';
+  return `${os.cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${kernels}`;
 }
 
 export function formatTrainStep(r: TrainStepBenchResult): string {

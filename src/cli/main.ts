@@ -12,7 +12,7 @@ import { generate } from '../model/transformer.js';
 import { tokenizerFor } from '../model/tokenizer.js';
 import { backendName, availableBackends, nativeInfo } from '../tensor/gemm.js';
 import { benchGemm, formatGemmBench } from '../bench/gemm.js';
-import { benchTrainStep, formatTrainStep } from '../bench/train_step.js';
+import { benchTrainStep, formatTrainStep, machineLabel } from '../bench/train_step.js';
 import { trainLM, evaluateLM } from '../train/lm.js';
 import { progressBar } from './progress.js';
 import { loadPlainModel, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
@@ -293,7 +293,7 @@ export function buildProgram(): Command {
       const bar = progressBar(1, 'bench gemm', '{label}');
       const r = await benchGemm({ ...o, tokens, onProgress: bar.track });
       bar.stop();
-      emit(r, formatGemmBench(r));
+      emitBench(r, formatGemmBench(r));
     });
   stepBenchOptions(bench
     .command('train-step')
@@ -303,7 +303,7 @@ export function buildProgram(): Command {
       const bar = progressBar(o.steps + 1, 'bench train-step');
       const r = await benchTrainStep({ model: o.model, batch: o.batch, seq: o.seq, steps: o.steps, optimizer: o.optimizer, onProgress: (i) => bar.update(i) });
       bar.stop();
-      emit(r, formatTrainStep(r));
+      emitBench(r, formatTrainStep(r));
     });
 
   addMixingOptions(bench
@@ -328,7 +328,7 @@ export function buildProgram(): Command {
         const bar = progressBar(o.steps, 'bench finetune', '{label}');
         const r = await benchFinetuneMixing({ ...o, mixing, transport: 'in-process', onProgress: (i, _n, label) => bar.update(i, { label }) });
         bar.stop();
-        emit(r, formatFinetuneBench(r));
+        emitBench(r, formatFinetuneBench(r));
         return;
       }
       if (o.interleaved && o.transport !== 'in-process') throw new InputError('--interleaved measures the in-process modes; use it without --transport grpc');
@@ -336,7 +336,7 @@ export function buildProgram(): Command {
       const progress = (i: number, _n: number, label: string) => bar.update(i, { label });
       const r = o.interleaved ? await benchFinetuneInterleaved({ ...o, transport: 'in-process', onProgress: progress }) : benchFinetune({ ...o, onProgress: progress });
       bar.stop();
-      emit(r, formatFinetuneBench(r));
+      emitBench(r, formatFinetuneBench(r));
     });
   stepBenchOptions(bench
     .command('transport')
@@ -346,7 +346,7 @@ export function buildProgram(): Command {
       const bar = progressBar(4, 'bench transport', '{label}');
       const r = await benchTransport({ ...o, onProgress: (i, _n, label) => bar.update(i, { label }) });
       bar.stop();
-      emit(r, [
+      emitBench(r, [
         `${r.model}, batch ${r.batch} x seq ${r.seq}: ${r.rows[0].mb_per_step.toFixed(0)} MB of frames per step, median of ${r.steps} steps`,
         ...r.rows.map((x) => `${x.path.padEnd(50)} ${x.step_ms_median.toFixed(0).padStart(6)} ms/step (min ${x.step_ms_min.toFixed(0)})`),
       ]);
@@ -527,6 +527,12 @@ export function buildProgram(): Command {
 }
 
 /** --json, --model, --batch, --seq and --steps of the step benchmarks */
+/** A benchmark's result with the machine it ran on (a `machine` field, and the first line of the text). */
+function emitBench(r: object, human: string | string[]): void {
+  const machine = machineLabel();
+  emit({ machine, ...r }, [`machine: ${machine}`, ...(Array.isArray(human) ? human : [human])]);
+}
+
 function stepBenchOptions(c: Command, stepsHelp: string): Command {
   return c
     .option('--json', 'print JSON')

@@ -16,6 +16,7 @@
 import type { GPT2Config } from '../model/config.js';
 import { maskedNormForward, maskedNormBackward } from '../model/kernels.js';
 import type { Basis, NormActs, QkvPart } from '../model/block.js';
+import type { AdapterInput } from '../model/lora.js';
 import { PlainBasis, type NormParams, type TrunkBasis } from '../model/plain_basis.js';
 import { sgemm } from '../tensor/gemm.js';
 import { sharedFloat32 } from '../tensor/shared.js';
@@ -262,26 +263,17 @@ export class SealedBasis implements TrunkBasis<Obfuscated> {
     return asObfuscated(s.out);
   }
 
-  // the plain layer-norm output a = (n* Q^T) diag(gamma) + beta
-  normPlain(which: 1 | 2, l: number, s: NormActs, n: number): Float32Array {
+  // the plain layer-norm output a = (n* Q^T) diag(gamma) + beta, left in the frame of n* (the adapter folds it)
+  normPlain(which: 1 | 2, l: number, s: NormActs, _n: number): AdapterInput {
     const C = this.C;
-    const a = this.rotate(s.out, n, false);
-    const g = (which === 1 ? this.p.ln1w : this.p.ln2w).subarray(l * C, (l + 1) * C);
-    const b = (which === 1 ? this.p.ln1b : this.p.ln2b)?.subarray(l * C, (l + 1) * C);
-    for (let r = 0; r < n; r++) for (let j = 0, o = r * C; j < C; j++) a[o + j] = a[o + j] * g[j] + (b ? b[j] : 0);
-    return a;
+    const gain = (which === 1 ? this.p.ln1w : this.p.ln2w).subarray(l * C, (l + 1) * C);
+    return { x: s.out, Q: this.p.Q, gain, bias: (which === 1 ? this.p.ln1b : this.p.ln2b)?.subarray(l * C, (l + 1) * C) ?? null };
   }
 
-  // an adapter's gradient w.r.t. a reaches n* as (da diag(gamma)) Q
-  normBackward(which: 1 | 2, l: number, dh: Float32Array, dsent: Float32Array, dplain: Float32Array | null, s: NormActs, _h: Float32Array, n: number): void {
-    const C = this.C;
-    if (dplain) {
-      const g = (which === 1 ? this.p.ln1w : this.p.ln2w).subarray(l * C, (l + 1) * C);
-      const t = new Float32Array(n * C);
-      for (let r = 0; r < n; r++) for (let j = 0, o = r * C; j < C; j++) t[o + j] = dplain[o + j] * g[j];
-      this.rotate(t, n, true, dsent);
-    }
-    maskedNormBackward(dh, dsent, s.out, this.u, s.rstd, n, C);
+  // an adapter's gradient arrives in the frame of n*
+  normBackward(_which: 1 | 2, _l: number, dh: Float32Array, dsent: Float32Array, dframe: Float32Array | null, s: NormActs, _h: Float32Array, n: number): void {
+    if (dframe) for (let i = 0; i < n * this.C; i++) dsent[i] += dframe[i];
+    maskedNormBackward(dh, dsent, s.out, this.u, s.rstd, n, this.C);
   }
 
   fromOutput(_w: 'o' | 'p', _l: number, y: Float32Array, _n: number): Float32Array {

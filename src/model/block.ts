@@ -17,7 +17,7 @@
 import type { GPT2Config } from './config.js';
 import { attentionForward, attentionBackward, gqaCachedAttention } from './kernels.js';
 import { geluForwardPar as geluForward, geluBackwardPar as geluBackward } from '../tensor/parallel.js';
-import { LayerAdapters, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
+import { LayerAdapters, type AdapterInput, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
 import type { RandomSource } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 
@@ -63,9 +63,9 @@ export interface Basis<X extends Float32Array> {
   buffer(size: number): X;
   /** LN1 / LN2 of the stream h[n, C]: fills s, returns the linear's input [n, C] */
   norm(which: 1 | 2, l: number, h: Float32Array, s: NormActs, n: number): X;
-  /** the plain layer-norm output (what an adapter on qkv / fc reads) [n, C] */
-  normPlain(which: 1 | 2, l: number, s: NormActs, n: number): Float32Array;
-  /** dh[n, C] += norm backward, from the gradient of the linear's input (and of the plain output, for adapters) */
+  /** the plain layer-norm output (what an adapter on qkv / fc reads) [n, C], possibly in a rotated frame */
+  normPlain(which: 1 | 2, l: number, s: NormActs, n: number): AdapterInput;
+  /** dh[n, C] += norm backward, from the gradient of the linear's input (and of normPlain's, in its frame, for adapters) */
   normBackward(which: 1 | 2, l: number, dh: Float32Array, dsent: X, dplain: Float32Array | null, s: NormActs, h: Float32Array, n: number): void;
   /** a projection's output (o: attention, p: MLP) in the stream's basis [n, C] */
   fromOutput(which: 'o' | 'p', l: number, y: X, n: number): Float32Array;

@@ -162,52 +162,96 @@ export class LoraAdapters {
   }
 }
 
+/**
+ * An adapter's input as the basis holds it: the plain rows [n, din], or rows x in a rotated
+ * frame with plain = (x Q^T) diag(gain) + 1 bias^T (sealed mode's layer-norm output). The
+ * frame's map is then applied to A (din x din x r per call) instead of to x (n x din x din),
+ * and the input gradient comes back in the frame.
+ */
+export type AdapterInput = Float32Array | { x: Float32Array; Q: Float32Array; gain: Float32Array; bias: Float32Array | null };
+
 /** Per-call saved state of one adapter application (for backward). */
 export interface LoraSaved {
-  /** dropout(x) if dropout > 0, else x (not copied) */
+  /** the input the product read: x, x in the frame (folded), or dropout of the plain rows */
   xin: Float32Array;
   /** keep mask (1/(1-p) or 0) when dropout > 0 */
   mask: Float32Array | null;
-  /** u = xin A [n, r] */
+  /** u = xin A' [n, r] */
   u: Float32Array;
+  /** the rotated frame of the input (its gradient goes back there) */
+  frame: Exclude<AdapterInput, Float32Array> | null;
+  /** A' = Q^T diag(gain) A [din, r] when the frame is folded into A (no dropout) */
+  Af: Float32Array | null;
 }
 
-// forward: out[n, dout] (+)= scale * dropout(x[n, din]) A B ; returns what backward needs
-export function loraForward(out: Float32Array, x: Float32Array, v: AdapterView, n: number, scale: number, dropout: number, rng: RandomSource | null, accumulate: boolean): LoraSaved {
-  const r = v.A.length / v.din;
-  let xin = x;
-  let mask: Float32Array | null = null;
-  if (dropout > 0 && rng) {
-    mask = new Float32Array(n * v.din);
-    xin = new Float32Array(n * v.din);
-    const keep = 1 / (1 - dropout);
+// forward: out[n, dout] (+)= scale * dropout(plain x[n, din]) A B ; returns what backward needs
+export function loraForward(out: Float32Array, x: AdapterInput, v: AdapterView, n: number, scale: number, dropout: number, rng: RandomSource | null, accumulate: boolean): LoraSaved {
+  const r = v.A.length / v.din, din = v.din;
+  const frame = x instanceof Float32Array ? null : x;
+  const drop = dropout > 0 && rng;
+  let xin = frame ? frame.x : (x as Float32Array);
+  let mask: Float32Array | null = null, Af: Float32Array | null = null;
+  const u = new Float32Array(n * r);
+  if (frame && !drop) {
+    // u = x Q^T diag(gain) A + 1 (bias A): A' = Q^T (gain . A)
+    const gA = new Float32Array(din * r);
+    for (let i = 0; i < din; i++) for (let j = 0; j < r; j++) gA[i * r + j] = frame.gain[i] * v.A[i * r + j];
+    Af = new Float32Array(din * r);
+    sgemm(true, false, din, r, din, 1, frame.Q, din, gA, r, 0, Af, r);
+    if (frame.bias) {
+      const c = new Float32Array(r);
+      sgemm(false, false, 1, r, din, 1, frame.bias, din, v.A, r, 0, c, r);
+      for (let i = 0; i < n; i++) u.set(c, i * r);
+    }
+  } else if (frame) {
+    xin = new Float32Array(n * din); // the plain rows, for dropout
+    sgemm(false, true, n, din, din, 1, frame.x, din, frame.Q, din, 0, xin, din);
+    for (let i = 0; i < n * din; i++) xin[i] = xin[i] * frame.gain[i % din] + (frame.bias ? frame.bias[i % din] : 0);
+  }
+  if (drop) {
+    mask = new Float32Array(n * din);
+    const keep = 1 / (1 - dropout), plain = xin;
+    xin = new Float32Array(n * din);
     for (let i = 0; i < mask.length; i++) {
       mask[i] = rng.uniform() < dropout ? 0 : keep;
-      xin[i] = x[i] * mask[i];
+      xin[i] = plain[i] * mask[i];
     }
   }
-  const u = new Float32Array(n * r);
-  sgemm(false, false, n, r, v.din, 1, xin, v.din, v.A, r, 0, u, r);
+  sgemm(false, false, n, r, din, 1, xin, din, Af ?? v.A, r, Af && frame!.bias ? 1 : 0, u, r);
   sgemm(false, false, n, v.dout, r, scale, u, r, v.B, v.dout, accumulate ? 1 : 0, out, v.dout);
-  return { xin, mask, u };
+  return { xin, mask, u, frame, Af };
 }
 
-// backward: gB += scale u^T dy ; gA += scale xin^T (dy B^T) ; dx[n, din] += scale (dy B^T A^T) * mask
+// backward: gB += scale u^T dy ; gA += scale xin^T (dy B^T) (through the fold) ; dx[n, din] += the input gradient (in the frame)
 export function loraBackward(dx: Float32Array | null, dy: Float32Array, v: AdapterView, s: LoraSaved, n: number, scale: number): void {
-  const r = v.A.length / v.din;
+  const r = v.A.length / v.din, din = v.din;
   sgemm(true, false, r, v.dout, n, scale, s.u, r, dy, v.dout, 1, v.gB, v.dout);
   const du = new Float32Array(n * r);
   sgemm(false, true, n, r, v.dout, scale, dy, v.dout, v.B, v.dout, 0, du, r);
-  sgemm(true, false, v.din, r, n, 1, s.xin, v.din, du, r, 1, v.gA, r);
-  if (dx) {
-    if (s.mask) {
-      const t = new Float32Array(n * v.din);
-      sgemm(false, true, n, v.din, r, 1, du, r, v.A, r, 0, t, v.din);
-      for (let i = 0; i < t.length; i++) dx[i] += t[i] * s.mask[i];
-    } else {
-      sgemm(false, true, n, v.din, r, 1, du, r, v.A, r, 1, dx, v.din);
-    }
+  if (s.Af) {
+    // gA += gain . (Q (x^T du)) + bias colsum(du)^T ; dx += du A'^T
+    const f = s.frame!, gAf = new Float32Array(din * r), t = new Float32Array(din * r);
+    sgemm(true, false, din, r, n, 1, s.xin, din, du, r, 0, gAf, r);
+    sgemm(false, false, din, r, din, 1, f.Q, din, gAf, r, 0, t, r);
+    const cs = new Float32Array(r);
+    for (let i = 0; i < n; i++) for (let j = 0; j < r; j++) cs[j] += du[i * r + j];
+    for (let i = 0; i < din; i++) for (let j = 0; j < r; j++) v.gA[i * r + j] += f.gain[i] * t[i * r + j] + (f.bias ? f.bias[i] * cs[j] : 0);
+    if (dx) sgemm(false, true, n, din, r, 1, du, r, s.Af, r, 1, dx, din);
+    return;
   }
+  sgemm(true, false, din, r, n, 1, s.xin, din, du, r, 1, v.gA, r);
+  if (!dx) return;
+  if (!s.mask && !s.frame) return sgemm(false, true, n, din, r, 1, du, r, v.A, r, 1, dx, din);
+  const t = new Float32Array(n * din);
+  sgemm(false, true, n, din, r, 1, du, r, v.A, r, 0, t, din);
+  if (s.mask) for (let i = 0; i < t.length; i++) t[i] *= s.mask[i];
+  if (!s.frame) {
+    for (let i = 0; i < t.length; i++) dx[i] += t[i];
+    return;
+  }
+  // the plain gradient back into the frame: dx += (t . gain) Q
+  for (let i = 0; i < t.length; i++) t[i] *= s.frame.gain[i % din];
+  sgemm(false, false, n, din, din, 1, t, din, s.frame.Q, din, 1, dx, din);
 }
 
 // embedding forward: out[n, d] (+)= scale * A[tokens] B ; returns u = A[tokens] [n, r] for backward
@@ -247,8 +291,8 @@ export class LayerAdapters {
   }
 
   /** delta_t[n, dout] = scale * dropout(x) A_t B_t for each target t present (x [n, din]: the plain input, read once) */
-  forward<T extends LoraTarget>(targets: readonly T[], x: () => Float32Array, add: (t: T, delta: Float32Array) => void): void {
-    let xin: Float32Array | null = null;
+  forward<T extends LoraTarget>(targets: readonly T[], x: () => AdapterInput, add: (t: T, delta: Float32Array) => void): void {
+    let xin: AdapterInput | null = null;
     for (const t of targets) {
       const v = this.ad.get(this.l, t);
       if (!v) continue;

@@ -116,6 +116,7 @@ function oddShapes(): [number, number, number][] {
   const out: [number, number, number][] = [];
   for (const s of SIZES) out.push([s, 17, 33], [33, s, 17], [17, 33, s]);
   out.push([100, 129, 65], [129, 100, 3], [65, 1, 129], [1, 129, 100], [15, 31, 47], [29, 65, 257]);
+  out.push([600, 8, 300], [257, 16, 129]); // few columns of C (the transposed small-row path), split across threads
   return out;
 }
 

@@ -227,6 +227,38 @@ struct Driver {
     }
   }
 
+  // ---- few columns of C: the transposed problem C^T = op(B)^T op(A)^T has few rows, so it
+  // takes the path above (no packing of the tall operand), into a scratch C^T stored back here.
+
+  static constexpr int64_t kSmallN = 16;
+
+  static void run_small_n(const GemmArgs& g, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    const int64_t M = i1 - i0, N = j1 - j0;
+    GemmArgs t;
+    t.ta = !g.tb;
+    t.A = g.tb ? g.B + j0 * g.ldb : g.B + j0;
+    t.lda = g.ldb;
+    t.tb = !g.ta;
+    t.B = g.ta ? g.A + i0 : g.A + i0 * g.lda;
+    t.ldb = g.lda;
+    t.m = N;
+    t.n = M;
+    t.k = g.k;
+    float* ct = obf::scratch(1, (size_t)(N * M));
+    t.C = ct;
+    t.ldc = M;
+    run_small_m(t, 0, N, 0, M);
+    for (int64_t i = 0; i < M; ++i) {
+      float* c = g.C + (i0 + i) * g.ldc + j0;
+      for (int64_t j = 0; j < N; ++j) {
+        float v = g.alpha * ct[j * M + i];
+        if (g.beta != 0.0f) v += g.beta * c[j];
+        if (g.bias) v += g.bias[j0 + j];
+        c[j] = v;
+      }
+    }
+  }
+
   // C[i0:i1, j0:j1] on the calling thread. Requires g.k > 0.
   //
   // Loops (outer to inner): nc-column slabs of C; kc-deep reduction steps; mc-row blocks
@@ -240,6 +272,10 @@ struct Driver {
     if (M <= 0 || N <= 0) return;
     if (M <= kSmallM) {
       run_small_m(g, i0, i1, j0, j1);
+      return;
+    }
+    if (N <= kSmallN) {
+      run_small_n(g, i0, i1, j0, j1);
       return;
     }
     int64_t KC, mc_max = bl.mc;

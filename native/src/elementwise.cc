@@ -127,7 +127,8 @@ void finite_task(void* ctx, int64_t t) {
 struct FreivaldsCtx {
   const EwKernels* k;
   const float *lhs, *rhs;
-  const double *p, *q, *c;  // p [2, a], q [2, b]: the two secret vectors one after the other
+  const float *p, *q;  // p [2, a], q [2, b]: the two secret vectors one after the other
+  const double* c;
   int64_t a, b, rows;
   double* out;
 };
@@ -204,10 +205,11 @@ int64_t first_non_finite(const float* x, int64_t n) {
 
 void freivalds_rows(const float* lhs, int64_t a, const double* p, const float* rhs, int64_t b, const double* q,
                     const double* c, int64_t rows, double* out) {
-  // the callers' vectors are interleaved ([a, 2]); the row loop wants them apart
-  std::vector<double> pq(size_t(2 * (a + b)));
-  for (int64_t j = 0; j < a; j++) pq[j] = p[2 * j], pq[a + j] = p[2 * j + 1];
-  for (int64_t j = 0; j < b; j++) pq[2 * a + j] = q[2 * j], pq[2 * a + b + j] = q[2 * j + 1];
+  // the callers' vectors are interleaved ([a, 2]) float64; the row loop wants them apart, in
+  // float32 (their rounding, 2^-24 relative, is far inside the check's tolerance)
+  std::vector<float> pq(size_t(2 * (a + b)));
+  for (int64_t j = 0; j < a; j++) pq[j] = float(p[2 * j]), pq[a + j] = float(p[2 * j + 1]);
+  for (int64_t j = 0; j < b; j++) pq[2 * a + j] = float(q[2 * j]), pq[2 * a + b + j] = float(q[2 * j + 1]);
   FreivaldsCtx ctx{&kern(), lhs, rhs, pq.data(), pq.data() + 2 * a, c, a, b, rows, out};
   shared_pool().run((rows + kFreivaldsRows - 1) / kFreivaldsRows, freivalds_task, &ctx);
 }

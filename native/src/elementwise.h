@@ -21,7 +21,7 @@ struct EwKernels {
   double (*row_exp)(float* x, int64_t V, float mx);  // x = e^{x - mx}, returns the sum
   void (*row_scale)(float* x, int64_t V, float s);
   bool (*any_non_finite)(const float* x, int64_t lo, int64_t hi);
-  void (*dot2_abs)(const float* y, const double* p0, const double* p1, int64_t n, double* out, double sign);
+  void (*dot2_abs)(const float* y, const float* p0, const float* p1, int64_t n, double* out, double sign);
   void (*reflect)(const double* u, double* col, int64_t n);
   void (*lmul)(const float* A, int64_t m, const float* X, float* C, int64_t ld, int64_t j0, int64_t j1);
   void (*norm_fwd)(float* out, const float* x, const float* u, const float* w, const float* b, int64_t C, float eps,

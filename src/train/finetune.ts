@@ -15,35 +15,15 @@ import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/saf
 import { AdamW, SGD, cosineSchedule, sumSquares, clipScale, type Optimizer, type OptimizerState } from './optim.js';
 import { makeBatch, Sampler, type Encoded, type EncodedSet, type Task } from '../io/jsonl.js';
 import type { SplitModel, TrainMode, Method, ForwardResult } from '../enclave/split_model.js';
+import type { RunSpec } from './run_spec.js';
 
-/** The loop's settings: a projection of the run's RunSpec (`toFinetuneConfig` in run_spec.ts, which has the defaults). */
-export interface FinetuneConfig {
-  task: Task;
-  method: Method;
-  mode: TrainMode;
-  /** mask spec label ("1", "naive", ...) or null for local */
-  kappa: string | null;
-  steps: number;
-  batch: number;
-  lr: number;
-  warmup: number;
-  minLrFrac: number;
-  clip: number;
-  weightDecay: number;
-  /** optimiser of the enclave-side parameters (adapters, embeddings, head, norms) */
-  enclaveOptimizer: 'adamw' | 'sgd';
-  /** SGD momentum (accelerator linears, and the enclave when enclaveOptimizer = sgd) */
-  momentum: number;
-  /** AdamW epsilon */
-  adamEps: number;
-  seed: number;
-  evalEvery: number;
-  /** cap on evaluation batches (0 = whole set) */
-  evalBatches: number;
-  checkpointEvery: number;
-  /** a fingerprint of the base model, to refuse resuming onto another model */
-  modelId: string;
-}
+/**
+ * The loop's settings: those of the run's RunSpec (run_spec.ts has the defaults) and a
+ * fingerprint of the base model, to refuse resuming onto another model.
+ */
+export type FinetuneConfig = Pick<RunSpec, 'task' | 'method' | 'mode' | 'kappa' | 'steps' | 'batch' | 'lr' | 'warmup' | 'min_lr_frac'
+  | 'clip' | 'weight_decay' | 'enclave_optimizer' | 'momentum' | 'adam_eps' | 'seed' | 'eval_every' | 'eval_batches' | 'checkpoint_every'>
+  & { modelId: string };
 
 export interface StepMetrics {
   step: number;
@@ -84,8 +64,8 @@ export interface RunHooks {
   onCheckpoint?: (name: string, dir: string, step: number) => Promise<void>;
 }
 
-function makeOpt(kind: 'adamw' | 'sgd', n: number, cfg: FinetuneConfig): Optimizer {
-  return kind === 'adamw' ? new AdamW(n, { weightDecay: cfg.weightDecay, eps: cfg.adamEps }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weightDecay });
+function makeOpt(n: number, cfg: FinetuneConfig): Optimizer {
+  return cfg.enclave_optimizer === 'adamw' ? new AdamW(n, { weightDecay: cfg.weight_decay, eps: cfg.adam_eps }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weight_decay });
 }
 
 /** The metrics of a model on a set; `onBatch` sees each batch's examples and forward result (per-example detail), and the batches done of the total. */
@@ -154,8 +134,8 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
   mkdirSync(path.join(runDir, 'checkpoints'), { recursive: true });
   const metricsFile = path.join(runDir, 'metrics.jsonl');
   const adapters = model.adapters;
-  const encOpt = makeOpt(cfg.enclaveOptimizer, model.params.length, cfg);
-  const adOpt = adapters ? makeOpt(cfg.enclaveOptimizer, adapters.params.length, cfg) : null;
+  const encOpt = makeOpt(model.params.length, cfg);
+  const adOpt = adapters ? makeOpt(adapters.params.length, cfg) : null;
   const sampler = new Sampler(train.items.length, cfg.seed);
   let startStep = 0;
   let losses: number[] = [];
@@ -261,7 +241,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
   };
 
   model.mixingEpoch('eval 0');
-  const evalBefore = startStep === 0 && evalSet ? await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches) : null;
+  const evalBefore = startStep === 0 && evalSet ? await evaluate(model, evalSet, cfg.batch, padId, cfg.eval_batches) : null;
   const latest = latestCheckpoint(runDir);
   let lastGood: string | null = latest ? path.basename(latest) : null;
   let lastEval: EvalMetrics | null = null;
@@ -294,7 +274,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       return abort((e as Error).message, e);
     }
     const scale = clipScale(norm!, cfg.clip);
-    const lr = cosineSchedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.minLrFrac);
+    const lr = cosineSchedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac);
     if (model.params.length) encOpt.step(model.params, model.grads, lr, scale);
     if (adapters && adOpt) adOpt.step(adapters.params, adapters.grads, lr, scale);
     await model.acceleratorUpdate(lr, cfg.momentum, scale);
@@ -305,13 +285,13 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     appendFileSync(metricsFile, JSON.stringify({ ...m, ms: undefined }) + '\n');
     opts.onStep?.(m);
     const last = step + 1 === cfg.steps;
-    if (evalSet && cfg.evalEvery > 0 && ((step + 1) % cfg.evalEvery === 0 || last)) {
+    if (evalSet && cfg.eval_every > 0 && ((step + 1) % cfg.eval_every === 0 || last)) {
       model.mixingEpoch(`eval ${step + 1}`);
-      lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
+      lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.eval_batches);
       appendFileSync(metricsFile, JSON.stringify({ step: step + 1, eval: lastEval }) + '\n');
       opts.onEval?.(step + 1, lastEval);
     }
-    if ((cfg.checkpointEvery > 0 && (step + 1) % cfg.checkpointEvery === 0) || last) {
+    if ((cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every === 0) || last) {
       try {
         lastGood = await saveCheckpoint(step + 1);
       } catch (e) {
@@ -320,7 +300,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     }
   }
   model.mixingEpoch(`eval ${cfg.steps}`);
-  if (evalSet && !lastEval) lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
+  if (evalSet && !lastEval) lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.eval_batches);
   const seconds = (performance.now() - t0) / 1000;
   return {
     task: cfg.task, method: cfg.method, mode: cfg.mode, kappa: cfg.kappa, steps: cfg.steps,

@@ -416,11 +416,7 @@ export function checkRunSpecForModel(s: RunSpec, model: { n_ctx: number; headPoo
 // ---------------------------------------------------------------- projections
 /** The training loop's settings of a run. */
 export function toFinetuneConfig(s: RunSpec, modelId: string): FinetuneConfig {
-  return {
-    task: s.task, method: s.method, mode: s.mode, kappa: s.kappa, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
-    minLrFrac: s.min_lr_frac, clip: s.clip, weightDecay: s.weight_decay, enclaveOptimizer: s.enclave_optimizer, momentum: s.momentum,
-    adamEps: s.adam_eps, seed: s.seed, evalEvery: s.eval_every, evalBatches: s.eval_batches, checkpointEvery: s.checkpoint_every, modelId,
-  };
+  return { ...s, modelId };
 }
 
 /** What a session needs beyond the spec: the tokenizer's pad id, the labels, where and how the accelerator runs. */

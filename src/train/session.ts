@@ -7,17 +7,17 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { GPT2Weights } from '../model/weights.js';
-import type { GPT2Config } from '../model/config.js';
+import { isLlama, type GPT2Config } from '../model/config.js';
 import { isPeftAdapterDir, readPeftAdapter, type ImportedAdapter } from '../model/peft.js';
-import { BundleError } from '../errors.js';
-import { ParamLayout } from '../model/params.js';
+import { BundleError, InputError } from '../errors.js';
+import { Layout, ParamLayout } from '../model/params.js';
 import { KeyedRng, Rng } from '../tensor/rng.js';
 import type { MixingConfig } from '../enclave/mixing.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { obfuscateWeights, type ObfuscateOptions, type ObfuscationResult } from '../obfuscate/provider.js';
+import { obfuscateWeights, resolveKey, resolveParams, type ObfuscateOptions, type ObfuscationResult } from '../obfuscate/provider.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
-import type { EnclaveTensors, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
+import type { EnclaveTensors, LlamaEnclaveTensors, PlainEnclaveTensors, RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { gpt2Linears, type AcceleratorWeights } from '../protocol/linears.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../protocol/link.js';
@@ -27,14 +27,10 @@ import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraC
 import type { Task } from '../io/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
-import { isLlama } from '../model/config.js';
-import { llamaAdapters, type LlamaKind, type LlamaWeights } from '../model/llama.js';
+import { llamaAdapters, type LlamaWeights } from '../model/llama.js';
 import { llamaDims } from '../model/llama_block.js';
-import type { LlamaEnclaveTensors, RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { deobfuscateLlama, deriveLlamaMasks, foldRmsGains, fromPlainLlamaParts, obfuscateLlama, plainLlamaParts, type LlamaModelMasks } from '../obfuscate/llama_transform.js';
-import { resolveKey, resolveParams } from '../obfuscate/provider.js';
 import { makeCheckVectors } from '../protocol/integrity.js';
-import { InputError } from '../errors.js';
 
 export interface SessionOptions {
   mode: TrainMode;
@@ -191,27 +187,30 @@ export function exportRun(dir: string, s: Session, extra: Record<string, unknown
   writeFileSync(path.join(dir, 'export.json'), JSON.stringify({ mode: s.model.mode, method: s.model.method, task: s.model.task, ...extra }, null, 2) + '\n');
 }
 
-/** W[din, dout] (+ column offset within a wider matrix) += scale * A B */
-function addLowRank(W: Float32Array, ldw: number, colOff: number, A: Float32Array, B: Float32Array, din: number, r: number, dout: number, scale: number): void {
-  sgemm(false, false, din, dout, r, scale, A, r, B, dout, 1, W.subarray(colOff), ldw);
+/**
+ * Plain weights with LoRA adapters folded in: each target's weight W[din, ld] (from its
+ * column `off`) += scale * A B. `at` names each target's weight, row length and first column.
+ */
+function mergeLowRank<K extends string, W extends { layout: Layout<K>; params: Float32Array }>(
+  w: W, ad: LoraAdapters, at: Partial<Record<LoraTarget, [NoInfer<K>, number, number]>>, family: string,
+): W {
+  const p = Float32Array.from(w.params), r = ad.config.rank;
+  for (const v of ad.views) {
+    const t = at[v.target];
+    if (!t) throw new InputError(`LoRA target "${v.target}" has no ${family} weight`);
+    const M = v.target === 'wte' ? w.layout.view(p, t[0]) : w.layout.layer(p, t[0], v.layer);
+    sgemm(false, false, v.din, v.dout, r, ad.scale, v.A, r, v.B, v.dout, 1, M.subarray(t[2]), t[1]);
+  }
+  return { ...w, params: p };
 }
 
 /** Folds LoRA adapters into plain weights (local and paper modes: the adapters act on plain tensors). */
 export function mergeAdaptersPlain(w: GPT2Weights, ad: LoraAdapters): GPT2Weights {
-  const p = Float32Array.from(w.params);
-  const lay = new ParamLayout(w.config);
   const d = w.config.n_embd;
-  // weight, its row length and the target's first column; the embedding update: GPT-2 ties
-  // wte to the output layer, which a classifier does not use
-  const at: Partial<Record<LoraTarget, ['qkvw' | 'attprojw' | 'fcw' | 'fcprojw' | 'wte', number, number]>> = {
-    q: ['qkvw', 3 * d, 0], k: ['qkvw', 3 * d, d], v: ['qkvw', 3 * d, 2 * d], proj: ['attprojw', d, 0], fc: ['fcw', 4 * d, 0], wte: ['wte', d, 0],
-  };
-  for (const v of ad.views) {
-    const [kind, ld, off] = at[v.target] ?? ['fcprojw', d, 0];
-    const M = kind === 'wte' ? lay.view(p, 'wte') : lay.layer(p, kind, v.layer);
-    addLowRank(M, ld, off, v.A, v.B, v.din, ad.config.rank, v.dout, ad.scale);
-  }
-  return { ...w, params: p };
+  // the embedding update: GPT-2 ties wte to the output layer, which a classifier does not use
+  return mergeLowRank(w, ad, {
+    q: ['qkvw', 3 * d, 0], k: ['qkvw', 3 * d, d], v: ['qkvw', 3 * d, 2 * d], proj: ['attprojw', d, 0], fc: ['fcw', 4 * d, 0], 'mlp-proj': ['fcprojw', d, 0], wte: ['wte', d, 0],
+  }, 'GPT-2');
 }
 
 /**
@@ -241,17 +240,10 @@ export function mergedLlamaModel(s: Session): LlamaWeights {
 
 /** Folds LoRA adapters into plain Llama-family weights. */
 export function mergeLlamaAdapters(w: LlamaWeights, ad: LoraAdapters): LlamaWeights {
-  const p = Float32Array.from(w.params), lay = w.layout, { C, KV, W, I } = llamaDims(w.config);
-  const at: Record<LoraTarget, [LlamaKind, number, number] | null> = {
-    q: ['qkvw', W, 0], k: ['qkvw', W, C], v: ['qkvw', W, C + KV], proj: ['ow', C, 0], gate: ['guw', 2 * I, 0], up: ['guw', 2 * I, I], 'mlp-proj': ['downw', C, 0], wte: ['wte', C, 0], fc: null,
-  };
-  for (const v of ad.views) {
-    const t = at[v.target];
-    if (!t) throw new InputError(`LoRA target "${v.target}" has no Llama-family weight`);
-    const M = v.target === 'wte' ? lay.view(p, 'wte') : lay.layer(p, t[0], v.layer);
-    addLowRank(M, t[1], t[2], v.A, v.B, v.din, ad.config.rank, v.dout, ad.scale);
-  }
-  return { ...w, params: p };
+  const { C, KV, W, I } = llamaDims(w.config);
+  return mergeLowRank(w, ad, {
+    q: ['qkvw', W, 0], k: ['qkvw', W, C], v: ['qkvw', W, C + KV], proj: ['ow', C, 0], gate: ['guw', 2 * I, 0], up: ['guw', 2 * I, I], 'mlp-proj': ['downw', C, 0], wte: ['wte', C, 0],
+  }, 'Llama-family');
 }
 
 function fromPlainParts(base: GPT2Weights, acc0: AcceleratorWeights, enc: PlainEnclaveTensors): GPT2Weights {

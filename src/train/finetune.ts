@@ -133,9 +133,9 @@ export function latestCheckpoint(runDir: string): string | null {
 export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet: EncodedSet | null, cfg: FinetuneConfig, runDir: string, padId: number, opts: RunHooks & { resume?: boolean; rng: Rng }): Promise<FinetuneSummary> {
   mkdirSync(path.join(runDir, 'checkpoints'), { recursive: true });
   const metricsFile = path.join(runDir, 'metrics.jsonl');
-  const adapters = model.adapters;
-  const encOpt = makeOpt(model.params.length, cfg);
-  const adOpt = adapters ? makeOpt(adapters.params.length, cfg) : null;
+  // what the enclave trains, each part with its optimiser: its own tensors, and the adapters
+  const part = (key: string, x: { params: Float32Array; grads: Float32Array }) => ({ key, p: x.params, g: x.grads, opt: makeOpt(x.params.length, cfg) });
+  const parts = [part('enclave', model), ...(model.adapters ? [part('adapters', model.adapters)] : [])];
   const sampler = new Sampler(train.items.length, cfg.seed);
   let startStep = 0;
   let losses: number[] = [];
@@ -154,17 +154,12 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       if ((st as unknown as Record<string, unknown>)[k] !== want) throw new Error(`cannot resume: the checkpoint in ${ck} was made with ${k} ${JSON.stringify((st as unknown as Record<string, unknown>)[k])}, this run has ${JSON.stringify(want)}`);
     }
     const t = openSafetensors(path.join(ck, 'enclave.safetensors'));
-    t.getInto('enclave.params', model.params);
-    if (adapters) t.getInto('adapters.params', adapters.params);
-    const loadOpt = (o: Optimizer | null, key: string) => {
-      if (!o) return;
-      const meta = st.optimizers[key];
+    for (const { key, p, opt } of parts) {
+      t.getInto(`${key}.params`, p);
       const bufs: Record<string, Float32Array> = {};
-      for (const b of o.kind === 'adamw' ? ['m', 'v'] : ['momentum']) if (t.has(`opt.${key}.${b}`)) bufs[b] = t.get(`opt.${key}.${b}`);
-      o.load({ kind: o.kind, step: meta.step, buffers: bufs } as OptimizerState);
-    };
-    loadOpt(encOpt, 'enclave');
-    loadOpt(adOpt, 'adapters');
+      for (const b of opt.kind === 'adamw' ? ['m', 'v'] : ['momentum']) if (t.has(`opt.${key}.${b}`)) bufs[b] = t.get(`opt.${key}.${b}`);
+      opt.load({ kind: opt.kind, step: st.optimizers[key].step, buffers: bufs } as OptimizerState);
+    }
     // the job's mixing key: the resumed steps mix as the uninterrupted run's would
     if (t.has('mixing.key')) {
       const k = t.getInt('mixing.key');
@@ -207,14 +202,13 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     const tmp = `${dir}.tmp`;
     rmSync(tmp, { recursive: true, force: true });
     mkdirSync(tmp, { recursive: true });
-    const tensors: TensorToWrite[] = [{ name: 'enclave.params', dtype: 'F32', shape: [model.params.length], data: model.params }];
-    if (adapters) tensors.push({ name: 'adapters.params', dtype: 'F32', shape: [adapters.params.length], data: adapters.params });
+    const f32 = (name: string, data: Float32Array): TensorToWrite => ({ name, dtype: 'F32', shape: [data.length], data });
+    const tensors = parts.map(({ key, p }) => f32(`${key}.params`, p));
     const optimizers: CheckpointState['optimizers'] = {};
-    for (const [key, o] of [['enclave', encOpt], ['adapters', adOpt]] as const) {
-      if (!o) continue;
-      const s = o.state();
+    for (const { key, opt } of parts) {
+      const s = opt.state();
       optimizers[key] = { kind: s.kind, step: s.step };
-      for (const [b, buf] of Object.entries(s.buffers)) tensors.push({ name: `opt.${key}.${b}`, dtype: 'F32', shape: [buf.length], data: buf });
+      for (const [b, buf] of Object.entries(s.buffers)) tensors.push(f32(`opt.${key}.${b}`, buf));
     }
     const key = model.mixingKey;
     if (key) tensors.push({ name: 'mixing.key', dtype: 'I32', shape: [8], data: new Int32Array(Uint8Array.from(key).buffer) });
@@ -250,8 +244,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
   for (let step = startStep; step < cfg.steps; step++) {
     const ts = performance.now();
     const b = makeBatch(sampler.next(cfg.batch).map((i) => train.items[i]), cfg.task, padId);
-    model.grads.fill(0);
-    adapters?.grads.fill(0);
+    for (const x of parts) x.g.fill(0);
     // a failed step is aborted on both sides; nothing of it is saved
     const abort = async (why: string, cause?: unknown): Promise<never> => {
       try {
@@ -268,15 +261,14 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       r = await model.forward(b.tokens, b.B, b.T, b.targets, true);
       if (!Number.isFinite(r.loss)) throw new Error(`the loss became ${r.loss} (non-finite)`);
       await model.backward();
-      norm = Math.sqrt(sumSquares(model.grads, ...(adapters ? [adapters.grads] : [])) + (await model.acceleratorGradSq()));
+      norm = Math.sqrt(sumSquares(...parts.map((x) => x.g)) + (await model.acceleratorGradSq()));
       if (!Number.isFinite(norm)) throw new Error(`the gradient norm became ${norm} (non-finite)`);
     } catch (e) {
       return abort((e as Error).message, e);
     }
     const scale = clipScale(norm!, cfg.clip);
     const lr = cosineSchedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac);
-    if (model.params.length) encOpt.step(model.params, model.grads, lr, scale);
-    if (adapters && adOpt) adOpt.step(adapters.params, adapters.grads, lr, scale);
+    for (const x of parts) if (x.p.length) x.opt.step(x.p, x.g, lr, scale);
     await model.acceleratorUpdate(lr, cfg.momentum, scale);
     losses.push(r.loss);
     const stepTokens = cfg.task === 'lm' ? r.count : b.B * b.T;

@@ -305,7 +305,7 @@ export function mergeRunSpecInputs(...parts: (RunSpecInput | RunSpec | undefined
 }
 
 /** JSON with sorted keys: equal for equal settings. */
-function canonical(v: unknown): string {
+export function canonical(v: unknown): string {
   return JSON.stringify(v, (_k, x) => (x && typeof x === 'object' && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).sort(([a], [b]) => (a < b ? -1 : 1))) : x));
 }
 

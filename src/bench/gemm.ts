@@ -201,20 +201,20 @@ export async function benchGemm(opts: GemmBenchOptions = {}): Promise<GemmBenchR
       const ops = operands(s);
       const mine: number[] = [];
       const theirs: number[] = [];
+      const timeRef = async () => {
+        const g = await ref!.time(s, 3);
+        if (g !== null) theirs.push(g);
+      };
       if (backend === 'native') {
         setBackend('native');
         for (let r = 0; r < rounds; r++) {
           if (ref) {
-            const g = await ref.time(s, 3);
-            if (g !== null) theirs.push(g);
+            await timeRef();
             await sleep(300); // OpenBLAS's threads spin ~0.15 s after a call: let them go idle
           }
           mine.push(flops / timeCalls(ops.run, perRound, 3, r === 0) / 1e9);
         }
-      } else if (ref) {
-        const g = await ref.time(s, 3);
-        if (g !== null) theirs.push(g);
-      }
+      } else if (ref) await timeRef();
       let js: number | null = null;
       if ((wantJs || backend === 'js') && flops <= jsMaxFlops) {
         setBackend('js');

@@ -40,12 +40,7 @@ export async function benchTrainStep(opts: { model: string; batch: number; seq: 
   if (T > config.n_ctx) throw new Error(`--seq ${T} exceeds ${opts.model}'s context of ${config.n_ctx}`);
   const model = GPT2.random(config, 1);
   const rng = new Rng(2);
-  const inputs = new Int32Array(B * T);
-  const targets = new Int32Array(B * T);
-  for (let i = 0; i < B * T; i++) {
-    inputs[i] = rng.int(config.vocab_size);
-    targets[i] = rng.int(config.vocab_size);
-  }
+  const [inputs, targets] = [0, 1].map(() => Int32Array.from({ length: B * T }, () => rng.int(config.vocab_size)));
   const kind = opts.optimizer ?? 'adamw';
   const opt = makeOptimizer(model, kind, { weightDecay: 0.01 });
   model.ensureGrads();

@@ -12,19 +12,17 @@ import { isPeftAdapterDir, readPeftAdapter, type ImportedAdapter } from '../mode
 import { BundleError, InputError } from '../errors.js';
 import { Layout, ParamLayout } from '../model/params.js';
 import { KeyedRng, Rng } from '../tensor/rng.js';
-import type { MixingConfig } from '../enclave/mixing.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { obfuscateWeights, resolveKey, resolveParams, type ObfuscateOptions, type ObfuscationResult } from '../obfuscate/provider.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
-import type { EnclaveTensors, LlamaEnclaveTensors, PlainEnclaveTensors, RotaryMasks } from '../obfuscate/enclave_tensors.js';
+import type { LlamaEnclaveTensors, PlainEnclaveTensors, RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { gpt2Linears, type AcceleratorWeights } from '../protocol/linears.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../protocol/link.js';
-import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type SplitModelOptions, type TrainMode } from '../enclave/split_model.js';
+import { SplitModel, plainSplitParts, foldLayerNorms, type SplitModelOptions } from '../enclave/split_model.js';
 import { openSafetensors, writeSafetensors } from '../io/safetensors.js';
 import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraConfig, type LoraTarget } from '../model/lora.js';
-import type { Task } from '../io/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
 import { llamaAdapters, type LlamaWeights } from '../model/llama.js';
@@ -32,15 +30,10 @@ import { llamaDims } from '../model/llama_block.js';
 import { deobfuscateLlama, deriveLlamaMasks, foldRmsGains, fromPlainLlamaParts, obfuscateLlama, plainLlamaParts, type LlamaModelMasks } from '../obfuscate/llama_transform.js';
 import { makeCheckVectors } from '../protocol/integrity.js';
 
-export interface SessionOptions {
-  mode: TrainMode;
-  method: Method;
-  task: Task;
+/** The split model's own settings, and how the session splits the model and where the accelerator runs. */
+export interface SessionOptions extends Pick<SplitModelOptions, 'mode' | 'method' | 'task' | 'twoSided' | 'lora' | 'numLabels' | 'mixing'> {
   /** mask condition number ("1", "10", "naive"); ignored for local */
   kappa?: string;
-  twoSided?: boolean;
-  lora?: LoraConfig;
-  numLabels?: number;
   labels?: string[];
   /** classification: pooling of a fresh head (a head already in the model keeps its own) */
   pooling?: Pooling;
@@ -56,8 +49,6 @@ export interface SessionOptions {
    * `factoredModel(model, publicBase, mode)`.
    */
   publicBase?: ObfuscateOptions['publicBase'];
-  /** per-call token mixing (null or absent: off) */
-  mixing?: MixingConfig | null;
   /** seed of the mixing's randomness (tests: reproducible; default a fresh secret key) */
   mixingSeed?: number;
   /** where the in-process accelerator keeps its checkpoints */
@@ -103,26 +94,22 @@ export function freshClassifier(numLabels: number, d: number, seed: number): Flo
 }
 
 export function buildSession(w0: GPT2Weights | LlamaWeights, o: SessionOptions): Session {
-  if (isLlama(w0.config)) return buildLlamaSession(w0 as LlamaWeights, o);
-  if (o.rotaryMasks) throw new InputError('rotary masks apply to Llama-family models only');
-  return buildGpt2Session(w0 as GPT2Weights, o);
-}
-
-/** The shared tail of a session: the accelerator behind its link and the enclave's model. */
-function assemble(o: SessionOptions, config: GPT2Config, acc: AcceleratorWeights, tensors: SplitModelOptions['tensors'], pooling: Pooling | undefined, rng: Rng): Pick<Session, 'model' | 'link' | 'accelerator'> {
+  if (!isLlama(w0.config) && o.rotaryMasks) throw new InputError('rotary masks apply to Llama-family models only');
+  const p = isLlama(w0.config) ? llamaParts(withHead(w0 as LlamaWeights, o), o) : gpt2Parts(withHead(w0 as GPT2Weights, o), o);
+  const rng = new Rng(o.seed);
   let accelerator: Accelerator | null = null;
   let link: AcceleratorLink;
-  if (o.link) link = o.link(acc);
+  if (o.link) link = o.link(p.accelerator);
   else {
-    accelerator = new Accelerator(acc, { stateDir: o.acceleratorStateDir });
+    accelerator = new Accelerator(p.accelerator, { stateDir: o.acceleratorStateDir });
     link = new InProcessLink(accelerator, { serialize: o.serialize });
   }
   const model = new SplitModel({
-    mode: o.mode, method: o.method, task: o.task, config, tensors, link, twoSided: o.twoSided,
-    lora: o.lora, numLabels: o.numLabels, pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
+    mode: o.mode, method: o.method, task: o.task, config: p.base.config, tensors: p.tensors, link, twoSided: o.twoSided,
+    lora: o.lora, numLabels: o.numLabels, pooling: p.base.cls?.pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
     mixing: o.mixing, mixingRng: o.mixingSeed !== undefined ? KeyedRng.fromSeed(`mixing:${o.mixingSeed}`) : undefined,
   });
-  return { model, link, accelerator };
+  return { model, link, accelerator, rng, obfuscation: null, base: p.base, modelId: modelFingerprint(w0), ...p.extra };
 }
 
 /** The model with a fresh classification head where the task needs one it lacks (before obfuscation: every mode starts from the same one). */
@@ -132,43 +119,34 @@ function withHead<W extends GPT2Weights | LlamaWeights>(w: W, o: SessionOptions)
   return { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels, pooling: o.pooling ?? 'last' } };
 }
 
-/** A Llama-family session: the family's transform (or plain parts), the same split model. */
-function buildLlamaSession(w0: LlamaWeights, o: SessionOptions): Session {
-  const rng = new Rng(o.seed);
-  let w = withHead(w0, o);
-  if (o.publicBase) throw new InputError('--public-base serves GPT-2 models for now; a Llama-family model is obfuscated whole');
-  if (o.foldedBaseline) w = foldRmsGains(w);
-  let acc: AcceleratorWeights, tensors: LlamaEnclaveTensors, masks: LlamaModelMasks | null = null;
-  if (o.mode === 'local') ({ accelerator: acc, tensors } = plainLlamaParts(w));
-  else {
-    const params = resolveParams({ mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided });
-    const key = resolveKey({ mode: o.mode, seed: o.maskSeed });
-    masks = deriveLlamaMasks(w.config, key, params, o.rotaryMasks ?? 'full');
-    const r = obfuscateLlama(w, masks);
-    r.enclave.chk = makeCheckVectors(r.accelerator, new KeyedRng(key).derive('integrity'));
-    acc = r.accelerator;
-    tensors = r.enclave;
-  }
-  const parts = assemble(o, w.config, acc, tensors, w.cls?.pooling, rng);
-  return { ...parts, rng, obfuscation: null, base: w, modelId: modelFingerprint(w0), llama: { masks } };
+/** A session's split of its model: what the accelerator and the enclave hold, and what the family adds to the session. */
+interface SplitParts {
+  /** the plain model the session starts from (after folding for the folded baseline) */
+  base: GPT2Weights | LlamaWeights;
+  accelerator: AcceleratorWeights;
+  tensors: SplitModelOptions['tensors'];
+  extra: Partial<Pick<Session, 'obfuscation' | 'llama'>>;
 }
 
-function buildGpt2Session(w0: GPT2Weights, o: SessionOptions): Session {
-  const rng = new Rng(o.seed);
-  let w = withHead(w0, o);
+/** A Llama-family model's split: the family's transform (or plain parts); the split model is the same. */
+function llamaParts(w0: LlamaWeights, o: SessionOptions): SplitParts {
+  if (o.publicBase) throw new InputError('--public-base serves GPT-2 models for now; a Llama-family model is obfuscated whole');
+  const w = o.foldedBaseline ? foldRmsGains(w0) : w0;
+  if (o.mode === 'local') return { base: w, ...plainLlamaParts(w), extra: { llama: { masks: null } } };
+  const params = resolveParams({ mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided });
+  const key = resolveKey({ mode: o.mode, seed: o.maskSeed });
+  const masks = deriveLlamaMasks(w.config, key, params, o.rotaryMasks ?? 'full');
+  const r = obfuscateLlama(w, masks);
+  r.enclave.chk = makeCheckVectors(r.accelerator, new KeyedRng(key).derive('integrity'));
+  return { base: w, accelerator: r.accelerator, tensors: r.enclave, extra: { llama: { masks } } };
+}
+
+function gpt2Parts(w0: GPT2Weights, o: SessionOptions): SplitParts {
   if (o.mode === 'local' && o.publicBase) throw new InputError('local mode has no accelerator to hold a public base: train factoredModel(model, base, mode) instead');
-  if (o.foldedBaseline) w = foldLayerNorms(w);
-  let acc: AcceleratorWeights;
-  let tensors: EnclaveTensors;
-  let obf: ObfuscationResult | null = null;
-  if (o.mode === 'local') {
-    ({ accelerator: acc, tensors } = plainSplitParts(w));
-  } else {
-    obf = obfuscateWeights(w, { mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided, seed: o.maskSeed, publicBase: o.publicBase });
-    acc = obf.accelerator;
-    tensors = obf.enclave.tensors;
-  }
-  return { ...assemble(o, w.config, acc, tensors, w.cls?.pooling, rng), rng, obfuscation: obf, base: w, modelId: modelFingerprint(w0) };
+  const w = o.foldedBaseline ? foldLayerNorms(w0) : w0;
+  if (o.mode === 'local') return { base: w, ...plainSplitParts(w), extra: {} };
+  const obf = obfuscateWeights(w, { mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided, seed: o.maskSeed, publicBase: o.publicBase });
+  return { base: w, accelerator: obf.accelerator, tensors: obf.enclave.tensors, extra: { obfuscation: obf } };
 }
 
 /** Writes the run's trained parts: adapters (HF-PEFT-like names) and the enclave's trained tensors. */

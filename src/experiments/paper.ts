@@ -30,16 +30,12 @@ import { renderSvg, panelLineSpec, groupedBarSpec, ordinalPointSpec, curveGap } 
 import { page, table } from '../report/html.js';
 import { InputError, IntegrityError, ObfuscatuneError, findCause } from '../errors.js';
 
-export interface ResultRow {
+export interface ResultRow extends Pick<RunSpec, 'method' | 'mode' | 'kappa' | 'steps'> {
   dataset: string;
   model: string;
-  method: Method;
-  mode: TrainMode;
-  kappa: string | null;
   metric: 'accuracy' | 'perplexity';
   value: number;
   loss: number;
-  steps: number;
   seconds: number;
   losses: number[];
   /** why a run produced no metric (divergence) */

@@ -13,8 +13,8 @@ import path from 'node:path';
 import { Rng } from '../tensor/rng.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { AdamW, SGD, cosineSchedule, sumSquares, clipScale, type Optimizer, type OptimizerState } from './optim.js';
-import { makeBatch, Sampler, type Encoded, type EncodedSet, type Task } from '../io/jsonl.js';
-import type { SplitModel, TrainMode, Method, ForwardResult } from '../enclave/split_model.js';
+import { makeBatch, Sampler, type Encoded, type EncodedSet } from '../io/jsonl.js';
+import type { SplitModel, ForwardResult } from '../enclave/split_model.js';
 import type { RunSpec } from './run_spec.js';
 
 /**
@@ -41,12 +41,7 @@ export interface EvalMetrics {
   examples: number;
 }
 
-export interface FinetuneSummary {
-  task: Task;
-  method: Method;
-  mode: TrainMode;
-  kappa: string | null;
-  steps: number;
+export interface FinetuneSummary extends Pick<RunSpec, 'task' | 'method' | 'mode' | 'kappa' | 'steps'> {
   eval: EvalMetrics | null;
   eval_before: EvalMetrics | null;
   train_loss_last: number;
@@ -90,15 +85,11 @@ export async function evaluate(model: SplitModel, set: EncodedSet, batch: number
   return model.task === 'lm' ? { loss, perplexity: Math.exp(loss), examples } : { loss, accuracy: correct / Math.max(1, examples), examples };
 }
 
-interface CheckpointState {
+interface CheckpointState extends Pick<RunSpec, 'mode' | 'method' | 'task' | 'kappa'> {
   format: string;
   step: number;
   sampler: { epoch: number; pos: number };
   rng: number[];
-  mode: TrainMode;
-  method: Method;
-  task: Task;
-  kappa: string | null;
   model_id: string;
   accelerator_digest: string | null;
   optimizers: Record<string, { kind: string; step: number }>;

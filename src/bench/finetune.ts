@@ -136,7 +136,7 @@ function rowOf(o: BenchOneOptions, transport: string, dataPath: string, steps: S
   const times = steps.map((x) => x.ms);
   return {
     mode: o.mode, ...(o.mode === 'paper' ? { kappa: '1' } : {}), step_ms_median: median(times), step_ms_min: Math.min(...times),
-    peak_rss_mb: Math.round(peakRssMb() * 10) / 10, integrity_share: steps.reduce((a, x) => a + x.integrityMs, 0) / times.reduce((a, b) => a + b, 0),
+    peak_rss_mb: peakRssMb(), integrity_share: steps.reduce((a, x) => a + x.integrityMs, 0) / times.reduce((a, b) => a + b, 0),
     boundary_messages_per_step: steps[steps.length - 1]?.messages ?? 0, transport, data_path: dataPath,
     ...(o.mixing !== undefined ? { token_mixing: o.mixing ? 'on' as const : 'off' as const, mixing_share: steps.reduce((a, x) => a + x.mixingMs, 0) / times.reduce((a, b) => a + b, 0) } : {}),
   };

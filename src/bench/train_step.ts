@@ -23,8 +23,9 @@ export interface TrainStepBenchResult {
   optimizer: string;
 }
 
+/** This process's peak resident memory in MB, to 0.1 MB. */
 export function peakRssMb(): number {
-  return process.resourceUsage().maxRSS / 1024;
+  return Math.round((process.resourceUsage().maxRSS / 1024) * 10) / 10;
 }
 
 /** The median (the mean of the two middle values of an even count). */
@@ -71,7 +72,7 @@ export async function benchTrainStep(opts: { model: string; batch: number; seq: 
     step_ms_median: median(times),
     step_ms_min: Math.min(...times),
     phases_ms: { forward: median(fw), backward: median(bw), optimizer: median(op) },
-    peak_rss_mb: Math.round(peakRssMb() * 10) / 10,
+    peak_rss_mb: peakRssMb(),
     backend: backendName(),
     threads: backendName() === 'native' && info ? info.threads : 1,
     optimizer: kind,

@@ -323,6 +323,10 @@ function isObject(v: unknown): v is Record<string, unknown> {
 export function resumeRunSpec(stored: RunSpec, changes: unknown, source: string, storedIn: string): RunSpec {
   if (!isObject(changes)) return parseRunSpec(changes, source);
   const keep = `a resumed run keeps its settings (${storedIn}), except ${RESUMABLE_CHANGES.join(', ')}`;
+  // a value that does not parse is left to the parse of the whole spec, which names the problem
+  const mustKeep = (field: string, r: { success: boolean; data?: unknown }, was: unknown) => {
+    if (r.success && canonical(r.data) !== canonical(was)) throw new RunSpecError(field, source, `${show(r.data)} differs from the run's ${show(was)}; ${keep}`);
+  };
   for (const [k, v] of Object.entries(changes)) {
     if (v === undefined || (RESUMABLE_CHANGES as readonly string[]).includes(k) || !(k in FIELDS)) continue;
     if (k === 'lora') {
@@ -330,18 +334,13 @@ export function resumeRunSpec(stored: RunSpec, changes: unknown, source: string,
       if (!stored.lora) throw new RunSpecError('lora', source, `the run has no LoRA (method ${stored.method}); ${keep}`);
       if (!isObject(v)) continue; // the parse below names the problem
       for (const [lk, lv] of Object.entries(v)) {
-        const sub = loraSchema.shape[lk as keyof typeof loraSchema.shape];
-        const r = sub?.safeParse(lv);
-        if (!r?.success || lv === undefined) continue;
-        const was = stored.lora[lk as keyof LoraConfig];
-        if (canonical(r.data) !== canonical(was)) throw new RunSpecError(`lora.${lk}`, source, `${show(r.data)} differs from the run's ${show(was)}; ${keep}`);
+        const r = loraSchema.shape[lk as keyof typeof loraSchema.shape]?.safeParse(lv);
+        if (r && lv !== undefined) mustKeep(`lora.${lk}`, r, stored.lora[lk as keyof LoraConfig]);
       }
       continue;
     }
     const r = FIELDS[k as keyof typeof FIELDS].safeParse(v);
-    if (!r.success || (k === 'kappa' && r.data === null)) continue;
-    const was = stored[k as keyof RunSpec];
-    if (canonical(r.data) !== canonical(was)) throw new RunSpecError(k, source, `${show(r.data)} differs from the run's ${show(was)}; ${keep}`);
+    if (!(k === 'kappa' && r.data === null)) mustKeep(k, r, stored[k as keyof RunSpec]);
   }
   return parseRunSpec(mergeRunSpecInputs(stored, changes as RunSpecInput), source);
 }

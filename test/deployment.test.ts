@@ -82,7 +82,7 @@ async function reference(dir: string, input: JobSpecInput): Promise<{ last: numb
   const rng = new Rng(s.seed);
   const model = new SplitModel({ mode: enc.mode, method: s.method, task: s.task, config: enc.config, tensors: enc.tensors, link: new InProcessLink(new Accelerator(acc.weights, { stateDir: path.join(dir, 'ref-acc') })), numLabels: labels.length, padTokenId: gpt2Tokenizer.eotId, rng, classifierInit: freshClassifier(labels.length, enc.config.n_embd, s.seed) });
   const enc_ = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task: s.task, maxLen: s.max_len, labels, source: 'x' });
-  const cfg = { ...toFinetuneConfig(s, 'ref'), checkpointEvery: 0 };
+  const cfg = { ...toFinetuneConfig(s, 'ref'), checkpoint_every: 0 };
   const sum = await runFinetune(model, enc_(train), enc_(ev), cfg, path.join(dir, 'ref-run'), gpt2Tokenizer.eotId, { rng });
   return { last: sum.train_loss_last, eval: sum.eval!.loss };
 }

@@ -83,7 +83,7 @@ test('defaults: an empty spec is the table of RUN_SPEC_DEFAULTS, resolved (ortho
   // the projections carry every setting
   const cfg = toFinetuneConfig(s, 'id');
   assert.deepEqual(
-    [cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.minLrFrac, cfg.clip, cfg.weightDecay, cfg.enclaveOptimizer, cfg.momentum, cfg.adamEps, cfg.seed, cfg.evalEvery, cfg.evalBatches, cfg.checkpointEvery, cfg.kappa, cfg.modelId],
+    [cfg.steps, cfg.batch, cfg.lr, cfg.warmup, cfg.min_lr_frac, cfg.clip, cfg.weight_decay, cfg.enclave_optimizer, cfg.momentum, cfg.adam_eps, cfg.seed, cfg.eval_every, cfg.eval_batches, cfg.checkpoint_every, cfg.kappa, cfg.modelId],
     [s.steps, s.batch, s.lr, s.warmup, s.min_lr_frac, s.clip, s.weight_decay, s.enclave_optimizer, s.momentum, s.adam_eps, s.seed, s.eval_every, s.eval_batches, s.checkpoint_every, '1', 'id'],
   );
   const so = toSessionOptions(full, { padTokenId: 0, numLabels: 3 });

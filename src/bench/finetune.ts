@@ -136,11 +136,35 @@ function rowOf(o: BenchOneOptions, transport: string, dataPath: string, steps: S
   const times = steps.map((x) => x.ms);
   return {
     mode: o.mode, ...(o.mode === 'paper' ? { kappa: '1' } : {}), step_ms_median: median(times), step_ms_min: Math.min(...times),
-    peak_rss_mb: Math.round(peakRssMb() * 10) / 10, integrity_share: steps.reduce((a, x) => a + x.integrityMs, 0) / times.reduce((a, b) => a + b, 0),
+    peak_rss_mb: peakRssMb(), integrity_share: steps.reduce((a, x) => a + x.integrityMs, 0) / times.reduce((a, b) => a + b, 0),
     boundary_messages_per_step: steps[steps.length - 1]?.messages ?? 0, transport, data_path: dataPath,
     ...(o.mixing !== undefined ? { token_mixing: o.mixing ? 'on' as const : 'off' as const, mixing_share: steps.reduce((a, x) => a + x.mixingMs, 0) / times.reduce((a, b) => a + b, 0) } : {}),
   };
 }
+
+/**
+ * Steps every runner `steps` times in rounds, after `warm` warm-up rounds: a slow spell of a
+ * shared machine hits every runner of a round. With `rotate`, the order rotates each round.
+ */
+async function rounds(runners: StepRunner[], steps: number, o: { warm?: number; rotate?: boolean; onRound?: (i: number) => void } = {}): Promise<StepTimes[][]> {
+  for (let w = 0; w < (o.warm ?? 1); w++) for (const r of runners) await r.step();
+  const out = runners.map(() => [] as StepTimes[]);
+  for (let i = 0; i < steps; i++) {
+    for (let j = 0; j < runners.length; j++) {
+      const k = o.rotate ? (i + j) % runners.length : j;
+      out[k].push(await runners[k].step());
+    }
+    o.onRound?.(i + 1);
+  }
+  for (const r of runners) await r.close();
+  return out;
+}
+
+/** The median over rounds of a runner's step time over another's in the same round. */
+const ratio = (a: StepTimes[], b: StepTimes[]) => median(a.map((x, i) => x.ms / b[i].ms));
+
+const resultOf = (o: Pick<FinetuneBenchResult, 'model' | 'method' | 'batch' | 'seq' | 'steps'>, transport: string) =>
+  ({ model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport });
 
 /**
  * Sealed fine-tuning without and with token mixing in this process, steps paired (the order
@@ -148,31 +172,21 @@ function rowOf(o: BenchOneOptions, transport: string, dataPath: string, steps: S
  * the per-pair ratios, robust to a busy machine.
  */
 export async function benchFinetuneMixing(o: Omit<BenchOneOptions, 'mode' | 'link' | 'mixing'> & { mixing: MixingConfig; onProgress?: (i: number, n: number, label: string) => void }): Promise<FinetuneBenchResult> {
-  const opts = [{ ...o, mode: 'sealed' as const, mixing: null }, { ...o, mode: 'sealed' as const, mixing: o.mixing }];
-  const runners = opts.map((x) => stepRunner({ ...x, transport: 'in-process' }));
-  for (const r of runners) await r.step();
-  const steps: StepTimes[][] = [[], []];
-  for (let i = 0; i < o.steps; i++) {
-    for (const k of i % 2 ? [1, 0] : [0, 1]) steps[k].push(await runners[k].step());
-    o.onProgress?.(i + 1, o.steps, `pair ${i + 1}`);
-  }
-  const rows = opts.map((x, k) => rowOf({ ...x, transport: 'in-process' }, 'in-process', 'in-process', steps[k]));
-  rows[1].vs_unmixed = median(steps[1].map((x, i) => x.ms / steps[0][i].ms));
-  const ms = runners[1].mixingStats();
-  if (ms) Object.assign(rows[1], { rows_vs_real: ms.rowsSent / ms.rowsReal, flops_vs_real: ms.flopsSent / ms.flopsReal, mixing_flops_vs_real: ms.mixFlops / ms.flopsReal });
-  for (const r of runners) await r.close();
-  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: 'in-process', token_mixing: o.mixing, rows };
+  const opts = [null, o.mixing].map((mixing) => ({ ...o, mode: 'sealed' as const, mixing, transport: 'in-process' }));
+  const runners = opts.map((x) => stepRunner(x));
+  const steps = await rounds(runners, o.steps, { rotate: true, onRound: (i) => o.onProgress?.(i, o.steps, `pair ${i}`) });
+  const rows = opts.map((x, k) => rowOf(x, 'in-process', 'in-process', steps[k]));
+  rows[1].vs_unmixed = ratio(steps[1], steps[0]);
+  const m = runners[1].mixingStats();
+  if (m) Object.assign(rows[1], { rows_vs_real: m.rowsSent / m.rowsReal, flops_vs_real: m.flopsSent / m.flopsReal, mixing_flops_vs_real: m.mixFlops / m.flopsReal });
+  return { ...resultOf(o, 'in-process'), token_mixing: o.mixing, rows };
 }
 
 /** One mode, in this process (one warm-up step, then `steps` timed ones). */
 export async function benchFinetuneOne(o: BenchOneOptions): Promise<FinetuneBenchRow> {
   const r = stepRunner(o, o.link);
-  await r.step();
-  const steps: StepTimes[] = [];
-  for (let i = 0; i < o.steps; i++) steps.push(await r.step());
-  const row = rowOf(o, o.transport, r.dataPath(), steps);
-  await r.close();
-  return row;
+  const [steps] = await rounds([r], o.steps);
+  return rowOf(o, o.transport, r.dataPath(), steps);
 }
 
 /**
@@ -182,23 +196,11 @@ export async function benchFinetuneOne(o: BenchOneOptions): Promise<FinetuneBenc
  * ratios. Two warm-up steps each. Both rows report this process's peak RSS (both sessions).
  */
 export async function benchFinetunePaired(o: BenchOneOptions & { link: BenchLinkFactory }): Promise<FinetuneBenchRow[]> {
-  const local = stepRunner({ ...o, transport: 'in-process' });
-  const net = stepRunner(o, o.link);
-  for (let i = 0; i < 2; i++) {
-    await local.step();
-    await net.step();
-  }
-  const a: StepTimes[] = [];
-  const b: typeof a = [];
-  for (let i = 0; i < o.steps; i++) {
-    a.push(await local.step());
-    b.push(await net.step());
-  }
-  const rows = [rowOf(o, 'in-process', 'in-process', a), rowOf(o, o.transport, net.dataPath(), b)];
-  rows[1].vs_in_process = median(b.map((x, i) => x.ms / a[i].ms));
+  const runners = [stepRunner({ ...o, transport: 'in-process' }), stepRunner(o, o.link)];
+  const [a, b] = await rounds(runners, o.steps, { warm: 2 });
+  const rows = [rowOf(o, 'in-process', 'in-process', a), rowOf(o, o.transport, runners[1].dataPath(), b)];
+  rows[1].vs_in_process = ratio(b, a);
   rows[0].paired = rows[1].paired = true;
-  await local.close();
-  await net.close();
   return rows;
 }
 
@@ -209,21 +211,11 @@ export async function benchFinetunePaired(o: BenchOneOptions & { link: BenchLink
  * Peak RSS is this process's (all three sessions).
  */
 export async function benchFinetuneInterleaved(o: Omit<BenchOneOptions, 'mode' | 'link'> & { onProgress?: (i: number, n: number, label: string) => void }): Promise<FinetuneBenchResult> {
-  const modes: TrainMode[] = ['local', 'sealed', 'paper'];
-  const runners = modes.map((mode) => stepRunner({ ...o, mode, transport: 'in-process' }));
-  for (const r of runners) await r.step();
-  const steps = modes.map(() => [] as StepTimes[]);
-  for (let i = 0; i < o.steps; i++) {
-    for (let j = 0; j < modes.length; j++) {
-      const k = (i + j) % modes.length;
-      steps[k].push(await runners[k].step());
-    }
-    o.onProgress?.(i + 1, o.steps, `round ${i + 1}`);
-  }
-  const rows = modes.map((mode, k) => rowOf({ ...o, mode, transport: 'in-process' }, 'in-process', 'in-process', steps[k]));
-  for (let k = 1; k < modes.length; k++) rows[k].vs_local = median(steps[k].map((x, i) => x.ms / steps[0][i].ms));
-  for (const r of runners) await r.close();
-  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: 'in-process', interleaved: true, rows };
+  const opts = (['local', 'sealed', 'paper'] as const).map((mode) => ({ ...o, mode, transport: 'in-process' }));
+  const steps = await rounds(opts.map((x) => stepRunner(x)), o.steps, { rotate: true, onRound: (i) => o.onProgress?.(i, o.steps, `round ${i}`) });
+  const rows = opts.map((x, k) => rowOf(x, 'in-process', 'in-process', steps[k]));
+  for (let k = 1; k < rows.length; k++) rows[k].vs_local = ratio(steps[k], steps[0]);
+  return { ...resultOf(o, 'in-process'), interleaved: true, rows };
 }
 
 /**
@@ -246,7 +238,7 @@ export function benchFinetune(o: { model: string; method: Method; batch: number;
     rows.push(...(Array.isArray(out) ? out : [out]));
   });
   o.onProgress?.(runs.length, runs.length, 'done');
-  return { model: o.model, method: o.method, batch: o.batch, seq: o.seq, steps: o.steps, transport: o.transport, ...(networked ? { tensor_channel: o.tensorChannel !== false } : {}), rows };
+  return { ...resultOf(o, o.transport), ...(networked ? { tensor_channel: o.tensorChannel !== false } : {}), rows };
 }
 
 export function formatFinetuneBench(r: FinetuneBenchResult): string {

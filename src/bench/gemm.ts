@@ -21,6 +21,7 @@ import { createInterface, type Interface } from 'node:readline';
 import path from 'node:path';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { Rng } from '../tensor/rng.js';
 import { availableBackends, backendName, nativeInfo, setBackend, setThreads, sgemm, type BackendName } from '../tensor/gemm.js';
 
 export interface GemmBenchRow {
@@ -83,11 +84,7 @@ function median(xs: number[]): number {
 
 function filled(n: number, seed: number): Float32Array {
   const a = new Float32Array(n);
-  let x = seed >>> 0;
-  for (let i = 0; i < n; i++) {
-    x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
-    a[i] = (x >>> 8) / 16777216 - 0.5;
-  }
+  new Rng(seed).fillNormal(a, 0.3);
   return a;
 }
 
@@ -130,28 +127,28 @@ class NumpyReference {
     return l.done ? '{"error":"numpy process exited"}' : l.value;
   }
 
-  /** Starts the child, or returns null (with the reason) when python3 + numpy are unavailable. */
-  static async start(threads: number, minTime: number): Promise<{ ref: NumpyReference | null; why: string | null }> {
+  /** Starts the child, or returns null when scripts/numpy_gemm.py, python3 or numpy is missing, or it does not start. */
+  static async start(threads: number, minTime: number): Promise<NumpyReference | null> {
     const script = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../scripts/numpy_gemm.py');
-    if (!existsSync(script)) return { ref: null, why: 'scripts/numpy_gemm.py not found' };
+    if (!existsSync(script)) return null;
     const env: NodeJS.ProcessEnv = { ...process.env };
     // Only in the child: these pin OpenBLAS to older, slower kernels / cache sizes.
     delete env.OPENBLAS_CORETYPE;
     delete env.OPENBLAS_L2_SIZE;
     for (const k of ['OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS']) env[k] = String(threads);
     const probe = spawnSync('python3', ['-c', 'import numpy'], { env, stdio: 'ignore' });
-    if (probe.error || probe.status !== 0) return { ref: null, why: 'python3 with numpy is not available' };
+    if (probe.error || probe.status !== 0) return null;
     const proc = spawn('python3', [script, '--serve', '--min-time', String(minTime)], { env, stdio: ['pipe', 'pipe', 'pipe'] });
     proc.stderr.resume();
     const ref = new NumpyReference(proc);
     const hello = await ref.next();
     try {
-      if (!JSON.parse(hello).ready) throw new Error(hello);
+      if (JSON.parse(hello).ready) return ref;
     } catch {
-      ref.close();
-      return { ref: null, why: `numpy reference did not start: ${hello}` };
+      // not a JSON line: the child failed before it could answer
     }
-    return { ref, why: null };
+    ref.close();
+    return null;
   }
 
   async time(s: Shape, reps: number): Promise<number | null> {
@@ -192,8 +189,7 @@ export async function benchGemm(opts: GemmBenchOptions = {}): Promise<GemmBenchR
 
   const shapes = gemmBenchShapes(tokens);
   const total = shapes.length;
-  let ref: NumpyReference | null = null;
-  if (wantRef) ref = (await NumpyReference.start(hasNative ? threads : 1, perRound)).ref;
+  const ref = wantRef ? await NumpyReference.start(hasNative ? threads : 1, perRound) : null;
 
   const results: GemmBenchRow[] = [];
   try {
@@ -205,20 +201,20 @@ export async function benchGemm(opts: GemmBenchOptions = {}): Promise<GemmBenchR
       const ops = operands(s);
       const mine: number[] = [];
       const theirs: number[] = [];
+      const timeRef = async () => {
+        const g = await ref!.time(s, 3);
+        if (g !== null) theirs.push(g);
+      };
       if (backend === 'native') {
         setBackend('native');
         for (let r = 0; r < rounds; r++) {
           if (ref) {
-            const g = await ref.time(s, 3);
-            if (g !== null) theirs.push(g);
+            await timeRef();
             await sleep(300); // OpenBLAS's threads spin ~0.15 s after a call: let them go idle
           }
           mine.push(flops / timeCalls(ops.run, perRound, 3, r === 0) / 1e9);
         }
-      } else if (ref) {
-        const g = await ref.time(s, 3);
-        if (g !== null) theirs.push(g);
-      }
+      } else if (ref) await timeRef();
       let js: number | null = null;
       if ((wantJs || backend === 'js') && flops <= jsMaxFlops) {
         setBackend('js');
@@ -228,12 +224,8 @@ export async function benchGemm(opts: GemmBenchOptions = {}): Promise<GemmBenchR
       }
       const gflops = backend === 'native' ? median(mine) : js;
       results.push({
-        m: s.m, k: s.k, n: s.n, op: s.op,
-        gflops: gflops === null ? 0 : round2(gflops),
-        js_gflops: js === null ? null : round2(js),
-        reference: theirs.length ? 'numpy' : null,
-        reference_gflops: theirs.length ? round2(median(theirs)) : null,
-        layer: s.layer,
+        m: s.m, k: s.k, n: s.n, op: s.op, gflops: gflops === null ? 0 : round2(gflops), js_gflops: js === null ? null : round2(js),
+        reference: theirs.length ? 'numpy' : null, reference_gflops: theirs.length ? round2(median(theirs)) : null, layer: s.layer,
       });
     }
     opts.onProgress?.(total, total, 'done');

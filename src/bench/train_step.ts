@@ -23,8 +23,9 @@ export interface TrainStepBenchResult {
   optimizer: string;
 }
 
+/** This process's peak resident memory in MB, to 0.1 MB. */
 export function peakRssMb(): number {
-  return process.resourceUsage().maxRSS / 1024;
+  return Math.round((process.resourceUsage().maxRSS / 1024) * 10) / 10;
 }
 
 /** The median (the mean of the two middle values of an even count). */
@@ -40,12 +41,7 @@ export async function benchTrainStep(opts: { model: string; batch: number; seq: 
   if (T > config.n_ctx) throw new Error(`--seq ${T} exceeds ${opts.model}'s context of ${config.n_ctx}`);
   const model = GPT2.random(config, 1);
   const rng = new Rng(2);
-  const inputs = new Int32Array(B * T);
-  const targets = new Int32Array(B * T);
-  for (let i = 0; i < B * T; i++) {
-    inputs[i] = rng.int(config.vocab_size);
-    targets[i] = rng.int(config.vocab_size);
-  }
+  const [inputs, targets] = [0, 1].map(() => Int32Array.from({ length: B * T }, () => rng.int(config.vocab_size)));
   const kind = opts.optimizer ?? 'adamw';
   const opt = makeOptimizer(model, kind, { weightDecay: 0.01 });
   model.ensureGrads();
@@ -76,7 +72,7 @@ export async function benchTrainStep(opts: { model: string; batch: number; seq: 
     step_ms_median: median(times),
     step_ms_min: Math.min(...times),
     phases_ms: { forward: median(fw), backward: median(bw), optimizer: median(op) },
-    peak_rss_mb: Math.round(peakRssMb() * 10) / 10,
+    peak_rss_mb: peakRssMb(),
     backend: backendName(),
     threads: backendName() === 'native' && info ? info.threads : 1,
     optimizer: kind,

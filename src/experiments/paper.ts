@@ -18,7 +18,7 @@ import { readJsonl, labelSet, encodeRecords, type Record_, type Task } from '../
 import { buildSession } from '../train/session.js';
 import { runFinetune, evaluate } from '../train/finetune.js';
 import {
-  RUN_SPEC_DEFAULTS, mergeRunSpecInputs, parseRunSpec, toFinetuneConfig, toSessionOptions, writeRunSpec, type RunSpec, type RunSpecInput,
+  RUN_SPEC_DEFAULTS, canonical, mergeRunSpecInputs, parseRunSpec, toFinetuneConfig, toSessionOptions, writeRunSpec, type RunSpec, type RunSpecInput,
 } from '../train/run_spec.js';
 import { runFidelity, type FidelityRow } from './fidelity.js';
 import { parseMaskSpec } from '../linalg/masks.js';
@@ -30,16 +30,12 @@ import { renderSvg, panelLineSpec, groupedBarSpec, ordinalPointSpec, curveGap } 
 import { page, table } from '../report/html.js';
 import { InputError, IntegrityError, ObfuscatuneError, findCause } from '../errors.js';
 
-export interface ResultRow {
+export interface ResultRow extends Pick<RunSpec, 'method' | 'mode' | 'kappa' | 'steps'> {
   dataset: string;
   model: string;
-  method: Method;
-  mode: TrainMode;
-  kappa: string | null;
   metric: 'accuracy' | 'perplexity';
   value: number;
   loss: number;
-  steps: number;
   seconds: number;
   losses: number[];
   /** why a run produced no metric (divergence) */
@@ -123,11 +119,6 @@ function rowRecipe(r: ResultRow): Partial<Recipe> | undefined {
   if (lr.full !== undefined) full.lr = lr.full;
   if (x.fullEnclaveOptimizer !== undefined) full.enclave_optimizer = x.fullEnclaveOptimizer;
   return { lora, full } as Partial<Recipe>;
-}
-
-/** JSON with sorted keys (recipes compared by content). */
-function canonical(v: unknown): string {
-  return JSON.stringify(v ?? null, (_k, x) => (x && typeof x === 'object' && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).sort(([a], [b]) => (a < b ? -1 : 1))) : x));
 }
 
 const CONFIGS: { mode: TrainMode; kappa: string | null }[] = [
@@ -258,6 +249,8 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
     const task = ds.meta.task;
     const labels = task === 'cls' ? labelSet(ds.train, ds.meta.name) : [];
     const special = recipes[ds.meta.name];
+    const metric = task === 'cls' ? 'accuracy' as const : 'perplexity' as const;
+    const ctx = { numLabels: task === 'cls' ? labels.length : undefined, labels, padTokenId: gpt2Tokenizer.eotId };
     for (const m of models) {
       const maxLen = runSettings(task, o, m.w.config.n_ctx).max_len as number;
       const enc = (r: Record_[]) => encodeRecords(r, gpt2Tokenizer, { task, maxLen, labels, source: ds.meta.name });
@@ -267,9 +260,9 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
       else {
         // the base model with the fresh head, scored as the rows are (local mode: the same function as every other)
         const spec = experimentSpec(task, ds.meta.name, methods[0], CONFIGS[0], o, { name: m.name, nCtx: m.w.config.n_ctx });
-        const sess = buildSession(m.w, toSessionOptions(spec, { numLabels: task === 'cls' ? labels.length : undefined, labels, padTokenId: gpt2Tokenizer.eotId }));
+        const sess = buildSession(m.w, toSessionOptions(spec, ctx));
         const e = await evaluate(sess.model, testSet, spec.batch, gpt2Tokenizer.eotId, spec.eval_batches);
-        res.before.push({ dataset: ds.meta.name, model: m.name, metric: task === 'cls' ? 'accuracy' : 'perplexity', value: task === 'cls' ? e.accuracy! : e.perplexity!, loss: e.loss });
+        res.before.push({ dataset: ds.meta.name, model: m.name, metric, value: e[metric]!, loss: e.loss });
         save(file, res);
         tick(`${ds.meta.name}/${m.name} before training`);
       }
@@ -289,29 +282,24 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
           const spec = experimentSpec(task, ds.meta.name, method, c, o, { name: m.name, nCtx: m.w.config.n_ctx });
           const runDir = path.join(o.out, 'runs', key.replace(/\//g, '_'));
           const t0 = performance.now();
-          const sess = buildSession(m.w, toSessionOptions(spec, {
-            numLabels: task === 'cls' ? labels.length : undefined, labels, padTokenId: gpt2Tokenizer.eotId, acceleratorStateDir: path.join(runDir, 'accelerator-state'),
-          }));
-          const cfg = toFinetuneConfig(spec, sess.modelId);
-          const common = { dataset: ds.meta.name, model: m.name, method, mode: c.mode, kappa: c.kappa, metric: task === 'cls' ? 'accuracy' as const : 'perplexity' as const, steps: spec.steps };
-          let row: ResultRow;
+          const sess = buildSession(m.w, toSessionOptions(spec, { ...ctx, acceleratorStateDir: path.join(runDir, 'accelerator-state') }));
+          let out: Pick<ResultRow, 'value' | 'loss' | 'losses' | 'error'>;
           try {
             mkdirSync(runDir, { recursive: true });
             writeRunSpec(runDir, spec);
-            const s = await runFinetune(sess.model, trainSet, testSet, cfg, runDir, gpt2Tokenizer.eotId, { rng: sess.rng });
-            row = {
-              ...common, value: task === 'cls' ? s.eval!.accuracy! : s.eval!.perplexity!, loss: s.eval!.loss, seconds: (performance.now() - t0) / 1000, losses: s.losses,
-              ...(special ? { recipe: special } : {}), spec,
-            };
+            const s = await runFinetune(sess.model, trainSet, testSet, toFinetuneConfig(spec, sess.modelId), runDir, gpt2Tokenizer.eotId, { rng: sess.rng });
+            out = { value: s.eval![metric]!, loss: s.eval!.loss, losses: s.losses };
           } catch (e) {
             // naive masks can make training diverge (non-finite values, or replies that no
             // longer pass the integrity tolerance): that is a result, reported as such
-            const msg = (e as Error).message;
             if (!diverged(e)) throw e;
-            row = { ...common, value: NaN, loss: NaN, seconds: (performance.now() - t0) / 1000, losses: [], error: msg, ...(special ? { recipe: special } : {}), spec };
-            log(`${key}: ${msg}`);
+            out = { value: NaN, loss: NaN, losses: [], error: (e as Error).message };
+            log(`${key}: ${out.error}`);
           }
-          res.rows.push(row);
+          res.rows.push({
+            dataset: ds.meta.name, model: m.name, method, mode: c.mode, kappa: c.kappa, metric, steps: spec.steps, ...out,
+            seconds: (performance.now() - t0) / 1000, ...(special ? { recipe: special } : {}), spec,
+          });
           save(file, res);
           tick(key);
         }
@@ -355,16 +343,21 @@ export async function rebuildReport(out: string): Promise<string> {
   return file;
 }
 
+/** The rows by a key, in the order each key first appears. */
+function groupBy<T>(xs: T[], key: (x: T) => string): Map<string, T[]> {
+  const m = new Map<string, T[]>();
+  for (const x of xs) m.set(key(x), [...(m.get(key(x)) ?? []), x]);
+  return m;
+}
+
+/** The rows of each dataset, model and method. */
+const runGroups = (res: Results) => groupBy(res.rows, (r) => `${r.dataset}|${r.model}|${r.method}`);
+
 export function mainTable(res: Results): { head: string[]; rows: string[][] } {
   const head = ['dataset', 'model', 'method', 'metric', 'before training', 'local', 'sealed', 'paper k=1', 'paper naive', 'baseline'];
-  const groups = new Map<string, ResultRow[]>();
-  for (const r of res.rows) {
-    const k = `${r.dataset}|${r.model}|${r.method}`;
-    groups.set(k, [...(groups.get(k) ?? []), r]);
-  }
   const fmt = (r: Pick<ResultRow, 'value' | 'metric'> | undefined) => (!r || !Number.isFinite(r.value) ? (r ? 'diverged' : '-') : r.metric === 'accuracy' ? `${(100 * r.value).toFixed(2)}%` : r.value.toFixed(2));
   const rows: string[][] = [];
-  for (const [k, rs] of groups) {
+  for (const [k, rs] of runGroups(res)) {
     const [dataset, model, method] = k.split('|');
     const pick = (mode: string, kappa: string | null) => rs.find((r) => r.mode === mode && r.kappa === kappa);
     const b = res.baselines.find((x) => x.dataset === dataset);
@@ -378,10 +371,8 @@ export function mainTable(res: Results): { head: string[]; rows: string[][] } {
 export function gapTable(res: Results): { head: string[]; rows: string[][] } {
   const head = ['dataset', 'model', 'method', 'unit', 'sealed - local', 'paper k=1 - local', 'paper naive - local'];
   const rows: string[][] = [];
-  const keys = [...new Set(res.rows.map((r) => `${r.dataset}|${r.model}|${r.method}`))];
-  for (const k of keys) {
+  for (const [k, rs] of runGroups(res)) {
     const [dataset, model, method] = k.split('|');
-    const rs = res.rows.filter((r) => `${r.dataset}|${r.model}|${r.method}` === k);
     const local = rs.find((r) => r.mode === 'local');
     if (!local || !Number.isFinite(local.value)) continue;
     const acc = local.metric === 'accuracy';
@@ -463,8 +454,7 @@ const modeLabel = (r: Pick<ResultRow, 'mode' | 'kappa'>) => (r.mode === 'paper' 
 /** Per panel of a method's loss chart: how far each confidential curve is from local's (coinciding ones named together). */
 function lossNotes(rows: ResultRow[]): Record<string, string> {
   const notes: Record<string, string> = {};
-  for (const k of new Set(rows.map((r) => `${r.dataset} · ${r.model}`))) {
-    const rs = rows.filter((r) => `${r.dataset} · ${r.model}` === k);
+  for (const [k, rs] of groupBy(rows, (r) => `${r.dataset} · ${r.model}`)) {
     const local = rs.find((r) => r.mode === 'local');
     if (!local) continue;
     const same: [string, number][] = [], apart: [string, number][] = [];
@@ -496,15 +486,13 @@ export async function renderReport(res: Results): Promise<string> {
   const acc = accRows.map((r) => ({ panel: `${r.dataset} (${r.method})`, x: r.model, bar: modeLabel(r), value: 100 * r.value }));
   const refs = [...new Set(acc.map((a) => a.panel))].flatMap((panel) => res.baselines.filter((b) => b.metric === 'accuracy' && panel.startsWith(`${b.dataset} (`)).map((b) => ({ panel, value: 100 * b.value, label: `- - ${b.kind} ${(100 * b.value).toFixed(1)}%` })));
   const fid = res.fidelity.map((f) => ({ x: f.kappa, y: Math.max(f.max_abs_logit_err, 1e-9), series: `${f.mode} mode` }));
+  const tableOf = (k: keyof typeof TITLES) => ({ title: TITLES[k], html: table(t[k].head, t[k].rows) });
   const sections = [
-    { title: TITLES.main, html: table(t.main.head, t.main.rows) },
-    { title: TITLES.gap, html: table(t.gap.head, t.gap.rows) },
-    { title: TITLES.recipes, html: table(t.recipes.head, t.recipes.rows) },
+    tableOf('main'), tableOf('gap'), tableOf('recipes'),
     ...lossCharts,
     ...(acc.length ? [{ title: 'Accuracy per dataset and method', html: await renderSvg(groupedBarSpec(acc, { title: 'test accuracy (%) per base model, one bar per mode', y: 'accuracy %', bars: MODE_LABELS, max: 100, refs })) }] : []),
     { title: TITLES.fidelity, html: (fid.length ? await renderSvg(ordinalPointSpec(fid, { title: `split vs plain logits, ${res.fidelity[0].model}`, x: 'mask condition number (kappa)', y: 'max |logit error|', order: ['1', '10', '100', '1000', 'naive'], logY: true })) : '') + table(t.fidelity.head, t.fidelity.rows) },
-    { title: TITLES.share, html: table(t.share.head, t.share.rows) },
-    { title: TITLES.overhead, html: table(t.overhead.head, t.overhead.rows) },
+    tableOf('share'), tableOf('overhead'),
   ];
   return page('obfuscatune: the paper\'s experiments', sections, `Generated ${String(res.meta.date ?? '')} by: ${String(res.meta.command ?? '')}`);
 }

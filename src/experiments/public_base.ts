@@ -11,6 +11,7 @@ import { GPT2 } from '../model/gpt2.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { tokenizerFor } from '../model/tokenizer.js';
 import { corpusFromJsonl } from '../train/pretrain.js';
+import { windowBatches } from '../train/lm.js';
 import { obfuscateWeights } from '../obfuscate/provider.js';
 import { deobfuscate } from '../obfuscate/transform.js';
 import { deriveMasks, type Mode } from '../obfuscate/masks.js';
@@ -65,10 +66,8 @@ async function scoreLM(w: GPT2Weights, stream: Int32Array, T: number, batch: num
   const windows = Math.min(Math.floor((stream.length - 1) / T), batch * maxBatches);
   const top1 = new Int32Array(windows * T);
   let loss = 0, ok = 0;
-  for (let w0 = 0; w0 < windows; w0 += batch) {
-    const B = Math.min(batch, windows - w0);
-    const x = stream.slice(w0 * T, (w0 + B) * T), y = stream.slice(w0 * T + 1, (w0 + B) * T + 1);
-    const { logits } = await m.forward(x, B, T, null, false);
+  for (const { w: w0, B, inputs, targets: y } of windowBatches(stream, T, batch, maxBatches)) {
+    const { logits } = await m.forward(inputs, B, T, null, false);
     for (let i = 0; i < B * T; i++) {
       let best = 0, mx = -Infinity, s = 0;
       for (let v = 0; v < V; v++) if (logits[i * V + v] > mx) { mx = logits[i * V + v]; best = v; }

@@ -13,37 +13,17 @@ import path from 'node:path';
 import { Rng } from '../tensor/rng.js';
 import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import { AdamW, SGD, cosineSchedule, sumSquares, clipScale, type Optimizer, type OptimizerState } from './optim.js';
-import { makeBatch, Sampler, type Encoded, type EncodedSet, type Task } from '../io/jsonl.js';
-import type { SplitModel, TrainMode, Method, ForwardResult } from '../enclave/split_model.js';
+import { makeBatch, Sampler, type Encoded, type EncodedSet } from '../io/jsonl.js';
+import type { SplitModel, ForwardResult } from '../enclave/split_model.js';
+import type { RunSpec } from './run_spec.js';
 
-/** The loop's settings: a projection of the run's RunSpec (`toFinetuneConfig` in run_spec.ts, which has the defaults). */
-export interface FinetuneConfig {
-  task: Task;
-  method: Method;
-  mode: TrainMode;
-  /** mask spec label ("1", "naive", ...) or null for local */
-  kappa: string | null;
-  steps: number;
-  batch: number;
-  lr: number;
-  warmup: number;
-  minLrFrac: number;
-  clip: number;
-  weightDecay: number;
-  /** optimiser of the enclave-side parameters (adapters, embeddings, head, norms) */
-  enclaveOptimizer: 'adamw' | 'sgd';
-  /** SGD momentum (accelerator linears, and the enclave when enclaveOptimizer = sgd) */
-  momentum: number;
-  /** AdamW epsilon */
-  adamEps: number;
-  seed: number;
-  evalEvery: number;
-  /** cap on evaluation batches (0 = whole set) */
-  evalBatches: number;
-  checkpointEvery: number;
-  /** a fingerprint of the base model, to refuse resuming onto another model */
-  modelId: string;
-}
+/**
+ * The loop's settings: those of the run's RunSpec (run_spec.ts has the defaults) and a
+ * fingerprint of the base model, to refuse resuming onto another model.
+ */
+export type FinetuneConfig = Pick<RunSpec, 'task' | 'method' | 'mode' | 'kappa' | 'steps' | 'batch' | 'lr' | 'warmup' | 'min_lr_frac'
+  | 'clip' | 'weight_decay' | 'enclave_optimizer' | 'momentum' | 'adam_eps' | 'seed' | 'eval_every' | 'eval_batches' | 'checkpoint_every'>
+  & { modelId: string };
 
 export interface StepMetrics {
   step: number;
@@ -61,12 +41,7 @@ export interface EvalMetrics {
   examples: number;
 }
 
-export interface FinetuneSummary {
-  task: Task;
-  method: Method;
-  mode: TrainMode;
-  kappa: string | null;
-  steps: number;
+export interface FinetuneSummary extends Pick<RunSpec, 'task' | 'method' | 'mode' | 'kappa' | 'steps'> {
   eval: EvalMetrics | null;
   eval_before: EvalMetrics | null;
   train_loss_last: number;
@@ -84,8 +59,8 @@ export interface RunHooks {
   onCheckpoint?: (name: string, dir: string, step: number) => Promise<void>;
 }
 
-function makeOpt(kind: 'adamw' | 'sgd', n: number, cfg: FinetuneConfig): Optimizer {
-  return kind === 'adamw' ? new AdamW(n, { weightDecay: cfg.weightDecay, eps: cfg.adamEps }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weightDecay });
+function makeOpt(n: number, cfg: FinetuneConfig): Optimizer {
+  return cfg.enclave_optimizer === 'adamw' ? new AdamW(n, { weightDecay: cfg.weight_decay, eps: cfg.adam_eps }) : new SGD(n, { momentum: cfg.momentum, weightDecay: cfg.weight_decay });
 }
 
 /** The metrics of a model on a set; `onBatch` sees each batch's examples and forward result (per-example detail), and the batches done of the total. */
@@ -110,15 +85,11 @@ export async function evaluate(model: SplitModel, set: EncodedSet, batch: number
   return model.task === 'lm' ? { loss, perplexity: Math.exp(loss), examples } : { loss, accuracy: correct / Math.max(1, examples), examples };
 }
 
-interface CheckpointState {
+interface CheckpointState extends Pick<RunSpec, 'mode' | 'method' | 'task' | 'kappa'> {
   format: string;
   step: number;
   sampler: { epoch: number; pos: number };
   rng: number[];
-  mode: TrainMode;
-  method: Method;
-  task: Task;
-  kappa: string | null;
   model_id: string;
   accelerator_digest: string | null;
   optimizers: Record<string, { kind: string; step: number }>;
@@ -153,9 +124,9 @@ export function latestCheckpoint(runDir: string): string | null {
 export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet: EncodedSet | null, cfg: FinetuneConfig, runDir: string, padId: number, opts: RunHooks & { resume?: boolean; rng: Rng }): Promise<FinetuneSummary> {
   mkdirSync(path.join(runDir, 'checkpoints'), { recursive: true });
   const metricsFile = path.join(runDir, 'metrics.jsonl');
-  const adapters = model.adapters;
-  const encOpt = makeOpt(cfg.enclaveOptimizer, model.params.length, cfg);
-  const adOpt = adapters ? makeOpt(cfg.enclaveOptimizer, adapters.params.length, cfg) : null;
+  // what the enclave trains, each part with its optimiser: its own tensors, and the adapters
+  const part = (key: string, x: { params: Float32Array; grads: Float32Array }) => ({ key, p: x.params, g: x.grads, opt: makeOpt(x.params.length, cfg) });
+  const parts = [part('enclave', model), ...(model.adapters ? [part('adapters', model.adapters)] : [])];
   const sampler = new Sampler(train.items.length, cfg.seed);
   let startStep = 0;
   let losses: number[] = [];
@@ -174,17 +145,12 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       if ((st as unknown as Record<string, unknown>)[k] !== want) throw new Error(`cannot resume: the checkpoint in ${ck} was made with ${k} ${JSON.stringify((st as unknown as Record<string, unknown>)[k])}, this run has ${JSON.stringify(want)}`);
     }
     const t = openSafetensors(path.join(ck, 'enclave.safetensors'));
-    t.getInto('enclave.params', model.params);
-    if (adapters) t.getInto('adapters.params', adapters.params);
-    const loadOpt = (o: Optimizer | null, key: string) => {
-      if (!o) return;
-      const meta = st.optimizers[key];
+    for (const { key, p, opt } of parts) {
+      t.getInto(`${key}.params`, p);
       const bufs: Record<string, Float32Array> = {};
-      for (const b of o.kind === 'adamw' ? ['m', 'v'] : ['momentum']) if (t.has(`opt.${key}.${b}`)) bufs[b] = t.get(`opt.${key}.${b}`);
-      o.load({ kind: o.kind, step: meta.step, buffers: bufs } as OptimizerState);
-    };
-    loadOpt(encOpt, 'enclave');
-    loadOpt(adOpt, 'adapters');
+      for (const b of opt.kind === 'adamw' ? ['m', 'v'] : ['momentum']) if (t.has(`opt.${key}.${b}`)) bufs[b] = t.get(`opt.${key}.${b}`);
+      opt.load({ kind: opt.kind, step: st.optimizers[key].step, buffers: bufs } as OptimizerState);
+    }
     // the job's mixing key: the resumed steps mix as the uninterrupted run's would
     if (t.has('mixing.key')) {
       const k = t.getInt('mixing.key');
@@ -227,14 +193,13 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     const tmp = `${dir}.tmp`;
     rmSync(tmp, { recursive: true, force: true });
     mkdirSync(tmp, { recursive: true });
-    const tensors: TensorToWrite[] = [{ name: 'enclave.params', dtype: 'F32', shape: [model.params.length], data: model.params }];
-    if (adapters) tensors.push({ name: 'adapters.params', dtype: 'F32', shape: [adapters.params.length], data: adapters.params });
+    const f32 = (name: string, data: Float32Array): TensorToWrite => ({ name, dtype: 'F32', shape: [data.length], data });
+    const tensors = parts.map(({ key, p }) => f32(`${key}.params`, p));
     const optimizers: CheckpointState['optimizers'] = {};
-    for (const [key, o] of [['enclave', encOpt], ['adapters', adOpt]] as const) {
-      if (!o) continue;
-      const s = o.state();
+    for (const { key, opt } of parts) {
+      const s = opt.state();
       optimizers[key] = { kind: s.kind, step: s.step };
-      for (const [b, buf] of Object.entries(s.buffers)) tensors.push({ name: `opt.${key}.${b}`, dtype: 'F32', shape: [buf.length], data: buf });
+      for (const [b, buf] of Object.entries(s.buffers)) tensors.push(f32(`opt.${key}.${b}`, buf));
     }
     const key = model.mixingKey;
     if (key) tensors.push({ name: 'mixing.key', dtype: 'I32', shape: [8], data: new Int32Array(Uint8Array.from(key).buffer) });
@@ -261,7 +226,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
   };
 
   model.mixingEpoch('eval 0');
-  const evalBefore = startStep === 0 && evalSet ? await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches) : null;
+  const evalBefore = startStep === 0 && evalSet ? await evaluate(model, evalSet, cfg.batch, padId, cfg.eval_batches) : null;
   const latest = latestCheckpoint(runDir);
   let lastGood: string | null = latest ? path.basename(latest) : null;
   let lastEval: EvalMetrics | null = null;
@@ -270,8 +235,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
   for (let step = startStep; step < cfg.steps; step++) {
     const ts = performance.now();
     const b = makeBatch(sampler.next(cfg.batch).map((i) => train.items[i]), cfg.task, padId);
-    model.grads.fill(0);
-    adapters?.grads.fill(0);
+    for (const x of parts) x.g.fill(0);
     // a failed step is aborted on both sides; nothing of it is saved
     const abort = async (why: string, cause?: unknown): Promise<never> => {
       try {
@@ -288,15 +252,14 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       r = await model.forward(b.tokens, b.B, b.T, b.targets, true);
       if (!Number.isFinite(r.loss)) throw new Error(`the loss became ${r.loss} (non-finite)`);
       await model.backward();
-      norm = Math.sqrt(sumSquares(model.grads, ...(adapters ? [adapters.grads] : [])) + (await model.acceleratorGradSq()));
+      norm = Math.sqrt(sumSquares(...parts.map((x) => x.g)) + (await model.acceleratorGradSq()));
       if (!Number.isFinite(norm)) throw new Error(`the gradient norm became ${norm} (non-finite)`);
     } catch (e) {
       return abort((e as Error).message, e);
     }
     const scale = clipScale(norm!, cfg.clip);
-    const lr = cosineSchedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.minLrFrac);
-    if (model.params.length) encOpt.step(model.params, model.grads, lr, scale);
-    if (adapters && adOpt) adOpt.step(adapters.params, adapters.grads, lr, scale);
+    const lr = cosineSchedule(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_frac);
+    for (const x of parts) if (x.p.length) x.opt.step(x.p, x.g, lr, scale);
     await model.acceleratorUpdate(lr, cfg.momentum, scale);
     losses.push(r.loss);
     const stepTokens = cfg.task === 'lm' ? r.count : b.B * b.T;
@@ -305,13 +268,13 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     appendFileSync(metricsFile, JSON.stringify({ ...m, ms: undefined }) + '\n');
     opts.onStep?.(m);
     const last = step + 1 === cfg.steps;
-    if (evalSet && cfg.evalEvery > 0 && ((step + 1) % cfg.evalEvery === 0 || last)) {
+    if (evalSet && cfg.eval_every > 0 && ((step + 1) % cfg.eval_every === 0 || last)) {
       model.mixingEpoch(`eval ${step + 1}`);
-      lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
+      lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.eval_batches);
       appendFileSync(metricsFile, JSON.stringify({ step: step + 1, eval: lastEval }) + '\n');
       opts.onEval?.(step + 1, lastEval);
     }
-    if ((cfg.checkpointEvery > 0 && (step + 1) % cfg.checkpointEvery === 0) || last) {
+    if ((cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every === 0) || last) {
       try {
         lastGood = await saveCheckpoint(step + 1);
       } catch (e) {
@@ -320,7 +283,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     }
   }
   model.mixingEpoch(`eval ${cfg.steps}`);
-  if (evalSet && !lastEval) lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.evalBatches);
+  if (evalSet && !lastEval) lastEval = await evaluate(model, evalSet, cfg.batch, padId, cfg.eval_batches);
   const seconds = (performance.now() - t0) / 1000;
   return {
     task: cfg.task, method: cfg.method, mode: cfg.mode, kappa: cfg.kappa, steps: cfg.steps,

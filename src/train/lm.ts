@@ -75,26 +75,28 @@ export async function trainLM(model: PlainLM, stream: Int32Array, o: LMTrainOpti
   return losses;
 }
 
+interface WindowBatch { w: number; B: number; inputs: Int32Array; targets: Int32Array }
+
+/** Consecutive windows of T tokens, `batch` at a time (at most `maxBatches`): from window w, inputs [B,T], targets [B,T]. */
+export function* windowBatches(stream: Int32Array, T: number, batch: number, maxBatches = Infinity): Generator<WindowBatch> {
+  const windows = Math.floor((stream.length - 1) / T);
+  for (let w = 0, n = 0; w < windows && n < maxBatches; w += batch, n++) {
+    const B = Math.min(batch, windows - w);
+    yield { w, B, inputs: stream.slice(w * T, (w + B) * T), targets: stream.slice(w * T + 1, (w + B) * T + 1) };
+  }
+}
+
 /** Mean next-token loss over consecutive windows of a stream (no gradients). */
 export async function evaluateLM(model: PlainLM, stream: Int32Array, seq: number, batch: number, maxBatches = Infinity, onBatch?: (done: number, total: number) => void): Promise<{ loss: number; perplexity: number; tokens: number }> {
   let total = 0;
   let count = 0;
-  const T = seq;
-  const windows = Math.floor((stream.length - 1) / T);
-  let w = 0;
   let batches = 0;
-  while (w < windows && batches < maxBatches) {
-    const B = Math.min(batch, windows - w);
-    const inputs = new Int32Array(B * T);
-    const targets = new Int32Array(B * T);
-    for (let b = 0; b < B; b++, w++) {
-      inputs.set(stream.subarray(w * T, w * T + T), b * T);
-      targets.set(stream.subarray(w * T + 1, w * T + T + 1), b * T);
-    }
-    const { loss } = await model.forward(inputs, B, T, targets, false);
-    total += (loss ?? 0) * B * T;
-    count += B * T;
-    onBatch?.(++batches, Math.min(maxBatches, Math.ceil(windows / batch)));
+  const all = Math.min(maxBatches, Math.ceil(Math.floor((stream.length - 1) / seq) / batch));
+  for (const { B, inputs, targets } of windowBatches(stream, seq, batch, maxBatches)) {
+    const { loss } = await model.forward(inputs, B, seq, targets, false);
+    total += (loss ?? 0) * B * seq;
+    count += B * seq;
+    onBatch?.(++batches, all);
   }
   const loss = count > 0 ? total / count : NaN;
   return { loss, perplexity: Math.exp(loss), tokens: count };

@@ -24,8 +24,6 @@ export interface AdamWOptions {
   beta2?: number;
   eps?: number;
   weightDecay?: number;
-  /** 1 where weight decay applies (e.g. matrices), 0 elsewhere; all 1 when absent. */
-  decayMask?: Uint8Array;
 }
 
 // AdamW (decoupled weight decay, bias-corrected moments): params[n] -= lr (m^/(sqrt(v^)+eps) + wd params)
@@ -39,12 +37,12 @@ export class AdamW implements Optimizer {
   private v: Float32Array;
   private t = 0;
 
+  /** `decayMask`: 1 where weight decay applies (e.g. matrices), 0 elsewhere; all 1 when absent */
   constructor(readonly size: number, opts: AdamWOptions = {}, private decayMask?: Uint8Array) {
     this.beta1 = opts.beta1 ?? 0.9;
     this.beta2 = opts.beta2 ?? 0.999;
     this.eps = opts.eps ?? 1e-8;
     this.weightDecay = opts.weightDecay ?? 0;
-    this.decayMask = decayMask ?? opts.decayMask;
     if (this.decayMask && this.decayMask.length !== size) throw new Error(`decay mask has ${this.decayMask.length} entries, expected ${size}`);
     // shared memory: large steps are split across worker threads (./parallel.ts)
     this.m = sharedFloat32(size);
@@ -84,7 +82,6 @@ export class AdamW implements Optimizer {
 export interface SGDOptions {
   momentum?: number;
   weightDecay?: number;
-  nesterov?: boolean;
 }
 
 // SGD with (heavy-ball) momentum, PyTorch convention: b = mu b + g ; params -= lr b
@@ -92,14 +89,12 @@ export class SGD implements Optimizer {
   readonly kind = 'sgd' as const;
   readonly momentum: number;
   readonly weightDecay: number;
-  readonly nesterov: boolean;
   private buf: Float32Array | null;
   private t = 0;
 
   constructor(readonly size: number, opts: SGDOptions = {}) {
     this.momentum = opts.momentum ?? 0;
     this.weightDecay = opts.weightDecay ?? 0;
-    this.nesterov = opts.nesterov ?? false;
     this.buf = this.momentum !== 0 ? new Float32Array(size) : null;
   }
 
@@ -117,7 +112,7 @@ export class SGD implements Optimizer {
       if (buf) {
         const b = first ? g : mu * buf[i] + g;
         buf[i] = b;
-        g = this.nesterov ? g + mu * b : b;
+        g = b;
       }
       params[i] -= lr * g;
     }
@@ -148,21 +143,6 @@ export function sumSquares(...bufs: Float32Array[]): number {
 /** The factor that clips a gradient of norm `norm` to `maxNorm` (1 when under it or off). */
 export function clipScale(norm: number, maxNorm: number): number {
   return maxNorm > 0 && norm > maxNorm ? maxNorm / (norm + 1e-6) : 1;
-}
-
-/**
- * Global-norm clipping over several gradient buffers: if the joint L2 norm exceeds maxNorm,
- * every buffer is scaled by maxNorm / norm. Returns the norm before clipping.
- * A non-finite norm is returned as is and nothing is scaled (the caller must stop).
- */
-export function clipGradNorm(bufs: Float32Array[], maxNorm: number): number {
-  const norm = Math.sqrt(sumSquares(...bufs));
-  if (!Number.isFinite(norm)) return norm;
-  if (maxNorm > 0 && norm > maxNorm) {
-    const s = maxNorm / (norm + 1e-6);
-    for (const b of bufs) for (let i = 0; i < b.length; i++) b[i] *= s;
-  }
-  return norm;
 }
 
 /** Linear warmup then cosine decay to minLr (a fraction of the peak). */

@@ -305,7 +305,7 @@ export function mergeRunSpecInputs(...parts: (RunSpecInput | RunSpec | undefined
 }
 
 /** JSON with sorted keys: equal for equal settings. */
-function canonical(v: unknown): string {
+export function canonical(v: unknown): string {
   return JSON.stringify(v, (_k, x) => (x && typeof x === 'object' && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).sort(([a], [b]) => (a < b ? -1 : 1))) : x));
 }
 
@@ -323,6 +323,10 @@ function isObject(v: unknown): v is Record<string, unknown> {
 export function resumeRunSpec(stored: RunSpec, changes: unknown, source: string, storedIn: string): RunSpec {
   if (!isObject(changes)) return parseRunSpec(changes, source);
   const keep = `a resumed run keeps its settings (${storedIn}), except ${RESUMABLE_CHANGES.join(', ')}`;
+  // a value that does not parse is left to the parse of the whole spec, which names the problem
+  const mustKeep = (field: string, r: { success: boolean; data?: unknown }, was: unknown) => {
+    if (r.success && canonical(r.data) !== canonical(was)) throw new RunSpecError(field, source, `${show(r.data)} differs from the run's ${show(was)}; ${keep}`);
+  };
   for (const [k, v] of Object.entries(changes)) {
     if (v === undefined || (RESUMABLE_CHANGES as readonly string[]).includes(k) || !(k in FIELDS)) continue;
     if (k === 'lora') {
@@ -330,18 +334,13 @@ export function resumeRunSpec(stored: RunSpec, changes: unknown, source: string,
       if (!stored.lora) throw new RunSpecError('lora', source, `the run has no LoRA (method ${stored.method}); ${keep}`);
       if (!isObject(v)) continue; // the parse below names the problem
       for (const [lk, lv] of Object.entries(v)) {
-        const sub = loraSchema.shape[lk as keyof typeof loraSchema.shape];
-        const r = sub?.safeParse(lv);
-        if (!r?.success || lv === undefined) continue;
-        const was = stored.lora[lk as keyof LoraConfig];
-        if (canonical(r.data) !== canonical(was)) throw new RunSpecError(`lora.${lk}`, source, `${show(r.data)} differs from the run's ${show(was)}; ${keep}`);
+        const r = loraSchema.shape[lk as keyof typeof loraSchema.shape]?.safeParse(lv);
+        if (r && lv !== undefined) mustKeep(`lora.${lk}`, r, stored.lora[lk as keyof LoraConfig]);
       }
       continue;
     }
     const r = FIELDS[k as keyof typeof FIELDS].safeParse(v);
-    if (!r.success || (k === 'kappa' && r.data === null)) continue;
-    const was = stored[k as keyof RunSpec];
-    if (canonical(r.data) !== canonical(was)) throw new RunSpecError(k, source, `${show(r.data)} differs from the run's ${show(was)}; ${keep}`);
+    if (!(k === 'kappa' && r.data === null)) mustKeep(k, r, stored[k as keyof RunSpec]);
   }
   return parseRunSpec(mergeRunSpecInputs(stored, changes as RunSpecInput), source);
 }
@@ -416,11 +415,7 @@ export function checkRunSpecForModel(s: RunSpec, model: { n_ctx: number; headPoo
 // ---------------------------------------------------------------- projections
 /** The training loop's settings of a run. */
 export function toFinetuneConfig(s: RunSpec, modelId: string): FinetuneConfig {
-  return {
-    task: s.task, method: s.method, mode: s.mode, kappa: s.kappa, steps: s.steps, batch: s.batch, lr: s.lr, warmup: s.warmup,
-    minLrFrac: s.min_lr_frac, clip: s.clip, weightDecay: s.weight_decay, enclaveOptimizer: s.enclave_optimizer, momentum: s.momentum,
-    adamEps: s.adam_eps, seed: s.seed, evalEvery: s.eval_every, evalBatches: s.eval_batches, checkpointEvery: s.checkpoint_every, modelId,
-  };
+  return { ...s, modelId };
 }
 
 /** What a session needs beyond the spec: the tokenizer's pad id, the labels, where and how the accelerator runs. */

@@ -7,44 +7,33 @@ import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import type { GPT2Weights } from '../model/weights.js';
-import type { GPT2Config } from '../model/config.js';
+import { isLlama, type GPT2Config } from '../model/config.js';
 import { isPeftAdapterDir, readPeftAdapter, type ImportedAdapter } from '../model/peft.js';
-import { BundleError } from '../errors.js';
-import { ParamLayout } from '../model/params.js';
+import { BundleError, InputError } from '../errors.js';
+import { Layout, ParamLayout } from '../model/params.js';
 import { KeyedRng, Rng } from '../tensor/rng.js';
-import type { MixingConfig } from '../enclave/mixing.js';
 import { parseMaskSpec } from '../linalg/masks.js';
-import { obfuscateWeights, type ObfuscateOptions, type ObfuscationResult } from '../obfuscate/provider.js';
+import { obfuscateWeights, resolveKey, resolveParams, type ObfuscateOptions, type ObfuscationResult } from '../obfuscate/provider.js';
 import { deriveMasks } from '../obfuscate/masks.js';
 import { deobfuscate } from '../obfuscate/transform.js';
-import type { EnclaveTensors, PlainEnclaveTensors } from '../obfuscate/enclave_tensors.js';
+import type { LlamaEnclaveTensors, PlainEnclaveTensors, RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { gpt2Linears, type AcceleratorWeights } from '../protocol/linears.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../protocol/link.js';
-import { SplitModel, plainSplitParts, foldLayerNorms, type Method, type SplitModelOptions, type TrainMode } from '../enclave/split_model.js';
+import { SplitModel, plainSplitParts, foldLayerNorms, type SplitModelOptions } from '../enclave/split_model.js';
 import { openSafetensors, writeSafetensors } from '../io/safetensors.js';
 import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraConfig, type LoraTarget } from '../model/lora.js';
-import type { Task } from '../io/jsonl.js';
 import type { Pooling } from '../model/kernels.js';
 import { sgemm } from '../tensor/gemm.js';
-import { isLlama } from '../model/config.js';
-import { llamaAdapters, type LlamaKind, type LlamaWeights } from '../model/llama.js';
+import { llamaAdapters, type LlamaWeights } from '../model/llama.js';
 import { llamaDims } from '../model/llama_block.js';
-import type { LlamaEnclaveTensors, RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { deobfuscateLlama, deriveLlamaMasks, foldRmsGains, fromPlainLlamaParts, obfuscateLlama, plainLlamaParts, type LlamaModelMasks } from '../obfuscate/llama_transform.js';
-import { resolveKey, resolveParams } from '../obfuscate/provider.js';
 import { makeCheckVectors } from '../protocol/integrity.js';
-import { InputError } from '../errors.js';
 
-export interface SessionOptions {
-  mode: TrainMode;
-  method: Method;
-  task: Task;
+/** The split model's own settings, and how the session splits the model and where the accelerator runs. */
+export interface SessionOptions extends Pick<SplitModelOptions, 'mode' | 'method' | 'task' | 'twoSided' | 'lora' | 'numLabels' | 'mixing'> {
   /** mask condition number ("1", "10", "naive"); ignored for local */
   kappa?: string;
-  twoSided?: boolean;
-  lora?: LoraConfig;
-  numLabels?: number;
   labels?: string[];
   /** classification: pooling of a fresh head (a head already in the model keeps its own) */
   pooling?: Pooling;
@@ -60,8 +49,6 @@ export interface SessionOptions {
    * `factoredModel(model, publicBase, mode)`.
    */
   publicBase?: ObfuscateOptions['publicBase'];
-  /** per-call token mixing (null or absent: off) */
-  mixing?: MixingConfig | null;
   /** seed of the mixing's randomness (tests: reproducible; default a fresh secret key) */
   mixingSeed?: number;
   /** where the in-process accelerator keeps its checkpoints */
@@ -107,26 +94,22 @@ export function freshClassifier(numLabels: number, d: number, seed: number): Flo
 }
 
 export function buildSession(w0: GPT2Weights | LlamaWeights, o: SessionOptions): Session {
-  if (isLlama(w0.config)) return buildLlamaSession(w0 as LlamaWeights, o);
-  if (o.rotaryMasks) throw new InputError('rotary masks apply to Llama-family models only');
-  return buildGpt2Session(w0 as GPT2Weights, o);
-}
-
-/** The shared tail of a session: the accelerator behind its link and the enclave's model. */
-function assemble(o: SessionOptions, config: GPT2Config, acc: AcceleratorWeights, tensors: SplitModelOptions['tensors'], pooling: Pooling | undefined, rng: Rng): Pick<Session, 'model' | 'link' | 'accelerator'> {
+  if (!isLlama(w0.config) && o.rotaryMasks) throw new InputError('rotary masks apply to Llama-family models only');
+  const p = isLlama(w0.config) ? llamaParts(withHead(w0 as LlamaWeights, o), o) : gpt2Parts(withHead(w0 as GPT2Weights, o), o);
+  const rng = new Rng(o.seed);
   let accelerator: Accelerator | null = null;
   let link: AcceleratorLink;
-  if (o.link) link = o.link(acc);
+  if (o.link) link = o.link(p.accelerator);
   else {
-    accelerator = new Accelerator(acc, { stateDir: o.acceleratorStateDir });
+    accelerator = new Accelerator(p.accelerator, { stateDir: o.acceleratorStateDir });
     link = new InProcessLink(accelerator, { serialize: o.serialize });
   }
   const model = new SplitModel({
-    mode: o.mode, method: o.method, task: o.task, config, tensors, link, twoSided: o.twoSided,
-    lora: o.lora, numLabels: o.numLabels, pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
+    mode: o.mode, method: o.method, task: o.task, config: p.base.config, tensors: p.tensors, link, twoSided: o.twoSided,
+    lora: o.lora, numLabels: o.numLabels, pooling: p.base.cls?.pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
     mixing: o.mixing, mixingRng: o.mixingSeed !== undefined ? KeyedRng.fromSeed(`mixing:${o.mixingSeed}`) : undefined,
   });
-  return { model, link, accelerator };
+  return { model, link, accelerator, rng, obfuscation: null, base: p.base, modelId: modelFingerprint(w0), ...p.extra };
 }
 
 /** The model with a fresh classification head where the task needs one it lacks (before obfuscation: every mode starts from the same one). */
@@ -136,43 +119,34 @@ function withHead<W extends GPT2Weights | LlamaWeights>(w: W, o: SessionOptions)
   return { ...w, cls: { numLabels: o.numLabels, weight, labels: o.labels, pooling: o.pooling ?? 'last' } };
 }
 
-/** A Llama-family session: the family's transform (or plain parts), the same split model. */
-function buildLlamaSession(w0: LlamaWeights, o: SessionOptions): Session {
-  const rng = new Rng(o.seed);
-  let w = withHead(w0, o);
-  if (o.publicBase) throw new InputError('--public-base serves GPT-2 models for now; a Llama-family model is obfuscated whole');
-  if (o.foldedBaseline) w = foldRmsGains(w);
-  let acc: AcceleratorWeights, tensors: LlamaEnclaveTensors, masks: LlamaModelMasks | null = null;
-  if (o.mode === 'local') ({ accelerator: acc, tensors } = plainLlamaParts(w));
-  else {
-    const params = resolveParams({ mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided });
-    const key = resolveKey({ mode: o.mode, seed: o.maskSeed });
-    masks = deriveLlamaMasks(w.config, key, params, o.rotaryMasks ?? 'full');
-    const r = obfuscateLlama(w, masks);
-    r.enclave.chk = makeCheckVectors(r.accelerator, new KeyedRng(key).derive('integrity'));
-    acc = r.accelerator;
-    tensors = r.enclave;
-  }
-  const parts = assemble(o, w.config, acc, tensors, w.cls?.pooling, rng);
-  return { ...parts, rng, obfuscation: null, base: w, modelId: modelFingerprint(w0), llama: { masks } };
+/** A session's split of its model: what the accelerator and the enclave hold, and what the family adds to the session. */
+interface SplitParts {
+  /** the plain model the session starts from (after folding for the folded baseline) */
+  base: GPT2Weights | LlamaWeights;
+  accelerator: AcceleratorWeights;
+  tensors: SplitModelOptions['tensors'];
+  extra: Partial<Pick<Session, 'obfuscation' | 'llama'>>;
 }
 
-function buildGpt2Session(w0: GPT2Weights, o: SessionOptions): Session {
-  const rng = new Rng(o.seed);
-  let w = withHead(w0, o);
+/** A Llama-family model's split: the family's transform (or plain parts); the split model is the same. */
+function llamaParts(w0: LlamaWeights, o: SessionOptions): SplitParts {
+  if (o.publicBase) throw new InputError('--public-base serves GPT-2 models for now; a Llama-family model is obfuscated whole');
+  const w = o.foldedBaseline ? foldRmsGains(w0) : w0;
+  if (o.mode === 'local') return { base: w, ...plainLlamaParts(w), extra: { llama: { masks: null } } };
+  const params = resolveParams({ mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided });
+  const key = resolveKey({ mode: o.mode, seed: o.maskSeed });
+  const masks = deriveLlamaMasks(w.config, key, params, o.rotaryMasks ?? 'full');
+  const r = obfuscateLlama(w, masks);
+  r.enclave.chk = makeCheckVectors(r.accelerator, new KeyedRng(key).derive('integrity'));
+  return { base: w, accelerator: r.accelerator, tensors: r.enclave, extra: { llama: { masks } } };
+}
+
+function gpt2Parts(w0: GPT2Weights, o: SessionOptions): SplitParts {
   if (o.mode === 'local' && o.publicBase) throw new InputError('local mode has no accelerator to hold a public base: train factoredModel(model, base, mode) instead');
-  if (o.foldedBaseline) w = foldLayerNorms(w);
-  let acc: AcceleratorWeights;
-  let tensors: EnclaveTensors;
-  let obf: ObfuscationResult | null = null;
-  if (o.mode === 'local') {
-    ({ accelerator: acc, tensors } = plainSplitParts(w));
-  } else {
-    obf = obfuscateWeights(w, { mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided, seed: o.maskSeed, publicBase: o.publicBase });
-    acc = obf.accelerator;
-    tensors = obf.enclave.tensors;
-  }
-  return { ...assemble(o, w.config, acc, tensors, w.cls?.pooling, rng), rng, obfuscation: obf, base: w, modelId: modelFingerprint(w0) };
+  const w = o.foldedBaseline ? foldLayerNorms(w0) : w0;
+  if (o.mode === 'local') return { base: w, ...plainSplitParts(w), extra: {} };
+  const obf = obfuscateWeights(w, { mode: o.mode, spec: parseMaskSpec(o.kappa ?? '1'), twoSided: o.twoSided, seed: o.maskSeed, publicBase: o.publicBase });
+  return { base: w, accelerator: obf.accelerator, tensors: obf.enclave.tensors, extra: { obfuscation: obf } };
 }
 
 /** Writes the run's trained parts: adapters (HF-PEFT-like names) and the enclave's trained tensors. */
@@ -191,27 +165,30 @@ export function exportRun(dir: string, s: Session, extra: Record<string, unknown
   writeFileSync(path.join(dir, 'export.json'), JSON.stringify({ mode: s.model.mode, method: s.model.method, task: s.model.task, ...extra }, null, 2) + '\n');
 }
 
-/** W[din, dout] (+ column offset within a wider matrix) += scale * A B */
-function addLowRank(W: Float32Array, ldw: number, colOff: number, A: Float32Array, B: Float32Array, din: number, r: number, dout: number, scale: number): void {
-  sgemm(false, false, din, dout, r, scale, A, r, B, dout, 1, W.subarray(colOff), ldw);
+/**
+ * Plain weights with LoRA adapters folded in: each target's weight W[din, ld] (from its
+ * column `off`) += scale * A B. `at` names each target's weight, row length and first column.
+ */
+function mergeLowRank<K extends string, W extends { layout: Layout<K>; params: Float32Array }>(
+  w: W, ad: LoraAdapters, at: Partial<Record<LoraTarget, [NoInfer<K>, number, number]>>, family: string,
+): W {
+  const p = Float32Array.from(w.params), r = ad.config.rank;
+  for (const v of ad.views) {
+    const t = at[v.target];
+    if (!t) throw new InputError(`LoRA target "${v.target}" has no ${family} weight`);
+    const M = v.target === 'wte' ? w.layout.view(p, t[0]) : w.layout.layer(p, t[0], v.layer);
+    sgemm(false, false, v.din, v.dout, r, ad.scale, v.A, r, v.B, v.dout, 1, M.subarray(t[2]), t[1]);
+  }
+  return { ...w, params: p };
 }
 
 /** Folds LoRA adapters into plain weights (local and paper modes: the adapters act on plain tensors). */
 export function mergeAdaptersPlain(w: GPT2Weights, ad: LoraAdapters): GPT2Weights {
-  const p = Float32Array.from(w.params);
-  const lay = new ParamLayout(w.config);
   const d = w.config.n_embd;
-  // weight, its row length and the target's first column; the embedding update: GPT-2 ties
-  // wte to the output layer, which a classifier does not use
-  const at: Partial<Record<LoraTarget, ['qkvw' | 'attprojw' | 'fcw' | 'fcprojw' | 'wte', number, number]>> = {
-    q: ['qkvw', 3 * d, 0], k: ['qkvw', 3 * d, d], v: ['qkvw', 3 * d, 2 * d], proj: ['attprojw', d, 0], fc: ['fcw', 4 * d, 0], wte: ['wte', d, 0],
-  };
-  for (const v of ad.views) {
-    const [kind, ld, off] = at[v.target] ?? ['fcprojw', d, 0];
-    const M = kind === 'wte' ? lay.view(p, 'wte') : lay.layer(p, kind, v.layer);
-    addLowRank(M, ld, off, v.A, v.B, v.din, ad.config.rank, v.dout, ad.scale);
-  }
-  return { ...w, params: p };
+  // the embedding update: GPT-2 ties wte to the output layer, which a classifier does not use
+  return mergeLowRank(w, ad, {
+    q: ['qkvw', 3 * d, 0], k: ['qkvw', 3 * d, d], v: ['qkvw', 3 * d, 2 * d], proj: ['attprojw', d, 0], fc: ['fcw', 4 * d, 0], 'mlp-proj': ['fcprojw', d, 0], wte: ['wte', d, 0],
+  }, 'GPT-2');
 }
 
 /**
@@ -241,17 +218,10 @@ export function mergedLlamaModel(s: Session): LlamaWeights {
 
 /** Folds LoRA adapters into plain Llama-family weights. */
 export function mergeLlamaAdapters(w: LlamaWeights, ad: LoraAdapters): LlamaWeights {
-  const p = Float32Array.from(w.params), lay = w.layout, { C, KV, W, I } = llamaDims(w.config);
-  const at: Record<LoraTarget, [LlamaKind, number, number] | null> = {
-    q: ['qkvw', W, 0], k: ['qkvw', W, C], v: ['qkvw', W, C + KV], proj: ['ow', C, 0], gate: ['guw', 2 * I, 0], up: ['guw', 2 * I, I], 'mlp-proj': ['downw', C, 0], wte: ['wte', C, 0], fc: null,
-  };
-  for (const v of ad.views) {
-    const t = at[v.target];
-    if (!t) throw new InputError(`LoRA target "${v.target}" has no Llama-family weight`);
-    const M = v.target === 'wte' ? lay.view(p, 'wte') : lay.layer(p, t[0], v.layer);
-    addLowRank(M, t[1], t[2], v.A, v.B, v.din, ad.config.rank, v.dout, ad.scale);
-  }
-  return { ...w, params: p };
+  const { C, KV, W, I } = llamaDims(w.config);
+  return mergeLowRank(w, ad, {
+    q: ['qkvw', W, 0], k: ['qkvw', W, C], v: ['qkvw', W, C + KV], proj: ['ow', C, 0], gate: ['guw', 2 * I, 0], up: ['guw', 2 * I, I], 'mlp-proj': ['downw', C, 0], wte: ['wte', C, 0],
+  }, 'Llama-family');
 }
 
 function fromPlainParts(base: GPT2Weights, acc0: AcceleratorWeights, enc: PlainEnclaveTensors): GPT2Weights {

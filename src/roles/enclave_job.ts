@@ -8,7 +8,7 @@ import path from 'node:path';
 import { readFileSync, rmSync } from 'node:fs';
 import { randomInt } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
-import type { EnclaveBundle } from '../obfuscate/bundle.js';
+import { loadAcceleratorBundle, type EnclaveBundle } from '../obfuscate/bundle.js';
 import type { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
 import { gpt2Tokenizer, tokenizerFor } from '../model/tokenizer.js';
 import type { KVCache } from '../model/transformer.js';
@@ -25,7 +25,6 @@ import { BundleError, InputError, IntegrityError, ObfuscatuneError, StateError, 
 import type { SealedStore } from './enclave_store.js';
 import { BUNDLE_WEIGHTS_TAG } from './protocol.js';
 import { recordBundleRun } from '../attacks/record.js';
-import { loadAcceleratorBundle } from '../obfuscate/bundle.js';
 import type { RecorderOptions } from '../protocol/view.js';
 
 export interface JobState {
@@ -117,15 +116,10 @@ export class JobRunner {
   /** Starts the job in the background; a failure is recorded in the job state. */
   start(resume: boolean): void {
     this.running = this.run(resume).catch((e) => {
-      if (e instanceof Cancelled) {
-        this.job.state = 'cancelled';
-        this.job.error = e.message;
-        this.ctx.log(`job ${e.message} at step ${this.job.step}`);
-      } else {
-        this.job.state = 'failed';
-        this.job.error = (e as Error).message;
-        this.ctx.log(`job failed: ${(e as Error).message}`);
-      }
+      const cancelled = e instanceof Cancelled;
+      this.job.state = cancelled ? 'cancelled' : 'failed';
+      this.job.error = (e as Error).message;
+      this.ctx.log(cancelled ? `job ${e.message} at step ${this.job.step}` : `job failed: ${(e as Error).message}`);
       return this.ctx.persist();
     });
   }

@@ -95,7 +95,7 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   // request payloads (tensor channel) and reply tensors live in reused buffers: each goes
   // back to the pool once its reply is on the wire
   const pool = new BufferPool();
-  acc.useOutputAllocator?.((n) => pool.floats(n));
+  acc.useOutputAllocator?.((n) => new Float32Array(pool.take(4 * n).buffer, 0, n));
   let rejected = 0;
   // one request at a time, in arrival order
   let tail: Promise<void> = Promise.resolve();

@@ -219,13 +219,7 @@ export class BufferPool {
     return Buffer.from(ab, 0, length);
   }
 
-  /** `n` float32 values in a lent buffer. */
-  floats(n: number): Float32Array {
-    const b = this.take(4 * n);
-    return new Float32Array(b.buffer, b.byteOffset, n);
-  }
-
-  /** Gives back the buffer under a view from `take`/`floats`; any other view is ignored. */
+  /** Gives back the buffer under a view of one from `take`; any other view is ignored. */
   release(view: ArrayBufferView): void {
     const ab = view.buffer as ArrayBuffer;
     if (!this.lent.delete(ab)) return;

@@ -6,7 +6,6 @@ import { TransportError } from '../errors.js';
 import { ENCLAVE_SERVICE, enclaveServerOptions, type UploadChunk, type SealedCommand } from './protocol.js';
 import { EnclaveService, MAX_UPLOAD_BYTES, type EnclaveServeOptions } from './enclave_service.js';
 
-/** Starts the gRPC server of an EnclaveService. */
 export async function serveEnclave(o: EnclaveServeOptions): Promise<{ service: EnclaveService; port: number; close(): Promise<void> }> {
   const service = await EnclaveService.create(o);
   const server = new grpc.Server(enclaveServerOptions());

@@ -9,7 +9,6 @@ import * as grpc from '@grpc/grpc-js';
 import { InputError } from '../errors.js';
 import type { AcceleratorRequest } from '../protocol/messages.js';
 
-/** Fully qualified gRPC service name. */
 export const SERVICE_NAME = 'obfuscatune.Accelerator';
 
 /** Default bound of one gRPC message, in either direction (256 MiB). */
@@ -18,7 +17,6 @@ export const DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
 /** Default per-call deadline of the client (one linear of a big batch can take a while). */
 export const DEFAULT_DEADLINE_MS = 120_000;
 
-/** Default port of the accelerator service. */
 export const DEFAULT_PORT = 50551;
 
 const identity = (b: Buffer): Buffer => b;

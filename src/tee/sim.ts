@@ -73,7 +73,6 @@ export const SIM_ROOT_FILES = {
   platformSecret: 'sim-platform.secret',
 } as const;
 
-/** Generates a fresh simulated platform root in memory. */
 export function generateSimRoot(): SimRoot {
   const { privateKey, publicKey } = generateKeyPairSync('ed25519');
   return { signingKey: privateKey, publicKey, platformSecret: new Uint8Array(randomBytes(PLATFORM_SECRET_BYTES)) };
@@ -182,20 +181,6 @@ export function measureFiles(root: string, relPaths: readonly string[], config: 
 // ---------------------------------------------------------------------------------------
 // Platform (enclave side)
 
-/** The signed body of a simulated attestation report. */
-export interface SimReportBody {
-  type: typeof REPORT_TYPE;
-  platform: typeof SIM_PLATFORM;
-  format_version: number;
-  measurement: string;
-  report_data: string;
-  /** ISO-8601 time the report was produced (informational: freshness comes from the nonce) */
-  issued_at: string;
-  /** fingerprint of the root that signed (see `simRootFingerprint`) */
-  signer: string;
-  simulated: true;
-}
-
 /** The simulated platform an enclave process runs on. */
 export class SimSoftwarePlatform implements TeePlatform {
   readonly name = SIM_PLATFORM;
@@ -224,7 +209,8 @@ export class SimSoftwarePlatform implements TeePlatform {
     const claimed = {
       platform: SIM_PLATFORM, format_version: SIM_FORMAT_VERSION, measurement: this.measurementHex, report_data: toHex(reportData),
     };
-    const body: SimReportBody = { type: REPORT_TYPE, ...claimed, issued_at: new Date().toISOString(), signer: this.signer, simulated: true };
+    // issued_at is informational (freshness comes from the nonce); signer: the root's fingerprint (simRootFingerprint)
+    const body = { type: REPORT_TYPE, ...claimed, issued_at: new Date().toISOString(), signer: this.signer, simulated: true };
     const bodyBytes = Buffer.from(canonicalJson(body), 'utf8');
     const signature = sign(null, Buffer.concat([SIGNATURE_CONTEXT, bodyBytes]), this.root.signingKey);
     return { ...claimed, body: bodyBytes.toString('base64'), signature: signature.toString('base64') };
@@ -285,9 +271,9 @@ export class SimSoftwareVerifier implements EvidenceVerifier {
     const root = sig.length === 64 ? this.roots.find((k) => verify(null, signed, k, sig)) : undefined;
     if (!root) throw new AttestationError('bad_signature', 'bad signature: evidence is not signed by a trusted simulated platform root');
 
-    let body: SimReportBody;
+    let body: Record<string, unknown>;
     try {
-      body = JSON.parse(Buffer.from(bodyBytes).toString('utf8')) as SimReportBody;
+      body = JSON.parse(Buffer.from(bodyBytes).toString('utf8')) as Record<string, unknown>;
     } catch (err) {
       throw new AttestationError('malformed_evidence', 'malformed evidence: signed body is not JSON', { cause: err });
     }
@@ -303,8 +289,8 @@ export class SimSoftwareVerifier implements EvidenceVerifier {
 
     return {
       platform: SIM_PLATFORM,
-      measurement: body.measurement,
-      reportData: fromHex(body.report_data, 'report_data'),
+      measurement: body.measurement as string,
+      reportData: fromHex(body.report_data as string, 'report_data'),
       simulated: true,
       claims: { issued_at: body.issued_at, signer: body.signer },
       evidence: e,

@@ -285,11 +285,6 @@ export interface ChannelServerOptions {
   idleTimeoutMs?: number;
 }
 
-export interface ChannelServer {
-  port: number;
-  close(): Promise<void>;
-}
-
 /** A refusal the server sends back as an error frame. */
 export class ChannelRefusal extends TransportError {
   constructor(code: number, message: string, options?: { cause?: unknown }) {
@@ -297,7 +292,7 @@ export class ChannelRefusal extends TransportError {
   }
 }
 
-export async function startChannelServer(o: ChannelServerOptions): Promise<ChannelServer> {
+export async function startChannelServer(o: ChannelServerOptions): Promise<{ port: number; close(): Promise<void> }> {
   const sockets = new Set<net.Socket>();
   const maxConnections = o.maxConnections ?? 8;
   const server = net.createServer({ pauseOnConnect: true }, (accepted) => {

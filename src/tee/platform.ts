@@ -164,16 +164,13 @@ export function checkEvidenceShape(e: unknown): asserts e is Evidence {
   if (typeof o.platform !== 'string' || o.platform.length === 0) bad('platform must be a non-empty string');
   if (typeof o.format_version !== 'number' || !Number.isInteger(o.format_version)) bad('format_version must be an integer');
   if (typeof o.measurement !== 'string' || o.measurement.length === 0 || !HEX_RE.test(o.measurement)) bad('measurement must be hex');
-  if (typeof o.report_data !== 'string' || !HEX_RE.test(o.report_data) || o.report_data.length !== 2 * REPORT_DATA_BYTES) {
-    bad(`report_data must be ${REPORT_DATA_BYTES} bytes of hex`);
-  }
+  const rd = o.report_data;
+  if (typeof rd !== 'string' || !HEX_RE.test(rd) || rd.length !== 2 * REPORT_DATA_BYTES) bad(`report_data must be ${REPORT_DATA_BYTES} bytes of hex`);
   if (typeof o.body !== 'string' || !B64_RE.test(o.body)) bad('body must be base64');
   if (typeof o.signature !== 'string' || !B64_RE.test(o.signature)) bad('signature must be base64');
-  if (o.cert_chain !== undefined) {
-    if (!Array.isArray(o.cert_chain) || o.cert_chain.some((c) => typeof c !== 'string' || !B64_RE.test(c))) {
-      bad('cert_chain must be an array of base64 strings');
-    }
-  }
+  const chain = o.cert_chain;
+  const chainOk = chain === undefined || (Array.isArray(chain) && chain.every((c) => typeof c === 'string' && B64_RE.test(c)));
+  if (!chainOk) bad('cert_chain must be an array of base64 strings');
 }
 
 // ---------------------------------------------------------------------------------------

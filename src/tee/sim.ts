@@ -277,15 +277,13 @@ export class SimSoftwareVerifier implements EvidenceVerifier {
     } catch (err) {
       throw new AttestationError('malformed_evidence', 'malformed evidence: signed body is not JSON', { cause: err });
     }
-    const mismatch = (field: string): never => {
-      throw new AttestationError('malformed_evidence', `malformed evidence: ${field} does not match the signed body`);
+    // the clear copies must be the signed values (checked in this order)
+    const signedAs: Record<string, unknown> = {
+      type: REPORT_TYPE, platform: e.platform, format_version: e.format_version, measurement: e.measurement.toLowerCase(),
+      report_data: e.report_data.toLowerCase(), signer: simRootFingerprint(root),
     };
-    if (body.type !== REPORT_TYPE) mismatch('type');
-    if (body.platform !== e.platform) mismatch('platform');
-    if (body.format_version !== e.format_version) mismatch('format_version');
-    if (typeof body.measurement !== 'string' || body.measurement !== e.measurement.toLowerCase()) mismatch('measurement');
-    if (typeof body.report_data !== 'string' || body.report_data !== e.report_data.toLowerCase()) mismatch('report_data');
-    if (body.signer !== simRootFingerprint(root)) mismatch('signer');
+    const differs = Object.keys(signedAs).find((k) => body[k] !== signedAs[k]);
+    if (differs) throw new AttestationError('malformed_evidence', `malformed evidence: ${differs} does not match the signed body`);
 
     return {
       platform: SIM_PLATFORM,

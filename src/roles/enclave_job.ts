@@ -134,24 +134,25 @@ export class JobRunner {
     await this.running;
   }
 
-  private buildModel(labels: string[], rng: Rng): SplitModel {
+  /** Waits for the accelerator, checks it serves the bundle this enclave expects, and builds the job's split model. */
+  private async readyModel(labels: string[]): Promise<{ model: SplitModel; rng: Rng }> {
     const b = this.ctx.bundle;
     const spec = this.job.spec;
-    return new SplitModel({
-      mode: b.mode, method: spec.method, task: spec.task, config: b.config, tensors: b.tensors, link: this.ctx.link, twoSided: b.twoSided,
-      lora: spec.lora ?? undefined, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
-      pooling: b.cls?.pooling ?? spec.pooling ?? undefined,
-      classifierInit: spec.task === 'cls' ? freshClassifier(labels.length, b.config.n_embd, spec.seed) : undefined,
-      mixing: mixingOf(spec),
-    });
-  }
-
-  /** Waits for the accelerator and checks it serves the bundle this enclave expects. */
-  private async acceleratorReady(timeoutMs: number): Promise<void> {
-    const expected = this.ctx.bundle.acceleratorManifestSha256;
-    const got = (await this.ctx.link.waitForReady(timeoutMs)).manifest_sha256;
+    const expected = b.acceleratorManifestSha256;
+    const got = (await this.ctx.link.waitForReady(120_000)).manifest_sha256;
     if (!got) throw new BundleError('the accelerator has no bundle loaded (the provider must upload it)');
     if (got !== expected) throw new BundleError(`the accelerator serves bundle ${got.slice(0, 12)}..., the provider's enclave bundle expects ${expected.slice(0, 12)}...`);
+    const rng = new Rng(spec.seed);
+    return {
+      rng,
+      model: new SplitModel({
+        mode: b.mode, method: spec.method, task: spec.task, config: b.config, tensors: b.tensors, link: this.ctx.link, twoSided: b.twoSided,
+        lora: spec.lora ?? undefined, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
+        pooling: b.cls?.pooling ?? spec.pooling ?? undefined,
+        classifierInit: spec.task === 'cls' ? freshClassifier(labels.length, b.config.n_embd, spec.seed) : undefined,
+        mixing: mixingOf(spec),
+      }),
+    };
   }
 
   /** The job's labels, encoded datasets and loop configuration. */
@@ -176,10 +177,8 @@ export class JobRunner {
     const latest = this.ctx.store.latestCheckpoint();
     if (!latest) throw new StateError('the finished job\'s checkpoint is gone: its model cannot be restored');
     await this.ctx.store.unsealCheckpoint(latest, this.runDir);
-    await this.acceleratorReady(120_000);
     const { tok, labels, train, evalSet, cfg } = this.prepare();
-    const rng = new Rng(this.job.spec.seed);
-    const model = this.buildModel(labels, rng);
+    const { model, rng } = await this.readyModel(labels);
     await runFinetune(model, train, evalSet, cfg, this.runDir, tok.eotId, { resume: true, rng });
     this.ctx.log('restored the finished job\'s model from its final checkpoint');
     return (this.model = model);
@@ -207,9 +206,9 @@ export class JobRunner {
         job.losses = [];
         job.step = 0;
       }
-      await this.acceleratorReady(120_000);
-      const rng = new Rng(spec.seed);
-      this.model = this.buildModel(labels, rng);
+      const ready = await this.readyModel(labels);
+      const rng = ready.rng;
+      this.model = ready.model;
       // the view of a job from its fresh start (a resumed one would lack its first steps)
       const recording = ctx.recordView && !doResume ? recordBundleRun(this.model, ctx.link, ctx.bundle, loadAcceleratorBundle(ctx.recordView.accelerator).weights, 'finetune', {
         ...ctx.recordView.options, modelId: ctx.bundle.acceleratorManifestSha256.slice(0, 16), modelPath: null, padTokenId: tok.eotId, labels: spec.task === 'cls' ? labels : undefined,

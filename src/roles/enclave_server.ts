@@ -1,14 +1,14 @@
 /** The enclave service's gRPC server: Attest, Upload (a stream of sealed chunks), Command, Health. */
 import * as grpc from '@grpc/grpc-js';
-import { bindServer } from '../rpc/grpc.js';
+import { bindServer, serverOptions } from '../rpc/grpc.js';
 import { serveStream, serveUnary } from '../rpc/status.js';
 import { TransportError } from '../errors.js';
-import { ENCLAVE_SERVICE, enclaveServerOptions, type UploadChunk, type SealedCommand } from './protocol.js';
+import { ENCLAVE_SERVICE, MAX_CLIENT_MESSAGE_BYTES, type UploadChunk, type SealedCommand } from './protocol.js';
 import { EnclaveService, MAX_UPLOAD_BYTES, type EnclaveServeOptions } from './enclave_service.js';
 
 export async function serveEnclave(o: EnclaveServeOptions): Promise<{ service: EnclaveService; port: number; close(): Promise<void> }> {
   const service = await EnclaveService.create(o);
-  const server = new grpc.Server(enclaveServerOptions());
+  const server = new grpc.Server(serverOptions({ maxMessageBytes: MAX_CLIENT_MESSAGE_BYTES }));
   server.addService(ENCLAVE_SERVICE, {
     Attest: serveUnary((r) => service.attest(r as { nonce?: unknown })),
     Command: serveUnary((r) => service.command(r as SealedCommand)),

@@ -18,7 +18,7 @@ import { SimSoftwareVerifier, measureDirectory } from '../tee/sim.js';
 import { fromBase64, toBase64, type EvidenceVerifier } from '../tee/platform.js';
 import {
   ENCLAVE_SERVICE, ACC_ADMIN_SERVICE, EnclaveServiceClient, AccAdminClient, commandAad, chunkAad, replyAad, clientOptions, unary, clientStream,
-  chunks, packFiles, readDirFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand,
+  chunks, packFiles, readDirFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand, type SealedReply,
 } from './protocol.js';
 import { classifiedLine, type Classified } from '../train/predict.js';
 import { MAX_INFER } from './enclave_job.js';
@@ -195,7 +195,7 @@ export class EnclaveClient {
   }
 
   /** Opens the enclave's reply to request `id` (sealed to this party). */
-  async openReply<T>(s: AttestedEnclave, id: string, rep: { sealed: ReturnType<typeof sealedToJson> }): Promise<T> {
+  async openReply<T>(s: AttestedEnclave, id: string, rep: SealedReply): Promise<T> {
     const plain = await openWith(this.key.privateKey, sealedFromJson(rep.sealed), s.transcript, replyAad(id));
     return JSON.parse(new TextDecoder().decode(plain)) as T;
   }
@@ -204,7 +204,7 @@ export class EnclaveClient {
   async command<T = Record<string, unknown>>(op: string, args: Record<string, unknown> = {}, deadlineMs = 600_000): Promise<T> {
     return this.withSession(async (s) => {
       const req = await this.sealedCommand(s, op, args);
-      const rep = await unary<{ sealed: ReturnType<typeof sealedToJson> }>(this.client, ENCLAVE_SERVICE.Command, req, deadlineMs);
+      const rep = await unary<SealedReply>(this.client, ENCLAVE_SERVICE.Command, req, deadlineMs);
       return this.openReply<T>(s, req.id, rep);
     });
   }

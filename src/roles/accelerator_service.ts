@@ -13,10 +13,10 @@ import { loadAcceleratorBundle, type LoadedAccelerator } from '../obfuscate/bund
 import { layerLinearNames } from '../protocol/linears.js';
 import { Accelerator, type EvilMode } from '../accelerator/accelerator.js';
 import { startAcceleratorServer, type AcceleratorServer } from '../rpc/accelerator_server.js';
-import { ACC_ADMIN_SERVICE, BUNDLE_WEIGHTS_TAG, CHECKPOINT_TAG, unpackFiles, writeDirFiles } from './protocol.js';
+import { ACC_ADMIN_SERVICE, BUNDLE_WEIGHTS_TAG, CHECKPOINT_TAG, adminSignedBytes, unpackFiles, writeDirFiles, type AdminAuth } from './protocol.js';
 import { writeSafetensors } from '../io/safetensors.js';
 import { serveStream, serveUnary } from '../rpc/status.js';
-import { BundleError, InputError, ObfuscatuneError, TransportError } from '../errors.js';
+import { BundleError, InputError, ObfuscatuneError, PolicyError, TransportError } from '../errors.js';
 import type { AcceleratorReply, AcceleratorRequest } from '../protocol/messages.js';
 import { createHash } from 'node:crypto';
 import { verifyPeerProof } from '../tee/attest.js';
@@ -24,9 +24,7 @@ import type { EvidenceVerifier } from '../tee/platform.js';
 import { ReplayCache } from '../tee/replay.js';
 import { signingPublicKeyFromBase64, verifySignature } from '../tee/signing.js';
 import { SimSoftwareVerifier } from '../tee/sim.js';
-import { adminSignedBytes, type AdminAuth } from './protocol.js';
 import { verifyContract, type Contract } from './contract.js';
-import { PolicyError } from '../errors.js';
 
 export interface AcceleratorServeOptions {
   /** a bundle directory to serve (else the one in the state dir, else wait for an upload) */
@@ -71,7 +69,7 @@ export class AcceleratorHost {
   load(dir: string): void {
     this.dir = dir;
     this.loaded = loadAcceleratorBundle(dir);
-    this.acc = new Accelerator(this.loaded.weights, { stateDir: path.join(this.o.stateDir, 'checkpoints'), evil: this.o.evil });
+    this.acc = new Accelerator(this.loaded.weights, { stateDir: this.checkpointDir, evil: this.o.evil });
     this.acc.useOutputAllocator(this.outAlloc);
   }
 

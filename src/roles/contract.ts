@@ -11,9 +11,8 @@ import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { canonicalJson, lengthPrefixed } from '../tee/platform.js';
+import { canonicalJson, lengthPrefixed, toBase64 } from '../tee/platform.js';
 import { signBytes, signingPublicKeyFromBase64, verifySignature, type SigningKeyPair } from '../tee/signing.js';
-import { toBase64 } from '../tee/platform.js';
 import { InputError, PolicyError } from '../errors.js';
 import type { Role } from './enclave_policy.js';
 import { readDirFiles, type PackedFile } from './protocol.js';
@@ -77,6 +76,15 @@ export function parseContract(raw: unknown, source = 'contract'): Contract {
   return r.data;
 }
 
+const SIGNERS = ['provider', 'owner'] as const;
+
+/** PolicyError when `role` did not sign, SignatureError when its signature does not verify. */
+function checkSignature(c: Contract, role: Role, source: string): void {
+  const sig = c.signatures[role];
+  if (!sig) throw new PolicyError(`${source}: not signed by the ${role}`);
+  verifySignature(signingPublicKeyFromBase64(c.body[role], `${source}: ${role} key`), signedBytes(c.body), sig, `${source}: the ${role}'s signature`);
+}
+
 /**
  * Checks a contract is well formed and signed by both parties it names; returns its hash.
  * PolicyError when a signature is missing, SignatureError when one does not verify.
@@ -84,11 +92,7 @@ export function parseContract(raw: unknown, source = 'contract'): Contract {
 export function verifyContract(raw: unknown, source = 'contract'): { contract: Contract; sha256: string } {
   const c = parseContract(raw, source);
   if (c.body.provider === c.body.owner) throw new PolicyError(`${source}: the provider and the owner must have different keys`);
-  for (const role of ['provider', 'owner'] as const) {
-    const sig = c.signatures[role];
-    if (!sig) throw new PolicyError(`${source}: not signed by the ${role}`);
-    verifySignature(signingPublicKeyFromBase64(c.body[role], `${source}: ${role} key`), signedBytes(c.body), sig, `${source}: the ${role}'s signature`);
-  }
+  for (const role of SIGNERS) checkSignature(c, role, source);
   return { contract: c, sha256: contractSha256(c.body) };
 }
 
@@ -177,14 +181,12 @@ export function draftContract(o: DraftOptions): Contract {
 
 /** Who signed the contract, for people: "provider <key> (valid)", ... */
 export function describeSignatures(c: Contract): string[] {
-  return (['provider', 'owner'] as const).map((role) => {
-    const sig = c.signatures[role];
-    if (!sig) return `${role} ${c.body[role]}: NOT SIGNED`;
+  return SIGNERS.map((role) => {
     try {
-      verifySignature(signingPublicKeyFromBase64(c.body[role]), signedBytes(c.body), sig, role);
+      checkSignature(c, role, 'contract');
       return `${role} ${c.body[role]}: signed`;
-    } catch {
-      return `${role} ${c.body[role]}: BAD SIGNATURE`;
+    } catch (e) {
+      return `${role} ${c.body[role]}: ${e instanceof PolicyError ? 'NOT SIGNED' : 'BAD SIGNATURE'}`;
     }
   });
 }

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { readFileSync, rmSync } from 'node:fs';
 import { randomInt } from 'node:crypto';
 import * as grpc from '@grpc/grpc-js';
-import type { EnclaveBundle } from '../obfuscate/bundle.js';
+import { loadAcceleratorBundle, type EnclaveBundle } from '../obfuscate/bundle.js';
 import type { GrpcAcceleratorLink } from '../rpc/accelerator_client.js';
 import { gpt2Tokenizer, tokenizerFor } from '../model/tokenizer.js';
 import type { KVCache } from '../model/transformer.js';
@@ -25,7 +25,6 @@ import { BundleError, InputError, IntegrityError, ObfuscatuneError, StateError, 
 import type { SealedStore } from './enclave_store.js';
 import { BUNDLE_WEIGHTS_TAG } from './protocol.js';
 import { recordBundleRun } from '../attacks/record.js';
-import { loadAcceleratorBundle } from '../obfuscate/bundle.js';
 import type { RecorderOptions } from '../protocol/view.js';
 
 export interface JobState {
@@ -117,15 +116,10 @@ export class JobRunner {
   /** Starts the job in the background; a failure is recorded in the job state. */
   start(resume: boolean): void {
     this.running = this.run(resume).catch((e) => {
-      if (e instanceof Cancelled) {
-        this.job.state = 'cancelled';
-        this.job.error = e.message;
-        this.ctx.log(`job ${e.message} at step ${this.job.step}`);
-      } else {
-        this.job.state = 'failed';
-        this.job.error = (e as Error).message;
-        this.ctx.log(`job failed: ${(e as Error).message}`);
-      }
+      const cancelled = e instanceof Cancelled;
+      this.job.state = cancelled ? 'cancelled' : 'failed';
+      this.job.error = (e as Error).message;
+      this.ctx.log(cancelled ? `job ${e.message} at step ${this.job.step}` : `job failed: ${(e as Error).message}`);
       return this.ctx.persist();
     });
   }
@@ -140,24 +134,25 @@ export class JobRunner {
     await this.running;
   }
 
-  private buildModel(labels: string[], rng: Rng): SplitModel {
+  /** Waits for the accelerator, checks it serves the bundle this enclave expects, and builds the job's split model. */
+  private async readyModel(labels: string[]): Promise<{ model: SplitModel; rng: Rng }> {
     const b = this.ctx.bundle;
     const spec = this.job.spec;
-    return new SplitModel({
-      mode: b.mode, method: spec.method, task: spec.task, config: b.config, tensors: b.tensors, link: this.ctx.link, twoSided: b.twoSided,
-      lora: spec.lora ?? undefined, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
-      pooling: b.cls?.pooling ?? spec.pooling ?? undefined,
-      classifierInit: spec.task === 'cls' ? freshClassifier(labels.length, b.config.n_embd, spec.seed) : undefined,
-      mixing: mixingOf(spec),
-    });
-  }
-
-  /** Waits for the accelerator and checks it serves the bundle this enclave expects. */
-  private async acceleratorReady(timeoutMs: number): Promise<void> {
-    const expected = this.ctx.bundle.acceleratorManifestSha256;
-    const got = (await this.ctx.link.waitForReady(timeoutMs)).manifest_sha256;
+    const expected = b.acceleratorManifestSha256;
+    const got = (await this.ctx.link.waitForReady(120_000)).manifest_sha256;
     if (!got) throw new BundleError('the accelerator has no bundle loaded (the provider must upload it)');
     if (got !== expected) throw new BundleError(`the accelerator serves bundle ${got.slice(0, 12)}..., the provider's enclave bundle expects ${expected.slice(0, 12)}...`);
+    const rng = new Rng(spec.seed);
+    return {
+      rng,
+      model: new SplitModel({
+        mode: b.mode, method: spec.method, task: spec.task, config: b.config, tensors: b.tensors, link: this.ctx.link, twoSided: b.twoSided,
+        lora: spec.lora ?? undefined, numLabels: spec.task === 'cls' ? labels.length : undefined, padTokenId: gpt2Tokenizer.eotId, rng,
+        pooling: b.cls?.pooling ?? spec.pooling ?? undefined,
+        classifierInit: spec.task === 'cls' ? freshClassifier(labels.length, b.config.n_embd, spec.seed) : undefined,
+        mixing: mixingOf(spec),
+      }),
+    };
   }
 
   /** The job's labels, encoded datasets and loop configuration. */
@@ -182,10 +177,8 @@ export class JobRunner {
     const latest = this.ctx.store.latestCheckpoint();
     if (!latest) throw new StateError('the finished job\'s checkpoint is gone: its model cannot be restored');
     await this.ctx.store.unsealCheckpoint(latest, this.runDir);
-    await this.acceleratorReady(120_000);
     const { tok, labels, train, evalSet, cfg } = this.prepare();
-    const rng = new Rng(this.job.spec.seed);
-    const model = this.buildModel(labels, rng);
+    const { model, rng } = await this.readyModel(labels);
     await runFinetune(model, train, evalSet, cfg, this.runDir, tok.eotId, { resume: true, rng });
     this.ctx.log('restored the finished job\'s model from its final checkpoint');
     return (this.model = model);
@@ -213,9 +206,9 @@ export class JobRunner {
         job.losses = [];
         job.step = 0;
       }
-      await this.acceleratorReady(120_000);
-      const rng = new Rng(spec.seed);
-      this.model = this.buildModel(labels, rng);
+      const ready = await this.readyModel(labels);
+      const rng = ready.rng;
+      this.model = ready.model;
       // the view of a job from its fresh start (a resumed one would lack its first steps)
       const recording = ctx.recordView && !doResume ? recordBundleRun(this.model, ctx.link, ctx.bundle, loadAcceleratorBundle(ctx.recordView.accelerator).weights, 'finetune', {
         ...ctx.recordView.options, modelId: ctx.bundle.acceleratorManifestSha256.slice(0, 16), modelPath: null, padTokenId: tok.eotId, labels: spec.task === 'cls' ? labels : undefined,

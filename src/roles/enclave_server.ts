@@ -1,16 +1,14 @@
 /** The enclave service's gRPC server: Attest, Upload (a stream of sealed chunks), Command, Health. */
 import * as grpc from '@grpc/grpc-js';
-import { widenServerWindow, widenSessionWindows } from '../rpc/grpc.js';
+import { bindServer, serverOptions } from '../rpc/grpc.js';
 import { serveStream, serveUnary } from '../rpc/status.js';
 import { TransportError } from '../errors.js';
-import { ENCLAVE_SERVICE, enclaveServerOptions, type UploadChunk, type SealedCommand } from './protocol.js';
+import { ENCLAVE_SERVICE, MAX_CLIENT_MESSAGE_BYTES, type UploadChunk, type SealedCommand } from './protocol.js';
 import { EnclaveService, MAX_UPLOAD_BYTES, type EnclaveServeOptions } from './enclave_service.js';
 
-/** Starts the gRPC server of an EnclaveService. */
 export async function serveEnclave(o: EnclaveServeOptions): Promise<{ service: EnclaveService; port: number; close(): Promise<void> }> {
   const service = await EnclaveService.create(o);
-  const server = new grpc.Server(enclaveServerOptions());
-  widenServerWindow(server);
+  const server = new grpc.Server(serverOptions({ maxMessageBytes: MAX_CLIENT_MESSAGE_BYTES }));
   server.addService(ENCLAVE_SERVICE, {
     Attest: serveUnary((r) => service.attest(r as { nonce?: unknown })),
     Command: serveUnary((r) => service.command(r as SealedCommand)),
@@ -25,10 +23,7 @@ export async function serveEnclave(o: EnclaveServeOptions): Promise<{ service: E
       }, () => service.upload(chunks));
     },
   });
-  const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(`${o.host ?? '127.0.0.1'}:${o.port ?? 0}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)));
-  });
-  widenSessionWindows(server);
+  const port = await bindServer(server, `${o.host ?? '127.0.0.1'}:${o.port ?? 0}`, grpc.ServerCredentials.createInsecure());
   return {
     service, port,
     close: async () => {

@@ -15,11 +15,10 @@ import { newNonce, attestationRequest, verifyAttestation, sealToEnclave, type At
 import { generateHpkeKeyPair, openWith, publicKeyToBase64, sealedFromJson, sealedToJson, type HpkeKeyPair } from '../tee/hpke.js';
 import { generateSigningKeyPair, signBytes, signingKeyPairFromBase64, signingPrivateKeyToBase64, type SigningKeyPair } from '../tee/signing.js';
 import { SimSoftwareVerifier, measureDirectory } from '../tee/sim.js';
-import type { EvidenceVerifier } from '../tee/platform.js';
-import { fromBase64, toBase64 } from '../tee/platform.js';
+import { fromBase64, toBase64, type EvidenceVerifier } from '../tee/platform.js';
 import {
   ENCLAVE_SERVICE, ACC_ADMIN_SERVICE, EnclaveServiceClient, AccAdminClient, commandAad, chunkAad, replyAad, clientOptions, unary, clientStream,
-  chunks, packFiles, readDirFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand,
+  chunks, packFiles, readDirFiles, chunkSignedBytes, commandSignedBytes, adminSignedBytes, type AdminAuth, type UploadChunk, type UploadKind, type SealedCommand, type SealedReply,
 } from './protocol.js';
 import { classifiedLine, type Classified } from '../train/predict.js';
 import { MAX_INFER } from './enclave_job.js';
@@ -59,14 +58,9 @@ export interface PartyKey extends HpkeKeyPair {
  * only) gains a signing key: the file is rewritten and the change is reported on stderr.
  */
 export async function loadOrCreatePartyKey(file: string, log: (line: string) => void = (l) => console.error(l)): Promise<PartyKey> {
-  const write = (kp: HpkeKeyPair, signing: SigningKeyPair) => {
-    mkdirSync(path.dirname(file), { recursive: true });
-    writeFileSync(file, JSON.stringify({
-      version: 2, public: toBase64(kp.publicKey), private: toBase64(kp.privateKey),
-      signing_public: toBase64(signing.publicKey), signing_private: signingPrivateKeyToBase64(signing.privateKey),
-    }) + '\n', { mode: 0o600 });
-  };
-  if (existsSync(file)) {
+  let kp: HpkeKeyPair;
+  const existed = existsSync(file);
+  if (existed) {
     let j: { public?: unknown; private?: unknown; signing_private?: unknown };
     try {
       j = JSON.parse(readFileSync(file, 'utf8'));
@@ -74,21 +68,20 @@ export async function loadOrCreatePartyKey(file: string, log: (line: string) => 
       throw new InputError(`key file ${file}: not JSON (${(e as Error).message})`, { cause: e });
     }
     if (typeof j.public !== 'string' || typeof j.private !== 'string') throw new InputError(`key file ${file}: "public" and "private" (base64) required`);
-    let kp: HpkeKeyPair;
     try {
       kp = { publicKey: fromBase64(j.public, 'public key'), privateKey: fromBase64(j.private, 'private key') };
     } catch (e) {
       throw new InputError(`key file ${file}: ${(e as Error).message}`, { cause: e });
     }
     if (typeof j.signing_private === 'string') return { ...kp, signing: signingKeyPairFromBase64(j.signing_private, `key file ${file}: signing key`) };
-    const signing = generateSigningKeyPair();
-    write(kp, signing);
-    log(`key file ${file} had no signing key (written by an earlier version): added an Ed25519 signing key, public key ${toBase64(signing.publicKey)}; the enclave knows this party by it (put it in the deployment contract)`);
-    return { ...kp, signing };
-  }
-  const kp = await generateHpkeKeyPair();
+  } else kp = await generateHpkeKeyPair();
   const signing = generateSigningKeyPair();
-  write(kp, signing);
+  mkdirSync(path.dirname(file), { recursive: true });
+  writeFileSync(file, JSON.stringify({
+    version: 2, public: toBase64(kp.publicKey), private: toBase64(kp.privateKey),
+    signing_public: toBase64(signing.publicKey), signing_private: signingPrivateKeyToBase64(signing.privateKey),
+  }) + '\n', { mode: 0o600 });
+  if (existed) log(`key file ${file} had no signing key (written by an earlier version): added an Ed25519 signing key, public key ${toBase64(signing.publicKey)}; the enclave knows this party by it (put it in the deployment contract)`);
   return { ...kp, signing };
 }
 
@@ -202,7 +195,7 @@ export class EnclaveClient {
   }
 
   /** Opens the enclave's reply to request `id` (sealed to this party). */
-  async openReply<T>(s: AttestedEnclave, id: string, rep: { sealed: ReturnType<typeof sealedToJson> }): Promise<T> {
+  async openReply<T>(s: AttestedEnclave, id: string, rep: SealedReply): Promise<T> {
     const plain = await openWith(this.key.privateKey, sealedFromJson(rep.sealed), s.transcript, replyAad(id));
     return JSON.parse(new TextDecoder().decode(plain)) as T;
   }
@@ -211,7 +204,7 @@ export class EnclaveClient {
   async command<T = Record<string, unknown>>(op: string, args: Record<string, unknown> = {}, deadlineMs = 600_000): Promise<T> {
     return this.withSession(async (s) => {
       const req = await this.sealedCommand(s, op, args);
-      const rep = await unary<{ sealed: ReturnType<typeof sealedToJson> }>(this.client, ENCLAVE_SERVICE.Command, req, deadlineMs);
+      const rep = await unary<SealedReply>(this.client, ENCLAVE_SERVICE.Command, req, deadlineMs);
       return this.openReply<T>(s, req.id, rep);
     });
   }
@@ -238,29 +231,31 @@ export function adminAuth(key: PartyKey, method: string, payload: Uint8Array): A
   return { ...a, signature: signBytes(key.signing, adminSignedBytes(method, a)) };
 }
 
-/** Uploads the accelerator bundle (obfuscated weights), signed with the provider's key. */
-export async function uploadAcceleratorBundle(accAddress: string, bundleDir: string, key: PartyKey, onProgress?: UploadProgress): Promise<{ manifest_sha256: string }> {
+/** `fn` on a client of the accelerator's admin service, closed afterwards. */
+async function withAdmin<T>(accAddress: string, fn: (client: grpc.Client) => Promise<T>): Promise<T> {
   const client = new AccAdminClient(accAddress, grpc.credentials.createInsecure(), clientOptions());
   try {
-    const packed = packFiles(readDirFiles(bundleDir));
-    const auth = adminAuth(key, 'LoadBundle', packed);
-    const parts = chunks(packed);
-    onProgress?.(0, 1, `sending ${parts.length} chunks (${(packed.length / 2 ** 20).toFixed(1)} MiB); the accelerator checks and loads them`);
-    return await clientStream(client, ACC_ADMIN_SERVICE.LoadBundle, parts.map((p, index) => ({ index, total: parts.length, data: Buffer.from(p).toString('base64'), ...(index === 0 ? { auth } : {}) })));
+    return await fn(client);
   } finally {
     client.close();
   }
 }
 
+/** Uploads the accelerator bundle (obfuscated weights), signed with the provider's key. */
+export async function uploadAcceleratorBundle(accAddress: string, bundleDir: string, key: PartyKey, onProgress?: UploadProgress): Promise<{ manifest_sha256: string }> {
+  return withAdmin(accAddress, (client) => {
+    const packed = packFiles(readDirFiles(bundleDir));
+    const auth = adminAuth(key, 'LoadBundle', packed);
+    const parts = chunks(packed);
+    onProgress?.(0, 1, `sending ${parts.length} chunks (${(packed.length / 2 ** 20).toFixed(1)} MiB); the accelerator checks and loads them`);
+    return clientStream(client, ACC_ADMIN_SERVICE.LoadBundle, parts.map((p, index) => ({ index, total: parts.length, data: Buffer.from(p).toString('base64'), ...(index === 0 ? { auth } : {}) })));
+  });
+}
+
 /** The accelerator's trained weights (full fine-tuning), asked for with the provider's key. */
 export async function exportAcceleratorWeights(accAddress: string, key: PartyKey): Promise<{ weights: Buffer; manifest_sha256: string | null }> {
-  const client = new AccAdminClient(accAddress, grpc.credentials.createInsecure(), clientOptions());
-  try {
-    const r = await unary<{ weights: string; manifest_sha256?: string | null }>(client, ACC_ADMIN_SERVICE.Export, { auth: adminAuth(key, 'Export', new Uint8Array(0)) });
-    return { weights: Buffer.from(r.weights, 'base64'), manifest_sha256: r.manifest_sha256 ?? null };
-  } finally {
-    client.close();
-  }
+  const r = await withAdmin(accAddress, (client) => unary<{ weights: string; manifest_sha256?: string | null }>(client, ACC_ADMIN_SERVICE.Export, { auth: adminAuth(key, 'Export', new Uint8Array(0)) }));
+  return { weights: Buffer.from(r.weights, 'base64'), manifest_sha256: r.manifest_sha256 ?? null };
 }
 
 /** Uploads the enclave bundle directory, encrypted to the attested enclave. */

@@ -21,7 +21,7 @@ import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'nod
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { SealedMessageJson } from '../tee/hpke.js';
-import { clientChannelOptions, serverOptions } from '../rpc/grpc.js';
+import { clientChannelOptions } from '../rpc/grpc.js';
 import { errorFromStatus } from '../rpc/status.js';
 import { InputError } from '../errors.js';
 import { lengthPrefixed, fromBase64 } from '../tee/platform.js';
@@ -164,10 +164,6 @@ export const MAX_CLIENT_MESSAGE_BYTES = 64 * 1024 * 1024;
 
 export function clientOptions(): grpc.ChannelOptions {
   return clientChannelOptions({ maxMessageBytes: MAX_CLIENT_MESSAGE_BYTES });
-}
-
-export function enclaveServerOptions(): grpc.ServerOptions {
-  return serverOptions({ maxMessageBytes: MAX_CLIENT_MESSAGE_BYTES });
 }
 
 type MethodDef = grpc.MethodDefinition<unknown, unknown>;

@@ -7,6 +7,7 @@
  * naming the op, the linear and the gRPC status. See docs/rpc.md.
  */
 import * as grpc from '@grpc/grpc-js';
+import { z } from 'zod';
 import { InputError, TransportError } from '../errors.js';
 import { observe, type AcceleratorLink, type CallOptions, type Observer } from '../protocol/link.js';
 import { decodeMessage, encodeMessageParts, type AcceleratorReply, type AcceleratorRequest } from '../protocol/messages.js';
@@ -67,14 +68,17 @@ export interface GrpcLinkOptions {
   prove?: (challenge: Buffer) => Promise<Buffer>;
 }
 
-export interface HealthStatus {
-  status: string;
-  served: number;
+/** The accelerator's Health answer; a malformed optional field reads as null. */
+const HealthSchema = z.object({
+  status: z.string(),
+  served: z.number(),
   /** SHA-256 of the accelerator manifest it serves (null before the provider's upload) */
-  manifest_sha256?: string | null;
+  manifest_sha256: z.string().nullable().catch(null),
   /** port of its tensor channel (null: none) */
-  tensor_port?: number | null;
-}
+  tensor_port: z.number().int().gt(0).lt(65536).nullable().catch(null),
+});
+
+export type HealthStatus = z.infer<typeof HealthSchema>;
 
 /** A failed call: `code` is the gRPC status (grpc.status), `op` the request's op. */
 export class RpcError extends TransportError {
@@ -266,14 +270,9 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     } catch {
       throw new RpcError(`accelerator rpc health to ${this.address}: answer is not JSON`, grpc.status.DATA_LOSS, 'health');
     }
-    const o = h as Partial<HealthStatus> | null;
-    if (typeof o !== 'object' || o === null || typeof o.status !== 'string' || typeof o.served !== 'number') {
-      throw new RpcError(`accelerator rpc health to ${this.address}: unexpected answer ${back.toString('utf8').slice(0, 200)}`, grpc.status.DATA_LOSS, 'health');
-    }
-    return {
-      status: o.status, served: o.served, manifest_sha256: typeof o.manifest_sha256 === 'string' ? o.manifest_sha256 : null,
-      tensor_port: Number.isInteger(o.tensor_port) && o.tensor_port! > 0 && o.tensor_port! < 65536 ? o.tensor_port : null,
-    };
+    const parsed = HealthSchema.safeParse(h);
+    if (!parsed.success) throw new RpcError(`accelerator rpc health to ${this.address}: unexpected answer ${back.toString('utf8').slice(0, 200)}`, grpc.status.DATA_LOSS, 'health');
+    return parsed.data;
   }
 
   /**

@@ -13,11 +13,10 @@ import { decodeMessage, encodeMessageParts, type AcceleratorReply, type Accelera
 import {
   ACCELERATOR_SERVICE,
   DEFAULT_MAX_MESSAGE_BYTES,
+  bindServer,
   describeRequest,
   formatAddress,
   serverOptions,
-  widenServerWindow,
-  widenSessionWindows,
   type KeepaliveOptions,
 } from './grpc.js';
 import { BufferPool, ChannelRefusal, startChannelServer } from './tensor_channel.js';
@@ -81,13 +80,7 @@ export interface AcceleratorServer {
 }
 
 const REQUEST_OPS: ReadonlySet<string> = new Set([
-  'linear_forward',
-  'linear_backward',
-  'apply_update',
-  'grad_sq_norm',
-  'reset',
-  'checkpoint_save',
-  'checkpoint_load',
+  'linear_forward', 'linear_backward', 'apply_update', 'grad_sq_norm', 'reset', 'checkpoint_save', 'checkpoint_load',
 ]);
 
 export async function startAcceleratorServer(acc: RequestHandler, opts: AcceleratorServerOptions = {}): Promise<AcceleratorServer> {
@@ -97,51 +90,53 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   const maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
   if (opts.peerAuth && opts.tensorChannel === false) throw new InputError('accelerator server: peer authentication needs the tensor channel');
   const server = new grpc.Server(serverOptions({ maxMessageBytes: maxBytes, keepalive: opts.keepalive }));
-  widenServerWindow(server);
   const log = opts.log ?? (() => {});
   let served = 0;
   // request payloads (tensor channel) and reply tensors live in reused buffers: each goes
   // back to the pool once its reply is on the wire
   const pool = new BufferPool();
-  acc.useOutputAllocator?.((n) => pool.floats(n));
+  acc.useOutputAllocator?.((n) => new Float32Array(pool.take(4 * n).buffer, 0, n));
   let rejected = 0;
   // one request at a time, in arrival order
   let tail: Promise<void> = Promise.resolve();
 
+  /** Counts and logs a refused call; the refusal carries the gRPC status. */
+  const refusal = (code: grpc.status, details: string, cause?: unknown): ChannelRefusal => {
+    rejected++;
+    log(`accelerator server: ${grpc.status[code]}: ${details}`);
+    return new ChannelRefusal(code, details, { cause });
+  };
+
   /**
    * One request frame -> one reply frame, queued behind every earlier request (both data
-   * paths share the queue). Refusals throw a ChannelRefusal carrying the gRPC status.
+   * paths share the queue). Refusals throw a ChannelRefusal.
    */
   const answer = (frame: Buffer, cancelled: () => boolean = () => false): Promise<Buffer[]> => {
-    const refusal = (code: grpc.status, details: string, cause?: unknown): ChannelRefusal => {
-      rejected++;
-      log(`accelerator server: ${grpc.status[code]}: ${details}`);
-      return new ChannelRefusal(code, details, { cause });
-    };
     if (frame.length > maxBytes) return Promise.reject(refusal(grpc.status.RESOURCE_EXHAUSTED, `request frame of ${frame.length} bytes exceeds the ${maxBytes}-byte limit`));
-    let decoded: AcceleratorRequest | AcceleratorReply;
+    let req: AcceleratorRequest;
     try {
-      decoded = decodeMessage(frame, maxBytes);
+      const decoded = decodeMessage(frame, maxBytes);
+      if (!REQUEST_OPS.has(decoded.op)) throw new InputError(`"${decoded.op}" is not a request op`);
+      req = decoded as AcceleratorRequest;
     } catch (e) {
       return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: ${(e as Error).message}`, e));
     }
-    if (!REQUEST_OPS.has(decoded.op)) return Promise.reject(refusal(grpc.status.INVALID_ARGUMENT, `malformed request frame: "${decoded.op}" is not a request op`));
-    const req = decoded as AcceleratorRequest;
+    const what = describeRequest(req);
     const run = async (): Promise<Buffer[]> => {
-      if (cancelled()) throw refusal(grpc.status.CANCELLED, `${describeRequest(req)} cancelled before it ran`);
+      if (cancelled()) throw refusal(grpc.status.CANCELLED, `${what} cancelled before it ran`);
       let rep: AcceleratorReply;
       try {
         rep = await acc.handle(req);
       } catch (e) {
-        throw refusal(statusOf(e), `${describeRequest(req)} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`, e);
+        throw refusal(statusOf(e), `${what} failed in the accelerator: ${(e as Error)?.message ?? String(e)}`, e);
       }
       let out: { parts: Buffer[]; length: number };
       try {
         out = encodeMessageParts(rep);
       } catch (e) {
-        throw refusal(grpc.status.INTERNAL, `${describeRequest(req)}: reply could not be encoded: ${(e as Error).message}`, e);
+        throw refusal(grpc.status.INTERNAL, `${what}: reply could not be encoded: ${(e as Error).message}`, e);
       }
-      if (out.length > maxBytes) throw refusal(grpc.status.RESOURCE_EXHAUSTED, `${describeRequest(req)}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
+      if (out.length > maxBytes) throw refusal(grpc.status.RESOURCE_EXHAUSTED, `${what}: reply frame of ${out.length} bytes exceeds the ${maxBytes}-byte limit`);
       served++;
       return out.parts;
     };
@@ -160,15 +155,9 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
         // the call is already closed
       }
     };
-    if (opts.peerAuth) {
-      rejected++;
-      log('accelerator server: UNAUTHENTICATED: a gRPC Call (compute calls are served only on the authenticated tensor channel)');
-      return fail(new ChannelRefusal(grpc.status.UNAUTHENTICATED, 'this accelerator serves compute calls only to its authenticated enclave, on the tensor channel'));
-    }
-    if (!Buffer.isBuffer(frame)) {
-      rejected++;
-      return fail(new ChannelRefusal(grpc.status.INVALID_ARGUMENT, 'request is not a byte frame'));
-    }
+    // compute calls over gRPC carry no proof of the enclave: with peer authentication, only the channel serves them
+    if (opts.peerAuth) return fail(refusal(grpc.status.UNAUTHENTICATED, 'this accelerator serves compute calls only to its authenticated enclave, on the tensor channel'));
+    if (!Buffer.isBuffer(frame)) return fail(refusal(grpc.status.INVALID_ARGUMENT, 'request is not a byte frame'));
     answer(frame, () => call.cancelled).then((parts) => {
       const whole = Buffer.concat(parts);
       for (const p of parts) pool.release(p);
@@ -194,17 +183,14 @@ export async function startAcceleratorServer(acc: RequestHandler, opts: Accelera
   opts.addServices?.(server);
 
   const bindTo = formatAddress({ host, port: wantPort });
-  const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(bindTo, opts.credentials ?? grpc.ServerCredentials.createInsecure(), (err, p) => {
-      if (err) {
-        server.forceShutdown();
-        void channel?.close();
-        reject(new TransportError(`accelerator server: cannot listen on ${bindTo}: ${err.message}`, grpc.status.UNAVAILABLE, { cause: err }));
-      }
-      else resolve(p);
-    });
-  });
-  widenSessionWindows(server);
+  let port: number;
+  try {
+    port = await bindServer(server, bindTo, opts.credentials ?? grpc.ServerCredentials.createInsecure());
+  } catch (err) {
+    server.forceShutdown();
+    void channel?.close();
+    throw new TransportError(`accelerator server: cannot listen on ${bindTo}: ${(err as Error).message}`, grpc.status.UNAVAILABLE, { cause: err });
+  }
 
   let closing: Promise<void> | null = null;
   return {

@@ -9,7 +9,6 @@ import * as grpc from '@grpc/grpc-js';
 import { InputError } from '../errors.js';
 import type { AcceleratorRequest } from '../protocol/messages.js';
 
-/** Fully qualified gRPC service name. */
 export const SERVICE_NAME = 'obfuscatune.Accelerator';
 
 /** Default bound of one gRPC message, in either direction (256 MiB). */
@@ -18,7 +17,6 @@ export const DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
 /** Default per-call deadline of the client (one linear of a big batch can take a while). */
 export const DEFAULT_DEADLINE_MS = 120_000;
 
-/** Default port of the accelerator service. */
 export const DEFAULT_PORT = 50551;
 
 const identity = (b: Buffer): Buffer => b;
@@ -45,7 +43,6 @@ export const ACCELERATOR_SERVICE = {
   Call: bytesMethod('Call'),
   Health: bytesMethod('Health'),
 } satisfies grpc.ServiceDefinition;
-
 
 /** Generic client class for the service (methods are called through `makeUnaryRequest`). */
 export const AcceleratorServiceClient = grpc.makeGenericClientConstructor(ACCELERATOR_SERVICE, 'Accelerator');
@@ -165,36 +162,33 @@ export function statusName(code: number | undefined): string {
 }
 
 /**
- * grpc-js servers advertise Node's default 64 KiB HTTP/2 receive window whatever
- * `grpc-node.flow_control_window` says (the option is read by clients only), which throttles
- * large uploads to the server. This widens the per-stream window (SETTINGS) before binding
- * and the connection window of every new session. It reaches into grpc-js internals, so it
- * is best effort: if they change, the server simply keeps the default window.
+ * Binds `server` to `address` and resolves the bound port. grpc-js servers advertise Node's
+ * default 64 KiB HTTP/2 receive window whatever `grpc-node.flow_control_window` says (the
+ * option is read by clients only), which throttles large uploads to the server, so this
+ * widens the per-stream window (SETTINGS) before binding and the connection window of every
+ * new session after. That reaches into grpc-js internals, so it is best effort: if they
+ * change, the server simply keeps the default window.
  */
-export function widenServerWindow(server: grpc.Server, bytes = 16 * 1024 * 1024): void {
-  try {
-    const s = server as unknown as { commonServerOptions?: { settings?: Record<string, unknown> } };
-    if (s.commonServerOptions) s.commonServerOptions.settings = { ...(s.commonServerOptions.settings ?? {}), initialWindowSize: bytes };
-  } catch {
-    // keep the default window
-  }
-}
-
-/** After binding: widen the connection-level window of each new HTTP/2 session. */
-export function widenSessionWindows(server: grpc.Server, bytes = 16 * 1024 * 1024): void {
-  try {
-    const m = (server as unknown as { http2Servers?: Map<{ on(ev: string, f: (s: { setLocalWindowSize?(n: number): void }) => void): void }, unknown> }).http2Servers;
-    if (!m) return;
-    for (const h of m.keys()) {
-      h.on('session', (session) => {
-        try {
-          session.setLocalWindowSize?.(bytes);
-        } catch {
-          // keep the default window
-        }
-      });
+export async function bindServer(server: grpc.Server, address: string, credentials: grpc.ServerCredentials, windowBytes = 16 * 1024 * 1024): Promise<number> {
+  const s = server as unknown as {
+    commonServerOptions?: { settings?: Record<string, unknown> };
+    http2Servers?: Map<{ on(ev: string, f: (s: { setLocalWindowSize?(n: number): void }) => void): void }, unknown>;
+  };
+  const bestEffort = (f: () => void) => {
+    try {
+      f();
+    } catch {
+      // keep the default window
     }
-  } catch {
-    // keep the default window
-  }
+  };
+  bestEffort(() => {
+    if (s.commonServerOptions) s.commonServerOptions.settings = { ...(s.commonServerOptions.settings ?? {}), initialWindowSize: windowBytes };
+  });
+  const port = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(address, credentials, (err, p) => (err ? reject(err) : resolve(p)));
+  });
+  bestEffort(() => {
+    for (const h of s.http2Servers?.keys() ?? []) h.on('session', (session) => bestEffort(() => session.setLocalWindowSize?.(windowBytes)));
+  });
+  return port;
 }

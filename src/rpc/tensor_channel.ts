@@ -219,13 +219,7 @@ export class BufferPool {
     return Buffer.from(ab, 0, length);
   }
 
-  /** `n` float32 values in a lent buffer. */
-  floats(n: number): Float32Array {
-    const b = this.take(4 * n);
-    return new Float32Array(b.buffer, b.byteOffset, n);
-  }
-
-  /** Gives back the buffer under a view from `take`/`floats`; any other view is ignored. */
+  /** Gives back the buffer under a view of one from `take`; any other view is ignored. */
   release(view: ArrayBufferView): void {
     const ab = view.buffer as ArrayBuffer;
     if (!this.lent.delete(ab)) return;
@@ -291,11 +285,6 @@ export interface ChannelServerOptions {
   idleTimeoutMs?: number;
 }
 
-export interface ChannelServer {
-  port: number;
-  close(): Promise<void>;
-}
-
 /** A refusal the server sends back as an error frame. */
 export class ChannelRefusal extends TransportError {
   constructor(code: number, message: string, options?: { cause?: unknown }) {
@@ -303,7 +292,7 @@ export class ChannelRefusal extends TransportError {
   }
 }
 
-export async function startChannelServer(o: ChannelServerOptions): Promise<ChannelServer> {
+export async function startChannelServer(o: ChannelServerOptions): Promise<{ port: number; close(): Promise<void> }> {
   const sockets = new Set<net.Socket>();
   const maxConnections = o.maxConnections ?? 8;
   const server = net.createServer({ pauseOnConnect: true }, (accepted) => {
@@ -331,35 +320,37 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
         },
       ));
     };
+    const close = (why: string) => {
+      o.log(`tensor channel: closing ${peer}: ${why}`);
+      sock.destroy();
+    };
     // the handshake, when the server authenticates its peers: one HELLO, one PROOF, then frames
     let authed = !o.authenticate;
     let challenge: Buffer | null = null;
     let authTimer: NodeJS.Timeout | null = null;
-    const refuse = (id: number, why: string) => {
+    // a refused handshake is answered with UNAUTHENTICATED, then the connection ends
+    const refusal = (why: string) => {
       o.log(`tensor channel: ${peer}: ${why}`);
-      const r = Promise.reject(new ChannelRefusal(grpc.status.UNAUTHENTICATED, why));
-      reply(id, r);
-      order = order.then(() => { sock.end(); });
+      return new ChannelRefusal(grpc.status.UNAUTHENTICATED, `tensor channel: ${why}`);
     };
+    const endAfterReplies = () => { order = order.then(() => { sock.end(); }); };
     const handshake = (f: Frame) => {
       if (f.status === AUTH_HELLO && !challenge) {
         challenge = randomBytes(AUTH_CHALLENGE_BYTES);
         reply(f.id, Promise.resolve([challenge]));
       } else if (f.status === AUTH_PROOF && challenge) {
-        const c = challenge;
-        const verdict = o.authenticate!(c, Buffer.from(f.payload)).then(() => {
+        reply(f.id, o.authenticate!(challenge, Buffer.from(f.payload)).then(() => {
           authed = true;
           reader.maxBytes = o.maxBytes;
           if (authTimer) clearTimeout(authTimer);
           return [Buffer.from('ok')];
-        });
-        verdict.catch(() => { order = order.then(() => { sock.end(); }); });
-        reply(f.id, verdict.catch((e: unknown) => {
-          o.log(`tensor channel: ${peer}: authentication refused: ${(e as Error)?.message ?? e}`);
-          throw new ChannelRefusal(grpc.status.UNAUTHENTICATED, `tensor channel: authentication refused: ${(e as Error)?.message ?? e}`);
+        }, (e: unknown) => {
+          endAfterReplies();
+          throw refusal(`authentication refused: ${(e as Error)?.message ?? e}`);
         }));
       } else {
-        refuse(f.id, 'tensor channel: this accelerator serves only its authenticated enclave (authenticate the connection first)');
+        reply(f.id, Promise.reject(refusal('this accelerator serves only its authenticated enclave (authenticate the connection first)')));
+        endAfterReplies();
       }
     };
     const reader: FrameReader = new FrameReader(authed ? o.maxBytes : Math.min(o.maxBytes, PRE_AUTH_MAX_BYTES), (f) => {
@@ -369,10 +360,7 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
       o.log(`tensor channel: ${peer}: ${e.message}`);
       reply(e.id!, Promise.reject(new ChannelRefusal(e.code, o.refused(e.message))));
     }, (n) => (authed ? pool.take(n) : Buffer.allocUnsafeSlow(n)));
-    const lost = (err: FramingError) => {
-      o.log(`tensor channel: closing ${peer}: ${err.message}`);
-      sock.destroy();
-    };
+    const lost = (err: FramingError) => close(err.message);
     // requests are read with onread: large payloads straight into pooled buffers
     sock = adoptWithOnread(accepted, onreadOptions(() => reader, lost)) ?? accepted;
     if (sock === accepted) {
@@ -384,20 +372,10 @@ export async function startChannelServer(o: ChannelServerOptions): Promise<Chann
     }
     sockets.add(sock);
     sock.setNoDelay(true);
-    if (!authed) {
-      authTimer = setTimeout(() => {
-        o.log(`tensor channel: closing ${peer}: no authentication within ${o.authTimeoutMs ?? 10_000} ms`);
-        sock.destroy();
-      }, o.authTimeoutMs ?? 10_000);
-      authTimer.unref();
-    }
+    const authMs = o.authTimeoutMs ?? 10_000;
+    if (!authed) (authTimer = setTimeout(() => close(`no authentication within ${authMs} ms`), authMs)).unref();
     const idle = o.idleTimeoutMs ?? 10 * 60_000;
-    if (idle > 0) {
-      sock.setTimeout(idle, () => {
-        o.log(`tensor channel: closing ${peer}: idle for ${idle} ms`);
-        sock.destroy();
-      });
-    }
+    if (idle > 0) sock.setTimeout(idle, () => close(`idle for ${idle} ms`));
     sock.on('error', (e) => o.log(`tensor channel: ${peer}: ${e.message}`));
     sock.on('close', () => {
       if (authTimer) clearTimeout(authTimer);
@@ -499,8 +477,7 @@ export class ChannelClient {
     };
     onError = (err: FramingError) => fail(`tensor channel: malformed reply stream: ${err.message}`, grpc.status.DATA_LOSS);
     sock.on('error', (e) => fail(`tensor channel: connection lost: ${e.message}`, grpc.status.UNAVAILABLE));
-    sock.on('end', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
-    sock.on('close', () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
+    for (const ev of ['end', 'close']) sock.on(ev, () => fail('tensor channel: connection closed by the accelerator', grpc.status.UNAVAILABLE));
     if (this.prove) {
       const handshake = (status: number, payload: Buffer) => this.request(sock, status, [payload], 30_000,
         'tensor channel: authentication handshake: no answer within 30000 ms');

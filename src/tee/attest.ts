@@ -62,7 +62,6 @@ export interface AttestationResponse {
   contract_sha256?: string | null;
 }
 
-/** A fresh random nonce for one handshake. */
 export function newNonce(): Uint8Array {
   return new Uint8Array(randomBytes(NONCE_BYTES));
 }
@@ -173,7 +172,6 @@ export interface VerifyAttestationOptions {
   verifiers: readonly EvidenceVerifier[];
 }
 
-/** Builds the wire request for a nonce. */
 export function attestationRequest(nonce: Uint8Array): AttestationRequest {
   checkLen(nonce, NONCE_BYTES, 'nonce');
   return { nonce: toBase64(nonce) };

@@ -17,11 +17,7 @@ import { ObfuscatuneError } from '../errors.js';
 /** Length of X25519 public keys, private keys and the HPKE encapsulated key `enc`. */
 export const X25519_KEY_BYTES = 32;
 
-let suite: CipherSuite | undefined;
-function getSuite(): CipherSuite {
-  suite ??= new CipherSuite({ kem: new DhkemX25519HkdfSha256(), kdf: new HkdfSha256(), aead: new Aes256Gcm() });
-  return suite;
-}
+const suite = new CipherSuite({ kem: new DhkemX25519HkdfSha256(), kdf: new HkdfSha256(), aead: new Aes256Gcm() });
 
 export class HpkeError extends ObfuscatuneError {}
 
@@ -46,13 +42,11 @@ export interface SealedMessageJson {
 
 const EMPTY = new Uint8Array(0);
 
-/** Generates a fresh X25519 key pair. */
 export async function generateHpkeKeyPair(): Promise<HpkeKeyPair> {
-  const s = getSuite();
-  const kp = await s.kem.generateKeyPair();
+  const kp = await suite.kem.generateKeyPair();
   return {
-    publicKey: new Uint8Array(await s.kem.serializePublicKey(kp.publicKey)),
-    privateKey: new Uint8Array(await s.kem.serializePrivateKey(kp.privateKey)),
+    publicKey: new Uint8Array(await suite.kem.serializePublicKey(kp.publicKey)),
+    privateKey: new Uint8Array(await suite.kem.serializePrivateKey(kp.privateKey)),
   };
 }
 
@@ -64,12 +58,11 @@ export async function sealTo(
   aad: Uint8Array = EMPTY,
 ): Promise<SealedMessage> {
   checkKey(recipientPublicKey, 'recipient public key');
-  const s = getSuite();
-  const pk = await s.kem.deserializePublicKey(recipientPublicKey).catch((err: unknown) => {
+  const pk = await suite.kem.deserializePublicKey(recipientPublicKey).catch((err: unknown) => {
     throw new HpkeError('invalid recipient public key', { cause: err });
   });
   try {
-    const { ct, enc } = await s.seal({ recipientPublicKey: pk, info }, plaintext, aad);
+    const { ct, enc } = await suite.seal({ recipientPublicKey: pk, info }, plaintext, aad);
     return { enc: new Uint8Array(enc), ciphertext: new Uint8Array(ct) };
   } catch (err) {
     throw new HpkeError(`encryption failed: ${(err as Error).message}`, { cause: err });
@@ -91,12 +84,11 @@ export async function openWith(
   if (!(sealed.enc instanceof Uint8Array) || sealed.enc.length !== X25519_KEY_BYTES || !(sealed.ciphertext instanceof Uint8Array)) {
     throw new HpkeError(`decryption failed: malformed message (enc must be ${X25519_KEY_BYTES} bytes)`);
   }
-  const s = getSuite();
-  const sk = await s.kem.deserializePrivateKey(privateKey).catch((err: unknown) => {
+  const sk = await suite.kem.deserializePrivateKey(privateKey).catch((err: unknown) => {
     throw new HpkeError('invalid private key', { cause: err });
   });
   try {
-    const pt = await s.open({ recipientKey: sk, enc: sealed.enc, info }, sealed.ciphertext, aad);
+    const pt = await suite.open({ recipientKey: sk, enc: sealed.enc, info }, sealed.ciphertext, aad);
     return new Uint8Array(pt);
   } catch (err) {
     throw new HpkeError('decryption failed: ciphertext or context tampered', { cause: err });
@@ -109,7 +101,6 @@ function checkKey(k: Uint8Array, what: string): void {
   }
 }
 
-/** Raw public key -> base64. */
 export function publicKeyToBase64(publicKey: Uint8Array): string {
   checkKey(publicKey, 'public key');
   return toBase64(publicKey);

@@ -23,15 +23,6 @@ import { ObfuscatuneError } from '../errors.js';
 export const REPORT_DATA_BYTES = 64;
 
 /**
- * An enclave measurement: a digest identifying the exact program (code + configuration)
- * running in the TEE. Lower-case hex. Length depends on the platform (32 bytes for the
- * simulation and SGX MRENCLAVE, 48 bytes for SNP launch digests and TDX MRTD).
- */
-export interface Measurement {
-  hex: string;
-}
-
-/**
  * Attestation evidence as it travels on the wire. Every field is a JSON scalar/array so it
  * survives any transport (gRPC JSON mapping, files).
  *
@@ -153,14 +144,11 @@ export async function verifyEvidence(e: Evidence, opts: VerifyEvidenceOptions): 
 }
 
 function measurementAllowed(allowList: readonly string[], platform: string, measurement: string): boolean {
-  for (const entry of allowList) {
+  return allowList.some((entry) => {
     const colon = entry.lastIndexOf(':');
-    const entryPlatform = colon >= 0 ? entry.slice(0, colon) : undefined;
     const hex = (colon >= 0 ? entry.slice(colon + 1) : entry).trim().toLowerCase();
-    if (entryPlatform !== undefined && entryPlatform !== platform) continue;
-    if (hex === measurement) return true;
-  }
-  return false;
+    return (colon < 0 || entry.slice(0, colon) === platform) && hex === measurement;
+  });
 }
 
 const HEX_RE = /^(?:[0-9a-fA-F]{2})*$/;
@@ -176,16 +164,13 @@ export function checkEvidenceShape(e: unknown): asserts e is Evidence {
   if (typeof o.platform !== 'string' || o.platform.length === 0) bad('platform must be a non-empty string');
   if (typeof o.format_version !== 'number' || !Number.isInteger(o.format_version)) bad('format_version must be an integer');
   if (typeof o.measurement !== 'string' || o.measurement.length === 0 || !HEX_RE.test(o.measurement)) bad('measurement must be hex');
-  if (typeof o.report_data !== 'string' || !HEX_RE.test(o.report_data) || o.report_data.length !== 2 * REPORT_DATA_BYTES) {
-    bad(`report_data must be ${REPORT_DATA_BYTES} bytes of hex`);
-  }
+  const rd = o.report_data;
+  if (typeof rd !== 'string' || !HEX_RE.test(rd) || rd.length !== 2 * REPORT_DATA_BYTES) bad(`report_data must be ${REPORT_DATA_BYTES} bytes of hex`);
   if (typeof o.body !== 'string' || !B64_RE.test(o.body)) bad('body must be base64');
   if (typeof o.signature !== 'string' || !B64_RE.test(o.signature)) bad('signature must be base64');
-  if (o.cert_chain !== undefined) {
-    if (!Array.isArray(o.cert_chain) || o.cert_chain.some((c) => typeof c !== 'string' || !B64_RE.test(c))) {
-      bad('cert_chain must be an array of base64 strings');
-    }
-  }
+  const chain = o.cert_chain;
+  const chainOk = chain === undefined || (Array.isArray(chain) && chain.every((c) => typeof c === 'string' && B64_RE.test(c)));
+  if (!chainOk) bad('cert_chain must be an array of base64 strings');
 }
 
 // ---------------------------------------------------------------------------------------
@@ -217,17 +202,13 @@ export function fromBase64(s: string, what = 'value'): Uint8Array {
 
 /** Concatenates byte strings, each prefixed by its length as a big-endian u32 (unambiguous framing). */
 export function lengthPrefixed(...parts: Uint8Array[]): Uint8Array {
-  let total = 0;
-  for (const p of parts) total += 4 + p.length;
-  const out = new Uint8Array(total);
-  const view = new DataView(out.buffer);
+  const out = Buffer.alloc(parts.reduce((n, p) => n + 4 + p.length, 0));
   let off = 0;
   for (const p of parts) {
-    view.setUint32(off, p.length);
-    out.set(p, off + 4);
+    out.set(p, out.writeUInt32BE(p.length, off));
     off += 4 + p.length;
   }
-  return out;
+  return new Uint8Array(out.buffer, out.byteOffset, out.length);
 }
 
 /**
@@ -238,44 +219,23 @@ export function lengthPrefixed(...parts: Uint8Array[]): Uint8Array {
 export function canonicalJson(value: unknown): string {
   const seen = new Set<object>();
   const enc = (v: unknown, path: string): string => {
-    if (v === null) return 'null';
-    switch (typeof v) {
-      case 'boolean':
-        return v ? 'true' : 'false';
-      case 'string':
-        return JSON.stringify(v);
-      case 'number':
-        if (!Number.isFinite(v)) throw new TypeError(`canonicalJson: non-finite number at ${path}`);
-        return JSON.stringify(v);
-      case 'object': {
-        const toJSON = (v as { toJSON?: unknown }).toJSON;
-        if (typeof toJSON === 'function') return enc(toJSON.call(v), path);
-        if (seen.has(v as object)) throw new TypeError(`canonicalJson: cycle at ${path}`);
-        seen.add(v as object);
-        let out: string;
-        if (Array.isArray(v)) {
-          out = '[' + v.map((x, i) => {
-            if (x === undefined) throw new TypeError(`canonicalJson: undefined at ${path}[${i}]`);
-            return enc(x, `${path}[${i}]`);
-          }).join(',') + ']';
-        } else if (ArrayBuffer.isView(v)) {
-          throw new TypeError(`canonicalJson: binary data at ${path}; encode it as hex or base64 first`);
-        } else {
-          const keys = Object.keys(v as object).sort();
-          const members: string[] = [];
-          for (const k of keys) {
-            const x = (v as Record<string, unknown>)[k];
-            if (x === undefined) continue;
-            members.push(JSON.stringify(k) + ':' + enc(x, `${path}.${k}`));
-          }
-          out = '{' + members.join(',') + '}';
-        }
-        seen.delete(v as object);
-        return out;
-      }
-      default:
-        throw new TypeError(`canonicalJson: cannot encode ${typeof v} at ${path}`);
-    }
+    if (typeof v === 'number' && !Number.isFinite(v)) throw new TypeError(`canonicalJson: non-finite number at ${path}`);
+    if (v === null || ['boolean', 'string', 'number'].includes(typeof v)) return JSON.stringify(v);
+    if (typeof v !== 'object') throw new TypeError(`canonicalJson: cannot encode ${typeof v} at ${path}`);
+    const toJSON = (v as { toJSON?: unknown }).toJSON;
+    if (typeof toJSON === 'function') return enc(toJSON.call(v), path);
+    if (seen.has(v)) throw new TypeError(`canonicalJson: cycle at ${path}`);
+    if (ArrayBuffer.isView(v)) throw new TypeError(`canonicalJson: binary data at ${path}; encode it as hex or base64 first`);
+    seen.add(v);
+    const o = v as Record<string, unknown>;
+    const out = Array.isArray(v)
+      ? '[' + v.map((x, i) => {
+        if (x === undefined) throw new TypeError(`canonicalJson: undefined at ${path}[${i}]`);
+        return enc(x, `${path}[${i}]`);
+      }).join(',') + ']'
+      : '{' + Object.keys(o).sort().filter((k) => o[k] !== undefined).map((k) => JSON.stringify(k) + ':' + enc(o[k], `${path}.${k}`)).join(',') + '}';
+    seen.delete(v);
+    return out;
   };
   return enc(value, '$');
 }

@@ -10,6 +10,7 @@
  * so the header cannot be altered without detection.
  */
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
+import { z } from 'zod';
 import { canonicalJson, fromBase64, toBase64, type TeePlatform } from './platform.js';
 import { ObfuscatuneError } from '../errors.js';
 
@@ -22,17 +23,13 @@ const SALT_BYTES = 32;
 const KEY_CONTEXT = 'obfuscatune/seal/v1\0';
 const MAX_HEADER_BYTES = 64 * 1024;
 
-export interface SealedBlobHeader {
-  platform: string;
-  label: string;
-  measurement: string;
-  alg: 'AES-256-GCM';
-  kdf: 'HKDF-SHA256';
-  /** base64 */
-  salt: string;
-  /** base64 */
-  iv: string;
-}
+const HeaderSchema = z.object({
+  platform: z.string(), label: z.string(), measurement: z.string(), alg: z.literal('AES-256-GCM'), kdf: z.literal('HKDF-SHA256'),
+  /** both base64 */
+  salt: z.string(), iv: z.string(),
+}).passthrough();
+
+export type SealedBlobHeader = z.infer<typeof HeaderSchema>;
 
 export type SealErrorCode = 'malformed' | 'label_mismatch' | 'platform_mismatch' | 'measurement_mismatch' | 'auth_failed';
 
@@ -88,19 +85,15 @@ function parse(blob: Uint8Array): { header: SealedBlobHeader; aad: Buffer; body:
   if (headerLen > MAX_HEADER_BYTES || PREFIX_BYTES + headerLen + TAG_BYTES > b.length) {
     throw new SealError('malformed', 'sealed blob truncated or header too large');
   }
-  let header: SealedBlobHeader;
+  let raw: unknown;
   try {
-    header = JSON.parse(b.subarray(PREFIX_BYTES, PREFIX_BYTES + headerLen).toString('utf8')) as SealedBlobHeader;
+    raw = JSON.parse(b.subarray(PREFIX_BYTES, PREFIX_BYTES + headerLen).toString('utf8'));
   } catch (err) {
     throw new SealError('malformed', 'sealed blob header is not JSON', { cause: err });
   }
-  if (
-    typeof header !== 'object' || header === null ||
-    typeof header.platform !== 'string' || typeof header.label !== 'string' || typeof header.measurement !== 'string' ||
-    header.alg !== 'AES-256-GCM' || header.kdf !== 'HKDF-SHA256' || typeof header.salt !== 'string' || typeof header.iv !== 'string'
-  ) {
-    throw new SealError('malformed', 'sealed blob header has missing or unsupported fields');
-  }
+  const parsed = HeaderSchema.safeParse(raw);
+  if (!parsed.success) throw new SealError('malformed', 'sealed blob header has missing or unsupported fields');
+  const header = parsed.data;
   return { header, aad: b.subarray(0, PREFIX_BYTES + headerLen), body: b.subarray(PREFIX_BYTES + headerLen) };
 }
 

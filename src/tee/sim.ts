@@ -44,7 +44,7 @@ import {
 } from './platform.js';
 import { InputError } from '../errors.js';
 
-export const SIM_PLATFORM = 'sim-software';
+export const SIM_PLATFORM = 'sim-software' as const;
 export const SIM_FORMAT_VERSION = 1;
 
 const REPORT_TYPE = 'obfuscatune-sim-report';
@@ -66,43 +66,37 @@ export interface SimRoot {
   platformSecret: Uint8Array;
 }
 
-/** File names used by `writeSimRoot` / `loadSimRoot` inside a root directory. */
+/** File names used by `createSimRoot` / `loadSimRoot` inside a root directory. */
 export const SIM_ROOT_FILES = {
   privateKey: 'sim-root.key.pem',
   publicKey: 'sim-root.pub.pem',
   platformSecret: 'sim-platform.secret',
 } as const;
 
-/** Generates a fresh simulated platform root in memory. */
 export function generateSimRoot(): SimRoot {
   const { privateKey, publicKey } = generateKeyPairSync('ed25519');
   return { signingKey: privateKey, publicKey, platformSecret: new Uint8Array(randomBytes(PLATFORM_SECRET_BYTES)) };
 }
 
 /**
- * Writes a root into `dir`: the private key and platform secret with mode 0600, the public key
- * (the file to hand to verifiers) with mode 0644. Refuses to overwrite unless `overwrite`.
+ * Generates a root and writes it into `dir`: the private key and platform secret with mode
+ * 0600, the public key (the file to hand to verifiers) with mode 0644. Refuses to overwrite
+ * unless `overwrite`.
  */
-export function writeSimRoot(dir: string, root: SimRoot, opts: { overwrite?: boolean } = {}): { privateKeyPath: string; publicKeyPath: string; platformSecretPath: string } {
-  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const privateKeyPath = path.join(dir, SIM_ROOT_FILES.privateKey);
-  const publicKeyPath = path.join(dir, SIM_ROOT_FILES.publicKey);
-  const platformSecretPath = path.join(dir, SIM_ROOT_FILES.platformSecret);
-  const flag = opts.overwrite ? 'w' : 'wx';
-  fs.writeFileSync(privateKeyPath, root.signingKey.export({ format: 'pem', type: 'pkcs8' }), { mode: 0o600, flag });
-  fs.writeFileSync(platformSecretPath, toHex(root.platformSecret) + '\n', { mode: 0o600, flag });
-  fs.writeFileSync(publicKeyPath, root.publicKey.export({ format: 'pem', type: 'spki' }), { mode: 0o644, flag });
-  return { privateKeyPath, publicKeyPath, platformSecretPath };
-}
-
-/** Generates a root and writes it into `dir` (see `writeSimRoot`). */
 export function createSimRoot(dir: string, opts: { overwrite?: boolean } = {}): SimRoot {
   const root = generateSimRoot();
-  writeSimRoot(dir, root, opts);
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const flag = opts.overwrite ? 'w' : 'wx';
+  const write = (name: string, data: string | Buffer, mode: number) => {
+    fs.writeFileSync(path.join(dir, name), data, { mode, flag });
+  };
+  write(SIM_ROOT_FILES.privateKey, root.signingKey.export({ format: 'pem', type: 'pkcs8' }), 0o600);
+  write(SIM_ROOT_FILES.platformSecret, toHex(root.platformSecret) + '\n', 0o600);
+  write(SIM_ROOT_FILES.publicKey, root.publicKey.export({ format: 'pem', type: 'spki' }), 0o644);
   return root;
 }
 
-/** Loads a root written by `writeSimRoot`. */
+/** Loads a root written by `createSimRoot`. */
 export function loadSimRoot(dir: string): SimRoot {
   const signingKey = createPrivateKey(fs.readFileSync(path.join(dir, SIM_ROOT_FILES.privateKey)));
   if (signingKey.asymmetricKeyType !== 'ed25519') {
@@ -114,11 +108,6 @@ export function loadSimRoot(dir: string): SimRoot {
     throw new InputError(`simulated platform secret in ${dir} must be ${PLATFORM_SECRET_BYTES} bytes`);
   }
   return { signingKey, publicKey: createPublicKey(signingKey), platformSecret };
-}
-
-/** Loads the trusted root public key from a PEM file (the one `writeSimRoot` names sim-root.pub.pem). */
-export function loadSimRootPublicKey(file: string): KeyObject {
-  return parseEd25519PublicKey(fs.readFileSync(file, 'utf8'));
 }
 
 /** SHA-256 of the raw 32-byte Ed25519 public key, hex: a short name for a root in logs and reports. */
@@ -153,18 +142,14 @@ export interface ProgramMeasurement {
   configSha256: string;
 }
 
-export interface MeasureDirectoryOptions {
-  /** which files (relative '/'-separated path) to include; default: names ending in '.js' */
-  include?: (relPath: string) => boolean;
-}
-
 /**
  * Measures the enclave program in `dir` (e.g. the compiled dist/src of the enclave) together
- * with its configuration. Walks `dir` recursively, keeps the files `include` selects, and
+ * with its configuration. Walks `dir` recursively, keeps the files `include` selects (by
+ * relative '/'-separated path; default: names ending in '.js'), and
  * returns SHA-256(context || canonicalJson({config, files: [{path, sha256}] sorted by path})).
  * Symbolic links are rejected: the measured bytes must be the bytes that run.
  */
-export function measureDirectory(dir: string, config: unknown, opts: MeasureDirectoryOptions = {}): ProgramMeasurement {
+export function measureDirectory(dir: string, config: unknown, opts: { include?: (relPath: string) => boolean } = {}): ProgramMeasurement {
   const include = opts.include ?? ((p: string) => p.endsWith('.js'));
   const rel: string[] = [];
   const walk = (abs: string, prefix: string) => {
@@ -196,20 +181,6 @@ export function measureFiles(root: string, relPaths: readonly string[], config: 
 // ---------------------------------------------------------------------------------------
 // Platform (enclave side)
 
-/** The signed body of a simulated attestation report. */
-export interface SimReportBody {
-  type: typeof REPORT_TYPE;
-  platform: typeof SIM_PLATFORM;
-  format_version: number;
-  measurement: string;
-  report_data: string;
-  /** ISO-8601 time the report was produced (informational: freshness comes from the nonce) */
-  issued_at: string;
-  /** fingerprint of the root that signed (see `simRootFingerprint`) */
-  signer: string;
-  simulated: true;
-}
-
 /** The simulated platform an enclave process runs on. */
 export class SimSoftwarePlatform implements TeePlatform {
   readonly name = SIM_PLATFORM;
@@ -234,26 +205,15 @@ export class SimSoftwarePlatform implements TeePlatform {
     if (reportData.length !== REPORT_DATA_BYTES) {
       throw new RangeError(`report data must be ${REPORT_DATA_BYTES} bytes, got ${reportData.length}`);
     }
-    const body: SimReportBody = {
-      type: REPORT_TYPE,
-      platform: SIM_PLATFORM,
-      format_version: SIM_FORMAT_VERSION,
-      measurement: this.measurementHex,
-      report_data: toHex(reportData),
-      issued_at: new Date().toISOString(),
-      signer: this.signer,
-      simulated: true,
+    // what the evidence claims in clear, and its signed body repeats
+    const claimed = {
+      platform: SIM_PLATFORM, format_version: SIM_FORMAT_VERSION, measurement: this.measurementHex, report_data: toHex(reportData),
     };
+    // issued_at is informational (freshness comes from the nonce); signer: the root's fingerprint (simRootFingerprint)
+    const body = { type: REPORT_TYPE, ...claimed, issued_at: new Date().toISOString(), signer: this.signer, simulated: true };
     const bodyBytes = Buffer.from(canonicalJson(body), 'utf8');
     const signature = sign(null, Buffer.concat([SIGNATURE_CONTEXT, bodyBytes]), this.root.signingKey);
-    return {
-      platform: SIM_PLATFORM,
-      format_version: SIM_FORMAT_VERSION,
-      measurement: body.measurement,
-      report_data: body.report_data,
-      body: bodyBytes.toString('base64'),
-      signature: signature.toString('base64'),
-    };
+    return { ...claimed, body: bodyBytes.toString('base64'), signature: signature.toString('base64') };
   }
 
   async sealingKey(label: string): Promise<Uint8Array> {
@@ -286,9 +246,9 @@ export class SimSoftwareVerifier implements EvidenceVerifier {
     this.roots = list.map(parseEd25519PublicKey);
   }
 
-  /** Trusts the root public key in a PEM file. */
+  /** Trusts the root public key in a PEM file (the one `createSimRoot` names sim-root.pub.pem). */
   static fromPublicKeyFile(file: string): SimSoftwareVerifier {
-    return new SimSoftwareVerifier(loadSimRootPublicKey(file));
+    return new SimSoftwareVerifier(fs.readFileSync(file, 'utf8'));
   }
 
   async verify(e: Evidence): Promise<VerifiedEvidence> {
@@ -311,26 +271,24 @@ export class SimSoftwareVerifier implements EvidenceVerifier {
     const root = sig.length === 64 ? this.roots.find((k) => verify(null, signed, k, sig)) : undefined;
     if (!root) throw new AttestationError('bad_signature', 'bad signature: evidence is not signed by a trusted simulated platform root');
 
-    let body: SimReportBody;
+    let body: Record<string, unknown>;
     try {
-      body = JSON.parse(Buffer.from(bodyBytes).toString('utf8')) as SimReportBody;
+      body = JSON.parse(Buffer.from(bodyBytes).toString('utf8')) as Record<string, unknown>;
     } catch (err) {
       throw new AttestationError('malformed_evidence', 'malformed evidence: signed body is not JSON', { cause: err });
     }
-    const mismatch = (field: string): never => {
-      throw new AttestationError('malformed_evidence', `malformed evidence: ${field} does not match the signed body`);
+    // the clear copies must be the signed values (checked in this order)
+    const signedAs: Record<string, unknown> = {
+      type: REPORT_TYPE, platform: e.platform, format_version: e.format_version, measurement: e.measurement.toLowerCase(),
+      report_data: e.report_data.toLowerCase(), signer: simRootFingerprint(root),
     };
-    if (body.type !== REPORT_TYPE) mismatch('type');
-    if (body.platform !== e.platform) mismatch('platform');
-    if (body.format_version !== e.format_version) mismatch('format_version');
-    if (typeof body.measurement !== 'string' || body.measurement !== e.measurement.toLowerCase()) mismatch('measurement');
-    if (typeof body.report_data !== 'string' || body.report_data !== e.report_data.toLowerCase()) mismatch('report_data');
-    if (body.signer !== simRootFingerprint(root)) mismatch('signer');
+    const differs = Object.keys(signedAs).find((k) => body[k] !== signedAs[k]);
+    if (differs) throw new AttestationError('malformed_evidence', `malformed evidence: ${differs} does not match the signed body`);
 
     return {
       platform: SIM_PLATFORM,
-      measurement: body.measurement,
-      reportData: fromHex(body.report_data, 'report_data'),
+      measurement: body.measurement as string,
+      reportData: fromHex(body.report_data as string, 'report_data'),
       simulated: true,
       claims: { issued_at: body.issued_at, signer: body.signer },
       evidence: e,

@@ -24,7 +24,7 @@ import { kappaMask, makeMask, randomPermutation, type MaskPair, type MaskSpec, t
 import type { ObfuscationParams } from './masks.js';
 import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
 import type { LlamaHeadMasks, LlamaObfuscatedTensors, LlamaPlainTensors, RotaryMasks } from './enclave_tensors.js';
-import { f32, mm, permuteCols, permuteRows, scaleRows } from './transform.js';
+import { f32, mm, permuteCols, permuteRows, scaleRows, stackLayers } from './transform.js';
 import { BundleError } from '../errors.js';
 
 export interface LlamaLayerMasks {
@@ -180,18 +180,12 @@ function effective(w: LlamaWeights, sealed: boolean, l: number, name: LlamaLinea
 }
 
 /** The enclave's per-head masks, by original head (f32), with the permutations. */
-function headTensors(c: LlamaConfig, masks: LlamaModelMasks): LlamaHeadMasks {
-  const hd = c.n_embd / c.n_head, L = c.n_layer;
-  const stack = (count: number, get: (lm: LlamaLayerMasks, i: number) => Mat64) => {
-    const out = new Float32Array(L * count * hd * hd);
-    masks.layers.forEach((lm, l) => { for (let i = 0; i < count; i++) out.set(get(lm, i).data, (l * count + i) * hd * hd); });
-    return out;
-  };
-  const NH = c.n_head, NKV = c.n_kv_head;
+function headTensors(masks: LlamaModelMasks): LlamaHeadMasks {
+  const stack = (get: (lm: LlamaLayerMasks) => MaskPair[], inv: boolean) => stackLayers(masks.layers, (lm) => get(lm).map((x) => (inv ? x.inv : x.m)));
   return {
-    qM: stack(NH, (lm, h) => lm.q[h].m), qMinv: stack(NH, (lm, h) => lm.q[h].inv),
-    kM: stack(NKV, (lm, g) => lm.k[g].m), kMinv: stack(NKV, (lm, g) => lm.k[g].inv),
-    vM: stack(NKV, (lm, g) => lm.v[g].m), vMinv: stack(NKV, (lm, g) => lm.v[g].inv),
+    qM: stack((lm) => lm.q, false), qMinv: stack((lm) => lm.q, true),
+    kM: stack((lm) => lm.k, false), kMinv: stack((lm) => lm.k, true),
+    vM: stack((lm) => lm.v, false), vMinv: stack((lm) => lm.v, true),
     headPerm: Int32Array.from(masks.layers.flatMap((lm) => [...lm.headPerm])), pi: Int32Array.from(masks.layers.flatMap((lm) => [...lm.pi])),
     rotary: masks.rotary,
   };
@@ -221,7 +215,7 @@ export function obfuscateLlama(w: LlamaWeights, masks: LlamaModelMasks, onLayer?
   }
   const copy = (k: 'wte' | 'ln1w' | 'ln2w' | 'lnfw' | 'head') => Float32Array.from(lay.view(p, k));
   const untied = !c.tie_word_embeddings;
-  const common = { family: 'llama' as const, ln1w: copy('ln1w'), ln2w: copy('ln2w'), chk: null, ...headTensors(c, masks) };
+  const common = { family: 'llama' as const, ln1w: copy('ln1w'), ln2w: copy('ln2w'), chk: null, ...headTensors(masks) };
   let enclave: LlamaObfuscatedTensors;
   if (sealed) {
     const Q = f32(masks.Q!.m);
@@ -232,12 +226,7 @@ export function obfuscateLlama(w: LlamaWeights, masks: LlamaModelMasks, onLayer?
       score: w.cls ? rot(w.cls.weight, w.cls.numLabels) : undefined,
     };
   } else {
-    const stack = (get: (lm: LlamaLayerMasks) => Mat64) => {
-      const out = new Float32Array(c.n_layer * C * C);
-      masks.layers.forEach((lm, l) => out.set(get(lm).data, l * C * C));
-      return out;
-    };
-    const two = masks.params.twoSided;
+    const two = masks.params.twoSided, stack = (get: (lm: LlamaLayerMasks) => Mat64) => stackLayers(masks.layers, get);
     enclave = {
       ...common, mode: 'paper', wte: copy('wte'), head: untied ? copy('head') : null, lnfw: copy('lnfw'),
       R1: stack((lm) => lm.R1!.m), R2: stack((lm) => lm.R2!.m),

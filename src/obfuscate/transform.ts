@@ -113,6 +113,15 @@ function foldBias(b: Float32Array, beta: Float32Array, W: Float32Array, d: numbe
   return out;
 }
 
+/** One matrix or more of every layer, stacked into one float32 tensor [L, ...] in order. */
+export function stackLayers<M>(layers: M[], get: (lm: M) => Mat64 | Mat64[]): Float32Array {
+  const mats = layers.flatMap(get);
+  const n = mats[0]?.data.length ?? 0;
+  const out = new Float32Array(mats.length * n);
+  mats.forEach((m, i) => out.set(m.data, i * n));
+  return out;
+}
+
 export interface ObfuscatedModel {
   accelerator: AcceleratorWeights;
   /** without integrity vectors (the provider adds them) */
@@ -232,14 +241,10 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
 
   // per-head masks and the hidden permutation: LoRA (both modes) adds plain-space updates
   // into the masked q*, k*, v*, f* (O(n d d_h) per layer, no d x d product)
-  const perHead = (get: (lm: LayerMasks) => Mat64[]) => {
-    const out = new Float32Array(L * H * dh * dh);
-    masks.layers.forEach((lm, l) => get(lm).forEach((m, h) => out.set(f32(m), (l * H + h) * dh * dh)));
-    return out;
-  };
+  const stack = (get: (lm: LayerMasks) => Mat64 | Mat64[]) => stackLayers(masks.layers, get);
   const heads: HeadMasks = {
-    hA: perHead((lm) => lm.A.map((x) => x.m)), hAinvT: perHead((lm) => lm.A.map((x) => transpose(x.inv))),
-    hB: perHead((lm) => lm.B.map((x) => x.m)), hBinv: perHead((lm) => lm.B.map((x) => x.inv)),
+    hA: stack((lm) => lm.A.map((x) => x.m)), hAinvT: stack((lm) => lm.A.map((x) => transpose(x.inv))),
+    hB: stack((lm) => lm.B.map((x) => x.m)), hBinv: stack((lm) => lm.B.map((x) => x.inv)),
     headPerm: Int32Array.from(masks.layers.flatMap((lm) => [...lm.headPerm])), pi: Int32Array.from(masks.layers.flatMap((lm) => [...lm.pi])),
   };
   const copy = (k: 'wte' | 'wpe' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb') => Float32Array.from(lay.view(p, k));
@@ -261,11 +266,6 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
       score: w.cls ? mm(w.cls.weight, Q!, w.cls.numLabels, d, d) : undefined,
     };
   } else {
-    const stack = (get: (lm: LayerMasks) => Mat64) => {
-      const out = new Float32Array(L * d * d);
-      masks.layers.forEach((lm, l) => out.set(f32(get(lm)), l * d * d));
-      return out;
-    };
     const two = masks.params.twoSided;
     enclave = {
       mode: 'paper', ...common, wte: copy('wte'), wpe: copy('wpe'), lnfw: copy('lnfw'), lnfb: copy('lnfb'),

@@ -106,6 +106,26 @@ export function hungarian(cost: Float64Array, n: number): Int32Array {
   return ans;
 }
 
+/**
+ * Squared distances [n, n] of feature rows a [n, F] to feature rows b [n, F], each feature
+ * scaled by its standard deviation over b (the public side; 1 where it is 0).
+ */
+export function scaledDistances(a: Float64Array, b: Float64Array, n: number, F: number): Float64Array {
+  const sd = Array.from({ length: F }, (_, c) => {
+    let m = 0, v = 0;
+    for (let j = 0; j < n; j++) m += b[j * F + c] / n;
+    for (let j = 0; j < n; j++) v += (b[j * F + c] - m) ** 2 / n;
+    return Math.sqrt(v) || 1;
+  });
+  const out = new Float64Array(n * n);
+  for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) {
+    let s = 0;
+    for (let c = 0; c < F; c++) s += ((a[j * F + c] - b[k * F + c]) / sd[c]) ** 2;
+    out[j * n + k] = s;
+  }
+  return out;
+}
+
 /** Rows of a [n, d] float32 matrix scaled to unit length (zero rows stay zero). */
 export function unitRows(a: Float32Array, n: number, d: number): Float32Array {
   const out = new Float32Array(n * d);

@@ -26,7 +26,7 @@ import type { BlockLinears } from '../model/local_linears.js';
 import type { LoadedView, ViewTruth } from '../protocol/view.js';
 import { InputError } from '../errors.js';
 import {
-  mat, transpose, matmul, polar, lstsq, inverse, relResidual, hungarian, unitRows, gemmABt, gemm, transpose32, block64, toF32, type Mat64,
+  mat, transpose, matmul, polar, lstsq, inverse, relResidual, hungarian, unitRows, gemmABt, gemm, transpose32, block64, toF32, scaledDistances, type Mat64,
 } from './linalg.js';
 import { resultBase, type AttackProgress, type AttackResult } from './common.js';
 
@@ -231,19 +231,7 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
       fs.set([acc.layers[l].fc.b[j], norms(A[l], j), norms(Bm[l], j), dotRows(A[l], Bm[l], j), ...vs.map((v) => dotVec(A[l], j, v)), ...vs.map((v) => dotVec(Bm[l], j, v))], j * NF);
       fp.set([pub[l].fcb[j], norms(X[l], j), norms(Y[l], j), dotRows(X[l], Y[l], j), ...vp.map((v) => dotVec(X[l], j, v)), ...vp.map((v) => dotVec(Y[l], j, v))], j * NF);
     }
-    const sd = Array.from({ length: NF }, (_, c) => {
-      let m = 0, v = 0;
-      for (let j = 0; j < n; j++) m += fp[j * NF + c] / n;
-      for (let j = 0; j < n; j++) v += (fp[j * NF + c] - m) ** 2 / n;
-      return Math.sqrt(v) || 1;
-    });
-    const S = new Float32Array(n * n);
-    for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) {
-      let s = 0;
-      for (let c = 0; c < NF; c++) s += ((fs[j * NF + c] - fp[k * NF + c]) / sd[c]) ** 2;
-      S[j * n + k] = -s;
-    }
-    anchors.push(mutualBest(S, n));
+    anchors.push(mutualBest(Float32Array.from(scaledDistances(fs, fp, n, NF), (x) => -x), n));
     tick(l + 1, `invariants, layer ${l}`);
   }
   // 2. Procrustes on anchors, re-match, repeat; rows (Q a_j)^T = a_j^T Q^T and b_j Q^T, their similarities to the public units

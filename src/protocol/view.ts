@@ -19,7 +19,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { openSafetensors, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import type { GPT2Config } from '../model/config.js';
 import { blockLinearDims, blockLinearNames } from '../model/family.js';
-import { layerLinearNames, type AcceleratorWeights } from './linears.js';
+import { layerLinearNames, linearTensors, type AcceleratorWeights } from './linears.js';
 import type { CrossingEvent, Observer } from './link.js';
 import { InputError, ViewError } from '../errors.js';
 
@@ -176,13 +176,7 @@ export class ViewRecorder {
       filter: { layers: this.layers ? [...this.layers] : null, max_bytes: this.maxBytes, custom: this.opts.keep !== undefined },
     };
     const tensors: TensorToWrite[] = this.events.map((e, i): TensorToWrite => ({ name: `t.${i}`, dtype: 'F32', shape: [e.rows, e.cols], data: this.data[i] }));
-    acc.layers.forEach((layer, l) => {
-      for (const name of layerLinearNames(layer)) {
-        const L = layer[name]!;
-        tensors.push({ name: `bundle.${l}.${name}.w`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-        tensors.push({ name: `bundle.${l}.${name}.b`, dtype: 'F32', shape: [L.b.length], data: L.b });
-      }
-    });
+    tensors.push(...linearTensors(acc, 'bundle', ['w', 'b']));
     const events = this.events.map((e) => [e.call, e.direction === 'to_accelerator' ? 0 : 1, e.op, e.layer, e.name, e.field, e.rows, e.cols]);
     writeSafetensors(file, tensors, { format: VIEW_FORMAT, header: JSON.stringify(header), events: JSON.stringify(events) });
     const t: ViewTruth = { format: TRUTH_FORMAT, model_id: header.model_id, bundle_sha256: header.bundle_sha256, ...truth, batches: this.truthBatches };

@@ -15,7 +15,7 @@ import { benchGemm, formatGemmBench } from '../bench/gemm.js';
 import { benchTrainStep, formatTrainStep, machineLabel } from '../bench/train_step.js';
 import { trainLM, evaluateLM } from '../train/lm.js';
 import { progressBar } from './progress.js';
-import { loadPlainModel, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
+import { loadPlainModel, numberList, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
 import { Llama } from '../model/llama.js';
 import { saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
 import { hasCheckpointTokenizer, loadCheckpointTokenizer, writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
@@ -484,11 +484,7 @@ export function buildProgram(): Command {
     .action(async (o) => {
       const { runPublicBaseCost, publicBaseCostTable } = await import('../experiments/public_base.js');
       const { makeProviderModel } = await import('../experiments/security.js');
-      const list = (s: string, what: string) => String(s).split(',').filter((x) => x.trim()).map((x) => {
-        const v = Number(x);
-        if (!Number.isFinite(v)) throw new InputError(`${what}: "${x}" is not a number`);
-        return v;
-      });
+      const list = (s: string, flag: string) => numberList(s, flag, 'a number', Number.isFinite, true);
       const choices = [...list(o.ranks, '--ranks').map((rank) => ({ rank })), ...list(o.energies, '--energies').map((energy) => ({ energy }))];
       // progress: the provider's fine-tuning (without --model), then a unit per model scored
       const bar = progressBar(1, 'experiment public-base', '{label}');

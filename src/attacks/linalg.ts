@@ -5,7 +5,7 @@
 import { mat, transpose, matmul, identity, inverseLU, type Mat64 } from '../linalg/mat64.js';
 import { sgemm } from '../tensor/gemm.js';
 
-export { mat, transpose, matmul, identity, type Mat64 };
+export { mat, transpose, matmul, identity, inverseLU as inverse, type Mat64 };
 
 /** A float64 copy of a row-major float32 block: rows r0.., columns c0.. of a [?, ld] matrix. */
 export function block64(a: ArrayLike<number>, ld: number, r0: number, rows: number, c0: number, cols: number): Mat64 {
@@ -56,10 +56,6 @@ export function lstsq(P: Mat64, X: Mat64, ridge = 1e-10): Mat64 {
   const tr = G.data.reduce((s, v, i) => (i % (G.cols + 1) === 0 ? s + v : s), 0) / G.rows;
   for (let i = 0; i < G.rows; i++) G.data[i * G.cols + i] += ridge * (tr || 1);
   return matmul(inverseLU(G), matmul(PT, X));
-}
-
-export function inverse(M: Mat64): Mat64 {
-  return inverseLU(M);
 }
 
 /** ||P M - X||^2 / ||X||^2 */

@@ -38,27 +38,21 @@ export interface BlockWeights {
   fcprojw: Float32Array; fcprojb: Float32Array; // [4d, d], [d]
 }
 
+const BLOCK_KEYS = ['qkvw', 'qkvb', 'attprojw', 'attprojb', 'fcw', 'fcb', 'fcprojw', 'fcprojb'] as const;
+
 /** A model's block weights as the accelerator's plain twin holds them: folded for sealed mode (diag(g) W, beta W + b). */
 export function blockWeightsOf(w: GPT2Weights, folded: boolean): BlockWeights[] {
-  const { n_layer: L, n_embd: d } = w.config;
-  const lay = w.layout, p = w.params;
-  const out: BlockWeights[] = [];
-  for (let l = 0; l < L; l++) {
-    const qkvw = Float32Array.from(lay.layer(p, 'qkvw', l)), qkvb = Float32Array.from(lay.layer(p, 'qkvb', l));
-    const fcw = Float32Array.from(lay.layer(p, 'fcw', l)), fcb = Float32Array.from(lay.layer(p, 'fcb', l));
+  const d = w.config.n_embd, lay = w.layout, p = w.params;
+  return Array.from({ length: w.config.n_layer }, (_, l) => {
+    const b = Object.fromEntries(BLOCK_KEYS.map((k) => [k, Float32Array.from(lay.layer(p, k, l))])) as unknown as BlockWeights;
     if (folded) {
-      for (const [W, b, n, g, be] of [[qkvw, qkvb, 3 * d, lay.layer(p, 'ln1w', l), lay.layer(p, 'ln1b', l)], [fcw, fcb, 4 * d, lay.layer(p, 'ln2w', l), lay.layer(p, 'ln2b', l)]] as const) {
-        for (let j = 0; j < n; j++) { let s = 0; for (let i = 0; i < d; i++) s += be[i] * W[i * n + j]; b[j] += s; }
+      for (const [W, bias, n, g, be] of [[b.qkvw, b.qkvb, 3 * d, lay.layer(p, 'ln1w', l), lay.layer(p, 'ln1b', l)], [b.fcw, b.fcb, 4 * d, lay.layer(p, 'ln2w', l), lay.layer(p, 'ln2b', l)]] as const) {
+        for (let j = 0; j < n; j++) { let s = 0; for (let i = 0; i < d; i++) s += be[i] * W[i * n + j]; bias[j] += s; }
         for (let i = 0; i < d; i++) for (let j = 0; j < n; j++) W[i * n + j] *= g[i];
       }
     }
-    out.push({
-      qkvw, qkvb, fcw, fcb,
-      attprojw: Float32Array.from(lay.layer(p, 'attprojw', l)), attprojb: Float32Array.from(lay.layer(p, 'attprojb', l)),
-      fcprojw: Float32Array.from(lay.layer(p, 'fcprojw', l)), fcprojb: Float32Array.from(lay.layer(p, 'fcprojb', l)),
-    });
-  }
-  return out;
+    return b;
+  });
 }
 
 export interface Alignment {

@@ -112,10 +112,8 @@ export function buildProgram(): Command {
       const evalStream = o.evalText ? Int32Array.from(tok.encode(readText(o.evalText))) : null;
       const before = evalStream ? await evaluateLM(model, evalStream, o.seq, o.batch, 16) : null;
       if (before) console.error(`eval before: loss ${before.loss.toFixed(4)}, perplexity ${before.perplexity.toFixed(1)}`);
-      let last = NaN;
       const bar = progressBar(o.steps, 'train', 'loss {loss} | {tps} tok/s');
-      let tokens = 0;
-      let ms = 0;
+      let last = NaN, tokens = 0, ms = 0;
       await trainLM(model, stream, {
         ...o,
         onStep: (s) => {

@@ -22,7 +22,7 @@ import { KeyedRng, type RandomSource } from '../tensor/rng.js';
 import { mat, transpose, type Mat64 } from '../linalg/mat64.js';
 import { kappaMask, makeMask, randomPermutation, type MaskPair, type MaskSpec, type StreamFactory } from '../linalg/masks.js';
 import type { ObfuscationParams } from './masks.js';
-import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
+import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { LlamaHeadMasks, LlamaObfuscatedTensors, LlamaPlainTensors, RotaryMasks } from './enclave_tensors.js';
 import { f32, mm, permuteCols, permuteRows, scaleRows, stackLayers } from './transform.js';
 import { BundleError } from '../errors.js';
@@ -179,6 +179,21 @@ function effective(w: LlamaWeights, sealed: boolean, l: number, name: LlamaLinea
   return { w: scaleRows(W, din, dout, lay.layer(p, name === 'qkv' ? 'ln1w' : 'ln2w', l)), b };
 }
 
+/** Every layer's linears, the effective weights through the masks' two sides (none: the `local` mode's plain linears). */
+function llamaLinears(w: LlamaWeights, sealed: boolean, sidesOf?: (l: number) => ReturnType<typeof llamaSides>, onLayer?: (l: number) => void): AcceleratorWeights {
+  const c = w.config;
+  const layers = Array.from({ length: c.n_layer }, (_, l) => {
+    const sides = sidesOf?.(l), rec: AcceleratorWeights['layers'][number] = {};
+    for (const name of LLAMA_LINEARS) {
+      const [din, dout] = llamaLinearDims(name, c), e = effective(w, sealed, l, name);
+      rec[name] = sides ? { w: sides.output(name, sides.input(name, e.w, dout), din), b: sides.output(name, e.b, 1), din, dout } : { ...e, din, dout };
+    }
+    onLayer?.(l);
+    return rec;
+  });
+  return { n_layer: c.n_layer, layers };
+}
+
 /** The enclave's per-head masks, by original head (f32), with the permutations. */
 function headTensors(masks: LlamaModelMasks): LlamaHeadMasks {
   const stack = (get: (lm: LlamaLayerMasks) => MaskPair[], inv: boolean) => stackLayers(masks.layers, (lm) => get(lm).map((x) => (inv ? x.inv : x.m)));
@@ -201,18 +216,7 @@ export interface LlamaObfuscatedModel {
 export function obfuscateLlama(w: LlamaWeights, masks: LlamaModelMasks, onLayer?: (l: number) => void): LlamaObfuscatedModel {
   const c = w.config, { C } = llamaDims(c), V = c.vocab_size, lay = w.layout, p = w.params;
   const sealed = masks.params.mode === 'sealed';
-  const layers: AcceleratorWeights['layers'] = [];
-  for (let l = 0; l < c.n_layer; l++) {
-    const sides = llamaSides(c, masks, l);
-    const rec: Record<LlamaLinearName, ObfLinear> = {} as Record<LlamaLinearName, ObfLinear>;
-    for (const name of LLAMA_LINEARS) {
-      const [din, dout] = llamaLinearDims(name, c);
-      const e = effective(w, sealed, l, name);
-      rec[name] = { w: sides.output(name, sides.input(name, e.w, dout), din), b: sides.output(name, e.b, 1), din, dout };
-    }
-    layers.push(rec);
-    onLayer?.(l);
-  }
+  const accelerator = llamaLinears(w, sealed, (l) => llamaSides(c, masks, l), onLayer);
   const copy = (k: 'wte' | 'ln1w' | 'ln2w' | 'lnfw' | 'head') => Float32Array.from(lay.view(p, k));
   const untied = !c.tie_word_embeddings;
   const common = { family: 'llama' as const, ln1w: copy('ln1w'), ln2w: copy('ln2w'), chk: null, ...headTensors(masks) };
@@ -234,7 +238,7 @@ export function obfuscateLlama(w: LlamaWeights, masks: LlamaModelMasks, onLayer?
       score: w.cls ? Float32Array.from(w.cls.weight) : undefined,
     };
   }
-  return { accelerator: { n_layer: c.n_layer, layers }, enclave };
+  return { accelerator, enclave };
 }
 
 /**
@@ -279,19 +283,9 @@ export function deobfuscateLlama(base: LlamaWeights, acc: AcceleratorWeights, en
 /** Plain Llama weights arranged as the two sides of the `local` mode (nothing masked). */
 export function plainLlamaParts(w: LlamaWeights): { accelerator: AcceleratorWeights; tensors: LlamaPlainTensors } {
   const c = w.config, lay = w.layout, p = w.params;
-  const layers: AcceleratorWeights['layers'] = [];
-  for (let l = 0; l < c.n_layer; l++) {
-    const rec: AcceleratorWeights['layers'][number] = {};
-    for (const name of LLAMA_LINEARS) {
-      const [din, dout] = llamaLinearDims(name, c);
-      const e = effective(w, false, l, name);
-      rec[name] = { w: e.w, b: e.b, din, dout };
-    }
-    layers.push(rec);
-  }
   const copy = (k: 'wte' | 'ln1w' | 'ln2w' | 'lnfw' | 'head') => Float32Array.from(lay.view(p, k));
   return {
-    accelerator: { n_layer: c.n_layer, layers },
+    accelerator: llamaLinears(w, false),
     tensors: {
       family: 'llama', mode: 'local', wte: copy('wte'), head: c.tie_word_embeddings ? null : copy('head'), ln1w: copy('ln1w'), ln2w: copy('ln2w'), lnfw: copy('lnfw'),
       score: w.cls ? Float32Array.from(w.cls.weight) : undefined, chk: null,

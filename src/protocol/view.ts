@@ -161,10 +161,6 @@ export class ViewRecorder {
     this.truthBatches.push({ call: this.calls, tokens: Array.from(tokens), pos: Array.from(pos), ...(labels ? { labels: Array.from(labels) } : {}) });
   }
 
-  get recordedBytes(): number {
-    return this.bytes;
-  }
-
   /**
    * Writes the view to `file` and its scoring key to `<file>.truth.json`. `acc` is the
    * accelerator's bundle as it was handed over (before any training).
@@ -186,13 +182,6 @@ export class ViewRecorder {
   }
 }
 
-/** Row positions of a [B, T] batch: 0..T-1 per sequence. */
-export function batchPositions(B: number, T: number): Int32Array {
-  const p = new Int32Array(B * T);
-  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) p[b * T + t] = t;
-  return p;
-}
-
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
 type AnyFn = (...args: any[]) => Promise<any>;
 
@@ -208,7 +197,7 @@ export function tapBatches(model: { forward?: AnyFn; forwardCached?: AnyFn }, re
     m.forward = async (tokens: Int32Array, B: number, T: number, ...rest: unknown[]) => {
       // a classification forward's next argument is the labels [B]
       const labels = o.labels && rest[0] instanceof Int32Array && rest[0].length === B ? rest[0] : undefined;
-      rec.beginBatch(tokens, batchPositions(B, T), labels);
+      rec.beginBatch(tokens, Int32Array.from({ length: B * T }, (_, i) => i % T), labels); // row positions 0..T-1 per sequence
       return fwd(tokens, B, T, ...rest);
     };
   }

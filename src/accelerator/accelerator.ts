@@ -65,11 +65,9 @@ export class Accelerator {
     return y;
   }
 
-  private checkLen(what: string, got: number, rows: number, cols: number): void {
-    if (got !== rows * cols) throw new Error(`accelerator: ${what} has ${got} values, expected ${rows} x ${cols}`);
-  }
-
-  private checkFinite(what: string, x: Float32Array): void {
+  /** A request's tensor must have rows x cols values, all finite. */
+  private checkInput(what: string, x: Float32Array, rows: number, cols: number): void {
+    if (x.length !== rows * cols) throw new Error(`accelerator: ${what} has ${x.length} values, expected ${rows} x ${cols}`);
     const i = firstNonFinite(x);
     if (i >= 0) throw new Error(`accelerator: ${what} contains a non-finite value at index ${i}`);
   }
@@ -88,16 +86,13 @@ export class Accelerator {
     switch (req.op) {
       case 'linear_forward': {
         const L = this.lin.linear(req.layer, req.name);
-        const what = `input of h.${req.layer}.${req.name}`;
-        this.checkLen(what, req.x.length, req.rows, L.din);
-        this.checkFinite(what, req.x);
+        this.checkInput(`input of h.${req.layer}.${req.name}`, req.x, req.rows, L.din);
         const y = this.lin.forwardSync(req.layer, req.name, req.x, req.rows, req.save === true, this.opts.evil !== 'skip-bias');
         return { op: 'tensor', rows: req.rows, cols: L.dout, data: this.tamper(y) };
       }
       case 'linear_backward': {
         const L = this.lin.linear(req.layer, req.name);
-        this.checkLen(`output gradient of h.${req.layer}.${req.name}`, req.dy.length, req.rows, L.dout);
-        this.checkFinite(`output gradient of h.${req.layer}.${req.name}`, req.dy);
+        this.checkInput(`output gradient of h.${req.layer}.${req.name}`, req.dy, req.rows, L.dout);
         const dx = this.lin.backwardSync(req.layer, req.name, req.dy, req.rows, req.input, req.weight);
         if (!dx) return { op: 'ack' };
         return { op: 'tensor', rows: req.rows, cols: L.din, data: this.tamper(dx) };
@@ -106,11 +101,8 @@ export class Accelerator {
         return { op: 'ack', value: this.lin.gradSqNorm() };
       case 'apply_update': {
         if (![req.lr, req.gradScale, req.momentum].every(Number.isFinite)) throw new Error('accelerator: non-finite update parameters');
-        if (this.opts.evil === 'stale') {
-          this.lin.reset();
-          return { op: 'ack' };
-        }
-        this.lin.update(req.lr, req.momentum, req.gradScale);
+        if (this.opts.evil === 'stale') this.lin.reset(); // acknowledged, not applied
+        else this.lin.update(req.lr, req.momentum, req.gradScale);
         return { op: 'ack' };
       }
       case 'reset':

@@ -69,9 +69,7 @@ export class NearestToken {
     let pN2 = 0, pgN2 = 0;
     for (let j = 0; j < d; j++) { Pc[j] = wpe[j] - m; Pg[j] = Pc[j] * this.gain[j]; pN2 += Pc[j] ** 2; pgN2 += Pg[j] ** 2; }
     const cross1 = gemm(this.Ec, Pc, V, 1, d);
-    const Pgg = new Float32Array(d);
-    for (let j = 0; j < d; j++) Pgg[j] = Pg[j];
-    const cross2 = gemm(this.Eg, Pgg, V, 1, d);
+    const cross2 = gemm(this.Eg, Pg, V, 1, d);
     t = { Pg, cross1, cross2, pN2, pgN2 };
     this.pos.set(p, t);
     return t;

@@ -5,7 +5,7 @@
 import { mat, transpose, matmul, identity, inverseLU, type Mat64 } from '../linalg/mat64.js';
 import { sgemm } from '../tensor/gemm.js';
 
-export { mat, transpose, matmul, identity, type Mat64 };
+export { mat, transpose, matmul, identity, inverseLU as inverse, type Mat64 };
 
 /** A float64 copy of a row-major float32 block: rows r0.., columns c0.. of a [?, ld] matrix. */
 export function block64(a: ArrayLike<number>, ld: number, r0: number, rows: number, c0: number, cols: number): Mat64 {
@@ -58,10 +58,6 @@ export function lstsq(P: Mat64, X: Mat64, ridge = 1e-10): Mat64 {
   return matmul(inverseLU(G), matmul(PT, X));
 }
 
-export function inverse(M: Mat64): Mat64 {
-  return inverseLU(M);
-}
-
 /** ||P M - X||^2 / ||X||^2 */
 export function relResidual(P: Mat64, M: Mat64, X: Mat64): number {
   const R = sub(matmul(P, M), X);
@@ -104,6 +100,26 @@ export function hungarian(cost: Float64Array, n: number): Int32Array {
   const ans = new Int32Array(n);
   for (let j = 1; j <= n; j++) if (p[j]) ans[p[j] - 1] = j - 1;
   return ans;
+}
+
+/**
+ * Squared distances [n, n] of feature rows a [n, F] to feature rows b [n, F], each feature
+ * scaled by its standard deviation over b (the public side; 1 where it is 0).
+ */
+export function scaledDistances(a: Float64Array, b: Float64Array, n: number, F: number): Float64Array {
+  const sd = Array.from({ length: F }, (_, c) => {
+    let m = 0, v = 0;
+    for (let j = 0; j < n; j++) m += b[j * F + c] / n;
+    for (let j = 0; j < n; j++) v += (b[j * F + c] - m) ** 2 / n;
+    return Math.sqrt(v) || 1;
+  });
+  const out = new Float64Array(n * n);
+  for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) {
+    let s = 0;
+    for (let c = 0; c < F; c++) s += ((a[j * F + c] - b[k * F + c]) / sd[c]) ** 2;
+    out[j * n + k] = s;
+  }
+  return out;
 }
 
 /** Rows of a [n, d] float32 matrix scaled to unit length (zero rows stay zero). */

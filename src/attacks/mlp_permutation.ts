@@ -14,7 +14,7 @@ import { tokenizerFor } from '../model/tokenizer.js';
 import { readJsonl } from '../io/jsonl.js';
 import { InputError } from '../errors.js';
 import { gpt2Linears } from '../protocol/linears.js';
-import { hungarian } from './linalg.js';
+import { hungarian, scaledDistances } from './linalg.js';
 import { blockWeightsOf } from './weight_alignment.js';
 import { resultBase, twoPhases, type AttackProgress, type AttackResult } from './common.js';
 
@@ -114,19 +114,7 @@ export async function mlpPermutationAttack(view: LoadedView, pub: GPT2Weights, t
       a.set(fs.subarray(j * NF, (j + 1) * NF), j * F); a[j * F + NF] = bundle.layers[l].fc.b[j];
       b.set(fp.subarray(j * NF, (j + 1) * NF), j * F); b[j * F + NF] = pubW[l].fcb[j];
     }
-    const sd = Array.from({ length: F }, (_, k) => {
-      let m = 0, v = 0;
-      for (let j = 0; j < w; j++) m += b[j * F + k] / w;
-      for (let j = 0; j < w; j++) v += (b[j * F + k] - m) ** 2 / w;
-      return Math.sqrt(v) || 1;
-    });
-    const cost = new Float64Array(w * w);
-    for (let j = 0; j < w; j++) for (let k = 0; k < w; k++) {
-      let s = 0;
-      for (let f = 0; f < F; f++) s += ((a[j * F + f] - b[k * F + f]) / sd[f]) ** 2;
-      cost[j * w + k] = s;
-    }
-    const p = hungarian(cost, w);
+    const p = hungarian(scaledDistances(a, b, w, F), w);
     found.push(p);
     if (truth?.pi) {
       let ok = 0;

@@ -26,7 +26,7 @@ import type { BlockLinears } from '../model/local_linears.js';
 import type { LoadedView, ViewTruth } from '../protocol/view.js';
 import { InputError } from '../errors.js';
 import {
-  mat, transpose, matmul, polar, lstsq, inverse, relResidual, hungarian, unitRows, gemmABt, gemm, transpose32, block64, toF32, type Mat64,
+  mat, transpose, matmul, polar, lstsq, inverse, relResidual, hungarian, unitRows, gemmABt, gemm, transpose32, block64, toF32, scaledDistances, type Mat64,
 } from './linalg.js';
 import { resultBase, type AttackProgress, type AttackResult } from './common.js';
 
@@ -38,27 +38,21 @@ export interface BlockWeights {
   fcprojw: Float32Array; fcprojb: Float32Array; // [4d, d], [d]
 }
 
+const BLOCK_KEYS = ['qkvw', 'qkvb', 'attprojw', 'attprojb', 'fcw', 'fcb', 'fcprojw', 'fcprojb'] as const;
+
 /** A model's block weights as the accelerator's plain twin holds them: folded for sealed mode (diag(g) W, beta W + b). */
 export function blockWeightsOf(w: GPT2Weights, folded: boolean): BlockWeights[] {
-  const { n_layer: L, n_embd: d } = w.config;
-  const lay = w.layout, p = w.params;
-  const out: BlockWeights[] = [];
-  for (let l = 0; l < L; l++) {
-    const qkvw = Float32Array.from(lay.layer(p, 'qkvw', l)), qkvb = Float32Array.from(lay.layer(p, 'qkvb', l));
-    const fcw = Float32Array.from(lay.layer(p, 'fcw', l)), fcb = Float32Array.from(lay.layer(p, 'fcb', l));
+  const d = w.config.n_embd, lay = w.layout, p = w.params;
+  return Array.from({ length: w.config.n_layer }, (_, l) => {
+    const b = Object.fromEntries(BLOCK_KEYS.map((k) => [k, Float32Array.from(lay.layer(p, k, l))])) as unknown as BlockWeights;
     if (folded) {
-      for (const [W, b, n, g, be] of [[qkvw, qkvb, 3 * d, lay.layer(p, 'ln1w', l), lay.layer(p, 'ln1b', l)], [fcw, fcb, 4 * d, lay.layer(p, 'ln2w', l), lay.layer(p, 'ln2b', l)]] as const) {
-        for (let j = 0; j < n; j++) { let s = 0; for (let i = 0; i < d; i++) s += be[i] * W[i * n + j]; b[j] += s; }
+      for (const [W, bias, n, g, be] of [[b.qkvw, b.qkvb, 3 * d, lay.layer(p, 'ln1w', l), lay.layer(p, 'ln1b', l)], [b.fcw, b.fcb, 4 * d, lay.layer(p, 'ln2w', l), lay.layer(p, 'ln2b', l)]] as const) {
+        for (let j = 0; j < n; j++) { let s = 0; for (let i = 0; i < d; i++) s += be[i] * W[i * n + j]; bias[j] += s; }
         for (let i = 0; i < d; i++) for (let j = 0; j < n; j++) W[i * n + j] *= g[i];
       }
     }
-    out.push({
-      qkvw, qkvb, fcw, fcb,
-      attprojw: Float32Array.from(lay.layer(p, 'attprojw', l)), attprojb: Float32Array.from(lay.layer(p, 'attprojb', l)),
-      fcprojw: Float32Array.from(lay.layer(p, 'fcprojw', l)), fcprojb: Float32Array.from(lay.layer(p, 'fcprojb', l)),
-    });
-  }
-  return out;
+    return b;
+  });
 }
 
 export interface Alignment {
@@ -231,19 +225,7 @@ function alignSealed(acc: BlockLinears, pub: BlockWeights[], d: number, H: numbe
       fs.set([acc.layers[l].fc.b[j], norms(A[l], j), norms(Bm[l], j), dotRows(A[l], Bm[l], j), ...vs.map((v) => dotVec(A[l], j, v)), ...vs.map((v) => dotVec(Bm[l], j, v))], j * NF);
       fp.set([pub[l].fcb[j], norms(X[l], j), norms(Y[l], j), dotRows(X[l], Y[l], j), ...vp.map((v) => dotVec(X[l], j, v)), ...vp.map((v) => dotVec(Y[l], j, v))], j * NF);
     }
-    const sd = Array.from({ length: NF }, (_, c) => {
-      let m = 0, v = 0;
-      for (let j = 0; j < n; j++) m += fp[j * NF + c] / n;
-      for (let j = 0; j < n; j++) v += (fp[j * NF + c] - m) ** 2 / n;
-      return Math.sqrt(v) || 1;
-    });
-    const S = new Float32Array(n * n);
-    for (let j = 0; j < n; j++) for (let k = 0; k < n; k++) {
-      let s = 0;
-      for (let c = 0; c < NF; c++) s += ((fs[j * NF + c] - fp[k * NF + c]) / sd[c]) ** 2;
-      S[j * n + k] = -s;
-    }
-    anchors.push(mutualBest(S, n));
+    anchors.push(mutualBest(Float32Array.from(scaledDistances(fs, fp, n, NF), (x) => -x), n));
     tick(l + 1, `invariants, layer ${l}`);
   }
   // 2. Procrustes on anchors, re-match, repeat; rows (Q a_j)^T = a_j^T Q^T and b_j Q^T, their similarities to the public units

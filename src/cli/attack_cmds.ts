@@ -12,8 +12,8 @@ import { knownPlaintextAttack } from '../attacks/known_plaintext.js';
 import { mlpPermutationAttack } from '../attacks/mlp_permutation.js';
 import { labelRecoveryAttack } from '../attacks/label_recovery.js';
 import { unmixAttack } from '../attacks/unmix.js';
-import { parseFloatArg, parseIntArg } from './model_args.js';
-import { InputError, ViewError } from '../errors.js';
+import { numberList, parseFloatArg, parseIntArg } from './model_args.js';
+import { ViewError } from '../errors.js';
 import { emit } from './output.js';
 import { progressBar } from './progress.js';
 
@@ -93,11 +93,7 @@ export function addAttackCommands(program: Command): void {
     .option('--counts <list>', 'numbers of observed batches to report', '1,10,100')
     .action((o: Common & { corpus: string; counts: string }) => {
       const { view, truth } = open(o);
-      const counts = o.counts.split(',').map((s) => {
-        const n = Number(s);
-        if (!Number.isInteger(n) || n < 1) throw new InputError(`--counts: "${s}" is not a positive integer`);
-        return n;
-      });
+      const counts = numberList(o.counts, '--counts', 'a positive integer', (n) => Number.isInteger(n) && n >= 1);
       const t = needTruth(truth, o);
       return attackWith('frequency', (onProgress) => frequencyAttack(view, t, { corpus: o.corpus, counts, onProgress }));
     });

@@ -191,8 +191,7 @@ export function addFinetuneCommands(program: Command): void {
       writeRunSpec(runDir, spec);
       if (train.truncated || (evalSet?.truncated ?? 0)) console.error(`note: truncated ${train.truncated} training and ${evalSet?.truncated ?? 0} evaluation records to ${spec.max_len} tokens`);
       const bar = progressBar(spec.steps, `finetune ${mode}/${method}`, 'loss {loss} | {tps} tok/s');
-      let toks = 0;
-      let ms = 0;
+      let toks = 0, ms = 0;
       const summary = await runFinetune(session.model, train, evalSet, cfg, runDir, padId, {
         resume: o.resume, rng: session.rng,
         onStep: (m) => {

@@ -15,7 +15,7 @@ import { benchGemm, formatGemmBench } from '../bench/gemm.js';
 import { benchTrainStep, formatTrainStep, machineLabel } from '../bench/train_step.js';
 import { trainLM, evaluateLM } from '../train/lm.js';
 import { progressBar } from './progress.js';
-import { loadPlainModel, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
+import { loadPlainModel, numberList, parseIntArg, parseFloatArg, refuseNonEmpty } from './model_args.js';
 import { Llama } from '../model/llama.js';
 import { saveLlamaCheckpoint } from '../model/llama_checkpoint.js';
 import { hasCheckpointTokenizer, loadCheckpointTokenizer, writeGpt2Tokenizer } from '../model/hf_tokenizer.js';
@@ -28,6 +28,8 @@ import { addSplitCommands, loadSplit } from './split_cmds.js';
 import { addFinetuneCommands, loadRunModel } from './finetune_cmds.js';
 import { addAttackCommands } from './attack_cmds.js';
 import { addRecordViewOptions, recorderOptionsOf } from './record_view_args.js';
+import { recordEnclave, type Recording } from '../attacks/record.js';
+import { loadAcceleratorBundle } from '../obfuscate/bundle.js';
 import {
   AcceleratorError, BundleError, InputError, IntegrityError, PolicyError, StateError, TransportError, WorkerError,
 } from '../errors.js';
@@ -110,10 +112,8 @@ export function buildProgram(): Command {
       const evalStream = o.evalText ? Int32Array.from(tok.encode(readText(o.evalText))) : null;
       const before = evalStream ? await evaluateLM(model, evalStream, o.seq, o.batch, 16) : null;
       if (before) console.error(`eval before: loss ${before.loss.toFixed(4)}, perplexity ${before.perplexity.toFixed(1)}`);
-      let last = NaN;
       const bar = progressBar(o.steps, 'train', 'loss {loss} | {tps} tok/s');
-      let tokens = 0;
-      let ms = 0;
+      let last = NaN, tokens = 0, ms = 0;
       await trainLM(model, stream, {
         ...o,
         onStep: (s) => {
@@ -223,8 +223,8 @@ export function buildProgram(): Command {
       if (o.file && recOpts) throw new InputError('--record-view records one generation: give --prompt, not --file');
       let gen: (prompt: number[]) => Promise<number[]>;
       let nCtx: number;
-      let ids: number[] | null = null;
       let tok;
+      let recording: Recording | null = null;
       if (o.enclave || o.accelerator) {
         if (!o.enclave || !o.accelerator) throw new InputError('split generation needs both --enclave and --accelerator');
         if (o.model) throw new InputError('give either --model or --enclave/--accelerator, not both');
@@ -232,17 +232,12 @@ export function buildProgram(): Command {
         // a Llama-family bundle carries its model's tokenizer (obfuscate copies it in)
         tok = hasCheckpointTokenizer(o.enclave) ? loadCheckpointTokenizer(o.enclave) : tokenizerFor(enclave.config.vocab_size);
         if (recOpts && 'family' in enclave.bundle.tensors) throw new InputError('--record-view serves GPT-2 models for now');
-        const { recordEnclave } = await import('../attacks/record.js');
-        const { loadAcceleratorBundle } = await import('../obfuscate/bundle.js');
-        const acc = recOpts ? loadAcceleratorBundle(o.accelerator) : null;
-        const recording = recOpts && acc ? recordEnclave(enclave, acc.weights, { ...recOpts, modelId: acc.manifestSha256.slice(0, 16), modelPath: null, padTokenId: null }) : null;
+        if (recOpts) {
+          const acc = loadAcceleratorBundle(o.accelerator);
+          recording = recordEnclave(enclave, acc.weights, { ...recOpts, modelId: acc.manifestSha256.slice(0, 16), modelPath: null, padTokenId: null });
+        }
         gen = (p) => enclave.generate(p, { ...opts, stopToken: tok!.eotId });
         nCtx = enclave.config.n_ctx;
-        if (recording) {
-          ids = await gen(tok.encode(o.prompt));
-          const { header, truthFile } = recording.save(o.recordView);
-          console.error(`recorded the accelerator's view: ${o.recordView} (${header.events} tensors); scoring key ${truthFile}`);
-        }
       } else {
         if (!o.model && !o.run) throw new InputError('give --model DIR, --run DIR, or --enclave DIR --accelerator DIR');
         if (o.model && o.run) throw new InputError('give either --model or --run, not both');
@@ -268,7 +263,11 @@ export function buildProgram(): Command {
         emit({ records: recs.length, out: o.out }, `${recs.length} completions written to ${o.out}`);
         return;
       }
-      ids ??= await gen(tok.encode(o.prompt));
+      const ids = await gen(tok.encode(o.prompt));
+      if (recording) {
+        const { header, truthFile } = recording.save(o.recordView);
+        console.error(`recorded the accelerator's view: ${o.recordView} (${header.events} tensors); scoring key ${truthFile}`);
+      }
       const completion = tok.decode(ids);
       emit({ prompt: o.prompt, completion, tokens: ids }, o.prompt + completion);
     });
@@ -323,18 +322,12 @@ export function buildProgram(): Command {
     .action(async (o) => {
       o.model ??= o.family === 'llama' ? 'llama-124m' : 'gpt2';
       const mixing = mixingOptionsOf(o, 'off');
-      if (mixing) {
-        if (o.interleaved || o.transport !== 'in-process') throw new InputError('--token-mixing on pairs sealed steps without and with mixing in one process: use it without --interleaved and --transport grpc');
-        const bar = progressBar(o.steps, 'bench finetune', '{label}');
-        const r = await benchFinetuneMixing({ ...o, mixing, transport: 'in-process', onProgress: (i, _n, label) => bar.update(i, { label }) });
-        bar.stop();
-        emitBench(r, formatFinetuneBench(r));
-        return;
-      }
+      if (mixing && (o.interleaved || o.transport !== 'in-process')) throw new InputError('--token-mixing on pairs sealed steps without and with mixing in one process: use it without --interleaved and --transport grpc');
       if (o.interleaved && o.transport !== 'in-process') throw new InputError('--interleaved measures the in-process modes; use it without --transport grpc');
-      const bar = progressBar(o.interleaved ? o.steps : o.transport === 'in-process' ? 3 : 5, 'bench finetune', '{label}');
-      const progress = (i: number, _n: number, label: string) => bar.update(i, { label });
-      const r = o.interleaved ? await benchFinetuneInterleaved({ ...o, transport: 'in-process', onProgress: progress }) : benchFinetune({ ...o, onProgress: progress });
+      const bar = progressBar(mixing || o.interleaved ? o.steps : o.transport === 'in-process' ? 3 : 5, 'bench finetune', '{label}');
+      const onProgress = (i: number, _n: number, label: string) => bar.update(i, { label });
+      const r = mixing ? await benchFinetuneMixing({ ...o, mixing, transport: 'in-process', onProgress })
+        : o.interleaved ? await benchFinetuneInterleaved({ ...o, transport: 'in-process', onProgress }) : benchFinetune({ ...o, onProgress });
       bar.stop();
       emitBench(r, formatFinetuneBench(r));
     });
@@ -374,11 +367,11 @@ export function buildProgram(): Command {
     .option('--transport <t>', 'in-process|grpc', 'in-process')
     .option('--no-tensor-channel', 'grpc: Call frames over gRPC')
     .action(async (o) => {
-      const spawnLink = o.transport === 'grpc' ? await grpcBenchLink() : undefined;
+      // a gRPC link to an accelerator served in a child process (set up by the benchmark)
+      const spawn = o.transport === 'grpc' ? (await import('../roles/spawn.js')).spawnedAcceleratorLink : undefined;
+      const link = spawn && ((acc: Parameters<typeof spawn>[0]) => spawn(acc, { tensorChannel: o.tensorChannel }));
       // a split mode over the network is measured together with its in-process twin
-      const r = spawnLink && o.mode !== 'local'
-        ? await benchFinetunePaired({ ...o, link: (acc) => spawnLink(acc, { tensorChannel: o.tensorChannel }) })
-        : await benchFinetuneOne({ ...o, link: spawnLink ? (acc) => spawnLink(acc, { tensorChannel: o.tensorChannel }) : undefined });
+      const r = link && o.mode !== 'local' ? await benchFinetunePaired({ ...o, link }) : await benchFinetuneOne({ ...o, link });
       emit(r);
     });
 
@@ -484,11 +477,7 @@ export function buildProgram(): Command {
     .action(async (o) => {
       const { runPublicBaseCost, publicBaseCostTable } = await import('../experiments/public_base.js');
       const { makeProviderModel } = await import('../experiments/security.js');
-      const list = (s: string, what: string) => String(s).split(',').filter((x) => x.trim()).map((x) => {
-        const v = Number(x);
-        if (!Number.isFinite(v)) throw new InputError(`${what}: "${x}" is not a number`);
-        return v;
-      });
+      const list = (s: string, flag: string) => numberList(s, flag, 'a number', Number.isFinite, true);
       const choices = [...list(o.ranks, '--ranks').map((rank) => ({ rank })), ...list(o.energies, '--energies').map((energy) => ({ energy }))];
       // progress: the provider's fine-tuning (without --model), then a unit per model scored
       const bar = progressBar(1, 'experiment public-base', '{label}');
@@ -526,13 +515,13 @@ export function buildProgram(): Command {
   return program;
 }
 
-/** --json, --model, --batch, --seq and --steps of the step benchmarks */
 /** A benchmark's result with the machine it ran on (a `machine` field, and the first line of the text). */
 function emitBench(r: object, human: string | string[]): void {
   const machine = machineLabel();
   emit({ machine, ...r }, [`machine: ${machine}`, ...(Array.isArray(human) ? human : [human])]);
 }
 
+/** --json, --model, --batch, --seq and --steps of the step benchmarks */
 function stepBenchOptions(c: Command, stepsHelp: string): Command {
   return c
     .option('--json', 'print JSON')
@@ -540,12 +529,6 @@ function stepBenchOptions(c: Command, stepsHelp: string): Command {
     .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
     .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
     .option('--steps <n>', stepsHelp, parseIntArg('--steps'), 5);
-}
-
-/** A gRPC link to an accelerator served in a child process (set up by the benchmark). */
-async function grpcBenchLink() {
-  const { spawnedAcceleratorLink } = await import('../roles/spawn.js');
-  return spawnedAcceleratorLink;
 }
 
 /**

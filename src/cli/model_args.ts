@@ -72,6 +72,15 @@ export function parseFloatArg(name: string) {
   };
 }
 
+/** A comma-separated list of numbers, each one `ok` or refused as `FLAG: "x" is not WHAT`; `skipEmpty`: "1,,2" is 1, 2. */
+export function numberList(s: string, flag: string, what: string, ok: (n: number) => boolean, skipEmpty = false): number[] {
+  return String(s).split(',').filter((x) => !skipEmpty || x.trim()).map((x) => {
+    const n = Number(x.trim());
+    if (!ok(n)) throw new InputError(`${flag}: "${x}" is not ${what}`);
+    return n;
+  });
+}
+
 /**
  * Refuses to write into an existing non-empty directory unless `force` (key material and
  * runs are never overwritten by accident). `only`: just these entries count (what the

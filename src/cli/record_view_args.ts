@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import type { RecorderOptions } from '../protocol/view.js';
 import { InputError } from '../errors.js';
+import { numberList } from './model_args.js';
 
 export function addRecordViewOptions(c: Command): Command {
   return c
@@ -18,11 +19,7 @@ export function recorderOptionsOf(o: { recordView?: string; recordViewLayers?: s
   }
   const out: RecorderOptions = {};
   if (o.recordViewLayers !== undefined) {
-    out.layers = o.recordViewLayers.split(',').map((s) => {
-      const n = Number(s.trim());
-      if (!Number.isInteger(n) || n < 0) throw new InputError(`--record-view-layers: "${s}" is not a layer index`);
-      return n;
-    });
+    out.layers = numberList(o.recordViewLayers, '--record-view-layers', 'a layer index', (n) => Number.isInteger(n) && n >= 0);
   }
   if (o.recordViewMaxMb !== undefined) {
     const mb = Number(o.recordViewMaxMb);

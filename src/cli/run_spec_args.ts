@@ -22,8 +22,6 @@ interface Flag {
   numeric?: boolean;
   /** turns the value into the setting's (PEFT's module names into targets) */
   map?: (v: string) => unknown;
-  /** a "--no-..." switch: sets the setting to false (commander reports true when it is not given) */
-  negate?: boolean;
 }
 
 const FLAGS: Flag[] = [
@@ -130,7 +128,7 @@ export function runSpecInputOf(opts: Record<string, unknown>, only?: readonly st
   for (const f of FLAGS) {
     if (only && !only.includes(f.field)) continue;
     const given = opts[keyOf(f.flag)];
-    if (given === undefined || (f.negate && given === true)) continue;
+    if (given === undefined) continue;
     const v = f.map ? f.map(String(given)) : given;
     const name = f.flag.split(' ')[0];
     const was = by.get(f.field);

@@ -244,18 +244,14 @@ export function addServiceCommands(program: Command): void {
       const llama = isLlamaDir(o.base);
       if (llama && o.peftOut) throw new InputError('--peft-out serves GPT-2 models for now');
       const c = await connect(o, provKey(o));
-      if (llama) {
-        const base = loadLlamaCheckpoint(o.base);
-        const { merged, update } = await fetchAndMerge(c, o.accelerator, base, o.bundles, nodePath.join(o.bundles, 'scratch'));
-        saveLlamaCheckpoint(o.out, merged, { arch: base.arch });
-        copyTokenizer(o.base, o.out);
-        emit({ out: o.out, ...update }, `merged the update (${String(update.method)}, ${String(update.task)}) into ${o.out}`);
-        return c.close();
-      }
-      const { merged, update, adapters } = await fetchAndMerge(c, o.accelerator, loadCheckpoint(o.base), o.bundles, nodePath.join(o.bundles, 'scratch'));
+      const base = llama ? loadLlamaCheckpoint(o.base) : loadCheckpoint(o.base);
+      const { merged, update, adapters } = await fetchAndMerge(c, o.accelerator, base, o.bundles, nodePath.join(o.bundles, 'scratch'));
       if (o.peftOut && !adapters) throw new InputError(`--peft-out: the update is of method ${String(update.method)}, it has no LoRA adapters`);
       if (o.peftOut && adapters) writePeftAdapter(o.peftOut, adapters, { task: update.task as 'lm' | 'cls', baseModel: nodePath.resolve(o.base), score: merged.cls?.weight });
-      saveCheckpoint(o.out, merged);
+      if ('arch' in base) {
+        saveLlamaCheckpoint(o.out, merged as typeof base, { arch: base.arch });
+        copyTokenizer(o.base, o.out);
+      } else saveCheckpoint(o.out, merged as typeof base);
       emit({ out: o.out, ...update }, `merged the update (${String(update.method)}, ${String(update.task)}) into ${o.out}`);
       c.close();
     });

@@ -8,7 +8,7 @@ import type { RotaryMasks } from '../obfuscate/enclave_tensors.js';
 import { BUNDLE_DIRS, type ObfuscateOptions, obfuscateWeights, obfuscateLlamaWeights, writeObfuscation, deobfuscateDirs, deobfuscateLlamaDirs } from '../obfuscate/provider.js';
 import { loadAcceleratorBundle, loadEnclaveBundle, checkBundlePair, type PublicBaseInfo } from '../obfuscate/bundle.js';
 import { runFidelity, formatFidelity } from '../experiments/fidelity.js';
-import { shareTable, formatShare } from '../obfuscate/share.js';
+import { shareTable, type ShareRow } from '../obfuscate/share.js';
 import { llamaShareTable } from '../obfuscate/share_llama.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink } from '../protocol/link.js';
@@ -22,7 +22,7 @@ import type { LlamaWeights } from '../model/llama.js';
 import type { GPT2Weights } from '../model/weights.js';
 import { BundleError, InputError } from '../errors.js';
 import { mergeAdapter, readAdapter } from '../train/session.js';
-import { emit, withJson } from './output.js';
+import { emit, textTable, withJson } from './output.js';
 
 /**
  * The provider transform of a checkpoint directory of either family, with progress, written
@@ -155,4 +155,15 @@ export function loadSplit(encDir: string, accDir: string, mixing: MixingConfig |
 export function describeDelta(dir: string, p: PublicBaseInfo): string {
   const ranks = p.ranks.flatMap((r) => Object.values(r));
   return `public base ${dir} (sha256 ${p.sha256.slice(0, 16)}...): the enclave keeps the delta at ${p.choice}, ranks ${Math.min(...ranks)}-${Math.max(...ranks)} (mean ${(ranks.reduce((a, x) => a + x, 0) / ranks.length).toFixed(1)}), ${(100 * p.residualEnergy).toFixed(2)}% of its energy left out`;
+}
+
+function formatShare(T: number, rows: ShareRow[]): string {
+  const head = ['model', 'mode', 'enclave params', 'share', 'enclave state', 'of which masks', 'enclave FLOPs', 'boundary/token', 'trips/layer'];
+  const fmtB = (b: number) => (b >= 1e9 ? `${(b / 1e9).toFixed(2)} GB` : `${(b / 1e6).toFixed(1)} MB`);
+  const lines = rows.map((r) => [
+    r.model, r.mode + (r.two_sided ? ' 2-sided' : '') + ('rotary' in r ? ` ${String(r.rotary)}` : ''), `${(r.enclave_params / 1e6).toFixed(1)}M / ${(r.params_total / 1e6).toFixed(0)}M`,
+    `${(100 * r.enclave_param_share).toFixed(2)}%`, fmtB(r.enclave_state_bytes), fmtB(r.enclave_mask_bytes),
+    `${(100 * r.enclave_flop_share).toFixed(2)}%`, `${(r.boundary_bytes_per_token / 1024).toFixed(0)} KiB`, String(r.round_trips_per_layer),
+  ]);
+  return [`sequence length ${T} (forward pass, per token)`, ...textTable(head, lines)].join('\n');
 }

@@ -15,7 +15,7 @@ import type { DeltaTensors, LlamaObfuscatedTensors, ObfuscatedTensors, RotaryMas
 import { CHECK_VECTORS, type CheckVectors, type LinearCheck } from '../protocol/integrity.js';
 import { ALL_LINEARS, LINEARS, linearDims, type BlockLinearName, type LinearName } from '../model/block.js';
 import { blockLinearDims, blockLinearNames } from '../model/family.js';
-import { layerLinearNames, type AcceleratorWeights } from '../protocol/linears.js';
+import { layerLinearNames, linearTensors, type AcceleratorWeights } from '../protocol/linears.js';
 import type { Mode, ObfuscationParams } from './masks.js';
 import { parseMaskSpec } from '../linalg/masks.js';
 import { POOLINGS, type Pooling } from '../model/kernels.js';
@@ -92,18 +92,9 @@ function pinnedFile(dir: string, file: string, sha: string, what: string, mfile:
 /** Writes the accelerator bundle; returns the SHA-256 of its manifest. */
 export function writeAcceleratorBundle(dir: string, acc: AcceleratorWeights, mode: Mode, d: number, keyFp?: string, publicBaseSha?: string): string {
   mkdirSync(dir, { recursive: true });
-  const tensors: TensorToWrite[] = [];
-  const linears: AcceleratorManifest['linears'] = [];
-  acc.layers.forEach((layer, l) => {
-    for (const name of layerLinearNames(layer)) {
-      const L = layer[name]!;
-      tensors.push({ name: `h.${l}.${name}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-      tensors.push({ name: `h.${l}.${name}.bias`, dtype: 'F32', shape: [L.b.length], data: L.b });
-      linears.push({ layer: l, name, din: L.din, dout: L.dout });
-    }
-  });
+  const linears = acc.layers.flatMap((layer, l) => layerLinearNames(layer).map((name) => ({ layer: l, name, din: layer[name]!.din, dout: layer[name]!.dout })));
   const wfile = path.join(dir, 'weights.safetensors');
-  writeSafetensors(wfile, tensors, { format: ACC_FORMAT });
+  writeSafetensors(wfile, linearTensors(acc, 'h'), { format: ACC_FORMAT });
   const bytes = readFileSync(wfile);
   const manifest: AcceleratorManifest = {
     format: ACC_FORMAT, mode, n_layer: acc.n_layer, n_embd: d, linears,

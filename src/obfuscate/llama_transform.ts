@@ -22,9 +22,9 @@ import { KeyedRng, type RandomSource } from '../tensor/rng.js';
 import { mat, transpose, type Mat64 } from '../linalg/mat64.js';
 import { kappaMask, makeMask, randomPermutation, type MaskPair, type MaskSpec, type StreamFactory } from '../linalg/masks.js';
 import type { ObfuscationParams } from './masks.js';
-import type { AcceleratorWeights, ObfLinear } from '../protocol/linears.js';
+import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { LlamaHeadMasks, LlamaObfuscatedTensors, LlamaPlainTensors, RotaryMasks } from './enclave_tensors.js';
-import { f32, mm, permuteCols, permuteRows, scaleRows } from './transform.js';
+import { f32, mm, permuteCols, permuteRows, scaleRows, stackLayers } from './transform.js';
 import { BundleError } from '../errors.js';
 
 export interface LlamaLayerMasks {
@@ -116,31 +116,38 @@ function headCols(src: Float32Array, dst: Float32Array, rows: number, ld: number
   });
 }
 
-/** The two sides of one layer's masks: `input` maps X [din, cols] (a weight's rows), `output` X [rows, dout]. */
-function llamaSides(c: LlamaConfig, masks: LlamaModelMasks, l: number) {
+/**
+ * The two sides of one layer's masks: `input` maps X [din, cols] (a weight's rows), `output`
+ * X [rows, dout]. With `inv`, the inverse maps: W = In^-1 (Out^-1 applied to W*).
+ */
+function llamaSides(c: LlamaConfig, masks: LlamaModelMasks, l: number, inv = false) {
   const { C, hd, KV, W, I } = llamaDims(c);
   const lm = masks.layers[l];
   const sl = slots(c, lm.headPerm);
   const Q = masks.Q ? f32(masks.Q.m) : null;
   const sealed = masks.params.mode === 'sealed';
-  const qM = lm.q.map((p) => f32(p.m)), kM = lm.k.map((p) => f32(p.m)), vM = lm.v.map((p) => f32(p.m));
+  const side = (ps: MaskPair[]) => ps.map((p) => f32(inv ? p.inv : p.m));
+  const qM = side(lm.q), kM = side(lm.k), vM = side(lm.v);
   const rep = c.n_head / c.n_kv_head;
-  const vInvT = lm.v.map((p) => f32(transpose(p.inv)));
-  const vInvOfQ = Array.from({ length: c.n_head }, (_, h) => vInvT[Math.floor(h / rep)]);
+  // o's rows: Mv^-1 per query head's group, as (X^T Mv^-T)^T; the inverse Mv, as (X^T Mv^T)^T
+  const vT = lm.v.map((p) => f32(transpose(inv ? p.m : p.inv)));
+  const vOfQ = Array.from({ length: c.n_head }, (_, h) => vT[Math.floor(h / rep)]);
+  const R = (m: MaskPair | undefined, invert: boolean) => (m ? f32(invert ? m.inv : m.m) : null);
+  const R1 = R(lm.R1, !inv), R2 = R(lm.R2, !inv), Ro = R(lm.Ro, inv), Rp = R(lm.Rp, inv), Qo = R(masks.Q, inv);
   return {
     input(name: LlamaLinearName, X: Float32Array, cols: number): Float32Array {
       switch (name) {
-        case 'qkv': return sealed ? mm(Q!, X, C, C, cols, true) : mm(f32(lm.R1!.inv), X, C, C, cols); // Q^T X or R1^-1 X
-        case 'gateup': return sealed ? mm(Q!, X, C, C, cols, true) : mm(f32(lm.R2!.inv), X, C, C, cols);
-        case 'o': { // row block of slot s: Mv(g)^-1 X[h block], as (X^T Mv^-T)^T per head
+        case 'qkv': return sealed ? mm(Q!, X, C, C, cols, !inv) : mm(R1!, X, C, C, cols); // Q^T X or R1^-1 X (inverse: Q X, R1 X)
+        case 'gateup': return sealed ? mm(Q!, X, C, C, cols, !inv) : mm(R2!, X, C, C, cols);
+        case 'o': { // row block of slot s: Mv(g)^-1 X[h block], per head
           const Xt = new Float32Array(cols * C), Yt = new Float32Array(cols * C);
           for (let i = 0; i < C; i++) for (let j = 0; j < cols; j++) Xt[j * C + i] = X[i * cols + j];
-          headCols(Xt, Yt, cols, C, 0, sl.q, vInvOfQ, hd, true);
+          headCols(Xt, Yt, cols, C, 0, sl.q, vOfQ, hd, !inv);
           const Y = new Float32Array(C * cols);
           for (let i = 0; i < C; i++) for (let j = 0; j < cols; j++) Y[i * cols + j] = Yt[j * C + i];
           return Y;
         }
-        case 'down': return permuteRows(X, I, cols, lm.pi, false); // Pi^T X
+        case 'down': return permuteRows(X, I, cols, lm.pi, inv); // Pi^T X
       }
     },
     output(name: LlamaLinearName, X: Float32Array, rows: number): Float32Array {
@@ -148,15 +155,15 @@ function llamaSides(c: LlamaConfig, masks: LlamaModelMasks, l: number) {
       switch (name) {
         case 'qkv': {
           const Y = new Float32Array(rows * W);
-          headCols(X, Y, rows, W, 0, sl.q, qM, hd, true);
-          headCols(X, Y, rows, W, C, sl.kv, kM, hd, true);
-          headCols(X, Y, rows, W, C + KV, sl.kv, vM, hd, true);
+          headCols(X, Y, rows, W, 0, sl.q, qM, hd, !inv);
+          headCols(X, Y, rows, W, C, sl.kv, kM, hd, !inv);
+          headCols(X, Y, rows, W, C + KV, sl.kv, vM, hd, !inv);
           return Y;
         }
-        case 'gateup': return permuteCols(X, 2 * rows, I, lm.pi, false); // [g Pi | u Pi]: each half's columns
+        case 'gateup': return permuteCols(X, 2 * rows, I, lm.pi, inv); // [g Pi | u Pi]: each half's columns
         default: {
-          const R = sealed ? Q : (name === 'o' ? lm.Ro : lm.Rp) ? f32((name === 'o' ? lm.Ro : lm.Rp)!.m) : null;
-          return R ? mm(X, R, rows, C, C) : Float32Array.from(X);
+          const M = sealed ? Qo : name === 'o' ? Ro : Rp;
+          return M ? mm(X, M, rows, C, C) : Float32Array.from(X);
         }
       }
     },
@@ -172,19 +179,28 @@ function effective(w: LlamaWeights, sealed: boolean, l: number, name: LlamaLinea
   return { w: scaleRows(W, din, dout, lay.layer(p, name === 'qkv' ? 'ln1w' : 'ln2w', l)), b };
 }
 
+/** Every layer's linears, the effective weights through the masks' two sides (none: the `local` mode's plain linears). */
+function llamaLinears(w: LlamaWeights, sealed: boolean, sidesOf?: (l: number) => ReturnType<typeof llamaSides>, onLayer?: (l: number) => void): AcceleratorWeights {
+  const c = w.config;
+  const layers = Array.from({ length: c.n_layer }, (_, l) => {
+    const sides = sidesOf?.(l), rec: AcceleratorWeights['layers'][number] = {};
+    for (const name of LLAMA_LINEARS) {
+      const [din, dout] = llamaLinearDims(name, c), e = effective(w, sealed, l, name);
+      rec[name] = sides ? { w: sides.output(name, sides.input(name, e.w, dout), din), b: sides.output(name, e.b, 1), din, dout } : { ...e, din, dout };
+    }
+    onLayer?.(l);
+    return rec;
+  });
+  return { n_layer: c.n_layer, layers };
+}
+
 /** The enclave's per-head masks, by original head (f32), with the permutations. */
-function headTensors(c: LlamaConfig, masks: LlamaModelMasks): LlamaHeadMasks {
-  const hd = c.n_embd / c.n_head, L = c.n_layer;
-  const stack = (count: number, get: (lm: LlamaLayerMasks, i: number) => Mat64) => {
-    const out = new Float32Array(L * count * hd * hd);
-    masks.layers.forEach((lm, l) => { for (let i = 0; i < count; i++) out.set(get(lm, i).data, (l * count + i) * hd * hd); });
-    return out;
-  };
-  const NH = c.n_head, NKV = c.n_kv_head;
+function headTensors(masks: LlamaModelMasks): LlamaHeadMasks {
+  const stack = (get: (lm: LlamaLayerMasks) => MaskPair[], inv: boolean) => stackLayers(masks.layers, (lm) => get(lm).map((x) => (inv ? x.inv : x.m)));
   return {
-    qM: stack(NH, (lm, h) => lm.q[h].m), qMinv: stack(NH, (lm, h) => lm.q[h].inv),
-    kM: stack(NKV, (lm, g) => lm.k[g].m), kMinv: stack(NKV, (lm, g) => lm.k[g].inv),
-    vM: stack(NKV, (lm, g) => lm.v[g].m), vMinv: stack(NKV, (lm, g) => lm.v[g].inv),
+    qM: stack((lm) => lm.q, false), qMinv: stack((lm) => lm.q, true),
+    kM: stack((lm) => lm.k, false), kMinv: stack((lm) => lm.k, true),
+    vM: stack((lm) => lm.v, false), vMinv: stack((lm) => lm.v, true),
     headPerm: Int32Array.from(masks.layers.flatMap((lm) => [...lm.headPerm])), pi: Int32Array.from(masks.layers.flatMap((lm) => [...lm.pi])),
     rotary: masks.rotary,
   };
@@ -200,21 +216,10 @@ export interface LlamaObfuscatedModel {
 export function obfuscateLlama(w: LlamaWeights, masks: LlamaModelMasks, onLayer?: (l: number) => void): LlamaObfuscatedModel {
   const c = w.config, { C } = llamaDims(c), V = c.vocab_size, lay = w.layout, p = w.params;
   const sealed = masks.params.mode === 'sealed';
-  const layers: AcceleratorWeights['layers'] = [];
-  for (let l = 0; l < c.n_layer; l++) {
-    const sides = llamaSides(c, masks, l);
-    const rec: Record<LlamaLinearName, ObfLinear> = {} as Record<LlamaLinearName, ObfLinear>;
-    for (const name of LLAMA_LINEARS) {
-      const [din, dout] = llamaLinearDims(name, c);
-      const e = effective(w, sealed, l, name);
-      rec[name] = { w: sides.output(name, sides.input(name, e.w, dout), din), b: sides.output(name, e.b, 1), din, dout };
-    }
-    layers.push(rec);
-    onLayer?.(l);
-  }
+  const accelerator = llamaLinears(w, sealed, (l) => llamaSides(c, masks, l), onLayer);
   const copy = (k: 'wte' | 'ln1w' | 'ln2w' | 'lnfw' | 'head') => Float32Array.from(lay.view(p, k));
   const untied = !c.tie_word_embeddings;
-  const common = { family: 'llama' as const, ln1w: copy('ln1w'), ln2w: copy('ln2w'), chk: null, ...headTensors(c, masks) };
+  const common = { family: 'llama' as const, ln1w: copy('ln1w'), ln2w: copy('ln2w'), chk: null, ...headTensors(masks) };
   let enclave: LlamaObfuscatedTensors;
   if (sealed) {
     const Q = f32(masks.Q!.m);
@@ -225,12 +230,7 @@ export function obfuscateLlama(w: LlamaWeights, masks: LlamaModelMasks, onLayer?
       score: w.cls ? rot(w.cls.weight, w.cls.numLabels) : undefined,
     };
   } else {
-    const stack = (get: (lm: LlamaLayerMasks) => Mat64) => {
-      const out = new Float32Array(c.n_layer * C * C);
-      masks.layers.forEach((lm, l) => out.set(get(lm).data, l * C * C));
-      return out;
-    };
-    const two = masks.params.twoSided;
+    const two = masks.params.twoSided, stack = (get: (lm: LlamaLayerMasks) => Mat64) => stackLayers(masks.layers, get);
     enclave = {
       ...common, mode: 'paper', wte: copy('wte'), head: untied ? copy('head') : null, lnfw: copy('lnfw'),
       R1: stack((lm) => lm.R1!.m), R2: stack((lm) => lm.R2!.m),
@@ -238,7 +238,7 @@ export function obfuscateLlama(w: LlamaWeights, masks: LlamaModelMasks, onLayer?
       score: w.cls ? Float32Array.from(w.cls.weight) : undefined,
     };
   }
-  return { accelerator: { n_layer: c.n_layer, layers }, enclave };
+  return { accelerator, enclave };
 }
 
 /**
@@ -246,49 +246,26 @@ export function obfuscateLlama(w: LlamaWeights, masks: LlamaModelMasks, onLayer?
  * accelerator weights and enclave tensors. `base` gives sealed mode's folded RMSNorm gains.
  */
 export function deobfuscateLlama(base: LlamaWeights, acc: AcceleratorWeights, enc: LlamaObfuscatedTensors, masks: LlamaModelMasks): LlamaWeights {
-  const c = base.config, { C, hd, KV, W, I } = llamaDims(c), V = c.vocab_size;
+  const c = base.config, { C } = llamaDims(c), V = c.vocab_size;
   if (enc.mode !== masks.params.mode) throw new BundleError(`the enclave tensors are ${enc.mode} mode, the masks ${masks.params.mode} mode`);
   const sealed = enc.mode === 'sealed';
   const layout = new LlamaLayout(c), p = new Float32Array(layout.total);
-  const Q = masks.Q ? f32(masks.Q.m) : null;
   const get = (l: number, n: LlamaLinearName) => {
     const x = acc.layers[l][n];
     if (!x) throw new BundleError(`deobfuscate: the accelerator's layer ${l} has no linear "${n}" (not a Llama-family bundle)`);
     return x;
   };
   for (let l = 0; l < c.n_layer; l++) {
-    const lm = masks.layers[l], sl = slots(c, lm.headPerm), rep = c.n_head / c.n_kv_head;
-    const inv = (ps: MaskPair[]) => ps.map((x) => f32(x.inv));
-    // qkv: undo the per-head output masks, then the input side
-    const unQkv = (X: Float32Array, rows: number) => {
-      const Y = new Float32Array(rows * W);
-      headCols(X, Y, rows, W, 0, sl.q, inv(lm.q), hd, false);
-      headCols(X, Y, rows, W, C, sl.kv, inv(lm.k), hd, false);
-      headCols(X, Y, rows, W, C + KV, sl.kv, inv(lm.v), hd, false);
-      return Y;
-    };
-    const unIn = (which: 1 | 2, X: Float32Array, cols: number) => {
-      const Y = sealed ? mm(Q!, X, C, C, cols) : mm(f32((which === 1 ? lm.R1 : lm.R2)!.m), X, C, C, cols);
-      return sealed ? scaleRows(Y, C, cols, base.layout.layer(base.params, which === 1 ? 'ln1w' : 'ln2w', l), true) : Y;
-    };
-    const qkv = get(l, 'qkv'), gu = get(l, 'gateup'), o = get(l, 'o'), down = get(l, 'down');
-    layout.layer(p, 'qkvw', l).set(unIn(1, unQkv(qkv.w, C), W));
-    if (c.qkv_bias) layout.layer(p, 'qkvb', l).set(unQkv(qkv.b, 1));
-    layout.layer(p, 'guw', l).set(unIn(2, permuteCols(gu.w, 2 * C, I, lm.pi, true), 2 * I));
-    // o and down: undo the output side (Q^T, Ro^-1 / Rp^-1), then the input side
-    const unOut = (X: Float32Array, rows: number, R: MaskPair | undefined) => {
-      const M = sealed ? f32(masks.Q!.inv) : R ? f32(R.inv) : null;
-      return M ? mm(X, M, rows, C, C) : X;
-    };
-    const Wo = unOut(o.w, C, lm.Ro);
-    // rows of slot s are Mv^-1 Wo[h]: Wo[h] = Mv Wo*[s] (per head, as (Wo*^T Mv^T)^T)
-    const Xt = new Float32Array(C * C), Yt = new Float32Array(C * C);
-    for (let i = 0; i < C; i++) for (let j = 0; j < C; j++) Xt[j * C + i] = Wo[i * C + j];
-    const vT = lm.v.map((x) => f32(transpose(x.m)));
-    headCols(Xt, Yt, C, C, 0, sl.q, Array.from({ length: c.n_head }, (_, h) => vT[Math.floor(h / rep)]), hd, false);
-    const ow = layout.layer(p, 'ow', l);
-    for (let i = 0; i < C; i++) for (let j = 0; j < C; j++) ow[i * C + j] = Yt[j * C + i];
-    layout.layer(p, 'downw', l).set(permuteRows(unOut(down.w, I, lm.Rp), I, C, lm.pi, true));
+    const sides = llamaSides(c, masks, l, true);
+    for (const name of LLAMA_LINEARS) {
+      const [din, dout] = llamaLinearDims(name, c);
+      const x = get(l, name);
+      // undo the output side, then the input side (and in sealed mode the folded RMSNorm gain)
+      const w = sides.input(name, sides.output(name, x.w, din), dout);
+      const g = sealed && (name === 'qkv' || name === 'gateup') ? base.layout.layer(base.params, name === 'qkv' ? 'ln1w' : 'ln2w', l) : null;
+      layout.layer(p, KIND[name], l).set(g ? scaleRows(w, C, dout, g, true) : w);
+      if (name === 'qkv' && c.qkv_bias) layout.layer(p, 'qkvb', l).set(sides.output(name, x.b, 1));
+    }
     for (const k of ['ln1w', 'ln2w'] as const) layout.layer(p, k, l).set(sealed ? base.layout.layer(base.params, k, l) : enc[k].subarray(l * C, (l + 1) * C));
   }
   const unrot = (x: Float32Array, rows: number) => (sealed ? mm(x, f32(masks.Q!.inv), rows, C, C) : Float32Array.from(x));
@@ -306,19 +283,9 @@ export function deobfuscateLlama(base: LlamaWeights, acc: AcceleratorWeights, en
 /** Plain Llama weights arranged as the two sides of the `local` mode (nothing masked). */
 export function plainLlamaParts(w: LlamaWeights): { accelerator: AcceleratorWeights; tensors: LlamaPlainTensors } {
   const c = w.config, lay = w.layout, p = w.params;
-  const layers: AcceleratorWeights['layers'] = [];
-  for (let l = 0; l < c.n_layer; l++) {
-    const rec: AcceleratorWeights['layers'][number] = {};
-    for (const name of LLAMA_LINEARS) {
-      const [din, dout] = llamaLinearDims(name, c);
-      const e = effective(w, false, l, name);
-      rec[name] = { w: e.w, b: e.b, din, dout };
-    }
-    layers.push(rec);
-  }
   const copy = (k: 'wte' | 'ln1w' | 'ln2w' | 'lnfw' | 'head') => Float32Array.from(lay.view(p, k));
   return {
-    accelerator: { n_layer: c.n_layer, layers },
+    accelerator: llamaLinears(w, false),
     tensors: {
       family: 'llama', mode: 'local', wte: copy('wte'), head: c.tie_word_embeddings ? null : copy('head'), ln1w: copy('ln1w'), ln2w: copy('ln2w'), lnfw: copy('lnfw'),
       score: w.cls ? Float32Array.from(w.cls.weight) : undefined, chk: null,

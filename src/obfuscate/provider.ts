@@ -96,23 +96,23 @@ export function obfuscateWeights(w: GPT2Weights, o: ObfuscateOptions): Obfuscati
   const pub = o.publicBase;
   if (pub) checkPublicBase(w, pub.weights, '');
   const { accelerator, enclave, deltaReport } = obfuscate(w, masks, (l) => o.onLayer?.('weights', l), pub ? { base: pub.weights, choice: pub.choice } : undefined);
-  // secret Freivalds vectors: the enclave checks every accelerator reply with them
-  enclave.chk = makeCheckVectors(accelerator, new KeyedRng(key).derive('integrity'));
+  const r = withChecks(w, key, params, accelerator, enclave);
+  r.enclave.publicBase = pub && deltaReport ? {
+    sha256: publicBaseSha256(pub.weights), choice: pub.choice.rank !== undefined ? `rank ${pub.choice.rank}` : `energy ${pub.choice.energy}`,
+    ranks: deltaReport.ranks, residualEnergy: deltaReport.total > 0 ? deltaReport.residual / deltaReport.total : 0,
+  } : undefined;
+  return { ...r, delta: deltaReport };
+}
+
+/** The result of a transform, with the secret Freivalds vectors the enclave checks every accelerator reply with. */
+function withChecks<T extends ObfuscatedTensors | LlamaObfuscatedTensors>(w: GPT2Weights | LlamaWeights, key: Buffer, params: ObfuscationParams, accelerator: AcceleratorWeights, tensors: T): ObfuscationResult<T> {
+  tensors.chk = makeCheckVectors(accelerator, new KeyedRng(key).derive('integrity'));
   return {
-    key,
-    params,
-    accelerator,
+    key, params, accelerator, delta: null,
     enclave: {
-      mode: params.mode, config: w.config, tensors: enclave, spec: maskSpecLabel(params.spec), twoSided: params.twoSided,
-      acceleratorManifestSha256: '',
-      cls: w.cls ? { numLabels: w.cls.numLabels, labels: w.cls.labels, pooling: w.cls.pooling } : undefined,
-      padTokenId: w.padTokenId,
-      publicBase: pub && deltaReport ? {
-        sha256: publicBaseSha256(pub.weights), choice: pub.choice.rank !== undefined ? `rank ${pub.choice.rank}` : `energy ${pub.choice.energy}`,
-        ranks: deltaReport.ranks, residualEnergy: deltaReport.total > 0 ? deltaReport.residual / deltaReport.total : 0,
-      } : undefined,
+      mode: params.mode, config: w.config, tensors, spec: maskSpecLabel(params.spec), twoSided: params.twoSided, acceleratorManifestSha256: '',
+      cls: w.cls ? { numLabels: w.cls.numLabels, labels: w.cls.labels, pooling: w.cls.pooling } : undefined, padTokenId: w.padTokenId,
     },
-    delta: deltaReport,
   };
 }
 
@@ -127,10 +127,10 @@ export function factoredModel(w: GPT2Weights, publicBase: NonNullable<ObfuscateO
   return deobfuscate(w, r.accelerator, r.enclave.tensors, deriveMasks(w.config, r.key, r.params));
 }
 
-/** Writes out/accelerator, out/enclave and out/provider (the secret key). */
 /** What writeObfuscation writes into its directory. */
 export const BUNDLE_DIRS = ['accelerator', 'enclave', 'provider'];
 
+/** Writes out/accelerator, out/enclave and out/provider (the secret key). */
 export function writeObfuscation(out: string, r: ObfuscationResult<ObfuscatedTensors | LlamaObfuscatedTensors>): { acceleratorSha256: string } {
   const fp = keyFingerprint(r.key);
   const acceleratorSha256 = writeAcceleratorBundle(path.join(out, 'accelerator'), r.accelerator, r.params.mode, r.enclave.config.n_embd, fp, r.enclave.publicBase?.sha256);
@@ -156,14 +156,7 @@ export function obfuscateLlamaWeights(w: LlamaWeights, o: ObfuscateOptions & { r
   const key = resolveKey(o);
   const masks = deriveLlamaMasks(w.config, key, params, o.rotary ?? 'full', (l) => o.onLayer?.('masks', l));
   const { accelerator, enclave } = obfuscateLlama(w, masks, (l) => o.onLayer?.('weights', l));
-  enclave.chk = makeCheckVectors(accelerator, new KeyedRng(key).derive('integrity'));
-  return {
-    key, params, accelerator, delta: null,
-    enclave: {
-      mode: params.mode, config: w.config, tensors: enclave, spec: maskSpecLabel(params.spec), twoSided: params.twoSided, acceleratorManifestSha256: '',
-      cls: w.cls ? { numLabels: w.cls.numLabels, labels: w.cls.labels, pooling: w.cls.pooling } : undefined, padTokenId: w.padTokenId,
-    },
-  };
+  return withChecks(w, key, params, accelerator, enclave);
 }
 
 /** Provider side: regenerate the masks from the key and recover a plain model. */

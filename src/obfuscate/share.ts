@@ -99,16 +99,3 @@ export function shareTable(T: number, models = ['gpt2', 'gpt2-medium', 'gpt2-lar
   }
   return rows;
 }
-
-export function formatShare(T: number, rows: ShareRow[]): string {
-  const head = ['model', 'mode', 'enclave params', 'share', 'enclave state', 'of which masks', 'enclave FLOPs', 'boundary/token', 'trips/layer'];
-  const fmtB = (b: number) => (b >= 1e9 ? `${(b / 1e9).toFixed(2)} GB` : `${(b / 1e6).toFixed(1)} MB`);
-  const lines = rows.map((r) => [
-    r.model, r.mode + (r.two_sided ? ' 2-sided' : '') + ('rotary' in r ? ` ${String(r.rotary)}` : ''), `${(r.enclave_params / 1e6).toFixed(1)}M / ${(r.params_total / 1e6).toFixed(0)}M`,
-    `${(100 * r.enclave_param_share).toFixed(2)}%`, fmtB(r.enclave_state_bytes), fmtB(r.enclave_mask_bytes),
-    `${(100 * r.enclave_flop_share).toFixed(2)}%`, `${(r.boundary_bytes_per_token / 1024).toFixed(0)} KiB`, String(r.round_trips_per_layer),
-  ]);
-  const all = [head, ...lines];
-  const w = head.map((_, i) => Math.max(...all.map((l) => l[i].length)));
-  return [`sequence length ${T} (forward pass, per token)`, ...all.map((l) => l.map((s, i) => s.padEnd(w[i])).join('  '))].join('\n');
-}

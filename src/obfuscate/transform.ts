@@ -113,6 +113,15 @@ function foldBias(b: Float32Array, beta: Float32Array, W: Float32Array, d: numbe
   return out;
 }
 
+/** One matrix or more of every layer, stacked into one float32 tensor [L, ...] in order. */
+export function stackLayers<M>(layers: M[], get: (lm: M) => Mat64 | Mat64[]): Float32Array {
+  const mats = layers.flatMap(get);
+  const n = mats[0]?.data.length ?? 0;
+  const out = new Float32Array(mats.length * n);
+  mats.forEach((m, i) => out.set(m.data, i * n));
+  return out;
+}
+
 export interface ObfuscatedModel {
   accelerator: AcceleratorWeights;
   /** without integrity vectors (the provider adds them) */
@@ -123,6 +132,9 @@ const WEIGHT_NAMES: Record<LinearName, ['qkvw' | 'attprojw' | 'fcw' | 'fcprojw',
   qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'],
 };
 
+/** The layer norm whose affine part sealed mode folds into qkv and fc. */
+const FOLDED_NORM = { qkv: ['ln1w', 'ln1b'], fc: ['ln2w', 'ln2b'] } as const;
+
 /**
  * A block linear as its mode computes it before any mask: plain in paper mode; in sealed
  * mode qkv and fc take the layer norm's affine part (W' = diag(gamma) W, b' = beta W + b).
@@ -132,36 +144,37 @@ export function effectiveLinear(w: GPT2Weights, mode: Mode, l: number, name: Lin
   const W = lay.layer(p, WEIGHT_NAMES[name][0], l), b = lay.layer(p, WEIGHT_NAMES[name][1], l);
   if (mode !== 'sealed' || name === 'attproj' || name === 'fcproj') return { w: Float32Array.from(W), b: Float32Array.from(b) };
   const n = name === 'qkv' ? 3 * d : 4 * d;
-  const [g, be] = name === 'qkv' ? (['ln1w', 'ln1b'] as const) : (['ln2w', 'ln2b'] as const);
+  const [g, be] = FOLDED_NORM[name];
   return { w: scaleRows(W, d, n, lay.layer(p, g, l)), b: foldBias(b, lay.layer(p, be, l), W, d, n) };
 }
 
 /**
  * The two sides of one layer's masks, W* = In W Out: `input` maps X [din, cols] (a weight's
  * rows, a low-rank factor U), `output` maps X [rows, dout] (a weight's columns, a bias, V).
+ * With `inv`, the inverse maps (In^-1, Out^-1): W = In^-1 (Out^-1 applied to W*).
  */
-export function maskSides(masks: ModelMasks, l: number, d: number, H: number) {
+export function maskSides(masks: ModelMasks, l: number, d: number, H: number, inv = false) {
   const lm = masks.layers[l];
   const hm = headMats(lm);
   const dh = d / H;
-  const Q = masks.Q ? f32(masks.Q.m) : null;
   const sealed = masks.params.mode === 'sealed';
-  const R = (m: LayerMasks['R1'], inv: boolean) => (m ? f32(inv ? m.inv : m.m) : null);
-  const R1i = R(lm.R1, true), R2i = R(lm.R2, true), Ro = R(lm.Ro, false), Rp = R(lm.Rp, false);
+  const Q = masks.Q ? f32(masks.Q.m) : null;
+  const R = (m: LayerMasks['R1'], invert: boolean) => (m ? f32(invert ? m.inv : m.m) : null);
+  const R1 = R(lm.R1, !inv), R2 = R(lm.R2, !inv), Ro = R(lm.Ro, inv), Rp = R(lm.Rp, inv), Qo = R(masks.Q, inv);
   return {
     input(name: LinearName, X: Float32Array, cols: number): Float32Array {
       switch (name) {
-        case 'qkv': return mm(sealed ? Q! : R1i!, X, d, d, cols, sealed); //  Q^T X or R1^-1 X
-        case 'fc': return mm(sealed ? Q! : R2i!, X, d, d, cols, sealed); //   Q^T X or R2^-1 X
-        case 'attproj': { const Y = new Float32Array(d * cols); headLeft(X, Y, cols, hm.Binv, lm.headPerm, dh, false); return Y; } // MB^-1 X
-        case 'fcproj': return permuteRows(X, 4 * d, cols, lm.pi, false); //  Pi^T X
+        case 'qkv': return sealed ? mm(Q!, X, d, d, cols, !inv) : mm(R1!, X, d, d, cols); // Q^T X or R1^-1 X (inverse: Q X, R1 X)
+        case 'fc': return sealed ? mm(Q!, X, d, d, cols, !inv) : mm(R2!, X, d, d, cols); //   Q^T X or R2^-1 X
+        case 'attproj': { const Y = new Float32Array(d * cols); headLeft(X, Y, cols, inv ? hm.B : hm.Binv, lm.headPerm, dh, inv); return Y; } // MB^-1 X
+        case 'fcproj': return permuteRows(X, 4 * d, cols, lm.pi, inv); //  Pi^T X
       }
     },
     output(name: LinearName, X: Float32Array, rows: number): Float32Array {
-      const right = sealed ? Q : name === 'attproj' ? Ro : Rp;
+      const right = sealed ? Qo : name === 'attproj' ? Ro : Rp;
       switch (name) {
-        case 'qkv': return applyMqkv(X, rows, d, dh, lm, false, hm); //    X Mqkv
-        case 'fc': return permuteCols(X, rows, 4 * d, lm.pi, false); //   X Pi
+        case 'qkv': return applyMqkv(X, rows, d, dh, lm, inv, hm); //    X Mqkv
+        case 'fc': return permuteCols(X, rows, 4 * d, lm.pi, inv); //   X Pi
         default: return right ? mm(X, right, rows, d, d) : Float32Array.from(X); // X Q, X Ro / Rp, or X
       }
     },
@@ -228,14 +241,10 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
 
   // per-head masks and the hidden permutation: LoRA (both modes) adds plain-space updates
   // into the masked q*, k*, v*, f* (O(n d d_h) per layer, no d x d product)
-  const perHead = (get: (lm: LayerMasks) => Mat64[]) => {
-    const out = new Float32Array(L * H * dh * dh);
-    masks.layers.forEach((lm, l) => get(lm).forEach((m, h) => out.set(f32(m), (l * H + h) * dh * dh)));
-    return out;
-  };
+  const stack = (get: (lm: LayerMasks) => Mat64 | Mat64[]) => stackLayers(masks.layers, get);
   const heads: HeadMasks = {
-    hA: perHead((lm) => lm.A.map((x) => x.m)), hAinvT: perHead((lm) => lm.A.map((x) => transpose(x.inv))),
-    hB: perHead((lm) => lm.B.map((x) => x.m)), hBinv: perHead((lm) => lm.B.map((x) => x.inv)),
+    hA: stack((lm) => lm.A.map((x) => x.m)), hAinvT: stack((lm) => lm.A.map((x) => transpose(x.inv))),
+    hB: stack((lm) => lm.B.map((x) => x.m)), hBinv: stack((lm) => lm.B.map((x) => x.inv)),
     headPerm: Int32Array.from(masks.layers.flatMap((lm) => [...lm.headPerm])), pi: Int32Array.from(masks.layers.flatMap((lm) => [...lm.pi])),
   };
   const copy = (k: 'wte' | 'wpe' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb') => Float32Array.from(lay.view(p, k));
@@ -257,11 +266,6 @@ export function obfuscate(w: GPT2Weights, masks: ModelMasks, onLayer?: (l: numbe
       score: w.cls ? mm(w.cls.weight, Q!, w.cls.numLabels, d, d) : undefined,
     };
   } else {
-    const stack = (get: (lm: LayerMasks) => Mat64) => {
-      const out = new Float32Array(L * d * d);
-      masks.layers.forEach((lm, l) => out.set(f32(get(lm)), l * d * d));
-      return out;
-    };
     const two = masks.params.twoSided;
     enclave = {
       mode: 'paper', ...common, wte: copy('wte'), wpe: copy('wpe'), lnfw: copy('lnfw'), lnfb: copy('lnfb'),
@@ -303,58 +307,31 @@ export function deobfuscate(base: GPT2Weights, acc0: AcceleratorWeights, enc: Ob
   const acc = gpt2Linears(enc.delta ? withDelta(acc0, enc.delta) : acc0, 'deobfuscate');
   const c = base.config;
   const { n_layer: L, n_embd: d, n_head: H } = c;
-  const dh = d / H;
   const layout = new ParamLayout(c);
   const p = new Float32Array(layout.total);
   const mode = masks.params.mode;
   if (enc.mode !== mode) throw new BundleError(`the enclave tensors are ${enc.mode} mode, the masks ${mode} mode`);
-  const Q = masks.Q ? f32(masks.Q.m) : null;
   const QT = masks.Q ? f32(masks.Q.inv) : null;
   const bl = base.layout;
   const bp0 = base.params;
   for (let l = 0; l < L; l++) {
-    const lm = masks.layers[l];
-    const hm = headMats(lm);
-    const a = acc.layers[l];
-    // undo the output side of qkv / fc
-    const inQkv = applyMqkv(a.qkv.w, d, d, dh, lm, true, hm);
-    const inBqkv = applyMqkv(a.qkv.b, 1, d, dh, lm, true, hm);
-    const inFc = permuteCols(a.fc.w, d, 4 * d, lm.pi, true);
-    const inBfc = permuteCols(a.fc.b, 1, 4 * d, lm.pi, true);
-    // undo the output side of attproj / fcproj: Q^T (sealed), Ro^-1 and Rp^-1 (two-sided paper) or nothing
-    const [RoI, RpI] = mode === 'sealed' ? [QT!, QT!] : lm.Ro ? [f32(lm.Ro.inv), f32(lm.Rp!.inv)] : [null, null];
-    const right = (X: Float32Array, M: Float32Array | null, rows: number) => (M ? mm(X, M, rows, d, d) : X);
-    const WoMasked = right(a.attproj.w, RoI, d), bo = right(a.attproj.b, RoI, 1);
-    const WpPerm = right(a.fcproj.w, RpI, 4 * d), bp = right(a.fcproj.b, RpI, 1);
-    if (mode === 'sealed') {
-      // the layer-norm affine folded into the weights is the base model's (it is not trained in sealed mode)
-      const g1 = bl.layer(bp0, 'ln1w', l), be1 = bl.layer(bp0, 'ln1b', l);
-      const g2 = bl.layer(bp0, 'ln2w', l), be2 = bl.layer(bp0, 'ln2b', l);
-      for (const g of [g1, g2]) for (let i = 0; i < d; i++) if (g[i] === 0) throw new Error(`layer ${l}: a layer-norm gain is exactly 0, the folded weights cannot be unfolded`);
-      // W = diag(1/gamma) Q W* ; b = b* - beta W
-      const Wqkv = scaleRows(mm(Q!, inQkv, d, d, 3 * d), d, 3 * d, g1, true);
-      const Wfc = scaleRows(mm(Q!, inFc, d, d, 4 * d), d, 4 * d, g2, true);
-      layout.layer(p, 'qkvw', l).set(Wqkv);
-      layout.layer(p, 'qkvb', l).set(foldBias(inBqkv, be1, Wqkv, d, 3 * d, -1));
-      layout.layer(p, 'fcw', l).set(Wfc);
-      layout.layer(p, 'fcb', l).set(foldBias(inBfc, be2, Wfc, d, 4 * d, -1));
-      layout.layer(p, 'ln1w', l).set(g1);
-      layout.layer(p, 'ln1b', l).set(be1);
-      layout.layer(p, 'ln2w', l).set(g2);
-      layout.layer(p, 'ln2b', l).set(be2);
-    } else {
-      layout.layer(p, 'qkvw', l).set(mm(f32(lm.R1!.m), inQkv, d, d, 3 * d));
-      layout.layer(p, 'qkvb', l).set(inBqkv);
-      layout.layer(p, 'fcw', l).set(mm(f32(lm.R2!.m), inFc, d, d, 4 * d));
-      layout.layer(p, 'fcb', l).set(inBfc);
-      for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b'] as const) layout.layer(p, k, l).set(enc[k].subarray(l * d, (l + 1) * d));
+    const sides = maskSides(masks, l, d, H, true);
+    for (const name of LINEARS) {
+      const [din, dout] = linearDims(name, d);
+      const a = acc.layers[l][name];
+      let w = sides.input(name, sides.output(name, a.w, din), dout), b = sides.output(name, a.b, 1);
+      if (mode === 'sealed' && (name === 'qkv' || name === 'fc')) {
+        // the layer-norm affine folded into the weights is the base model's (it is not trained in sealed mode)
+        const [g, be] = FOLDED_NORM[name].map((k) => bl.layer(bp0, k, l));
+        for (let i = 0; i < d; i++) if (g[i] === 0) throw new Error(`layer ${l}: a layer-norm gain is exactly 0, the folded weights cannot be unfolded`);
+        // W = diag(1/gamma) Q W* ; b = b* - beta W
+        w = scaleRows(w, d, dout, g, true);
+        b = foldBias(b, be, w, d, dout, -1);
+      }
+      layout.layer(p, WEIGHT_NAMES[name][0], l).set(w);
+      layout.layer(p, WEIGHT_NAMES[name][1], l).set(b);
     }
-    const Wo = new Float32Array(d * d);
-    headLeft(WoMasked, Wo, d, hm.B, lm.headPerm, dh, true);
-    layout.layer(p, 'attprojw', l).set(Wo);
-    layout.layer(p, 'attprojb', l).set(bo);
-    layout.layer(p, 'fcprojw', l).set(permuteRows(WpPerm, 4 * d, d, lm.pi, true));
-    layout.layer(p, 'fcprojb', l).set(bp);
+    for (const k of ['ln1w', 'ln1b', 'ln2w', 'ln2b'] as const) layout.layer(p, k, l).set(mode === 'sealed' ? bl.layer(bp0, k, l) : enc[k].subarray(l * d, (l + 1) * d));
   }
   let cls = base.cls ? { ...base.cls } : undefined;
   if (enc.mode === 'sealed') {

@@ -57,13 +57,9 @@ export function makeCheckVectors(acc: AcceleratorWeights, rng: RandomSource, K =
     const rec: CheckVectors[number] = {};
     for (const name of layerLinearNames(layer)) {
       const { w: W, b, din, dout } = layer[name]!;
-      const r = new Float64Array(dout * K);
-      const s = new Float64Array(din * K);
+      const [r, s, w, v, c] = [dout * K, din * K, din * K, dout * K, K].map((n) => new Float64Array(n));
       rng.fillNormal(r);
       rng.fillNormal(s);
-      const w = new Float64Array(din * K);
-      const v = new Float64Array(dout * K);
-      const c = new Float64Array(K);
       for (let i = 0; i < din; i++) {
         const row = i * dout;
         for (let j = 0; j < dout; j++) {

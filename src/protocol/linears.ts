@@ -6,6 +6,7 @@
  */
 import { ALL_LINEARS, LINEARS, type BlockLinearName, type LinearName } from '../model/block.js';
 import type { BlockLinears, LinearSet, LinearWeights } from '../model/local_linears.js';
+import type { TensorToWrite } from '../io/safetensors.js';
 import { BundleError } from '../errors.js';
 
 export type AcceleratorWeights = LinearSet<BlockLinearName>;
@@ -15,6 +16,17 @@ export type LinearLayer = AcceleratorWeights['layers'][number];
 /** The linears a layer holds, in block order. */
 export function layerLinearNames(layer: LinearLayer): BlockLinearName[] {
   return ALL_LINEARS.filter((n) => layer[n] !== undefined);
+}
+
+/** Each linear's weight [din, dout] and bias [dout] as tensors `${prefix}.{l}.{name}.{w}` and `.{b}`, in bundle order. */
+export function linearTensors(acc: AcceleratorWeights, prefix: string, [w, b] = ['weight', 'bias']): TensorToWrite[] {
+  return acc.layers.flatMap((layer, l) => layerLinearNames(layer).flatMap((name): TensorToWrite[] => {
+    const x = layer[name]!;
+    return [
+      { name: `${prefix}.${l}.${name}.${w}`, dtype: 'F32', shape: [x.din, x.dout], data: x.w },
+      { name: `${prefix}.${l}.${name}.${b}`, dtype: 'F32', shape: [x.b.length], data: x.b },
+    ];
+  }));
 }
 
 /** One linear of a layer (a clear error when the layer lacks it). */

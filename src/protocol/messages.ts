@@ -63,13 +63,7 @@ export const MAX_FRAME_BYTES = 1 << 30;
 /** Binary frame: u32 header length | JSON header | float32 payloads (4-byte aligned). */
 export function encodeMessage(m: AcceleratorRequest | AcceleratorReply): Buffer {
   const { parts, length } = encodeMessageParts(m);
-  const out = Buffer.allocUnsafe(length);
-  let off = 0;
-  for (const p of parts) {
-    p.copy(out, off);
-    off += p.length;
-  }
-  return out;
+  return Buffer.concat(parts, length);
 }
 
 /**

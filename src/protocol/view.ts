@@ -19,7 +19,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { openSafetensors, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import type { GPT2Config } from '../model/config.js';
 import { blockLinearDims, blockLinearNames } from '../model/family.js';
-import { layerLinearNames, type AcceleratorWeights } from './linears.js';
+import { layerLinearNames, linearTensors, type AcceleratorWeights } from './linears.js';
 import type { CrossingEvent, Observer } from './link.js';
 import { InputError, ViewError } from '../errors.js';
 
@@ -161,10 +161,6 @@ export class ViewRecorder {
     this.truthBatches.push({ call: this.calls, tokens: Array.from(tokens), pos: Array.from(pos), ...(labels ? { labels: Array.from(labels) } : {}) });
   }
 
-  get recordedBytes(): number {
-    return this.bytes;
-  }
-
   /**
    * Writes the view to `file` and its scoring key to `<file>.truth.json`. `acc` is the
    * accelerator's bundle as it was handed over (before any training).
@@ -176,13 +172,7 @@ export class ViewRecorder {
       filter: { layers: this.layers ? [...this.layers] : null, max_bytes: this.maxBytes, custom: this.opts.keep !== undefined },
     };
     const tensors: TensorToWrite[] = this.events.map((e, i): TensorToWrite => ({ name: `t.${i}`, dtype: 'F32', shape: [e.rows, e.cols], data: this.data[i] }));
-    acc.layers.forEach((layer, l) => {
-      for (const name of layerLinearNames(layer)) {
-        const L = layer[name]!;
-        tensors.push({ name: `bundle.${l}.${name}.w`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-        tensors.push({ name: `bundle.${l}.${name}.b`, dtype: 'F32', shape: [L.b.length], data: L.b });
-      }
-    });
+    tensors.push(...linearTensors(acc, 'bundle', ['w', 'b']));
     const events = this.events.map((e) => [e.call, e.direction === 'to_accelerator' ? 0 : 1, e.op, e.layer, e.name, e.field, e.rows, e.cols]);
     writeSafetensors(file, tensors, { format: VIEW_FORMAT, header: JSON.stringify(header), events: JSON.stringify(events) });
     const t: ViewTruth = { format: TRUTH_FORMAT, model_id: header.model_id, bundle_sha256: header.bundle_sha256, ...truth, batches: this.truthBatches };
@@ -190,13 +180,6 @@ export class ViewRecorder {
     writeFileSync(truthFile, JSON.stringify(t) + '\n');
     return { header, truthFile };
   }
-}
-
-/** Row positions of a [B, T] batch: 0..T-1 per sequence. */
-export function batchPositions(B: number, T: number): Int32Array {
-  const p = new Int32Array(B * T);
-  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) p[b * T + t] = t;
-  return p;
 }
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
@@ -214,7 +197,7 @@ export function tapBatches(model: { forward?: AnyFn; forwardCached?: AnyFn }, re
     m.forward = async (tokens: Int32Array, B: number, T: number, ...rest: unknown[]) => {
       // a classification forward's next argument is the labels [B]
       const labels = o.labels && rest[0] instanceof Int32Array && rest[0].length === B ? rest[0] : undefined;
-      rec.beginBatch(tokens, batchPositions(B, T), labels);
+      rec.beginBatch(tokens, Int32Array.from({ length: B * T }, (_, i) => i % T), labels); // row positions 0..T-1 per sequence
       return fwd(tokens, B, T, ...rest);
     };
   }

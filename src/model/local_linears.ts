@@ -28,6 +28,16 @@ export interface LinearSet<N extends string = string> {
   layers: Partial<Record<N, LinearWeights>>[];
 }
 
+/** A model's block linears as views of a parameter buffer: `views(l, name)` gives a layer's weight and bias. */
+export function linearViews<N extends string>(n_layer: number, names: readonly N[], dims: (name: N) => [number, number],
+  views: (l: number, name: N) => [Float32Array, Float32Array]): BlockLinears<N> {
+  const layers = Array.from({ length: n_layer }, (_, l) => Object.fromEntries(names.map((name) => {
+    const [w, b] = views(l, name), [din, dout] = dims(name);
+    return [name, { w, b, din, dout }];
+  })) as Record<N, LinearWeights>);
+  return { n_layer, layers };
+}
+
 export interface LocalLinearsOptions<N extends string = LinearName> {
   /** accumulate weight gradients in backward (full fine-tuning, plain training) */
   trainWeights: boolean;

@@ -285,7 +285,12 @@ function parseHeaderJson(file: string, text: string, headerLength: number, dataL
 
 /** Runs `f` on `file` opened for reading, closing it afterwards. */
 function withFd<T>(file: string, f: (fd: number) => T): T {
-  const fd = fs.openSync(file, 'r');
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (e) {
+    fail(file, `cannot open safetensors file (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+  }
   try {
     return f(fd);
   } finally {
@@ -295,13 +300,7 @@ function withFd<T>(file: string, f: (fd: number) => T): T {
 
 /** Parses and validates the header of a safetensors file without reading tensor data. */
 export function readSafetensorsHeader(file: string): SafetensorsHeader {
-  let fd: number;
-  try {
-    fd = fs.openSync(file, 'r');
-  } catch (e) {
-    fail(file, `cannot open safetensors file (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
-  }
-  try {
+  return withFd(file, (fd) => {
     const fileSize = fs.fstatSync(fd).size;
     if (fileSize < 8) fail(file, `not a safetensors file: ${fileSize} bytes, shorter than the 8-byte header length`);
     const lenBuf = Buffer.alloc(8);
@@ -319,9 +318,7 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     const dataStart = 8 + headerLength;
     const { tensors, metadata } = parseHeaderJson(file, hdr.toString('utf8'), headerLength, fileSize - dataStart);
     return { path: file, headerLength, dataStart, fileSize, tensors, metadata };
-  } finally {
-    fs.closeSync(fd);
-  }
+  });
 }
 
 /** Conversion chunk size for non-F32 dtypes (bytes). */
@@ -543,17 +540,25 @@ export function writeSafetensors(file: string, tensors: TensorToWrite[], metadat
   const lenBuf = Buffer.alloc(8);
   lenBuf.writeBigUInt64LE(BigInt(json.length), 0);
 
-  const tmp = path.join(
-    path.dirname(file),
-    `.${path.basename(file)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`,
-  );
+  writeFileAtomic(file, (write) => {
+    write(lenBuf);
+    write(json);
+    for (const t of tensors) if (t.data.length > 0) write(encodeTensor(file, t));
+  });
+}
+
+/**
+ * Writes `file` under a temporary name in the same directory (`fill` gets the writer of its
+ * bytes), syncs it, then renames it over `file`: an interrupted write never leaves a partial file.
+ */
+export function writeFileAtomic(file: string, fill: (write: (bytes: Uint8Array) => void) => void): void {
+  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`);
   const fd = fs.openSync(tmp, 'w');
   try {
-    writeAll(fd, lenBuf);
-    writeAll(fd, json);
-    for (const t of tensors) {
-      if (t.data.length > 0) writeAll(fd, encodeTensor(file, t));
-    }
+    fill((bytes) => {
+      // writeSync writes at most ~2 GiB per call; loop in 1 GiB steps
+      for (let done = 0; done < bytes.length; ) done += fs.writeSync(fd, bytes, done, Math.min(1 << 30, bytes.length - done));
+    });
     fs.fsyncSync(fd);
     fs.closeSync(fd);
     fs.renameSync(tmp, file);
@@ -565,13 +570,5 @@ export function writeSafetensors(file: string, tensors: TensorToWrite[], metadat
     }
     fs.rmSync(tmp, { force: true });
     throw e;
-  }
-}
-
-function writeAll(fd: number, bytes: Uint8Array): void {
-  const STEP = 1 << 30;
-  for (let done = 0; done < bytes.length; ) {
-    const n = fs.writeSync(fd, bytes, done, Math.min(STEP, bytes.length - done));
-    done += n;
   }
 }

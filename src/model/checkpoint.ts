@@ -13,7 +13,7 @@ import { validateConfig, type GPT2Config } from './config.js';
 import { ParamLayout, hfTensorList, type ParamKind } from './params.js';
 import type { ClassifierHead, GPT2Weights } from './weights.js';
 import { POOLINGS, type Pooling } from './kernels.js';
-import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
+import { openSafetensors, writeFileAtomic, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { BundleError, InputError } from '../errors.js';
 
@@ -76,13 +76,18 @@ export function readJson(file: string): unknown {
   }
 }
 
+/** A JSON file that must hold an object. */
+export function readJsonObject(file: string): Record<string, unknown> {
+  const json = readJson(file);
+  if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new BundleError(`${file}: must contain a JSON object`);
+  return json as Record<string, unknown>;
+}
+
 /** The JSON object of a checkpoint directory's config.json and its path (`kind` names the model in errors). */
 export function readConfigObject(dir: string, kind: string): { file: string; raw: Record<string, unknown> } {
   const file = path.join(dir, CONFIG_FILE);
   if (!fs.existsSync(file)) throw new BundleError(`${file}: missing config.json; a Hugging Face ${kind}checkpoint directory needs one`);
-  const json = readJson(file);
-  if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new BundleError(`${file}: must contain a JSON object`);
-  return { file, raw: json as Record<string, unknown> };
+  return { file, raw: readJsonObject(file) };
 }
 
 /** Reads and validates a Hugging Face GPT-2 `config.json` (from a directory or a file inside it). */
@@ -441,16 +446,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
 // Saving
 // ---------------------------------------------------------------------------
 
-function writeFileAtomic(file: string, text: string): void {
-  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`);
-  try {
-    fs.writeFileSync(tmp, text);
-    fs.renameSync(tmp, file);
-  } catch (e) {
-    fs.rmSync(tmp, { force: true });
-    throw e;
-  }
-}
+const writeJson = (file: string, json: unknown) => writeFileAtomic(file, (write) => write(Buffer.from(JSON.stringify(json, null, 2) + '\n')));
 
 const DTYPE_BYTES: Record<SaveDtype, number> = { F32: 4, F16: 2, BF16: 2 };
 const F16_MAX = 65504;
@@ -530,7 +526,7 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
   const single = path.join(dir, SINGLE_FILE);
   const index = path.join(dir, INDEX_FILE);
   const oldShards = fs.readdirSync(dir).filter((f) => SHARD_RE.test(f));
-  const writeConfig = () => writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
+  const writeConfig = () => writeJson(path.join(dir, CONFIG_FILE), configJson);
 
   if (shardBytes === undefined) {
     writeSafetensors(single, tensors, metadata);
@@ -567,7 +563,7 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
     }
   });
   const sortedMap = Object.fromEntries(Object.keys(weightMap).sort().map((k) => [k, weightMap[k]!]));
-  writeFileAtomic(index, JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
+  writeJson(index, { metadata: { total_size: total }, weight_map: sortedMap });
   writeConfig();
   fs.rmSync(single, { force: true });
   for (const f of oldShards) if (!names.includes(f)) fs.rmSync(path.join(dir, f), { force: true });

@@ -12,17 +12,10 @@ import type { RopeScaling } from './config.js';
 // ---------------------------------------------------------------------------------------
 // encoder: out[B,T,C] = wte[tokens[b,t]] + wpe[t] (no wpe: the token rows alone)
 export function encoderForward(out: Float32Array, tokens: Int32Array, wte: Float32Array, wpe: Float32Array | null, B: number, T: number, C: number): void {
-  if (!wpe) {
-    for (let i = 0; i < B * T; i++) out.set(wte.subarray(tokens[i] * C, (tokens[i] + 1) * C), i * C);
-    return;
-  }
-  for (let b = 0; b < B; b++) {
-    for (let t = 0; t < T; t++) {
-      const o = (b * T + t) * C;
-      const ix = tokens[b * T + t] * C;
-      const p = t * C;
-      for (let i = 0; i < C; i++) out[o + i] = wte[ix + i] + wpe[p + i];
-    }
+  for (let i = 0; i < B * T; i++) {
+    const o = i * C;
+    out.set(wte.subarray(tokens[i] * C, (tokens[i] + 1) * C), o);
+    if (wpe) for (let j = 0, p = (i % T) * C; j < C; j++) out[o + j] += wpe[p + j];
   }
 }
 
@@ -102,20 +95,6 @@ function normBackward(dinp: Float32Array, dw: Float32Array | null, db: Float32Ar
       if (dw) dw[i] += zi * g;
       dinp[o + i] += ((w ? w[i] * g : g) - (u ? gu * u[i] : gu) - zi * gz) * s;
     }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// residual: out[N] = a + b
-export function residualForward(out: Float32Array, a: Float32Array, b: Float32Array, N: number): void {
-  for (let i = 0; i < N; i++) out[i] = a[i] + b[i];
-}
-
-// da[N] += dout ; db[N] += dout
-export function residualBackward(da: Float32Array, db: Float32Array, dout: Float32Array, N: number): void {
-  for (let i = 0; i < N; i++) {
-    da[i] += dout[i];
-    db[i] += dout[i];
   }
 }
 

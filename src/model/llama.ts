@@ -39,14 +39,11 @@ const EMPTY = new Float32Array(0);
 /** LoRA target widths of a Llama config. */
 export function llamaTargetDims(t: LoraTarget, c: LlamaConfig): [number, number] {
   const { C, KV, I } = llamaDims(c);
-  switch (t) {
-    case 'q': case 'proj': return [C, C];
-    case 'k': case 'v': return [C, KV];
-    case 'gate': case 'up': return [C, I];
-    case 'mlp-proj': return [I, C];
-    case 'wte': return [c.vocab_size, C];
-    case 'fc': throw new Error('LoRA target "fc" is GPT-2\'s; a Llama-family model has gate and up');
-  }
+  if (t === 'fc') throw new Error('LoRA target "fc" is GPT-2\'s; a Llama-family model has gate and up');
+  const dims: Record<Exclude<LoraTarget, 'fc'>, [number, number]> = {
+    q: [C, C], proj: [C, C], k: [C, KV], v: [C, KV], gate: [C, I], up: [C, I], 'mlp-proj': [I, C], wte: [c.vocab_size, C],
+  };
+  return dims[t];
 }
 
 /** Adapters for a Llama config. */

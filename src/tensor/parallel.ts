@@ -320,9 +320,8 @@ export function firstNonFinite(x: Float32Array): number {
  */
 export function normForwardNative(out: Float32Array, mean: Float32Array, rstd: Float32Array, x: Float32Array, u: Float32Array | null, w: Float32Array | null, b: Float32Array | null, rows: number, C: number, eps: number): boolean {
   const nat = ew();
-  if (!nat) return false;
-  nat.normForward(out, mean, rstd, x, u, w, b, rows, C, eps);
-  return true;
+  nat?.normForward(out, mean, rstd, x, u, w, b, rows, C, eps);
+  return nat !== null;
 }
 
 /**
@@ -332,9 +331,8 @@ export function normForwardNative(out: Float32Array, mean: Float32Array, rstd: F
  */
 export function normBackwardNative(dx: Float32Array, dw: Float32Array | null, db: Float32Array | null, dout: Float32Array, x: Float32Array, mean: Float32Array | null, rstd: Float32Array, u: Float32Array | null, w: Float32Array | null, rows: number, C: number): boolean {
   const nat = ew();
-  if (!nat) return false;
-  nat.normBackward(dx, dw, db, dout, x, mean, rstd, u, w, rows, C);
-  return true;
+  nat?.normBackward(dx, dw, db, dout, x, mean, rstd, u, w, rows, C);
+  return nat !== null;
 }
 
 /** a[n, n] (Gaussian) replaced by its Haar-orthogonal QR factor on the addon's threads; false (a untouched) without it. */

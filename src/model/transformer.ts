@@ -64,7 +64,7 @@ export interface HeadResult {
 
 /** Per-(B, T) activations of every layer, allocated once per shape. */
 class Acts<X extends Float32Array> {
-  readonly layers: LayerActs<X>[] = [];
+  readonly layers: LayerActs<X>[];
   readonly h: Float32Array; //   [n, C] the stream
   readonly hL: Float32Array; //  [n, C] the stream after the last block
   readonly nf: NormActs; //      final norm
@@ -78,13 +78,9 @@ class Acts<X extends Float32Array> {
   constructor(readonly B: number, readonly T: number, readonly layerCount: number, c: GPT2Config, basis: TrunkBasis<X>, block: BlockDef<X, string>) {
     const C = c.n_embd;
     const n = B * T;
-    for (let l = 0; l < layerCount; l++) this.layers.push(block.acts(B, T, basis));
-    this.h = new Float32Array(n * C);
-    this.hL = new Float32Array(n * C);
+    this.layers = Array.from({ length: layerCount }, () => block.acts(B, T, basis));
+    [this.h, this.hL, this.hf, this.dh, this.dhf] = Array.from({ length: 5 }, () => new Float32Array(n * C));
     this.nf = normActs(n, C);
-    this.hf = new Float32Array(n * C);
-    this.dh = new Float32Array(n * C);
-    this.dhf = new Float32Array(n * C);
     this.losses = sharedFloat32(n);
   }
 }

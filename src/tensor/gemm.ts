@@ -13,7 +13,7 @@
  * before either backend runs, and a bad one throws an Error naming it.
  */
 import { native, nativeLoadError } from './native.js';
-import { sgemmBatchedJs, sgemmJs } from './gemm_js.js';
+import { sgemmBatchedJs, sgemmJsAt } from './gemm_js.js';
 
 export type BackendName = 'native' | 'js';
 
@@ -130,7 +130,7 @@ export function sgemm(transA: boolean, transB: boolean, m: number, n: number, k:
   if (m === 0 || n === 0) return;
   const b = bias ?? null;
   if (active === 'native' && native) native.sgemm(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, b);
-  else sgemmJs(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, b);
+  else sgemmJsAt(transA, transB, m, n, k, alpha, A, 0, lda, B, 0, ldb, beta, C, 0, ldc, b);
 }
 
 /** `batch` independent products; matrix i of A, B and C starts at i*strideA, i*strideB, i*strideC. */

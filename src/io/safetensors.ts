@@ -392,10 +392,7 @@ export function openSafetensors(file: string): SafetensorsFile {
     metadata: header.metadata,
     names: () => [...tensors.keys()],
     has: (name) => tensors.has(name),
-    info: (name) => {
-      const t = info(name);
-      return { dtype: t.dtype, shape: [...t.shape], dataOffsets: [t.dataOffsets[0], t.dataOffsets[1]], numel: t.numel };
-    },
+    info: (name) => ({ ...info(name), shape: [...info(name).shape], dataOffsets: [...info(name).dataOffsets] }),
     get: (name) => getInto(name, new Float32Array(info(name).numel)),
     getInto,
     getFloat64: (name) => {

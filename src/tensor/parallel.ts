@@ -73,10 +73,9 @@ function getPool(): Pool | null {
   const resBuf = new SharedArrayBuffer(8 * (n + 1));
   const jobs = Array.from({ length: n }, () => new MessageChannel());
   const reports = new MessageChannel();
-  const far = [...jobs.map((c) => c.port1), reports.port1];
   const supervisor = new Worker(new URL('./parallel_supervisor.js', import.meta.url), {
     workerData: { ctrl: ctrlBuf, results: resBuf, ports: jobs.map((c) => c.port1), reports: reports.port1 },
-    transferList: far,
+    transferList: [...jobs.map((c) => c.port1), reports.port1],
   });
   supervisor.unref();
   // this thread reads its ports with receiveMessageOnPort only: no listener, nothing keeps the process alive

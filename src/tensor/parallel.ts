@@ -248,13 +248,9 @@ const allShared = (...xs: (ArrayBufferView | null)[]) => xs.every((x) => x === n
 
 /** AdamW step over whole buffers (params -= lr * (m^/(sqrt(v^)+eps) + wd * params), decay where mask = 1). */
 export function adamwStep(a: AdamWArgs): void {
-  const n = a.params.length;
   const nat = ew();
-  if (nat) {
-    nat.adamw(a.params, a.grads, a.m, a.v, a.mask, a.lr, a.beta1, a.beta2, a.eps, a.weightDecay, a.c1, a.c2, a.gradScale);
-    return;
-  }
-  run('adamw', a, n, allShared(a.params, a.grads, a.m, a.v, a.mask));
+  if (nat) return nat.adamw(a.params, a.grads, a.m, a.v, a.mask, a.lr, a.beta1, a.beta2, a.eps, a.weightDecay, a.c1, a.c2, a.gradScale);
+  run('adamw', a, a.params.length, allShared(a.params, a.grads, a.m, a.v, a.mask));
 }
 
 /** x = 0 (on every thread when the native backend has the kernel). */
@@ -266,9 +262,7 @@ export function zeroFill(x: Float32Array): void {
 
 /** Sum of squares of a buffer (float64 accumulation). */
 export function sumSquaresParallel(g: Float32Array): number {
-  const nat = ew();
-  if (nat) return nat.sumSquares(g);
-  return run('sumsq', { g }, g.length, isShared(g));
+  return ew()?.sumSquares(g) ?? run('sumsq', { g }, g.length, isShared(g));
 }
 
 /** GELU forward split across threads (see kernels.ts geluForward). */
@@ -336,10 +330,9 @@ export function normBackwardNative(dx: Float32Array, dw: Float32Array | null, db
 
 /** a[n, n] (Gaussian) replaced by its Haar-orthogonal QR factor on the addon's threads; false (a untouched) without it. */
 export function haarQrNative(a: Float64Array, n: number): boolean {
-  const nat = ew();
-  if (!nat || n < 32) return false;
-  nat.haarQr(a, n);
-  return true;
+  const nat = n >= 32 ? ew() : null;
+  nat?.haarQr(a, n);
+  return nat !== null;
 }
 
 /**

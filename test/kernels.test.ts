@@ -7,7 +7,7 @@ import { native } from '../src/tensor/native.js';
 import { firstNonFinite, freivaldsRows } from '../src/tensor/parallel.js';
 import {
   encoderForward, encoderBackward, layernormForward, layernormBackward, maskedNormForward, maskedNormBackward,
-  residualForward, residualBackward, attentionForward, attentionBackward,
+  attentionForward, attentionBackward,
 } from '../src/model/kernels.js';
 import { geluForward, geluBackward, crossEntropyForward, crossEntropyBackward, adamwRange, sumSquaresRange } from '../src/tensor/kernels_ew.js';
 import { haarOrthogonal } from '../src/linalg/mat64.js';
@@ -52,7 +52,7 @@ test('gelu (tanh) forward values and backward', () => {
   assertGradClose(dx, ix, numericGrad(loss, xs, ix), TOL, 'gelu dx');
 });
 
-test('encoder and residual backward', () => {
+test('encoder backward', () => {
   const rng = new Rng(3);
   const B = 2, T = 3, C = 4, V = 7;
   const tokens = new Int32Array([1, 5, 1, 0, 6, 5]);
@@ -65,13 +65,6 @@ test('encoder and residual backward', () => {
   assertGradClose(dwte, iw.concat([4, 5, 20, 21]), numericGrad(loss, wte, iw.concat([4, 5, 20, 21])), TOL, 'encoder dwte');
   const ip = someIndices(T * C, 6, rng);
   assertGradClose(dwpe, ip, numericGrad(loss, wpe, ip), TOL, 'encoder dwpe');
-  const a = randn(6, rng), b = randn(6, rng), o = new Float32Array(6);
-  residualForward(o, a, b, 6);
-  assert.ok(Math.abs(o[3] - (a[3] + b[3])) < 1e-7);
-  const da = new Float32Array(6), db = new Float32Array(6);
-  residualBackward(da, db, R.subarray(0, 6), 6);
-  assert.deepEqual(Array.from(da), Array.from(R.subarray(0, 6)));
-  assert.deepEqual(Array.from(db), Array.from(R.subarray(0, 6)));
 });
 
 test('cross-entropy: loss value, ignore index, backward', () => {

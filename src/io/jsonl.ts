@@ -130,24 +130,24 @@ export function parseJsonl(text: string, source: string, fields: DataFields = DE
   return recordsOf(objects, fields, source, { ...o, where: (i) => `${source}:${lines[i]}` });
 }
 
-function readDataset(file: string): string {
+/** The JSON objects of a dataset file and their line numbers; refuses a missing, over-large or empty file. */
+function readDataset(file: string): { objects: JsonObject[]; lines: number[] } {
   if (!existsSync(file)) throw new InputError(`dataset file ${file} not found`);
   const size = statSync(file).size;
   if (size > MAX_DATASET_BYTES) throw new InputError(`dataset file ${file} is ${size} bytes, over the ${MAX_DATASET_BYTES}-byte limit`);
-  return readFileSync(file, 'utf8');
+  const r = parseJsonObjects(readFileSync(file, 'utf8'), file);
+  if (r.objects.length === 0) throw new InputError(`dataset file ${file} has no records`);
+  return r;
 }
 
 export function readJsonl(file: string, fields: DataFields = DEFAULT_FIELDS, o: { inference?: boolean } = {}): Record_[] {
-  const recs = parseJsonl(readDataset(file), file, fields, o);
-  if (recs.length === 0) throw new InputError(`dataset file ${file} has no records`);
-  return recs;
+  const { objects, lines } = readDataset(file);
+  return recordsOf(objects, fields, file, { ...o, where: (i) => `${file}:${lines[i]}` });
 }
 
 /** A dataset file's JSON objects as they are (the owner uploads them so; the enclave maps them with the job's fields). */
 export function readJsonObjects(file: string): JsonObject[] {
-  const { objects } = parseJsonObjects(readDataset(file), file);
-  if (objects.length === 0) throw new InputError(`dataset file ${file} has no records`);
-  return objects;
+  return readDataset(file).objects;
 }
 
 /** Integer labels up to this are class indices (label k is class k); larger ones sort by value. */

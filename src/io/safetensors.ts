@@ -285,7 +285,12 @@ function parseHeaderJson(file: string, text: string, headerLength: number, dataL
 
 /** Runs `f` on `file` opened for reading, closing it afterwards. */
 function withFd<T>(file: string, f: (fd: number) => T): T {
-  const fd = fs.openSync(file, 'r');
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (e) {
+    fail(file, `cannot open safetensors file (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+  }
   try {
     return f(fd);
   } finally {
@@ -295,13 +300,7 @@ function withFd<T>(file: string, f: (fd: number) => T): T {
 
 /** Parses and validates the header of a safetensors file without reading tensor data. */
 export function readSafetensorsHeader(file: string): SafetensorsHeader {
-  let fd: number;
-  try {
-    fd = fs.openSync(file, 'r');
-  } catch (e) {
-    fail(file, `cannot open safetensors file (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
-  }
-  try {
+  return withFd(file, (fd) => {
     const fileSize = fs.fstatSync(fd).size;
     if (fileSize < 8) fail(file, `not a safetensors file: ${fileSize} bytes, shorter than the 8-byte header length`);
     const lenBuf = Buffer.alloc(8);
@@ -319,10 +318,23 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
     const dataStart = 8 + headerLength;
     const { tensors, metadata } = parseHeaderJson(file, hdr.toString('utf8'), headerLength, fileSize - dataStart);
     return { path: file, headerLength, dataStart, fileSize, tensors, metadata };
-  } finally {
-    fs.closeSync(fd);
-  }
+  });
 }
+
+const u16 = (b: Uint8Array) => new Uint16Array(b.buffer, b.byteOffset, b.length >> 1);
+
+/** Chunk converters of the float dtypes but F32: a chunk's bytes -> out[i0..]. */
+const TO_F32: Record<string, (b: Uint8Array, out: Float32Array, i0: number) => void> = {
+  F16: (b, out, i0) => {
+    const h = u16(b), table = getHalfTable();
+    for (let i = 0; i < h.length; i++) out[i0 + i] = table[h[i]!]!;
+  },
+  BF16: (b, out, i0) => {
+    const h = u16(b), o32 = new Uint32Array(out.buffer, out.byteOffset + 4 * i0, h.length);
+    for (let i = 0; i < h.length; i++) o32[i] = h[i]! << 16;
+  },
+  F64: (b, out, i0) => out.set(new Float64Array(b.buffer, b.byteOffset, b.length >> 3), i0),
+};
 
 /** Conversion chunk size for non-F32 dtypes (bytes). */
 const CHUNK = 8 << 20;
@@ -370,33 +382,8 @@ export function openSafetensors(file: string): SafetensorsFile {
       fail(file, `tensor "${name}": destination has ${out.length} elements, tensor has ${t.numel}`);
     }
     if (t.numel === 0) return out;
-    switch (t.dtype) {
-      case 'F32':
-        readRaw(name, t, new Uint8Array(out.buffer, out.byteOffset, out.byteLength));
-        break;
-      case 'F16': {
-        const table = getHalfTable();
-        stream(name, t, (b, i0) => {
-          const h = new Uint16Array(b.buffer, b.byteOffset, b.length >> 1);
-          for (let i = 0; i < h.length; i++) out[i0 + i] = table[h[i]!]!;
-        });
-        break;
-      }
-      case 'BF16': {
-        const o32 = new Uint32Array(out.buffer, out.byteOffset, out.length);
-        stream(name, t, (b, i0) => {
-          const h = new Uint16Array(b.buffer, b.byteOffset, b.length >> 1);
-          for (let i = 0; i < h.length; i++) o32[i0 + i] = h[i]! << 16;
-        });
-        break;
-      }
-      case 'F64':
-        stream(name, t, (b, i0) => {
-          const d = new Float64Array(b.buffer, b.byteOffset, b.length >> 3);
-          out.set(d, i0);
-        });
-        break;
-    }
+    if (t.dtype === 'F32') readRaw(name, t, new Uint8Array(out.buffer, out.byteOffset, out.byteLength));
+    else stream(name, t, (b, i0) => TO_F32[t.dtype]!(b, out, i0));
     return out;
   };
 
@@ -405,10 +392,7 @@ export function openSafetensors(file: string): SafetensorsFile {
     metadata: header.metadata,
     names: () => [...tensors.keys()],
     has: (name) => tensors.has(name),
-    info: (name) => {
-      const t = info(name);
-      return { dtype: t.dtype, shape: [...t.shape], dataOffsets: [t.dataOffsets[0], t.dataOffsets[1]], numel: t.numel };
-    },
+    info: (name) => ({ ...info(name), shape: [...info(name).shape], dataOffsets: [...info(name).dataOffsets] }),
     get: (name) => getInto(name, new Float32Array(info(name).numel)),
     getInto,
     getFloat64: (name) => {
@@ -432,30 +416,16 @@ export function openSafetensors(file: string): SafetensorsFile {
       const View = INT_VIEWS[t.dtype];
       stream(name, t, (b, i0) => {
         if (View) return out.set(new View(b.buffer, b.byteOffset, b.length / View.BYTES_PER_ELEMENT), i0);
-        switch (t.dtype) {
-          case 'U32': {
-            const u = new Uint32Array(b.buffer, b.byteOffset, b.length >> 2);
-            for (let i = 0; i < u.length; i++) {
-              if (u[i]! > 0x7fffffff) range(i0 + i, u[i]!);
-              out[i0 + i] = u[i]!;
-            }
-            break;
+        // U32: one word; I64, U64: two, the low one first
+        const wide = t.dtype !== 'U32';
+        const w = new Int32Array(b.buffer, b.byteOffset, b.length >> 2);
+        for (let i = 0; i < w.length >> (wide ? 1 : 0); i++) {
+          const lo = w[wide ? 2 * i : i]!, hi = wide ? w[2 * i + 1]! : 0;
+          if (wide ? hi !== lo >> 31 || (t.dtype === 'U64' && hi !== 0) : lo < 0) {
+            const v = new DataView(b.buffer, b.byteOffset + (wide ? 8 : 4) * i, wide ? 8 : 4);
+            range(i0 + i, !wide ? v.getUint32(0, true) : t.dtype === 'U64' ? v.getBigUint64(0, true) : v.getBigInt64(0, true));
           }
-          case 'I64':
-          case 'U64': {
-            const w = new Int32Array(b.buffer, b.byteOffset, b.length >> 2);
-            const unsigned = t.dtype === 'U64';
-            for (let i = 0; i < w.length >> 1; i++) {
-              const lo = w[2 * i]!;
-              const hi = w[2 * i + 1]!;
-              if (hi !== lo >> 31 || (unsigned && hi !== 0)) {
-                const big = new DataView(b.buffer, b.byteOffset + 8 * i, 8);
-                range(i0 + i, unsigned ? big.getBigUint64(0, true) : big.getBigInt64(0, true));
-              }
-              out[i0 + i] = lo;
-            }
-            break;
-          }
+          out[i0 + i] = lo;
         }
       });
       return out;
@@ -543,17 +513,25 @@ export function writeSafetensors(file: string, tensors: TensorToWrite[], metadat
   const lenBuf = Buffer.alloc(8);
   lenBuf.writeBigUInt64LE(BigInt(json.length), 0);
 
-  const tmp = path.join(
-    path.dirname(file),
-    `.${path.basename(file)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`,
-  );
+  writeFileAtomic(file, (write) => {
+    write(lenBuf);
+    write(json);
+    for (const t of tensors) if (t.data.length > 0) write(encodeTensor(file, t));
+  });
+}
+
+/**
+ * Writes `file` under a temporary name in the same directory (`fill` gets the writer of its
+ * bytes), syncs it, then renames it over `file`: an interrupted write never leaves a partial file.
+ */
+export function writeFileAtomic(file: string, fill: (write: (bytes: Uint8Array) => void) => void): void {
+  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`);
   const fd = fs.openSync(tmp, 'w');
   try {
-    writeAll(fd, lenBuf);
-    writeAll(fd, json);
-    for (const t of tensors) {
-      if (t.data.length > 0) writeAll(fd, encodeTensor(file, t));
-    }
+    fill((bytes) => {
+      // writeSync writes at most ~2 GiB per call; loop in 1 GiB steps
+      for (let done = 0; done < bytes.length; ) done += fs.writeSync(fd, bytes, done, Math.min(1 << 30, bytes.length - done));
+    });
     fs.fsyncSync(fd);
     fs.closeSync(fd);
     fs.renameSync(tmp, file);
@@ -565,13 +543,5 @@ export function writeSafetensors(file: string, tensors: TensorToWrite[], metadat
     }
     fs.rmSync(tmp, { force: true });
     throw e;
-  }
-}
-
-function writeAll(fd: number, bytes: Uint8Array): void {
-  const STEP = 1 << 30;
-  for (let done = 0; done < bytes.length; ) {
-    const n = fs.writeSync(fd, bytes, done, Math.min(STEP, bytes.length - done));
-    done += n;
   }
 }

@@ -52,77 +52,37 @@ export function scaleCols(a: Mat64, s: ArrayLike<number>): Mat64 {
 }
 
 /**
- * Haar-distributed random orthogonal matrix: QR of a Gaussian matrix (Householder),
- * with Q's columns multiplied by sign(diag(R)) so the distribution is exactly Haar.
+ * Haar-distributed random orthogonal matrix: the Q of a Gaussian matrix's QR with a positive
+ * diagonal in R, which makes the distribution exactly Haar. The addon's Householder QR (Q's
+ * columns signed by diag(R)), or the same Q by Gram-Schmidt.
  */
 export function haarOrthogonal(n: number, rng: RandomSource): Mat64 {
   const A = new Float64Array(n * n);
   rng.fillNormal(A);
-  if (haarQrNative(A, n)) return { rows: n, cols: n, data: A };
-  // Householder QR on A (row-major); store reflectors in place below the diagonal.
-  const vs: Float64Array[] = [];
-  const rdiag = new Float64Array(n);
-  for (let k = 0; k < n; k++) {
-    let norm = 0;
-    for (let i = k; i < n; i++) norm += A[i * n + k] * A[i * n + k];
-    norm = Math.sqrt(norm);
-    const akk = A[k * n + k];
-    const alpha = akk > 0 ? -norm : norm;
-    const v = new Float64Array(n - k);
-    for (let i = k; i < n; i++) v[i - k] = A[i * n + k];
-    v[0] -= alpha;
-    let vnorm2 = 0;
-    for (let i = 0; i < v.length; i++) vnorm2 += v[i] * v[i];
-    rdiag[k] = alpha;
-    if (vnorm2 === 0) {
-      vs.push(v);
-      continue;
+  if (!haarQrNative(A, n)) orthonormalise(A, n, n);
+  return { rows: n, cols: n, data: A };
+}
+
+/** Orthonormalises the k columns of Y [m, k] in place (Gram-Schmidt, twice); returns the columns kept. */
+export function orthonormalise(Y: Float64Array, m: number, k: number): number {
+  let kept = 0;
+  for (let j = 0; j < k; j++) {
+    for (let pass = 0; pass < 2; pass++) {
+      for (let i = 0; i < kept; i++) {
+        let dot = 0;
+        for (let r = 0; r < m; r++) dot += Y[r * k + i] * Y[r * k + j];
+        for (let r = 0; r < m; r++) Y[r * k + j] -= dot * Y[r * k + i];
+      }
     }
-    const beta = 2 / vnorm2;
-    // apply H = I - beta v v^T to columns k+1..n-1
-    const w = new Float64Array(n);
-    for (let i = k; i < n; i++) {
-      const vi = v[i - k];
-      if (vi === 0) continue;
-      const row = i * n;
-      for (let j = k + 1; j < n; j++) w[j] += vi * A[row + j];
-    }
-    for (let i = k; i < n; i++) {
-      const f = beta * v[i - k];
-      if (f === 0) continue;
-      const row = i * n;
-      for (let j = k + 1; j < n; j++) A[row + j] -= f * w[j];
-    }
-    // normalise v so that H = I - 2 u u^T with |u| = 1
-    const s = Math.sqrt(vnorm2);
-    for (let i = 0; i < v.length; i++) v[i] /= s;
-    vs.push(v);
+    let nrm = 0;
+    for (let r = 0; r < m; r++) nrm += Y[r * k + j] ** 2;
+    nrm = Math.sqrt(nrm);
+    if (nrm < 1e-13) continue; // a dependent column (the range is smaller than k)
+    for (let r = 0; r < m; r++) Y[r * k + kept] = Y[r * k + j] / nrm;
+    kept++;
   }
-  // Q = H_0 H_1 ... H_{n-1}: apply reflectors in reverse to the identity.
-  const Q = identity(n);
-  const q = Q.data;
-  const w = new Float64Array(n);
-  for (let k = n - 1; k >= 0; k--) {
-    const v = vs[k];
-    w.fill(0);
-    for (let i = k; i < n; i++) {
-      const vi = v[i - k];
-      if (vi === 0) continue;
-      const row = i * n;
-      for (let j = 0; j < n; j++) w[j] += vi * q[row + j];
-    }
-    for (let i = k; i < n; i++) {
-      const f = 2 * v[i - k];
-      if (f === 0) continue;
-      const row = i * n;
-      for (let j = 0; j < n; j++) q[row + j] -= f * w[j];
-    }
-  }
-  // sign fix: Q <- Q diag(sign(r_kk))
-  for (let j = 0; j < n; j++) {
-    if (rdiag[j] < 0) for (let i = 0; i < n; i++) q[i * n + j] = -q[i * n + j];
-  }
-  return Q;
+  for (let r = 0; r < m; r++) for (let j = kept; j < k; j++) Y[r * k + j] = 0;
+  return kept;
 }
 
 /** LU decomposition with partial pivoting; returns the inverse, or throws if singular. */
@@ -155,11 +115,9 @@ export function inverseLU(a: Mat64): Mat64 {
       for (let j = k + 1; j < n; j++) LU[i * n + j] -= f * LU[k * n + j];
     }
   }
-  // solve LU X = P I column block by column block (row-major friendly: solve for X^T rows)
+  // X = U^-1 L^-1 P: forward, then back substitution on all columns at once, row by row
   const inv = mat(n, n);
   const X = inv.data;
-  // X = U^-1 L^-1 P ; do forward/back substitution on all columns at once, row by row
-  // Y = L^-1 P
   const Y = new Float64Array(n * n);
   for (let i = 0; i < n; i++) Y[i * n + perm[i]] = 1;
   for (let i = 0; i < n; i++) {

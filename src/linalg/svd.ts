@@ -5,6 +5,7 @@
  * smaller dimension the subspace is the whole range and the result is the exact SVD.
  */
 import { Rng } from '../tensor/rng.js';
+import { orthonormalise } from './mat64.js';
 
 export interface TruncatedSvd {
   /** [m, r] left factor U_r diag(sqrt(s)) */
@@ -23,28 +24,6 @@ export interface RankChoice {
   rank?: number;
   /** keep the fewest directions holding this share of ||A||_F^2 (0 < energy <= 1) */
   energy?: number;
-}
-
-/** Orthonormalises the k columns of Y [m, k] in place (Gram-Schmidt, twice); returns the columns kept. */
-function orthonormalise(Y: Float64Array, m: number, k: number): number {
-  let kept = 0;
-  for (let j = 0; j < k; j++) {
-    for (let pass = 0; pass < 2; pass++) {
-      for (let i = 0; i < kept; i++) {
-        let dot = 0;
-        for (let r = 0; r < m; r++) dot += Y[r * k + i] * Y[r * k + j];
-        for (let r = 0; r < m; r++) Y[r * k + j] -= dot * Y[r * k + i];
-      }
-    }
-    let nrm = 0;
-    for (let r = 0; r < m; r++) nrm += Y[r * k + j] ** 2;
-    nrm = Math.sqrt(nrm);
-    if (nrm < 1e-13) continue; // a dependent column (the range is smaller than k)
-    for (let r = 0; r < m; r++) Y[r * k + kept] = Y[r * k + j] / nrm;
-    kept++;
-  }
-  for (let r = 0; r < m; r++) for (let j = kept; j < k; j++) Y[r * k + j] = 0;
-  return kept;
 }
 
 /** Eigenvalues (descending) and eigenvectors (columns of W [k, k]) of a symmetric S [k, k] by cyclic Jacobi. */

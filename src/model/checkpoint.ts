@@ -13,7 +13,7 @@ import { validateConfig, type GPT2Config } from './config.js';
 import { ParamLayout, hfTensorList, type ParamKind } from './params.js';
 import type { ClassifierHead, GPT2Weights } from './weights.js';
 import { POOLINGS, type Pooling } from './kernels.js';
-import { openSafetensors, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
+import { openSafetensors, writeFileAtomic, writeSafetensors, type SafetensorsFile, type TensorToWrite } from '../io/safetensors.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 import { BundleError, InputError } from '../errors.js';
 
@@ -76,13 +76,18 @@ export function readJson(file: string): unknown {
   }
 }
 
+/** A JSON file that must hold an object. */
+export function readJsonObject(file: string): Record<string, unknown> {
+  const json = readJson(file);
+  if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new BundleError(`${file}: must contain a JSON object`);
+  return json as Record<string, unknown>;
+}
+
 /** The JSON object of a checkpoint directory's config.json and its path (`kind` names the model in errors). */
 export function readConfigObject(dir: string, kind: string): { file: string; raw: Record<string, unknown> } {
   const file = path.join(dir, CONFIG_FILE);
   if (!fs.existsSync(file)) throw new BundleError(`${file}: missing config.json; a Hugging Face ${kind}checkpoint directory needs one`);
-  const json = readJson(file);
-  if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new BundleError(`${file}: must contain a JSON object`);
-  return { file, raw: json as Record<string, unknown> };
+  return { file, raw: readJsonObject(file) };
 }
 
 /** Reads and validates a Hugging Face GPT-2 `config.json` (from a directory or a file inside it). */
@@ -349,28 +354,16 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
     throw new BundleError(`${filesOf(stored)}: missing ${missing.length} tensor(s) for a ${config.n_layer}-layer GPT-2: ${listNames(missing)}`);
   }
 
-  // Unexpected tensors (checked before reading any data).
-  const unexpected: Source[] = [];
-  const lists = new Set(list.map((t) => t.name));
-  for (const [bare, src] of byName) {
-    if (lists.has(bare)) continue;
-    if (bare === 'lm_head.weight' || bare === 'score.weight') continue;
-    const m = /^h\.(\d+)\.attn\.(bias|masked_bias)$/.exec(bare);
-    if (m && Number(m[1]) < config.n_layer) continue;
-    unexpected.push(src);
-  }
+  // Unexpected tensors (checked before reading any data); the legacy attention buffers are not.
+  const known = new Set([...list.map((t) => t.name), 'lm_head.weight', 'score.weight']);
+  const layerOf = (re: RegExp, name: string) => Number(re.exec(name)?.[1] ?? NaN);
+  const unexpected = [...byName]
+    .filter(([bare]) => !known.has(bare) && !(layerOf(/^h\.(\d+)\.attn\.(?:bias|masked_bias)$/, bare) < config.n_layer))
+    .map(([, src]) => src);
   if (unexpected.length > 0) {
-    const first = unexpected[0]!;
-    const extraLayer = unexpected.find((s) => {
-      const m = /^(?:transformer\.)?h\.(\d+)\./.exec(s.stored);
-      return m && Number(m[1]) >= config.n_layer;
-    });
-    const hint = extraLayer
-      ? ` ("${extraLayer.stored}" belongs to a layer beyond n_layer=${config.n_layer} in ${cfgFile})`
-      : '';
-    throw new BundleError(
-      `${(extraLayer ?? first).file.path}: unexpected tensor(s) ${listNames(unexpected.map((s) => s.stored))}${hint}`,
-    );
+    const extraLayer = unexpected.find((s) => layerOf(/^(?:transformer\.)?h\.(\d+)\./, s.stored) >= config.n_layer);
+    const hint = extraLayer ? ` ("${extraLayer.stored}" belongs to a layer beyond n_layer=${config.n_layer} in ${cfgFile})` : '';
+    throw new BundleError(`${(extraLayer ?? unexpected[0]!).file.path}: unexpected tensor(s) ${listNames(unexpected.map((s) => s.stored))}${hint}`);
   }
 
   // Shapes, then data.
@@ -441,16 +434,7 @@ export function loadCheckpoint(p: string, opts: LoadOptions = {}): GPT2Weights {
 // Saving
 // ---------------------------------------------------------------------------
 
-function writeFileAtomic(file: string, text: string): void {
-  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 10)}`);
-  try {
-    fs.writeFileSync(tmp, text);
-    fs.renameSync(tmp, file);
-  } catch (e) {
-    fs.rmSync(tmp, { force: true });
-    throw e;
-  }
-}
+const writeJson = (file: string, json: unknown) => writeFileAtomic(file, (write) => write(Buffer.from(JSON.stringify(json, null, 2) + '\n')));
 
 const DTYPE_BYTES: Record<SaveDtype, number> = { F32: 4, F16: 2, BF16: 2 };
 const F16_MAX = 65504;
@@ -530,7 +514,7 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
   const single = path.join(dir, SINGLE_FILE);
   const index = path.join(dir, INDEX_FILE);
   const oldShards = fs.readdirSync(dir).filter((f) => SHARD_RE.test(f));
-  const writeConfig = () => writeFileAtomic(path.join(dir, CONFIG_FILE), JSON.stringify(configJson, null, 2) + '\n');
+  const writeConfig = () => writeJson(path.join(dir, CONFIG_FILE), configJson);
 
   if (shardBytes === undefined) {
     writeSafetensors(single, tensors, metadata);
@@ -552,22 +536,12 @@ export function writeWeights(dir: string, tensors: TensorToWrite[], configJson: 
     groups[groups.length - 1]!.push(t);
     curBytes += b;
   }
-  const n = groups.length;
   const pad5 = (i: number) => String(i).padStart(5, '0');
-  const weightMap: Record<string, string> = {};
-  const names: string[] = [];
-  let total = 0;
-  groups.forEach((g, i) => {
-    const name = `model-${pad5(i + 1)}-of-${pad5(n)}.safetensors`;
-    names.push(name);
-    writeSafetensors(path.join(dir, name), g, metadata);
-    for (const t of g) {
-      weightMap[t.name] = name;
-      total += bytesOf(t);
-    }
-  });
-  const sortedMap = Object.fromEntries(Object.keys(weightMap).sort().map((k) => [k, weightMap[k]!]));
-  writeFileAtomic(index, JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
+  const names = groups.map((g, i) => `model-${pad5(i + 1)}-of-${pad5(groups.length)}.safetensors`);
+  groups.forEach((g, i) => writeSafetensors(path.join(dir, names[i]!), g, metadata));
+  const weightMap = groups.flatMap((g, i) => g.map((t) => [t.name, names[i]!] as const)).sort((a, b) => (a[0] < b[0] ? -1 : 1));
+  const total = tensors.reduce((s, t) => s + bytesOf(t), 0);
+  writeJson(index, { metadata: { total_size: total }, weight_map: Object.fromEntries(weightMap) });
   writeConfig();
   fs.rmSync(single, { force: true });
   for (const f of oldShards) if (!names.includes(f)) fs.rmSync(path.join(dir, f), { force: true });

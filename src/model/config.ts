@@ -47,12 +47,9 @@ export function getPreset(name: string): GPT2Config {
 
 /** Throws a descriptive error when a config is not a usable GPT-2 config. */
 export function validateConfig(c: GPT2Config, where = 'config'): GPT2Config {
-  const ints: (keyof GPT2Config)[] = ['n_layer', 'n_head', 'n_embd', 'n_ctx', 'vocab_size'];
-  for (const k of ints) {
+  for (const k of ['n_layer', 'n_head', 'n_embd', 'n_ctx', 'vocab_size'] as const) {
     const v = c[k];
-    if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) {
-      throw new Error(`${where}: "${k}" must be a positive integer, got ${JSON.stringify(v)}`);
-    }
+    if (typeof v !== 'number' || !Number.isInteger(v) || v <= 0) throw new Error(`${where}: "${k}" must be a positive integer, got ${JSON.stringify(v)}`);
   }
   if (c.n_embd % c.n_head !== 0) {
     throw new Error(`${where}: n_embd (${c.n_embd}) is not divisible by n_head (${c.n_head})`);
@@ -129,9 +126,7 @@ export function validateLlamaConfig(c: LlamaConfig, where = 'config'): LlamaConf
     };
     pos('factor', s.factor);
     if (s.type === 'llama3') {
-      pos('low_freq_factor', s.low_freq_factor);
-      pos('high_freq_factor', s.high_freq_factor);
-      pos('original_max_position_embeddings', s.original_max_position_embeddings);
+      for (const k of ['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'] as const) pos(k, s[k]);
       if (!(s.high_freq_factor > s.low_freq_factor)) throw new InputError(`${where}: rope_scaling.high_freq_factor (${s.high_freq_factor}) must exceed low_freq_factor (${s.low_freq_factor})`);
     }
   }

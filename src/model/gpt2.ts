@@ -6,7 +6,7 @@ import { validateConfig, type GPT2Config } from './config.js';
 import { ParamLayout, type ParamKind } from './params.js';
 import type { GPT2Weights } from './weights.js';
 import { LINEARS, linearDims, type LinearName } from './block.js';
-import type { BlockLinears } from './local_linears.js';
+import { linearViews } from './local_linears.js';
 import { PlainBasis } from './plain_basis.js';
 import { PlainModel, randomWeights, type FamilyParts } from './plain_model.js';
 
@@ -14,21 +14,6 @@ import { PlainModel, randomWeights, type FamilyParts } from './plain_model.js';
 export const LINEAR_KINDS: Record<LinearName, [ParamKind, ParamKind]> = {
   qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'],
 };
-
-/** The block linears of a parameter buffer, as views (no copy). */
-export function blockLinearsOf(layout: ParamLayout, buf: Float32Array): BlockLinears {
-  const { n_layer: L, n_embd: d } = layout.config;
-  const layers = [];
-  for (let l = 0; l < L; l++) {
-    const rec = {} as BlockLinears['layers'][number];
-    for (const name of LINEARS) {
-      const [din, dout] = linearDims(name, d);
-      rec[name] = { w: layout.layer(buf, LINEAR_KINDS[name][0], l), b: layout.layer(buf, LINEAR_KINDS[name][1], l), din, dout };
-    }
-    layers.push(rec);
-  }
-  return { n_layer: L, layers };
-}
 
 export class GPT2 extends PlainModel<GPT2Config, GPT2Weights> {
   constructor(w: GPT2Weights) {
@@ -56,7 +41,8 @@ export class GPT2 extends PlainModel<GPT2Config, GPT2Weights> {
     const norms = (buf: Float32Array) => ({ ln1w: v(buf, 'ln1w'), ln1b: v(buf, 'ln1b'), ln2w: v(buf, 'ln2w'), ln2b: v(buf, 'ln2b'), lnfw: v(buf, 'lnfw'), lnfb: v(buf, 'lnfb') });
     return {
       basis: new PlainBasis(this.config, norms(p), g ? norms(g) : null),
-      linearsOf: (buf) => blockLinearsOf(lay, buf),
+      linearsOf: (buf) => linearViews(this.config.n_layer, LINEARS, (n) => linearDims(n, this.config.n_embd),
+        (l, n) => [lay.layer(buf, LINEAR_KINDS[n][0], l), lay.layer(buf, LINEAR_KINDS[n][1], l)]),
       tables: { wte: v(p, 'wte'), wpe: v(p, 'wpe'), gwte: g ? v(g, 'wte') : null, gwpe: g ? v(g, 'wpe') : null },
     };
   }

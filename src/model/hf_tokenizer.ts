@@ -8,6 +8,7 @@ import { Tokenizer as HFTokenizer } from '@huggingface/tokenizers';
 import { Template } from '@huggingface/jinja';
 import r50kRanks from 'gpt-tokenizer/bpeRanks/r50k_base';
 import { EOT_ID, EOT_TOKEN, type Tokenizer } from './tokenizer.js';
+import { readJsonObject } from './checkpoint.js';
 import { BundleError, InputError } from '../errors.js';
 
 export interface ChatMessage { role: string; content: string }
@@ -21,16 +22,6 @@ export interface CheckpointTokenizer extends Tokenizer {
 
 const tokenString = (t: unknown): string | undefined => (typeof t === 'string' ? t : typeof t === 'object' && t && typeof (t as { content?: unknown }).content === 'string' ? (t as { content: string }).content : undefined);
 
-function readJsonFile(file: string): Record<string, unknown> {
-  try {
-    const v = JSON.parse(fs.readFileSync(file, 'utf8'));
-    if (v === null || typeof v !== 'object' || Array.isArray(v)) throw new Error('not a JSON object');
-    return v;
-  } catch (e) {
-    throw new BundleError(`${file}: cannot read (${(e as Error).message})`, { cause: e });
-  }
-}
-
 /** Whether a checkpoint directory has its own tokenizer. */
 export function hasCheckpointTokenizer(dir: string): boolean {
   return fs.existsSync(path.join(dir, 'tokenizer.json'));
@@ -40,9 +31,9 @@ export function hasCheckpointTokenizer(dir: string): boolean {
 export function loadCheckpointTokenizer(dir: string, eos?: number): CheckpointTokenizer {
   const file = path.join(dir, 'tokenizer.json');
   if (!fs.existsSync(file)) throw new BundleError(`${file}: not found (the checkpoint has no tokenizer.json)`);
-  const json = readJsonFile(file);
+  const json = readJsonObject(file);
   const cfgFile = path.join(dir, 'tokenizer_config.json');
-  const cfg = fs.existsSync(cfgFile) ? readJsonFile(cfgFile) : {};
+  const cfg = fs.existsSync(cfgFile) ? readJsonObject(cfgFile) : {};
   let tok: HFTokenizer;
   try {
     tok = new HFTokenizer(json, cfg);

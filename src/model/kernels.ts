@@ -12,17 +12,10 @@ import type { RopeScaling } from './config.js';
 // ---------------------------------------------------------------------------------------
 // encoder: out[B,T,C] = wte[tokens[b,t]] + wpe[t] (no wpe: the token rows alone)
 export function encoderForward(out: Float32Array, tokens: Int32Array, wte: Float32Array, wpe: Float32Array | null, B: number, T: number, C: number): void {
-  if (!wpe) {
-    for (let i = 0; i < B * T; i++) out.set(wte.subarray(tokens[i] * C, (tokens[i] + 1) * C), i * C);
-    return;
-  }
-  for (let b = 0; b < B; b++) {
-    for (let t = 0; t < T; t++) {
-      const o = (b * T + t) * C;
-      const ix = tokens[b * T + t] * C;
-      const p = t * C;
-      for (let i = 0; i < C; i++) out[o + i] = wte[ix + i] + wpe[p + i];
-    }
+  for (let i = 0; i < B * T; i++) {
+    const o = i * C;
+    out.set(wte.subarray(tokens[i] * C, (tokens[i] + 1) * C), o);
+    if (wpe) for (let j = 0, p = (i % T) * C; j < C; j++) out[o + j] += wpe[p + j];
   }
 }
 
@@ -46,64 +39,62 @@ export function encoderBackward(dwte: Float32Array | null, dwpe: Float32Array | 
 // ---------------------------------------------------------------------------------------
 // layernorm: out[N,C] = (inp - mean) * rstd * weight + bias ; mean[N], rstd[N] saved
 export function layernormForward(out: Float32Array, mean: Float32Array, rstd: Float32Array, inp: Float32Array, weight: Float32Array, bias: Float32Array, N: number, C: number, eps: number): void {
-  if (normForwardNative(out, mean, rstd, inp, null, weight, bias, N, C, eps)) return;
+  if (!normForwardNative(out, mean, rstd, inp, null, weight, bias, N, C, eps)) normForward(out, mean, rstd, inp, null, weight, bias, N, C, eps);
+}
+
+// dinp[N,C] += ; dweight[C] += ; dbias[C] += (from dout[N,C], inp, weight, mean, rstd)
+export function layernormBackward(dinp: Float32Array, dweight: Float32Array | null, dbias: Float32Array | null, dout: Float32Array, inp: Float32Array, weight: Float32Array, mean: Float32Array, rstd: Float32Array, N: number, C: number): void {
+  if (!normBackwardNative(dinp, dweight, dbias, dout, inp, mean, rstd, null, weight, N, C)) normBackward(dinp, dweight, dbias, dout, inp, mean, rstd, null, weight, N, C);
+}
+
+// layer norm of rows along u (null: the ones vector), the TypeScript twin of the addon's (see
+// tensor/parallel.ts normForwardNative): out[N,C] = (inp - mean u) rstd (* w + b), mean = inp.u / C
+function normForward(out: Float32Array, mean: Float32Array, rstd: Float32Array, inp: Float32Array, u: Float32Array | null, w: Float32Array | null, b: Float32Array | null, N: number, C: number, eps: number): void {
   for (let n = 0; n < N; n++) {
     const o = n * C;
     let m = 0;
-    for (let i = 0; i < C; i++) m += inp[o + i];
+    for (let i = 0; i < C; i++) m += u ? inp[o + i] * u[i] : inp[o + i];
     m /= C;
     let v = 0;
     for (let i = 0; i < C; i++) {
-      const d = inp[o + i] - m;
+      const d = inp[o + i] - (u ? m * u[i] : m);
       v += d * d;
     }
     v /= C;
     const s = 1 / Math.sqrt(v + eps);
-    for (let i = 0; i < C; i++) out[o + i] = (inp[o + i] - m) * s * weight[i] + bias[i];
+    for (let i = 0; i < C; i++) {
+      const z = (inp[o + i] - (u ? m * u[i] : m)) * s;
+      out[o + i] = w && b ? z * w[i] + b[i] : z;
+    }
     mean[n] = m;
     rstd[n] = s;
   }
 }
 
-// dinp[N,C] += ; dweight[C] += ; dbias[C] += (from dout[N,C], inp, weight, mean, rstd)
-export function layernormBackward(dinp: Float32Array, dweight: Float32Array | null, dbias: Float32Array | null, dout: Float32Array, inp: Float32Array, weight: Float32Array, mean: Float32Array, rstd: Float32Array, N: number, C: number): void {
-  if (normBackwardNative(dinp, dweight, dbias, dout, inp, mean, rstd, null, weight, N, C)) return;
+// its backward: dinp[N,C] += (g - (g.u / C) u - z (g.z / C)) rstd, g = dout (* w), z the normalised
+// row (along u, inp is z itself; otherwise z = (inp - mean) rstd) ; dw[C] += z dout ; db[C] += dout
+function normBackward(dinp: Float32Array, dw: Float32Array | null, db: Float32Array | null, dout: Float32Array, inp: Float32Array, mean: Float32Array | null, rstd: Float32Array, u: Float32Array | null, w: Float32Array | null, N: number, C: number): void {
   for (let n = 0; n < N; n++) {
     const o = n * C;
-    const m = mean[n];
+    const m = mean ? mean[n] : 0;
     const s = rstd[n];
-    let dnormMean = 0;
-    let dnormNormMean = 0;
+    const z = (i: number) => (u ? inp[o + i] : (inp[o + i] - m) * s);
+    let gu = 0;
+    let gz = 0;
     for (let i = 0; i < C; i++) {
-      const norm = (inp[o + i] - m) * s;
-      const dnorm = weight[i] * dout[o + i];
-      dnormMean += dnorm;
-      dnormNormMean += dnorm * norm;
+      const g = w ? w[i] * dout[o + i] : dout[o + i];
+      gu += u ? g * u[i] : g;
+      gz += g * z(i);
     }
-    dnormMean /= C;
-    dnormNormMean /= C;
+    gu /= C;
+    gz /= C;
     for (let i = 0; i < C; i++) {
-      const norm = (inp[o + i] - m) * s;
+      const zi = z(i);
       const g = dout[o + i];
-      if (dbias) dbias[i] += g;
-      if (dweight) dweight[i] += norm * g;
-      const dnorm = weight[i] * g;
-      dinp[o + i] += (dnorm - dnormMean - norm * dnormNormMean) * s;
+      if (db) db[i] += g;
+      if (dw) dw[i] += zi * g;
+      dinp[o + i] += ((w ? w[i] * g : g) - (u ? gu * u[i] : gu) - zi * gz) * s;
     }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// residual: out[N] = a + b
-export function residualForward(out: Float32Array, a: Float32Array, b: Float32Array, N: number): void {
-  for (let i = 0; i < N; i++) out[i] = a[i] + b[i];
-}
-
-// da[N] += dout ; db[N] += dout
-export function residualBackward(da: Float32Array, db: Float32Array, dout: Float32Array, N: number): void {
-  for (let i = 0; i < N; i++) {
-    da[i] += dout[i];
-    db[i] += dout[i];
   }
 }
 
@@ -112,21 +103,7 @@ export function residualBackward(da: Float32Array, db: Float32Array, dout: Float
 // out[B,T,C] = concat_h softmax(q_h k_h^T / sqrt(hs) + causal) v_h ; att[B,NH,T,T] keeps P
 // qkv[B,T,3C] holds q | k | v along the last dim; head h uses columns h*hs..(h+1)*hs of each.
 export function attentionForward(out: Float32Array, att: Float32Array, qkv: Float32Array, B: number, T: number, C: number, NH: number): void {
-  const hs = C / NH;
-  const C3 = 3 * C;
-  const scale = 1 / Math.sqrt(hs);
-  for (let b = 0; b < B; b++) {
-    const base = b * T * C3;
-    const q = qkv.subarray(base);
-    const k = qkv.subarray(base + C);
-    const v = qkv.subarray(base + 2 * C);
-    const a = att.subarray(b * NH * T * T, (b + 1) * NH * T * T);
-    // S_h = scale * q_h k_h^T  (all heads at once)
-    sgemmBatched(false, true, T, T, hs, scale, q, C3, hs, k, C3, hs, 0, a, T, T * T, NH);
-    causalSoftmax(a, NH, T);
-    // o_h = P_h v_h, written into the head's columns of out
-    sgemmBatched(false, false, T, hs, T, 1, a, T, T * T, v, C3, hs, 0, out.subarray(b * T * C), C, hs, NH);
-  }
+  gqaAttentionForward(out, att, qkv, B, T, NH, NH, C / NH);
 }
 
 // dqkv[B,T,3C] (overwritten) from dout[B,T,C], att[B,NH,T,T], qkv ; datt[B,NH,T,T] is scratch
@@ -206,41 +183,12 @@ export function poolBackward(dh: Float32Array, dout: Float32Array, lens: Int32Ar
 // layer-norm statistics in a rotated basis (sealed mode): inp = h Q, u = Q^T 1.
 // out[N,C] = (inp - mean u^T) * rstd = n Q, with mean = inp.u / C, var = |inp - mean u^T|^2 / C
 export function maskedNormForward(out: Float32Array, mean: Float32Array, rstd: Float32Array, inp: Float32Array, u: Float32Array, N: number, C: number, eps: number): void {
-  if (normForwardNative(out, mean, rstd, inp, u, null, null, N, C, eps)) return;
-  for (let n = 0; n < N; n++) {
-    const o = n * C;
-    let m = 0;
-    for (let i = 0; i < C; i++) m += inp[o + i] * u[i];
-    m /= C;
-    let v = 0;
-    for (let i = 0; i < C; i++) {
-      const d = inp[o + i] - m * u[i];
-      v += d * d;
-    }
-    v /= C;
-    const s = 1 / Math.sqrt(v + eps);
-    for (let i = 0; i < C; i++) out[o + i] = (inp[o + i] - m * u[i]) * s;
-    mean[n] = m;
-    rstd[n] = s;
-  }
+  if (!normForwardNative(out, mean, rstd, inp, u, null, null, N, C, eps)) normForward(out, mean, rstd, inp, u, null, null, N, C, eps);
 }
 
 // dinp[N,C] += (dout - (dout.u / C) u^T - out (dout.out / C)) * rstd   (out = normalised rows)
 export function maskedNormBackward(dinp: Float32Array, dout: Float32Array, out: Float32Array, u: Float32Array, rstd: Float32Array, N: number, C: number): void {
-  if (normBackwardNative(dinp, null, null, dout, out, null, rstd, u, null, N, C)) return;
-  for (let n = 0; n < N; n++) {
-    const o = n * C;
-    let du = 0;
-    let dn = 0;
-    for (let i = 0; i < C; i++) {
-      du += dout[o + i] * u[i];
-      dn += dout[o + i] * out[o + i];
-    }
-    du /= C;
-    dn /= C;
-    const s = rstd[n];
-    for (let i = 0; i < C; i++) dinp[o + i] += (dout[o + i] - du * u[i] - out[o + i] * dn) * s;
-  }
+  if (!normBackwardNative(dinp, null, null, dout, out, null, rstd, u, null, N, C)) normBackward(dinp, null, null, dout, out, null, rstd, u, null, N, C);
 }
 
 // =======================================================================================
@@ -374,16 +322,19 @@ function rotate(x: Float32Array, ld: number, off: number, heads: number, tab: Ro
 export function gqaAttentionForward(out: Float32Array, att: Float32Array, qkv: Float32Array, B: number, T: number, NH: number, NKV: number, hd: number): void {
   const W = (NH + 2 * NKV) * hd, C = NH * hd, r = NH / NKV;
   const scale = 1 / Math.sqrt(hd);
+  // products per group of `per` query heads sharing a key/value head (stride 0), or one for all
+  const [G, per, kvStride] = r === 1 ? [1, NH, hd] : [NKV, r, 0];
   for (let b = 0; b < B; b++) {
     const base = b * T * W;
     const a = att.subarray(b * NH * T * T, (b + 1) * NH * T * T);
-    // S_h = scale q_h k_g^T for the r query heads of each group g
-    for (let g = 0; g < NKV; g++) {
-      sgemmBatched(false, true, T, T, hd, scale, qkv.subarray(base + g * r * hd), W, hd, qkv.subarray(base + C + g * hd), W, 0, 0, a.subarray(g * r * T * T), T, T * T, r);
+    // S_h = scale q_h k_g^T for the r query heads of each group g (no grouping: all heads in one call)
+    for (let g = 0; g < G; g++) {
+      sgemmBatched(false, true, T, T, hd, scale, qkv.subarray(base + g * per * hd), W, hd, qkv.subarray(base + C + g * hd), W, kvStride, 0, a.subarray(g * per * T * T), T, T * T, per);
     }
     causalSoftmax(a, NH, T);
-    for (let g = 0; g < NKV; g++) {
-      sgemmBatched(false, false, T, hd, T, 1, a.subarray(g * r * T * T), T, T * T, qkv.subarray(base + C + NKV * hd + g * hd), W, 0, 0, out.subarray(b * T * C + g * r * hd), C, hd, r);
+    // o_h = P_h v_g, written into the head's columns of out
+    for (let g = 0; g < G; g++) {
+      sgemmBatched(false, false, T, hd, T, 1, a.subarray(g * per * T * T), T, T * T, qkv.subarray(base + C + NKV * hd + g * hd), W, kvStride, 0, out.subarray(b * T * C + g * per * hd), C, hd, per);
     }
   }
 }

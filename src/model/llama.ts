@@ -4,12 +4,12 @@
  * token embedding or its own.
  */
 import { validateLlamaConfig, type LlamaConfig } from './config.js';
-import { Layout } from './params.js';
-import { ropeTable, ropeForward, ropeBackward, rmsnormForward, rmsnormBackward, type RopeTable } from './kernels.js';
+import { Layout, one, per } from './params.js';
+import { ropeTable, ropeForward, ropeBackward, type RopeTable } from './kernels.js';
 import { LLAMA_LINEARS, llamaBlock, llamaDims, llamaLinearDims, type GateUpPart, type LlamaBasis, type LlamaLinearName } from './llama_block.js';
-import type { NormActs, QkvPart } from './block.js';
+import type { QkvPart } from './block.js';
 import { PlainBasis } from './plain_basis.js';
-import type { BlockLinears } from './local_linears.js';
+import { linearViews } from './local_linears.js';
 import { PlainModel, randomWeights, type FamilyParts, type PlainWeights } from './plain_model.js';
 import { LoraAdapters, type LoraTarget } from './lora.js';
 
@@ -26,49 +26,24 @@ export class LlamaLayout extends Layout<LlamaKind> {
   constructor(config: LlamaConfig) {
     const { C, W, I } = llamaDims(config);
     const V = config.vocab_size;
-    super(config, LLAMA_KINDS, {
-      wte: { layer: [V, C], per: false },
-      ln1w: { layer: [C], per: true },
-      qkvw: { layer: [C, W], per: true },
-      qkvb: { layer: [config.qkv_bias ? W : 0], per: true },
-      ow: { layer: [C, C], per: true },
-      ln2w: { layer: [C], per: true },
-      guw: { layer: [C, 2 * I], per: true },
-      downw: { layer: [I, C], per: true },
-      lnfw: { layer: [C], per: false },
-      head: { layer: config.tie_word_embeddings ? [0] : [V, C], per: false },
-    });
+    super(config, {
+      wte: one(V, C), ln1w: per(C), qkvw: per(C, W), qkvb: per(config.qkv_bias ? W : 0), ow: per(C, C),
+      ln2w: per(C), guw: per(C, 2 * I), downw: per(I, C), lnfw: one(C), head: config.tie_word_embeddings ? one(0) : one(V, C),
+    } satisfies Record<LlamaKind, unknown>);
   }
 }
 
 const LINEAR_KINDS: Record<LlamaLinearName, LlamaKind> = { qkv: 'qkvw', o: 'ow', gateup: 'guw', down: 'downw' };
 const EMPTY = new Float32Array(0);
 
-/** The block linears of a Llama parameter buffer, as views (q/k/v biases only on qkv, when present). */
-export function llamaLinearsOf(layout: LlamaLayout, buf: Float32Array): BlockLinears<LlamaLinearName> {
-  const layers = [];
-  for (let l = 0; l < layout.config.n_layer; l++) {
-    const rec = {} as Record<LlamaLinearName, BlockLinears['layers'][number]['qkv']>;
-    for (const name of LLAMA_LINEARS) {
-      const [din, dout] = llamaLinearDims(name, layout.config);
-      rec[name] = { w: layout.layer(buf, LINEAR_KINDS[name], l), b: name === 'qkv' ? layout.layer(buf, 'qkvb', l) : EMPTY, din, dout };
-    }
-    layers.push(rec);
-  }
-  return { n_layer: layout.config.n_layer, layers };
-}
-
 /** LoRA target widths of a Llama config. */
 export function llamaTargetDims(t: LoraTarget, c: LlamaConfig): [number, number] {
   const { C, KV, I } = llamaDims(c);
-  switch (t) {
-    case 'q': case 'proj': return [C, C];
-    case 'k': case 'v': return [C, KV];
-    case 'gate': case 'up': return [C, I];
-    case 'mlp-proj': return [I, C];
-    case 'wte': return [c.vocab_size, C];
-    case 'fc': throw new Error('LoRA target "fc" is GPT-2\'s; a Llama-family model has gate and up');
-  }
+  if (t === 'fc') throw new Error('LoRA target "fc" is GPT-2\'s; a Llama-family model has gate and up');
+  const dims: Record<Exclude<LoraTarget, 'fc'>, [number, number]> = {
+    q: [C, C], proj: [C, C], k: [C, KV], v: [C, KV], gate: [C, I], up: [C, I], 'mlp-proj': [I, C], wte: [c.vocab_size, C],
+  };
+  return dims[t];
 }
 
 /** Adapters for a Llama config. */
@@ -167,7 +142,9 @@ export class Llama extends PlainModel<LlamaConfig, LlamaWeights> {
     const norms = (buf: Float32Array) => ({ ln1w: v(buf, 'ln1w'), ln2w: v(buf, 'ln2w'), lnfw: v(buf, 'lnfw') });
     return {
       basis: new LlamaPlainBasis(c, norms(p), g ? norms(g) : null),
-      linearsOf: (buf) => llamaLinearsOf(lay, buf),
+      // q/k/v biases only on qkv, when present
+      linearsOf: (buf) => linearViews(c.n_layer, LLAMA_LINEARS, (n) => llamaLinearDims(n, c),
+        (l, n) => [lay.layer(buf, LINEAR_KINDS[n], l), n === 'qkv' ? lay.layer(buf, 'qkvb', l) : EMPTY]),
       block: llamaBlock<Float32Array>(c),
       tables: {
         wte: v(p, 'wte'), wpe: null, gwte: g ? v(g, 'wte') : null, gwpe: null,

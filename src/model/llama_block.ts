@@ -25,12 +25,8 @@ export function llamaDims(c: LlamaConfig): { C: number; hd: number; KV: number; 
 /** [d_in, d_out] of a Llama block linear. */
 export function llamaLinearDims(name: LlamaLinearName, c: LlamaConfig): [number, number] {
   const { C, W, I } = llamaDims(c);
-  switch (name) {
-    case 'qkv': return [C, W];
-    case 'o': return [C, C];
-    case 'gateup': return [C, 2 * I];
-    case 'down': return [I, C];
-  }
+  const dims: Record<LlamaLinearName, [number, number]> = { qkv: [C, W], o: [C, C], gateup: [C, 2 * I], down: [I, C] };
+  return dims[name];
 }
 
 export type GateUpPart = 'gate' | 'up';

@@ -28,6 +28,16 @@ export interface LinearSet<N extends string = string> {
   layers: Partial<Record<N, LinearWeights>>[];
 }
 
+/** A model's block linears as views of a parameter buffer: `views(l, name)` gives a layer's weight and bias. */
+export function linearViews<N extends string>(n_layer: number, names: readonly N[], dims: (name: N) => [number, number],
+  views: (l: number, name: N) => [Float32Array, Float32Array]): BlockLinears<N> {
+  const layers = Array.from({ length: n_layer }, (_, l) => Object.fromEntries(names.map((name) => {
+    const [w, b] = views(l, name), [din, dout] = dims(name);
+    return [name, { w, b, din, dout }];
+  })) as Record<N, LinearWeights>);
+  return { n_layer, layers };
+}
+
 export interface LocalLinearsOptions<N extends string = LinearName> {
   /** accumulate weight gradients in backward (full fine-tuning, plain training) */
   trainWeights: boolean;
@@ -43,8 +53,7 @@ type Momentum = { buf: Float32Array; fresh: boolean };
 
 export class LocalLinears<N extends string = LinearName> implements Linears<Float32Array, N> {
   private saved = new Map<string, { x: Float32Array; rows: number }>();
-  private gw = new Map<string, Float32Array>();
-  private gb = new Map<string, Float32Array>();
+  private g = new Map<string, { gw: Float32Array; gb: Float32Array }>();
   private mom = new Map<string, Momentum>();
   private bufs = new Map<string, Float32Array>();
   /** the linears whose gradient holds something since the last update */
@@ -72,15 +81,13 @@ export class LocalLinears<N extends string = LinearName> implements Linears<Floa
 
   private grads(l: number, name: N, key: string): { gw: Float32Array; gb: Float32Array } {
     if (this.opts.grads) return this.opts.grads(l, name);
-    let gw = this.gw.get(key), gb = this.gb.get(key);
-    if (!gw || !gb) {
+    let g = this.g.get(key);
+    if (!g) {
       const L = this.linear(l, name);
-      gw = new Float32Array(L.din * L.dout);
-      gb = new Float32Array(L.b.length);
-      this.gw.set(key, gw);
-      this.gb.set(key, gb);
+      g = { gw: new Float32Array(L.din * L.dout), gb: new Float32Array(L.b.length) };
+      this.g.set(key, g);
     }
-    return { gw, gb };
+    return g;
   }
 
   /** y[rows, dout] = x W + b */
@@ -133,7 +140,7 @@ export class LocalLinears<N extends string = LinearName> implements Linears<Floa
   /** Squared Frobenius norm of every accumulated weight gradient. */
   gradSqNorm(): number {
     let s = 0;
-    for (const m of [this.gw, this.gb]) for (const g of m.values()) for (let i = 0; i < g.length; i++) s += g[i] * g[i];
+    for (const { gw, gb } of this.g.values()) for (const g of [gw, gb]) for (let i = 0; i < g.length; i++) s += g[i] * g[i];
     return s;
   }
 
@@ -160,7 +167,7 @@ export class LocalLinears<N extends string = LinearName> implements Linears<Floa
   /** Drops saved inputs and zeroes the accumulated gradients (an aborted step). */
   reset(): void {
     this.saved.clear();
-    for (const m of [this.gw, this.gb]) for (const g of m.values()) g.fill(0);
+    for (const { gw, gb } of this.g.values()) [gw, gb].forEach((g) => g.fill(0));
     this.touched.clear();
   }
 

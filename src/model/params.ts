@@ -8,25 +8,25 @@ import type { GPT2Config } from './config.js';
  * Weight matrices use the Hugging Face `Conv1D` layout, `in x out`, so a linear layer is
  * `y = x W + b` with `x` row-major `[tokens, in]`.
  */
-export const PARAM_KINDS = [
-  'wte', //     [V, C]      token embedding (tied with the LM head)
-  'wpe', //     [maxT, C]   position embedding
-  'ln1w', //    [L, C]
-  'ln1b', //    [L, C]
-  'qkvw', //    [L, C, 3C]
-  'qkvb', //    [L, 3C]
-  'attprojw', // [L, C, C]
-  'attprojb', // [L, C]
-  'ln2w', //    [L, C]
-  'ln2b', //    [L, C]
-  'fcw', //     [L, C, 4C]
-  'fcb', //     [L, 4C]
-  'fcprojw', // [L, 4C, C]
-  'fcprojb', // [L, C]
-  'lnfw', //    [C]
-  'lnfb', //    [C]
-] as const;
-export type ParamKind = (typeof PARAM_KINDS)[number];
+export const one = (...layer: number[]) => ({ layer, per: false });
+export const per = (...layer: number[]) => ({ layer, per: true });
+
+/** GPT-2's tensors in buffer order: one layer's shape, and whether it is stacked over the layers. */
+function gpt2Shapes(c: GPT2Config) {
+  const { n_embd: C, n_ctx: T, vocab_size: V } = c;
+  return {
+    wte: one(V, C), // token embedding (tied with the LM head)
+    wpe: one(T, C), // position embedding
+    ln1w: per(C), ln1b: per(C),
+    qkvw: per(C, 3 * C), qkvb: per(3 * C),
+    attprojw: per(C, C), attprojb: per(C),
+    ln2w: per(C), ln2b: per(C),
+    fcw: per(C, 4 * C), fcb: per(4 * C),
+    fcprojw: per(4 * C, C), fcprojb: per(C),
+    lnfw: one(C), lnfb: one(C),
+  };
+}
+export type ParamKind = keyof ReturnType<typeof gpt2Shapes>;
 
 export interface ParamEntry<K extends string = ParamKind> {
   kind: K;
@@ -46,11 +46,12 @@ export class Layout<K extends string> {
   readonly entries: Record<K, ParamEntry<K>>;
   readonly total: number;
 
-  constructor(readonly config: GPT2Config, kinds: readonly K[], shapes: Record<K, { layer: number[]; per: boolean }>) {
+  /** `shapes` in buffer order (per: stacked over the layers) */
+  constructor(readonly config: GPT2Config, shapes: Record<K, { layer: number[]; per: boolean }>) {
     const L = config.n_layer;
     let off = 0;
     const entries = {} as Record<K, ParamEntry<K>>;
-    for (const kind of kinds) {
+    for (const kind of Object.keys(shapes) as K[]) {
       const s = shapes[kind];
       const layerSize = s.layer.reduce((a, b) => a * b, 1);
       const size = s.per ? layerSize * L : layerSize;
@@ -79,25 +80,7 @@ export class Layout<K extends string> {
 
 export class ParamLayout extends Layout<ParamKind> {
   constructor(config: GPT2Config) {
-    const { n_embd: C, n_ctx: T, vocab_size: V } = config;
-    super(config, PARAM_KINDS, {
-      wte: { layer: [V, C], per: false },
-      wpe: { layer: [T, C], per: false },
-      ln1w: { layer: [C], per: true },
-      ln1b: { layer: [C], per: true },
-      qkvw: { layer: [C, 3 * C], per: true },
-      qkvb: { layer: [3 * C], per: true },
-      attprojw: { layer: [C, C], per: true },
-      attprojb: { layer: [C], per: true },
-      ln2w: { layer: [C], per: true },
-      ln2b: { layer: [C], per: true },
-      fcw: { layer: [C, 4 * C], per: true },
-      fcb: { layer: [4 * C], per: true },
-      fcprojw: { layer: [4 * C, C], per: true },
-      fcprojb: { layer: [C], per: true },
-      lnfw: { layer: [C], per: false },
-      lnfb: { layer: [C], per: false },
-    });
+    super(config, gpt2Shapes(config));
   }
 }
 
@@ -112,8 +95,8 @@ const HF_NAMES: Record<ParamKind, string> = {
 /** Every (HF name, kind, layer) triple of a config, in a stable order. */
 export function hfTensorList(layout: ParamLayout): { name: string; kind: ParamKind; layer: number; shape: number[] }[] {
   const out: { name: string; kind: ParamKind; layer: number; shape: number[] }[] = [];
-  for (const kind of PARAM_KINDS) {
-    const e = layout.entries[kind];
+  for (const e of Object.values(layout.entries) as ParamEntry[]) {
+    const kind = e.kind;
     if (!e.perLayer) out.push({ name: HF_NAMES[kind], kind, layer: -1, shape: e.shape });
     else for (let l = 0; l < layout.config.n_layer; l++) out.push({ name: `h.${l}.${HF_NAMES[kind]}`, kind, layer: l, shape: e.layerShape });
   }

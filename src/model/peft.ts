@@ -101,11 +101,13 @@ export function writePeftAdapter(dir: string, ad: LoraAdapters, o: PeftExportOpt
   const n = sections.length;
   const tensors: TensorToWrite[] = [];
   const put = (name: string, shape: number[], data: Float32Array) => tensors.push({ name: PREFIX + name, dtype: 'F32', shape, data });
+  // an adapter's A [din, r] and B [r, dout] as PEFT's [r, din] and [dout, r]
+  const pair = (a: string, b: string, v: { A: Float32Array; B: Float32Array; din: number; dout: number }) => {
+    put(a, [r, v.din], transpose(v.A, v.din, r));
+    put(b, [v.dout, r], transpose(v.B, r, v.dout));
+  };
   const emb = ad.embedding();
-  if (emb) {
-    put('transformer.wte.lora_embedding_A', [r, emb.din], transpose(emb.A, emb.din, r));
-    put('transformer.wte.lora_embedding_B', [d, r], transpose(emb.B, r, d));
-  }
+  if (emb) pair('transformer.wte.lora_embedding_A', 'transformer.wte.lora_embedding_B', emb);
   for (let l = 0; l < ad.nLayer; l++) {
     if (n) {
       // A [n r, C]: the sections' A^T stacked; B [3C, n r]: block-diagonal
@@ -122,9 +124,7 @@ export function writePeftAdapter(dir: string, ad: LoraAdapters, o: PeftExportOpt
     }
     for (const t of ['proj', 'fc', 'mlp-proj'] as const) {
       const v = ad.get(l, t);
-      if (!v) continue;
-      put(`${moduleKey(l, moduleOf(t))}.lora_A.weight`, [r, v.din], transpose(v.A, v.din, r));
-      put(`${moduleKey(l, moduleOf(t))}.lora_B.weight`, [v.dout, r], transpose(v.B, r, v.dout));
+      if (v) pair(`${moduleKey(l, moduleOf(t))}.lora_A.weight`, `${moduleKey(l, moduleOf(t))}.lora_B.weight`, v);
     }
   }
   if (o.task === 'cls' && o.score) put('score.weight', [o.score.length / d, d], o.score);

@@ -22,12 +22,8 @@ export const gpt2Tokenizer: Tokenizer = {
   name: 'gpt2',
   vocabSize: GPT2_VOCAB_SIZE,
   eotId: EOT_ID,
-  encode(text: string): number[] {
-    return r50k.encode(text, { allowedSpecial: allowed });
-  },
-  decode(ids: Iterable<number>): string {
-    return r50k.decode(ids);
-  },
+  encode: (text) => r50k.encode(text, { allowedSpecial: allowed }),
+  decode: (ids) => r50k.decode(ids),
 };
 
 /**

@@ -64,7 +64,7 @@ export interface HeadResult {
 
 /** Per-(B, T) activations of every layer, allocated once per shape. */
 class Acts<X extends Float32Array> {
-  readonly layers: LayerActs<X>[] = [];
+  readonly layers: LayerActs<X>[];
   readonly h: Float32Array; //   [n, C] the stream
   readonly hL: Float32Array; //  [n, C] the stream after the last block
   readonly nf: NormActs; //      final norm
@@ -78,13 +78,9 @@ class Acts<X extends Float32Array> {
   constructor(readonly B: number, readonly T: number, readonly layerCount: number, c: GPT2Config, basis: TrunkBasis<X>, block: BlockDef<X, string>) {
     const C = c.n_embd;
     const n = B * T;
-    for (let l = 0; l < layerCount; l++) this.layers.push(block.acts(B, T, basis));
-    this.h = new Float32Array(n * C);
-    this.hL = new Float32Array(n * C);
+    this.layers = Array.from({ length: layerCount }, () => block.acts(B, T, basis));
+    [this.h, this.hL, this.hf, this.dh, this.dhf] = Array.from({ length: 5 }, () => new Float32Array(n * C));
     this.nf = normActs(n, C);
-    this.hf = new Float32Array(n * C);
-    this.dh = new Float32Array(n * C);
-    this.dhf = new Float32Array(n * C);
     this.losses = sharedFloat32(n);
   }
 }
@@ -216,14 +212,8 @@ export class Transformer<X extends Float32Array> {
     const pooled = this.parts.basis.headToPlain(hidden, B);
     const logits = new Float32Array(B * K);
     sgemm(false, true, B, K, C, 1, pooled, C, head.weight, C, 0, logits, K);
-    const predictions = new Int32Array(B);
-    let correct = 0;
-    for (let b = 0; b < B; b++) {
-      let best = 0;
-      for (let k = 1; k < K; k++) if (logits[b * K + k] > logits[b * K + best]) best = k;
-      predictions[b] = best;
-      if (labels && best === labels[b]) correct++;
-    }
+    const predictions = Int32Array.from({ length: B }, (_, b) => argmax(logits.subarray(b * K, (b + 1) * K)));
+    const correct = labels ? predictions.filter((p, b) => p === labels[b]).length : 0;
     let loss: number | null = null;
     let count = 0;
     if (labels) ({ loss, count } = crossEntropyForward(logits, labels, new Float32Array(B), B, K));
@@ -324,15 +314,18 @@ export interface SampleOptions {
   topK?: number;
 }
 
+/** Index of the largest of x (the first one on ties). */
+function argmax(x: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;
+  return best;
+}
+
 /** Picks the next token from logits [V]. */
 export function sampleToken(logits: Float32Array, rng: Rng, opts: SampleOptions = {}): number {
   const temperature = opts.temperature ?? 0;
   const V = logits.length;
-  if (!(temperature > 0)) {
-    let best = 0;
-    for (let i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;
-    return best;
-  }
+  if (!(temperature > 0)) return argmax(logits);
   const k = opts.topK ?? 0;
   let idx = Array.from({ length: V }, (_, i) => i);
   if (k > 0 && k < V) idx = idx.sort((a, b) => logits[b] - logits[a]).slice(0, k);

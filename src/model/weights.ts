@@ -1,6 +1,6 @@
 import type { GPT2Config } from './config.js';
-import { ParamLayout } from './params.js';
-import { sharedFloat32 } from '../tensor/shared.js';
+import type { ParamLayout } from './params.js';
+import type { PlainWeights } from './plain_model.js';
 import type { Pooling } from './kernels.js';
 
 /** Sequence-classification head (HF `GPT2ForSequenceClassification.score`, no bias). */
@@ -18,13 +18,6 @@ export interface ClassifierHead {
 }
 
 /** A GPT-2 model's weights: one contiguous parameter buffer plus an optional classifier. */
-export interface GPT2Weights {
-  config: GPT2Config;
+export interface GPT2Weights extends PlainWeights<GPT2Config> {
   layout: ParamLayout;
-  /** All transformer parameters, laid out by `layout`. */
-  params: Float32Array;
-  cls?: ClassifierHead;
-  /** Token id used for padding (classification), when the checkpoint defines one. */
-  padTokenId?: number;
 }
-

@@ -13,7 +13,7 @@
  * before either backend runs, and a bad one throws an Error naming it.
  */
 import { native, nativeLoadError } from './native.js';
-import { sgemmBatchedJs, sgemmJs } from './gemm_js.js';
+import { sgemmBatchedJs, sgemmJsAt } from './gemm_js.js';
 
 export type BackendName = 'native' | 'js';
 
@@ -100,12 +100,19 @@ function checkMatrix(fn: string, name: string, buf: Float32Array, rows: number, 
   }
 }
 
-function checkCommon(fn: string, transA: unknown, transB: unknown, m: unknown, n: unknown, k: unknown, alpha: unknown,
-  A: unknown, lda: unknown, B: unknown, ldb: unknown, beta: unknown, C: unknown, ldc: unknown): void {
+/** Every argument of sgemm (`batch`: of sgemmBatched, with its strides), each operand inside its buffer. */
+function checkGemm(fn: string, transA: unknown, transB: unknown, m: number, n: number, k: number, alpha: unknown,
+  A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: unknown, C: Float32Array, ldc: number,
+  batch?: { strideA: number; strideB: number; strideC: number; batch: number }): void {
   for (const [name, v] of Object.entries({ transA, transB })) checkBool(fn, name, v);
-  for (const [name, v] of Object.entries({ m, n, k, lda, ldb, ldc })) checkDim(fn, name, v);
+  for (const [name, v] of Object.entries({ m, n, k, lda, ldb, ldc, ...batch })) checkDim(fn, name, v);
   for (const [name, v] of Object.entries({ alpha, beta })) checkScalar(fn, name, v);
   for (const [name, v] of Object.entries({ A, B, C })) checkF32(fn, name, v);
+  const ab = m > 0 && n > 0 && k > 0;
+  const [count, sA, sB, sC] = batch ? [batch.batch, batch.strideA, batch.strideB, batch.strideC] : [1, 0, 0, 0];
+  checkMatrix(fn, 'A', A, ab ? (transA ? k : m) : 0, transA ? m : k, 'lda', lda, transA ? 'transA: A is k x m' : 'A is m x k', count, sA, 'strideA');
+  checkMatrix(fn, 'B', B, ab ? (transB ? n : k) : 0, transB ? k : n, 'ldb', ldb, transB ? 'transB: B is n x k' : 'B is k x n', count, sB, 'strideB');
+  checkMatrix(fn, 'C', C, m, n, 'ldc', ldc, 'C is m x n', count, sC, 'strideC');
 }
 
 // ------------------------------------------------------------------ GEMM
@@ -115,32 +122,22 @@ export function sgemm(transA: boolean, transB: boolean, m: number, n: number, k:
   A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number,
   bias?: Float32Array | null): void {
   const fn = 'sgemm';
-  checkCommon(fn, transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  checkGemm(fn, transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
   if (bias !== undefined && bias !== null) {
     checkF32(fn, 'bias', bias);
     if (bias.length !== n) fail(fn, `bias must have n = ${n} elements, has ${bias.length}`);
   }
-  const ab = m > 0 && n > 0 && k > 0;
-  checkMatrix(fn, 'A', A, ab ? (transA ? k : m) : 0, transA ? m : k, 'lda', lda, transA ? 'transA: A is k x m' : 'A is m x k');
-  checkMatrix(fn, 'B', B, ab ? (transB ? n : k) : 0, transB ? k : n, 'ldb', ldb, transB ? 'transB: B is n x k' : 'B is k x n');
-  checkMatrix(fn, 'C', C, m, n, 'ldc', ldc, 'C is m x n');
   if (m === 0 || n === 0) return;
   const b = bias ?? null;
   if (active === 'native' && native) native.sgemm(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, b);
-  else sgemmJs(transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, b);
+  else sgemmJsAt(transA, transB, m, n, k, alpha, A, 0, lda, B, 0, ldb, beta, C, 0, ldc, b);
 }
 
 /** `batch` independent products; matrix i of A, B and C starts at i*strideA, i*strideB, i*strideC. */
 export function sgemmBatched(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
   A: Float32Array, lda: number, strideA: number, B: Float32Array, ldb: number, strideB: number,
   beta: number, C: Float32Array, ldc: number, strideC: number, batch: number): void {
-  const fn = 'sgemmBatched';
-  checkCommon(fn, transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
-  for (const [name, v] of Object.entries({ strideA, strideB, strideC, batch })) checkDim(fn, name, v);
-  const ab = m > 0 && n > 0 && k > 0;
-  checkMatrix(fn, 'A', A, ab ? (transA ? k : m) : 0, transA ? m : k, 'lda', lda, transA ? 'transA: A is k x m' : 'A is m x k', batch, strideA, 'strideA');
-  checkMatrix(fn, 'B', B, ab ? (transB ? n : k) : 0, transB ? k : n, 'ldb', ldb, transB ? 'transB: B is n x k' : 'B is k x n', batch, strideB, 'strideB');
-  checkMatrix(fn, 'C', C, m, n, 'ldc', ldc, 'C is m x n', batch, strideC, 'strideC');
+  checkGemm('sgemmBatched', transA, transB, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, { strideA, strideB, strideC, batch });
   if (m === 0 || n === 0 || batch === 0) return;
   if (active === 'native' && native) native.sgemmBatched(transA, transB, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batch);
   else sgemmBatchedJs(transA, transB, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batch);

@@ -160,12 +160,6 @@ export function sgemmJsAt(transA: boolean, transB: boolean, m: number, n: number
   }
 }
 
-export function sgemmJs(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
-  A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number,
-  bias: Float32Array | null): void {
-  sgemmJsAt(transA, transB, m, n, k, alpha, A, 0, lda, B, 0, ldb, beta, C, 0, ldc, bias);
-}
-
 export function sgemmBatchedJs(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
   A: Float32Array, lda: number, strideA: number, B: Float32Array, ldb: number, strideB: number,
   beta: number, C: Float32Array, ldc: number, strideC: number, batch: number): void {

@@ -128,3 +128,29 @@ export function crossEntropyBackward(dlogits: Float32Array, probs: Float32Array,
   }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The kernels the thread pool splits, by name: each runs elements (rows for ce_fwd) [lo, hi)
+// of its arguments and returns its part of the result (a sum; 0 when there is none).
+export interface RangeArgs {
+  adamw: AdamWArgs;
+  sumsq: { g: Float32Array };
+  gelu_fwd: { out: Float32Array; inp: Float32Array; th: Float32Array | null };
+  gelu_bwd: { dinp: Float32Array; inp: Float32Array; dout: Float32Array; th: Float32Array | null };
+  ce_fwd: { logits: Float32Array; targets: Int32Array; losses: Float32Array; V: number };
+}
+export type RangeOp = keyof RangeArgs;
+
+const part = (x: Float32Array | null, lo: number, hi: number) => (x ? x.subarray(lo, hi) : null);
+export const RANGE_KERNELS: { [K in RangeOp]: (a: RangeArgs[K], lo: number, hi: number) => number } = {
+  adamw: (a, lo, hi) => (adamwRange(a, lo, hi), 0),
+  sumsq: (a, lo, hi) => sumSquaresRange(a.g, lo, hi),
+  gelu_fwd: (a, lo, hi) => (geluForward(a.out.subarray(lo, hi), a.inp.subarray(lo, hi), hi - lo, part(a.th, lo, hi)), 0),
+  gelu_bwd: (a, lo, hi) =>
+    (geluBackward(a.dinp.subarray(lo, hi), a.inp.subarray(lo, hi), a.dout.subarray(lo, hi), hi - lo, part(a.th, lo, hi)), 0),
+  ce_fwd: (a, lo, hi) => {
+    const { V } = a;
+    const r = crossEntropyForward(a.logits.subarray(lo * V, hi * V), a.targets.subarray(lo, hi), a.losses.subarray(lo, hi), hi - lo, V);
+    return r.loss * r.count;
+  },
+};

@@ -20,7 +20,7 @@
  */
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import os from 'node:os';
-import { adamwRange, sumSquaresRange, geluForward, geluBackward, crossEntropyForward, type AdamWArgs } from './kernels_ew.js';
+import { crossEntropyForward, RANGE_KERNELS, type AdamWArgs, type RangeArgs, type RangeOp } from './kernels_ew.js';
 
 import { InputError, WorkerError } from '../errors.js';
 import { STATUS_BUSY, STATUS_DEAD, STATUS_FAILED, STATUS_IDLE, type ExitReport } from './parallel_shared.js';
@@ -73,10 +73,9 @@ function getPool(): Pool | null {
   const resBuf = new SharedArrayBuffer(8 * (n + 1));
   const jobs = Array.from({ length: n }, () => new MessageChannel());
   const reports = new MessageChannel();
-  const far = [...jobs.map((c) => c.port1), reports.port1];
   const supervisor = new Worker(new URL('./parallel_supervisor.js', import.meta.url), {
     workerData: { ctrl: ctrlBuf, results: resBuf, ports: jobs.map((c) => c.port1), reports: reports.port1 },
-    transferList: far,
+    transferList: [...jobs.map((c) => c.port1), reports.port1],
   });
   supervisor.unref();
   // this thread reads its ports with receiveMessageOnPort only: no listener, nothing keeps the process alive
@@ -167,23 +166,25 @@ function waitForWorkers(p: Pool): { dead: number; stalled: number[] } {
   }
 }
 
-/** Splits [0, n) into parts; part 0 runs here, the others on workers; waits for all. */
-function run(n: number, job: (lo: number, hi: number) => number, message: (lo: number, hi: number) => Record<string, unknown>, minSize = MIN_PARALLEL, align = 16): number {
-  const p = n >= minSize ? getPool() : null;
+/**
+ * Splits [0, n) of kernel `op` into parts; part 0 runs here, the others on workers; waits for
+ * all. Buffers that are not all `shared`, or small ones, are done on this thread alone.
+ */
+function run<K extends RangeOp>(op: K, args: RangeArgs[K], n: number, shared: boolean, minSize = MIN_PARALLEL, align = 16): number {
+  const job = (lo: number, hi: number) => RANGE_KERNELS[op](args, lo, hi);
+  const p = shared && n >= minSize ? getPool() : null;
   if (!p) return job(0, n);
   checkPool(p);
   const workers = p.ports.length;
   const parts = workers + 1;
   const chunk = Math.ceil(n / parts / align) * align;
-  const msgs = Array.from({ length: workers }, (_, i) => message(Math.min(n, (i + 1) * chunk), Math.min(n, (i + 2) * chunk)));
-  const op = String(msgs[0].op);
   Atomics.store(p.ctrl, 0, workers);
   for (let i = 0; i < workers; i++) {
     // a worker marked dead since checkPool stays marked: the wait below reports it
     for (let cur = Atomics.load(p.ctrl, 1 + i); cur !== STATUS_DEAD; cur = Atomics.load(p.ctrl, 1 + i)) {
       if (Atomics.compareExchange(p.ctrl, 1 + i, cur, STATUS_BUSY) === cur) break;
     }
-    p.ports[i].postMessage(msgs[i]);
+    p.ports[i].postMessage({ op, args, lo: Math.min(n, (i + 1) * chunk), hi: Math.min(n, (i + 2) * chunk) });
   }
   let total = 0;
   let failed = false;
@@ -243,23 +244,13 @@ export const parallelTestHooks = {
   },
 };
 
+const allShared = (...xs: (ArrayBufferView | null)[]) => xs.every((x) => x === null || isShared(x));
+
 /** AdamW step over whole buffers (params -= lr * (m^/(sqrt(v^)+eps) + wd * params), decay where mask = 1). */
 export function adamwStep(a: AdamWArgs): void {
-  const n = a.params.length;
   const nat = ew();
-  if (nat) {
-    nat.adamw(a.params, a.grads, a.m, a.v, a.mask, a.lr, a.beta1, a.beta2, a.eps, a.weightDecay, a.c1, a.c2, a.gradScale);
-    return;
-  }
-  const shared = isShared(a.params) && isShared(a.grads) && isShared(a.m) && isShared(a.v) && (!a.mask || isShared(a.mask));
-  if (!shared) {
-    adamwRange(a, 0, n);
-    return;
-  }
-  run(n, (lo, hi) => {
-    adamwRange(a, lo, hi);
-    return 0;
-  }, (lo, hi) => ({ op: 'adamw', args: a, lo, hi }));
+  if (nat) return nat.adamw(a.params, a.grads, a.m, a.v, a.mask, a.lr, a.beta1, a.beta2, a.eps, a.weightDecay, a.c1, a.c2, a.gradScale);
+  run('adamw', a, a.params.length, allShared(a.params, a.grads, a.m, a.v, a.mask));
 }
 
 /** x = 0 (on every thread when the native backend has the kernel). */
@@ -271,34 +262,21 @@ export function zeroFill(x: Float32Array): void {
 
 /** Sum of squares of a buffer (float64 accumulation). */
 export function sumSquaresParallel(g: Float32Array): number {
-  const nat = ew();
-  if (nat) return nat.sumSquares(g);
-  if (!isShared(g)) return sumSquaresRange(g, 0, g.length);
-  return run(g.length, (lo, hi) => sumSquaresRange(g, lo, hi), (lo, hi) => ({ op: 'sumsq', g, lo, hi }));
+  return ew()?.sumSquares(g) ?? run('sumsq', { g }, g.length, isShared(g));
 }
-
-const allShared = (...xs: (ArrayBufferView | null)[]) => xs.every((x) => x === null || isShared(x));
 
 /** GELU forward split across threads (see kernels.ts geluForward). */
 export function geluForwardPar(out: Float32Array, inp: Float32Array, N: number, th: Float32Array | null = null): void {
   const nat = ew();
   if (nat) return nat.geluForward(out, inp, th, N);
-  if (!allShared(out, inp, th)) return geluForward(out, inp, N, th);
-  run(N, (lo, hi) => {
-    geluForward(out.subarray(lo, hi), inp.subarray(lo, hi), hi - lo, th ? th.subarray(lo, hi) : null);
-    return 0;
-  }, (lo, hi) => ({ op: 'gelu_fwd', a: out, b: inp, d: th, lo, hi }), 1 << 16);
+  run('gelu_fwd', { out, inp, th }, N, allShared(out, inp, th), 1 << 16);
 }
 
 /** GELU backward split across threads. */
 export function geluBackwardPar(dinp: Float32Array, inp: Float32Array, dout: Float32Array, N: number, th: Float32Array | null = null): void {
   const nat = ew();
   if (nat) return nat.geluBackward(dinp, inp, dout, th, N);
-  if (!allShared(dinp, inp, dout, th)) return geluBackward(dinp, inp, dout, N, th);
-  run(N, (lo, hi) => {
-    geluBackward(dinp.subarray(lo, hi), inp.subarray(lo, hi), dout.subarray(lo, hi), hi - lo, th ? th.subarray(lo, hi) : null);
-    return 0;
-  }, (lo, hi) => ({ op: 'gelu_bwd', a: dinp, b: inp, c: dout, d: th, lo, hi }), 1 << 16);
+  run('gelu_bwd', { dinp, inp, dout, th }, N, allShared(dinp, inp, dout, th), 1 << 16);
 }
 
 /** Softmax cross-entropy over rows, split across threads (see kernels.ts crossEntropyForward). */
@@ -316,10 +294,7 @@ export function crossEntropyForwardPar(logits: Float32Array, targets: Int32Array
     return { loss: count > 0 ? total / count : 0, count };
   }
   if (!allShared(logits, losses) || N * V < (1 << 20)) return crossEntropyForward(logits, targets, losses, N, V);
-  const total = run(N, (lo, hi) => {
-    const r = crossEntropyForward(logits.subarray(lo * V, hi * V), targets.subarray(lo, hi), losses.subarray(lo, hi), hi - lo, V);
-    return r.loss * r.count;
-  }, (lo, hi) => ({ op: 'ce_fwd', a: logits, b: losses, t: targets, V, lo, hi }), 2, 1);
+  const total = run('ce_fwd', { logits, targets, losses, V }, N, true, 2, 1);
   return { loss: count > 0 ? total / count : 0, count };
 }
 
@@ -338,9 +313,8 @@ export function firstNonFinite(x: Float32Array): number {
  */
 export function normForwardNative(out: Float32Array, mean: Float32Array, rstd: Float32Array, x: Float32Array, u: Float32Array | null, w: Float32Array | null, b: Float32Array | null, rows: number, C: number, eps: number): boolean {
   const nat = ew();
-  if (!nat) return false;
-  nat.normForward(out, mean, rstd, x, u, w, b, rows, C, eps);
-  return true;
+  nat?.normForward(out, mean, rstd, x, u, w, b, rows, C, eps);
+  return nat !== null;
 }
 
 /**
@@ -350,17 +324,15 @@ export function normForwardNative(out: Float32Array, mean: Float32Array, rstd: F
  */
 export function normBackwardNative(dx: Float32Array, dw: Float32Array | null, db: Float32Array | null, dout: Float32Array, x: Float32Array, mean: Float32Array | null, rstd: Float32Array, u: Float32Array | null, w: Float32Array | null, rows: number, C: number): boolean {
   const nat = ew();
-  if (!nat) return false;
-  nat.normBackward(dx, dw, db, dout, x, mean, rstd, u, w, rows, C);
-  return true;
+  nat?.normBackward(dx, dw, db, dout, x, mean, rstd, u, w, rows, C);
+  return nat !== null;
 }
 
 /** a[n, n] (Gaussian) replaced by its Haar-orthogonal QR factor on the addon's threads; false (a untouched) without it. */
 export function haarQrNative(a: Float64Array, n: number): boolean {
-  const nat = ew();
-  if (!nat || n < 32) return false;
-  nat.haarQr(a, n);
-  return true;
+  const nat = n >= 32 ? ew() : null;
+  nat?.haarQr(a, n);
+  return nat !== null;
 }
 
 /**

@@ -6,7 +6,7 @@
  * supervisor thread that started it (./parallel_supervisor.ts).
  */
 import { workerData, type MessagePort } from 'node:worker_threads';
-import { adamwRange, sumSquaresRange, geluForward, geluBackward, crossEntropyForward, type AdamWArgs } from './kernels_ew.js';
+import { RANGE_KERNELS, type RangeOp } from './kernels_ew.js';
 
 import { STATUS_FAILED, STATUS_IDLE } from './parallel_shared.js';
 
@@ -16,15 +16,8 @@ const index = workerData.index as number;
 const port = workerData.port as MessagePort;
 
 interface Msg {
-  op: string;
-  args?: AdamWArgs;
-  g?: Float32Array;
-  a?: Float32Array;
-  b?: Float32Array;
-  c?: Float32Array;
-  d?: Float32Array | null;
-  t?: Int32Array;
-  V?: number;
+  op: RangeOp | 'test_busy' | 'test_fail_next';
+  args: never;
   lo: number;
   hi: number;
   /** test_busy: how long to stay busy */
@@ -49,26 +42,13 @@ port.on('message', (msg: Msg) => {
   }
   let r = 0;
   let error: string | null = null;
-  const { lo, hi } = msg;
-  const n = hi - lo;
   try {
     if (failNext) {
       failNext = false;
       throw new Error('kernel failure injected by a test');
     }
-    switch (msg.op) {
-      case 'adamw': adamwRange(msg.args!, lo, hi); break;
-      case 'sumsq': r = sumSquaresRange(msg.g!, lo, hi); break;
-      case 'gelu_fwd': geluForward(msg.a!.subarray(lo, hi), msg.b!.subarray(lo, hi), n, msg.d ? msg.d.subarray(lo, hi) : null); break;
-      case 'gelu_bwd': geluBackward(msg.a!.subarray(lo, hi), msg.b!.subarray(lo, hi), msg.c!.subarray(lo, hi), n, msg.d ? msg.d.subarray(lo, hi) : null); break;
-      case 'ce_fwd': {
-        const V = msg.V!;
-        const res = crossEntropyForward(msg.a!.subarray(lo * V, hi * V), msg.t!.subarray(lo, hi), msg.b!.subarray(lo, hi), n, V);
-        r = res.loss * res.count;
-        break;
-      }
-      default: throw new Error(`unknown kernel "${msg.op}"`);
-    }
+    if (!Object.hasOwn(RANGE_KERNELS, msg.op)) throw new Error(`unknown kernel "${msg.op}"`);
+    r = (RANGE_KERNELS[msg.op as RangeOp] as (a: never, lo: number, hi: number) => number)(msg.args, msg.lo, msg.hi);
   } catch (e) {
     error = e instanceof Error ? e.message : String(e);
   }

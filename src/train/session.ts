@@ -20,7 +20,7 @@ import type { LlamaEnclaveTensors, PlainEnclaveTensors, RotaryMasks } from '../o
 import { gpt2Linears, type AcceleratorWeights } from '../protocol/linears.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../protocol/link.js';
-import { SplitModel, plainSplitParts, foldLayerNorms, type SplitModelOptions } from '../enclave/split_model.js';
+import { SplitModel, plainSplitParts, foldLayerNorms, PLAIN_ENCLAVE_PARAMS, PLAIN_LINEAR_PARAMS, type SplitModelOptions } from '../enclave/split_model.js';
 import { openSafetensors, writeSafetensors } from '../io/safetensors.js';
 import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraConfig, type LoraTarget } from '../model/lora.js';
 import type { Pooling } from '../model/kernels.js';
@@ -228,14 +228,13 @@ function fromPlainParts(base: GPT2Weights, acc0: AcceleratorWeights, enc: PlainE
   const acc = gpt2Linears(acc0);
   const lay = new ParamLayout(base.config);
   const p = new Float32Array(lay.total);
-  const names = { qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'] } as const;
   acc.layers.forEach((L, l) => {
-    for (const [k, [wn, bn]] of Object.entries(names)) {
-      lay.layer(p, wn, l).set(L[k as keyof typeof names].w);
-      lay.layer(p, bn, l).set(L[k as keyof typeof names].b);
+    for (const [k, [wn, bn]] of Object.entries(PLAIN_LINEAR_PARAMS)) {
+      lay.layer(p, wn, l).set(L[k as keyof typeof PLAIN_LINEAR_PARAMS].w);
+      lay.layer(p, bn, l).set(L[k as keyof typeof PLAIN_LINEAR_PARAMS].b);
     }
   });
-  for (const k of ['wte', 'wpe', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const) lay.view(p, k).set(enc[k]);
+  for (const k of PLAIN_ENCLAVE_PARAMS) lay.view(p, k).set(enc[k]);
   return { config: base.config, layout: lay, params: p, cls: base.cls && enc.score ? { ...base.cls, weight: Float32Array.from(enc.score) } : base.cls, padTokenId: base.padTokenId };
 }
 

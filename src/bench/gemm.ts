@@ -22,6 +22,7 @@ import path from 'node:path';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { Rng } from '../tensor/rng.js';
+import { median } from './train_step.js';
 import { availableBackends, backendName, nativeInfo, setBackend, setThreads, sgemm, type BackendName } from '../tensor/gemm.js';
 
 export interface GemmBenchRow {
@@ -70,11 +71,6 @@ export function gemmBenchShapes(tokens: number[]): Shape[] {
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[s.length >> 1];
-}
 
 function filled(n: number, seed: number): Float32Array {
   const a = new Float32Array(n);

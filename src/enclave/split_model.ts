@@ -308,11 +308,9 @@ export class SplitModel {
     if (tokens.length !== n) throw new Error(`tokens has ${tokens.length} entries, expected ${n}`);
     if (this.task === 'lm' && targets.length !== n) throw new Error(`targets has ${targets.length} entries, expected ${n}`);
     if (this.task === 'cls' && targets.length !== B) throw new Error(`labels has ${targets.length} entries, expected ${B}`);
-    if (train) {
-      // a new training step: nothing of the previous one is referenced any more, so the link
-      // may reuse the buffers of its replies
-      this.link.releaseScratch?.();
-    }
+    // a new training step: nothing of the previous one is referenced any more, so the link
+    // may reuse the buffers of its replies
+    if (train) this.link.releaseScratch?.();
     const r = this.task === 'lm'
       ? await this.net.forwardLM(tokens, B, T, targets, train)
       : await this.net.forwardCls(tokens, B, T, targets, train, this.padId);

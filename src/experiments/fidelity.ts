@@ -70,8 +70,7 @@ export async function runFidelity(model: GPT2 | Llama, name: string, o: {
   const cache: HaarCache = new Map();
   const rows: FidelityRow[] = [];
   const specs = o.mode === 'sealed' ? o.specs.slice(0, 1) : o.specs;
-  for (let i = 0; i < specs.length; i++) {
-    const spec = specs[i];
+  for (const [i, spec] of specs.entries()) {
     o.onProgress?.(i, specs.length, `kappa ${maskSpecLabel(spec)}`);
     const params = { mode: o.mode, spec, twoSided: o.twoSided ?? false, headPermutation: true };
     let enclave: Enclave;

@@ -105,7 +105,8 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
   const n = o.batch * o.seq;
   const tokens = Int32Array.from({ length: n }, () => rng.int(config.vocab_size));
   const targets = Int32Array.from({ length: n }, () => rng.int(config.vocab_size));
-  const encOpt = o.method === 'lora' ? new AdamW(m.adapters!.params.length) : new SGD(m.params.length, { momentum: 0.9 });
+  const trained = m.adapters ?? m; // what the enclave's optimiser steps: the adapters (lora), or its own tensors
+  const encOpt = m.adapters ? new AdamW(trained.params.length) : new SGD(trained.params.length, { momentum: 0.9 });
   const sent = () => (s.link as { stats?: { messages: number } }).stats?.messages ?? 0;
   return {
     async step() {
@@ -119,8 +120,7 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
       await m.backward();
       sumSquares(m.grads, ...(m.adapters ? [m.adapters.grads] : []));
       await m.acceleratorGradSq();
-      if (m.adapters) encOpt.step(m.adapters.params, m.adapters.grads, 1e-4);
-      else encOpt.step(m.params, m.grads, 1e-4);
+      encOpt.step(trained.params, trained.grads, 1e-4);
       await m.acceleratorUpdate(1e-4, 0.9, 1);
       return { ms: performance.now() - t0, integrityMs: (m.integrity?.ms ?? 0) - before, messages: sent() - msgs, mixingMs: (m.mixingStats?.ms ?? 0) - mixBefore };
     },

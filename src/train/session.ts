@@ -97,13 +97,8 @@ export function buildSession(w0: GPT2Weights | LlamaWeights, o: SessionOptions):
   if (!isLlama(w0.config) && o.rotaryMasks) throw new InputError('rotary masks apply to Llama-family models only');
   const p = isLlama(w0.config) ? llamaParts(withHead(w0 as LlamaWeights, o), o) : gpt2Parts(withHead(w0 as GPT2Weights, o), o);
   const rng = new Rng(o.seed);
-  let accelerator: Accelerator | null = null;
-  let link: AcceleratorLink;
-  if (o.link) link = o.link(p.accelerator);
-  else {
-    accelerator = new Accelerator(p.accelerator, { stateDir: o.acceleratorStateDir });
-    link = new InProcessLink(accelerator, { serialize: o.serialize });
-  }
+  const accelerator = o.link ? null : new Accelerator(p.accelerator, { stateDir: o.acceleratorStateDir });
+  const link = accelerator ? new InProcessLink(accelerator, { serialize: o.serialize }) : o.link!(p.accelerator);
   const model = new SplitModel({
     mode: o.mode, method: o.method, task: o.task, config: p.base.config, tensors: p.tensors, link, twoSided: o.twoSided,
     lora: o.lora, numLabels: o.numLabels, pooling: p.base.cls?.pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,

@@ -81,21 +81,18 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
   if (o.seq > config.n_ctx) throw new Error(`--seq ${o.seq} exceeds ${o.model}'s context of ${config.n_ctx}`);
   const base = llama ? Llama.random({ ...llama }, 1).weights() : GPT2.random(config, 1).weights();
   let link: (AcceleratorLink & { dataPath?: string }) | undefined;
-  let linkFactory: ((acc: AcceleratorWeights) => AcceleratorLink) | undefined;
-  if (linkFactoryIn) {
-    // the network link needs the (obfuscated) weights on the remote accelerator first
-    linkFactory = (acc) => ({
-      call: async (...args: Parameters<AcceleratorLink['call']>) => {
-        link ??= await linkFactoryIn(acc);
-        return link.call(...args);
-      },
-      releaseScratch: () => link?.releaseScratch?.(),
-      close: async () => link?.close?.(),
-      get stats() {
-        return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
-      },
-    });
-  }
+  // the network link needs the (obfuscated) weights on the remote accelerator first
+  const linkFactory = linkFactoryIn && ((acc: AcceleratorWeights) => ({
+    call: async (...args: Parameters<AcceleratorLink['call']>) => {
+      link ??= await linkFactoryIn(acc);
+      return link.call(...args);
+    },
+    releaseScratch: () => link?.releaseScratch?.(),
+    close: async () => link?.close?.(),
+    get stats() {
+      return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
+    },
+  }));
   const s = buildSession(base, {
     mode: o.mode, method: o.method, task: 'lm', kappa: '1', padTokenId: 50256, seed: 1, maskSeed: 1,
     lora: { rank: o.rank, alpha: 2 * o.rank, dropout: 0, targets: ['q', 'v'] }, link: linkFactory, mixing: o.mixing,

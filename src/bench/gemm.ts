@@ -163,9 +163,7 @@ const round2 = (x: number) => Math.round(x * 100) / 100;
 export async function benchGemm(opts: GemmBenchOptions = {}): Promise<GemmBenchResult> {
   const tokens = opts.tokens ?? [256, 1024];
   for (const t of tokens) if (!Number.isInteger(t) || t < 1) throw new Error(`benchGemm: token counts must be positive integers, got ${t}`);
-  const quick = opts.quick ?? false;
-  const wantJs = opts.js ?? true;
-  const wantRef = opts.reference ?? true;
+  const { quick = false, js: wantJs = true, reference: wantRef = true } = opts;
   const hasNative = availableBackends().includes('native');
   const backend: BackendName = hasNative ? 'native' : 'js';
   const prevBackend = backendName();

@@ -109,10 +109,6 @@ function loraKey(model: SplitModel): string | undefined {
   return c ? `rank ${c.rank}, alpha ${c.alpha}, targets ${c.targets.join(',')}` : undefined;
 }
 
-function ckptName(step: number): string {
-  return `step-${String(step).padStart(7, '0')}`;
-}
-
 /** Latest complete checkpoint of a run directory, or null. */
 export function latestCheckpoint(runDir: string): string | null {
   const dir = path.join(runDir, 'checkpoints');
@@ -183,7 +179,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
   const saveCheckpoint = async (step: number) => {
     // never commit a checkpoint on top of an accelerator that did not apply the update
     if (cfg.method === 'full') await model.verifyAccelerator(probeRng);
-    const name = ckptName(step);
+    const name = `step-${String(step).padStart(7, '0')}`;
     const dir = path.join(runDir, 'checkpoints', name);
     const tmp = `${dir}.tmp`;
     rmSync(tmp, { recursive: true, force: true });

@@ -81,21 +81,18 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
   if (o.seq > config.n_ctx) throw new Error(`--seq ${o.seq} exceeds ${o.model}'s context of ${config.n_ctx}`);
   const base = llama ? Llama.random({ ...llama }, 1).weights() : GPT2.random(config, 1).weights();
   let link: (AcceleratorLink & { dataPath?: string }) | undefined;
-  let linkFactory: ((acc: AcceleratorWeights) => AcceleratorLink) | undefined;
-  if (linkFactoryIn) {
-    // the network link needs the (obfuscated) weights on the remote accelerator first
-    linkFactory = (acc) => ({
-      call: async (...args: Parameters<AcceleratorLink['call']>) => {
-        link ??= await linkFactoryIn(acc);
-        return link.call(...args);
-      },
-      releaseScratch: () => link?.releaseScratch?.(),
-      close: async () => link?.close?.(),
-      get stats() {
-        return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
-      },
-    });
-  }
+  // the network link needs the (obfuscated) weights on the remote accelerator first
+  const linkFactory = linkFactoryIn && ((acc: AcceleratorWeights) => ({
+    call: async (...args: Parameters<AcceleratorLink['call']>) => {
+      link ??= await linkFactoryIn(acc);
+      return link.call(...args);
+    },
+    releaseScratch: () => link?.releaseScratch?.(),
+    close: async () => link?.close?.(),
+    get stats() {
+      return (link as { stats?: { messages: number } } | undefined)?.stats ?? { messages: 0 };
+    },
+  }));
   const s = buildSession(base, {
     mode: o.mode, method: o.method, task: 'lm', kappa: '1', padTokenId: 50256, seed: 1, maskSeed: 1,
     lora: { rank: o.rank, alpha: 2 * o.rank, dropout: 0, targets: ['q', 'v'] }, link: linkFactory, mixing: o.mixing,
@@ -105,7 +102,8 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
   const n = o.batch * o.seq;
   const tokens = Int32Array.from({ length: n }, () => rng.int(config.vocab_size));
   const targets = Int32Array.from({ length: n }, () => rng.int(config.vocab_size));
-  const encOpt = o.method === 'lora' ? new AdamW(m.adapters!.params.length) : new SGD(m.params.length, { momentum: 0.9 });
+  const trained = m.adapters ?? m; // what the enclave's optimiser steps: the adapters (lora), or its own tensors
+  const encOpt = m.adapters ? new AdamW(trained.params.length) : new SGD(trained.params.length, { momentum: 0.9 });
   const sent = () => (s.link as { stats?: { messages: number } }).stats?.messages ?? 0;
   return {
     async step() {
@@ -119,8 +117,7 @@ function stepRunner(o: BenchOneOptions, linkFactoryIn?: BenchLinkFactory): StepR
       await m.backward();
       sumSquares(m.grads, ...(m.adapters ? [m.adapters.grads] : []));
       await m.acceleratorGradSq();
-      if (m.adapters) encOpt.step(m.adapters.params, m.adapters.grads, 1e-4);
-      else encOpt.step(m.params, m.grads, 1e-4);
+      encOpt.step(trained.params, trained.grads, 1e-4);
       await m.acceleratorUpdate(1e-4, 0.9, 1);
       return { ms: performance.now() - t0, integrityMs: (m.integrity?.ms ?? 0) - before, messages: sent() - msgs, mixingMs: (m.mixingStats?.ms ?? 0) - mixBefore };
     },

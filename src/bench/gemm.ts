@@ -22,6 +22,7 @@ import path from 'node:path';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { Rng } from '../tensor/rng.js';
+import { median } from './train_step.js';
 import { availableBackends, backendName, nativeInfo, setBackend, setThreads, sgemm, type BackendName } from '../tensor/gemm.js';
 
 export interface GemmBenchRow {
@@ -64,23 +65,12 @@ const LAYERS: { name: string; din: number; dout: number }[] = [
 type Shape = Pick<GemmBenchRow, 'm' | 'k' | 'n' | 'op' | 'layer'>;
 
 export function gemmBenchShapes(tokens: number[]): Shape[] {
-  const out: Shape[] = [];
-  for (const t of tokens) {
-    for (const L of LAYERS) {
-      out.push({ m: t, k: L.din, n: L.dout, op: 'nn', layer: L.name });
-      out.push({ m: t, k: L.dout, n: L.din, op: 'nt', layer: L.name });
-      out.push({ m: L.din, k: t, n: L.dout, op: 'tn', layer: L.name });
-    }
-  }
-  return out;
+  return tokens.flatMap((t) => LAYERS.flatMap(({ name: layer, din, dout }): Shape[] => [
+    { m: t, k: din, n: dout, op: 'nn', layer }, { m: t, k: dout, n: din, op: 'nt', layer }, { m: din, k: t, n: dout, op: 'tn', layer },
+  ]));
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[s.length >> 1];
-}
 
 function filled(n: number, seed: number): Float32Array {
   const a = new Float32Array(n);
@@ -173,9 +163,7 @@ const round2 = (x: number) => Math.round(x * 100) / 100;
 export async function benchGemm(opts: GemmBenchOptions = {}): Promise<GemmBenchResult> {
   const tokens = opts.tokens ?? [256, 1024];
   for (const t of tokens) if (!Number.isInteger(t) || t < 1) throw new Error(`benchGemm: token counts must be positive integers, got ${t}`);
-  const quick = opts.quick ?? false;
-  const wantJs = opts.js ?? true;
-  const wantRef = opts.reference ?? true;
+  const { quick = false, js: wantJs = true, reference: wantRef = true } = opts;
   const hasNative = availableBackends().includes('native');
   const backend: BackendName = hasNative ? 'native' : 'js';
   const prevBackend = backendName();
@@ -244,8 +232,7 @@ export function formatGemmBench(r: GemmBenchResult): string {
   const hasJs = r.results.some((x) => x.js_gflops !== null);
   lines.push(`GEMM (fp32) on GPT-2 124M linears: ${r.backend} backend${r.isa ? ` (${r.isa})` : ''}, ${r.threads} thread${r.threads === 1 ? '' : 's'}` +
     (hasRef ? `; reference numpy matmul with the same thread count` : ''));
-  lines.push('nn = forward X W, nt = backward input dY W^T, tn = backward weight X^T dY; C is m x n, reduction k');
-  lines.push('');
+  lines.push('nn = forward X W, nt = backward input dY W^T, tn = backward weight X^T dY; C is m x n, reduction k', '');
   const head = ['layer', 'op', 'm', 'k', 'n', `${r.backend} GFLOPS`];
   if (hasRef) head.push('numpy GFLOPS', 'ratio');
   if (hasJs && r.backend === 'native') head.push('js GFLOPS');
@@ -267,8 +254,7 @@ export function formatGemmBench(r: GemmBenchResult): string {
   for (const row of rows) lines.push(row.map((cell, c) => (c < 2 ? cell.padEnd(widths[c]) : cell.padStart(widths[c]))).join('  '));
   if (ratios.length) {
     const geo = Math.exp(ratios.reduce((a, q) => a + Math.log(q), 0) / ratios.length);
-    lines.push('');
-    lines.push(`ratio ${r.backend}/numpy: geometric mean ${geo.toFixed(2)}, min ${Math.min(...ratios).toFixed(2)}, max ${Math.max(...ratios).toFixed(2)}`);
+    lines.push('', `ratio ${r.backend}/numpy: geometric mean ${geo.toFixed(2)}, min ${Math.min(...ratios).toFixed(2)}, max ${Math.max(...ratios).toFixed(2)}`);
   }
   return lines.join('\n');
 }

@@ -64,18 +64,10 @@ export async function benchTrainStep(opts: { model: string; batch: number; seq: 
   const [times, fw, bw, op] = [0, 1, 2, 3].map((j) => phases.map((p) => p[j]));
   const info = nativeInfo();
   return {
-    model: opts.model,
-    params: model.layout.total,
-    batch: B,
-    seq: T,
-    steps: opts.steps,
-    step_ms_median: median(times),
-    step_ms_min: Math.min(...times),
-    phases_ms: { forward: median(fw), backward: median(bw), optimizer: median(op) },
-    peak_rss_mb: peakRssMb(),
-    backend: backendName(),
-    threads: backendName() === 'native' && info ? info.threads : 1,
-    optimizer: kind,
+    model: opts.model, params: model.layout.total, batch: B, seq: T, steps: opts.steps,
+    step_ms_median: median(times), step_ms_min: Math.min(...times),
+    phases_ms: { forward: median(fw), backward: median(bw), optimizer: median(op) }, peak_rss_mb: peakRssMb(),
+    backend: backendName(), threads: backendName() === 'native' && info ? info.threads : 1, optimizer: kind,
   };
 }
 

@@ -195,23 +195,18 @@ export class PaperBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
     this.lnBackward(which, l, dh, da, s, h, n);
   }
 
-  override fromOutput(which: 'o' | 'p', l: number, y: Float32Array, n: number): Float32Array {
+  /** x Ro^-1 (or x Ro^-T with `trans`; Rp for the MLP) with two-sided masks, else null (outputs cross plain) */
+  private unmaskOutput(which: 'o' | 'p', l: number, x: Float32Array, n: number, trans: boolean): Float32Array | null {
     const Rinv = which === 'o' ? this.masks.RoInv : this.masks.RpInv;
-    if (!Rinv) return y;
+    if (!Rinv) return null;
     const C = this.C;
     const out = new Float32Array(n * C);
-    sgemm(false, false, n, C, C, 1, y, C, this.mat(Rinv, l), C, 0, out, C);
+    sgemm(false, trans, n, C, C, 1, x, C, this.mat(Rinv, l), C, 0, out, C);
     return out;
   }
 
-  override outputGrad(which: 'o' | 'p', l: number, dh: Float32Array, n: number): Obfuscated {
-    const Rinv = which === 'o' ? this.masks.RoInv : this.masks.RpInv;
-    if (!Rinv) return asObfuscated(dh);
-    const C = this.C;
-    const out = new Float32Array(n * C);
-    sgemm(false, true, n, C, C, 1, dh, C, this.mat(Rinv, l), C, 0, out, C);
-    return asObfuscated(out);
-  }
+  override fromOutput(which: 'o' | 'p', l: number, y: Float32Array, n: number): Float32Array { return this.unmaskOutput(which, l, y, n, false) ?? y; }
+  override outputGrad(which: 'o' | 'p', l: number, dh: Float32Array, n: number): Obfuscated { return asObfuscated(this.unmaskOutput(which, l, dh, n, true) ?? dh); }
 
   override addQkv(l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void { this.heads.addQkv(l, part, delta, qkv, n); }
   override qkvGradToPlain(l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array { return this.heads.qkvGradToPlain(l, part, dqkv, n); }

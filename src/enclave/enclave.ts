@@ -70,8 +70,7 @@ export class Enclave {
 
   /** Classification logits [B, numLabels] (each row pooled as the head says: last non-pad token or mean). */
   async forwardCls(tokens: Int32Array, B: number, T: number, padId = this.bundle.padTokenId ?? -1): Promise<Float32Array> {
-    const cls = this.bundle.cls;
-    if (!cls) throw new Error('this enclave bundle has no classification head');
+    if (!this.bundle.cls) throw new Error('this enclave bundle has no classification head');
     return (await this.net.forwardCls(tokens, B, T, null, false, padId)).logits;
   }
 

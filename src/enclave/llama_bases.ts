@@ -16,7 +16,7 @@ import { LlamaPlainBasis } from '../model/llama.js';
 import type { TrunkBasis } from '../model/plain_basis.js';
 import { sgemm } from '../tensor/gemm.js';
 import { asObfuscated, type Obfuscated } from '../protocol/messages.js';
-import type { LlamaHeadMasks, LlamaPaperTensors, LlamaPlainTensors, LlamaSealedTensors } from '../obfuscate/enclave_tensors.js';
+import type { LlamaHeadMasks, LlamaPaperTensors, LlamaSealedTensors } from '../obfuscate/enclave_tensors.js';
 import { Heads, PaperBasis, SealedBasis } from './bases.js';
 
 /** The Llama family's heads (kv groups, the MLP's gate and up sections) and rotary. */
@@ -68,9 +68,6 @@ const EMPTY = new Float32Array(0);
 
 /** Local mode of the Llama family: the plain basis, whose tensors cross as they are. */
 export class LlamaLocalBasis extends LlamaPlainBasis implements LlamaBasis<Obfuscated>, TrunkBasis<Obfuscated> {
-  constructor(c: LlamaConfig, t: LlamaPlainTensors, g: { ln1w?: Float32Array; ln2w?: Float32Array; lnfw?: Float32Array } | null) {
-    super(c, t, g);
-  }
   override buffer(size: number): Obfuscated { return asObfuscated(super.buffer(size)); }
   override norm(which: 1 | 2, l: number, h: Float32Array, s: Parameters<LlamaPlainBasis['norm']>[3], n: number): Obfuscated { return asObfuscated(super.norm(which, l, h, s, n)); }
   override outputGrad(_w: 'o' | 'p', _l: number, dh: Float32Array, _n: number): Obfuscated { return asObfuscated(dh); }

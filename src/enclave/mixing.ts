@@ -326,7 +326,6 @@ export interface MixingStats {
 export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   /** the forward's mixing of each linear in this step (full fine-tuning's backward uses it) */
   private plans = new Map<string, Plan>();
-  private readonly config: GPT2Config;
   /** the job's mixing key (secret, fresh per job unless given) and the stream of the current epoch */
   private key: Buffer;
   private rng: KeyedRng;
@@ -334,9 +333,11 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   private readonly buffers = new Map<string, Float32Array>();
   readonly stats: MixingStats = { calls: 0, rowsSent: 0, rowsReal: 0, flopsSent: 0, flopsReal: 0, mixFlops: 0, ms: 0 };
 
-  constructor(readonly inner: Linears<Obfuscated, BlockLinearName> & { reset?(): void }, config: GPT2Config, readonly o: MixingConfig & { trainWeights: boolean; rng?: KeyedRng }) {
+  constructor(
+    readonly inner: Linears<Obfuscated, BlockLinearName> & { reset?(): void }, private readonly config: GPT2Config,
+    readonly o: MixingConfig & { trainWeights: boolean; rng?: KeyedRng },
+  ) {
     checkMixingConfig(o);
-    this.config = config;
     this.rng = o.rng ?? KeyedRng.secure();
     this.key = this.rng.key;
   }
@@ -358,11 +359,6 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
    */
   epoch(label: string): void {
     this.rng = new KeyedRng(this.key).derive(label);
-  }
-
-  /** [d_in, d_out] of a linear (the one place that asks the block) */
-  private dims(name: BlockLinearName): [number, number] {
-    return blockLinearDims(this.config, name);
   }
 
   /**
@@ -413,7 +409,7 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   }
 
   async forward(l: number, name: BlockLinearName, x: Obfuscated, rows: number, train: boolean): Promise<Obfuscated> {
-    const [din, dout] = this.dims(name);
+    const [din, dout] = blockLinearDims(this.config, name);
     if (x.length !== rows * din) throw new InputError(`token mixing: input of h.${l}.${name} has ${x.length} values, expected ${rows} x ${din}`);
     const p = this.timed(() => this.plan(l, name, rows, din, true));
     const keep = train && this.o.trainWeights; // the accelerator keeps what was sent until the backward
@@ -426,7 +422,7 @@ export class MixedLinears implements Linears<Obfuscated, BlockLinearName> {
   }
 
   async backward(l: number, name: BlockLinearName, dy: Obfuscated, rows: number, input: boolean): Promise<Obfuscated | null> {
-    const [din, dout] = this.dims(name);
+    const [din, dout] = blockLinearDims(this.config, name);
     if (dy.length !== rows * dout) throw new InputError(`token mixing: output gradient of h.${l}.${name} has ${dy.length} values, expected ${rows} x ${dout}`);
     const key = `${name}.dx`; // consumed before the next call of this linear
     if (this.o.trainWeights) {

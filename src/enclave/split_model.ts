@@ -74,28 +74,26 @@ export interface SplitModelOptions {
   mixingRng?: KeyedRng;
 }
 
+/** Each GPT-2 linear's weight and bias in the plain parameter layout. */
+export const PLAIN_LINEAR_PARAMS = {
+  qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'],
+} as const satisfies Record<LinearName, [string, string]>;
+
+/** The tensors the enclave holds in the `local` mode, in the plain parameter layout. */
+export const PLAIN_ENCLAVE_PARAMS = ['wte', 'wpe', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const;
+
 /** Plain weights arranged as the two sides of the `local` mode. */
 export function plainSplitParts(w: GPT2Weights): { accelerator: AcceleratorWeights; tensors: PlainEnclaveTensors } {
   const { n_layer: L, n_embd: d } = w.config;
-  const lay = w.layout;
-  const p = w.params;
-  const kinds: Record<LinearName, ['qkvw' | 'attprojw' | 'fcw' | 'fcprojw', 'qkvb' | 'attprojb' | 'fcb' | 'fcprojb']> = {
-    qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'],
-  };
-  const layers = [];
-  for (let l = 0; l < L; l++) {
-    const rec = {} as AcceleratorWeights['layers'][number];
-    for (const name of LINEARS) {
-      const [din, dout] = linearDims(name, d);
-      rec[name] = { w: Float32Array.from(lay.layer(p, kinds[name][0], l)), b: Float32Array.from(lay.layer(p, kinds[name][1], l)), din, dout };
-    }
-    layers.push(rec);
-  }
-  const copy = (k: 'wte' | 'wpe' | 'ln1w' | 'ln1b' | 'ln2w' | 'ln2b' | 'lnfw' | 'lnfb') => Float32Array.from(lay.view(p, k));
-  const tensors: PlainEnclaveTensors = {
-    mode: 'local', wte: copy('wte'), wpe: copy('wpe'), ln1w: copy('ln1w'), ln1b: copy('ln1b'), ln2w: copy('ln2w'), ln2b: copy('ln2b'),
-    lnfw: copy('lnfw'), lnfb: copy('lnfb'), score: w.cls ? Float32Array.from(w.cls.weight) : undefined, chk: null,
-  };
+  const lay = w.layout, p = w.params;
+  const layers = Array.from({ length: L }, (_, l) => Object.fromEntries(LINEARS.map((name) => {
+    const [din, dout] = linearDims(name, d), [wn, bn] = PLAIN_LINEAR_PARAMS[name];
+    return [name, { w: Float32Array.from(lay.layer(p, wn, l)), b: Float32Array.from(lay.layer(p, bn, l)), din, dout }];
+  })) as AcceleratorWeights['layers'][number]);
+  const tensors = {
+    mode: 'local', ...Object.fromEntries(PLAIN_ENCLAVE_PARAMS.map((k) => [k, Float32Array.from(lay.view(p, k))])),
+    score: w.cls ? Float32Array.from(w.cls.weight) : undefined, chk: null,
+  } as PlainEnclaveTensors;
   return { accelerator: { n_layer: L, layers }, tensors };
 }
 
@@ -310,11 +308,9 @@ export class SplitModel {
     if (tokens.length !== n) throw new Error(`tokens has ${tokens.length} entries, expected ${n}`);
     if (this.task === 'lm' && targets.length !== n) throw new Error(`targets has ${targets.length} entries, expected ${n}`);
     if (this.task === 'cls' && targets.length !== B) throw new Error(`labels has ${targets.length} entries, expected ${B}`);
-    if (train) {
-      // a new training step: nothing of the previous one is referenced any more, so the link
-      // may reuse the buffers of its replies
-      this.link.releaseScratch?.();
-    }
+    // a new training step: nothing of the previous one is referenced any more, so the link
+    // may reuse the buffers of its replies
+    if (train) this.link.releaseScratch?.();
     const r = this.task === 'lm'
       ? await this.net.forwardLM(tokens, B, T, targets, train)
       : await this.net.forwardCls(tokens, B, T, targets, train, this.padId);

@@ -70,8 +70,7 @@ export async function runFidelity(model: GPT2 | Llama, name: string, o: {
   const cache: HaarCache = new Map();
   const rows: FidelityRow[] = [];
   const specs = o.mode === 'sealed' ? o.specs.slice(0, 1) : o.specs;
-  for (let i = 0; i < specs.length; i++) {
-    const spec = specs[i];
+  for (const [i, spec] of specs.entries()) {
     o.onProgress?.(i, specs.length, `kappa ${maskSpecLabel(spec)}`);
     const params = { mode: o.mode, spec, twoSided: o.twoSided ?? false, headPermutation: true };
     let enclave: Enclave;
@@ -90,8 +89,7 @@ export async function runFidelity(model: GPT2 | Llama, name: string, o: {
 }
 
 export function formatFidelity(r: FidelityResult): string {
-  const m = r.token_mixing;
-  const mix = m ? `, token mixing (${mixingLabel(m)})` : '';
+  const mix = r.token_mixing ? `, token mixing (${mixingLabel(r.token_mixing)})` : '';
   const lines = [`${r.model}, ${r.mode} mode${r.two_sided ? ' (two-sided)' : ''}${r.rotary_masks ? `, ${r.rotary_masks} rotary masks` : ''}${mix}, ${r.tokens} tokens: split vs plain logits`, 'kappa     max |err|     mean |err|    top-1 agreement'];
   for (const x of r.rows) {
     lines.push(`${x.kappa.padEnd(8)}  ${x.max_abs_logit_err.toExponential(3).padEnd(12)}  ${x.mean_abs_logit_err.toExponential(3).padEnd(12)}  ${(100 * x.top1_agreement).toFixed(1)}%`);

@@ -235,16 +235,12 @@ export async function runPaperExperiments(o: ExperimentOptions): Promise<Results
   let done = 0;
   const tick = (label: string) => o.onProgress?.(++done, total, label);
   // baselines
-  res.baselines = [];
-  for (const ds of datasets) {
-    if (ds.meta.task === 'cls') {
-      res.baselines.push({ dataset: ds.meta.name, metric: 'accuracy', value: majorityAccuracy(ds.train, ds.test), kind: 'majority class' });
-    } else {
-      const tr = corpusFromJsonl([path.join(o.dataDir, ds.meta.name, 'train.jsonl')], gpt2Tokenizer).stream;
-      const te = Int32Array.from(ds.test.flatMap((r) => [...gpt2Tokenizer.encode(r.text ?? ''), gpt2Tokenizer.eotId]));
-      res.baselines.push({ dataset: ds.meta.name, metric: 'perplexity', value: Math.exp(unigramLoss(tr, te, gpt2Tokenizer.vocabSize)), kind: 'unigram' });
-    }
-  }
+  res.baselines = datasets.map((ds) => {
+    if (ds.meta.task === 'cls') return { dataset: ds.meta.name, metric: 'accuracy', value: majorityAccuracy(ds.train, ds.test), kind: 'majority class' };
+    const tr = corpusFromJsonl([path.join(o.dataDir, ds.meta.name, 'train.jsonl')], gpt2Tokenizer).stream;
+    const te = Int32Array.from(ds.test.flatMap((r) => [...gpt2Tokenizer.encode(r.text ?? ''), gpt2Tokenizer.eotId]));
+    return { dataset: ds.meta.name, metric: 'perplexity', value: Math.exp(unigramLoss(tr, te, gpt2Tokenizer.vocabSize)), kind: 'unigram' };
+  });
   for (const ds of datasets) {
     const task = ds.meta.task;
     const labels = task === 'cls' ? labelSet(ds.train, ds.meta.name) : [];

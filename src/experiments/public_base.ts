@@ -110,8 +110,7 @@ export async function runPublicBaseCost(o: PublicBaseCostOptions): Promise<Publi
     };
     if (choice.rank === 0 && rows.length === 0) {
       let wn = 0;
-      const lay = pub.layout;
-      for (const k of ['qkvw', 'attprojw', 'fcw', 'fcprojw'] as const) for (const x of lay.view(pub.params, k)) wn += x * x;
+      for (const k of ['qkvw', 'attprojw', 'fcw', 'fcprojw'] as const) for (const x of pub.layout.view(pub.params, k)) wn += x * x;
       base = { loss: s.loss, accuracy: s.accuracy, delta_relative_size: Math.sqrt(r.total / wn) };
     }
     rows.push(row);

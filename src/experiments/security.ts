@@ -173,31 +173,27 @@ export async function runSecurityExperiment(o: SecurityOptions): Promise<Securit
     const view = loadView(viewFile);
     const truth = loadTruth(`${viewFile}.truth.json`, view);
     const v = rel(viewFile);
-    const cmds: Record<AttackName, string> = {
-      'weight-alignment': `obfuscatune attack weight-alignment --view ${v} --public ${rel(o.publicModel)} --json`,
-      'decode-public-base': `obfuscatune attack decode-public-base --view ${v} --public ${rel(o.publicModel)} --corpus ${rel(o.publicCorpus)}${o.decodeBatches ? ` --max-batches ${o.decodeBatches}` : ''} --json`,
-      'mlp-permutation': `obfuscatune attack mlp-permutation --view ${v} --public ${rel(o.publicModel)} --corpus ${rel(o.publicCorpus)} --json`,
-      frequency: `obfuscatune attack frequency --view ${v} --corpus ${rel(o.publicCorpus)} --json`,
-      'known-plaintext': `obfuscatune attack known-plaintext --view ${v} --known-fraction 0.1 --json`,
-      'label-recovery': `obfuscatune attack label-recovery --view ${v} --corpus ${rel(o.publicCorpus)} --json`,
-      unmix: `obfuscatune attack unmix --view ${v} --public ${rel(o.publicModel)} --corpus ${rel(o.publicCorpus)} --max-batches ${o.unmixBatches ?? 8}${o.unmixPositions ? ` --positions ${o.unmixPositions}` : ''} --json`,
-    };
-    const runs: Record<AttackName, (p: AttackProgress) => AttackResult | Promise<AttackResult>> = {
-      'weight-alignment': (p) => weightAlignmentAttack(view, pub, truth, prov, p),
-      'decode-public-base': (p) => decodePublicBaseAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.decodeBatches, onProgress: p }),
-      'mlp-permutation': (p) => mlpPermutationAttack(view, pub, truth, { corpus: o.publicCorpus, onProgress: p }),
-      frequency: (p) => frequencyAttack(view, truth, { corpus: o.publicCorpus, onProgress: p }),
-      'known-plaintext': (p) => knownPlaintextAttack(view, truth, { knownFraction: 0.1, seed, onProgress: p }),
-      'label-recovery': () => labelRecoveryAttack(view, truth, { corpus: o.publicCorpus, seed }),
-      unmix: (p) => unmixAttack(view, pub, truth, { corpus: o.publicCorpus, maxBatches: o.unmixBatches ?? 8, positions: o.unmixPositions, onProgress: p }),
+    const P = `--public ${rel(o.publicModel)}`, C = `--corpus ${rel(o.publicCorpus)}`, corpus = o.publicCorpus;
+    const unmixBatches = o.unmixBatches ?? 8;
+    // per attack: the flags of the command that reproduces its row from the view, and its run
+    const attack: Record<AttackName, [string, (p: AttackProgress) => AttackResult | Promise<AttackResult>]> = {
+      'weight-alignment': [P, (p) => weightAlignmentAttack(view, pub, truth, prov, p)],
+      'decode-public-base': [`${P} ${C}${o.decodeBatches ? ` --max-batches ${o.decodeBatches}` : ''}`,
+        (p) => decodePublicBaseAttack(view, pub, truth, { corpus, maxBatches: o.decodeBatches, onProgress: p })],
+      'mlp-permutation': [`${P} ${C}`, (p) => mlpPermutationAttack(view, pub, truth, { corpus, onProgress: p })],
+      frequency: [C, (p) => frequencyAttack(view, truth, { corpus, onProgress: p })],
+      'known-plaintext': ['--known-fraction 0.1', (p) => knownPlaintextAttack(view, truth, { knownFraction: 0.1, seed, onProgress: p })],
+      'label-recovery': [C, () => labelRecoveryAttack(view, truth, { corpus, seed })],
+      unmix: [`${P} ${C} --max-batches ${unmixBatches}${o.unmixPositions ? ` --positions ${o.unmixPositions}` : ''}`,
+        (p) => unmixAttack(view, pub, truth, { corpus, maxBatches: unmixBatches, positions: o.unmixPositions, onProgress: p })],
     };
     for (const a of attacks) {
       const t1 = performance.now();
       at(`${name} ${a}`);
       const p: AttackProgress = (d, n, label) => at(`${name} ${a}: ${label} (${d}/${n})`);
-      const r = await runs[a](p);
-      const row: SecurityRow = { ...r, model: path.basename(path.resolve(o.publicModel)), view: v, command: cmds[a], seconds: (performance.now() - t1) / 1000 };
-      rows.push(row);
+      const r = await attack[a][1](p);
+      const command = `obfuscatune attack ${a} --view ${v} ${attack[a][0]} --json`;
+      rows.push({ ...r, model: path.basename(path.resolve(o.publicModel)), view: v, command, seconds: (performance.now() - t1) / 1000 });
       done++;
       log(`${name} ${a}: ${r.metric} ${r.value.toFixed(4)} (baseline ${r.baseline.toFixed(4)})`);
     }

@@ -109,10 +109,6 @@ function loraKey(model: SplitModel): string | undefined {
   return c ? `rank ${c.rank}, alpha ${c.alpha}, targets ${c.targets.join(',')}` : undefined;
 }
 
-function ckptName(step: number): string {
-  return `step-${String(step).padStart(7, '0')}`;
-}
-
 /** Latest complete checkpoint of a run directory, or null. */
 export function latestCheckpoint(runDir: string): string | null {
   const dir = path.join(runDir, 'checkpoints');
@@ -127,10 +123,9 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
   // what the enclave trains, each part with its optimiser: its own tensors, and the adapters
   const part = (key: string, x: { params: Float32Array; grads: Float32Array }) => ({ key, p: x.params, g: x.grads, opt: makeOpt(x.params.length, cfg) });
   const parts = [part('enclave', model), ...(model.adapters ? [part('adapters', model.adapters)] : [])];
-  const sampler = new Sampler(train.items.length, cfg.seed);
+  let sampler = new Sampler(train.items.length, cfg.seed);
   let startStep = 0;
   let losses: number[] = [];
-  let resumedFrom: number | null = null;
 
   if (opts.resume) {
     const ck = latestCheckpoint(runDir);
@@ -166,14 +161,10 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
       const rep = await model.link.call({ op: 'checkpoint_load', tag: path.basename(ck) });
       if (rep.op === 'error') throw new Error(`cannot resume: the accelerator could not restore ${path.basename(ck)}: ${rep.message}`);
     }
-    const r = Rng.fromState(st.rng);
-    opts.rng.setState(r.state());
-    sampler.epoch = st.sampler.epoch;
-    sampler.pos = st.sampler.pos;
-    sampler.reorder();
+    opts.rng.setState(Rng.fromState(st.rng).state());
+    sampler = new Sampler(train.items.length, cfg.seed, st.sampler.epoch, st.sampler.pos);
     startStep = st.step;
     losses = st.losses.slice();
-    resumedFrom = st.step;
     // drop metrics written after the checkpoint, so the file matches an uninterrupted run
     if (existsSync(metricsFile)) {
       const lines = readFileSync(metricsFile, 'utf8').split('\n');
@@ -188,7 +179,7 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
   const saveCheckpoint = async (step: number) => {
     // never commit a checkpoint on top of an accelerator that did not apply the update
     if (cfg.method === 'full') await model.verifyAccelerator(probeRng);
-    const name = ckptName(step);
+    const name = `step-${String(step).padStart(7, '0')}`;
     const dir = path.join(runDir, 'checkpoints', name);
     const tmp = `${dir}.tmp`;
     rmSync(tmp, { recursive: true, force: true });
@@ -289,6 +280,6 @@ export async function runFinetune(model: SplitModel, train: EncodedSet, evalSet:
     task: cfg.task, method: cfg.method, mode: cfg.mode, kappa: cfg.kappa, steps: cfg.steps,
     eval: lastEval, eval_before: evalBefore, train_loss_last: losses[losses.length - 1] ?? NaN, losses,
     truncated: { train: train.truncated, eval: evalSet?.truncated ?? 0 }, seconds, tokens_per_second: tokens / Math.max(seconds, 1e-9),
-    resumed_from: resumedFrom,
+    resumed_from: opts.resume ? startStep : null,
   };
 }

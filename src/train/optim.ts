@@ -39,10 +39,7 @@ export class AdamW implements Optimizer {
 
   /** `decayMask`: 1 where weight decay applies (e.g. matrices), 0 elsewhere; all 1 when absent */
   constructor(readonly size: number, opts: AdamWOptions = {}, private decayMask?: Uint8Array) {
-    this.beta1 = opts.beta1 ?? 0.9;
-    this.beta2 = opts.beta2 ?? 0.999;
-    this.eps = opts.eps ?? 1e-8;
-    this.weightDecay = opts.weightDecay ?? 0;
+    ({ beta1: this.beta1 = 0.9, beta2: this.beta2 = 0.999, eps: this.eps = 1e-8, weightDecay: this.weightDecay = 0 } = opts);
     if (this.decayMask && this.decayMask.length !== size) throw new Error(`decay mask has ${this.decayMask.length} entries, expected ${size}`);
     // shared memory: large steps are split across worker threads (./parallel.ts)
     this.m = sharedFloat32(size);
@@ -93,8 +90,7 @@ export class SGD implements Optimizer {
   private t = 0;
 
   constructor(readonly size: number, opts: SGDOptions = {}) {
-    this.momentum = opts.momentum ?? 0;
-    this.weightDecay = opts.weightDecay ?? 0;
+    ({ momentum: this.momentum = 0, weightDecay: this.weightDecay = 0 } = opts);
     this.buf = this.momentum !== 0 ? new Float32Array(size) : null;
   }
 

@@ -20,7 +20,7 @@ import type { LlamaEnclaveTensors, PlainEnclaveTensors, RotaryMasks } from '../o
 import { gpt2Linears, type AcceleratorWeights } from '../protocol/linears.js';
 import { Accelerator } from '../accelerator/accelerator.js';
 import { InProcessLink, type AcceleratorLink } from '../protocol/link.js';
-import { SplitModel, plainSplitParts, foldLayerNorms, type SplitModelOptions } from '../enclave/split_model.js';
+import { SplitModel, plainSplitParts, foldLayerNorms, PLAIN_ENCLAVE_PARAMS, PLAIN_LINEAR_PARAMS, type SplitModelOptions } from '../enclave/split_model.js';
 import { openSafetensors, writeSafetensors } from '../io/safetensors.js';
 import { LoraAdapters, adapterName, adapterTensors, parseLoraTargets, type LoraConfig, type LoraTarget } from '../model/lora.js';
 import type { Pooling } from '../model/kernels.js';
@@ -97,13 +97,8 @@ export function buildSession(w0: GPT2Weights | LlamaWeights, o: SessionOptions):
   if (!isLlama(w0.config) && o.rotaryMasks) throw new InputError('rotary masks apply to Llama-family models only');
   const p = isLlama(w0.config) ? llamaParts(withHead(w0 as LlamaWeights, o), o) : gpt2Parts(withHead(w0 as GPT2Weights, o), o);
   const rng = new Rng(o.seed);
-  let accelerator: Accelerator | null = null;
-  let link: AcceleratorLink;
-  if (o.link) link = o.link(p.accelerator);
-  else {
-    accelerator = new Accelerator(p.accelerator, { stateDir: o.acceleratorStateDir });
-    link = new InProcessLink(accelerator, { serialize: o.serialize });
-  }
+  const accelerator = o.link ? null : new Accelerator(p.accelerator, { stateDir: o.acceleratorStateDir });
+  const link = accelerator ? new InProcessLink(accelerator, { serialize: o.serialize }) : o.link!(p.accelerator);
   const model = new SplitModel({
     mode: o.mode, method: o.method, task: o.task, config: p.base.config, tensors: p.tensors, link, twoSided: o.twoSided,
     lora: o.lora, numLabels: o.numLabels, pooling: p.base.cls?.pooling, padTokenId: o.padTokenId, freezeNorms: o.foldedBaseline, rng,
@@ -228,14 +223,13 @@ function fromPlainParts(base: GPT2Weights, acc0: AcceleratorWeights, enc: PlainE
   const acc = gpt2Linears(acc0);
   const lay = new ParamLayout(base.config);
   const p = new Float32Array(lay.total);
-  const names = { qkv: ['qkvw', 'qkvb'], attproj: ['attprojw', 'attprojb'], fc: ['fcw', 'fcb'], fcproj: ['fcprojw', 'fcprojb'] } as const;
   acc.layers.forEach((L, l) => {
-    for (const [k, [wn, bn]] of Object.entries(names)) {
-      lay.layer(p, wn, l).set(L[k as keyof typeof names].w);
-      lay.layer(p, bn, l).set(L[k as keyof typeof names].b);
+    for (const [k, [wn, bn]] of Object.entries(PLAIN_LINEAR_PARAMS)) {
+      lay.layer(p, wn, l).set(L[k as keyof typeof PLAIN_LINEAR_PARAMS].w);
+      lay.layer(p, bn, l).set(L[k as keyof typeof PLAIN_LINEAR_PARAMS].b);
     }
   });
-  for (const k of ['wte', 'wpe', 'ln1w', 'ln1b', 'ln2w', 'ln2b', 'lnfw', 'lnfb'] as const) lay.view(p, k).set(enc[k]);
+  for (const k of PLAIN_ENCLAVE_PARAMS) lay.view(p, k).set(enc[k]);
   return { config: base.config, layout: lay, params: p, cls: base.cls && enc.score ? { ...base.cls, weight: Float32Array.from(enc.score) } : base.cls, padTokenId: base.padTokenId };
 }
 

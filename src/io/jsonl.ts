@@ -303,11 +303,6 @@ export class Sampler {
     return p;
   }
 
-  /** Recomputes the order after epoch/pos were set (resume). */
-  reorder(): void {
-    this.order = this.permutation(this.epoch);
-  }
-
   next(k: number): number[] {
     const out: number[] = [];
     while (out.length < k) {

@@ -137,17 +137,13 @@ export class Accelerator {
     const file = this.stateFile(tag);
     if (!existsSync(file)) throw new Error(`accelerator: no checkpoint "${tag}" in ${this.opts.stateDir}`);
     const st = openSafetensors(file);
+    for (const t of linearTensors(this.weights, 'h')) st.getInto(t.name, t.data as Float32Array);
     const mom = new Map<string, Float32Array>();
     this.weights.layers.forEach((layer, l) => {
-      for (const name of layerLinearNames(layer)) {
-        const L = layer[name]!;
-        const key = `${l}.${name}`;
-        st.getInto(`h.${key}.weight`, L.w);
-        st.getInto(`h.${key}.bias`, L.b);
-        if (st.has(`momentum.${key}.weight`)) {
-          mom.set(`${key}.w`, st.get(`momentum.${key}.weight`));
-          mom.set(`${key}.b`, st.get(`momentum.${key}.bias`));
-        }
+      for (const key of layerLinearNames(layer).map((name) => `${l}.${name}`)) {
+        if (!st.has(`momentum.${key}.weight`)) continue;
+        mom.set(`${key}.w`, st.get(`momentum.${key}.weight`));
+        mom.set(`${key}.b`, st.get(`momentum.${key}.bias`));
       }
     });
     this.lin.loadMomentum(mom);

@@ -131,9 +131,8 @@ export function addFinetuneCommands(program: Command): void {
       const recOpts = recorderOptionsOf(o);
       if (!o.resume) refuseNonEmpty(runDir, o.force, 'finetune (a fresh run; --resume continues the run there)');
       // the whole spec is validated before any work: nothing is loaded or written before this
-      const recipe = recipeAndFlags(o, finetuneSpecInput(o));
-      const source = recipe.source;
-      let given = recipe.input;
+      const { source, input } = recipeAndFlags(o, finetuneSpecInput(o));
+      let given = input;
       let init: ImportedAdapter | null = null;
       if (o.initAdapter) {
         if (o.resume) throw new InputError('--init-adapter starts a fresh run; --resume continues from the run\'s checkpoint (with its adapters)');

@@ -12,8 +12,8 @@ import type { AcceleratorWeights } from '../protocol/linears.js';
 import type { BlockLinearName } from '../model/block.js';
 import { LocalLinears } from '../model/local_linears.js';
 import { firstNonFinite } from '../tensor/parallel.js';
-import { layerLinearNames } from '../protocol/linears.js';
-import { openSafetensors, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
+import { layerLinearNames, linearTensors } from '../protocol/linears.js';
+import { openSafetensors, writeSafetensors } from '../io/safetensors.js';
 import { Rng } from '../tensor/rng.js';
 import type { AcceleratorReply, AcceleratorRequest } from '../protocol/messages.js';
 
@@ -124,22 +124,12 @@ export class Accelerator {
   private saveState(tag: string): string {
     const file = this.stateFile(tag);
     mkdirSync(path.dirname(file), { recursive: true });
-    const t: TensorToWrite[] = [];
     const mom = this.lin.momentumState();
-    this.weights.layers.forEach((layer, l) => {
-      for (const name of layerLinearNames(layer)) {
-        const L = layer[name]!;
-        const key = `${l}.${name}`;
-        t.push({ name: `h.${key}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: L.w });
-        t.push({ name: `h.${key}.bias`, dtype: 'F32', shape: [L.b.length], data: L.b });
-        const mw = mom.get(`${key}.w`), mb = mom.get(`${key}.b`);
-        if (mw && mb) {
-          t.push({ name: `momentum.${key}.weight`, dtype: 'F32', shape: [L.din, L.dout], data: mw });
-          t.push({ name: `momentum.${key}.bias`, dtype: 'F32', shape: [mb.length], data: mb });
-        }
-      }
-    });
-    writeSafetensors(file, t, { format: 'obfuscatune-accelerator-state/1' });
+    // the momentum buffers of the linears that have them, laid out as the weights
+    const momentum: AcceleratorWeights = { n_layer: this.weights.n_layer, layers: this.weights.layers.map((layer, l) => Object.fromEntries(
+      layerLinearNames(layer).filter((n) => mom.has(`${l}.${n}.w`) && mom.has(`${l}.${n}.b`))
+        .map((n) => [n, { ...layer[n]!, w: mom.get(`${l}.${n}.w`)!, b: mom.get(`${l}.${n}.b`)! }]))) };
+    writeSafetensors(file, [...linearTensors(this.weights, 'h'), ...linearTensors(momentum, 'momentum')], { format: 'obfuscatune-accelerator-state/1' });
     return createHash('sha256').update(readFileSync(file)).digest('hex');
   }
 
@@ -147,17 +137,13 @@ export class Accelerator {
     const file = this.stateFile(tag);
     if (!existsSync(file)) throw new Error(`accelerator: no checkpoint "${tag}" in ${this.opts.stateDir}`);
     const st = openSafetensors(file);
+    for (const t of linearTensors(this.weights, 'h')) st.getInto(t.name, t.data as Float32Array);
     const mom = new Map<string, Float32Array>();
     this.weights.layers.forEach((layer, l) => {
-      for (const name of layerLinearNames(layer)) {
-        const L = layer[name]!;
-        const key = `${l}.${name}`;
-        st.getInto(`h.${key}.weight`, L.w);
-        st.getInto(`h.${key}.bias`, L.b);
-        if (st.has(`momentum.${key}.weight`)) {
-          mom.set(`${key}.w`, st.get(`momentum.${key}.weight`));
-          mom.set(`${key}.b`, st.get(`momentum.${key}.bias`));
-        }
+      for (const key of layerLinearNames(layer).map((name) => `${l}.${name}`)) {
+        if (!st.has(`momentum.${key}.weight`)) continue;
+        mom.set(`${key}.w`, st.get(`momentum.${key}.weight`));
+        mom.set(`${key}.b`, st.get(`momentum.${key}.bias`));
       }
     });
     this.lin.loadMomentum(mom);

@@ -19,17 +19,15 @@ import { progressBar } from './progress.js';
 
 interface Common { view: string; truth?: string; mode?: string; json?: boolean }
 
-function open(o: Common): { view: LoadedView; truth: ViewTruth | null } {
+/** The view and its truth file (`needed`: refused when it is not found, for attacks that score with it). */
+function open(o: Common, needed: true): { view: LoadedView; truth: ViewTruth };
+function open(o: Common): { view: LoadedView; truth: ViewTruth | null };
+function open(o: Common, needed = false): { view: LoadedView; truth: ViewTruth | null } {
   const view = loadView(o.view);
   checkView(view, { mode: o.mode });
   const tf = o.truth ?? `${o.view}.truth.json`;
-  const truth = o.truth || existsSync(tf) ? loadTruth(tf, view) : null;
-  return { view, truth };
-}
-
-function needTruth(t: ViewTruth | null, o: Common): ViewTruth {
-  if (!t) throw new ViewError(`scoring needs the view's truth file (${o.truth ?? `${o.view}.truth.json`} not found; give --truth FILE)`);
-  return t;
+  if (needed && !o.truth && !existsSync(tf)) throw new ViewError(`scoring needs the view's truth file (${tf} not found; give --truth FILE)`);
+  return { view, truth: o.truth || existsSync(tf) ? loadTruth(tf, view) : null };
 }
 
 function publicModel(dir: string, view: LoadedView): GPT2Weights {
@@ -82,8 +80,8 @@ export function addAttackCommands(program: Command): void {
     .requiredOption('--corpus <file>', 'a public JSONL corpus (the baseline guess: its most frequent token)')
     .option('--max-batches <n>', 'decode at most this many batches', parseIntArg('--max-batches'))
     .action((o: Common & { public: string; corpus: string; maxBatches?: number }) => {
-      const { view, truth } = open(o);
-      const pub = publicModel(o.public, view), t = needTruth(truth, o);
+      const { view, truth: t } = open(o, true);
+      const pub = publicModel(o.public, view);
       return attackWith('decode-public-base', (onProgress) => decodePublicBaseAttack(view, pub, t, { corpus: o.corpus, maxBatches: o.maxBatches, onProgress }));
     });
 
@@ -92,9 +90,8 @@ export function addAttackCommands(program: Command): void {
     .requiredOption('--corpus <file>', 'a public JSONL corpus of the owner\'s domain')
     .option('--counts <list>', 'numbers of observed batches to report', '1,10,100')
     .action((o: Common & { corpus: string; counts: string }) => {
-      const { view, truth } = open(o);
+      const { view, truth: t } = open(o, true);
       const counts = numberList(o.counts, '--counts', 'a positive integer', (n) => Number.isInteger(n) && n >= 1);
-      const t = needTruth(truth, o);
       return attackWith('frequency', (onProgress) => frequencyAttack(view, t, { corpus: o.corpus, counts, onProgress }));
     });
 
@@ -103,8 +100,7 @@ export function addAttackCommands(program: Command): void {
     .option('--known-fraction <x>', 'share of the records the attacker knows', parseFloatArg('--known-fraction'), 0.1)
     .option('--seed <n>', 'which records are known', parseIntArg('--seed'), 1)
     .action((o: Common & { knownFraction: number; seed: number }) => {
-      const { view, truth } = open(o);
-      const t = needTruth(truth, o);
+      const { view, truth: t } = open(o, true);
       return attackWith('known-plaintext', (onProgress) => knownPlaintextAttack(view, t, { knownFraction: o.knownFraction, seed: o.seed, onProgress }));
     });
 
@@ -113,8 +109,7 @@ export function addAttackCommands(program: Command): void {
     .requiredOption('--corpus <file>', 'a public labelled JSONL corpus of the owner\'s task')
     .option('--seed <n>', 'k-means seed', parseIntArg('--seed'), 1)
     .action((o: Common & { corpus: string; seed: number }) => {
-      const { view, truth } = open(o);
-      const t = needTruth(truth, o);
+      const { view, truth: t } = open(o, true);
       return attackWith('label-recovery', () => labelRecoveryAttack(view, t, { corpus: o.corpus, seed: o.seed }));
     });
 
@@ -125,8 +120,8 @@ export function addAttackCommands(program: Command): void {
     .option('--max-batches <n>', 'attack at most this many batches', parseIntArg('--max-batches'), 8)
     .option('--positions <n>', 'candidate positions 0..n-1 (default: min(n_ctx, 64))', parseIntArg('--positions'))
     .action((o: Common & { public: string; corpus: string; maxBatches: number; positions?: number }) => {
-      const { view, truth } = open(o);
-      const pub = publicModel(o.public, view), t = needTruth(truth, o);
+      const { view, truth: t } = open(o, true);
+      const pub = publicModel(o.public, view);
       return attackWith('unmix', (onProgress) => unmixAttack(view, pub, t, { corpus: o.corpus, maxBatches: o.maxBatches, positions: o.positions, onProgress }));
     });
 

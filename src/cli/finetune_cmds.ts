@@ -13,7 +13,7 @@ import { buildSession, exportRun, mergedLlamaModel, mergedPlainModel, readAdapte
 import { runFinetune, evaluate, latestCheckpoint, type EvalMetrics } from '../train/finetune.js';
 import {
   RunSpecError, RUN_SPEC_FILE, RESUMABLE_CHANGES, parseRunSpec, resumeRunSpec, readRunSpec, writeRunSpec, checkRunSpecForModel, toFinetuneConfig, toSessionOptions, mixingOf,
-  type RunSpec, type RunSpecInput,
+  type RunSpecInput,
 } from '../train/run_spec.js';
 import type { MixingConfig } from '../enclave/mixing.js';
 import { progressBar } from './progress.js';
@@ -131,9 +131,8 @@ export function addFinetuneCommands(program: Command): void {
       const recOpts = recorderOptionsOf(o);
       if (!o.resume) refuseNonEmpty(runDir, o.force, 'finetune (a fresh run; --resume continues the run there)');
       // the whole spec is validated before any work: nothing is loaded or written before this
-      const recipe = recipeAndFlags(o, finetuneSpecInput(o));
-      const source = recipe.source;
-      let given = recipe.input;
+      const { source, input } = recipeAndFlags(o, finetuneSpecInput(o));
+      let given = input;
       let init: ImportedAdapter | null = null;
       if (o.initAdapter) {
         if (o.resume) throw new InputError('--init-adapter starts a fresh run; --resume continues from the run\'s checkpoint (with its adapters)');
@@ -142,16 +141,10 @@ export function addFinetuneCommands(program: Command): void {
         init = readAdapter(o.initAdapter, readHFConfig(o.model).config);
         given = withInitAdapter(given, init, o.initAdapter);
       }
-      let spec: RunSpec;
-      if (o.resume) {
-        if (!latestCheckpoint(runDir)) throw new InputError(`--resume: no checkpoint in ${path.join(runDir, 'checkpoints')}`);
-        const stored = readRunSpec(runDir);
-        if (stored) spec = resumeRunSpec(stored, given, source, path.join(runDir, RUN_SPEC_FILE));
-        else {
-          console.error(`note: ${runDir} has no ${RUN_SPEC_FILE} (a run of an earlier version): its settings are taken from the flags`);
-          spec = parseRunSpec(given, source);
-        }
-      } else spec = parseRunSpec(given, source);
+      if (o.resume && !latestCheckpoint(runDir)) throw new InputError(`--resume: no checkpoint in ${path.join(runDir, 'checkpoints')}`);
+      const stored = o.resume ? readRunSpec(runDir) : null;
+      if (o.resume && !stored) console.error(`note: ${runDir} has no ${RUN_SPEC_FILE} (a run of an earlier version): its settings are taken from the flags`);
+      const spec = stored ? resumeRunSpec(stored, given, source, path.join(runDir, RUN_SPEC_FILE)) : parseRunSpec(given, source);
       const files = runFiles(o, runDir);
       const { task, method, mode } = spec;
       const trainRecs = readJsonl(files.train, spec);

@@ -297,6 +297,7 @@ export function buildProgram(): Command {
   stepBenchOptions(bench
     .command('train-step')
     .description('median time and peak memory of one training step (forward, backward, AdamW) on random data'), 'timed steps (after one warm-up step)')
+    .option('--model <preset>', 'model preset', 'gpt2')
     .addOption(new Option('--optimizer <name>', 'optimiser').choices(['adamw', 'sgd']).default('adamw'))
     .action(async (o) => {
       const bar = progressBar(o.steps + 1, 'bench train-step');
@@ -305,16 +306,12 @@ export function buildProgram(): Command {
       emitBench(r, formatTrainStep(r));
     });
 
-  addMixingOptions(bench
+  addMixingOptions(stepBenchOptions(bench
     .command('finetune')
-    .description('fine-tuning step time of local, sealed and paper (kappa 1) modes side by side, each in its own process (--interleaved: in one process, steps in rounds; --token-mixing on: sealed without and with token mixing, steps paired in one process)')
-    .option('--json', 'print JSON')
+    .description('fine-tuning step time of local, sealed and paper (kappa 1) modes side by side, each in its own process (--interleaved: in one process, steps in rounds; --token-mixing on: sealed without and with token mixing, steps paired in one process)'), 'timed steps per mode (after one warm-up step)')
     .option('--model <preset>', 'model preset (GPT-2 or Llama family; default gpt2, or llama-124m with --family llama)')
     .addOption(new Option('--family <f>', 'model family of the default preset').choices(['gpt2', 'llama']).default('gpt2'))
     .addOption(new Option('--method <method>', 'fine-tuning method').choices(['lora', 'full']).default('lora'))
-    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
-    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
-    .option('--steps <n>', 'timed steps per mode (after one warm-up step)', parseIntArg('--steps'), 5)
     .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
     .addOption(new Option('--transport <t>', 'enclave-accelerator transport of the split modes (grpc: a spawned accelerator service; the in-process split is measured beside it)').choices(['in-process', 'grpc']).default('in-process'))
     .option('--no-tensor-channel', 'grpc: keep Call frames on gRPC instead of the tensor channel')
@@ -334,6 +331,7 @@ export function buildProgram(): Command {
   stepBenchOptions(bench
     .command('transport')
     .description('tensor transport alone: one LoRA step of frames against an echo accelerator process (tensor channel and gRPC), and against a real accelerator in-process and in a child process'), 'timed steps per path (after one warm-up step)')
+    .option('--model <preset>', 'model preset', 'gpt2')
     .action(async (o) => {
       const { benchTransport } = await import('../bench/transport.js');
       const bar = progressBar(4, 'bench transport', '{label}');
@@ -353,16 +351,12 @@ export function buildProgram(): Command {
       const { serveEchoAccelerator } = await import('../bench/transport.js');
       await serveEchoAccelerator(o.preset, o.tensorChannel);
     });
-  bench
+  stepBenchOptions(bench
     .command('finetune-one', { hidden: true })
-    .description('one mode of `bench finetune` (used internally)')
-    .option('--json', 'print JSON')
+    .description('one mode of `bench finetune` (used internally)'), 'timed steps')
     .requiredOption('--model <preset>', 'model preset')
     .requiredOption('--method <method>', 'lora|full')
     .requiredOption('--mode <mode>', 'local|sealed|paper')
-    .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
-    .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
-    .option('--steps <n>', 'timed steps', parseIntArg('--steps'), 5)
     .option('--rank <r>', 'LoRA rank', parseIntArg('--rank'), 8)
     .option('--transport <t>', 'in-process|grpc', 'in-process')
     .option('--no-tensor-channel', 'grpc: Call frames over gRPC')
@@ -521,11 +515,10 @@ function emitBench(r: object, human: string | string[]): void {
   emit({ machine, ...r }, [`machine: ${machine}`, ...(Array.isArray(human) ? human : [human])]);
 }
 
-/** --json, --model, --batch, --seq and --steps of the step benchmarks */
+/** --json, --batch, --seq and --steps of the step benchmarks */
 function stepBenchOptions(c: Command, stepsHelp: string): Command {
   return c
     .option('--json', 'print JSON')
-    .option('--model <preset>', 'model preset', 'gpt2')
     .option('--batch <n>', 'batch size', parseIntArg('--batch'), 4)
     .option('--seq <n>', 'sequence length', parseIntArg('--seq'), 64)
     .option('--steps <n>', stepsHelp, parseIntArg('--steps'), 5);

@@ -56,21 +56,14 @@ export function loadPlainModel(spec: string, opts: { randomInit?: boolean; seed?
   return { model, tokenizer: () => tokenizerFor(model.config.vocab_size), save: (dir) => saveCheckpoint(dir, model.weights()) };
 }
 
-export function parseIntArg(name: string) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!Number.isInteger(n)) throw new InvalidArgumentError(`${name} must be an integer, got "${v}"`);
-    return n;
-  };
-}
-
-export function parseFloatArg(name: string) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number, got "${v}"`);
-    return n;
-  };
-}
+/** commander's parser of a numeric flag's value: a number that is `ok`, else refused as not `what`. */
+const numberArg = (name: string, ok: (n: number) => boolean, what: string) => (v: string): number => {
+  const n = Number(v);
+  if (!ok(n)) throw new InvalidArgumentError(`${name} must be ${what}, got "${v}"`);
+  return n;
+};
+export const parseIntArg = (name: string) => numberArg(name, Number.isInteger, 'an integer');
+export const parseFloatArg = (name: string) => numberArg(name, Number.isFinite, 'a number');
 
 /** A comma-separated list of numbers, each one `ok` or refused as `FLAG: "x" is not WHAT`; `skipEmpty`: "1,,2" is 1, 2. */
 export function numberList(s: string, flag: string, what: string, ok: (n: number) => boolean, skipEmpty = false): number[] {

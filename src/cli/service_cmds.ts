@@ -206,12 +206,12 @@ export function addServiceCommands(program: Command): void {
       emit({ out: o.out, mode: o.mode, kappa: String(o.kappa), accelerator_sha256: acceleratorSha256 }, `bundles written to ${o.out}: accelerator/, enclave/, provider/ (secret)`);
     });
   const provKey = (o: { key?: string; bundles: string }) => o.key ?? nodePath.join(o.bundles, 'provider', 'party-key.json');
-  trustOptions(prov
-    .command('deploy')
-    .description('verify the enclave, upload the accelerator bundle (signed) to the accelerator and the encrypted enclave bundle to the enclave')
+  // the provider's commands that reach the enclave: its bundles directory and key file
+  const provCmd = (name: string, what: string) => trustOptions(prov.command(name).description(what))
     .requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
+    .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)');
+  provCmd('deploy', 'verify the enclave, upload the accelerator bundle (signed) to the accelerator and the encrypted enclave bundle to the enclave')
     .requiredOption('--accelerator <addr>', 'accelerator address')
-    .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)'))
     .action(async (o) => {
       const c = await connect(o, provKey(o));
       // progress: one unit per bundle, what is happening in the label
@@ -226,19 +226,14 @@ export function addServiceCommands(program: Command): void {
       c.close();
     });
   for (const [name, what] of [['status', 'job status (aggregate metrics)'], ['cancel', 'cancel the running job (when the contract lets the provider)']]) {
-    trustOptions(prov.command(name).description(what).requiredOption('--bundles <dir>', 'the directory `provider obfuscate` wrote')
-      .option('--key <file>', 'the provider\'s key file')).action((o) => oneCommand(o, provKey(o), name));
+    provCmd(name, what).action((o) => oneCommand(o, provKey(o), name));
   }
-  trustOptions(prov
-    .command('fetch')
-    .description('receive the fine-tuned update (encrypted to the provider) and merge it into a plain checkpoint')
-    .requiredOption('--bundles <dir>', 'the directory `provider deploy` wrote')
+  provCmd('fetch', 'receive the fine-tuned update (encrypted to the provider) and merge it into a plain checkpoint')
     .requiredOption('--base <dir>', 'the original plain checkpoint')
     .requiredOption('--accelerator <addr>', 'accelerator address (trained weights of full fine-tuning)')
     .requiredOption('--out <dir>', 'output checkpoint directory')
     .option('--peft-out <dir>', 'also write the LoRA update as a Hugging Face PEFT adapter directory')
-    .option('--key <file>', 'the provider\'s key file (default: BUNDLES/provider/party-key.json)')
-    .option('--force', 'write into a non-empty --out'))
+    .option('--force', 'write into a non-empty --out')
     .action(async (o) => {
       refuseNonEmpty(o.out, o.force, 'provider fetch');
       const llama = isLlamaDir(o.base);

@@ -293,15 +293,10 @@ function readEnclaveTensors(st: SafetensorsFile, b: ShapeKeys, rotary: RotaryMas
   const delta: DeltaTensors | null = b.publicBase ? b.publicBase.ranks.map((ranks) => Object.fromEntries(LINEARS.map((n) => [n, { rank: ranks[n], U: new Float32Array(0), V: new Float32Array(0), b: new Float32Array(0) }])) as DeltaTensors[number]) : null;
   const t: Record<string, unknown> = { mode: b.mode, RoInv: null, RpInv: null, chk, delta, ...(isLlama(b.config) ? { family: 'llama', head: null, rotary } : {}) };
   for (const [name, shape] of enclaveShapes(b, chk !== null)) {
-    const x = readTensor(st, what, name, shape);
-    if (name.startsWith('delta.')) {
-      const [l, linear, part] = checkPart(name);
-      delta![l][linear][part as 'U' | 'V' | 'b'] = x as Float32Array;
-    } else if (!name.startsWith('chk.')) t[name] = x;
-    else {
-      const [l, linear, part] = checkPart(name);
-      (chk![l][linear] ??= {} as LinearCheck)[part] = x as Float32Array;
-    }
+    const x = readTensor(st, what, name, shape), [l, linear, part] = checkPart(name);
+    if (name.startsWith('delta.')) delta![l][linear][part as 'U' | 'V' | 'b'] = x as Float32Array;
+    else if (name.startsWith('chk.')) (chk![l][linear] ??= {} as LinearCheck)[part] = x as Float32Array;
+    else t[name] = x;
   }
   return t as unknown as ObfuscatedTensors | LlamaObfuscatedTensors;
 }

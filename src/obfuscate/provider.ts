@@ -14,7 +14,7 @@ import { BundleError, InputError } from '../errors.js';
 import type { AcceleratorWeights } from '../protocol/linears.js';
 import { makeCheckVectors } from '../protocol/integrity.js';
 import {
-  writeAcceleratorBundle, writeEnclaveBundle, writeProviderKey, KEY_FORMAT, sha256, ACC_FORMAT,
+  writeAcceleratorBundle, writeEnclaveBundle, writeProviderKey, KEY_FORMAT, sha256,
   loadAcceleratorBundle, loadEnclaveBundle, loadProviderKey, checkBundlePair, keyFingerprint, checkKeyMatches, gpt2Tensors, type EnclaveBundle,
 } from './bundle.js';
 import type { LlamaObfuscatedTensors, ObfuscatedTensors, RotaryMasks } from './enclave_tensors.js';
@@ -184,10 +184,7 @@ function loadForMerge(c: GPT2Config, accDir: string, encDir: string, keyDir: str
   for (const k of ['n_layer', 'n_head', 'n_embd', 'n_ctx', 'vocab_size'] as const) {
     if (c[k] !== enc.config[k]) throw new Error(`the base model's ${k} (${c[k]}) differs from the bundle's (${enc.config[k]})`);
   }
-  if (acc.manifestSha256 !== info.accelerator_manifest_sha256) {
-    // a fine-tuned accelerator bundle has new weights: only its structure must match
-    if (acc.manifest.format !== ACC_FORMAT) throw new Error('not an accelerator bundle');
-  }
+  // no pin of the accelerator manifest against the key's: a fine-tuned bundle has new weights (its format was checked)
   return { acc, enc, key, params };
 }
 

@@ -115,23 +115,20 @@ export class IntegrityChecker {
 
   /** y[rows, dout] = x[rows, din] W + b ? */
   checkForward(l: number, name: BlockLinearName, x: Float32Array, y: Float32Array, rows: number): void {
-    const t0 = performance.now();
     const t = this.track(l, name);
     this.rowCheck(`forward of h.${l}.${name}`, y, t.r, t.dout, x, t.w, t.din, t.c, rows);
-    this.ms += performance.now() - t0;
   }
 
   /** dx[rows, din] = dy[rows, dout] W^T ? */
   checkBackward(l: number, name: BlockLinearName, dy: Float32Array, dx: Float32Array, rows: number): void {
-    const t0 = performance.now();
     const t = this.track(l, name);
     this.rowCheck(`backward of h.${l}.${name}`, dx, t.s, t.din, dy, t.v, t.dout, null, rows);
-    this.ms += performance.now() - t0;
   }
 
   // lhs[rows, a] . p[a, K]  ==  rhs[rows, b] . q[b, K] + c   (K = 2, unrolled: this runs on every reply)
   private rowCheck(what: string, lhs: Float32Array, p: Float64Array, a: number, rhs: Float32Array, q: Float64Array, b: number, c: Float64Array | null, rows: number): void {
     if (this.K !== 2) throw new Error('integrity checks use two secret vectors');
+    const t0 = performance.now();
     const r = freivaldsRows(lhs, a, p, rhs, b, q, c, rows);
     for (let i = 0; i < rows; i++) {
       const e0 = Math.abs(r[4 * i]), e1 = Math.abs(r[4 * i + 1]), m0 = r[4 * i + 2], m1 = r[4 * i + 3];
@@ -142,6 +139,7 @@ export class IntegrityChecker {
       }
     }
     this.checks += rows * 2;
+    this.ms += performance.now() - t0;
   }
 
   /**
@@ -189,13 +187,10 @@ export class IntegrityChecker {
       const first = momentum === 0 || t.fresh;
       for (const [val, buf, g] of [[t.w, t.mr, t.gr], [t.c, t.mc, t.gc], [t.v, t.ms, t.gs]] as const) {
         sgdMomentumStep(val, g, buf, first, lr, momentum, scale);
-        g.fill(0);
       }
       t.fresh = momentum === 0 ? t.fresh : false;
-      t.touched = false;
-      t.exactSq = 0;
-      t.calls = 0;
     }
+    this.reset(); // the step's projections are spent
   }
 
   /**

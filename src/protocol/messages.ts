@@ -115,15 +115,9 @@ export function decodeMessage(buf: Uint8Array, maxBytes = MAX_FRAME_BYTES): Acce
     if (!Number.isInteger(len) || (len as number) < 0) throw new Error(`message tensor "${k}" has an invalid length`);
     const bytes = (len as number) * 4;
     if (off + bytes > b.length) throw new Error(`message truncated: tensor "${k}" needs ${bytes} bytes, ${b.length - off} left`);
-    let t: Float32Array;
-    if ((b.byteOffset + off) % 4 === 0) {
-      // a view of the received frame (no copy): the frame's memory is the message's from here on
-      t = new Float32Array(b.buffer, b.byteOffset + off, len as number);
-    } else {
-      t = new Float32Array(len as number);
-      new Uint8Array(t.buffer).set(b.subarray(off, off + bytes));
-    }
-    out[k] = t;
+    // aligned: a view of the received frame (no copy), the frame's memory is the message's from here on
+    const at = b.byteOffset + off;
+    out[k] = at % 4 === 0 ? new Float32Array(b.buffer, at, len as number) : new Float32Array(b.buffer.slice(at, at + bytes));
     off += bytes;
   }
   if (off !== b.length) throw new Error(`message has ${b.length - off} trailing bytes`);

@@ -19,7 +19,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { openSafetensors, readSafetensorsHeader, writeSafetensors, type TensorToWrite } from '../io/safetensors.js';
 import type { GPT2Config } from '../model/config.js';
 import { blockLinearDims, blockLinearNames } from '../model/family.js';
-import { layerLinearNames, linearTensors, type AcceleratorWeights } from './linears.js';
+import { linearTensors, type AcceleratorWeights } from './linears.js';
 import type { CrossingEvent, Observer } from './link.js';
 import { InputError, ViewError } from '../errors.js';
 
@@ -96,13 +96,7 @@ export interface ViewTruth {
 /** SHA-256 over the accelerator's weights and biases in bundle order (layer, linear, w then b). */
 export function acceleratorWeightsSha256(acc: AcceleratorWeights): string {
   const h = createHash('sha256');
-  for (const layer of acc.layers) {
-    for (const name of layerLinearNames(layer)) {
-      const L = layer[name]!;
-      h.update(Buffer.from(L.w.buffer, L.w.byteOffset, L.w.byteLength));
-      h.update(Buffer.from(L.b.buffer, L.b.byteOffset, L.b.byteLength));
-    }
-  }
+  for (const { data: x } of linearTensors(acc, 'bundle')) h.update(Buffer.from(x.buffer, x.byteOffset, x.byteLength));
   return h.digest('hex');
 }
 

@@ -21,14 +21,14 @@ import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'nod
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { SealedMessageJson } from '../tee/hpke.js';
-import { clientChannelOptions } from '../rpc/grpc.js';
+import { clientChannelOptions, methodDef, type Codec } from '../rpc/grpc.js';
 import { errorFromStatus } from '../rpc/status.js';
 import { InputError } from '../errors.js';
 import { lengthPrefixed, fromBase64 } from '../tee/platform.js';
 
-const json = {
-  ser: (v: unknown): Buffer => Buffer.from(JSON.stringify(v), 'utf8'),
-  de: (b: Buffer): unknown => {
+const json: Codec<unknown> = {
+  ser: (v) => Buffer.from(JSON.stringify(v), 'utf8'),
+  de: (b) => {
     try {
       return JSON.parse(b.toString('utf8'));
     } catch {
@@ -37,23 +37,16 @@ const json = {
   },
 };
 
-function method(service: string, name: string, requestStream = false): grpc.MethodDefinition<unknown, unknown> {
-  return {
-    path: `/${service}/${name}`, requestStream, responseStream: false,
-    requestSerialize: json.ser, requestDeserialize: json.de, responseSerialize: json.ser, responseDeserialize: json.de, originalName: name,
-  };
-}
-
 export const ENCLAVE_SERVICE = {
-  Attest: method('obfuscatune.Enclave', 'Attest'),
-  Upload: method('obfuscatune.Enclave', 'Upload', true),
-  Command: method('obfuscatune.Enclave', 'Command'),
-  Health: method('obfuscatune.Enclave', 'Health'),
+  Attest: methodDef('obfuscatune.Enclave', 'Attest', json),
+  Upload: methodDef('obfuscatune.Enclave', 'Upload', json, true),
+  Command: methodDef('obfuscatune.Enclave', 'Command', json),
+  Health: methodDef('obfuscatune.Enclave', 'Health', json),
 } satisfies grpc.ServiceDefinition;
 
 export const ACC_ADMIN_SERVICE = {
-  LoadBundle: method('obfuscatune.AcceleratorAdmin', 'LoadBundle', true),
-  Export: method('obfuscatune.AcceleratorAdmin', 'Export'),
+  LoadBundle: methodDef('obfuscatune.AcceleratorAdmin', 'LoadBundle', json, true),
+  Export: methodDef('obfuscatune.AcceleratorAdmin', 'Export', json),
 } satisfies grpc.ServiceDefinition;
 
 export type UploadKind = 'bundle' | 'dataset';

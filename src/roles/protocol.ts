@@ -53,38 +53,33 @@ export type UploadKind = 'bundle' | 'dataset';
 
 export type PackedFile = { name: string; data: Uint8Array };
 
-export interface UploadChunk {
+/** What every upload chunk and command carries. */
+interface SignedRequest {
+  /** the sender's Ed25519 public key (base64): who the party is */
+  sender: string;
+  /** the sender's HPKE public key (base64): the reply (or receipt) is sealed to it */
+  reply_key: string;
+  /** the attestation session it was sealed under */
+  session: string;
+  /** when it was signed (ms since the epoch; the same for every chunk of an upload): the replay rules */
+  ts: number;
+  sealed: SealedMessageJson;
+  /** the sender's signature of `chunkSignedBytes` or `commandSignedBytes` (base64) */
+  signature: string;
+}
+
+export interface UploadChunk extends SignedRequest {
   kind: UploadKind;
   /** dataset split ("train" | "eval") or bundle name */
   name: string;
   upload_id: string;
   index: number;
   total: number;
-  /** the sender's Ed25519 public key (base64): who the party is */
-  sender: string;
-  /** the sender's HPKE public key (base64): the receipt is sealed to it */
-  reply_key: string;
-  /** the attestation session this chunk was sealed under */
-  session: string;
-  /** when the upload was signed (ms since the epoch; the same for every chunk of an upload) */
-  ts: number;
-  sealed: SealedMessageJson;
-  /** the sender's signature of `chunkSignedBytes` (base64) */
-  signature: string;
 }
 
-export interface SealedCommand {
-  /** the sender's Ed25519 public key (base64) */
-  sender: string;
-  /** the HPKE public key the reply is sealed to (base64) */
-  reply_key: string;
-  session: string;
-  /** request id (unique) and issue time (ms since the epoch): the replay rules */
+export interface SealedCommand extends SignedRequest {
+  /** request id (unique) */
   id: string;
-  ts: number;
-  sealed: SealedMessageJson;
-  /** the sender's signature of `commandSignedBytes` (base64) */
-  signature: string;
 }
 
 export interface SealedReply {

@@ -206,11 +206,10 @@ export class JobRunner {
         job.losses = [];
         job.step = 0;
       }
-      const ready = await this.readyModel(labels);
-      const rng = ready.rng;
-      this.model = ready.model;
+      const { model, rng } = await this.readyModel(labels);
+      this.model = model;
       // the view of a job from its fresh start (a resumed one would lack its first steps)
-      const recording = ctx.recordView && !doResume ? recordBundleRun(this.model, ctx.link, ctx.bundle, loadAcceleratorBundle(ctx.recordView.accelerator).weights, 'finetune', {
+      const recording = ctx.recordView && !doResume ? recordBundleRun(model, ctx.link, ctx.bundle, loadAcceleratorBundle(ctx.recordView.accelerator).weights, 'finetune', {
         ...ctx.recordView.options, modelId: ctx.bundle.acceleratorManifestSha256.slice(0, 16), modelPath: null, padTokenId: tok.eotId, labels: spec.task === 'cls' ? labels : undefined,
       }) : null;
       const failuresBefore = ctx.link.failures;
@@ -220,9 +219,9 @@ export class JobRunner {
           // interrupted one may have trained them); the probe checks them with the integrity vectors
           const rep = await ctx.link.call({ op: 'checkpoint_load', tag: BUNDLE_WEIGHTS_TAG });
           if (rep.op !== 'ack') throw new BundleError(`the accelerator could not reload the bundle's weights: ${rep.op === 'error' ? rep.message : rep.op}`);
-          await this.model.verifyAccelerator(new Rng(randomInt(2 ** 31)));
+          await model.verifyAccelerator(new Rng(randomInt(2 ** 31)));
         }
-        const summary = await runFinetune(this.model, train, evalSet, cfg, this.runDir, tok.eotId, {
+        const summary = await runFinetune(model, train, evalSet, cfg, this.runDir, tok.eotId, {
           resume: doResume, rng,
           onStep: (m) => {
             job.step = m.step;

@@ -121,10 +121,6 @@ export class EnclaveService {
     return this.runner?.job ?? null;
   }
 
-  get privateDir(): string {
-    return this.store.privateDir;
-  }
-
   /** Attestation sessions held now (bounded by maxSessions). */
   get sessionCount(): number {
     return this.sessions.size;
@@ -219,7 +215,7 @@ export class EnclaveService {
     if (typeof first.upload_id !== 'string' || typeof first.ts !== 'number') throw new InputError('upload: upload_id and ts required');
     this.replay.check(`upload:${first.upload_id}`, first.ts);
     checkUploader(first.kind, first.sender, this.contract?.body ?? null);
-    if (first.kind === 'bundle' && this.job?.state === 'running') throw new StateError('a job is running');
+    if (this.job?.state === 'running') throw new StateError('a job is running');
     const plain: Uint8Array[] = [];
     let bytes = 0;
     for (let i = 0; i < chunks.length; i++) {
@@ -248,7 +244,6 @@ export class EnclaveService {
     }
     if (first.name !== 'train' && first.name !== 'eval') throw new InputError(`unknown dataset split "${first.name}"`);
     if (plain.length > MAX_RECORDS) throw new InputError('too many records');
-    if (this.job?.state === 'running') throw new StateError('a job is running');
     // the finished job's model is rebuilt from its checkpoint and this data after a restart
     if (this.job?.state === 'done' && !this.updateFetched) throw new StateError('the provider has not fetched the finished job\'s update yet: new data waits until then');
     // kept as sent: a job reads them with its own field names (jobData)

@@ -21,14 +21,14 @@ import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'nod
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { SealedMessageJson } from '../tee/hpke.js';
-import { clientChannelOptions } from '../rpc/grpc.js';
+import { clientChannelOptions, methodDef, type Codec } from '../rpc/grpc.js';
 import { errorFromStatus } from '../rpc/status.js';
 import { InputError } from '../errors.js';
 import { lengthPrefixed, fromBase64 } from '../tee/platform.js';
 
-const json = {
-  ser: (v: unknown): Buffer => Buffer.from(JSON.stringify(v), 'utf8'),
-  de: (b: Buffer): unknown => {
+const json: Codec<unknown> = {
+  ser: (v) => Buffer.from(JSON.stringify(v), 'utf8'),
+  de: (b) => {
     try {
       return JSON.parse(b.toString('utf8'));
     } catch {
@@ -37,61 +37,49 @@ const json = {
   },
 };
 
-function method(service: string, name: string, requestStream = false): grpc.MethodDefinition<unknown, unknown> {
-  return {
-    path: `/${service}/${name}`, requestStream, responseStream: false,
-    requestSerialize: json.ser, requestDeserialize: json.de, responseSerialize: json.ser, responseDeserialize: json.de, originalName: name,
-  };
-}
-
 export const ENCLAVE_SERVICE = {
-  Attest: method('obfuscatune.Enclave', 'Attest'),
-  Upload: method('obfuscatune.Enclave', 'Upload', true),
-  Command: method('obfuscatune.Enclave', 'Command'),
-  Health: method('obfuscatune.Enclave', 'Health'),
+  Attest: methodDef('obfuscatune.Enclave', 'Attest', json),
+  Upload: methodDef('obfuscatune.Enclave', 'Upload', json, true),
+  Command: methodDef('obfuscatune.Enclave', 'Command', json),
+  Health: methodDef('obfuscatune.Enclave', 'Health', json),
 } satisfies grpc.ServiceDefinition;
 
 export const ACC_ADMIN_SERVICE = {
-  LoadBundle: method('obfuscatune.AcceleratorAdmin', 'LoadBundle', true),
-  Export: method('obfuscatune.AcceleratorAdmin', 'Export'),
+  LoadBundle: methodDef('obfuscatune.AcceleratorAdmin', 'LoadBundle', json, true),
+  Export: methodDef('obfuscatune.AcceleratorAdmin', 'Export', json),
 } satisfies grpc.ServiceDefinition;
 
 export type UploadKind = 'bundle' | 'dataset';
 
 export type PackedFile = { name: string; data: Uint8Array };
 
-export interface UploadChunk {
+/** What every upload chunk and command carries. */
+interface SignedRequest {
+  /** the sender's Ed25519 public key (base64): who the party is */
+  sender: string;
+  /** the sender's HPKE public key (base64): the reply (or receipt) is sealed to it */
+  reply_key: string;
+  /** the attestation session it was sealed under */
+  session: string;
+  /** when it was signed (ms since the epoch; the same for every chunk of an upload): the replay rules */
+  ts: number;
+  sealed: SealedMessageJson;
+  /** the sender's signature of `chunkSignedBytes` or `commandSignedBytes` (base64) */
+  signature: string;
+}
+
+export interface UploadChunk extends SignedRequest {
   kind: UploadKind;
   /** dataset split ("train" | "eval") or bundle name */
   name: string;
   upload_id: string;
   index: number;
   total: number;
-  /** the sender's Ed25519 public key (base64): who the party is */
-  sender: string;
-  /** the sender's HPKE public key (base64): the receipt is sealed to it */
-  reply_key: string;
-  /** the attestation session this chunk was sealed under */
-  session: string;
-  /** when the upload was signed (ms since the epoch; the same for every chunk of an upload) */
-  ts: number;
-  sealed: SealedMessageJson;
-  /** the sender's signature of `chunkSignedBytes` (base64) */
-  signature: string;
 }
 
-export interface SealedCommand {
-  /** the sender's Ed25519 public key (base64) */
-  sender: string;
-  /** the HPKE public key the reply is sealed to (base64) */
-  reply_key: string;
-  session: string;
-  /** request id (unique) and issue time (ms since the epoch): the replay rules */
+export interface SealedCommand extends SignedRequest {
+  /** request id (unique) */
   id: string;
-  ts: number;
-  sealed: SealedMessageJson;
-  /** the sender's signature of `commandSignedBytes` (base64) */
-  signature: string;
 }
 
 export interface SealedReply {

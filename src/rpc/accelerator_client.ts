@@ -264,13 +264,12 @@ export class GrpcAcceleratorLink implements AcceleratorLink {
     } catch (e) {
       throw this.wrap(e, 'health');
     }
-    let h: unknown;
+    let parsed: ReturnType<typeof HealthSchema.safeParse>;
     try {
-      h = JSON.parse(back.toString('utf8'));
+      parsed = HealthSchema.safeParse(JSON.parse(back.toString('utf8')));
     } catch {
       throw new RpcError(`accelerator rpc health to ${this.address}: answer is not JSON`, grpc.status.DATA_LOSS, 'health');
     }
-    const parsed = HealthSchema.safeParse(h);
     if (!parsed.success) throw new RpcError(`accelerator rpc health to ${this.address}: unexpected answer ${back.toString('utf8').slice(0, 200)}`, grpc.status.DATA_LOSS, 'health');
     return parsed.data;
   }

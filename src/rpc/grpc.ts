@@ -19,18 +19,19 @@ export const DEFAULT_DEADLINE_MS = 120_000;
 
 export const DEFAULT_PORT = 50551;
 
-const identity = (b: Buffer): Buffer => b;
+/** How a service's messages become bytes and back. */
+export interface Codec<T> {
+  ser: (v: T) => Buffer;
+  de: (b: Buffer) => T;
+}
 
-function bytesMethod(name: string): grpc.MethodDefinition<Buffer, Buffer> {
+const BYTES: Codec<Buffer> = { ser: (b) => b, de: (b) => b };
+
+/** Method `name` of `service`, both ways through `codec` (the reply is never a stream). */
+export function methodDef<T>(service: string, name: string, codec: Codec<T>, requestStream = false): grpc.MethodDefinition<T, T> {
   return {
-    path: `/${SERVICE_NAME}/${name}`,
-    requestStream: false,
-    responseStream: false,
-    requestSerialize: identity,
-    requestDeserialize: identity,
-    responseSerialize: identity,
-    responseDeserialize: identity,
-    originalName: name,
+    path: `/${service}/${name}`, requestStream, responseStream: false, originalName: name,
+    requestSerialize: codec.ser, requestDeserialize: codec.de, responseSerialize: codec.ser, responseDeserialize: codec.de,
   };
 }
 
@@ -40,8 +41,8 @@ function bytesMethod(name: string): grpc.MethodDefinition<Buffer, Buffer> {
  * Health: empty in, UTF-8 JSON `{"status":"SERVING","served":n}` out.
  */
 export const ACCELERATOR_SERVICE = {
-  Call: bytesMethod('Call'),
-  Health: bytesMethod('Health'),
+  Call: methodDef(SERVICE_NAME, 'Call', BYTES),
+  Health: methodDef(SERVICE_NAME, 'Health', BYTES),
 } satisfies grpc.ServiceDefinition;
 
 /** Generic client class for the service (methods are called through `makeUnaryRequest`). */

@@ -469,11 +469,7 @@ export class ChannelClient {
       if (this.sock === sock) this.sock = null;
       reader?.stop();
       sock.destroy();
-      for (const [id, p] of this.pending) {
-        clearTimeout(p.timer);
-        p.reject(new ChannelError(why, code));
-        this.pending.delete(id);
-      }
+      for (const id of [...this.pending.keys()]) settle(id, (p) => p.reject(new ChannelError(why, code)));
     };
     onError = (err: FramingError) => fail(`tensor channel: malformed reply stream: ${err.message}`, grpc.status.DATA_LOSS);
     sock.on('error', (e) => fail(`tensor channel: connection lost: ${e.message}`, grpc.status.UNAVAILABLE));

@@ -85,16 +85,14 @@ function parse(blob: Uint8Array): { header: SealedBlobHeader; aad: Buffer; body:
   if (headerLen > MAX_HEADER_BYTES || PREFIX_BYTES + headerLen + TAG_BYTES > b.length) {
     throw new SealError('malformed', 'sealed blob truncated or header too large');
   }
-  let raw: unknown;
+  let parsed: ReturnType<typeof HeaderSchema.safeParse>;
   try {
-    raw = JSON.parse(b.subarray(PREFIX_BYTES, PREFIX_BYTES + headerLen).toString('utf8'));
+    parsed = HeaderSchema.safeParse(JSON.parse(b.subarray(PREFIX_BYTES, PREFIX_BYTES + headerLen).toString('utf8')));
   } catch (err) {
     throw new SealError('malformed', 'sealed blob header is not JSON', { cause: err });
   }
-  const parsed = HeaderSchema.safeParse(raw);
   if (!parsed.success) throw new SealError('malformed', 'sealed blob header has missing or unsupported fields');
-  const header = parsed.data;
-  return { header, aad: b.subarray(0, PREFIX_BYTES + headerLen), body: b.subarray(PREFIX_BYTES + headerLen) };
+  return { header: parsed.data, aad: b.subarray(0, PREFIX_BYTES + headerLen), body: b.subarray(PREFIX_BYTES + headerLen) };
 }
 
 /**

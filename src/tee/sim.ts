@@ -138,26 +138,22 @@ export interface ProgramMeasurement {
   hex: string;
   /** the files that went in, sorted by path */
   files: MeasuredFile[];
-  /** SHA-256 of the canonical JSON of the configuration, hex */
-  configSha256: string;
 }
 
 /**
  * Measures the enclave program in `dir` (e.g. the compiled dist/src of the enclave) together
- * with its configuration. Walks `dir` recursively, keeps the files `include` selects (by
- * relative '/'-separated path; default: names ending in '.js'), and
+ * with its configuration. Walks `dir` recursively, keeps the files whose names end in '.js', and
  * returns SHA-256(context || canonicalJson({config, files: [{path, sha256}] sorted by path})).
  * Symbolic links are rejected: the measured bytes must be the bytes that run.
  */
-export function measureDirectory(dir: string, config: unknown, opts: { include?: (relPath: string) => boolean } = {}): ProgramMeasurement {
-  const include = opts.include ?? ((p: string) => p.endsWith('.js'));
+export function measureDirectory(dir: string, config: unknown): ProgramMeasurement {
   const rel: string[] = [];
   const walk = (abs: string, prefix: string) => {
     for (const ent of fs.readdirSync(abs, { withFileTypes: true })) {
       const relPath = prefix ? `${prefix}/${ent.name}` : ent.name;
       if (ent.isSymbolicLink()) throw new InputError(`measureDirectory: symbolic link ${relPath} is not supported`);
       if (ent.isDirectory()) walk(path.join(abs, ent.name), relPath);
-      else if (ent.isFile() && include(relPath)) rel.push(relPath);
+      else if (ent.isFile() && relPath.endsWith('.js')) rel.push(relPath);
     }
   };
   walk(dir, '');
@@ -168,14 +164,10 @@ export function measureDirectory(dir: string, config: unknown, opts: { include?:
 export function measureFiles(root: string, relPaths: readonly string[], config: unknown): ProgramMeasurement {
   const normalized = relPaths.map((p) => p.split(path.sep).join('/'));
   if (new Set(normalized).size !== normalized.length) throw new InputError('measureFiles: duplicate path');
-  const files = normalized
-    .slice()
-    .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0))
-    .map((p) => ({ path: p, sha256: createHash('sha256').update(fs.readFileSync(path.join(root, ...p.split('/')))).digest('hex') }));
-  const configJson = canonicalJson(config ?? null);
+  const sha256 = (p: string) => createHash('sha256').update(fs.readFileSync(path.join(root, ...p.split('/')))).digest('hex');
+  const files = normalized.sort().map((p) => ({ path: p, sha256: sha256(p) }));
   const manifest = canonicalJson({ config: config ?? null, files });
-  const hex = createHash('sha256').update(MEASUREMENT_CONTEXT).update(manifest, 'utf8').digest('hex');
-  return { hex, files, configSha256: createHash('sha256').update(configJson, 'utf8').digest('hex') };
+  return { hex: createHash('sha256').update(MEASUREMENT_CONTEXT).update(manifest, 'utf8').digest('hex'), files };
 }
 
 // ---------------------------------------------------------------------------------------

@@ -188,10 +188,8 @@ export class PaperBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
 
   // the accelerator's gradient is w.r.t. a R, the adapter's w.r.t. a: unmask first, then add
   override normBackward(which: 1 | 2, l: number, dh: Float32Array, dsent: Float32Array, dplain: Float32Array | null, s: NormActs, h: Float32Array, n: number): void {
-    const C = this.C;
-    const da = new Float32Array(n * C);
-    sgemm(false, true, n, C, C, 1, dsent, C, this.mat(which === 1 ? this.masks.R1 : this.masks.R2, l), C, 0, da, C);
-    if (dplain) for (let i = 0; i < da.length; i++) da[i] += dplain[i];
+    const C = this.C, da = dplain ?? new Float32Array(n * C); // dplain is the adapters' own: it takes the sum
+    sgemm(false, true, n, C, C, 1, dsent, C, this.mat(which === 1 ? this.masks.R1 : this.masks.R2, l), C, dplain ? 1 : 0, da, C);
     this.lnBackward(which, l, dh, da, s, h, n);
   }
 

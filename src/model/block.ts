@@ -17,7 +17,7 @@
 import type { GPT2Config } from './config.js';
 import { attentionForward, attentionBackward, gqaCachedAttention } from './kernels.js';
 import { geluForwardPar as geluForward, geluBackwardPar as geluBackward } from '../tensor/parallel.js';
-import { LayerAdapters, type AdapterInput, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
+import { LayerAdapters, type AdapterInput, type AdapterOutput, type LoraAdapters, type LoraSaved, type LoraTarget } from './lora.js';
 import type { RandomSource } from '../tensor/rng.js';
 import { sharedFloat32 } from '../tensor/shared.js';
 
@@ -174,6 +174,15 @@ export function addInto(h: Float32Array, y: Float32Array, N: number): void {
   for (let i = 0; i < N; i++) h[i] += y[i];
 }
 
+/** An adapter update into y[n, ld] at column off, mapped by the basis (on B's rows) from the plain basis and back. */
+export function outputOf<Y extends Float32Array>(y: Y, ld: number, off: number, buffer: (size: number) => Y, map: AdapterOutput<Y>['map'], unmap: AdapterOutput<Y>['unmap']): AdapterOutput<Y> {
+  return { y, ld, off, buffer, map, unmap };
+}
+
+/** An adapter update into the stream y[n, C] (its basis's addPlain and toPlain). */
+export const streamOut = (basis: Basis<Float32Array>, y: Float32Array, C: number) =>
+  outputOf(y, C, 0, (k) => new Float32Array(k), (B, o, r) => basis.addPlain(B, o, r), (G, r) => basis.toPlain(G, r));
+
 /** The straight-line layer body: h[n, C] += attn(LN1 h) ; h += mlp(LN2 h), in place. */
 export async function blockForward<X extends Float32Array>(m: BlockEnv<X>, l: number, h: Float32Array, a: LayerActs<X>, B: number, T: number, train: boolean, cache: LayerCache | null = null): Promise<void> {
   const { basis, linears, adapters } = m;
@@ -184,20 +193,21 @@ export async function blockForward<X extends Float32Array>(m: BlockEnv<X>, l: nu
   // attention: h += attn(LN1(h) Wqkv + bqkv) Wo + bo
   a.x1 = basis.norm(1, l, h, a.n1, n);
   a.qkv = await linears.forward(l, 'qkv', a.x1, n, train);
-  ad?.forward(QKV, () => basis.normPlain(1, l, a.n1, n), (t, d) => basis.addQkv(l, t, d, a.qkv, n));
+  const buf = (k: number) => basis.buffer(k);
+  ad?.forward(QKV, () => basis.normPlain(1, l, a.n1, n), (t) => outputOf(a.qkv, 3 * C, QKV.indexOf(t) * C, buf, (B, o, r) => basis.addQkv(l, t, B, o, r), (G, r) => basis.qkvGradToPlain(l, t, G, r)));
   if (cache) gqaCachedAttention(a.o, a.qkv, cache.k, cache.v, cache.pos, n, NH, NH, C / NH); // n new rows against the cache
   else attentionForward(a.o, a.att, a.qkv, B, T, C, NH);
   const y = basis.fromOutput('o', l, await linears.forward(l, 'attproj', a.o, n, train), n);
-  ad?.forward(PROJ, () => basis.headsToPlain(l, a.o, n), (_, d) => basis.addPlain(d, y, n));
+  ad?.forward(PROJ, () => basis.headsToPlain(l, a.o, n), () => streamOut(basis, y, C));
   addInto(h, y, n * C);
   if (train) a.h2.set(h);
   // MLP: h += gelu(LN2(h) Wfc + bfc) Wp + bp
   a.x2 = basis.norm(2, l, h, a.n2, n);
   a.f = await linears.forward(l, 'fc', a.x2, n, train);
-  ad?.forward(FC, () => basis.normPlain(2, l, a.n2, n), (_, d) => basis.addHidden(l, d, a.f, n));
+  ad?.forward(FC, () => basis.normPlain(2, l, a.n2, n), () => outputOf(a.f, 4 * C, 0, buf, (B, o, r) => basis.addHidden(l, B, o, r), (G, r) => basis.hiddenToPlain(l, G, r)));
   geluForward(a.g, a.f, n * 4 * C, train ? a.th : null); // element-wise: commutes with the hidden permutation
   const z = basis.fromOutput('p', l, await linears.forward(l, 'fcproj', a.g, n, train), n);
-  ad?.forward(MLP_PROJ, () => basis.hiddenToPlain(l, a.g, n), (_, d) => basis.addPlain(d, z, n));
+  ad?.forward(MLP_PROJ, () => basis.hiddenToPlain(l, a.g, n), () => streamOut(basis, z, C));
   addInto(h, z, n * C);
 }
 
@@ -214,19 +224,19 @@ export async function blockBackward<X extends Float32Array>(m: BlockEnv<X>, l: n
   const ad = adapters && new LayerAdapters(adapters, l, a.lora, n, false, null);
   // MLP
   const dg = (await linears.backward(l, 'fcproj', basis.outputGrad('p', l, dh, n), n, true))!;
-  const dgp = ad?.backward(MLP_PROJ, () => basis.toPlain(dh, n));
+  const dgp = ad?.backward(MLP_PROJ, () => dh);
   if (dgp) basis.addHidden(l, dgp, dg, n);
   s.df.fill(0);
   geluBackward(s.df, a.f, dg, n * 4 * C, a.th);
   const dx2 = (await linears.backward(l, 'fc', s.df, n, true))!;
-  const dplain2 = ad?.backward(FC, () => basis.hiddenToPlain(l, s.df, n)) ?? null;
+  const dplain2 = ad?.backward(FC, () => s.df) ?? null;
   basis.normBackward(2, l, dh, dx2, dplain2, a.n2, a.h2, n);
   // attention
   const dO = (await linears.backward(l, 'attproj', basis.outputGrad('o', l, dh, n), n, true))!;
-  const dop = ad?.backward(PROJ, () => basis.toPlain(dh, n));
+  const dop = ad?.backward(PROJ, () => dh);
   if (dop) basis.addHeadsGrad(l, dop, dO, n);
   attentionBackward(s.dqkv, s.datt, dO, a.att, a.qkv, B, T, C, NH);
-  const dplain1 = ad?.backward(QKV, (t) => basis.qkvGradToPlain(l, t, s.dqkv, n)) ?? null;
+  const dplain1 = ad?.backward(QKV, () => s.dqkv) ?? null;
   const dx1 = await linears.backward(l, 'qkv', s.dqkv, n, needInput);
   if (needInput) basis.normBackward(1, l, dh, dx1!, dplain1, a.n1, a.hIn, n);
 }

@@ -10,7 +10,7 @@
  */
 import type { LlamaConfig } from './config.js';
 import { gqaAttentionForward, gqaAttentionBackward, gqaCachedAttention, swigluForward, swigluBackward } from './kernels.js';
-import { addInto, blockBuffers, QKV, PROJ, MLP_PROJ, type Basis, type BlockDef, type BlockEnv, type BlockScratch, type LayerActs, type LayerCache } from './block.js';
+import { addInto, blockBuffers, outputOf, streamOut, QKV, PROJ, MLP_PROJ, type Basis, type BlockDef, type BlockEnv, type BlockScratch, type LayerActs, type LayerCache } from './block.js';
 import { LayerAdapters } from './lora.js';
 
 export const LLAMA_LINEARS = ['qkv', 'o', 'gateup', 'down'] as const;
@@ -53,7 +53,7 @@ const GU: readonly GateUpPart[] = ['gate', 'up'];
 
 async function forward<X extends Float32Array>(env: Env<X>, l: number, h: Float32Array, a: LayerActs<X>, B: number, T: number, train: boolean, cache: LayerCache | null): Promise<void> {
   const { basis, linears, adapters, config } = env;
-  const { C, hd, I } = llamaDims(config);
+  const { C, KV, hd, I } = llamaDims(config);
   const NH = config.n_head, NKV = config.n_kv_head;
   const n = B * T;
   const ad = adapters && new LayerAdapters(adapters, l, a.lora, n, train, env.rng);
@@ -61,21 +61,22 @@ async function forward<X extends Float32Array>(env: Env<X>, l: number, h: Float3
   // attention: h += attn(rope(RMS1(h) Wqkv + bqkv)) Wo
   a.x1 = basis.norm(1, l, h, a.n1, n);
   a.qkv = await linears.forward(l, 'qkv', a.x1, n, train);
-  ad?.forward(QKV, () => basis.normPlain(1, l, a.n1, n), (t, d) => basis.addQkv(l, t, d, a.qkv, n));
+  const buf = (k: number) => basis.buffer(k);
+  ad?.forward(QKV, () => basis.normPlain(1, l, a.n1, n), (t) => outputOf(a.qkv, C + 2 * KV, t === 'q' ? 0 : t === 'k' ? C : C + KV, buf, (B, o, r) => basis.addQkv(l, t, B, o, r), (G, r) => basis.qkvGradToPlain(l, t, G, r)));
   basis.rotary(l, a.qkv, B, T, cache ? cache.pos : 0);
   if (cache) gqaCachedAttention(a.o, a.qkv, cache.k, cache.v, cache.pos, n, NH, NKV, hd);
   else gqaAttentionForward(a.o, a.att, a.qkv, B, T, NH, NKV, hd);
   const y = basis.fromOutput('o', l, await linears.forward(l, 'o', a.o, n, train), n);
-  ad?.forward(PROJ, () => basis.headsToPlain(l, a.o, n), (_, d) => basis.addPlain(d, y, n));
+  ad?.forward(PROJ, () => basis.headsToPlain(l, a.o, n), () => streamOut(basis, y, C));
   addInto(h, y, n * C);
   if (train) a.h2.set(h);
   // MLP: h += (silu(gate) * up) Wd, [gate | up] = RMS2(h) [Wg | Wu]
   a.x2 = basis.norm(2, l, h, a.n2, n);
   a.f = await linears.forward(l, 'gateup', a.x2, n, train);
-  ad?.forward(GU, () => basis.normPlain(2, l, a.n2, n), (t, d) => basis.addGateUp(l, t, d, a.f, n));
+  ad?.forward(GU, () => basis.normPlain(2, l, a.n2, n), (t) => outputOf(a.f, 2 * I, t === 'gate' ? 0 : I, buf, (B, o, r) => basis.addGateUp(l, t, B, o, r), (G, r) => basis.gateUpGradToPlain(l, t, G, r)));
   swigluForward(a.g, a.f, n, I); // element-wise: commutes with one permutation shared by gate and up
   const z = basis.fromOutput('p', l, await linears.forward(l, 'down', a.g, n, train), n);
-  ad?.forward(MLP_PROJ, () => basis.hiddenToPlain(l, a.g, n), (_, d) => basis.addPlain(d, z, n));
+  ad?.forward(MLP_PROJ, () => basis.hiddenToPlain(l, a.g, n), () => streamOut(basis, z, C));
   addInto(h, z, n * C);
 }
 
@@ -86,19 +87,19 @@ async function backward<X extends Float32Array>(env: Env<X>, l: number, dh: Floa
   const ad = adapters && new LayerAdapters(adapters, l, a.lora, n, false, null);
   // MLP
   const dg = (await linears.backward(l, 'down', basis.outputGrad('p', l, dh, n), n, true))!;
-  const dgp = ad?.backward(MLP_PROJ, () => basis.toPlain(dh, n));
+  const dgp = ad?.backward(MLP_PROJ, () => dh);
   if (dgp) basis.addHidden(l, dgp, dg, n);
   swigluBackward(s.df, dg, a.f, n, I);
-  const dplain2 = ad?.backward(GU, (t) => basis.gateUpGradToPlain(l, t, s.df, n)) ?? null;
+  const dplain2 = ad?.backward(GU, () => s.df) ?? null;
   const dx2 = (await linears.backward(l, 'gateup', s.df, n, true))!;
   basis.normBackward(2, l, dh, dx2, dplain2, a.n2, a.h2, n);
   // attention
   const dO = (await linears.backward(l, 'o', basis.outputGrad('o', l, dh, n), n, true))!;
-  const dop = ad?.backward(PROJ, () => basis.toPlain(dh, n));
+  const dop = ad?.backward(PROJ, () => dh);
   if (dop) basis.addHeadsGrad(l, dop, dO, n);
   gqaAttentionBackward(s.dqkv, s.datt, dO, a.att, a.qkv, B, T, config.n_head, config.n_kv_head, hd);
   basis.rotaryBackward(l, s.dqkv, B, T);
-  const dplain1 = ad?.backward(QKV, (t) => basis.qkvGradToPlain(l, t, s.dqkv, n)) ?? null;
+  const dplain1 = ad?.backward(QKV, () => s.dqkv) ?? null;
   const dx1 = await linears.backward(l, 'qkv', s.dqkv, n, needInput);
   if (needInput) basis.normBackward(1, l, dh, dx1!, dplain1, a.n1, a.hIn, n);
 }

@@ -170,6 +170,19 @@ export class LoraAdapters {
  */
 export type AdapterInput = Float32Array | { x: Float32Array; Q: Float32Array; gain: Float32Array; bias: Float32Array | null };
 
+/**
+ * Where a target's update lands: columns [off, off + dout) of y [n, ld], in the basis of the
+ * linear's output (or of the stream). `map` writes B [r, dout] carried into that basis into a
+ * zeroed [r, ld] (from `buffer`) at the same columns; `unmap` carries a gradient [r, ld] back.
+ * Both are the basis's row-wise maps, so they run on B's r rows, not the batch's n.
+ */
+export interface AdapterOutput<Y extends Float32Array> {
+  y: Y; ld: number; off: number;
+  buffer(size: number): Y;
+  map(B: Float32Array, into: Y, r: number): void;
+  unmap(G: Y, r: number): Float32Array;
+}
+
 /** Per-call saved state of one adapter application (for backward). */
 export interface LoraSaved {
   /** the input the product read: x, x in the frame (folded), or dropout of the plain rows */
@@ -182,10 +195,13 @@ export interface LoraSaved {
   frame: Exclude<AdapterInput, Float32Array> | null;
   /** A' = Q^T diag(gain) A [din, r] when the frame is folded into A (no dropout) */
   Af: Float32Array | null;
+  /** B carried into the output's basis [r, ld], and where it went */
+  Bo: Float32Array;
+  out: AdapterOutput<Float32Array>;
 }
 
-// forward: out[n, dout] (+)= scale * dropout(plain x[n, din]) A B ; returns what backward needs
-export function loraForward(out: Float32Array, x: AdapterInput, v: AdapterView, n: number, scale: number, dropout: number, rng: RandomSource | null, accumulate: boolean): LoraSaved {
+// forward: out.y[:, off:off+dout] += scale * dropout(plain x[n, din]) A (B in out's basis) ; returns what backward needs
+export function loraForward(out: AdapterOutput<Float32Array>, x: AdapterInput, v: AdapterView, n: number, scale: number, dropout: number, rng: RandomSource | null): LoraSaved {
   const r = v.A.length / v.din, din = v.din;
   const frame = x instanceof Float32Array ? null : x;
   const drop = dropout > 0 && rng;
@@ -218,16 +234,22 @@ export function loraForward(out: Float32Array, x: AdapterInput, v: AdapterView, 
     }
   }
   sgemm(false, false, n, r, din, 1, xin, din, Af ?? v.A, r, Af && frame!.bias ? 1 : 0, u, r);
-  sgemm(false, false, n, v.dout, r, scale, u, r, v.B, v.dout, accumulate ? 1 : 0, out, v.dout);
-  return { xin, mask, u, frame, Af };
+  const Bo = out.buffer(r * out.ld);
+  out.map(v.B, Bo, r);
+  sgemm(false, false, n, v.dout, r, scale, u, r, Bo.subarray(out.off), out.ld, 1, out.y.subarray(out.off), out.ld);
+  return { xin, mask, u, frame, Af, Bo, out };
 }
 
-// backward: gB += scale u^T dy ; gA += scale xin^T (dy B^T) (through the fold) ; dx[n, din] += the input gradient (in the frame)
+// backward from dy [n, ld] in the output's basis: gB += unmap(scale u^T dy) ; gA += scale xin^T (dy Bo^T)
+// (through the fold) ; dx[n, din] += the input gradient (in the frame)
 export function loraBackward(dx: Float32Array | null, dy: Float32Array, v: AdapterView, s: LoraSaved, n: number, scale: number): void {
-  const r = v.A.length / v.din, din = v.din;
-  sgemm(true, false, r, v.dout, n, scale, s.u, r, dy, v.dout, 1, v.gB, v.dout);
+  const r = v.A.length / v.din, din = v.din, { ld, off } = s.out;
+  const G = s.out.buffer(r * ld);
+  sgemm(true, false, r, v.dout, n, scale, s.u, r, dy.subarray(off), ld, 0, G.subarray(off), ld);
+  const gB = s.out.unmap(G, r);
+  for (let i = 0; i < gB.length; i++) v.gB[i] += gB[i];
   const du = new Float32Array(n * r);
-  sgemm(false, true, n, r, v.dout, scale, dy, v.dout, v.B, v.dout, 0, du, r);
+  sgemm(false, true, n, r, v.dout, scale, dy.subarray(off), ld, s.Bo.subarray(off), ld, 0, du, r);
   if (s.Af) {
     // gA += gain . (Q (x^T du)) + bias colsum(du)^T ; dx += du A'^T
     const f = s.frame!, gAf = new Float32Array(din * r), t = new Float32Array(din * r);
@@ -290,20 +312,18 @@ export class LayerAdapters {
     this.rng = train ? rng : null;
   }
 
-  /** delta_t[n, dout] = scale * dropout(x) A_t B_t for each target t present (x [n, din]: the plain input, read once) */
-  forward<T extends LoraTarget>(targets: readonly T[], x: () => AdapterInput, add: (t: T, delta: Float32Array) => void): void {
+  /** out(t).y += scale * dropout(x) A_t B_t for each target t present (x [n, din]: the plain input, read once) */
+  forward<T extends LoraTarget, Y extends Float32Array>(targets: readonly T[], x: () => AdapterInput, out: (t: T) => AdapterOutput<Y>): void {
     let xin: AdapterInput | null = null;
     for (const t of targets) {
       const v = this.ad.get(this.l, t);
       if (!v) continue;
       xin ??= x();
-      const delta = new Float32Array(this.n * v.dout);
-      this.saved.set(t, loraForward(delta, xin, v, this.n, this.ad.scale, this.drop, this.rng, false));
-      add(t, delta);
+      this.saved.set(t, loraForward(out(t), xin, v, this.n, this.ad.scale, this.drop, this.rng));
     }
   }
 
-  /** dx[n, din] = the sum over the targets present of their input gradient, from each one's output gradient dy(t) [n, dout] */
+  /** dx[n, din] = the sum over the targets present of their input gradient, from the gradient dy(t) of forward's out(t).y */
   backward<T extends LoraTarget>(targets: readonly T[], dy: (t: T) => Float32Array): Float32Array | null {
     let dx: Float32Array | null = null;
     for (const t of targets) {

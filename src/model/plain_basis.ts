@@ -48,9 +48,7 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
     this.trainsNorms = !!g?.ln1w;
   }
 
-  buffer(size: number): Float32Array {
-    return sharedFloat32(size);
-  }
+  buffer(size: number): Float32Array { return sharedFloat32(size); }
 
   protected slice(x: Float32Array | undefined, l: number): Float32Array | null {
     return x ? x.subarray(l * this.C, (l + 1) * this.C) : null;
@@ -75,30 +73,20 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
     return s.out;
   }
 
-  normPlain(_which: 1 | 2, _l: number, s: NormActs, _n: number): Float32Array {
-    return s.out;
-  }
+  normPlain(_which: 1 | 2, _l: number, s: NormActs, _n: number): Float32Array { return s.out; }
 
   normBackward(which: 1 | 2, l: number, dh: Float32Array, dsent: Float32Array, dplain: Float32Array | null, s: NormActs, h: Float32Array, n: number): void {
     if (dplain) for (let i = 0; i < n * this.C; i++) dsent[i] += dplain[i];
     this.lnBackward(which, l, dh, dsent, s, h, n);
   }
 
-  fromOutput(_w: 'o' | 'p', _l: number, y: Float32Array, _n: number): Float32Array {
-    return y;
-  }
+  fromOutput(_w: 'o' | 'p', _l: number, y: Float32Array, _n: number): Float32Array { return y; }
 
-  outputGrad(_w: 'o' | 'p', _l: number, dh: Float32Array, _n: number): Float32Array {
-    return dh;
-  }
+  outputGrad(_w: 'o' | 'p', _l: number, dh: Float32Array, _n: number): Float32Array { return dh; }
 
-  addPlain(delta: Float32Array, into: Float32Array, n: number): void {
-    for (let i = 0; i < n * this.C; i++) into[i] += delta[i];
-  }
+  addPlain(delta: Float32Array, into: Float32Array, n: number): void { for (let i = 0; i < n * this.C; i++) into[i] += delta[i]; }
 
-  toPlain(x: Float32Array, _n: number): Float32Array {
-    return x;
-  }
+  toPlain(x: Float32Array, _n: number): Float32Array { return x; }
 
   addQkv(_l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
     const C = this.C;
@@ -117,27 +105,17 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
     return out;
   }
 
-  headsToPlain(_l: number, o: Float32Array, _n: number): Float32Array {
-    return o;
-  }
+  headsToPlain(_l: number, o: Float32Array, _n: number): Float32Array { return o; }
 
-  addHeadsGrad(_l: number, dplain: Float32Array, dO: Float32Array, n: number): void {
-    for (let i = 0; i < n * this.C; i++) dO[i] += dplain[i];
-  }
+  addHeadsGrad(_l: number, dplain: Float32Array, dO: Float32Array, n: number): void { for (let i = 0; i < n * this.C; i++) dO[i] += dplain[i]; }
 
-  addHidden(_l: number, delta: Float32Array, f: Float32Array, n: number): void {
-    for (let i = 0; i < n * 4 * this.C; i++) f[i] += delta[i];
-  }
+  addHidden(_l: number, delta: Float32Array, f: Float32Array, n: number): void { for (let i = 0; i < n * 4 * this.C; i++) f[i] += delta[i]; }
 
-  hiddenToPlain(_l: number, g: Float32Array, _n: number): Float32Array {
-    return g;
-  }
+  hiddenToPlain(_l: number, g: Float32Array, _n: number): Float32Array { return g; }
 
   embedded(_h: Float32Array, _n: number): void {}
 
-  embeddedGrad(dh: Float32Array, _n: number): Float32Array {
-    return dh;
-  }
+  embeddedGrad(dh: Float32Array, _n: number): Float32Array { return dh; }
 
   finalNorm(h: Float32Array, s: NormActs, hf: Float32Array, n: number): void {
     if (this.rms) return rmsnormForward(hf, s.rstd, h, this.p.lnfw, n, this.C, this.eps);
@@ -149,11 +127,7 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
     layernormBackward(dh, this.g?.lnfw ?? null, this.g?.lnfb ?? null, dhf, h, this.p.lnfw, s.mean, s.rstd, n, this.C);
   }
 
-  headToPlain(x: Float32Array, _rows: number): Float32Array {
-    return x;
-  }
+  headToPlain(x: Float32Array, _rows: number): Float32Array { return x; }
 
-  headGradFromPlain(dx: Float32Array, _rows: number): Float32Array {
-    return dx;
-  }
+  headGradFromPlain(dx: Float32Array, _rows: number): Float32Array { return dx; }
 }

@@ -16,7 +16,9 @@ import { Accelerator, EVIL_MODES } from '../src/accelerator/accelerator.js';
 import { InProcessLink } from '../src/protocol/link.js';
 import { Enclave } from '../src/enclave/enclave.js';
 import { IntegrityChecker, makeCheckVectors } from '../src/protocol/integrity.js';
-import { AcceleratorError } from '../src/errors.js';
+import { AcceleratorError, InputError } from '../src/errors.js';
+import { RemoteLinears } from '../src/protocol/client.js';
+import { asObfuscated } from '../src/protocol/messages.js';
 
 /** A model with non-zero biases (a skipped bias must make a difference). */
 const base = () => {
@@ -140,6 +142,32 @@ test('a non-finite value in a reply is refused by name and index, with the check
       const e = new Enclave(checks ? r.enclave : { ...r.enclave, tensors: { ...r.enclave.tensors, chk: null } }, link);
       assert.equal(e.integrity !== null, checks);
       await assert.rejects(e.forward(tokens, 1, 12), (err: Error) => err instanceof AcceleratorError && /reply for h\.0\.fc contains a non-finite value at 7/.test(err.message));
+    }
+  }
+});
+
+test('a non-finite value the enclave would send is refused by name and index before it leaves, with the checks on and off', async () => {
+  const r = obfuscateWeights(base(), { mode: 'sealed', seed: 5 });
+  const config = getPreset('gpt2-micro'), C = config.n_embd, rows = 6;
+  for (const bad of [Number.NaN, Infinity, -Infinity]) {
+    for (const checks of [true, false]) {
+      const link = new InProcessLink(new Accelerator(r.accelerator));
+      let sent = 0;
+      const call = link.call.bind(link);
+      link.call = async (q: Parameters<typeof call>[0]) => (sent++, call(q));
+      const integrity = checks ? new Enclave(r.enclave, link).integrity : null;
+      assert.equal(integrity !== null, checks);
+      const lin = new RemoteLinears(link, config, { trainWeights: false, integrity });
+      const x = Float32Array.from({ length: rows * C }, (_, i) => Math.sin(i));
+      x[C + 3] = bad;
+      await assert.rejects(lin.forward(0, 'fc', asObfuscated(x), rows, false), (e: Error) => e instanceof InputError && new RegExp(`input to h\\.0\\.fc contains a non-finite value at index ${C + 3}`).test(e.message));
+      const dy = Float32Array.from({ length: rows * 4 * C }, (_, i) => Math.cos(i));
+      dy[5] = bad;
+      await assert.rejects(lin.backward(0, 'fc', asObfuscated(dy), rows, true), (e: Error) => e instanceof InputError && /gradient for h\.0\.fc contains a non-finite value at index 5/.test(e.message));
+      assert.equal(sent, 0, 'nothing crossed');
+      // finite values pass, and the reply is checked
+      x[C + 3] = 0.5;
+      assert.equal((await lin.forward(0, 'fc', asObfuscated(x), rows, false)).length, rows * 4 * C);
     }
   }
 });

@@ -204,6 +204,28 @@ test('native element-wise kernels (every ISA this CPU has) agree with the TypeSc
   assert.throws(() => nat.sumSquares(new Float64Array(4) as unknown as Float32Array), /x must be a Float32Array/);
 });
 
+test('causal softmax: the native rows (every ISA) are the softmax of columns 0..t, the future zeroed; a short buffer throws', { skip: !native }, () => {
+  const nat = native!, rng = new Rng(12), original = nativeInfo()!.isa as 'avx512' | 'avx2' | 'generic';
+  try {
+    for (const isa of ['avx512', 'avx2', 'generic'] as const) {
+      if (!setNativeIsa(isa)) continue;
+      for (const [mats, T] of [[1, 1], [3, 17], [2, 70]]) {
+        const a = randn(mats * T * T, rng, 4), ref = Float64Array.from(a);
+        a[T] = 60; ref[T] = 60; // a large score (row 1)
+        nat.causalSoftmax(a, mats, T);
+        for (let r = 0; r < mats * T; r++) {
+          const t = r % T, row = ref.subarray(r * T, (r + 1) * T), mx = Math.max(...row.subarray(0, t + 1));
+          const e = Array.from(row, (v, s) => (s <= t ? Math.exp(v - mx) : 0)), sum = e.reduce((x, y) => x + y, 0);
+          for (let s = 0; s < T; s++) assert.ok(Math.abs(a[r * T + s] - e[s] / sum) <= 1e-6, `${isa} ${mats}x${T}: row ${r} column ${s}: ${a[r * T + s]} vs ${e[s] / sum}`);
+        }
+      }
+    }
+  } finally {
+    setNativeIsa(original);
+  }
+  assert.throws(() => nat.causalSoftmax(new Float32Array(8), 1, 3), /causalSoftmax: a has 8 elements, needs 9/);
+});
+
 test('layer norms (GPT-2\'s and along u) agree between the TypeScript kernels and the native ones, every ISA; bad arguments throw', { skip: !native }, () => {
   const rng = new Rng(12);
   const N = 13, C = 771; // not multiples of a vector width or of a task's rows or columns

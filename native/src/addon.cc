@@ -6,7 +6,7 @@
 //   adamw(params, grads, m, v, mask?, lr, beta1, beta2, eps, weightDecay, c1, c2, gradScale)
 //   sumSquares(x) -> number            zero(x)
 //   geluForward(out, inp, th?, n)          geluBackward(dinp, inp, dout, th?, n)
-//   softmaxXent(logits, targets, losses, rows, V)
+//   softmaxXent(logits, targets, losses, rows, V)    causalSoftmax(a, mats, T)
 //   normForward(out, mean, rstd, x, u?, w?, b?, rows, C, eps)   normBackward(dx, dw?, db?, dout, x, mean, rstd, u?, w?, rows, C)
 //   firstNonFinite(x) -> index or -1       freivaldsRows(lhs, a, p, rhs, b, q, c?, rows, out)
 //   haarQr(a, n)  a[n*n] (Float64Array, Gaussian) replaced by its Haar-orthogonal QR factor Q
@@ -416,6 +416,18 @@ napi_value SoftmaxXent(napi_env env, napi_callback_info info) {
   return nullptr;
 }
 
+napi_value CausalSoftmax(napi_env env, napi_callback_info info) {
+  const char* fname = "causalSoftmax";
+  ARGS(3);
+  int64_t mats = 0, T = 0;
+  float* a = nullptr;
+  if (!get_int(env, argv[1], "mats", &mats, &err) || !get_int(env, argv[2], "T", &T, &err) ||
+      !get_f32n(env, argv[0], "a", &a, mats * T * T, &err))
+    return throw_error(env, std::string(fname) + ": " + err);
+  obf::causal_softmax(a, mats, T);
+  return nullptr;
+}
+
 napi_value NormForward(napi_env env, napi_callback_info info) {
   const char* fname = "normForward";
   ARGS(10);
@@ -504,6 +516,7 @@ NAPI_MODULE_INIT() {
       {"geluForward", nullptr, GeluForward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"geluBackward", nullptr, GeluBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"softmaxXent", nullptr, SoftmaxXent, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"causalSoftmax", nullptr, CausalSoftmax, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"normForward", nullptr, NormForward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"normBackward", nullptr, NormBackward, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"info", nullptr, Info, nullptr, nullptr, nullptr, napi_enumerable, nullptr},

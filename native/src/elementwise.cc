@@ -102,6 +102,22 @@ void xent_task(void* ctx, int64_t row) {
   c->losses[row] = y >= 0 ? float(std::log(sum) - (double(zy) - double(mx))) : 0.0f;
 }
 
+struct CausalCtx {
+  const EwKernels* k;
+  float* a;
+  int64_t T;
+};
+void causal_task(void* ctx, int64_t m) {
+  auto* c = static_cast<CausalCtx*>(ctx);
+  for (int64_t t = 0; t < c->T; t++) {
+    float* x = c->a + (m * c->T + t) * c->T;
+    const float mx = c->k->row_max(x, t + 1);
+    const double sum = c->k->row_exp(x, t + 1, mx);
+    c->k->row_scale(x, t + 1, float(1.0 / sum));
+    std::memset(x + t + 1, 0, size_t(c->T - t - 1) * sizeof(float));
+  }
+}
+
 struct ZeroCtx {
   float* x;
   int64_t n;
@@ -386,6 +402,11 @@ void gelu_forward(float* out, const float* inp, float* th, int64_t n) {
 void gelu_backward(float* dinp, const float* inp, const float* dout, const float* th, int64_t n) {
   GeluCtx c{&kern(), dinp, inp, dout, const_cast<float*>(th), n};
   shared_pool().run(chunks(n), gelu_bwd_task, &c);
+}
+
+void causal_softmax(float* a, int64_t mats, int64_t T) {
+  CausalCtx c{&kern(), a, T};
+  shared_pool().run(mats, causal_task, &c);
 }
 
 void softmax_xent(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V) {

@@ -49,6 +49,9 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, const float
 // logits[rows, V] replaced by softmax probabilities; losses[row] = -log p[target] (0 where target < 0)
 void softmax_xent(float* logits, const int32_t* targets, float* losses, int64_t rows, int64_t V);
 
+// a[mats, T, T] scores -> causal softmax probabilities row by row (row t over columns 0..t, the rest zeroed)
+void causal_softmax(float* a, int64_t mats, int64_t T);
+
 // layer norm of rows x C along u (u null: the ones vector, GPT-2's; sealed mode's u = Q^T 1):
 //   mean = x.u / C, rstd = 1 / sqrt(|x - mean u|^2 / C + eps), out = (x - mean u) rstd (* w + b; w, b may be null)
 void norm_forward(float* out, float* mean, float* rstd, const float* x, const float* u, const float* w, const float* b,

@@ -6,7 +6,7 @@
  * accumulated too unless a function says it overwrites.
  */
 import { sgemm, sgemmBatched } from '../tensor/gemm.js';
-import { normBackwardNative, normForwardNative } from '../tensor/parallel.js';
+import { causalSoftmaxNative, normBackwardNative, normForwardNative } from '../tensor/parallel.js';
 import type { RopeScaling } from './config.js';
 
 // ---------------------------------------------------------------------------------------
@@ -341,6 +341,7 @@ export function gqaAttentionForward(out: Float32Array, att: Float32Array, qkv: F
 
 /** a[NH, T, T] scores -> causal softmax probabilities, row by row (the future zeroed). */
 function causalSoftmax(a: Float32Array, NH: number, T: number): void {
+  if (causalSoftmaxNative(a, NH, T)) return;
   for (let h = 0; h < NH; h++) {
     for (let t = 0; t < T; t++) {
       const r = h * T * T + t * T;

@@ -177,10 +177,8 @@ export type AdapterInput = Float32Array | { x: Float32Array; Q: Float32Array; ga
  * Both are the basis's row-wise maps, so they run on B's r rows, not the batch's n.
  */
 export interface AdapterOutput<Y extends Float32Array> {
-  y: Y; ld: number; off: number;
-  buffer(size: number): Y;
-  map(B: Float32Array, into: Y, r: number): void;
-  unmap(G: Y, r: number): Float32Array;
+  y: Y; ld: number; off: number; buffer(size: number): Y;
+  map(B: Float32Array, into: Y, r: number): void; unmap(G: Y, r: number): Float32Array;
 }
 
 /** Per-call saved state of one adapter application (for backward). */

@@ -81,11 +81,8 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
   }
 
   fromOutput(_w: 'o' | 'p', _l: number, y: Float32Array, _n: number): Float32Array { return y; }
-
   outputGrad(_w: 'o' | 'p', _l: number, dh: Float32Array, _n: number): Float32Array { return dh; }
-
   addPlain(delta: Float32Array, into: Float32Array, n: number): void { for (let i = 0; i < n * this.C; i++) into[i] += delta[i]; }
-
   toPlain(x: Float32Array, _n: number): Float32Array { return x; }
 
   addQkv(_l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
@@ -106,15 +103,10 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
   }
 
   headsToPlain(_l: number, o: Float32Array, _n: number): Float32Array { return o; }
-
   addHeadsGrad(_l: number, dplain: Float32Array, dO: Float32Array, n: number): void { for (let i = 0; i < n * this.C; i++) dO[i] += dplain[i]; }
-
   addHidden(_l: number, delta: Float32Array, f: Float32Array, n: number): void { for (let i = 0; i < n * 4 * this.C; i++) f[i] += delta[i]; }
-
   hiddenToPlain(_l: number, g: Float32Array, _n: number): Float32Array { return g; }
-
   embedded(_h: Float32Array, _n: number): void {}
-
   embeddedGrad(dh: Float32Array, _n: number): Float32Array { return dh; }
 
   finalNorm(h: Float32Array, s: NormActs, hf: Float32Array, n: number): void {
@@ -128,6 +120,5 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
   }
 
   headToPlain(x: Float32Array, _rows: number): Float32Array { return x; }
-
   headGradFromPlain(dx: Float32Array, _rows: number): Float32Array { return dx; }
 }

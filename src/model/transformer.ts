@@ -233,13 +233,13 @@ export class Transformer<X extends Float32Array> {
     const { basis, tables } = this.parts;
     const dhf = a.dhf;
     if (st.head === 'lm') {
-      const probs = a.logits!;
-      crossEntropyBackward(probs, probs, st.targets, n, V, st.count);
+      // dlogits = (probs - onehot(target)) / count, in place; the 1/count is the products' alpha
+      const probs = a.logits!, s = st.count > 0 ? 1 / st.count : 0;
+      st.targets.subarray(0, n).forEach((y, i) => (y >= 0 ? (probs[i * V + y] -= 1) : probs.fill(0, i * V, (i + 1) * V)));
       // dhf = dlogits head ; dhead += dlogits^T hf (head = wte when tied)
-      const untied = !!tables.head;
-      sgemm(false, false, n, C, V, 1, probs, V, tables.head ?? tables.wte, C, 0, dhf, C);
-      const gh = untied ? tables.ghead ?? null : tables.gwte;
-      if (gh) sgemm(true, false, V, C, n, 1, probs, V, a.hf, C, 1, gh, C);
+      sgemm(false, false, n, C, V, s, probs, V, tables.head ?? tables.wte, C, 0, dhf, C);
+      const gh = tables.head ? tables.ghead ?? null : tables.gwte;
+      if (gh) sgemm(true, false, V, C, n, s, probs, V, a.hf, C, 1, gh, C);
     } else {
       const head = this.parts.cls!;
       const K = head.numLabels;

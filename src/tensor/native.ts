@@ -48,6 +48,7 @@ export interface NativeAddon {
   geluBackward(dinp: Float32Array, inp: Float32Array, dout: Float32Array, th: Float32Array | null, n: number): void;
   /** logits[rows, V] -> probabilities; losses[r] = -log p[target] (0 where target < 0). */
   softmaxXent(logits: Float32Array, targets: Int32Array, losses: Float32Array, rows: number, V: number): void;
+  causalSoftmax(a: Float32Array, mats: number, T: number): void;
   /** Active instruction set ('avx512', 'avx2' or 'generic') and thread count. */
   info(): { isa: string; threads: number };
   setThreads(n: number): void;

@@ -328,6 +328,13 @@ export function normBackwardNative(dx: Float32Array, dw: Float32Array | null, db
   return nat !== null;
 }
 
+/** a[mats, T, T] scores -> causal softmax probabilities on the addon's threads; false (a untouched) without it. */
+export function causalSoftmaxNative(a: Float32Array, mats: number, T: number): boolean {
+  const nat = ew();
+  nat?.causalSoftmax(a, mats, T);
+  return nat !== null;
+}
+
 /** a[n, n] (Gaussian) replaced by its Haar-orthogonal QR factor on the addon's threads; false (a untouched) without it. */
 export function haarQrNative(a: Float64Array, n: number): boolean {
   const nat = n >= 32 ? ew() : null;

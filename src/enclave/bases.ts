@@ -177,18 +177,26 @@ export class PaperBasis extends PlainBasis implements TrunkBasis<Obfuscated> {
     return R.subarray(l * C * C, (l + 1) * C * C);
   }
 
+  /** buffers reused per slot (a norm's output lives until the same norm of the next pass; forwards do not overlap) */
+  private readonly bufs = new Map<string, Float32Array>();
+  private buf(slot: string, size: number): Float32Array {
+    let b = this.bufs.get(slot);
+    if (b?.length !== size) this.bufs.set(slot, (b = sharedFloat32(size)));
+    return b;
+  }
+
   // a* = LN(h) R
   override norm(which: 1 | 2, l: number, h: Float32Array, s: NormActs, n: number): Obfuscated {
     const C = this.C;
     this.ln(which, l, h, s, n);
-    const out = sharedFloat32(n * C);
+    const out = this.buf(`${which}.${l}`, n * C);
     sgemm(false, false, n, C, C, 1, s.out, C, this.mat(which === 1 ? this.masks.R1 : this.masks.R2, l), C, 0, out, C);
     return asObfuscated(out);
   }
 
   // the accelerator's gradient is w.r.t. a R, the adapter's w.r.t. a: unmask first, then add
   override normBackward(which: 1 | 2, l: number, dh: Float32Array, dsent: Float32Array, dplain: Float32Array | null, s: NormActs, h: Float32Array, n: number): void {
-    const C = this.C, da = dplain ?? new Float32Array(n * C); // dplain is the adapters' own: it takes the sum
+    const C = this.C, da = dplain ?? this.buf('da', n * C); // dplain is the adapters' own: it takes the sum
     sgemm(false, true, n, C, C, 1, dsent, C, this.mat(which === 1 ? this.masks.R1 : this.masks.R2, l), C, dplain ? 1 : 0, da, C);
     this.lnBackward(which, l, dh, da, s, h, n);
   }

@@ -8,7 +8,7 @@ import { Layout, one, per } from './params.js';
 import { ropeTable, ropeForward, ropeBackward, type RopeTable } from './kernels.js';
 import { LLAMA_LINEARS, llamaBlock, llamaDims, llamaLinearDims, type GateUpPart, type LlamaBasis, type LlamaLinearName } from './llama_block.js';
 import type { QkvPart } from './block.js';
-import { PlainBasis } from './plain_basis.js';
+import { addSection, getSection, PlainBasis } from './plain_basis.js';
 import { linearViews } from './local_linears.js';
 import { PlainModel, randomWeights, type FamilyParts, type PlainWeights } from './plain_model.js';
 import { LoraAdapters, type LoraTarget } from './lora.js';
@@ -103,18 +103,6 @@ export class LlamaPlainBasis extends PlainBasis implements LlamaBasis<Float32Arr
     ropeBackward(dqkv, W, 0, this.cfg.n_head, this.rope, B, T, 0);
     ropeBackward(dqkv, W, C, this.cfg.n_kv_head, this.rope, B, T, 0);
   }
-}
-
-/** x[n, ld] columns off..off+w += delta[n, w] */
-export function addSection(x: Float32Array, ld: number, off: number, w: number, delta: Float32Array, n: number): void {
-  for (let r = 0; r < n; r++) for (let j = 0; j < w; j++) x[r * ld + off + j] += delta[r * w + j];
-}
-
-/** a copy of columns off..off+w of x[n, ld]: [n, w] */
-export function getSection(x: Float32Array, ld: number, off: number, w: number, n: number): Float32Array {
-  const out = new Float32Array(n * w);
-  for (let r = 0; r < n; r++) out.set(x.subarray(r * ld + off, r * ld + off + w), r * w);
-  return out;
 }
 
 /** A Llama-family model's weights. */

@@ -85,23 +85,8 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
   addPlain(delta: Float32Array, into: Float32Array, n: number): void { for (let i = 0; i < n * this.C; i++) into[i] += delta[i]; }
   toPlain(x: Float32Array, _n: number): Float32Array { return x; }
 
-  addQkv(_l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void {
-    const C = this.C;
-    const off = SECTION[part] * C;
-    for (let r = 0; r < n; r++) {
-      const o = r * 3 * C + off;
-      for (let j = 0; j < C; j++) qkv[o + j] += delta[r * C + j];
-    }
-  }
-
-  qkvGradToPlain(_l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array {
-    const C = this.C;
-    const off = SECTION[part] * C;
-    const out = new Float32Array(n * C);
-    for (let r = 0; r < n; r++) out.set(dqkv.subarray(r * 3 * C + off, r * 3 * C + off + C), r * C);
-    return out;
-  }
-
+  addQkv(_l: number, part: QkvPart, delta: Float32Array, qkv: Float32Array, n: number): void { addSection(qkv, 3 * this.C, SECTION[part] * this.C, this.C, delta, n); }
+  qkvGradToPlain(_l: number, part: QkvPart, dqkv: Float32Array, n: number): Float32Array { return getSection(dqkv, 3 * this.C, SECTION[part] * this.C, this.C, n); }
   headsToPlain(_l: number, o: Float32Array, _n: number): Float32Array { return o; }
   addHeadsGrad(_l: number, dplain: Float32Array, dO: Float32Array, n: number): void { for (let i = 0; i < n * this.C; i++) dO[i] += dplain[i]; }
   addHidden(_l: number, delta: Float32Array, f: Float32Array, n: number): void { for (let i = 0; i < n * 4 * this.C; i++) f[i] += delta[i]; }
@@ -121,4 +106,16 @@ export class PlainBasis implements TrunkBasis<Float32Array> {
 
   headToPlain(x: Float32Array, _rows: number): Float32Array { return x; }
   headGradFromPlain(dx: Float32Array, _rows: number): Float32Array { return dx; }
+}
+
+/** x[n, ld] columns off..off+w += delta[n, w] */
+export function addSection(x: Float32Array, ld: number, off: number, w: number, delta: Float32Array, n: number): void {
+  for (let r = 0; r < n; r++) for (let j = 0; j < w; j++) x[r * ld + off + j] += delta[r * w + j];
+}
+
+/** a copy of columns off..off+w of x[n, ld]: [n, w] */
+export function getSection(x: Float32Array, ld: number, off: number, w: number, n: number): Float32Array {
+  const out = new Float32Array(n * w);
+  for (let r = 0; r < n; r++) out.set(x.subarray(r * ld + off, r * ld + off + w), r * w);
+  return out;
 }

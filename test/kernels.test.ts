@@ -89,6 +89,10 @@ test('cross-entropy: loss value, ignore index, backward', () => {
   assert.equal(losses[1], 0);
   const d = new Float32Array(N * V);
   crossEntropyBackward(d, probs, targets, N, V, 3);
+  // in place with count 1 (the LM head's: its 1/count goes into the products' alpha)
+  const p1 = Float32Array.from(probs);
+  crossEntropyBackward(p1, p1, targets, N, V, 1);
+  p1.forEach((v, i) => assert.ok(Math.abs(v - 3 * d[i]) < 1e-6, `in place, index ${i}: ${v} vs ${3 * d[i]}`));
   for (let i = V; i < 2 * V; i++) assert.equal(d[i], 0, 'ignored row has zero gradient');
   const ix = someIndices(N * V, 16, rng);
   assertGradClose(d, ix, numericGrad(f, logits, ix), TOL, 'cross-entropy dlogits');

@@ -235,7 +235,7 @@ export class Transformer<X extends Float32Array> {
     if (st.head === 'lm') {
       // dlogits = (probs - onehot(target)) / count, in place; the 1/count is the products' alpha
       const probs = a.logits!, s = st.count > 0 ? 1 / st.count : 0;
-      st.targets.subarray(0, n).forEach((y, i) => (y >= 0 ? (probs[i * V + y] -= 1) : probs.fill(0, i * V, (i + 1) * V)));
+      crossEntropyBackward(probs, probs, st.targets, n, V, 1);
       // dhf = dlogits head ; dhead += dlogits^T hf (head = wte when tied)
       sgemm(false, false, n, C, V, s, probs, V, tables.head ?? tables.wte, C, 0, dhf, C);
       const gh = tables.head ? tables.ghead ?? null : tables.gwte;

@@ -114,6 +114,7 @@ export function crossEntropyForward(logits: Float32Array, targets: Int32Array, l
 }
 
 // dlogits[N,V] (overwritten; may alias probs) = (probs - onehot(target)) * dloss / count
+// (in place with a scale of 1, only the targets' entries and the ignored rows are written)
 export function crossEntropyBackward(dlogits: Float32Array, probs: Float32Array, targets: Int32Array, N: number, V: number, count: number, dloss = 1): void {
   const s = count > 0 ? dloss / count : 0;
   for (let n = 0; n < N; n++) {
@@ -123,7 +124,7 @@ export function crossEntropyBackward(dlogits: Float32Array, probs: Float32Array,
       dlogits.fill(0, o, o + V);
       continue;
     }
-    for (let i = 0; i < V; i++) dlogits[o + i] = probs[o + i] * s;
+    if (s !== 1 || dlogits !== probs) for (let i = 0; i < V; i++) dlogits[o + i] = probs[o + i] * s;
     dlogits[o + y] -= s;
   }
 }
